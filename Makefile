@@ -1,0 +1,25 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# A real local federation: controller, combiner and 3 clients as processes over TLS.
+demo: $(STAMP)
+	$(VENV)/bin/scaleout dev -p sample_projects/quickstart/client --clients 3 --rounds 5 --headless --report demo-report.json
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/aggregation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-report.json

@@ -1,0 +1,285 @@
+"""Admin commands: one request to the controller each, printed for people or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scaleout.cli import EXIT_FAILED, EXIT_OK, UsageError
+from scaleout.commands.connection import Connection, resolve
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+
+
+async def call_async(
+    conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None
+) -> tuple[dict[str, Any], bytes | None]:
+    from scaleout.core import messages as m
+    from scaleout.security.tls import client_context
+    from scaleout.transport.link import Incoming
+    from scaleout.transport.net import connect
+
+    ctx = None if conn.insecure else client_context(conn.ca)
+    link = await connect(conn.url, conn.token, ctx, max_payload=1 << 40)
+
+    async def handle(inc: Incoming) -> None:
+        if isinstance(inc.msg, m.Event) and on_event is not None:
+            on_event(inc.msg.kind, inc.msg.data)
+
+    reader = asyncio.create_task(link.run(on_message=handle))
+    try:
+        return await link.request(op, args, blob)
+    finally:
+        await link.ws.close()
+        reader.cancel()
+
+
+def call(args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None) -> tuple[dict[str, Any], bytes | None]:
+    return asyncio.run(call_async(resolve(args), op, req, blob, on_event))
+
+
+def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        human()
+
+
+def when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    cells = [[str(r.get(key, "")) if r.get(key) is not None else "-" for key, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)).rstrip())
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def token_create(args: argparse.Namespace) -> int:
+    from scaleout.security.tokens import parse_ttl
+
+    result, _ = call(args, "token.create", {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name})
+    emit(args, result, lambda: print(result["token"]))
+    if not args.json:
+        print(f"({args.role} token, expires {when(result['expires'])})", file=sys.stderr)
+    return EXIT_OK
+
+
+def package_set_active(args: argparse.Namespace) -> int:
+    data = _read(args.file, "package")
+    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data)
+    emit(args, result, lambda: print(f"package {result['name']} ({result['id'][:12]}, {result['size']} bytes) is now active"))
+    return EXIT_OK
+
+
+def model_set_seed(args: argparse.Namespace) -> int:
+    from scaleout.package.seed import read_model_file
+
+    data = read_model_file(args.file)
+    result, _ = call(args, "model.set_seed", {}, data)
+    emit(args, result, lambda: print(f"seed model {result['id']} set ({result['tensors']} tensors, {result['size']} bytes)"))
+    return EXIT_OK
+
+
+MODEL_COLUMNS = [("id", "ID"), ("created_s", "CREATED"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("aggregator", "AGGREGATOR"), ("n", "CLIENTS"), ("mark", "")]
+
+
+def model_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.ls", {"session_id": args.session})
+    rows = result["models"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(created_s=when(r["created"]), n=len(r["contributors"]) or None, mark="active" if r["active"] else "", id=r["id"][:16])
+        table(rows, MODEL_COLUMNS, "no models yet (set one with: scaleout model set-seed FILE)")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def model_show(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.show", {"id": args.id})
+    row = result["model"]
+
+    def human() -> None:
+        print(f"model      {row['id']}{'  (active)' if row['active'] else ''}")
+        print(f"parent     {row['parent'] or '-'}")
+        print(f"session    {row['session_id'] or '-'}  round {row['round_index'] if row['round_index'] is not None else '-'}")
+        print(f"aggregator {row['aggregator'] or '-'}")
+        print(f"created    {when(row['created'])}   size {row['size']} bytes")
+        print(f"clients    {', '.join(row['contributors']) or '-'}")
+        print("tensors")
+        for name, spec in row["tensors"].items():
+            print(f"  {name:<24} {spec['dtype']:<8} {tuple(spec['shape'])}")
+
+    emit(args, row, human)
+    return EXIT_OK
+
+
+def model_download(args: argparse.Namespace) -> int:
+    result, data = call(args, "model.get", {"id": None if args.id == "active" else args.id})
+    assert data is not None
+    out: Path = args.output
+    if out.suffix == ".npz":
+        import numpy as np
+
+        from scaleout.core import payload
+
+        named, layout, _ = payload.read(data)
+        np.savez_compressed(out, **named)
+    else:
+        out.write_bytes(data)
+    info = {"id": result["id"], "file": str(out), "size": out.stat().st_size}
+    emit(args, info, lambda: print(f"saved model {result['id'][:12]} to {out}"))
+    return EXIT_OK
+
+
+def _round_line(r: dict[str, Any]) -> str:
+    val = ", ".join(f"{k}={v:.4g}" for k, v in (r.get("validation") or {}).items())
+    parts = [f"round {r['idx']}", r["status"], f"{len(r['participants'])} participants"]
+    if r.get("duration_s") is not None:
+        parts.append(f"{r['duration_s']:.2f}s")
+    if val:
+        parts.append(val)
+    if r.get("reason"):
+        parts.append(r["reason"])
+    return "  ".join(parts)
+
+
+def session_start(args: argparse.Namespace) -> int:
+    try:
+        settings = json.loads(args.settings)
+    except ValueError as exc:
+        raise UsageError(f"--settings is not valid JSON: {exc}") from None
+    req = {
+        "rounds": args.rounds, "round_timeout": args.round_timeout, "min_clients": args.min_clients,
+        "aggregator": args.aggregator, "validate": args.validate, "settings": settings, "name": args.name,
+    }
+    conn = resolve(args)
+
+    printed: set[int] = set()
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "round" and not args.json:
+            printed.add(data["idx"])
+            print(_round_line(data), flush=True)
+
+    async def run() -> dict[str, Any]:
+        result, _ = await call_async(conn, "session.start", req)
+        session = result["session"]
+        if not args.json:
+            print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
+        if args.wait:
+            result, _ = await call_async(conn, "session.wait", {"id": session["id"]}, on_event=on_event)
+            session = result["session"]
+            for r in session["rounds"]:  # rounds that ended before we subscribed
+                if r["idx"] not in printed:
+                    on_event("round", r)
+        return session
+
+    session = asyncio.run(run())
+    if args.json:
+        print(json.dumps(session, indent=2, default=str))
+    elif args.wait:
+        print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""))
+    return EXIT_OK if not args.wait or session["status"] == "finished" else EXIT_FAILED
+
+
+SESSION_COLUMNS = [("id", "ID"), ("status", "STATUS"), ("created_s", "STARTED"), ("n_rounds", "ROUNDS"), ("reason", "NOTE")]
+
+
+def session_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.ls")
+    rows = result["sessions"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(created_s=when(r["created"]), n_rounds=r["config"].get("rounds"))
+        table(rows, SESSION_COLUMNS, "no sessions yet (start one with: scaleout session start)")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def _print_session(s: dict[str, Any]) -> None:
+    print(f"session {s['id']}  {s['status']}" + (f"  ({s['reason']})" if s.get("reason") else ""))
+    print(f"started {when(s['created'])}  finished {when(s['finished'])}")
+    print(f"config  {json.dumps(s['config'])}")
+    print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
+    for r in s["rounds"]:
+        print("  " + _round_line(r))
+
+
+def session_show(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.show", {"id": args.id})
+    emit(args, result["session"], lambda: _print_session(result["session"]))
+    return EXIT_OK
+
+
+def session_stop(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.stop", {"id": args.id})
+    emit(args, result["session"], lambda: print(f"session {result['session']['id']} {result['session']['status']}"))
+    return EXIT_OK
+
+
+def client_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "client.ls")
+    rows = result["clients"]
+
+    def human() -> None:
+        for r in rows:
+            r["seen"] = when(r["last_seen"])
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("seen", "LAST SEEN")], "no clients have joined yet")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def combiner_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "combiner.ls")
+    rows = result["combiners"]
+
+    def human() -> None:
+        for r in rows:
+            r["seen"] = when(r["last_seen"])
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners have connected yet")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("token", "create"): token_create,
+    ("package", "set-active"): package_set_active,
+    ("model", "set-seed"): model_set_seed,
+    ("model", "ls"): model_ls,
+    ("model", "show"): model_show,
+    ("model", "download"): model_download,
+    ("session", "start"): session_start,
+    ("session", "ls"): session_ls,
+    ("session", "show"): session_show,
+    ("session", "stop"): session_stop,
+    ("client", "ls"): client_ls,
+    ("combiner", "ls"): combiner_ls,
+}

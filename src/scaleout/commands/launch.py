@@ -1,0 +1,147 @@
+"""Start a role from the command line: settings from --config and flags, then run it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from scaleout.cli import EXIT_OK, UsageError
+from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
+
+log = logging.getLogger("scaleout")
+MIB = 1 << 20
+
+
+def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Settings for one role: its table (e.g. [controller]) or the file's top-level keys."""
+    if path is None:
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    for name in sections:
+        if isinstance(data.get(name), dict):
+            return dict(data[name])
+    return {k: v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def _settings(args: argparse.Namespace, sections: tuple[str, ...], flags: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+    from scaleout.core.config import merge
+
+    return merge(load_toml(args.config, sections), flags, allowed, sections[0])
+
+
+def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    from scaleout.roles.common import install_stop_signals
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await role(stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def serve(args: argparse.Namespace) -> int:
+    from scaleout.core.config import DEFAULT_PORT, parse_port
+    from scaleout.roles.controller import Controller, ControllerSettings
+
+    allowed = {"data_dir", "host", "port", "tls_cert", "tls_key", "insecure", "max_payload_mb"}
+    flags = {k: getattr(args, k) for k in allowed}
+    s = _settings(args, ("controller", "serve"), flags, allowed)
+    if bool(s.get("tls_cert")) != bool(s.get("tls_key")):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for key in ("tls_cert", "tls_key"):
+        if s.get(key) and not Path(s[key]).is_file():
+            raise UsageError(f"--{key.replace('_', '-')} {s[key]} does not exist")
+    settings = ControllerSettings(
+        data_dir=Path(s.get("data_dir") or DEFAULT_DATA_DIR),
+        host=str(s.get("host") or "127.0.0.1"),
+        port=parse_port(s.get("port", DEFAULT_PORT)),
+        tls_cert=_path(s.get("tls_cert")),
+        tls_key=_path(s.get("tls_key")),
+        insecure=bool(s.get("insecure")),
+        max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
+    return _run(Controller(settings).run)
+
+
+def combine(args: argparse.Namespace) -> int:
+    from scaleout.core.config import parse_port
+    from scaleout.roles.combiner import Combiner, CombinerSettings
+
+    allowed = {"controller", "token", "ca", "insecure", "data_dir", "host", "port", "name", "advertise", "max_payload_mb"}
+    s = _settings(args, ("combiner", "combine"), {k: getattr(args, k) for k in allowed}, allowed)
+    conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
+    settings = CombinerSettings(
+        controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
+        host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
+        advertise=s.get("advertise"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    return _run(Combiner(settings).run)
+
+
+def join(args: argparse.Namespace) -> int:
+    from scaleout.roles.client import Client, ClientSettings
+
+    allowed = {"controller", "token", "ca", "insecure", "name", "package", "local_package", "work_dir", "max_payload_mb", "data_dir"}
+    s = _settings(args, ("client", "join"), {k: getattr(args, k, None) for k in allowed}, allowed)
+    conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
+    package = _path(s.get("package")) or (Path("client") if s.get("local_package") else None)
+    if package is not None and not (package / "scaleout.yaml").is_file():
+        raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
+    settings = ClientSettings(
+        controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
+        package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    return _run(Client(settings).run)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from scaleout.package.build import run_build as build
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    files = build(args.path, args.output)
+    for f in files:
+        print(f"wrote {f}")
+    if not files:
+        log.warning("build() ran but wrote no files in %s", args.output or args.path)
+    return EXIT_OK
+
+
+def package_create(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from scaleout.package.archive import create_archive
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    out = create_archive(args.path, args.output)
+    data = out.read_bytes()
+    info = {"file": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"created {out} ({len(data)} bytes, sha256 {info['sha256'][:12]})")
+    return EXIT_OK

@@ -1,0 +1,235 @@
+"""Model payloads: safetensors bytes <-> named numpy arrays.
+
+A model travels as one safetensors file. Lists of arrays are stored under the names
+"0", "1", ... and the layout ("list" or "dict") is kept in the header metadata under
+"scaleout.layout", so `decode(encode(x))` gives back the same kind of container.
+Every malformed input raises `PayloadError`; nothing else escapes from parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NewType
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from scaleout.core.errors import ModelMismatchError, PayloadError, UpdateRejected
+
+ModelId = NewType("ModelId", str)
+Arrays = list[np.ndarray] | dict[str, np.ndarray]
+
+LAYOUT_KEY = "scaleout.layout"
+LAYOUTS = ("list", "dict")
+
+# safetensors dtype tag -> numpy dtype name; other tags (BF16, F8_*, C64, ...) are refused.
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+    "BOOL": "bool",
+}  # fmt: skip
+_NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what can be averaged
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Dtype (numpy name, e.g. "float32") and shape of one tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def model_id(data: bytes) -> ModelId:
+    """Content address of a payload: the sha256 hex digest of its bytes."""
+    return ModelId(hashlib.sha256(data).hexdigest())
+
+
+def to_named(arrays: Arrays) -> tuple[dict[str, np.ndarray], str]:
+    """Name the arrays ("0", "1", ... for a list) and return them with their layout."""
+    if isinstance(arrays, dict):
+        items, layout = list(arrays.items()), "dict"
+    elif isinstance(arrays, list | tuple):
+        items, layout = [(str(i), a) for i, a in enumerate(arrays)], "list"
+    else:
+        raise PayloadError(f"expected a list or dict of arrays, got {type(arrays).__name__}")
+    named: dict[str, np.ndarray] = {}
+    for name, value in items:
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise PayloadError(f"tensor names must be non-empty strings other than '__metadata__', got {name!r}")
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise PayloadError(f"tensor {name!r} is not an array: {e}") from None
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise PayloadError(f"tensor {name!r} has dtype {array.dtype}; only bool, int, uint and float are supported")
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)
+        named[name] = array if array.flags.c_contiguous else array.copy(order="C")
+    return named, layout
+
+
+def from_named(named: dict[str, np.ndarray], layout: str) -> Arrays:
+    """Inverse of `to_named`: a list ordered by int(name) or the dict itself."""
+    if layout == "dict":
+        return dict(named)
+    if layout == "list":
+        _check_list_names(named)
+        return [named[str(i)] for i in range(len(named))]
+    raise PayloadError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def encode(arrays: Arrays, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize arrays (list or dict) to safetensors bytes, recording the layout."""
+    named, layout = to_named(arrays)
+    return encode_named(named, layout, metadata)
+
+
+def encode_named(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize already-named arrays with the given layout and extra string metadata."""
+    if not named:
+        raise PayloadError("a model needs at least one tensor")
+    if layout not in LAYOUTS:
+        raise PayloadError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "list":
+        _check_list_names(named)
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise PayloadError(f"metadata must map str to str, got {key!r}: {value!r}")
+    meta[LAYOUT_KEY] = layout
+    checked, _ = to_named(dict(named))
+    try:
+        return safetensors.numpy.save(checked, metadata=meta)
+    except SafetensorError as e:
+        raise PayloadError(f"cannot serialize model: {e}") from None
+
+
+def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
+    """Parse a payload into (named arrays, layout, metadata without the layout key).
+
+    For the list layout the arrays come in list order. Files written by other tools
+    (no layout key) count as a list when their names are exactly "0".."n-1".
+    """
+    specs, metadata = _parse_header(data)
+    layout = metadata.pop(LAYOUT_KEY, None)
+    if layout is None:
+        layout = "list" if _is_list_names(specs) else "dict"
+    elif layout not in LAYOUTS:
+        raise PayloadError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    try:
+        loaded = safetensors.numpy.load(bytes(data))
+    except SafetensorError as e:
+        raise PayloadError(f"not a valid safetensors payload: {e}") from None
+    if loaded.keys() != specs.keys():
+        raise PayloadError("safetensors header lists different tensors than were loaded")
+    if layout == "list":
+        _check_list_names(specs)
+        return {str(i): loaded[str(i)] for i in range(len(specs))}, layout, metadata
+    return {name: loaded[name] for name in specs}, layout, metadata
+
+
+def decode(data: bytes) -> Arrays:
+    """Parse a payload back into the list or dict it was encoded from."""
+    named, layout, _ = read(data)
+    return from_named(named, layout)
+
+
+def describe(data: bytes) -> dict[str, TensorSpec]:
+    """Tensor names, dtypes and shapes from the header alone, without loading tensors."""
+    return _parse_header(data)[0]
+
+
+def check_compatible(reference: dict[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
+    """Refuse an update whose tensor names, shapes or dtype kinds differ from the model's.
+
+    A different numeric dtype (float64 for a float32 model) is fine: aggregation casts.
+    """
+    for name in reference:
+        if name not in update:
+            raise ModelMismatchError(name, "missing from the update")
+    for name, value in update.items():
+        if name not in reference:
+            raise ModelMismatchError(name, "is not a tensor of the model")
+        array = np.asarray(value)
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise ModelMismatchError(name, f"dtype {array.dtype} is not bool, int, uint or float")
+        want = reference[name].shape
+        if array.shape != tuple(want):
+            raise ModelMismatchError(name, f"shape {array.shape} does not match the model's {tuple(want)}")
+
+
+def check_finite(update: Mapping[str, np.ndarray]) -> None:
+    """Refuse an update containing NaN or inf, naming the first offending tensor."""
+    for name, value in update.items():
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+
+
+def _is_list_names(names: Mapping[str, object]) -> bool:
+    return set(names) == {str(i) for i in range(len(names))}
+
+
+def _check_list_names(names: Mapping[str, object]) -> None:
+    if not _is_list_names(names):
+        shown = sorted(names)[:5]
+        raise PayloadError(f"list layout needs tensors named '0'..'{len(names) - 1}', got {shown}")
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Validate the safetensors header and return (specs in header order, metadata)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    if len(data) < 8:
+        raise PayloadError(f"payload is {len(data)} bytes, too short for a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > _MAX_HEADER or 8 + size > len(data):
+        raise PayloadError(f"safetensors header claims {size} bytes but the payload has {len(data) - 8}")
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (ValueError, RecursionError) as e:
+        raise PayloadError(f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise PayloadError("safetensors header must be a JSON object")
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PayloadError("safetensors __metadata__ must map strings to strings")
+    if not header:
+        raise PayloadError("payload holds no tensors")
+
+    specs: dict[str, TensorSpec] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise PayloadError(f"tensor {name!r}: header entry must be an object")
+        tag, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if tag not in _DTYPES:
+            raise PayloadError(f"tensor {name!r}: unsupported dtype {tag!r}; use one of {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise PayloadError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise PayloadError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
+        dtype = _DTYPES[tag]
+        begin, end = offsets
+        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise PayloadError(f"tensor {name!r}: data_offsets {offsets} do not fit a {dtype} tensor of shape {shape}")
+        specs[name] = TensorSpec(dtype, tuple(shape))
+        spans.append((begin, end, name))
+
+    # safetensors requires the tensors to tile the data buffer exactly, in offset order.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise PayloadError(f"tensor {name!r}: data starts at {begin}, expected {position}")
+        position = end
+    if position != len(data) - 8 - size:
+        raise PayloadError(f"tensors cover {position} bytes but the payload holds {len(data) - 8 - size}")
+    return specs, metadata

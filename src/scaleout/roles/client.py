@@ -1,0 +1,212 @@
+"""The client: runs the user's compute package next to the data; only weights leave.
+
+It dials out only: to the controller (to be assigned a combiner and fetch the package),
+then to its combiner, where it serves train and validate tasks one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaleout.core import messages as m
+from scaleout.core.errors import AuthError, ScaleoutError
+from scaleout.roles.common import new_id
+from scaleout.security import tls
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.net import ConnectError, backoff, connect
+
+log = logging.getLogger("scaleout.client")
+
+
+@dataclass
+class ClientSettings:
+    controller: str
+    token: str
+    ca: Path | None = None
+    name: str = ""
+    package: Path | None = None  # a local compute package; None: download the active one
+    data_dir: Path | None = None
+    insecure: bool = False
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+class Client:
+    def __init__(self, settings: ClientSettings) -> None:
+        from scaleout.edge import EdgeClient
+
+        self.settings = settings
+        self.name = settings.name or f"{socket.gethostname()}-{new_id()[:6]}"
+        os.environ["SCALEOUT_CLIENT_NAME"] = self.name
+        self.edge = EdgeClient(self.name)
+        self.ctx = None if settings.insecure else tls.client_context(settings.ca)
+        self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.link: Link | None = None
+        self.current_task: str | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def _controller(self) -> Link:
+        s = self.settings
+        return await connect(s.controller, s.token, self.ctx, max_payload=s.max_payload)
+
+    async def prepare(self) -> None:
+        """Get the compute package (local or the controller's active one) and run startup()."""
+        from scaleout.package.archive import extract_archive
+        from scaleout.package.loader import load_startup
+
+        s = self.settings
+        if s.package is not None:
+            root = s.package.resolve()
+            log.info("using the local compute package in %s", root)
+        else:
+            ctl = await self._controller()
+            reader = asyncio.create_task(ctl.run())
+            try:
+                info, data = await ctl.request("package.get", timeout=600)
+            finally:
+                await ctl.ws.close()
+                reader.cancel()
+            assert data is not None
+            base = s.data_dir or Path(self._tempdir())
+            dest = base / "package" / str(info["id"])[:16]
+            if dest.exists() and (dest / ".complete").exists():
+                root = Path((dest / ".complete").read_text().strip())
+            else:
+                import shutil
+
+                shutil.rmtree(dest, ignore_errors=True)
+                root = await asyncio.to_thread(extract_archive, data, dest)
+                (dest / ".complete").write_text(str(root))
+            log.info("compute package %s (%s) unpacked in %s", info.get("name"), str(info["id"])[:12], root)
+        # The package's own modules and data files are found relative to its folder.
+        os.chdir(root)
+        sys.path.insert(0, str(root))
+        await asyncio.to_thread(load_startup, root, self.edge)
+        callbacks = [k for k in ("train", "validate") if getattr(self.edge, f"_{k}_callback", None) is not None]
+        log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
+
+    def _tempdir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="scaleout-client-")
+        return self._tmp.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.prepare()
+        worker = asyncio.create_task(self._work())
+        delays = backoff()
+        try:
+            while not stop.is_set():
+                try:
+                    await self._session(stop)
+                    delays = backoff()
+                except AuthError:
+                    raise
+                except (ConnectError, ConnectionError, ScaleoutError) as exc:
+                    log.warning("%s", exc)
+                if stop.is_set():
+                    break
+                delay = next(delays)
+                log.info("reconnecting in %.1fs", delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            worker.cancel()
+            self.edge._abort.set()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """One stay with a combiner: assign, connect, serve tasks until either side stops."""
+        ctl = await self._controller()
+        reader = asyncio.create_task(ctl.run())
+        try:
+            info, _ = await ctl.request("client.assign", {"name": self.name}, timeout=30)
+        finally:
+            await ctl.ws.close()
+            reader.cancel()
+        s = self.settings
+        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload)
+        self.link = link
+        await link.send(m.Hello(name=self.name))
+        log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
+        run = asyncio.create_task(link.run(on_message=self._on_message))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            self.link = None
+            await link.ws.close()
+            run.cancel()
+        if not stop.is_set():
+            reason = link.ws.close_reason or "connection closed"
+            raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
+
+    async def _on_message(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, m.Task):
+            await self.tasks.put(inc)
+        elif isinstance(msg, m.TaskAbort):
+            log.info("session %s stopped: aborting the current task", msg.session_id)
+            self.edge._abort.set()
+            while not self.tasks.empty():
+                self.tasks.get_nowait()
+
+    async def _work(self) -> None:
+        """Run tasks one at a time in a worker thread so the link stays responsive."""
+        loop = asyncio.get_running_loop()
+
+        def sink(metrics: dict[str, Any], step: int | None) -> None:
+            task_id = self.current_task
+            if task_id is not None:
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
+
+        self.edge._metric_sink = sink
+        while True:
+            inc = await self.tasks.get()
+            task = inc.msg
+            assert isinstance(task, m.Task)
+            self.edge._abort.clear()
+            self.current_task = task.task_id
+            result = m.TaskResult(task_id=task.task_id, ok=False)
+            update: bytes | None = None
+            try:
+                if inc.blob is None:
+                    raise ScaleoutError(inc.blob_error or "task carried no model")
+                if task.kind == "train":
+                    log.info("round %d: training", task.round_index)
+                    update, metadata = await asyncio.to_thread(self.edge.run_train, inc.blob, task.settings)
+                    result.data = {"metadata": metadata}
+                elif task.kind == "validate":
+                    log.info("round %d: validating the new global model", task.round_index)
+                    result.data = await asyncio.to_thread(self.edge.run_validate, inc.blob)
+                else:
+                    raise ScaleoutError(f"unknown task kind {task.kind!r}")
+                result.ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the role edge: a failing callback is reported, not fatal
+                result.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc)
+                log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
+            finally:
+                self.current_task = None
+            await self._send(result, update)
+
+    async def _send(self, msg: m.Message, blob: bytes | None = None) -> None:
+        link = self.link
+        if link is None:
+            log.warning("not connected: dropping %s", msg.type)
+            return
+        try:
+            await link.send_with_blob(msg, blob, "model update")
+        except Exception as exc:  # the role edge: the session loop reconnects
+            log.warning("could not send %s: %s", msg.type, exc)

@@ -1,0 +1,318 @@
+"""The combiner: serves clients, hands them tasks, folds their updates into a partial."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaleout.core import messages as m
+from scaleout.core import payload
+from scaleout.core.errors import AuthError, PayloadError, ProtocolError, ScaleoutError, UpdateRejected
+from scaleout.core.rounds import CombinerRound
+from scaleout.core.updates import read_num_examples
+from scaleout.roles.common import announce, new_id, url_host
+from scaleout.security import tls, tokens
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.net import connect, serve
+
+log = logging.getLogger("scaleout.combiner")
+
+
+@dataclass
+class CombinerSettings:
+    controller: str
+    token: str
+    ca: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    name: str = ""
+    advertise: str | None = None  # the host clients should dial, when it differs from --host
+    insecure: bool = False
+    data_dir: Path | None = None
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+@dataclass
+class Job:
+    """One round (train or validate) as this combiner sees it."""
+
+    kind: str
+    session_id: str
+    round_index: int
+    model_id: str
+    tracker: CombinerRound
+    tasks: dict[str, str] = field(default_factory=dict)  # task id -> client
+    agg: Any = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Combiner:
+    def __init__(self, settings: CombinerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name or f"combiner-{socket.gethostname()}-{new_id()[:4]}"
+        self.clients: dict[str, Link] = {}
+        self.jobs: dict[str, Job] = {}  # by kind: at most one train and one validate job
+        self.models: dict[str, bytes] = {}
+        self.controller: Link | None = None
+        self.verifier: tokens.TokenVerifier | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        ctx = None if s.insecure else tls.client_context(s.ca)
+        self.controller = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
+        reader = asyncio.create_task(self.controller.run(on_message=self._on_controller))
+        dial_host = s.advertise or url_host(s.host).strip("[]")
+        args: dict[str, Any] = {"name": self.name}
+        key_pem = b""
+        if not s.insecure:
+            hosts = sorted({dial_host, "127.0.0.1", "localhost"} | ({s.host} if s.host not in ("0.0.0.0", "::", "") else set()))
+            csr, key_pem = tls.make_csr(hosts, self.name)
+            args["csr"] = csr.decode()
+        result, _ = await self.controller.request("combiner.register", args, timeout=30)
+        self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
+        server_ctx = None
+        tmp = None
+        if not s.insecure:
+            if s.data_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
+            cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
+            cert_dir.mkdir(parents=True, exist_ok=True)
+            tls.write_private(cert_dir / "combiner.key", key_pem)
+            (cert_dir / "combiner.pem").write_text(result["cert"])
+            server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
+        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=s.max_payload)
+        scheme = "ws" if s.insecure else "wss"
+        host_part = f"[{dial_host}]" if ":" in dial_host else dial_host
+        await self.controller.request("combiner.ready", {"url": f"{scheme}://{host_part}:{port}"}, timeout=30)
+        announce(f"{scheme}://{s.host}:{port}")
+        log.info("combiner %s registered with %s", self.name, s.controller)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({stopping, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                raise ConnectionError(f"lost the connection to the controller at {s.controller}")
+        finally:
+            stopping.cancel()
+            server.close()
+            await self.controller.ws.close()
+            reader.cancel()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
+            if tmp is not None:
+                tmp.cleanup()
+
+    def _authenticate(self, token: str | None) -> tokens.TokenClaims:
+        if not token:
+            raise AuthError("no token given")
+        assert self.verifier is not None
+        return self.verifier.verify(token, time.time(), roles={"client"})
+
+    # -- clients --------------------------------------------------------------------------
+
+    async def _on_client(self, link: Link) -> None:
+        name: str | None = None
+
+        async def on_message(inc: Incoming) -> None:
+            nonlocal name
+            msg = inc.msg
+            if name is None:
+                if not isinstance(msg, m.Hello):
+                    raise ProtocolError("say hello first")
+                if msg.name in self.clients:
+                    await link.send(m.Error(code="conflict", message=f"a client named {msg.name!r} is already connected"))
+                    await link.ws.close(1008, "duplicate client name")
+                    return
+                name = msg.name
+                self.clients[name] = link
+                log.info("client %s connected (%d clients)", name, len(self.clients))
+                await self._send_status()
+            elif isinstance(msg, m.TaskResult):
+                await self._on_result(name, inc)
+            elif isinstance(msg, m.Metric):
+                job = self._job_of(msg.task_id)
+                if job is not None:
+                    await self._report("metric", job, name, {"metrics": msg.metrics, "step": msg.step}, None)
+            else:
+                raise ProtocolError(f"a client may not send {msg.type}")
+
+        try:
+            await link.run(on_message=on_message)
+        finally:
+            if name is not None and self.clients.get(name) is link:
+                del self.clients[name]
+                log.info("client %s disconnected (%d clients)", name, len(self.clients))
+                for job in list(self.jobs.values()):
+                    if job.tracker.on_client_lost(name):
+                        await self._complete(job)
+                await self._send_status()
+
+    async def _send_status(self) -> None:
+        if self.controller is not None:
+            try:
+                await self.controller.send(m.CombinerStatus(clients=sorted(self.clients)))
+            except Exception as exc:  # the role edge: the reader notices the lost controller
+                log.warning("could not report status to the controller: %s", exc)
+
+    def _job_of(self, task_id: str) -> Job | None:
+        for job in self.jobs.values():
+            if task_id in job.tasks:
+                return job
+        return None
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    async def _on_controller(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, m.RoundStart):
+            asyncio.create_task(self._start_job("train", msg, msg.clients, msg.timeout, msg.settings))
+        elif isinstance(msg, m.RoundValidate):
+            asyncio.create_task(self._start_job("validate", msg, msg.clients, msg.timeout, {}))
+        elif isinstance(msg, m.SessionStop):
+            for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
+                self._drop(job)
+            for link in list(self.clients.values()):
+                await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+        elif isinstance(msg, m.Event):
+            pass
+        else:
+            raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
+
+    async def _model(self, model_id: str) -> bytes:
+        if model_id not in self.models:
+            assert self.controller is not None
+            _, data = await self.controller.request("model.get", {"id": model_id}, timeout=300)
+            if data is None or payload.model_id(data) != model_id:
+                raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
+            self.models = {model_id: data}  # keep only the current global model
+        return self.models[model_id]
+
+    async def _start_job(self, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], timeout: float, settings: dict[str, Any]) -> None:
+        from scaleout.core.aggregators import get_aggregator
+
+        loop = asyncio.get_running_loop()
+        old = self.jobs.get(kind)
+        if old is not None:
+            self._drop(old)
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, CombinerRound.start(clients, loop.time(), timeout))
+        self.jobs[kind] = job
+        try:
+            model = await self._model(msg.model_id)
+            if kind == "train":
+                job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
+        except ScaleoutError as exc:
+            log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
+            for client in clients:
+                job.tracker.on_refused(client, str(exc))
+            await self._complete(job)
+            return
+        job.timer = loop.call_at(job.tracker.deadline, lambda: asyncio.ensure_future(self._tick(job)))
+        log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
+        for client in clients:
+            link = self.clients.get(client)
+            task_id = new_id("t-")
+            job.tasks[task_id] = client
+            task = m.Task(task_id=task_id, kind=kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
+            try:
+                if link is None:
+                    raise ConnectionError("not connected to this combiner")
+                await link.send_with_blob(task, model, "model")
+            except Exception as exc:  # the role edge: one unreachable client must not stop the round
+                if job.tracker.on_refused(client, f"could not send the task: {exc}"):
+                    await self._complete(job)
+        if job.tracker.on_tick(loop.time()) or job.tracker.check():
+            await self._complete(job)
+
+    async def _tick(self, job: Job) -> None:
+        if self.jobs.get(job.kind) is job and job.tracker.on_tick(asyncio.get_running_loop().time()):
+            log.warning("round %d: %s timed out waiting for %s", job.round_index, job.kind, ", ".join(sorted(job.tracker.failed)))
+            await self._complete(job)
+
+    def _drop(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        if self.jobs.get(job.kind) is job:
+            del self.jobs[job.kind]
+
+    async def _on_result(self, client: str, inc: Incoming) -> None:
+        msg = inc.msg
+        assert isinstance(msg, m.TaskResult)
+        job = self._job_of(msg.task_id)
+        if job is None or job.tasks.get(msg.task_id) != client:
+            log.info("ignoring a late or unknown result from client %s", client)
+            return
+        if client in job.tracker.reported or client in job.tracker.failed:
+            log.info("ignoring a repeated result from client %s", client)
+            return
+        if job.kind == "validate":
+            error = msg.error if not msg.ok else None
+            await self._report("validate", job, client, msg.data, error)
+            if error:
+                ready = job.tracker.on_refused(client, error)
+            else:
+                ready = job.tracker.on_update(client)
+        else:
+            ready = await self._fold(job, client, msg, inc)
+        if ready:
+            await self._complete(job)
+
+    async def _fold(self, job: Job, client: str, msg: m.TaskResult, inc: Incoming) -> bool:
+        """Check a client's update and fold it into the running aggregate, or refuse it."""
+        async with job.lock:
+            try:
+                if not msg.ok:
+                    raise UpdateRejected(msg.error or "the client reported a failure")
+                if inc.blob is None:
+                    raise PayloadError(inc.blob_error or "train result carried no model")
+                weight = read_num_examples(msg.data.get("metadata"))
+                named, _, _ = await asyncio.to_thread(payload.read, inc.blob)
+                await asyncio.to_thread(job.agg.add, named, float(weight), client)
+            except ScaleoutError as exc:
+                log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+                await self._report("train", job, client, msg.data, str(exc))
+                return job.tracker.on_refused(client, str(exc))
+            log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
+            await self._report("train", job, client, msg.data, None)
+            return job.tracker.on_update(client)
+
+    async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
+        assert self.controller is not None
+        report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
+        await _quiet(self.controller.send(report))
+
+    async def _complete(self, job: Job) -> None:
+        """Send this combiner's share of the round up to the controller, once."""
+        from scaleout.core.aggregators import encode_partial
+
+        if self.jobs.get(job.kind) is not job:
+            return
+        self._drop(job)
+        assert self.controller is not None
+        if job.kind == "validate":
+            await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
+            return
+        async with job.lock:
+            if job.agg is None or job.agg.count == 0:
+                partial_bytes, count, weight, who = None, 0, 0.0, []
+            else:
+                p = job.agg.partial()
+                partial_bytes = await asyncio.to_thread(encode_partial, p)
+                count, weight, who = p.count, p.weight, p.contributors
+        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
+        log.info("round %d: reporting %d updates to the controller", job.round_index, count)
+        await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))
+
+
+async def _quiet(coro: Any) -> None:
+    try:
+        await coro
+    except Exception as exc:  # the role edge: a closed peer is noticed by its reader
+        log.warning("send failed: %s", exc)

@@ -1,0 +1,650 @@
+"""The controller: global model and trail, sessions and rounds, registry, tokens, admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaleout.core import messages as m
+from scaleout.core import payload
+from scaleout.core.config import SessionConfig
+from scaleout.core.errors import (
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    PayloadError,
+    ProtocolError,
+    ScaleoutError,
+    UpdateRejected,
+)
+from scaleout.core.rounds import ControllerRound, Outcome
+from scaleout.roles.common import announce, new_id, url_host
+from scaleout.security import tls, tokens
+from scaleout.store.blobs import BlobStore
+from scaleout.store.state import State
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.net import serve
+
+log = logging.getLogger("scaleout.controller")
+
+MODEL = ("models", ".safetensors")
+PACKAGE = ("packages", ".tgz")
+ADMIN_TOKEN_TTL = 365 * 86400
+PARTIAL_GRACE_S = 5.0
+
+
+@dataclass
+class ControllerSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8090
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+@dataclass
+class CombinerConn:
+    name: str
+    link: Link
+    url: str | None = None
+    clients: set[str] = field(default_factory=set)
+
+
+@dataclass
+class RunningSession:
+    id: str
+    config: SessionConfig
+    task: asyncio.Task[None] | None = None
+    stopped: bool = False
+    round_index: int = 0
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
+
+
+class Controller:
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self.dir = settings.data_dir
+        self.combiners: dict[str, CombinerConn] = {}
+        self.session: RunningSession | None = None
+        self.subscribers: set[Link] = set()
+        self.registry_changed = asyncio.Event()
+        self.url = ""
+        self._ops: dict[str, tuple[frozenset[str], Handler]] = {
+            "status": (ADMIN, self._status),
+            "token.create": (ADMIN, self._token_create),
+            "package.set_active": (ADMIN, self._package_set_active),
+            "package.get": (ADMIN | CLIENT, self._package_get),
+            "model.set_seed": (ADMIN, self._model_set_seed),
+            "model.ls": (ADMIN, self._model_ls),
+            "model.show": (ADMIN, self._model_show),
+            "model.get": (ADMIN | COMBINER, self._model_get),
+            "session.start": (ADMIN, self._session_start),
+            "session.ls": (ADMIN, self._session_ls),
+            "session.show": (ADMIN, self._session_show),
+            "session.stop": (ADMIN, self._session_stop),
+            "session.wait": (ADMIN, self._session_wait),
+            "client.ls": (ADMIN, self._client_ls),
+            "client.wait": (ADMIN, self._client_wait),
+            "combiner.ls": (ADMIN, self._combiner_ls),
+            "client.assign": (CLIENT, self._client_assign),
+            "combiner.register": (COMBINER, self._combiner_register),
+            "combiner.ready": (COMBINER, self._combiner_ready),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the data directory, TLS material, signing key, admin token and state."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(self.dir / "state.db")
+        self.blobs = BlobStore(self.dir)
+        self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
+        self.verifier = tokens.TokenVerifier(self.signer.public_pem())
+        self.ssl_context = None
+        self.ca_fingerprint: str | None = None
+        s = self.settings
+        if s.insecure:
+            log.warning("TLS is OFF (--insecure): tokens and models travel in clear text")
+        else:
+            hosts = [s.host] if s.host else []
+            files = tls.ensure_controller_tls(self.dir, hosts)
+            self.ca_pem = files.ca_cert.read_bytes()
+            self.ca_key_pem = files.ca_key.read_bytes()
+            self.ca_fingerprint = tls.fingerprint(self.ca_pem)
+            cert, key = (s.tls_cert, s.tls_key) if s.tls_cert else (files.cert, files.key)
+            self.ssl_context = tls.server_context(cert, key)
+        # A running session interrupted by a crash or shutdown cannot resume yet: say so.
+        for row in self.state.sessions():
+            if row["status"] == "running":
+                self.state.finish_session(row["id"], "stopped", self.state.get_meta("active_model"), "controller restarted")
+
+    def _write_admin_token(self) -> None:
+        path = self.dir / "admin.token"
+        if path.exists():
+            try:
+                self.verifier.verify(path.read_text().strip(), time.time(), roles={"admin"})
+                return
+            except AuthError:
+                log.info("admin token in %s is no longer valid: writing a new one", path)
+        token = self.signer.issue(
+            "admin", ADMIN_TOKEN_TTL, time.time(), jti=new_id(), sub="admin", controller=self.url, ca=self.ca_fingerprint
+        )
+        tls.write_private(path, (token + "\n").encode())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.prepare()
+        s = self.settings
+        server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload)
+        scheme = "ws" if s.insecure else "wss"
+        self.url = f"{scheme}://{url_host(s.host)}:{port}"
+        self._write_admin_token()
+        info = {"url": self.url, "ca": str(self.dir / "ca.pem") if not s.insecure else None}
+        (self.dir / "controller.json").write_text(json.dumps(info) + "\n")
+        announce(f"{scheme}://{s.host}:{port}")
+        try:
+            await stop.wait()
+        finally:
+            log.info("controller shutting down")
+            if self.session is not None:
+                await self._stop_session(self.session, "controller shut down")
+            server.close()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close in time")
+            self.state.close()
+
+    def _authenticate(self, token: str | None) -> tokens.TokenClaims:
+        if not token:
+            raise AuthError("no token given: pass one with --token (see scaleout token create)")
+        return self.verifier.verify(token, time.time())
+
+    # -- links --------------------------------------------------------------------------
+
+    async def _on_link(self, link: Link) -> None:
+        role = link.claims.role
+        log.debug("%s connected with a %s token", link.peer, role)
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+            entry = self._ops.get(req.op)
+            if entry is None:
+                raise ProtocolError(f"unknown operation {req.op!r}")
+            roles, handler = entry
+            if role not in roles:
+                raise AuthError(f"a {role} token may not do {req.op}")
+            return await handler(link, req.args, blob)
+
+        on_message = self._combiner_message(link) if role == "combiner" else None
+        try:
+            await link.run(on_message=on_message, on_request=on_request)
+        finally:
+            self.subscribers.discard(link)
+            if role == "combiner":
+                self._combiner_gone(link)
+
+    def _combiner_of(self, link: Link) -> CombinerConn:
+        for c in self.combiners.values():
+            if c.link is link:
+                return c
+        raise ProtocolError("register first (combiner.register)")
+
+    def _combiner_gone(self, link: Link) -> None:
+        for name, c in list(self.combiners.items()):
+            if c.link is link:
+                del self.combiners[name]
+                log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
+                self.state.upsert_combiner(name, "offline", clients=0)
+                self.state.set_clients_offline(name, keep=set())
+                if self.session is not None:
+                    self.session.events.put_nowait(("lost", name))
+                self._registry_changed()
+
+    def _registry_changed(self) -> None:
+        self.registry_changed.set()
+        self.registry_changed = asyncio.Event()
+
+    def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
+        async def handle(inc: Incoming) -> None:
+            msg = inc.msg
+            c = self._combiner_of(link)
+            if isinstance(msg, m.CombinerStatus):
+                c.clients = set(msg.clients)
+                self.state.upsert_combiner(c.name, "online", clients=len(c.clients))
+                for client in c.clients:
+                    self.state.upsert_client(client, "online", c.name)
+                self.state.set_clients_offline(c.name, keep=c.clients)
+                self._registry_changed()
+            elif isinstance(msg, m.Report):
+                self.state.add_report(msg.kind, msg.session_id, msg.round_index, msg.client, msg.data, msg.error)
+                if msg.error:
+                    log.warning("client %s: %s %s", msg.client, msg.kind, msg.error)
+            elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
+                s = self.session
+                if s is None or msg.session_id != s.id or msg.round_index != s.round_index:
+                    log.info("ignoring a late %s from combiner %s", msg.type, c.name)
+                    return
+                s.events.put_nowait((msg.type, (c.name, msg, inc.blob, inc.blob_error)))
+            else:
+                raise ProtocolError(f"a combiner may not send {msg.type}")
+
+        return handle
+
+    # -- combiner and client registry -----------------------------------------------------
+
+    async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        name = _name(args.get("name"), "combiner name")
+        if name in self.combiners and self.combiners[name].link is not link:
+            raise ConflictError(f"a combiner named {name!r} is already connected; give this one another --name")
+        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode()}
+        if args.get("csr"):
+            if self.ssl_context is None:
+                raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
+            result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode()).decode()
+        self.combiners[name] = CombinerConn(name, link)
+        self.state.upsert_combiner(name, "registered")
+        self.state.audit(name, "combiner.register")
+        return result, None
+
+    async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        c = self._combiner_of(link)
+        url = args.get("url")
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ProtocolError("combiner.ready needs the url clients should dial")
+        c.url = url
+        self.state.upsert_combiner(c.name, "online", url=url)
+        log.info("combiner %s ready at %s", c.name, url)
+        self._registry_changed()
+        return {}, None
+
+    async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        name = _name(args.get("name"), "client name")
+        ready = [c for c in self.combiners.values() if c.url]
+        if not ready:
+            raise NotFoundError("combiner", "online (none has connected yet; start one with scaleout combine)")
+        for c in ready:  # a reconnecting client goes back where it was
+            if name in c.clients:
+                return {"combiner": c.name, "url": c.url}, None
+        best = min(ready, key=lambda c: (len(c.clients), c.name))
+        log.info("client %s assigned to combiner %s", name, best.name)
+        return {"combiner": best.name, "url": best.url}, None
+
+    async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"clients": self.state.clients()}, None
+
+    async def _client_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """Return once at least ``count`` clients are connected, or fail at ``timeout``."""
+        count, timeout = args.get("count", 1), args.get("timeout", 60)
+        if not isinstance(count, int) or not isinstance(timeout, (int, float)):
+            raise ProtocolError("client.wait needs count (int) and timeout (seconds)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (n := sum(len(c.clients) for c in self.combiners.values() if c.url)) < count:
+            if loop.time() >= deadline:
+                raise ConflictError(f"only {n} of {count} clients connected within {timeout}s")
+            try:
+                await asyncio.wait_for(self.registry_changed.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
+        return {"clients": n}, None
+
+    async def _combiner_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"combiners": self.state.combiners()}, None
+
+    async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {
+            "url": self.url,
+            "active_model": self.state.get_meta("active_model"),
+            "active_package": self.state.get_meta("active_package"),
+            "session": self.session.id if self.session else None,
+            "combiners": len(self.combiners),
+            "clients": sum(len(c.clients) for c in self.combiners.values()),
+        }, None
+
+    # -- tokens, packages, models ----------------------------------------------------------
+
+    async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        role = args.get("role")
+        ttl = args.get("ttl_s")
+        if not isinstance(ttl, int) or isinstance(ttl, bool):
+            raise ProtocolError("token.create needs ttl_s, a whole number of seconds")
+        jti = new_id()
+        token = self.signer.issue(str(role), ttl, time.time(), jti=jti, sub=args.get("name"), controller=self.url, ca=self.ca_fingerprint)
+        claims = tokens.peek(token)
+        self.state.audit(_actor(link), "token.create", role=role, jti=jti, exp=claims.exp)
+        return {"token": token, "role": role, "expires": claims.exp, "jti": jti}, None
+
+    async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        if not blob:
+            raise ProtocolError("package.set_active needs the package bytes")
+        await asyncio.to_thread(_check_package, blob)
+        digest = self.blobs.put(*PACKAGE[:1], blob, PACKAGE[1])
+        name = str(args.get("name") or "package.tgz")
+        self.state.add_package(digest, name, len(blob))
+        self.state.set_meta("active_package", digest)
+        self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
+        log.info("compute package %s (%s) is now active", name, digest[:12])
+        return {"id": digest, "name": name, "size": len(blob)}, None
+
+    async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        digest = self.state.get_meta("active_package")
+        if digest is None:
+            raise NotFoundError("package", "active (an admin must run: scaleout package set-active FILE)")
+        row = self.state.package(digest)
+        return {"id": digest, "name": row["name"]}, self.blobs.get(PACKAGE[0], digest, PACKAGE[1])
+
+    async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        if not blob:
+            raise ProtocolError("model.set_seed needs the model bytes")
+        specs = payload.describe(blob)
+        payload.check_finite(payload.read(blob)[0])
+        if self.session is not None:
+            raise ConflictError(f"session {self.session.id} is running; stop it before setting a new seed model")
+        digest = self.blobs.put(MODEL[0], blob, MODEL[1])
+        self.state.commit_model(digest, len(blob), aggregator="seed")
+        self.state.audit(_actor(link), "model.set_seed", id=digest)
+        log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
+        return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
+
+    async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        active = self.state.get_meta("active_model")
+        rows = self.state.models(args.get("session_id"))
+        for row in rows:
+            row["active"] = row["id"] == active
+        return {"models": rows}, None
+
+    async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        row = self.state.model(str(args.get("id", "")))
+        data = self.blobs.get(MODEL[0], row["id"], MODEL[1])
+        row["active"] = row["id"] == self.state.get_meta("active_model")
+        row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
+        return {"model": row}, None
+
+    async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        key = args.get("id") or self.state.get_meta("active_model")
+        if not key:
+            raise NotFoundError("model", "active (set one with: scaleout model set-seed FILE)")
+        row = self.state.model(str(key))
+        return {"id": row["id"]}, self.blobs.get(MODEL[0], row["id"], MODEL[1])
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def _session_start(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        from scaleout.core.aggregators import get_aggregator
+
+        cfg = SessionConfig.from_mapping(args)
+        if self.session is not None:
+            raise ConflictError(f"session {self.session.id} is still running; stop it first (scaleout session stop {self.session.id})")
+        model_id = self.state.get_meta("active_model")
+        if model_id is None:
+            raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
+        get_aggregator(cfg.aggregator, payload.describe(self.blobs.get(MODEL[0], model_id, MODEL[1])))
+        session = RunningSession(new_id("s-"), cfg)
+        self.state.add_session(session.id, cfg.to_dict(), model_id)
+        self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
+        self.session = session
+        session.task = asyncio.create_task(self._run_session(session))
+        log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
+        return {"session": self.state.session(session.id)}, None
+
+    async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"sessions": self.state.sessions()}, None
+
+    async def _session_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return {"session": self.state.session(self._session_key(args))}, None
+
+    def _session_key(self, args: dict[str, Any]) -> str:
+        key = args.get("id")
+        if not key:
+            rows = self.state.sessions()
+            if not rows:
+                raise NotFoundError("session", "latest (none started yet)")
+            return str(rows[-1]["id"])
+        return str(key)
+
+    async def _session_stop(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        key = self._session_key(args)
+        s = self.session
+        if s is None or s.id != key:
+            row = self.state.session(key)
+            raise ConflictError(f"session {key} is not running (it is {row['status']})")
+        self.state.audit(_actor(link), "session.stop", id=key)
+        await self._stop_session(s, "stopped by an admin")
+        return {"session": self.state.session(key)}, None
+
+    async def _session_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """Push round events to this link until the session ends, then return it."""
+        key = self._session_key(args)
+        s = self.session
+        if s is not None and s.id == key:
+            self.subscribers.add(link)
+            try:
+                await s.done.wait()
+            finally:
+                self.subscribers.discard(link)
+        return {"session": self.state.session(key)}, None
+
+    async def _stop_session(self, s: RunningSession, reason: str) -> None:
+        if s.stopped:
+            return
+        s.stopped = True
+        s.events.put_nowait(("stop", reason))
+        for c in list(self.combiners.values()):
+            await _quiet_send(c.link, m.SessionStop(session_id=s.id))
+        if s.task is not None:
+            await asyncio.wait({s.task}, timeout=10)
+
+    async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for link in list(self.subscribers):
+            await _quiet_send(link, m.Event(kind=kind, data=data))
+
+    async def _run_session(self, s: RunningSession) -> None:
+        status, reason = "finished", None
+        try:
+            for index in range(1, s.config.rounds + 1):
+                if s.stopped:
+                    break
+                s.round_index = index
+                row = await self._run_round(s, index)
+                await self._emit("round", {"session_id": s.id, **row})
+                if row["status"] != "succeeded":
+                    status, reason = "failed", f"round {index}: {row['reason']}"
+            if s.stopped:
+                status, reason = "stopped", reason or "stopped"
+        except asyncio.CancelledError:
+            status, reason = "stopped", "controller shut down"
+            raise
+        except Exception as exc:  # the role edge: a bug must not leave the session "running"
+            log.exception("session %s crashed", s.id)
+            status, reason = "failed", f"internal error: {exc}"
+        finally:
+            self.state.finish_session(s.id, status, self.state.get_meta("active_model"), reason)
+            self.session = None
+            log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
+            await self._emit("session", {"id": s.id, "status": status, "reason": reason})
+            s.done.set()
+
+    async def _wait_for_clients(self, s: RunningSession, deadline: float) -> dict[str, list[str]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            selected = {c.name: sorted(c.clients) for c in self.combiners.values() if c.url and c.clients}
+            n = sum(map(len, selected.values()))
+            if n >= s.config.min_clients or s.stopped or loop.time() >= deadline:
+                return selected
+            log.info("waiting for clients: %d connected, %d needed", n, s.config.min_clients)
+            changed = asyncio.ensure_future(self.registry_changed.wait())
+            stop = asyncio.ensure_future(self._stopped(s))
+            await asyncio.wait({changed, stop}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            stop.cancel()
+
+    async def _stopped(self, s: RunningSession) -> None:
+        while not s.stopped:
+            kind, value = await s.events.get()
+            if kind == "stop":
+                s.events.put_nowait((kind, value))
+                return
+
+    async def _run_round(self, s: RunningSession, index: int) -> dict[str, Any]:
+        from scaleout.core.aggregators import decode_partial, get_aggregator
+
+        loop = asyncio.get_running_loop()
+        cfg = s.config
+        started = loop.time()
+        parent = self.state.get_meta("active_model")
+        assert parent is not None
+        global_bytes = self.blobs.get(MODEL[0], parent, MODEL[1])
+        template = payload.describe(global_bytes)
+        _, layout, _ = payload.read(global_bytes)
+        selected = await self._wait_for_clients(s, started + cfg.round_timeout)
+        participants = sorted(c for clients in selected.values() for c in clients)
+        self.state.start_round(s.id, index, parent, participants)
+        log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
+
+        def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+            duration = round(loop.time() - started, 3)
+            self.state.finish_round(s.id, index, status=status, reason=reason, duration_s=duration, **extra)
+            row = next(r for r in self.state.rounds(s.id) if r["idx"] == index)
+            log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
+            return {**row, "index": index}
+
+        if s.stopped:
+            return finish("failed", "session stopped")
+        if len(participants) < cfg.min_clients:
+            return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed")
+        tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + PARTIAL_GRACE_S)
+        agg = get_aggregator(cfg.aggregator, template)
+        for name, clients in selected.items():
+            msg = m.RoundStart(
+                session_id=s.id, round_index=index, model_id=parent, clients=clients,
+                timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
+            )
+            if not await _quiet_send(self.combiners[name].link, msg):
+                tracker.on_combiner_lost(name)
+        contributors: list[str] = []
+        decision = tracker.on_tick(loop.time())
+        while decision is None:
+            try:
+                kind, value = await asyncio.wait_for(s.events.get(), max(0.0, tracker.deadline - loop.time()))
+            except asyncio.TimeoutError:
+                decision = tracker.on_tick(loop.time())
+                continue
+            if kind == "stop":
+                return finish("failed", "session stopped", participants=contributors)
+            if kind == "lost":
+                decision = tracker.on_combiner_lost(value)
+            elif kind == m.RoundPartial.type:
+                name, msg, blob, blob_error = value
+                if msg.count == 0 and blob is None and blob_error is None:
+                    decision = tracker.on_partial(name, 0)
+                    continue
+                try:
+                    if blob is None:
+                        raise PayloadError(blob_error or "partial aggregate without payload")
+                    partial = decode_partial(blob)
+                    if partial.count != msg.count:
+                        raise PayloadError(f"partial says {partial.count} updates, message says {msg.count}")
+                    if partial.count:
+                        agg.add_partial(partial)
+                except (PayloadError, UpdateRejected) as exc:
+                    log.error("partial aggregate from combiner %s refused: %s", name, exc)
+                    decision = tracker.on_combiner_lost(name)
+                    continue
+                contributors.extend(partial.contributors)
+                decision = tracker.on_partial(name, partial.count)
+        if decision.outcome is Outcome.FAILED:
+            return finish("failed", decision.reason, participants=sorted(contributors))
+        new_bytes = payload.encode_named(agg.result(), layout)
+        model_id = self.blobs.put(MODEL[0], new_bytes, MODEL[1])
+        self.state.commit_model(
+            model_id, len(new_bytes), parent=parent, session_id=s.id, round_index=index,
+            aggregator=cfg.aggregator, contributors=sorted(contributors),
+        )
+        self.state.audit("controller", "model.commit", id=model_id, session=s.id, round=index)
+        validation: dict[str, float] = {}
+        if cfg.validate:
+            validation = await self._validate(s, index, model_id, selected)
+        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation)
+
+    async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        waiting = set()
+        for name, clients in selected.items():
+            c = self.combiners.get(name)
+            msg = m.RoundValidate(session_id=s.id, round_index=index, model_id=model_id, clients=clients, timeout=s.config.round_timeout)
+            if c is not None and await _quiet_send(c.link, msg):
+                waiting.add(name)
+        deadline = loop.time() + s.config.round_timeout + PARTIAL_GRACE_S
+        while waiting and loop.time() < deadline:
+            try:
+                kind, value = await asyncio.wait_for(s.events.get(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+            if kind == "stop":
+                s.events.put_nowait((kind, value))
+                break
+            if kind == "lost" or kind == m.ValidateDone.type:
+                waiting.discard(value if kind == "lost" else value[0])
+        return mean_metrics(r["data"] for r in self.state.reports(s.id, index, "validate") if not r["error"])
+
+
+def mean_metrics(rows: Any) -> dict[str, float]:
+    """Mean of each numeric metric over the clients that reported it."""
+    sums: dict[str, list[float]] = {}
+    for data in rows:
+        for key, value in data.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                sums.setdefault(key, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
+
+
+ADMIN = frozenset({"admin"})
+CLIENT = frozenset({"client"})
+COMBINER = frozenset({"combiner"})
+
+
+def _check_package(data: bytes) -> None:
+    """Refuse a package that would not unpack safely or has no scaleout.yaml."""
+    import tempfile
+
+    from scaleout.package.archive import extract_archive
+    from scaleout.package.project import load_project
+
+    with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
+        load_project(extract_archive(data, Path(tmp) / "pkg"))
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 128 or any(ch.isspace() for ch in value):
+        raise ProtocolError(f"{what} must be a non-empty string without spaces (at most 128 characters)")
+    return value
+
+
+def _actor(link: Link) -> str:
+    claims = link.claims
+    return f"{claims.role}:{claims.sub or claims.jti}"
+
+
+async def _quiet_send(link: Link, msg: m.Message) -> bool:
+    """Send, reporting a closed link as False rather than raising."""
+    try:
+        await link.send(msg)
+        return True
+    except Exception as exc:  # the role edge: a dead peer must not stop the round
+        log.warning("could not send %s to %s: %s", msg.type, link.peer, exc)
+        return False
+
+
+__all__ = ["Controller", "ControllerSettings", "ScaleoutError"]

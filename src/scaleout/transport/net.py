@@ -1,0 +1,118 @@
+"""Serve and connect: TLS websockets with a bearer token checked at the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from scaleout.core.errors import AuthError, ScaleoutError
+from scaleout.transport.link import MAX_FRAME_BYTES, Link
+
+log = logging.getLogger("scaleout.transport")
+
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
+
+
+class ConnectError(ScaleoutError):
+    code = "unreachable"
+
+
+def bearer(request_headers: Any) -> str | None:
+    value = request_headers.get("Authorization", "")
+    return value[7:].strip() if value.startswith("Bearer ") else None
+
+
+async def serve(
+    on_link: Callable[[Link], Awaitable[None]],
+    authenticate: Callable[[str | None], Any],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    max_payload: int,
+) -> tuple[Server, int]:
+    """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
+
+    Unauthenticated connections are refused with HTTP 401 before any message is read.
+    Returns the server and the port actually bound (port 0 picks a free one).
+    """
+
+    def process_request(connection: ServerConnection, request: Any) -> Any:
+        try:
+            connection.claims = authenticate(bearer(request.headers))  # type: ignore[attr-defined]
+        except AuthError as exc:
+            log.warning("refused connection from %s: %s", _peer(connection), exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        return None
+
+    async def handler(connection: ServerConnection) -> None:
+        link = Link(connection, _peer(connection), max_payload=max_payload)
+        link.claims = getattr(connection, "claims", None)
+        await on_link(link)
+
+    server = await ws_serve(
+        handler,
+        host,
+        port,
+        ssl=ssl_context,
+        process_request=process_request,
+        max_size=MAX_FRAME_BYTES,
+        compression=None,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
+        logger=logging.getLogger("scaleout.transport.ws"),
+    )
+    bound = server.sockets[0].getsockname()[1] if server.sockets else port
+    return server, bound
+
+
+def _peer(connection: ServerConnection) -> str:
+    addr = connection.remote_address
+    return f"{addr[0]}:{addr[1]}" if addr else "unknown peer"
+
+
+async def connect(url: str, token: str, ssl_context: ssl.SSLContext | None, *, max_payload: int, timeout: float = 10.0) -> Link:
+    """Open a link to ``url``; AuthError when the token is refused, ConnectError otherwise."""
+    try:
+        ws = await ws_connect(
+            url,
+            ssl=ssl_context if url.startswith("wss://") else None,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            max_size=MAX_FRAME_BYTES,
+            compression=None,
+            proxy=None,
+            open_timeout=timeout,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise AuthError(f"{url} refused the token: {body or 'unauthorized'}") from None
+        raise ConnectError(f"{url} answered HTTP {status}: {body}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise ConnectError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
+    except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+    return Link(ws, url, max_payload=max_payload)
+
+
+def backoff(initial: float = 0.2, maximum: float = 15.0, factor: float = 2.0, rng: random.Random | None = None) -> Iterator[float]:
+    """Delays for reconnect attempts: exponential with full jitter, capped."""
+    rng = rng or random.Random()
+    delay = initial
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(maximum, delay * factor)

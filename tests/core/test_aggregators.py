@@ -1,0 +1,279 @@
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+from scaleout.core.aggregators import (
+    AGGREGATORS,
+    FedAvg,
+    Partial,
+    decode_partial,
+    encode_partial,
+    get_aggregator,
+)
+from scaleout.core.errors import ConfigError, ModelMismatchError, PayloadError, UpdateRejected
+from scaleout.core.payload import TensorSpec, describe, encode
+
+MODEL: dict[str, np.ndarray] = {
+    "w": np.zeros((3, 4), np.float32),
+    "b": np.zeros(5, np.float64),
+    "h": np.zeros((2, 2), np.float16),
+    "s": np.array(0.0, np.float32),
+}
+TEMPLATE = describe(encode(MODEL))
+RTOL = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3}
+
+
+def make_updates(n: int, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    rng = np.random.default_rng(seed)
+    updates = [{k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in MODEL.items()} for _ in range(n)]
+    weights = [float(w) for w in rng.integers(1, 500, size=n)]
+    return updates, weights
+
+
+def reference_mean(updates: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Plain numpy weighted average, computed independently of the aggregator."""
+    return {k: np.average(np.stack([u[k].astype(np.float64) for u in updates]), axis=0, weights=weights) for k in MODEL}
+
+
+def assert_matches(result: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(result) == set(expected)
+    for name, spec in TEMPLATE.items():
+        assert result[name].dtype == np.dtype(spec.dtype) and result[name].shape == spec.shape
+        np.testing.assert_allclose(result[name].astype(np.float64), expected[name], rtol=RTOL[spec.dtype], atol=1e-6)
+
+
+def flat(updates: list[dict[str, np.ndarray]], weights: list[float]) -> FedAvg:
+    agg = FedAvg(TEMPLATE)
+    for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+        agg.add(update, weight, f"client-{i}")
+    return agg
+
+
+def test_fedavg_matches_numpy_weighted_average() -> None:
+    updates, weights = make_updates(7)
+    agg = flat(updates, weights)
+    assert agg.count == 7
+    assert_matches(agg.result(), reference_mean(updates, weights))
+
+
+def test_fedavg_differs_from_unweighted_mean() -> None:
+    # Proves the weights matter, so the reference test above can fail.
+    updates, _ = make_updates(3)
+    result = flat(updates, [1.0, 1.0, 1000.0]).result()
+    unweighted = np.mean([u["b"] for u in updates], axis=0)
+    assert not np.allclose(result["b"], unweighted)
+    np.testing.assert_allclose(result["b"], np.average([u["b"] for u in updates], axis=0, weights=[1, 1, 1000]))
+
+
+def test_two_stage_equals_flat() -> None:
+    updates, weights = make_updates(10, seed=4)
+    reducer = FedAvg(TEMPLATE)
+    start = 0
+    for size in (1, 3, 6):  # uneven client splits across three combiners
+        combiner = FedAvg(TEMPLATE)
+        for i in range(start, start + size):
+            combiner.add(updates[i], weights[i], f"client-{i}")
+        reducer.add_partial(decode_partial(encode_partial(combiner.partial())))
+        start += size
+    flat_agg = flat(updates, weights)
+    two, one = reducer.partial(), flat_agg.partial()
+    assert two.weight == pytest.approx(one.weight, rel=1e-15) == sum(weights)
+    assert reducer.count == 10 and sorted(two.contributors) == sorted(one.contributors)
+    for name in TEMPLATE:
+        np.testing.assert_allclose(two.sums[name], one.sums[name], rtol=1e-12)
+    assert_matches(reducer.result(), reference_mean(updates, weights))
+    for name, spec in TEMPLATE.items():
+        np.testing.assert_allclose(
+            reducer.result()[name].astype(np.float64),
+            flat_agg.result()[name].astype(np.float64),
+            rtol=RTOL[spec.dtype],
+        )
+
+
+def test_integer_tensors_are_rounded_and_keep_dtype() -> None:
+    template = {"i": TensorSpec("int32", (4,)), "u": TensorSpec("uint8", (3,)), "t": TensorSpec("bool", (4,))}
+    updates: list[dict[str, np.ndarray]] = [
+        {"i": np.array([1, 2, -3, 10], np.int32), "u": np.array([0, 255, 10], np.uint8),
+         "t": np.array([1, 1, 0, 0], bool)},
+        {"i": np.array([2, 2, -4, 11], np.int32), "u": np.array([1, 255, 13], np.uint8),
+         "t": np.array([0, 1, 1, 0], bool)},
+    ]
+    weights = [3.0, 1.0]
+    agg = FedAvg(template)
+    for i, update in enumerate(updates):
+        agg.add(update, weights[i], f"c{i}")
+    result = agg.result()
+    for name in template:
+        assert result[name].dtype == np.dtype(template[name].dtype)
+        mean = np.average(np.stack([u[name].astype(np.float64) for u in updates]), axis=0, weights=weights)
+        expected = (mean >= 0.5) if name == "t" else np.rint(mean).astype(template[name].dtype)
+        np.testing.assert_array_equal(result[name], expected)
+    np.testing.assert_array_equal(result["i"], [1, 2, -3, 10])  # 1.25 -> 1, -3.25 -> -3, 10.25 -> 10
+    np.testing.assert_array_equal(result["t"], [True, True, False, False])
+
+
+def test_integer_results_are_clipped_to_dtype_range() -> None:
+    agg = FedAvg({"u": TensorSpec("uint8", (2,)), "big": TensorSpec("int64", (1,))})
+    agg.add({"u": np.array([300.0, -20.0]), "big": np.array([np.iinfo(np.int64).max])}, 1.0, "a")
+    result = agg.result()
+    np.testing.assert_array_equal(result["u"], np.array([255, 0], np.uint8))
+    assert result["big"].dtype == np.int64 and result["big"][0] > 2**62  # no wrap-around to negative
+
+
+def test_float64_update_for_float32_model_is_accepted() -> None:
+    updates, weights = make_updates(2)
+    widened = [{k: v.astype(np.float64) for k, v in u.items()} for u in updates]
+    agg = flat(widened, weights)
+    assert agg.result()["w"].dtype == np.float32
+    assert_matches(agg.result(), reference_mean(widened, weights))
+
+
+def assert_unchanged(before: Partial, agg: FedAvg) -> None:
+    after = agg.partial()
+    assert (after.weight, after.count, after.contributors) == (before.weight, before.count, before.contributors)
+    for name in before.sums:
+        np.testing.assert_array_equal(after.sums[name], before.sums[name])
+
+
+def test_nan_update_refused_and_state_unchanged() -> None:
+    updates, weights = make_updates(2)
+    agg = FedAvg(TEMPLATE)
+    agg.add(updates[0], weights[0], "good")
+    before = agg.partial()
+    poisoned = {k: v.copy() for k, v in updates[1].items()}
+    poisoned["h"][1, 1] = np.nan
+    with pytest.raises(UpdateRejected, match="'h'"):
+        agg.add(poisoned, weights[1], "bad")
+    assert_unchanged(before, agg)
+    agg.add(updates[1], weights[1], "bad")  # the refused contributor was not recorded
+    assert_matches(agg.result(), reference_mean(updates, weights))
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda u: {**u, "w": np.zeros((4, 3), np.float32)}, ModelMismatchError),
+        (lambda u: {k: v for k, v in u.items() if k != "s"}, ModelMismatchError),
+        (lambda u: {**u, "extra": np.zeros(1)}, ModelMismatchError),
+        (lambda u: {**u, "b": np.array(["x"] * 5)}, ModelMismatchError),
+        (lambda u: {**u, "b": np.full(5, np.inf)}, UpdateRejected),
+    ],
+)
+def test_bad_update_refused_and_state_unchanged(change, error) -> None:  # type: ignore[no-untyped-def]
+    updates, weights = make_updates(2)
+    agg = FedAvg(TEMPLATE)
+    agg.add(updates[0], weights[0], "first")
+    before = agg.partial()
+    with pytest.raises(error):
+        agg.add(change(updates[1]), weights[1], "second")
+    assert_unchanged(before, agg)
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, float("nan"), float("inf"), True, "3"])
+def test_bad_weight_refused(weight: object) -> None:
+    agg = FedAvg(TEMPLATE)
+    with pytest.raises(UpdateRejected, match="weight"):
+        agg.add(make_updates(1)[0][0], weight, "c")  # type: ignore[arg-type]
+    assert agg.count == 0
+
+
+def test_duplicate_contributor_counts_once() -> None:
+    updates, weights = make_updates(2)
+    agg = FedAvg(TEMPLATE)
+    agg.add(updates[0], weights[0], "same")
+    with pytest.raises(UpdateRejected, match="duplicate"):
+        agg.add(updates[1], weights[1], "same")
+    assert agg.count == 1
+    assert_matches(agg.result(), reference_mean(updates[:1], weights[:1]))
+
+
+def test_duplicate_contributor_across_partials_refused() -> None:
+    updates, weights = make_updates(2)
+    first, second = FedAvg(TEMPLATE), FedAvg(TEMPLATE)
+    first.add(updates[0], weights[0], "c")
+    second.add(updates[1], weights[1], "c")
+    reducer = FedAvg(TEMPLATE)
+    reducer.add_partial(first.partial())
+    with pytest.raises(UpdateRejected, match="duplicate"):
+        reducer.add_partial(second.partial())
+    assert reducer.count == 1
+
+
+def test_empty_partial_is_a_no_op_and_empty_result_refused() -> None:
+    reducer = FedAvg(TEMPLATE)
+    reducer.add_partial(FedAvg(TEMPLATE).partial())  # a combiner whose clients all failed
+    assert reducer.count == 0
+    with pytest.raises(UpdateRejected, match="no updates to aggregate"):
+        reducer.result()
+
+
+def test_inconsistent_partial_refused() -> None:
+    partial = FedAvg(TEMPLATE).partial()
+    with pytest.raises(UpdateRejected):
+        FedAvg(TEMPLATE).add_partial(Partial(partial.sums, 5.0, 2, ["only-one"]))
+
+
+def test_aggregator_keeps_no_reference_to_updates() -> None:
+    agg = FedAvg(TEMPLATE)
+    updates, weights = make_updates(1)
+    ref = weakref.ref(updates[0]["w"])
+    agg.add(updates[0], weights[0], "c")
+    del updates
+    gc.collect()
+    assert ref() is None
+
+
+def test_partial_round_trip() -> None:
+    updates, weights = make_updates(3)
+    partial = flat(updates, weights).partial()
+    decoded = decode_partial(encode_partial(partial))
+    assert decoded.weight == partial.weight and decoded.count == 3
+    assert decoded.contributors == partial.contributors
+    for name in TEMPLATE:
+        assert decoded.sums[name].dtype == np.float64
+        np.testing.assert_array_equal(decoded.sums[name], partial.sums[name])
+    listed = Partial({"0": np.ones(2), "1": np.full(3, 2.0)}, 0.1 + 0.2, 1, ['c "quoted"'])
+    back = decode_partial(encode_partial(listed, "list"))
+    assert back.weight == 0.1 + 0.2 and back.contributors == ['c "quoted"']
+    np.testing.assert_array_equal(back.sums["1"], np.full(3, 2.0))
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        None,
+        {"scaleout.weight": "1.0", "scaleout.count": "1"},
+        {"scaleout.weight": "x", "scaleout.count": "1", "scaleout.contributors": '["a"]'},
+        {"scaleout.weight": "nan", "scaleout.count": "1", "scaleout.contributors": '["a"]'},
+        {"scaleout.weight": "1.0", "scaleout.count": "1.5", "scaleout.contributors": '["a"]'},
+        {"scaleout.weight": "1.0", "scaleout.count": "2", "scaleout.contributors": '["a"]'},
+        {"scaleout.weight": "1.0", "scaleout.count": "1", "scaleout.contributors": "[1]"},
+        {"scaleout.weight": "1.0", "scaleout.count": "1", "scaleout.contributors": "{not json"},
+    ],
+)
+def test_decode_partial_refuses_bad_metadata(metadata: dict[str, str] | None) -> None:
+    with pytest.raises(PayloadError):
+        decode_partial(encode({"w": np.zeros(2)}, metadata=metadata))
+
+
+def test_decode_partial_refuses_non_float64_sums_and_garbage() -> None:
+    meta = {"scaleout.weight": "1.0", "scaleout.count": "1", "scaleout.contributors": '["a"]'}
+    assert decode_partial(encode({"w": np.zeros(2)}, metadata=meta)).count == 1
+    with pytest.raises(PayloadError, match="float64"):
+        decode_partial(encode({"w": np.zeros(2, np.float32)}, metadata=meta))
+    with pytest.raises(PayloadError):
+        decode_partial(b"\x00" * 64)
+
+
+def test_registry() -> None:
+    assert AGGREGATORS["fedavg"] is FedAvg
+    agg = get_aggregator("fedavg", TEMPLATE)
+    assert isinstance(agg, FedAvg) and agg.name == "fedavg"
+    with pytest.raises(ConfigError) as info:
+        get_aggregator("fedprox", TEMPLATE)
+    assert info.value.key == "aggregator"
+    assert str(info.value) == "aggregator: unknown aggregator 'fedprox'; choose one of: fedavg"

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from scaleout.core.config import DEFAULT_PORT, SessionConfig, merge, parse_port
+from scaleout.core.errors import ConfigError
+
+DEFAULTS = {
+    "rounds": 5,
+    "round_timeout": 180.0,
+    "min_clients": 1,
+    "aggregator": "fedavg",
+    "validate": True,
+    "settings": {},
+    "name": None,
+}
+
+
+def test_defaults() -> None:
+    assert SessionConfig().to_dict() == DEFAULTS
+    assert SessionConfig.from_mapping({}) == SessionConfig()
+    assert SessionConfig().settings is not SessionConfig().settings
+
+
+def test_from_mapping_and_to_dict_round_trip() -> None:
+    data = {
+        "rounds": 3,
+        "round_timeout": 2.5,
+        "min_clients": 4,
+        "aggregator": "fedopt",
+        "validate": False,
+        "settings": {"epochs": 2, "lr": 0.1},
+        "name": "exp-1",
+    }
+    cfg = SessionConfig.from_mapping(data)
+    assert cfg.to_dict() == data
+    assert SessionConfig.from_mapping(cfg.to_dict()) == cfg
+    assert SessionConfig.from_mapping(MappingProxyType(data)) == cfg
+
+
+def test_partial_mapping_keeps_other_defaults() -> None:
+    cfg = SessionConfig.from_mapping({"rounds": 1, "round_timeout": 7})
+    assert cfg.to_dict() == {**DEFAULTS, "rounds": 1, "round_timeout": 7}
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("rounds", 0),
+        ("rounds", -1),
+        ("rounds", "3"),
+        ("rounds", True),
+        ("rounds", 3.0),
+        ("rounds", None),
+        ("round_timeout", 0),
+        ("round_timeout", -1.0),
+        ("round_timeout", math.nan),
+        ("round_timeout", math.inf),
+        ("round_timeout", "x"),
+        ("round_timeout", "60"),
+        ("round_timeout", True),
+        ("round_timeout", None),
+        ("min_clients", 0),
+        ("min_clients", -2),
+        ("min_clients", 1.5),
+        ("min_clients", False),
+        ("aggregator", ""),
+        ("aggregator", None),
+        ("aggregator", 3),
+        ("validate", "yes"),
+        ("validate", 1),
+        ("validate", None),
+        ("settings", ["epochs", 2]),
+        ("settings", '{"epochs": 2}'),
+        ("settings", None),
+        ("name", 5),
+        ("name", ["a"]),
+    ],
+)
+def test_invalid_values_name_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        SessionConfig.from_mapping({key: value})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    if key not in ("aggregator", "settings", "name"):
+        assert f"got {value!r}" in str(info.value)
+
+
+def test_constructor_validates_too() -> None:
+    with pytest.raises(ConfigError, match="rounds"):
+        SessionConfig(rounds=0)
+
+
+@pytest.mark.parametrize("timeout", [0.001, 1, 3600.5])
+def test_valid_timeouts(timeout: float) -> None:
+    assert SessionConfig(round_timeout=timeout).round_timeout == timeout
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        SessionConfig.from_mapping({"rounds": 2, "roundz": 3, "zz": 1})
+    assert info.value.key == "roundz"
+    message = str(info.value)
+    assert message.startswith("roundz: unknown session setting")
+    assert "rounds" in message and "min_clients" in message
+
+
+@pytest.mark.parametrize("data", [None, [("rounds", 2)], "rounds=2"])
+def test_non_mapping_refused(data: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        SessionConfig.from_mapping(data)
+    assert info.value.key == "session"
+
+
+def test_config_is_frozen() -> None:
+    cfg = SessionConfig()
+    with pytest.raises(AttributeError):
+        cfg.rounds = 9  # type: ignore[misc]
+
+
+ALLOWED = {"host", "port", "data_dir"}
+
+
+def test_merge_flags_override_file() -> None:
+    merged = merge({"host": "0.0.0.0", "port": 9000}, {"port": 9100, "data_dir": "/d"}, ALLOWED, "controller")
+    assert merged == {"host": "0.0.0.0", "port": 9100, "data_dir": "/d"}
+
+
+def test_merge_ignores_flags_not_given_but_keeps_falsy_ones() -> None:
+    merged = merge({"host": "h", "port": 9000}, {"host": None, "port": 0, "data_dir": ""}, ALLOWED, "controller")
+    assert merged == {"host": "h", "port": 0, "data_dir": ""}
+
+
+def test_merge_does_not_mutate_inputs() -> None:
+    file_settings, flags = {"port": 1}, {"port": 2}
+    merge(file_settings, flags, ALLOWED, "controller")
+    assert file_settings == {"port": 1} and flags == {"port": 2}
+
+
+def test_merge_refuses_unknown_file_keys_with_section() -> None:
+    with pytest.raises(ConfigError) as info:
+        merge({"port": 1, "prot": 2, "zzz": 3}, {}, ALLOWED, "combiner")
+    assert info.value.key == "combiner.prot"
+    message = str(info.value)
+    assert message.startswith("combiner.prot: unknown setting")
+    assert "data_dir, host, port" in message
+
+
+def test_merge_of_empty_inputs() -> None:
+    assert merge({}, {}, ALLOWED, "client") == {}
+
+
+@pytest.mark.parametrize("port", [0, 1, DEFAULT_PORT, 65535])
+def test_parse_port_accepts(port: int) -> None:
+    assert parse_port(port) == port
+
+
+@pytest.mark.parametrize("port", [-1, 65536, "8090", True, 8090.0, None])
+def test_parse_port_refuses(port: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_port(port)
+    assert info.value.key == "port"
+    assert f"got {port!r}" in str(info.value) and "0 and 65535" in str(info.value)

@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from scaleout.core.errors import ModelMismatchError, PayloadError, UpdateRejected
+from scaleout.core.payload import (
+    TensorSpec,
+    check_compatible,
+    check_finite,
+    decode,
+    describe,
+    encode,
+    from_named,
+    model_id,
+    read,
+    to_named,
+)
+
+
+def mixed_arrays() -> list[np.ndarray]:
+    """12 arrays of distinct dtypes/shapes/values, so "10" and "11" test list ordering."""
+    rng = np.random.default_rng(7)
+    return [
+        rng.standard_normal((3, 4)).astype(np.float32),
+        rng.standard_normal(5),
+        rng.standard_normal((2, 2)).astype(np.float16),
+        rng.integers(-128, 127, size=(4,), dtype=np.int8),
+        rng.integers(-(2**31), 2**31 - 1, size=(2, 3), dtype=np.int32),
+        np.array([2**62, -(2**62), 7], dtype=np.int64),
+        rng.integers(0, 255, size=(6,), dtype=np.uint8),
+        np.array([True, False, True]),
+        np.array(3.5, dtype=np.float32),  # 0-d
+        np.zeros((0, 3), dtype=np.float64),  # empty dim
+        np.arange(10, dtype=np.int64) + 1000,
+        np.full((2, 1, 2), 11, dtype=np.int32),
+    ]
+
+
+def craft(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def test_list_round_trip_keeps_order_dtype_and_shape() -> None:
+    arrays = mixed_arrays()
+    data = encode(arrays)
+    out = decode(data)
+    assert isinstance(out, list) and len(out) == len(arrays)
+    for original, got in zip(arrays, out, strict=True):
+        assert got.dtype == original.dtype
+        assert got.shape == original.shape
+        np.testing.assert_array_equal(got, original)
+    # Independent check with the plain safetensors reader: names are the list indices.
+    raw = safetensors.numpy.load(data)
+    assert set(raw) == {str(i) for i in range(12)}
+    np.testing.assert_array_equal(raw["10"], arrays[10])
+    np.testing.assert_array_equal(raw["2"], arrays[2])
+
+
+def test_read_returns_list_order_layout_and_metadata() -> None:
+    named, layout, metadata = read(encode(mixed_arrays(), metadata={"round": "3"}))
+    assert list(named) == [str(i) for i in range(12)]
+    assert layout == "list"
+    assert metadata == {"round": "3"}
+
+
+def test_dict_round_trip_keeps_names() -> None:
+    model: dict[str, np.ndarray] = {
+        "dense.weight": np.ones((2, 3), np.float32),
+        "dense.bias": np.zeros(3, np.float64),
+        "step": np.array(4),
+    }
+    out = decode(encode(model))
+    assert isinstance(out, dict)
+    assert set(out) == set(model)
+    for name, array in model.items():
+        assert out[name].dtype == array.dtype and out[name].shape == array.shape
+        np.testing.assert_array_equal(out[name], array)
+
+
+def test_decoded_arrays_are_writable() -> None:
+    out = decode(encode([np.zeros(3, np.float32)]))
+    assert isinstance(out, list)
+    out[0] += 1  # training code updates weights in place
+    np.testing.assert_array_equal(out[0], np.ones(3, np.float32))
+
+
+def test_describe_matches_arrays() -> None:
+    arrays = mixed_arrays()
+    expected = {str(i): TensorSpec(a.dtype.name, a.shape) for i, a in enumerate(arrays)}
+    assert describe(encode(arrays)) == expected
+
+
+def test_model_id_is_sha256() -> None:
+    data = encode([np.arange(4.0)])
+    assert model_id(data) == hashlib.sha256(data).hexdigest()
+    assert model_id(data) != model_id(encode([np.arange(5.0)]))
+
+
+def test_to_named_and_from_named() -> None:
+    named, layout = to_named([np.float32(1.5), [1, 2, 3]])  # type: ignore[list-item]  # scalars and lists are coerced
+    assert layout == "list"
+    assert named["0"].shape == () and named["0"].dtype == np.float32
+    assert named["1"].dtype.kind == "i"
+    # Names inserted out of order, with "10" sorting before "2" as a string.
+    shuffled = {name: np.full(1, float(name)) for name in ["1", "10", "0", *map(str, range(2, 10))]}
+    restored = from_named(shuffled, "list")
+    assert isinstance(restored, list)
+    assert [float(a[0]) for a in restored] == [float(i) for i in range(11)]
+
+
+def test_non_contiguous_and_big_endian_round_trip() -> None:
+    base = np.arange(12, dtype=np.float64).reshape(3, 4)
+    arrays = [base.T, base[:, ::2], base.astype(">f4")]
+    for original, got in zip(arrays, decode(encode(arrays)), strict=True):
+        np.testing.assert_array_equal(got, original)
+
+
+def test_foreign_files_infer_layout() -> None:
+    as_list = safetensors.numpy.save({"1": np.ones(2), "0": np.zeros(2)})
+    out = decode(as_list)
+    assert isinstance(out, list)
+    np.testing.assert_array_equal(out[0], np.zeros(2))
+    assert isinstance(decode(safetensors.numpy.save({"w": np.ones(2)})), dict)
+    assert isinstance(decode(safetensors.numpy.save({"1": np.ones(2), "2": np.ones(2)})), dict)
+
+
+@pytest.mark.parametrize(
+    "arrays, fragment",
+    [
+        ([], "at least one tensor"),
+        ({}, "at least one tensor"),
+        ({"ok": np.zeros(1), "names": np.array(["a", "b"])}, "'names'"),
+        ([np.array([object()])], "'0'"),
+        ([np.array([1 + 2j])], "complex"),
+        ({"": np.zeros(1)}, "non-empty"),
+        ({"__metadata__": np.zeros(1)}, "__metadata__"),
+        ("not arrays", "list or dict"),
+    ],
+)
+def test_encode_refuses_bad_models(arrays: object, fragment: str) -> None:
+    with pytest.raises(PayloadError, match=fragment):
+        encode(arrays)  # type: ignore[arg-type]
+
+
+def test_encode_refuses_non_string_metadata() -> None:
+    with pytest.raises(PayloadError, match="metadata"):
+        encode([np.zeros(1)], metadata={"round": 3})  # type: ignore[dict-item]
+
+
+GOOD = encode({"a": np.arange(4, dtype=np.float32), "b": np.ones(2, dtype=np.int8)})
+BODY = np.arange(4, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\x01\x02\x03", id="shorter-than-length"),
+        pytest.param(np.random.default_rng(1).bytes(256), id="random"),
+        pytest.param(GOOD[:-1], id="truncated-body"),
+        pytest.param(GOOD[:20], id="truncated-header"),
+        pytest.param(GOOD + b"\x00", id="trailing-byte"),
+        pytest.param(struct.pack("<Q", 2**40) + b"{}", id="header-length-lies"),
+        pytest.param(struct.pack("<Q", 4) + b"{{{{", id="bad-json"),
+        pytest.param(struct.pack("<Q", 2) + b"[]", id="json-array"),
+        pytest.param(struct.pack("<Q", 2) + b"{}", id="no-tensors"),
+        pytest.param(struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc", id="not-utf8"),
+        pytest.param(struct.pack("<Q", 4000) + b"[" * 4000, id="deep-json"),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, BODY), id="offsets-lie"),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}, BODY), id="shape-lies"),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, BODY[:8]), id="body-short"),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, BODY), id="negative-dim"),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [4]}}, BODY), id="no-offsets"),
+        pytest.param(craft({"a": {"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}}, BODY), id="unknown-dtype"),
+        pytest.param(craft({"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}, BODY), id="bf16"),
+        pytest.param(craft({"a": "F32"}, BODY), id="entry-not-object"),
+        pytest.param(
+            craft(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                BODY[:12],
+            ),
+            id="overlap",
+        ),
+        pytest.param(craft({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, BODY), id="gap"),
+        pytest.param(
+            craft({"__metadata__": {"n": 1}, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, BODY),
+            id="metadata-not-str",
+        ),
+    ],
+)
+def test_malformed_payloads_raise_payload_error(data: bytes) -> None:
+    with pytest.raises(PayloadError):
+        read(data)
+    with pytest.raises(PayloadError):
+        decode(data)
+    with pytest.raises(PayloadError):
+        describe(data)
+
+
+@pytest.mark.parametrize("layout", ["tree", "list"])
+def test_bad_layout_metadata_raises_payload_error(layout: str) -> None:
+    # "list" is bad here because the only tensor is named "a", not "0".
+    header = {"__metadata__": {"scaleout.layout": layout}, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    data = craft(header, BODY)
+    assert describe(data) == {"a": TensorSpec("float32", (4,))}  # the header itself is fine
+    with pytest.raises(PayloadError, match="layout"):
+        decode(data)
+
+
+def test_crafted_valid_payload_is_accepted() -> None:
+    # Guards the malformed cases above: the same crafting with honest values decodes.
+    data = craft({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, BODY)
+    np.testing.assert_array_equal(decode(data)["a"], np.arange(4, dtype=np.float32))  # type: ignore[call-overload]
+
+
+def test_bf16_error_names_dtype() -> None:
+    data = craft({"a": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}, BODY)
+    with pytest.raises(PayloadError, match="BF16"):
+        describe(data)
+
+
+def test_every_truncation_and_byte_flip_raises_only_payload_error() -> None:
+    for end in range(len(GOOD)):
+        with pytest.raises(PayloadError):
+            decode(GOOD[:end])
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        corrupt = bytearray(GOOD)
+        corrupt[int(rng.integers(len(GOOD)))] = int(rng.integers(256))
+        try:
+            decode(bytes(corrupt))
+        except PayloadError:
+            pass
+
+
+REFERENCE = {"w": TensorSpec("float32", (2, 3)), "b": TensorSpec("float32", (3,))}
+
+
+def test_check_compatible_accepts_other_numeric_dtype() -> None:
+    check_compatible(REFERENCE, {"w": np.zeros((2, 3), np.float64), "b": np.zeros(3, np.int16)})
+
+
+@pytest.mark.parametrize(
+    "update, tensor",
+    [
+        ({"w": np.zeros((2, 3))}, "b"),
+        ({"w": np.zeros((2, 3)), "b": np.zeros(3), "extra": np.zeros(1)}, "extra"),
+        ({"w": np.zeros((3, 2)), "b": np.zeros(3)}, "w"),
+        ({"w": np.zeros((2, 3)), "b": np.array(["x", "y", "z"])}, "b"),
+    ],
+)
+def test_check_compatible_refuses_mismatch(update: dict[str, np.ndarray], tensor: str) -> None:
+    with pytest.raises(ModelMismatchError) as info:
+        check_compatible(REFERENCE, update)
+    assert info.value.tensor == tensor
+
+
+def test_check_finite_names_first_bad_tensor() -> None:
+    check_finite({"a": np.ones(3), "i": np.array([2**40], np.int64), "t": np.array([True])})
+    with pytest.raises(UpdateRejected, match="'b'"):
+        check_finite({"a": np.ones(3), "b": np.array([1.0, np.nan]), "c": np.array([np.inf])})
+    with pytest.raises(UpdateRejected, match="'c'"):
+        check_finite({"a": np.ones(3), "c": np.array([-np.inf], np.float16)})

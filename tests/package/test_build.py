@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scaleout.core.errors import PackageError
+from scaleout.package.build import run_build
+from scaleout.package.loader import load_startup
+
+from .conftest import IMPORTING_YAML, MakePackage
+
+BUILD = """\
+import os
+import numpy as np
+
+def build():
+    out = os.environ["SCALEOUT_BUILD_OUTPUT_DIR"]
+    np.savez_compressed(os.path.join(out, "seed.npz"), **{"0": np.arange(10, dtype=np.float32)})
+    with open("cwd.txt", "w") as f:  # relative: lands in the package root
+        f.write(os.getcwd())
+"""
+
+
+def test_build_writes_seed_to_output_dir(make_package: MakePackage, tmp_path: Path) -> None:
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "build.py": BUILD, "untouched.txt": "x"})
+    out = tmp_path / "out"
+    cwd, path = os.getcwd(), list(sys.path)
+    os.environ.pop("SCALEOUT_BUILD_OUTPUT_DIR", None)
+
+    assert run_build(root, out) == [out.resolve() / "seed.npz"]
+    np.testing.assert_array_equal(np.load(out / "seed.npz")["0"], np.arange(10))
+    assert (root / "cwd.txt").read_text() == str(root.resolve())
+    assert not (root / "__pycache__").exists()
+    assert os.getcwd() == cwd and sys.path == path
+    assert "SCALEOUT_BUILD_OUTPUT_DIR" not in os.environ
+
+
+def test_build_defaults_to_root(make_package: MakePackage) -> None:
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "build.py": BUILD, "untouched.txt": "x"})
+    assert run_build(root) == sorted([root.resolve() / "seed.npz", root.resolve() / "cwd.txt"])
+
+
+def test_build_failure_is_a_package_error(make_package: MakePackage) -> None:
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "build.py": "def build():\n    raise ValueError('boom')\n"})
+    with pytest.raises(PackageError, match=r"build\(\) in .*build.py failed: ValueError: boom") as info:
+        run_build(root)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"scaleout.yaml": "entry_points:\n  startup: startup.py\n"}, "no importing entry point 'build'"),
+        ({"scaleout.yaml": IMPORTING_YAML}, "does not exist"),
+        ({"scaleout.yaml": IMPORTING_YAML, "build.py": "x = 1\n"}, r"defines no build\(\)"),
+        ({"scaleout.yaml": IMPORTING_YAML, "build.py": "def build(:\n"}, "importing .*build.py failed: SyntaxError"),
+        ({"scaleout.yaml": IMPORTING_YAML, "build.py": "import sys\nsys.exit(3)\n"}, "SystemExit"),
+    ],
+)
+def test_broken_build_entry(make_package: MakePackage, files: dict[str, str], message: str) -> None:
+    with pytest.raises(PackageError, match=message):
+        run_build(make_package(files))
+
+
+def test_sibling_modules_are_imported_fresh(make_package: MakePackage) -> None:
+    build = "import os, helper\n\ndef build():\n    open(os.environ['SCALEOUT_BUILD_OUTPUT_DIR'] + '/v', 'w').write(helper.V)\n"
+    first = make_package({"scaleout.yaml": IMPORTING_YAML, "build.py": build, "helper.py": "V = '1'\n"}, "a")
+    second = make_package({"scaleout.yaml": IMPORTING_YAML, "build.py": build, "helper.py": "V = '2'\n"}, "b")
+    run_build(first)
+    run_build(second)
+    assert (first / "v").read_text() == "1" and (second / "v").read_text() == "2"
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.callbacks: dict[str, object] = {}
+
+    def set_train_callback(self, fn: object) -> None:
+        self.callbacks["train"] = fn
+
+
+def test_load_startup_registers_callbacks(make_package: MakePackage) -> None:
+    startup = "def train(model, settings):\n    return model\n\ndef startup(client):\n    client.set_train_callback(train)\n"
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": startup})
+    client = FakeClient()
+    load_startup(root, client)
+    train = client.callbacks["train"]
+    assert callable(train) and train(5, {}) == 5
+
+
+def test_load_startup_failure_names_the_file(make_package: MakePackage) -> None:
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": "def startup(client):\n    client.nope()\n"})
+    with pytest.raises(PackageError, match=r"startup\(\) in .*startup.py failed: AttributeError") as info:
+        load_startup(root, FakeClient())
+    assert isinstance(info.value.__cause__, AttributeError)

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scaleout.core.errors import PackageError
+from scaleout.package.project import load_project
+
+from .conftest import IMPORTING_YAML, MakePackage
+
+
+def test_importing_and_dispatcher_entry_points(make_package: MakePackage) -> None:
+    yaml_text = IMPORTING_YAML + '  train:\n    command: "python train.py"\n  validate: python validate.py\n'
+    root = make_package({"scaleout.yaml": yaml_text, "build.py": "", "startup.py": ""})
+    project = load_project(root)
+    assert project.root == root
+    assert project.python_env == "python_env.yaml"
+    assert project.entry_points["train"] == {"command": "python train.py"}
+    assert project.entry_file("build") == (root / "build.py").resolve()
+    assert project.entry_file("startup") == (root / "startup.py").resolve()
+    assert project.entry_file("train") is None
+    assert project.entry_file("validate") is None
+    assert project.entry_file("predict") is None
+    assert project.entry_command("train") == "python train.py"
+    assert project.entry_command("validate") == "python validate.py"
+    assert project.entry_command("build") is None
+
+
+def test_python_env_optional(make_package: MakePackage) -> None:
+    root = make_package({"scaleout.yaml": "entry_points:\n  build: build.py\n"})
+    assert load_project(root).python_env is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("entry_points: [build.py\n", "not valid YAML"),
+        ("python_env: env.yaml\n", "no 'entry_points'"),
+        ("", "must be a mapping"),
+        ("entry_points: [build.py]\n", "'entry_points' must be a mapping"),
+        ("entry_points:\n  build: 3\n", "entry point 'build'"),
+        ("entry_points:\n  train: {cmd: x}\n", "entry point 'train'"),
+        ("entry_points:\n  build: build.py\npython_env: [a]\n", "'python_env'"),
+    ],
+)
+def test_bad_project_file(make_package: MakePackage, text: str, message: str) -> None:
+    root = make_package({"scaleout.yaml": text})
+    with pytest.raises(PackageError, match=message):
+        load_project(root)
+
+
+def test_missing_directory_and_project_file(tmp_path: Path) -> None:
+    with pytest.raises(PackageError, match="does not exist"):
+        load_project(tmp_path / "nope")
+    with pytest.raises(PackageError, match="no scaleout.yaml"):
+        load_project(tmp_path)
+
+
+def test_entry_file_outside_root_or_missing(make_package: MakePackage) -> None:
+    root = make_package(
+        {"scaleout.yaml": "entry_points:\n  build: ../evil.py\n  startup: startup.py\n", "../evil.py": ""}
+    )
+    project = load_project(root)
+    with pytest.raises(PackageError, match="outside the package"):
+        project.entry_file("build")
+    with pytest.raises(PackageError, match="does not exist"):
+        project.entry_file("startup")
