@@ -220,7 +220,7 @@ def test_wrong_or_missing_version(version: Any) -> None:
 
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_version_must_be_the_integer_one(version: Any) -> None:
-    # BUG: parse compares with ``!=``, and True == 1 == 1.0 in Python, so these pass.
+    # True == 1 == 1.0 in Python: a plain ``!=`` comparison would let these through.
     assert "protocol version" in _parse_error(_body(m.Hello, v=version))
 
 
@@ -248,7 +248,7 @@ def test_text_at_the_limit_is_accepted() -> None:
 
 
 def test_size_limit_counts_utf8_bytes_of_str_frames() -> None:
-    # BUG: for a ``str`` frame parse measures characters, so 2 MiB of UTF-8 gets through.
+    # Under 1 MiB of characters but over 1 MiB of UTF-8: the limit is on bytes.
     text = '{"v":1,"type":"hello","name":"' + "é" * (m.MAX_TEXT_BYTES // 2 + 8) + '"}'
     assert len(text) <= m.MAX_TEXT_BYTES < len(text.encode())
     assert "limit" in _parse_error(text)
@@ -256,8 +256,7 @@ def test_size_limit_counts_utf8_bytes_of_str_frames() -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_parse_refuses_non_json_numbers(literal: str) -> None:
-    # BUG: json.loads accepts these extensions, so a peer can send weight=NaN / timeout=Infinity,
-    # although serialize() refuses to produce them.
+    # json.loads accepts these extensions by default; a peer must not smuggle in weight=NaN.
     text = m.serialize(_sample(m.RoundPartial)).replace('"weight":2.5', f'"weight":{literal}')
     assert literal in text
     _parse_error(text)

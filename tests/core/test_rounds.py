@@ -50,7 +50,7 @@ def test_combiner_refusal_after_report_is_ignored() -> None:
 
 
 def test_combiner_update_after_refusal_does_not_count() -> None:
-    # BUG: on_update does not check ``failed``, so a client ends up both reported and failed.
+    # A refusal is final: a later update must not make the client both reported and failed.
     r = CombinerRound.start(["a", "b"], now=0.0, timeout=10.0)
     r.on_refused("a", "bad update")
     r.on_update("a")
@@ -75,7 +75,7 @@ def test_combiner_no_report_after_deadline() -> None:
     assert r.on_update("a") is False
     assert r.on_refused("b", "late") is False
     assert r.on_client_lost("b") is False
-    # BUG: events after the round is done still mutate it (a is reported, b's reason rewritten).
+    # Events after the round is done change nothing (a stays failed, b keeps its reason).
     timeout = "no update before the round timeout"
     assert r.reported == set() and r.failed == {"a": timeout, "b": timeout}
 

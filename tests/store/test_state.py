@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -206,8 +207,6 @@ def test_session_not_found(state: State) -> None:
 
 
 def test_duplicate_session_refused(state: State) -> None:
-    import sqlite3
-
     state.add_session("s1", {}, start_model=A)
     with pytest.raises(sqlite3.IntegrityError):
         state.add_session("s1", {}, start_model=A)

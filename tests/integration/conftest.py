@@ -1,0 +1,188 @@
+"""A real federation for tests: controller, combiners and clients as processes on loopback.
+
+Every role runs as its own `python -m scaleout` process with TLS on 127.0.0.1 and port 0;
+tests wait on the ready line (`listening on ...`) or on the controller (client.wait),
+never on sleep. At teardown every process gets SIGTERM and no log may hold a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scaleout.commands.admin import call_async
+from scaleout.commands.connection import Connection
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+QUICKSTART = ROOT / "sample_projects" / "quickstart" / "client"
+START_TIMEOUT = 30.0
+
+
+def scaleout(*args: str, timeout: float = 60, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one scaleout command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaleout", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], logs: Path, wait_listening: bool) -> None:
+        self.name = name
+        self.log = logs / f"{name}.log"
+        self.stderr = open(self.log, "wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "scaleout", *args, "--log-level", "debug"],
+            stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.url: str | None = None
+        if wait_listening:
+            self.url = self._wait_listening()
+
+    def _wait_listening(self) -> str:
+        assert self.popen.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.popen.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if not sel.select(deadline - time.monotonic()):
+                break
+            line = self.popen.stdout.readline().decode()
+            if not line:
+                raise AssertionError(f"{self.name} exited with {self.popen.wait()}:\n{self.text()}")
+            if line.startswith("listening on "):
+                return line.removeprefix("listening on ").strip()
+        raise AssertionError(f"{self.name} not ready in {START_TIMEOUT}s:\n{self.text()}")
+
+    def text(self) -> str:
+        if not self.stderr.closed:
+            self.stderr.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait()
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s:\n{self.text()}")
+        finally:
+            if self.popen.stdout is not None:
+                self.popen.stdout.close()
+            self.stderr.close()
+        return code
+
+
+class Federation:
+    """Start roles and talk to the controller as an admin."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.data = tmp / "controller"
+        self.procs: list[Proc] = []
+        self.conn: Connection | None = None
+        self._tokens: dict[str, str] = {}
+
+    # -- roles -------------------------------------------------------------------------
+
+    def controller(self, *extra: str) -> Proc:
+        p = Proc("controller", ["serve", "--data-dir", str(self.data), "--port", "0", *extra], self.logs, True)
+        self.procs.append(p)
+        info = json.loads((self.data / "controller.json").read_text())
+        self.conn = Connection(info["url"], (self.data / "admin.token").read_text().strip(), self.data / "ca.pem", False)
+        return p
+
+    @property
+    def url(self) -> str:
+        assert self.conn is not None
+        return self.conn.url
+
+    @property
+    def ca(self) -> str:
+        return str(self.data / "ca.pem")
+
+    def token(self, role: str) -> str:
+        if role not in self._tokens:
+            self._tokens[role] = self.admin("token.create", {"role": role, "ttl_s": 3600})[0]["token"]
+        return self._tokens[role]
+
+    def combiner(self, name: str) -> Proc:
+        args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0"]
+        p = Proc(name, args, self.logs, True)
+        self.procs.append(p)
+        return p
+
+    def client(self, name: str, package: Path | None = None) -> Proc:
+        args = ["join", "--controller", self.url, "--token", self.token("client"), "--ca", self.ca, "--name", name, "--work-dir", str(self.tmp / name)]
+        if package is not None:
+            args += ["-p", str(package)]
+        p = Proc(name, args, self.logs, False)
+        self.procs.append(p)
+        return p
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def admin(self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float = 120) -> tuple[dict[str, Any], bytes | None]:
+        assert self.conn is not None
+
+        async def go() -> tuple[dict[str, Any], bytes | None]:
+            return await asyncio.wait_for(call_async(self.conn, op, args, blob), timeout)  # type: ignore[arg-type]
+
+        return asyncio.run(go())
+
+    def seed_from(self, package: Path) -> str:
+        """Run the package's build() and set its seed model; returns the model id."""
+        from scaleout.package.seed import read_model_file
+
+        out = self.tmp / f"build-{package.name}"
+        r = scaleout("run", "build", "-p", str(package), "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        seed = next(p for p in out.iterdir() if p.suffix in (".npz", ".safetensors"))
+        return str(self.admin("model.set_seed", {}, read_model_file(seed))[0]["id"])
+
+    def activate(self, package: Path) -> str:
+        from scaleout.package.archive import create_archive
+
+        archive = create_archive(package, self.tmp / f"{package.name}.tgz")
+        return str(self.admin("package.set_active", {"name": archive.name}, archive.read_bytes())[0]["id"])
+
+    def wait_clients(self, n: int) -> None:
+        self.admin("client.wait", {"count": n, "timeout": START_TIMEOUT})
+
+    def run_session(self, **config: Any) -> dict[str, Any]:
+        config.setdefault("round_timeout", 30)
+        session = self.admin("session.start", config)[0]["session"]
+        return self.admin("session.wait", {"id": session["id"]})[0]["session"]
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.returncode is None:
+                p.stop()
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation]:
+    f = Federation(tmp_path)
+    try:
+        yield f
+    finally:
+        f.stop_all()
+    for p in f.procs:
+        assert "Traceback" not in p.text(), f"{p.name} logged a traceback:\n{p.text()}"

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from scaleout.core.errors import IntegrityError, NotFoundError, PayloadError
+from scaleout.store.blobs import BlobStore
+
+DATA = b"model bytes \x00\xff"
+DIGEST = hashlib.sha256(DATA).hexdigest()
+
+
+def test_put_get_has(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    assert not store.has("models", DIGEST, ".safetensors")
+    assert store.put("models", DATA, ".safetensors") == DIGEST
+    assert (tmp_path / "models" / f"{DIGEST}.safetensors").read_bytes() == DATA
+    assert store.has("models", DIGEST, ".safetensors")
+    assert store.get("models", DIGEST, ".safetensors") == DATA
+
+
+def test_kind_and_suffix_are_part_of_the_address(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.put("models", DATA, ".safetensors")
+    assert not store.has("packages", DIGEST, ".safetensors")
+    assert not store.has("models", DIGEST, ".tgz")
+    with pytest.raises(NotFoundError) as info:
+        store.get("packages", DIGEST, ".safetensors")
+    assert info.value.kind == "packages" and info.value.key == DIGEST
+
+
+def test_put_is_idempotent_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    first = store.put("packages", DATA, ".tgz")
+    path = tmp_path / "packages" / f"{first}.tgz"
+    mtime = path.stat().st_mtime_ns
+    assert store.put("packages", DATA, ".tgz") == first
+    assert path.stat().st_mtime_ns == mtime  # not rewritten
+    other = store.put("packages", b"other", ".tgz")
+    assert other != first
+    assert sorted(p.name for p in (tmp_path / "packages").iterdir()) == sorted([f"{first}.tgz", f"{other}.tgz"])
+
+
+def test_empty_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest = store.put("models", b"", ".bin")
+    assert digest == hashlib.sha256(b"").hexdigest()
+    assert store.get("models", digest, ".bin") == b""
+
+
+def test_corrupt_file_raises_integrity_error(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.put("models", DATA, ".safetensors")
+    (tmp_path / "models" / f"{DIGEST}.safetensors").write_bytes(DATA + b"!")
+    with pytest.raises(IntegrityError) as info:
+        store.get("models", DIGEST, ".safetensors")
+    assert isinstance(info.value, PayloadError)
+    assert info.value.expected == DIGEST
+    assert info.value.actual == hashlib.sha256(DATA + b"!").hexdigest()
+    assert "corrupt" in str(info.value) and "stored models file" in str(info.value)
+
+
+def test_reopened_store_reads_existing_files(tmp_path: Path) -> None:
+    BlobStore(tmp_path).put("models", DATA, ".bin")
+    assert BlobStore(tmp_path).get("models", DIGEST, ".bin") == DATA
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["", "abc", DIGEST[:-1], DIGEST + "0", DIGEST.upper(), "g" * 64, "../" + DIGEST[3:], "/" + DIGEST[1:], " " + DIGEST[1:]],
+)
+def test_bad_digest_is_not_found(tmp_path: Path, digest: str) -> None:
+    store = BlobStore(tmp_path)
+    store.put("models", DATA, ".bin")
+    with pytest.raises(NotFoundError) as info:
+        store.get("models", digest, ".bin")
+    assert info.value.kind == "models" and info.value.key == digest
+
+
+def test_missing_digest_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        BlobStore(tmp_path).get("models", "0" * 64, ".bin")
