@@ -23,7 +23,7 @@ class BlobStore:
     def put(self, kind: str, data: bytes, suffix: str) -> str:
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(kind, digest, suffix)
-        if not path.exists():
+        if not path.exists() or path.stat().st_size != len(data):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as fh:
@@ -45,4 +45,7 @@ class BlobStore:
         return data
 
     def has(self, kind: str, digest: str, suffix: str) -> bool:
-        return self._path(kind, digest, suffix).exists()
+        try:
+            return self._path(kind, digest, suffix).exists()
+        except NotFoundError:
+            return False

@@ -142,7 +142,8 @@ class State:
     def model(self, digest: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM models WHERE id=?", digest)
         if row is None:
-            matches = self._all("SELECT * FROM models WHERE id LIKE ?", digest + "%") if len(digest) >= 6 else []
+            is_prefix = len(digest) >= 6 and all(c in "0123456789abcdef" for c in digest)
+            matches = self._all("SELECT * FROM models WHERE substr(id, 1, ?) = ?", len(digest), digest) if is_prefix else []
             if len(matches) != 1:
                 raise NotFoundError("model", digest)
             row = matches[0]
