@@ -84,10 +84,10 @@ class PackageError(ScaleoutError):
 class NotFoundError(ScaleoutError):
     code = "not_found"
 
-    def __init__(self, kind: str, key: str) -> None:
+    def __init__(self, kind: str, key: str, hint: str = "") -> None:
         self.kind = kind
         self.key = key
-        super().__init__(f"no {kind} {key!r}")
+        super().__init__(f"no {kind} {key!r}" + (f"; {hint}" if hint else ""))
 
 
 class ConflictError(ScaleoutError):

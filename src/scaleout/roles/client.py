@@ -12,16 +12,17 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, ScaleoutError
+from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError
 from scaleout.roles.common import new_id
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
-from scaleout.transport.net import ConnectError, backoff, connect
+from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
 
@@ -56,7 +57,7 @@ class Client:
         s = self.settings
         return await connect(s.controller, s.token, self.ctx, max_payload=s.max_payload)
 
-    async def prepare(self) -> None:
+    async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
         from scaleout.package.archive import extract_archive
         from scaleout.package.loader import load_startup
@@ -98,31 +99,42 @@ class Client:
         return self._tmp.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.prepare()
+        if not await self._retrying(self.prepare, stop):
+            return
         worker = asyncio.create_task(self._work())
-        delays = backoff()
         try:
             while not stop.is_set():
-                try:
-                    await self._session(stop)
-                    delays = backoff()
-                except AuthError:
-                    raise
-                except (ConnectError, ConnectionError, ScaleoutError) as exc:
-                    log.warning("%s", exc)
-                if stop.is_set():
-                    break
-                delay = next(delays)
-                log.info("reconnecting in %.1fs", delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._retrying(self._session, stop)
         finally:
             worker.cancel()
             self.edge._abort.set()
             if self._tmp is not None:
                 self._tmp.cleanup()
+
+    async def _retrying(self, step: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> bool:
+        """Run ``step`` until it succeeds or we are stopped; passing troubles are retried
+        with backoff, while a refused token, an untrusted certificate or a broken package
+        end the client with their message."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                await step(stop)
+                return True
+            except (AuthError, TrustError, PackageError):
+                raise
+            except RemoteError as exc:
+                if exc.code == AuthError.code:
+                    raise
+                log.warning("%s", exc)
+            except (ConnectionError, ScaleoutError) as exc:
+                log.warning("%s", exc)
+            delay = next(delays)
+            log.info("retrying in %.1fs", delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        return False
 
     async def _session(self, stop: asyncio.Event) -> None:
         """One stay with a combiner: assign, connect, serve tasks until either side stops."""

@@ -62,6 +62,7 @@ class Combiner:
         self.models: dict[str, bytes] = {}
         self.controller: Link | None = None
         self.verifier: tokens.TokenVerifier | None = None
+        self.stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -99,6 +100,7 @@ class Combiner:
             if reader in done:
                 raise ConnectionError(f"lost the connection to the controller at {s.controller}")
         finally:
+            self.stopping = True
             stopping.cancel()
             server.close()
             await self.controller.ws.close()
@@ -156,7 +158,7 @@ class Combiner:
                 await self._send_status()
 
     async def _send_status(self) -> None:
-        if self.controller is not None:
+        if self.controller is not None and not self.stopping:
             try:
                 await self.controller.send(m.CombinerStatus(clients=sorted(self.clients)))
             except Exception as exc:  # the role edge: the reader notices the lost controller

@@ -273,7 +273,7 @@ class Controller:
         name = _name(args.get("name"), "client name")
         ready = [c for c in self.combiners.values() if c.url]
         if not ready:
-            raise NotFoundError("combiner", "online (none has connected yet; start one with scaleout combine)")
+            raise NotFoundError("combiner", "online", "none has connected yet (start one with: scaleout combine)")
         for c in ready:  # a reconnecting client goes back where it was
             if name in c.clients:
                 return {"combiner": c.name, "url": c.url}, None
@@ -341,7 +341,7 @@ class Controller:
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         digest = self.state.get_meta("active_package")
         if digest is None:
-            raise NotFoundError("package", "active (an admin must run: scaleout package set-active FILE)")
+            raise NotFoundError("package", "active", "an admin must run: scaleout package set-active FILE")
         row = self.state.package(digest)
         return {"id": digest, "name": row["name"]}, self.blobs.get(PACKAGE[0], digest, PACKAGE[1])
 
@@ -375,7 +375,7 @@ class Controller:
     async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         key = args.get("id") or self.state.get_meta("active_model")
         if not key:
-            raise NotFoundError("model", "active (set one with: scaleout model set-seed FILE)")
+            raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
         return {"id": row["id"]}, self.blobs.get(MODEL[0], row["id"], MODEL[1])
 
@@ -410,7 +410,7 @@ class Controller:
         if not key:
             rows = self.state.sessions()
             if not rows:
-                raise NotFoundError("session", "latest (none started yet)")
+                raise NotFoundError("session", "latest", "none was started yet")
             return str(rows[-1]["id"])
         return str(key)
 

@@ -28,6 +28,12 @@ class ConnectError(ScaleoutError):
     code = "unreachable"
 
 
+class TrustError(ConnectError):
+    """The peer's certificate is not signed by the CA we trust: retrying will not help."""
+
+    code = "untrusted"
+
+
 def bearer(request_headers: Any) -> str | None:
     value = request_headers.get("Authorization", "")
     return value[7:].strip() if value.startswith("Bearer ") else None
@@ -103,7 +109,7 @@ async def connect(url: str, token: str, ssl_context: ssl.SSLContext | None, *, m
             raise AuthError(f"{url} refused the token: {body or 'unauthorized'}") from None
         raise ConnectError(f"{url} answered HTTP {status}: {body}") from None
     except ssl.SSLCertVerificationError as exc:
-        raise ConnectError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
+        raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
     return Link(ws, url, max_payload=max_payload)
