@@ -18,6 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+lint: $(STAMP)
+	$(VENV)/bin/mypy --ignore-missing-imports src/
+
 bench: $(STAMP)
 	$(PY) benchmarks/aggregation.py
 

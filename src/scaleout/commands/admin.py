@@ -147,7 +147,7 @@ def model_download(args: argparse.Namespace) -> int:
         from scaleout.core import payload
 
         named, layout, _ = payload.read(data)
-        np.savez_compressed(out, **named)
+        np.savez_compressed(out, **named)  # type: ignore[arg-type]
     else:
         out.write_bytes(data)
     info = {"id": result["id"], "file": str(out), "size": out.stat().st_size}

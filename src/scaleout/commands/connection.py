@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scaleout.cli import UsageError
 
@@ -21,7 +22,7 @@ class Connection:
     insecure: bool
 
 
-def resolve(args: argparse.Namespace, file_settings: dict[str, object] | None = None) -> Connection:
+def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = None) -> Connection:
     """Resolve --controller/--token/--ca from flags, a config file, the environment or --data-dir."""
     conf = file_settings or {}
     url = args.controller or conf.get("controller") or os.environ.get("SCALEOUT_CONTROLLER")

@@ -139,7 +139,7 @@ def package_create(args: argparse.Namespace) -> int:
         raise UsageError(f"compute package folder {args.path} does not exist")
     out = create_archive(args.path, args.output)
     data = out.read_bytes()
-    info = {"file": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    info: dict[str, Any] = {"file": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if args.json:
         print(json.dumps(info))
     else:

@@ -7,6 +7,7 @@ then to its combiner, where it serves train and validate tasks one at a time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -74,7 +75,8 @@ class Client:
             finally:
                 await ctl.ws.close()
                 reader.cancel()
-            assert data is not None
+            if data is None or hashlib.sha256(data).hexdigest() != info.get("id"):
+                raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
             base = s.data_dir or Path(self._tempdir())
             dest = base / "package" / str(info["id"])[:16]
             if dest.exists() and (dest / ".complete").exists():

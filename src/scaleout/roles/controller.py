@@ -124,7 +124,7 @@ class Controller:
             self.ca_pem = files.ca_cert.read_bytes()
             self.ca_key_pem = files.ca_key.read_bytes()
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
-            cert, key = (s.tls_cert, s.tls_key) if s.tls_cert else (files.cert, files.key)
+            cert, key = (s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else (files.cert, files.key)
             self.ssl_context = tls.server_context(cert, key)
         # A running session interrupted by a crash or shutdown cannot resume yet: say so.
         for row in self.state.sessions():

@@ -209,7 +209,8 @@ class State:
         )
 
     def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM reports WHERE session_id=?", [session_id]
+        sql = "SELECT * FROM reports WHERE session_id=?"
+        args: list[Any] = [session_id]
         if round_index is not None:
             sql, args = sql + " AND round_index=?", [*args, round_index]
         if kind is not None:
