@@ -1,0 +1,202 @@
+"""Round latency of a real federation against the bare aggregation compute, in the same run.
+
+Ours: a controller, one combiner and N clients as `scaleout` processes over TLS on 127.0.0.1
+(port 0), running a generated compute package whose model is one float32 vector; train adds
+a little noise and reports num_examples=1; validation is off. A round's duration comes from
+the controller's session rows. Baseline: encode, decode and FedAvg the same N updates in this
+process, no network. The ratio is what the protocol and the processes cost on top.
+Prints JSON: per-round durations, the medians and their ratio.
+
+    .venv/bin/python benchmarks/round.py [--clients 4] [--params 1000000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scaleout.commands.admin import call_async
+from scaleout.commands.connection import Connection
+from scaleout.commands.dev import Child, DevError, start_child, stop_children
+from scaleout.core import payload
+from scaleout.core.aggregators import get_aggregator
+from scaleout.core.errors import ScaleoutError
+from scaleout.package.archive import create_archive
+from scaleout.package.seed import read_model_file
+
+START_TIMEOUT_S = 60.0
+NOISE = 1e-3
+
+SCALEOUT_YAML = """\
+entry_points:
+  build: build.py
+  startup: startup.py
+"""
+
+BUILD_PY = '''\
+"""Seed: one float32 vector of {params} parameters."""
+
+import os
+
+import numpy as np
+
+from scaleoututil.helpers.helpers import get_helper
+
+
+def build():
+    w = np.random.default_rng(0).standard_normal({params}, dtype=np.float32)
+    output_dir = os.environ.get("SCALEOUT_BUILD_OUTPUT_DIR", ".")
+    get_helper("numpyhelper").save([w], os.path.join(output_dir, "seed.npz"))
+'''
+
+STARTUP_PY = '''\
+"""Train adds a little noise; nothing to validate."""
+
+import numpy as np
+
+from scaleout import EdgeClient, ScaleoutModel
+from scaleoututil.helpers.helpers import get_helper
+
+helper = get_helper("numpyhelper")
+rng = np.random.default_rng()
+
+
+def startup(client: EdgeClient):
+    client.set_train_callback(train)
+    client.set_validate_callback(validate)
+
+
+def train(model: ScaleoutModel, settings):
+    params = [p + rng.standard_normal(p.shape, dtype=np.float32) * {noise} for p in model.get_model_params(helper)]
+    return ScaleoutModel.from_model_params(params, helper), {{"training_metadata": {{"num_examples": 1}}}}
+
+
+def validate(model: ScaleoutModel):
+    return {{}}
+'''
+
+
+def write_package(root: Path, n_params: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "scaleout.yaml").write_text(SCALEOUT_YAML)
+    (root / "build.py").write_text(BUILD_PY.format(params=n_params))
+    (root / "startup.py").write_text(STARTUP_PY.format(noise=NOISE))
+    return root
+
+
+# -- ours: a federation of processes --------------------------------------------------------
+
+
+async def federation(package: Path, root: Path, n_clients: int, n_rounds: int, round_timeout: float) -> tuple[dict[str, Any], bytes]:
+    """Run one session; returns the finished session row and the seed model's bytes."""
+    logs = root / "logs"
+    logs.mkdir()
+    level = "warning"  # debug logging would be part of what is measured
+    children: list[Child] = []
+    try:
+        build, _ = await start_child("build", ["run", "build", "-p", str(package), "-o", str(root / "build")], logs, False, level)
+        if await build.proc.wait() != 0:
+            raise DevError(f"run build failed:\n{build.tail()}")
+        seed = read_model_file(root / "build" / "seed.npz")
+        archive = create_archive(package, root / "package.tgz")
+
+        ctl_dir = root / "controller"
+        controller, _ = await start_child("controller", ["serve", "--data-dir", str(ctl_dir), "--port", "0"], logs, True, level)
+        children.append(controller)
+        info = json.loads((ctl_dir / "controller.json").read_text())
+        conn = Connection(info["url"], (ctl_dir / "admin.token").read_text().strip(), ctl_dir / "ca.pem", False)
+        await call_async(conn, "package.set_active", {"name": archive.name}, archive.read_bytes())
+        await call_async(conn, "model.set_seed", {}, seed)
+        tokens = {
+            role: (await call_async(conn, "token.create", {"role": role, "ttl_s": 3600, "name": "bench"}))[0]["token"]
+            for role in ("combiner", "client")
+        }
+        common = ["--controller", conn.url, "--ca", str(conn.ca)]
+        combiner, _ = await start_child("combiner", ["combine", *common, "--token", tokens["combiner"], "--name", "c1", "--port", "0"], logs, True, level)
+        children.append(combiner)
+        for i in range(n_clients):
+            name = f"client-{i}"
+            args = ["join", *common, "--token", tokens["client"], "--name", name, "--work-dir", str(root / name)]
+            children.append((await start_child(name, args, logs, False, level))[0])
+        await call_async(conn, "client.wait", {"count": n_clients, "timeout": START_TIMEOUT_S})
+
+        cfg = {"rounds": n_rounds, "min_clients": n_clients, "round_timeout": round_timeout, "validate": False}
+        session = (await call_async(conn, "session.start", cfg))[0]["session"]
+        session = (await call_async(conn, "session.wait", {"id": session["id"]}))[0]["session"]
+        return session, seed
+    except (DevError, ScaleoutError) as exc:
+        tails = "\n".join(c.tail() for c in children)
+        raise SystemExit(f"the federation did not run: {exc}\n{tails}") from None
+    finally:
+        await stop_children(children)
+        for child in children:
+            if "Traceback" in child.log_path.read_text(errors="replace"):
+                print(f"warning: {child.name} logged a traceback:\n{child.tail(40)}", file=sys.stderr)
+
+
+# -- baseline: the same math in this process ------------------------------------------------
+
+
+def baseline(seed: bytes, n_clients: int, repeat: int) -> list[float]:
+    """Seconds to encode, decode and FedAvg N noisy copies of the seed, `repeat` times."""
+    template = payload.describe(seed)
+    rng = np.random.default_rng(1)
+    start = payload.decode(seed)
+    assert isinstance(start, list)
+    times = []
+    for _ in range(repeat):
+        updates = [[p + rng.standard_normal(p.shape, dtype=np.float32) * np.float32(NOISE) for p in start] for _ in range(n_clients)]
+        t0 = time.perf_counter()
+        agg = get_aggregator("fedavg", template)
+        for i, update in enumerate(updates):
+            named, _, _ = payload.read(payload.encode(update))
+            agg.add(named, 1.0, f"client-{i}")
+        agg.result()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--params", type=int, default=1_000_000, help="float32 parameters in the model")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--round-timeout", type=float, default=60.0, help="seconds before a round gives up")
+    a = ap.parse_args()
+    if a.clients < 1 or a.params < 1 or a.rounds < 1 or a.round_timeout <= 0:
+        ap.error("--clients, --params and --rounds must be at least 1, --round-timeout > 0")
+
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
+        root = Path(tmp)
+        package = write_package(root / "package", a.params)
+        session, seed = asyncio.run(federation(package, root, a.clients, a.rounds, a.round_timeout))
+    rounds = session["rounds"]
+    failed = [r for r in rounds if r["status"] != "succeeded"]
+    if session["status"] != "finished" or failed or len(rounds) != a.rounds:
+        reason = session.get("reason") or (failed[0]["reason"] if failed else "")
+        raise SystemExit(f"session {session['status']}: {reason}")
+
+    durations = [float(r["duration_s"]) for r in rounds]
+    base = baseline(seed, a.clients, a.rounds)
+    t_ours, t_base = statistics.median(durations), statistics.median(base)
+    print(json.dumps({
+        "benchmark": "round_latency_vs_in_process_fedavg",
+        "clients": a.clients, "params": a.params, "rounds": a.rounds,
+        "update_mib": round(len(seed) / 2**20, 2),
+        "round_s": [round(d, 3) for d in durations],
+        "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2),
+        "overhead_s": round(t_ours - t_base, 4),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Sending a model over a Link against a plain asyncio TLS stream, measured in the same run.
+
+Ours: `send_blob` (1 MiB chunks, sha256) then a request naming the blob, over a TLS websocket
+made by `transport.net.serve`/`connect` with token auth; the receiver checks the sha256 and
+replies. Baseline: the same bytes through `asyncio.start_server` with the same server TLS
+context (write + drain, readexactly), the same sha256 check and a one-line ack. Each side has
+its own receiver process on 127.0.0.1 port 0, so its peak RSS growth can be reported.
+Timing covers send to acknowledgement; connections are open before the clock starts.
+Prints JSON: median seconds, MiB/s, peak receiver RSS growth and the ratios ours/baseline.
+
+    .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import resource
+import secrets
+import selectors
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scaleout.core import messages as m
+from scaleout.core.errors import AuthError, ProtocolError
+from scaleout.core.payload import encode
+from scaleout.security.tls import client_context, create_ca, issue_cert, server_context, write_private
+from scaleout.transport.link import CHUNK_BYTES, DEFAULT_MAX_PAYLOAD, Link
+from scaleout.transport.net import connect, serve
+
+TOKEN_ENV = "SCALEOUT_BENCH_TOKEN"
+START_TIMEOUT_S = 30.0
+HEADER_BYTES = 8 + 32  # baseline framing: payload size (u64, big-endian) and its sha256
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident set size of this process.
+
+    On Linux this reads /proc: getrusage's ru_maxrss there survives fork and exec, so a
+    receiver would start with the peak of the parent that holds the payload.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+        return peak, peak
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+# -- receiver (a child process) -------------------------------------------------------------
+
+
+Check = Callable[[bytes, str], dict[str, Any]]
+
+
+async def link_receiver(ctx: ssl.SSLContext, token: str, check: Check) -> tuple[str, Callable[[], None]]:
+    """Ours: a Link server; a `put` request names the payload sent just before it."""
+
+    def authenticate(presented: str | None) -> dict[str, str]:
+        if presented is None or not hmac.compare_digest(presented, token):
+            raise AuthError("wrong token")
+        return {"role": "bench"}
+
+    async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        if req.op != "put" or blob is None:
+            raise ProtocolError(f"expected a put with a payload, got {req.op}")
+        return check(blob, str(req.args["sha256"])), None
+
+    async def on_link(link: Link) -> None:
+        await link.run(on_request=on_request)
+
+    server, port = await serve(on_link, authenticate, "127.0.0.1", 0, ctx, max_payload=DEFAULT_MAX_PAYLOAD)
+    return f"wss://127.0.0.1:{port}", server.close
+
+
+async def tls_receiver(ctx: ssl.SSLContext, check: Check) -> tuple[str, Callable[[], None]]:
+    """Baseline: size and sha256 in a fixed header, then the bytes; a JSON line back."""
+
+    async def on_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while header := await reader.readexactly(HEADER_BYTES):
+                data = await reader.readexactly(int.from_bytes(header[:8], "big"))
+                writer.write(json.dumps(check(data, header[8:].hex())).encode() + b"\n")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass  # the sender is done
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_stream, "127.0.0.1", 0, ssl=ctx)
+    return f"tls://127.0.0.1:{server.sockets[0].getsockname()[1]}", server.close
+
+
+async def receive(kind: str, tls_dir: Path) -> None:
+    """Serve one kind of receiver until stdin closes; print the ready line first."""
+    ctx = server_context(tls_dir / "server.pem", tls_dir / "server.key")
+    rss_at_ready = 0
+
+    def check(data: bytes, sha256: str) -> dict[str, Any]:
+        ok = hashlib.sha256(data).hexdigest() == sha256
+        return {"ok": ok, "size": len(data), "rss_growth": rss_bytes()[1] - rss_at_ready}
+
+    if kind == "link":
+        url, close = await link_receiver(ctx, os.environ[TOKEN_ENV], check)
+    else:
+        url, close = await tls_receiver(ctx, check)
+    rss_at_ready = rss_bytes()[0]
+    print(f"listening on {url}", flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # the parent closes our stdin when it is done
+    close()
+
+
+class Receiver:
+    """A receiver child process; `url` is what it announced on its ready line."""
+
+    def __init__(self, kind: str, tls_dir: Path, token: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, __file__, "--receive", kind, "--tls-dir", str(tls_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, TOKEN_ENV: token},
+        )
+        self.url = self._wait_ready()
+
+    def _wait_ready(self) -> str:
+        assert self.popen.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.popen.stdout, selectors.EVENT_READ)
+            if sel.select(START_TIMEOUT_S):
+                line = self.popen.stdout.readline().decode()
+                if line.startswith("listening on "):
+                    return line.removeprefix("listening on ").strip()
+        self.stop()
+        raise SystemExit(f"receiver did not start within {START_TIMEOUT_S:.0f}s (exit code {self.popen.returncode})")
+
+    def stop(self) -> None:
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.close()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self.popen.stdout.close()
+
+
+# -- sender (this process) ------------------------------------------------------------------
+
+
+Send = Callable[[bytes, str], Awaitable[dict[str, Any]]]
+
+
+async def link_sender(url: str, token: str, ctx: ssl.SSLContext) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    link = await connect(url, token, ctx, max_payload=DEFAULT_MAX_PAYLOAD)
+    reader = asyncio.create_task(link.run())
+
+    async def send(data: bytes, sha256: str) -> dict[str, Any]:
+        # request() = send_blob(data) then a request whose `blob` names that transfer.
+        result, _ = await link.request("put", {"sha256": sha256}, blob=data)
+        return result
+
+    async def close() -> None:
+        await link.ws.close()
+        await reader
+
+    return send, close
+
+
+async def tls_sender(url: str, ctx: ssl.SSLContext) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    host, port = url.removeprefix("tls://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+
+    async def send(data: bytes, sha256: str) -> dict[str, Any]:
+        writer.write(len(data).to_bytes(8, "big") + bytes.fromhex(sha256))
+        # The same 1 MiB pieces as send_blob: one 64 MiB write makes asyncio's TLS
+        # transport encrypt it all into one buffer first, which is ~2.5x slower.
+        view = memoryview(data)
+        for offset in range(0, len(data), CHUNK_BYTES):
+            writer.write(view[offset : offset + CHUNK_BYTES])
+            await writer.drain()
+        result: dict[str, Any] = json.loads(await reader.readline())
+        return result
+
+    async def close() -> None:
+        writer.close()
+        await writer.wait_closed()
+
+    return send, close
+
+
+async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repeat: int) -> dict[str, dict[str, list[float]]]:
+    ctx = client_context(ca)
+    sha256 = hashlib.sha256(data).hexdigest()
+    senders = {"ours": await link_sender(urls["ours"], token, ctx), "baseline": await tls_sender(urls["baseline"], ctx)}
+    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": []} for k in senders}
+    try:
+        for _ in range(repeat):
+            for kind, (send, _) in senders.items():  # interleaved, so drift hits both alike
+                t0 = time.perf_counter()
+                result = await send(data, sha256)
+                figures[kind]["times"].append(time.perf_counter() - t0)
+                if not result["ok"] or result["size"] != len(data):
+                    raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
+                figures[kind]["rss"].append(result["rss_growth"])
+    finally:
+        for _, close in senders.values():
+            await close()
+    return figures
+
+
+def payload_of(mib: float) -> bytes:
+    n = int(mib * 2**20) // 4
+    return encode({"w": np.random.default_rng(0).standard_normal(n, dtype=np.float32)})
+
+
+def write_tls(tls_dir: Path) -> None:
+    ca_pem, ca_key = create_ca("Scaleout bench CA", days=1)
+    cert_pem, key_pem = issue_cert(ca_pem, ca_key, ["127.0.0.1"], "Scaleout bench receiver", days=1)
+    (tls_dir / "ca.pem").write_bytes(ca_pem)
+    (tls_dir / "server.pem").write_bytes(cert_pem)
+    write_private(tls_dir / "server.key", key_pem)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=float, default=64.0, help="payload size in MiB (default 64)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--receive", choices=("link", "tls"), help=argparse.SUPPRESS)
+    ap.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.receive:
+        asyncio.run(receive(a.receive, a.tls_dir))
+        return
+    if a.mib <= 0 or a.repeat < 1:
+        ap.error("--mib must be > 0 and --repeat >= 1")
+
+    data = payload_of(a.mib)
+    token = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
+        tls_dir = Path(tmp)
+        write_tls(tls_dir)
+        receivers: dict[str, Receiver] = {}
+        try:
+            receivers["ours"] = Receiver("link", tls_dir, token)
+            receivers["baseline"] = Receiver("tls", tls_dir, token)
+            figures = asyncio.run(compare(data, {k: r.url for k, r in receivers.items()}, token, tls_dir / "ca.pem", a.repeat))
+        finally:
+            for r in receivers.values():
+                r.stop()
+
+    mib = len(data) / 2**20
+    t_ours, t_base = (statistics.median(figures[k]["times"]) for k in ("ours", "baseline"))
+    m_ours, m_base = (max(figures[k]["rss"]) for k in ("ours", "baseline"))
+    print(json.dumps({
+        "benchmark": "link_blob_vs_plain_tls_stream",
+        "payload_mib": round(mib, 2), "repeat": a.repeat,
+        "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 3),
+        "ours_mib_per_s": round(mib / t_ours, 1), "baseline_mib_per_s": round(mib / t_base, 1),
+        "ours_receiver_peak_rss_growth_mib": round(m_ours / 2**20, 1),
+        "baseline_receiver_peak_rss_growth_mib": round(m_base / 2**20, 1),
+        "memory_ratio": round(m_ours / m_base, 3) if m_base else None,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
