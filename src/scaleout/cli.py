@@ -244,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scaleout.transport.net import ConnectError
 
         _fail(exc)
-        return EXIT_UNREACHABLE if isinstance(exc, ConnectError) else EXIT_FAILED
+        if isinstance(exc, ConnectError) or exc.code == AuthError.code:
+            return EXIT_UNREACHABLE
+        return EXIT_USAGE if exc.code in (ConfigError.code, PackageError.code) else EXIT_FAILED
     except (OSError, ConnectionError) as exc:
         _fail(exc)
         return EXIT_FAILED

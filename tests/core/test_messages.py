@@ -264,9 +264,9 @@ def test_parse_refuses_non_json_numbers(literal: str) -> None:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_serialize_refuses_non_finite_floats(value: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ProtocolError):
         m.serialize(m.RoundPartial(session_id="s", round_index=0, count=1, weight=value, contributors=[]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ProtocolError):
         m.serialize(m.Event(kind="round", data={"loss": value}))
 
 

@@ -172,10 +172,17 @@ def session_start(args: argparse.Namespace) -> int:
         settings = json.loads(args.settings)
     except ValueError as exc:
         raise UsageError(f"--settings is not valid JSON: {exc}") from None
-    req = {
-        "rounds": args.rounds, "round_timeout": args.round_timeout, "min_clients": args.min_clients,
-        "aggregator": args.aggregator, "validate": args.validate, "settings": settings, "name": args.name,
-    }
+    from scaleout.core.config import SessionConfig
+    from scaleout.core.errors import ConfigError
+
+    req = SessionConfig(
+        rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
+        aggregator=args.aggregator, validate=args.validate, settings=settings, name=args.name,
+    ).to_dict()
+    try:
+        json.dumps(req, allow_nan=False)
+    except ValueError:
+        raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
     conn = resolve(args)
 
     printed: set[int] = set()

@@ -28,7 +28,7 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     url = args.controller or conf.get("controller") or os.environ.get("SCALEOUT_CONTROLLER")
     token = args.token or conf.get("token") or os.environ.get("SCALEOUT_TOKEN")
     ca = args.ca or conf.get("ca") or os.environ.get("SCALEOUT_CA")
-    insecure = bool(args.insecure or conf.get("insecure"))
+    insecure = args.insecure is True or conf.get("insecure") is True
     data_dir = getattr(args, "data_dir", None)
     if data_dir is None and not (url and token) and (DEFAULT_DATA_DIR / "controller.json").exists():
         data_dir = DEFAULT_DATA_DIR
@@ -45,7 +45,7 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
                 raise UsageError(f"no admin token in {data_dir}")
             token = token_file.read_text().strip()
         if ca is None and info.get("ca"):
-            ca = info["ca"]
+            ca = data_dir / "ca.pem"
         insecure = insecure or not info.get("ca")
     if token and token.startswith("@"):
         token = _read(Path(token[1:]), "token file").strip()

@@ -38,10 +38,25 @@ def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not isinstance(v, dict)}
 
 
-def _settings(args: argparse.Namespace, sections: tuple[str, ...], flags: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
-    from scaleout.core.config import merge
+def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
+    """The role's TOML table merged with the flags given, each checked against ``schema``."""
+    from scaleout.core.config import check_types, merge
 
-    return merge(load_toml(args.config, sections), flags, allowed, sections[0])
+    flags = {k: getattr(args, k, None) for k in schema}
+    merged = merge(load_toml(args.config, sections), flags, set(schema), sections[0])
+    check_types(merged, schema, sections[0])
+    return merged
+
+
+def _schemas() -> dict[str, dict[str, Any]]:
+    from scaleout.core.config import PATH
+
+    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
+    return {
+        "controller": {"data_dir": PATH, "host": str, "port": int, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str},
+        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH},
+    }
 
 
 def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -64,9 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     from scaleout.core.config import DEFAULT_PORT, parse_port
     from scaleout.roles.controller import Controller, ControllerSettings
 
-    allowed = {"data_dir", "host", "port", "tls_cert", "tls_key", "insecure", "max_payload_mb"}
-    flags = {k: getattr(args, k) for k in allowed}
-    s = _settings(args, ("controller", "serve"), flags, allowed)
+    s = _settings(args, ("controller", "serve"), _schemas()["controller"])
     if bool(s.get("tls_cert")) != bool(s.get("tls_key")):
         raise UsageError("--tls-cert and --tls-key go together")
     for key in ("tls_cert", "tls_key"):
@@ -90,8 +103,7 @@ def combine(args: argparse.Namespace) -> int:
     from scaleout.core.config import parse_port
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
-    allowed = {"controller", "token", "ca", "insecure", "data_dir", "host", "port", "name", "advertise", "max_payload_mb"}
-    s = _settings(args, ("combiner", "combine"), {k: getattr(args, k) for k in allowed}, allowed)
+    s = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
     conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
@@ -104,8 +116,7 @@ def combine(args: argparse.Namespace) -> int:
 def join(args: argparse.Namespace) -> int:
     from scaleout.roles.client import Client, ClientSettings
 
-    allowed = {"controller", "token", "ca", "insecure", "name", "package", "local_package", "work_dir", "max_payload_mb", "data_dir"}
-    s = _settings(args, ("client", "join"), {k: getattr(args, k, None) for k in allowed}, allowed)
+    s = _settings(args, ("client", "join"), _schemas()["client"])
     conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
     package = _path(s.get("package")) or (Path("client") if s.get("local_package") else None)
     if package is not None and not (package / "scaleout.yaml").is_file():

@@ -7,6 +7,7 @@ sees the merged mapping, so it stays free of file I/O.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -78,6 +79,24 @@ def merge(file_settings: Mapping[str, Any], flags: Mapping[str, Any], allowed: s
     merged = dict(file_settings)
     merged.update({k: v for k, v in flags.items() if v is not None})
     return merged
+
+
+PATH = (str, os.PathLike)
+
+
+def check_types(settings: Mapping[str, Any], schema: Mapping[str, type | tuple[type, ...]], section: str) -> None:
+    """Refuse settings of the wrong type (a TOML ``insecure = "false"`` must not mean true)."""
+    for key, value in settings.items():
+        want = schema.get(key)
+        if value is None or want is None:
+            continue
+        bad_bool = isinstance(value, bool) and want is not bool and not (isinstance(want, tuple) and bool in want)
+        if bad_bool or not isinstance(value, want):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            names = names.replace("PathLike", "path").replace("str or path", "path")
+            raise ConfigError(f"{section}.{key}", f"must be a {names}, got {value!r}")
+        if want is int and value < 0:
+            raise ConfigError(f"{section}.{key}", f"must not be negative, got {value!r}")
 
 
 def parse_port(value: Any) -> int:

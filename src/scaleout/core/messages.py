@@ -251,7 +251,10 @@ def serialize(msg: Message) -> str:
     body: JSON = {"v": PROTOCOL_VERSION, "type": msg.type}
     for f in fields(msg):
         body[f.name] = getattr(msg, f.name)
-    return json.dumps(body, separators=(",", ":"), allow_nan=False)
+    try:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise ProtocolError(f"{msg.type}: cannot send {exc}: use finite numbers only") from None
 
 
 def parse(text: str | bytes) -> Message:

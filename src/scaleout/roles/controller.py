@@ -151,7 +151,7 @@ class Controller:
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
-        info = {"url": self.url, "ca": str(self.dir / "ca.pem") if not s.insecure else None}
+        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
         (self.dir / "controller.json").write_text(json.dumps(info) + "\n")
         announce(f"{scheme}://{s.host}:{port}")
         try:

@@ -111,7 +111,7 @@ async def connect(url: str, token: str, ssl_context: ssl.SSLContext | None, *, m
     except ssl.SSLCertVerificationError as exc:
         raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
-        raise ConnectError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
     return Link(ws, url, max_payload=max_payload)
 
 
