@@ -95,7 +95,7 @@ def check_types(settings: Mapping[str, Any], schema: Mapping[str, type | tuple[t
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             names = names.replace("PathLike", "path").replace("str or path", "path")
             raise ConfigError(f"{section}.{key}", f"must be a {names}, got {value!r}")
-        if want is int and value < 0:
+        if want is int and isinstance(value, int) and value < 0:
             raise ConfigError(f"{section}.{key}", f"must not be negative, got {value!r}")
 
 

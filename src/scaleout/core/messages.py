@@ -266,6 +266,8 @@ def parse(text: str | bytes) -> Message:
         body = json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("message is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError("message must be a JSON object")
     version = body.pop("v", None)

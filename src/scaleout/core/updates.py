@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from scaleout.core.errors import UpdateRejected
 
+MAX_EXAMPLES = 2**53  # beyond this a float64 weight cannot count examples exactly
 _EXPECTED = 'train callback must return metadata {"training_metadata": {"num_examples": N}} with N > 0'
 
 
@@ -26,4 +27,6 @@ def read_num_examples(metadata: object) -> int:
         count = int(float(n)) if float(n).is_integer() else None
     if count is None or count <= 0:
         raise UpdateRejected(f"{_EXPECTED}; got {reprlib.repr(metadata)}")
+    if count > MAX_EXAMPLES:
+        raise UpdateRejected(f"num_examples {reprlib.repr(count)} is not plausible (more than 2**53)")
     return count

@@ -63,6 +63,7 @@ class Combiner:
         self.controller: Link | None = None
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
+        self.background: set[asyncio.Future[Any]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -175,9 +176,9 @@ class Combiner:
     async def _on_controller(self, inc: Incoming) -> None:
         msg = inc.msg
         if isinstance(msg, m.RoundStart):
-            asyncio.create_task(self._start_job("train", msg, msg.clients, msg.timeout, msg.settings))
+            self._spawn(self._start_job("train", msg, msg.clients, msg.timeout, msg.settings))
         elif isinstance(msg, m.RoundValidate):
-            asyncio.create_task(self._start_job("validate", msg, msg.clients, msg.timeout, {}))
+            self._spawn(self._start_job("validate", msg, msg.clients, msg.timeout, {}))
         elif isinstance(msg, m.SessionStop):
             for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
                 self._drop(job)
@@ -187,6 +188,11 @@ class Combiner:
             pass
         else:
             raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def _model(self, model_id: str) -> bytes:
         if model_id not in self.models:
@@ -216,7 +222,9 @@ class Combiner:
                 job.tracker.on_refused(client, str(exc))
             await self._complete(job)
             return
-        job.timer = loop.call_at(job.tracker.deadline, lambda: asyncio.ensure_future(self._tick(job)))
+        if self.jobs.get(kind) is not job:  # stopped or replaced while the model was fetched
+            return
+        job.timer = loop.call_at(job.tracker.deadline, lambda: self._spawn(self._tick(job)))
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         for client in clients:
             link = self.clients.get(client)

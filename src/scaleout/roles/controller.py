@@ -38,6 +38,7 @@ MODEL = ("models", ".safetensors")
 PACKAGE = ("packages", ".tgz")
 ADMIN_TOKEN_TTL = 365 * 86400
 PARTIAL_GRACE_S = 5.0
+ASSIGNMENT_TTL_S = 30.0
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Controller:
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
         self.registry_changed = asyncio.Event()
+        self.assigned: dict[str, tuple[str, float]] = {}  # client -> (combiner, when)
         self.url = ""
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
@@ -277,7 +279,15 @@ class Controller:
         for c in ready:  # a reconnecting client goes back where it was
             if name in c.clients:
                 return {"combiner": c.name, "url": c.url}, None
-        best = min(ready, key=lambda c: (len(c.clients), c.name))
+        now = asyncio.get_running_loop().time()
+        self.assigned = {k: v for k, v in self.assigned.items() if now - v[1] < ASSIGNMENT_TTL_S}
+
+        def load(c: CombinerConn) -> int:
+            # Clients assigned a moment ago count before their combiner reports them.
+            return len(c.clients | {k for k, (cname, _) in self.assigned.items() if cname == c.name})
+
+        best = min(ready, key=lambda c: (load(c), c.name))
+        self.assigned[name] = (best.name, now)
         log.info("client %s assigned to combiner %s", name, best.name)
         return {"combiner": best.name, "url": best.url}, None
 
@@ -470,6 +480,9 @@ class Controller:
             log.exception("session %s crashed", s.id)
             status, reason = "failed", f"internal error: {exc}"
         finally:
+            for row in self.state.rounds(s.id):
+                if row["status"] == "running":
+                    self.state.finish_round(s.id, row["idx"], status="failed", reason=reason or status)
             self.state.finish_session(s.id, status, self.state.get_meta("active_model"), reason)
             self.session = None
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
@@ -605,8 +618,13 @@ def mean_metrics(rows: Any) -> dict[str, float]:
     sums: dict[str, list[float]] = {}
     for data in rows:
         for key, value in data.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                sums.setdefault(key, []).append(float(value))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                try:
+                    number = float(value)
+                except OverflowError:
+                    continue
+                if math.isfinite(number):
+                    sums.setdefault(key, []).append(number)
     return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 

@@ -179,6 +179,8 @@ class Link:
             self._spawn(self._answer(msg, blob, blob_error, on_request))
         elif on_message is not None:
             await on_message(Incoming(msg, blob, blob_error))
+        else:
+            raise ProtocolError(f"{msg.type} is not accepted on this link")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -207,7 +209,11 @@ class Link:
             pass
 
     def _on_blob_start(self, start: m.BlobStart) -> None:
-        if start.size < 0 or start.size > self.max_payload:
+        if start.size < 0:
+            self._failed[start.transfer] = f"payload size {start.size} is invalid"
+            self._trim()
+            raise ProtocolError(self._failed[start.transfer])
+        if start.size > self.max_payload:
             self._failed[start.transfer] = f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}"
             self._trim()
             raise ProtocolError(self._failed[start.transfer])

@@ -57,7 +57,10 @@ def check_weight(weight: object, *, allow_zero: bool = False) -> float:
     """A weight must be a finite real number > 0 (>= 0 for an empty partial)."""
     value = math.nan
     if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
-        value = float(weight)
+        try:
+            value = float(weight)
+        except OverflowError:
+            value = math.inf
     if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
         raise UpdateRejected(f"weight must be a finite number > 0, got {weight!r}")
     return value

@@ -34,8 +34,14 @@ class FedAvg:
         self._check_new([contributor])
         check_compatible(self.template, update)
         check_finite(update)
+        if not np.isfinite(self._weight + w):
+            raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
+        with np.errstate(over="ignore", invalid="ignore"):
+            weighted = {name: np.multiply(update[name], w, dtype=np.float64) for name in self._sums}
+            if not all(np.isfinite(self._sums[n] + weighted[n]).all() for n in self._sums):
+                raise UpdateRejected(f"weighting this update by {w:g} overflows the running sum")
         for name, total in self._sums.items():
-            total += np.multiply(update[name], w, dtype=np.float64)
+            total += weighted[name]
         self._weight += w
         self._contributors.append(contributor)
 
