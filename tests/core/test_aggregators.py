@@ -277,3 +277,16 @@ def test_registry() -> None:
         get_aggregator("fedprox", TEMPLATE)
     assert info.value.key == "aggregator"
     assert str(info.value) == "aggregator: unknown aggregator 'fedprox'; choose one of: fedavg"
+
+
+def test_update_whose_weighting_overflows_is_refused_and_state_kept() -> None:
+    from scaleout.core.aggregators import FedAvg
+
+    agg = FedAvg({"w": TensorSpec("float64", (2,))})
+    agg.add({"w": np.array([1.0, 2.0])}, 1.0, "good")
+    with pytest.raises(UpdateRejected, match="overflow"):
+        agg.add({"w": np.array([1e300, 1.0])}, 1e10, "huge")
+    with pytest.raises(UpdateRejected):
+        agg.add({"w": np.array([1.0, 1.0])}, 10**400, "absurd")
+    assert agg.count == 1
+    np.testing.assert_allclose(agg.result()["w"], [1.0, 2.0])

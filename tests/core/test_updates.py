@@ -45,3 +45,13 @@ def test_message_shows_what_was_returned_but_stays_short() -> None:
         read_num_examples({"training_metadata": {"num_examples": 0}, "blob": "x" * 10_000})
     assert "num_examples" in str(info.value).split("got", 1)[1]
     assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("n", [2**53 + 1, 10**400, 1e300])
+def test_implausible_num_examples_refused(n: object) -> None:
+    with pytest.raises(UpdateRejected, match="not plausible"):
+        read_num_examples({"training_metadata": {"num_examples": n}})
+
+
+def test_largest_plausible_num_examples_accepted() -> None:
+    assert read_num_examples({"training_metadata": {"num_examples": 2**53}}) == 2**53
