@@ -122,6 +122,11 @@ class EdgeClient:
         self._abort: threading.Event = threading.Event()
         self._pending: dict[str, float] = {}
 
+    def registered(self) -> list[str]:
+        """Names of the callbacks startup() registered, e.g. ['train', 'validate', 'custom:x']."""
+        names = [k for k in ("train", "validate", "predict") if getattr(self, f"_{k}") is not None]
+        return names + [f"custom:{k}" for k in sorted(self._custom)]
+
     # -- package side ---------------------------------------------------------
 
     def set_train_callback(self, callback: TrainCallback) -> None:

@@ -92,8 +92,10 @@ class Client:
         os.chdir(root)
         sys.path.insert(0, str(root))
         await asyncio.to_thread(load_startup, root, self.edge)
-        callbacks = [k for k in ("train", "validate") if getattr(self.edge, f"_{k}_callback", None) is not None]
+        callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
+        if "train" not in callbacks:
+            log.warning("no train callback: this client will refuse training tasks (call client.set_train_callback in startup)")
 
     def _tempdir(self) -> str:
         if self._tmp is None:
@@ -196,13 +198,16 @@ class Client:
             try:
                 if inc.blob is None:
                     raise ScaleoutError(inc.blob_error or "task carried no model")
+                started = loop.time()
                 if task.kind == "train":
-                    log.info("round %d: training", task.round_index)
+                    log.info("round %d: training on model %s", task.round_index, task.model_id[:12])
                     update, metadata = await asyncio.to_thread(self.edge.run_train, inc.blob, task.settings)
                     result.data = {"metadata": metadata}
+                    log.info("round %d: trained in %.2fs; sending the update", task.round_index, loop.time() - started)
                 elif task.kind == "validate":
-                    log.info("round %d: validating the new global model", task.round_index)
+                    log.info("round %d: validating the new global model %s", task.round_index, task.model_id[:12])
                     result.data = await asyncio.to_thread(self.edge.run_validate, inc.blob)
+                    log.info("round %d: validation done in %.2fs", task.round_index, loop.time() - started)
                 else:
                     raise ScaleoutError(f"unknown task kind {task.kind!r}")
                 result.ok = True

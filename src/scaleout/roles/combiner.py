@@ -159,7 +159,7 @@ class Combiner:
                 await self._send_status()
 
     async def _send_status(self) -> None:
-        if self.controller is not None and not self.stopping:
+        if self.controller is not None and not self.stopping and self.controller.ws.close_code is None:
             try:
                 await self.controller.send(m.CombinerStatus(clients=sorted(self.clients)))
             except Exception as exc:  # the role edge: the reader notices the lost controller
@@ -307,6 +307,7 @@ class Combiner:
         self._drop(job)
         assert self.controller is not None
         if job.kind == "validate":
+            log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
             return
         async with job.lock:

@@ -586,9 +586,12 @@ class Controller:
             aggregator=cfg.aggregator, contributors=sorted(contributors),
         )
         self.state.audit("controller", "model.commit", id=model_id, session=s.id, round=index)
+        log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         validation: dict[str, float] = {}
         if cfg.validate:
             validation = await self._validate(s, index, model_id, selected)
+            if validation:
+                log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
         return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation)
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
