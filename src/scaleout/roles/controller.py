@@ -128,6 +128,10 @@ class Controller:
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
             cert, key = (s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else (files.cert, files.key)
             self.ssl_context = tls.server_context(cert, key)
+        # Nobody is connected to a controller that is just starting.
+        for row in self.state.combiners():
+            self.state.upsert_combiner(row["name"], "offline", clients=0)
+            self.state.set_clients_offline(row["name"], keep=set())
         # A running session interrupted by a crash or shutdown cannot resume yet: say so.
         for row in self.state.sessions():
             if row["status"] == "running":
