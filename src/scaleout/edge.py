@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 from scaleout.core.errors import TaskAborted, UpdateRejected
+from scaleout.core.units import fmt_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,7 +87,7 @@ class ScaleoutModel:
         return hash(self.model_id)
 
     def __repr__(self) -> str:
-        return f"ScaleoutModel({_tensor_count(self._data)} tensors, {_human_size(len(self._data))}, id={self.model_id[:12]})"
+        return f"ScaleoutModel({_tensor_count(self._data)} tensors, {fmt_bytes(len(self._data))}, id={self.model_id[:12]})"
 
 
 def _tensor_count(data: bytes) -> str:
@@ -97,15 +98,6 @@ def _tensor_count(data: bytes) -> str:
         return str(len(payload.describe(data)))
     except PayloadError:
         return "?"
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class EdgeClient:

@@ -290,3 +290,17 @@ def test_update_whose_weighting_overflows_is_refused_and_state_kept() -> None:
         agg.add({"w": np.array([1.0, 1.0])}, 10**400, "absurd")
     assert agg.count == 1
     np.testing.assert_allclose(agg.result()["w"], [1.0, 2.0])
+
+
+def test_update_overflowing_in_a_later_tensor_leaves_every_tensor_untouched() -> None:
+    # "a" alone would fit; "b" overflows: neither sum may change, nor the weight.
+    agg = FedAvg({"a": TensorSpec("float64", (2,)), "b": TensorSpec("float64", (2,))})
+    agg.add({"a": np.array([1.0, 2.0]), "b": np.array([1e300, 3.0])}, 1.0, "good")
+    before = agg.partial()
+    with pytest.raises(UpdateRejected, match="overflow"):
+        agg.add({"a": np.array([5.0, 6.0]), "b": np.array([1e300, 1.0])}, 1e10, "huge")
+    assert_unchanged(before, agg)
+    agg.add({"a": np.array([3.0, 4.0]), "b": np.array([1.0, 5.0])}, 1.0, "second")
+    np.testing.assert_allclose(agg.result()["a"], [2.0, 3.0])
+    np.testing.assert_allclose(agg.result()["b"], [5e299 + 0.5, 4.0])
+

@@ -289,3 +289,14 @@ def test_split_chunk() -> None:
 def test_split_chunk_refuses_bad_frames(frame: bytes, expected: str) -> None:
     with pytest.raises(ProtocolError, match=expected):
         m.split_chunk(frame)
+
+
+@pytest.mark.parametrize("name", ["client-1", "a", "site.17@eu:2", "x" * 128])
+def test_check_name_accepts(name: str) -> None:
+    assert m.check_name(name, "client name") == name
+
+
+@pytest.mark.parametrize("name", ["", " a", "a b", "-a", "x" * 129, "a/b", "ä", 5, None, "a\n"])
+def test_check_name_refuses(name: object) -> None:
+    with pytest.raises(ProtocolError, match="client name"):
+        m.check_name(name, "client name")

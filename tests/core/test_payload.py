@@ -17,6 +17,7 @@ from scaleout.core.payload import (
     describe,
     encode,
     from_named,
+    layout_of,
     model_id,
     read,
     to_named,
@@ -215,6 +216,30 @@ def test_bad_layout_metadata_raises_payload_error(layout: str) -> None:
     assert describe(data) == {"a": TensorSpec("float32", (4,))}  # the header itself is fine
     with pytest.raises(PayloadError, match="layout"):
         decode(data)
+
+
+def test_layout_of_reads_the_header_only_and_agrees_with_read() -> None:
+    cases = [
+        encode(mixed_arrays()),
+        encode({"w": np.ones(2), "0": np.zeros(1)}),
+        safetensors.numpy.save({"1": np.ones(2), "0": np.zeros(2)}),  # foreign: inferred
+        safetensors.numpy.save({"w": np.ones(2)}),
+    ]
+    for data in cases:
+        assert layout_of(data) == read(data)[1]
+    assert [layout_of(d) for d in cases] == ["list", "dict", "list", "dict"]
+    # Header only: tensor bytes that no reader could load do not matter to it.
+    header = {"__metadata__": {"scaleout.layout": "list"}, "0": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    assert layout_of(craft(header, b"\xff" * 16)) == "list"
+
+
+@pytest.mark.parametrize("layout", ["tree", "list"])
+def test_layout_of_refuses_what_read_refuses(layout: str) -> None:
+    header = {"__metadata__": {"scaleout.layout": layout}, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    with pytest.raises(PayloadError, match="layout"):
+        layout_of(craft(header, BODY))
+    with pytest.raises(PayloadError):
+        layout_of(b"not a payload")
 
 
 def test_crafted_valid_payload_is_accepted() -> None:

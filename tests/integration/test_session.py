@@ -22,7 +22,8 @@ def test_quickstart_session_downloaded_package_improves(fed: Federation) -> None
     assert [r["status"] for r in rounds] == ["succeeded"] * 3
     assert all(r["participants"] == ["client-0", "client-1", "client-2"] for r in rounds)
     acc = [r["validation"]["validation_accuracy"] for r in rounds]
-    assert acc[-1] > 0.75 and acc[-1] > acc[0] - 0.02, acc
+    # The seed guesses among 3 classes (about 1/3); every round must do better than the last.
+    assert acc[0] > 0.5 and acc[0] < acc[1] < acc[2] and acc[2] > 0.8, acc
     # The trail: each round's model names its parent, session and contributors.
     models = fed.admin("model.ls")[0]["models"]
     assert [m["id"] for m in models] == [seed] + [r["model_id"] for r in rounds]

@@ -267,3 +267,15 @@ def test_reopen_keeps_data(tmp_path: Path, clock: Iterator[float]) -> None:
         assert st.audit_log()[0]["action"] == "seed"
     finally:
         st.close()
+
+
+def test_commit_round_records_model_active_and_round_together(tmp_path: Path) -> None:
+    st = State(tmp_path / "state.db")
+    st.add_session("s1", {"rounds": 1}, "seed")
+    st.start_round("s1", 1, "seed", ["a", "b"])
+    st.commit_round("s1", 1, "f" * 64, 10, parent="seed", aggregator="fedavg", contributors=["a"])
+    assert st.get_meta("active_model") == "f" * 64
+    (r,) = st.rounds("s1")
+    assert r["status"] == "succeeded" and r["model_id"] == "f" * 64 and r["participants"] == ["a"]
+    assert st.model("f" * 64)["parent"] == "seed"
+    assert st.audit_log()[0]["action"] == "model.commit"

@@ -1,4 +1,9 @@
-"""`scaleout dev`: a whole federation on this machine, as real processes over TLS."""
+"""`scaleout dev`: a whole federation on this machine, as real processes over TLS.
+
+SIGINT, SIGTERM or SIGHUP stop every child (SIGTERM, then SIGKILL after a timeout; a
+second signal kills them at once) and exit with 130. Tokens reach the children in
+SCALEOUT_TOKEN, never on a command line anyone can read with `ps`.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_FAILED, EXIT_OK, UsageError
+from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async
 from scaleout.commands.connection import Connection
 
@@ -48,14 +53,17 @@ class Child:
         return "\n".join(f"  {self.name}| {line}" for line in text[-lines:])
 
 
-async def start_child(name: str, args: list[str], logs: Path, wait_listening: bool, level: str) -> tuple[Child, str | None]:
-    """Start `scaleout ARGS`; with ``wait_listening`` return the URL it announces."""
+async def start_child(
+    name: str, args: list[str], logs: Path, wait_listening: bool, level: str, env: dict[str, str] | None = None
+) -> tuple[Child, str | None]:
+    """Start `scaleout ARGS` with ``env`` added to ours; with ``wait_listening`` return the
+    URL it announces (a child that fails to get ready is stopped, not left behind)."""
     log_path = logs / f"{name}.log"
     with open(log_path, "ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             *scaleout_cmd(), *args, "--log-level", level,
             stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     child = Child(name, proc, log_path)
     url = None
@@ -71,7 +79,11 @@ async def start_child(name: str, args: list[str], logs: Path, wait_listening: bo
                     url = text.removeprefix("listening on ")
                     break
         except asyncio.TimeoutError:
+            await stop_children([child])
             raise DevError(f"{name} was not ready within {START_TIMEOUT_S:.0f}s:\n{child.tail()}") from None
+        except asyncio.CancelledError:
+            await stop_children([child])
+            raise
     child.drain = asyncio.create_task(_drain(proc, log_path))
     return child, url
 
@@ -99,6 +111,32 @@ async def stop_children(children: list[Child], timeout: float = 10.0) -> None:
             await child.proc.wait()
         if child.drain is not None:
             child.drain.cancel()
+
+
+class Interrupts:
+    """SIGINT/SIGTERM/SIGHUP cancel the main task, whose ``finally`` stops the children;
+    a signal while they are being stopped kills them at once."""
+
+    def __init__(self, main: asyncio.Task[Any], children: list[Child]) -> None:
+        self.main = main
+        self.children = children
+        self.stopping = False
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig.name)
+
+    def _on_signal(self, signame: str) -> None:
+        if not self.stopping:
+            log.warning("%s received: stopping the federation", signame)
+            self.stopping = True
+            self.main.cancel()
+            return
+        log.warning("%s received while stopping: killing the federation", signame)
+        for child in self.children:
+            if child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
 
 
 def report_of(session: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +175,10 @@ def main(args: argparse.Namespace) -> int:
         else:
             root = args.data_dir.resolve()
             root.mkdir(parents=True, exist_ok=True)
-        report = asyncio.run(_dev(args, path.resolve(), root, settings))
+        try:
+            report = asyncio.run(_dev(args, path.resolve(), root, settings))
+        except asyncio.CancelledError:  # a signal stopped the federation (see Interrupts)
+            return EXIT_INTERRUPTED
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.report}")
@@ -154,11 +195,19 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
     level = args.log_level or "info"
     say = lambda text: print(text, flush=True)  # noqa: E731
     children: list[Child] = []
+    main = asyncio.current_task()
+    assert main is not None
+    interrupts = Interrupts(main, children)
     try:
         say(f"building the seed model: scaleout run build -p {package_dir}")
         build_dir = root / "build"
         build, _ = await start_child("build", ["run", "build", "-p", str(package_dir), "-o", str(build_dir)], logs, False, level)
-        if await build.proc.wait() != 0:
+        try:
+            built = await build.proc.wait()
+        except asyncio.CancelledError:
+            await stop_children([build])
+            raise
+        if built != 0:
             raise DevError(f"run build failed:\n{build.tail()}")
         seeds = sorted(p for p in build_dir.iterdir() if p.suffix in (".npz", ".safetensors"))
         if not seeds:
@@ -181,13 +230,15 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         common = ["--controller", conn.url, "--ca", str(conn.ca)]
         for i in range(1, args.combiners + 1):
             name = f"combiner-{i}"
-            child, url = await start_child(name, ["combine", *common, "--token", combiner_token, "--name", name, "--port", "0"], logs, True, level)
+            argv = ["combine", *common, "--name", name, "--port", "0"]
+            child, url = await start_child(name, argv, logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
             children.append(child)
             say(f"{name} listening on {url}")
         for i in range(1, args.clients + 1):
             name = f"client-{i}"
             work = root / "clients" / name
-            child, _ = await start_child(name, ["join", *common, "--token", client_token, "--name", name, "--work-dir", str(work)], logs, False, level)
+            argv = ["join", *common, "--name", name, "--work-dir", str(work)]
+            child, _ = await start_child(name, argv, logs, False, level, env={"SCALEOUT_TOKEN": client_token})
             children.append(child)
         waiting = asyncio.create_task(call_async(conn, "client.wait", {"count": args.clients, "timeout": START_TIMEOUT_S}))
         while not waiting.done():
@@ -224,4 +275,5 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         say(f"logs are in {logs}" + ("" if args.data_dir else " (pass --data-dir to keep them)"))
         return {"session": {"id": None, "status": "failed", "reason": str(exc).splitlines()[0]}, "rounds": []}
     finally:
+        interrupts.stopping = True
         await stop_children(children)

@@ -9,6 +9,7 @@ message, so a receiver has the bytes (sha256-checked) when the message arrives.
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -330,6 +331,16 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
         raise TypeError(f"unsupported hint {hint!r}")
     if not ok:
         raise ProtocolError(f"{kind}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
+
+
+def check_name(value: Any, what: str) -> str:
+    """A node name: 1-128 letters, digits or ._@:- (names appear in logs, tables and URLs)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ProtocolError(f"{what} must be 1-128 letters, digits or ._@:- (starting with a letter or digit), got {value!r:.60}")
     return value
 
 

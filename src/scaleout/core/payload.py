@@ -88,11 +88,17 @@ def from_named(named: dict[str, np.ndarray], layout: str) -> Arrays:
 def encode(arrays: Arrays, metadata: dict[str, str] | None = None) -> bytes:
     """Serialize arrays (list or dict) to safetensors bytes, recording the layout."""
     named, layout = to_named(arrays)
-    return encode_named(named, layout, metadata)
+    return _serialize(named, layout, metadata)
 
 
 def encode_named(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None = None) -> bytes:
     """Serialize already-named arrays with the given layout and extra string metadata."""
+    checked, _ = to_named(dict(named))  # names, dtypes, byte order and contiguity
+    return _serialize(checked, layout, metadata)
+
+
+def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None) -> bytes:
+    """Write arrays that went through `to_named`."""
     if not named:
         raise PayloadError("a model needs at least one tensor")
     if layout not in LAYOUTS:
@@ -104,9 +110,8 @@ def encode_named(named: dict[str, np.ndarray], layout: str, metadata: dict[str, 
         if not isinstance(key, str) or not isinstance(value, str):
             raise PayloadError(f"metadata must map str to str, got {key!r}: {value!r}")
     meta[LAYOUT_KEY] = layout
-    checked, _ = to_named(dict(named))
     try:
-        return safetensors.numpy.save(checked, metadata=meta)
+        return safetensors.numpy.save(named, metadata=meta)
     except SafetensorError as e:
         raise PayloadError(f"cannot serialize model: {e}") from None
 
@@ -118,19 +123,16 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     (no layout key) count as a list when their names are exactly "0".."n-1".
     """
     specs, metadata = _parse_header(data)
-    layout = metadata.pop(LAYOUT_KEY, None)
-    if layout is None:
-        layout = "list" if _is_list_names(specs) else "dict"
-    elif layout not in LAYOUTS:
-        raise PayloadError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    layout = _layout(specs, metadata)
+    metadata.pop(LAYOUT_KEY, None)
     try:
+        # safetensors takes only bytes: a no-op for bytes, which is what links hand out.
         loaded = safetensors.numpy.load(bytes(data))
     except SafetensorError as e:
         raise PayloadError(f"not a valid safetensors payload: {e}") from None
     if loaded.keys() != specs.keys():
         raise PayloadError("safetensors header lists different tensors than were loaded")
     if layout == "list":
-        _check_list_names(specs)
         return {str(i): loaded[str(i)] for i in range(len(specs))}, layout, metadata
     return {name: loaded[name] for name in specs}, layout, metadata
 
@@ -144,6 +146,11 @@ def decode(data: bytes) -> Arrays:
 def describe(data: bytes) -> dict[str, TensorSpec]:
     """Tensor names, dtypes and shapes from the header alone, without loading tensors."""
     return _parse_header(data)[0]
+
+
+def layout_of(data: bytes) -> str:
+    """The layout ("list" or "dict") `read` would report, from the header alone."""
+    return _layout(*_parse_header(data))
 
 
 def check_compatible(reference: dict[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
@@ -171,6 +178,17 @@ def check_finite(update: Mapping[str, np.ndarray]) -> None:
         array = np.asarray(value)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+
+
+def _layout(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> str:
+    layout = metadata.get(LAYOUT_KEY)
+    if layout is None:  # written by another tool
+        return "list" if _is_list_names(specs) else "dict"
+    if layout not in LAYOUTS:
+        raise PayloadError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "list":
+        _check_list_names(specs)
+    return layout
 
 
 def _is_list_names(names: Mapping[str, object]) -> bool:

@@ -2,11 +2,16 @@
 
 It dials out only: to the controller (to be assigned a combiner and fetch the package),
 then to its combiner, where it serves train and validate tasks one at a time.
+
+The package's code runs on daemon threads: on SIGINT/SIGTERM the running callback is
+aborted (``check_task_abort()`` raises) and given ABORT_GRACE_S to return, then the
+client exits whether or not it did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,12 +25,13 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError
-from scaleout.roles.common import new_id
+from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
+ABORT_GRACE_S = 2.0
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Client:
         self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
         self.link: Link | None = None
         self.current_task: str | None = None
+        self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     async def _controller(self) -> Link:
@@ -91,7 +98,7 @@ class Client:
         # The package's own modules and data files are found relative to its folder.
         os.chdir(root)
         sys.path.insert(0, str(root))
-        await asyncio.to_thread(load_startup, root, self.edge)
+        await in_daemon_thread(load_startup, root, self.edge)
         callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
@@ -109,11 +116,25 @@ class Client:
         try:
             while not stop.is_set():
                 await self._retrying(self._session, stop)
+            await self._abort_callback()
         finally:
             worker.cancel()
             self.edge._abort.set()
             if self._tmp is not None:
                 self._tmp.cleanup()
+
+    async def _abort_callback(self) -> None:
+        """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
+        self.edge._abort.set()
+        callback = self._callback
+        if callback is None:
+            return
+        done, _ = await asyncio.wait({callback}, timeout=ABORT_GRACE_S)
+        if not done:
+            log.warning(
+                "the running callback did not return within %.0fs of the abort (it should call client.check_task_abort()); "
+                "exiting without it", ABORT_GRACE_S,
+            )
 
     async def _retrying(self, step: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> bool:
         """Run ``step`` until it succeeds or we are stopped; passing troubles are retried
@@ -122,8 +143,8 @@ class Client:
         delays = backoff()
         while not stop.is_set():
             try:
-                await step(stop)
-                return True
+                # A step stalled on a peer (package.get, client.assign) must not delay exit.
+                return await unless_stopped(step(stop), stop)
             except (AuthError, TrustError, PackageError):
                 raise
             except RemoteError as exc:
@@ -150,7 +171,7 @@ class Client:
             await ctl.ws.close()
             reader.cancel()
         s = self.settings
-        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload)
+        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
         self.link = link
         await link.send(m.Hello(name=self.name))
         log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
@@ -184,7 +205,8 @@ class Client:
         def sink(metrics: dict[str, Any], step: int | None) -> None:
             task_id = self.current_task
             if task_id is not None:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
+                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
 
         self.edge._metric_sink = sink
         while True:
@@ -201,12 +223,12 @@ class Client:
                 started = loop.time()
                 if task.kind == "train":
                     log.info("round %d: training on model %s", task.round_index, task.model_id[:12])
-                    update, metadata = await asyncio.to_thread(self.edge.run_train, inc.blob, task.settings)
+                    update, metadata = await self._call(self.edge.run_train, inc.blob, task.settings)
                     result.data = {"metadata": metadata}
                     log.info("round %d: trained in %.2fs; sending the update", task.round_index, loop.time() - started)
                 elif task.kind == "validate":
                     log.info("round %d: validating the new global model %s", task.round_index, task.model_id[:12])
-                    result.data = await asyncio.to_thread(self.edge.run_validate, inc.blob)
+                    result.data = await self._call(self.edge.run_validate, inc.blob)
                     log.info("round %d: validation done in %.2fs", task.round_index, loop.time() - started)
                 else:
                     raise ScaleoutError(f"unknown task kind {task.kind!r}")
@@ -219,6 +241,14 @@ class Client:
             finally:
                 self.current_task = None
             await self._send(result, update)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a package callback on a daemon thread, kept where shutdown can wait for it."""
+        self._callback = asyncio.ensure_future(in_daemon_thread(fn, *args))
+        try:
+            return await self._callback
+        finally:
+            self._callback = None
 
     async def _send(self, msg: m.Message, blob: bytes | None = None) -> None:
         link = self.link

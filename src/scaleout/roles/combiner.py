@@ -23,6 +23,13 @@ from scaleout.transport.net import connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 
+# What a client link may hold: one payload at a time, and only a small one unless the
+# current train round awaits an update from that client (then twice the model, since
+# an update may be float64 for a float32 model, plus room for the header).
+CLIENT_IN_FLIGHT = 1
+CLIENT_IDLE_PAYLOAD = 1 << 20
+UPDATE_SLACK = 1 << 20
+
 
 @dataclass
 class CombinerSettings:
@@ -49,8 +56,9 @@ class Job:
     tracker: CombinerRound
     tasks: dict[str, str] = field(default_factory=dict)  # task id -> client
     agg: Any = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
     timer: asyncio.TimerHandle | None = None
+    update_limit: int = 0  # bytes a selected client may send as its update (train only)
 
 
 class Combiner:
@@ -89,7 +97,7 @@ class Combiner:
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
-        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=s.max_payload)
+        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
         scheme = "ws" if s.insecure else "wss"
         host_part = f"[{dial_host}]" if ":" in dial_host else dial_host
         await self.controller.request("combiner.ready", {"url": f"{scheme}://{host_part}:{port}"}, timeout=30)
@@ -123,6 +131,8 @@ class Combiner:
 
     async def _on_client(self, link: Link) -> None:
         name: str | None = None
+        link.max_in_flight = CLIENT_IN_FLIGHT
+        link.max_payload = self._client_limit(None)
 
         async def on_message(inc: Incoming) -> None:
             nonlocal name
@@ -130,12 +140,14 @@ class Combiner:
             if name is None:
                 if not isinstance(msg, m.Hello):
                     raise ProtocolError("say hello first")
+                m.check_name(msg.name, "client name")
                 if msg.name in self.clients:
                     await link.send(m.Error(code="conflict", message=f"a client named {msg.name!r} is already connected"))
                     await link.ws.close(1008, "duplicate client name")
                     return
                 name = msg.name
                 self.clients[name] = link
+                self._set_client_limit(name)  # back mid-round: its update is still welcome
                 log.info("client %s connected (%d clients)", name, len(self.clients))
                 await self._send_status()
             elif isinstance(msg, m.TaskResult):
@@ -165,6 +177,19 @@ class Combiner:
             except Exception as exc:  # the role edge: the reader notices the lost controller
                 log.warning("could not report status to the controller: %s", exc)
 
+    def _client_limit(self, client: str | None) -> int:
+        """Largest payload ``client`` may send now: an update if the train round awaits one."""
+        job = self.jobs.get("train")
+        limit = CLIENT_IDLE_PAYLOAD
+        if job is not None and client in job.tracker.expected and client not in job.tracker.reported and client not in job.tracker.failed:
+            limit = max(limit, job.update_limit)
+        return min(limit, self.settings.max_payload)
+
+    def _set_client_limit(self, client: str) -> None:
+        link = self.clients.get(client)
+        if link is not None:
+            link.max_payload = self._client_limit(client)
+
     def _job_of(self, task_id: str) -> Job | None:
         for job in self.jobs.values():
             if task_id in job.tasks:
@@ -192,7 +217,12 @@ class Combiner:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Future[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the role edge: log, never lose it
+            log.error("background task failed", exc_info=task.exception())
 
     async def _model(self, model_id: str) -> bytes:
         if model_id not in self.models:
@@ -225,21 +255,32 @@ class Combiner:
         if self.jobs.get(kind) is not job:  # stopped or replaced while the model was fetched
             return
         job.timer = loop.call_at(job.tracker.deadline, lambda: self._spawn(self._tick(job)))
+        if kind == "train":
+            job.update_limit = 2 * len(model) + UPDATE_SLACK
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
-        for client in clients:
-            link = self.clients.get(client)
-            task_id = new_id("t-")
-            job.tasks[task_id] = client
-            task = m.Task(task_id=task_id, kind=kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
-            try:
-                if link is None:
-                    raise ConnectionError("not connected to this combiner")
-                await link.send_with_blob(task, model, "model")
-            except Exception as exc:  # the role edge: one unreachable client must not stop the round
-                if job.tracker.on_refused(client, f"could not send the task: {exc}"):
-                    await self._complete(job)
+        sends = {new_id("t-"): client for client in clients}
+        job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
+        await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
         if job.tracker.on_tick(loop.time()) or job.tracker.check():
             await self._complete(job)
+
+    async def _send_task(self, job: Job, task_id: str, client: str, model: bytes, settings: dict[str, Any]) -> None:
+        """Send one client its task with the model; one unreachable client must not stop the round."""
+        link = self.clients.get(client)
+        if link is None:
+            reason = "not connected to this combiner"
+        else:
+            task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
+            self._set_client_limit(client)
+            try:
+                # The model id is the sha256 of its bytes: no need to hash them again per client.
+                await link.send_with_blob(task, model, "model", sha256=job.model_id)
+                return
+            except ScaleoutError as exc:
+                reason = str(exc)
+        if job.tracker.on_refused(client, f"could not send the task: {reason}"):
+            await self._complete(job)
+        self._set_client_limit(client)
 
     async def _tick(self, job: Job) -> None:
         if self.jobs.get(job.kind) is job and job.tracker.on_tick(asyncio.get_running_loop().time()):
@@ -251,6 +292,8 @@ class Combiner:
             job.timer.cancel()
         if self.jobs.get(job.kind) is job:
             del self.jobs[job.kind]
+            for client in set(job.tasks.values()):
+                self._set_client_limit(client)
 
     async def _on_result(self, client: str, inc: Incoming) -> None:
         msg = inc.msg
@@ -271,27 +314,38 @@ class Combiner:
                 ready = job.tracker.on_update(client)
         else:
             ready = await self._fold(job, client, msg, inc)
+            self._set_client_limit(client)  # its update is in: back to small payloads
         if ready:
             await self._complete(job)
 
     async def _fold(self, job: Job, client: str, msg: m.TaskResult, inc: Incoming) -> bool:
-        """Check a client's update and fold it into the running aggregate, or refuse it."""
-        async with job.lock:
-            try:
-                if not msg.ok:
-                    raise UpdateRejected(msg.error or "the client reported a failure")
-                if inc.blob is None:
-                    raise PayloadError(inc.blob_error or "train result carried no model")
-                weight = read_num_examples(msg.data.get("metadata"))
-                named, _, _ = await asyncio.to_thread(payload.read, inc.blob)
+        """Check a client's update and fold it into the running aggregate, or refuse it.
+
+        Decoding runs outside ``job.lock``, so updates from several clients decode at once;
+        the lock only keeps `agg.add` and its tracker update whole against `_complete`.
+        """
+        blob = inc.take_blob()
+        try:
+            if not msg.ok:
+                raise UpdateRejected(msg.error or "the client reported a failure")
+            if blob is None:
+                raise PayloadError(inc.blob_error or "train result carried no model")
+            weight = read_num_examples(msg.data.get("metadata"))
+            named, _, _ = await asyncio.to_thread(payload.read, blob)
+            del blob  # nothing else holds the raw bytes: free them before waiting for the lock
+            async with job.lock:
+                if self.jobs.get(job.kind) is not job:
+                    raise UpdateRejected("the round closed while the update was being decoded")
                 await asyncio.to_thread(job.agg.add, named, float(weight), client)
-            except ScaleoutError as exc:
-                log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
-                await self._report("train", job, client, msg.data, str(exc))
-                return job.tracker.on_refused(client, str(exc))
-            log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
-            await self._report("train", job, client, msg.data, None)
-            return job.tracker.on_update(client)
+                ready = job.tracker.on_update(client)
+        except ScaleoutError as exc:
+            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+            ready = job.tracker.on_refused(client, str(exc))
+            await self._report("train", job, client, msg.data, str(exc))
+            return ready
+        log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
+        await self._report("train", job, client, msg.data, None)
+        return ready
 
     async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
         assert self.controller is not None

@@ -1,15 +1,21 @@
-"""What every role shell shares: the ready line, signal handling, ids."""
+"""What every role shell shares: the ready line, signal handling, stopping, ids."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import signal
 import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger("scaleout")
+T = TypeVar("T")
+STOP_GRACE_S = 2.0
 
 
 def announce(url: str) -> None:
@@ -36,6 +42,63 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on a daemon thread and await its result.
+
+    Unlike ``asyncio.to_thread`` the thread does not hold up exit (``asyncio.run`` waits for
+    its executor's threads), so user code that ignores an abort cannot delay shutdown.
+    Cancelling the await abandons the thread; its result is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        error: BaseException | None = None
+        result = None
+        try:
+            result = context.run(fn, *args)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=work, name=f"scaleout-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+async def unless_stopped(step: Awaitable[None], stop: asyncio.Event, grace: float = STOP_GRACE_S) -> bool:
+    """Await ``step`` unless ``stop`` is set first, which cancels it; True if it completed.
+
+    A cancelled step gets ``grace`` seconds to unwind (close its connections); past that it
+    is left to the loop's shutdown, so a stalled peer cannot delay exit.
+    """
+    task = asyncio.ensure_future(step)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        stopped = not task.done()
+        if stopped:
+            task.cancel()
+            await asyncio.wait({task}, timeout=grace)
+    if stopped:
+        if task.done() and not task.cancelled():
+            task.exception()  # whatever it raised on its way out is a consequence of stopping it
+        return False
+    task.result()
+    return True
 
 
 def url_host(host: str) -> str:

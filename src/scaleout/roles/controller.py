@@ -68,6 +68,7 @@ class RunningSession:
     stopped: bool = False
     round_index: int = 0
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -135,6 +136,9 @@ class Controller:
         # A running session interrupted by a crash or shutdown cannot resume yet: say so.
         for row in self.state.sessions():
             if row["status"] == "running":
+                for r in self.state.rounds(row["id"]):
+                    if r["status"] == "running":
+                        self.state.finish_round(row["id"], r["idx"], status="failed", reason="controller restarted")
                 self.state.finish_session(row["id"], "stopped", self.state.get_meta("active_model"), "controller restarted")
 
     def _write_admin_token(self) -> None:
@@ -251,14 +255,14 @@ class Controller:
     # -- combiner and client registry -----------------------------------------------------
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = _name(args.get("name"), "combiner name")
+        name = m.check_name(args.get("name"), "combiner name")
         if name in self.combiners and self.combiners[name].link is not link:
             raise ConflictError(f"a combiner named {name!r} is already connected; give this one another --name")
         result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode()}
         if args.get("csr"):
             if self.ssl_context is None:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
-            result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode()).decode()
+            result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
         self.combiners[name] = CombinerConn(name, link)
         self.state.upsert_combiner(name, "registered")
         self.state.audit(name, "combiner.register")
@@ -267,8 +271,9 @@ class Controller:
     async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         c = self._combiner_of(link)
         url = args.get("url")
-        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-            raise ProtocolError("combiner.ready needs the url clients should dial")
+        scheme = "ws://" if self.ssl_context is None else "wss://"
+        if not isinstance(url, str) or not url.startswith(scheme):
+            raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
         c.url = url
         self.state.upsert_combiner(c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
@@ -276,7 +281,7 @@ class Controller:
         return {}, None
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = _name(args.get("name"), "client name")
+        name = m.check_name(args.get("name"), "client name")
         ready = [c for c in self.combiners.values() if c.url]
         if not ready:
             raise NotFoundError("combiner", "online", "none has connected yet (start one with: scaleout combine)")
@@ -454,6 +459,7 @@ class Controller:
         if s.stopped:
             return
         s.stopped = True
+        s.stop_event.set()
         s.events.put_nowait(("stop", reason))
         for c in list(self.combiners.values()):
             await _quiet_send(c.link, m.SessionStop(session_id=s.id))
@@ -502,20 +508,26 @@ class Controller:
                 return selected
             log.info("waiting for clients: %d connected, %d needed", n, s.config.min_clients)
             changed = asyncio.ensure_future(self.registry_changed.wait())
-            stop = asyncio.ensure_future(self._stopped(s))
+            stop = asyncio.ensure_future(s.stop_event.wait())
             await asyncio.wait({changed, stop}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
             stop.cancel()
 
-    async def _stopped(self, s: RunningSession) -> None:
-        while not s.stopped:
-            kind, value = await s.events.get()
-            if kind == "stop":
-                s.events.put_nowait((kind, value))
-                return
+    async def _next_event(self, s: RunningSession, index: int, deadline: float) -> tuple[str, Any] | None:
+        """The next event of round ``index``, or None at the deadline; stale ones are dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(s.events.get(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return None
+            if kind in (m.RoundPartial.type, m.ValidateDone.type) and value[1].round_index != index:
+                log.info("dropping a late %s for round %d", kind, value[1].round_index)
+                continue
+            return kind, value
 
     async def _run_round(self, s: RunningSession, index: int) -> dict[str, Any]:
-        from scaleout.core.aggregators import decode_partial, get_aggregator
+        from scaleout.core.aggregators import get_aggregator
 
         loop = asyncio.get_running_loop()
         cfg = s.config
@@ -524,7 +536,7 @@ class Controller:
         assert parent is not None
         global_bytes = self.blobs.get(MODEL[0], parent, MODEL[1])
         template = payload.describe(global_bytes)
-        _, layout, _ = payload.read(global_bytes)
+        layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
@@ -553,11 +565,11 @@ class Controller:
         contributors: list[str] = []
         decision = tracker.on_tick(loop.time())
         while decision is None:
-            try:
-                kind, value = await asyncio.wait_for(s.events.get(), max(0.0, tracker.deadline - loop.time()))
-            except asyncio.TimeoutError:
+            event = await self._next_event(s, index, tracker.deadline)
+            if event is None:
                 decision = tracker.on_tick(loop.time())
                 continue
+            kind, value = event
             if kind == "stop":
                 return finish("failed", "session stopped", participants=contributors)
             if kind == "lost":
@@ -570,11 +582,7 @@ class Controller:
                 try:
                     if blob is None:
                         raise PayloadError(blob_error or "partial aggregate without payload")
-                    partial = decode_partial(blob)
-                    if partial.count != msg.count:
-                        raise PayloadError(f"partial says {partial.count} updates, message says {msg.count}")
-                    if partial.count:
-                        agg.add_partial(partial)
+                    partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
                 except (PayloadError, UpdateRejected) as exc:
                     log.error("partial aggregate from combiner %s refused: %s", name, exc)
                     decision = tracker.on_combiner_lost(name)
@@ -583,13 +591,12 @@ class Controller:
                 decision = tracker.on_partial(name, partial.count)
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
-        new_bytes = payload.encode_named(agg.result(), layout)
-        model_id = self.blobs.put(MODEL[0], new_bytes, MODEL[1])
-        self.state.commit_model(
-            model_id, len(new_bytes), parent=parent, session_id=s.id, round_index=index,
-            aggregator=cfg.aggregator, contributors=sorted(contributors),
+        new_bytes = await asyncio.to_thread(lambda: payload.encode_named(agg.result(), layout))
+        model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
+        # The model, its trail entry and the round's outcome land in one transaction.
+        self.state.commit_round(
+            s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
         )
-        self.state.audit("controller", "model.commit", id=model_id, session=s.id, round=index)
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         validation: dict[str, float] = {}
         if cfg.validate:
@@ -608,16 +615,28 @@ class Controller:
                 waiting.add(name)
         deadline = loop.time() + s.config.round_timeout + PARTIAL_GRACE_S
         while waiting and loop.time() < deadline:
-            try:
-                kind, value = await asyncio.wait_for(s.events.get(), deadline - loop.time())
-            except asyncio.TimeoutError:
+            event = await self._next_event(s, index, deadline)
+            if event is None:
                 break
+            kind, value = event
             if kind == "stop":
                 s.events.put_nowait((kind, value))
                 break
             if kind == "lost" or kind == m.ValidateDone.type:
                 waiting.discard(value if kind == "lost" else value[0])
         return mean_metrics(r["data"] for r in self.state.reports(s.id, index, "validate") if not r["error"])
+
+
+def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
+    """Decode a combiner's partial and add it to the round's aggregate (off the event loop)."""
+    from scaleout.core.aggregators import decode_partial
+
+    partial = decode_partial(blob)
+    if partial.count != count:
+        raise PayloadError(f"partial says {partial.count} updates, message says {count}")
+    if partial.count:
+        agg.add_partial(partial)
+    return partial
 
 
 def mean_metrics(rows: Any) -> dict[str, float]:
@@ -649,12 +668,6 @@ def _check_package(data: bytes) -> None:
 
     with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
         load_project(extract_archive(data, Path(tmp) / "pkg"))
-
-
-def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 128 or any(ch.isspace() for ch in value):
-        raise ProtocolError(f"{what} must be a non-empty string without spaces (at most 128 characters)")
-    return value
 
 
 def _actor(link: Link) -> str:

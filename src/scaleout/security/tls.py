@@ -140,8 +140,15 @@ def _load_ca(ca_cert_pem: bytes, ca_key_pem: bytes) -> tuple[x509.Certificate, e
     return cert, key
 
 
-def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 365) -> bytes:
-    """Issue a leaf certificate (server and client auth, not a CA) for a valid request."""
+NODE_OU_PREFIX = "scaleout-"
+
+
+def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 365, *, role: str | None = None) -> bytes:
+    """Issue a leaf certificate (server and client auth, not a CA) for a valid request.
+
+    With ``role`` the subject is rewritten to carry ``OU=scaleout-<role>``, so a peer can
+    tell a combiner's certificate from the controller's although one CA signs both.
+    """
     ca_cert, ca_key = _load_ca(ca_cert_pem, ca_key_pem)
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
@@ -160,6 +167,13 @@ def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 
         raise AuthError("certificate request is invalid: its signature does not match its key")
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise AuthError("certificate request is invalid: its key is not an EC key")
+    if role is not None:
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(names[0].value) if names else role
+        subject = x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, cn[:64]),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, NODE_OU_PREFIX + role),
+        ])
     start, end = _validity(days)
     builder = (
         x509.CertificateBuilder()
@@ -181,6 +195,19 @@ def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def node_role(cert_der: bytes) -> str | None:
+    """The Scaleout role a certificate was issued for (``OU=scaleout-<role>``), if any."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except _CRYPTO_ERRORS:
+        return None
+    for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
+        value = str(attr.value)
+        if value.startswith(NODE_OU_PREFIX):
+            return value.removeprefix(NODE_OU_PREFIX)
+    return None
 
 
 def issue_cert(

@@ -161,6 +161,22 @@ class State:
             self.add_model(digest, size, **trail)
             self.set_meta("active_model", digest)
 
+    def commit_round(
+        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str]
+    ) -> None:
+        """A round's new global model: trail entry, active model and round outcome at once."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.add_model(
+                digest, size, parent=parent, session_id=session_id, round_index=index, aggregator=aggregator, contributors=contributors
+            )
+            self.set_meta("active_model", digest)
+            self.db.execute(
+                "UPDATE rounds SET status='succeeded', model_id=?, participants=? WHERE session_id=? AND idx=?",
+                (digest, json.dumps(contributors), session_id, index),
+            )
+            self.audit("controller", "model.commit", id=digest, session=session_id, round=index)
+
     # -- sessions and rounds ------------------------------------------------------------
 
     def add_session(self, session_id: str, config: dict[str, Any], start_model: str) -> None:

@@ -4,23 +4,35 @@ A ``Link`` reads frames in one loop. Replies resolve pending requests; payload c
 assembled per transfer and verified; every other message is handed, with its payload, to
 the role's handler. Requests run as their own tasks so a slow one never stalls the link.
 A malformed frame gets an ``error`` message back; too many of them close the link.
+
+Sending and requesting raise only ScaleoutErrors of their own, so callers need not know
+about websockets or asyncio timeouts:
+
+    ScaleoutError
+     ├── LinkClosed       the connection closed before a send or a reply completed
+     └── RequestTimeout   no reply within the request's timeout
+
+Each link bounds what a peer can make it hold: at most ``max_in_flight`` payloads being
+received plus as many received but not yet claimed, each at most ``max_payload`` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from websockets.exceptions import ConnectionClosed
 
 from scaleout.core import messages as m
 from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
+from scaleout.core.units import fmt_bytes
 
 log = logging.getLogger("scaleout.transport")
 
@@ -29,7 +41,31 @@ MAX_FRAME_BYTES = CHUNK_BYTES + 4096
 DEFAULT_MAX_PAYLOAD = 4 << 30
 MAX_BAD_FRAMES = 20
 MAX_IN_FLIGHT = 8
+MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dropped quietly
 PROGRESS_MIN_BYTES = 16 << 20
+
+
+class LinkClosed(ScaleoutError):
+    """The connection closed before a send or a reply completed."""
+
+    code = "link_closed"
+
+    def __init__(self, peer: str, reason: str = "") -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"connection to {peer} closed" + (f" ({reason})" if reason else ""))
+
+
+class RequestTimeout(ScaleoutError):
+    """The peer did not answer a request in time."""
+
+    code = "timeout"
+
+    def __init__(self, peer: str, op: str, timeout: float) -> None:
+        self.peer = peer
+        self.op = op
+        self.timeout = timeout
+        super().__init__(f"{peer} did not answer {op} within {timeout:g} s")
 
 
 @dataclass
@@ -40,35 +76,53 @@ class Incoming:
     blob: bytes | None = None
     blob_error: str | None = None
 
+    def take_blob(self) -> bytes | None:
+        """Hand the payload over: this Incoming forgets it, so it is freed once the taker is done."""
+        blob, self.blob = self.blob, None
+        return blob
+
 
 RequestHandler = Callable[[m.Request, bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
 MessageHandler = Callable[[Incoming], Awaitable[None]]
 
 
 class _Transfer:
+    """One payload being received, written in place into a buffer of its announced size.
+
+    ``BytesIO(bytes(size))`` owns a zero-filled bytes object (calloc'd, so pages are only
+    committed as chunks land); writes go into it in place and ``getvalue()`` hands that
+    same object out when full, so the payload is never copied after its chunks arrive.
+    """
+
     def __init__(self, start: m.BlobStart) -> None:
         self.start = start
-        self.data = bytearray()
+        self.buffer = io.BytesIO(bytes(start.size))
+        self.received = 0
         self.digest = hashlib.sha256()
         self.next_report = start.size // 4
 
+    def write(self, chunk: bytes) -> None:
+        self.buffer.write(chunk)
+        self.digest.update(chunk)
+        self.received += len(chunk)
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+    def value(self) -> bytes:
+        data = self.buffer.getvalue()
+        self.buffer.close()
+        return data
 
 
 class Link:
     """Typed messaging over one websocket connection (either side)."""
 
-    def __init__(self, ws: Any, peer: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, ws: Any, peer: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.ws = ws
         self.peer = peer
+        # Both limits may be changed while the link runs; they apply to the next payload.
         self.max_payload = max_payload
+        self.max_in_flight = max_in_flight
         self.claims: Any = None  # set by the server side after the token check
+        self.closed = False  # set when run() returns: no reply can arrive any more
         self._pending: dict[str, asyncio.Future[m.Reply]] = {}
         self._transfers: dict[str, _Transfer] = {}
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
@@ -83,41 +137,69 @@ class Link:
         self._counter += 1
         return f"{self._counter:x}"
 
+    async def _send_frame(self, frame: str | bytes) -> None:
+        try:
+            await self.ws.send(frame)
+        except ConnectionClosed as exc:
+            raise LinkClosed(self.peer, str(exc)) from None
+
     async def send(self, msg: m.Message) -> None:
+        """Send one message; raises LinkClosed when the connection is gone."""
         if not msg.id:
             msg.id = self.next_id()
-        await self.ws.send(m.serialize(msg))
+        await self._send_frame(m.serialize(msg))
 
-    async def send_blob(self, data: bytes, what: str = "payload") -> str:
-        """Stream ``data`` in chunks; returns the transfer id to name in a message."""
+    async def send_blob(self, data: bytes, what: str = "payload", sha256: str | None = None) -> str:
+        """Stream ``data`` in chunks; returns the transfer id to name in a message.
+
+        ``sha256`` is the hex digest of ``data`` when the caller knows it already (a model
+        id is one), so sending the same model to many peers hashes it once, not per peer.
+        """
         transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
-        await self.send(m.BlobStart(transfer=transfer, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
+        await self.send(m.BlobStart(transfer=transfer, size=len(data), sha256=digest))
         tag = transfer.encode("ascii")
         view = memoryview(data)
         report = len(data) >= PROGRESS_MIN_BYTES
         for offset in range(0, len(data), CHUNK_BYTES):
-            await self.ws.send(tag + view[offset : offset + CHUNK_BYTES])
+            await self._send_frame(tag + view[offset : offset + CHUNK_BYTES])
             if report and (offset // CHUNK_BYTES) % 64 == 63:
                 log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(offset + CHUNK_BYTES), fmt_bytes(len(data)))
         return transfer
 
-    async def send_with_blob(self, msg: m.Message, data: bytes | None, what: str = "payload") -> None:
+    async def send_with_blob(self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None) -> None:
         if data is not None:
-            setattr(msg, "blob", await self.send_blob(data, what))
+            setattr(msg, "blob", await self.send_blob(data, what, sha256))
         await self.send(msg)
 
     async def request(
         self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = None
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its reply; raises RemoteError when refused."""
+        """Send a request and wait for its reply.
+
+        Raises RemoteError when the peer refuses, LinkClosed when the connection closes
+        first, RequestTimeout when no reply comes within ``timeout`` seconds.
+        """
+        if self.closed:
+            raise LinkClosed(self.peer, f"cannot send {op}")
         req = m.Request(op=op, args=args or {}, id=self.next_id())
         fut: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = fut
         try:
             await self.send_with_blob(req, blob)
-            reply = await asyncio.wait_for(fut, timeout)
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:  # asyncio's, since 3.11 the builtin
+                raise RequestTimeout(self.peer, op, timeout or 0.0) from None
         finally:
             self._pending.pop(req.id, None)
+            # run() may have failed the future while the send was still under way, and the
+            # send's own LinkClosed is what propagates: retrieve the future's exception so
+            # asyncio does not log it as never retrieved.
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            else:
+                fut.cancel()
         if not reply.ok:
             err = reply.error or {}
             raise RemoteError(str(err.get("code", "error")), str(err.get("message", "request failed")))
@@ -145,11 +227,14 @@ class Link:
         except ConnectionClosed:
             pass
         finally:
+            self.closed = True
+            reason = _close_reason(self.ws)
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"connection to {self.peer} closed"))
+                    fut.set_exception(LinkClosed(self.peer, reason))
             for task in list(self._tasks):
                 task.cancel()
+            self._transfers.clear()  # can never complete now
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
@@ -158,7 +243,7 @@ class Link:
             await self.send(m.Error(code=exc.code, message=str(exc), re=re))
             if self._bad_frames > MAX_BAD_FRAMES:
                 await self.ws.close(1008, "too many malformed messages")
-        except ConnectionClosed:
+        except (LinkClosed, ConnectionClosed):
             pass
 
     async def _on_text(self, text: str, on_message: MessageHandler | None, on_request: RequestHandler | None) -> None:
@@ -174,11 +259,12 @@ class Link:
         if isinstance(msg, m.Error):
             log.warning("%s reported an error: %s", self.peer, msg.message)
             return
-        blob, blob_error = self._take_blob(getattr(msg, "blob", None))
+        # No local name for the payload: whoever takes it from the Incoming decides its lifetime.
+        inc = Incoming(msg, *self._take_blob(getattr(msg, "blob", None)))
         if isinstance(msg, m.Request):
-            self._spawn(self._answer(msg, blob, blob_error, on_request))
+            self._spawn(self._answer(msg, inc, on_request))
         elif on_message is not None:
-            await on_message(Incoming(msg, blob, blob_error))
+            await on_message(inc)
         else:
             raise ProtocolError(f"{msg.type} is not accepted on this link")
 
@@ -187,14 +273,14 @@ class Link:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, req: m.Request, blob: bytes | None, blob_error: str | None, on_request: RequestHandler | None) -> None:
+    async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
         data: bytes | None = None
         try:
-            if blob_error:
-                raise ProtocolError(blob_error)
+            if inc.blob_error:
+                raise ProtocolError(inc.blob_error)
             if on_request is None:
                 raise ProtocolError(f"{self.peer} does not take requests here")
-            result, data = await on_request(req, blob)
+            result, data = await on_request(req, inc.take_blob())
             reply = m.Reply(re=req.id, ok=True, result=result)
         except ScaleoutError as exc:
             reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": str(exc)})
@@ -205,20 +291,16 @@ class Link:
             reply = m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
         try:
             await self.send_with_blob(reply, data)
-        except ConnectionClosed:
+        except LinkClosed:
             pass
 
     def _on_blob_start(self, start: m.BlobStart) -> None:
         if start.size < 0:
-            self._failed[start.transfer] = f"payload size {start.size} is invalid"
-            self._trim()
-            raise ProtocolError(self._failed[start.transfer])
+            self._refuse(start.transfer, f"payload size {start.size} is invalid")
         if start.size > self.max_payload:
-            self._failed[start.transfer] = f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}"
-            self._trim()
-            raise ProtocolError(self._failed[start.transfer])
-        if len(self._transfers) >= MAX_IN_FLIGHT:
-            raise ProtocolError(f"too many payloads in flight (limit {MAX_IN_FLIGHT})")
+            self._refuse(start.transfer, f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}")
+        if len(self._transfers) >= self.max_in_flight:
+            self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
         self._transfers[start.transfer] = _Transfer(start)
         if start.size == 0:
             self._finish(start.transfer)
@@ -230,17 +312,21 @@ class Link:
             if transfer in self._failed:
                 return  # the rest of a payload we already refused
             raise ProtocolError(f"payload chunk for unknown transfer {transfer!r}")
-        if len(t.data) + len(chunk) > t.start.size:
+        if t.received + len(chunk) > t.start.size:
             del self._transfers[transfer]
-            self._failed[transfer] = f"payload is larger than the announced {t.start.size} bytes"
-            raise ProtocolError(self._failed[transfer])
-        t.data += chunk
-        t.digest.update(chunk)
-        if t.start.size >= PROGRESS_MIN_BYTES and len(t.data) >= t.next_report and len(t.data) < t.start.size:
-            log.info("receiving payload from %s: %s of %s", self.peer, fmt_bytes(len(t.data)), fmt_bytes(t.start.size))
+            self._refuse(transfer, f"payload is larger than the announced {t.start.size} bytes")
+        t.write(chunk)
+        if t.start.size >= PROGRESS_MIN_BYTES and t.received >= t.next_report and t.received < t.start.size:
+            log.info("receiving payload from %s: %s of %s", self.peer, fmt_bytes(t.received), fmt_bytes(t.start.size))
             t.next_report += t.start.size // 4
-        if len(t.data) == t.start.size:
+        if t.received == t.start.size:
             self._finish(transfer)
+
+    def _refuse(self, transfer: str, reason: str) -> NoReturn:
+        """Remember why, so its remaining chunks are dropped and a message naming it is told."""
+        self._failed[transfer] = reason
+        self._trim()
+        raise ProtocolError(reason)
 
     def _finish(self, transfer: str) -> None:
         t = self._transfers.pop(transfer)
@@ -248,14 +334,15 @@ class Link:
         if actual != t.start.sha256:
             self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
         else:
-            self._blobs[transfer] = bytes(t.data)
+            self._blobs[transfer] = t.value()
         self._trim()
 
     def _trim(self) -> None:
         # Payloads nobody claimed (a peer that announces and never refers) must not pile up.
-        for store in (self._blobs, self._failed):
-            while len(store) > MAX_IN_FLIGHT:
-                store.popitem(last=False)
+        while len(self._blobs) > self.max_in_flight:
+            self._blobs.popitem(last=False)
+        while len(self._failed) > MAX_FAILED:
+            self._failed.popitem(last=False)
 
     def _take_blob(self, transfer: str | None) -> tuple[bytes | None, str | None]:
         if transfer is None:
@@ -268,3 +355,11 @@ class Link:
             del self._transfers[transfer]
             return None, "payload was referred to before all of it arrived"
         return None, f"message refers to unknown payload {transfer!r}"
+
+
+def _close_reason(ws: Any) -> str:
+    """The close code and reason, e.g. "code 1008: too many malformed messages", once known."""
+    code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", "")
+    if code is None:
+        return ""
+    return f"code {code}" + (f": {reason}" if reason else "")

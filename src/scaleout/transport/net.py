@@ -88,8 +88,17 @@ def _peer(connection: ServerConnection) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "unknown peer"
 
 
-async def connect(url: str, token: str, ssl_context: ssl.SSLContext | None, *, max_payload: int, timeout: float = 10.0) -> Link:
-    """Open a link to ``url``; AuthError when the token is refused, ConnectError otherwise."""
+async def connect(
+    url: str, token: str, ssl_context: ssl.SSLContext | None, *, max_payload: int, timeout: float = 10.0, peer_role: str = "controller"
+) -> Link:
+    """Open a link to ``url``; AuthError when the token is refused, ConnectError otherwise.
+
+    With TLS, the peer must present a certificate for ``peer_role``: one CA signs the
+    controller's and the combiners' certificates, and a combiner must not pass for the
+    controller. A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
+    """
+    if ssl_context is not None and not url.startswith("wss://"):
+        raise TrustError(f"refusing to send a token over clear text to {url}: expected a wss:// address")
     try:
         ws = await ws_connect(
             url,
@@ -112,7 +121,21 @@ async def connect(url: str, token: str, ssl_context: ssl.SSLContext | None, *, m
         raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
+    if ssl_context is not None:
+        _check_peer_role(ws, url, peer_role)
     return Link(ws, url, max_payload=max_payload)
+
+
+def _check_peer_role(ws: Any, url: str, expected: str) -> None:
+    from scaleout.security.tls import node_role
+
+    ssl_object = ws.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    role = node_role(der) if der else None
+    # The controller's own certificate carries no node role; combiners' carry theirs.
+    if (role or "controller") != expected:
+        ws.transport.close()
+        raise TrustError(f"{url} presented a {role or 'controller'} certificate where a {expected} was expected")
 
 
 def backoff(initial: float = 0.2, maximum: float = 15.0, factor: float = 2.0, rng: random.Random | None = None) -> Iterator[float]:

@@ -36,12 +36,17 @@ class FedAvg:
         check_finite(update)
         if not np.isfinite(self._weight + w):
             raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
+        # One fresh float64 array per tensor holds sums + update * w; the old sums are
+        # replaced only once every tensor is known finite, so a refusal changes nothing.
+        new: dict[str, np.ndarray] = {}
         with np.errstate(over="ignore", invalid="ignore"):
-            weighted = {name: np.multiply(update[name], w, dtype=np.float64) for name in self._sums}
-            if not all(np.isfinite(self._sums[n] + weighted[n]).all() for n in self._sums):
-                raise UpdateRejected(f"weighting this update by {w:g} overflows the running sum")
-        for name, total in self._sums.items():
-            total += weighted[name]
+            for name, total in self._sums.items():
+                fresh = np.multiply(update[name], w, dtype=np.float64)
+                fresh += total
+                if not np.isfinite(fresh).all():
+                    raise UpdateRejected(f"weighting this update by {w:g} overflows the running sum")
+                new[name] = fresh
+        self._sums = new
         self._weight += w
         self._contributors.append(contributor)
 

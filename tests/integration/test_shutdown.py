@@ -1,0 +1,233 @@
+"""Shutting down on SIGTERM: promptly, with exit code 0, and leaving no process behind.
+
+A client inside a train callback (one that checks for the abort and one that never does),
+a client stalled on a controller that never answers, a combiner in the middle of a round,
+and `scaleout dev`, whose children must all be gone once it has exited. Readiness is a
+line on a process's stdout (or a frame reaching a fake controller), never a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, Proc
+from websockets.sync.server import ServerConnection, serve
+
+SLOW = FIXTURES / "slow_client"
+PROMPT_S = 5.0  # the client's abort grace is 2 s; anything near 5 s is a shutdown that waited
+
+STUBBORN_STARTUP = '''\
+"""A train callback that never calls check_task_abort(): it just takes a long time."""
+
+import time
+
+
+def startup(client):
+    def train(model, settings):
+        print("stubborn: training", flush=True)
+        time.sleep(120)
+        return model, {"training_metadata": {"num_examples": 1}}
+
+    client.set_train_callback(train)
+'''
+
+
+def wait_line(stream: IO[bytes], text: str, timeout: float, what: str) -> str:
+    """Block until ``stream`` gives a line containing ``text``; return that line."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and sel.select(left):
+            line = stream.readline().decode(errors="replace")
+            if not line:
+                break
+            if text in line:
+                return line
+    raise AssertionError(f"{what} did not print {text!r} within {timeout}s")
+
+
+def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:
+    assert proc.popen.stdout is not None
+    try:
+        wait_line(proc.popen.stdout, text, timeout, proc.name)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{proc.text()}") from None
+
+
+def training(fed: Federation, package: Path, marker: str) -> Proc:
+    """A federation with one client of ``package``, stuck in round 1's train callback."""
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    client = fed.client("slow", package=package)
+    fed.wait_clients(1)
+    fed.admin("session.start", {"rounds": 1, "min_clients": 1, "round_timeout": 60, "validate": False, "settings": {"slow_s": 20}})
+    wait_stdout(client, marker)
+    return client
+
+
+def stop_promptly(proc: Proc) -> int:
+    started = time.monotonic()
+    code = proc.stop(timeout=15)
+    elapsed = time.monotonic() - started
+    assert elapsed < PROMPT_S, f"{proc.name} took {elapsed:.1f}s to exit after SIGTERM:\n{proc.text()}"
+    return code
+
+
+# -- join ------------------------------------------------------------------------------------
+
+
+def test_sigterm_aborts_a_train_callback_that_checks_for_it(fed: Federation) -> None:
+    client = training(fed, SLOW, "slow_client: training")
+    assert stop_promptly(client) == 0
+    log = client.text()
+    assert "SIGTERM received" in log, log
+    assert "did not return within" not in log, log
+
+
+def test_sigterm_does_not_wait_for_a_train_callback_that_ignores_the_abort(fed: Federation) -> None:
+    package = fed.tmp / "stubborn"
+    package.mkdir()
+    (package / "scaleout.yaml").write_text((SLOW / "scaleout.yaml").read_text())
+    (package / "startup.py").write_text(STUBBORN_STARTUP)
+    client = training(fed, package, "stubborn: training")
+    assert stop_promptly(client) == 0
+    log = client.text()
+    assert "did not return within 2s of the abort" in log and "check_task_abort" in log, log
+
+
+@pytest.fixture
+def silent_controller() -> Iterator[tuple[str, threading.Event]]:
+    """A plain-websocket "controller" that takes requests and never answers them.
+
+    Yields its ws:// URL and an event set once a request frame has arrived.
+    """
+    asked = threading.Event()
+    release = threading.Event()
+
+    def handler(ws: ServerConnection) -> None:
+        ws.recv()
+        asked.set()
+        release.wait()
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}", asked
+        finally:
+            release.set()
+            server.shutdown()
+            thread.join(10)
+
+
+def test_sigterm_cancels_a_request_the_controller_never_answers(fed: Federation, silent_controller: tuple[str, threading.Event]) -> None:
+    url, asked = silent_controller
+    args = ["join", "--controller", url, "--token", "any", "--insecure", "--name", "stalled", "--work-dir", str(fed.tmp / "stalled")]
+    client = Proc("stalled", args, fed.logs, False)
+    fed.procs.append(client)
+    assert asked.wait(START_TIMEOUT), f"the client never asked for the package:\n{client.text()}"
+    assert stop_promptly(client) == 0  # package.get waits up to 600 s for its reply
+
+
+# -- combine ---------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_a_combiner_in_the_middle_of_a_round(fed: Federation) -> None:
+    training(fed, SLOW, "slow_client: training")
+    combiner = next(p for p in fed.procs if p.name == "c1")
+    assert stop_promptly(combiner) == 0
+    assert "SIGTERM received" in combiner.text()
+
+
+# -- dev -------------------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def children_of(parent: int) -> dict[int, int]:
+    """The live children of ``parent``: pid -> start time (a reused pid has another)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+            state, ppid, start = stat
+            if ppid == parent and state != "Z":
+                found[int(entry.name)] = start
+    return found
+
+
+def alive(pid: int, start: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[2] == start and stat[0] != "Z"
+
+
+def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    args = [
+        "dev", "-p", str(SLOW), "--clients", "2", "--rounds", "1", "--round-timeout", "60", "--no-validate",
+        "--settings", json.dumps({"slow_s": 20}), "--headless", "--data-dir", str(data),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEOUT_")}
+    with open(tmp_path / "dev.log", "wb") as stderr:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "scaleout", *args], stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+    children: dict[int, int] = {}
+    try:
+        assert dev.stdout is not None
+        try:
+            wait_line(dev.stdout, "session ", 2 * START_TIMEOUT, "scaleout dev")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{(tmp_path / 'dev.log').read_text()}") from None
+        children = children_of(dev.pid)
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children}
+        roles = sorted(next(a.decode() for a in argv if a in (b"serve", b"combine", b"join")) for argv in commands.values())
+        assert roles == ["combine", "join", "join", "serve"], commands
+        for pid, argv in commands.items():
+            assert b"--token" not in argv, argv
+            if b"serve" not in argv:
+                assert b"SCALEOUT_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes(), argv
+
+        started = time.monotonic()
+        dev.send_signal(signal.SIGTERM)
+        try:
+            code = dev.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"scaleout dev ignored SIGTERM:\n{(tmp_path / 'dev.log').read_text()}") from None
+        left = [pid for pid, start in children.items() if alive(pid, start)]
+        assert not left, f"scaleout dev left {left} running"
+        assert code == 130, (code, (tmp_path / "dev.log").read_text())
+        assert time.monotonic() - started < 10
+        log = (tmp_path / "dev.log").read_text()
+        assert "SIGTERM received: stopping the federation" in log and "Traceback" not in log, log
+        for child_log in (data / "logs").glob("*.log"):
+            assert "Traceback" not in child_log.read_text(), child_log
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+        if dev.stdout is not None:
+            dev.stdout.close()
+        for pid, start in children.items():  # orphans of a failed test must not outlive it
+            if alive(pid, start):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,80 @@
+"""One CA signs the controller's and the combiners' certificates: a combiner must never
+pass for the controller, and a TLS-configured node never falls back to clear text."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import Federation
+
+from scaleout.core.errors import AuthError, RemoteError
+from scaleout.security import tls
+from scaleout.transport.link import Link
+from scaleout.transport.net import TrustError, connect, serve
+
+
+def combiner_cert(fed: Federation, tmp: Path) -> tuple[Path, Path]:
+    """Have the controller sign a CSR, as a combiner does, claiming the controller's names."""
+    csr, key = tls.make_csr(["127.0.0.1", "localhost"], "Scaleout controller")
+
+    token = fed.token("combiner")
+
+    async def register() -> dict:
+        link = await connect(fed.url, token, tls.client_context(fed.ca), max_payload=1 << 20)
+        reader = asyncio.create_task(link.run())
+        try:
+            result, _ = await link.request("combiner.register", {"name": "impostor", "csr": csr.decode()})
+            with pytest.raises(RemoteError, match="wss://"):
+                await link.request("combiner.ready", {"url": "ws://127.0.0.1:1"})
+            return result
+        finally:
+            await link.ws.close()
+            reader.cancel()
+
+    result = asyncio.run(register())
+    (tmp / "c.pem").write_text(result["cert"])
+    tls.write_private(tmp / "c.key", key)
+    return tmp / "c.pem", tmp / "c.key"
+
+
+def test_combiner_certificate_cannot_pass_for_the_controller(fed: Federation, tmp_path: Path) -> None:
+    fed.controller()
+    cert, key = combiner_cert(fed, tmp_path)
+    assert tls.node_role(tls.x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(tls.serialization.Encoding.DER)) == "combiner"
+
+    client_token = fed.token("client")
+
+    async def scenario() -> None:
+        async def on_link(link: Link) -> None:
+            await link.run()
+
+        def authenticate(token: str | None) -> object:
+            if not token:
+                raise AuthError("no token")
+            return object()
+
+        server, port = await serve(on_link, authenticate, "127.0.0.1", 0, tls.server_context(cert, key), max_payload=1 << 20)
+        try:
+            ctx = tls.client_context(fed.ca)
+            # An admin dialling "the controller" must refuse a combiner's certificate...
+            with pytest.raises(TrustError, match="combiner certificate"):
+                await connect(f"wss://127.0.0.1:{port}", "secret-admin-token", ctx, max_payload=1 << 20)
+            # ...while a client dialling a combiner accepts it.
+            link = await connect(f"wss://127.0.0.1:{port}", "t", ctx, max_payload=1 << 20, peer_role="combiner")
+            await link.ws.close()
+            # And the real controller is not a combiner.
+            with pytest.raises(TrustError, match="controller certificate"):
+                await connect(fed.url, client_token, ctx, max_payload=1 << 20, peer_role="combiner")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_tls_caller_refuses_clear_text_address(fed: Federation) -> None:
+    fed.controller()
+    with pytest.raises(TrustError, match="clear text"):
+        asyncio.run(connect(fed.url.replace("wss://", "ws://"), "token", tls.client_context(fed.ca), max_payload=1 << 20))
