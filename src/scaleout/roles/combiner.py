@@ -16,7 +16,7 @@ from scaleout.core import payload
 from scaleout.core.errors import AuthError, PayloadError, ProtocolError, ScaleoutError, UpdateRejected
 from scaleout.core.rounds import CombinerRound
 from scaleout.core.updates import read_num_examples
-from scaleout.roles.common import announce, new_id, url_host
+from scaleout.roles.common import announce, bracket, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
 from scaleout.transport.net import connect, serve
@@ -101,7 +101,7 @@ class Combiner:
         scheme = "ws" if s.insecure else "wss"
         host_part = f"[{dial_host}]" if ":" in dial_host else dial_host
         await self.controller.request("combiner.ready", {"url": f"{scheme}://{host_part}:{port}"}, timeout=30)
-        announce(f"{scheme}://{s.host}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}")
         log.info("combiner %s registered with %s", self.name, s.controller)
         stopping = asyncio.ensure_future(stop.wait())
         try:

@@ -101,6 +101,11 @@ async def unless_stopped(step: Awaitable[None], stop: asyncio.Event, grace: floa
     return True
 
 
+def bracket(host: str) -> str:
+    """An IPv6 literal in a URL goes in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def url_host(host: str) -> str:
     """The host part of a URL others can dial (a wildcard bind is dialled on loopback)."""
     if host in ("0.0.0.0", ""):

@@ -25,7 +25,7 @@ from scaleout.core.errors import (
     UpdateRejected,
 )
 from scaleout.core.rounds import ControllerRound, Outcome
-from scaleout.roles.common import announce, new_id, url_host
+from scaleout.roles.common import announce, bracket, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.state import State
@@ -39,6 +39,7 @@ PACKAGE = ("packages", ".tgz")
 ADMIN_TOKEN_TTL = 365 * 86400
 PARTIAL_GRACE_S = 5.0
 ASSIGNMENT_TTL_S = 30.0
+SMALL_PAYLOAD = 1 << 20
 
 
 @dataclass
@@ -163,7 +164,7 @@ class Controller:
         self._write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
         (self.dir / "controller.json").write_text(json.dumps(info) + "\n")
-        announce(f"{scheme}://{s.host}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()
         finally:
@@ -187,6 +188,8 @@ class Controller:
     async def _on_link(self, link: Link) -> None:
         role = link.claims.role
         log.debug("%s connected with a %s token", link.peer, role)
+        if role == "client":  # clients only ask; they never upload to the controller
+            link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
             entry = self._ops.get(req.op)
@@ -264,6 +267,7 @@ class Controller:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
             result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
         self.combiners[name] = CombinerConn(name, link)
+        link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
         self.state.audit(name, "combiner.register")
         return result, None
@@ -560,7 +564,10 @@ class Controller:
                 session_id=s.id, round_index=index, model_id=parent, clients=clients,
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
             )
-            if not await _quiet_send(self.combiners[name].link, msg):
+            link = self.combiners[name].link
+            # A partial holds float64 sums: up to 8 bytes per element, plus its header.
+            link.max_payload = min(self.settings.max_payload, 8 * sum(_elements(t.shape) for t in template.values()) + SMALL_PAYLOAD)
+            if not await _quiet_send(link, msg):
                 tracker.on_combiner_lost(name)
         contributors: list[str] = []
         decision = tracker.on_tick(loop.time())
@@ -625,6 +632,10 @@ class Controller:
             if kind == "lost" or kind == m.ValidateDone.type:
                 waiting.discard(value if kind == "lost" else value[0])
         return mean_metrics(r["data"] for r in self.state.reports(s.id, index, "validate") if not r["error"])
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
 
 
 def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
