@@ -102,8 +102,8 @@ class Federation:
 
     # -- roles -------------------------------------------------------------------------
 
-    def controller(self, *extra: str) -> Proc:
-        p = Proc("controller", ["serve", "--data-dir", str(self.data), "--port", "0", *extra], self.logs, True)
+    def controller(self, *extra: str, name: str = "controller", port: int = 0) -> Proc:
+        p = Proc(name, ["serve", "--data-dir", str(self.data), "--port", str(port), *extra], self.logs, True)
         self.procs.append(p)
         info = json.loads((self.data / "controller.json").read_text())
         self.conn = Connection(info["url"], (self.data / "admin.token").read_text().strip(), self.data / "ca.pem", False)

@@ -19,7 +19,7 @@ from scaleout.core.updates import read_num_examples
 from scaleout.roles.common import announce, bracket, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
-from scaleout.transport.net import connect, serve
+from scaleout.transport.net import backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 
@@ -73,19 +73,63 @@ class Combiner:
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
 
+    async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
+        """Connect to the controller and register; returns the link's reader and the reply."""
+        s = self.settings
+        link = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
+        reader = asyncio.create_task(link.run(on_message=self._on_controller))
+        args: dict[str, Any] = {"name": self.name}
+        if csr is not None:
+            args["csr"] = csr
+        try:
+            result, _ = await link.request("combiner.register", args, timeout=30)
+        except BaseException:
+            await link.ws.close()
+            reader.cancel()
+            raise
+        self.controller = link
+        return reader, result
+
+    async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Register again after losing the controller, with backoff; None when stopped."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                reader, _ = await self._register(ctx, None)
+                assert self.controller is not None
+                await self.controller.request("combiner.ready", {"url": url}, timeout=30)
+                await self._send_status()
+                log.info("reconnected to the controller at %s", self.settings.controller)
+                return reader
+            except AuthError:
+                raise
+            except (ScaleoutError, OSError) as exc:
+                log.warning("controller not reachable yet: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _abandon_jobs(self) -> None:
+        """The controller that gave us these rounds is gone: stop their tasks."""
+        for job in list(self.jobs.values()):
+            self._drop(job)
+            for link in list(self.clients.values()):
+                await _quiet(link.send(m.TaskAbort(session_id=job.session_id)))
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
-        self.controller = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
-        reader = asyncio.create_task(self.controller.run(on_message=self._on_controller))
         dial_host = s.advertise or url_host(s.host).strip("[]")
-        args: dict[str, Any] = {"name": self.name}
         key_pem = b""
+        csr: str | None = None
         if not s.insecure:
             hosts = sorted({dial_host, "127.0.0.1", "localhost"} | ({s.host} if s.host not in ("0.0.0.0", "::", "") else set()))
-            csr, key_pem = tls.make_csr(hosts, self.name)
-            args["csr"] = csr.decode()
-        result, _ = await self.controller.request("combiner.register", args, timeout=30)
+            csr_pem, key_pem = tls.make_csr(hosts, self.name)
+            csr = csr_pem.decode()
+        reader, result = await self._register(ctx, csr)
+        assert self.controller is not None
         self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
         server_ctx = None
         tmp = None
@@ -99,21 +143,27 @@ class Combiner:
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
         server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
         scheme = "ws" if s.insecure else "wss"
-        host_part = f"[{dial_host}]" if ":" in dial_host else dial_host
-        await self.controller.request("combiner.ready", {"url": f"{scheme}://{host_part}:{port}"}, timeout=30)
+        url = f"{scheme}://{bracket(dial_host)}:{port}"
+        await self.controller.request("combiner.ready", {"url": url}, timeout=30)
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         log.info("combiner %s registered with %s", self.name, s.controller)
         stopping = asyncio.ensure_future(stop.wait())
+        current: asyncio.Task[None] | None = reader
         try:
-            done, _ = await asyncio.wait({stopping, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                raise ConnectionError(f"lost the connection to the controller at {s.controller}")
+            while current is not None:
+                done, _ = await asyncio.wait({stopping, current}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    break
+                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected)", s.controller)
+                await self._abandon_jobs()
+                current = await self._reconnect(ctx, url, stop)
         finally:
             self.stopping = True
             stopping.cancel()
             server.close()
             await self.controller.ws.close()
-            reader.cancel()
+            if current is not None:
+                current.cancel()
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
