@@ -169,9 +169,16 @@ def build_parser() -> ArgumentParser:
         c = ssub.add_parser(action, help=text)
         if action != "ls":
             c.add_argument("id", nargs="?", metavar="ID", help="session id (default: the latest)")
+        if action == "show":
+            c.add_argument("--clients", action="store_true", help="also show each client's training result and validation per round")
         _connection(c)
         _json_flag(c)
         _common(c)
+
+    p = sub.add_parser("status", help="what the controller is doing: address, active model and package, session, nodes")
+    _connection(p)
+    _json_flag(p)
+    _common(p)
 
     for noun in ("client", "combiner"):
         p = sub.add_parser(noun, help=f"{noun}s known to the controller")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-from conftest import FIXTURES, QUICKSTART, Federation
+from conftest import FIXTURES, QUICKSTART, Federation, scaleout
 
 from scaleout.core import payload
 
@@ -29,6 +31,17 @@ def test_quickstart_session_downloaded_package_improves(fed: Federation) -> None
     assert [m["id"] for m in models] == [seed] + [r["model_id"] for r in rounds]
     assert [m["parent"] for m in models[1:]] == [seed] + [r["model_id"] for r in rounds[:-1]]
     assert all(m["contributors"] == ["client-0", "client-1", "client-2"] for m in models[1:])
+    # Per-client results are kept: each round has every client's train report and validation.
+    shown = fed.admin("session.show", {"id": session["id"], "clients": True})[0]["session"]
+    for r in shown["rounds"]:
+        kinds = sorted((c["kind"], c["client"]) for c in r["clients"] if not c["error"])
+        assert kinds == sorted((k, f"client-{i}") for k in ("train", "validate") for i in range(3))
+        train = [c for c in r["clients"] if c["kind"] == "train"]
+        assert all(c["data"]["metadata"]["training_metadata"]["num_examples"] > 0 for c in train)
+    out = scaleout("status", "--json", "--data-dir", str(fed.data))
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["active_model"] == rounds[-1]["model_id"] and status["clients"] == 3 and status["session"] is None
 
 
 def test_mixed_dtypes_two_combiners_local_package(fed: Federation) -> None:

@@ -236,11 +236,32 @@ def _print_session(s: dict[str, Any]) -> None:
     print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
     for r in s["rounds"]:
         print("  " + _round_line(r))
+        for c in r.get("clients", []):
+            data = c["data"]
+            if c["kind"] == "train":
+                meta = data.get("metadata") or {}
+                data = {**{k: v for k, v in meta.items() if not isinstance(v, dict)}, **(meta.get("training_metadata") or {})}
+            shown = c["error"] or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items() if not isinstance(v, dict))
+            print(f"      {c['client']:<16} {c['kind']:<9} {'refused: ' if c['error'] else ''}{shown}")
 
 
 def session_show(args: argparse.Namespace) -> int:
-    result, _ = call(args, "session.show", {"id": args.id})
+    result, _ = call(args, "session.show", {"id": args.id, "clients": args.clients})
     emit(args, result["session"], lambda: _print_session(result["session"]))
+    return EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    result, _ = call(args, "status")
+
+    def human() -> None:
+        print(f"controller      {result['url']}")
+        print(f"active model    {result['active_model'] or '- (set one with: scaleout model set-seed FILE)'}")
+        print(f"active package  {result['active_package'] or '- (set one with: scaleout package set-active FILE)'}")
+        print(f"session         {result['session'] or '- (none running)'}")
+        print(f"combiners       {result['combiners']} connected, {result['clients']} clients")
+
+    emit(args, result, human)
     return EXIT_OK
 
 
@@ -288,5 +309,6 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("session", "show"): session_show,
     ("session", "stop"): session_stop,
     ("client", "ls"): client_ls,
+    ("status", None): status,
     ("combiner", "ls"): combiner_ls,
 }

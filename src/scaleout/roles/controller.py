@@ -426,7 +426,12 @@ class Controller:
         return {"sessions": self.state.sessions()}, None
 
     async def _session_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {"session": self.state.session(self._session_key(args))}, None
+        session = self.state.session(self._session_key(args))
+        if args.get("clients"):
+            reports = self.state.reports(session["id"])
+            for r in session["rounds"]:
+                r["clients"] = [x for x in reports if x["round_index"] == r["idx"] and x["kind"] in ("train", "validate")]
+        return {"session": session}, None
 
     def _session_key(self, args: dict[str, Any]) -> str:
         key = args.get("id")
