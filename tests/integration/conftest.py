@@ -8,6 +8,7 @@ never on sleep. At teardown every process gets SIGTERM and no log may hold a tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import selectors
@@ -177,12 +178,19 @@ class Federation:
                 p.stop()
 
 
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation]:
-    f = Federation(tmp_path)
+@contextlib.contextmanager
+def federation(tmp: Path) -> Iterator[Federation]:
+    """A Federation whose processes are stopped at the end, and whose logs hold no traceback."""
+    f = Federation(tmp)
     try:
         yield f
     finally:
         f.stop_all()
     for p in f.procs:
         assert "Traceback" not in p.text(), f"{p.name} logged a traceback:\n{p.text()}"
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation]:
+    with federation(tmp_path) as f:
+        yield f

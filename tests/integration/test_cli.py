@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, scaleout
+from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, federation, scaleout
 
 SCALEOUT_ENV = ("SCALEOUT_CONTROLLER", "SCALEOUT_TOKEN", "SCALEOUT_CA")
 
@@ -38,14 +38,9 @@ def _no_ambient_controller(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """One controller shared by the tests that only read from it or are refused by it."""
-    f = Federation(tmp_path_factory.mktemp("ctl"))
-    f.controller()
-    try:
+    with federation(tmp_path_factory.mktemp("ctl")) as f:
+        f.controller()
         yield f
-    finally:
-        f.stop_all()
-    for p in f.procs:
-        assert "Traceback" not in p.text(), f"{p.name} logged a traceback:\n{p.text()}"
 
 
 def ok(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
