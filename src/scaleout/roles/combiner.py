@@ -29,6 +29,7 @@ log = logging.getLogger("scaleout.combiner")
 CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
+DECODE_SLOTS = 2  # updates decoded at once
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Combiner:
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
+        self.decoding = asyncio.Semaphore(DECODE_SLOTS)
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
@@ -371,8 +373,10 @@ class Combiner:
     async def _fold(self, job: Job, client: str, msg: m.TaskResult, inc: Incoming) -> bool:
         """Check a client's update and fold it into the running aggregate, or refuse it.
 
-        Decoding runs outside ``job.lock``, so updates from several clients decode at once;
-        the lock only keeps `agg.add` and its tracker update whole against `_complete`.
+        At most ``DECODE_SLOTS`` updates are decoded at a time, so decoded copies do not
+        grow with the number of clients; the lock only keeps `agg.add` and its tracker
+        update whole against `_complete`. A client waiting for a slot holds its raw bytes
+        and its link stops reading (backpressure), until updates fold chunk by chunk.
         """
         blob = inc.take_blob()
         try:
@@ -381,13 +385,15 @@ class Combiner:
             if blob is None:
                 raise PayloadError(inc.blob_error or "train result carried no model")
             weight = read_num_examples(msg.data.get("metadata"))
-            named, _, _ = await asyncio.to_thread(payload.read, blob)
-            del blob  # nothing else holds the raw bytes: free them before waiting for the lock
-            async with job.lock:
-                if self.jobs.get(job.kind) is not job:
-                    raise UpdateRejected("the round closed while the update was being decoded")
-                await asyncio.to_thread(job.agg.add, named, float(weight), client)
-                ready = job.tracker.on_update(client)
+            async with self.decoding:
+                named, _, _ = await asyncio.to_thread(payload.read, blob)
+                del blob  # nothing else holds the raw bytes: free them before waiting for the lock
+                async with job.lock:
+                    if self.jobs.get(job.kind) is not job:
+                        raise UpdateRejected("the round closed while the update was being decoded")
+                    await asyncio.to_thread(job.agg.add, named, float(weight), client)
+                    ready = job.tracker.on_update(client)
+                del named
         except ScaleoutError as exc:
             log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
             ready = job.tracker.on_refused(client, str(exc))
