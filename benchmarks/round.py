@@ -132,6 +132,7 @@ async def federation(package: Path, root: Path, n_clients: int, n_rounds: int, r
         cfg = {"rounds": n_rounds, "min_clients": n_clients, "round_timeout": round_timeout, "validate": False}
         session = (await call_async(conn, "session.start", cfg))[0]["session"]
         session = (await call_async(conn, "session.wait", {"id": session["id"]}))[0]["session"]
+        session["peak_rss_mib"] = {c.name: peak_rss_mib(c.proc.pid) for c in (controller, combiner)}
         return session, seed
     except (DevError, ScaleoutError) as exc:
         tails = "\n".join(c.tail() for c in children)
@@ -141,6 +142,17 @@ async def federation(package: Path, root: Path, n_clients: int, n_rounds: int, r
         for child in children:
             if "Traceback" in child.log_path.read_text(errors="replace"):
                 print(f"warning: {child.name} logged a traceback:\n{child.tail(40)}", file=sys.stderr)
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (Linux VmHWM), to see whether it grows with clients."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 # -- baseline: the same math in this process ------------------------------------------------
@@ -195,6 +207,7 @@ def main() -> None:
         "round_s": [round(d, 3) for d in durations],
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2),
         "overhead_s": round(t_ours - t_base, 4),
+        "peak_rss_mib": session["peak_rss_mib"],
     }, indent=2))
 
 
