@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError
+from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, TaskAborted
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
@@ -237,7 +237,10 @@ class Client:
                 raise
             except Exception as exc:  # the role edge: a failing callback is reported, not fatal
                 result.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc)
-                log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
+                if isinstance(exc, TaskAborted):
+                    log.info("round %d: %s stopped (%s)", task.round_index, task.kind, exc)
+                else:
+                    log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
             finally:
                 self.current_task = None
             await self._send(result, update)
