@@ -11,6 +11,7 @@
      ├── PackageError           a compute package is missing, broken or unsafe
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
+     ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
      └── TaskAborted            the running task was aborted (session stopped)
 
@@ -79,6 +80,12 @@ class AuthError(ScaleoutError):
 
 class PackageError(ScaleoutError):
     code = "bad_package"
+
+
+class Superseded(ScaleoutError):
+    """Another node registered under this node's name; the newest one stays."""
+
+    code = "superseded"
 
 
 class NotFoundError(ScaleoutError):

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from scaleout.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
 MAX_TEXT_BYTES = 1 << 20
 TRANSFER_ID_BYTES = 16
 JSON = dict[str, Any]

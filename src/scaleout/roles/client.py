@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, TaskAborted
+from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, Superseded, TaskAborted
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
@@ -145,7 +145,7 @@ class Client:
             try:
                 # A step stalled on a peer (package.get, client.assign) must not delay exit.
                 return await unless_stopped(step(stop), stop)
-            except (AuthError, TrustError, PackageError):
+            except (AuthError, TrustError, PackageError, Superseded):
                 raise
             except RemoteError as exc:
                 if exc.code == AuthError.code:
@@ -184,8 +184,14 @@ class Client:
             self.link = None
             await link.ws.close()
             run.cancel()
+        # Whatever the combiner handed us belongs to rounds it will no longer wait for.
+        self.edge._abort.set()
+        while not self.tasks.empty():
+            self.tasks.get_nowait()
         if not stop.is_set():
             reason = link.ws.close_reason or "connection closed"
+            if link.ws.close_code == m.CLOSE_SUPERSEDED:
+                raise Superseded(f"{reason}: this client stops (give each client its own --name)")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
     async def _on_message(self, inc: Incoming) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core import payload
-from scaleout.core.errors import AuthError, PayloadError, ProtocolError, ScaleoutError, UpdateRejected
+from scaleout.core.errors import AuthError, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
 from scaleout.core.rounds import CombinerRound
 from scaleout.core.updates import read_num_examples
 from scaleout.roles.common import announce, bracket, new_id, url_host
@@ -156,6 +156,9 @@ class Combiner:
                 done, _ = await asyncio.wait({stopping, current}, return_when=asyncio.FIRST_COMPLETED)
                 if stopping in done:
                     break
+                assert self.controller is not None
+                if self.controller.ws.close_code == m.CLOSE_SUPERSEDED:
+                    raise Superseded(f"another combiner registered as {self.name!r}: this one stops (give each combiner its own --name)")
                 log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected)", s.controller)
                 await self._abandon_jobs()
                 current = await self._reconnect(ctx, url, stop)
@@ -193,10 +196,12 @@ class Combiner:
                 if not isinstance(msg, m.Hello):
                     raise ProtocolError("say hello first")
                 m.check_name(msg.name, "client name")
-                if msg.name in self.clients:
-                    await link.send(m.Error(code="conflict", message=f"a client named {msg.name!r} is already connected"))
-                    await link.ws.close(1008, "duplicate client name")
-                    return
+                old = self.clients.get(msg.name)
+                if old is not None:
+                    # The newest connection wins: the old one is usually a dead link from
+                    # before a restart; a live twin is told why and stops.
+                    log.warning("client %s connected again: closing its older connection", msg.name)
+                    await _quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}"))
                 name = msg.name
                 self.clients[name] = link
                 self._set_client_limit(name)  # back mid-round: its update is still welcome

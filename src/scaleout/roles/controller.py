@@ -259,8 +259,13 @@ class Controller:
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "combiner name")
-        if name in self.combiners and self.combiners[name].link is not link:
-            raise ConflictError(f"a combiner named {name!r} is already connected; give this one another --name")
+        old = self.combiners.get(name)
+        if old is not None and old.link is not link:
+            # The newest registration wins: the old link is usually dead (a restart after a
+            # network loss); a live twin learns why from the close code and stops.
+            log.warning("combiner %s registered again: closing its older connection", name)
+            self._combiner_gone(old.link)
+            await _quiet_close(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
         result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode()}
         if args.get("csr"):
             if self.ssl_context is None:
@@ -294,6 +299,10 @@ class Controller:
                 return {"combiner": c.name, "url": c.url}, None
         now = asyncio.get_running_loop().time()
         self.assigned = {k: v for k, v in self.assigned.items() if now - v[1] < ASSIGNMENT_TTL_S}
+        pending = self.assigned.get(name)
+        if pending is not None and pending[0] in self.combiners and self.combiners[pending[0]].url:
+            c = self.combiners[pending[0]]  # one name, one combiner: a twin must not land elsewhere
+            return {"combiner": c.name, "url": c.url}, None
 
         def load(c: CombinerConn) -> int:
             # Clients assigned a moment ago count before their combiner reports them.
@@ -689,6 +698,13 @@ def _check_package(data: bytes) -> None:
 def _actor(link: Link) -> str:
     claims = link.claims
     return f"{claims.role}:{claims.sub or claims.jti}"
+
+
+async def _quiet_close(link: Link, code: int, reason: str) -> None:
+    try:
+        await link.ws.close(code, reason)
+    except Exception as exc:  # the role edge: the peer may already be gone
+        log.debug("closing %s: %s", link.peer, exc)
 
 
 async def _quiet_send(link: Link, msg: m.Message) -> bool:
