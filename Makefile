@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks sample_projects
 	$(VENV)/bin/mypy --ignore-missing-imports src/
 
 bench: $(STAMP)

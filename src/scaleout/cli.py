@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scaleout.transport.net import ConnectError
 
         _fail(exc)
-        if isinstance(exc, ConnectError) or exc.code == AuthError.code:
+        if isinstance(exc, ConnectError) or exc.code in (AuthError.code, "link_closed", "timeout"):
             return EXIT_UNREACHABLE
         return EXIT_USAGE if exc.code in (ConfigError.code, PackageError.code) else EXIT_FAILED
     except (OSError, ConnectionError) as exc:

@@ -141,13 +141,21 @@ def test_controller_combiner_lost_below_min_fails() -> None:
     assert r.on_combiner_lost("c1") is None
     d = r.on_partial("c2", 2)
     assert d is not None and d.outcome is Outcome.FAILED and d.contributions == 2
-    assert d.reason == "2 of 4 selected clients contributed; at least 3 needed"
+    assert d.reason == "2 of 4 selected clients contributed; at least 3 needed (lost combiner c1)"
 
 
 def test_controller_all_combiners_lost_fails() -> None:
     r = ControllerRound.start({"c1": 1}, min_clients=1, now=0.0, timeout=60.0)
     d = r.on_combiner_lost("c1")
-    assert d == Decision(Outcome.FAILED, 0, "0 of 1 selected clients contributed; at least 1 needed")
+    assert d == Decision(Outcome.FAILED, 0, "0 of 1 selected clients contributed; at least 1 needed (lost combiner c1)")
+
+
+def test_controller_deadline_names_combiners_that_never_reported() -> None:
+    r = ControllerRound.start({"c1": 1, "c2": 1}, min_clients=2, now=0.0, timeout=10.0)
+    assert r.on_partial("c1", 1) is None
+    d = r.on_tick(10.0)
+    assert d is not None and d.outcome is Outcome.FAILED
+    assert d.reason == "1 of 2 selected clients contributed; at least 2 needed (no report from combiner c2)"
 
 
 def test_controller_deadline_below_min_fails_with_counts() -> None:

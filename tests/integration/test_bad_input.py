@@ -16,7 +16,7 @@ import json
 import selectors
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
@@ -427,13 +427,12 @@ def test_refused_update_is_left_out_and_reported(fed: Federation, fixture: str, 
 def test_update_with_an_absurd_weight_is_refused_alone(fed: Federation, num_examples: float, shift: int) -> None:
     one_round_federation(fed, [("odd", FIXTURES / "extreme_client")])
     settings = {"extreme_num_examples": num_examples, "extreme_shift": shift}
-    t0 = time.monotonic()
-    session = fed.run_session(rounds=1, min_clients=3, round_timeout=2, validate=False, settings=settings)
+    session = fed.run_session(rounds=1, min_clients=3, round_timeout=120, validate=False, settings=settings)
     (rnd,) = session["rounds"]
     assert rnd["status"] == "succeeded" and rnd["participants"] == GOOD, rnd
     error = reports(fed, session["id"]).get("odd", {}).get("error")
     assert error and ("num_examples" in error or "weight" in error), error
-    assert time.monotonic() - t0 < 2, "a refused update must not make the round wait for its timeout"
+    assert rnd["duration_s"] < 60, "a refused update must not make the round wait for its timeout"
 
 
 def test_validation_metric_beyond_float_range_does_not_crash_the_session(fed: Federation) -> None:
@@ -480,9 +479,8 @@ def test_stop_while_training_aborts_the_round_and_keeps_the_client(fed: Federati
     config = {"rounds": 3, "min_clients": 1, "round_timeout": 30, "settings": {"slow_s": 20}}
     started = fed.admin("session.start", config)[0]["session"]
     wait_stdout(slow, "slow_client: training")  # round 1 is running, inside the train callback
-    t0 = time.monotonic()
+    # REPLY_TIMEOUT (10 s) is shorter than the 20 s training: stop must not wait for it.
     stopped = fed.admin("session.stop", {"id": started["id"]}, timeout=REPLY_TIMEOUT)[0]["session"]
-    assert time.monotonic() - t0 < 5, "session.stop should not wait for the training to end"
     assert stopped["status"] == "stopped", stopped
     assert [r["status"] for r in stopped["rounds"]] == ["failed"], stopped["rounds"]
     assert "stopped" in stopped["rounds"][0]["reason"]

@@ -156,3 +156,9 @@ def test_parse_ttl_rejects(text):
     with pytest.raises(ConfigError, match="^ttl: ") as e:
         parse_ttl(text)
     assert e.value.key == "ttl"
+
+
+def test_parse_ttl_refuses_absurd_lifetimes() -> None:
+    with pytest.raises(ConfigError, match="100 years"):
+        parse_ttl("99999999999d")
+    assert parse_ttl("36500d") == 36500 * 86400

@@ -99,6 +99,27 @@ def serve(args: argparse.Namespace) -> int:
     return _run(Controller(settings).run)
 
 
+def warn_if_expiring(token: str, role: str) -> None:
+    """Tokens are checked when a node (re)connects: say so before one runs out."""
+    import datetime as dt
+    import time
+
+    from scaleout.core.errors import AuthError
+    from scaleout.security.tokens import peek
+
+    try:
+        exp = peek(token).exp
+    except AuthError:
+        return  # the controller will refuse it with the reason
+    left = exp - time.time()
+    if left < EXPIRY_WARNING_S:
+        when = dt.datetime.fromtimestamp(exp).strftime("%Y-%m-%d %H:%M")
+        log.warning("this %s token expires at %s: after that the %s cannot reconnect; create a new one with: scaleout token create --role %s", role, when, role, role)
+
+
+EXPIRY_WARNING_S = 7 * 86400
+
+
 def combine(args: argparse.Namespace) -> int:
     from scaleout.core.config import parse_port
     from scaleout.roles.combiner import Combiner, CombinerSettings
@@ -110,6 +131,7 @@ def combine(args: argparse.Namespace) -> int:
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
     )
+    warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)
 
 
@@ -125,6 +147,7 @@ def join(args: argparse.Namespace) -> int:
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
         package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
     )
+    warn_if_expiring(conn.token, "client")
     return _run(Client(settings).run)
 
 

@@ -124,7 +124,11 @@ class ControllerRound:
         if n > 0 and (n == wanted or n >= self.min_clients):
             self.decision = Decision(Outcome.SUCCEEDED, n)
         else:
-            self.decision = Decision(
-                Outcome.FAILED, n, f"{n} of {wanted} selected clients contributed; at least {self.min_clients} needed"
-            )
+            reason = f"{n} of {wanted} selected clients contributed; at least {self.min_clients} needed"
+            if self.lost:
+                reason += f" (lost combiner{'s' if len(self.lost) > 1 else ''} {', '.join(sorted(self.lost))})"
+            silent = sorted(set(self.selected) - set(self.received) - self.lost)
+            if silent:
+                reason += f" (no report from combiner{'s' if len(silent) > 1 else ''} {', '.join(silent)})"
+            self.decision = Decision(Outcome.FAILED, n, reason)
         return self.decision

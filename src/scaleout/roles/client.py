@@ -241,6 +241,9 @@ class Client:
                 result.ok = True
             except asyncio.CancelledError:
                 raise
+            except SystemExit as exc:  # e.g. argparse inside a reused training script
+                result.error = f"the {task.kind} callback called sys.exit({exc.code!r})"
+                log.error("round %d: %s", task.round_index, result.error)
             except Exception as exc:  # the role edge: a failing callback is reported, not fatal
                 result.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc)
                 if isinstance(exc, TaskAborted):

@@ -197,7 +197,7 @@ class Controller:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             roles, handler = entry
             if role not in roles:
-                raise AuthError(f"a {role} token may not do {req.op}")
+                raise AuthError(f"{'an' if role[0] in 'aeiou' else 'a'} {role} token may not do {req.op}")
             return await handler(link, req.args, blob)
 
         on_message = self._combiner_message(link) if role == "combiner" else None
@@ -361,6 +361,8 @@ class Controller:
     async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
             raise ProtocolError("package.set_active needs the package bytes")
+        if self.session is not None:
+            raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
         await asyncio.to_thread(_check_package, blob)
         digest = self.blobs.put(*PACKAGE[:1], blob, PACKAGE[1])
         name = str(args.get("name") or "package.tgz")
@@ -508,11 +510,14 @@ class Controller:
             log.exception("session %s crashed", s.id)
             status, reason = "failed", f"internal error: {exc}"
         finally:
-            for row in self.state.rounds(s.id):
-                if row["status"] == "running":
-                    self.state.finish_round(s.id, row["idx"], status="failed", reason=reason or status)
-            self.state.finish_session(s.id, status, self.state.get_meta("active_model"), reason)
-            self.session = None
+            self.session = None  # first: a failing write below must not block new sessions
+            try:
+                for row in self.state.rounds(s.id):
+                    if row["status"] == "running":
+                        self.state.finish_round(s.id, row["idx"], status="failed", reason=reason or status)
+                self.state.finish_session(s.id, status, self.state.get_meta("active_model"), reason)
+            except Exception:  # the role edge: state is repaired at the next start
+                log.exception("could not record the end of session %s", s.id)
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
             await self._emit("session", {"id": s.id, "status": status, "reason": reason})
             s.done.set()
@@ -621,7 +626,11 @@ class Controller:
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         validation: dict[str, float] = {}
         if cfg.validate:
-            validation = await self._validate(s, index, model_id, selected)
+            # Only clients that just delivered are asked: one that timed out would make the
+            # round wait a second full timeout for it.
+            alive = set(contributors)
+            validators = {k: [c for c in v if c in alive] for k, v in selected.items()}
+            validation = await self._validate(s, index, model_id, {k: v for k, v in validators.items() if v})
             if validation:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
         return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation)

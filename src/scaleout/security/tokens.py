@@ -95,12 +95,17 @@ def peek(token: str) -> TokenClaims:
     return _claims(_split(token)[1])
 
 
+MAX_TTL_S = 100 * 365 * 86400
+
+
 def parse_ttl(text: str) -> int:
     """Seconds in "30d", "12h", "15m", "45s" or "3600"."""
     match = _TTL.fullmatch(text.strip().lower()) if isinstance(text, str) else None
     seconds = int(match[1]) * _UNITS[match[2]] if match else 0
     if seconds <= 0:
         raise ConfigError("ttl", f"expected a positive duration like 30d, 12h, 15m, 45s or 3600, got {text!r}")
+    if seconds > MAX_TTL_S:
+        raise ConfigError("ttl", f"{text!r} is longer than the 100 years a token may live")
     return seconds
 
 
@@ -197,5 +202,6 @@ class TokenVerifier:
             when = dt.datetime.fromtimestamp(claims.exp, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             raise AuthError(f"token expired at {when}")
         if roles is not None and claims.role not in roles:
-            raise AuthError(f"a {claims.role} token may not do this; needs one of: {', '.join(roles)}")
+            article = "an" if claims.role[0] in "aeiou" else "a"
+            raise AuthError(f"{article} {claims.role} token may not do this; needs one of: {', '.join(roles)}")
         return claims
