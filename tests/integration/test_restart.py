@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import QUICKSTART, Federation
+from conftest import QUICKSTART, Federation, scaleout
 
 
 def test_controller_restart_keeps_trail_and_combiner_reconnects(fed: Federation) -> None:
@@ -29,3 +29,11 @@ def test_controller_restart_keeps_trail_and_combiner_reconnects(fed: Federation)
     models = fed.admin("model.ls")[0]["models"]
     assert models[-1]["parent"] == trail[-1]
     assert "reconnected to the controller" in fed.procs[1].text()
+
+
+def test_second_controller_on_the_same_data_dir_is_refused(fed: Federation) -> None:
+    fed.controller()
+    r = scaleout("serve", "--data-dir", str(fed.data), "--port", "0", timeout=30)
+    assert r.returncode == 2, r
+    assert "in use by another running controller" in r.stderr and "Traceback" not in r.stderr
+    assert fed.admin("status")[0]["url"] == fed.url  # the first one is undisturbed

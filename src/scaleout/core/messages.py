@@ -231,8 +231,11 @@ class TaskResult(Message):
 @message
 @dataclass(kw_only=True)
 class TaskAbort(Message):
+    """Combiner -> client: stop work for a session, or only the task ``task_id``."""
+
     type: ClassVar[str] = "task.abort"
     session_id: str
+    task_id: str | None = None
 
 
 @message

@@ -199,10 +199,19 @@ class Client:
         if isinstance(msg, m.Task):
             await self.tasks.put(inc)
         elif isinstance(msg, m.TaskAbort):
-            log.info("session %s stopped: aborting the current task", msg.session_id)
-            self.edge._abort.set()
+            if msg.task_id is None:
+                log.info("session %s stopped: aborting the current task", msg.session_id)
+            else:
+                log.info("the combiner no longer waits for task %s: aborting it", msg.task_id)
+            if msg.task_id is None or msg.task_id == self.current_task:
+                self.edge._abort.set()
+            kept = []
             while not self.tasks.empty():
-                self.tasks.get_nowait()
+                queued = self.tasks.get_nowait()
+                if msg.task_id is not None and getattr(queued.msg, "task_id", None) != msg.task_id:
+                    kept.append(queued)
+            for queued in kept:
+                self.tasks.put_nowait(queued)
 
     async def _work(self) -> None:
         """Run tasks one at a time in a worker thread so the link stays responsive."""

@@ -413,6 +413,14 @@ class Combiner:
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
         await _quiet(self.controller.send(report))
 
+    async def _abort_late(self, job: Job) -> None:
+        """Tell clients still working on this job that nobody waits for their result."""
+        late = set(job.tracker.expected) - job.tracker.reported
+        for task_id, client in job.tasks.items():
+            link = self.clients.get(client)
+            if client in late and link is not None:
+                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, task_id=task_id)))
+
     async def _complete(self, job: Job) -> None:
         """Send this combiner's share of the round up to the controller, once."""
         from scaleout.core.aggregators import encode_partial
@@ -421,6 +429,7 @@ class Combiner:
             return
         self._drop(job)
         assert self.controller is not None
+        await self._abort_late(job)
         if job.kind == "validate":
             log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))

@@ -17,6 +17,7 @@ from scaleout.core import payload
 from scaleout.core.config import SessionConfig
 from scaleout.core.errors import (
     AuthError,
+    ConfigError,
     ConflictError,
     NotFoundError,
     PayloadError,
@@ -113,6 +114,7 @@ class Controller:
     def prepare(self) -> None:
         """Create the data directory, TLS material, signing key, admin token and state."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
@@ -691,6 +693,27 @@ def mean_metrics(rows: Any) -> dict[str, float]:
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
 COMBINER = frozenset({"combiner"})
+
+
+def _lock_data_dir(path: Path) -> Any:
+    """Hold an exclusive lock on the data dir for this process's life: two controllers on
+    one state.db would undo each other's sessions."""
+    import fcntl
+    import os
+
+    fh = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); stop it or use another --data-dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
 
 
 def _check_package(data: bytes) -> None:
