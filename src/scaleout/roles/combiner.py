@@ -124,6 +124,10 @@ class Combiner:
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
         dial_host = s.advertise or url_host(s.host).strip("[]")
+        if not s.advertise and s.host in ("0.0.0.0", "::", ""):
+            # Listening everywhere: clients on other machines need a name, not loopback.
+            dial_host = socket.gethostname()
+            log.info("clients will dial %s (pass --advertise HOST to give them another name)", dial_host)
         key_pem = b""
         csr: str | None = None
         if not s.insecure:
