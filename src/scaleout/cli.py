@@ -75,7 +75,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", help="address to listen on for clients (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port for clients; 0 picks a free one (default: 0)")
     p.add_argument("--name", help="combiner name (default: from the host name)")
-    p.add_argument("--advertise", metavar="HOST", help="host name clients should dial, when it differs from --host")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
     _config_flag(p)
     _common(p)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -37,6 +37,30 @@ def scaleout(*args: str, timeout: float = 60, cwd: Path | None = None, env: dict
         [sys.executable, "-m", "scaleout", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, **(env or {})},
     )
+
+
+def wait_line(stream: IO[bytes], text: str, timeout: float, what: str) -> str:
+    """Block until ``stream`` gives a line containing ``text``; return that line (a ready
+    signal, not a sleep)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and sel.select(left):
+            line = stream.readline().decode(errors="replace")
+            if not line:
+                break
+            if text in line:
+                return line
+    raise AssertionError(f"{what} did not print {text!r} within {timeout}s")
+
+
+def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:
+    """Block until a role process prints ``text`` on stdout (package code prints markers)."""
+    assert proc.popen.stdout is not None
+    try:
+        wait_line(proc.popen.stdout, text, timeout, proc.name)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{proc.text()}") from None
 
 
 class Proc:

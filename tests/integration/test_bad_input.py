@@ -13,7 +13,6 @@ import base64
 import hashlib
 import importlib.util
 import json
-import selectors
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, QUICKSTART, Federation, Proc
+from conftest import FIXTURES, QUICKSTART, Federation, wait_stdout
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -116,21 +115,6 @@ def reports(fed: Federation, session_id: str, kind: str = "train") -> dict[str, 
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM reports WHERE session_id=? AND kind=? ORDER BY id", (session_id, kind)).fetchall()
     return {r["client"]: dict(r) for r in rows}
-
-
-def wait_stdout(proc: Proc, text: str, timeout: float = 15.0) -> None:
-    """Block until ``proc`` prints a line containing ``text`` (a ready signal, not a sleep)."""
-    assert proc.popen.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.popen.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and sel.select(left):
-            line = proc.popen.stdout.readline().decode()
-            if not line:
-                break
-            if text in line:
-                return
-    raise AssertionError(f"{proc.name} did not print {text!r} within {timeout}s:\n{proc.text()}")
 
 
 def quickstart_fedavg(seed: bytes, names: list[str]) -> dict[str, np.ndarray]:

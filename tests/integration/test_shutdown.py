@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -18,10 +17,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
-from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, Proc
+from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, Proc, wait_line, wait_stdout
 from websockets.sync.server import ServerConnection, serve
 
 SLOW = FIXTURES / "slow_client"
@@ -41,28 +39,6 @@ def startup(client):
 
     client.set_train_callback(train)
 '''
-
-
-def wait_line(stream: IO[bytes], text: str, timeout: float, what: str) -> str:
-    """Block until ``stream`` gives a line containing ``text``; return that line."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and sel.select(left):
-            line = stream.readline().decode(errors="replace")
-            if not line:
-                break
-            if text in line:
-                return line
-    raise AssertionError(f"{what} did not print {text!r} within {timeout}s")
-
-
-def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:
-    assert proc.popen.stdout is not None
-    try:
-        wait_line(proc.popen.stdout, text, timeout, proc.name)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}:\n{proc.text()}") from None
 
 
 def training(fed: Federation, package: Path, marker: str) -> Proc:

@@ -198,6 +198,7 @@ class Hello(Message):
 
     type: ClassVar[str] = "hello"
     name: str
+    task_id: str | None = None  # the task a reconnecting client is still working on
 
 
 @message

@@ -58,6 +58,8 @@ class Client:
         self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
         self.link: Link | None = None
         self.current_task: str | None = None
+        self.held: tuple[m.TaskResult, bytes | None] | None = None  # a result we could not send yet
+        self.combiner: str | None = None  # where we were: reconnect there if it is still up
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -166,16 +168,22 @@ class Client:
         ctl = await self._controller()
         reader = asyncio.create_task(ctl.run())
         try:
-            info, _ = await ctl.request("client.assign", {"name": self.name}, timeout=30)
+            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner}, timeout=30)
         finally:
             await ctl.ws.close()
             reader.cancel()
         s = self.settings
         link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        working_on = self.held[0].task_id if self.held else self.current_task
+        await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link
-        await link.send(m.Hello(name=self.name))
+        self.combiner = str(info["combiner"])
         log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
         run = asyncio.create_task(link.run(on_message=self._on_message))
+        if self.held is not None:
+            held, self.held = self.held, None
+            log.info("sending the result of task %s kept while disconnected", held[0].task_id)
+            await self._send(*held)
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,8 +192,8 @@ class Client:
             self.link = None
             await link.ws.close()
             run.cancel()
-        # Whatever the combiner handed us belongs to rounds it will no longer wait for.
-        self.edge._abort.set()
+        # The running task goes on: if we are back soon, the combiner still wants its result.
+        # Tasks not started yet are sent again on reconnect if they are still wanted.
         while not self.tasks.empty():
             self.tasks.get_nowait()
         if not stop.is_set():
@@ -273,10 +281,14 @@ class Client:
 
     async def _send(self, msg: m.Message, blob: bytes | None = None) -> None:
         link = self.link
-        if link is None:
-            log.warning("not connected: dropping %s", msg.type)
-            return
         try:
+            if link is None:
+                raise ConnectionError("not connected")
             await link.send_with_blob(msg, blob, "model update")
         except Exception as exc:  # the role edge: the session loop reconnects
-            log.warning("could not send %s: %s", msg.type, exc)
+            if isinstance(msg, m.TaskResult):
+                # Keep it for the combiner: it waits a while for a client whose link dropped.
+                self.held = (msg, blob)
+                log.warning("could not send the result of task %s (%s): keeping it until we reconnect", msg.task_id, exc)
+            else:
+                log.debug("dropping %s: %s", msg.type, exc)

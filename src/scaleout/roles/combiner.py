@@ -30,6 +30,7 @@ CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
 DECODE_SLOTS = 2  # updates decoded at once
+RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
     timer: asyncio.TimerHandle | None = None
     update_limit: int = 0  # bytes a selected client may send as its update (train only)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class Combiner:
@@ -123,7 +125,8 @@ class Combiner:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
-        dial_host = s.advertise or url_host(s.host).strip("[]")
+        advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)
+        dial_host = advertised_host or url_host(s.host).strip("[]")
         if not s.advertise and s.host in ("0.0.0.0", "::", ""):
             # Listening everywhere: clients on other machines need a name, not loopback.
             dial_host = socket.gethostname()
@@ -149,7 +152,7 @@ class Combiner:
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
         server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
         scheme = "ws" if s.insecure else "wss"
-        url = f"{scheme}://{bracket(dial_host)}:{port}"
+        url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         log.info("combiner %s registered with %s", self.name, s.controller)
@@ -211,6 +214,7 @@ class Combiner:
                 self._set_client_limit(name)  # back mid-round: its update is still welcome
                 log.info("client %s connected (%d clients)", name, len(self.clients))
                 await self._send_status()
+                await self._resume(name, link, msg.task_id)
             elif isinstance(msg, m.TaskResult):
                 await self._on_result(name, inc)
             elif isinstance(msg, m.Metric):
@@ -226,10 +230,53 @@ class Combiner:
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
-                for job in list(self.jobs.values()):
-                    if job.tracker.on_client_lost(name):
-                        await self._complete(job)
+                self._grace(name)
                 await self._send_status()
+
+    def _grace(self, name: str) -> None:
+        """A client lost mid-round gets RECONNECT_GRACE_S to come back before it counts as lost:
+        on an edge network most drops are blips, and its update is still welcome."""
+        loop = asyncio.get_running_loop()
+        for job in list(self.jobs.values()):
+            if name not in job.tracker.pending:
+                continue
+            delay = max(0.0, min(RECONNECT_GRACE_S, job.tracker.deadline - loop.time()))
+            log.info("round %d: waiting up to %.0fs for %s to reconnect", job.round_index, delay, name)
+            loop.call_later(delay, self._spawn_lost_for_good, job, name)
+
+    def _spawn_lost_for_good(self, job: Job, name: str) -> None:
+        self._spawn(self._lost_for_good(job, name))
+
+    async def _lost_for_good(self, job: Job, name: str) -> None:
+        if name not in self.clients and self.jobs.get(job.kind) is job and job.tracker.on_client_lost(name):
+            await self._complete(job)
+
+    async def _resume(self, name: str, link: Link, working_on: str | None) -> None:
+        """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
+        wanted = False
+        for job in list(self.jobs.values()):
+            if name not in job.tracker.pending:
+                continue
+            for task_id, client in job.tasks.items():
+                if client != name:
+                    continue
+                if task_id == working_on:
+                    wanted = True
+                    log.info("round %d: %s is back and still working on its %s task", job.round_index, name, job.kind)
+                else:
+                    log.info("round %d: %s is back: sending its %s task again", job.round_index, name, job.kind)
+                    self._spawn(self._resend(job, task_id, name))
+        if working_on is not None and not wanted:
+            await _quiet(link.send(m.TaskAbort(session_id="", task_id=working_on)))
+
+    async def _resend(self, job: Job, task_id: str, name: str) -> None:
+        try:
+            model = await self._model(job.model_id)
+        except ScaleoutError as exc:
+            if job.tracker.on_refused(name, f"could not send the task again: {exc}"):
+                await self._complete(job)
+            return
+        await self._send_task(job, task_id, name, model, job.settings)
 
     async def _send_status(self) -> None:
         if self.controller is not None and not self.stopping and self.controller.ws.close_code is None:
@@ -301,7 +348,7 @@ class Combiner:
         old = self.jobs.get(kind)
         if old is not None:
             self._drop(old)
-        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, CombinerRound.start(clients, loop.time(), timeout))
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, CombinerRound.start(clients, loop.time(), timeout), settings=settings)
         self.jobs[kind] = job
         try:
             model = await self._model(msg.model_id)
@@ -448,6 +495,27 @@ class Combiner:
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
         log.info("round %d: reporting %d updates to the controller", job.round_index, count)
         await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (clients behind NAT or a proxy)."""
+    from scaleout.core.config import parse_port
+    from scaleout.core.errors import ConfigError
+
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise ConfigError("advertise", f"expected HOST or HOST:PORT, got {text!r}")
+    if port is None:
+        return host, None
+    if not port.isdigit():
+        raise ConfigError("advertise", f"expected HOST or HOST:PORT, got {text!r}")
+    return host, parse_port(int(port)) or None
 
 
 async def _quiet(coro: Any) -> None:

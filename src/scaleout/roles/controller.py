@@ -297,7 +297,7 @@ class Controller:
         if not ready:
             raise NotFoundError("combiner", "online", "none has connected yet (start one with: scaleout combine)")
         for c in ready:  # a reconnecting client goes back where it was
-            if name in c.clients:
+            if name in c.clients or c.name == args.get("prefer"):
                 return {"combiner": c.name, "url": c.url}, None
         now = asyncio.get_running_loop().time()
         self.assigned = {k: v for k, v in self.assigned.items() if now - v[1] < ASSIGNMENT_TTL_S}
