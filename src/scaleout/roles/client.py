@@ -60,6 +60,7 @@ class Client:
         self.current_task: str | None = None
         self.held: tuple[m.TaskResult, bytes | None] | None = None  # a result we could not send yet
         self.combiner: str | None = None  # where we were: reconnect there if it is still up
+        self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -155,6 +156,11 @@ class Client:
                 log.warning("%s", exc)
             except (ConnectionError, ScaleoutError) as exc:
                 log.warning("%s", exc)
+            if self.served:
+                # The link had been working: this is a fresh trouble, not the next failure
+                # of the same one, so start again from short waits (a blip is short).
+                self.served = False
+                delays = backoff()
             delay = next(delays)
             log.info("retrying in %.1fs", delay)
             try:
@@ -177,6 +183,7 @@ class Client:
         working_on = self.held[0].task_id if self.held else self.current_task
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link
+        self.served = True
         self.combiner = str(info["combiner"])
         log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
         run = asyncio.create_task(link.run(on_message=self._on_message))

@@ -18,7 +18,7 @@ from scaleout.core.rounds import CombinerRound
 from scaleout.core.updates import read_num_examples
 from scaleout.roles.common import announce, bracket, new_id, url_host
 from scaleout.security import tls, tokens
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed
 from scaleout.transport.net import backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -76,6 +76,7 @@ class Combiner:
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
         self.decoding = asyncio.Semaphore(DECODE_SLOTS)
+        self.left_at: dict[str, float] = {}  # client -> when its link last dropped
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
@@ -230,29 +231,39 @@ class Combiner:
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
-                self._grace(name)
+                if link.ws.close_code in (1000, 1001):  # it said goodbye: no blip to wait out
+                    for job in list(self.jobs.values()):
+                        if job.tracker.on_client_lost(name):
+                            await self._complete(job)
+                else:
+                    self._grace(name)
                 await self._send_status()
 
     def _grace(self, name: str) -> None:
         """A client lost mid-round gets RECONNECT_GRACE_S to come back before it counts as lost:
         on an edge network most drops are blips, and its update is still welcome."""
         loop = asyncio.get_running_loop()
+        left = self.left_at[name] = loop.time()
         for job in list(self.jobs.values()):
             if name not in job.tracker.pending:
                 continue
             delay = max(0.0, min(RECONNECT_GRACE_S, job.tracker.deadline - loop.time()))
             log.info("round %d: waiting up to %.0fs for %s to reconnect", job.round_index, delay, name)
-            loop.call_later(delay, self._spawn_lost_for_good, job, name)
+            loop.call_later(delay, self._spawn_lost_for_good, job, name, left)
 
-    def _spawn_lost_for_good(self, job: Job, name: str) -> None:
-        self._spawn(self._lost_for_good(job, name))
+    def _spawn_lost_for_good(self, job: Job, name: str, left: float) -> None:
+        self._spawn(self._lost_for_good(job, name, left))
 
-    async def _lost_for_good(self, job: Job, name: str) -> None:
-        if name not in self.clients and self.jobs.get(job.kind) is job and job.tracker.on_client_lost(name):
+    async def _lost_for_good(self, job: Job, name: str, left: float) -> None:
+        # Only the timer of the latest absence counts: one from an earlier drop is stale.
+        if self.left_at.get(name) != left or name in self.clients or self.jobs.get(job.kind) is not job:
+            return
+        if job.tracker.on_client_lost(name):
             await self._complete(job)
 
     async def _resume(self, name: str, link: Link, working_on: str | None) -> None:
         """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
+        self.left_at.pop(name, None)
         wanted = False
         for job in list(self.jobs.values()):
             if name not in job.tracker.pending:
@@ -276,7 +287,8 @@ class Combiner:
             if job.tracker.on_refused(name, f"could not send the task again: {exc}"):
                 await self._complete(job)
             return
-        await self._send_task(job, task_id, name, model, job.settings)
+        if self.jobs.get(job.kind) is job and name in job.tracker.pending:  # still wanted after the fetch
+            await self._send_task(job, task_id, name, model, job.settings)
 
     async def _send_status(self) -> None:
         if self.controller is not None and not self.stopping and self.controller.ws.close_code is None:
@@ -384,6 +396,8 @@ class Combiner:
                 # The model id is the sha256 of its bytes: no need to hash them again per client.
                 await link.send_with_blob(task, model, "model", sha256=job.model_id)
                 return
+            except LinkClosed:
+                return  # a dropped link: the reconnect grace and _resume take it from here
             except ScaleoutError as exc:
                 reason = str(exc)
         if job.tracker.on_refused(client, f"could not send the task: {reason}"):
