@@ -99,6 +99,12 @@ def serve(args: argparse.Namespace) -> int:
     return _run(Controller(settings).run)
 
 
+def _resolve(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """The controller connection of a combiner or client: its merged settings win over flags' absence."""
+    keys = ("controller", "token", "ca", "insecure", "data_dir")
+    return resolve(argparse.Namespace(**{**vars(args), **{k: settings.get(k) for k in keys}}))
+
+
 def warn_if_expiring(token: str, role: str) -> None:
     """Tokens are checked when a node (re)connects: say so before one runs out."""
     import datetime as dt
@@ -125,7 +131,7 @@ def combine(args: argparse.Namespace) -> int:
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
     s = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
-    conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
+    conn = _resolve(args, s)
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
@@ -139,7 +145,7 @@ def join(args: argparse.Namespace) -> int:
     from scaleout.roles.client import Client, ClientSettings
 
     s = _settings(args, ("client", "join"), _schemas()["client"])
-    conn = resolve(argparse.Namespace(**{**vars(args), **{k: s.get(k) for k in ("controller", "token", "ca", "insecure", "data_dir")}}))
+    conn = _resolve(args, s)
     package = _path(s.get("package")) or (Path("client") if s.get("local_package") else None)
     if package is not None and not (package / "scaleout.yaml").is_file():
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")

@@ -86,6 +86,7 @@ class Controller:
         self.subscribers: set[Link] = set()
         self.registry_changed = asyncio.Event()
         self.assigned: dict[str, tuple[str, float]] = {}  # client -> (combiner, when)
+        self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self.url = ""
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
@@ -248,7 +249,7 @@ class Controller:
                     log.warning("client %s: %s %s", msg.client, msg.kind, msg.error)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
-                if s is None or msg.session_id != s.id or msg.round_index != s.round_index:
+                if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
                     log.info("ignoring a late %s from combiner %s", msg.type, c.name)
                     return
                 s.events.put_nowait((msg.type, (c.name, msg, inc.blob, inc.blob_error)))
@@ -394,6 +395,13 @@ class Controller:
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
+    def _model_bytes(self, model_id: str) -> bytes:
+        """A model's bytes, read and sha256-checked once: every combiner fetches the round's
+        global model, and the round itself needs it, so keep the latest one in memory."""
+        if self._model_cache is None or self._model_cache[0] != model_id:
+            self._model_cache = (model_id, self.blobs.get(MODEL[0], model_id, MODEL[1]))
+        return self._model_cache[1]
+
     async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         active = self.state.get_meta("active_model")
         rows = self.state.models(args.get("session_id"))
@@ -403,7 +411,7 @@ class Controller:
 
     async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         row = self.state.model(str(args.get("id", "")))
-        data = self.blobs.get(MODEL[0], row["id"], MODEL[1])
+        data = self._model_bytes(row["id"])
         row["active"] = row["id"] == self.state.get_meta("active_model")
         row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
         return {"model": row}, None
@@ -413,7 +421,7 @@ class Controller:
         if not key:
             raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
-        return {"id": row["id"]}, self.blobs.get(MODEL[0], row["id"], MODEL[1])
+        return {"id": row["id"]}, self._model_bytes(row["id"])
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -426,7 +434,7 @@ class Controller:
         model_id = self.state.get_meta("active_model")
         if model_id is None:
             raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
-        get_aggregator(cfg.aggregator, payload.describe(self.blobs.get(MODEL[0], model_id, MODEL[1])))
+        get_aggregator(cfg.aggregator, payload.describe(self._model_bytes(model_id)))
         session = RunningSession(new_id("s-"), cfg)
         self.state.add_session(session.id, cfg.to_dict(), model_id)
         self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
@@ -559,7 +567,7 @@ class Controller:
         started = loop.time()
         parent = self.state.get_meta("active_model")
         assert parent is not None
-        global_bytes = self.blobs.get(MODEL[0], parent, MODEL[1])
+        global_bytes = self._model_bytes(parent)
         template = payload.describe(global_bytes)
         layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
