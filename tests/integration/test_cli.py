@@ -134,6 +134,20 @@ def test_local_files_that_are_missing_or_wrong(ctl: Federation, tmp_path: Path) 
     user_error(scaleout("package", "set-active", "missing.tgz", *by_data_dir(ctl), cwd=tmp_path), 2, "missing.tgz")
 
 
+def test_relative_package_paths(tmp_path: Path) -> None:
+    """The README's own commands, typed in the folder above the package."""
+    package = shutil.copytree(QUICKSTART, tmp_path / "sample_projects" / "quickstart" / "client", ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    rel = "sample_projects/quickstart/client"
+    ok(scaleout("run", "build", "-p", rel, cwd=tmp_path))
+    assert (package / "seed.npz").is_file()
+    ok(scaleout("run", "build", "--path", rel, "-o", "out", cwd=tmp_path))
+    assert (tmp_path / "out" / "seed.npz").is_file()
+    ok(scaleout("package", "create", "--path", rel, cwd=tmp_path))
+    assert (package.parent / "client.tgz").is_file()
+    ok(scaleout("package", "create", "-p", rel, "-o", "pkg.tgz", cwd=tmp_path))
+    assert (tmp_path / "pkg.tgz").is_file()
+
+
 def test_no_controller_configured(tmp_path: Path) -> None:
     user_error(scaleout("model", "ls", cwd=tmp_path), 2, "--controller")
     (tmp_path / "not-a-controller").mkdir()
@@ -494,7 +508,8 @@ def test_serve_config_insecure_must_be_a_boolean(serve: Callable[..., Served], t
 
 
 def test_dev_headless_report(tmp_path: Path) -> None:
-    r = ok(scaleout("dev", "-p", str(QUICKSTART), "--clients", "3", "--rounds", "3", "--headless", "--report", "r.json", cwd=tmp_path, timeout=60))
+    shutil.copytree(QUICKSTART, tmp_path / "client", ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    r = ok(scaleout("dev", "-p", "client", "--clients", "3", "--rounds", "3", "--headless", "--report", "r.json", cwd=tmp_path, timeout=60))
     report = json.loads((tmp_path / "r.json").read_text())
     assert isinstance(report["session"]["id"], str) and report["session"]["status"] == "finished"
     rounds = report["rounds"]

@@ -40,11 +40,15 @@ def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
     """The role's TOML table merged with the flags given, each checked against ``schema``."""
-    from scaleout.core.config import check_types, merge
+    from scaleout.core.config import PATH, check_types, merge
 
     flags = {k: getattr(args, k, None) for k in schema}
     merged = merge(load_toml(args.config, sections), flags, set(schema), sections[0])
     check_types(merged, schema, sections[0])
+    # Paths are taken from where the command was typed: a client later works inside its package.
+    for key, want in schema.items():
+        if want is PATH and merged.get(key) is not None:
+            merged[key] = Path(merged[key]).absolute()
     return merged
 
 
@@ -146,7 +150,7 @@ def join(args: argparse.Namespace) -> int:
 
     s = _settings(args, ("client", "join"), _schemas()["client"])
     conn = _resolve(args, s)
-    package = _path(s.get("package")) or (Path("client") if s.get("local_package") else None)
+    package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
     if package is not None and not (package / "scaleout.yaml").is_file():
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
     settings = ClientSettings(

@@ -58,9 +58,14 @@ class Project:
 
 
 def load_project(root: Path) -> Project:
-    """Read and check `root/scaleout.yaml`."""
+    """Read and check `root/scaleout.yaml`.
+
+    The project keeps `root` absolute: its entry points run with the package as the
+    working directory, where a relative `root` would point somewhere else.
+    """
     import yaml
 
+    root = Path(root).resolve()
     if not root.is_dir():
         raise PackageError(f"package directory {root} does not exist")
     path = root / PROJECT_FILE
