@@ -154,6 +154,14 @@ def test_no_controller_configured(tmp_path: Path) -> None:
     user_error(scaleout("session", "ls", "--data-dir", "not-a-controller", cwd=tmp_path), 2, "not-a-controller")
 
 
+@pytest.mark.parametrize("text", ['{"url": "wss://127.0.0.1:8090", "ca"', "{}", "[]", "", '{"url": 5}'], ids=["truncated", "empty-object", "list", "empty", "url-not-text"])
+def test_damaged_controller_json(tmp_path: Path, text: str) -> None:
+    (tmp_path / "ctl").mkdir()
+    (tmp_path / "ctl" / "controller.json").write_text(text)
+    (tmp_path / "ctl" / "admin.token").write_text("not.a.token\n")
+    user_error(scaleout("status", "--data-dir", "ctl", cwd=tmp_path), 2, "controller.json", "scaleout serve --data-dir ctl")
+
+
 def test_refused_or_unreachable_controller(ctl: Federation, tmp_path: Path) -> None:
     admin = (ctl.data / "admin.token").read_text().strip()
     user_error(scaleout("model", "ls", *by_flags(ctl, "garbage"), cwd=tmp_path), 3, "token")
@@ -446,6 +454,24 @@ def test_sigterm_stops_serve_promptly(serve: Callable[..., Served], tmp_path: Pa
     log = s.log.read_text()
     assert "SIGTERM" in log and "shutting down" in log, log
     assert "Traceback" not in log
+
+
+def test_serve_replaces_controller_json_atomically(serve: Callable[..., Served], tmp_path: Path) -> None:
+    """A reader sees the old file or the new one, never a half-written one: serve renames a
+    complete temporary file over it (a new inode) instead of rewriting it in place."""
+    (tmp_path / "ctl").mkdir()
+    info_file = tmp_path / "ctl" / "controller.json"
+    info_file.write_text('{"url": "wss://127.0.0.1:1", "ca')  # a crash left it half-written
+    stale = info_file.stat().st_ino
+    s = serve("--data-dir", "ctl", "--port", "0", cwd=tmp_path)
+    port = s.wait_ready()
+    try:
+        assert json.loads(info_file.read_text())["url"] == f"wss://127.0.0.1:{port}"
+        assert info_file.stat().st_ino != stale
+        assert oct(info_file.stat().st_mode & 0o777) == oct(0o644)
+        assert not [p.name for p in info_file.parent.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        assert s.terminate() == 0
 
 
 def test_data_dir_of_relative_serve_works_from_another_cwd(serve: Callable[..., Served], tmp_path: Path) -> None:

@@ -34,10 +34,7 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
         data_dir = DEFAULT_DATA_DIR
     if data_dir is not None and not (url and token):
         data_dir = Path(data_dir)
-        info_file = data_dir / "controller.json"
-        if not info_file.exists():
-            raise UsageError(f"{data_dir} is not the data directory of a started controller (no {info_file.name}); start one with: scaleout serve --data-dir {data_dir}")
-        info = json.loads(info_file.read_text())
+        info = read_controller_info(data_dir)
         url = url or info["url"]
         if not token:
             token_file = data_dir / "admin.token"
@@ -65,6 +62,25 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)
+
+
+def read_controller_info(data_dir: Path) -> dict[str, Any]:
+    """What a started controller wrote to DIR/controller.json: its "url" and its "ca" file."""
+    info_file = data_dir / "controller.json"
+    if not info_file.exists():
+        raise UsageError(f"{data_dir} is not the data directory of a started controller (no {info_file.name}); start one with: scaleout serve --data-dir {data_dir}")
+    try:
+        info = json.loads(_read(info_file, "controller address file"))
+        problem = None if isinstance(info, dict) else "not a JSON object"
+    except ValueError:
+        problem = "not valid JSON"
+    if problem is None and not (isinstance(info.get("url"), str) and info["url"]):
+        problem = "no controller address in it"
+    if problem is None and not isinstance(info.get("ca"), str | None):
+        problem = "its CA entry is not a file name"
+    if problem is not None:
+        raise UsageError(f"{info_file} is damaged ({problem}); restart the controller to rewrite it: scaleout serve --data-dir {data_dir}")
+    return dict(info)
 
 
 def _read(path: Path, what: str) -> str:

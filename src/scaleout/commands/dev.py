@@ -23,7 +23,7 @@ from typing import Any
 
 from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async
-from scaleout.commands.connection import Connection
+from scaleout.commands.connection import Connection, read_controller_info
 
 log = logging.getLogger("scaleout.dev")
 START_TIMEOUT_S = 60.0
@@ -218,7 +218,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         ctl_dir = root / "controller"
         controller, _ = await start_child("controller", ["serve", "--data-dir", str(ctl_dir), "--host", "127.0.0.1", "--port", "0"], logs, True, level)
         children.append(controller)
-        info = json.loads((ctl_dir / "controller.json").read_text())
+        info = read_controller_info(ctl_dir)
         conn = Connection(info["url"], (ctl_dir / "admin.token").read_text().strip(), Path(info["ca"]), False)
         say(f"controller listening on {conn.url} (data in {ctl_dir})")
         await call_async(conn, "package.set_active", {"name": archive.name}, archive.read_bytes())

@@ -166,7 +166,7 @@ class Controller:
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
-        (self.dir / "controller.json").write_text(json.dumps(info) + "\n")
+        tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()

@@ -47,6 +47,11 @@ def write_private(path: Path, data: bytes) -> None:
     _write_atomic(path, data, 0o600)
 
 
+def write_public(path: Path, data: bytes) -> None:
+    """Atomically write a file anyone may read: a reader sees the old or the new bytes, never half."""
+    _write_atomic(path, data, 0o644)
+
+
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path = Path(path)
     # mkstemp creates the file with os.open(..., 0o600), so a secret is never world-readable.
