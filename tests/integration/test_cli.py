@@ -353,6 +353,32 @@ def test_admin_by_environment(ctl: Federation, tmp_path: Path) -> None:
     user_error(scaleout("client", "ls", cwd=tmp_path, env=env_bad), 3, "token")
 
 
+def test_data_dir_flag_wins_over_the_environment(ctl: Federation, serve: Callable[..., Served], tmp_path: Path) -> None:
+    """SCALEOUT_* point at one controller; --data-dir of another must reach that other one."""
+    other = serve("--data-dir", "other", "--port", "0", cwd=tmp_path)
+    port = other.wait_ready()
+    env = {"SCALEOUT_CONTROLLER": ctl.url, "SCALEOUT_TOKEN": (ctl.data / "admin.token").read_text().strip(), "SCALEOUT_CA": ctl.ca}
+    try:
+        status = as_json(scaleout("status", "--json", "--data-dir", "other", cwd=tmp_path, env=env))
+        assert isinstance(status, dict) and status["url"] == f"wss://127.0.0.1:{port}", status
+        assert as_json(scaleout("status", "--json", cwd=tmp_path, env=env))["url"] == ctl.url  # type: ignore[index]
+        # a flag beside the data dir still wins over the dir
+        user_error(scaleout("status", "--data-dir", "other", "--token", "garbage", cwd=tmp_path, env=env), 3, "token")
+    finally:
+        assert other.terminate() == 0
+
+
+def test_role_connection_flags_then_environment_then_config_file(ctl: Federation, tmp_path: Path) -> None:
+    """Each address below is unreachable: the error names the one the combiner dialled."""
+    (tmp_path / "c.toml").write_text('[combiner]\ncontroller = "wss://127.0.0.1:1"\n')
+    base = ["combine", "--config", "c.toml", "--ca", ctl.ca, "--token", "any", "--port", "0"]
+    user_error(scaleout(*base, "--log-level", "error", cwd=tmp_path, timeout=20), 3, "wss://127.0.0.1:1")
+    env = {"SCALEOUT_CONTROLLER": "wss://127.0.0.1:2"}
+    user_error(scaleout(*base, "--log-level", "error", cwd=tmp_path, env=env, timeout=20), 3, "wss://127.0.0.1:2")
+    r = scaleout(*base, "--controller", "wss://127.0.0.1:3", "--log-level", "error", cwd=tmp_path, env=env, timeout=20)
+    user_error(r, 3, "wss://127.0.0.1:3")
+
+
 def test_admin_token_from_file(ctl: Federation, tmp_path: Path) -> None:
     (tmp_path / "admin.token").write_text((ctl.data / "admin.token").read_text().strip() + "\n")
     r = scaleout("token", "create", "--role", "client", "--json", "--controller", ctl.url, "--token", "@admin.token", "--ca", ctl.ca, cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Find the controller: flags, then SCALEOUT_* variables, then a local controller's data dir."""
+"""Find the controller: flags, then SCALEOUT_* variables, then a config file, then a local controller's data dir."""
 
 from __future__ import annotations
 
@@ -23,27 +23,41 @@ class Connection:
 
 
 def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = None) -> Connection:
-    """Resolve --controller/--token/--ca from flags, a config file, the environment or --data-dir."""
+    """Find the controller: each of address, token and CA comes from the first place that
+    has it, in this order: flags, the SCALEOUT_* variables, the config file, ./scaleout-data.
+
+    A data dir (``--data-dir``, or ``data_dir`` in the file) stands for its controller's
+    address, admin token and CA, in its own place in that order: ``--data-dir`` given on the
+    command line wins over the environment, a flag given beside it wins over the dir.
+    """
     conf = file_settings or {}
-    url = args.controller or conf.get("controller") or os.environ.get("SCALEOUT_CONTROLLER")
-    token = args.token or conf.get("token") or os.environ.get("SCALEOUT_TOKEN")
-    ca = args.ca or conf.get("ca") or os.environ.get("SCALEOUT_CA")
-    insecure = args.insecure is True or conf.get("insecure") is True
-    data_dir = getattr(args, "data_dir", None)
-    if data_dir is None and not (url and token) and (DEFAULT_DATA_DIR / "controller.json").exists():
-        data_dir = DEFAULT_DATA_DIR
-    if data_dir is not None and not (url and token):
-        data_dir = Path(data_dir)
-        info = read_controller_info(data_dir)
-        url = url or info["url"]
-        if not token:
-            token_file = data_dir / "admin.token"
-            if not token_file.exists():
-                raise UsageError(f"no admin token in {data_dir}")
-            token = token_file.read_text().strip()
-        if ca is None and info.get("ca"):
-            ca = data_dir / "ca.pem"
-        insecure = insecure or not info.get("ca")
+    places: list[tuple[Any, Any, Any, Any]] = [
+        (args.controller, args.token, args.ca, getattr(args, "data_dir", None)),
+        (os.environ.get("SCALEOUT_CONTROLLER"), os.environ.get("SCALEOUT_TOKEN"), os.environ.get("SCALEOUT_CA"), None),
+        (conf.get("controller"), conf.get("token"), conf.get("ca"), conf.get("data_dir")),
+        (None, None, None, DEFAULT_DATA_DIR if (DEFAULT_DATA_DIR / "controller.json").exists() else None),
+    ]
+    # The first place naming a controller (an address or a data dir) decides which one it is;
+    # a data dir lends its token and CA only from that place, never to another controller.
+    where = next((i for i, (url, _, _, data_dir) in enumerate(places) if url or data_dir is not None), None)
+    home = Path(places[where][3]) if where is not None and places[where][3] is not None else None
+    info = read_controller_info(home) if home is not None else {}
+    url = (places[where][0] or info.get("url")) if where is not None else None
+    token = ca = None
+    for i, (_, place_token, place_ca, _) in enumerate(places):
+        if token is None and place_token:
+            token = place_token
+        if ca is None and place_ca:
+            ca = place_ca
+        if i == where and home is not None:
+            if token is None:
+                token_file = home / "admin.token"
+                if not token_file.exists():
+                    raise UsageError(f"no admin token in {home}")
+                token = _read(token_file, "admin token").strip()
+            if ca is None and info.get("ca"):
+                ca = home / "ca.pem"
+    insecure = args.insecure is True or conf.get("insecure") is True or (home is not None and not info.get("ca"))
     if token and token.startswith("@"):
         token = _read(Path(token[1:]), "token file").strip()
     if not url and token:
@@ -58,7 +72,7 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
         raise UsageError(f"controller address must start with wss:// (or ws:// with --insecure), got {url!r}")
     if url.startswith("ws://") and not insecure:
         raise UsageError(f"{url} is not TLS; pass --insecure to connect without it")
-    ca_path = Path(ca) if ca else None
+    ca_path = Path(ca).absolute() if ca else None
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)

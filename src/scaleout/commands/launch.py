@@ -38,18 +38,22 @@ def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not isinstance(v, dict)}
 
 
-def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
-    """The role's TOML table merged with the flags given, each checked against ``schema``."""
+def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The role's TOML table merged with the flags given, each checked against ``schema``;
+    and the table alone (the environment comes between the two for the controller connection)."""
     from scaleout.core.config import PATH, check_types, merge
 
     flags = {k: getattr(args, k, None) for k in schema}
-    merged = merge(load_toml(args.config, sections), flags, set(schema), sections[0])
+    file_settings = load_toml(args.config, sections)
+    merged = merge(file_settings, flags, set(schema), sections[0])
     check_types(merged, schema, sections[0])
+    check_types(file_settings, schema, sections[0])
     # Paths are taken from where the command was typed: a client later works inside its package.
-    for key, want in schema.items():
-        if want is PATH and merged.get(key) is not None:
-            merged[key] = Path(merged[key]).absolute()
-    return merged
+    for settings in (merged, file_settings):
+        for key, want in schema.items():
+            if want is PATH and settings.get(key) is not None:
+                settings[key] = Path(settings[key]).absolute()
+    return merged, file_settings
 
 
 def _schemas() -> dict[str, dict[str, Any]]:
@@ -83,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     from scaleout.core.config import DEFAULT_PORT, parse_port
     from scaleout.roles.controller import Controller, ControllerSettings
 
-    s = _settings(args, ("controller", "serve"), _schemas()["controller"])
+    s, _ = _settings(args, ("controller", "serve"), _schemas()["controller"])
     if bool(s.get("tls_cert")) != bool(s.get("tls_key")):
         raise UsageError("--tls-cert and --tls-key go together")
     for key in ("tls_cert", "tls_key"):
@@ -101,12 +105,6 @@ def serve(args: argparse.Namespace) -> int:
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
-
-
-def _resolve(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
-    """The controller connection of a combiner or client: its merged settings win over flags' absence."""
-    keys = ("controller", "token", "ca", "insecure", "data_dir")
-    return resolve(argparse.Namespace(**{**vars(args), **{k: settings.get(k) for k in keys}}))
 
 
 def warn_if_expiring(token: str, role: str) -> None:
@@ -134,8 +132,8 @@ def combine(args: argparse.Namespace) -> int:
     from scaleout.core.config import parse_port
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
-    s = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
-    conn = _resolve(args, s)
+    s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
+    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
@@ -148,8 +146,8 @@ def combine(args: argparse.Namespace) -> int:
 def join(args: argparse.Namespace) -> int:
     from scaleout.roles.client import Client, ClientSettings
 
-    s = _settings(args, ("client", "join"), _schemas()["client"])
-    conn = _resolve(args, s)
+    s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
+    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
     if package is not None and not (package / "scaleout.yaml").is_file():
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
