@@ -112,6 +112,7 @@ class EdgeClient:
         # Set by the runtime: where metrics go, and the current task's abort flag.
         self._metric_sink: MetricSink | None = None
         self._abort: threading.Event = threading.Event()
+        self._abort_reason = "the session was stopped"
         self._pending: dict[str, float] = {}
 
     def registered(self) -> list[str]:
@@ -161,9 +162,14 @@ class EdgeClient:
     def check_task_abort(self) -> None:
         """Raise TaskAborted if the runtime has stopped the current task."""
         if self._abort.is_set():
-            raise TaskAborted("task aborted: the session was stopped")
+            raise TaskAborted(f"task aborted: {self._abort_reason}")
 
     # -- runtime side ---------------------------------------------------------
+
+    def _stop_task(self, reason: str) -> None:
+        """Make check_task_abort() raise from now on, saying why (until the next task starts)."""
+        self._abort_reason = reason
+        self._abort.set()
 
     def run_train(self, model_bytes: bytes, settings: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """Run the train callback; return (model bytes, JSON-safe metadata)."""

@@ -97,15 +97,15 @@ class Proc:
             self.stderr.flush()
         return self.log.read_text(errors="replace")
 
-    def stop(self, timeout: float = 15) -> int:
+    def stop(self, timeout: float = 15, sig: signal.Signals = signal.SIGTERM) -> int:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(sig)
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             code = self.popen.wait()
-            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s:\n{self.text()}")
+            raise AssertionError(f"{self.name} ignored {sig.name} for {timeout}s:\n{self.text()}")
         finally:
             if self.popen.stdout is not None:
                 self.popen.stdout.close()

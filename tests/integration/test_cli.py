@@ -14,6 +14,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -424,13 +425,13 @@ class Served:
         assert match, f"first stdout line {line!r} is not 'listening on {scheme}://127.0.0.1:PORT'"
         return int(match[1])
 
-    def terminate(self, timeout: float = 10) -> int:
+    def terminate(self, timeout: float = 10, sig: signal.Signals = signal.SIGTERM) -> int:
         assert self.popen.stdout is not None
-        self.popen.send_signal(signal.SIGTERM)
+        self.popen.send_signal(sig)
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"serve ignored SIGTERM for {timeout}s:\n{self.log.read_text()}") from None
+            raise AssertionError(f"serve ignored {sig.name} for {timeout}s:\n{self.log.read_text()}") from None
         self.lines += self.popen.stdout.read().decode().splitlines(keepends=True)
         return code
 
@@ -498,6 +499,26 @@ def test_serve_replaces_controller_json_atomically(serve: Callable[..., Served],
         assert not [p.name for p in info_file.parent.iterdir() if p.name.endswith(".tmp")]
     finally:
         assert s.terminate() == 0
+
+
+def test_ctrl_c_stops_serve_with_130(serve: Callable[..., Served], tmp_path: Path) -> None:
+    s = serve("--data-dir", "ctl", "--port", "0", cwd=tmp_path)
+    s.wait_ready()
+    assert s.terminate(sig=signal.SIGINT) == 130
+    log = s.log.read_text()
+    assert "SIGINT received" in log and "Traceback" not in log, log
+
+
+def test_port_in_use_says_which_and_what_to_do(fed: Federation, tmp_path: Path) -> None:
+    fed.controller()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = scaleout("serve", "--data-dir", "d", "--port", str(port), cwd=tmp_path, timeout=20)
+        user_error(r, 2, f"127.0.0.1:{port}", f"port {port} is already in use", "--port")
+        args = ["combine", *by_flags(fed, fed.token("combiner")), "--name", "busy", "--port", str(port), "--log-level", "error"]
+        user_error(scaleout(*args, cwd=tmp_path, timeout=20), 2, f"port {port} is already in use", "--port")
 
 
 def test_data_dir_of_relative_serve_works_from_another_cwd(serve: Callable[..., Served], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Shutting down on SIGTERM: promptly, with exit code 0, and leaving no process behind.
+"""Shutting down on SIGTERM: promptly, with exit code 0 (130 on Ctrl-C), and leaving no process behind.
 
 A client inside a train callback (one that checks for the abort and one that never does),
 a client stalled on a controller that never answers, a combiner in the middle of a round,
@@ -53,9 +53,9 @@ def training(fed: Federation, package: Path, marker: str) -> Proc:
     return client
 
 
-def stop_promptly(proc: Proc) -> int:
+def stop_promptly(proc: Proc, sig: signal.Signals = signal.SIGTERM) -> int:
     started = time.monotonic()
-    code = proc.stop(timeout=15)
+    code = proc.stop(timeout=15, sig=sig)
     elapsed = time.monotonic() - started
     assert elapsed < PROMPT_S, f"{proc.name} took {elapsed:.1f}s to exit after SIGTERM:\n{proc.text()}"
     return code
@@ -81,6 +81,17 @@ def test_sigterm_does_not_wait_for_a_train_callback_that_ignores_the_abort(fed: 
     assert stop_promptly(client) == 0
     log = client.text()
     assert "did not return within 2s of the abort" in log and "check_task_abort" in log, log
+
+
+def test_ctrl_c_mid_training_exits_130_and_says_the_client_is_shutting_down(fed: Federation) -> None:
+    client = training(fed, SLOW, "slow_client: training")
+    assert stop_promptly(client, signal.SIGINT) == 130
+    log = client.text()
+    assert "SIGINT received" in log and "task aborted: the client is shutting down" in log, log
+    assert "the session was stopped" not in log, log
+    combiner = next(p for p in fed.procs if p.name == "c1")
+    assert stop_promptly(combiner, signal.SIGINT) == 130
+    assert "SIGINT received" in combiner.text()
 
 
 @pytest.fixture

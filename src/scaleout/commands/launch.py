@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_OK, UsageError
+from scaleout.cli import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
 
 log = logging.getLogger("scaleout")
@@ -68,15 +68,20 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
 
 def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run a role until it ends or a signal stops it: SIGTERM is the normal way to stop a
+    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command."""
+    import signal
+
     from scaleout.roles.common import install_stop_signals
 
-    async def main() -> None:
+    async def main() -> list[signal.Signals]:
         stop = asyncio.Event()
-        install_stop_signals(stop)
+        received = install_stop_signals(stop)
         await role(stop)
+        return received
 
-    asyncio.run(main())
-    return EXIT_OK
+    received = asyncio.run(main())
+    return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
 
 
 def _path(value: Any) -> Path | None:

@@ -32,6 +32,7 @@ from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
 ABORT_GRACE_S = 2.0
+SHUTTING_DOWN = "the client is shutting down"
 
 
 @dataclass
@@ -122,13 +123,13 @@ class Client:
             await self._abort_callback()
         finally:
             worker.cancel()
-            self.edge._abort.set()
+            self.edge._stop_task(SHUTTING_DOWN)
             if self._tmp is not None:
                 self._tmp.cleanup()
 
     async def _abort_callback(self) -> None:
         """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
-        self.edge._abort.set()
+        self.edge._stop_task(SHUTTING_DOWN)
         callback = self._callback
         if callback is None:
             return
@@ -219,7 +220,7 @@ class Client:
             else:
                 log.info("the combiner no longer waits for task %s: aborting it", msg.task_id)
             if msg.task_id is None or msg.task_id == self.current_task:
-                self.edge._abort.set()
+                self.edge._stop_task("the session was stopped" if msg.task_id is None else "the combiner no longer waits for this task")
             kept = []
             while not self.tasks.empty():
                 queued = self.tasks.get_nowait()

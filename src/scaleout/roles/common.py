@@ -28,20 +28,24 @@ def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(6)
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM set ``stop`` so the role drains; a second signal exits at once."""
+def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    """SIGINT/SIGTERM set ``stop`` so the role drains; a second signal exits at once
+    (with 128 + its number). Returns the list the signals received are appended to."""
     loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
 
-    def on_signal(signame: str) -> None:
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
         if stop.is_set():
-            log.warning("second %s: exiting now", signame)
-            sys.exit(130)
-        log.info("%s received: shutting down", signame)
+            log.warning("second %s: exiting now", sig.name)
+            sys.exit(128 + sig)
+        log.info("%s received: shutting down", sig.name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal, sig.name)
+            loop.add_signal_handler(sig, on_signal, sig)
+    return received
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import ssl
@@ -15,7 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from scaleout.core.errors import AuthError, ScaleoutError
+from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
 from scaleout.transport.link import MAX_FRAME_BYTES, Link
 
 log = logging.getLogger("scaleout.transport")
@@ -67,20 +68,32 @@ async def serve(
         link.claims = getattr(connection, "claims", None)
         await on_link(link)
 
-    server = await ws_serve(
-        handler,
-        host,
-        port,
-        ssl=ssl_context,
-        process_request=process_request,
-        max_size=MAX_FRAME_BYTES,
-        compression=None,
-        ping_interval=PING_INTERVAL,
-        ping_timeout=PING_TIMEOUT,
-        logger=logging.getLogger("scaleout.transport.ws"),
-    )
+    try:
+        server = await ws_serve(
+            handler,
+            host,
+            port,
+            ssl=ssl_context,
+            process_request=process_request,
+            max_size=MAX_FRAME_BYTES,
+            compression=None,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            logger=logging.getLogger("scaleout.transport.ws"),
+        )
+    except OSError as exc:
+        raise ConfigError("", _cannot_listen(host, port, exc)) from None
     bound = server.sockets[0].getsockname()[1] if server.sockets else port
     return server, bound
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: port {port} is already in use (another scaleout serve or combine?); stop that process, or choose another port with --port (--port 0 picks a free one)"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); choose another port with --port"
+    return f"{where}: {exc.strerror or exc}; check --host and --port"
 
 
 def _peer(connection: ServerConnection) -> str:
