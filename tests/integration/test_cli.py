@@ -7,6 +7,7 @@ traceback), every admin command against a real controller over TLS, `serve --con
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -70,6 +71,14 @@ def refused(returncode: int, stderr: str, stdout: str, code: int | None, *needle
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+def utc_iso(value: object) -> dt.datetime:
+    """A time as --json prints it: an ISO 8601 string in UTC."""
+    assert isinstance(value, str), f"{value!r} is not an ISO 8601 string"
+    when = dt.datetime.fromisoformat(value)
+    assert when.utcoffset() == dt.timedelta(0), value
+    return when
 
 
 def by_data_dir(fed: Federation) -> list[str]:
@@ -220,6 +229,7 @@ def test_admin_flow_session_over_the_cli(fed: Federation, tmp_path: Path) -> Non
 
     token = as_json(scaleout("token", "create", "--role", "client", "--json", *conn))
     assert isinstance(token, dict) and token["role"] == "client" and token["token"].count(".") == 2
+    assert utc_iso(token["expires"]) > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=29)
 
     # package create honours .scaleoutignore and writes DIR.tgz beside DIR
     mixed = shutil.copytree(FIXTURES / "mixed_client", work / "mixed")
@@ -246,6 +256,7 @@ def test_admin_flow_session_over_the_cli(fed: Federation, tmp_path: Path) -> Non
 
     models = as_json(scaleout("model", "ls", "--json", *conn))
     assert isinstance(models, list) and [m["id"] for m in models] == [seed_id] and models[0]["active"]
+    utc_iso(models[0]["created"])
     shown = as_json(scaleout("model", "show", seed_id[:8], "--json", *conn))
     with np.load(quick / "seed.npz") as npz:
         arrays = [npz[str(i)] for i in range(len(npz.files))]
@@ -273,8 +284,21 @@ def test_admin_flow_session_over_the_cli(fed: Federation, tmp_path: Path) -> Non
     r = scaleout("session", "start", "--rounds", "2", "--min-clients", "2", "--round-timeout", "30", "--wait", "--json", *conn)
     session = as_json(r)
     assert isinstance(session, dict) and session["status"] == "finished", session
-    assert [(rnd["idx"], rnd["status"]) for rnd in session["rounds"]] == [(1, "succeeded"), (2, "succeeded")]
+    assert [(rnd["index"], rnd["status"]) for rnd in session["rounds"]] == [(1, "succeeded"), (2, "succeeded")]
     assert all(sorted(rnd["participants"]) == ["client-a", "client-b"] for rnd in session["rounds"])
+    # One name for a round's number, ISO 8601 UTC for times, numbers for durations.
+    assert utc_iso(session["created"]) <= utc_iso(session["finished"])
+    for rnd in session["rounds"]:
+        assert "idx" not in rnd and utc_iso(rnd["started"]) <= utc_iso(rnd["finished"])
+        assert isinstance(rnd["duration_s"], float | int)
+    detailed = as_json(scaleout("session", "show", "--clients", "--json", *conn))
+    assert isinstance(detailed, dict) and [rnd["index"] for rnd in detailed["rounds"]] == [1, 2]
+    for rnd in detailed["rounds"]:
+        assert {c["round_index"] for c in rnd["clients"]} == {rnd["index"]}
+        for c in rnd["clients"]:
+            utc_iso(c["created"])
+    listed = as_json(scaleout("session", "ls", "--json", *conn))
+    assert isinstance(listed, list) and utc_iso(listed[0]["created"]) and utc_iso(listed[0]["finished"])
 
     shown = as_json(scaleout("session", "show", session["id"], "--json", *conn))
     latest = as_json(scaleout("session", "show", "--json", *conn))
@@ -287,8 +311,10 @@ def test_admin_flow_session_over_the_cli(fed: Federation, tmp_path: Path) -> Non
 
     clients = as_json(scaleout("client", "ls", "--json", *conn))
     assert isinstance(clients, list) and sorted(c["name"] for c in clients) == ["client-a", "client-b"]
+    assert all(utc_iso(c["first_seen"]) <= utc_iso(c["last_seen"]) for c in clients)
     combiners = as_json(scaleout("combiner", "ls", "--json", *conn))
     assert isinstance(combiners, list) and [(c["name"], c["clients"]) for c in combiners] == [("c1", 2)]
+    assert all(utc_iso(c["first_seen"]) <= utc_iso(c["last_seen"]) for c in combiners)
 
     # stopping a session that already finished is refused with a clear message
     user_error(scaleout("session", "stop", session["id"], *conn), None, "not running")

@@ -46,9 +46,37 @@ def call(args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, b
 
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(public(data), indent=2, default=str))
     else:
         human()
+
+
+TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
+RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
+
+
+def public(data: Any) -> Any:
+    """A record (or a list of them) as --json prints it: a round's number is "index" and
+    times are ISO 8601 UTC strings (durations stay numbers). What users put inside a record
+    (session settings, metrics) is printed as it is."""
+    if isinstance(data, list):
+        return [public(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "idx":
+            key = "index"
+        elif key in TIMESTAMPS and isinstance(value, int | float) and not isinstance(value, bool):
+            value = iso_utc(value)
+        elif key in RECORD_LISTS and isinstance(value, list):
+            value = public(value)
+        out[key] = value
+    return out
+
+
+def iso_utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def when(ts: float | None) -> str:
@@ -207,7 +235,7 @@ def session_start(args: argparse.Namespace) -> int:
 
     session = asyncio.run(run())
     if args.json:
-        print(json.dumps(session, indent=2, default=str))
+        print(json.dumps(public(session), indent=2, default=str))
     elif args.wait:
         print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""))
     return EXIT_OK if not args.wait or session["status"] == "finished" else EXIT_FAILED
