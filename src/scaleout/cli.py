@@ -165,7 +165,12 @@ def build_parser() -> ArgumentParser:
     _connection(c)
     _json_flag(c)
     _common(c)
-    for action, text in (("ls", "list sessions"), ("show", "show a session and its rounds"), ("stop", "stop a running session")):
+    for action, text in (
+        ("ls", "list sessions"),
+        ("show", "show a session and its rounds"),
+        ("watch", "follow a session's rounds as they end; exit 0 if it succeeded, 1 if it failed or was stopped"),
+        ("stop", "stop a running session"),
+    ):
         c = ssub.add_parser(action, help=text)
         if action != "ls":
             c.add_argument("id", nargs="?", metavar="ID", help="session id (default: the latest)")

@@ -64,14 +64,14 @@ def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], logs: Path, wait_listening: bool) -> None:
+    def __init__(self, name: str, args: list[str], logs: Path, wait_listening: bool, cwd: Path | None = None) -> None:
         self.name = name
         self.log = logs / f"{name}.log"
         self.stderr = open(self.log, "wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "scaleout", *args, "--log-level", "debug"],
             stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd,
         )
         self.url: str | None = None
         if wait_listening:
@@ -154,11 +154,12 @@ class Federation:
         self.procs.append(p)
         return p
 
-    def client(self, name: str, package: Path | None = None) -> Proc:
+    def client(self, name: str, package: Path | None = None, cwd: Path | None = None) -> Proc:
+        """A client; ``package`` (a local compute package) may be relative to ``cwd``."""
         args = ["join", "--controller", self.url, "--token", self.token("client"), "--ca", self.ca, "--name", name, "--work-dir", str(self.tmp / name)]
         if package is not None:
             args += ["-p", str(package)]
-        p = Proc(name, args, self.logs, False)
+        p = Proc(name, args, self.logs, False, cwd=cwd)
         self.procs.append(p)
         return p
 

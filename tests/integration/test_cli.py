@@ -94,7 +94,7 @@ def by_flags(fed: Federation, token: str) -> list[str]:
 HELP = [
     "serve", "combine", "join", "token create", "run build", "package create", "package set-active",
     "model set-seed", "model ls", "model show", "model download",
-    "session start", "session ls", "session show", "session stop",
+    "session start", "session ls", "session show", "session watch", "session stop",
     "client ls", "combiner ls", "dev",
     # the groups themselves, and the top level
     "token", "run", "package", "model", "session", "client", "combiner", "",
@@ -345,20 +345,77 @@ def test_session_failed_round_interrupt_and_stop(fed: Federation, tmp_path: Path
         assert re.match(r"session (\S+) started", started), started + p.stderr.read()
         p.send_signal(signal.SIGINT)
         assert p.wait(10) == 130
-        assert "Traceback" not in p.stderr.read()
+        sid = started.split()[1]
+        stderr = p.stderr.read()
+        assert "Traceback" not in stderr and f"scaleout session watch {sid}" in stderr, stderr
     finally:
         if p.poll() is None:
             p.kill()
         p.wait()
         p.stdout.close()  # type: ignore[union-attr]
         p.stderr.close()  # type: ignore[union-attr]
-    sid = started.split()[1]
     shown = as_json(scaleout("session", "show", "--json", *conn))
     assert isinstance(shown, dict) and (shown["id"], shown["status"]) == (sid, "running")
-    r = ok(scaleout("session", "stop", *conn))
-    assert r.stdout.strip() == f"session {sid} stopped"
+    # follow it again (the latest by default), and see it end when an admin stops it
+    w = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "session", "watch", *conn], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert w.stdout is not None
+        line = w.stdout.readline()
+        assert line.startswith(f"session {sid} running: following"), line
+        r = ok(scaleout("session", "stop", *conn))
+        assert r.stdout.strip() == f"session {sid} stopped"
+        out, err = w.communicate(timeout=30)
+        assert w.returncode == 1, (w.returncode, out, err)
+        assert re.fullmatch(rf"round 1\s+failed\s+0 participants\s+\S+s\s+session stopped\nsession {sid} stopped: .*\n", out), out
+        assert "Traceback" not in err, err
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.communicate()
     shown = as_json(scaleout("session", "show", sid, "--json", *conn))
     assert isinstance(shown, dict) and shown["status"] == "stopped"
+    # a finished session prints its rounds and exits with its status
+    r = scaleout("session", "watch", sid, "--json", *conn)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stdout.splitlines()
+    watched = json.loads(line)
+    assert (watched["session_id"], watched["index"], watched["status"], watched["reason"]) == (sid, 1, "failed", "session stopped")
+    assert "idx" not in watched and utc_iso(watched["finished"]) and watched["failures"] == []
+
+
+def test_session_watch_prints_rounds_with_client_failures(fed: Federation, tmp_path: Path) -> None:
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    shutil.copytree(QUICKSTART, tmp_path / "good", ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    fed.client("good", package=Path("good"), cwd=tmp_path)  # a relative -p
+    fed.client("odd", package=FIXTURES / "bad_client")  # its updates lack num_examples: refused
+    fed.wait_clients(2)
+    conn = by_data_dir(fed)
+    session = fed.run_session(rounds=2, min_clients=1, validate=False)
+    assert session["status"] == "finished", session
+    sid = session["id"]
+    r = ok(scaleout("session", "watch", *conn))
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5, r.stdout
+    for i, k in ((1, 0), (2, 2)):
+        assert re.match(rf"round {i}\s+succeeded\s+1 participants", lines[k]), r.stdout
+        assert re.match(r"\s+odd\s+train\s+\S.*num_examples", lines[k + 1]), r.stdout
+    assert lines[4] == f"session {sid} finished", r.stdout
+    r = ok(scaleout("session", "watch", sid, "--json", *conn))
+    rounds = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["session_id"], x["index"], x["status"], x["participants"]) for x in rounds] == [(sid, 1, "succeeded", ["good"]), (sid, 2, "succeeded", ["good"])]
+    for x in rounds:
+        assert [(f["client"], f["kind"]) for f in x["failures"]] == [("odd", "train")] and "num_examples" in x["failures"][0]["error"]
+        assert utc_iso(x["started"]) <= utc_iso(x["finished"]) and isinstance(x["duration_s"], float | int)
+    # a failed session: exit 1
+    failed = fed.run_session(rounds=1, min_clients=3, round_timeout=1)
+    r = scaleout("session", "watch", *conn)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert re.match(r"round 1\s+failed", r.stdout) and r.stdout.splitlines()[-1].startswith(f"session {failed['id']} failed"), r.stdout
+    user_error(scaleout("session", "watch", "s-nonexistent", *conn), 1, "no session")
 
 
 @pytest.mark.parametrize(

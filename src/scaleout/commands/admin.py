@@ -212,33 +212,110 @@ def session_start(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
     conn = resolve(args)
-
-    printed: set[int] = set()
-
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "round" and not args.json:
-            printed.add(data["idx"])
-            print(_round_line(data), flush=True)
+    started: list[str] = []
 
     async def run() -> dict[str, Any]:
         result, _ = await call_async(conn, "session.start", req)
         session = result["session"]
+        started.append(session["id"])
         if not args.json:
             print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
         if args.wait:
-            result, _ = await call_async(conn, "session.wait", {"id": session["id"]}, on_event=on_event)
-            session = result["session"]
-            for r in session["rounds"]:  # rounds that ended before we subscribed
-                if r["idx"] not in printed:
-                    on_event("round", r)
+            session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
 
-    session = asyncio.run(run())
+    try:
+        session = asyncio.run(run())
+    except KeyboardInterrupt:
+        if started:
+            print(f"stopped following session {started[0]}; it keeps running: scaleout session watch {started[0]}", file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps(public(session), indent=2, default=str))
     elif args.wait:
-        print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""))
+        _print_end(session)
     return EXIT_OK if not args.wait or session["status"] == "finished" else EXIT_FAILED
+
+
+async def follow(
+    conn: Connection, key: str | None, on_round: Callable[[dict[str, Any]], None] | None, on_running: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Hand each round of session ``key`` (default: the latest) to ``on_round`` once it has
+    ended, in order and with its clients' failures, until the session ends; return it.
+    ``on_running(id)`` is called first if the session is still running.
+
+    The controller's session.wait pushes an event as each round ends; each event (and the
+    start and end) reads the session again, so rounds that ended before we attached come
+    first and none is missed or repeated, whenever we attached.
+    """
+    done = 0  # rounds handed on so far; they are numbered from 1
+
+    async def catch_up() -> dict[str, Any]:
+        nonlocal done
+        session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}))[0]["session"]
+        for r in session["rounds"]:
+            clients = r.pop("clients", [])
+            r["failures"] = [{"client": c["client"], "kind": c["kind"], "error": c["error"]} for c in clients if c["error"]]
+        for r in session["rounds"]:
+            if r["status"] == "running":
+                break
+            if r["idx"] > done:
+                if on_round is not None:
+                    on_round({"session_id": session["id"], **r})
+                done = r["idx"]
+        return session
+
+    session = await catch_up()
+    key = session["id"]
+    if session["status"] == "running":
+        if on_running is not None:
+            on_running(key)
+        ended = asyncio.Event()
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "round":
+                ended.set()
+
+        waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event))
+        try:
+            while not waiting.done():
+                woken = asyncio.ensure_future(ended.wait())
+                await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if ended.is_set():
+                    ended.clear()
+                    await catch_up()
+            waiting.result()
+        finally:
+            waiting.cancel()
+        session = await catch_up()
+    return session
+
+
+def _print_round(r: dict[str, Any]) -> None:
+    print(_round_line(r), flush=True)
+    for f in r["failures"]:
+        print(f"    {f['client']:<16} {f['kind']:<9} {f['error']}", flush=True)
+
+
+def _print_end(session: dict[str, Any]) -> None:
+    print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""), flush=True)
+
+
+def session_watch(args: argparse.Namespace) -> int:
+    conn = resolve(args)
+
+    def print_json(r: dict[str, Any]) -> None:
+        print(json.dumps(public(r), default=str), flush=True)
+
+    def print_running(key: str) -> None:
+        print(f"session {key} running: following its rounds (Ctrl-C stops watching, not the session)", flush=True)
+
+    on_round, on_running = (print_json, None) if args.json else (_print_round, print_running)
+    session = asyncio.run(follow(conn, args.id, on_round, on_running))
+    if not args.json:
+        _print_end(session)
+    return EXIT_OK if session["status"] == "finished" else EXIT_FAILED
 
 
 SESSION_COLUMNS = [("id", "ID"), ("status", "STATUS"), ("created_s", "STARTED"), ("n_rounds", "ROUNDS"), ("reason", "NOTE")]
@@ -335,6 +412,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("session", "start"): session_start,
     ("session", "ls"): session_ls,
     ("session", "show"): session_show,
+    ("session", "watch"): session_watch,
     ("session", "stop"): session_stop,
     ("client", "ls"): client_ls,
     ("status", None): status,
