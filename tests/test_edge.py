@@ -51,11 +51,29 @@ def test_dict_round_trip_and_aliases() -> None:
     named = {"dense.weight": np.ones((2, 3), np.float32), "dense.bias": np.zeros(3, np.float64)}
     model = ScaleoutModel.from_training_model(named, helper=get_helper("numpyhelper"))
     out = model.get_training_model(get_helper("numpyhelper"))
-    assert isinstance(out, dict) and set(out) == set(named)  # safetensors sorts names
+    assert isinstance(out, dict) and list(out) == list(named)  # not sorted, as safetensors would
     assert out["dense.bias"].dtype == np.float64
     assert model == ScaleoutModel.from_model_params(named)
     with pytest.raises(TypeError):
         ScaleoutModel.from_model_params(np.ones(3))  # type: ignore[arg-type]
+
+
+def test_dict_key_order_survives_a_train_callback() -> None:
+    order = ["layer2.weight", "layer1.weight", "a.bias", "z"]
+    seen: list[list[str]] = []
+
+    def train(model: ScaleoutModel, settings: dict[str, Any]) -> Any:
+        params = model.get_model_params()
+        seen.append(list(params))
+        return {k: v + 1 for k, v in params.items()}, {"training_metadata": {"num_examples": 1}}
+
+    client = EdgeClient("c")
+    client.set_train_callback(train)
+    seed = ScaleoutModel.from_model_params({k: np.zeros(2, np.float32) for k in order}).to_bytes()
+    data, _ = client.run_train(seed, {})
+    assert seen == [order]
+    out = payload.decode(data)
+    assert isinstance(out, dict) and list(out) == order
 
 
 # -- run_train ------------------------------------------------------------------

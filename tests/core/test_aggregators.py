@@ -15,7 +15,7 @@ from scaleout.core.aggregators import (
     get_aggregator,
 )
 from scaleout.core.errors import ConfigError, ModelMismatchError, PayloadError, UpdateRejected
-from scaleout.core.payload import TensorSpec, describe, encode
+from scaleout.core.payload import TensorSpec, decode, describe, encode, encode_named, layout_of
 
 MODEL: dict[str, np.ndarray] = {
     "w": np.zeros((3, 4), np.float32),
@@ -304,3 +304,24 @@ def test_update_overflowing_in_a_later_tensor_leaves_every_tensor_untouched() ->
     np.testing.assert_allclose(agg.result()["a"], [2.0, 3.0])
     np.testing.assert_allclose(agg.result()["b"], [5e299 + 0.5, 4.0])
 
+
+
+def test_two_stage_aggregation_keeps_the_models_tensor_order() -> None:
+    names = ["layer2.weight", "layer1.weight", "a.bias", "z"]
+    seed = encode({n: np.zeros(3, np.float32) for n in names})
+    template = describe(seed)
+    assert list(template) == names
+    partials = []
+    for i in range(2):
+        combiner = FedAvg(template)
+        combiner.add({n: np.full(3, float(i)) for n in sorted(names)}, 1.0, f"c{i}")  # keys in another order
+        partials.append(decode_partial(encode_partial(combiner.partial())))
+        assert list(partials[-1].sums) == names
+    reducer = FedAvg(template)
+    for p in partials:
+        reducer.add_partial(p)
+    result = reducer.result()
+    assert list(result) == names
+    committed = decode(encode_named(result, layout_of(seed)))
+    assert isinstance(committed, dict) and list(committed) == names
+    np.testing.assert_array_equal(committed["z"], np.full(3, 0.5, np.float32))
