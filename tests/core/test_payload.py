@@ -13,6 +13,7 @@ from scaleout.core.payload import (
     TensorSpec,
     check_compatible,
     check_finite,
+    check_values,
     decode,
     describe,
     encode,
@@ -22,6 +23,7 @@ from scaleout.core.payload import (
     model_id,
     read,
     to_named,
+    value_bounds,
 )
 
 
@@ -376,3 +378,25 @@ def test_check_finite_names_first_bad_tensor() -> None:
     with pytest.raises(UpdateRejected, match="'c'"):
         check_finite({"a": np.ones(3), "c": np.array([-np.inf], np.float16)})
 
+
+def test_value_bounds() -> None:
+    assert value_bounds("float32") == (-float(np.finfo(np.float32).max), float(np.finfo(np.float32).max))
+    assert value_bounds("float16") == (-65504.0, 65504.0)
+    assert value_bounds("int32") == (-(2**31), 2**31 - 1)
+    assert value_bounds(np.dtype("uint64")) == (0, 2**64 - 1)
+    assert value_bounds("bool") == (0, 1)
+
+
+def test_check_values_refuses_what_the_model_dtype_cannot_hold() -> None:
+    reference = {"f": TensorSpec("float32", (2,)), "i": TensorSpec("int32", (2,)), "e": TensorSpec("float16", (0,))}
+    fine = {"f": np.array([3e38, -3e38]), "i": np.array([2**31 - 1, -(2**31)], np.int64), "e": np.zeros(0)}
+    check_values(reference, fine)
+    check_values(reference, {**fine, "i": np.array([7, -7], np.int16)})  # always fits: no pass at all
+    with pytest.raises(UpdateRejected, match=r"'f' holds 1e\+300, outside the model's float32 finite range"):
+        check_values(reference, {**fine, "f": np.array([0.0, 1e300])})
+    with pytest.raises(UpdateRejected, match="'i' holds 2147483648, outside the model's int32 range"):
+        check_values(reference, {**fine, "i": np.array([0, 2**31], np.int64)})
+    with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
+        check_values(reference, {**fine, "f": np.array([np.nan, 1.0], np.float32)})
+    with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
+        check_values(reference, {**fine, "f": np.array([np.nan, 1e300])})

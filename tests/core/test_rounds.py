@@ -150,6 +150,19 @@ def test_controller_all_combiners_lost_fails() -> None:
     assert d == Decision(Outcome.FAILED, 0, "0 of 1 selected clients contributed; at least 1 needed (lost combiner c1)")
 
 
+def test_controller_refused_partial_names_its_reason() -> None:
+    r = ControllerRound.start({"c1": 1, "c2": 2, "c3": 1}, min_clients=3, now=0.0, timeout=60.0)
+    assert r.on_partial("c1", 1) is None
+    assert r.on_combiner_lost("c3") is None
+    d = r.on_partial_refused("c2", "adding this partial aggregate overflows the running sum")
+    assert d is not None and d.outcome is Outcome.FAILED and d.contributions == 1
+    assert d.reason == (
+        "1 of 4 selected clients contributed; at least 3 needed (lost combiner c3)"
+        " (partial from combiner c2 refused: adding this partial aggregate overflows the running sum)"
+    )
+    assert r.on_partial("c2", 2) is None  # a refused combiner cannot report again
+
+
 def test_controller_deadline_names_combiners_that_never_reported() -> None:
     r = ControllerRound.start({"c1": 1, "c2": 1}, min_clients=2, now=0.0, timeout=10.0)
     assert r.on_partial("c1", 1) is None

@@ -201,6 +201,53 @@ def check_finite(update: Mapping[str, np.ndarray]) -> None:
             raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
 
 
+def value_bounds(dtype: str | np.dtype) -> tuple[int | float, int | float]:
+    """The least and greatest finite value a tensor of ``dtype`` holds (0 and 1 for bool)."""
+    target = np.dtype(dtype)
+    if target.kind == "f":
+        largest = float(np.finfo(target).max)
+        return -largest, largest
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        return int(info.min), int(info.max)
+    return 0, 1
+
+
+def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
+    """Refuse NaN, inf and values the model's dtype cannot hold (1e300 for float32, 2**40
+    for int32), naming the first offending tensor. Run after `check_compatible`.
+
+    Cheap on purpose (aggregation's hot path): one isfinite pass when every finite value of
+    the update's dtype fits the model's (float32 for float32), one min and one max when it
+    may not (float64 for float32), nothing for integers that always fit.
+    """
+    for name, value in update.items():
+        array = np.asarray(value)
+        if array.size == 0:
+            continue
+        target = reference[name].dtype
+        low, high = value_bounds(target)
+        own_low, own_high = value_bounds(array.dtype)
+        if low <= own_low and own_high <= high:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+            continue
+        # .item() gives Python numbers: they compare exactly across int and float.
+        least, greatest = array.min().item(), array.max().item()
+        if least != least or greatest != greatest or math.isinf(least) or math.isinf(greatest):
+            raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+        if least < low or greatest > high:
+            bad = least if least < low else greatest
+            kind = "finite range" if np.dtype(target).kind == "f" else "range"
+            raise UpdateRejected(
+                f"tensor {name!r} holds {_number(bad)}, outside the model's {target} {kind} [{_number(low)}, {_number(high)}]"
+            )
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _header(data: bytes) -> tuple[dict[str, TensorSpec], str, dict[str, str]]:
     """(specs in list or recorded order, layout, metadata without the layout and order keys)."""
     specs, metadata = _parse_header(data)

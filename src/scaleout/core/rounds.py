@@ -90,6 +90,7 @@ class ControllerRound:
     deadline: float
     received: dict[str, int] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)  # combiner -> why its partial was refused
     decision: Decision | None = None
 
     @classmethod
@@ -114,6 +115,13 @@ class ControllerRound:
             self.lost.add(combiner)
         return self._decide(final=not self.waiting_for)
 
+    def on_partial_refused(self, combiner: str, reason: str) -> Decision | None:
+        """The combiner's partial was unusable (e.g. it would overflow): none of it counts."""
+        if self.decision is None and combiner in self.waiting_for:
+            self.refused[combiner] = reason
+            self.lost.add(combiner)
+        return self._decide(final=not self.waiting_for)
+
     def on_tick(self, now: float) -> Decision | None:
         return self._decide(final=now >= self.deadline or not self.waiting_for)
 
@@ -125,8 +133,11 @@ class ControllerRound:
             self.decision = Decision(Outcome.SUCCEEDED, n)
         else:
             reason = f"{n} of {wanted} selected clients contributed; at least {self.min_clients} needed"
-            if self.lost:
-                reason += f" (lost combiner{'s' if len(self.lost) > 1 else ''} {', '.join(sorted(self.lost))})"
+            lost = sorted(self.lost - set(self.refused))
+            if lost:
+                reason += f" (lost combiner{'s' if len(lost) > 1 else ''} {', '.join(lost)})"
+            for name, why in sorted(self.refused.items()):
+                reason += f" (partial from combiner {name} refused: {why})"
             silent = sorted(set(self.selected) - set(self.received) - self.lost)
             if silent:
                 reason += f" (no report from combiner{'s' if len(silent) > 1 else ''} {', '.join(silent)})"

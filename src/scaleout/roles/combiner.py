@@ -500,12 +500,14 @@ class Combiner:
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
             return
         async with job.lock:
-            if job.agg is None or job.agg.count == 0:
-                partial_bytes, count, weight, who = None, 0, 0.0, []
-            else:
-                p = job.agg.partial()
-                partial_bytes = await asyncio.to_thread(encode_partial, p)
-                count, weight, who = p.count, p.weight, p.contributors
+            partial_bytes, count, weight, who = None, 0, 0.0, []
+            if job.agg is not None and job.agg.count > 0:
+                try:
+                    p = job.agg.partial()  # refused if not finite: never sent on
+                    partial_bytes = await asyncio.to_thread(encode_partial, p)
+                    count, weight, who = p.count, p.weight, p.contributors
+                except ScaleoutError as exc:
+                    log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
         log.info("round %d: reporting %d updates to the controller", job.round_index, count)
         await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))

@@ -621,13 +621,17 @@ class Controller:
                     partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
                 except (PayloadError, UpdateRejected) as exc:
                     log.error("partial aggregate from combiner %s refused: %s", name, exc)
-                    decision = tracker.on_combiner_lost(name)
+                    decision = tracker.on_partial_refused(name, str(exc))
                     continue
                 contributors.extend(partial.contributors)
                 decision = tracker.on_partial(name, partial.count)
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
-        new_bytes = await asyncio.to_thread(lambda: payload.encode_named(agg.result(), layout))
+        try:
+            new_bytes = await asyncio.to_thread(lambda: payload.encode_named(agg.result(), layout))
+        except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
+            log.error("round %d: aggregate not committed: %s", index, exc)
+            return finish("failed", str(exc), participants=sorted(contributors))
         model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
         # The model, its trail entry and the round's outcome land in one transaction.
         self.state.commit_round(
