@@ -157,7 +157,11 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
     c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates (default: 180)")
     c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout (default: 1)")
-    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy (default: fedavg)")
+    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
+    c.add_argument(
+        "--aggregator-kwargs", default="{}", metavar="JSON",
+        help="the strategy's hyperparameters, e.g. fedadam: '{\"learning_rate\": 0.01, \"beta1\": 0.9, \"beta2\": 0.99, \"tau\": 1e-4}'",
+    )
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
     c.add_argument("--name", help="a name for the session")

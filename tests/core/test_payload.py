@@ -400,3 +400,18 @@ def test_check_values_refuses_what_the_model_dtype_cannot_hold() -> None:
         check_values(reference, {**fine, "f": np.array([np.nan, 1.0], np.float32)})
     with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
         check_values(reference, {**fine, "f": np.array([np.nan, 1e300])})
+
+
+def test_views_point_into_the_bytes_without_copying() -> None:
+    from scaleout.core.payload import views
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "flag": np.array([True, False]), "e": np.zeros((0, 4), np.int16)}
+    data = encode(arrays)
+    got = views(data)
+    assert set(got) == set(arrays)
+    for name, value in arrays.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape
+        np.testing.assert_array_equal(got[name], value)
+    assert not got["a"].flags.writeable and not got["a"].flags.owndata
+    with pytest.raises(PayloadError):
+        views(data[:-1])

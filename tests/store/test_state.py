@@ -279,3 +279,21 @@ def test_commit_round_records_model_active_and_round_together(tmp_path: Path) ->
     assert r["status"] == "succeeded" and r["model_id"] == "f" * 64 and r["participants"] == ["a"]
     assert st.model("f" * 64)["parent"] == "seed"
     assert st.audit_log()[0]["action"] == "model.commit"
+
+
+def test_an_older_state_db_gains_the_server_state_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute(
+        "CREATE TABLE rounds (session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT, "
+        "parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL, duration_s REAL, "
+        "reason TEXT, validation TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (session_id, idx))"
+    )
+    db.execute("INSERT INTO rounds(session_id, idx, status, started) VALUES('s1', 1, 'succeeded', 1.0)")
+    db.commit()
+    db.close()
+    st = State(tmp_path / "old.db")
+    st.start_round("s1", 2, "seed", ["a"])
+    st.commit_round("s1", 2, "f" * 64, 10, parent="seed", aggregator="fedadam", contributors=["a"], server_state="e" * 64)
+    rounds = st.rounds("s1")
+    assert [r["server_state"] for r in rounds] == [None, "e" * 64]
+    st.close()

@@ -25,6 +25,7 @@ class SessionConfig:
     round_timeout: float = 180.0
     min_clients: int = 1
     aggregator: str = "fedavg"
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
     validate: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
@@ -39,6 +40,9 @@ class SessionConfig:
             raise ConfigError("min_clients", f"must be a whole number >= 1, got {self.min_clients!r}")
         if not isinstance(self.aggregator, str) or not self.aggregator:
             raise ConfigError("aggregator", "must be a non-empty name")
+        from scaleout.core.aggregators.strategy import make_strategy
+
+        make_strategy(self.aggregator, self.aggregator_kwargs)  # unknown names and bad hyperparameters fail here
         if not isinstance(self.validate, bool):
             raise ConfigError("validate", f"must be true or false, got {self.validate!r}")
         if not isinstance(self.settings, dict):

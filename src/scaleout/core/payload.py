@@ -158,6 +158,22 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     return {name: loaded[name] for name in specs}, layout, metadata
 
 
+def views(data: bytes) -> dict[str, np.ndarray]:
+    """Read-only arrays that point into ``data`` (no copy), in the order `read` gives: for
+    reading a large model whose bytes are kept anyway (the controller's global model)."""
+    specs, _, _ = _header(data)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + size]))
+    base = 8 + size
+    out: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        begin, _end = header[name]["data_offsets"]
+        count = math.prod(spec.shape)
+        array = np.frombuffer(data, dtype=np.dtype(spec.dtype).newbyteorder("<"), count=count, offset=base + begin)
+        out[name] = array.reshape(spec.shape)
+    return out
+
+
 def decode(data: bytes) -> Arrays:
     """Parse a payload back into the list or dict it was encoded from."""
     named, layout, _ = read(data)

@@ -37,6 +37,7 @@ log = logging.getLogger("scaleout.controller")
 
 MODEL = ("models", ".safetensors")
 PACKAGE = ("packages", ".tgz")
+STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of a session
 ADMIN_TOKEN_TTL = 365 * 86400
 PARTIAL_GRACE_S = 5.0
 ASSIGNMENT_TTL_S = 30.0
@@ -72,6 +73,7 @@ class RunningSession:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    server_state: dict[str, Any] = field(default_factory=dict)  # what the strategy keeps across rounds
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
@@ -426,15 +428,12 @@ class Controller:
     # -- sessions ---------------------------------------------------------------------------
 
     async def _session_start(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        from scaleout.core.aggregators import get_aggregator
-
-        cfg = SessionConfig.from_mapping(args)
+        cfg = SessionConfig.from_mapping(args)  # checks the aggregator and its kwargs too
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is still running; stop it first (scaleout session stop {self.session.id})")
         model_id = self.state.get_meta("active_model")
         if model_id is None:
             raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
-        get_aggregator(cfg.aggregator, payload.describe(self._model_bytes(model_id)))
         session = RunningSession(new_id("s-"), cfg)
         self.state.add_session(session.id, cfg.to_dict(), model_id)
         self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
@@ -560,7 +559,7 @@ class Controller:
             return kind, value
 
     async def _run_round(self, s: RunningSession, index: int) -> dict[str, Any]:
-        from scaleout.core.aggregators import get_aggregator
+        from scaleout.core.aggregators import get_aggregator, make_strategy
 
         loop = asyncio.get_running_loop()
         cfg = s.config
@@ -587,6 +586,7 @@ class Controller:
         if len(participants) < cfg.min_clients:
             return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed")
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + PARTIAL_GRACE_S)
+        strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
         agg = get_aggregator(cfg.aggregator, template)
         for name, clients in selected.items():
             msg = m.RoundStart(
@@ -628,15 +628,18 @@ class Controller:
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
         try:
-            new_bytes = await asyncio.to_thread(lambda: payload.encode_named(agg.result(), layout))
+            new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
         except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
             log.error("round %d: aggregate not committed: %s", index, exc)
             return finish("failed", str(exc), participants=sorted(contributors))
         model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
-        # The model, its trail entry and the round's outcome land in one transaction.
+        state_id = await asyncio.to_thread(self.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
+        # The model, its trail entry, the strategy's state and the round's outcome land in one transaction.
         self.state.commit_round(
             s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
+            server_state=state_id,
         )
+        s.server_state = new_state
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         validation: dict[str, float] = {}
         if cfg.validate:
@@ -673,6 +676,14 @@ class Controller:
 
 def _elements(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
+    """The strategy's step from the round's mean to the next global model (off the event
+    loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
+    model, new_state = strategy.step(payload.views(global_bytes), agg.mean(), state)
+    state_bytes = payload.encode_named(new_state, "dict") if new_state else None
+    return payload.encode_named(model, layout), state_bytes, new_state
 
 
 def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS rounds (
   session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT,
   parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL,
-  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (session_id, idx));
+  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT,
+  PRIMARY KEY (session_id, idx));
 CREATE TABLE IF NOT EXISTS reports (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, session_id TEXT, round_index INTEGER,
   client TEXT NOT NULL, data TEXT NOT NULL, error TEXT, created REAL NOT NULL);
@@ -59,6 +60,13 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, added to an older state.db in place."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
+        if "server_state" not in columns:
+            self.db.execute("ALTER TABLE rounds ADD COLUMN server_state TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -162,9 +170,13 @@ class State:
             self.set_meta("active_model", digest)
 
     def commit_round(
-        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str]
+        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str],
+        server_state: str | None = None,
     ) -> None:
-        """A round's new global model: trail entry, active model and round outcome at once."""
+        """A round's new global model: trail entry, active model and round outcome at once.
+
+        ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
+        moments), committed with the model it belongs to."""
         with self.db:
             self.db.execute("BEGIN")
             self.add_model(
@@ -172,8 +184,8 @@ class State:
             )
             self.set_meta("active_model", digest)
             self.db.execute(
-                "UPDATE rounds SET status='succeeded', model_id=?, participants=? WHERE session_id=? AND idx=?",
-                (digest, json.dumps(contributors), session_id, index),
+                "UPDATE rounds SET status='succeeded', model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
+                (digest, json.dumps(contributors), server_state, session_id, index),
             )
             self.audit("controller", "model.commit", id=digest, session=session_id, round=index)
 

@@ -111,11 +111,15 @@ class FedAvg:
         sums = {name: total.copy() for name, total in self._sums.items()}
         return Partial(sums, self._weight, self.count, list(self._contributors))
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The weighted mean in each tensor's dtype; refused if it does not fit that dtype."""
+    def mean(self) -> dict[str, np.ndarray]:
+        """The float64 weighted mean, before any cast: what a server step starts from."""
         if self._weight <= 0:
             raise UpdateRejected("no updates to aggregate")
-        return {name: cast_mean(name, total / self._weight, self.template[name].dtype) for name, total in self._sums.items()}
+        return {name: total / self._weight for name, total in self._sums.items()}
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The weighted mean in each tensor's dtype; refused if it does not fit that dtype."""
+        return {name: cast_mean(name, mean, self.template[name].dtype) for name, mean in self.mean().items()}
 
     def _check_new(self, contributors: list[str]) -> None:
         seen = set(self._contributors)
