@@ -203,6 +203,45 @@ class Federation:
 
 
 @contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (``mount -o size=``, e.g. "4m") on the directory ``path``,
+    for tests of a really full disk; unmounted at the end, failed test or not. Mounting
+    needs root (CI runs as root): elsewhere the test is skipped and says why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs these as root)")
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)  # busy: detach it anyway
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write ``directory/filler`` until the file system holding it has no byte left."""
+    import errno
+
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, bytes(chunk))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    assert os.statvfs(directory).f_bavail == 0
+    return path
+
+
+@contextlib.contextmanager
 def federation(tmp: Path) -> Iterator[Federation]:
     """A Federation whose processes are stopped at the end, and whose logs hold no traceback."""
     f = Federation(tmp)

@@ -11,6 +11,7 @@
      ├── PackageError           a compute package is missing, broken or unsafe
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
+     ├── StorageError           the controller could not write or read its files (disk full, ...)
      ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
      └── TaskAborted            the running task was aborted (session stopped)
@@ -99,6 +100,19 @@ class NotFoundError(ScaleoutError):
 
 class ConflictError(ScaleoutError):
     code = "conflict"
+
+
+class StorageError(ScaleoutError):
+    """A file or database write failed: ``problem`` is the system's reason (its strerror)."""
+
+    code = "storage"
+
+    def __init__(self, problem: str, action: str, path: str, errno: int | None = None) -> None:
+        self.problem = problem
+        self.action = action
+        self.path = path
+        self.errno = errno
+        super().__init__(f"{problem[:1].lower()}{problem[1:]} while {action} {path}")
 
 
 class RemoteError(ScaleoutError):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scaleout.core.errors import NotFoundError
+from scaleout.core.errors import NotFoundError, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,11 +53,54 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return out
 
 
+# SQLite's result codes for a database it cannot write or read: the disk, not a bug.
+_STORAGE_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose failed statements on a full or broken disk raise StorageError."""
+
+    path = ""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(sql_script)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+
+def _raise_storage_error(exc: sqlite3.DatabaseError, path: str) -> None:
+    """Raise StorageError for a disk problem; return for a bug (bad SQL, a constraint)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        raise StorageError("no space left on device", "writing", path) from exc
+    if name.startswith(_STORAGE_CODES):
+        raise StorageError(str(exc), "using", path) from exc
+
+
 class State:
-    """Thin, synchronous access to ``state.db``; every write is its own transaction."""
+    """Thin, synchronous access to ``state.db``; every write is its own transaction.
+
+    A write that fails because the disk is full (or broken) raises StorageError and
+    changes nothing; the connection stays usable once space is freed."""
 
     def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, str(path))
+            raise
+        assert isinstance(db, _Connection)
+        db.path = str(path)
+        self.db = db
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -70,6 +115,23 @@ class State:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
+        Inside another transaction, the writes simply join it."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.rollback()
+            raise
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
@@ -164,8 +226,7 @@ class State:
 
     def commit_model(self, digest: str, size: int, **trail: Any) -> None:
         """Record a model and make it the global model, in one transaction."""
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.transaction():
             self.add_model(digest, size, **trail)
             self.set_meta("active_model", digest)
 
@@ -177,8 +238,7 @@ class State:
 
         ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
         moments), committed with the model it belongs to."""
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.transaction():
             self.add_model(
                 digest, size, parent=parent, session_id=session_id, round_index=index, aggregator=aggregator, contributors=contributors
             )
@@ -197,11 +257,26 @@ class State:
             (session_id, json.dumps(config), time.time(), start_model),
         )
 
-    def finish_session(self, session_id: str, status: str, end_model: str | None, reason: str | None = None) -> None:
+    def finish_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None = None, finished: float | None = None
+    ) -> None:
         self.db.execute(
             "UPDATE sessions SET status=?, finished=?, end_model=?, reason=? WHERE id=?",
-            (status, time.time(), end_model, reason, session_id),
+            (status, finished or time.time(), end_model, reason, session_id),
         )
+
+    def end_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None,
+        finished: float | None = None, round_reason: str | None = None,
+    ) -> None:
+        """Record a session's outcome and fail its unfinished rounds (with ``round_reason``,
+        by default the session's), in one transaction."""
+        finished = finished or time.time()
+        with self.transaction():
+            for row in self.rounds(session_id):
+                if row["status"] == "running":
+                    self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
+            self.finish_session(session_id, status, end_model, reason, finished)
 
     def session(self, session_id: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM sessions WHERE id=?", session_id)
