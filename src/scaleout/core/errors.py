@@ -7,6 +7,7 @@
      │    ├── IntegrityError    bytes do not match their announced sha256 or size
      │    └── ModelMismatchError  an update's tensors differ from the global model's
      ├── UpdateRejected         an update is well-formed but unusable (NaN, no examples)
+     ├── LimitExceeded          a metric, result or text is larger than a peer may send
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
      ├── NotFoundError          a session, model, package, ... does not exist
@@ -21,6 +22,8 @@ error replies, close codes or exit codes at the edge.
 """
 
 from __future__ import annotations
+
+from scaleout.core.units import fmt_bytes
 
 
 class ScaleoutError(Exception):
@@ -73,6 +76,18 @@ class ModelMismatchError(PayloadError):
 
 class UpdateRejected(ScaleoutError):
     code = "update_rejected"
+
+
+class LimitExceeded(ScaleoutError, ValueError):
+    """Too large to send or store (also a ValueError: user code calling log_metric may expect one)."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, what: str, size: int, limit: int, hint: str = "") -> None:
+        self.what = what
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{what} is {fmt_bytes(size)} as JSON; the limit is {fmt_bytes(limit)}" + (f": {hint}" if hint else ""))
 
 
 class AuthError(ScaleoutError):

@@ -25,6 +25,7 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, Superseded, TaskAborted
+from scaleout.core.limits import clip_text
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
@@ -269,7 +270,7 @@ class Client:
                 result.error = f"the {task.kind} callback called sys.exit({exc.code!r})"
                 log.error("round %d: %s", task.round_index, result.error)
             except Exception as exc:  # the role edge: a failing callback is reported, not fatal
-                result.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc)
+                result.error = clip_text(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc))
                 if isinstance(exc, TaskAborted):
                     log.info("round %d: %s stopped (%s)", task.round_index, task.kind, exc)
                 else:

@@ -20,6 +20,7 @@ from scaleout.core.errors import (
     AuthError,
     ConfigError,
     ConflictError,
+    LimitExceeded,
     NotFoundError,
     PayloadError,
     ProtocolError,
@@ -27,6 +28,7 @@ from scaleout.core.errors import (
     StorageError,
     UpdateRejected,
 )
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.roles.common import announce, bracket, new_id, url_host
 from scaleout.security import tls, tokens
@@ -278,9 +280,7 @@ class Controller:
                     self.state.upsert_client(client, "online", c.name)
                 self.state.set_clients_offline(c.name, keep=c.clients)
             elif isinstance(msg, m.Report):
-                self.state.add_report(msg.kind, msg.session_id, msg.round_index, msg.client, msg.data, msg.error)
-                if msg.error:
-                    log.warning("client %s: %s %s", msg.client, msg.kind, msg.error)
+                self._store_report(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -291,6 +291,23 @@ class Controller:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
+
+    def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
+        """Store one client's report within the limits a combiner applies (core/limits.py):
+        a report beyond them is cut down, never allowed to fill state.db."""
+        if msg.kind not in REPORT_KINDS:
+            raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
+        m.check_name(msg.session_id, "report: session id")
+        m.check_name(msg.client, "report: client name")
+        data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
+        try:
+            check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
+        except LimitExceeded as exc:
+            log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
+            data = {}
+        self.state.add_report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if error:
+            log.warning("client %s: %s %s", msg.client, msg.kind, error)
 
     # -- combiner and client registry -----------------------------------------------------
 
@@ -804,6 +821,7 @@ def mean_metrics(rows: Any) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 
+REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
 COMBINER = frozenset({"combiner"})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.core.errors import NotFoundError, StorageError
+from scaleout.core.messages import to_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -308,7 +309,7 @@ class State:
     def add_report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, Any], error: str | None) -> None:
         self.db.execute(
             "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)",
-            (kind, session_id, round_index, client, json.dumps(data), error, time.time()),
+            (kind, session_id, round_index, client, to_json(data), error, time.time()),  # UTF-8, as measured by its limit
         )
 
     def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
