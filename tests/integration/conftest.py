@@ -64,13 +64,13 @@ def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], logs: Path, wait_listening: bool) -> None:
+    def __init__(self, name: str, args: list[str], logs: Path, wait_listening: bool, cwd: Path | None = None) -> None:
         self.name = name
         self.log = logs / f"{name}.log"
         self.stderr = open(self.log, "wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "scaleout", *args, "--log-level", "debug"],
-            stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL, cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.url: str | None = None

@@ -26,7 +26,7 @@ from scaleout.core.errors import (
     UpdateRejected,
 )
 from scaleout.core.rounds import ControllerRound, Outcome
-from scaleout.roles.common import announce, bracket, new_id, url_host
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.state import State
@@ -48,6 +48,7 @@ class ControllerSettings:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8090
+    san: list[str] = field(default_factory=list)  # more names for the generated certificate
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure: bool = False
@@ -126,8 +127,7 @@ class Controller:
         if s.insecure:
             log.warning("TLS is OFF (--insecure): tokens and models travel in clear text")
         else:
-            hosts = [s.host] if s.host else []
-            files = tls.ensure_controller_tls(self.dir, hosts)
+            files = tls.ensure_controller_tls(self.dir, cert_names(s.host, s.san))
             self.ca_pem = files.ca_cert.read_bytes()
             self.ca_key_pem = files.ca_key.read_bytes()
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
