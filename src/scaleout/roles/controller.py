@@ -133,6 +133,8 @@ class Controller:
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
             cert, key = (s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else (files.cert, files.key)
             self.ssl_context = tls.server_context(cert, key)
+            if cert == files.cert:
+                log.info("TLS certificate valid for %s (add names with --san)", ", ".join(tls.names_in(cert)))
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():
             self.state.upsert_combiner(row["name"], "offline", clients=0)

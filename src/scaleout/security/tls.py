@@ -355,6 +355,9 @@ def ensure_controller_tls(data_dir: Path, names: Sequence[str]) -> TlsFiles:
         _write_atomic(files.cert, cert_pem, 0o644)
         if cert is not None and missing and not expiring:
             log.info("re-issued %s to add %s (same CA: %s stays valid)", files.cert, ", ".join(missing), files.ca_cert)
-        have = _names(x509.load_pem_x509_certificate(cert_pem))
-    log.info("TLS certificate names: %s (add others with --san)", ", ".join(str(n.value) for n in have))
     return files
+
+
+def names_in(cert_file: Path) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    return [str(n.value) for n in _names(_load_cert(Path(cert_file).read_bytes()))]
