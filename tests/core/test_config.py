@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from scaleout.core.config import DEFAULT_PORT, SessionConfig, merge, parse_port
+from scaleout.core.config import DEFAULT_PORT, SessionConfig, merge, parse_port, parse_sans
 from scaleout.core.errors import ConfigError
 
 DEFAULTS = {
@@ -192,3 +192,16 @@ def test_parse_port_refuses(port: Any) -> None:
         parse_port(port)
     assert info.value.key == "port"
     assert f"got {port!r}" in str(info.value) and "0 and 65535" in str(info.value)
+
+
+def test_parse_sans_accepts_addresses_and_dns_names() -> None:
+    given = ["10.0.0.1", "Ctl.Example.org", "[fd00::0:2]", "*.edge.example", "ctl.example.org", "host-1"]
+    assert parse_sans(given, "controller") == ["10.0.0.1", "ctl.example.org", "fd00::2", "*.edge.example", "host-1"]
+    assert parse_sans(None, "controller") == []
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1:8090", "wss://ctl", "a b", "-x.org", "x..org", "10.0.0.300", "fe80::1%eth0", "", 7, "ctl"])
+def test_parse_sans_refuses_what_is_not_a_name(bad: Any) -> None:
+    value = bad if bad == "ctl" else [bad]  # "ctl" alone: a string where a list is due
+    with pytest.raises(ConfigError, match="san"):
+        parse_sans(value, "controller")

@@ -17,7 +17,7 @@ from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, Protoco
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound
 from scaleout.core.updates import read_num_examples
-from scaleout.roles.common import announce, bracket, new_id, url_host
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed
 from scaleout.transport.net import backoff, connect, serve
@@ -43,6 +43,7 @@ class CombinerSettings:
     port: int = 0
     name: str = ""
     advertise: str | None = None  # the host clients should dial, when it differs from --host
+    san: list[str] = field(default_factory=list)  # more names for its certificate
     insecure: bool = False
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
@@ -136,8 +137,7 @@ class Combiner:
         key_pem = b""
         csr: str | None = None
         if not s.insecure:
-            hosts = sorted({dial_host, "127.0.0.1", "localhost"} | ({s.host} if s.host not in ("0.0.0.0", "::", "") else set()))
-            csr_pem, key_pem = tls.make_csr(hosts, self.name)
+            csr_pem, key_pem = tls.make_csr(cert_names(s.host, [dial_host, *s.san]), self.name)
             csr = csr_pem.decode()
         reader, result = await self._register(ctx, csr)
         assert self.controller is not None

@@ -30,7 +30,7 @@ from scaleout.core.errors import (
 )
 from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
 from scaleout.core.rounds import ControllerRound, Outcome
-from scaleout.roles.common import announce, bracket, new_id, url_host
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.state import State
@@ -54,6 +54,7 @@ class ControllerSettings:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8090
+    san: list[str] = field(default_factory=list)  # more names for the generated certificate
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure: bool = False
@@ -149,13 +150,14 @@ class Controller:
         if s.insecure:
             log.warning("TLS is OFF (--insecure): tokens and models travel in clear text")
         else:
-            hosts = [s.host] if s.host else []
-            files = tls.ensure_controller_tls(self.dir, hosts)
+            files = tls.ensure_controller_tls(self.dir, cert_names(s.host, s.san))
             self.ca_pem = files.ca_cert.read_bytes()
             self.ca_key_pem = files.ca_key.read_bytes()
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
             cert, key = (s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else (files.cert, files.key)
             self.ssl_context = tls.server_context(cert, key)
+            if cert == files.cert:
+                log.info("TLS certificate valid for %s (add names with --san)", ", ".join(tls.names_in(cert)))
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():
             self.state.upsert_combiner(row["name"], "offline", clients=0)
