@@ -14,7 +14,7 @@ from numpy.testing import assert_array_equal
 
 from scaleout import EdgeClient, ScaleoutModel
 from scaleout.core import payload
-from scaleout.core.errors import TaskAborted, UpdateRejected
+from scaleout.core.errors import LimitExceeded, TaskAborted, UpdateRejected
 from scaleoututil.helpers.helpers import get_helper
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,11 +51,29 @@ def test_dict_round_trip_and_aliases() -> None:
     named = {"dense.weight": np.ones((2, 3), np.float32), "dense.bias": np.zeros(3, np.float64)}
     model = ScaleoutModel.from_training_model(named, helper=get_helper("numpyhelper"))
     out = model.get_training_model(get_helper("numpyhelper"))
-    assert isinstance(out, dict) and set(out) == set(named)  # safetensors sorts names
+    assert isinstance(out, dict) and list(out) == list(named)  # not sorted, as safetensors would
     assert out["dense.bias"].dtype == np.float64
     assert model == ScaleoutModel.from_model_params(named)
     with pytest.raises(TypeError):
         ScaleoutModel.from_model_params(np.ones(3))  # type: ignore[arg-type]
+
+
+def test_dict_key_order_survives_a_train_callback() -> None:
+    order = ["layer2.weight", "layer1.weight", "a.bias", "z"]
+    seen: list[list[str]] = []
+
+    def train(model: ScaleoutModel, settings: dict[str, Any]) -> Any:
+        params = model.get_model_params()
+        seen.append(list(params))
+        return {k: v + 1 for k, v in params.items()}, {"training_metadata": {"num_examples": 1}}
+
+    client = EdgeClient("c")
+    client.set_train_callback(train)
+    seed = ScaleoutModel.from_model_params({k: np.zeros(2, np.float32) for k in order}).to_bytes()
+    data, _ = client.run_train(seed, {})
+    assert seen == [order]
+    out = payload.decode(data)
+    assert isinstance(out, dict) and list(out) == order
 
 
 # -- run_train ------------------------------------------------------------------
@@ -153,6 +171,36 @@ def test_log_metric_forwards_to_sink_and_validates() -> None:
         with pytest.raises(error):
             client.log_metric(bad)  # type: ignore[arg-type]
     assert len(sent) == 2
+
+
+def test_log_metric_refuses_a_message_above_64_kib_and_holds_nothing() -> None:
+    client = EdgeClient()
+    sent: list[tuple[dict[str, float], int | None]] = []
+    client._metric_sink = lambda metrics, step: sent.append((metrics, step))
+    client.log_metric({"a": 1.0}, commit=False)
+    with pytest.raises(LimitExceeded, match=r"log_metric: this message is 390\.7 KiB as JSON; the limit is 64\.0 KiB") as info:
+        client.log_metric({"\u00e9" * 200_000: 1.0})
+    assert isinstance(info.value, ValueError)  # what user code checking metrics may catch
+    # Held metrics count too: many small ones committed later may not add up past the limit.
+    with pytest.raises(LimitExceeded):
+        for i in range(10_000):
+            client.log_metric({f"metric-{i:05}": 1.0}, commit=False)
+    client._pending.clear()
+    client.log_metric({"b": 2.0})
+    assert sent == [({"b": 2.0}, None)]
+
+
+def test_run_train_and_validate_refuse_results_above_64_kib() -> None:
+    client = EdgeClient()
+    meta = {"training_metadata": {"num_examples": 3}, "history": list(range(20_000))}
+    client.set_train_callback(lambda model, settings: (model, meta))
+    with pytest.raises(LimitExceeded, match="the training metadata is .* the limit is 64.0 KiB"):
+        client.run_train(model_bytes(), {})
+    client.set_validate_callback(lambda model: {"per_sample": [0.5] * 20_000})
+    with pytest.raises(LimitExceeded, match="the validate result is"):
+        client.run_validate(model_bytes())
+    client.set_validate_callback(lambda model: {"accuracy": 0.5})
+    assert client.run_validate(model_bytes()) == {"accuracy": 0.5}
 
 
 def test_name_defaults_to_env(monkeypatch: pytest.MonkeyPatch) -> None:

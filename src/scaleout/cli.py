@@ -63,6 +63,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where state, models, keys and tokens live (default: ./scaleout-data)")
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: 8090)")
+    p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for the generated certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve this certificate instead of the generated one")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
@@ -76,6 +77,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--port", type=int, help="port for clients; 0 picks a free one (default: 0)")
     p.add_argument("--name", help="combiner name (default: from the host name)")
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
+    p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
     _config_flag(p)
     _common(p)
@@ -157,7 +159,11 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
     c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates (default: 180)")
     c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout (default: 1)")
-    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy (default: fedavg)")
+    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
+    c.add_argument(
+        "--aggregator-kwargs", default="{}", metavar="JSON",
+        help="the strategy's hyperparameters, e.g. fedadam: '{\"learning_rate\": 0.01, \"beta1\": 0.9, \"beta2\": 0.99, \"tau\": 1e-4}'",
+    )
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
     c.add_argument("--name", help="a name for the session")

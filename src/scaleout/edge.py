@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 from scaleout.core.errors import TaskAborted, UpdateRejected
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, metric_body
 from scaleout.core.units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -137,7 +138,12 @@ class EdgeClient:
         self._custom[name] = _callable(callback, f"custom {name!r}")
 
     def log_metric(self, metrics: dict[str, float], step: int | None = None, commit: bool = True) -> None:
-        """Report scalar metrics; with commit=False they are held and sent with the next commit."""
+        """Report scalar metrics; with commit=False they are held and sent with the next commit.
+
+        One message (the metrics held and these) may take at most 64 KiB as JSON: beyond that
+        this raises LimitExceeded (a ValueError) and nothing is held. The combiner forwards
+        about 16 KiB/s of metrics per client (bursts of 256 KiB) and drops the excess.
+        """
         if not isinstance(metrics, Mapping):
             raise TypeError(f"log_metric expects a dict of name -> number, got {type(metrics).__name__}")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
@@ -152,6 +158,10 @@ class EdgeClient:
             if not math.isfinite(number):
                 raise ValueError(f"metric {key!r} is {number}, not a finite number")
             clean[key] = number
+        check_size(
+            metric_body({**self._pending, **clean}, step), MAX_METRIC_BYTES, "log_metric: this message",
+            "log fewer or shorter metric names per call",
+        )
         self._pending.update(clean)
         if not commit:
             return
@@ -199,12 +209,15 @@ class EdgeClient:
             )
         safe = json_safe(dict(metadata))
         read_num_examples(safe)
+        check_size({"metadata": safe}, MAX_RESULT_BYTES, "the training metadata", "return a few numbers, not data")
         return data, safe
 
     def run_validate(self, model_bytes: bytes) -> dict[str, Any]:
         if self._validate is None:
             raise UpdateRejected("no validate callback registered: call client.set_validate_callback() in startup()")
-        return _result_dict(self._validate(ScaleoutModel(model_bytes)), "validate")
+        result = _result_dict(self._validate(ScaleoutModel(model_bytes)), "validate")
+        check_size(result, MAX_RESULT_BYTES, "the validate result", "return a few numbers, not data")
+        return result
 
     def run_predict(self, model_bytes: bytes, params: dict[str, Any]) -> dict[str, Any]:
         if self._predict is None:

@@ -15,7 +15,7 @@ from scaleout.core.aggregators import (
     get_aggregator,
 )
 from scaleout.core.errors import ConfigError, ModelMismatchError, PayloadError, UpdateRejected
-from scaleout.core.payload import TensorSpec, describe, encode
+from scaleout.core.payload import TensorSpec, decode, describe, encode, encode_named, layout_of
 
 MODEL: dict[str, np.ndarray] = {
     "w": np.zeros((3, 4), np.float32),
@@ -116,9 +116,10 @@ def test_integer_tensors_are_rounded_and_keep_dtype() -> None:
     np.testing.assert_array_equal(result["t"], [True, True, False, False])
 
 
-def test_integer_results_are_clipped_to_dtype_range() -> None:
+def test_integer_results_at_the_dtype_edges_keep_dtype_without_wrapping() -> None:
     agg = FedAvg({"u": TensorSpec("uint8", (2,)), "big": TensorSpec("int64", (1,))})
-    agg.add({"u": np.array([300.0, -20.0]), "big": np.array([np.iinfo(np.int64).max])}, 1.0, "a")
+    agg.add({"u": np.array([255.0, 0.0]), "big": np.array([np.iinfo(np.int64).max])}, 1.0, "a")
+    agg.add({"u": np.array([255, 0], np.uint8), "big": np.array([np.iinfo(np.int64).max])}, 3.0, "b")
     result = agg.result()
     np.testing.assert_array_equal(result["u"], np.array([255, 0], np.uint8))
     assert result["big"].dtype == np.int64 and result["big"][0] > 2**62  # no wrap-around to negative
@@ -276,7 +277,7 @@ def test_registry() -> None:
     with pytest.raises(ConfigError) as info:
         get_aggregator("fedprox", TEMPLATE)
     assert info.value.key == "aggregator"
-    assert str(info.value) == "aggregator: unknown aggregator 'fedprox'; choose one of: fedavg"
+    assert str(info.value) == "aggregator: unknown aggregator 'fedprox'; choose one of: fedadam, fedavg"
 
 
 def test_update_whose_weighting_overflows_is_refused_and_state_kept() -> None:
@@ -304,3 +305,121 @@ def test_update_overflowing_in_a_later_tensor_leaves_every_tensor_untouched() ->
     np.testing.assert_allclose(agg.result()["a"], [2.0, 3.0])
     np.testing.assert_allclose(agg.result()["b"], [5e299 + 0.5, 4.0])
 
+
+
+# -- values the model's dtype cannot hold ---------------------------------------------------
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "why"),
+    [
+        ("float32", np.float64(1e300), "outside the model's float32 finite range"),
+        ("float32", np.float64(-1e39), "outside the model's float32 finite range"),
+        ("float16", np.float64(1e6), "outside the model's float16 finite range"),
+        ("float16", np.float32(70000.0), "outside the model's float16 finite range"),
+        ("float32", np.float16(np.inf), "NaN or inf"),
+        ("float32", np.float64(np.nan), "NaN or inf"),
+        ("int32", np.int64(2**40), "outside the model's int32 range"),
+        ("int32", np.float64(1e20), "outside the model's int32 range"),
+        ("int32", np.float64(np.nan), "NaN or inf"),
+        ("int64", np.uint64(2**63), "outside the model's int64 range"),
+        ("uint8", np.int16(-1), "outside the model's uint8 range"),
+        ("uint8", np.float64(300.0), "outside the model's uint8 range"),
+        ("bool", np.int8(2), "outside the model's bool range"),
+    ],
+)
+def test_update_outside_the_model_dtype_is_refused_and_state_unchanged(dtype: str, value: np.generic, why: str) -> None:
+    agg = FedAvg({"ok": TensorSpec("float32", (2,)), "t": TensorSpec(dtype, (3,))})
+    agg.add({"ok": np.ones(2, np.float32), "t": np.ones(3, dtype)}, 2.0, "good")
+    before = agg.partial()
+    bad = np.ones(3, value.dtype)
+    bad[1] = value
+    with pytest.raises(UpdateRejected, match="'t'") as info:
+        agg.add({"ok": np.ones(2, np.float32), "t": bad}, 1.0, "bad")
+    assert why in str(info.value)
+    assert_unchanged(before, agg)
+    result = agg.result()
+    assert all(np.isfinite(v.astype(np.float64)).all() for v in result.values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [
+        ("float32", F32_MAX),  # float64 values at the very edge still fit
+        ("float32", -F32_MAX),
+        ("float16", 65504.0),
+        ("int32", 2**31 - 1),
+        ("int32", -(2**31)),
+        ("uint8", 255),
+        ("bool", 1),
+    ],
+)
+def test_wider_update_at_the_dtype_edge_is_accepted(dtype: str, value: float) -> None:
+    agg = FedAvg({"t": TensorSpec(dtype, (2,))})
+    wide = np.float64 if isinstance(value, float) else np.int64
+    agg.add({"t": np.full(2, value, wide)}, 3.0, "a")
+    agg.add({"t": np.full(2, value, wide)}, 5.0, "b")
+    result = agg.result()["t"]
+    assert result.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(result, np.full(2, value).astype(dtype))
+
+
+def test_partial_that_overflows_the_sum_is_refused_and_state_unchanged() -> None:
+    # Two partials of 1.5e308 each are finite; their sum is not.
+    template = {"w": TensorSpec("float64", (2,)), "b": TensorSpec("float32", (1,))}
+    reducer = FedAvg(template)
+    reducer.add_partial(Partial({"w": np.array([1.5e308, 1.0]), "b": np.ones(1)}, 1.0, 1, ["a"]))
+    before = reducer.partial()
+    with pytest.raises(UpdateRejected, match="overflow"):
+        reducer.add_partial(Partial({"w": np.array([1.5e308, 1.0]), "b": np.ones(1)}, 1.0, 1, ["b"]))
+    assert_unchanged(before, reducer)
+    with pytest.raises(UpdateRejected, match="NaN or inf"):
+        reducer.add_partial(Partial({"w": np.array([1.0, np.inf]), "b": np.ones(1)}, 1.0, 1, ["c"]))
+    assert_unchanged(before, reducer)
+    reducer.add_partial(Partial({"w": np.array([-1.5e308, 3.0]), "b": np.full(1, 3.0)}, 1.0, 1, ["d"]))
+    result = reducer.result()
+    np.testing.assert_allclose(result["w"], [0.0, 2.0])
+    np.testing.assert_allclose(result["b"], [2.0])
+    assert reducer.partial().contributors == ["a", "d"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sums", "why"),
+    [
+        ("float32", 1e300, "not finite in float32"),
+        ("float16", 1e6, "not finite in float16"),
+        ("int32", 1e20, "does not fit int32"),
+        ("uint8", -5.0, "does not fit uint8"),
+    ],
+)
+def test_result_that_does_not_fit_the_model_dtype_is_refused(dtype: str, sums: float, why: str) -> None:
+    # Partials from a combiner that did not check its updates (an old version): finite in
+    # float64, but their mean is no value of the model's dtype.
+    reducer = FedAvg({"t": TensorSpec(dtype, (2,))})
+    reducer.add_partial(Partial({"t": np.array([sums, 1.0])}, 1.0, 1, ["old"]))
+    with pytest.raises(UpdateRejected, match=why) as info:
+        reducer.result()
+    assert "'t'" in str(info.value)
+
+
+def test_two_stage_aggregation_keeps_the_models_tensor_order() -> None:
+    names = ["layer2.weight", "layer1.weight", "a.bias", "z"]
+    seed = encode({n: np.zeros(3, np.float32) for n in names})
+    template = describe(seed)
+    assert list(template) == names
+    partials = []
+    for i in range(2):
+        combiner = FedAvg(template)
+        combiner.add({n: np.full(3, float(i)) for n in sorted(names)}, 1.0, f"c{i}")  # keys in another order
+        partials.append(decode_partial(encode_partial(combiner.partial())))
+        assert list(partials[-1].sums) == names
+    reducer = FedAvg(template)
+    for p in partials:
+        reducer.add_partial(p)
+    result = reducer.result()
+    assert list(result) == names
+    committed = decode(encode_named(result, layout_of(seed)))
+    assert isinstance(committed, dict) and list(committed) == names
+    np.testing.assert_array_equal(committed["z"], np.full(3, 0.5, np.float32))

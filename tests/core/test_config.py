@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from scaleout.core.config import DEFAULT_PORT, SessionConfig, merge, parse_port
+from scaleout.core.config import DEFAULT_PORT, SessionConfig, merge, parse_port, parse_sans
 from scaleout.core.errors import ConfigError
 
 DEFAULTS = {
@@ -14,6 +14,7 @@ DEFAULTS = {
     "round_timeout": 180.0,
     "min_clients": 1,
     "aggregator": "fedavg",
+    "aggregator_kwargs": {},
     "validate": True,
     "settings": {},
     "name": None,
@@ -31,7 +32,8 @@ def test_from_mapping_and_to_dict_round_trip() -> None:
         "rounds": 3,
         "round_timeout": 2.5,
         "min_clients": 4,
-        "aggregator": "fedopt",
+        "aggregator": "fedadam",
+        "aggregator_kwargs": {"learning_rate": 0.01, "beta1": 0.5},
         "validate": False,
         "settings": {"epochs": 2, "lr": 0.1},
         "name": "exp-1",
@@ -71,6 +73,8 @@ def test_partial_mapping_keeps_other_defaults() -> None:
         ("aggregator", ""),
         ("aggregator", None),
         ("aggregator", 3),
+        ("aggregator", "fedprox"),
+        ("aggregator_kwargs", ["lr", 1]),
         ("validate", "yes"),
         ("validate", 1),
         ("validate", None),
@@ -86,8 +90,31 @@ def test_invalid_values_name_the_key(key: str, value: Any) -> None:
         SessionConfig.from_mapping({key: value})
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
-    if key not in ("aggregator", "settings", "name"):
+    if key not in ("aggregator", "aggregator_kwargs", "settings", "name"):
         assert f"got {value!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"lr": 0.1}, "aggregator_kwargs.lr"),
+        ({"learning_rate": 0}, "aggregator_kwargs.learning_rate"),
+        ({"learning_rate": "0.1"}, "aggregator_kwargs.learning_rate"),
+        ({"beta1": 1.0}, "aggregator_kwargs.beta1"),
+        ({"beta2": -0.1}, "aggregator_kwargs.beta2"),
+        ({"tau": math.inf}, "aggregator_kwargs.tau"),
+        ({"tau": True}, "aggregator_kwargs.tau"),
+    ],
+)
+def test_aggregator_kwargs_are_checked_against_the_strategy(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SessionConfig(aggregator="fedadam", aggregator_kwargs=kwargs)
+    assert info.value.key == key
+
+
+def test_fedavg_takes_no_kwargs() -> None:
+    with pytest.raises(ConfigError, match="fedavg takes no such setting; it takes: none"):
+        SessionConfig(aggregator_kwargs={"learning_rate": 0.1})
 
 
 def test_constructor_validates_too() -> None:
@@ -165,3 +192,16 @@ def test_parse_port_refuses(port: Any) -> None:
         parse_port(port)
     assert info.value.key == "port"
     assert f"got {port!r}" in str(info.value) and "0 and 65535" in str(info.value)
+
+
+def test_parse_sans_accepts_addresses_and_dns_names() -> None:
+    given = ["10.0.0.1", "Ctl.Example.org", "[fd00::0:2]", "*.edge.example", "ctl.example.org", "host-1"]
+    assert parse_sans(given, "controller") == ["10.0.0.1", "ctl.example.org", "fd00::2", "*.edge.example", "host-1"]
+    assert parse_sans(None, "controller") == []
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1:8090", "wss://ctl", "a b", "-x.org", "x..org", "10.0.0.300", "fe80::1%eth0", "", 7, "ctl"])
+def test_parse_sans_refuses_what_is_not_a_name(bad: Any) -> None:
+    value = bad if bad == "ctl" else [bad]  # "ctl" alone: a string where a list is due
+    with pytest.raises(ConfigError, match="san"):
+        parse_sans(value, "controller")

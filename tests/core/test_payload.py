@@ -13,14 +13,17 @@ from scaleout.core.payload import (
     TensorSpec,
     check_compatible,
     check_finite,
+    check_values,
     decode,
     describe,
     encode,
+    encode_named,
     from_named,
     layout_of,
     model_id,
     read,
     to_named,
+    value_bounds,
 )
 
 
@@ -83,6 +86,83 @@ def test_dict_round_trip_keeps_names() -> None:
     for name, array in model.items():
         assert out[name].dtype == array.dtype and out[name].shape == array.shape
         np.testing.assert_array_equal(out[name], array)
+
+
+UNSORTED = ["layer2.weight", "layer1.weight", "a.bias", "z", "10", "2"]
+
+
+def unsorted_model() -> dict[str, np.ndarray]:
+    return {name: np.full(i + 1, float(i), np.float32 if i % 2 else np.float64) for i, name in enumerate(UNSORTED)}
+
+
+def test_dict_keeps_the_users_key_order_through_every_reader() -> None:
+    model = unsorted_model()
+    data = encode(model, metadata={"note": "x"})
+    assert list(safetensors.numpy.load(data)) != UNSORTED  # safetensors alone sorts them
+    out = decode(data)
+    assert isinstance(out, dict) and list(out) == UNSORTED
+    named, layout, metadata = read(data)
+    assert list(named) == UNSORTED and layout == "dict"
+    assert metadata == {"note": "x"}  # the order is ours, not the user's metadata
+    assert list(describe(data)) == UNSORTED and layout_of(data) == "dict"
+    for name, array in model.items():
+        np.testing.assert_array_equal(out[name], array)
+    again = encode_named(named, layout, metadata)
+    assert list(decode(again)) == UNSORTED
+    shuffled = {k: model[k] for k in reversed(UNSORTED)}
+    assert list(decode(encode(shuffled))) == list(reversed(UNSORTED))
+
+
+def test_encoding_is_deterministic_aligned_and_readable_by_safetensors() -> None:
+    model = {**unsorted_model(), "i8": np.arange(3, dtype=np.int8), "flag": np.array([True]), "e": np.zeros((0, 2))}
+    data = encode(model, metadata={"b": "2", "a": "1"})
+    for _ in range(5):  # same model, same bytes: the model id is its content address
+        assert encode(dict(model), metadata={"a": "1", "b": "2"}) == data
+    loaded = safetensors.numpy.load(data)
+    assert loaded.keys() == model.keys()
+    for name, array in model.items():
+        assert loaded[name].dtype == array.dtype
+        np.testing.assert_array_equal(loaded[name], array)
+    (size,) = struct.unpack("<Q", data[:8])
+    assert size % 8 == 0
+    header = json.loads(data[8 : 8 + size])
+    for name, array in model.items():
+        assert header[name]["data_offsets"][0] % array.dtype.itemsize == 0, name
+    assert safetensors.numpy.load(encode(mixed_arrays()))["10"].tolist() == mixed_arrays()[10].tolist()
+
+
+def test_names_that_are_not_text_are_refused() -> None:
+    with pytest.raises(PayloadError, match="not valid text"):
+        encode({"\ud800": np.zeros(1)})
+    if np.dtype(np.longdouble).itemsize > 8:  # where long double is wider than float64
+        with pytest.raises(PayloadError, match="only bool, int, uint and float"):
+            encode([np.zeros(1, np.longdouble)])
+
+
+def test_order_metadata_from_the_caller_is_replaced() -> None:
+    model = unsorted_model()
+    stale = json.dumps(sorted(model)[:2])
+    assert list(decode(encode(model, metadata={"scaleout.order": stale}))) == UNSORTED
+    listed = decode(encode([np.zeros(1), np.ones(2)], metadata={"scaleout.order": stale}))
+    assert isinstance(listed, list) and len(listed) == 2
+
+
+@pytest.mark.parametrize(
+    "order",
+    ['["b"]', '["a", "a"]', '["a", "b", "c"]', '["a", 1]', "{not json", '{"a": 1, "b": 2}', '[["a"], "b"]'],
+)
+def test_order_metadata_that_does_not_name_the_tensors_is_refused(order: str) -> None:
+    header = {
+        "__metadata__": {"scaleout.layout": "dict", "scaleout.order": order},
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    }
+    data = craft(header, bytes(16))
+    for reader in (read, decode, describe):
+        with pytest.raises(PayloadError, match="scaleout.order"):
+            reader(data)
+    header["__metadata__"]["scaleout.order"] = '["b", "a"]'
+    assert list(read(craft(header, bytes(16)))[0]) == ["b", "a"]
 
 
 def test_decoded_arrays_are_writable() -> None:
@@ -213,9 +293,10 @@ def test_bad_layout_metadata_raises_payload_error(layout: str) -> None:
     # "list" is bad here because the only tensor is named "a", not "0".
     header = {"__metadata__": {"scaleout.layout": layout}, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
     data = craft(header, BODY)
-    assert describe(data) == {"a": TensorSpec("float32", (4,))}  # the header itself is fine
     with pytest.raises(PayloadError, match="layout"):
         decode(data)
+    with pytest.raises(PayloadError, match="layout"):
+        describe(data)  # it gives the tensors in layout order, so it needs a valid layout
 
 
 def test_layout_of_reads_the_header_only_and_agrees_with_read() -> None:
@@ -296,3 +377,41 @@ def test_check_finite_names_first_bad_tensor() -> None:
         check_finite({"a": np.ones(3), "b": np.array([1.0, np.nan]), "c": np.array([np.inf])})
     with pytest.raises(UpdateRejected, match="'c'"):
         check_finite({"a": np.ones(3), "c": np.array([-np.inf], np.float16)})
+
+
+def test_value_bounds() -> None:
+    assert value_bounds("float32") == (-float(np.finfo(np.float32).max), float(np.finfo(np.float32).max))
+    assert value_bounds("float16") == (-65504.0, 65504.0)
+    assert value_bounds("int32") == (-(2**31), 2**31 - 1)
+    assert value_bounds(np.dtype("uint64")) == (0, 2**64 - 1)
+    assert value_bounds("bool") == (0, 1)
+
+
+def test_check_values_refuses_what_the_model_dtype_cannot_hold() -> None:
+    reference = {"f": TensorSpec("float32", (2,)), "i": TensorSpec("int32", (2,)), "e": TensorSpec("float16", (0,))}
+    fine = {"f": np.array([3e38, -3e38]), "i": np.array([2**31 - 1, -(2**31)], np.int64), "e": np.zeros(0)}
+    check_values(reference, fine)
+    check_values(reference, {**fine, "i": np.array([7, -7], np.int16)})  # always fits: no pass at all
+    with pytest.raises(UpdateRejected, match=r"'f' holds 1e\+300, outside the model's float32 finite range"):
+        check_values(reference, {**fine, "f": np.array([0.0, 1e300])})
+    with pytest.raises(UpdateRejected, match="'i' holds 2147483648, outside the model's int32 range"):
+        check_values(reference, {**fine, "i": np.array([0, 2**31], np.int64)})
+    with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
+        check_values(reference, {**fine, "f": np.array([np.nan, 1.0], np.float32)})
+    with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
+        check_values(reference, {**fine, "f": np.array([np.nan, 1e300])})
+
+
+def test_views_point_into_the_bytes_without_copying() -> None:
+    from scaleout.core.payload import views
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "flag": np.array([True, False]), "e": np.zeros((0, 4), np.int16)}
+    data = encode(arrays)
+    got = views(data)
+    assert set(got) == set(arrays)
+    for name, value in arrays.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape
+        np.testing.assert_array_equal(got[name], value)
+    assert not got["a"].flags.writeable and not got["a"].flags.owndata
+    with pytest.raises(PayloadError):
+        views(data[:-1])

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from scaleout.core.rounds import CombinerRound, ControllerRound, Decision, Outcome
+from scaleout.core.rounds import CombinerRound, ControllerRound, Decision, Outcome, Resume
 
 # -- CombinerRound ----------------------------------------------------------------------
 
@@ -150,6 +150,19 @@ def test_controller_all_combiners_lost_fails() -> None:
     assert d == Decision(Outcome.FAILED, 0, "0 of 1 selected clients contributed; at least 1 needed (lost combiner c1)")
 
 
+def test_controller_refused_partial_names_its_reason() -> None:
+    r = ControllerRound.start({"c1": 1, "c2": 2, "c3": 1}, min_clients=3, now=0.0, timeout=60.0)
+    assert r.on_partial("c1", 1) is None
+    assert r.on_combiner_lost("c3") is None
+    d = r.on_partial_refused("c2", "adding this partial aggregate overflows the running sum")
+    assert d is not None and d.outcome is Outcome.FAILED and d.contributions == 1
+    assert d.reason == (
+        "1 of 4 selected clients contributed; at least 3 needed (lost combiner c3)"
+        " (partial from combiner c2 refused: adding this partial aggregate overflows the running sum)"
+    )
+    assert r.on_partial("c2", 2) is None  # a refused combiner cannot report again
+
+
 def test_controller_deadline_names_combiners_that_never_reported() -> None:
     r = ControllerRound.start({"c1": 1, "c2": 1}, min_clients=2, now=0.0, timeout=10.0)
     assert r.on_partial("c1", 1) is None
@@ -204,3 +217,66 @@ def test_controller_ignores_unknown_and_repeated_partials() -> None:
     assert r.on_combiner_lost("c1") is None  # nor can losing a combiner that already reported
     assert r.received == {"c1": 1} and r.lost == set()
     assert r.on_combiner_lost("c2") == Decision(Outcome.SUCCEEDED, 1)
+
+
+# -- CombinerRound: the reconnect grace ----------------------------------------------------
+
+
+def test_a_dropped_client_has_its_grace_then_is_lost() -> None:
+    r = CombinerRound.start(["a", "b"], now=0.0, timeout=60.0, grace=10.0)
+    assert r.next_wakeup == 60.0
+    assert r.on_client_dropped("a", now=5.0) is False
+    assert r.pending == {"a", "b"} and r.next_wakeup == 15.0
+    assert r.on_tick(14.9) is False and "a" in r.pending
+    r.on_update("b")
+    assert r.on_tick(15.0) is True  # a's grace ran out and nobody else is pending
+    assert r.failed == {"a": "client disconnected and did not come back within 10 s"}
+    assert r.next_wakeup is None
+
+
+def test_a_client_back_in_its_grace_keeps_or_gets_its_task_again() -> None:
+    r = CombinerRound.start(["a", "b"], now=0.0, timeout=60.0, grace=10.0)
+    r.on_client_dropped("a", now=1.0)
+    r.on_client_dropped("b", now=2.0)
+    assert r.on_client_back("a", still_working=True) is Resume.KEEP
+    assert r.on_client_back("b", still_working=False) is Resume.RESEND
+    assert r.away == {} and r.next_wakeup == 60.0
+    assert r.on_tick(30.0) is False and r.pending == {"a", "b"}
+    assert r.on_update("a") is False and r.on_update("b") is True
+
+
+def test_only_the_latest_absence_counts() -> None:
+    r = CombinerRound.start(["a"], now=0.0, timeout=60.0, grace=10.0)
+    r.on_client_dropped("a", now=1.0)
+    r.on_client_back("a", still_working=True)
+    r.on_client_dropped("a", now=8.0)
+    assert r.on_tick(11.0) is False and r.pending == {"a"}  # the first absence's end means nothing
+    assert r.on_tick(18.0) is True and "a" in r.failed
+
+
+def test_grace_never_outlasts_the_deadline_and_goodbye_has_none() -> None:
+    r = CombinerRound.start(["a", "b", "c"], now=0.0, timeout=20.0, grace=10.0)
+    r.on_client_dropped("a", now=15.0)
+    assert r.away["a"] == 20.0
+    assert r.on_client_dropped("b", now=15.0, goodbye=True) is False
+    assert r.failed == {"b": "client disconnected"}
+    assert r.on_tick(20.0) is True
+    assert r.failed["a"] == "client disconnected and did not come back within 10 s"
+    assert r.failed["c"] == "no update before the round timeout"
+
+
+def test_drops_and_returns_of_clients_not_pending_change_nothing() -> None:
+    r = CombinerRound.start(["a", "b"], now=0.0, timeout=60.0, grace=10.0)
+    r.on_update("a")
+    assert r.on_client_dropped("a", now=1.0) is False and r.away == {}
+    assert r.on_client_dropped("x", now=1.0) is False
+    assert r.on_client_back("a", still_working=False) is Resume.NOTHING
+    assert r.on_client_back("x", still_working=True) is Resume.NOTHING
+    r.on_tick(60.0)
+    assert r.on_client_back("b", still_working=True) is Resume.NOTHING
+
+
+def test_no_grace_means_a_drop_is_a_loss() -> None:
+    r = CombinerRound.start(["a"], now=0.0, timeout=60.0)
+    assert r.on_client_dropped("a", now=1.0) is True
+    assert r.failed == {"a": "client disconnected"}

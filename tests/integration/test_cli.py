@@ -193,6 +193,10 @@ def test_client_token_may_not_run_admin_commands(ctl: Federation, tmp_path: Path
 def test_session_mistakes(ctl: Federation, tmp_path: Path) -> None:
     user_error(scaleout("session", "start", "--settings", "{bad", *by_data_dir(ctl), cwd=tmp_path), 2, "--settings")
     user_error(scaleout("session", "start", "--rounds", "0", *by_data_dir(ctl), cwd=tmp_path), None, "rounds")
+    user_error(scaleout("session", "start", "--aggregator-kwargs", "{bad", *by_data_dir(ctl), cwd=tmp_path), 2, "--aggregator-kwargs")
+    user_error(scaleout("session", "start", "--aggregator", "median", *by_data_dir(ctl), cwd=tmp_path), 2, "unknown aggregator 'median'")
+    bad_lr = ["--aggregator", "fedadam", "--aggregator-kwargs", '{"learning_rate": -1}']
+    user_error(scaleout("session", "start", *bad_lr, *by_data_dir(ctl), cwd=tmp_path), 2, "learning_rate")
     user_error(scaleout("session", "show", "nonexistent", *by_data_dir(ctl), cwd=tmp_path), 1, "no session")
     user_error(scaleout("model", "show", "nonexistent", *by_data_dir(ctl), cwd=tmp_path), 1, "nonexistent")
     assert as_json(scaleout("session", "ls", "--json", *by_data_dir(ctl))) == []  # nothing was started

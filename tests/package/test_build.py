@@ -97,3 +97,38 @@ def test_load_startup_failure_names_the_file(make_package: MakePackage) -> None:
     with pytest.raises(PackageError, match=r"startup\(\) in .*startup.py failed: AttributeError") as info:
         load_startup(root, FakeClient())
     assert isinstance(info.value.__cause__, AttributeError)
+
+
+# A helper module the startup file imports; line 4 hands numpy a bad shape.
+HELPER = "import numpy as np\n\ndef load(n):\n    return np.zeros(6).reshape(n, 4)\n"
+
+
+@pytest.mark.parametrize(
+    ("startup", "where", "what"),
+    [
+        # startup() raises in a helper of the package (through numpy): the helper's line.
+        ("from data import load\n\ndef startup(client):\n    load(5)\n", "data.py:4", "ValueError: cannot reshape"),
+        # An error at import time, on line 3 of startup.py.
+        ("import os\n\nraise RuntimeError('no data folder')\n", "startup.py:3", "RuntimeError: no data folder"),
+        # A syntax error: the line it points at, not a frame of the import machinery.
+        ("def startup(client):\n    pass\n\ndef broken(:\n", "startup.py:4", "SyntaxError"),
+    ],
+    ids=["in-a-helper", "at-import", "syntax"],
+)
+def test_startup_failure_names_the_line_in_the_package(make_package: MakePackage, startup: str, where: str, what: str) -> None:
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": startup, "data.py": HELPER})
+    with pytest.raises(PackageError) as info:
+        load_startup(root, FakeClient())
+    message = str(info.value)
+    assert what in message and message.endswith(f"({where})"), message
+    assert "\n" not in message
+
+
+def test_describe_failure_is_one_short_line(make_package: MakePackage) -> None:
+    from scaleout.package.project import MAX_REASON_CHARS, describe_failure
+
+    root = make_package({"scaleout.yaml": IMPORTING_YAML})
+    long = ValueError("x" * 5000 + "\nsecond line")
+    text = describe_failure(long, root)
+    assert "\n" not in text and len(text) < MAX_REASON_CHARS + 40 and text.startswith("ValueError: xxx") and text.endswith("..."), text
+    assert describe_failure(KeyError(), root) == "KeyError"  # no frame in the package: no location

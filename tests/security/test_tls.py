@@ -151,10 +151,9 @@ def _sans(path: Path) -> list[str]:
     return [str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
 
 
-def test_ensure_controller_tls_creates_reuses_and_extends(tmp_path, monkeypatch):
-    monkeypatch.setattr(tls.socket, "gethostname", lambda: "Box")
+def test_ensure_controller_tls_creates_reuses_and_extends(tmp_path):
     data = tmp_path / "data"
-    files = tls.ensure_controller_tls(data, ["0.0.0.0"])
+    files = tls.ensure_controller_tls(data, ["box"])
     for key in (files.ca_key, files.key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert sorted(p.name for p in data.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
@@ -166,11 +165,33 @@ def test_ensure_controller_tls_creates_reuses_and_extends(tmp_path, monkeypatch)
     assert tls.fingerprint(files.ca_cert.read_bytes()) == ca_fp
     assert files.cert.read_bytes() == server_pem  # already covered: not re-issued
 
+    # A newly requested name (a --san, a new interface address) re-issues it by the same CA.
     tls.ensure_controller_tls(data, ["10.1.2.3", "ctl.example"])
     assert tls.fingerprint(files.ca_cert.read_bytes()) == ca_fp
     assert _sans(files.cert) == ["127.0.0.1", "localhost", "10.1.2.3", "ctl.example", "box"]
     server = tls.server_context(files.cert, files.key)
     handshake(server, tls.client_context(files.ca_cert), "ctl.example")
+    handshake(server, tls.client_context(files.ca_cert), "box")  # the names it had are kept
+
+
+INTERFACES = ["127.0.0.1", "192.0.2.7", "10.8.0.1", "::1", "fd00::2"]
+
+
+@pytest.mark.parametrize(
+    ("bind", "sans", "want"),
+    [
+        # Every interface of the bound family, and the host name.
+        ("0.0.0.0", [], ["127.0.0.1", "localhost", "box", "192.0.2.7", "10.8.0.1"]),
+        ("::", [], ["127.0.0.1", "localhost", "box", "::1", "fd00::2"]),
+        ("", [], ["127.0.0.1", "localhost", "box", "192.0.2.7", "10.8.0.1", "::1", "fd00::2"]),
+        # A specific address names itself only; --san adds to either, canonical and once.
+        ("192.0.2.7", [], ["127.0.0.1", "localhost", "192.0.2.7"]),
+        ("192.0.2.7", ["CTL.Example.org", "127.0.0.2", "ctl.example.org"], ["127.0.0.1", "localhost", "192.0.2.7", "ctl.example.org", "127.0.0.2"]),
+        ("0.0.0.0", ["203.0.113.9", "10.8.0.1", "FD00:0::2"], ["127.0.0.1", "localhost", "box", "192.0.2.7", "10.8.0.1", "203.0.113.9", "fd00::2"]),
+    ],
+)
+def test_server_names(bind, sans, want):
+    assert tls.server_names(bind, sans, interfaces=INTERFACES, hostname="Box") == want
 
 
 def test_ensure_controller_tls_reissues_mismatched_key_and_refuses_lost_ca_key(tmp_path):

@@ -279,3 +279,49 @@ def test_commit_round_records_model_active_and_round_together(tmp_path: Path) ->
     assert r["status"] == "succeeded" and r["model_id"] == "f" * 64 and r["participants"] == ["a"]
     assert st.model("f" * 64)["parent"] == "seed"
     assert st.audit_log()[0]["action"] == "model.commit"
+
+
+def test_an_older_state_db_gains_the_server_state_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute(
+        "CREATE TABLE rounds (session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT, "
+        "parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL, duration_s REAL, "
+        "reason TEXT, validation TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (session_id, idx))"
+    )
+    db.execute("INSERT INTO rounds(session_id, idx, status, started) VALUES('s1', 1, 'succeeded', 1.0)")
+    db.commit()
+    db.close()
+    st = State(tmp_path / "old.db")
+    st.start_round("s1", 2, "seed", ["a"])
+    st.commit_round("s1", 2, "f" * 64, 10, parent="seed", aggregator="fedadam", contributors=["a"], server_state="e" * 64)
+    rounds = st.rounds("s1")
+    assert [r["server_state"] for r in rounds] == [None, "e" * 64]
+    st.close()
+
+
+def test_transaction_groups_writes_and_nested_ones_join_it(state: State) -> None:
+    state.commit_model(A, 10)
+    with pytest.raises(RuntimeError), state.transaction():
+        state.commit_model(AB, 20)  # its own transaction joins the outer one
+        state.audit("admin", "model.set_seed", id=AB)
+        raise RuntimeError("the disk filled up")
+    assert state.get_meta("active_model") == A and state.audit_log() == []
+    with pytest.raises(NotFoundError):
+        state.model(AB)
+    assert not state.db.in_transaction
+    with state.transaction():
+        state.commit_model(AB, 20)
+        state.audit("admin", "model.set_seed", id=AB)
+    assert state.get_meta("active_model") == AB and state.audit_log()[0]["action"] == "model.set_seed"
+
+
+def test_end_session_fails_only_unfinished_rounds(state: State) -> None:
+    state.add_session("s1", {"rounds": 3}, start_model=A)
+    state.start_round("s1", 1, A, ["a"])
+    state.finish_round("s1", 1, status="succeeded", reason=None)
+    state.start_round("s1", 2, A, ["a"])
+    state.end_session("s1", "failed", A, "round 2: disk full", finished=5000.0, round_reason="disk full")
+    row = state.session("s1")
+    assert (row["status"], row["reason"], row["finished"], row["end_model"]) == ("failed", "round 2: disk full", 5000.0, A)
+    assert [(r["status"], r["reason"]) for r in row["rounds"]] == [("succeeded", None), ("failed", "disk full")]
+    assert row["rounds"][1]["finished"] == 5000.0

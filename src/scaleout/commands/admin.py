@@ -200,12 +200,16 @@ def session_start(args: argparse.Namespace) -> int:
         settings = json.loads(args.settings)
     except ValueError as exc:
         raise UsageError(f"--settings is not valid JSON: {exc}") from None
+    try:
+        aggregator_kwargs = json.loads(args.aggregator_kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--aggregator-kwargs is not valid JSON: {exc}") from None
     from scaleout.core.config import SessionConfig
     from scaleout.core.errors import ConfigError
 
     req = SessionConfig(
         rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
-        aggregator=args.aggregator, validate=args.validate, settings=settings, name=args.name,
+        aggregator=args.aggregator, aggregator_kwargs=aggregator_kwargs, validate=args.validate, settings=settings, name=args.name,
     ).to_dict()
     try:
         json.dumps(req, allow_nan=False)

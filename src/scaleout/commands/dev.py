@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async
 from scaleout.commands.connection import Connection, read_controller_info
+from scaleout.core.errors import ScaleoutError
 
 log = logging.getLogger("scaleout.dev")
 START_TIMEOUT_S = 60.0
@@ -139,7 +141,7 @@ class Interrupts:
                     child.proc.kill()
 
 
-def report_of(session: dict[str, Any]) -> dict[str, Any]:
+def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]] | None = None) -> dict[str, Any]:
     return {
         "session": {"id": session["id"], "status": session["status"], "reason": session.get("reason")},
         "rounds": [
@@ -152,10 +154,24 @@ def report_of(session: dict[str, Any]) -> dict[str, Any]:
                 "duration_s": r["duration_s"],
                 "validation": r["validation"],
                 "reason": r["reason"],
+                "failures": (failures or {}).get(r["idx"], []),
             }
             for r in session["rounds"]
         ],
     }
+
+
+def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: list[str]) -> list[dict[str, str]]:
+    """Why each client left out of round ``r`` was: its refused update or failed callback,
+    as its combiner reported it, or that no update came at all."""
+    out: list[dict[str, str]] = []
+    for rep in reports:
+        if rep["error"]:
+            kind, error = rep["kind"], str(rep["error"])
+            out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
+    trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
+    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
+    return sorted(out, key=lambda f: f["client"])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -169,16 +185,23 @@ def main(args: argparse.Namespace) -> int:
         settings = json.loads(args.settings)
     except ValueError as exc:
         raise UsageError(f"--settings is not valid JSON: {exc}") from None
-    with contextlib.ExitStack() as stack:
-        if args.data_dir is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaleout-dev-")))
-        else:
-            root = args.data_dir.resolve()
-            root.mkdir(parents=True, exist_ok=True)
-        try:
-            report = asyncio.run(_dev(args, path.resolve(), root, settings))
-        except asyncio.CancelledError:  # a signal stopped the federation (see Interrupts)
-            return EXIT_INTERRUPTED
+    if args.data_dir is None:
+        root = Path(tempfile.mkdtemp(prefix="scaleout-dev-"))
+    else:
+        root = args.data_dir.resolve()
+        root.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []  # what went wrong, so far: the logs that explain it are kept
+    try:
+        report = asyncio.run(_dev(args, path.resolve(), root, settings, failed))
+    except asyncio.CancelledError:  # a signal stopped the federation (see Interrupts)
+        return EXIT_INTERRUPTED
+    finally:
+        if failed:
+            ctl = root / "controller"
+            kept = "" if args.data_dir is not None else " (kept because something failed; remove it when done)"
+            print(f"logs are in {root / 'logs'}" + (f", the controller's data in {ctl}" if ctl.is_dir() else "") + kept, flush=True)
+        elif args.data_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.report}")
@@ -186,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings: dict[str, Any]) -> dict[str, Any]:
+async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings: dict[str, Any], failed: list[str]) -> dict[str, Any]:
     from scaleout.package.archive import create_archive
     from scaleout.package.seed import read_model_file
 
@@ -256,23 +279,48 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         }
         started = time.monotonic()
         session = (await call_async(conn, "session.start", cfg))[0]["session"]
-        say(f"session {session['id']}: {args.rounds} rounds")
+        session_id = session["id"]
+        say(f"session {session_id}: {args.rounds} rounds")
+        names = [f"client-{i}" for i in range(1, args.clients + 1)]
+        ended: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         printed: set[int] = set()
+        failures: dict[int, list[dict[str, str]]] = {}
 
-        def on_event(kind: str, data: dict[str, Any]) -> None:
-            if kind == "round":
-                printed.add(data["idx"])
-                say(f"  {_round_line(data)}")
+        async def print_rounds() -> None:
+            """Each round line as it ends, with why clients were left out under it."""
+            while (r := await ended.get()) is not None:
+                if r["idx"] in printed:
+                    continue
+                printed.add(r["idx"])
+                say(f"  {_round_line(r)}")
+                try:
+                    shown = (await call_async(conn, "session.show", {"id": session_id, "clients": True}))[0]["session"]
+                except (ScaleoutError, OSError) as exc:
+                    log.warning("cannot fetch the clients' results of round %d: %s", r["idx"], exc)
+                    shown = {"rounds": []}
+                reports: list[dict[str, Any]] = next((x.get("clients", []) for x in shown["rounds"] if x["idx"] == r["idx"]), [])
+                failures[r["idx"]] = client_failures(r, reports, names)
+                for f in failures[r["idx"]]:
+                    say(f"      {f['client']}: {f['reason']}")
+                if r["status"] != "succeeded":
+                    failed.append(f"round {r['idx']}")
 
-        session = (await call_async(conn, "session.wait", {"id": session["id"]}, on_event=on_event))[0]["session"]
-        for r in session["rounds"]:
-            if r["idx"] not in printed:
-                on_event("round", r)
-        say(f"session {session['id']} {session['status']} in {time.monotonic() - started:.1f}s" + (f" ({session['reason']})" if session.get("reason") else ""))
-        return report_of(session)
+        printer = asyncio.create_task(print_rounds())
+        try:
+            session = (await call_async(conn, "session.wait", {"id": session_id}, on_event=lambda kind, data: ended.put_nowait(data) if kind == "round" else None))[0]["session"]
+            for r in session["rounds"]:  # rounds that ended before we subscribed
+                ended.put_nowait(r)
+            ended.put_nowait(None)
+            await printer
+        finally:
+            printer.cancel()
+        if session["status"] != "finished":
+            failed.append(f"session {session_id}")
+        say(f"session {session_id} {session['status']} in {time.monotonic() - started:.1f}s" + (f" ({session['reason']})" if session.get("reason") else ""))
+        return report_of(session, failures)
     except DevError as exc:
+        failed.append(str(exc))
         say(f"dev federation failed: {exc}")
-        say(f"logs are in {logs}" + ("" if args.data_dir else " (pass --data-dir to keep them)"))
         return {"session": {"id": None, "status": "failed", "reason": str(exc).splitlines()[0]}, "rounds": []}
     finally:
         interrupts.stopping = True

@@ -61,8 +61,8 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
     connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
     return {
-        "controller": {"data_dir": PATH, "host": str, "port": int, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str},
+        "controller": {"data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
         "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH},
     }
 
@@ -89,7 +89,7 @@ def _path(value: Any) -> Path | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from scaleout.core.config import DEFAULT_PORT, parse_port
+    from scaleout.core.config import DEFAULT_PORT, parse_port, parse_sans
     from scaleout.roles.controller import Controller, ControllerSettings
 
     s, _ = _settings(args, ("controller", "serve"), _schemas()["controller"])
@@ -98,10 +98,14 @@ def serve(args: argparse.Namespace) -> int:
     for key in ("tls_cert", "tls_key"):
         if s.get(key) and not Path(s[key]).is_file():
             raise UsageError(f"--{key.replace('_', '-')} {s[key]} does not exist")
+    sans = parse_sans(s.get("san"), "controller")
+    if sans and s.get("tls_cert"):
+        raise UsageError("--san names the generated certificate; with --tls-cert, put the names in that certificate instead")
     settings = ControllerSettings(
         data_dir=Path(s.get("data_dir") or DEFAULT_DATA_DIR),
         host=str(s.get("host") or "127.0.0.1"),
         port=parse_port(s.get("port", DEFAULT_PORT)),
+        san=sans,
         tls_cert=_path(s.get("tls_cert")),
         tls_key=_path(s.get("tls_key")),
         insecure=bool(s.get("insecure")),
@@ -134,7 +138,7 @@ EXPIRY_WARNING_S = 7 * 86400
 
 
 def combine(args: argparse.Namespace) -> int:
-    from scaleout.core.config import parse_port
+    from scaleout.core.config import parse_port, parse_sans
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
     s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
@@ -142,7 +146,7 @@ def combine(args: argparse.Namespace) -> int:
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
-        advertise=s.get("advertise"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)

@@ -6,8 +6,10 @@ sees the merged mapping, so it stays free of file I/O.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +27,7 @@ class SessionConfig:
     round_timeout: float = 180.0
     min_clients: int = 1
     aggregator: str = "fedavg"
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
     validate: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
@@ -39,6 +42,9 @@ class SessionConfig:
             raise ConfigError("min_clients", f"must be a whole number >= 1, got {self.min_clients!r}")
         if not isinstance(self.aggregator, str) or not self.aggregator:
             raise ConfigError("aggregator", "must be a non-empty name")
+        from scaleout.core.aggregators.strategy import make_strategy
+
+        make_strategy(self.aggregator, self.aggregator_kwargs)  # unknown names and bad hyperparameters fail here
         if not isinstance(self.validate, bool):
             raise ConfigError("validate", f"must be true or false, got {self.validate!r}")
         if not isinstance(self.settings, dict):
@@ -103,3 +109,32 @@ def parse_port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ConfigError("port", f"must be a whole number between 0 and 65535, got {value!r}")
     return value
+
+
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+
+
+def parse_sans(value: Any, section: str) -> list[str]:
+    """Extra certificate names (``--san``, ``san = [...]``): IP addresses or DNS names."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{section}.san", f'must be a list of names or addresses, e.g. ["10.0.0.1", "ctl.example.org"], got {value!r}')
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{section}.san", f"must be a host name or an IP address, got {item!r}")
+        text = item.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            if "%" not in text:  # a zone (fe80::1%eth0) cannot be named in a certificate
+                names.append(str(ipaddress.ip_address(text)))
+                continue
+        except ValueError:
+            pass
+        if len(text) > 253 or not _DNS_NAME.fullmatch(text) or text.replace(".", "").isdigit():
+            raise ConfigError(f"{section}.san", f"{item!r} is neither an IP address nor a DNS name (letters, digits, '-' and '.')")
+        names.append(text.lower())
+    return list(dict.fromkeys(names))

@@ -7,10 +7,12 @@
      │    ├── IntegrityError    bytes do not match their announced sha256 or size
      │    └── ModelMismatchError  an update's tensors differ from the global model's
      ├── UpdateRejected         an update is well-formed but unusable (NaN, no examples)
+     ├── LimitExceeded          a metric, result or text is larger than a peer may send
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
+     ├── StorageError           the controller could not write or read its files (disk full, ...)
      ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
      └── TaskAborted            the running task was aborted (session stopped)
@@ -20,6 +22,8 @@ error replies, close codes or exit codes at the edge.
 """
 
 from __future__ import annotations
+
+from scaleout.core.units import fmt_bytes
 
 
 class ScaleoutError(Exception):
@@ -74,6 +78,18 @@ class UpdateRejected(ScaleoutError):
     code = "update_rejected"
 
 
+class LimitExceeded(ScaleoutError, ValueError):
+    """Too large to send or store (also a ValueError: user code calling log_metric may expect one)."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, what: str, size: int, limit: int, hint: str = "") -> None:
+        self.what = what
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{what} is {fmt_bytes(size)} as JSON; the limit is {fmt_bytes(limit)}" + (f": {hint}" if hint else ""))
+
+
 class AuthError(ScaleoutError):
     code = "unauthorized"
 
@@ -99,6 +115,19 @@ class NotFoundError(ScaleoutError):
 
 class ConflictError(ScaleoutError):
     code = "conflict"
+
+
+class StorageError(ScaleoutError):
+    """A file or database write failed: ``problem`` is the system's reason (its strerror)."""
+
+    code = "storage"
+
+    def __init__(self, problem: str, action: str, path: str, errno: int | None = None) -> None:
+        self.problem = problem
+        self.action = action
+        self.path = path
+        self.errno = errno
+        super().__init__(f"{problem[:1].lower()}{problem[1:]} while {action} {path}")
 
 
 class RemoteError(ScaleoutError):

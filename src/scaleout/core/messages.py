@@ -253,12 +253,25 @@ class Metric(Message):
 # -- parse / serialize --------------------------------------------------------------------
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON as it travels and is stored: UTF-8 text, not ``\\u`` escapes (which make
+    non-ASCII text up to 3x larger). Text holding lone surrogates (valid JSON, not valid
+    UTF-8) is escaped instead, so it still round-trips exactly. Raises ValueError for NaN."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    if _SURROGATE.search(text):
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text
+
+
 def serialize(msg: Message) -> str:
     body: JSON = {"v": PROTOCOL_VERSION, "type": msg.type}
     for f in fields(msg):
         body[f.name] = getattr(msg, f.name)
     try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False)
+        return to_json(body)
     except ValueError as exc:
         raise ProtocolError(f"{msg.type}: cannot send {exc}: use finite numbers only") from None
 

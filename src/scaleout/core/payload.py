@@ -3,6 +3,9 @@
 A model travels as one safetensors file. Lists of arrays are stored under the names
 "0", "1", ... and the layout ("list" or "dict") is kept in the header metadata under
 "scaleout.layout", so `decode(encode(x))` gives back the same kind of container.
+safetensors readers sort tensors by name, so a dict's key order is kept under
+"scaleout.order" (a JSON list of names): `read`, `describe` and `decode` give the tensors
+back in that order. `encode` writes the file itself, so one model always gives the same bytes.
 Every malformed input raises `PayloadError`; nothing else escapes from parsing.
 """
 
@@ -26,6 +29,7 @@ ModelId = NewType("ModelId", str)
 Arrays = list[np.ndarray] | dict[str, np.ndarray]
 
 LAYOUT_KEY = "scaleout.layout"
+ORDER_KEY = "scaleout.order"
 LAYOUTS = ("list", "dict")
 
 # safetensors dtype tag -> numpy dtype name; other tags (BF16, F8_*, C64, ...) are refused.
@@ -35,6 +39,7 @@ _DTYPES = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
     "BOOL": "bool",
 }  # fmt: skip
+_TAGS = {name: tag for tag, name in _DTYPES.items()}
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what can be averaged
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
@@ -68,7 +73,7 @@ def to_named(arrays: Arrays) -> tuple[dict[str, np.ndarray], str]:
             array = np.asarray(value)
         except (ValueError, TypeError) as e:
             raise PayloadError(f"tensor {name!r} is not an array: {e}") from None
-        if array.dtype.kind not in _NUMERIC_KINDS:
+        if array.dtype.kind not in _NUMERIC_KINDS or array.dtype.name not in _TAGS:
             raise PayloadError(f"tensor {name!r} has dtype {array.dtype}; only bool, int, uint and float are supported")
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         named[name] = array if array.flags.c_contiguous else array.copy(order="C")
@@ -110,21 +115,39 @@ def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, st
         if not isinstance(key, str) or not isinstance(value, str):
             raise PayloadError(f"metadata must map str to str, got {key!r}: {value!r}")
     meta[LAYOUT_KEY] = layout
+    meta.pop(ORDER_KEY, None)
+    if layout == "dict":
+        meta[ORDER_KEY] = json.dumps(list(named))
+    # Written here rather than by safetensors.numpy.save, whose metadata comes out in a
+    # different order on every call: the same model must give the same bytes (its id).
+    # As safetensors does, the data goes widest dtype first so every tensor is aligned.
+    placed = sorted(named, key=lambda name: -named[name].dtype.itemsize)
+    spans: dict[str, list[int]] = {}
+    position = 0
+    for name in placed:
+        spans[name] = [position, position + named[name].nbytes]
+        position += named[name].nbytes
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    for name, array in named.items():
+        header[name] = {"dtype": _TAGS[array.dtype.name], "shape": list(array.shape), "data_offsets": spans[name]}
     try:
-        return safetensors.numpy.save(named, metadata=meta)
-    except SafetensorError as e:
-        raise PayloadError(f"cannot serialize model: {e}") from None
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise PayloadError(f"cannot serialize model: a name or metadata value is not valid text: {e}") from None
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > _MAX_HEADER:
+        raise PayloadError(f"cannot serialize model: its header of {len(raw)} bytes exceeds {_MAX_HEADER}")
+    little = (named[name].astype(named[name].dtype.newbyteorder("<"), copy=False) for name in placed)
+    return b"".join([struct.pack("<Q", len(raw)), raw, *(a.tobytes() for a in little)])
 
 
 def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
-    """Parse a payload into (named arrays, layout, metadata without the layout key).
+    """Parse a payload into (named arrays, layout, metadata without the layout and order keys).
 
-    For the list layout the arrays come in list order. Files written by other tools
-    (no layout key) count as a list when their names are exactly "0".."n-1".
+    The arrays come in list order, or in the dict order recorded at encoding. Files written
+    by other tools (no layout key) count as a list when their names are exactly "0".."n-1".
     """
-    specs, metadata = _parse_header(data)
-    layout = _layout(specs, metadata)
-    metadata.pop(LAYOUT_KEY, None)
+    specs, layout, metadata = _header(data)
     try:
         # safetensors takes only bytes: a no-op for bytes, which is what links hand out.
         loaded = safetensors.numpy.load(bytes(data))
@@ -132,9 +155,23 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
         raise PayloadError(f"not a valid safetensors payload: {e}") from None
     if loaded.keys() != specs.keys():
         raise PayloadError("safetensors header lists different tensors than were loaded")
-    if layout == "list":
-        return {str(i): loaded[str(i)] for i in range(len(specs))}, layout, metadata
     return {name: loaded[name] for name in specs}, layout, metadata
+
+
+def views(data: bytes) -> dict[str, np.ndarray]:
+    """Read-only arrays that point into ``data`` (no copy), in the order `read` gives: for
+    reading a large model whose bytes are kept anyway (the controller's global model)."""
+    specs, _, _ = _header(data)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + size]))
+    base = 8 + size
+    out: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        begin, _end = header[name]["data_offsets"]
+        count = math.prod(spec.shape)
+        array = np.frombuffer(data, dtype=np.dtype(spec.dtype).newbyteorder("<"), count=count, offset=base + begin)
+        out[name] = array.reshape(spec.shape)
+    return out
 
 
 def decode(data: bytes) -> Arrays:
@@ -144,13 +181,13 @@ def decode(data: bytes) -> Arrays:
 
 
 def describe(data: bytes) -> dict[str, TensorSpec]:
-    """Tensor names, dtypes and shapes from the header alone, without loading tensors."""
-    return _parse_header(data)[0]
+    """Tensor names, dtypes and shapes from the header alone, in the order `read` gives them."""
+    return _header(data)[0]
 
 
 def layout_of(data: bytes) -> str:
     """The layout ("list" or "dict") `read` would report, from the header alone."""
-    return _layout(*_parse_header(data))
+    return _header(data)[1]
 
 
 def check_compatible(reference: dict[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
@@ -178,6 +215,78 @@ def check_finite(update: Mapping[str, np.ndarray]) -> None:
         array = np.asarray(value)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+
+
+def value_bounds(dtype: str | np.dtype) -> tuple[int | float, int | float]:
+    """The least and greatest finite value a tensor of ``dtype`` holds (0 and 1 for bool)."""
+    target = np.dtype(dtype)
+    if target.kind == "f":
+        largest = float(np.finfo(target).max)
+        return -largest, largest
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        return int(info.min), int(info.max)
+    return 0, 1
+
+
+def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
+    """Refuse NaN, inf and values the model's dtype cannot hold (1e300 for float32, 2**40
+    for int32), naming the first offending tensor. Run after `check_compatible`.
+
+    Cheap on purpose (aggregation's hot path): one isfinite pass when every finite value of
+    the update's dtype fits the model's (float32 for float32), one min and one max when it
+    may not (float64 for float32), nothing for integers that always fit.
+    """
+    for name, value in update.items():
+        array = np.asarray(value)
+        if array.size == 0:
+            continue
+        target = reference[name].dtype
+        low, high = value_bounds(target)
+        own_low, own_high = value_bounds(array.dtype)
+        if low <= own_low and own_high <= high:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+            continue
+        # .item() gives Python numbers: they compare exactly across int and float.
+        least, greatest = array.min().item(), array.max().item()
+        if least != least or greatest != greatest or math.isinf(least) or math.isinf(greatest):
+            raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+        if least < low or greatest > high:
+            bad = least if least < low else greatest
+            kind = "finite range" if np.dtype(target).kind == "f" else "range"
+            raise UpdateRejected(
+                f"tensor {name!r} holds {_number(bad)}, outside the model's {target} {kind} [{_number(low)}, {_number(high)}]"
+            )
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _header(data: bytes) -> tuple[dict[str, TensorSpec], str, dict[str, str]]:
+    """(specs in list or recorded order, layout, metadata without the layout and order keys)."""
+    specs, metadata = _parse_header(data)
+    layout = _layout(specs, metadata)
+    metadata.pop(LAYOUT_KEY, None)
+    order = metadata.pop(ORDER_KEY, None)
+    if layout == "list":
+        return {str(i): specs[str(i)] for i in range(len(specs))}, layout, metadata
+    if order is not None:
+        return {name: specs[name] for name in _order(order, specs)}, layout, metadata
+    return specs, layout, metadata
+
+
+def _order(text: str, specs: Mapping[str, TensorSpec]) -> list[str]:
+    """The tensor order recorded under ORDER_KEY; it must name each tensor exactly once."""
+    try:
+        order = json.loads(text)
+    except (ValueError, RecursionError):
+        order = None
+    names = order if isinstance(order, list) and all(isinstance(n, str) for n in order) else []
+    if len(names) != len(specs) or set(names) != set(specs):
+        raise PayloadError(f"safetensors metadata {ORDER_KEY!r} must be a JSON list naming each tensor once")
+    return names
 
 
 def _layout(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> str:

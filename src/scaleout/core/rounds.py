@@ -4,6 +4,8 @@ Two views of one round:
 
 - ``CombinerRound``: a combiner waits for the updates of the clients it was given; it
   reports its partial when every one of them reported (or was lost), or at its deadline.
+  A client whose link drops is given a grace period to come back (most drops on an edge
+  network are blips); the role asks ``next_wakeup`` when to call ``on_tick`` again.
 - ``ControllerRound``: the controller waits for the partial of every combiner involved;
   the round succeeds when all selected clients contributed, or when the waiting ends
   (deadline, combiners lost or reported) with at least ``min_clients`` contributions.
@@ -29,19 +31,59 @@ class Decision:
     reason: str = ""
 
 
+LOST = "client disconnected"
+LOST_FOR_GOOD = "client disconnected and did not come back within {grace:g} s"
+TIMED_OUT = "no update before the round timeout"
+
+
+class Resume(Enum):
+    """What to do with a client that reconnects mid-round."""
+
+    NOTHING = "nothing"  # this round does not wait for it
+    KEEP = "keep"  # it is still working on its task: let it finish
+    RESEND = "resend"  # it lost its task with the link: send it again
+
+
 @dataclass
 class CombinerRound:
     """Tracks one combiner's share of a round."""
 
     expected: set[str]
     deadline: float
+    grace: float = 0.0
     reported: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
+    away: dict[str, float] = field(default_factory=dict)  # client -> end of its grace period
     done: bool = False
 
     @classmethod
-    def start(cls, clients: Iterable[str], now: float, timeout: float) -> CombinerRound:
-        return cls(expected=set(clients), deadline=now + timeout)
+    def start(cls, clients: Iterable[str], now: float, timeout: float, grace: float = 0.0) -> CombinerRound:
+        return cls(expected=set(clients), deadline=now + timeout, grace=grace)
+
+    @property
+    def next_wakeup(self) -> float | None:
+        """When ``on_tick`` has something to decide next (None once the round is done)."""
+        if self.done:
+            return None
+        return min([self.deadline, *(self.away[c] for c in self.away if c in self.pending)])
+
+    def on_client_dropped(self, client: str, now: float, goodbye: bool = False) -> bool:
+        """The client's link dropped. It said goodbye (a clean close): it is lost now. Else
+        it has ``grace`` seconds (never past the deadline) to reconnect; True when the
+        combiner should report now."""
+        if self.done or client not in self.pending:
+            return False
+        if goodbye or self.grace <= 0:
+            return self.on_client_lost(client)
+        self.away[client] = min(now + self.grace, self.deadline)
+        return False
+
+    def on_client_back(self, client: str, still_working: bool) -> Resume:
+        """The client reconnected; ``still_working`` when it says it is on this round's task."""
+        self.away.pop(client, None)
+        if self.done or client not in self.pending:
+            return Resume.NOTHING
+        return Resume.KEEP if still_working else Resume.RESEND
 
     @property
     def pending(self) -> set[str]:
@@ -60,15 +102,22 @@ class CombinerRound:
         return self._ready()
 
     def on_client_lost(self, client: str) -> bool:
-        return self.on_refused(client, "client disconnected")
+        return self.on_refused(client, LOST)
 
     def on_tick(self, now: float) -> bool:
-        if not self.done and now >= self.deadline:
+        """Time passed: fail clients whose grace ran out, and everyone pending at the deadline."""
+        if self.done:
+            return False
+        if now >= self.deadline:
             for client in self.pending:
-                self.failed[client] = "no update before the round timeout"
+                self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace) if client in self.away else TIMED_OUT
             self.done = True
             return True
-        return False
+        for client, until in list(self.away.items()):
+            if now >= until and client in self.pending:
+                del self.away[client]
+                self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace)
+        return self._ready()
 
     def check(self) -> bool:
         """True (once) when nothing is pending, e.g. right after start with no clients."""
@@ -90,6 +139,7 @@ class ControllerRound:
     deadline: float
     received: dict[str, int] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)  # combiner -> why its partial was refused
     decision: Decision | None = None
 
     @classmethod
@@ -114,6 +164,13 @@ class ControllerRound:
             self.lost.add(combiner)
         return self._decide(final=not self.waiting_for)
 
+    def on_partial_refused(self, combiner: str, reason: str) -> Decision | None:
+        """The combiner's partial was unusable (e.g. it would overflow): none of it counts."""
+        if self.decision is None and combiner in self.waiting_for:
+            self.refused[combiner] = reason
+            self.lost.add(combiner)
+        return self._decide(final=not self.waiting_for)
+
     def on_tick(self, now: float) -> Decision | None:
         return self._decide(final=now >= self.deadline or not self.waiting_for)
 
@@ -125,8 +182,11 @@ class ControllerRound:
             self.decision = Decision(Outcome.SUCCEEDED, n)
         else:
             reason = f"{n} of {wanted} selected clients contributed; at least {self.min_clients} needed"
-            if self.lost:
-                reason += f" (lost combiner{'s' if len(self.lost) > 1 else ''} {', '.join(sorted(self.lost))})"
+            lost = sorted(self.lost - set(self.refused))
+            if lost:
+                reason += f" (lost combiner{'s' if len(lost) > 1 else ''} {', '.join(lost)})"
+            for name, why in sorted(self.refused.items()):
+                reason += f" (partial from combiner {name} refused: {why})"
             silent = sorted(set(self.selected) - set(self.received) - self.lost)
             if silent:
                 reason += f" (no report from combiner{'s' if len(silent) > 1 else ''} {', '.join(silent)})"

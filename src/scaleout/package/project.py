@@ -133,7 +133,7 @@ def import_entry(project: Project, name: str) -> ModuleType:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         del sys.modules[module_name]
-        raise PackageError(f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+        raise PackageError(f"importing {file} failed: {describe_failure(exc, project.root)}") from exc
     finally:
         sys.dont_write_bytecode = dont_write
     return module
@@ -151,4 +151,50 @@ def call_entry(project: Project, name: str, *args: object) -> object:
         try:
             return func(*args)
         except (Exception, SystemExit) as exc:
-            raise PackageError(f"{name}() in {file} failed: {type(exc).__name__}: {exc}") from exc
+            raise PackageError(f"{name}() in {file} failed: {describe_failure(exc, root)}") from exc
+
+
+MAX_REASON_CHARS = 300
+
+
+def describe_failure(exc: BaseException, root: Path) -> str:
+    """One short line for an exception from package code, naming where in the package it
+    was raised: ``ValueError: bad shape (startup.py:42)``."""
+    message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    lines = message.strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > MAX_REASON_CHARS or len(lines) > 1:
+        first = first[:MAX_REASON_CHARS].rstrip() + " ..."
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    where = user_location(exc, root)
+    return f"{text} ({where})" if where else text
+
+
+def user_location(exc: BaseException, root: Path) -> str | None:
+    """``file:line`` (relative to ``root``) of the last traceback frame inside the package
+    at ``root``, or of the line a SyntaxError in it points at; None if it has no such frame.
+
+    The last frame inside the package is the user's line: below it are libraries (numpy
+    raising on a bad shape), above it Scaleout calling the callback.
+    """
+    root = root.resolve()
+    inside: dict[str, str | None] = {}
+
+    def relative(filename: str | None) -> str | None:
+        if not filename or filename.startswith("<") or not os.path.isabs(filename):
+            return None  # <frozen importlib._bootstrap>, <string>: not a file of the package
+        if filename not in inside:
+            path = Path(filename).resolve()
+            inside[filename] = path.relative_to(root).as_posix() if path.is_relative_to(root) else None
+        return inside[filename]
+
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name = relative(tb.tb_frame.f_code.co_filename)
+        if name is not None:
+            found = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError) and exc.lineno is not None and (name := relative(exc.filename)) is not None:
+        found = f"{name}:{exc.lineno}"
+    return found

@@ -25,6 +25,8 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, Superseded, TaskAborted
+from scaleout.core.limits import clip_text
+from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
@@ -64,6 +66,7 @@ class Client:
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.package_root = Path.cwd()  # where the package's files are: set by prepare()
 
     async def _controller(self) -> Link:
         s = self.settings
@@ -102,7 +105,13 @@ class Client:
         # The package's own modules and data files are found relative to its folder.
         os.chdir(root)
         sys.path.insert(0, str(root))
-        await in_daemon_thread(load_startup, root, self.edge)
+        self.package_root = root
+        try:
+            await in_daemon_thread(load_startup, root, self.edge)
+        except PackageError as exc:
+            if exc.__cause__ is not None:
+                _log_traceback("the compute package failed to start", exc.__cause__)
+            raise
         callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
@@ -267,14 +276,21 @@ class Client:
             except asyncio.CancelledError:
                 raise
             except SystemExit as exc:  # e.g. argparse inside a reused training script
-                result.error = f"the {task.kind} callback called sys.exit({exc.code!r})"
+                where = user_location(exc, self.package_root)
+                result.error = f"the {task.kind} callback called sys.exit({exc.code!r})" + (f" ({where})" if where else "")
                 log.error("round %d: %s", task.round_index, result.error)
+                _log_traceback(f"round {task.round_index}: {task.kind}", exc)
+            except TaskAborted as exc:
+                result.error = str(exc)
+                log.info("round %d: %s stopped (%s)", task.round_index, task.kind, exc)
+            except ScaleoutError as exc:  # the runtime refused what a callback returned
+                result.error = clip_text(str(exc))
+                log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
             except Exception as exc:  # the role edge: a failing callback is reported, not fatal
-                result.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ScaleoutError) else str(exc)
-                if isinstance(exc, TaskAborted):
-                    log.info("round %d: %s stopped (%s)", task.round_index, task.kind, exc)
-                else:
-                    log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
+                # One short line for the controller, naming the user's line (startup.py:42).
+                result.error = clip_text(f"{task.kind} failed: {describe_failure(exc, self.package_root)}")
+                log.error("round %d: %s", task.round_index, result.error)
+                _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
                 self.current_task = None
             await self._send(result, update)
@@ -300,3 +316,11 @@ class Client:
                 log.warning("could not send the result of task %s (%s): keeping it until we reconnect", msg.task_id, exc)
             else:
                 log.debug("dropping %s: %s", msg.type, exc)
+
+
+def _log_traceback(what: str, exc: BaseException) -> None:
+    """The whole traceback of package code, at debug level (the error line names its place)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: traceback of the package code", what, exc_info=exc)
+    else:
+        log.info("%s: run with --log-level debug to see the whole traceback", what)

@@ -13,10 +13,11 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core import payload
-from scaleout.core.errors import AuthError, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
+from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
+from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound
 from scaleout.core.updates import read_num_examples
-from scaleout.roles.common import announce, bracket, new_id, url_host
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed
 from scaleout.transport.net import backoff, connect, serve
@@ -42,6 +43,7 @@ class CombinerSettings:
     port: int = 0
     name: str = ""
     advertise: str | None = None  # the host clients should dial, when it differs from --host
+    san: list[str] = field(default_factory=list)  # more names for its certificate
     insecure: bool = False
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
@@ -135,8 +137,7 @@ class Combiner:
         key_pem = b""
         csr: str | None = None
         if not s.insecure:
-            hosts = sorted({dial_host, "127.0.0.1", "localhost"} | ({s.host} if s.host not in ("0.0.0.0", "::", "") else set()))
-            csr_pem, key_pem = tls.make_csr(hosts, self.name)
+            csr_pem, key_pem = tls.make_csr(cert_names(s.host, [dial_host, *s.san]), self.name)
             csr = csr_pem.decode()
         reader, result = await self._register(ctx, csr)
         assert self.controller is not None
@@ -194,6 +195,7 @@ class Combiner:
 
     async def _on_client(self, link: Link) -> None:
         name: str | None = None
+        gate = MetricGate()  # this link's metric size and rate limits
         link.max_in_flight = CLIENT_IN_FLIGHT
         link.max_payload = self._client_limit(None)
 
@@ -221,7 +223,7 @@ class Combiner:
             elif isinstance(msg, m.Metric):
                 job = self._job_of(msg.task_id)
                 if job is not None:
-                    await self._report("metric", job, name, {"metrics": msg.metrics, "step": msg.step}, None)
+                    await self._on_metric(name, link, gate, job, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
@@ -238,6 +240,19 @@ class Combiner:
                 else:
                     self._grace(name)
                 await self._send_status()
+
+    async def _on_metric(self, client: str, link: Link, gate: MetricGate, job: Job, msg: m.Metric) -> None:
+        """Forward a metric within the limits; a drop is logged and told once per burst."""
+        body = metric_body(msg.metrics, msg.step)
+        verdict = gate.offer(json_size(body), asyncio.get_running_loop().time())
+        if not verdict.ok:
+            if verdict.tell:
+                log.warning("client %s: %s", client, verdict.reason)
+                await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
+            return
+        if verdict.dropped_before:
+            log.info("client %s: metrics are forwarded again (%d were dropped)", client, verdict.dropped_before)
+        await self._report("metric", job, client, body, None)
 
     def _grace(self, name: str) -> None:
         """A client lost mid-round gets RECONNECT_GRACE_S to come back before it counts as lost:
@@ -427,6 +442,7 @@ class Combiner:
         if client in job.tracker.reported or client in job.tracker.failed:
             log.info("ignoring a repeated result from client %s", client)
             return
+        await self._bound_result(job, client, msg)
         if job.kind == "validate":
             error = msg.error if not msg.ok else None
             await self._report("validate", job, client, msg.data, error)
@@ -439,6 +455,23 @@ class Combiner:
             self._set_client_limit(client)  # its update is in: back to small payloads
         if ready:
             await self._complete(job)
+
+    async def _bound_result(self, job: Job, client: str, msg: m.TaskResult) -> None:
+        """Cut a result down to what may travel on: its error text truncated, oversized data
+        dropped (which fails the task, saying why; the client is told)."""
+        if msg.error is not None:
+            msg.error = clip_text(msg.error)
+        what = "the training metadata" if job.kind == "train" else f"the {job.kind} result"
+        try:
+            check_size(msg.data, MAX_RESULT_BYTES, what, "return a few numbers, not data")
+        except LimitExceeded as exc:
+            log.warning("round %d: %s from %s refused: %s", job.round_index, job.kind, client, exc)
+            link = self.clients.get(client)
+            if link is not None:
+                await _quiet(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
+            msg.data = {}
+            if msg.ok:
+                msg.ok, msg.error = False, str(exc)
 
     async def _fold(self, job: Job, client: str, msg: m.TaskResult, inc: Incoming) -> bool:
         """Check a client's update and fold it into the running aggregate, or refuse it.
@@ -475,6 +508,8 @@ class Combiner:
 
     async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
         assert self.controller is not None
+        # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
+        error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
         await _quiet(self.controller.send(report))
 
@@ -500,12 +535,14 @@ class Combiner:
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
             return
         async with job.lock:
-            if job.agg is None or job.agg.count == 0:
-                partial_bytes, count, weight, who = None, 0, 0.0, []
-            else:
-                p = job.agg.partial()
-                partial_bytes = await asyncio.to_thread(encode_partial, p)
-                count, weight, who = p.count, p.weight, p.contributors
+            partial_bytes, count, weight, who = None, 0, 0.0, []
+            if job.agg is not None and job.agg.count > 0:
+                try:
+                    p = job.agg.partial()  # refused if not finite: never sent on
+                    partial_bytes = await asyncio.to_thread(encode_partial, p)
+                    count, weight, who = p.count, p.weight, p.contributors
+                except ScaleoutError as exc:
+                    log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
         log.info("round %d: reporting %d updates to the controller", job.round_index, count)
         await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))

@@ -10,7 +10,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 log = logging.getLogger("scaleout")
@@ -117,3 +117,14 @@ def url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def cert_names(host: str, sans: Sequence[str]) -> list[str]:
+    """What the certificate of a role listening on ``host`` must name: see `tls.server_names`."""
+    import socket
+
+    from scaleout.security.tls import WILDCARD_HOSTS, server_names
+    from scaleout.transport.interfaces import local_addresses
+
+    interfaces = local_addresses() if host in WILDCARD_HOSTS else []
+    return server_names(host, sans, interfaces=interfaces, hostname=socket.gethostname())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,14 +20,17 @@ from scaleout.core.errors import (
     AuthError,
     ConfigError,
     ConflictError,
+    LimitExceeded,
     NotFoundError,
     PayloadError,
     ProtocolError,
     ScaleoutError,
+    StorageError,
     UpdateRejected,
 )
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
 from scaleout.core.rounds import ControllerRound, Outcome
-from scaleout.roles.common import announce, bracket, new_id, url_host
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.state import State
@@ -37,10 +41,12 @@ log = logging.getLogger("scaleout.controller")
 
 MODEL = ("models", ".safetensors")
 PACKAGE = ("packages", ".tgz")
+STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of a session
 ADMIN_TOKEN_TTL = 365 * 86400
 PARTIAL_GRACE_S = 5.0
 ASSIGNMENT_TTL_S = 30.0
 SMALL_PAYLOAD = 1 << 20
+RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 
 
 @dataclass
@@ -48,6 +54,7 @@ class ControllerSettings:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8090
+    san: list[str] = field(default_factory=list)  # more names for the generated certificate
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure: bool = False
@@ -72,6 +79,21 @@ class RunningSession:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    server_state: dict[str, Any] = field(default_factory=dict)  # what the strategy keeps across rounds
+    storage_failure: StorageError | None = None  # a write failed (a full disk): the session ends
+
+
+@dataclass
+class SessionEnd:
+    """A session's outcome that state.db could not take yet (a full disk): kept here, shown
+    by the admin operations, written as soon as a write succeeds."""
+
+    status: str
+    reason: str | None
+    end_model: str | None
+    finished: float
+    round_reason: str | None = None
+    tried: bool = False  # a write of it failed already
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
@@ -87,6 +109,8 @@ class Controller:
         self.registry_changed = asyncio.Event()
         self.assigned: dict[str, tuple[str, float]] = {}  # client -> (combiner, when)
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
+        self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
+        self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
@@ -126,13 +150,14 @@ class Controller:
         if s.insecure:
             log.warning("TLS is OFF (--insecure): tokens and models travel in clear text")
         else:
-            hosts = [s.host] if s.host else []
-            files = tls.ensure_controller_tls(self.dir, hosts)
+            files = tls.ensure_controller_tls(self.dir, cert_names(s.host, s.san))
             self.ca_pem = files.ca_cert.read_bytes()
             self.ca_key_pem = files.ca_key.read_bytes()
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
             cert, key = (s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else (files.cert, files.key)
             self.ssl_context = tls.server_context(cert, key)
+            if cert == files.cert:
+                log.info("TLS certificate valid for %s (add names with --san)", ", ".join(tls.names_in(cert)))
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():
             self.state.upsert_combiner(row["name"], "offline", clients=0)
@@ -174,6 +199,10 @@ class Controller:
             log.info("controller shutting down")
             if self.session is not None:
                 await self._stop_session(self.session, "controller shut down")
+            if self._record_retry is not None:
+                self._record_retry.cancel()
+            if self._record_ends() is not None:
+                log.error("sessions %s end unrecorded: the next start marks them stopped", ", ".join(self._unrecorded))
             server.close()
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -222,11 +251,14 @@ class Controller:
             if c.link is link:
                 del self.combiners[name]
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
-                self.state.upsert_combiner(name, "offline", clients=0)
-                self.state.set_clients_offline(name, keep=set())
                 if self.session is not None:
                     self.session.events.put_nowait(("lost", name))
                 self._registry_changed()
+                try:
+                    self.state.upsert_combiner(name, "offline", clients=0)
+                    self.state.set_clients_offline(name, keep=set())
+                except StorageError as exc:  # the next start marks it offline anyway
+                    log.error("could not record that combiner %s left: %s", name, exc)
 
     def _registry_changed(self) -> None:
         self.registry_changed.set()
@@ -234,19 +266,23 @@ class Controller:
 
     def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
+            try:
+                await record(inc)
+            except StorageError as exc:  # the controller's disk, not the combiner's fault
+                log.error("could not record a %s from combiner %s: %s", inc.msg.type, link.peer, exc)
+
+        async def record(inc: Incoming) -> None:
             msg = inc.msg
             c = self._combiner_of(link)
             if isinstance(msg, m.CombinerStatus):
                 c.clients = set(msg.clients)
+                self._registry_changed()  # first: rounds go on even if the writes below fail
                 self.state.upsert_combiner(c.name, "online", clients=len(c.clients))
                 for client in c.clients:
                     self.state.upsert_client(client, "online", c.name)
                 self.state.set_clients_offline(c.name, keep=c.clients)
-                self._registry_changed()
             elif isinstance(msg, m.Report):
-                self.state.add_report(msg.kind, msg.session_id, msg.round_index, msg.client, msg.data, msg.error)
-                if msg.error:
-                    log.warning("client %s: %s %s", msg.client, msg.kind, msg.error)
+                self._store_report(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -257,6 +293,23 @@ class Controller:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
+
+    def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
+        """Store one client's report within the limits a combiner applies (core/limits.py):
+        a report beyond them is cut down, never allowed to fill state.db."""
+        if msg.kind not in REPORT_KINDS:
+            raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
+        m.check_name(msg.session_id, "report: session id")
+        m.check_name(msg.client, "report: client name")
+        data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
+        try:
+            check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
+        except LimitExceeded as exc:
+            log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
+            data = {}
+        self.state.add_report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if error:
+            log.warning("client %s: %s %s", msg.client, msg.kind, error)
 
     # -- combiner and client registry -----------------------------------------------------
 
@@ -369,9 +422,10 @@ class Controller:
         await asyncio.to_thread(_check_package, blob)
         digest = self.blobs.put(*PACKAGE[:1], blob, PACKAGE[1])
         name = str(args.get("name") or "package.tgz")
-        self.state.add_package(digest, name, len(blob))
-        self.state.set_meta("active_package", digest)
-        self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
+        with self.state.transaction():
+            self.state.add_package(digest, name, len(blob))
+            self.state.set_meta("active_package", digest)
+            self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
         return {"id": digest, "name": name, "size": len(blob)}, None
 
@@ -390,8 +444,9 @@ class Controller:
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is running; stop it before setting a new seed model")
         digest = self.blobs.put(MODEL[0], blob, MODEL[1])
-        self.state.commit_model(digest, len(blob), aggregator="seed")
-        self.state.audit(_actor(link), "model.set_seed", id=digest)
+        with self.state.transaction():
+            self.state.commit_model(digest, len(blob), aggregator="seed")
+            self.state.audit(_actor(link), "model.set_seed", id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
@@ -426,28 +481,29 @@ class Controller:
     # -- sessions ---------------------------------------------------------------------------
 
     async def _session_start(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        from scaleout.core.aggregators import get_aggregator
-
-        cfg = SessionConfig.from_mapping(args)
+        cfg = SessionConfig.from_mapping(args)  # checks the aggregator and its kwargs too
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is still running; stop it first (scaleout session stop {self.session.id})")
+        failure = self._record_ends()
+        if failure is not None:
+            raise failure
         model_id = self.state.get_meta("active_model")
         if model_id is None:
             raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
-        get_aggregator(cfg.aggregator, payload.describe(self._model_bytes(model_id)))
         session = RunningSession(new_id("s-"), cfg)
-        self.state.add_session(session.id, cfg.to_dict(), model_id)
-        self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
+        with self.state.transaction():  # a full disk must not leave a session row nobody runs
+            self.state.add_session(session.id, cfg.to_dict(), model_id)
+            self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
         self.session = session
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
         return {"session": self.state.session(session.id)}, None
 
     async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {"sessions": self.state.sessions()}, None
+        return {"sessions": [self._with_end(row) for row in self.state.sessions()]}, None
 
     async def _session_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        session = self.state.session(self._session_key(args))
+        session = self._with_end(self.state.session(self._session_key(args)))
         if args.get("clients"):
             reports = self.state.reports(session["id"])
             for r in session["rounds"]:
@@ -467,11 +523,11 @@ class Controller:
         key = self._session_key(args)
         s = self.session
         if s is None or s.id != key:
-            row = self.state.session(key)
+            row = self._with_end(self.state.session(key))
             raise ConflictError(f"session {key} is not running (it is {row['status']})")
         self.state.audit(_actor(link), "session.stop", id=key)
         await self._stop_session(s, "stopped by an admin")
-        return {"session": self.state.session(key)}, None
+        return {"session": self._with_end(self.state.session(key))}, None
 
     async def _session_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         """Push round events to this link until the session ends, then return it."""
@@ -483,7 +539,7 @@ class Controller:
                 await s.done.wait()
             finally:
                 self.subscribers.discard(link)
-        return {"session": self.state.session(key)}, None
+        return {"session": self._with_end(self.state.session(key))}, None
 
     async def _stop_session(self, s: RunningSession, reason: str) -> None:
         if s.stopped:
@@ -495,6 +551,42 @@ class Controller:
             await _quiet_send(c.link, m.SessionStop(session_id=s.id))
         if s.task is not None:
             await asyncio.wait({s.task}, timeout=10)
+
+    def _record_ends(self) -> StorageError | None:
+        """Write the ends of sessions that state.db could not take (a full disk); return the
+        error if it still cannot, after arranging a retry."""
+        for sid, end in list(self._unrecorded.items()):
+            try:
+                self.state.end_session(sid, end.status, end.end_model, end.reason, end.finished, end.round_reason)
+            except StorageError as exc:
+                if not end.tried:
+                    log.error("could not record the end of session %s (%s); retrying: %s", sid, end.status, exc)
+                end.tried = True
+                if self._record_retry is None or self._record_retry.done():
+                    self._record_retry = asyncio.get_running_loop().create_task(self._retry_record_ends())
+                return exc
+            del self._unrecorded[sid]
+            if end.tried:
+                log.info("recorded the end of session %s (%s)", sid, end.status)
+        return None
+
+    async def _retry_record_ends(self) -> None:
+        delay, longest = RECORD_RETRY_S
+        while self._unrecorded:
+            await asyncio.sleep(delay)  # a backoff, not a synchronisation: space may come back any time
+            if self._record_ends() is None:
+                return
+            delay = min(delay * 2, longest)
+
+    def _with_end(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A session row as the admin should see it: an end not yet in state.db is shown."""
+        end = self._unrecorded.get(row["id"])
+        if end is not None:
+            row.update(status=end.status, reason=end.reason, finished=end.finished, end_model=end.end_model or row.get("end_model"))
+            for r in row.get("rounds", []):
+                if r["status"] == "running":
+                    r.update(status="failed", reason=end.round_reason or end.reason or end.status, finished=end.finished)
+        return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
         for link in list(self.subscribers):
@@ -511,23 +603,29 @@ class Controller:
                 await self._emit("round", {"session_id": s.id, **row})
                 if row["status"] != "succeeded":
                     status, reason = "failed", f"round {index}: {row['reason']}"
-            if s.stopped:
+                if s.storage_failure is not None:  # the next round would fail the same way
+                    status, reason = "failed", f"round {index}: {s.storage_failure}"
+                    break
+            if s.stopped and s.storage_failure is None:
                 status, reason = "stopped", reason or "stopped"
         except asyncio.CancelledError:
             status, reason = "stopped", "controller shut down"
             raise
+        except StorageError as exc:  # a full disk: say so, and record the end once it can be
+            log.error("session %s: %s", s.id, exc)
+            s.storage_failure = exc
+            status, reason = "failed", f"round {s.round_index}: {exc}"
         except Exception as exc:  # the role edge: a bug must not leave the session "running"
             log.exception("session %s crashed", s.id)
             status, reason = "failed", f"internal error: {exc}"
         finally:
             self.session = None  # first: a failing write below must not block new sessions
-            try:
-                for row in self.state.rounds(s.id):
-                    if row["status"] == "running":
-                        self.state.finish_round(s.id, row["idx"], status="failed", reason=reason or status)
-                self.state.finish_session(s.id, status, self.state.get_meta("active_model"), reason)
-            except Exception:  # the role edge: state is repaired at the next start
-                log.exception("could not record the end of session %s", s.id)
+            end_model = None
+            with contextlib.suppress(StorageError):
+                end_model = self.state.get_meta("active_model")
+            failure = s.storage_failure
+            self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
+            self._record_ends()
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
             await self._emit("session", {"id": s.id, "status": status, "reason": reason})
             s.done.set()
@@ -560,7 +658,7 @@ class Controller:
             return kind, value
 
     async def _run_round(self, s: RunningSession, index: int) -> dict[str, Any]:
-        from scaleout.core.aggregators import get_aggregator
+        from scaleout.core.aggregators import get_aggregator, make_strategy
 
         loop = asyncio.get_running_loop()
         cfg = s.config
@@ -577,8 +675,14 @@ class Controller:
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
-            self.state.finish_round(s.id, index, status=status, reason=reason, duration_s=duration, **extra)
-            row = next(r for r in self.state.rounds(s.id) if r["idx"] == index)
+            fields = {"status": status, "reason": reason, "duration_s": duration, "finished": time.time(), **extra}
+            try:
+                self.state.finish_round(s.id, index, **fields)
+                row = next(r for r in self.state.rounds(s.id) if r["idx"] == index)
+            except StorageError as exc:  # kept in memory; the session's end records it later
+                log.error("round %d: could not record its outcome: %s", index, exc)
+                s.storage_failure = s.storage_failure or exc
+                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
             return {**row, "index": index}
 
@@ -587,6 +691,7 @@ class Controller:
         if len(participants) < cfg.min_clients:
             return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed")
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + PARTIAL_GRACE_S)
+        strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
         agg = get_aggregator(cfg.aggregator, template)
         for name, clients in selected.items():
             msg = m.RoundStart(
@@ -621,18 +726,30 @@ class Controller:
                     partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
                 except (PayloadError, UpdateRejected) as exc:
                     log.error("partial aggregate from combiner %s refused: %s", name, exc)
-                    decision = tracker.on_combiner_lost(name)
+                    decision = tracker.on_partial_refused(name, str(exc))
                     continue
                 contributors.extend(partial.contributors)
                 decision = tracker.on_partial(name, partial.count)
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
-        new_bytes = await asyncio.to_thread(lambda: payload.encode_named(agg.result(), layout))
-        model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
-        # The model, its trail entry and the round's outcome land in one transaction.
-        self.state.commit_round(
-            s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
-        )
+        try:
+            new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
+        except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
+            log.error("round %d: aggregate not committed: %s", index, exc)
+            return finish("failed", str(exc), participants=sorted(contributors))
+        try:
+            model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
+            state_id = await asyncio.to_thread(self.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
+            # The model, its trail entry, the strategy's state and the round's outcome land in one transaction.
+            self.state.commit_round(
+                s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
+                server_state=state_id,
+            )
+        except StorageError as exc:  # a full disk: the global model stays, the session ends
+            log.error("round %d: could not commit the new global model: %s", index, exc)
+            s.storage_failure = exc
+            return finish("failed", str(exc), participants=sorted(contributors))
+        s.server_state = new_state
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         validation: dict[str, float] = {}
         if cfg.validate:
@@ -671,6 +788,14 @@ def _elements(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
+    """The strategy's step from the round's mean to the next global model (off the event
+    loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
+    model, new_state = strategy.step(payload.views(global_bytes), agg.mean(), state)
+    state_bytes = payload.encode_named(new_state, "dict") if new_state else None
+    return payload.encode_named(model, layout), state_bytes, new_state
+
+
 def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
     """Decode a combiner's partial and add it to the round's aggregate (off the event loop)."""
     from scaleout.core.aggregators import decode_partial
@@ -698,6 +823,7 @@ def mean_metrics(rows: Any) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 
+REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
 COMBINER = frozenset({"combiner"})

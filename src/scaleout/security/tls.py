@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import logging
 import os
-import socket
 import ssl
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from scaleout.core.errors import AuthError, ConfigError
 
+log = logging.getLogger("scaleout.tls")
+
 _SKEW = dt.timedelta(minutes=5)  # tolerate peers whose clocks run a little behind
 _RENEW_BEFORE = dt.timedelta(days=30)
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _CRYPTO_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm)
 
 _Name = x509.DNSName | x509.IPAddress
@@ -276,11 +279,30 @@ def client_context(
     return ctx
 
 
-def _controller_hosts(hosts: list[str]) -> list[str]:
-    wanted = ["127.0.0.1", "localhost"]
-    for host in hosts:
-        wanted.append((socket.gethostname() if host in _WILDCARD_HOSTS else host).lower())
-    return list(dict.fromkeys(wanted))
+def server_names(bind: str, sans: Sequence[str], *, interfaces: Sequence[str], hostname: str) -> list[str]:
+    """The names a server certificate must carry to be dialled where it listens.
+
+    Always loopback (127.0.0.1, localhost). A specific ``bind`` address adds itself; a
+    wildcard one (0.0.0.0, ::) adds this machine's ``hostname`` and each of its
+    ``interfaces`` addresses of the family bound (both for ""). Then ``sans``, the names
+    or addresses it is reached by that no interface shows (DNS names, NAT addresses).
+    """
+    names = ["127.0.0.1", "localhost"]
+    if bind in WILDCARD_HOSTS:
+        names.append(hostname)
+        versions = {"0.0.0.0": {4}, "::": {6}}.get(bind, {4, 6})
+        names += [a for a in interfaces if ipaddress.ip_address(a).version in versions]
+    else:
+        names.append(bind)
+    names += sans
+    return list(dict.fromkeys(_canonical(n) for n in names if n))
+
+
+def _canonical(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name.lower()
 
 
 def _names(cert: x509.Certificate) -> list[_Name]:
@@ -305,11 +327,13 @@ def _server_cert(files: TlsFiles, ca: x509.Certificate) -> x509.Certificate | No
     return cert if key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki) else None
 
 
-def ensure_controller_tls(data_dir: Path, hosts: list[str]) -> TlsFiles:
-    """Create (or reuse) the controller's CA and a server certificate covering `hosts`.
+def ensure_controller_tls(data_dir: Path, names: Sequence[str]) -> TlsFiles:
+    """Create (or reuse) the controller's CA and a server certificate covering ``names``.
 
-    Always covers 127.0.0.1 and localhost; a wildcard bind address adds this
-    machine's hostname. An existing CA is never replaced, so joined clients keep trusting it.
+    ``names`` come from `server_names`. An existing certificate that lacks one of them (a
+    new ``--san``, a new interface address), expires within 30 days or is not the CA's is
+    re-issued by the same CA, keeping the names it had: ``ca.pem`` is never replaced, so
+    joined nodes keep trusting it.
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -324,13 +348,21 @@ def ensure_controller_tls(data_dir: Path, hosts: list[str]) -> TlsFiles:
     ca_cert_pem, ca_key_pem = files.ca_cert.read_bytes(), files.ca_key.read_bytes()
     ca_cert, _ = _load_ca(ca_cert_pem, ca_key_pem)
 
-    wanted = _controller_hosts(hosts)
+    wanted = list(dict.fromkeys(["127.0.0.1", "localhost", *names]))
     cert = _server_cert(files, ca_cert)
     have = _names(cert) if cert else []
     expiring = cert is not None and cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) < _RENEW_BEFORE
-    if cert is None or expiring or any(_general_name(h) not in have for h in wanted):
-        names = list(dict.fromkeys(wanted + [str(n.value) for n in have]))  # never drop a name
-        cert_pem, key_pem = issue_cert(ca_cert_pem, ca_key_pem, names, "Scaleout controller")
+    missing = [h for h in wanted if _general_name(h) not in have]
+    if cert is None or expiring or missing:
+        all_names = list(dict.fromkeys(wanted + [str(n.value) for n in have]))  # never drop a name
+        cert_pem, key_pem = issue_cert(ca_cert_pem, ca_key_pem, all_names, "Scaleout controller")
         write_private(files.key, key_pem)
         _write_atomic(files.cert, cert_pem, 0o644)
+        if cert is not None and missing and not expiring:
+            log.info("re-issued %s to add %s (same CA: %s stays valid)", files.cert, ", ".join(missing), files.ca_cert)
     return files
+
+
+def names_in(cert_file: Path) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    return [str(n.value) for n in _names(_load_cert(Path(cert_file).read_bytes()))]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scaleout.core.errors import NotFoundError
+from scaleout.core.errors import NotFoundError, StorageError
+from scaleout.core.messages import to_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,7 +32,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS rounds (
   session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT,
   parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL,
-  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (session_id, idx));
+  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT,
+  PRIMARY KEY (session_id, idx));
 CREATE TABLE IF NOT EXISTS reports (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, session_id TEXT, round_index INTEGER,
   client TEXT NOT NULL, data TEXT NOT NULL, error TEXT, created REAL NOT NULL);
@@ -50,18 +54,85 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return out
 
 
+# SQLite's result codes for a database it cannot write or read: the disk, not a bug.
+_STORAGE_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose failed statements on a full or broken disk raise StorageError."""
+
+    path = ""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(sql_script)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+
+def _raise_storage_error(exc: sqlite3.DatabaseError, path: str) -> None:
+    """Raise StorageError for a disk problem; return for a bug (bad SQL, a constraint)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        raise StorageError("no space left on device", "writing", path) from exc
+    if name.startswith(_STORAGE_CODES):
+        raise StorageError(str(exc), "using", path) from exc
+
+
 class State:
-    """Thin, synchronous access to ``state.db``; every write is its own transaction."""
+    """Thin, synchronous access to ``state.db``; every write is its own transaction.
+
+    A write that fails because the disk is full (or broken) raises StorageError and
+    changes nothing; the connection stays usable once space is freed."""
 
     def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, str(path))
+            raise
+        assert isinstance(db, _Connection)
+        db.path = str(path)
+        self.db = db
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, added to an older state.db in place."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
+        if "server_state" not in columns:
+            self.db.execute("ALTER TABLE rounds ADD COLUMN server_state TEXT")
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
+        Inside another transaction, the writes simply join it."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.rollback()
+            raise
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
@@ -156,24 +227,26 @@ class State:
 
     def commit_model(self, digest: str, size: int, **trail: Any) -> None:
         """Record a model and make it the global model, in one transaction."""
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.transaction():
             self.add_model(digest, size, **trail)
             self.set_meta("active_model", digest)
 
     def commit_round(
-        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str]
+        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str],
+        server_state: str | None = None,
     ) -> None:
-        """A round's new global model: trail entry, active model and round outcome at once."""
-        with self.db:
-            self.db.execute("BEGIN")
+        """A round's new global model: trail entry, active model and round outcome at once.
+
+        ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
+        moments), committed with the model it belongs to."""
+        with self.transaction():
             self.add_model(
                 digest, size, parent=parent, session_id=session_id, round_index=index, aggregator=aggregator, contributors=contributors
             )
             self.set_meta("active_model", digest)
             self.db.execute(
-                "UPDATE rounds SET status='succeeded', model_id=?, participants=? WHERE session_id=? AND idx=?",
-                (digest, json.dumps(contributors), session_id, index),
+                "UPDATE rounds SET status='succeeded', model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
+                (digest, json.dumps(contributors), server_state, session_id, index),
             )
             self.audit("controller", "model.commit", id=digest, session=session_id, round=index)
 
@@ -185,11 +258,26 @@ class State:
             (session_id, json.dumps(config), time.time(), start_model),
         )
 
-    def finish_session(self, session_id: str, status: str, end_model: str | None, reason: str | None = None) -> None:
+    def finish_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None = None, finished: float | None = None
+    ) -> None:
         self.db.execute(
             "UPDATE sessions SET status=?, finished=?, end_model=?, reason=? WHERE id=?",
-            (status, time.time(), end_model, reason, session_id),
+            (status, finished or time.time(), end_model, reason, session_id),
         )
+
+    def end_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None,
+        finished: float | None = None, round_reason: str | None = None,
+    ) -> None:
+        """Record a session's outcome and fail its unfinished rounds (with ``round_reason``,
+        by default the session's), in one transaction."""
+        finished = finished or time.time()
+        with self.transaction():
+            for row in self.rounds(session_id):
+                if row["status"] == "running":
+                    self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
+            self.finish_session(session_id, status, end_model, reason, finished)
 
     def session(self, session_id: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM sessions WHERE id=?", session_id)
@@ -221,7 +309,7 @@ class State:
     def add_report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, Any], error: str | None) -> None:
         self.db.execute(
             "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)",
-            (kind, session_id, round_index, client, json.dumps(data), error, time.time()),
+            (kind, session_id, round_index, client, to_json(data), error, time.time()),  # UTF-8, as measured by its limit
         )
 
     def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:

@@ -47,6 +47,8 @@ class Aggregator(Protocol):
 
     def partial(self) -> Partial: ...
 
+    def mean(self) -> dict[str, np.ndarray]: ...
+
     def result(self) -> dict[str, np.ndarray]: ...
 
     @property
@@ -66,17 +68,30 @@ def check_weight(weight: object, *, allow_zero: bool = False) -> float:
     return value
 
 
-def cast_mean(mean: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast a float64 mean back to the model's dtype: round ints, majority-vote bools."""
+def cast_mean(name: str, mean: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast tensor ``name``'s float64 mean back to the model's dtype: round ints,
+    majority-vote bools. Refused when it does not fit: a float mean beyond the dtype's
+    finite range (it would become inf), an integer one beyond the type's range.
+    """
     target = np.dtype(dtype)
     if target.kind == "b":
         return np.asarray(mean >= 0.5)
     if target.kind in "iu":
         info = np.iinfo(target)
+        if mean.size:
+            least, greatest = float(mean.min()), float(mean.max())
+            # Rounding may take an in-range mean just past a bound: within 1, it is clipped.
+            if not (least >= info.min - 1 and greatest <= info.max + 1):  # NaN fails too
+                raise UpdateRejected(f"the aggregate of tensor {name!r} ({least:.4g} to {greatest:.4g}) does not fit {target}")
         # float(int64 max) rounds up past the range; step back to the largest safe float.
         high = float(info.max) if float(info.max) <= info.max else np.nextafter(float(info.max), -math.inf)
         return np.asarray(np.clip(np.rint(mean), float(info.min), high).astype(target))
-    return np.asarray(mean.astype(target))
+    with np.errstate(over="ignore"):
+        cast = np.asarray(mean.astype(target))
+    if not np.isfinite(cast).all():
+        largest = float(np.finfo(target).max)
+        raise UpdateRejected(f"the aggregate of tensor {name!r} is not finite in {target} (its mean lies beyond ±{largest:.4g})")
+    return cast
 
 
 def encode_partial(p: Partial, layout: str = "dict") -> bytes:
