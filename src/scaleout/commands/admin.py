@@ -195,6 +195,20 @@ def _round_line(r: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: list[str]) -> list[dict[str, str]]:
+    """Why each client left out of round ``r`` was: its refused update or failed callback,
+    as its combiner reported it, or that no update came at all (from those of ``clients``
+    that did not train)."""
+    out: list[dict[str, str]] = []
+    for rep in reports:
+        if rep["error"]:
+            kind, error = rep["kind"], str(rep["error"])
+            out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
+    trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
+    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
+    return sorted(out, key=lambda f: f["client"])
+
+
 def session_start(args: argparse.Namespace) -> int:
     try:
         settings = json.loads(args.settings)
@@ -258,8 +272,7 @@ async def follow(
         nonlocal done
         session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}))[0]["session"]
         for r in session["rounds"]:
-            clients = r.pop("clients", [])
-            r["failures"] = [{"client": c["client"], "kind": c["kind"], "error": c["error"]} for c in clients if c["error"]]
+            r["failures"] = client_failures(r, r.pop("clients", []), [])
         for r in session["rounds"]:
             if r["status"] == "running":
                 break
@@ -299,7 +312,7 @@ async def follow(
 def _print_round(r: dict[str, Any]) -> None:
     print(_round_line(r), flush=True)
     for f in r["failures"]:
-        print(f"    {f['client']:<16} {f['kind']:<9} {f['error']}", flush=True)
+        print(f"    {f['client']}: {f['reason']}", flush=True)
 
 
 def _print_end(session: dict[str, Any]) -> None:

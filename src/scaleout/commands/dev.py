@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
-from scaleout.commands.admin import _round_line, call_async
+from scaleout.commands.admin import _round_line, call_async, client_failures
 from scaleout.commands.connection import Connection, read_controller_info
 from scaleout.core.errors import ScaleoutError
 
@@ -159,19 +159,6 @@ def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]]
             for r in session["rounds"]
         ],
     }
-
-
-def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: list[str]) -> list[dict[str, str]]:
-    """Why each client left out of round ``r`` was: its refused update or failed callback,
-    as its combiner reported it, or that no update came at all."""
-    out: list[dict[str, str]] = []
-    for rep in reports:
-        if rep["error"]:
-            kind, error = rep["kind"], str(rep["error"])
-            out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
-    trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
-    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
-    return sorted(out, key=lambda f: f["client"])
 
 
 def main(args: argparse.Namespace) -> int:
