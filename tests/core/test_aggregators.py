@@ -465,3 +465,18 @@ def test_refused_update_leaves_no_trace_even_mid_fold() -> None:
     assert after.count == 1 and after.weight == 1.0
     for k in before:
         np.testing.assert_array_equal(after.sums[k], before[k])
+
+
+def test_check_then_add_equals_add_and_check_touches_nothing() -> None:
+    updates, weights = make_updates(3, seed=9)
+    direct, staged = FedAvg(TEMPLATE), FedAvg(TEMPLATE)
+    checked = [staged.check(u) for u in updates]  # all checked first, as a combiner does
+    assert staged.count == 0 and staged.partial().weight == 0.0
+    for i, (u, c, w) in enumerate(zip(updates, checked, weights, strict=True)):
+        direct.add(u, w, f"c{i}")
+        staged.add(c, w, f"c{i}")
+    for name in TEMPLATE:
+        np.testing.assert_array_equal(staged.partial().sums[name], direct.partial().sums[name])
+    bad = dict(updates[0], w=np.full((3, 4), np.nan, np.float32))
+    with pytest.raises(UpdateRejected, match="'w' contains NaN or inf"):
+        staged.check(bad)

@@ -12,7 +12,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,7 +41,9 @@ class Aggregator(Protocol):
 
     def __init__(self, template: Mapping[str, TensorSpec]) -> None: ...
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str) -> None: ...
+    def check(self, update: Mapping[str, np.ndarray]) -> Any: ...
+
+    def add(self, update: Any, weight: float, contributor: str) -> None: ...
 
     def add_partial(self, p: Partial) -> None: ...
 

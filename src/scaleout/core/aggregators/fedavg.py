@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,6 +12,14 @@ from scaleout.core.aggregators.base import Partial, cast_mean, check_weight
 from scaleout.core.aggregators.fold import BLOCK, acc_dtype, amax, fold_into
 from scaleout.core.errors import UpdateRejected
 from scaleout.core.payload import TensorSpec, check_compatible, check_values
+
+@dataclass(frozen=True)
+class Checked:
+    """An update that passed `FedAvg.check`: its arrays and a bound on each one's |values|."""
+
+    arrays: dict[str, np.ndarray]
+    peaks: dict[str, float]
+
 
 # A sum whose exact value stays below these cannot overflow its accumulator, rounding
 # included (float32 reaches 3.4e38, float64 1.8e308): below them no isfinite pass is needed.
@@ -42,16 +51,23 @@ class FedAvg:
     def count(self) -> int:
         return len(self._contributors)
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str) -> None:
+    def check(self, update: Mapping[str, np.ndarray]) -> Checked:
+        """Check an update against the model (names, shapes, values) without touching the
+        sums: safe to run for several updates at once, outside whatever serialises `add`."""
+        check_compatible(self.template, update)
+        return Checked({name: np.asarray(update[name]) for name in self.template}, check_values(self.template, update))
+
+    def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:
+        """Fold ``update`` (raw, or as returned by `check`) in with ``weight``."""
+        checked = update if isinstance(update, Checked) else self.check(update)
         w = check_weight(weight)
         self._check_new([contributor])
-        check_compatible(self.template, update)
-        peaks = check_values(self.template, update)
+        update, peaks = checked.arrays, checked.peaks
         if not math.isfinite(self._weight + w):
             raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
         with np.errstate(over="ignore"):
             ceilings = {name: self._ceiling[name] + w * peaks[name] for name in self._sums}
-        self._fold({name: np.asarray(update[name]) for name in self._sums}, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}")
+        self._fold(update, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}")
         self._weight += w
         self._contributors.append(contributor)
 
