@@ -118,7 +118,7 @@ def main() -> None:
             f"peak_mib_n{n1}": round(m1 / 2**20, 1), f"peak_mib_n{n2}": round(m2 / 2**20, 1),
             "memory_growth": round(m2 / m1, 3),
         })
-        del updates
+        updates.clear()  # free both before the next size
     print(json.dumps({
         "benchmark": "aggregate", "baseline": "numpy x.sum() read bandwidth and naive acc += w * x, same run",
         "target_ratio_to_sum": 0.7, "worst_ratio_to_sum": min(r["ratio_to_sum"] for r in rows),
