@@ -14,6 +14,7 @@ from scaleout.core.aggregators import (
     encode_partial,
     get_aggregator,
 )
+from scaleout.core.aggregators.fold import BLOCK, acc_dtype
 from scaleout.core.errors import ConfigError, ModelMismatchError, PayloadError, UpdateRejected
 from scaleout.core.payload import TensorSpec, decode, describe, encode, encode_named, layout_of
 
@@ -84,7 +85,10 @@ def test_two_stage_equals_flat() -> None:
     assert two.weight == pytest.approx(one.weight, rel=1e-15) == sum(weights)
     assert reducer.count == 10 and sorted(two.contributors) == sorted(one.contributors)
     for name in TEMPLATE:
-        np.testing.assert_allclose(two.sums[name], one.sums[name], rtol=1e-12)
+        # float16/float32 tensors are summed in float32 (see fold.py for the error bound)
+        assert two.sums[name].dtype == one.sums[name].dtype == acc_dtype(TEMPLATE[name].dtype)
+        tol = 1e-12 if two.sums[name].dtype == np.float64 else 1e-6
+        np.testing.assert_allclose(two.sums[name], one.sums[name], rtol=tol, atol=tol * np.abs(one.sums[name]).max())
     assert_matches(reducer.result(), reference_mean(updates, weights))
     for name, spec in TEMPLATE.items():
         np.testing.assert_allclose(
@@ -235,7 +239,7 @@ def test_partial_round_trip() -> None:
     assert decoded.weight == partial.weight and decoded.count == 3
     assert decoded.contributors == partial.contributors
     for name in TEMPLATE:
-        assert decoded.sums[name].dtype == np.float64
+        assert decoded.sums[name].dtype == acc_dtype(TEMPLATE[name].dtype)  # sent as accumulated
         np.testing.assert_array_equal(decoded.sums[name], partial.sums[name])
     listed = Partial({"0": np.ones(2), "1": np.full(3, 2.0)}, 0.1 + 0.2, 1, ['c "quoted"'])
     back = decode_partial(encode_partial(listed, "list"))
@@ -261,11 +265,13 @@ def test_decode_partial_refuses_bad_metadata(metadata: dict[str, str] | None) ->
         decode_partial(encode({"w": np.zeros(2)}, metadata=metadata))
 
 
-def test_decode_partial_refuses_non_float64_sums_and_garbage() -> None:
+def test_decode_partial_refuses_non_float_sums_and_garbage() -> None:
     meta = {"scaleout.weight": "1.0", "scaleout.count": "1", "scaleout.contributors": '["a"]'}
     assert decode_partial(encode({"w": np.zeros(2)}, metadata=meta)).count == 1
-    with pytest.raises(PayloadError, match="float64"):
-        decode_partial(encode({"w": np.zeros(2, np.float32)}, metadata=meta))
+    assert decode_partial(encode({"w": np.zeros(2, np.float32)}, metadata=meta)).sums["w"].dtype == np.float32
+    for dtype in (np.float16, np.int64):
+        with pytest.raises(PayloadError, match="expected float32 or float64"):
+            decode_partial(encode({"w": np.zeros(2, dtype)}, metadata=meta))
     with pytest.raises(PayloadError):
         decode_partial(b"\x00" * 64)
 
@@ -423,3 +429,54 @@ def test_two_stage_aggregation_keeps_the_models_tensor_order() -> None:
     committed = decode(encode_named(result, layout_of(seed)))
     assert isinstance(committed, dict) and list(committed) == names
     np.testing.assert_array_equal(committed["z"], np.full(3, 0.5, np.float32))
+
+
+def test_float32_sums_are_promoted_when_their_magnitude_needs_float64() -> None:
+    template = {"w": TensorSpec("float32", (3,))}
+    agg = FedAvg(template)
+    agg.add({"w": np.array([1.0, 2.0, 3.0e30], np.float32)}, 1e6, "a")  # 3e36: float32 still holds it
+    assert agg.partial().sums["w"].dtype == np.float32
+    agg.add({"w": np.array([1.0, 2.0, 3.0e30], np.float32)}, 1e9, "b")  # 3e39 would overflow float32
+    assert agg.partial().sums["w"].dtype == np.float64
+    np.testing.assert_allclose(agg.result()["w"], [1.0, 2.0, 3.0e30], rtol=1e-6)
+    assert agg.result()["w"].dtype == np.float32
+
+
+def test_partials_of_either_precision_add_up() -> None:
+    template = {"w": TensorSpec("float32", (2,))}
+    low, high = FedAvg(template), FedAvg(template)
+    low.add({"w": np.array([1.0, -1.0], np.float32)}, 2.0, "a")
+    high.add({"w": np.array([1e30, 0.0], np.float32)}, 1e9, "b")  # promoted to float64
+    top = FedAvg(template)
+    for agg in (low, high):
+        top.add_partial(decode_partial(encode_partial(agg.partial())))
+    np.testing.assert_allclose(top.result()["w"], [(2.0 + 1e39) / (2.0 + 1e9), -2.0 / (2.0 + 1e9)], rtol=1e-6)
+
+
+def test_refused_update_leaves_no_trace_even_mid_fold() -> None:
+    # The last tensor is refused: none of the first ones may have been folded in.
+    template = {"a": TensorSpec("float32", (BLOCK + 3,)), "b": TensorSpec("float64", (4,))}
+    agg = FedAvg(template)
+    agg.add({"a": np.ones(BLOCK + 3, np.float32), "b": np.ones(4)}, 1.0, "x")
+    before = {k: v.copy() for k, v in agg.partial().sums.items()}
+    with pytest.raises(UpdateRejected, match="overflows the running sum of tensor 'b'"):
+        agg.add({"a": np.ones(BLOCK + 3, np.float32), "b": np.full(4, 1e300)}, 1e10, "y")
+    after = agg.partial()
+    assert after.count == 1 and after.weight == 1.0
+    for k in before:
+        np.testing.assert_array_equal(after.sums[k], before[k])
+
+
+def test_check_then_add_equals_add_and_check_touches_nothing() -> None:
+    updates, weights = make_updates(3, seed=9)
+    direct, staged = FedAvg(TEMPLATE), FedAvg(TEMPLATE)
+    checked = [staged.check(u) for u in updates]  # all checked first, as a combiner does
+    assert staged.count == 0 and staged.partial().weight == 0.0
+    for i, (u, c, w) in enumerate(zip(updates, checked, weights, strict=True)):
+        direct.add(u, w, f"c{i}")
+        staged.add(c, w, f"c{i}")
+    for name in TEMPLATE:
+        np.testing.assert_array_equal(staged.partial().sums[name], direct.partial().sums[name])
+    bad = dict(updates[0], w=np.full((3, 4), np.nan, np.float32))
+    with pytest.raises(UpdateRejected, match="'w' contains NaN or inf"):
+        staged.check(bad)

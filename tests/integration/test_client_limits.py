@@ -146,8 +146,9 @@ def test_a_loud_package_is_bounded_at_the_source(fed: Federation) -> None:
     assert "the limit is 64.0 KiB" in line, line
     train = {r["client"]: r for r in rows(fed, "SELECT * FROM reports WHERE session_id=? AND kind='train'", session["id"])}
     error = train["loud"]["error"]
-    assert error.startswith("RuntimeError: loud start " + WIDE), error[:100]
-    assert "truncated" in error and len(error.encode()) <= MAX_ERROR_BYTES, error[-100:]
+    # One short line naming the package's line, cut well below the error limit.
+    assert error.startswith("train failed: RuntimeError: loud start " + WIDE), error[:100]
+    assert "(startup.py:" in error and len(error.encode()) <= MAX_ERROR_BYTES, error[-100:]
     assert not rows(fed, "SELECT id FROM reports WHERE client='loud' AND kind='metric'")
     assert fed.admin("status")[0]["clients"] == 2  # both still connected
     log = loud.text()

@@ -158,6 +158,11 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     return {name: loaded[name] for name in specs}, layout, metadata
 
 
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The header's string metadata (without the layout and order keys), tensors untouched."""
+    return _header(data)[2]
+
+
 def views(data: bytes) -> dict[str, np.ndarray]:
     """Read-only arrays that point into ``data`` (no copy), in the order `read` gives: for
     reading a large model whose bytes are kept anyway (the controller's global model)."""
@@ -229,35 +234,47 @@ def value_bounds(dtype: str | np.dtype) -> tuple[int | float, int | float]:
     return 0, 1
 
 
-def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> None:
+def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Refuse NaN, inf and values the model's dtype cannot hold (1e300 for float32, 2**40
     for int32), naming the first offending tensor. Run after `check_compatible`.
 
-    Cheap on purpose (aggregation's hot path): one isfinite pass when every finite value of
-    the update's dtype fits the model's (float32 for float32), one min and one max when it
-    may not (float64 for float32), nothing for integers that always fit.
+    Returns a bound on each tensor's largest |value| (what a running sum needs to know it
+    cannot overflow). Cheap on purpose (aggregation's hot path): one blocked pass over a
+    float tensor, a min and a max over an integer one that may not fit, nothing for
+    integers that always do.
     """
+    from scaleout.core.aggregators.fold import amax
+
+    peaks: dict[str, float] = {}
     for name, value in update.items():
         array = np.asarray(value)
+        peaks[name] = 0.0
         if array.size == 0:
             continue
         target = reference[name].dtype
         low, high = value_bounds(target)
         own_low, own_high = value_bounds(array.dtype)
-        if low <= own_low and own_high <= high:
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
+        fits = low <= own_low and own_high <= high
+        if array.dtype.kind == "f":
+            peak = amax(array)
+            if not math.isfinite(peak):
                 raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
+            peaks[name] = peak
+            if fits or peak <= min(-low, high):
+                continue
+        elif fits:
+            peaks[name] = float(max(-own_low, own_high))
             continue
         # .item() gives Python numbers: they compare exactly across int and float.
         least, greatest = array.min().item(), array.max().item()
-        if least != least or greatest != greatest or math.isinf(least) or math.isinf(greatest):
-            raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
         if least < low or greatest > high:
             bad = least if least < low else greatest
             kind = "finite range" if np.dtype(target).kind == "f" else "range"
             raise UpdateRejected(
                 f"tensor {name!r} holds {_number(bad)}, outside the model's {target} {kind} [{_number(low)}, {_number(high)}]"
             )
+        peaks[name] = float(max(-least, greatest))
+    return peaks
 
 
 def _number(value: float) -> str:

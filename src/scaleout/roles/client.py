@@ -321,6 +321,10 @@ class Client:
 def _log_traceback(what: str, exc: BaseException) -> None:
     """The whole traceback of package code, at debug level (the error line names its place)."""
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s: traceback of the package code", what, exc_info=exc)
+        import traceback
+
+        # Each line cut to the error-text limit: a package may raise with a huge message.
+        lines = "".join(traceback.format_exception(exc)).splitlines()
+        log.debug("%s: traceback of the package code\n%s", what, "\n".join(clip_text(line) for line in lines))
     else:
         log.info("%s: run with --log-level debug to see the whole traceback", what)

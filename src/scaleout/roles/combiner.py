@@ -489,14 +489,15 @@ class Combiner:
                 raise PayloadError(inc.blob_error or "train result carried no model")
             weight = read_num_examples(msg.data.get("metadata"))
             async with self.decoding:
-                named, _, _ = await asyncio.to_thread(payload.read, blob)
-                del blob  # nothing else holds the raw bytes: free them before waiting for the lock
+                # Checked in a thread as zero-copy views of the received bytes, several at once
+                # (numpy releases the GIL); only the fold itself is serialised by the lock.
+                checked = await asyncio.to_thread(_check_update, job.agg, blob)
                 async with job.lock:
                     if self.jobs.get(job.kind) is not job:
-                        raise UpdateRejected("the round closed while the update was being decoded")
-                    await asyncio.to_thread(job.agg.add, named, float(weight), client)
+                        raise UpdateRejected("the round closed while the update was being checked")
+                    await asyncio.to_thread(job.agg.add, checked, float(weight), client)
                     ready = job.tracker.on_update(client)
-                del named
+                del checked, blob  # the views hold the bytes: both go now
         except ScaleoutError as exc:
             log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
             ready = job.tracker.on_refused(client, str(exc))
@@ -546,6 +547,11 @@ class Combiner:
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
         log.info("round %d: reporting %d updates to the controller", job.round_index, count)
         await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))
+
+
+def _check_update(agg: Any, blob: bytes) -> Any:
+    """Parse an update's header and check its values against the round's model (off the loop)."""
+    return agg.check(payload.views(blob))
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:

@@ -12,12 +12,12 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from scaleout.core.errors import PayloadError, UpdateRejected
-from scaleout.core.payload import TensorSpec, encode_named, read
+from scaleout.core.payload import TensorSpec, encode_named, read_metadata, views
 
 WEIGHT_KEY = "scaleout.weight"
 COUNT_KEY = "scaleout.count"
@@ -41,7 +41,9 @@ class Aggregator(Protocol):
 
     def __init__(self, template: Mapping[str, TensorSpec]) -> None: ...
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str) -> None: ...
+    def check(self, update: Mapping[str, np.ndarray]) -> Any: ...
+
+    def add(self, update: Any, weight: float, contributor: str) -> None: ...
 
     def add_partial(self, p: Partial) -> None: ...
 
@@ -95,8 +97,9 @@ def cast_mean(name: str, mean: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def encode_partial(p: Partial, layout: str = "dict") -> bytes:
-    """Serialize a partial as safetensors of its float64 sums plus weight/count/contributors."""
-    sums = {name: np.asarray(s, dtype=np.float64) for name, s in p.sums.items()}
+    """Serialize a partial as safetensors of its sums (float32 or float64, as accumulated)
+    plus weight/count/contributors."""
+    sums = {name: np.asarray(s) for name, s in p.sums.items()}
     metadata = {
         WEIGHT_KEY: repr(float(p.weight)),
         COUNT_KEY: str(int(p.count)),
@@ -106,8 +109,10 @@ def encode_partial(p: Partial, layout: str = "dict") -> bytes:
 
 
 def decode_partial(data: bytes) -> Partial:
-    """Parse and sanity-check a partial written by `encode_partial`."""
-    sums, _, metadata = read(data)
+    """Parse and sanity-check a partial written by `encode_partial`. The sums are read-only
+    views into ``data`` (no copy: a partial can be as large as the model)."""
+    metadata = read_metadata(data)
+    sums = views(data)
     try:
         weight = float(metadata[WEIGHT_KEY])
         count = int(metadata[COUNT_KEY])
@@ -123,6 +128,6 @@ def decode_partial(data: bytes) -> Partial:
     if len(contributors) != count:
         raise PayloadError(f"partial aggregate names {len(contributors)} contributors but counts {count}")
     for name, s in sums.items():
-        if s.dtype != np.float64:
-            raise PayloadError(f"partial aggregate tensor {name!r} is {s.dtype}, expected float64")
+        if s.dtype not in (np.float32, np.float64):
+            raise PayloadError(f"partial aggregate tensor {name!r} is {s.dtype}, expected float32 or float64")
     return Partial(sums, weight, count, contributors)

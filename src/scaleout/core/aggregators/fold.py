@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-BLOCK = 1 << 15  # elements per block: 128-256 KiB of temporaries, well inside L2
+BLOCK = 1 << 16  # elements per block: 256-512 KiB of temporaries, inside L2 (measured best on this machine)
 
 
 def acc_dtype(dtype: str | np.dtype) -> np.dtype:
