@@ -93,7 +93,7 @@ OPTIONAL = [(cls, name) for cls, name, hint in FIELDS if _is_optional(hint)]
 
 def test_registry_covers_the_schema() -> None:
     assert {cls.type for cls in CLASSES} >= {
-        "request", "reply", "blob", "error", "event", "combiner.status", "round.start", "round.partial",
+        "request", "reply", "blob", "error", "event", "clients.changed", "round.start", "round.partial",
         "round.validate", "round.validated", "session.stop", "report", "hello", "task", "task.result",
         "task.abort", "metric",
     }  # fmt: skip
@@ -160,11 +160,12 @@ def test_null_refused_for_required_types(cls: type[m.Message], name: str) -> Non
         (m.RoundStart, "timeout", "1.5"),
         (m.Reply, "ok", 1),
         (m.Reply, "ok", "true"),
-        (m.CombinerStatus, "clients", "alice"),
-        (m.CombinerStatus, "clients", {"alice": 1}),
-        (m.CombinerStatus, "clients", ["alice", 2]),
-        (m.CombinerStatus, "clients", ["alice", None]),
-        (m.RoundPartial, "contributors", [["nested"]]),
+        (m.ClientsChanged, "joined", "alice"),
+        (m.ClientsChanged, "joined", {"alice": 1}),
+        (m.ClientsChanged, "left", ["alice", 2]),
+        (m.ClientsChanged, "joined", ["alice", None]),
+        (m.RoundPartial, "timing", [["nested"]]),
+        (m.TaskResult, "size", 1.5),
         (m.Request, "args", ["a"]),
         (m.Request, "args", "a=1"),
         (m.Reply, "error", "boom"),
@@ -206,7 +207,7 @@ def test_not_a_json_object(text: str | bytes, expected: str) -> None:
     assert expected in _parse_error(text)
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1", [1], {"v": 1}])
+@pytest.mark.parametrize("version", [None, 0, 1, 3, "2", [2], {"v": 2}])
 def test_wrong_or_missing_version(version: Any) -> None:
     body = _body(m.Hello)
     if version is None:
@@ -265,7 +266,7 @@ def test_parse_refuses_non_json_numbers(literal: str) -> None:
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_serialize_refuses_non_finite_floats(value: float) -> None:
     with pytest.raises(ProtocolError):
-        m.serialize(m.RoundPartial(session_id="s", round_index=0, count=1, weight=value, contributors=[]))
+        m.serialize(m.RoundPartial(session_id="s", round_index=0, count=1, weight=value))
     with pytest.raises(ProtocolError):
         m.serialize(m.Event(kind="round", data={"loss": value}))
 

@@ -28,6 +28,7 @@ from websockets.exceptions import InvalidStatus
 
 from scaleout.commands.admin import call_async
 from scaleout.commands.connection import Connection
+from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.errors import RemoteError
 from scaleout.edge import EdgeClient
@@ -62,7 +63,7 @@ async def request(
     ws: ClientConnection, op: str, args: dict[str, Any] | None = None, *, rid: str, blob: str | None = None
 ) -> dict[str, Any]:
     """Send a request frame by hand and return its reply (any ``error`` frames before it fail)."""
-    body: dict[str, Any] = {"v": 1, "type": "request", "id": rid, "op": op, "args": args or {}}
+    body: dict[str, Any] = {"v": m.PROTOCOL_VERSION, "type": "request", "id": rid, "op": op, "args": args or {}}
     if blob is not None:
         body["blob"] = blob
     await ws.send(json.dumps(body))
@@ -74,7 +75,7 @@ async def request(
 async def send_blob(ws: ClientConnection, transfer: str, data: bytes, *, announce: bytes | None = None) -> None:
     """Announce a payload as the size and sha256 of ``announce`` (default: ``data``), send ``data``."""
     shown = data if announce is None else announce
-    start = {"v": 1, "type": "blob", "id": f"b-{transfer}", "transfer": transfer, "size": len(shown)}
+    start = {"v": m.PROTOCOL_VERSION, "type": "blob", "id": f"b-{transfer}", "transfer": transfer, "size": len(shown)}
     await ws.send(json.dumps({**start, "sha256": hashlib.sha256(shown).hexdigest()}))
     await ws.send(transfer.encode("ascii") + data)
 
@@ -222,15 +223,15 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ("{not json", "not valid JSON"),
     ("[1, 2, 3]", "must be a JSON object"),
     ('"just a string"', "must be a JSON object"),
-    ('{"v": 1, "type": "bogus", "id": "1"}', "unknown message type 'bogus'"),
-    ('{"v": 1, "id": "1"}', "unknown message type None"),
-    ('{"v": 2, "type": "request", "id": "2", "op": "status"}', "protocol version 2 is not supported"),
+    ('{"v": 2, "type": "bogus", "id": "1"}', "unknown message type 'bogus'"),
+    ('{"v": 2, "id": "1"}', "unknown message type None"),
+    ('{"v": 1, "type": "request", "id": "2", "op": "status"}', "protocol version 1 is not supported"),
     ('{"type": "request", "id": "3", "op": "status"}', "protocol version None is not supported"),
-    ('{"v": "1", "type": "request", "id": "3", "op": "status"}', "protocol version '1' is not supported"),
-    ('{"v": 1, "type": "request", "id": "4"}', "missing field 'op'"),
-    ('{"v": 1, "type": "request", "id": "5", "op": "status", "args": []}', "field 'args' has the wrong type"),
-    ('{"v": 1, "type": "request", "id": "6", "op": "status", "extra": 1}', "unexpected field(s) extra"),
-    ('{"v": 1, "type": "request", "id": "7", "op": "status", "args": {"x": NaN}}', "not valid JSON"),
+    ('{"v": "2", "type": "request", "id": "3", "op": "status"}', "protocol version '2' is not supported"),
+    ('{"v": 2, "type": "request", "id": "4"}', "missing field 'op'"),
+    ('{"v": 2, "type": "request", "id": "5", "op": "status", "args": []}', "field 'args' has the wrong type"),
+    ('{"v": 2, "type": "request", "id": "6", "op": "status", "extra": 1}', "unexpected field(s) extra"),
+    ('{"v": 2, "type": "request", "id": "7", "op": "status", "args": {"x": NaN}}', "not valid JSON"),
     (b"short", "too short"),
     (b"0123456789abcdefchunk", "unknown transfer"),
 ]
@@ -281,8 +282,8 @@ def test_message_the_controller_does_not_take_gets_an_error(fed: Federation) -> 
 
     async def go() -> None:
         async with raw(fed, token) as ws:
-            await ws.send(json.dumps({"v": 1, "type": "hello", "id": "h1", "name": "sneaky"}))
-            await ws.send(json.dumps({"v": 1, "type": "request", "id": "p1", "op": "package.get", "args": {}}))
+            await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "hello", "id": "h1", "name": "sneaky"}))
+            await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": "p1", "op": "package.get", "args": {}}))
             # The error about the hello must come before the reply to the request sent after it.
             msg = await next_json(ws)
             assert msg["type"] == "error", msg

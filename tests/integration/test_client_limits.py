@@ -20,6 +20,7 @@ from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, wait_line
 from websockets.asyncio.client import ClientConnection, connect
 
 from scaleout.commands.admin import call_async
+from scaleout.core import messages as m
 from scaleout.security.tls import client_context
 
 TIMEOUT = 60.0
@@ -30,7 +31,7 @@ WIDE = "\u00e9"  # 2 bytes in UTF-8, 6 as a JSON \u escape: escaping triples it
 
 def frame(msg_type: str, rid: str, **fields: Any) -> str:
     """A protocol message written by hand, as UTF-8 JSON (what a custom client may send)."""
-    return json.dumps({"v": 1, "type": msg_type, "id": rid, **fields}, ensure_ascii=False)
+    return json.dumps({"v": m.PROTOCOL_VERSION, "type": msg_type, "id": rid, **fields}, ensure_ascii=False)
 
 
 def rows(fed: Federation, sql: str, *args: Any) -> list[dict[str, Any]]:

@@ -66,11 +66,17 @@ async def stand_in_combiner(fed: Federation, token: str, sums: np.ndarray) -> di
     async def on_message(inc: Incoming) -> None:
         await starts.put(inc.msg)
 
-    reader = asyncio.create_task(link.run(on_message=on_message))
+    partials: dict[tuple[str, int], bytes] = {}
+
+    async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        assert req.op == "partial.get", req
+        return {}, partials[(req.args["session_id"], req.args["round_index"])]
+
+    reader = asyncio.create_task(link.run(on_message=on_message, on_request=on_request))
     try:
         await link.request("combiner.register", {"name": "unchecked"}, timeout=WAIT)
         await link.request("combiner.ready", {"url": "wss://127.0.0.1:9"}, timeout=WAIT)
-        await link.send(m.CombinerStatus(clients=["ghost"]))
+        await link.send(m.ClientsChanged(joined=["ghost"], reset=True))
         assert fed.conn is not None
         await asyncio.wait_for(call_async(fed.conn, "client.wait", {"count": 1, "timeout": WAIT}), WAIT)
         (started, _) = await asyncio.wait_for(
@@ -80,8 +86,9 @@ async def stand_in_combiner(fed: Federation, token: str, sums: np.ndarray) -> di
         while not isinstance(msg, m.RoundStart):
             msg = await asyncio.wait_for(starts.get(), WAIT)
         partial = encode_partial(Partial({"0": sums}, 1.0, 1, ["ghost"]))
-        report = m.RoundPartial(session_id=msg.session_id, round_index=msg.round_index, count=1, weight=1.0, contributors=["ghost"])
-        await link.send_with_blob(report, partial, "partial aggregate")
+        partials[(msg.session_id, msg.round_index)] = partial  # pulled by the controller
+        report = m.RoundPartial(session_id=msg.session_id, round_index=msg.round_index, count=1, weight=1.0, size=len(partial))
+        await link.send(report)
         (done, _) = await asyncio.wait_for(call_async(fed.conn, "session.wait", {"id": started["session"]["id"]}), WAIT)
         return done["session"]  # type: ignore[no-any-return]
     finally:

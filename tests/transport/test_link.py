@@ -25,6 +25,11 @@ from scaleout.transport.net import connect, serve
 MIB = 1 << 20
 
 
+
+def carrier(task_id: str, blob: str | None = None) -> m.Task:
+    """A message that refers to a payload, as a task refers to its model."""
+    return m.Task(task_id=task_id, kind="train", session_id="s", round_index=1, model_id="m", blob=blob)
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """asyncio.run, failing on anything the loop would only log (never-retrieved exceptions)."""
     problems: list[dict[str, Any]] = []
@@ -172,7 +177,7 @@ def test_max_in_flight_refuses_a_second_concurrent_payload(caplog: pytest.LogCap
             await link.send(m.BlobStart(transfer="a" * m.TRANSFER_ID_BYTES, size=10, sha256="0" * 64))
             # ...so the next one is refused, its chunks dropped quietly, and the message
             # naming it is told why.
-            await link.send_with_blob(m.TaskResult(task_id="t1", ok=True), b"z" * (3 * MIB))
+            await link.send_with_blob(carrier("t1"), b"z" * (3 * MIB))
             inc = await asyncio.wait_for(inbox.get(), 5)
             assert inc.blob is None and inc.blob_error == "too many payloads in flight (limit 1)"
 
@@ -188,8 +193,8 @@ def test_unclaimed_payloads_are_bounded_by_max_in_flight() -> None:
         async with linked(await _server_with_inbox(inbox, max_in_flight=1)) as link:
             first = await link.send_blob(b"first")
             second = await link.send_blob(b"second")  # evicts the unclaimed first one
-            await link.send(m.TaskResult(task_id="t1", ok=True, blob=first))
-            await link.send(m.TaskResult(task_id="t2", ok=True, blob=second))
+            await link.send(carrier("t1", first))
+            await link.send(carrier("t2", second))
             one, two = await asyncio.wait_for(inbox.get(), 5), await asyncio.wait_for(inbox.get(), 5)
             assert one.blob is None and one.blob_error is not None and "unknown payload" in one.blob_error
             assert two.blob == b"second" and two.blob_error is None
@@ -207,8 +212,8 @@ def test_known_sha256_is_sent_as_given() -> None:
         inbox: asyncio.Queue[Incoming] = asyncio.Queue()
         data = b"model bytes" * 1000
         async with linked(await _server_with_inbox(inbox, max_in_flight=8)) as link:
-            await link.send_with_blob(m.TaskResult(task_id="ok", ok=True), data, sha256=hashlib.sha256(data).hexdigest())
-            await link.send_with_blob(m.TaskResult(task_id="bad", ok=True), data, sha256="0" * 64)
+            await link.send_with_blob(carrier("ok"), data, sha256=hashlib.sha256(data).hexdigest())
+            await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
             good, bad = await asyncio.wait_for(inbox.get(), 5), await asyncio.wait_for(inbox.get(), 5)
             assert good.blob == data
             assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
@@ -226,7 +231,7 @@ def test_received_payload_is_bytes_and_never_copied_whole() -> None:
         async with linked(await _server_with_inbox(inbox, max_in_flight=1)) as link:
             tracemalloc.start()
             try:
-                await link.send_with_blob(m.TaskResult(task_id="t", ok=True), data)
+                await link.send_with_blob(carrier("t"), data)
                 inc = await asyncio.wait_for(inbox.get(), 10)
                 _, peak = tracemalloc.get_traced_memory()
             finally:

@@ -109,3 +109,13 @@ class MetricGate:
     def _drop(self, reason: str) -> Admission:
         self.dropped += 1
         return Admission(False, reason, tell=self.dropped == 1)
+
+
+TRANSFER_GRACE_S = 30.0
+TRANSFER_MIN_RATE = 5e6  # bytes/s a pulled payload must sustain: below it the peer counts as stalled
+
+
+def transfer_timeout(size: int) -> float:
+    """How long a pull of ``size`` bytes may take: a grace plus the time at the slowest rate
+    we accept, so a large model's update or partial is never cut off for being large."""
+    return TRANSFER_GRACE_S + max(0, size) / TRANSFER_MIN_RATE

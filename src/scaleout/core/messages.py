@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from scaleout.core.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_NAMES = 2000  # names per message in lists that grow with the fleet
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
 MAX_TEXT_BYTES = 1 << 20
 TRANSFER_ID_BYTES = 16
@@ -104,53 +105,65 @@ class Event(Message):
 
 @message
 @dataclass(kw_only=True)
-class CombinerStatus(Message):
-    """Combiner -> controller: who is connected to it right now."""
+class ClientsChanged(Message):
+    """Combiner -> controller: clients that connected (``joined``) and left since the last
+    one. Deltas, so each costs O(1) per client; ``reset`` (after registering) starts a full
+    listing, sent in pages of at most MAX_NAMES names like every other one."""
 
-    type: ClassVar[str] = "combiner.status"
-    clients: list[str]
+    type: ClassVar[str] = "clients.changed"
+    joined: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+    reset: bool = False
 
 
 @message
 @dataclass(kw_only=True)
 class RoundStart(Message):
-    """Controller -> combiner: train ``clients`` on ``model_id`` until ``timeout`` seconds."""
+    """Controller -> combiner: train ``count`` clients on ``model_id`` until ``timeout``
+    seconds. Their names travel as a JSON list in the payload ``blob`` (a list that grows
+    with the fleet never rides in one capped frame)."""
 
     type: ClassVar[str] = "round.start"
     session_id: str
     round_index: int
     model_id: str
-    clients: list[str]
+    count: int
     timeout: float
     settings: JSON = field(default_factory=dict)
     aggregator: str = "fedavg"
+    blob: str | None = None
 
 
 @message
 @dataclass(kw_only=True)
 class RoundPartial(Message):
-    """Combiner -> controller: the partial aggregate (payload in ``blob``) of one round."""
+    """Combiner -> controller: its share of a round is ready. The controller pulls the
+    ``size`` bytes of the partial aggregate (which name its contributors) with a
+    ``partial.get`` request when it can fold them; ``timing`` splits the combiner's time
+    (distribute_s, train_s, collect_s)."""
 
     type: ClassVar[str] = "round.partial"
     session_id: str
     round_index: int
     count: int
     weight: float
-    contributors: list[str]
-    blob: str | None = None
+    size: int = 0
+    timing: JSON = field(default_factory=dict)
 
 
 @message
 @dataclass(kw_only=True)
 class RoundValidate(Message):
-    """Controller -> combiner: have ``clients`` validate ``model_id``."""
+    """Controller -> combiner: have ``count`` clients (named in the payload, as for
+    RoundStart) validate ``model_id``."""
 
     type: ClassVar[str] = "round.validate"
     session_id: str
     round_index: int
     model_id: str
-    clients: list[str]
+    count: int
     timeout: float
+    blob: str | None = None
 
 
 @message
@@ -219,14 +232,16 @@ class Task(Message):
 @message
 @dataclass(kw_only=True)
 class TaskResult(Message):
-    """Client -> combiner: outcome of a task; a train update travels in ``blob``."""
+    """Client -> combiner: outcome of a task. A train update stays with the client, which
+    says its ``size``; the combiner pulls it (``update.get``) when it has room to fold it,
+    so a combiner never holds more updates than it chose to."""
 
     type: ClassVar[str] = "task.result"
     task_id: str
     ok: bool
     data: JSON = field(default_factory=dict)
     error: str | None = None
-    blob: str | None = None
+    size: int | None = None
 
 
 @message

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, PackageError, RemoteError, ScaleoutError, Superseded, TaskAborted
+from scaleout.core.errors import AuthError, NotFoundError, PackageError, ProtocolError, RemoteError, ScaleoutError, Superseded, TaskAborted
 from scaleout.core.limits import clip_text
+from scaleout.core.units import fmt_bytes
 from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
@@ -61,7 +62,9 @@ class Client:
         self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
         self.link: Link | None = None
         self.current_task: str | None = None
-        self.held: tuple[m.TaskResult, bytes | None] | None = None  # a result we could not send yet
+        self.held: m.TaskResult | None = None  # a result we could not send yet
+        # The update the combiner will pull: (task id, bytes, the result that announced it).
+        self.update: tuple[str, bytes, m.TaskResult] | None = None
         self.combiner: str | None = None  # where we were: reconnect there if it is still up
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
@@ -190,17 +193,19 @@ class Client:
             reader.cancel()
         s = self.settings
         link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
-        working_on = self.held[0].task_id if self.held else self.current_task
+        working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link
         self.served = True
         self.combiner = str(info["combiner"])
         log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
-        run = asyncio.create_task(link.run(on_message=self._on_message))
+        run = asyncio.create_task(link.run(on_message=self._on_message, on_request=self._on_request))
         if self.held is not None:
             held, self.held = self.held, None
-            log.info("sending the result of task %s kept while disconnected", held[0].task_id)
-            await self._send(*held)
+            log.info("sending the result of task %s kept while disconnected", held.task_id)
+            await self._send(held)
+        elif self.update is not None:  # announced, maybe not pulled before the link dropped
+            await self._send(self.update[2])
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,6 +224,16 @@ class Client:
                 raise Superseded(f"{reason}: this client stops (give each client its own --name)")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
+    async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """The combiner pulls the update we announced, when it has room to fold it."""
+        if req.op != "update.get":
+            raise ProtocolError(f"unknown operation {req.op!r}")
+        task_id = req.args.get("task_id")
+        if self.update is None or self.update[0] != task_id:
+            raise NotFoundError("update", str(task_id), "this client holds no update for that task")
+        log.info("sending the update of task %s (%s)", task_id, fmt_bytes(len(self.update[1])))
+        return {}, self.update[1]
+
     async def _on_message(self, inc: Incoming) -> None:
         msg = inc.msg
         if isinstance(msg, m.Task):
@@ -230,6 +245,8 @@ class Client:
                 log.info("the combiner no longer waits for task %s: aborting it", msg.task_id)
             if msg.task_id is None or msg.task_id == self.current_task:
                 self.edge._stop_task("the session was stopped" if msg.task_id is None else "the combiner no longer waits for this task")
+            if self.update is not None and (msg.task_id is None or msg.task_id == self.update[0]):
+                self.update = None  # nobody will pull it
             kept = []
             while not self.tasks.empty():
                 queued = self.tasks.get_nowait()
@@ -255,6 +272,7 @@ class Client:
             assert isinstance(task, m.Task)
             self.edge._abort.clear()
             self.current_task = task.task_id
+            self.update = None  # a new task: the combiner no longer wants the last update
             result = m.TaskResult(task_id=task.task_id, ok=False)
             update: bytes | None = None
             try:
@@ -293,7 +311,10 @@ class Client:
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
                 self.current_task = None
-            await self._send(result, update)
+            if update is not None and result.ok:
+                result.size = len(update)
+                self.update = (task.task_id, update, result)
+            await self._send(result)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a package callback on a daemon thread, kept where shutdown can wait for it."""
@@ -303,16 +324,16 @@ class Client:
         finally:
             self._callback = None
 
-    async def _send(self, msg: m.Message, blob: bytes | None = None) -> None:
+    async def _send(self, msg: m.Message) -> None:
         link = self.link
         try:
             if link is None:
                 raise ConnectionError("not connected")
-            await link.send_with_blob(msg, blob, "model update")
+            await link.send(msg)
         except Exception as exc:  # the role edge: the session loop reconnects
             if isinstance(msg, m.TaskResult):
                 # Keep it for the combiner: it waits a while for a client whose link dropped.
-                self.held = (msg, blob)
+                self.held = msg
                 log.warning("could not send the result of task %s (%s): keeping it until we reconnect", msg.task_id, exc)
             else:
                 log.debug("dropping %s: %s", msg.type, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import tempfile
@@ -14,24 +15,26 @@ from typing import Any
 from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
-from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
-from scaleout.core.rounds import CombinerRound
+from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body, transfer_timeout
+from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
+from scaleout.core.units import fmt_bytes
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
+from scaleout.transport.budget import ByteBudget
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed
 from scaleout.transport.net import backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 
-# What a client link may hold: one payload at a time, and only a small one unless the
-# current train round awaits an update from that client (then twice the model, since
-# an update may be float64 for a float32 model, plus room for the header).
+# What a client link may hold: one payload at a time, and a small one unless the combiner
+# is pulling that client's update (then the size the client announced).
 CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
-DECODE_SLOTS = 2  # updates decoded at once
+UPLOAD_BUDGET_MIN = 64 << 20  # bytes of updates held at once: at least this, or two updates
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
+STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 
 
 @dataclass
@@ -64,6 +67,11 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     update_limit: int = 0  # bytes a selected client may send as its update (train only)
     settings: dict[str, Any] = field(default_factory=dict)
+    pulling: set[str] = field(default_factory=set)  # clients whose update is being pulled
+    # When it started, all tasks were sent, the last result was announced (loop time).
+    started: float = 0.0
+    sent: float | None = None
+    last_result: float | None = None
 
 
 class Combiner:
@@ -77,14 +85,17 @@ class Combiner:
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
-        self.decoding = asyncio.Semaphore(DECODE_SLOTS)
-        self.left_at: dict[str, float] = {}  # client -> when its link last dropped
+        self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
+        self.partials: dict[tuple[str, int], bytes] = {}  # encoded partials the controller will pull
+        self._joined: set[str] = set()  # membership changes not yet told to the controller
+        self._left: set[str] = set()
+        self._status_timer: asyncio.TimerHandle | None = None
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
         s = self.settings
         link = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
-        reader = asyncio.create_task(link.run(on_message=self._on_controller))
+        reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
         args: dict[str, Any] = {"name": self.name}
         if csr is not None:
             args["csr"] = csr
@@ -105,7 +116,7 @@ class Combiner:
                 reader, _ = await self._register(ctx, None)
                 assert self.controller is not None
                 await self.controller.request("combiner.ready", {"url": url}, timeout=30)
-                await self._send_status()
+                await self._send_all_clients()
                 log.info("reconnected to the controller at %s", self.settings.controller)
                 return reader
             except AuthError:
@@ -120,6 +131,7 @@ class Combiner:
 
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
+        self.partials.clear()
         for job in list(self.jobs.values()):
             self._drop(job)
             for link in list(self.clients.values()):
@@ -156,6 +168,7 @@ class Combiner:
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
+        await self._send_all_clients()
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         log.info("combiner %s registered with %s", self.name, s.controller)
         stopping = asyncio.ensure_future(stop.wait())
@@ -214,9 +227,8 @@ class Combiner:
                     await _quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}"))
                 name = msg.name
                 self.clients[name] = link
-                self._set_client_limit(name)  # back mid-round: its update is still welcome
                 log.info("client %s connected (%d clients)", name, len(self.clients))
-                await self._send_status()
+                self._changed(joined=name)
                 await self._resume(name, link, msg.task_id)
             elif isinstance(msg, m.TaskResult):
                 await self._on_result(name, inc)
@@ -233,13 +245,17 @@ class Combiner:
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
-                if link.ws.close_code in (1000, 1001):  # it said goodbye: no blip to wait out
-                    for job in list(self.jobs.values()):
-                        if job.tracker.on_client_lost(name):
-                            await self._complete(job)
-                else:
-                    self._grace(name)
-                await self._send_status()
+                self._changed(left=name)
+                # A client that said goodbye is lost now; after a blip it has a grace period.
+                goodbye = link.ws.close_code in (1000, 1001)
+                now = asyncio.get_running_loop().time()
+                for job in list(self.jobs.values()):
+                    waited = name in job.tracker.pending
+                    if job.tracker.on_client_dropped(name, now, goodbye):
+                        await self._complete(job)
+                    elif waited and not goodbye and name in job.tracker.away:
+                        log.info("round %d: waiting up to %.0fs for %s to reconnect", job.round_index, job.tracker.away[name] - now, name)
+                        self._arm(job)
 
     async def _on_metric(self, client: str, link: Link, gate: MetricGate, job: Job, msg: m.Metric) -> None:
         """Forward a metric within the limits; a drop is logged and told once per burst."""
@@ -254,44 +270,19 @@ class Combiner:
             log.info("client %s: metrics are forwarded again (%d were dropped)", client, verdict.dropped_before)
         await self._report("metric", job, client, body, None)
 
-    def _grace(self, name: str) -> None:
-        """A client lost mid-round gets RECONNECT_GRACE_S to come back before it counts as lost:
-        on an edge network most drops are blips, and its update is still welcome."""
-        loop = asyncio.get_running_loop()
-        left = self.left_at[name] = loop.time()
-        for job in list(self.jobs.values()):
-            if name not in job.tracker.pending:
-                continue
-            delay = max(0.0, min(RECONNECT_GRACE_S, job.tracker.deadline - loop.time()))
-            log.info("round %d: waiting up to %.0fs for %s to reconnect", job.round_index, delay, name)
-            loop.call_later(delay, self._spawn_lost_for_good, job, name, left)
-
-    def _spawn_lost_for_good(self, job: Job, name: str, left: float) -> None:
-        self._spawn(self._lost_for_good(job, name, left))
-
-    async def _lost_for_good(self, job: Job, name: str, left: float) -> None:
-        # Only the timer of the latest absence counts: one from an earlier drop is stale.
-        if self.left_at.get(name) != left or name in self.clients or self.jobs.get(job.kind) is not job:
-            return
-        if job.tracker.on_client_lost(name):
-            await self._complete(job)
-
     async def _resume(self, name: str, link: Link, working_on: str | None) -> None:
         """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
-        self.left_at.pop(name, None)
         wanted = False
         for job in list(self.jobs.values()):
-            if name not in job.tracker.pending:
-                continue
-            for task_id, client in job.tasks.items():
-                if client != name:
-                    continue
-                if task_id == working_on:
-                    wanted = True
-                    log.info("round %d: %s is back and still working on its %s task", job.round_index, name, job.kind)
-                else:
-                    log.info("round %d: %s is back: sending its %s task again", job.round_index, name, job.kind)
-                    self._spawn(self._resend(job, task_id, name))
+            task_id = next((t for t, c in job.tasks.items() if c == name), None)
+            action = job.tracker.on_client_back(name, still_working=task_id is not None and task_id == working_on)
+            self._arm(job)
+            if action is Resume.KEEP:
+                wanted = True
+                log.info("round %d: %s is back and still working on its %s task", job.round_index, name, job.kind)
+            elif action is Resume.RESEND and task_id is not None:
+                log.info("round %d: %s is back: sending its %s task again", job.round_index, name, job.kind)
+                self._spawn(self._resend(job, task_id, name))
         if working_on is not None and not wanted:
             await _quiet(link.send(m.TaskAbort(session_id="", task_id=working_on)))
 
@@ -305,25 +296,48 @@ class Combiner:
         if self.jobs.get(job.kind) is job and name in job.tracker.pending:  # still wanted after the fetch
             await self._send_task(job, task_id, name, model, job.settings)
 
-    async def _send_status(self) -> None:
-        if self.controller is not None and not self.stopping and self.controller.ws.close_code is None:
-            try:
-                await self.controller.send(m.CombinerStatus(clients=sorted(self.clients)))
-            except Exception as exc:  # the role edge: the reader notices the lost controller
-                log.warning("could not report status to the controller: %s", exc)
+    def _changed(self, joined: str | None = None, left: str | None = None) -> None:
+        """Note a membership change; changes within STATUS_DELAY_S go up as one message."""
+        if joined is not None:
+            self._left.discard(joined)
+            self._joined.add(joined)
+        if left is not None:
+            if left in self._joined:
+                self._joined.discard(left)
+            else:
+                self._left.add(left)
+        if self._status_timer is None:
+            self._status_timer = asyncio.get_running_loop().call_later(STATUS_DELAY_S, lambda: self._spawn(self._flush_changes()))
+
+    async def _flush_changes(self) -> None:
+        self._status_timer = None
+        joined, left = sorted(self._joined), sorted(self._left)
+        self._joined.clear()
+        self._left.clear()
+        await self._send_pages(joined, left, reset=False)
+
+    async def _send_all_clients(self) -> None:
+        """After (re)registering: the full membership, in pages, replacing what was known."""
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
+        self._joined.clear()
+        self._left.clear()
+        await self._send_pages(sorted(self.clients), [], reset=True)
+
+    async def _send_pages(self, joined: list[str], left: list[str], reset: bool) -> None:
+        link = self.controller
+        if link is None or self.stopping or link.ws.close_code is not None or not (joined or left or reset):
+            return
+        page = m.MAX_NAMES
+        try:
+            for i in range(0, max(len(joined), len(left), 1), page):
+                await link.send(m.ClientsChanged(joined=joined[i : i + page], left=left[i : i + page], reset=reset and i == 0))
+        except Exception as exc:  # the role edge: the reader notices the lost controller
+            log.warning("could not report clients to the controller: %s", exc)
 
     def _client_limit(self, client: str | None) -> int:
-        """Largest payload ``client`` may send now: an update if the train round awaits one."""
-        job = self.jobs.get("train")
-        limit = CLIENT_IDLE_PAYLOAD
-        if job is not None and client in job.tracker.expected and client not in job.tracker.reported and client not in job.tracker.failed:
-            limit = max(limit, job.update_limit)
-        return min(limit, self.settings.max_payload)
-
-    def _set_client_limit(self, client: str) -> None:
-        link = self.clients.get(client)
-        if link is not None:
-            link.max_payload = self._client_limit(client)
+        return min(CLIENT_IDLE_PAYLOAD, self.settings.max_payload)
 
     def _job_of(self, task_id: str) -> Job | None:
         for job in self.jobs.values():
@@ -335,19 +349,31 @@ class Combiner:
 
     async def _on_controller(self, inc: Incoming) -> None:
         msg = inc.msg
-        if isinstance(msg, m.RoundStart):
-            self._spawn(self._start_job("train", msg, msg.clients, msg.timeout, msg.settings))
-        elif isinstance(msg, m.RoundValidate):
-            self._spawn(self._start_job("validate", msg, msg.clients, msg.timeout, {}))
+        if isinstance(msg, (m.RoundStart, m.RoundValidate)):
+            clients = _client_list(inc.take_blob(), msg.count, inc.blob_error)
+            kind = "train" if isinstance(msg, m.RoundStart) else "validate"
+            settings = msg.settings if isinstance(msg, m.RoundStart) else {}
+            self._spawn(self._start_job(kind, msg, clients, msg.timeout, settings))
         elif isinstance(msg, m.SessionStop):
             for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
                 self._drop(job)
+            self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
             for link in list(self.clients.values()):
                 await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
         elif isinstance(msg, m.Event):
             pass
         else:
             raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
+
+    async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        if req.op != "partial.get":
+            raise ProtocolError(f"unknown operation {req.op!r}")
+        key = (str(req.args.get("session_id")), req.args.get("round_index"))
+        data = self.partials.pop(key, None)  # type: ignore[arg-type]
+        if data is None:
+            raise ProtocolError(f"no partial aggregate for round {key[1]} of session {key[0]} (it was sent or dropped)")
+        log.info("round %s: sending the partial aggregate (%s) to the controller", key[1], fmt_bytes(len(data)))
+        return {}, data
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -363,7 +389,7 @@ class Combiner:
         if model_id not in self.models:
             assert self.controller is not None
             _, data = await self.controller.request("model.get", {"id": model_id}, timeout=300)
-            if data is None or payload.model_id(data) != model_id:
+            if data is None or await asyncio.to_thread(payload.model_id, data) != model_id:
                 raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
             self.models = {model_id: data}  # keep only the current global model
         return self.models[model_id]
@@ -375,7 +401,8 @@ class Combiner:
         old = self.jobs.get(kind)
         if old is not None:
             self._drop(old)
-        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, CombinerRound.start(clients, loop.time(), timeout), settings=settings)
+        tracker = CombinerRound.start(clients, loop.time(), timeout, grace=RECONNECT_GRACE_S)
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time())
         self.jobs[kind] = job
         try:
             model = await self._model(msg.model_id)
@@ -389,13 +416,16 @@ class Combiner:
             return
         if self.jobs.get(kind) is not job:  # stopped or replaced while the model was fetched
             return
-        job.timer = loop.call_at(job.tracker.deadline, lambda: self._spawn(self._tick(job)))
+        self._arm(job)
         if kind == "train":
-            job.update_limit = 2 * len(model) + UPDATE_SLACK
+            # An update may be float64 for a float32 model: twice the model, plus its header.
+            job.update_limit = min(2 * len(model) + UPDATE_SLACK, self.settings.max_payload)
+            self.uploads.limit = max(UPLOAD_BUDGET_MIN, 2 * len(model) + UPDATE_SLACK)
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         sends = {new_id("t-"): client for client in clients}
         job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
         await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
+        job.sent = loop.time()
         if job.tracker.on_tick(loop.time()) or job.tracker.check():
             await self._complete(job)
 
@@ -406,7 +436,6 @@ class Combiner:
             reason = "not connected to this combiner"
         else:
             task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
-            self._set_client_limit(client)
             try:
                 # The model id is the sha256 of its bytes: no need to hash them again per client.
                 await link.send_with_blob(task, model, "model", sha256=job.model_id)
@@ -417,20 +446,32 @@ class Combiner:
                 reason = str(exc)
         if job.tracker.on_refused(client, f"could not send the task: {reason}"):
             await self._complete(job)
-        self._set_client_limit(client)
+
+    def _arm(self, job: Job) -> None:
+        """One timer per job, at the next moment its tracker has something to decide."""
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        when = job.tracker.next_wakeup
+        if when is not None and self.jobs.get(job.kind) is job:
+            job.timer = asyncio.get_running_loop().call_at(when, lambda: self._spawn(self._tick(job)))
 
     async def _tick(self, job: Job) -> None:
-        if self.jobs.get(job.kind) is job and job.tracker.on_tick(asyncio.get_running_loop().time()):
-            log.warning("round %d: %s timed out waiting for %s", job.round_index, job.kind, ", ".join(sorted(job.tracker.failed)))
+        if self.jobs.get(job.kind) is not job:
+            return
+        if job.tracker.on_tick(asyncio.get_running_loop().time()):
+            timed_out = sorted(c for c, why in job.tracker.failed.items() if "timeout" in why or "come back" in why)
+            if timed_out:
+                log.warning("round %d: %s gave up on %s", job.round_index, job.kind, ", ".join(timed_out))
             await self._complete(job)
+        else:
+            self._arm(job)
 
     def _drop(self, job: Job) -> None:
         if job.timer is not None:
             job.timer.cancel()
         if self.jobs.get(job.kind) is job:
             del self.jobs[job.kind]
-            for client in set(job.tasks.values()):
-                self._set_client_limit(client)
 
     async def _on_result(self, client: str, inc: Incoming) -> None:
         msg = inc.msg
@@ -439,20 +480,75 @@ class Combiner:
         if job is None or job.tasks.get(msg.task_id) != client:
             log.info("ignoring a late or unknown result from client %s", client)
             return
-        if client in job.tracker.reported or client in job.tracker.failed:
+        if client in job.tracker.reported or client in job.tracker.failed or client in job.pulling:
             log.info("ignoring a repeated result from client %s", client)
             return
+        job.last_result = asyncio.get_running_loop().time()
         await self._bound_result(job, client, msg)
         if job.kind == "validate":
             error = msg.error if not msg.ok else None
             await self._report("validate", job, client, msg.data, error)
-            if error:
-                ready = job.tracker.on_refused(client, error)
-            else:
-                ready = job.tracker.on_update(client)
-        else:
-            ready = await self._fold(job, client, msg, inc)
-            self._set_client_limit(client)  # its update is in: back to small payloads
+            ready = job.tracker.on_refused(client, error) if error else job.tracker.on_update(client)
+            if ready:
+                await self._complete(job)
+            return
+        try:
+            if not msg.ok:
+                raise UpdateRejected(msg.error or "the client reported a failure")
+            weight = read_num_examples(msg.data.get("metadata"))
+            size = msg.size
+            if not isinstance(size, int) or size <= 0:
+                raise ProtocolError("a train result must say the size of its update")
+            if size > job.update_limit:
+                raise PayloadError(f"update of {fmt_bytes(size)} exceeds the limit of {fmt_bytes(job.update_limit)} (twice the model)")
+        except ScaleoutError as exc:
+            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+            await self._report("train", job, client, msg.data, str(exc))
+            if job.tracker.on_refused(client, str(exc)):
+                await self._complete(job)
+            return
+        # Pulled in its own task: this link goes on reading (pings, metrics) while it waits.
+        job.pulling.add(client)
+        self._spawn(self._pull(job, client, msg, weight, size))
+
+    async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
+        """Fetch a client's update when the upload budget has room, check it and fold it in.
+
+        The budget bounds the bytes of updates held at once, so memory does not grow with
+        the number of clients that finish together; a waiting client holds its update. The
+        check runs in threads, several updates at once; only the fold is serialised.
+        """
+        try:
+            async with self.uploads.hold(size):
+                link = self.clients.get(client)
+                if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
+                    return  # the round closed, or the client left (it announces again when back)
+                link.max_payload = size
+                try:
+                    _, blob = await link.request("update.get", {"task_id": msg.task_id}, timeout=transfer_timeout(size))
+                finally:
+                    link.max_payload = self._client_limit(client)
+                if blob is None or len(blob) != size:
+                    raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
+                checked = await asyncio.to_thread(_check_update, job.agg, blob)
+                async with job.lock:
+                    if self.jobs.get(job.kind) is not job:
+                        raise UpdateRejected("the round closed while the update was being checked")
+                    await asyncio.to_thread(job.agg.add, checked, float(weight), client)
+                    ready = job.tracker.on_update(client)
+                del checked, blob  # the views hold the bytes: both go now
+        except LinkClosed:
+            return  # the reconnect grace decides; a client back in time announces again
+        except ScaleoutError as exc:
+            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+            await self._report("train", job, client, msg.data, str(exc))
+            if job.tracker.on_refused(client, str(exc)):
+                await self._complete(job)
+            return
+        finally:
+            job.pulling.discard(client)
+        log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
+        await self._report("train", job, client, msg.data, None)
         if ready:
             await self._complete(job)
 
@@ -473,40 +569,6 @@ class Combiner:
             if msg.ok:
                 msg.ok, msg.error = False, str(exc)
 
-    async def _fold(self, job: Job, client: str, msg: m.TaskResult, inc: Incoming) -> bool:
-        """Check a client's update and fold it into the running aggregate, or refuse it.
-
-        At most ``DECODE_SLOTS`` updates are decoded at a time, so decoded copies do not
-        grow with the number of clients; the lock only keeps `agg.add` and its tracker
-        update whole against `_complete`. A client waiting for a slot holds its raw bytes
-        and its link stops reading (backpressure), until updates fold chunk by chunk.
-        """
-        blob = inc.take_blob()
-        try:
-            if not msg.ok:
-                raise UpdateRejected(msg.error or "the client reported a failure")
-            if blob is None:
-                raise PayloadError(inc.blob_error or "train result carried no model")
-            weight = read_num_examples(msg.data.get("metadata"))
-            async with self.decoding:
-                # Checked in a thread as zero-copy views of the received bytes, several at once
-                # (numpy releases the GIL); only the fold itself is serialised by the lock.
-                checked = await asyncio.to_thread(_check_update, job.agg, blob)
-                async with job.lock:
-                    if self.jobs.get(job.kind) is not job:
-                        raise UpdateRejected("the round closed while the update was being checked")
-                    await asyncio.to_thread(job.agg.add, checked, float(weight), client)
-                    ready = job.tracker.on_update(client)
-                del checked, blob  # the views hold the bytes: both go now
-        except ScaleoutError as exc:
-            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
-            ready = job.tracker.on_refused(client, str(exc))
-            await self._report("train", job, client, msg.data, str(exc))
-            return ready
-        log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
-        await self._report("train", job, client, msg.data, None)
-        return ready
-
     async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
         assert self.controller is not None
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
@@ -516,14 +578,16 @@ class Combiner:
 
     async def _abort_late(self, job: Job) -> None:
         """Tell clients still working on this job that nobody waits for their result."""
-        late = set(job.tracker.expected) - job.tracker.reported
+        late = set(job.tracker.expected) - job.tracker.reported - set(job.tracker.failed)
+        late |= {c for c, why in job.tracker.failed.items() if "timeout" in why}
         for task_id, client in job.tasks.items():
             link = self.clients.get(client)
             if client in late and link is not None:
                 await _quiet(link.send(m.TaskAbort(session_id=job.session_id, task_id=task_id)))
 
     async def _complete(self, job: Job) -> None:
-        """Send this combiner's share of the round up to the controller, once."""
+        """Tell the controller this combiner's share of the round is ready, once; a train
+        round's partial is encoded now and kept until the controller pulls it."""
         from scaleout.core.aggregators import encode_partial
 
         if self.jobs.get(job.kind) is not job:
@@ -535,18 +599,41 @@ class Combiner:
             log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
             return
+        now = asyncio.get_running_loop().time()
+        sent = job.sent if job.sent is not None else now
+        last = job.last_result if job.last_result is not None else sent
+        timing = {
+            "distribute_s": round(sent - job.started, 4),
+            "train_s": round(max(0.0, last - sent), 4),
+            "collect_s": round(max(0.0, now - max(last, sent)), 4),
+        }
+        size, count, weight = 0, 0, 0.0
         async with job.lock:
-            partial_bytes, count, weight, who = None, 0, 0.0, []
             if job.agg is not None and job.agg.count > 0:
                 try:
-                    p = job.agg.partial()  # refused if not finite: never sent on
-                    partial_bytes = await asyncio.to_thread(encode_partial, p)
-                    count, weight, who = p.count, p.weight, p.contributors
+                    p = job.agg.partial(copy=False)  # refused if not finite: never sent on
+                    data = await asyncio.to_thread(encode_partial, p)
+                    self.partials = {(job.session_id, job.round_index): data}  # one round's share at a time
+                    size, count, weight = len(data), p.count, p.weight
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
-        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, contributors=list(who))
-        log.info("round %d: reporting %d updates to the controller", job.round_index, count)
-        await _quiet(self.controller.send_with_blob(msg, partial_bytes, "partial aggregate"))
+            job.agg = None  # the sums are encoded (or refused): free them
+        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
+        log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
+        await _quiet(self.controller.send(msg))
+
+
+def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]:
+    """The names a round start or validate carries in its payload (a JSON list)."""
+    if blob is None:
+        raise ProtocolError(error or "the round's client list is missing")
+    try:
+        names = json.loads(blob)
+    except (ValueError, RecursionError):
+        raise ProtocolError("the round's client list is not JSON") from None
+    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) for n in names):
+        raise ProtocolError(f"the round's client list must be a JSON list of {count} names")
+    return names
 
 
 def _check_update(agg: Any, blob: bytes) -> Any:

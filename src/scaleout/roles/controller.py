@@ -23,18 +23,22 @@ from scaleout.core.errors import (
     LimitExceeded,
     NotFoundError,
     PayloadError,
+    RemoteError,
     ProtocolError,
     ScaleoutError,
     StorageError,
     UpdateRejected,
 )
-from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
+from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
+from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
+from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed, RequestTimeout
 from scaleout.transport.net import serve
 
 log = logging.getLogger("scaleout.controller")
@@ -107,7 +111,7 @@ class Controller:
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
         self.registry_changed = asyncio.Event()
-        self.assigned: dict[str, tuple[str, float]] = {}  # client -> (combiner, when)
+        self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
@@ -141,6 +145,7 @@ class Controller:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
+        self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
@@ -192,6 +197,7 @@ class Controller:
         self._write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
+        self.registry.start()
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()
@@ -208,6 +214,7 @@ class Controller:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
+            await self.registry.close()
             self.state.close()
 
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
@@ -250,15 +257,12 @@ class Controller:
         for name, c in list(self.combiners.items()):
             if c.link is link:
                 del self.combiners[name]
+                self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
                 if self.session is not None:
                     self.session.events.put_nowait(("lost", name))
                 self._registry_changed()
-                try:
-                    self.state.upsert_combiner(name, "offline", clients=0)
-                    self.state.set_clients_offline(name, keep=set())
-                except StorageError as exc:  # the next start marks it offline anyway
-                    log.error("could not record that combiner %s left: %s", name, exc)
+                self.registry.combiner(name, "offline", clients=0)
 
     def _registry_changed(self) -> None:
         self.registry_changed.set()
@@ -274,13 +278,22 @@ class Controller:
         async def record(inc: Incoming) -> None:
             msg = inc.msg
             c = self._combiner_of(link)
-            if isinstance(msg, m.CombinerStatus):
-                c.clients = set(msg.clients)
-                self._registry_changed()  # first: rounds go on even if the writes below fail
-                self.state.upsert_combiner(c.name, "online", clients=len(c.clients))
-                for client in c.clients:
-                    self.state.upsert_client(client, "online", c.name)
-                self.state.set_clients_offline(c.name, keep=c.clients)
+            if isinstance(msg, m.ClientsChanged):
+                # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
+                if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
+                    raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
+                for client in msg.joined:
+                    m.check_name(client, "client name")
+                    c.clients.add(client)
+                    self.assigner.client_joined(c.name, client)
+                    self.registry.client(client, "online", c.name)
+                for client in msg.left:
+                    c.clients.discard(client)
+                    self.assigner.client_left(c.name, client)
+                    if client not in self.assigner.where:  # not already back on another combiner
+                        self.registry.client(client, "offline", c.name)
+                self.registry.combiner(c.name, "online", clients=len(c.clients))
+                self._registry_changed()
             elif isinstance(msg, m.Report):
                 self._store_report(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
@@ -288,7 +301,7 @@ class Controller:
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
                     log.info("ignoring a late %s from combiner %s", msg.type, c.name)
                     return
-                s.events.put_nowait((msg.type, (c.name, msg, inc.blob, inc.blob_error)))
+                s.events.put_nowait((msg.type, (c.name, msg)))
             else:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
@@ -340,6 +353,7 @@ class Controller:
         if not isinstance(url, str) or not url.startswith(scheme):
             raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
         c.url = url
+        self.assigner.combiner_ready(c.name)
         self.state.upsert_combiner(c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
         self._registry_changed()
@@ -347,30 +361,16 @@ class Controller:
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
-        ready = [c for c in self.combiners.values() if c.url]
-        if not ready:
-            raise NotFoundError("combiner", "online", "none has connected yet (start one with: scaleout combine)")
-        for c in ready:  # a reconnecting client goes back where it was
-            if name in c.clients or c.name == args.get("prefer"):
-                return {"combiner": c.name, "url": c.url}, None
-        now = asyncio.get_running_loop().time()
-        self.assigned = {k: v for k, v in self.assigned.items() if now - v[1] < ASSIGNMENT_TTL_S}
-        pending = self.assigned.get(name)
-        if pending is not None and pending[0] in self.combiners and self.combiners[pending[0]].url:
-            c = self.combiners[pending[0]]  # one name, one combiner: a twin must not land elsewhere
-            return {"combiner": c.name, "url": c.url}, None
-
-        def load(c: CombinerConn) -> int:
-            # Clients assigned a moment ago count before their combiner reports them.
-            return len(c.clients | {k for k, (cname, _) in self.assigned.items() if cname == c.name})
-
-        best = min(ready, key=lambda c: (load(c), c.name))
-        self.assigned[name] = (best.name, now)
-        log.info("client %s assigned to combiner %s", name, best.name)
-        return {"combiner": best.name, "url": best.url}, None
+        prefer = args.get("prefer")
+        best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
+        c = self.combiners[best]
+        if self.assigner.where.get(name) != best:
+            log.info("client %s assigned to combiner %s", name, best)
+        return {"combiner": c.name, "url": c.url}, None
 
     async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {"clients": self.state.clients()}, None
+        await self.registry.flush()  # what was queued a moment ago is shown too
+        return {"clients": await asyncio.to_thread(self.registry.read, "clients")}, None
 
     async def _client_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         """Return once at least ``count`` clients are connected, or fail at ``timeout``."""
@@ -389,7 +389,8 @@ class Controller:
         return {"clients": n}, None
 
     async def _combiner_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {"combiners": self.state.combiners()}, None
+        await self.registry.flush()
+        return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
 
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
@@ -633,7 +634,7 @@ class Controller:
     async def _wait_for_clients(self, s: RunningSession, deadline: float) -> dict[str, list[str]]:
         loop = asyncio.get_running_loop()
         while True:
-            selected = {c.name: sorted(c.clients) for c in self.combiners.values() if c.url and c.clients}
+            selected = select_clients({c.name: c.clients for c in self.combiners.values()}, (c.name for c in self.combiners.values() if c.url))
             n = sum(map(len, selected.values()))
             if n >= s.config.min_clients or s.stopped or loop.time() >= deadline:
                 return selected
@@ -695,15 +696,14 @@ class Controller:
         agg = get_aggregator(cfg.aggregator, template)
         for name, clients in selected.items():
             msg = m.RoundStart(
-                session_id=s.id, round_index=index, model_id=parent, clients=clients,
+                session_id=s.id, round_index=index, model_id=parent, count=len(clients),
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
             )
-            link = self.combiners[name].link
-            # A partial holds float64 sums: up to 8 bytes per element, plus its header.
-            link.max_payload = min(self.settings.max_payload, 8 * sum(_elements(t.shape) for t in template.values()) + SMALL_PAYLOAD)
-            if not await _quiet_send(link, msg):
+            if not await _quiet_send(self.combiners[name].link, msg, _names(clients)):
                 tracker.on_combiner_lost(name)
         contributors: list[str] = []
+        timings: dict[str, dict[str, Any]] = {}
+        reduce_s = 0.0
         decision = tracker.on_tick(loop.time())
         while decision is None:
             event = await self._next_event(s, index, tracker.deadline)
@@ -716,22 +716,28 @@ class Controller:
             if kind == "lost":
                 decision = tracker.on_combiner_lost(value)
             elif kind == m.RoundPartial.type:
-                name, msg, blob, blob_error = value
-                if msg.count == 0 and blob is None and blob_error is None:
+                name, msg = value
+                timings[name] = msg.timing if isinstance(msg.timing, dict) else {}
+                if msg.count == 0:
                     decision = tracker.on_partial(name, 0)
                     continue
+                began = loop.time()
                 try:
-                    if blob is None:
-                        raise PayloadError(blob_error or "partial aggregate without payload")
-                    partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
-                except (PayloadError, UpdateRejected) as exc:
+                    partial = await self._pull_partial(name, msg, agg)
+                except LinkClosed:
+                    decision = tracker.on_combiner_lost(name)
+                    continue
+                except (PayloadError, UpdateRejected, ProtocolError, RemoteError, RequestTimeout) as exc:
                     log.error("partial aggregate from combiner %s refused: %s", name, exc)
                     decision = tracker.on_partial_refused(name, str(exc))
                     continue
+                finally:
+                    reduce_s += loop.time() - began
                 contributors.extend(partial.contributors)
                 decision = tracker.on_partial(name, partial.count)
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
+        committing = loop.time()
         try:
             new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
         except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
@@ -751,24 +757,41 @@ class Controller:
             return finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
+        timing = _round_timing(timings, reduce_s, loop.time() - committing)
         validation: dict[str, float] = {}
         if cfg.validate:
-            # Only clients that just delivered are asked: one that timed out would make the
-            # round wait a second full timeout for it.
-            alive = set(contributors)
-            validators = {k: [c for c in v if c in alive] for k, v in selected.items()}
-            validation = await self._validate(s, index, model_id, {k: v for k, v in validators.items() if v})
+            validate_started = loop.time()
+            validation = await self._validate(s, index, model_id, choose_validators(selected, contributors))
+            timing["validate_s"] = round(loop.time() - validate_started, 4)
             if validation:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
-        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation)
+        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing)
+
+    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any) -> Any:
+        """Fetch a combiner's partial when this round can fold it (one at a time, so the
+        controller holds one partial, not one per combiner), and fold it in a thread. The
+        wait grows with the partial's size, so a large model's partial is never late."""
+        c = self.combiners.get(name)
+        if c is None:
+            raise LinkClosed(name, "combiner gone")
+        if not 0 < msg.size <= self.settings.max_payload:
+            raise PayloadError(f"partial aggregate of {msg.size} bytes announced; the limit is {self.settings.max_payload}")
+        c.link.max_payload = msg.size
+        try:
+            _, blob = await c.link.request("partial.get", {"session_id": msg.session_id, "round_index": msg.round_index}, timeout=transfer_timeout(msg.size))
+        finally:
+            c.link.max_payload = SMALL_PAYLOAD
+        if blob is None or len(blob) != msg.size:
+            raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
+        return await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
         loop = asyncio.get_running_loop()
         waiting = set()
         for name, clients in selected.items():
             c = self.combiners.get(name)
-            msg = m.RoundValidate(session_id=s.id, round_index=index, model_id=model_id, clients=clients, timeout=s.config.round_timeout)
-            if c is not None and await _quiet_send(c.link, msg):
+            msg = m.RoundValidate(session_id=s.id, round_index=index, model_id=model_id, count=len(clients), timeout=s.config.round_timeout)
+            if c is not None and await _quiet_send(c.link, msg, _names(clients)):
                 waiting.add(name)
         deadline = loop.time() + s.config.round_timeout + PARTIAL_GRACE_S
         while waiting and loop.time() < deadline:
@@ -784,8 +807,21 @@ class Controller:
         return mean_metrics(r["data"] for r in self.state.reports(s.id, index, "validate") if not r["error"])
 
 
-def _elements(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
+def _names(clients: list[str]) -> bytes:
+    """A round's client list as the payload of its message (never one capped frame)."""
+    return json.dumps(clients, separators=(",", ":")).encode()
+
+
+def _round_timing(combiners: dict[str, dict[str, Any]], reduce_s: float, commit_s: float) -> dict[str, float]:
+    """Where a round's time went: the slowest combiner's distribute / train / collect, then
+    the controller's reduce (pulling and folding partials) and commit (server step, writes)."""
+    out: dict[str, float] = {}
+    for key in ("distribute_s", "train_s", "collect_s"):
+        values = [float(t[key]) for t in combiners.values() if isinstance(t.get(key), (int, float)) and math.isfinite(t[key])]
+        out[key] = round(max(values), 4) if values else 0.0
+    out["reduce_s"] = round(reduce_s, 4)
+    out["commit_s"] = round(commit_s, 4)
+    return out
 
 
 def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
@@ -806,21 +842,6 @@ def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
     if partial.count:
         agg.add_partial(partial)
     return partial
-
-
-def mean_metrics(rows: Any) -> dict[str, float]:
-    """Mean of each numeric metric over the clients that reported it."""
-    sums: dict[str, list[float]] = {}
-    for data in rows:
-        for key, value in data.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                try:
-                    number = float(value)
-                except OverflowError:
-                    continue
-                if math.isfinite(number):
-                    sums.setdefault(key, []).append(number)
-    return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
@@ -873,10 +894,10 @@ async def _quiet_close(link: Link, code: int, reason: str) -> None:
         log.debug("closing %s: %s", link.peer, exc)
 
 
-async def _quiet_send(link: Link, msg: m.Message) -> bool:
-    """Send, reporting a closed link as False rather than raising."""
+async def _quiet_send(link: Link, msg: m.Message, blob: bytes | None = None) -> bool:
+    """Send (with a payload), reporting a closed link as False rather than raising."""
     try:
-        await link.send(msg)
+        await link.send_with_blob(msg, blob) if blob is not None else await link.send(msg)
         return True
     except Exception as exc:  # the role edge: a dead peer must not stop the round
         log.warning("could not send %s to %s: %s", msg.type, link.peer, exc)

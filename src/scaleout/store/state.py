@@ -32,17 +32,20 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS rounds (
   session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT,
   parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL,
-  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT,
+  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT, timing TEXT,
   PRIMARY KEY (session_id, idx));
 CREATE TABLE IF NOT EXISTS reports (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, session_id TEXT, round_index INTEGER,
   client TEXT NOT NULL, data TEXT NOT NULL, error TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS clients_by_combiner ON clients(combiner, status);
+CREATE INDEX IF NOT EXISTS reports_by_round ON reports(session_id, round_index, kind);
+CREATE INDEX IF NOT EXISTS models_by_session ON models(session_id);
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
   action TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
-_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail"}
+_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -66,6 +69,13 @@ class _Connection(sqlite3.Connection):
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
             return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, seq_of_parameters)
         except sqlite3.DatabaseError as exc:
             _raise_storage_error(exc, self.path)
             raise
@@ -111,8 +121,9 @@ class State:
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
-        if "server_state" not in columns:
-            self.db.execute("ALTER TABLE rounds ADD COLUMN server_state TEXT")
+        for column in ("server_state", "timing"):
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -297,7 +308,7 @@ class State:
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
         fields.setdefault("finished", time.time())
-        for key in ("participants", "validation"):
+        for key in ("participants", "validation", "timing"):
             if key in fields:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)

@@ -122,13 +122,14 @@ class FedAvg:
             self._scratch[dtype] = np.empty(BLOCK, dtype=dtype)
         return self._scratch[dtype]
 
-    def partial(self) -> Partial:
-        """A copy of the running sums (in their accumulator dtypes); refused if one is not
-        finite (never sent on)."""
+    def partial(self, copy: bool = True) -> Partial:
+        """The running sums (in their accumulator dtypes), copied unless ``copy`` is False
+        (the caller then adds nothing more: a combiner encoding its final share); refused if
+        one is not finite (never sent on)."""
         for name, total in self._sums.items():
             if not self._ceiling[name] < SAFE_SUM[total.dtype] and not np.isfinite(total).all():
                 raise UpdateRejected(f"the aggregate of tensor {name!r} is not finite")
-        sums = {name: total.copy() for name, total in self._sums.items()}
+        sums = {name: total.copy() if copy else total for name, total in self._sums.items()}
         return Partial(sums, self._weight, self.count, list(self._contributors))
 
     def mean(self) -> dict[str, np.ndarray]:
