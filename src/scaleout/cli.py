@@ -212,6 +212,28 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
     _common(p)
+
+    p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
+    p.add_argument("--clients", type=int, default=100, help="number of simulated clients (default: 100)")
+    p.add_argument("--combiners", type=int, default=1, help="number of combiner processes (default: 1)")
+    p.add_argument("--rounds", type=int, default=2, help="number of rounds (default: 2)")
+    p.add_argument("--model-size", type=int, default=10_000, metavar="P", help="float32 parameters of the model (default: 10000)")
+    p.add_argument("--train-time", type=float, default=0.0, metavar="S", help="seconds each client 'trains' before it answers (default: 0)")
+    p.add_argument("--round-timeout", type=float, default=300.0, metavar="SECONDS", help="round timeout (default: 300)")
+    p.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS", help="how long all clients may take to connect (default: 300)")
+    p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=False, help="have clients validate each new model (default: off)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report: the dev schema plus time split and peak RSS per round")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data and logs here (default: a temporary folder)")
+    _common(p)
+
+    # Started by `simulate`, one per few hundred clients; not for direct use.
+    p = sub.add_parser("simulate-clients")
+    p.add_argument("--first", type=int, default=1)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--train-time", type=float, default=0.0)
+    _connection(p)
+    _common(p)
     return parser
 
 
@@ -227,7 +249,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, launch
+    from scaleout.commands import admin, dev, launch, simulate
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
@@ -236,6 +258,8 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
         ("run", "build"): launch.run_build,
         ("package", "create"): launch.package_create,
         ("dev", None): dev.main,
+        ("simulate", None): simulate.main,
+        ("simulate-clients", None): simulate.clients_main,
     }
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
