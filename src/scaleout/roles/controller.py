@@ -113,6 +113,7 @@ class Controller:
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
+        self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
@@ -421,7 +422,7 @@ class Controller:
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
         await asyncio.to_thread(_check_package, blob)
-        digest = self.blobs.put(*PACKAGE[:1], blob, PACKAGE[1])
+        digest = await asyncio.to_thread(self.blobs.put, PACKAGE[0], blob, PACKAGE[1])
         name = str(args.get("name") or "package.tgz")
         with self.state.transaction():
             self.state.add_package(digest, name, len(blob))
@@ -435,27 +436,32 @@ class Controller:
         if digest is None:
             raise NotFoundError("package", "active", "an admin must run: scaleout package set-active FILE")
         row = self.state.package(digest)
-        return {"id": digest, "name": row["name"]}, self.blobs.get(PACKAGE[0], digest, PACKAGE[1])
+        # Every joining client fetches it: read and checked once (in a thread), then kept.
+        if self._package_cache is None or self._package_cache[0] != digest:
+            self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
+        return {"id": digest, "name": row["name"]}, self._package_cache[1]
 
     async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
             raise ProtocolError("model.set_seed needs the model bytes")
         specs = payload.describe(blob)
-        payload.check_finite(payload.read(blob)[0])
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is running; stop it before setting a new seed model")
-        digest = self.blobs.put(MODEL[0], blob, MODEL[1])
+        await asyncio.to_thread(lambda: payload.check_finite(payload.views(blob)))
+        digest = await asyncio.to_thread(self.blobs.put, MODEL[0], blob, MODEL[1])
         with self.state.transaction():
             self.state.commit_model(digest, len(blob), aggregator="seed")
             self.state.audit(_actor(link), "model.set_seed", id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
-    def _model_bytes(self, model_id: str) -> bytes:
-        """A model's bytes, read and sha256-checked once: every combiner fetches the round's
-        global model, and the round itself needs it, so keep the latest one in memory."""
+    async def _model_bytes(self, model_id: str) -> bytes:
+        """A model's bytes, read and sha256-checked once (in a thread): every combiner fetches
+        the round's global model, and the round itself needs it, so keep the latest one in
+        memory. A round's new model is put here as it is committed: never read back."""
         if self._model_cache is None or self._model_cache[0] != model_id:
-            self._model_cache = (model_id, self.blobs.get(MODEL[0], model_id, MODEL[1]))
+            data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
+            self._model_cache = (model_id, data)
         return self._model_cache[1]
 
     async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -467,7 +473,7 @@ class Controller:
 
     async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         row = self.state.model(str(args.get("id", "")))
-        data = self._model_bytes(row["id"])
+        data = await self._model_bytes(row["id"])
         row["active"] = row["id"] == self.state.get_meta("active_model")
         row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
         return {"model": row}, None
@@ -477,7 +483,7 @@ class Controller:
         if not key:
             raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
-        return {"id": row["id"]}, self._model_bytes(row["id"])
+        return {"id": row["id"]}, await self._model_bytes(row["id"])
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -666,7 +672,7 @@ class Controller:
         started = loop.time()
         parent = self.state.get_meta("active_model")
         assert parent is not None
-        global_bytes = self._model_bytes(parent)
+        global_bytes = await self._model_bytes(parent)
         template = payload.describe(global_bytes)
         layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
@@ -756,6 +762,7 @@ class Controller:
             s.storage_failure = exc
             return finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
+        self._model_cache = (model_id, new_bytes)  # the next round's global model: no need to read it back
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
         validation: dict[str, float] = {}
