@@ -138,7 +138,8 @@ def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, st
     if len(raw) > _MAX_HEADER:
         raise PayloadError(f"cannot serialize model: its header of {len(raw)} bytes exceeds {_MAX_HEADER}")
     little = (named[name].astype(named[name].dtype.newbyteorder("<"), copy=False) for name in placed)
-    return b"".join([struct.pack("<Q", len(raw)), raw, *(a.tobytes() for a in little)])
+    # Byte views of the (contiguous) arrays: join copies each tensor once, straight into the result.
+    return b"".join([struct.pack("<Q", len(raw)), raw, *(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in little)])
 
 
 def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:

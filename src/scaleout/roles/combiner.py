@@ -32,7 +32,7 @@ log = logging.getLogger("scaleout.combiner")
 CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
-UPLOAD_BUDGET_MIN = 64 << 20  # bytes of updates held at once: at least this, or two updates
+UPLOAD_BUDGET_MIN = 64 << 20  # bytes of updates held at once: at least this, or one model-sized update
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 
@@ -420,7 +420,9 @@ class Combiner:
         if kind == "train":
             # An update may be float64 for a float32 model: twice the model, plus its header.
             job.update_limit = min(2 * len(model) + UPDATE_SLACK, self.settings.max_payload)
-            self.uploads.limit = max(UPLOAD_BUDGET_MIN, 2 * len(model) + UPDATE_SLACK)
+            # One model-sized update held at a time (a float64 one for a float32 model is admitted
+            # alone); small models get UPLOAD_BUDGET_MIN, i.e. many at once.
+            self.uploads.limit = max(UPLOAD_BUDGET_MIN, len(model) + UPDATE_SLACK)
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         sends = {new_id("t-"): client for client in clients}
         job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends

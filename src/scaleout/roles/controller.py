@@ -729,7 +729,7 @@ class Controller:
                     continue
                 began = loop.time()
                 try:
-                    partial = await self._pull_partial(name, msg, agg)
+                    count, who = await self._pull_partial(name, msg, agg)
                 except LinkClosed:
                     decision = tracker.on_combiner_lost(name)
                     continue
@@ -739,8 +739,8 @@ class Controller:
                     continue
                 finally:
                     reduce_s += loop.time() - began
-                contributors.extend(partial.contributors)
-                decision = tracker.on_partial(name, partial.count)
+                contributors.extend(who)
+                decision = tracker.on_partial(name, count)
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
         committing = loop.time()
@@ -774,7 +774,7 @@ class Controller:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
         return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing)
 
-    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any) -> Any:
+    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any) -> tuple[int, list[str]]:
         """Fetch a combiner's partial when this round can fold it (one at a time, so the
         controller holds one partial, not one per combiner), and fold it in a thread. The
         wait grows with the partial's size, so a large model's partial is never late."""
@@ -790,7 +790,8 @@ class Controller:
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
-        return await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
+        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
+        return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
         loop = asyncio.get_running_loop()
@@ -834,7 +835,7 @@ def _round_timing(combiners: dict[str, dict[str, Any]], reduce_s: float, commit_
 def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
     """The strategy's step from the round's mean to the next global model (off the event
     loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
-    model, new_state = strategy.step(payload.views(global_bytes), agg.mean(), state)
+    model, new_state = strategy.step(payload.views(global_bytes), agg.mean(in_place=True), state)
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
     return payload.encode_named(model, layout), state_bytes, new_state
 

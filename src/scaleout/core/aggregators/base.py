@@ -49,7 +49,7 @@ class Aggregator(Protocol):
 
     def partial(self, copy: bool = True) -> Partial: ...
 
-    def mean(self) -> dict[str, np.ndarray]: ...
+    def mean(self, in_place: bool = False) -> dict[str, np.ndarray]: ...
 
     def result(self) -> dict[str, np.ndarray]: ...
 
@@ -89,7 +89,7 @@ def cast_mean(name: str, mean: np.ndarray, dtype: str) -> np.ndarray:
         high = float(info.max) if float(info.max) <= info.max else np.nextafter(float(info.max), -math.inf)
         return np.asarray(np.clip(np.rint(mean), float(info.min), high).astype(target))
     with np.errstate(over="ignore"):
-        cast = np.asarray(mean.astype(target))
+        cast = np.asarray(mean.astype(target, copy=False))  # a float32 mean of a float32 tensor is used as is
     if not np.isfinite(cast).all():
         largest = float(np.finfo(target).max)
         raise UpdateRejected(f"the aggregate of tensor {name!r} is not finite in {target} (its mean lies beyond ±{largest:.4g})")

@@ -132,13 +132,19 @@ class FedAvg:
         sums = {name: total.copy() if copy else total for name, total in self._sums.items()}
         return Partial(sums, self._weight, self.count, list(self._contributors))
 
-    def mean(self) -> dict[str, np.ndarray]:
+    def mean(self, in_place: bool = False) -> dict[str, np.ndarray]:
         """The weighted mean in each sum's accumulator dtype (divided in float64 element by
-        element, without a model-sized float64 temporary): what a server step starts from."""
+        element, without a model-sized float64 temporary): what a server step starts from.
+        ``in_place`` divides the sums themselves (no copy of the model; nothing may be
+        added afterwards: the controller's last use of a round's aggregate)."""
         if self._weight <= 0:
             raise UpdateRejected("no updates to aggregate")
         weight = np.float64(self._weight)
-        return {name: np.divide(total, weight, out=np.empty_like(total), casting="same_kind") for name, total in self._sums.items()}
+        out = {name: np.divide(total, weight, out=total if in_place else np.empty_like(total), casting="same_kind") for name, total in self._sums.items()}
+        if in_place:
+            self._weight, self._contributors = 0.0, []  # spent: adding to it now would be wrong
+            self._sums = {}
+        return out
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean in each tensor's dtype; refused if it does not fit that dtype."""
