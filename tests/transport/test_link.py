@@ -11,7 +11,10 @@ import contextlib
 import gc
 import hashlib
 import logging
+import sys
+import threading
 import tracemalloc
+from types import FrameType
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 
 from scaleout.core import messages as m
 from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
-from scaleout.transport.link import Incoming, Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import CHUNK_BYTES, INLINE_BYTES, PROGRESS_MIN_BYTES, Incoming, Link, LinkClosed, RequestTimeout
 from scaleout.transport.net import connect, serve
 
 MIB = 1 << 20
@@ -223,7 +226,7 @@ def test_known_sha256_is_sent_as_given() -> None:
 
 def test_received_payload_is_bytes_and_never_copied_whole() -> None:
     """Chunks land in one buffer of the announced size, handed out as is: no second copy."""
-    size = 32 * MIB
+    size = 64 * MIB
     data = bytes(range(256)) * (size // 256)
 
     async def main() -> None:
@@ -237,8 +240,132 @@ def test_received_payload_is_bytes_and_never_copied_whole() -> None:
             finally:
                 tracemalloc.stop()
             assert type(inc.blob) is bytes and inc.blob == data
-            # One payload-sized buffer plus a few chunk-sized frames; a copy at the end
-            # (the old bytes(bytearray)) would need twice the payload.
+            # One payload-sized buffer plus chunk-sized frames in flight at both ends (a few
+            # queued for hashing or built ahead, and up to websockets' queue of 16 while the
+            # reader waits for its hashing worker); a copy at the end (the old
+            # bytes(bytearray)) would need twice the payload.
             assert peak < size * 1.5, f"peak {peak / MIB:.1f} MiB for a {size / MIB:.0f} MiB payload"
 
     run(main())
+
+
+def _pattern(size: int) -> bytes:
+    """``size`` bytes that differ chunk by chunk, so a chunk out of place changes the digest."""
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [1000, INLINE_BYTES + 1, 3 * CHUNK_BYTES + 5], ids=["inline", "just-threaded", "chunks"])
+def test_payloads_are_checked_whatever_their_size(size: int) -> None:
+    """Hashed on the loop or by a worker, a payload is whole or refused, as it always was."""
+    data = _pattern(size)
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        async with linked(await _server_with_inbox(inbox, max_in_flight=8)) as link:
+            async def get() -> Incoming:
+                return await asyncio.wait_for(inbox.get(), 10)
+
+            await link.send_with_blob(carrier("good"), data)
+            assert (await get()).blob == data
+
+            await link.send_with_blob(carrier("bad"), data, sha256=hashlib.sha256(data[:-1]).hexdigest())
+            bad = await get()
+            assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
+
+            # More bytes than announced: refused at the chunk that overflows, the rest dropped.
+            transfer = "b" * m.TRANSFER_ID_BYTES
+            await link.send(m.BlobStart(transfer=transfer, size=size - 1, sha256=hashlib.sha256(data[:-1]).hexdigest()))
+            for offset in range(0, size, CHUNK_BYTES):
+                await link.ws.send(transfer.encode() + data[offset : offset + CHUNK_BYTES])
+            await link.send(carrier("long", transfer))
+            long = await get()
+            assert long.blob is None and long.blob_error == f"payload is larger than the announced {size - 1} bytes"
+
+            # Fewer bytes than announced, then a message that claims it anyway.
+            transfer = "c" * m.TRANSFER_ID_BYTES
+            await link.send(m.BlobStart(transfer=transfer, size=size + 1, sha256=hashlib.sha256(data + b"x").hexdigest()))
+            for offset in range(0, size, CHUNK_BYTES):
+                await link.ws.send(transfer.encode() + data[offset : offset + CHUNK_BYTES])
+            await link.send(carrier("short", transfer))
+            short = await get()
+            assert short.blob is None and short.blob_error == "payload was referred to before all of it arrived"
+
+            await link.send_with_blob(carrier("after"), data)  # the link still works
+            assert (await get()).blob == data
+
+    run(main())
+
+
+def test_sha256_runs_in_worker_threads_not_on_the_event_loop() -> None:
+    """Both ends of a large transfer hash it off the loop; the loop only creates empty digests.
+
+    Watched with a profile hook (the interpreter's own record of C calls, per thread): the
+    sender hashes the payload it was not given a digest for, the receiver hashes chunks.
+    """
+    size = 3 * CHUNK_BYTES + 7
+    data = _pattern(size)
+    loop_thread = threading.get_ident()
+    calls: list[tuple[bool, str, str]] = []  # (on the loop thread, what was called, by which function)
+
+    def watch(frame: FrameType, event: str, arg: object) -> None:
+        if event != "c_call":
+            return
+        hashing = arg is hashlib.sha256 or (getattr(arg, "__name__", "") == "update" and hasattr(getattr(arg, "__self__", None), "hexdigest"))
+        if hashing:
+            name = "sha256" if arg is hashlib.sha256 else "update"
+            calls.append((threading.get_ident() == loop_thread, name, frame.f_code.co_name))
+
+    async def main() -> None:
+        async def on_link(server_link: Link) -> None:
+            await server_link.run(on_request=echo)
+
+        async with linked(on_link) as link:
+            result, blob = await link.request("echo", blob=data, timeout=30)
+            assert result["size"] == size and blob == data
+
+    threading.setprofile(watch)  # type: ignore[arg-type]
+    sys.setprofile(watch)  # type: ignore[arg-type]
+    try:
+        run(main())
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
+    on_loop = [c for c in calls if c[0]]
+    elsewhere = [c for c in calls if not c[0]]
+    # Each side sends once (a request, then its reply), unhashed: two whole-payload digests
+    # in workers; each side receives once: updates in workers, one empty digest on the loop.
+    assert on_loop == [(True, "sha256", "__init__")] * 2, on_loop
+    assert sum(1 for c in elsewhere if c[1] == "sha256") == 2, elsewhere
+    assert sum(1 for c in elsewhere if c[1] == "update") >= 2 * 4, elsewhere  # at least a chunk each
+
+
+def test_progress_is_told_both_ways_and_replaces_the_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """A request's blob reports its sending, the link its arriving payloads; roles still log."""
+    size = PROGRESS_MIN_BYTES + 3 * CHUNK_BYTES + 11
+    data = _pattern(size)
+    sent: list[tuple[int, int]] = []
+    received: list[tuple[int, int]] = []
+
+    def check(reports: list[tuple[int, int]]) -> None:
+        assert reports[0] == (0, size) and reports[-1] == (size, size), (reports[:2], reports[-2:])
+        done = [d for d, total in reports]
+        assert done == sorted(done) and {total for _, total in reports} == {size}
+        assert len(reports) == 1 + -(-size // CHUNK_BYTES)  # the start, then once a chunk
+
+    async def main() -> None:
+        async def on_link(server_link: Link) -> None:
+            await server_link.run(on_request=echo)
+
+        async with linked(on_link) as link:
+            link.receive_progress = lambda done, total: received.append((done, total))
+            result, blob = await link.request("echo", blob=data, timeout=30, progress=lambda done, total: sent.append((done, total)))
+            assert result["size"] == size and blob == data
+
+    with caplog.at_level(logging.INFO, logger="scaleout.transport"):
+        run(main())
+    check(sent)
+    check(received)
+    lines = [r.getMessage() for r in caplog.records if "payload from" in r.getMessage()]
+    # The server's link has no callback: it logs as roles always did (at 25 % steps); the
+    # client's link, told its progress, logs none.
+    assert lines and all(line.startswith("receiving payload from 127.0.0.1:") for line in lines), lines

@@ -18,8 +18,11 @@ EventHandler = Callable[[str, dict[str, Any]], None]
 
 
 async def call_async(
-    conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None
+    conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
+    progress: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
+    """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on a terminal."""
+    from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
     from scaleout.security.tls import client_context
     from scaleout.transport.link import Incoming
@@ -27,6 +30,9 @@ async def call_async(
 
     ctx = None if conn.insecure else client_context(conn.ca)
     link = await connect(conn.url, conn.token, ctx, max_payload=1 << 40)
+    sending = terminal_bar(f"sending {progress}") if progress and blob is not None else None
+    receiving = terminal_bar(f"receiving {progress}") if progress else None
+    link.receive_progress = receiving  # this link's only payload is the reply's
 
     async def handle(inc: Incoming) -> None:
         if isinstance(inc.msg, m.Event) and on_event is not None:
@@ -34,14 +40,20 @@ async def call_async(
 
     reader = asyncio.create_task(link.run(on_message=handle))
     try:
-        return await link.request(op, args, blob)
+        return await link.request(op, args, blob, progress=sending)
     finally:
+        for bar in (sending, receiving):
+            if bar is not None:
+                bar.close()  # an interrupted bar's line ends before the error is printed
         await link.ws.close()
         reader.cancel()
 
 
-def call(args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None) -> tuple[dict[str, Any], bytes | None]:
-    return asyncio.run(call_async(resolve(args), op, req, blob, on_event))
+def call(
+    args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
+    progress: str | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    return asyncio.run(call_async(resolve(args), op, req, blob, on_event, progress))
 
 
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
@@ -116,7 +128,7 @@ def token_create(args: argparse.Namespace) -> int:
 
 def package_set_active(args: argparse.Namespace) -> int:
     data = _read(args.file, "package")
-    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data)
+    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data, progress="package")
     emit(args, result, lambda: print(f"package {result['name']} ({result['id'][:12]}, {result['size']} bytes) is now active"))
     return EXIT_OK
 
@@ -125,7 +137,7 @@ def model_set_seed(args: argparse.Namespace) -> int:
     from scaleout.package.seed import read_model_file
 
     data = read_model_file(args.file)
-    result, _ = call(args, "model.set_seed", {}, data)
+    result, _ = call(args, "model.set_seed", {}, data, progress="model")
     emit(args, result, lambda: print(f"seed model {result['id']} set ({result['tensors']} tensors, {result['size']} bytes)"))
     return EXIT_OK
 
@@ -166,7 +178,7 @@ def model_show(args: argparse.Namespace) -> int:
 
 
 def model_download(args: argparse.Namespace) -> int:
-    result, data = call(args, "model.get", {"id": None if args.id == "active" else args.id})
+    result, data = call(args, "model.get", {"id": None if args.id == "active" else args.id}, progress="model")
     assert data is not None
     out: Path = args.output
     if out.suffix == ".npz":

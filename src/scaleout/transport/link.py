@@ -14,6 +14,12 @@ about websockets or asyncio timeouts:
 
 Each link bounds what a peer can make it hold: at most ``max_in_flight`` payloads being
 received plus as many received but not yet claimed, each at most ``max_payload`` bytes.
+
+Nothing here hashes or copies a whole payload on the event loop: received chunks are copied
+into place and hashed in the loop's default executor (one job at a time per transfer, so in
+order), and a payload to send is hashed (when its digest is not given) and cut into frames
+there too, a bounded number ahead. hashlib releases the GIL on large buffers and so does
+TLS, so both run side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import hashlib
 import io
 import logging
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -42,7 +48,13 @@ DEFAULT_MAX_PAYLOAD = 4 << 30
 MAX_BAD_FRAMES = 20
 MAX_IN_FLIGHT = 8
 MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dropped quietly
-PROGRESS_MIN_BYTES = 16 << 20
+PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
+INLINE_BYTES = 256 << 10  # payloads up to this size are hashed on the loop: a thread hop costs more
+QUEUED_CHUNKS = 2  # chunks of one transfer waiting for its worker before the reader waits for it
+FRAMES_AHEAD = 2  # frames built by workers ahead of the one being sent
+
+Progress = Callable[[int, int], None]
+"""Told ``(bytes done, total bytes)`` as a payload moves: first ``(0, total)``, then per chunk."""
 
 
 class LinkClosed(ScaleoutError):
@@ -90,26 +102,95 @@ class _Transfer:
     """One payload being received, written in place into a buffer of its announced size.
 
     ``BytesIO(bytes(size))`` owns a zero-filled bytes object (calloc'd, so pages are only
-    committed as chunks land); writes go into it in place and ``getvalue()`` hands that
-    same object out when full, so the payload is never copied after its chunks arrive.
+    committed as chunks land); chunks are written into it through ``getbuffer()`` and, once
+    that view is released, ``getvalue()`` hands that same object out, so the payload is
+    never copied after its chunks arrive.
+
+    Copying and hashing run in the loop's default executor, one batch of chunks at a time
+    per transfer, so the digest sees them in order. ``pending`` counts chunks not yet
+    absorbed; the reader waits while more than ``QUEUED_CHUNKS`` are, so a transfer holds
+    its buffer plus a few frames. A payload of at most ``INLINE_BYTES`` is absorbed at once.
     """
 
     def __init__(self, start: m.BlobStart) -> None:
         self.start = start
         self.buffer = io.BytesIO(bytes(start.size))
-        self.received = 0
+        self.view = self.buffer.getbuffer()
         self.digest = hashlib.sha256()
+        self.inline = start.size <= INLINE_BYTES
+        self.received = 0  # bytes that arrived
+        self.handed = 0  # bytes given to a worker (or absorbed inline): the next chunk goes here
+        self.queue: list[memoryview] = []
+        self.pending = 0  # chunks arrived and not yet absorbed
+        self.worker: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
         self.next_report = start.size // 4
 
-    def write(self, chunk: bytes) -> None:
-        self.buffer.write(chunk)
-        self.digest.update(chunk)
+    def add(self, chunk: memoryview) -> None:
         self.received += len(chunk)
+        if self.inline:
+            _absorb(self.view, self.digest, self.handed, [chunk])
+            self.handed += len(chunk)
+        elif self.error is None:  # after a failure the rest is only counted: it will be refused
+            self.queue.append(chunk)
+            self.pending += 1
+            if self.worker is None:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        batch, self.queue = self.queue, []
+        offset, self.handed = self.handed, self.handed + sum(len(c) for c in batch)
+        count = len(batch)
+        worker = asyncio.get_running_loop().run_in_executor(None, _absorb, self.view, self.digest, offset, batch)
+        worker.add_done_callback(lambda fut: self._absorbed(fut, count))
+        self.worker = worker
+
+    def _absorbed(self, worker: asyncio.Future[None], count: int) -> None:
+        self.worker = None
+        self.pending -= count
+        self.error = asyncio.CancelledError() if worker.cancelled() else worker.exception()
+        if self.error is not None:
+            self.pending -= len(self.queue)
+            self.queue.clear()
+        elif self.queue:
+            self._hand_over()
+
+    async def settle(self, most: int) -> None:
+        """Wait until at most ``most`` chunks are still to be absorbed (or the worker failed)."""
+        while self.pending > most and self.worker is not None:
+            await asyncio.wait({self.worker})
 
     def value(self) -> bytes:
+        self.view.release()
         data = self.buffer.getvalue()
         self.buffer.close()
         return data
+
+
+def _absorb(view: memoryview, digest: Any, offset: int, chunks: list[memoryview]) -> None:
+    """Copy ``chunks`` into ``view`` from ``offset`` on and hash them, in order (in a worker thread)."""
+    for chunk in chunks:
+        end = offset + len(chunk)
+        view[offset:end] = chunk
+        digest.update(chunk)
+        offset = end
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _frame(tag: bytes, data: bytes, offset: int) -> bytes:
+    """The binary frame carrying the chunk of ``data`` at ``offset``: the transfer tag, then the chunk."""
+    return tag + memoryview(data)[offset : offset + CHUNK_BYTES]
+
+
+def _discard(fut: asyncio.Future[Any]) -> None:
+    """Drop a worker's future we no longer need, so an error in it is not logged as unretrieved."""
+    if not fut.done():
+        fut.cancel()
+    elif not fut.cancelled():
+        fut.exception()
 
 
 class Link:
@@ -122,6 +203,9 @@ class Link:
         self.max_payload = max_payload
         self.max_in_flight = max_in_flight
         self.claims: Any = None  # set by the server side after the token check
+        # Told the progress of every payload arriving on this link, instead of the log lines;
+        # meant for a link that makes one request at a time (the CLI's), where that is its reply.
+        self.receive_progress: Progress | None = None
         self.closed = False  # set when run() returns: no reply can arrive any more
         self._pending: dict[str, asyncio.Future[m.Reply]] = {}
         self._transfers: dict[str, _Transfer] = {}
@@ -149,33 +233,73 @@ class Link:
             msg.id = self.next_id()
         await self._send_frame(m.serialize(msg))
 
-    async def send_blob(self, data: bytes, what: str = "payload", sha256: str | None = None) -> str:
+    async def send_blob(
+        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+    ) -> str:
         """Stream ``data`` in chunks; returns the transfer id to name in a message.
 
         ``sha256`` is the hex digest of ``data`` when the caller knows it already (a model
         id is one), so sending the same model to many peers hashes it once, not per peer.
+        ``progress`` is told the bytes sent so far; without it a large payload logs them.
         """
         transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
-        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
-        await self.send(m.BlobStart(transfer=transfer, size=len(data), sha256=digest))
+        size = len(data)
+        inline = size <= INLINE_BYTES
+        loop = asyncio.get_running_loop()
+        if progress is not None:
+            progress(0, size)
+        if sha256 is None:
+            sha256 = _sha256(data) if inline else await loop.run_in_executor(None, _sha256, data)
+        await self.send(m.BlobStart(transfer=transfer, size=size, sha256=sha256))
         tag = transfer.encode("ascii")
-        view = memoryview(data)
-        report = len(data) >= PROGRESS_MIN_BYTES
-        for offset in range(0, len(data), CHUNK_BYTES):
-            await self._send_frame(tag + view[offset : offset + CHUNK_BYTES])
-            if report and (offset // CHUNK_BYTES) % 64 == 63:
-                log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(offset + CHUNK_BYTES), fmt_bytes(len(data)))
+        if inline:
+            if size:
+                await self._send_frame(_frame(tag, data, 0))
+                if progress is not None:
+                    progress(size, size)
+            return transfer
+        # Frames are built by workers a few ahead of the one being sent: memory stays
+        # bounded, and the copying overlaps TLS on the loop (which releases the GIL).
+        offsets = iter(range(0, size, CHUNK_BYTES))
+        ahead: deque[asyncio.Future[bytes]] = deque()
+
+        def build_next() -> None:
+            for offset in offsets:  # the next one, if any is left
+                ahead.append(loop.run_in_executor(None, _frame, tag, data, offset))
+                return
+
+        report = progress is None and size >= PROGRESS_MIN_BYTES
+        sent = 0
+        try:
+            for _ in range(FRAMES_AHEAD):
+                build_next()
+            while ahead:
+                frame = await ahead.popleft()
+                build_next()
+                sent += len(frame) - len(tag)
+                await self._send_frame(frame)
+                del frame  # not held while the next one is awaited
+                if progress is not None:
+                    progress(sent, size)
+                elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
+                    log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
+        finally:
+            for fut in ahead:
+                _discard(fut)
         return transfer
 
-    async def send_with_blob(self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None) -> None:
+    async def send_with_blob(
+        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+    ) -> None:
         if data is not None:
-            setattr(msg, "blob", await self.send_blob(data, what, sha256))
+            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress))
         await self.send(msg)
 
     async def request(
-        self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = None
+        self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = None,
+        progress: Progress | None = None,
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its reply.
+        """Send a request and wait for its reply; ``progress`` is told how much of ``blob`` is sent.
 
         Raises RemoteError when the peer refuses, LinkClosed when the connection closes
         first, RequestTimeout when no reply comes within ``timeout`` seconds.
@@ -186,7 +310,7 @@ class Link:
         fut: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = fut
         try:
-            await self.send_with_blob(req, blob)
+            await self.send_with_blob(req, blob, progress=progress)
             try:
                 reply = await asyncio.wait_for(fut, timeout)
             except TimeoutError:  # asyncio's, since 3.11 the builtin
@@ -216,7 +340,7 @@ class Link:
             async for frame in self.ws:
                 try:
                     if isinstance(frame, bytes):
-                        self._on_chunk(frame)
+                        await self._on_chunk(frame)
                     else:
                         await self._on_text(frame, on_message, on_request)
                 except ScaleoutError as exc:
@@ -302,11 +426,15 @@ class Link:
         if len(self._transfers) >= self.max_in_flight:
             self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
         self._transfers[start.transfer] = _Transfer(start)
+        if self.receive_progress is not None:
+            self.receive_progress(0, start.size)
         if start.size == 0:
             self._finish(start.transfer)
 
-    def _on_chunk(self, frame: bytes) -> None:
-        transfer, chunk = m.split_chunk(frame)
+    async def _on_chunk(self, frame: bytes) -> None:
+        # Parse the tag alone: slicing the chunk off would copy it on the loop.
+        transfer, _ = m.split_chunk(frame[: m.TRANSFER_ID_BYTES])
+        chunk = memoryview(frame)[m.TRANSFER_ID_BYTES :]
         t = self._transfers.get(transfer)
         if t is None:
             if transfer in self._failed:
@@ -315,11 +443,19 @@ class Link:
         if t.received + len(chunk) > t.start.size:
             del self._transfers[transfer]
             self._refuse(transfer, f"payload is larger than the announced {t.start.size} bytes")
-        t.write(chunk)
-        if t.start.size >= PROGRESS_MIN_BYTES and t.received >= t.next_report and t.received < t.start.size:
-            log.info("receiving payload from %s: %s of %s", self.peer, fmt_bytes(t.received), fmt_bytes(t.start.size))
-            t.next_report += t.start.size // 4
-        if t.received == t.start.size:
+        t.add(chunk)
+        size = t.start.size
+        if self.receive_progress is not None:
+            self.receive_progress(t.received, size)
+        elif size >= PROGRESS_MIN_BYTES and t.received >= t.next_report and t.received < size:
+            log.info("receiving payload from %s: %s of %s", self.peer, fmt_bytes(t.received), fmt_bytes(size))
+            t.next_report += size // 4
+        if t.received < size:
+            await t.settle(QUEUED_CHUNKS)
+            return
+        # The last chunk: the payload is checked before any message can claim it.
+        await t.settle(0)
+        if self._transfers.get(transfer) is t:  # not dropped meanwhile (a message claimed it early)
             self._finish(transfer)
 
     def _refuse(self, transfer: str, reason: str) -> NoReturn:
@@ -331,7 +467,10 @@ class Link:
     def _finish(self, transfer: str) -> None:
         t = self._transfers.pop(transfer)
         actual = t.digest.hexdigest()
-        if actual != t.start.sha256:
+        if t.error is not None:  # not a peer's fault: say so, and keep the cause in our log
+            log.error("could not check a payload from %s: %r", self.peer, t.error)
+            self._failed[transfer] = f"payload could not be checked: {type(t.error).__name__}"
+        elif actual != t.start.sha256:
             self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
         else:
             self._blobs[transfer] = t.value()
