@@ -369,3 +369,21 @@ def test_progress_is_told_both_ways_and_replaces_the_log_lines(caplog: pytest.Lo
     # The server's link has no callback: it logs as roles always did (at 25 % steps); the
     # client's link, told its progress, logs none.
     assert lines and all(line.startswith("receiving payload from 127.0.0.1:") for line in lines), lines
+
+
+def test_a_result_too_large_for_a_frame_comes_as_the_payload() -> None:
+    big = {"rows": [{"name": f"client-{i:06d}", "status": "online"} for i in range(40_000)]}  # ~1.6 MB of JSON
+
+    async def main() -> None:
+        async def on_link(link: Link) -> None:
+            async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+                return (big if req.op == "big" else {"small": True}), None
+
+            await link.run(on_request=on_request)
+
+        async with linked(on_link) as link:
+            result, blob = await link.request("big", timeout=30)
+            assert result == big and blob is None
+            assert await link.request("small", timeout=30) == ({"small": True}, None)
+
+    run(main())

@@ -19,6 +19,7 @@ from scaleout.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
 MAX_NAMES = 2000  # names per message in lists that grow with the fleet
+MAX_INLINE_RESULT = 256 << 10  # a reply's result larger than this travels as its payload
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
 MAX_TEXT_BYTES = 1 << 20
 TRANSFER_ID_BYTES = 16
@@ -66,6 +67,7 @@ class Reply(Message):
     result: JSON = field(default_factory=dict)
     error: JSON | None = None  # {"code": ..., "message": ...}
     blob: str | None = None
+    result_blob: bool = False  # the result was too large for a frame: it is the payload, as JSON
 
 
 @message

@@ -38,7 +38,7 @@ from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
 from scaleout.transport.net import serve
 
 log = logging.getLogger("scaleout.controller")
@@ -100,7 +100,7 @@ class SessionEnd:
     tried: bool = False  # a write of it failed already
 
 
-Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
+Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
 
 
 class Controller:
@@ -231,7 +231,7 @@ class Controller:
         if role == "client":  # clients only ask; they never upload to the controller
             link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
 
-        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
             entry = self._ops.get(req.op)
             if entry is None:
                 raise ProtocolError(f"unknown operation {req.op!r}")
@@ -431,7 +431,7 @@ class Controller:
         log.info("compute package %s (%s) is now active", name, digest[:12])
         return {"id": digest, "name": name, "size": len(blob)}, None
 
-    async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         digest = self.state.get_meta("active_package")
         if digest is None:
             raise NotFoundError("package", "active", "an admin must run: scaleout package set-active FILE")
@@ -439,7 +439,7 @@ class Controller:
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:
             self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
-        return {"id": digest, "name": row["name"]}, self._package_cache[1]
+        return {"id": digest, "name": row["name"]}, Hashed(self._package_cache[1], digest)
 
     async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
@@ -478,12 +478,12 @@ class Controller:
         row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
         return {"model": row}, None
 
-    async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         key = args.get("id") or self.state.get_meta("active_model")
         if not key:
             raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
-        return {"id": row["id"]}, await self._model_bytes(row["id"])
+        return {"id": row["id"]}, Hashed(await self._model_bytes(row["id"]), row["id"])  # its id is its sha256
 
     # -- sessions ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ TLS, so both run side by side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import hashlib
 import io
 import logging
@@ -94,7 +96,16 @@ class Incoming:
         return blob
 
 
-RequestHandler = Callable[[m.Request, bytes | None], Awaitable[tuple[dict[str, Any], bytes | None]]]
+@dataclass(frozen=True)
+class Hashed:
+    """A reply payload whose sha256 the handler already knows (a model's id is its hash),
+    so the link does not hash it again for every peer that asks."""
+
+    data: bytes
+    sha256: str
+
+
+RequestHandler = Callable[[m.Request, bytes | None], Awaitable[tuple[dict[str, Any], "bytes | Hashed | None"]]]
 MessageHandler = Callable[[Incoming], Awaitable[None]]
 
 
@@ -330,6 +341,14 @@ class Link:
         blob, blob_error = self._take_blob(reply.blob)
         if blob_error:
             raise ProtocolError(f"reply to {op} from {self.peer}: {blob_error}")
+        if reply.result_blob:  # a listing too large for one frame came as the payload
+            try:
+                result = json.loads(blob or b"")
+            except (ValueError, RecursionError) as exc:
+                raise ProtocolError(f"reply to {op} from {self.peer}: its result is not JSON: {exc}") from None
+            if not isinstance(result, dict):
+                raise ProtocolError(f"reply to {op} from {self.peer}: its result must be a JSON object")
+            return result, None
         return reply.result, blob
 
     # -- receiving -------------------------------------------------------------------
@@ -398,7 +417,7 @@ class Link:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
-        data: bytes | None = None
+        data: bytes | Hashed | None = None
         try:
             if inc.blob_error:
                 raise ProtocolError(inc.blob_error)
@@ -406,6 +425,12 @@ class Link:
                 raise ProtocolError(f"{self.peer} does not take requests here")
             result, data = await on_request(req, inc.take_blob())
             reply = m.Reply(re=req.id, ok=True, result=result)
+            if data is None:
+                # A listing that grows with the fleet (clients, reports) must not outgrow a frame.
+                with contextlib.suppress(ValueError):  # NaN: sending says so below
+                    encoded = m.to_json(result).encode()
+                    if len(encoded) > m.MAX_INLINE_RESULT:
+                        reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
         except ScaleoutError as exc:
             reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": str(exc)})
         except asyncio.CancelledError:
@@ -414,7 +439,10 @@ class Link:
             log.exception("request %s from %s failed", req.op, self.peer)
             reply = m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
         try:
-            await self.send_with_blob(reply, data)
+            if isinstance(data, Hashed):
+                await self.send_with_blob(reply, data.data, sha256=data.sha256)
+            else:
+                await self.send_with_blob(reply, data)
         except LinkClosed:
             pass
 
