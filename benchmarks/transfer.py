@@ -9,6 +9,14 @@ Timing covers send to acknowledgement; connections are open before the clock sta
 Prints JSON: median seconds, MiB/s, peak receiver RSS growth and the ratios ours/baseline.
 
     .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5]
+
+With ``--roles``, the model instead goes controller -> combiner -> client and the update back
+client -> combiner -> controller through real roles (`scaleout simulate`, one combiner, one
+client, ``--repeat`` rounds), against a bare `websockets` TLS link sending the same bytes in
+1 MiB messages (one hop, timed in the same run; two hops are twice that). Prints the median
+out and back times, MB/s over the two hops, the ratio to the bare link and peak RSS per role.
+
+    .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -233,8 +241,89 @@ def write_tls(tls_dir: Path) -> None:
     write_private(tls_dir / "server.key", key_pem)
 
 
+def _bare_receiver(port_box: Any, tls_dir: Path, size: int) -> None:
+    """A bare websockets TLS server (child process): replies once ``size`` bytes arrived."""
+    from websockets.asyncio.server import serve as ws_serve
+
+    async def main() -> None:
+        async def handler(ws: Any) -> None:
+            got = 0
+            async for message in ws:
+                got += len(message)
+                if got >= size:
+                    await ws.send("done")
+                    got = 0
+
+        ctx = server_context(tls_dir / "server.pem", tls_dir / "server.key")
+        async with ws_serve(handler, "127.0.0.1", 0, ssl=ctx, max_size=2 << 20, compression=None) as server:
+            port_box.put(server.sockets[0].getsockname()[1])
+            await asyncio.Future()
+
+    asyncio.run(main())
+
+
+def bare_websocket_seconds(mib: float, repeat: int, tls_dir: Path) -> list[float]:
+    """Seconds to send ``mib`` MiB in 1 MiB messages over a bare websockets TLS link."""
+    import multiprocessing
+
+    from websockets.asyncio.client import connect as ws_connect
+
+    size = int(mib * 2**20)
+    box: Any = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=_bare_receiver, args=(box, tls_dir, size), daemon=True)
+    proc.start()
+    try:
+        port = box.get(timeout=30)
+
+        async def send() -> list[float]:
+            chunk = secrets.token_bytes(1 << 20)
+            times = []
+            async with ws_connect(f"wss://127.0.0.1:{port}", ssl=client_context(tls_dir / "ca.pem"), compression=None, max_size=2 << 20, proxy=None) as ws:
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    for offset in range(0, size, 1 << 20):
+                        await ws.send(chunk[: min(1 << 20, size - offset)])
+                    await ws.recv()
+                    times.append(time.perf_counter() - t0)
+            return times
+
+        return asyncio.run(send())
+    finally:
+        proc.terminate()
+        proc.join()
+
+
+def roles(mib: float, repeat: int) -> dict[str, Any]:
+    """The model out and the update back through real roles, against the bare link."""
+    params = max(1, int(mib * 2**20) // 4)
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
+        tls_dir = Path(tmp)
+        write_tls(tls_dir)
+        bare = statistics.median(bare_websocket_seconds(params * 4 / 2**20, repeat, tls_dir))
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", "1", "--combiners", "1", "--rounds", str(repeat),
+               "--model-size", str(params), "--report", str(report)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"simulate failed:\n{done.stdout}\n{done.stderr}")
+        data = json.loads(report.read_text())
+    size_mb = params * 4 / 1e6
+    out = statistics.median(r["timing"]["distribute_s"] for r in data["rounds"])
+    back = statistics.median(r["timing"]["collect_s"] + r["timing"]["reduce_s"] for r in data["rounds"])
+    return {
+        "benchmark": "transfer_through_roles", "model_mb": round(size_mb, 1), "rounds": repeat,
+        "baseline": "bare websockets TLS link, 1 MiB messages, one hop, same run (two hops = 2x)",
+        "bare_one_hop_s": round(bare, 3), "bare_mb_per_s": round(size_mb / bare, 1),
+        "out_s": round(out, 3), "back_s": round(back, 3),
+        "out_mb_per_s_per_hop": round(2 * size_mb / out, 1), "back_mb_per_s_per_hop": round(2 * size_mb / back, 1),
+        "out_ratio": round(2 * bare / out, 3), "back_ratio": round(2 * bare / back, 3), "target_ratio": 0.8,
+        "peak_rss_mb": data["peak_rss_mb"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--roles", action="store_true", help="through real roles (controller, combiner, client) instead of one link")
     ap.add_argument("--mib", type=float, default=64.0, help="payload size in MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--receive", choices=("link", "tls"), help=argparse.SUPPRESS)
@@ -245,6 +334,9 @@ def main() -> None:
         return
     if a.mib <= 0 or a.repeat < 1:
         ap.error("--mib must be > 0 and --repeat >= 1")
+    if a.roles:
+        print(json.dumps(roles(a.mib, a.repeat)))
+        return
 
     data = payload_of(a.mib)
     token = secrets.token_urlsafe(32)
