@@ -16,12 +16,16 @@ SuperNode's SuperExec starts a fresh `flwr-clientapp` process for every message,
 is inside each Flower round: this is how its deployment engine runs an app, not a setup choice here.
 
 Caveats, so the ratio is read right: Flower runs without TLS (`--insecure`, as its local
-deployment guides do) while ours uses TLS; both log at warning level. Peak RSS is each
-process's VmHWM summed over processes (each at its own peak, so an upper bound of the
-simultaneous total), in MiB: ours the controller, the combiner and the clients; Flower's the
-SuperLink, the SuperNodes, the SuperExecs they start and the ServerApp and ClientApp processes
-(the `flwr` CLI is left out, as our admin calls are). Flower's processes are sampled from /proc
-every 0.2 s while they live, so a short-lived one may have grown a little after its last sample.
+deployment guides do) while ours uses TLS; both log at warning level. RSS is in MiB, two ways:
+`*_peak_rss_mb` sums each process's peak (VmHWM), each at its own moment, so it bounds the
+simultaneous total from above; a Flower node's ClientApp processes, one after the other, count
+as one (the largest). `*_sampled_total_rss_mb` is the largest sum of current RSS seen at one
+instant, sampling /proc every 0.2 s, so it can miss a short spike. Counted: ours the controller,
+the combiner and the clients; Flower's the SuperLink, the SuperNodes, the SuperExecs they start
+and the ServerApp and ClientApp processes (not the `flwr` CLI, as our admin calls are not). RSS
+counts each process's copy of Python and NumPy, so the number of processes weighs in. Both
+sides share the machine with whatever else runs on it: the 1-minute load as each side started
+is in the output; compare runs with a low one.
 
 Needs Flower: pip install -e '.[bench]' (make bench-flower). Progress goes to stderr; the last
 line on stdout is one JSON object.
