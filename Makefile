@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-flower clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregation.py
+
+# Flower's deployment engine beside ours on the round workloads (issue 6). Installs the optional
+# bench extra (flwr) into .venv; pip may move some of .venv's shared packages (rich, packaging)
+# to versions flwr pins. Not part of bench or test.
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench-flower: $(VENV)/.installed-bench
+	$(PY) benchmarks/flower.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-report.json

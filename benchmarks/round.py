@@ -133,6 +133,7 @@ async def federation(package: Path, root: Path, n_clients: int, n_rounds: int, r
         session = (await call_async(conn, "session.start", cfg))[0]["session"]
         session = (await call_async(conn, "session.wait", {"id": session["id"]}))[0]["session"]
         session["peak_rss_mib"] = {c.name: peak_rss_mib(c.proc.pid) for c in (controller, combiner)}
+        session["clients_peak_rss_mib"] = {c.name: peak_rss_mib(c.proc.pid) for c in children if c not in (controller, combiner)}
         return session, seed
     except (DevError, ScaleoutError) as exc:
         tails = "\n".join(c.tail() for c in children)
@@ -177,6 +178,38 @@ def baseline(seed: bytes, n_clients: int, repeat: int) -> list[float]:
     return times
 
 
+def measure(n_clients: int, n_params: int, n_rounds: int, round_timeout: float, *, clients_rss: bool = False) -> dict[str, Any]:
+    """Run the federation and the baseline once; returns the figures main() prints.
+
+    With clients_rss, also each client's peak RSS (benchmarks/flower.py compares every process).
+    """
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
+        root = Path(tmp)
+        package = write_package(root / "package", n_params)
+        session, seed = asyncio.run(federation(package, root, n_clients, n_rounds, round_timeout))
+    rounds = session["rounds"]
+    failed = [r for r in rounds if r["status"] != "succeeded"]
+    if session["status"] != "finished" or failed or len(rounds) != n_rounds:
+        reason = session.get("reason") or (failed[0]["reason"] if failed else "")
+        raise SystemExit(f"session {session['status']}: {reason}")
+
+    durations = [float(r["duration_s"]) for r in rounds]
+    base = baseline(seed, n_clients, n_rounds)
+    t_ours, t_base = statistics.median(durations), statistics.median(base)
+    result = {
+        "benchmark": "round_latency_vs_in_process_fedavg",
+        "clients": n_clients, "params": n_params, "rounds": n_rounds,
+        "update_mib": round(len(seed) / 2**20, 2),
+        "round_s": [round(d, 3) for d in durations],
+        "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2),
+        "overhead_s": round(t_ours - t_base, 4),
+        "peak_rss_mib": session["peak_rss_mib"],
+    }
+    if clients_rss:
+        result["clients_peak_rss_mib"] = session["clients_peak_rss_mib"]
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=4)
@@ -186,29 +219,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.clients < 1 or a.params < 1 or a.rounds < 1 or a.round_timeout <= 0:
         ap.error("--clients, --params and --rounds must be at least 1, --round-timeout > 0")
-
-    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
-        root = Path(tmp)
-        package = write_package(root / "package", a.params)
-        session, seed = asyncio.run(federation(package, root, a.clients, a.rounds, a.round_timeout))
-    rounds = session["rounds"]
-    failed = [r for r in rounds if r["status"] != "succeeded"]
-    if session["status"] != "finished" or failed or len(rounds) != a.rounds:
-        reason = session.get("reason") or (failed[0]["reason"] if failed else "")
-        raise SystemExit(f"session {session['status']}: {reason}")
-
-    durations = [float(r["duration_s"]) for r in rounds]
-    base = baseline(seed, a.clients, a.rounds)
-    t_ours, t_base = statistics.median(durations), statistics.median(base)
-    print(json.dumps({
-        "benchmark": "round_latency_vs_in_process_fedavg",
-        "clients": a.clients, "params": a.params, "rounds": a.rounds,
-        "update_mib": round(len(seed) / 2**20, 2),
-        "round_s": [round(d, 3) for d in durations],
-        "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2),
-        "overhead_s": round(t_ours - t_base, 4),
-        "peak_rss_mib": session["peak_rss_mib"],
-    }, indent=2))
+    print(json.dumps(measure(a.clients, a.params, a.rounds, a.round_timeout), indent=2))
 
 
 if __name__ == "__main__":
