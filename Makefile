@@ -22,18 +22,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks sample_projects
 	$(VENV)/bin/mypy --ignore-missing-imports src/
 
+# Issue 6's benchmarks: each prints one JSON object as its last line (figures, the baseline
+# measured in the same run, the ratio). Minutes, and several GB for the 1 GB transfer.
 bench: $(STAMP)
-	$(PY) benchmarks/aggregation.py
+	$(PY) benchmarks/aggregate.py
+	$(PY) benchmarks/transfer.py --mib 64
+	$(PY) benchmarks/transfer.py --roles --mib 100
+	$(PY) benchmarks/transfer.py --roles --mib 1000 --repeat 2
+	$(PY) benchmarks/round.py --scenario all
+	$(PY) benchmarks/scale.py
 
-# Flower's deployment engine beside ours on the round workloads (issue 6). Installs the optional
-# bench extra (flwr) into .venv; pip may move some of .venv's shared packages (rich, packaging)
-# to versions flwr pins. Not part of bench or test.
-$(VENV)/.installed-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
-	touch $@
+# Flower side by side (benchmarks/flower.py), in its own venv: flwr pins versions of packages
+# .venv shares (rich, packaging), so it never touches the venv make test uses.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_VENV)/.installed
 
-bench-flower: $(VENV)/.installed-bench
-	$(PY) benchmarks/flower.py
+bench-flower: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/flower.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-report.json
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache demo-report.json

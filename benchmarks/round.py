@@ -5,9 +5,15 @@ Ours: a controller, one combiner and N clients as `scaleout` processes over TLS 
 a little noise and reports num_examples=1; validation is off. A round's duration comes from
 the controller's session rows. Baseline: encode, decode and FedAvg the same N updates in this
 process, no network. The ratio is what the protocol and the processes cost on top.
-Prints JSON: per-round durations, the medians and their ratio.
+Prints JSON: per-round durations, the medians and their ratio, the median time split
+(distribute / train / collect / reduce / commit) and peak RSS of controller and combiner.
 
     .venv/bin/python benchmarks/round.py [--clients 4] [--params 1000000] [--rounds 3]
+    .venv/bin/python benchmarks/round.py --scenario a|b|c|all
+
+Scenarios (issue 6): (a) 10 clients x 25M float32 params, 1 combiner; (b) 10 clients x 1M;
+(c) 1,000 simulated clients (`scaleout simulate`) x 10k params over 4 combiners. The last
+line is one JSON object with every scenario run.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,14 +211,52 @@ def measure(n_clients: int, n_params: int, n_rounds: int, round_timeout: float, 
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2),
         "overhead_s": round(t_ours - t_base, 4),
         "peak_rss_mib": session["peak_rss_mib"],
+        "timing_s": median_timing(rounds),
     }
     if clients_rss:
         result["clients_peak_rss_mib"] = session["clients_peak_rss_mib"]
     return result
 
 
+def median_timing(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of each phase of the rounds' time split."""
+    keys = sorted({k for r in rounds for k in (r.get("timing") or {})})
+    return {k: round(statistics.median(float((r.get("timing") or {}).get(k, 0.0)) for r in rounds), 4) for k in keys}
+
+
+def simulated(n_clients: int, n_combiners: int, n_params: int, n_rounds: int) -> dict[str, Any]:
+    """Scenario (c): `scaleout simulate`, against the in-process FedAvg of as many updates."""
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", str(n_clients), "--combiners", str(n_combiners),
+               "--rounds", str(n_rounds), "--model-size", str(n_params), "--report", str(report)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"simulate failed:\n{done.stdout}\n{done.stderr}")
+        data = json.loads(report.read_text())
+    durations = [float(r["duration_s"]) for r in data["rounds"]]
+    base = baseline(payload.encode([np.zeros(n_params, np.float32)]), n_clients, n_rounds)  # same size as the seed
+    t_ours, t_base = statistics.median(durations), statistics.median(base)
+    return {
+        "benchmark": "round_simulated_clients", "clients": n_clients, "combiners": n_combiners, "params": n_params,
+        "rounds": n_rounds, "round_s": [round(d, 3) for d in durations], "ours_s": round(t_ours, 4),
+        "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 2), "timing_s": median_timing(data["rounds"]),
+        "participants": [r["participants"] for r in data["rounds"]], "peak_rss_mb": data["peak_rss_mb"],
+        "connect_s": data["simulation"]["connect_s"],
+    }
+
+
+SCENARIOS = {
+    "a": lambda rounds: measure(10, 25_000_000, rounds, 300.0),
+    "b": lambda rounds: measure(10, 1_000_000, rounds, 120.0),
+    "c": lambda rounds: simulated(1000, 4, 10_000, rounds),
+}
+TARGETS_S = {"a": 6.0, "b": 0.3, "c": 20.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", choices=[*SCENARIOS, "all"], help="run issue 6's workloads instead of --clients/--params")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--params", type=int, default=1_000_000, help="float32 parameters in the model")
     ap.add_argument("--rounds", type=int, default=3)
@@ -219,6 +264,15 @@ def main() -> None:
     a = ap.parse_args()
     if a.clients < 1 or a.params < 1 or a.rounds < 1 or a.round_timeout <= 0:
         ap.error("--clients, --params and --rounds must be at least 1, --round-timeout > 0")
+    if a.scenario:
+        picked = list(SCENARIOS) if a.scenario == "all" else [a.scenario]
+        results = {}
+        for name in picked:
+            results[name] = SCENARIOS[name](a.rounds)
+            results[name]["target_round_s"] = TARGETS_S[name]
+            print(f"scenario {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        print(json.dumps({"benchmark": "round", "scenarios": results}))
+        return
     print(json.dumps(measure(a.clients, a.params, a.rounds, a.round_timeout), indent=2))
 
 
