@@ -30,7 +30,7 @@ from scaleout.core.units import fmt_bytes
 from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
@@ -63,8 +63,8 @@ class Client:
         self.link: Link | None = None
         self.current_task: str | None = None
         self.held: m.TaskResult | None = None  # a result we could not send yet
-        # The update the combiner will pull: (task id, bytes, the result that announced it).
-        self.update: tuple[str, bytes, m.TaskResult] | None = None
+        # The update the combiner will pull: (task id, bytes and their sha256, the result that announced it).
+        self.update: tuple[str, Hashed, m.TaskResult] | None = None
         self.combiner: str | None = None  # where we were: reconnect there if it is still up
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
@@ -224,14 +224,14 @@ class Client:
                 raise Superseded(f"{reason}: this client stops (give each client its own --name)")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
-    async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         """The combiner pulls the update we announced, when it has room to fold it."""
         if req.op != "update.get":
             raise ProtocolError(f"unknown operation {req.op!r}")
         task_id = req.args.get("task_id")
         if self.update is None or self.update[0] != task_id:
             raise NotFoundError("update", str(task_id), "this client holds no update for that task")
-        log.info("sending the update of task %s (%s)", task_id, fmt_bytes(len(self.update[1])))
+        log.info("sending the update of task %s (%s)", task_id, fmt_bytes(len(self.update[1].data)))
         return {}, self.update[1]
 
     async def _on_message(self, inc: Incoming) -> None:
@@ -313,7 +313,9 @@ class Client:
                 self.current_task = None
             if update is not None and result.ok:
                 result.size = len(update)
-                self.update = (task.task_id, update, result)
+                # Hashed now, while the combiner may still be busy: its pull then streams at once.
+                digest = await asyncio.to_thread(_sha256, update)
+                self.update = (task.task_id, Hashed(update, digest), result)
             await self._send(result)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -337,6 +339,10 @@ class Client:
                 log.warning("could not send the result of task %s (%s): keeping it until we reconnect", msg.task_id, exc)
             else:
                 log.debug("dropping %s: %s", msg.type, exc)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _log_traceback(what: str, exc: BaseException) -> None:

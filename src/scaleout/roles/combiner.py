@@ -22,7 +22,7 @@ from scaleout.core.units import fmt_bytes
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Incoming, Link, LinkClosed
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
 from scaleout.transport.net import backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -86,7 +86,7 @@ class Combiner:
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
-        self.partials: dict[tuple[str, int], bytes] = {}  # encoded partials the controller will pull
+        self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
@@ -365,14 +365,14 @@ class Combiner:
         else:
             raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
 
-    async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         if req.op != "partial.get":
             raise ProtocolError(f"unknown operation {req.op!r}")
         key = (str(req.args.get("session_id")), req.args.get("round_index"))
         data = self.partials.pop(key, None)  # type: ignore[arg-type]
         if data is None:
             raise ProtocolError(f"no partial aggregate for round {key[1]} of session {key[0]} (it was sent or dropped)")
-        log.info("round %s: sending the partial aggregate (%s) to the controller", key[1], fmt_bytes(len(data)))
+        log.info("round %s: sending the partial aggregate (%s) to the controller", key[1], fmt_bytes(len(data.data)))
         return {}, data
 
     def _spawn(self, coro: Any) -> None:
@@ -614,15 +614,23 @@ class Combiner:
             if job.agg is not None and job.agg.count > 0:
                 try:
                     p = job.agg.partial(copy=False)  # refused if not finite: never sent on
-                    data = await asyncio.to_thread(encode_partial, p)
+                    data = await asyncio.to_thread(_encode_hashed, encode_partial, p)
                     self.partials = {(job.session_id, job.round_index): data}  # one round's share at a time
-                    size, count, weight = len(data), p.count, p.weight
+                    size, count, weight = len(data.data), p.count, p.weight
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
             job.agg = None  # the sums are encoded (or refused): free them
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
         await _quiet(self.controller.send(msg))
+
+
+def _encode_hashed(encode: Any, partial: Any) -> Hashed:
+    """Encode a partial and hash it (in a thread, before the controller asks for it)."""
+    import hashlib
+
+    data = encode(partial)
+    return Hashed(data, hashlib.sha256(data).hexdigest())
 
 
 def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]:

@@ -23,7 +23,7 @@ from scaleout.core import payload
 from scaleout.core.errors import AuthError, NotFoundError, ProtocolError, ScaleoutError
 from scaleout.roles.common import announce
 from scaleout.security import tls
-from scaleout.transport.link import Incoming, Link
+from scaleout.transport.link import Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.simulate")
@@ -50,7 +50,7 @@ class SimHost:
     def __init__(self, settings: SimSettings) -> None:
         self.s = settings
         self.ctx = None if settings.insecure else tls.client_context(settings.ca)
-        self.updates: dict[str, asyncio.Future[bytes]] = {}  # model id -> synthetic update bytes
+        self.updates: dict[str, asyncio.Future[Hashed]] = {}  # model id -> synthetic update and its sha256
         self.connecting = asyncio.Semaphore(CONNECTS_AT_ONCE)
         self._ctl: tuple[Link, asyncio.Task[None]] | None = None
         self._ctl_lock = asyncio.Lock()
@@ -79,7 +79,7 @@ class SimHost:
                 self._ctl = (link, asyncio.create_task(link.run()))
             return self._ctl[0]
 
-    async def _update(self, model_id: str, model: bytes) -> bytes:
+    async def _update(self, model_id: str, model: bytes) -> Hashed:
         """The synthetic update for ``model``: computed once per process (off the loop)."""
         if model_id not in self.updates:
             self.updates = {model_id: asyncio.ensure_future(asyncio.to_thread(_shifted, model))}
@@ -87,7 +87,7 @@ class SimHost:
 
     async def _client(self, index: int, name: str, stop: asyncio.Event) -> None:
         delays = backoff()
-        holding: tuple[str, bytes, m.TaskResult] | None = None
+        holding: tuple[str, Hashed, m.TaskResult] | None = None
         while not stop.is_set():
             try:
                 async with self.connecting:
@@ -100,7 +100,7 @@ class SimHost:
                     if isinstance(inc.msg, m.Task):
                         await tasks.put(inc)
 
-                async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+                async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
                     if req.op != "update.get":
                         raise ProtocolError(f"unknown operation {req.op!r}")
                     if holding is None or holding[0] != req.args.get("task_id"):
@@ -127,7 +127,7 @@ class SimHost:
                     if task.kind == "train" and model is not None:
                         update = await self._update(task.model_id, model)
                         n = 1 + index % 10
-                        result = m.TaskResult(task_id=task.task_id, ok=True, size=len(update), data={"metadata": {"training_metadata": {"num_examples": n}}})
+                        result = m.TaskResult(task_id=task.task_id, ok=True, size=len(update.data), data={"metadata": {"training_metadata": {"num_examples": n}}})
                         holding = (task.task_id, update, result)
                     else:
                         result = m.TaskResult(task_id=task.task_id, ok=True, data={"score": (index % 100) / 100})
@@ -146,8 +146,11 @@ class SimHost:
                 pass
 
 
-def _shifted(model: bytes) -> bytes:
-    """The model with SHIFT added to every float tensor, in the same layout."""
+def _shifted(model: bytes) -> Hashed:
+    """The model with SHIFT added to every float tensor, in the same layout, and its sha256."""
+    import hashlib
+
     named, layout, _ = payload.read(model)
     shifted = {k: (v + v.dtype.type(SHIFT)) if v.dtype.kind == "f" else v for k, v in named.items()}
-    return payload.encode_named({k: np.ascontiguousarray(v) for k, v in shifted.items()}, layout)
+    data = payload.encode_named({k: np.ascontiguousarray(v) for k, v in shifted.items()}, layout)
+    return Hashed(data, hashlib.sha256(data).hexdigest())
