@@ -183,6 +183,7 @@ def test_the_controller_bounds_what_a_combiner_reports(fed: Federation, tmp_path
             return complaints
 
     complaints = asyncio.run(go())
+    fed.admin("client.ls")  # reports are written in batches: a listing flushes what is queued
     assert [c["code"] for c in complaints] == ["bad_message"] * 2, complaints
     assert "kind must be one of" in complaints[0]["message"] and "client name" in complaints[1]["message"], complaints
     stored = rows(fed, "SELECT * FROM reports WHERE session_id='s-rogue' ORDER BY id")

@@ -1,9 +1,10 @@
-"""Registry writes in batches, off the event loop.
+"""Registry and report writes in batches, off the event loop.
 
-Clients join and leave by the thousand; writing each change to ``state.db`` on the event
-loop made a fleet's worth of joins O(N^2) and stalled rounds. Changes are queued here
-(the latest status of a node wins) and written by a worker thread in one transaction per
-batch, on its own SQLite connection (WAL lets the controller's connection read meanwhile).
+Clients join and leave by the thousand, and each sends reports every round; writing each
+to ``state.db`` on the event loop made a fleet's worth of joins O(N^2) and stalled rounds.
+They are queued here (for nodes, the latest status wins) and written by a worker thread in
+one transaction per batch, on its own SQLite connection (WAL lets the controller's
+connection read meanwhile). Readers call `flush()` first to see everything queued.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scaleout.core.errors import StorageError
 
@@ -31,6 +32,7 @@ class RegistryWriter:
         self._clients: dict[str, tuple[str, str, float]] = {}  # name -> (status, combiner, when)
         self._combiners: dict[str, tuple[str, int | None, float]] = {}  # name -> (status, clients, when)
         self._offline: dict[str, float] = {}  # combiner -> when all its clients went offline
+        self._reports: list[tuple[str, str, int, str, str, str | None, float]] = []
         self._db: State | None = None
         self._db_lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -52,9 +54,15 @@ class RegistryWriter:
             self._clients = {k: v for k, v in self._clients.items() if v[1] != name}
         self._wake.set()
 
+    def report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, object], error: str | None) -> None:
+        from scaleout.core.messages import to_json
+
+        self._reports.append((kind, session_id, round_index, client, to_json(data), error, time.time()))  # UTF-8, as measured by its limit
+        self._wake.set()
+
     @property
     def pending(self) -> int:
-        return len(self._clients) + len(self._combiners) + len(self._offline)
+        return len(self._clients) + len(self._combiners) + len(self._offline) + len(self._reports)
 
     async def _run(self) -> None:
         while True:
@@ -67,12 +75,12 @@ class RegistryWriter:
         """Write what is queued now (in a thread); a full disk is logged, the batch dropped."""
         if not self.pending:
             return
-        batch = (self._clients, self._combiners, self._offline)
-        self._clients, self._combiners, self._offline = {}, {}, {}
+        batch = (self._clients, self._combiners, self._offline, self._reports)
+        self._clients, self._combiners, self._offline, self._reports = {}, {}, {}, []
         try:
             await asyncio.to_thread(self._write, *batch)
         except StorageError as exc:  # registry rows are refreshed by the next change or start
-            log.error("could not record %d registry changes: %s", len(batch[0]) + len(batch[1]) + len(batch[2]), exc)
+            log.error("could not record %d registry changes and reports: %s", sum(len(b) for b in batch), exc)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -83,11 +91,16 @@ class RegistryWriter:
                 self._db.close()
                 self._db = None
 
-    def read(self, table: str) -> list[dict[str, object]]:
+    def read(self, table: str) -> list[dict[str, Any]]:
         """All rows of ``clients`` or ``combiners`` (in a thread: a fleet's worth of rows)."""
         with self._db_lock:
             st = self._open()
             return st.clients() if table == "clients" else st.combiners()
+
+    def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """A session's reports (in a thread: a round's worth for a fleet is many rows)."""
+        with self._db_lock:
+            return self._open().reports(session_id, round_index, kind)
 
     def _open(self) -> State:
         from scaleout.store.state import State
@@ -96,7 +109,10 @@ class RegistryWriter:
             self._db = State(self.path)
         return self._db
 
-    def _write(self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float]) -> None:
+    def _write(
+        self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
+        reports: list[tuple[str, str, int, str, str, str | None, float]],
+    ) -> None:
         with self._db_lock:
             st = self._open()
             with st.transaction():
@@ -113,4 +129,7 @@ class RegistryWriter:
                         "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, clients=COALESCE(?, clients)",
                         (name, status, count or 0, when, when, count),
                     )
-            self.written += len(clients) + len(combiners) + len(offline)
+                st.db.executemany(
+                    "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)", reports
+                )
+            self.written += len(clients) + len(combiners) + len(offline) + len(reports)
