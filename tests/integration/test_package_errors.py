@@ -74,3 +74,21 @@ def test_startup_error_stops_the_client_naming_the_package_line(fed: Federation,
     assert "Traceback" not in r.stderr and "--log-level debug" in r.stderr, r.stderr
     r = scaleout(*args, "--log-level", "debug", timeout=60)
     assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr and "# RAISES HERE" in r.stderr, r.stderr
+
+
+def test_sys_exit_or_ctrl_c_in_a_callback_fails_the_task_not_the_client(fed: Federation) -> None:
+    exits, interrupts = (marked_line(RAISING / "startup.py", m) for m in ("# EXITS HERE", "# INTERRUPTS HERE"))
+    fed.controller()
+    fed.seed_from(RAISING)
+    fed.combiner("c1")
+    client = fed.client("odd", package=RAISING)
+    fed.wait_clients(1)
+    for how, expected in (("exit", f"the train callback called sys.exit(3) (startup.py:{exits})"),
+                          ("interrupt", f"the train callback raised KeyboardInterrupt (startup.py:{interrupts})")):
+        session = fed.run_session(rounds=1, min_clients=1, validate=False, settings={"how": how})
+        assert session["status"] == "failed", session
+        shown = fed.admin("session.show", {"id": session["id"], "clients": True})[0]["session"]
+        (report,) = [c for c in shown["rounds"][0]["clients"] if c["client"] == "odd"]
+        assert report["error"] == expected, report
+        assert client.popen.poll() is None, client.text()  # still running, ready for the next round
+    assert fed.admin("status")[0]["clients"] == 1

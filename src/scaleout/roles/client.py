@@ -28,7 +28,7 @@ from scaleout.core.errors import AuthError, NotFoundError, PackageError, Protoco
 from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import in_daemon_thread, new_id, unless_stopped
+from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
@@ -293,9 +293,11 @@ class Client:
                 result.ok = True
             except asyncio.CancelledError:
                 raise
-            except SystemExit as exc:  # e.g. argparse inside a reused training script
+            except CallbackExit as wrapped:  # sys.exit() (e.g. argparse in a reused training script) or KeyboardInterrupt
+                exc = wrapped.original
                 where = user_location(exc, self.package_root)
-                result.error = f"the {task.kind} callback called sys.exit({exc.code!r})" + (f" ({where})" if where else "")
+                what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {type(exc).__name__}"
+                result.error = f"the {task.kind} callback {what}" + (f" ({where})" if where else "")
                 log.error("round %d: %s", task.round_index, result.error)
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             except TaskAborted as exc:

@@ -48,6 +48,15 @@ def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
     return received
 
 
+class CallbackExit(Exception):
+    """User code raised SystemExit or KeyboardInterrupt on a worker thread; ``original`` is it."""
+
+    def __init__(self, original: BaseException) -> None:
+        self.original = original
+        self.__traceback__ = original.__traceback__
+        super().__init__(f"{type(original).__name__}({getattr(original, 'code', '')!r})" if isinstance(original, SystemExit) else type(original).__name__)
+
+
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` on a daemon thread and await its result.
 
@@ -72,6 +81,10 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
         result = None
         try:
             result = context.run(fn, *args)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Raised into the awaiting task these would end the whole process (asyncio lets
+            # them through): user code calling sys.exit() fails its call instead.
+            error = CallbackExit(exc)
         except BaseException as exc:  # handed to the awaiting task, which raises it
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
