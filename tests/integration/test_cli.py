@@ -158,13 +158,24 @@ def test_relative_package_paths(tmp_path: Path) -> None:
     assert (tmp_path / "pkg.tgz").is_file()
 
 
+def test_insecure_against_a_tls_address_is_one_line(tmp_path: Path) -> None:
+    env = {"SCALEOUT_CONTROLLER": "wss://127.0.0.1:9", "SCALEOUT_TOKEN": "t"}
+    for cmd in (["status", "--insecure"], ["join", "--insecure", "--name", "x", "-p", str(QUICKSTART)]):
+        r = scaleout(*cmd, cwd=tmp_path, env=env, timeout=30)
+        assert r.returncode == 2 and "drop --insecure" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_no_controller_configured(tmp_path: Path) -> None:
     user_error(scaleout("model", "ls", cwd=tmp_path), 2, "--controller")
     (tmp_path / "not-a-controller").mkdir()
     user_error(scaleout("session", "ls", "--data-dir", "not-a-controller", cwd=tmp_path), 2, "not-a-controller")
 
 
-@pytest.mark.parametrize("text", ['{"url": "wss://127.0.0.1:8090", "ca"', "{}", "[]", "", '{"url": 5}'], ids=["truncated", "empty-object", "list", "empty", "url-not-text"])
+@pytest.mark.parametrize(
+    "text",
+    ['{"url": "wss://127.0.0.1:8090", "ca"', "{}", "[]", "", '{"url": 5}', '{"url": "wss://127.0.0.1:9"}'],
+    ids=["truncated", "empty-object", "list", "empty", "url-not-text", "tls-without-ca"],
+)
 def test_damaged_controller_json(tmp_path: Path, text: str) -> None:
     (tmp_path / "ctl").mkdir()
     (tmp_path / "ctl" / "controller.json").write_text(text)

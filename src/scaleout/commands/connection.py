@@ -92,6 +92,8 @@ def read_controller_info(data_dir: Path) -> dict[str, Any]:
         problem = "no controller address in it"
     if problem is None and not isinstance(info.get("ca"), str | None):
         problem = "its CA entry is not a file name"
+    if problem is None and info["url"].startswith("wss://") and not info.get("ca"):
+        problem = "a wss:// address but no CA file"
     if problem is not None:
         raise UsageError(f"{info_file} is damaged ({problem}); restart the controller to rewrite it: scaleout serve --data-dir {data_dir}")
     return dict(info)

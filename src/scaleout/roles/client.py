@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, NotFoundError, PackageError, ProtocolError, RemoteError, ScaleoutError, Superseded, TaskAborted
+from scaleout.core.errors import AuthError, ConfigError, NotFoundError, PackageError, ProtocolError, RemoteError, ScaleoutError, Superseded, TaskAborted
 from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.project import describe_failure, user_location
@@ -161,7 +161,7 @@ class Client:
             try:
                 # A step stalled on a peer (package.get, client.assign) must not delay exit.
                 return await unless_stopped(step(stop), stop)
-            except (AuthError, TrustError, PackageError, Superseded):
+            except (AuthError, TrustError, PackageError, Superseded, ConfigError):
                 raise
             except RemoteError as exc:
                 if exc.code == AuthError.code:

@@ -115,6 +115,8 @@ async def connect(
     """
     if ssl_context is not None and not url.startswith("wss://"):
         raise TrustError(f"refusing to send a token over clear text to {url}: expected a wss:// address")
+    if ssl_context is None and url.startswith("wss://"):
+        raise ConfigError("insecure", f"{url} uses TLS: drop --insecure (it is only for a controller started with --insecure, at a ws:// address)")
     try:
         ws = await ws_connect(
             url,
