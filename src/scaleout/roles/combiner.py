@@ -15,7 +15,7 @@ from typing import Any
 from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
-from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body, transfer_timeout
+from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
@@ -34,6 +34,7 @@ CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
 UPLOAD_BUDGET_MIN = 64 << 20  # bytes of updates held at once: at least this, or one model-sized update
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
+PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 
 
@@ -67,7 +68,8 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     update_limit: int = 0  # bytes a selected client may send as its update (train only)
     settings: dict[str, Any] = field(default_factory=dict)
-    pulling: set[str] = field(default_factory=set)  # clients whose update is being pulled
+    pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
+    told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
     # When it started, all tasks were sent, the last result was announced (loop time).
     started: float = 0.0
     sent: float | None = None
@@ -87,6 +89,7 @@ class Combiner:
         self.background: set[asyncio.Future[Any]] = set()
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
+        self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
@@ -208,12 +211,12 @@ class Combiner:
 
     async def _on_client(self, link: Link) -> None:
         name: str | None = None
-        gate = MetricGate()  # this link's metric size and rate limits
+        gate: MetricGate | None = None  # the client's metric limits: per name, so reconnecting does not reset them
         link.max_in_flight = CLIENT_IN_FLIGHT
         link.max_payload = self._client_limit(None)
 
         async def on_message(inc: Incoming) -> None:
-            nonlocal name
+            nonlocal name, gate
             msg = inc.msg
             if name is None:
                 if not isinstance(msg, m.Hello):
@@ -226,6 +229,7 @@ class Combiner:
                     log.warning("client %s connected again: closing its older connection", msg.name)
                     await _quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}"))
                 name = msg.name
+                gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
                 log.info("client %s connected (%d clients)", name, len(self.clients))
                 self._changed(joined=name)
@@ -234,7 +238,7 @@ class Combiner:
                 await self._on_result(name, inc)
             elif isinstance(msg, m.Metric):
                 job = self._job_of(msg.task_id)
-                if job is not None:
+                if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
@@ -375,10 +379,11 @@ class Combiner:
         log.info("round %s: sending the partial aggregate (%s) to the controller", key[1], fmt_bytes(len(data.data)))
         return {}, data
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Future[Any]) -> None:
         self.background.discard(task)
@@ -472,6 +477,9 @@ class Combiner:
     def _drop(self, job: Job) -> None:
         if job.timer is not None:
             job.timer.cancel()
+        for pull in job.pulling.values():  # nobody folds what they bring now: free the budget
+            if pull is not asyncio.current_task():  # a pull that completes the round ends by itself
+                pull.cancel()
         if self.jobs.get(job.kind) is job:
             del self.jobs[job.kind]
 
@@ -510,8 +518,7 @@ class Combiner:
                 await self._complete(job)
             return
         # Pulled in its own task: this link goes on reading (pings, metrics) while it waits.
-        job.pulling.add(client)
-        self._spawn(self._pull(job, client, msg, weight, size))
+        job.pulling[client] = self._spawn(self._pull(job, client, msg, weight, size))
 
     async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
         """Fetch a client's update when the upload budget has room, check it and fold it in.
@@ -527,7 +534,7 @@ class Combiner:
                     return  # the round closed, or the client left (it announces again when back)
                 link.max_payload = size
                 try:
-                    _, blob = await link.request("update.get", {"task_id": msg.task_id}, timeout=transfer_timeout(size))
+                    blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
                 finally:
                     link.max_payload = self._client_limit(client)
                 if blob is None or len(blob) != size:
@@ -548,11 +555,34 @@ class Combiner:
                 await self._complete(job)
             return
         finally:
-            job.pulling.discard(client)
+            job.pulling.pop(client, None)
         log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
         await self._report("train", job, client, msg.data, None)
         if ready:
             await self._complete(job)
+
+    async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> bytes | None:
+        """Ask a client for its update and wait as long as bytes keep coming: a stalled client
+        (nothing for PULL_STALL_S) or one still sending at the round's deadline is given up,
+        so it cannot hold the upload budget from the others; a slow but steady one is not."""
+        loop = asyncio.get_running_loop()
+        request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}))
+        seen, since = link.received_bytes, loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=min(1.0, PULL_STALL_S))
+                if done:
+                    return request.result()[1]
+                now = loop.time()
+                if link.received_bytes != seen:
+                    seen, since = link.received_bytes, now
+                elif now - since >= PULL_STALL_S:
+                    raise PayloadError(f"sent nothing for {PULL_STALL_S:g} s when asked for its update")
+                if now >= deadline:
+                    raise PayloadError("its update was still arriving at the round timeout")
+        finally:
+            if not request.done():
+                request.cancel()
 
     async def _bound_result(self, job: Job, client: str, msg: m.TaskResult) -> None:
         """Cut a result down to what may travel on: its error text truncated, oversized data
@@ -573,6 +603,7 @@ class Combiner:
 
     async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
         assert self.controller is not None
+        job.told.add(client)
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
@@ -597,6 +628,10 @@ class Combiner:
         self._drop(job)
         assert self.controller is not None
         await self._abort_late(job)
+        # Clients lost, timed out or never reached are named too, not only those that answered.
+        for client, reason in sorted(job.tracker.failed.items()):
+            if client not in job.told:
+                await self._report(job.kind, job, client, {}, reason)
         if job.kind == "validate":
             log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
             await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))

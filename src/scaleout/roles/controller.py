@@ -285,6 +285,11 @@ class Controller:
                     raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
                 for client in msg.joined:
                     m.check_name(client, "client name")
+                    elsewhere = self.assigner.where.get(client)
+                    if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
+                        # One name, one node: the newest connection counts, once, wherever it is.
+                        log.warning("client %s is now on combiner %s (it was on %s)", client, c.name, elsewhere)
+                        self.combiners[elsewhere].clients.discard(client)
                     c.clients.add(client)
                     self.assigner.client_joined(c.name, client)
                     self.registry.client(client, "online", c.name)
@@ -644,7 +649,7 @@ class Controller:
     async def _wait_for_clients(self, s: RunningSession, deadline: float) -> dict[str, list[str]]:
         loop = asyncio.get_running_loop()
         while True:
-            selected = select_clients({c.name: c.clients for c in self.combiners.values()}, (c.name for c in self.combiners.values() if c.url))
+            selected = select_clients(self.assigner.members, self.assigner.ready)  # each name once, where it is
             n = sum(map(len, selected.values()))
             if n >= s.config.min_clients or s.stopped or loop.time() >= deadline:
                 return selected

@@ -217,6 +217,7 @@ class Link:
         # Told the progress of every payload arriving on this link, instead of the log lines;
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
+        self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
         self.closed = False  # set when run() returns: no reply can arrive any more
         self._pending: dict[str, asyncio.Future[m.Reply]] = {}
         self._transfers: dict[str, _Transfer] = {}
@@ -472,6 +473,7 @@ class Link:
             del self._transfers[transfer]
             self._refuse(transfer, f"payload is larger than the announced {t.start.size} bytes")
         t.add(chunk)
+        self.received_bytes += len(chunk)
         size = t.start.size
         if self.receive_progress is not None:
             self.receive_progress(t.received, size)

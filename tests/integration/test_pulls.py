@@ -1,0 +1,99 @@
+"""Pulled updates: a client that stalls when asked cannot hold a combiner's upload budget,
+clients that leave are named in the round's reports, and a client's metric limits survive
+its reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from typing import Any
+
+from conftest import FIXTURES, QUICKSTART, Federation, wait_stdout
+from test_client_limits import TIMEOUT, admin, frame, next_text, rows
+from websockets.asyncio.client import connect
+
+from scaleout.security.tls import client_context
+
+SLOW = FIXTURES / "slow_client"
+
+
+def test_a_client_that_stalls_when_asked_is_left_out_and_the_round_goes_on(fed: Federation) -> None:
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    c1 = fed.combiner("c1")
+    fed.client("good-0", package=QUICKSTART)
+    assert c1.url is not None
+    headers = {"Authorization": f"Bearer {fed.token('client')}"}
+
+    async def go() -> dict[str, Any]:
+        async with connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None) as ws:
+            await ws.send(frame("hello", "h1", name="staller"))
+            await admin(fed, "client.wait", {"count": 2, "timeout": TIMEOUT})
+            config = {"rounds": 1, "min_clients": 1, "round_timeout": 60, "validate": False}
+            session = (await admin(fed, "session.start", config))["session"]
+            task = await next_text(ws, "task")
+            meta = {"metadata": {"training_metadata": {"num_examples": 5}}}
+            await ws.send(frame("task.result", "r1", task_id=task["task_id"], ok=True, size=50_000, data=meta))
+            pull = await next_text(ws, "request")  # asked for the update: never answer
+            assert pull["op"] == "update.get", pull
+            return (await admin(fed, "session.wait", {"id": session["id"]}))["session"]
+
+    session = asyncio.run(go())
+    (rnd,) = session["rounds"]
+    assert rnd["status"] == "succeeded" and rnd["participants"] == ["good-0"], rnd
+    assert rnd["duration_s"] < 40, rnd  # given up after 10 s of silence, not at the 60 s timeout
+    (staller,) = rows(fed, "SELECT * FROM reports WHERE session_id=? AND client='staller'", session["id"])
+    assert "sent nothing for 10 s when asked for its update" in staller["error"], staller
+
+
+def test_clients_that_leave_mid_round_are_named(fed: Federation) -> None:
+    fed.controller()
+    fed.seed_from(SLOW)
+    fed.combiner("c1")
+    fed.client("stays", package=SLOW)
+    leaver = fed.client("leaves", package=SLOW)
+    fed.wait_clients(2)
+    session = fed.admin("session.start", {"rounds": 1, "min_clients": 1, "round_timeout": 30, "validate": False, "settings": {"slow_s": 3}})[0]["session"]
+    wait_stdout(leaver, "slow_client: training")
+    leaver.popen.send_signal(signal.SIGTERM)  # says goodbye: no reconnect grace to wait out
+    done = fed.admin("session.wait", {"id": session["id"]})[0]["session"]
+    (rnd,) = done["rounds"]
+    assert rnd["status"] == "succeeded" and rnd["participants"] == ["stays"], rnd
+    shown = fed.admin("session.show", {"id": session["id"], "clients": True})[0]["session"]
+    reasons = {c["client"]: c["error"] for c in shown["rounds"][0]["clients"]}
+    assert reasons["stays"] is None and reasons["leaves"] == "client disconnected", reasons
+
+
+def test_metric_limits_hold_across_reconnects(fed: Federation) -> None:
+    fed.controller()
+    fed.seed_from(SLOW)
+    c1 = fed.combiner("c1")
+    fed.client("good-0", package=SLOW)
+    assert c1.url is not None
+    headers = {"Authorization": f"Bearer {fed.token('client')}"}
+
+    async def go() -> str:
+        async def dial() -> Any:
+            return await connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
+
+        ws = await dial()
+        await ws.send(frame("hello", "h0", name="flooder"))
+        await admin(fed, "client.wait", {"count": 2, "timeout": TIMEOUT})
+        config = {"rounds": 1, "min_clients": 1, "round_timeout": 30, "validate": False, "settings": {"slow_s": 4}}
+        session = (await admin(fed, "session.start", config))["session"]
+        task = await next_text(ws, "task")
+        for i in range(30):  # 4 x 60 KB per connection, then a new connection with a fresh link
+            for j in range(4):
+                await ws.send(frame("metric", f"m{i}-{j}", task_id=task["task_id"], metrics={"x" * 60_000: j}))
+            await ws.close()
+            ws = await dial()
+            await ws.send(frame("hello", f"h{i + 1}", name="flooder", task_id=task["task_id"]))
+        await ws.close()
+        await admin(fed, "session.wait", {"id": session["id"]})
+        return str(session["id"])
+
+    sid = asyncio.run(go())
+    stored = rows(fed, "SELECT data FROM reports WHERE session_id=? AND client='flooder' AND kind='metric'", sid)
+    assert 1 <= len(stored) <= 8, len(stored)  # 120 sent; the per-client budget of about 256 KB holds
+    assert sum(len(json.loads(r["data"])) for r in stored) <= 8
