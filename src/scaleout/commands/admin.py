@@ -321,10 +321,19 @@ async def follow(
     return session
 
 
+SHOWN_REASON_CHARS = 300  # a reason on a round's line; `session show --clients --json` has it whole
+
+
+def shown_reason(reason: str) -> str:
+    """One line of at most SHOWN_REASON_CHARS for a terminal (an error text may be 4 KiB)."""
+    line = " ".join(reason.split())
+    return line if len(line) <= SHOWN_REASON_CHARS else line[: SHOWN_REASON_CHARS - 4].rstrip() + " ..."
+
+
 def _print_round(r: dict[str, Any]) -> None:
     print(_round_line(r), flush=True)
     for f in r["failures"]:
-        print(f"    {f['client']}: {f['reason']}", flush=True)
+        print(f"    {f['client']}: {shown_reason(f['reason'])}", flush=True)
 
 
 def _print_end(session: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
-from scaleout.commands.admin import _round_line, call_async, client_failures
+from scaleout.commands.admin import _round_line, call_async, client_failures, shown_reason
 from scaleout.commands.connection import Connection, read_controller_info
 from scaleout.core.errors import ScaleoutError
 
@@ -172,6 +172,14 @@ def main(args: argparse.Namespace) -> int:
         settings = json.loads(args.settings)
     except ValueError as exc:
         raise UsageError(f"--settings is not valid JSON: {exc}") from None
+    # Mistakes found before a whole federation is started for nothing.
+    from scaleout.core.config import SessionConfig
+
+    SessionConfig(rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.clients, validate=args.validate, settings=settings)
+    if args.report is not None and not args.report.parent.resolve().is_dir():
+        raise UsageError(f"--report {args.report}: folder {args.report.parent} does not exist")
+    if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is a file, not a folder")
     if args.data_dir is None:
         root = Path(tempfile.mkdtemp(prefix="scaleout-dev-"))
     else:
@@ -288,7 +296,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
                 reports: list[dict[str, Any]] = next((x.get("clients", []) for x in shown["rounds"] if x["idx"] == r["idx"]), [])
                 failures[r["idx"]] = client_failures(r, reports, names)
                 for f in failures[r["idx"]]:
-                    say(f"      {f['client']}: {f['reason']}")
+                    say(f"      {f['client']}: {shown_reason(f['reason'])}")
                 if r["status"] != "succeeded":
                     failed.append(f"round {r['idx']}")
 

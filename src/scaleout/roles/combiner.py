@@ -23,7 +23,7 @@ from scaleout.roles.common import announce, bracket, cert_names, new_id, url_hos
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
-from scaleout.transport.net import backoff, connect, serve
+from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 
@@ -132,6 +132,24 @@ class Combiner:
                 pass
         return None
 
+    async def _first_register(self, ctx: Any, csr: str | None, stop: asyncio.Event) -> tuple[asyncio.Task[None], dict[str, Any]] | None:
+        """Register at start, waiting with backoff for a controller that is not up yet (a
+        combiner started at boot before its controller); a refused token or an untrusted
+        certificate stops it at once. None when stopped while waiting."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                return await self._register(ctx, csr)
+            except ConnectError as exc:
+                if isinstance(exc, TrustError):
+                    raise
+                log.warning("controller not reachable yet (retrying): %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+        return None
+
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
         self.partials.clear()
@@ -154,7 +172,10 @@ class Combiner:
         if not s.insecure:
             csr_pem, key_pem = tls.make_csr(cert_names(s.host, [dial_host, *s.san]), self.name)
             csr = csr_pem.decode()
-        reader, result = await self._register(ctx, csr)
+        first = await self._first_register(ctx, csr, stop)
+        if first is None:
+            return
+        reader, result = first
         assert self.controller is not None
         self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
         server_ctx = None

@@ -84,6 +84,7 @@ class RunningSession:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     server_state: dict[str, Any] = field(default_factory=dict)  # what the strategy keeps across rounds
+    stop_reason: str | None = None  # why it was stopped ("stopped by an admin", "controller shut down")
     storage_failure: StorageError | None = None  # a write failed (a full disk): the session ends
 
 
@@ -328,7 +329,7 @@ class Controller:
             data = {}
         self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
-            log.warning("client %s: %s %s", msg.client, msg.kind, error)
+            log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
     # -- combiner and client registry -----------------------------------------------------
 
@@ -558,6 +559,7 @@ class Controller:
         if s.stopped:
             return
         s.stopped = True
+        s.stop_reason = reason
         s.stop_event.set()
         s.events.put_nowait(("stop", reason))
         for c in list(self.combiners.values()):
@@ -621,7 +623,7 @@ class Controller:
                     status, reason = "failed", f"round {index}: {s.storage_failure}"
                     break
             if s.stopped and s.storage_failure is None:
-                status, reason = "stopped", reason or "stopped"
+                status, reason = "stopped", s.stop_reason or reason or "stopped"
         except asyncio.CancelledError:
             status, reason = "stopped", "controller shut down"
             raise
