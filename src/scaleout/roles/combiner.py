@@ -246,9 +246,14 @@ class Combiner:
                 old = self.clients.get(msg.name)
                 if old is not None:
                     # The newest connection wins: the old one is usually a dead link from
-                    # before a restart; a live twin is told why and stops.
+                    # before a restart; a live twin is told why and stops. Closed in the
+                    # background: a dead peer must not hold up this link for the close timeout.
                     log.warning("client %s connected again: closing its older connection", msg.name)
-                    await _quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}"))
+                    self._spawn(_quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}")))
+                for current in self.jobs.values():  # a pull on the old connection will never finish
+                    stale = current.pulling.pop(msg.name, None)
+                    if stale is not None:
+                        stale.cancel()
                 name = msg.name
                 gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
@@ -560,6 +565,8 @@ class Combiner:
                     link.max_payload = self._client_limit(client)
                 if blob is None or len(blob) != size:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
+                if self.jobs.get(job.kind) is not job or job.agg is None:
+                    return  # the round closed while the update was on its way
                 checked = await asyncio.to_thread(_check_update, job.agg, blob)
                 async with job.lock:
                     if self.jobs.get(job.kind) is not job:

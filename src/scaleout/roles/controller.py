@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scaleout.core import messages as m
 from scaleout.core import payload
@@ -42,12 +42,14 @@ from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link,
 from scaleout.transport.net import serve
 
 log = logging.getLogger("scaleout.controller")
+T = TypeVar("T")
 
 MODEL = ("models", ".safetensors")
 PACKAGE = ("packages", ".tgz")
 STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of a session
 ADMIN_TOKEN_TTL = 365 * 86400
 PARTIAL_GRACE_S = 5.0
+PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial at, at the least
 ASSIGNMENT_TTL_S = 30.0
 SMALL_PAYLOAD = 1 << 20
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
@@ -261,8 +263,8 @@ class Controller:
                 del self.combiners[name]
                 self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
-                if self.session is not None:
-                    self.session.events.put_nowait(("lost", name))
+                if self.session is not None:  # the link says which registration was lost
+                    self.session.events.put_nowait(("lost", (name, link)))
                 self._registry_changed()
                 self.registry.combiner(name, "offline", clients=0)
 
@@ -284,8 +286,9 @@ class Controller:
                 # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
                 if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
                     raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
-                for client in msg.joined:
+                for client in (*msg.joined, *msg.left):  # all checked before any is applied
                     m.check_name(client, "client name")
+                for client in msg.joined:
                     elsewhere = self.assigner.where.get(client)
                     if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
                         # One name, one node: the newest connection counts, once, wherever it is.
@@ -295,6 +298,8 @@ class Controller:
                     self.assigner.client_joined(c.name, client)
                     self.registry.client(client, "online", c.name)
                 for client in msg.left:
+                    if client not in c.clients:
+                        continue  # never joined here (or moved on): not this combiner's to remove
                     c.clients.discard(client)
                     self.assigner.client_left(c.name, client)
                     if client not in self.assigner.where:  # not already back on another combiner
@@ -308,7 +313,7 @@ class Controller:
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
                     log.info("ignoring a late %s from combiner %s", msg.type, c.name)
                     return
-                s.events.put_nowait((msg.type, (c.name, msg)))
+                s.events.put_nowait((msg.type, (c.name, msg, link)))
             else:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
@@ -667,7 +672,8 @@ class Controller:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                kind, value = await asyncio.wait_for(s.events.get(), max(0.0, deadline - loop.time()))
+                # What is queued already counts, even past the deadline (wait_for(get(), 0) would miss it).
+                kind, value = s.events.get_nowait() if not s.events.empty() else await asyncio.wait_for(s.events.get(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 return None
             if kind in (m.RoundPartial.type, m.ValidateDone.type) and value[1].round_index != index:
@@ -708,7 +714,9 @@ class Controller:
             return finish("failed", "session stopped")
         if len(participants) < cfg.min_clients:
             return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed")
-        tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + PARTIAL_GRACE_S)
+        # A combiner reports at its own deadline at the latest; then it encodes its partial: time that grows with the model.
+        grace = PARTIAL_GRACE_S + len(global_bytes) / PARTIAL_ENCODE_RATE
+        tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
         strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
         agg = get_aggregator(cfg.aggregator, template)
         for name, clients in selected.items():
@@ -718,6 +726,9 @@ class Controller:
             )
             if not await _quiet_send(self.combiners[name].link, msg, _names(clients)):
                 tracker.on_combiner_lost(name)
+        # Events name the link they came from: one from an earlier registration of a combiner
+        # (lost and back since) says nothing about this round.
+        links = {name: self.combiners[name].link for name in selected if name in self.combiners}
         contributors: list[str] = []
         timings: dict[str, dict[str, Any]] = {}
         reduce_s = 0.0
@@ -731,16 +742,24 @@ class Controller:
             if kind == "stop":
                 return finish("failed", "session stopped", participants=contributors)
             if kind == "lost":
-                decision = tracker.on_combiner_lost(value)
+                name, link = value
+                if links.get(name) is link:
+                    decision = tracker.on_combiner_lost(name)
             elif kind == m.RoundPartial.type:
-                name, msg = value
+                name, msg, link = value
+                if links.get(name) is not link or name not in tracker.waiting_for:
+                    log.info("ignoring a partial from combiner %s that this round does not wait for", name)
+                    continue
                 timings[name] = msg.timing if isinstance(msg.timing, dict) else {}
                 if msg.count == 0:
                     decision = tracker.on_partial(name, 0)
                     continue
                 began = loop.time()
                 try:
-                    count, who = await self._pull_partial(name, msg, agg)
+                    pulled = await _unless_set(self._pull_partial(name, msg, agg), s.stop_event)
+                    if pulled is None:  # stopped while the partial was on its way
+                        return finish("failed", "session stopped", participants=contributors)
+                    count, who = pulled
                 except LinkClosed:
                     decision = tracker.on_combiner_lost(name)
                     continue
@@ -822,7 +841,7 @@ class Controller:
                 s.events.put_nowait((kind, value))
                 break
             if kind == "lost" or kind == m.ValidateDone.type:
-                waiting.discard(value if kind == "lost" else value[0])
+                waiting.discard(value[0])
         await self.registry.flush()  # the reports that came in with the validations
         rows = await asyncio.to_thread(self.registry.reports, s.id, index, "validate")
         return mean_metrics(r["data"] for r in rows if not r["error"])
@@ -913,6 +932,22 @@ async def _quiet_close(link: Link, code: int, reason: str) -> None:
         await link.ws.close(code, reason)
     except Exception as exc:  # the role edge: the peer may already be gone
         log.debug("closing %s: %s", link.peer, exc)
+
+
+async def _unless_set(step: Awaitable[T], event: asyncio.Event) -> T | None:
+    """Await ``step`` unless ``event`` is set first (then cancel it and return None)."""
+    task = asyncio.ensure_future(step)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # the role edge: it was abandoned
+            await task
+        return None
+    return task.result()
 
 
 async def _quiet_send(link: Link, msg: m.Message, blob: bytes | None = None) -> bool:

@@ -36,6 +36,7 @@ class RegistryWriter:
         self._db: State | None = None
         self._db_lock = threading.Lock()
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
 
@@ -49,9 +50,9 @@ class RegistryWriter:
     def combiner(self, name: str, status: str, clients: int | None = None) -> None:
         now = time.time()
         self._combiners[name] = (status, clients, now)
-        if status == "offline":  # its clients are gone with it
+        if status == "offline":  # its clients are gone with it (queued joins there become leaves)
             self._offline[name] = now
-            self._clients = {k: v for k, v in self._clients.items() if v[1] != name}
+            self._clients = {k: (("offline", *v[1:]) if v[1] == name else v) for k, v in self._clients.items()}
         self._wake.set()
 
     def report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, object], error: str | None) -> None:
@@ -72,7 +73,12 @@ class RegistryWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write what is queued now (in a thread); a full disk is logged, the batch dropped."""
+        """Write what is queued now (in a thread) and wait for a write already under way, so
+        a read after it sees everything queued before; a full disk is logged, the batch dropped."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self.pending:
             return
         batch = (self._clients, self._combiners, self._offline, self._reports)
