@@ -97,3 +97,22 @@ def test_metric_limits_hold_across_reconnects(fed: Federation) -> None:
     stored = rows(fed, "SELECT data FROM reports WHERE session_id=? AND client='flooder' AND kind='metric'", sid)
     assert 1 <= len(stored) <= 8, len(stored)  # 120 sent; the per-client budget of about 256 KB holds
     assert sum(len(json.loads(r["data"])) for r in stored) <= 8
+
+
+def test_a_combiner_lost_and_back_before_the_round_does_not_fail_it(fed: Federation) -> None:
+    """A 'lost' from a combiner's earlier registration says nothing about a later round."""
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    fed.activate(QUICKSTART)
+    first = fed.combiner("cA")
+    session = fed.admin("session.start", {"rounds": 1, "min_clients": 2, "round_timeout": 60, "validate": False})[0]["session"]
+    first.popen.kill()  # while the round waits for clients
+    first.popen.wait()
+    fed.procs.remove(first)
+    first.stop()
+    fed.combiner("cA")
+    fed.client("k1")
+    fed.client("k2")
+    done = fed.admin("session.wait", {"id": session["id"]})[0]["session"]
+    (rnd,) = done["rounds"]
+    assert rnd["status"] == "succeeded" and rnd["participants"] == ["k1", "k2"], rnd
