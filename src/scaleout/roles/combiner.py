@@ -32,9 +32,10 @@ log = logging.getLogger("scaleout.combiner")
 CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
-UPLOAD_BUDGET_MIN = 64 << 20  # bytes of updates held at once: at least this, or one model-sized update
+UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or one model-sized update
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
+SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 
 
@@ -87,6 +88,7 @@ class Combiner:
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
+        self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
@@ -471,7 +473,9 @@ class Combiner:
             task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
             try:
                 # The model id is the sha256 of its bytes: no need to hash them again per client.
-                await link.send_with_blob(task, model, "model", sha256=job.model_id)
+                # A few sends at a time: each holds frames in flight, and that must not grow with clients.
+                async with self.sending:
+                    await link.send_with_blob(task, model, "model", sha256=job.model_id)
                 return
             except LinkClosed:
                 return  # a dropped link: the reconnect grace and _resume take it from here

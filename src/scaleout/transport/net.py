@@ -25,6 +25,7 @@ log = logging.getLogger("scaleout.transport")
 tlsbuffers.install()  # idle TLS links cost ~50 KB, not ~290 KB (see tlsbuffers)
 
 PING_INTERVAL = 20.0
+MAX_QUEUE = 4  # frames (up to 1 MiB each) a link buffers before it stops reading the socket
 PING_TIMEOUT = 20.0
 
 
@@ -79,6 +80,7 @@ async def serve(
             ssl=ssl_context,
             process_request=process_request,
             max_size=MAX_FRAME_BYTES,
+            max_queue=MAX_QUEUE,
             compression=None,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
@@ -123,6 +125,7 @@ async def connect(
             ssl=ssl_context if url.startswith("wss://") else None,
             additional_headers={"Authorization": f"Bearer {token}"},
             max_size=MAX_FRAME_BYTES,
+            max_queue=MAX_QUEUE,
             compression=None,
             proxy=None,
             open_timeout=timeout,
