@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 the operation failed (a round failed, the peer refused)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -289,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConnectError) or exc.code in (AuthError.code, "link_closed", "timeout"):
             return EXIT_UNREACHABLE
         return EXIT_USAGE if exc.code in (ConfigError.code, PackageError.code) else EXIT_FAILED
+    except BrokenPipeError:  # `scaleout model ls | head -1`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (OSError, ConnectionError) as exc:
         _fail(exc)
         return EXIT_FAILED

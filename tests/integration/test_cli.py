@@ -726,3 +726,18 @@ def test_dev_mistakes(tmp_path: Path) -> None:
     (tmp_path / "nope").mkdir()
     user_error(scaleout("dev", "-p", "nope", cwd=tmp_path), 2, "scaleout.yaml")
     user_error(scaleout("dev", "-p", str(QUICKSTART), "--clients", "0", cwd=tmp_path), 2, "--clients")
+
+
+def test_model_show_active_and_a_closed_pipe(fed: Federation, tmp_path: Path) -> None:
+    fed.controller()
+    seed = fed.seed_from(QUICKSTART)
+    shown = as_json(scaleout("model", "show", "active", "--json", *by_data_dir(fed), cwd=tmp_path))
+    assert isinstance(shown, dict) and shown["id"] == seed
+    # `scaleout model ls | head -1`: the reader closes the pipe early; that is not an error.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "model", "ls", *by_data_dir(fed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(60) == 0
+    assert b"Broken pipe" not in proc.stderr.read()

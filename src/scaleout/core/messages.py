@@ -254,6 +254,7 @@ class TaskAbort(Message):
     type: ClassVar[str] = "task.abort"
     session_id: str
     task_id: str | None = None
+    reason: str | None = None  # why, when it is not the obvious one (the session stopped, the task is late)
 
 
 @message

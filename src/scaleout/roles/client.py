@@ -239,12 +239,14 @@ class Client:
         if isinstance(msg, m.Task):
             await self.tasks.put(inc)
         elif isinstance(msg, m.TaskAbort):
-            if msg.task_id is None:
+            if msg.reason:
+                log.info("aborting the current task: %s", msg.reason)
+            elif msg.task_id is None:
                 log.info("session %s stopped: aborting the current task", msg.session_id)
             else:
                 log.info("the combiner no longer waits for task %s: aborting it", msg.task_id)
             if msg.task_id is None or msg.task_id == self.current_task:
-                self.edge._stop_task("the session was stopped" if msg.task_id is None else "the combiner no longer waits for this task")
+                self.edge._stop_task(msg.reason or ("the session was stopped" if msg.task_id is None else "the combiner no longer waits for this task"))
             if self.update is not None and (msg.task_id is None or msg.task_id == self.update[0]):
                 self.update = None  # nobody will pull it
             kept = []

@@ -158,7 +158,7 @@ class Combiner:
         for job in list(self.jobs.values()):
             self._drop(job)
             for link in list(self.clients.values()):
-                await _quiet(link.send(m.TaskAbort(session_id=job.session_id)))
+                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings

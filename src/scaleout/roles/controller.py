@@ -483,7 +483,10 @@ class Controller:
         return {"models": rows}, None
 
     async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        row = self.state.model(str(args.get("id", "")))
+        key = str(args.get("id") or "")
+        if key in ("", "active"):  # as model download takes it: the current global model
+            key = self.state.get_meta("active_model") or "active"
+        row = self.state.model(key)
         data = await self._model_bytes(row["id"])
         row["active"] = row["id"] == self.state.get_meta("active_model")
         row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
