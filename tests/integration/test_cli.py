@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, federation, scaleout, wait_line
+from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, federation, scaleout, wait_line, wait_stdout
 
 SCALEOUT_ENV = ("SCALEOUT_CONTROLLER", "SCALEOUT_TOKEN", "SCALEOUT_CA")
 
@@ -741,3 +741,23 @@ def test_model_show_active_and_a_closed_pipe(fed: Federation, tmp_path: Path) ->
     proc.stdout.close()
     assert proc.wait(60) == 0
     assert b"Broken pipe" not in proc.stderr.read()
+
+
+def test_following_a_session_whose_controller_shuts_down_says_how_to_follow_again(fed: Federation, tmp_path: Path) -> None:
+    ctl = fed.controller()
+    fed.seed_from(FIXTURES / "slow_client")
+    fed.combiner("c1")
+    slow = fed.client("s1", package=FIXTURES / "slow_client")
+    fed.wait_clients(1)
+    args = ["session", "start", "--rounds", "1", "--round-timeout", "60", "--no-validate", "--settings", '{"slow_s": 10}', "--wait", *by_data_dir(fed)]
+    proc = subprocess.Popen([sys.executable, "-m", "scaleout", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_stdout(slow, "slow_client: training")
+    ctl.popen.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    # Either the controller's last word (the session stopped) arrived before it closed, or the link went first.
+    if proc.returncode == 1:
+        assert "stopped: controller shut down" in out, (out, err)
+    else:
+        assert proc.returncode == 3, (out, err)
+        assert "lost the controller while following session" in err and "scaleout session watch s-" in err, err

@@ -305,6 +305,9 @@ async def follow(
             if kind == "round":
                 ended.set()
 
+        from scaleout.core.errors import ScaleoutError
+        from scaleout.transport.net import ConnectError
+
         waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event))
         try:
             while not waiting.done():
@@ -314,10 +317,23 @@ async def follow(
                 if ended.is_set():
                     ended.clear()
                     await catch_up()
-            waiting.result()
+            final = waiting.result()[0]["session"]
+            try:
+                session = await catch_up()
+            except ScaleoutError as exc:  # the controller ended as the session did: what it told us will do
+                if exc.code not in ("unreachable", "link_closed", "timeout"):
+                    raise
+                for r in final["rounds"]:
+                    if r["idx"] > done and r["status"] != "running" and on_round is not None:
+                        on_round({"session_id": final["id"], **r, "failures": []})
+                session = final
+        except ScaleoutError as exc:
+            if exc.code not in ("unreachable", "link_closed", "timeout"):
+                raise
+            # The controller went away (shut down or restarted) while we followed it.
+            raise ConnectError(f"lost the controller while following session {key} ({exc}); once it is back: scaleout session watch {key}") from None
         finally:
             waiting.cancel()
-        session = await catch_up()
     return session
 
 
