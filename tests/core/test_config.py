@@ -54,6 +54,7 @@ def test_partial_mapping_keeps_other_defaults() -> None:
     [
         ("rounds", 0),
         ("rounds", -1),
+        ("rounds", 1_000_001),
         ("rounds", "3"),
         ("rounds", True),
         ("rounds", 3.0),

@@ -761,3 +761,14 @@ def test_following_a_session_whose_controller_shuts_down_says_how_to_follow_agai
     else:
         assert proc.returncode == 3, (out, err)
         assert "lost the controller while following session" in err and "scaleout session watch s-" in err, err
+
+
+def test_admin_requests_with_absurd_arguments_are_refused_with_a_reason(ctl: Federation) -> None:
+    from scaleout.core.errors import RemoteError
+
+    with pytest.raises(RemoteError, match="100 years"):
+        ctl.admin("token.create", {"role": "client", "ttl_s": 10**30})
+    with pytest.raises(RemoteError, match="session_id must be"):
+        ctl.admin("model.ls", {"session_id": {"a": 1}})
+    with pytest.raises(RemoteError, match="rounds"):
+        ctl.admin("session.start", {"rounds": 10**400})

@@ -17,6 +17,7 @@ from typing import Any
 from scaleout.core.errors import ConfigError
 
 DEFAULT_PORT = 8090
+MAX_ROUNDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class SessionConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
-            raise ConfigError("rounds", f"must be a whole number >= 1, got {self.rounds!r}")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
+            raise ConfigError("rounds", f"must be a whole number from 1 to {MAX_ROUNDS:,}, got {self.rounds!r:.40}")
         timeout = self.round_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
             raise ConfigError("round_timeout", f"must be a number of seconds > 0, got {timeout!r}")

@@ -419,8 +419,8 @@ class Controller:
     async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         role = args.get("role")
         ttl = args.get("ttl_s")
-        if not isinstance(ttl, int) or isinstance(ttl, bool):
-            raise ProtocolError("token.create needs ttl_s, a whole number of seconds")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= tokens.MAX_TTL_S:
+            raise ProtocolError(f"token.create needs ttl_s, a whole number of seconds from 1 to {tokens.MAX_TTL_S} (100 years)")
         jti = new_id()
         token = self.signer.issue(str(role), ttl, time.time(), jti=jti, sub=args.get("name"), controller=self.url, ca=self.ca_fingerprint)
         claims = tokens.peek(token)
@@ -477,7 +477,10 @@ class Controller:
 
     async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         active = self.state.get_meta("active_model")
-        rows = self.state.models(args.get("session_id"))
+        session_id = args.get("session_id")
+        if session_id is not None and not isinstance(session_id, str):
+            raise ProtocolError("model.ls: session_id must be a session id (text)")
+        rows = self.state.models(session_id)
         for row in rows:
             row["active"] = row["id"] == active
         return {"models": rows}, None
