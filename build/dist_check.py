@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,43 @@ def start(cmd: list[str], log: Path, ready: bool) -> tuple[subprocess.Popen[byte
                 return proc, line.removeprefix("listening on ").strip()
     proc.kill()
     raise CheckFailed(f"{' '.join(cmd)} was not ready within {READY_TIMEOUT:.0f}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+class Connected:
+    """Copies a client's stderr to its log and notes when it first logs that it connected:
+    the time from start to connected, read off the client's own line, not polled."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.seconds: float | None = None
+        self.thread = threading.Thread(target=self._copy, args=(log,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, log: Path) -> None:
+        assert self.proc.stderr is not None
+        with open(log, "wb") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
+                if self.seconds is None and b"connected to combiner" in line:
+                    self.seconds = round(time.perf_counter() - self.started, 2)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants (a one-file binary is two processes)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return round(total / 1024, 1)
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> list[int]:
@@ -147,9 +185,11 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         comb, _ = start(frozen + ["combine", *link, "--token", f"@{base / 'combiner.token'}", "--name", "c-frozen", "--port", "0"], logs / "combiner-frozen.log", True)
         procs.append(comb)
         clients = {"source": source, "zipapp": zipapp, "frozen": frozen}
+        joined: dict[str, Connected] = {}
         for kind, cmd in clients.items():
-            p, _ = start(cmd + ["join", *link, "--token", f"@{base / 'client.token'}", "--name", f"client-{kind}", "--work-dir", str(base / f"work-{kind}")], logs / f"client-{kind}.log", False)
-            procs.append(p)
+            c = Connected(cmd + ["join", *link, "--token", f"@{base / 'client.token'}", "--name", f"client-{kind}", "--work-dir", str(base / f"work-{kind}")], logs / f"client-{kind}.log")
+            joined[kind] = c
+            procs.append(c.proc)
         r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "3", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
         session = json.loads(r.stdout)
         session = session.get("session", session)
@@ -159,6 +199,11 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         listing = json.loads(run(frozen + ["client", "ls", "--json", *admin]).stdout)
         names = listing["clients"] if isinstance(listing, dict) else listing
         figures["mixed_session_s"] = round(time.perf_counter() - t0, 1)
+        for kind, c in joined.items():  # idle now: the session is over, the clients stay connected
+            figures[f"{kind}_client_connect_s"] = c.seconds
+            figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
+        print("ok  clients: start to connected " + ", ".join(f"{k} {c.seconds}s" for k, c in joined.items())
+              + "; idle RSS " + ", ".join(f"{k} {figures[f'{k}_client_idle_rss_mb']} MB" for k in joined), flush=True)
         print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients: 2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
     except BaseException:
         for log in sorted(logs.glob("*.log")):
