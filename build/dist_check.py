@@ -235,9 +235,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="scaleout-dist-check-") as tmp:
         work = Path(tmp)
         try:
-            bare = run([zipapp[0], "-c", "import importlib.util as u; print(u.find_spec('numpy') is None and u.find_spec('scaleout') is None)"])
-            if bare.stdout.strip() != "True":
-                raise CheckFailed(f"{zipapp[0]} has numpy or scaleout installed: not a bare Python")
+            probe = "import importlib.util as u; print([m for m in ('scaleout', 'numpy', 'websockets', 'safetensors') if u.find_spec(m)])"
+            present = run([zipapp[0], "-c", probe]).stdout.strip()
+            if present != "[]":
+                raise CheckFailed(f"{zipapp[0]} has {present} installed: the zipapp must be checked with a Python that lacks them")
             check_version("zipapp", zipapp, "zipapp", figures)
             check_version("frozen", frozen, "frozen", figures)
             check_version("source", source, "source", figures)
