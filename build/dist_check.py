@@ -5,8 +5,9 @@ standard library. Every artefact process gets that same clean environment. Check
 
 1. `--version` of each names its build kind; `--version` and `join --help` timed warm.
 2. A compute package importing a module nothing carries fails in one line naming it.
-3. `scaleout dev` with 2 clients x 2 rounds from each artefact (its children are the same
-   artefact: in this environment `python3 -m scaleout` could not even start).
+3. `scaleout dev` with 2 clients x 2 rounds, and `scaleout simulate` with 20 clients over 2
+   combiners, from each artefact (their children are the same artefact: in this environment
+   `python3 -m scaleout` could not even start).
 4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
    and a frozen client, driving a 2-round session with admin commands from both artefacts.
 
@@ -161,6 +162,18 @@ def check_dev(name: str, cmd: list[str], work: Path, figures: dict[str, object])
     print(f"ok  {name}: scaleout dev, 2 clients x 2 rounds succeeded in {took}s", flush=True)
 
 
+def check_simulate(name: str, cmd: list[str], work: Path, figures: dict[str, object]) -> None:
+    report = work / f"simulate-{name}.json"
+    t0 = time.perf_counter()
+    run(cmd + ["simulate", "--clients", "20", "--combiners", "2", "--rounds", "1", "--report", str(report)], timeout=600, cwd=work)
+    took = round(time.perf_counter() - t0, 1)
+    rounds = json.loads(report.read_text())["rounds"]
+    if [r["status"] for r in rounds] != ["succeeded"] or rounds[0]["participants"] != 20:
+        raise CheckFailed(f"{name}: simulate report {rounds}")
+    figures[f"{name}_simulate_s"] = took
+    print(f"ok  {name}: scaleout simulate, 20 clients over 2 combiners, 1 round succeeded in {took}s", flush=True)
+
+
 def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: Path, figures: dict[str, object]) -> None:
     base = work / "mixed"
     pkg = base / "client"
@@ -246,6 +259,8 @@ def main() -> int:
             check_missing_module("frozen", frozen, work)
             check_dev("zipapp", zipapp, work, figures)
             check_dev("frozen", frozen, work, figures)
+            check_simulate("zipapp", zipapp, work, figures)
+            check_simulate("frozen", frozen, work, figures)
             check_mixed(zipapp, frozen, source, work, figures)
         except (CheckFailed, subprocess.TimeoutExpired) as exc:
             print(f"FAIL {exc}", flush=True)
