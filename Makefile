@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench bench-flower clean
+.PHONY: demo test lint bench bench-flower dist dist-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,5 +44,24 @@ $(BENCH_VENV)/.installed: pyproject.toml
 bench-flower: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/flower.py
 
+# One file to download (issue 7): dist/scaleout.pyz (shiv zipapp, needs a python3 of the build's
+# minor version) and dist/scaleout (PyInstaller one-file, needs no Python). The build tools live
+# in their own venv so make test never installs them.
+DIST_VENV := .venv-dist
+$(DIST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DIST_VENV)/bin/python -m pip install --quiet -e '.[dist]'
+	touch $(DIST_VENV)/.installed
+
+dist: $(DIST_VENV)/.installed
+	build/zipapp.sh $(DIST_VENV)/bin/python
+	build/frozen.sh $(DIST_VENV)/bin/python
+
+# Both artefacts in a clean environment (env -i, a fresh HOME, no venv on PATH): --version, a
+# dev federation with each, a session whose roles are different artefacts, a missing module.
+dist-check: dist
+	build/dist_check.sh $(DIST_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache demo-report.json
+	rm -rf $(VENV) $(BENCH_VENV) $(DIST_VENV) .pytest_cache demo-report.json dist build/zipapp-out build/frozen-work

@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scaleout import __version__
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -31,6 +29,19 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the text is worked out only when asked for (it imports the wire schema)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        from scaleout.runtime import version_text
+
+        print(version_text())
+        parser.exit()
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,7 +67,7 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="scaleout", description="Federated learning from the terminal: one binary for controller, combiners and clients.")
-    parser.add_argument("--version", action="version", version=f"scaleout {__version__}")
+    parser.add_argument("--version", action=VersionAction, help="print the version, the wire protocol version and the build kind (source, zipapp, frozen), then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
 

@@ -111,7 +111,8 @@ def test_help(command: str) -> None:
 
 def test_version() -> None:
     r = ok(scaleout("--version", timeout=20))
-    assert r.stdout.strip() == "scaleout 0.1.0"
+    # version, wire protocol, build kind: what support needs to know about a device
+    assert r.stdout.strip() == "scaleout 0.1.0 (protocol 2, source)"
 
 
 def test_help_does_not_import_heavy_modules() -> None:

@@ -132,3 +132,25 @@ def test_describe_failure_is_one_short_line(make_package: MakePackage) -> None:
     text = describe_failure(long, root)
     assert "\n" not in text and len(text) < MAX_REASON_CHARS + 40 and text.startswith("ValueError: xxx") and text.endswith("..."), text
     assert describe_failure(KeyError(), root) == "KeyError"  # no frame in the package: no location
+
+
+def test_a_library_the_package_needs_but_scaleout_lacks_is_named_with_what_to_do(make_package: MakePackage) -> None:
+    startup = "import numpy\nimport scaleout_test_absent_lib.nn\n\ndef startup(client):\n    pass\n"
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": startup})
+    with pytest.raises(PackageError) as info:
+        load_startup(root, FakeClient())
+    message = str(info.value)
+    assert "\n" not in message
+    assert "the package needs module 'scaleout_test_absent_lib'" in message, message
+    assert "pip install scaleout_test_absent_lib" in message, message  # what to do (a source install here)
+    assert "(startup.py:2)" in message, message
+
+
+def test_a_missing_module_of_the_package_itself_gets_no_install_hint(make_package: MakePackage) -> None:
+    # data/ is the package's own folder: a missing data.loader is its bug, not a library to install
+    startup = "from data.loader import load\n\ndef startup(client):\n    pass\n"
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": startup, "data/__init__.py": ""})
+    with pytest.raises(PackageError) as info:
+        load_startup(root, FakeClient())
+    message = str(info.value)
+    assert "ModuleNotFoundError: No module named 'data.loader' (startup.py:1)" in message and "pip install" not in message, message

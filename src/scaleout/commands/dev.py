@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async, client_failures, shown_reason
 from scaleout.commands.connection import Connection, read_controller_info
 from scaleout.core.errors import ScaleoutError
+from scaleout.runtime import self_command
 
 log = logging.getLogger("scaleout.dev")
 START_TIMEOUT_S = 60.0
@@ -36,8 +36,9 @@ class DevError(Exception):
 
 
 def scaleout_cmd() -> list[str]:
-    """How to start another scaleout process (frozen binaries are their own interpreter)."""
-    return [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "scaleout"]
+    """How to start another scaleout process: the same build as this one (the frozen binary,
+    ``python3 scaleout.pyz`` or ``python -m scaleout``), never the source tree's."""
+    return self_command()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from scaleout.core.errors import PackageError
+from scaleout.runtime import missing_module_hint
 
 PROJECT_FILE = "scaleout.yaml"
 
@@ -167,7 +168,20 @@ def describe_failure(exc: BaseException, root: Path) -> str:
         first = first[:MAX_REASON_CHARS].rstrip() + " ..."
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     where = user_location(exc, root)
-    return f"{text} ({where})" if where else text
+    text = f"{text} ({where})" if where else text
+    missing = missing_module(exc, root)
+    return f"{text}; the package needs module {missing!r}, which this scaleout cannot import: {missing_module_hint(missing)}" if missing else text
+
+
+def missing_module(exc: BaseException, root: Path) -> str | None:
+    """The module a package's import could not find, when it is a library the package
+    needs (torch ...), not a file of the package itself."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    if (root / top).exists() or (root / f"{top}.py").exists():
+        return None  # the package's own module: its file and line say more than a hint
+    return exc.name
 
 
 def user_location(exc: BaseException, root: Path) -> str | None:

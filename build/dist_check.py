@@ -1,0 +1,275 @@
+"""Check dist/scaleout.pyz and dist/scaleout as a device would run them (make dist-check).
+
+Run by build/dist_check.sh under `env -i` with a fresh HOME and no venv on PATH; uses only the
+standard library. Every artefact process gets that same clean environment. Checks:
+
+1. `--version` of each names its build kind; `--version` and `join --help` timed warm.
+2. A compute package importing a module nothing carries fails in one line naming it.
+3. `scaleout dev` with 2 clients x 2 rounds, and `scaleout simulate` with 20 clients over 2
+   combiners, from each artefact (their children are the same artefact: in this environment
+   `python3 -m scaleout` could not even start).
+4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
+   and a frozen client, driving a 2-round session with admin commands from both artefacts.
+
+Prints one line per check and a JSON summary last; exits 1 on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "sample_projects" / "quickstart" / "client"
+READY_TIMEOUT = 90.0
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def run(cmd: list[str], *, timeout: float = 120, cwd: Path | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    if r.returncode != expect:
+        raise CheckFailed(f"{' '.join(cmd)} exited {r.returncode} (expected {expect})\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}")
+    if "Traceback" in r.stderr:
+        raise CheckFailed(f"{' '.join(cmd)} printed a traceback:\n{r.stderr[-4000:]}")
+    return r
+
+
+def warm_seconds(cmd: list[str], repeat: int = 5) -> float:
+    run(cmd)  # the first start unpacks (zipapp: once per user; frozen: every start)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(cmd)
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 3)
+
+
+def start(cmd: list[str], log: Path, ready: bool) -> tuple[subprocess.Popen[bytes], str | None]:
+    """Start a role; with ``ready`` wait for its `listening on URL` line and return the URL."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "wb"), stdin=subprocess.DEVNULL)
+    if not ready:
+        return proc, None
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0 and sel.select(left):
+            line = proc.stdout.readline().decode(errors="replace")
+            if not line:
+                break
+            if line.startswith("listening on "):
+                return proc, line.removeprefix("listening on ").strip()
+    proc.kill()
+    raise CheckFailed(f"{' '.join(cmd)} was not ready within {READY_TIMEOUT:.0f}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+class Connected:
+    """Copies a client's stderr to its log and notes when it first logs that it connected:
+    the time from start to connected, read off the client's own line, not polled."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.seconds: float | None = None
+        self.thread = threading.Thread(target=self._copy, args=(log,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, log: Path) -> None:
+        assert self.proc.stderr is not None
+        with open(log, "wb") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
+                if self.seconds is None and b"connected to combiner" in line:
+                    self.seconds = round(time.perf_counter() - self.started, 2)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants (a one-file binary is two processes)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return round(total / 1024, 1)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in reversed(procs):
+        try:
+            codes.append(p.wait(30))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+def check_version(name: str, cmd: list[str], kind: str, figures: dict[str, object]) -> None:
+    out = run(cmd + ["--version"]).stdout.strip()
+    if not (out.startswith("scaleout ") and f", {kind})" in out and "(protocol " in out):
+        raise CheckFailed(f"{name} --version printed {out!r}, expected 'scaleout X (protocol N, {kind})'")
+    figures[f"{name}_version_s"] = warm_seconds(cmd + ["--version"])
+    figures[f"{name}_join_help_s"] = warm_seconds(cmd + ["join", "--help"])
+    print(f"ok  {name}: {out}; warm --version {figures[f'{name}_version_s']}s, join --help {figures[f'{name}_join_help_s']}s", flush=True)
+
+
+def check_missing_module(name: str, cmd: list[str], work: Path) -> None:
+    pkg = work / f"needs-absent-{name}"
+    pkg.mkdir()
+    (pkg / "scaleout.yaml").write_text("entry_points:\n  build: build.py\n")
+    (pkg / "build.py").write_text("import numpy\nimport scaleout_dist_check_absent.nn\n\ndef build():\n    pass\n")
+    r = run(cmd + ["run", "build", "-p", str(pkg)], expect=2)
+    line = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    if "scaleout_dist_check_absent" not in line or "pip install" not in line:
+        raise CheckFailed(f"{name}: a missing module gave {r.stderr!r}, not one line naming it with what to do")
+    print(f"ok  {name}: missing module -> {line[:160]}...", flush=True)
+
+
+def check_dev(name: str, cmd: list[str], work: Path, figures: dict[str, object]) -> None:
+    pkg = work / f"dev-{name}" / "client"
+    shutil.copytree(QUICKSTART, pkg, ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    report = work / f"dev-{name}" / "report.json"
+    t0 = time.perf_counter()
+    run(cmd + ["dev", "-p", str(pkg), "--clients", "2", "--rounds", "2", "--headless", "--report", str(report)], timeout=600, cwd=pkg.parent)
+    took = round(time.perf_counter() - t0, 1)
+    rounds = json.loads(report.read_text())["rounds"]
+    if [r["status"] for r in rounds] != ["succeeded", "succeeded"] or any(r["participants"] != 2 for r in rounds):
+        raise CheckFailed(f"{name}: dev report {rounds}")
+    figures[f"{name}_dev_s"] = took
+    print(f"ok  {name}: scaleout dev, 2 clients x 2 rounds succeeded in {took}s", flush=True)
+
+
+def check_simulate(name: str, cmd: list[str], work: Path, figures: dict[str, object]) -> None:
+    report = work / f"simulate-{name}.json"
+    t0 = time.perf_counter()
+    run(cmd + ["simulate", "--clients", "20", "--combiners", "2", "--rounds", "1", "--report", str(report)], timeout=600, cwd=work)
+    took = round(time.perf_counter() - t0, 1)
+    rounds = json.loads(report.read_text())["rounds"]
+    if [r["status"] for r in rounds] != ["succeeded"] or rounds[0]["participants"] != 20:
+        raise CheckFailed(f"{name}: simulate report {rounds}")
+    figures[f"{name}_simulate_s"] = took
+    print(f"ok  {name}: scaleout simulate, 20 clients over 2 combiners, 1 round succeeded in {took}s", flush=True)
+
+
+def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: Path, figures: dict[str, object]) -> None:
+    base = work / "mixed"
+    pkg = base / "client"
+    shutil.copytree(QUICKSTART, pkg, ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    data = base / "controller"
+    logs = base / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    t0 = time.perf_counter()
+    try:
+        ctl, url = start(zipapp + ["serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0"], logs / "controller-zipapp.log", True)
+        procs.append(ctl)
+        admin = ["--data-dir", str(data)]
+        run(frozen + ["run", "build", "-p", str(pkg)])
+        run(zipapp + ["package", "create", "--path", str(pkg)])
+        run(frozen + ["package", "set-active", str(base / "client.tgz"), *admin])
+        run(zipapp + ["model", "set-seed", str(pkg / "seed.npz"), *admin])
+        (base / "combiner.token").write_text(run(zipapp + ["token", "create", "--role", "combiner", *admin]).stdout.strip())
+        (base / "client.token").write_text(run(frozen + ["token", "create", "--role", "client", *admin]).stdout.strip())
+        assert url is not None
+        link = ["--controller", url, "--ca", str(data / "ca.pem")]
+        comb, _ = start(frozen + ["combine", *link, "--token", f"@{base / 'combiner.token'}", "--name", "c-frozen", "--port", "0"], logs / "combiner-frozen.log", True)
+        procs.append(comb)
+        clients = {"source": source, "zipapp": zipapp, "frozen": frozen}
+        joined: dict[str, Connected] = {}
+        for kind, cmd in clients.items():
+            c = Connected(cmd + ["join", *link, "--token", f"@{base / 'client.token'}", "--name", f"client-{kind}", "--work-dir", str(base / f"work-{kind}")], logs / f"client-{kind}.log")
+            joined[kind] = c
+            procs.append(c.proc)
+        r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "3", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
+        session = json.loads(r.stdout)
+        session = session.get("session", session)
+        statuses = [x["status"] for x in session["rounds"]]
+        if session["status"] != "finished" or statuses != ["succeeded", "succeeded"]:
+            raise CheckFailed(f"mixed session: {session['status']} rounds {statuses}")
+        listing = json.loads(run(frozen + ["client", "ls", "--json", *admin]).stdout)
+        names = listing["clients"] if isinstance(listing, dict) else listing
+        figures["mixed_session_s"] = round(time.perf_counter() - t0, 1)
+        for kind, c in joined.items():  # idle now: the session is over, the clients stay connected
+            figures[f"{kind}_client_connect_s"] = c.seconds
+            figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
+        print("ok  clients: start to connected " + ", ".join(f"{k} {c.seconds}s" for k, c in joined.items())
+              + "; idle RSS " + ", ".join(f"{k} {figures[f'{k}_client_idle_rss_mb']} MB" for k in joined), flush=True)
+        print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients: 2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
+    except BaseException:
+        for log in sorted(logs.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        codes = stop(procs)
+    bad = [log.name for log in logs.glob("*.log") if "Traceback" in log.read_text(errors="replace")]
+    if bad:
+        raise CheckFailed(f"tracebacks in {bad}")
+    if any(c not in (0, -signal.SIGTERM) for c in codes):
+        raise CheckFailed(f"roles exited {codes} on SIGTERM (expected 0)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source-python", required=True, help="a Python with scaleout installed from this tree (the source build)")
+    ap.add_argument("--zipapp-python", default="python3", help="the bare Python that runs the zipapp (default: python3 on PATH)")
+    args = ap.parse_args()
+    for var in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+        if var in os.environ:
+            print(f"dist-check must run in a clean environment, but {var} is set", file=sys.stderr)
+            return 2
+    zipapp = [shutil.which(args.zipapp_python) or args.zipapp_python, str(ROOT / "dist" / "scaleout.pyz")]
+    frozen = [str(ROOT / "dist" / "scaleout")]
+    source = [args.source_python, "-m", "scaleout"]
+    figures: dict[str, object] = {"zipapp_python": zipapp[0], "home": os.environ.get("HOME")}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="scaleout-dist-check-") as tmp:
+        work = Path(tmp)
+        try:
+            probe = "import importlib.util as u; print([m for m in ('scaleout', 'numpy', 'websockets', 'safetensors') if u.find_spec(m)])"
+            present = run([zipapp[0], "-c", probe]).stdout.strip()
+            if present != "[]":
+                raise CheckFailed(f"{zipapp[0]} has {present} installed: the zipapp must be checked with a Python that lacks them")
+            check_version("zipapp", zipapp, "zipapp", figures)
+            check_version("frozen", frozen, "frozen", figures)
+            check_version("source", source, "source", figures)
+            check_missing_module("zipapp", zipapp, work)
+            check_missing_module("frozen", frozen, work)
+            check_dev("zipapp", zipapp, work, figures)
+            check_dev("frozen", frozen, work, figures)
+            check_simulate("zipapp", zipapp, work, figures)
+            check_simulate("frozen", frozen, work, figures)
+            check_mixed(zipapp, frozen, source, work, figures)
+        except (CheckFailed, subprocess.TimeoutExpired) as exc:
+            print(f"FAIL {exc}", flush=True)
+            return 1
+    figures["sizes_bytes"] = {p.name: p.stat().st_size for p in (ROOT / "dist" / "scaleout.pyz", ROOT / "dist" / "scaleout")}
+    figures["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The `scaleout` command: wires subcommands to roles; nothing else.
+
+Heavy modules (numpy, websockets, textual, cryptography) are imported inside the
+commands so `scaleout --help` and `--version` stay fast on small devices.
+
+Exit codes: 0 success, 1 the operation failed (a round failed, the peer refused),
+2 usage or configuration error, 3 cannot reach or authenticate with a peer, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(Exception):
+    """A user's mistake found before any work started; exits 2 with this message."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the text is worked out only when asked for (it imports the wire schema)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        from scaleout.runtime import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=LEVELS, default=None, help="how much to log on stderr (default: info)")
+
+
+def _config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE.toml", help="read settings from a TOML file; flags override it")
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("controller connection (else SCALEOUT_CONTROLLER / SCALEOUT_TOKEN / SCALEOUT_CA)")
+    g.add_argument("--controller", metavar="URL", help="controller address, e.g. wss://host:8090")
+    g.add_argument("--token", help="access token (an admin token for admin commands)")
+    g.add_argument("--ca", type=Path, metavar="FILE", help="CA certificate to trust (the controller's DIR/ca.pem)")
+    g.add_argument("--data-dir", type=Path, metavar="DIR", help="data directory of a local controller: read its address, admin token and CA from it")
+    g.add_argument("--insecure", action="store_true", default=None, help="connect without TLS (only to a controller started with --insecure)")
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="scaleout", description="Federated learning from the terminal: one binary for controller, combiners and clients.")
+    parser.add_argument("--version", action=VersionAction, help="print the version, the wire protocol version and the build kind (source, zipapp, frozen), then exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+
+    p = sub.add_parser("serve", help="run the controller")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where state, models, keys and tokens live (default: ./scaleout-data)")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: 8090)")
+    p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for the generated certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve this certificate instead of the generated one")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
+    p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
+    p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    _config_flag(p)
+    _common(p)
+
+    p = sub.add_parser("combine", help="run a combiner (aggregation node)")
+    _connection(p)
+    p.add_argument("--host", help="address to listen on for clients (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port for clients; 0 picks a free one (default: 0)")
+    p.add_argument("--name", help="combiner name (default: from the host name)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
+    p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
+    p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _config_flag(p)
+    _common(p)
+
+    p = sub.add_parser("join", help="run a client: train on local data when the controller asks")
+    _connection(p)
+    p.add_argument("--name", help="client name (default: host name plus a random suffix)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
+    src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (default: a temporary folder)")
+    p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _config_flag(p)
+    _common(p)
+
+    p = sub.add_parser("token", help="create access tokens")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    tsub.required = True
+    t = tsub.add_parser("create", help="create a token (needs an admin token)")
+    t.add_argument("--role", required=True, choices=("admin", "combiner", "client"))
+    t.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m, 3600s (default: 30d)")
+    t.add_argument("--name", help="whom the token is for (recorded in the audit log)")
+    _connection(t)
+    _json_flag(t)
+    _common(t)
+
+    p = sub.add_parser("run", help="run a compute package entry point locally")
+    rsub = p.add_subparsers(dest="action", metavar="ENTRY", parser_class=ArgumentParser)
+    rsub.required = True
+    r = rsub.add_parser("build", help="call build() to write the seed model")
+    r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    r.add_argument("-o", "--output", type=Path, metavar="DIR", help="where build() writes (default: the package folder)")
+    _common(r)
+
+    p = sub.add_parser("package", help="create and activate compute packages")
+    psub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    psub.required = True
+    c = psub.add_parser("create", help="pack a compute package folder into a .tgz, honouring .scaleoutignore")
+    c.add_argument("--path", "-p", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    c.add_argument("-o", "--output", type=Path, metavar="FILE", help="archive to write (default: DIR.tgz beside DIR)")
+    _json_flag(c)
+    _common(c)
+    c = psub.add_parser("set-active", help="upload a .tgz and make it the package clients run")
+    c.add_argument("file", type=Path, metavar="FILE")
+    c.add_argument("--name", help="package name shown in listings (default: the file name)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
+    p = sub.add_parser("model", help="the global model and its trail")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    msub.required = True
+    c = msub.add_parser("set-seed", help="upload the initial global model (.npz from numpyhelper, or .safetensors)")
+    c.add_argument("file", type=Path, metavar="FILE")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = msub.add_parser("ls", help="list models, oldest first")
+    c.add_argument("--session", help="only models of this session")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = msub.add_parser("show", help="show one model: trail and tensors")
+    c.add_argument("id", metavar="ID", help="model id (or a unique prefix of at least 6 characters)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = msub.add_parser("download", help="save a model as .safetensors (or .npz)")
+    c.add_argument("id", metavar="ID", help="model id, unique prefix, or 'active'")
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
+    p = sub.add_parser("session", help="start, watch and stop training sessions")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    ssub.required = True
+    c = ssub.add_parser("start", help="start a session of federated rounds")
+    c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
+    c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates (default: 180)")
+    c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout (default: 1)")
+    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
+    c.add_argument(
+        "--aggregator-kwargs", default="{}", metavar="JSON",
+        help="the strategy's hyperparameters, e.g. fedadam: '{\"learning_rate\": 0.01, \"beta1\": 0.9, \"beta2\": 0.99, \"tau\": 1e-4}'",
+    )
+    c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
+    c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
+    c.add_argument("--name", help="a name for the session")
+    c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    for action, text in (
+        ("ls", "list sessions"),
+        ("show", "show a session and its rounds"),
+        ("watch", "follow a session's rounds as they end; exit 0 if it succeeded, 1 if it failed or was stopped"),
+        ("stop", "stop a running session"),
+    ):
+        c = ssub.add_parser(action, help=text)
+        if action != "ls":
+            c.add_argument("id", nargs="?", metavar="ID", help="session id (default: the latest)")
+        if action == "show":
+            c.add_argument("--clients", action="store_true", help="also show each client's training result and validation per round")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+
+    p = sub.add_parser("status", help="what the controller is doing: address, active model and package, session, nodes")
+    _connection(p)
+    _json_flag(p)
+    _common(p)
+
+    for noun in ("client", "combiner"):
+        p = sub.add_parser(noun, help=f"{noun}s known to the controller")
+        nsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+        nsub.required = True
+        c = nsub.add_parser("ls", help=f"list {noun}s")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+
+    p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
+    p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    p.add_argument("--clients", type=int, default=3, help="number of clients (default: 3)")
+    p.add_argument("--combiners", type=int, default=1, help="number of combiners (default: 1)")
+    p.add_argument("--rounds", type=int, default=3, help="number of rounds (default: 3)")
+    p.add_argument("--round-timeout", type=float, default=120.0, metavar="SECONDS", help="round timeout (default: 120)")
+    p.add_argument("--settings", default="{}", metavar="JSON", help="training settings for the train callback")
+    p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="validate each new global model (default: on)")
+    p.add_argument("--headless", action="store_true", help="print rounds as text (the only mode for now)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
+    _common(p)
+
+    p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
+    p.add_argument("--clients", type=int, default=100, help="number of simulated clients (default: 100)")
+    p.add_argument("--combiners", type=int, default=1, help="number of combiner processes (default: 1)")
+    p.add_argument("--rounds", type=int, default=2, help="number of rounds (default: 2)")
+    p.add_argument("--model-size", type=int, default=10_000, metavar="P", help="float32 parameters of the model (default: 10000)")
+    p.add_argument("--train-time", type=float, default=0.0, metavar="S", help="seconds each client 'trains' before it answers (default: 0)")
+    p.add_argument("--round-timeout", type=float, default=300.0, metavar="SECONDS", help="round timeout (default: 300)")
+    p.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS", help="how long all clients may take to connect (default: 300)")
+    p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=False, help="have clients validate each new model (default: off)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report: the dev schema plus time split and peak RSS per round")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data and logs here (default: a temporary folder)")
+    _common(p)
+
+    # Started by `simulate`, one per few hundred clients; not for direct use.
+    p = sub.add_parser("simulate-clients")
+    p.add_argument("--first", type=int, default=1)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--train-time", type=float, default=0.0)
+    _connection(p)
+    _common(p)
+    return parser
+
+
+def _setup_logging(level: str | None) -> None:
+    logging.basicConfig(
+        level=getattr(logging, (level or "info").upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("scaleout.transport.ws").setLevel(logging.WARNING)
+
+
+def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
+    from scaleout.commands import admin, dev, launch, simulate
+
+    table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+        ("serve", None): launch.serve,
+        ("combine", None): launch.combine,
+        ("join", None): launch.join,
+        ("run", "build"): launch.run_build,
+        ("package", "create"): launch.package_create,
+        ("dev", None): dev.main,
+        ("simulate", None): simulate.main,
+        ("simulate-clients", None): simulate.clients_main,
+    }
+    for key, fn in admin.COMMANDS.items():
+        table[key] = fn
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from scaleout.core.errors import AuthError, ConfigError, PackageError, ScaleoutError
+
+    command = _commands()[(args.command, getattr(args, "action", None))]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (UsageError, ConfigError, PackageError) as exc:
+        _fail(exc)
+        return EXIT_USAGE
+    except AuthError as exc:
+        _fail(exc)
+        return EXIT_UNREACHABLE
+    except ScaleoutError as exc:
+        from scaleout.transport.net import ConnectError
+
+        _fail(exc)
+        if isinstance(exc, ConnectError) or exc.code in (AuthError.code, "link_closed", "timeout"):
+            return EXIT_UNREACHABLE
+        return EXIT_USAGE if exc.code in (ConfigError.code, PackageError.code) else EXIT_FAILED
+    except BrokenPipeError:  # `scaleout model ls | head -1`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (OSError, ConnectionError) as exc:
+        _fail(exc)
+        return EXIT_FAILED
+
+
+def _fail(exc: BaseException) -> None:
+    print(f"scaleout: error: {exc}", file=sys.stderr)
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def entry() -> Any:
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Admin commands: one request to the controller each, printed for people or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scaleout.cli import EXIT_FAILED, EXIT_OK, UsageError
+from scaleout.commands.connection import Connection, resolve
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+
+
+async def call_async(
+    conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
+    progress: str | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on a terminal."""
+    from scaleout.commands.progress import terminal_bar
+    from scaleout.core import messages as m
+    from scaleout.security.tls import client_context
+    from scaleout.transport.link import Incoming
+    from scaleout.transport.net import connect
+
+    ctx = None if conn.insecure else client_context(conn.ca)
+    link = await connect(conn.url, conn.token, ctx, max_payload=1 << 40)
+    sending = terminal_bar(f"sending {progress}") if progress and blob is not None else None
+    receiving = terminal_bar(f"receiving {progress}") if progress else None
+    link.receive_progress = receiving  # this link's only payload is the reply's
+
+    async def handle(inc: Incoming) -> None:
+        if isinstance(inc.msg, m.Event) and on_event is not None:
+            on_event(inc.msg.kind, inc.msg.data)
+
+    reader = asyncio.create_task(link.run(on_message=handle))
+    try:
+        return await link.request(op, args, blob, progress=sending)
+    finally:
+        for bar in (sending, receiving):
+            if bar is not None:
+                bar.close()  # an interrupted bar's line ends before the error is printed
+        await link.ws.close()
+        reader.cancel()
+
+
+def call(
+    args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
+    progress: str | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    return asyncio.run(call_async(resolve(args), op, req, blob, on_event, progress))
+
+
+def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(public(data), indent=2, default=str))
+    else:
+        human()
+
+
+TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
+RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
+
+
+def public(data: Any) -> Any:
+    """A record (or a list of them) as --json prints it: a round's number is "index" and
+    times are ISO 8601 UTC strings (durations stay numbers). What users put inside a record
+    (session settings, metrics) is printed as it is."""
+    if isinstance(data, list):
+        return [public(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "idx":
+            key = "index"
+        elif key in TIMESTAMPS and isinstance(value, int | float) and not isinstance(value, bool):
+            value = iso_utc(value)
+        elif key in RECORD_LISTS and isinstance(value, list):
+            value = public(value)
+        out[key] = value
+    return out
+
+
+def iso_utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    cells = [[str(r.get(key, "")) if r.get(key) is not None else "-" for key, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)).rstrip())
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def token_create(args: argparse.Namespace) -> int:
+    from scaleout.security.tokens import parse_ttl
+
+    result, _ = call(args, "token.create", {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name})
+    emit(args, result, lambda: print(result["token"]))
+    if not args.json:
+        print(f"({args.role} token, expires {when(result['expires'])})", file=sys.stderr)
+    return EXIT_OK
+
+
+def package_set_active(args: argparse.Namespace) -> int:
+    data = _read(args.file, "package")
+    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data, progress="package")
+    emit(args, result, lambda: print(f"package {result['name']} ({result['id'][:12]}, {result['size']} bytes) is now active"))
+    return EXIT_OK
+
+
+def model_set_seed(args: argparse.Namespace) -> int:
+    from scaleout.package.seed import read_model_file
+
+    data = read_model_file(args.file)
+    result, _ = call(args, "model.set_seed", {}, data, progress="model")
+    emit(args, result, lambda: print(f"seed model {result['id']} set ({result['tensors']} tensors, {result['size']} bytes)"))
+    return EXIT_OK
+
+
+MODEL_COLUMNS = [("id", "ID"), ("created_s", "CREATED"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("aggregator", "AGGREGATOR"), ("n", "CLIENTS"), ("mark", "")]
+
+
+def model_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.ls", {"session_id": args.session})
+    rows = result["models"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(created_s=when(r["created"]), n=len(r["contributors"]) or None, mark="active" if r["active"] else "", id=r["id"][:16])
+        table(rows, MODEL_COLUMNS, "no models yet (set one with: scaleout model set-seed FILE)")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def model_show(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.show", {"id": args.id})
+    row = result["model"]
+
+    def human() -> None:
+        print(f"model      {row['id']}{'  (active)' if row['active'] else ''}")
+        print(f"parent     {row['parent'] or '-'}")
+        print(f"session    {row['session_id'] or '-'}  round {row['round_index'] if row['round_index'] is not None else '-'}")
+        print(f"aggregator {row['aggregator'] or '-'}")
+        print(f"created    {when(row['created'])}   size {row['size']} bytes")
+        print(f"clients    {', '.join(row['contributors']) or '-'}")
+        print("tensors")
+        for name, spec in row["tensors"].items():
+            print(f"  {name:<24} {spec['dtype']:<8} {tuple(spec['shape'])}")
+
+    emit(args, row, human)
+    return EXIT_OK
+
+
+def model_download(args: argparse.Namespace) -> int:
+    result, data = call(args, "model.get", {"id": None if args.id == "active" else args.id}, progress="model")
+    assert data is not None
+    out: Path = args.output
+    if out.suffix == ".npz":
+        import numpy as np
+
+        from scaleout.core import payload
+
+        named, layout, _ = payload.read(data)
+        np.savez_compressed(out, **named)  # type: ignore[arg-type]
+    else:
+        out.write_bytes(data)
+    info = {"id": result["id"], "file": str(out), "size": out.stat().st_size}
+    emit(args, info, lambda: print(f"saved model {result['id'][:12]} to {out}"))
+    return EXIT_OK
+
+
+def _round_line(r: dict[str, Any]) -> str:
+    val = ", ".join(f"{k}={v:.4g}" for k, v in (r.get("validation") or {}).items())
+    parts = [f"round {r['idx']}", r["status"], f"{len(r['participants'])} participants"]
+    if r.get("duration_s") is not None:
+        parts.append(f"{r['duration_s']:.2f}s")
+    if val:
+        parts.append(val)
+    if r.get("reason"):
+        parts.append(r["reason"])
+    return "  ".join(parts)
+
+
+def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: list[str]) -> list[dict[str, str]]:
+    """Why each client left out of round ``r`` was: its refused update or failed callback,
+    as its combiner reported it, or that no update came at all (from those of ``clients``
+    that did not train)."""
+    out: list[dict[str, str]] = []
+    for rep in reports:
+        if rep["error"]:
+            kind, error = rep["kind"], str(rep["error"])
+            out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
+    trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
+    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
+    return sorted(out, key=lambda f: f["client"])
+
+
+def session_start(args: argparse.Namespace) -> int:
+    try:
+        settings = json.loads(args.settings)
+    except ValueError as exc:
+        raise UsageError(f"--settings is not valid JSON: {exc}") from None
+    try:
+        aggregator_kwargs = json.loads(args.aggregator_kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--aggregator-kwargs is not valid JSON: {exc}") from None
+    from scaleout.core.config import SessionConfig
+    from scaleout.core.errors import ConfigError
+
+    req = SessionConfig(
+        rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
+        aggregator=args.aggregator, aggregator_kwargs=aggregator_kwargs, validate=args.validate, settings=settings, name=args.name,
+    ).to_dict()
+    try:
+        json.dumps(req, allow_nan=False)
+    except ValueError:
+        raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
+    conn = resolve(args)
+    started: list[str] = []
+
+    async def run() -> dict[str, Any]:
+        result, _ = await call_async(conn, "session.start", req)
+        session = result["session"]
+        started.append(session["id"])
+        if not args.json:
+            print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
+        if args.wait:
+            session = await follow(conn, session["id"], None if args.json else _print_round)
+        return session
+
+    try:
+        session = asyncio.run(run())
+    except KeyboardInterrupt:
+        if started:
+            print(f"stopped following session {started[0]}; it keeps running: scaleout session watch {started[0]}", file=sys.stderr)
+        raise
+    if args.json:
+        print(json.dumps(public(session), indent=2, default=str))
+    elif args.wait:
+        _print_end(session)
+    return EXIT_OK if not args.wait or session["status"] == "finished" else EXIT_FAILED
+
+
+async def follow(
+    conn: Connection, key: str | None, on_round: Callable[[dict[str, Any]], None] | None, on_running: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Hand each round of session ``key`` (default: the latest) to ``on_round`` once it has
+    ended, in order and with its clients' failures, until the session ends; return it.
+    ``on_running(id)`` is called first if the session is still running.
+
+    The controller's session.wait pushes an event as each round ends; each event (and the
+    start and end) reads the session again, so rounds that ended before we attached come
+    first and none is missed or repeated, whenever we attached.
+    """
+    done = 0  # rounds handed on so far; they are numbered from 1
+
+    async def catch_up() -> dict[str, Any]:
+        nonlocal done
+        session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}))[0]["session"]
+        for r in session["rounds"]:
+            r["failures"] = client_failures(r, r.pop("clients", []), [])
+        for r in session["rounds"]:
+            if r["status"] == "running":
+                break
+            if r["idx"] > done:
+                if on_round is not None:
+                    on_round({"session_id": session["id"], **r})
+                done = r["idx"]
+        return session
+
+    session = await catch_up()
+    key = session["id"]
+    if session["status"] == "running":
+        if on_running is not None:
+            on_running(key)
+        ended = asyncio.Event()
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "round":
+                ended.set()
+
+        waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event))
+        try:
+            while not waiting.done():
+                woken = asyncio.ensure_future(ended.wait())
+                await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if ended.is_set():
+                    ended.clear()
+                    await catch_up()
+            waiting.result()
+        finally:
+            waiting.cancel()
+        session = await catch_up()
+    return session
+
+
+SHOWN_REASON_CHARS = 300  # a reason on a round's line; `session show --clients --json` has it whole
+
+
+def shown_reason(reason: str) -> str:
+    """One line of at most SHOWN_REASON_CHARS for a terminal (an error text may be 4 KiB)."""
+    line = " ".join(reason.split())
+    return line if len(line) <= SHOWN_REASON_CHARS else line[: SHOWN_REASON_CHARS - 4].rstrip() + " ..."
+
+
+def _print_round(r: dict[str, Any]) -> None:
+    print(_round_line(r), flush=True)
+    for f in r["failures"]:
+        print(f"    {f['client']}: {shown_reason(f['reason'])}", flush=True)
+
+
+def _print_end(session: dict[str, Any]) -> None:
+    print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""), flush=True)
+
+
+def session_watch(args: argparse.Namespace) -> int:
+    conn = resolve(args)
+
+    def print_json(r: dict[str, Any]) -> None:
+        print(json.dumps(public(r), default=str), flush=True)
+
+    def print_running(key: str) -> None:
+        print(f"session {key} running: following its rounds (Ctrl-C stops watching, not the session)", flush=True)
+
+    on_round, on_running = (print_json, None) if args.json else (_print_round, print_running)
+    session = asyncio.run(follow(conn, args.id, on_round, on_running))
+    if not args.json:
+        _print_end(session)
+    return EXIT_OK if session["status"] == "finished" else EXIT_FAILED
+
+
+SESSION_COLUMNS = [("id", "ID"), ("status", "STATUS"), ("created_s", "STARTED"), ("n_rounds", "ROUNDS"), ("reason", "NOTE")]
+
+
+def session_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.ls")
+    rows = result["sessions"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(created_s=when(r["created"]), n_rounds=r["config"].get("rounds"))
+        table(rows, SESSION_COLUMNS, "no sessions yet (start one with: scaleout session start)")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def _print_session(s: dict[str, Any]) -> None:
+    print(f"session {s['id']}  {s['status']}" + (f"  ({s['reason']})" if s.get("reason") else ""))
+    print(f"started {when(s['created'])}  finished {when(s['finished'])}")
+    print(f"config  {json.dumps(s['config'])}")
+    print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
+    for r in s["rounds"]:
+        print("  " + _round_line(r))
+        for c in r.get("clients", []):
+            data = c["data"]
+            if c["kind"] == "train":
+                meta = data.get("metadata") or {}
+                data = {**{k: v for k, v in meta.items() if not isinstance(v, dict)}, **(meta.get("training_metadata") or {})}
+            shown = c["error"] or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items() if not isinstance(v, dict))
+            print(f"      {c['client']:<16} {c['kind']:<9} {'refused: ' if c['error'] else ''}{shown}")
+
+
+def session_show(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.show", {"id": args.id, "clients": args.clients})
+    emit(args, result["session"], lambda: _print_session(result["session"]))
+    return EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    result, _ = call(args, "status")
+
+    def human() -> None:
+        print(f"controller      {result['url']}")
+        print(f"active model    {result['active_model'] or '- (set one with: scaleout model set-seed FILE)'}")
+        print(f"active package  {result['active_package'] or '- (set one with: scaleout package set-active FILE)'}")
+        print(f"session         {result['session'] or '- (none running)'}")
+        print(f"combiners       {result['combiners']} connected, {result['clients']} clients")
+
+    emit(args, result, human)
+    return EXIT_OK
+
+
+def session_stop(args: argparse.Namespace) -> int:
+    result, _ = call(args, "session.stop", {"id": args.id})
+    emit(args, result["session"], lambda: print(f"session {result['session']['id']} {result['session']['status']}"))
+    return EXIT_OK
+
+
+def client_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "client.ls")
+    rows = result["clients"]
+
+    def human() -> None:
+        for r in rows:
+            r["seen"] = when(r["last_seen"])
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("seen", "LAST SEEN")], "no clients have joined yet")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def combiner_ls(args: argparse.Namespace) -> int:
+    result, _ = call(args, "combiner.ls")
+    rows = result["combiners"]
+
+    def human() -> None:
+        for r in rows:
+            r["seen"] = when(r["last_seen"])
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners have connected yet")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("token", "create"): token_create,
+    ("package", "set-active"): package_set_active,
+    ("model", "set-seed"): model_set_seed,
+    ("model", "ls"): model_ls,
+    ("model", "show"): model_show,
+    ("model", "download"): model_download,
+    ("session", "start"): session_start,
+    ("session", "ls"): session_ls,
+    ("session", "show"): session_show,
+    ("session", "watch"): session_watch,
+    ("session", "stop"): session_stop,
+    ("client", "ls"): client_ls,
+    ("status", None): status,
+    ("combiner", "ls"): combiner_ls,
+}

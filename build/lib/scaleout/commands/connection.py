@@ -1,0 +1,106 @@
+"""Find the controller: flags, then SCALEOUT_* variables, then a config file, then a local controller's data dir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaleout.cli import UsageError
+
+DEFAULT_DATA_DIR = Path("scaleout-data")
+
+
+@dataclass
+class Connection:
+    url: str
+    token: str
+    ca: Path | None
+    insecure: bool
+
+
+def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = None) -> Connection:
+    """Find the controller: each of address, token and CA comes from the first place that
+    has it, in this order: flags, the SCALEOUT_* variables, the config file, ./scaleout-data.
+
+    A data dir (``--data-dir``, or ``data_dir`` in the file) stands for its controller's
+    address, admin token and CA, in its own place in that order: ``--data-dir`` given on the
+    command line wins over the environment, a flag given beside it wins over the dir.
+    """
+    conf = file_settings or {}
+    places: list[tuple[Any, Any, Any, Any]] = [
+        (args.controller, args.token, args.ca, getattr(args, "data_dir", None)),
+        (os.environ.get("SCALEOUT_CONTROLLER"), os.environ.get("SCALEOUT_TOKEN"), os.environ.get("SCALEOUT_CA"), None),
+        (conf.get("controller"), conf.get("token"), conf.get("ca"), conf.get("data_dir")),
+        (None, None, None, DEFAULT_DATA_DIR if (DEFAULT_DATA_DIR / "controller.json").exists() else None),
+    ]
+    # The first place naming a controller (an address or a data dir) decides which one it is;
+    # a data dir lends its token and CA only from that place, never to another controller.
+    where = next((i for i, (url, _, _, data_dir) in enumerate(places) if url or data_dir is not None), None)
+    home = Path(places[where][3]) if where is not None and places[where][3] is not None else None
+    info = read_controller_info(home) if home is not None else {}
+    url = (places[where][0] or info.get("url")) if where is not None else None
+    token = ca = None
+    for i, (_, place_token, place_ca, _) in enumerate(places):
+        if token is None and place_token:
+            token = place_token
+        if ca is None and place_ca:
+            ca = place_ca
+        if i == where and home is not None:
+            if token is None:
+                token_file = home / "admin.token"
+                if not token_file.exists():
+                    raise UsageError(f"no admin token in {home}")
+                token = _read(token_file, "admin token").strip()
+            if ca is None and info.get("ca"):
+                ca = home / "ca.pem"
+    insecure = args.insecure is True or conf.get("insecure") is True or (home is not None and not info.get("ca"))
+    if token and token.startswith("@"):
+        token = _read(Path(token[1:]), "token file").strip()
+    if not url and token:
+        from scaleout.security.tokens import peek
+
+        url = peek(token).controller
+    if not url:
+        raise UsageError("no controller given: pass --controller URL (or set SCALEOUT_CONTROLLER), or --data-dir DIR of a local controller")
+    if not token:
+        raise UsageError("no token given: pass --token (or set SCALEOUT_TOKEN); create one with: scaleout token create")
+    if not url.startswith(("ws://", "wss://")):
+        raise UsageError(f"controller address must start with wss:// (or ws:// with --insecure), got {url!r}")
+    if url.startswith("ws://") and not insecure:
+        raise UsageError(f"{url} is not TLS; pass --insecure to connect without it")
+    ca_path = Path(ca).absolute() if ca else None
+    if ca_path is not None and not ca_path.is_file():
+        raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
+    return Connection(str(url), str(token), ca_path, insecure)
+
+
+def read_controller_info(data_dir: Path) -> dict[str, Any]:
+    """What a started controller wrote to DIR/controller.json: its "url" and its "ca" file."""
+    info_file = data_dir / "controller.json"
+    if not info_file.exists():
+        raise UsageError(f"{data_dir} is not the data directory of a started controller (no {info_file.name}); start one with: scaleout serve --data-dir {data_dir}")
+    try:
+        info = json.loads(_read(info_file, "controller address file"))
+        problem = None if isinstance(info, dict) else "not a JSON object"
+    except ValueError:
+        problem = "not valid JSON"
+    if problem is None and not (isinstance(info.get("url"), str) and info["url"]):
+        problem = "no controller address in it"
+    if problem is None and not isinstance(info.get("ca"), str | None):
+        problem = "its CA entry is not a file name"
+    if problem is None and info["url"].startswith("wss://") and not info.get("ca"):
+        problem = "a wss:// address but no CA file"
+    if problem is not None:
+        raise UsageError(f"{info_file} is damaged ({problem}); restart the controller to rewrite it: scaleout serve --data-dir {data_dir}")
+    return dict(info)
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None

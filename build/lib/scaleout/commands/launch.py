@@ -1,0 +1,198 @@
+"""Start a role from the command line: settings from --config and flags, then run it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from scaleout.cli import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
+
+log = logging.getLogger("scaleout")
+MIB = 1 << 20
+
+
+def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Settings for one role: its table (e.g. [controller]) or the file's top-level keys."""
+    if path is None:
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    for name in sections:
+        if isinstance(data.get(name), dict):
+            return dict(data[name])
+    return {k: v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The role's TOML table merged with the flags given, each checked against ``schema``;
+    and the table alone (the environment comes between the two for the controller connection)."""
+    from scaleout.core.config import PATH, check_types, merge
+
+    flags = {k: getattr(args, k, None) for k in schema}
+    file_settings = load_toml(args.config, sections)
+    merged = merge(file_settings, flags, set(schema), sections[0])
+    check_types(merged, schema, sections[0])
+    check_types(file_settings, schema, sections[0])
+    # Paths are taken from where the command was typed: a client later works inside its package.
+    for settings in (merged, file_settings):
+        for key, want in schema.items():
+            if want is PATH and settings.get(key) is not None:
+                settings[key] = Path(settings[key]).absolute()
+    return merged, file_settings
+
+
+def _schemas() -> dict[str, dict[str, Any]]:
+    from scaleout.core.config import PATH
+
+    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
+    return {
+        "controller": {"data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
+        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH},
+    }
+
+
+def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run a role until it ends or a signal stops it: SIGTERM is the normal way to stop a
+    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command."""
+    import signal
+
+    from scaleout.roles.common import install_stop_signals
+
+    async def main() -> list[signal.Signals]:
+        stop = asyncio.Event()
+        received = install_stop_signals(stop)
+        await role(stop)
+        return received
+
+    received = asyncio.run(main())
+    return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def serve(args: argparse.Namespace) -> int:
+    from scaleout.core.config import DEFAULT_PORT, parse_port, parse_sans
+    from scaleout.roles.controller import Controller, ControllerSettings
+
+    s, _ = _settings(args, ("controller", "serve"), _schemas()["controller"])
+    if bool(s.get("tls_cert")) != bool(s.get("tls_key")):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for key in ("tls_cert", "tls_key"):
+        if s.get(key) and not Path(s[key]).is_file():
+            raise UsageError(f"--{key.replace('_', '-')} {s[key]} does not exist")
+    sans = parse_sans(s.get("san"), "controller")
+    if sans and s.get("tls_cert"):
+        raise UsageError("--san names the generated certificate; with --tls-cert, put the names in that certificate instead")
+    settings = ControllerSettings(
+        data_dir=Path(s.get("data_dir") or DEFAULT_DATA_DIR),
+        host=str(s.get("host") or "127.0.0.1"),
+        port=parse_port(s.get("port", DEFAULT_PORT)),
+        san=sans,
+        tls_cert=_path(s.get("tls_cert")),
+        tls_key=_path(s.get("tls_key")),
+        insecure=bool(s.get("insecure")),
+        max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
+    return _run(Controller(settings).run)
+
+
+def warn_if_expiring(token: str, role: str) -> None:
+    """Tokens are checked when a node (re)connects: say so before one runs out."""
+    import datetime as dt
+    import time
+
+    from scaleout.core.errors import AuthError
+    from scaleout.security.tokens import peek
+
+    try:
+        exp = peek(token).exp
+    except AuthError:
+        return  # the controller will refuse it with the reason
+    left = exp - time.time()
+    if left < EXPIRY_WARNING_S:
+        when = dt.datetime.fromtimestamp(exp).strftime("%Y-%m-%d %H:%M")
+        log.warning("this %s token expires at %s: after that the %s cannot reconnect; create a new one with: scaleout token create --role %s", role, when, role, role)
+
+
+EXPIRY_WARNING_S = 7 * 86400
+
+
+def combine(args: argparse.Namespace) -> int:
+    from scaleout.core.config import parse_port, parse_sans
+    from scaleout.roles.combiner import Combiner, CombinerSettings
+
+    s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
+    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    settings = CombinerSettings(
+        controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
+        host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
+        advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    warn_if_expiring(conn.token, "combiner")
+    return _run(Combiner(settings).run)
+
+
+def join(args: argparse.Namespace) -> int:
+    from scaleout.roles.client import Client, ClientSettings
+
+    s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
+    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
+    if package is not None and not (package / "scaleout.yaml").is_file():
+        raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
+    settings = ClientSettings(
+        controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
+        package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+    )
+    warn_if_expiring(conn.token, "client")
+    return _run(Client(settings).run)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from scaleout.package.build import run_build as build
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    files = build(args.path, args.output)
+    for f in files:
+        print(f"wrote {f}")
+    if not files:
+        log.warning("build() ran but wrote no files in %s", args.output or args.path)
+    return EXIT_OK
+
+
+def package_create(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from scaleout.package.archive import create_archive
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    out = create_archive(args.path, args.output)
+    data = out.read_bytes()
+    info: dict[str, Any] = {"file": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"created {out} ({len(data)} bytes, sha256 {info['sha256'][:12]})")
+    return EXIT_OK

@@ -1,0 +1,160 @@
+"""FedAvg: the example-weighted mean of client updates (McMahan et al., 2017)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from scaleout.core.aggregators.base import Partial, cast_mean, check_weight
+from scaleout.core.aggregators.fold import BLOCK, acc_dtype, amax, fold_into
+from scaleout.core.errors import UpdateRejected
+from scaleout.core.payload import TensorSpec, check_compatible, check_values
+
+@dataclass(frozen=True)
+class Checked:
+    """An update that passed `FedAvg.check`: its arrays and a bound on each one's |values|."""
+
+    arrays: dict[str, np.ndarray]
+    peaks: dict[str, float]
+
+
+# A sum whose exact value stays below these cannot overflow its accumulator, rounding
+# included (float32 reaches 3.4e38, float64 1.8e308): below them no isfinite pass is needed.
+SAFE_SUM = {np.dtype(np.float32): 1e37, np.dtype(np.float64): 1e307}
+
+
+class FedAvg:
+    """Running weighted sum; `result()` divides by the total weight.
+
+    Sums are kept in `acc_dtype` of each tensor (float32 for float16/float32 tensors, see
+    `fold` for the error bound), promoted to float64 only if their magnitude requires it.
+    Each update is read twice, block by block: once to check it (NaN, inf, values beyond the
+    model's dtype, and the largest magnitude, which bounds the sums), once to fold it in
+    place. Every check runs before the sums are touched, so a refused update leaves no
+    trace. Sums are kept in template order, so the result keeps the model's tensor order.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, template: Mapping[str, TensorSpec]) -> None:
+        self.template = dict(template)
+        self._sums = {name: np.zeros(spec.shape, dtype=acc_dtype(spec.dtype)) for name, spec in self.template.items()}
+        self._weight = 0.0
+        self._contributors: list[str] = []
+        self._ceiling = dict.fromkeys(self.template, 0.0)  # a bound on each sum's |elements|
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._contributors)
+
+    def check(self, update: Mapping[str, np.ndarray]) -> Checked:
+        """Check an update against the model (names, shapes, values) without touching the
+        sums: safe to run for several updates at once, outside whatever serialises `add`."""
+        check_compatible(self.template, update)
+        return Checked({name: np.asarray(update[name]) for name in self.template}, check_values(self.template, update))
+
+    def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:
+        """Fold ``update`` (raw, or as returned by `check`) in with ``weight``."""
+        checked = update if isinstance(update, Checked) else self.check(update)
+        w = check_weight(weight)
+        self._check_new([contributor])
+        update, peaks = checked.arrays, checked.peaks
+        if not math.isfinite(self._weight + w):
+            raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
+        with np.errstate(over="ignore"):
+            ceilings = {name: self._ceiling[name] + w * peaks[name] for name in self._sums}
+        self._fold(update, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}")
+        self._weight += w
+        self._contributors.append(contributor)
+
+    def add_partial(self, p: Partial) -> None:
+        w = check_weight(p.weight, allow_zero=True)
+        if p.count != len(p.contributors) or (w == 0) != (p.count == 0):
+            raise UpdateRejected(
+                f"inconsistent partial: count {p.count}, weight {p.weight}, {len(p.contributors)} contributors"
+            )
+        self._check_new(p.contributors)
+        check_compatible(self.template, p.sums)
+        if not math.isfinite(self._weight + w):
+            raise UpdateRejected(f"partial weight {w!r} makes the total weight overflow")
+        # One blocked pass per tensor: NaN/inf refused, and a ceiling for the new sums.
+        ceilings: dict[str, float] = {}
+        for name in self._sums:
+            peak = amax(np.asarray(p.sums[name]))
+            if not math.isfinite(peak):
+                raise UpdateRejected(f"partial aggregate tensor {name!r} contains NaN or inf")
+            ceilings[name] = self._ceiling[name] + peak
+        self._fold({name: np.asarray(p.sums[name]) for name in self._sums}, 1.0, ceilings, "adding this partial aggregate overflows the running sum of tensor {name!r}")
+        self._weight += w
+        self._contributors.extend(p.contributors)
+
+    def _fold(self, arrays: dict[str, np.ndarray], w: float, ceilings: dict[str, float], overflow: str) -> None:
+        """sums += w * arrays, all or nothing. Sums whose ceiling stays safe are folded in
+        place; a float32 sum that could outgrow float32 is promoted to float64 first (exact);
+        a float64 sum that could overflow is computed afresh and kept only if finite."""
+        for name, ceiling in ceilings.items():
+            total = self._sums[name]
+            if total.dtype == np.float32 and not ceiling < SAFE_SUM[total.dtype]:
+                self._sums[name] = total.astype(np.float64)
+        fresh: dict[str, np.ndarray] = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, ceiling in ceilings.items():
+                total = self._sums[name]
+                if not ceiling < SAFE_SUM[total.dtype]:
+                    new = np.multiply(arrays[name], w, dtype=np.float64)
+                    new += total
+                    if not np.isfinite(new).all():
+                        raise UpdateRejected(overflow.format(w=w, name=name))
+                    fresh[name] = new
+        for name, total in self._sums.items():  # nothing below can fail: the update is in
+            if name in fresh:
+                self._sums[name] = fresh[name]
+            else:
+                fold_into(total, arrays[name], w, self._scratch_for(total.dtype))
+        self._ceiling = ceilings
+
+    def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
+        if dtype not in self._scratch:
+            self._scratch[dtype] = np.empty(BLOCK, dtype=dtype)
+        return self._scratch[dtype]
+
+    def partial(self, copy: bool = True) -> Partial:
+        """The running sums (in their accumulator dtypes), copied unless ``copy`` is False
+        (the caller then adds nothing more: a combiner encoding its final share); refused if
+        one is not finite (never sent on)."""
+        for name, total in self._sums.items():
+            if not self._ceiling[name] < SAFE_SUM[total.dtype] and not np.isfinite(total).all():
+                raise UpdateRejected(f"the aggregate of tensor {name!r} is not finite")
+        sums = {name: total.copy() if copy else total for name, total in self._sums.items()}
+        return Partial(sums, self._weight, self.count, list(self._contributors))
+
+    def mean(self, in_place: bool = False) -> dict[str, np.ndarray]:
+        """The weighted mean in each sum's accumulator dtype (divided in float64 element by
+        element, without a model-sized float64 temporary): what a server step starts from.
+        ``in_place`` divides the sums themselves (no copy of the model; nothing may be
+        added afterwards: the controller's last use of a round's aggregate)."""
+        if self._weight <= 0:
+            raise UpdateRejected("no updates to aggregate")
+        weight = np.float64(self._weight)
+        out = {name: np.divide(total, weight, out=total if in_place else np.empty_like(total), casting="same_kind") for name, total in self._sums.items()}
+        if in_place:
+            self._weight, self._contributors = 0.0, []  # spent: adding to it now would be wrong
+            self._sums = {}
+        return out
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The weighted mean in each tensor's dtype; refused if it does not fit that dtype."""
+        return {name: cast_mean(name, mean, self.template[name].dtype) for name, mean in self.mean().items()}
+
+    def _check_new(self, contributors: list[str]) -> None:
+        seen = set(self._contributors)
+        for contributor in contributors:
+            if not isinstance(contributor, str) or not contributor:
+                raise UpdateRejected(f"contributor must be a non-empty string, got {contributor!r}")
+            if contributor in seen:
+                raise UpdateRejected(f"duplicate update from {contributor!r}; each contributor counts once")
+            seen.add(contributor)

@@ -1,0 +1,69 @@
+"""The fold kernels: one pass over an update to check it, one to add it, both blocked.
+
+An update is read from memory once per pass, in blocks small enough (``BLOCK`` elements)
+that the temporaries of a block stay in the CPU cache: `x * w` never becomes a fresh
+model-sized array, so the fold runs near memory bandwidth and allocates O(BLOCK).
+
+Accumulator precision (``acc_dtype``): float16 and float32 tensors are summed in float32,
+everything else (float64, ints, bools) in float64. For n updates the float32 sum of
+``w_i * x_i`` is within ``n * 2**-24 * sum(|w_i * x_i|)`` of the exact sum (recursive
+summation bound); with 1,000 updates that is at most 6e-5 of the sum of magnitudes and in
+practice (random rounding) about 2e-6, below what the float32 model itself can tell
+apart after a round of SGD. Ints need float64 to stay exact up to 2**53.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BLOCK = 1 << 16  # elements per block: 256-512 KiB of temporaries, inside L2 (measured best on this machine)
+
+
+def acc_dtype(dtype: str | np.dtype) -> np.dtype:
+    """The dtype a running sum of tensors of ``dtype`` is kept in."""
+    d = np.dtype(dtype)
+    return np.dtype(np.float32) if d.kind == "f" and d.itemsize <= 4 else np.dtype(np.float64)
+
+
+def amax(x: np.ndarray) -> float:
+    """Largest |value| of ``x`` (0.0 when empty); NaN when ``x`` holds a NaN, inf for an inf.
+
+    Bools and ints are exact in float64 up to 2**53, which is all a range check needs.
+    """
+    flat = x.reshape(-1)
+    if flat.size == 0:
+        return 0.0
+    if flat.dtype.kind == "b":
+        return 1.0 if flat.any() else 0.0
+    if flat.dtype.kind in "iu":
+        return float(max(abs(int(flat.min())), abs(int(flat.max()))))
+    # max(max(x), -min(x)) in two reductions over the same block while it is in cache;
+    # np.maximum.reduce propagates NaN, so a NaN anywhere makes the result NaN.
+    peak = 0.0
+    for start in range(0, flat.size, BLOCK):
+        block = flat[start : start + BLOCK]
+        hi, lo = float(block.max()), float(block.min())
+        if math.isnan(hi) or math.isnan(lo):
+            return math.nan
+        peak = max(peak, hi, -lo)
+    return peak
+
+
+def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | None = None) -> None:
+    """``acc += w * x`` in place, block by block, with no model-sized temporary.
+
+    ``acc`` is a C-contiguous float32 or float64 array of x's shape; ``scratch`` (optional)
+    a buffer of at least BLOCK elements of acc's dtype, reused across calls.
+    """
+    a = acc.reshape(-1)
+    v = x.reshape(-1)
+    if scratch is None or scratch.size < BLOCK or scratch.dtype != acc.dtype:
+        scratch = np.empty(BLOCK, dtype=acc.dtype)
+    weight = acc.dtype.type(w)
+    for start in range(0, a.size, BLOCK):
+        stop = min(start + BLOCK, a.size)
+        tmp = scratch[: stop - start]
+        np.multiply(v[start:stop], weight, out=tmp, casting="unsafe")
+        np.add(a[start:stop], tmp, out=a[start:stop])

@@ -1,0 +1,158 @@
+"""Strategies: a combiner-side reducer plus a controller-side server step.
+
+A round's aggregation has two halves (Reddi et al., 2021, "Adaptive Federated Optimization"):
+
+- the **reducer** folds client updates as they arrive into an example-weighted sum. It is
+  streaming and decomposable: each combiner reduces its clients, the controller adds the
+  combiners' partials, and the weighted mean is the same however the clients were split;
+- the **server step** turns that mean into the next global model. It runs once per round
+  on the controller and may keep state across the rounds of a session (FedAdam's first
+  and second moments); the state is returned, never kept on the object, so the controller
+  can store it with the session and resume it after a restart.
+
+A strategy that needs every update on its own (median, Krum) says so with
+``needs_updates``; the roles then hand it the updates instead of a weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from scaleout.core.aggregators.base import cast_mean
+from scaleout.core.errors import ConfigError, UpdateRejected
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: default, and the open/closed interval it must lie in."""
+
+    default: float
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    help: str = ""
+
+    def check(self, name: str, value: object) -> float:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(float(value)):
+            raise ConfigError(f"aggregator_kwargs.{name}", f"must be a finite number, got {value!r}")
+        x = float(value)
+        low_ok = x > self.low if self.low_open else x >= self.low
+        high_ok = x < self.high if self.high_open else x <= self.high
+        if not (low_ok and high_ok):
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open or self.high == math.inf else "]"
+            raise ConfigError(f"aggregator_kwargs.{name}", f"must lie in {lo}{self.low:g}, {self.high:g}{hi}, got {x:g}")
+        return x
+
+
+class Strategy:
+    """Base of all strategies: validated hyperparameters and a server step.
+
+    Subclasses set ``name``, ``params`` and override ``step``. The default step is plain
+    FedAvg: the next global model is the weighted mean.
+    """
+
+    name: ClassVar[str] = ""
+    needs_updates: ClassVar[bool] = False
+    reducer: ClassVar[str] = "weighted_sum"
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(self.params))
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise ConfigError(f"aggregator_kwargs.{unknown[0]}", f"{self.name} takes no such setting; it takes: {known}")
+        self.kwargs = {k: p.check(k, kwargs[k]) if k in kwargs else p.default for k, p in self.params.items()}
+
+    def step(self, model: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        """(next global model in the model's dtypes, server state to keep) from the current
+        model, the float64 weighted mean of this round's updates and the state kept so far."""
+        return {name: cast_mean(name, np.asarray(mean[name]), model[name].dtype.name) for name in model}, {}
+
+
+class FedAvgStrategy(Strategy):
+    """FedAvg (McMahan et al., 2017): the next model is the example-weighted mean."""
+
+    name = "fedavg"
+
+
+class FedAdam(Strategy):
+    """FedAdam (Reddi et al., 2021): Adam on the server, with the round's mean change as
+    pseudo-gradient. Moments are kept per float tensor across the rounds of a session;
+    integer and bool tensors take the plain mean (Adam has no meaning for them).
+
+        delta = mean - x;  m = b1 m + (1 - b1) delta;  v = b2 v + (1 - b2) delta^2
+        x    <- x + learning_rate * m / (sqrt(v) + tau)
+
+    Hyperparameter names and defaults follow Scaleout Edge's ``fedopt``.
+    """
+
+    name = "fedadam"
+    params = {
+        "learning_rate": Param(1e-3, 0.0, low_open=True, help="server learning rate"),
+        "beta1": Param(0.9, 0.0, 1.0, high_open=True, help="decay of the first moment"),
+        "beta2": Param(0.99, 0.0, 1.0, high_open=True, help="decay of the second moment"),
+        "tau": Param(1e-4, 0.0, low_open=True, help="adaptivity: added to sqrt(v)"),
+    }
+
+    def step(self, model: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        lr, b1, b2, tau = (self.kwargs[k] for k in ("learning_rate", "beta1", "beta2", "tau"))
+        new_model: Tensors = {}
+        new_state: Tensors = {}
+        for name, x in model.items():
+            if x.dtype.kind != "f":
+                new_model[name] = cast_mean(name, np.asarray(mean[name]), x.dtype.name)
+                continue
+            m_key, v_key = f"m/{name}", f"v/{name}"
+            m = _moment(state, m_key, x)
+            v = _moment(state, v_key, x)
+            with np.errstate(over="ignore", invalid="ignore"):
+                delta = np.asarray(mean[name], dtype=np.float64) - x
+                m = b1 * m + (1.0 - b1) * delta
+                v = b2 * v + (1.0 - b2) * np.square(delta)
+                step = lr * m / (np.sqrt(v) + tau)
+                new_x = (x + step).astype(x.dtype)
+            new_model[name] = _checked(name, new_x)
+            # Moments are kept in float32 at least (float64 for float64 tensors).
+            keep = np.result_type(x.dtype, np.float32)
+            new_state[m_key] = _checked(m_key, m.astype(keep))
+            new_state[v_key] = _checked(v_key, v.astype(keep))
+        return new_model, new_state
+
+
+def _moment(state: Mapping[str, np.ndarray], key: str, x: np.ndarray) -> np.ndarray:
+    """The stored moment, or zeros on the first round; a shape that no longer fits the
+    model (a new seed mid-session cannot happen, but a corrupt state can) is refused."""
+    value = state.get(key)
+    if value is None:
+        return np.zeros(x.shape, dtype=np.float64)
+    if value.shape != x.shape:
+        raise UpdateRejected(f"server state {key!r} has shape {value.shape}, the model {x.shape}")
+    return np.asarray(value, dtype=np.float64)
+
+
+def _checked(name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise UpdateRejected(f"the server step made tensor {name!r} non-finite (NaN or inf); the global model stays")
+    return array
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvgStrategy, FedAdam)}
+
+
+def make_strategy(name: str, kwargs: Mapping[str, Any] | None = None) -> Strategy:
+    """The named strategy with validated hyperparameters; ConfigError says what is wrong."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise ConfigError("aggregator", f"unknown aggregator {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigError("aggregator_kwargs", "must be a JSON object, e.g. '{\"learning_rate\": 0.01}'")
+    return cls(**dict(kwargs or {}))

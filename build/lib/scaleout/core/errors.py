@@ -1,0 +1,144 @@
+"""One exception tree for Scaleout.
+
+    ScaleoutError
+     ├── ConfigError            a setting is missing, malformed or out of range
+     ├── ProtocolError          a wire message is malformed, unknown or of another version
+     ├── PayloadError           model bytes are not a valid safetensors payload
+     │    ├── IntegrityError    bytes do not match their announced sha256 or size
+     │    └── ModelMismatchError  an update's tensors differ from the global model's
+     ├── UpdateRejected         an update is well-formed but unusable (NaN, no examples)
+     ├── LimitExceeded          a metric, result or text is larger than a peer may send
+     ├── AuthError              a token is missing, malformed, expired, or of the wrong role
+     ├── PackageError           a compute package is missing, broken or unsafe
+     ├── NotFoundError          a session, model, package, ... does not exist
+     ├── ConflictError          the request conflicts with current state (session running, ...)
+     ├── StorageError           the controller could not write or read its files (disk full, ...)
+     ├── Superseded             another node took over this node's name
+     ├── RemoteError            a peer answered a request with an error
+     └── TaskAborted            the running task was aborted (session stopped)
+
+Exceptions carry fields and build their message from them; roles translate them into
+error replies, close codes or exit codes at the edge.
+"""
+
+from __future__ import annotations
+
+from scaleout.core.units import fmt_bytes
+
+
+class ScaleoutError(Exception):
+    """Root of every error Scaleout raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ScaleoutError):
+    code = "bad_config"
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class ProtocolError(ScaleoutError):
+    code = "bad_message"
+
+
+class PayloadError(ScaleoutError):
+    code = "bad_payload"
+
+
+class IntegrityError(PayloadError):
+    code = "integrity"
+
+    def __init__(self, expected: str, actual: str, what: str = "payload") -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{what} is corrupt: sha256 {actual[:12]} does not match the announced {expected[:12]}")
+
+
+class ModelMismatchError(PayloadError):
+    code = "model_mismatch"
+
+    def __init__(self, tensor: str, problem: str) -> None:
+        self.tensor = tensor
+        self.problem = problem
+        super().__init__(f"tensor {tensor!r}: {problem}")
+
+
+class UpdateRejected(ScaleoutError):
+    code = "update_rejected"
+
+
+class LimitExceeded(ScaleoutError, ValueError):
+    """Too large to send or store (also a ValueError: user code calling log_metric may expect one)."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, what: str, size: int, limit: int, hint: str = "") -> None:
+        self.what = what
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{what} is {fmt_bytes(size)} as JSON; the limit is {fmt_bytes(limit)}" + (f": {hint}" if hint else ""))
+
+
+class AuthError(ScaleoutError):
+    code = "unauthorized"
+
+
+class PackageError(ScaleoutError):
+    code = "bad_package"
+
+
+class Superseded(ScaleoutError):
+    """Another node registered under this node's name; the newest one stays."""
+
+    code = "superseded"
+
+
+class NotFoundError(ScaleoutError):
+    code = "not_found"
+
+    def __init__(self, kind: str, key: str, hint: str = "") -> None:
+        self.kind = kind
+        self.key = key
+        super().__init__(f"no {kind} {key!r}" + (f"; {hint}" if hint else ""))
+
+
+class ConflictError(ScaleoutError):
+    code = "conflict"
+
+
+class StorageError(ScaleoutError):
+    """A file or database write failed: ``problem`` is the system's reason (its strerror)."""
+
+    code = "storage"
+
+    def __init__(self, problem: str, action: str, path: str, errno: int | None = None) -> None:
+        self.problem = problem
+        self.action = action
+        self.path = path
+        self.errno = errno
+        super().__init__(f"{problem[:1].lower()}{problem[1:]} while {action} {path}")
+
+
+class RemoteError(ScaleoutError):
+    """A peer refused a request; `code` is the peer's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class TaskAborted(ScaleoutError):
+    """Raised by EdgeClient.check_task_abort() when the session was stopped."""
+
+    code = "aborted"

@@ -1,0 +1,225 @@
+"""Compute package archives: a deterministic .tgz of the package directory, and safe extraction.
+
+`.scaleoutignore` follows a subset of gitignore: `#` comments, `dir/` (directories only),
+`*`, `?`, `[abc]`, `**/`, a leading or inner `/` anchors to the package root, `!` re-includes.
+As in git, a file inside an excluded directory cannot be re-included.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import tarfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from scaleout.core.errors import PackageError
+from scaleout.package.project import PROJECT_FILE, load_project
+
+IGNORE_FILE = ".scaleoutignore"
+ALWAYS_IGNORED = ["__pycache__/", "*.pyc", ".git/"]
+MAX_EXTRACT_BYTES = 512 * 1024 * 1024
+
+_Rule = tuple[re.Pattern[str], bool, bool]  # (regex, negated, directories only)
+
+
+def read_ignore(root: Path) -> list[str]:
+    """Patterns from `root/.scaleoutignore`, in order (empty if there is none)."""
+    path = root / IGNORE_FILE
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _glob_to_regex(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 1)) > i + 1:
+            body = glob[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body[0] == "!" else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+def _compile(patterns: list[str]) -> list[_Rule]:
+    rules: list[_Rule] = []
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        dir_only = pattern.endswith("/")
+        pattern = pattern.rstrip("/")
+        if not pattern:
+            continue
+        anchored = "/" in pattern  # gitignore: a slash anywhere but the end anchors to the root
+        regex = _glob_to_regex(pattern.lstrip("/"))
+        rules.append((re.compile(regex if anchored else "(?:.*/)?" + regex), negated, dir_only))
+    return rules
+
+
+def _ignored(rel: str, is_dir: bool, rules: list[_Rule]) -> bool:
+    ignored = False
+    for regex, negated, dir_only in rules:  # the last matching rule wins
+        if (is_dir or not dir_only) and regex.fullmatch(rel):
+            ignored = not negated
+    return ignored
+
+
+def _package_files(root: Path, skip: Path | None) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of directories and files to pack, sorted, ignores applied."""
+    rules = _compile(ALWAYS_IGNORED + read_ignore(root))
+    entries: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        rel_base = base.relative_to(root).as_posix()
+        prefix = "" if rel_base == "." else rel_base + "/"
+        kept = []
+        for name in sorted(dirnames):
+            path = base / name
+            if not path.is_symlink() and not _ignored(prefix + name, True, rules):
+                kept.append(name)
+                entries.append((prefix + name, path))
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            path = base / name
+            # Symlinks are skipped: extraction refuses them, and they may point outside the package.
+            if path.is_symlink() or path == skip or _ignored(prefix + name, False, rules):
+                continue
+            entries.append((prefix + name, path))
+    return sorted(entries)
+
+
+def create_archive(
+    root: Path,
+    out: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Pack `root` into `out` (default `<root.parent>/<root.name>.tgz`) under a `<root.name>/` dir.
+
+    The archive is deterministic: the same tree gives the same bytes. `progress(done, total)`
+    is called with bytes of file content packed so far.
+    """
+    load_project(root)  # refuse a directory that is not a valid package
+    root = root.resolve()
+    out = (out if out is not None else root.parent / f"{root.name}.tgz").resolve()
+    entries = _package_files(root, skip=out)
+    total = sum(path.stat().st_size for _, path in entries if path.is_file())
+    done = 0
+    part = out.with_name(out.name + ".part")
+    try:
+        with open(part, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for rel, path in entries:
+                    info = tarfile.TarInfo(f"{root.name}/{rel}")
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                    if path.is_dir():
+                        info.type, info.mode = tarfile.DIRTYPE, 0o755
+                        tar.addfile(info)
+                        continue
+                    info.size = path.stat().st_size
+                    info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                    with open(path, "rb") as f:
+                        tar.addfile(info, f)
+                    done += info.size
+                    if progress is not None:
+                        progress(done, total)
+        os.replace(part, out)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise PackageError(f"cannot write package archive {out}: {exc}") from exc
+    return out
+
+
+def _member_path(name: str) -> PurePosixPath | None:
+    """The safe relative path of an archive member; None for the archive's own root."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise PackageError(f"package archive member {name!r} has an absolute path")
+    path = PurePosixPath(name.replace("\\", "/"))
+    if ".." in path.parts:
+        raise PackageError(f"package archive member {name!r} escapes the package directory")
+    parts = [p for p in path.parts if p != "."]
+    return PurePosixPath(*parts) if parts else None
+
+
+def _extract(data: bytes, dest: Path, max_bytes: int) -> None:
+    total = 0
+    try:
+        gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+        with gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+            for member in tar:
+                rel = _member_path(member.name)
+                if rel is None:
+                    continue
+                target = dest.joinpath(rel)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                if not member.isreg():
+                    raise PackageError(
+                        f"package archive member {member.name!r} is a link or special file; only "
+                        "regular files and directories are allowed"
+                    )
+                total += member.size
+                if total > max_bytes:
+                    raise PackageError(f"package archive expands to more than {max_bytes} bytes")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # regular files always have content
+                with open(target, "wb") as f:
+                    shutil.copyfileobj(source, f)
+                target.chmod(0o755 if member.mode & 0o100 else 0o644)
+            # Read to the end so gzip checks its CRC and length: a truncated archive fails here.
+            padding = 0
+            while chunk := gz.read(1 << 16):
+                padding += len(chunk)
+                if padding > 1 << 20:
+                    raise PackageError("package archive has trailing data after the end of the tar")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise PackageError(f"package archive is corrupt or unreadable: {exc}") from exc
+
+
+def extract_archive(data: bytes, dest: Path, max_bytes: int = MAX_EXTRACT_BYTES) -> Path:
+    """Safely unpack a .tgz package into `dest` (which must be absent or empty).
+
+    Refuses absolute or `..` paths, links, special files and archives over `max_bytes`;
+    on refusal nothing is left in `dest`. Returns the directory holding scaleout.yaml.
+    """
+    created = not dest.exists()
+    if not created and (not dest.is_dir() or any(dest.iterdir())):
+        raise PackageError(f"cannot extract package into {dest}: it exists and is not an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        _extract(data, dest, max_bytes)
+        if (dest / PROJECT_FILE).is_file():
+            return dest
+        candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and (d / PROJECT_FILE).is_file()]
+        if len(candidates) != 1:
+            raise PackageError(f"package archive has no {PROJECT_FILE} at its top level")
+        return candidates[0]
+    except PackageError:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:  # it was empty before: empty it again (extraction never creates links)
+            for path in dest.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise

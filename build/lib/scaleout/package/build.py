@@ -1,0 +1,47 @@
+"""Run a package's `build()` entry point (e.g. to write the seed model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from scaleout.package.project import call_entry, load_project
+
+OUTPUT_DIR_ENV = "SCALEOUT_BUILD_OUTPUT_DIR"
+
+
+def _snapshot(directory: Path) -> dict[Path, tuple[int, int]]:
+    """(mtime_ns, size) of every file under `directory`, skipping caches and .git."""
+    seen: dict[Path, tuple[int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", ".git")]
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            seen[path] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
+def run_build(root: Path, output_dir: Path | None = None) -> list[Path]:
+    """Call `build()` from the package at `root`; return the files it created or changed.
+
+    The output directory (default: `root`) is passed to build() in $SCALEOUT_BUILD_OUTPUT_DIR.
+    """
+    project = load_project(root)
+    out = (output_dir if output_dir is not None else root).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    before = _snapshot(out)
+    previous = os.environ.get(OUTPUT_DIR_ENV)
+    os.environ[OUTPUT_DIR_ENV] = str(out)
+    try:
+        call_entry(project, "build")
+    finally:
+        if previous is None:
+            os.environ.pop(OUTPUT_DIR_ENV, None)
+        else:
+            os.environ[OUTPUT_DIR_ENV] = previous
+    after = _snapshot(out)
+    return sorted(path for path, stamp in after.items() if before.get(path) != stamp)

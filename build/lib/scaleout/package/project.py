@@ -1,0 +1,214 @@
+"""The project file (`scaleout.yaml`) and importing its entry points.
+
+Two forms of entry point are accepted:
+
+    entry_points:
+      build: build.py                      # importing: a file defining build()
+      startup: startup.py                  # importing: a file defining startup(client)
+      train: {command: "python train.py"}  # dispatcher: a shell command
+      validate: "python validate.py"       # dispatcher, short form
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from scaleout.core.errors import PackageError
+from scaleout.runtime import missing_module_hint
+
+PROJECT_FILE = "scaleout.yaml"
+
+
+@dataclass
+class Project:
+    """A parsed compute package: its directory and the entry points it declares."""
+
+    root: Path
+    entry_points: dict[str, object]
+    python_env: str | None
+
+    def entry_file(self, name: str) -> Path | None:
+        """The file of an importing entry point, or None if `name` is absent or a command."""
+        value = self.entry_points.get(name)
+        if not isinstance(value, str) or not value.strip().endswith(".py") or " " in value.strip():
+            return None
+        root = self.root.resolve()
+        path = (root / value.strip()).resolve()
+        if not path.is_relative_to(root):
+            raise PackageError(f"entry point {name!r} ({value}) points outside the package {root}")
+        if not path.is_file():
+            raise PackageError(f"entry point {name!r}: file {path} does not exist")
+        return path
+
+    def entry_command(self, name: str) -> str | None:
+        """The shell command of a dispatcher entry point, or None if absent or importing."""
+        value = self.entry_points.get(name)
+        if isinstance(value, dict):
+            return str(value["command"])
+        if isinstance(value, str) and self.entry_file(name) is None:
+            return value
+        return None
+
+
+def load_project(root: Path) -> Project:
+    """Read and check `root/scaleout.yaml`.
+
+    The project keeps `root` absolute: its entry points run with the package as the
+    working directory, where a relative `root` would point somewhere else.
+    """
+    import yaml
+
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise PackageError(f"package directory {root} does not exist")
+    path = root / PROJECT_FILE
+    if not path.is_file():
+        raise PackageError(f"{root} has no {PROJECT_FILE}; is it a compute package?")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PackageError(f"{path} must be a mapping with an 'entry_points' key")
+    entry_points = doc.get("entry_points")
+    if entry_points is None:
+        raise PackageError(f"{path} has no 'entry_points'")
+    if not isinstance(entry_points, dict):
+        raise PackageError(f"{path}: 'entry_points' must be a mapping of name to file or command")
+    for name, value in entry_points.items():
+        command = value.get("command") if isinstance(value, dict) else value
+        if not isinstance(name, str) or not isinstance(command, str) or not command.strip():
+            raise PackageError(
+                f"{path}: entry point {name!r} must be a file name, a command, or {{command: ...}}"
+            )
+    python_env = doc.get("python_env")
+    if python_env is not None and not isinstance(python_env, str):
+        raise PackageError(f"{path}: 'python_env' must be a file name")
+    return Project(root=root, entry_points=dict(entry_points), python_env=python_env)
+
+
+@contextmanager
+def _inside(root: Path) -> Iterator[None]:
+    """Run user code with `root` as cwd and first on sys.path; restore both after."""
+    entry = str(root)
+    cwd = os.getcwd()
+    before = set(sys.modules)
+    sys.path.insert(0, entry)
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        if entry in sys.path:
+            sys.path.remove(entry)
+        # Forget the package's own helper modules so the next package (or a new version
+        # of this one) imports fresh copies instead of the cached ones.
+        for key in set(sys.modules) - before:
+            file = getattr(sys.modules[key], "__file__", None)
+            if file and Path(file).resolve().is_relative_to(root):
+                del sys.modules[key]
+
+
+def import_entry(project: Project, name: str) -> ModuleType:
+    """Import the file of entry point `name` as a fresh module (call inside `_inside`)."""
+    file = project.entry_file(name)
+    if file is None:
+        raise PackageError(f"{project.root / PROJECT_FILE} has no importing entry point {name!r}")
+    module_name = f"_scaleout_{name}_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise PackageError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # keep the package directory free of __pycache__
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        del sys.modules[module_name]
+        raise PackageError(f"importing {file} failed: {describe_failure(exc, project.root)}") from exc
+    finally:
+        sys.dont_write_bytecode = dont_write
+    return module
+
+
+def call_entry(project: Project, name: str, *args: object) -> object:
+    """Import entry point `name` and call its function of the same name with `args`."""
+    root = project.root.resolve()
+    with _inside(root):
+        module = import_entry(project, name)
+        file = module.__file__
+        func = getattr(module, name, None)
+        if not callable(func):
+            raise PackageError(f"{file} defines no {name}() function")
+        try:
+            return func(*args)
+        except (Exception, SystemExit) as exc:
+            raise PackageError(f"{name}() in {file} failed: {describe_failure(exc, root)}") from exc
+
+
+MAX_REASON_CHARS = 300
+
+
+def describe_failure(exc: BaseException, root: Path) -> str:
+    """One short line for an exception from package code, naming where in the package it
+    was raised: ``ValueError: bad shape (startup.py:42)``."""
+    message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    lines = message.strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > MAX_REASON_CHARS or len(lines) > 1:
+        first = first[:MAX_REASON_CHARS].rstrip() + " ..."
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    where = user_location(exc, root)
+    text = f"{text} ({where})" if where else text
+    missing = missing_module(exc, root)
+    return f"{text}; the package needs module {missing!r}, which this scaleout cannot import: {missing_module_hint(missing)}" if missing else text
+
+
+def missing_module(exc: BaseException, root: Path) -> str | None:
+    """The module a package's import could not find, when it is a library the package
+    needs (torch ...), not a file of the package itself."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    if (root / top).exists() or (root / f"{top}.py").exists():
+        return None  # the package's own module: its file and line say more than a hint
+    return exc.name
+
+
+def user_location(exc: BaseException, root: Path) -> str | None:
+    """``file:line`` (relative to ``root``) of the last traceback frame inside the package
+    at ``root``, or of the line a SyntaxError in it points at; None if it has no such frame.
+
+    The last frame inside the package is the user's line: below it are libraries (numpy
+    raising on a bad shape), above it Scaleout calling the callback.
+    """
+    root = root.resolve()
+    inside: dict[str, str | None] = {}
+
+    def relative(filename: str | None) -> str | None:
+        if not filename or filename.startswith("<") or not os.path.isabs(filename):
+            return None  # <frozen importlib._bootstrap>, <string>: not a file of the package
+        if filename not in inside:
+            path = Path(filename).resolve()
+            inside[filename] = path.relative_to(root).as_posix() if path.is_relative_to(root) else None
+        return inside[filename]
+
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name = relative(tb.tb_frame.f_code.co_filename)
+        if name is not None:
+            found = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError) and exc.lineno is not None and (name := relative(exc.filename)) is not None:
+        found = f"{name}:{exc.lineno}"
+    return found

@@ -1,0 +1,361 @@
+"""The client: runs the user's compute package next to the data; only weights leave.
+
+It dials out only: to the controller (to be assigned a combiner and fetch the package),
+then to its combiner, where it serves train and validate tasks one at a time.
+
+The package's code runs on daemon threads: on SIGINT/SIGTERM the running callback is
+aborted (``check_task_abort()`` raises) and given ABORT_GRACE_S to return, then the
+client exits whether or not it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaleout.core import messages as m
+from scaleout.core.errors import AuthError, ConfigError, NotFoundError, PackageError, ProtocolError, RemoteError, ScaleoutError, Superseded, TaskAborted
+from scaleout.core.limits import clip_text
+from scaleout.core.units import fmt_bytes
+from scaleout.package.project import describe_failure, user_location
+from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
+from scaleout.security import tls
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
+from scaleout.transport.net import TrustError, backoff, connect
+
+log = logging.getLogger("scaleout.client")
+ABORT_GRACE_S = 2.0
+SHUTTING_DOWN = "the client is shutting down"
+
+
+@dataclass
+class ClientSettings:
+    controller: str
+    token: str
+    ca: Path | None = None
+    name: str = ""
+    package: Path | None = None  # a local compute package; None: download the active one
+    data_dir: Path | None = None
+    insecure: bool = False
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+class Client:
+    def __init__(self, settings: ClientSettings) -> None:
+        from scaleout.edge import EdgeClient
+
+        self.settings = settings
+        self.name = settings.name or f"{socket.gethostname()}-{new_id()[:6]}"
+        os.environ["SCALEOUT_CLIENT_NAME"] = self.name
+        self.edge = EdgeClient(self.name)
+        self.ctx = None if settings.insecure else tls.client_context(settings.ca)
+        self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.link: Link | None = None
+        self.current_task: str | None = None
+        self.held: m.TaskResult | None = None  # a result we could not send yet
+        # The update the combiner will pull: (task id, bytes and their sha256, the result that announced it).
+        self.update: tuple[str, Hashed, m.TaskResult] | None = None
+        self.combiner: str | None = None  # where we were: reconnect there if it is still up
+        self.served = False  # the current combiner link got as far as Hello
+        self._callback: asyncio.Task[Any] | None = None  # the package callback running now
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.package_root = Path.cwd()  # where the package's files are: set by prepare()
+
+    async def _controller(self) -> Link:
+        s = self.settings
+        return await connect(s.controller, s.token, self.ctx, max_payload=s.max_payload)
+
+    async def prepare(self, stop: asyncio.Event | None = None) -> None:
+        """Get the compute package (local or the controller's active one) and run startup()."""
+        from scaleout.package.archive import extract_archive
+        from scaleout.package.loader import load_startup
+
+        s = self.settings
+        if s.package is not None:
+            root = s.package.resolve()
+            log.info("using the local compute package in %s", root)
+        else:
+            ctl = await self._controller()
+            reader = asyncio.create_task(ctl.run())
+            try:
+                info, data = await ctl.request("package.get", timeout=600)
+            finally:
+                await ctl.ws.close()
+                reader.cancel()
+            if data is None or hashlib.sha256(data).hexdigest() != info.get("id"):
+                raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
+            base = s.data_dir or Path(self._tempdir())
+            dest = base / "package" / str(info["id"])[:16]
+            if dest.exists() and (dest / ".complete").exists():
+                root = Path((dest / ".complete").read_text().strip())
+            else:
+                import shutil
+
+                shutil.rmtree(dest, ignore_errors=True)
+                root = await asyncio.to_thread(extract_archive, data, dest)
+                (dest / ".complete").write_text(str(root))
+            log.info("compute package %s (%s) unpacked in %s", info.get("name"), str(info["id"])[:12], root)
+        # The package's own modules and data files are found relative to its folder.
+        os.chdir(root)
+        sys.path.insert(0, str(root))
+        self.package_root = root
+        try:
+            await in_daemon_thread(load_startup, root, self.edge)
+        except PackageError as exc:
+            if exc.__cause__ is not None:
+                _log_traceback("the compute package failed to start", exc.__cause__)
+            raise
+        callbacks = self.edge.registered()
+        log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
+        if "train" not in callbacks:
+            log.warning("no train callback: this client will refuse training tasks (call client.set_train_callback in startup)")
+
+    def _tempdir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="scaleout-client-")
+        return self._tmp.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not await self._retrying(self.prepare, stop):
+            return
+        worker = asyncio.create_task(self._work())
+        try:
+            while not stop.is_set():
+                await self._retrying(self._session, stop)
+            await self._abort_callback()
+        finally:
+            worker.cancel()
+            self.edge._stop_task(SHUTTING_DOWN)
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    async def _abort_callback(self) -> None:
+        """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
+        self.edge._stop_task(SHUTTING_DOWN)
+        callback = self._callback
+        if callback is None:
+            return
+        done, _ = await asyncio.wait({callback}, timeout=ABORT_GRACE_S)
+        if not done:
+            log.warning(
+                "the running callback did not return within %.0fs of the abort (it should call client.check_task_abort()); "
+                "exiting without it", ABORT_GRACE_S,
+            )
+
+    async def _retrying(self, step: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> bool:
+        """Run ``step`` until it succeeds or we are stopped; passing troubles are retried
+        with backoff, while a refused token, an untrusted certificate or a broken package
+        end the client with their message."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                # A step stalled on a peer (package.get, client.assign) must not delay exit.
+                return await unless_stopped(step(stop), stop)
+            except (AuthError, TrustError, PackageError, Superseded, ConfigError):
+                raise
+            except RemoteError as exc:
+                if exc.code == AuthError.code:
+                    raise
+                log.warning("%s", exc)
+            except (ConnectionError, ScaleoutError) as exc:
+                log.warning("%s", exc)
+            if self.served:
+                # The link had been working: this is a fresh trouble, not the next failure
+                # of the same one, so start again from short waits (a blip is short).
+                self.served = False
+                delays = backoff()
+            delay = next(delays)
+            log.info("retrying in %.1fs", delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """One stay with a combiner: assign, connect, serve tasks until either side stops."""
+        ctl = await self._controller()
+        reader = asyncio.create_task(ctl.run())
+        try:
+            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner}, timeout=30)
+        finally:
+            await ctl.ws.close()
+            reader.cancel()
+        s = self.settings
+        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
+        await link.send(m.Hello(name=self.name, task_id=working_on))
+        self.link = link
+        self.served = True
+        self.combiner = str(info["combiner"])
+        log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
+        run = asyncio.create_task(link.run(on_message=self._on_message, on_request=self._on_request))
+        if self.held is not None:
+            held, self.held = self.held, None
+            log.info("sending the result of task %s kept while disconnected", held.task_id)
+            await self._send(held)
+        elif self.update is not None:  # announced, maybe not pulled before the link dropped
+            await self._send(self.update[2])
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            self.link = None
+            await link.ws.close()
+            run.cancel()
+        # The running task goes on: if we are back soon, the combiner still wants its result.
+        # Tasks not started yet are sent again on reconnect if they are still wanted.
+        while not self.tasks.empty():
+            self.tasks.get_nowait()
+        if not stop.is_set():
+            reason = link.ws.close_reason or "connection closed"
+            if link.ws.close_code == m.CLOSE_SUPERSEDED:
+                raise Superseded(f"{reason}: this client stops (give each client its own --name)")
+            raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
+
+    async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
+        """The combiner pulls the update we announced, when it has room to fold it."""
+        if req.op != "update.get":
+            raise ProtocolError(f"unknown operation {req.op!r}")
+        task_id = req.args.get("task_id")
+        if self.update is None or self.update[0] != task_id:
+            raise NotFoundError("update", str(task_id), "this client holds no update for that task")
+        log.info("sending the update of task %s (%s)", task_id, fmt_bytes(len(self.update[1].data)))
+        return {}, self.update[1]
+
+    async def _on_message(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, m.Task):
+            await self.tasks.put(inc)
+        elif isinstance(msg, m.TaskAbort):
+            if msg.reason:
+                log.info("aborting the current task: %s", msg.reason)
+            elif msg.task_id is None:
+                log.info("session %s stopped: aborting the current task", msg.session_id)
+            else:
+                log.info("the combiner no longer waits for task %s: aborting it", msg.task_id)
+            if msg.task_id is None or msg.task_id == self.current_task:
+                self.edge._stop_task(msg.reason or ("the session was stopped" if msg.task_id is None else "the combiner no longer waits for this task"))
+            if self.update is not None and (msg.task_id is None or msg.task_id == self.update[0]):
+                self.update = None  # nobody will pull it
+            kept = []
+            while not self.tasks.empty():
+                queued = self.tasks.get_nowait()
+                if msg.task_id is not None and getattr(queued.msg, "task_id", None) != msg.task_id:
+                    kept.append(queued)
+            for queued in kept:
+                self.tasks.put_nowait(queued)
+
+    async def _work(self) -> None:
+        """Run tasks one at a time in a worker thread so the link stays responsive."""
+        loop = asyncio.get_running_loop()
+
+        def sink(metrics: dict[str, Any], step: int | None) -> None:
+            task_id = self.current_task
+            if task_id is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
+                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
+
+        self.edge._metric_sink = sink
+        while True:
+            inc = await self.tasks.get()
+            task = inc.msg
+            assert isinstance(task, m.Task)
+            self.edge._abort.clear()
+            self.current_task = task.task_id
+            self.update = None  # a new task: the combiner no longer wants the last update
+            result = m.TaskResult(task_id=task.task_id, ok=False)
+            update: bytes | None = None
+            try:
+                if inc.blob is None:
+                    raise ScaleoutError(inc.blob_error or "task carried no model")
+                started = loop.time()
+                if task.kind == "train":
+                    log.info("round %d: training on model %s", task.round_index, task.model_id[:12])
+                    update, metadata = await self._call(self.edge.run_train, inc.blob, task.settings)
+                    result.data = {"metadata": metadata}
+                    log.info("round %d: trained in %.2fs; sending the update", task.round_index, loop.time() - started)
+                elif task.kind == "validate":
+                    log.info("round %d: validating the new global model %s", task.round_index, task.model_id[:12])
+                    result.data = await self._call(self.edge.run_validate, inc.blob)
+                    log.info("round %d: validation done in %.2fs", task.round_index, loop.time() - started)
+                else:
+                    raise ScaleoutError(f"unknown task kind {task.kind!r}")
+                result.ok = True
+            except asyncio.CancelledError:
+                raise
+            except CallbackExit as wrapped:  # sys.exit() (e.g. argparse in a reused training script) or KeyboardInterrupt
+                exc = wrapped.original
+                where = user_location(exc, self.package_root)
+                what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {type(exc).__name__}"
+                result.error = f"the {task.kind} callback {what}" + (f" ({where})" if where else "")
+                log.error("round %d: %s", task.round_index, result.error)
+                _log_traceback(f"round {task.round_index}: {task.kind}", exc)
+            except TaskAborted as exc:
+                result.error = str(exc)
+                log.info("round %d: %s stopped (%s)", task.round_index, task.kind, exc)
+            except ScaleoutError as exc:  # the runtime refused what a callback returned
+                result.error = clip_text(str(exc))
+                log.error("round %d: %s failed: %s", task.round_index, task.kind, result.error)
+            except Exception as exc:  # the role edge: a failing callback is reported, not fatal
+                # One short line for the controller, naming the user's line (startup.py:42).
+                result.error = clip_text(f"{task.kind} failed: {describe_failure(exc, self.package_root)}")
+                log.error("round %d: %s", task.round_index, result.error)
+                _log_traceback(f"round {task.round_index}: {task.kind}", exc)
+            finally:
+                self.current_task = None
+            if update is not None and result.ok:
+                result.size = len(update)
+                # Hashed now, while the combiner may still be busy: its pull then streams at once.
+                digest = await asyncio.to_thread(_sha256, update)
+                self.update = (task.task_id, Hashed(update, digest), result)
+            await self._send(result)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a package callback on a daemon thread, kept where shutdown can wait for it."""
+        self._callback = asyncio.ensure_future(in_daemon_thread(fn, *args))
+        try:
+            return await self._callback
+        finally:
+            self._callback = None
+
+    async def _send(self, msg: m.Message) -> None:
+        link = self.link
+        try:
+            if link is None:
+                raise ConnectionError("not connected")
+            await link.send(msg)
+        except Exception as exc:  # the role edge: the session loop reconnects
+            if isinstance(msg, m.TaskResult):
+                # Keep it for the combiner: it waits a while for a client whose link dropped.
+                self.held = msg
+                log.warning("could not send the result of task %s (%s): keeping it until we reconnect", msg.task_id, exc)
+            else:
+                log.debug("dropping %s: %s", msg.type, exc)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _log_traceback(what: str, exc: BaseException) -> None:
+    """The whole traceback of package code, at debug level (the error line names its place)."""
+    if log.isEnabledFor(logging.DEBUG):
+        import traceback
+
+        # Each line cut to the error-text limit: a package may raise with a huge message.
+        lines = "".join(traceback.format_exception(exc)).splitlines()
+        log.debug("%s: traceback of the package code\n%s", what, "\n".join(clip_text(line) for line in lines))
+    else:
+        log.info("%s: run with --log-level debug to see the whole traceback", what)

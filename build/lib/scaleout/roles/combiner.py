@@ -1,0 +1,746 @@
+"""The combiner: serves clients, hands them tasks, folds their updates into a partial."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaleout.core import messages as m
+from scaleout.core import payload
+from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
+from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
+from scaleout.core.rounds import CombinerRound, Resume
+from scaleout.core.updates import read_num_examples
+from scaleout.core.units import fmt_bytes
+from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
+from scaleout.security import tls, tokens
+from scaleout.transport.budget import ByteBudget
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
+
+log = logging.getLogger("scaleout.combiner")
+
+# What a client link may hold: one payload at a time, and a small one unless the combiner
+# is pulling that client's update (then the size the client announced).
+CLIENT_IN_FLIGHT = 1
+CLIENT_IDLE_PAYLOAD = 1 << 20
+UPDATE_SLACK = 1 << 20
+UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or one model-sized update
+RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
+PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
+SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
+STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
+
+
+@dataclass
+class CombinerSettings:
+    controller: str
+    token: str
+    ca: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    name: str = ""
+    advertise: str | None = None  # the host clients should dial, when it differs from --host
+    san: list[str] = field(default_factory=list)  # more names for its certificate
+    insecure: bool = False
+    data_dir: Path | None = None
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+@dataclass
+class Job:
+    """One round (train or validate) as this combiner sees it."""
+
+    kind: str
+    session_id: str
+    round_index: int
+    model_id: str
+    tracker: CombinerRound
+    tasks: dict[str, str] = field(default_factory=dict)  # task id -> client
+    agg: Any = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
+    timer: asyncio.TimerHandle | None = None
+    update_limit: int = 0  # bytes a selected client may send as its update (train only)
+    settings: dict[str, Any] = field(default_factory=dict)
+    pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
+    told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
+    # When it started, all tasks were sent, the last result was announced (loop time).
+    started: float = 0.0
+    sent: float | None = None
+    last_result: float | None = None
+
+
+class Combiner:
+    def __init__(self, settings: CombinerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name or f"combiner-{socket.gethostname()}-{new_id()[:4]}"
+        self.clients: dict[str, Link] = {}
+        self.jobs: dict[str, Job] = {}  # by kind: at most one train and one validate job
+        self.models: dict[str, bytes] = {}
+        self.controller: Link | None = None
+        self.verifier: tokens.TokenVerifier | None = None
+        self.stopping = False
+        self.background: set[asyncio.Future[Any]] = set()
+        self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
+        self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
+        self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
+        self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
+        self._joined: set[str] = set()  # membership changes not yet told to the controller
+        self._left: set[str] = set()
+        self._status_timer: asyncio.TimerHandle | None = None
+
+    async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
+        """Connect to the controller and register; returns the link's reader and the reply."""
+        s = self.settings
+        link = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
+        reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
+        args: dict[str, Any] = {"name": self.name}
+        if csr is not None:
+            args["csr"] = csr
+        try:
+            result, _ = await link.request("combiner.register", args, timeout=30)
+        except BaseException:
+            await link.ws.close()
+            reader.cancel()
+            raise
+        self.controller = link
+        return reader, result
+
+    async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Register again after losing the controller, with backoff; None when stopped."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                reader, _ = await self._register(ctx, None)
+                assert self.controller is not None
+                await self.controller.request("combiner.ready", {"url": url}, timeout=30)
+                await self._send_all_clients()
+                log.info("reconnected to the controller at %s", self.settings.controller)
+                return reader
+            except AuthError:
+                raise
+            except (ScaleoutError, OSError) as exc:
+                log.warning("controller not reachable yet: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _first_register(self, ctx: Any, csr: str | None, stop: asyncio.Event) -> tuple[asyncio.Task[None], dict[str, Any]] | None:
+        """Register at start, waiting with backoff for a controller that is not up yet (a
+        combiner started at boot before its controller); a refused token or an untrusted
+        certificate stops it at once. None when stopped while waiting."""
+        delays = backoff()
+        while not stop.is_set():
+            try:
+                return await self._register(ctx, csr)
+            except ConnectError as exc:
+                if isinstance(exc, TrustError):
+                    raise
+                log.warning("controller not reachable yet (retrying): %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _abandon_jobs(self) -> None:
+        """The controller that gave us these rounds is gone: stop their tasks."""
+        self.partials.clear()
+        for job in list(self.jobs.values()):
+            self._drop(job)
+            for link in list(self.clients.values()):
+                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        ctx = None if s.insecure else tls.client_context(s.ca)
+        advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)
+        dial_host = advertised_host or url_host(s.host).strip("[]")
+        if not s.advertise and s.host in ("0.0.0.0", "::", ""):
+            # Listening everywhere: clients on other machines need a name, not loopback.
+            dial_host = socket.gethostname()
+            log.info("clients will dial %s (pass --advertise HOST to give them another name)", dial_host)
+        key_pem = b""
+        csr: str | None = None
+        if not s.insecure:
+            csr_pem, key_pem = tls.make_csr(cert_names(s.host, [dial_host, *s.san]), self.name)
+            csr = csr_pem.decode()
+        first = await self._first_register(ctx, csr, stop)
+        if first is None:
+            return
+        reader, result = first
+        assert self.controller is not None
+        self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
+        server_ctx = None
+        tmp = None
+        if not s.insecure:
+            if s.data_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
+            cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
+            cert_dir.mkdir(parents=True, exist_ok=True)
+            tls.write_private(cert_dir / "combiner.key", key_pem)
+            (cert_dir / "combiner.pem").write_text(result["cert"])
+            server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
+        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
+        scheme = "ws" if s.insecure else "wss"
+        url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
+        await self.controller.request("combiner.ready", {"url": url}, timeout=30)
+        await self._send_all_clients()
+        announce(f"{scheme}://{bracket(s.host)}:{port}")
+        log.info("combiner %s registered with %s", self.name, s.controller)
+        stopping = asyncio.ensure_future(stop.wait())
+        current: asyncio.Task[None] | None = reader
+        try:
+            while current is not None:
+                done, _ = await asyncio.wait({stopping, current}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    break
+                assert self.controller is not None
+                if self.controller.ws.close_code == m.CLOSE_SUPERSEDED:
+                    raise Superseded(f"another combiner registered as {self.name!r}: this one stops (give each combiner its own --name)")
+                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected)", s.controller)
+                await self._abandon_jobs()
+                current = await self._reconnect(ctx, url, stop)
+        finally:
+            self.stopping = True
+            stopping.cancel()
+            server.close()
+            await self.controller.ws.close()
+            if current is not None:
+                current.cancel()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
+            if tmp is not None:
+                tmp.cleanup()
+
+    def _authenticate(self, token: str | None) -> tokens.TokenClaims:
+        if not token:
+            raise AuthError("no token given")
+        assert self.verifier is not None
+        return self.verifier.verify(token, time.time(), roles={"client"})
+
+    # -- clients --------------------------------------------------------------------------
+
+    async def _on_client(self, link: Link) -> None:
+        name: str | None = None
+        gate: MetricGate | None = None  # the client's metric limits: per name, so reconnecting does not reset them
+        link.max_in_flight = CLIENT_IN_FLIGHT
+        link.max_payload = self._client_limit(None)
+
+        async def on_message(inc: Incoming) -> None:
+            nonlocal name, gate
+            msg = inc.msg
+            if name is None:
+                if not isinstance(msg, m.Hello):
+                    raise ProtocolError("say hello first")
+                m.check_name(msg.name, "client name")
+                old = self.clients.get(msg.name)
+                if old is not None:
+                    # The newest connection wins: the old one is usually a dead link from
+                    # before a restart; a live twin is told why and stops. Closed in the
+                    # background: a dead peer must not hold up this link for the close timeout.
+                    log.warning("client %s connected again: closing its older connection", msg.name)
+                    self._spawn(_quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}")))
+                for current in self.jobs.values():  # a pull on the old connection will never finish
+                    stale = current.pulling.pop(msg.name, None)
+                    if stale is not None:
+                        stale.cancel()
+                name = msg.name
+                gate = self.gates.setdefault(name, MetricGate())
+                self.clients[name] = link
+                log.info("client %s connected (%d clients)", name, len(self.clients))
+                self._changed(joined=name)
+                await self._resume(name, link, msg.task_id)
+            elif isinstance(msg, m.TaskResult):
+                await self._on_result(name, inc)
+            elif isinstance(msg, m.Metric):
+                job = self._job_of(msg.task_id)
+                if job is not None and gate is not None:
+                    await self._on_metric(name, link, gate, job, msg)
+            else:
+                raise ProtocolError(f"a client may not send {msg.type}")
+
+        try:
+            await link.run(on_message=on_message)
+        finally:
+            if name is not None and self.clients.get(name) is link:
+                del self.clients[name]
+                log.info("client %s disconnected (%d clients)", name, len(self.clients))
+                self._changed(left=name)
+                # A client that said goodbye is lost now; after a blip it has a grace period.
+                goodbye = link.ws.close_code in (1000, 1001)
+                now = asyncio.get_running_loop().time()
+                for job in list(self.jobs.values()):
+                    waited = name in job.tracker.pending
+                    if job.tracker.on_client_dropped(name, now, goodbye):
+                        await self._complete(job)
+                    elif waited and not goodbye and name in job.tracker.away:
+                        log.info("round %d: waiting up to %.0fs for %s to reconnect", job.round_index, job.tracker.away[name] - now, name)
+                        self._arm(job)
+
+    async def _on_metric(self, client: str, link: Link, gate: MetricGate, job: Job, msg: m.Metric) -> None:
+        """Forward a metric within the limits; a drop is logged and told once per burst."""
+        body = metric_body(msg.metrics, msg.step)
+        verdict = gate.offer(json_size(body), asyncio.get_running_loop().time())
+        if not verdict.ok:
+            if verdict.tell:
+                log.warning("client %s: %s", client, verdict.reason)
+                await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
+            return
+        if verdict.dropped_before:
+            log.info("client %s: metrics are forwarded again (%d were dropped)", client, verdict.dropped_before)
+        await self._report("metric", job, client, body, None)
+
+    async def _resume(self, name: str, link: Link, working_on: str | None) -> None:
+        """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
+        wanted = False
+        for job in list(self.jobs.values()):
+            task_id = next((t for t, c in job.tasks.items() if c == name), None)
+            action = job.tracker.on_client_back(name, still_working=task_id is not None and task_id == working_on)
+            self._arm(job)
+            if action is Resume.KEEP:
+                wanted = True
+                log.info("round %d: %s is back and still working on its %s task", job.round_index, name, job.kind)
+            elif action is Resume.RESEND and task_id is not None:
+                log.info("round %d: %s is back: sending its %s task again", job.round_index, name, job.kind)
+                self._spawn(self._resend(job, task_id, name))
+        if working_on is not None and not wanted:
+            await _quiet(link.send(m.TaskAbort(session_id="", task_id=working_on)))
+
+    async def _resend(self, job: Job, task_id: str, name: str) -> None:
+        try:
+            model = await self._model(job.model_id)
+        except ScaleoutError as exc:
+            if job.tracker.on_refused(name, f"could not send the task again: {exc}"):
+                await self._complete(job)
+            return
+        if self.jobs.get(job.kind) is job and name in job.tracker.pending:  # still wanted after the fetch
+            await self._send_task(job, task_id, name, model, job.settings)
+
+    def _changed(self, joined: str | None = None, left: str | None = None) -> None:
+        """Note a membership change; changes within STATUS_DELAY_S go up as one message."""
+        if joined is not None:
+            self._left.discard(joined)
+            self._joined.add(joined)
+        if left is not None:
+            if left in self._joined:
+                self._joined.discard(left)
+            else:
+                self._left.add(left)
+        if self._status_timer is None:
+            self._status_timer = asyncio.get_running_loop().call_later(STATUS_DELAY_S, lambda: self._spawn(self._flush_changes()))
+
+    async def _flush_changes(self) -> None:
+        self._status_timer = None
+        joined, left = sorted(self._joined), sorted(self._left)
+        self._joined.clear()
+        self._left.clear()
+        await self._send_pages(joined, left, reset=False)
+
+    async def _send_all_clients(self) -> None:
+        """After (re)registering: the full membership, in pages, replacing what was known."""
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
+        self._joined.clear()
+        self._left.clear()
+        await self._send_pages(sorted(self.clients), [], reset=True)
+
+    async def _send_pages(self, joined: list[str], left: list[str], reset: bool) -> None:
+        link = self.controller
+        if link is None or self.stopping or link.ws.close_code is not None or not (joined or left or reset):
+            return
+        page = m.MAX_NAMES
+        try:
+            for i in range(0, max(len(joined), len(left), 1), page):
+                await link.send(m.ClientsChanged(joined=joined[i : i + page], left=left[i : i + page], reset=reset and i == 0))
+        except Exception as exc:  # the role edge: the reader notices the lost controller
+            log.warning("could not report clients to the controller: %s", exc)
+
+    def _client_limit(self, client: str | None) -> int:
+        return min(CLIENT_IDLE_PAYLOAD, self.settings.max_payload)
+
+    def _job_of(self, task_id: str) -> Job | None:
+        for job in self.jobs.values():
+            if task_id in job.tasks:
+                return job
+        return None
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    async def _on_controller(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, (m.RoundStart, m.RoundValidate)):
+            clients = _client_list(inc.take_blob(), msg.count, inc.blob_error)
+            kind = "train" if isinstance(msg, m.RoundStart) else "validate"
+            settings = msg.settings if isinstance(msg, m.RoundStart) else {}
+            self._spawn(self._start_job(kind, msg, clients, msg.timeout, settings))
+        elif isinstance(msg, m.SessionStop):
+            for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
+                self._drop(job)
+            self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
+            for link in list(self.clients.values()):
+                await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+        elif isinstance(msg, m.Event):
+            pass
+        else:
+            raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
+
+    async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
+        if req.op != "partial.get":
+            raise ProtocolError(f"unknown operation {req.op!r}")
+        key = (str(req.args.get("session_id")), req.args.get("round_index"))
+        data = self.partials.pop(key, None)  # type: ignore[arg-type]
+        if data is None:
+            raise ProtocolError(f"no partial aggregate for round {key[1]} of session {key[0]} (it was sent or dropped)")
+        log.info("round %s: sending the partial aggregate (%s) to the controller", key[1], fmt_bytes(len(data.data)))
+        return {}, data
+
+    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Future[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the role edge: log, never lose it
+            log.error("background task failed", exc_info=task.exception())
+
+    async def _model(self, model_id: str) -> bytes:
+        if model_id not in self.models:
+            assert self.controller is not None
+            _, data = await self.controller.request("model.get", {"id": model_id}, timeout=300)
+            if data is None or await asyncio.to_thread(payload.model_id, data) != model_id:
+                raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
+            self.models = {model_id: data}  # keep only the current global model
+        return self.models[model_id]
+
+    async def _start_job(self, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], timeout: float, settings: dict[str, Any]) -> None:
+        from scaleout.core.aggregators import get_aggregator
+
+        loop = asyncio.get_running_loop()
+        old = self.jobs.get(kind)
+        if old is not None:
+            self._drop(old)
+        tracker = CombinerRound.start(clients, loop.time(), timeout, grace=RECONNECT_GRACE_S)
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time())
+        self.jobs[kind] = job
+        try:
+            model = await self._model(msg.model_id)
+            if kind == "train":
+                job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
+        except ScaleoutError as exc:
+            log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
+            for client in clients:
+                job.tracker.on_refused(client, str(exc))
+            await self._complete(job)
+            return
+        if self.jobs.get(kind) is not job:  # stopped or replaced while the model was fetched
+            return
+        self._arm(job)
+        if kind == "train":
+            # An update may be float64 for a float32 model: twice the model, plus its header.
+            job.update_limit = min(2 * len(model) + UPDATE_SLACK, self.settings.max_payload)
+            # One model-sized update held at a time (a float64 one for a float32 model is admitted
+            # alone); small models get UPLOAD_BUDGET_MIN, i.e. many at once.
+            self.uploads.limit = max(UPLOAD_BUDGET_MIN, len(model) + UPDATE_SLACK)
+        log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
+        sends = {new_id("t-"): client for client in clients}
+        job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
+        await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
+        job.sent = loop.time()
+        if job.tracker.on_tick(loop.time()) or job.tracker.check():
+            await self._complete(job)
+
+    async def _send_task(self, job: Job, task_id: str, client: str, model: bytes, settings: dict[str, Any]) -> None:
+        """Send one client its task with the model; one unreachable client must not stop the round."""
+        link = self.clients.get(client)
+        if link is None:
+            reason = "not connected to this combiner"
+        else:
+            task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
+            try:
+                # The model id is the sha256 of its bytes: no need to hash them again per client.
+                # A few sends at a time: each holds frames in flight, and that must not grow with clients.
+                async with self.sending:
+                    await link.send_with_blob(task, model, "model", sha256=job.model_id)
+                return
+            except LinkClosed:
+                return  # a dropped link: the reconnect grace and _resume take it from here
+            except ScaleoutError as exc:
+                reason = str(exc)
+        if job.tracker.on_refused(client, f"could not send the task: {reason}"):
+            await self._complete(job)
+
+    def _arm(self, job: Job) -> None:
+        """One timer per job, at the next moment its tracker has something to decide."""
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        when = job.tracker.next_wakeup
+        if when is not None and self.jobs.get(job.kind) is job:
+            job.timer = asyncio.get_running_loop().call_at(when, lambda: self._spawn(self._tick(job)))
+
+    async def _tick(self, job: Job) -> None:
+        if self.jobs.get(job.kind) is not job:
+            return
+        if job.tracker.on_tick(asyncio.get_running_loop().time()):
+            timed_out = sorted(c for c, why in job.tracker.failed.items() if "timeout" in why or "come back" in why)
+            if timed_out:
+                log.warning("round %d: %s gave up on %s", job.round_index, job.kind, ", ".join(timed_out))
+            await self._complete(job)
+        else:
+            self._arm(job)
+
+    def _drop(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        for pull in job.pulling.values():  # nobody folds what they bring now: free the budget
+            if pull is not asyncio.current_task():  # a pull that completes the round ends by itself
+                pull.cancel()
+        if self.jobs.get(job.kind) is job:
+            del self.jobs[job.kind]
+
+    async def _on_result(self, client: str, inc: Incoming) -> None:
+        msg = inc.msg
+        assert isinstance(msg, m.TaskResult)
+        job = self._job_of(msg.task_id)
+        if job is None or job.tasks.get(msg.task_id) != client:
+            log.info("ignoring a late or unknown result from client %s", client)
+            return
+        if client in job.tracker.reported or client in job.tracker.failed or client in job.pulling:
+            log.info("ignoring a repeated result from client %s", client)
+            return
+        job.last_result = asyncio.get_running_loop().time()
+        await self._bound_result(job, client, msg)
+        if job.kind == "validate":
+            error = msg.error if not msg.ok else None
+            await self._report("validate", job, client, msg.data, error)
+            ready = job.tracker.on_refused(client, error) if error else job.tracker.on_update(client)
+            if ready:
+                await self._complete(job)
+            return
+        try:
+            if not msg.ok:
+                raise UpdateRejected(msg.error or "the client reported a failure")
+            weight = read_num_examples(msg.data.get("metadata"))
+            size = msg.size
+            if not isinstance(size, int) or size <= 0:
+                raise ProtocolError("a train result must say the size of its update")
+            if size > job.update_limit:
+                raise PayloadError(f"update of {fmt_bytes(size)} exceeds the limit of {fmt_bytes(job.update_limit)} (twice the model)")
+        except ScaleoutError as exc:
+            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+            await self._report("train", job, client, msg.data, str(exc))
+            if job.tracker.on_refused(client, str(exc)):
+                await self._complete(job)
+            return
+        # Pulled in its own task: this link goes on reading (pings, metrics) while it waits.
+        job.pulling[client] = self._spawn(self._pull(job, client, msg, weight, size))
+
+    async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
+        """Fetch a client's update when the upload budget has room, check it and fold it in.
+
+        The budget bounds the bytes of updates held at once, so memory does not grow with
+        the number of clients that finish together; a waiting client holds its update. The
+        check runs in threads, several updates at once; only the fold is serialised.
+        """
+        try:
+            async with self.uploads.hold(size):
+                link = self.clients.get(client)
+                if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
+                    return  # the round closed, or the client left (it announces again when back)
+                link.max_payload = size
+                try:
+                    blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
+                finally:
+                    link.max_payload = self._client_limit(client)
+                if blob is None or len(blob) != size:
+                    raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
+                if self.jobs.get(job.kind) is not job or job.agg is None:
+                    return  # the round closed while the update was on its way
+                checked = await asyncio.to_thread(_check_update, job.agg, blob)
+                async with job.lock:
+                    if self.jobs.get(job.kind) is not job:
+                        raise UpdateRejected("the round closed while the update was being checked")
+                    await asyncio.to_thread(job.agg.add, checked, float(weight), client)
+                    ready = job.tracker.on_update(client)
+                del checked, blob  # the views hold the bytes: both go now
+        except LinkClosed:
+            return  # the reconnect grace decides; a client back in time announces again
+        except ScaleoutError as exc:
+            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+            await self._report("train", job, client, msg.data, str(exc))
+            if job.tracker.on_refused(client, str(exc)):
+                await self._complete(job)
+            return
+        finally:
+            job.pulling.pop(client, None)
+        log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
+        await self._report("train", job, client, msg.data, None)
+        if ready:
+            await self._complete(job)
+
+    async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> bytes | None:
+        """Ask a client for its update and wait as long as bytes keep coming: a stalled client
+        (nothing for PULL_STALL_S) or one still sending at the round's deadline is given up,
+        so it cannot hold the upload budget from the others; a slow but steady one is not."""
+        loop = asyncio.get_running_loop()
+        request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}))
+        seen, since = link.received_bytes, loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=min(1.0, PULL_STALL_S))
+                if done:
+                    return request.result()[1]
+                now = loop.time()
+                if link.received_bytes != seen:
+                    seen, since = link.received_bytes, now
+                elif now - since >= PULL_STALL_S:
+                    raise PayloadError(f"sent nothing for {PULL_STALL_S:g} s when asked for its update")
+                if now >= deadline:
+                    raise PayloadError("its update was still arriving at the round timeout")
+        finally:
+            if not request.done():
+                request.cancel()
+
+    async def _bound_result(self, job: Job, client: str, msg: m.TaskResult) -> None:
+        """Cut a result down to what may travel on: its error text truncated, oversized data
+        dropped (which fails the task, saying why; the client is told)."""
+        if msg.error is not None:
+            msg.error = clip_text(msg.error)
+        what = "the training metadata" if job.kind == "train" else f"the {job.kind} result"
+        try:
+            check_size(msg.data, MAX_RESULT_BYTES, what, "return a few numbers, not data")
+        except LimitExceeded as exc:
+            log.warning("round %d: %s from %s refused: %s", job.round_index, job.kind, client, exc)
+            link = self.clients.get(client)
+            if link is not None:
+                await _quiet(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
+            msg.data = {}
+            if msg.ok:
+                msg.ok, msg.error = False, str(exc)
+
+    async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
+        assert self.controller is not None
+        job.told.add(client)
+        # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
+        error = clip_text(error) if error is not None else None
+        report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
+        await _quiet(self.controller.send(report))
+
+    async def _abort_late(self, job: Job) -> None:
+        """Tell clients still working on this job that nobody waits for their result."""
+        late = set(job.tracker.expected) - job.tracker.reported - set(job.tracker.failed)
+        late |= {c for c, why in job.tracker.failed.items() if "timeout" in why}
+        for task_id, client in job.tasks.items():
+            link = self.clients.get(client)
+            if client in late and link is not None:
+                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, task_id=task_id)))
+
+    async def _complete(self, job: Job) -> None:
+        """Tell the controller this combiner's share of the round is ready, once; a train
+        round's partial is encoded now and kept until the controller pulls it."""
+        from scaleout.core.aggregators import encode_partial
+
+        if self.jobs.get(job.kind) is not job:
+            return
+        self._drop(job)
+        assert self.controller is not None
+        await self._abort_late(job)
+        # Clients lost, timed out or never reached are named too, not only those that answered.
+        for client, reason in sorted(job.tracker.failed.items()):
+            if client not in job.told:
+                await self._report(job.kind, job, client, {}, reason)
+        if job.kind == "validate":
+            log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
+            await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
+            return
+        now = asyncio.get_running_loop().time()
+        sent = job.sent if job.sent is not None else now
+        last = job.last_result if job.last_result is not None else sent
+        timing = {
+            "distribute_s": round(sent - job.started, 4),
+            "train_s": round(max(0.0, last - sent), 4),
+            "collect_s": round(max(0.0, now - max(last, sent)), 4),
+        }
+        size, count, weight = 0, 0, 0.0
+        async with job.lock:
+            if job.agg is not None and job.agg.count > 0:
+                try:
+                    p = job.agg.partial(copy=False)  # refused if not finite: never sent on
+                    data = await asyncio.to_thread(_encode_hashed, encode_partial, p)
+                    self.partials = {(job.session_id, job.round_index): data}  # one round's share at a time
+                    size, count, weight = len(data.data), p.count, p.weight
+                except ScaleoutError as exc:
+                    log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
+            job.agg = None  # the sums are encoded (or refused): free them
+        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
+        log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
+        await _quiet(self.controller.send(msg))
+
+
+def _encode_hashed(encode: Any, partial: Any) -> Hashed:
+    """Encode a partial and hash it (in a thread, before the controller asks for it)."""
+    import hashlib
+
+    data = encode(partial)
+    return Hashed(data, hashlib.sha256(data).hexdigest())
+
+
+def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]:
+    """The names a round start or validate carries in its payload (a JSON list)."""
+    if blob is None:
+        raise ProtocolError(error or "the round's client list is missing")
+    try:
+        names = json.loads(blob)
+    except (ValueError, RecursionError):
+        raise ProtocolError("the round's client list is not JSON") from None
+    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) for n in names):
+        raise ProtocolError(f"the round's client list must be a JSON list of {count} names")
+    return names
+
+
+def _check_update(agg: Any, blob: bytes) -> Any:
+    """Parse an update's header and check its values against the round's model (off the loop)."""
+    return agg.check(payload.views(blob))
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (clients behind NAT or a proxy)."""
+    from scaleout.core.config import parse_port
+    from scaleout.core.errors import ConfigError
+
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise ConfigError("advertise", f"expected HOST or HOST:PORT, got {text!r}")
+    if port is None:
+        return host, None
+    if not port.isdigit():
+        raise ConfigError("advertise", f"expected HOST or HOST:PORT, got {text!r}")
+    return host, parse_port(int(port)) or None
+
+
+async def _quiet(coro: Any) -> None:
+    try:
+        await coro
+    except Exception as exc:  # the role edge: a closed peer is noticed by its reader
+        log.warning("send failed: %s", exc)

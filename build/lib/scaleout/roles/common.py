@@ -1,0 +1,143 @@
+"""What every role shell shares: the ready line, signal handling, stopping, ids."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+log = logging.getLogger("scaleout")
+T = TypeVar("T")
+STOP_GRACE_S = 2.0
+
+
+def announce(url: str) -> None:
+    """Print the one line that tells users and tests where a role listens."""
+    print(f"listening on {url}", flush=True)
+    log.info("listening on %s", url)
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + secrets.token_hex(6)
+
+
+def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    """SIGINT/SIGTERM set ``stop`` so the role drains; a second signal exits at once
+    (with 128 + its number). Returns the list the signals received are appended to."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if stop.is_set():
+            log.warning("second %s: exiting now", sig.name)
+            sys.exit(128 + sig)
+        log.info("%s received: shutting down", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+    return received
+
+
+class CallbackExit(Exception):
+    """User code raised SystemExit or KeyboardInterrupt on a worker thread; ``original`` is it."""
+
+    def __init__(self, original: BaseException) -> None:
+        self.original = original
+        self.__traceback__ = original.__traceback__
+        super().__init__(f"{type(original).__name__}({getattr(original, 'code', '')!r})" if isinstance(original, SystemExit) else type(original).__name__)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on a daemon thread and await its result.
+
+    Unlike ``asyncio.to_thread`` the thread does not hold up exit (``asyncio.run`` waits for
+    its executor's threads), so user code that ignores an abort cannot delay shutdown.
+    Cancelling the await abandons the thread; its result is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        error: BaseException | None = None
+        result = None
+        try:
+            result = context.run(fn, *args)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Raised into the awaiting task these would end the whole process (asyncio lets
+            # them through): user code calling sys.exit() fails its call instead.
+            error = CallbackExit(exc)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=work, name=f"scaleout-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+async def unless_stopped(step: Awaitable[None], stop: asyncio.Event, grace: float = STOP_GRACE_S) -> bool:
+    """Await ``step`` unless ``stop`` is set first, which cancels it; True if it completed.
+
+    A cancelled step gets ``grace`` seconds to unwind (close its connections); past that it
+    is left to the loop's shutdown, so a stalled peer cannot delay exit.
+    """
+    task = asyncio.ensure_future(step)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        stopped = not task.done()
+        if stopped:
+            task.cancel()
+            await asyncio.wait({task}, timeout=grace)
+    if stopped:
+        if task.done() and not task.cancelled():
+            task.exception()  # whatever it raised on its way out is a consequence of stopping it
+        return False
+    task.result()
+    return True
+
+
+def bracket(host: str) -> str:
+    """An IPv6 literal in a URL goes in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def url_host(host: str) -> str:
+    """The host part of a URL others can dial (a wildcard bind is dialled on loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def cert_names(host: str, sans: Sequence[str]) -> list[str]:
+    """What the certificate of a role listening on ``host`` must name: see `tls.server_names`."""
+    import socket
+
+    from scaleout.security.tls import WILDCARD_HOSTS, server_names
+    from scaleout.transport.interfaces import local_addresses
+
+    interfaces = local_addresses() if host in WILDCARD_HOSTS else []
+    return server_names(host, sans, interfaces=interfaces, hostname=socket.gethostname())

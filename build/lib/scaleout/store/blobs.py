@@ -1,0 +1,72 @@
+"""Content-addressed files: models and packages, named by their sha256."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
+
+
+class BlobStore:
+    """Files under ``root/<kind>/<sha256><suffix>``, written atomically, verified on read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, kind: str, digest: str, suffix: str) -> Path:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise NotFoundError(kind, digest)
+        return self.root / kind / f"{digest}{suffix}"
+
+    def put(self, kind: str, data: bytes, suffix: str) -> str:
+        """Store ``data`` and return its sha256; a failed write (a full disk) raises
+        StorageError and leaves no temporary file behind."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(kind, digest, suffix)
+        tmp: str | None = None
+        try:
+            if path.exists() and path.stat().st_size == len(data):
+                return digest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            raise StorageError(exc.strerror or str(exc), f"writing {_noun(kind)}", str(path), exc.errno) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return digest
+
+    def get(self, kind: str, digest: str, suffix: str) -> bytes:
+        path = self._path(kind, digest, suffix)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(kind, digest) from None
+        except OSError as exc:
+            raise StorageError(exc.strerror or str(exc), f"reading {_noun(kind)}", str(path), exc.errno) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
+        return data
+
+    def has(self, kind: str, digest: str, suffix: str) -> bool:
+        try:
+            return self._path(kind, digest, suffix).exists()
+        except NotFoundError:
+            return False
+
+
+def _noun(kind: str) -> str:
+    """``models`` -> ``model``: the word a message uses for one blob of that kind."""
+    return kind.removesuffix("s")

@@ -1,0 +1,141 @@
+"""Registry and report writes in batches, off the event loop.
+
+Clients join and leave by the thousand, and each sends reports every round; writing each
+to ``state.db`` on the event loop made a fleet's worth of joins O(N^2) and stalled rounds.
+They are queued here (for nodes, the latest status wins) and written by a worker thread in
+one transaction per batch, on its own SQLite connection (WAL lets the controller's
+connection read meanwhile). Readers call `flush()` first to see everything queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scaleout.core.errors import StorageError
+
+if TYPE_CHECKING:
+    from scaleout.store.state import State
+
+log = logging.getLogger("scaleout.store")
+
+FLUSH_S = 0.2  # how long a change may wait before it is written
+
+
+class RegistryWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._clients: dict[str, tuple[str, str, float]] = {}  # name -> (status, combiner, when)
+        self._combiners: dict[str, tuple[str, int | None, float]] = {}  # name -> (status, clients, when)
+        self._offline: dict[str, float] = {}  # combiner -> when all its clients went offline
+        self._reports: list[tuple[str, str, int, str, str, str | None, float]] = []
+        self._db: State | None = None
+        self._db_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def client(self, name: str, status: str, combiner: str) -> None:
+        self._clients[name] = (status, combiner, time.time())
+        self._wake.set()
+
+    def combiner(self, name: str, status: str, clients: int | None = None) -> None:
+        now = time.time()
+        self._combiners[name] = (status, clients, now)
+        if status == "offline":  # its clients are gone with it (queued joins there become leaves)
+            self._offline[name] = now
+            self._clients = {k: (("offline", *v[1:]) if v[1] == name else v) for k, v in self._clients.items()}
+        self._wake.set()
+
+    def report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, object], error: str | None) -> None:
+        from scaleout.core.messages import to_json
+
+        self._reports.append((kind, session_id, round_index, client, to_json(data), error, time.time()))  # UTF-8, as measured by its limit
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._clients) + len(self._combiners) + len(self._offline) + len(self._reports)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(FLUSH_S)  # a batching window, not a synchronisation
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is queued now (in a thread) and wait for a write already under way, so
+        a read after it sees everything queued before; a full disk is logged, the batch dropped."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self.pending:
+            return
+        batch = (self._clients, self._combiners, self._offline, self._reports)
+        self._clients, self._combiners, self._offline, self._reports = {}, {}, {}, []
+        try:
+            await asyncio.to_thread(self._write, *batch)
+        except StorageError as exc:  # registry rows are refreshed by the next change or start
+            log.error("could not record %d registry changes and reports: %s", sum(len(b) for b in batch), exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def read(self, table: str) -> list[dict[str, Any]]:
+        """All rows of ``clients`` or ``combiners`` (in a thread: a fleet's worth of rows)."""
+        with self._db_lock:
+            st = self._open()
+            return st.clients() if table == "clients" else st.combiners()
+
+    def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """A session's reports (in a thread: a round's worth for a fleet is many rows)."""
+        with self._db_lock:
+            return self._open().reports(session_id, round_index, kind)
+
+    def _open(self) -> State:
+        from scaleout.store.state import State
+
+        if self._db is None:
+            self._db = State(self.path)
+        return self._db
+
+    def _write(
+        self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
+        reports: list[tuple[str, str, int, str, str, str | None, float]],
+    ) -> None:
+        with self._db_lock:
+            st = self._open()
+            with st.transaction():
+                for name, when in offline.items():
+                    st.db.execute("UPDATE clients SET status='offline', last_seen=? WHERE combiner=? AND status='online'", (when, name))
+                st.db.executemany(
+                    "INSERT INTO clients(name, combiner, status, first_seen, last_seen) VALUES(?, ?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, combiner=excluded.combiner",
+                    [(name, combiner, status, when, when) for name, (status, combiner, when) in clients.items()],
+                )
+                for name, (status, count, when) in combiners.items():
+                    st.db.execute(
+                        "INSERT INTO combiners(name, status, clients, first_seen, last_seen) VALUES(?, ?, ?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, clients=COALESCE(?, clients)",
+                        (name, status, count or 0, when, when, count),
+                    )
+                st.db.executemany(
+                    "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)", reports
+                )
+            self.written += len(clients) + len(combiners) + len(offline) + len(reports)

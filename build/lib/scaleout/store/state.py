@@ -1,0 +1,343 @@
+"""Controller state in SQLite (WAL): registry, packages, the model trail, sessions, rounds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from scaleout.core.errors import NotFoundError, StorageError
+from scaleout.core.messages import to_json
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS combiners (
+  name TEXT PRIMARY KEY, url TEXT, status TEXT NOT NULL, clients INTEGER NOT NULL DEFAULT 0,
+  first_seen REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+  name TEXT PRIMARY KEY, combiner TEXT, status TEXT NOT NULL,
+  first_seen REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS packages (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+  id TEXT PRIMARY KEY, parent TEXT, session_id TEXT, round_index INTEGER, aggregator TEXT,
+  contributors TEXT NOT NULL DEFAULT '[]', size INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+  id TEXT PRIMARY KEY, status TEXT NOT NULL, config TEXT NOT NULL, created REAL NOT NULL,
+  finished REAL, start_model TEXT, end_model TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS rounds (
+  session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT,
+  parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL,
+  duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT, timing TEXT,
+  PRIMARY KEY (session_id, idx));
+CREATE TABLE IF NOT EXISTS reports (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, session_id TEXT, round_index INTEGER,
+  client TEXT NOT NULL, data TEXT NOT NULL, error TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS clients_by_combiner ON clients(combiner, status);
+CREATE INDEX IF NOT EXISTS reports_by_round ON reports(session_id, round_index, kind);
+CREATE INDEX IF NOT EXISTS models_by_session ON models(session_id);
+CREATE TABLE IF NOT EXISTS audit (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
+  action TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing"}
+
+
+def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in _JSON_COLUMNS & out.keys():
+        out[key] = json.loads(out[key]) if out[key] is not None else None
+    return out
+
+
+# SQLite's result codes for a database it cannot write or read: the disk, not a bug.
+_STORAGE_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose failed statements on a full or broken disk raise StorageError."""
+
+    path = ""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(sql_script)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, self.path)
+            raise
+
+
+def _raise_storage_error(exc: sqlite3.DatabaseError, path: str) -> None:
+    """Raise StorageError for a disk problem; return for a bug (bad SQL, a constraint)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        raise StorageError("no space left on device", "writing", path) from exc
+    if name.startswith(_STORAGE_CODES):
+        raise StorageError(str(exc), "using", path) from exc
+
+
+class State:
+    """Thin, synchronous access to ``state.db``; every write is its own transaction.
+
+    A write that fails because the disk is full (or broken) raises StorageError and
+    changes nothing; the connection stays usable once space is freed."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        except sqlite3.DatabaseError as exc:
+            _raise_storage_error(exc, str(path))
+            raise
+        assert isinstance(db, _Connection)
+        db.path = str(path)
+        self.db = db
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, added to an older state.db in place."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
+        for column in ("server_state", "timing"):
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
+        Inside another transaction, the writes simply join it."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.rollback()
+            raise
+
+    def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
+        return _row(self.db.execute(sql, args).fetchone())
+
+    def _all(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return [r for r in map(_row, self.db.execute(sql, args).fetchall()) if r is not None]
+
+    # -- meta -----------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # -- registry -------------------------------------------------------------------
+
+    def upsert_combiner(self, name: str, status: str, url: str | None = None, clients: int | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO combiners(name, url, status, clients, first_seen, last_seen) VALUES(?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, "
+            "url=COALESCE(?, url), clients=COALESCE(?, clients)",
+            (name, url, status, clients or 0, now, now, url, clients),
+        )
+
+    def combiners(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM combiners ORDER BY name")
+
+    def upsert_client(self, name: str, status: str, combiner: str | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO clients(name, combiner, status, first_seen, last_seen) VALUES(?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, "
+            "combiner=COALESCE(excluded.combiner, combiner)",
+            (name, combiner, status, now, now),
+        )
+
+    def set_clients_offline(self, combiner: str, keep: set[str]) -> None:
+        rows = self.db.execute("SELECT name FROM clients WHERE combiner=? AND status='online'", (combiner,)).fetchall()
+        for (name,) in rows:
+            if name not in keep:
+                self.upsert_client(name, "offline")
+
+    def clients(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM clients ORDER BY name")
+
+    # -- packages and models ----------------------------------------------------------
+
+    def add_package(self, digest: str, name: str, size: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO packages(id, name, size, created) VALUES(?, ?, ?, ?)", (digest, name, size, time.time()))
+
+    def package(self, digest: str) -> dict[str, Any]:
+        row = self._one("SELECT * FROM packages WHERE id=?", digest)
+        if row is None:
+            raise NotFoundError("package", digest)
+        return row
+
+    def add_model(
+        self,
+        digest: str,
+        size: int,
+        *,
+        parent: str | None = None,
+        session_id: str | None = None,
+        round_index: int | None = None,
+        aggregator: str | None = None,
+        contributors: list[str] | None = None,
+    ) -> None:
+        """Append a model to the trail (a model already there keeps its first record)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO models(id, parent, session_id, round_index, aggregator, contributors, size, created) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            (digest, parent, session_id, round_index, aggregator, json.dumps(contributors or []), size, time.time()),
+        )
+
+    def model(self, digest: str) -> dict[str, Any]:
+        row = self._one("SELECT * FROM models WHERE id=?", digest)
+        if row is None:
+            is_prefix = len(digest) >= 6 and all(c in "0123456789abcdef" for c in digest)
+            matches = self._all("SELECT * FROM models WHERE substr(id, 1, ?) = ?", len(digest), digest) if is_prefix else []
+            if len(matches) != 1:
+                raise NotFoundError("model", digest)
+            row = matches[0]
+        return row
+
+    def models(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        if session_id:
+            return self._all("SELECT * FROM models WHERE session_id=? ORDER BY created", session_id)
+        return self._all("SELECT * FROM models ORDER BY created")
+
+    def commit_model(self, digest: str, size: int, **trail: Any) -> None:
+        """Record a model and make it the global model, in one transaction."""
+        with self.transaction():
+            self.add_model(digest, size, **trail)
+            self.set_meta("active_model", digest)
+
+    def commit_round(
+        self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str],
+        server_state: str | None = None,
+    ) -> None:
+        """A round's new global model: trail entry, active model and round outcome at once.
+
+        ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
+        moments), committed with the model it belongs to."""
+        with self.transaction():
+            self.add_model(
+                digest, size, parent=parent, session_id=session_id, round_index=index, aggregator=aggregator, contributors=contributors
+            )
+            self.set_meta("active_model", digest)
+            self.db.execute(
+                "UPDATE rounds SET status='succeeded', model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
+                (digest, json.dumps(contributors), server_state, session_id, index),
+            )
+            self.audit("controller", "model.commit", id=digest, session=session_id, round=index)
+
+    # -- sessions and rounds ------------------------------------------------------------
+
+    def add_session(self, session_id: str, config: dict[str, Any], start_model: str) -> None:
+        self.db.execute(
+            "INSERT INTO sessions(id, status, config, created, start_model) VALUES(?, 'running', ?, ?, ?)",
+            (session_id, json.dumps(config), time.time(), start_model),
+        )
+
+    def finish_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None = None, finished: float | None = None
+    ) -> None:
+        self.db.execute(
+            "UPDATE sessions SET status=?, finished=?, end_model=?, reason=? WHERE id=?",
+            (status, finished or time.time(), end_model, reason, session_id),
+        )
+
+    def end_session(
+        self, session_id: str, status: str, end_model: str | None, reason: str | None,
+        finished: float | None = None, round_reason: str | None = None,
+    ) -> None:
+        """Record a session's outcome and fail its unfinished rounds (with ``round_reason``,
+        by default the session's), in one transaction."""
+        finished = finished or time.time()
+        with self.transaction():
+            for row in self.rounds(session_id):
+                if row["status"] == "running":
+                    self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
+            self.finish_session(session_id, status, end_model, reason, finished)
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        row = self._one("SELECT * FROM sessions WHERE id=?", session_id)
+        if row is None:
+            raise NotFoundError("session", session_id)
+        row["rounds"] = self.rounds(session_id)
+        return row
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM sessions ORDER BY created")
+
+    def start_round(self, session_id: str, index: int, parent: str, participants: list[str]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started) VALUES(?, ?, 'running', ?, ?, ?)",
+            (session_id, index, parent, json.dumps(participants), time.time()),
+        )
+
+    def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
+        fields.setdefault("finished", time.time())
+        for key in ("participants", "validation", "timing"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE rounds SET {sets} WHERE session_id=? AND idx=?", (*fields.values(), session_id, index))
+
+    def rounds(self, session_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM rounds WHERE session_id=? ORDER BY idx", session_id)
+
+    def add_report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, Any], error: str | None) -> None:
+        self.db.execute(
+            "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            (kind, session_id, round_index, client, to_json(data), error, time.time()),  # UTF-8, as measured by its limit
+        )
+
+    def reports(self, session_id: str, round_index: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM reports WHERE session_id=?"
+        args: list[Any] = [session_id]
+        if round_index is not None:
+            sql, args = sql + " AND round_index=?", [*args, round_index]
+        if kind is not None:
+            sql, args = sql + " AND kind=?", [*args, kind]
+        return self._all(sql + " ORDER BY id", *args)
+
+    # -- audit --------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, **detail: Any) -> None:
+        self.db.execute(
+            "INSERT INTO audit(time, actor, action, detail) VALUES(?, ?, ?, ?)", (time.time(), actor, action, json.dumps(detail))
+        )
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)

@@ -1,0 +1,534 @@
+"""One websocket link: typed messages, request/reply, chunked payloads with sha256 checks.
+
+A ``Link`` reads frames in one loop. Replies resolve pending requests; payload chunks are
+assembled per transfer and verified; every other message is handed, with its payload, to
+the role's handler. Requests run as their own tasks so a slow one never stalls the link.
+A malformed frame gets an ``error`` message back; too many of them close the link.
+
+Sending and requesting raise only ScaleoutErrors of their own, so callers need not know
+about websockets or asyncio timeouts:
+
+    ScaleoutError
+     ├── LinkClosed       the connection closed before a send or a reply completed
+     └── RequestTimeout   no reply within the request's timeout
+
+Each link bounds what a peer can make it hold: at most ``max_in_flight`` payloads being
+received plus as many received but not yet claimed, each at most ``max_payload`` bytes.
+
+Nothing here hashes or copies a whole payload on the event loop: received chunks are copied
+into place and hashed in the loop's default executor (one job at a time per transfer, so in
+order), and a payload to send is hashed (when its digest is not given) and cut into frames
+there too, a bounded number ahead. hashlib releases the GIL on large buffers and so does
+TLS, so both run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import hashlib
+import io
+import logging
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from websockets.exceptions import ConnectionClosed
+
+from scaleout.core import messages as m
+from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
+from scaleout.core.units import fmt_bytes
+
+log = logging.getLogger("scaleout.transport")
+
+CHUNK_BYTES = 1 << 20
+MAX_FRAME_BYTES = CHUNK_BYTES + 4096
+DEFAULT_MAX_PAYLOAD = 4 << 30
+MAX_BAD_FRAMES = 20
+MAX_IN_FLIGHT = 8
+MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dropped quietly
+PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
+INLINE_BYTES = 256 << 10  # payloads up to this size are hashed on the loop: a thread hop costs more
+QUEUED_CHUNKS = 2  # chunks of one transfer waiting for its worker before the reader waits for it
+FRAMES_AHEAD = 2  # frames built by workers ahead of the one being sent
+
+Progress = Callable[[int, int], None]
+"""Told ``(bytes done, total bytes)`` as a payload moves: first ``(0, total)``, then per chunk."""
+
+
+class LinkClosed(ScaleoutError):
+    """The connection closed before a send or a reply completed."""
+
+    code = "link_closed"
+
+    def __init__(self, peer: str, reason: str = "") -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"connection to {peer} closed" + (f" ({reason})" if reason else ""))
+
+
+class RequestTimeout(ScaleoutError):
+    """The peer did not answer a request in time."""
+
+    code = "timeout"
+
+    def __init__(self, peer: str, op: str, timeout: float) -> None:
+        self.peer = peer
+        self.op = op
+        self.timeout = timeout
+        super().__init__(f"{peer} did not answer {op} within {timeout:g} s")
+
+
+@dataclass
+class Incoming:
+    """A message with the payload it refers to (or why that payload was refused)."""
+
+    msg: m.Message
+    blob: bytes | None = None
+    blob_error: str | None = None
+
+    def take_blob(self) -> bytes | None:
+        """Hand the payload over: this Incoming forgets it, so it is freed once the taker is done."""
+        blob, self.blob = self.blob, None
+        return blob
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A reply payload whose sha256 the handler already knows (a model's id is its hash),
+    so the link does not hash it again for every peer that asks."""
+
+    data: bytes
+    sha256: str
+
+
+RequestHandler = Callable[[m.Request, bytes | None], Awaitable[tuple[dict[str, Any], "bytes | Hashed | None"]]]
+MessageHandler = Callable[[Incoming], Awaitable[None]]
+
+
+class _Transfer:
+    """One payload being received, written in place into a buffer of its announced size.
+
+    ``BytesIO(bytes(size))`` owns a zero-filled bytes object (calloc'd, so pages are only
+    committed as chunks land); chunks are written into it through ``getbuffer()`` and, once
+    that view is released, ``getvalue()`` hands that same object out, so the payload is
+    never copied after its chunks arrive.
+
+    Copying and hashing run in the loop's default executor, one batch of chunks at a time
+    per transfer, so the digest sees them in order. ``pending`` counts chunks not yet
+    absorbed; the reader waits while more than ``QUEUED_CHUNKS`` are, so a transfer holds
+    its buffer plus a few frames. A payload of at most ``INLINE_BYTES`` is absorbed at once.
+    """
+
+    def __init__(self, start: m.BlobStart) -> None:
+        self.start = start
+        self.buffer = io.BytesIO(bytes(start.size))
+        self.view = self.buffer.getbuffer()
+        self.digest = hashlib.sha256()
+        self.inline = start.size <= INLINE_BYTES
+        self.received = 0  # bytes that arrived
+        self.handed = 0  # bytes given to a worker (or absorbed inline): the next chunk goes here
+        self.queue: list[memoryview] = []
+        self.pending = 0  # chunks arrived and not yet absorbed
+        self.worker: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+        self.next_report = start.size // 4
+
+    def add(self, chunk: memoryview) -> None:
+        self.received += len(chunk)
+        if self.inline:
+            _absorb(self.view, self.digest, self.handed, [chunk])
+            self.handed += len(chunk)
+        elif self.error is None:  # after a failure the rest is only counted: it will be refused
+            self.queue.append(chunk)
+            self.pending += 1
+            if self.worker is None:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        batch, self.queue = self.queue, []
+        offset, self.handed = self.handed, self.handed + sum(len(c) for c in batch)
+        count = len(batch)
+        worker = asyncio.get_running_loop().run_in_executor(None, _absorb, self.view, self.digest, offset, batch)
+        worker.add_done_callback(lambda fut: self._absorbed(fut, count))
+        self.worker = worker
+
+    def _absorbed(self, worker: asyncio.Future[None], count: int) -> None:
+        self.worker = None
+        self.pending -= count
+        self.error = asyncio.CancelledError() if worker.cancelled() else worker.exception()
+        if self.error is not None:
+            self.pending -= len(self.queue)
+            self.queue.clear()
+        elif self.queue:
+            self._hand_over()
+
+    async def settle(self, most: int) -> None:
+        """Wait until at most ``most`` chunks are still to be absorbed (or the worker failed)."""
+        while self.pending > most and self.worker is not None:
+            await asyncio.wait({self.worker})
+
+    def value(self) -> bytes:
+        self.view.release()
+        data = self.buffer.getvalue()
+        self.buffer.close()
+        return data
+
+
+def _absorb(view: memoryview, digest: Any, offset: int, chunks: list[memoryview]) -> None:
+    """Copy ``chunks`` into ``view`` from ``offset`` on and hash them, in order (in a worker thread)."""
+    for chunk in chunks:
+        end = offset + len(chunk)
+        view[offset:end] = chunk
+        digest.update(chunk)
+        offset = end
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _frame(tag: bytes, data: bytes, offset: int) -> bytes:
+    """The binary frame carrying the chunk of ``data`` at ``offset``: the transfer tag, then the chunk."""
+    return tag + memoryview(data)[offset : offset + CHUNK_BYTES]
+
+
+def _discard(fut: asyncio.Future[Any]) -> None:
+    """Drop a worker's future we no longer need, so an error in it is not logged as unretrieved."""
+    if not fut.done():
+        fut.cancel()
+    elif not fut.cancelled():
+        fut.exception()
+
+
+class Link:
+    """Typed messaging over one websocket connection (either side)."""
+
+    def __init__(self, ws: Any, peer: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.ws = ws
+        self.peer = peer
+        # Both limits may be changed while the link runs; they apply to the next payload.
+        self.max_payload = max_payload
+        self.max_in_flight = max_in_flight
+        self.claims: Any = None  # set by the server side after the token check
+        # Told the progress of every payload arriving on this link, instead of the log lines;
+        # meant for a link that makes one request at a time (the CLI's), where that is its reply.
+        self.receive_progress: Progress | None = None
+        self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
+        self.closed = False  # set when run() returns: no reply can arrive any more
+        self._pending: dict[str, asyncio.Future[m.Reply]] = {}
+        self._transfers: dict[str, _Transfer] = {}
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._failed: OrderedDict[str, str] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._bad_frames = 0
+        self._counter = 0
+
+    # -- sending ---------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        self._counter += 1
+        return f"{self._counter:x}"
+
+    async def _send_frame(self, frame: str | bytes) -> None:
+        try:
+            await self.ws.send(frame)
+        except ConnectionClosed as exc:
+            raise LinkClosed(self.peer, str(exc)) from None
+
+    async def send(self, msg: m.Message) -> None:
+        """Send one message; raises LinkClosed when the connection is gone."""
+        if not msg.id:
+            msg.id = self.next_id()
+        await self._send_frame(m.serialize(msg))
+
+    async def send_blob(
+        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+    ) -> str:
+        """Stream ``data`` in chunks; returns the transfer id to name in a message.
+
+        ``sha256`` is the hex digest of ``data`` when the caller knows it already (a model
+        id is one), so sending the same model to many peers hashes it once, not per peer.
+        ``progress`` is told the bytes sent so far; without it a large payload logs them.
+        """
+        transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
+        size = len(data)
+        inline = size <= INLINE_BYTES
+        loop = asyncio.get_running_loop()
+        if progress is not None:
+            progress(0, size)
+        if sha256 is None:
+            sha256 = _sha256(data) if inline else await loop.run_in_executor(None, _sha256, data)
+        await self.send(m.BlobStart(transfer=transfer, size=size, sha256=sha256))
+        tag = transfer.encode("ascii")
+        if inline:
+            if size:
+                await self._send_frame(_frame(tag, data, 0))
+                if progress is not None:
+                    progress(size, size)
+            return transfer
+        # Frames are built by workers a few ahead of the one being sent: memory stays
+        # bounded, and the copying overlaps TLS on the loop (which releases the GIL).
+        offsets = iter(range(0, size, CHUNK_BYTES))
+        ahead: deque[asyncio.Future[bytes]] = deque()
+
+        def build_next() -> None:
+            for offset in offsets:  # the next one, if any is left
+                ahead.append(loop.run_in_executor(None, _frame, tag, data, offset))
+                return
+
+        report = progress is None and size >= PROGRESS_MIN_BYTES
+        sent = 0
+        try:
+            for _ in range(FRAMES_AHEAD):
+                build_next()
+            while ahead:
+                frame = await ahead.popleft()
+                build_next()
+                sent += len(frame) - len(tag)
+                await self._send_frame(frame)
+                del frame  # not held while the next one is awaited
+                if progress is not None:
+                    progress(sent, size)
+                elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
+                    log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
+        finally:
+            for fut in ahead:
+                _discard(fut)
+        return transfer
+
+    async def send_with_blob(
+        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+    ) -> None:
+        if data is not None:
+            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress))
+        await self.send(msg)
+
+    async def request(
+        self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Send a request and wait for its reply; ``progress`` is told how much of ``blob`` is sent.
+
+        Raises RemoteError when the peer refuses, LinkClosed when the connection closes
+        first, RequestTimeout when no reply comes within ``timeout`` seconds.
+        """
+        if self.closed:
+            raise LinkClosed(self.peer, f"cannot send {op}")
+        req = m.Request(op=op, args=args or {}, id=self.next_id())
+        fut: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
+        self._pending[req.id] = fut
+        try:
+            await self.send_with_blob(req, blob, progress=progress)
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:  # asyncio's, since 3.11 the builtin
+                raise RequestTimeout(self.peer, op, timeout or 0.0) from None
+        finally:
+            self._pending.pop(req.id, None)
+            # run() may have failed the future while the send was still under way, and the
+            # send's own LinkClosed is what propagates: retrieve the future's exception so
+            # asyncio does not log it as never retrieved.
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            else:
+                fut.cancel()
+        if not reply.ok:
+            err = reply.error or {}
+            raise RemoteError(str(err.get("code", "error")), str(err.get("message", "request failed")))
+        blob, blob_error = self._take_blob(reply.blob)
+        if blob_error:
+            raise ProtocolError(f"reply to {op} from {self.peer}: {blob_error}")
+        if reply.result_blob:  # a listing too large for one frame came as the payload
+            try:
+                result = json.loads(blob or b"")
+            except (ValueError, RecursionError) as exc:
+                raise ProtocolError(f"reply to {op} from {self.peer}: its result is not JSON: {exc}") from None
+            if not isinstance(result, dict):
+                raise ProtocolError(f"reply to {op} from {self.peer}: its result must be a JSON object")
+            return result, None
+        return reply.result, blob
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def run(self, on_message: MessageHandler | None = None, on_request: RequestHandler | None = None) -> None:
+        """Read frames until the connection closes."""
+        try:
+            async for frame in self.ws:
+                try:
+                    if isinstance(frame, bytes):
+                        await self._on_chunk(frame)
+                    else:
+                        await self._on_text(frame, on_message, on_request)
+                except ScaleoutError as exc:
+                    await self._complain(exc)
+                except Exception:  # the role edge: a bug in one handler must not drop the link
+                    log.exception("could not handle a message from %s", self.peer)
+                    await self._complain(ProtocolError("internal error while handling the message"))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            reason = _close_reason(self.ws)
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(LinkClosed(self.peer, reason))
+            for task in list(self._tasks):
+                task.cancel()
+            self._transfers.clear()  # can never complete now
+
+    async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
+        self._bad_frames += 1
+        log.warning("bad message from %s: %s", self.peer, exc)
+        try:
+            await self.send(m.Error(code=exc.code, message=str(exc), re=re))
+            if self._bad_frames > MAX_BAD_FRAMES:
+                await self.ws.close(1008, "too many malformed messages")
+        except (LinkClosed, ConnectionClosed):
+            pass
+
+    async def _on_text(self, text: str, on_message: MessageHandler | None, on_request: RequestHandler | None) -> None:
+        msg = m.parse(text)
+        if isinstance(msg, m.Reply):
+            fut = self._pending.get(msg.re)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if isinstance(msg, m.BlobStart):
+            self._on_blob_start(msg)
+            return
+        if isinstance(msg, m.Error):
+            log.warning("%s reported an error: %s", self.peer, msg.message)
+            return
+        # No local name for the payload: whoever takes it from the Incoming decides its lifetime.
+        inc = Incoming(msg, *self._take_blob(getattr(msg, "blob", None)))
+        if isinstance(msg, m.Request):
+            self._spawn(self._answer(msg, inc, on_request))
+        elif on_message is not None:
+            await on_message(inc)
+        else:
+            raise ProtocolError(f"{msg.type} is not accepted on this link")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
+        data: bytes | Hashed | None = None
+        try:
+            if inc.blob_error:
+                raise ProtocolError(inc.blob_error)
+            if on_request is None:
+                raise ProtocolError(f"{self.peer} does not take requests here")
+            result, data = await on_request(req, inc.take_blob())
+            reply = m.Reply(re=req.id, ok=True, result=result)
+            if data is None:
+                # A listing that grows with the fleet (clients, reports) must not outgrow a frame.
+                with contextlib.suppress(ValueError):  # NaN: sending says so below
+                    encoded = m.to_json(result).encode()
+                    if len(encoded) > m.MAX_INLINE_RESULT:
+                        reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
+        except ScaleoutError as exc:
+            reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": str(exc)})
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the role edge: never let a bug take down the link
+            log.exception("request %s from %s failed", req.op, self.peer)
+            reply = m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
+        try:
+            if isinstance(data, Hashed):
+                await self.send_with_blob(reply, data.data, sha256=data.sha256)
+            else:
+                await self.send_with_blob(reply, data)
+        except LinkClosed:
+            pass
+
+    def _on_blob_start(self, start: m.BlobStart) -> None:
+        if start.size < 0:
+            self._refuse(start.transfer, f"payload size {start.size} is invalid")
+        if start.size > self.max_payload:
+            self._refuse(start.transfer, f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}")
+        if len(self._transfers) >= self.max_in_flight:
+            self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
+        self._transfers[start.transfer] = _Transfer(start)
+        if self.receive_progress is not None:
+            self.receive_progress(0, start.size)
+        if start.size == 0:
+            self._finish(start.transfer)
+
+    async def _on_chunk(self, frame: bytes) -> None:
+        # Parse the tag alone: slicing the chunk off would copy it on the loop.
+        transfer, _ = m.split_chunk(frame[: m.TRANSFER_ID_BYTES])
+        chunk = memoryview(frame)[m.TRANSFER_ID_BYTES :]
+        t = self._transfers.get(transfer)
+        if t is None:
+            if transfer in self._failed:
+                return  # the rest of a payload we already refused
+            raise ProtocolError(f"payload chunk for unknown transfer {transfer!r}")
+        if t.received + len(chunk) > t.start.size:
+            del self._transfers[transfer]
+            self._refuse(transfer, f"payload is larger than the announced {t.start.size} bytes")
+        t.add(chunk)
+        self.received_bytes += len(chunk)
+        size = t.start.size
+        if self.receive_progress is not None:
+            self.receive_progress(t.received, size)
+        elif size >= PROGRESS_MIN_BYTES and t.received >= t.next_report and t.received < size:
+            log.info("receiving payload from %s: %s of %s", self.peer, fmt_bytes(t.received), fmt_bytes(size))
+            t.next_report += size // 4
+        if t.received < size:
+            await t.settle(QUEUED_CHUNKS)
+            return
+        # The last chunk: the payload is checked before any message can claim it.
+        await t.settle(0)
+        if self._transfers.get(transfer) is t:  # not dropped meanwhile (a message claimed it early)
+            self._finish(transfer)
+
+    def _refuse(self, transfer: str, reason: str) -> NoReturn:
+        """Remember why, so its remaining chunks are dropped and a message naming it is told."""
+        self._failed[transfer] = reason
+        self._trim()
+        raise ProtocolError(reason)
+
+    def _finish(self, transfer: str) -> None:
+        t = self._transfers.pop(transfer)
+        actual = t.digest.hexdigest()
+        if t.error is not None:  # not a peer's fault: say so, and keep the cause in our log
+            log.error("could not check a payload from %s: %r", self.peer, t.error)
+            self._failed[transfer] = f"payload could not be checked: {type(t.error).__name__}"
+        elif actual != t.start.sha256:
+            self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
+        else:
+            self._blobs[transfer] = t.value()
+        self._trim()
+
+    def _trim(self) -> None:
+        # Payloads nobody claimed (a peer that announces and never refers) must not pile up.
+        while len(self._blobs) > self.max_in_flight:
+            self._blobs.popitem(last=False)
+        while len(self._failed) > MAX_FAILED:
+            self._failed.popitem(last=False)
+
+    def _take_blob(self, transfer: str | None) -> tuple[bytes | None, str | None]:
+        if transfer is None:
+            return None, None
+        if transfer in self._blobs:
+            return self._blobs.pop(transfer), None
+        if transfer in self._failed:
+            return None, self._failed.pop(transfer)
+        if transfer in self._transfers:
+            del self._transfers[transfer]
+            return None, "payload was referred to before all of it arrived"
+        return None, f"message refers to unknown payload {transfer!r}"
+
+
+def _close_reason(ws: Any) -> str:
+    """The close code and reason, e.g. "code 1008: too many malformed messages", once known."""
+    code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", "")
+    if code is None:
+        return ""
+    return f"code {code}" + (f": {reason}" if reason else "")

@@ -1,0 +1,168 @@
+"""Serve and connect: TLS websockets with a bearer token checked at the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
+from scaleout.transport import tlsbuffers
+from scaleout.transport.link import MAX_FRAME_BYTES, Link
+
+log = logging.getLogger("scaleout.transport")
+
+tlsbuffers.install()  # idle TLS links cost ~50 KB, not ~290 KB (see tlsbuffers)
+
+PING_INTERVAL = 20.0
+MAX_QUEUE = 4  # frames (up to 1 MiB each) a link buffers before it stops reading the socket
+PING_TIMEOUT = 20.0
+
+
+class ConnectError(ScaleoutError):
+    code = "unreachable"
+
+
+class TrustError(ConnectError):
+    """The peer's certificate is not signed by the CA we trust: retrying will not help."""
+
+    code = "untrusted"
+
+
+def bearer(request_headers: Any) -> str | None:
+    value = request_headers.get("Authorization", "")
+    return value[7:].strip() if value.startswith("Bearer ") else None
+
+
+async def serve(
+    on_link: Callable[[Link], Awaitable[None]],
+    authenticate: Callable[[str | None], Any],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    max_payload: int,
+) -> tuple[Server, int]:
+    """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
+
+    Unauthenticated connections are refused with HTTP 401 before any message is read.
+    Returns the server and the port actually bound (port 0 picks a free one).
+    """
+
+    def process_request(connection: ServerConnection, request: Any) -> Any:
+        try:
+            connection.claims = authenticate(bearer(request.headers))  # type: ignore[attr-defined]
+        except AuthError as exc:
+            log.warning("refused connection from %s: %s", _peer(connection), exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        return None
+
+    async def handler(connection: ServerConnection) -> None:
+        link = Link(connection, _peer(connection), max_payload=max_payload)
+        link.claims = getattr(connection, "claims", None)
+        await on_link(link)
+
+    try:
+        server = await ws_serve(
+            handler,
+            host,
+            port,
+            ssl=ssl_context,
+            process_request=process_request,
+            max_size=MAX_FRAME_BYTES,
+            max_queue=MAX_QUEUE,
+            compression=None,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            logger=logging.getLogger("scaleout.transport.ws"),
+        )
+    except OSError as exc:
+        raise ConfigError("", _cannot_listen(host, port, exc)) from None
+    bound = server.sockets[0].getsockname()[1] if server.sockets else port
+    return server, bound
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: port {port} is already in use (another scaleout serve or combine?); stop that process, or choose another port with --port (--port 0 picks a free one)"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); choose another port with --port"
+    return f"{where}: {exc.strerror or exc}; check --host and --port"
+
+
+def _peer(connection: ServerConnection) -> str:
+    addr = connection.remote_address
+    return f"{addr[0]}:{addr[1]}" if addr else "unknown peer"
+
+
+async def connect(
+    url: str, token: str, ssl_context: ssl.SSLContext | None, *, max_payload: int, timeout: float = 10.0, peer_role: str = "controller"
+) -> Link:
+    """Open a link to ``url``; AuthError when the token is refused, ConnectError otherwise.
+
+    With TLS, the peer must present a certificate for ``peer_role``: one CA signs the
+    controller's and the combiners' certificates, and a combiner must not pass for the
+    controller. A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
+    """
+    if ssl_context is not None and not url.startswith("wss://"):
+        raise TrustError(f"refusing to send a token over clear text to {url}: expected a wss:// address")
+    if ssl_context is None and url.startswith("wss://"):
+        raise ConfigError("insecure", f"{url} uses TLS: drop --insecure (it is only for a controller started with --insecure, at a ws:// address)")
+    try:
+        ws = await ws_connect(
+            url,
+            ssl=ssl_context if url.startswith("wss://") else None,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            max_size=MAX_FRAME_BYTES,
+            max_queue=MAX_QUEUE,
+            compression=None,
+            proxy=None,
+            open_timeout=timeout,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise AuthError(f"{url} refused the token: {body or 'unauthorized'}") from None
+        raise ConnectError(f"{url} answered HTTP {status}: {body}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
+    except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
+    if ssl_context is not None:
+        _check_peer_role(ws, url, peer_role)
+    return Link(ws, url, max_payload=max_payload)
+
+
+def _check_peer_role(ws: Any, url: str, expected: str) -> None:
+    from scaleout.security.tls import node_role
+
+    ssl_object = ws.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    role = node_role(der) if der else None
+    # The controller's own certificate carries no node role; combiners' carry theirs.
+    if (role or "controller") != expected:
+        ws.transport.close()
+        raise TrustError(f"{url} presented a {role or 'controller'} certificate where a {expected} was expected")
+
+
+def backoff(initial: float = 0.2, maximum: float = 15.0, factor: float = 2.0, rng: random.Random | None = None) -> Iterator[float]:
+    """Delays for reconnect attempts: exponential with full jitter, capped."""
+    rng = rng or random.Random()
+    delay = initial
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(maximum, delay * factor)

@@ -1,0 +1,1 @@
+"""Compatibility helpers for Scaleout Edge compute packages (`scaleoututil.helpers`)."""
