@@ -575,7 +575,14 @@ class Combiner:
                 async with job.lock:
                     if self.jobs.get(job.kind) is not job:
                         raise UpdateRejected("the round closed while the update was being checked")
-                    await asyncio.to_thread(job.agg.add, checked, float(weight), client)
+                    fold = asyncio.ensure_future(asyncio.to_thread(job.agg.add, checked, float(weight), client))
+                    try:
+                        await asyncio.shield(fold)
+                    except asyncio.CancelledError:
+                        # A fold cannot stop half-way: the lock is held until it is whole, so
+                        # the round's partial is never encoded from half-added sums.
+                        await fold
+                        raise
                     ready = job.tracker.on_update(client)
                 del checked, blob  # the views hold the bytes: both go now
         except LinkClosed:
@@ -587,7 +594,8 @@ class Combiner:
                 await self._complete(job)
             return
         finally:
-            job.pulling.pop(client, None)
+            if job.pulling.get(client) is asyncio.current_task():  # not a newer pull of the same client
+                del job.pulling[client]
         log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
         await self._report("train", job, client, msg.data, None)
         if ready:
