@@ -1,1 +1,0 @@
-"""Compatibility helpers for Scaleout Edge compute packages (`scaleoututil.helpers`)."""
