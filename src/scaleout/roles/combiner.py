@@ -8,9 +8,10 @@ import logging
 import socket
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scaleout.core import messages as m
 from scaleout.core import payload
@@ -26,6 +27,7 @@ from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link,
 from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
+T = TypeVar("T")
 
 # What a client link may hold: one payload at a time, and a small one unless the combiner
 # is pulling that client's update (then the size the client announced).
@@ -115,42 +117,22 @@ class Combiner:
 
     async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """Register again after losing the controller, with backoff; None when stopped."""
-        delays = backoff()
-        while not stop.is_set():
-            try:
-                reader, _ = await self._register(ctx, None)
-                assert self.controller is not None
-                await self.controller.request("combiner.ready", {"url": url}, timeout=30)
-                await self._send_all_clients()
-                log.info("reconnected to the controller at %s", self.settings.controller)
-                return reader
-            except AuthError:
-                raise
-            except (ScaleoutError, OSError) as exc:
-                log.warning("controller not reachable yet: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), next(delays))
-            except asyncio.TimeoutError:
-                pass
-        return None
+
+        async def again() -> asyncio.Task[None]:
+            reader, _ = await self._register(ctx, None)
+            assert self.controller is not None
+            await self.controller.request("combiner.ready", {"url": url}, timeout=30)
+            await self._send_all_clients()
+            log.info("reconnected to the controller at %s", self.settings.controller)
+            return reader
+
+        return await _with_backoff(again, stop, (ScaleoutError, OSError))
 
     async def _first_register(self, ctx: Any, csr: str | None, stop: asyncio.Event) -> tuple[asyncio.Task[None], dict[str, Any]] | None:
         """Register at start, waiting with backoff for a controller that is not up yet (a
         combiner started at boot before its controller); a refused token or an untrusted
         certificate stops it at once. None when stopped while waiting."""
-        delays = backoff()
-        while not stop.is_set():
-            try:
-                return await self._register(ctx, csr)
-            except ConnectError as exc:
-                if isinstance(exc, TrustError):
-                    raise
-                log.warning("controller not reachable yet (retrying): %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), next(delays))
-            except asyncio.TimeoutError:
-                pass
-        return None
+        return await _with_backoff(lambda: self._register(ctx, csr), stop, (ConnectError,))
 
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
@@ -698,6 +680,24 @@ class Combiner:
         msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
         await _quiet(self.controller.send(msg))
+
+
+async def _with_backoff(step: Callable[[], Awaitable[T]], stop: asyncio.Event, retryable: tuple[type[BaseException], ...]) -> T | None:
+    """``step()`` until it succeeds, waiting with backoff after each ``retryable`` failure; a
+    refused token or an untrusted certificate ends it at once. None when stopped first."""
+    delays = backoff()
+    while not stop.is_set():
+        try:
+            return await step()
+        except (AuthError, TrustError):
+            raise
+        except retryable as exc:
+            log.warning("controller not reachable yet (retrying): %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), next(delays))
+        except asyncio.TimeoutError:
+            pass
+    return None
 
 
 def _encode_hashed(encode: Any, partial: Any) -> Hashed:
