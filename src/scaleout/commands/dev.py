@@ -142,6 +142,18 @@ class Interrupts:
                     child.proc.kill()
 
 
+async def wait_for_clients(conn: Connection, children: list[Child], count: int, timeout: float) -> None:
+    """Until ``count`` clients are connected; a child that exits meanwhile ends the wait with its log."""
+    waiting = asyncio.create_task(call_async(conn, "client.wait", {"count": count, "timeout": timeout}))
+    while not waiting.done():
+        dead = [c for c in children if c.proc.returncode is not None]
+        if dead:
+            waiting.cancel()
+            raise DevError(f"{dead[0].name} exited (code {dead[0].proc.returncode}):\n{dead[0].tail()}")
+        await asyncio.wait({waiting}, timeout=0.5)  # a poll of the children, not a synchronisation
+    await waiting
+
+
 def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]] | None = None) -> dict[str, Any]:
     return {
         "session": {"id": session["id"], "status": session["status"], "reason": session.get("reason")},
@@ -259,14 +271,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
             argv = ["join", *common, "--name", name, "--work-dir", str(work)]
             child, _ = await start_child(name, argv, logs, False, level, env={"SCALEOUT_TOKEN": client_token})
             children.append(child)
-        waiting = asyncio.create_task(call_async(conn, "client.wait", {"count": args.clients, "timeout": START_TIMEOUT_S}))
-        while not waiting.done():
-            dead = [c for c in children if c.proc.returncode is not None]
-            if dead:
-                waiting.cancel()
-                raise DevError(f"{dead[0].name} exited (code {dead[0].proc.returncode}):\n{dead[0].tail()}")
-            await asyncio.wait({waiting}, timeout=0.5)
-        await waiting
+        await wait_for_clients(conn, children, args.clients, START_TIMEOUT_S)
         say(f"{args.clients} clients joined on {args.combiners} combiner(s)")
 
         cfg = {

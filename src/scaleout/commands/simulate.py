@@ -26,7 +26,7 @@ import numpy as np
 from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async
 from scaleout.commands.connection import Connection
-from scaleout.commands.dev import Child, DevError, Interrupts, report_of, start_child, stop_children
+from scaleout.commands.dev import Child, DevError, Interrupts, report_of, start_child, stop_children, wait_for_clients
 
 CLIENTS_PER_HOST = 500  # simulated clients per process
 MAX_HOSTS = 8
@@ -124,14 +124,7 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             argv = ["simulate-clients", *common, "--first", str(first), "--count", str(count), "--train-time", str(args.train_time)]
             child, _ = await start_child(f"clients-{i + 1}", argv, logs, False, level, env={"SCALEOUT_TOKEN": client_token})
             children.append(child)
-        waiting = asyncio.create_task(call_async(conn, "client.wait", {"count": args.clients, "timeout": args.connect_timeout}))
-        while not waiting.done():
-            dead = [c for c in children if c.proc.returncode is not None]
-            if dead:
-                waiting.cancel()
-                raise DevError(f"{dead[0].name} exited (code {dead[0].proc.returncode}):\n{dead[0].tail()}")
-            await asyncio.wait({waiting}, timeout=0.5)
-        await waiting
+        await wait_for_clients(conn, children, args.clients, args.connect_timeout)
         connect_s = time.monotonic() - started
         say(f"{args.clients} clients connected to {args.combiners} combiner(s) in {connect_s:.1f}s")
         cfg = {

@@ -524,13 +524,17 @@ class Combiner:
             if size > job.update_limit:
                 raise PayloadError(f"update of {fmt_bytes(size)} exceeds the limit of {fmt_bytes(job.update_limit)} (twice the model)")
         except ScaleoutError as exc:
-            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
-            await self._report("train", job, client, msg.data, str(exc))
-            if job.tracker.on_refused(client, str(exc)):
-                await self._complete(job)
+            await self._refuse_update(job, client, msg, exc)
             return
         # Pulled in its own task: this link goes on reading (pings, metrics) while it waits.
         job.pulling[client] = self._spawn(self._pull(job, client, msg, weight, size))
+
+    async def _refuse_update(self, job: Job, client: str, msg: m.TaskResult, exc: ScaleoutError) -> None:
+        """Leave a client's update out of the round, say why, and close the round if it was the last."""
+        log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
+        await self._report("train", job, client, msg.data, str(exc))
+        if job.tracker.on_refused(client, str(exc)):
+            await self._complete(job)
 
     async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
         """Fetch a client's update when the upload budget has room, check it and fold it in.
@@ -570,10 +574,7 @@ class Combiner:
         except LinkClosed:
             return  # the reconnect grace decides; a client back in time announces again
         except ScaleoutError as exc:
-            log.warning("round %d: update from %s refused: %s", job.round_index, client, exc)
-            await self._report("train", job, client, msg.data, str(exc))
-            if job.tracker.on_refused(client, str(exc)):
-                await self._complete(job)
+            await self._refuse_update(job, client, msg, exc)
             return
         finally:
             if job.pulling.get(client) is asyncio.current_task():  # not a newer pull of the same client
