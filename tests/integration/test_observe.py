@@ -168,3 +168,27 @@ def test_prometheus_client_is_imported_only_for_the_metrics_port() -> None:
     code = "import sys, scaleout.cli, scaleout.roles.controller, scaleout.commands.admin; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_metrics_while_a_round_runs_and_after_a_stop(tmp_path: Path) -> None:
+    from conftest import wait_stdout
+
+    with federation(tmp_path) as fed:
+        fed.controller("--metrics-port", "0")
+        url = json.loads((fed.data / "controller.json").read_text())["metrics_url"]
+        fed.seed_from(QUICKSTART)
+        fed.combiner("c1")
+        gated = fed.client("gated", package=FIXTURES / "gate_client")
+        fed.wait_clients(1)
+        gate = {"gate": str(tmp_path / "never")}  # training waits for this file: the round stays under way
+        session = fed.admin("session.start", {"rounds": 3, "round_timeout": 30, "validate": False, "settings": gate})[0]["session"]
+        wait_stdout(gated, "gate_client: training")  # round 1 is under way
+        during = scrape(url)
+        assert value(during, "scaleout_sessions_running") == 1
+        assert value(during, "scaleout_rounds_total", status="succeeded") == 0
+        assert value(during, "scaleout_clients_connected") == 1 and value(during, "scaleout_combiners_connected") == 1
+        fed.admin("session.stop", {"id": session["id"]})  # mid-round: the round fails, the session stops
+        after = scrape(url)
+        assert value(after, "scaleout_sessions_total", status="stopped") == 1 and value(after, "scaleout_sessions_running") == 0
+        assert value(after, "scaleout_rounds_total", status="failed") == 1 and value(after, "scaleout_rounds_total", status="succeeded") == 0
+        assert value(after, "scaleout_round_duration_seconds_count") == 1
