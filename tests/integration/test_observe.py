@@ -134,6 +134,14 @@ def test_metric_ls_lists_what_clients_logged(ran: tuple[Federation, dict[str, An
     assert r.returncode == 1 and r.stderr == "scaleout: error: no session 's-nope'\n", r
     r = scaleout("metric", "ls", "--limit", "-1", *conn)
     assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr, r
+    # The operation itself refuses what the command never sends, saying what it wants.
+    from scaleout.core.errors import RemoteError
+
+    for bad in ({"limit": "10"}, {"round_index": -1}, {"client": ""}, {"key": 5}, {"session_id": "x" * 300}, {"kind": "telemetry"}):
+        with pytest.raises(RemoteError, match=r"^metric\.ls: ") as info:
+            fed.admin("metric.ls", bad)
+        assert info.value.code == "bad_message", bad
+    assert fed.admin("metric.ls", {"limit": 0})[0]["total"] == total
 
 
 def test_metrics_port_from_the_config_file_and_bad_values(tmp_path: Path) -> None:

@@ -432,8 +432,11 @@ class Controller:
         """What clients logged with log_metric, one row per value, oldest first: the latest
         ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
         globs ``client`` and ``key``; with how many match in all."""
-        from scaleout.store.metrics import logged_metrics
+        from scaleout.store.metrics import KINDS, logged_metrics
 
+        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
+        if kind not in KINDS:
+            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
         session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
         round_index, limit = args.get("round_index"), args.get("limit", 0)
         for name, value in (("session_id", session_id), ("client", client), ("key", key)):
@@ -448,7 +451,7 @@ class Controller:
         await self.registry.flush()  # what came in a moment ago is listed too
         rows, total = await asyncio.to_thread(
             self.registry.query,
-            lambda st: logged_metrics(st, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
+            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
         )
         return {"metrics": rows, "total": total}, None
 
