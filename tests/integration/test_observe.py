@@ -101,6 +101,10 @@ def test_metrics_endpoint_counts_rounds_nodes_bytes_and_refusals(ran: tuple[Fede
     assert value(now, "scaleout_payload_bytes_total", direction="out", kind="model") >= ROUNDS * seed_size
     assert value(now, "scaleout_payload_bytes_total", direction="in", kind="partial") > 0
     assert value(now, "scaleout_process_resident_memory_bytes") > 0
+    # `scaleout status` says where the metrics are.
+    r = scaleout("status", "--data-dir", str(fed.data))
+    assert r.returncode == 0 and f"metrics         {facts['url']}\n" in r.stdout, r
+    assert json.loads(scaleout("status", "--json", "--data-dir", str(fed.data)).stdout)["metrics_url"] == facts["url"]
 
 
 def test_metric_ls_lists_what_clients_logged(ran: tuple[Federation, dict[str, Any], dict[str, Any]]) -> None:

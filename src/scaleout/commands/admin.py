@@ -426,6 +426,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"active package  {result['active_package'] or '- (set one with: scaleout package set-active FILE)'}")
         print(f"session         {result['session'] or '- (none running)'}")
         print(f"combiners       {result['combiners']} connected, {result['clients']} clients")
+        if result.get("metrics_url"):
+            print(f"metrics         {result['metrics_url']}")
 
     emit(args, result, human)
     return EXIT_OK

@@ -463,6 +463,7 @@ class Controller:
             "session": self.session.id if self.session else None,
             "combiners": len(self.combiners),
             "clients": sum(len(c.clients) for c in self.combiners.values()),
+            "metrics_url": self.obs.url,  # None without --metrics-port
         }, None
 
     # -- tokens, packages, models ----------------------------------------------------------
