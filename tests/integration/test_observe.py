@@ -204,3 +204,15 @@ def test_metrics_while_a_round_runs_and_after_a_stop(tmp_path: Path) -> None:
         assert value(after, "scaleout_sessions_total", status="stopped") == 1 and value(after, "scaleout_sessions_running") == 0
         assert value(after, "scaleout_rounds_total", status="failed") == 1 and value(after, "scaleout_rounds_total", status="succeeded") == 0
         assert value(after, "scaleout_round_duration_seconds_count") == 1
+
+
+def test_metrics_held_with_commit_false_arrive_with_their_round(tmp_path: Path) -> None:
+    with federation(tmp_path) as fed:
+        fed.controller()
+        fed.seed_from(FIXTURES / "held_client")
+        fed.combiner("c1")
+        fed.client("holder", package=FIXTURES / "held_client")
+        fed.wait_clients(1)
+        assert fed.run_session(rounds=2, validate=False)["status"] == "finished"
+        rows = fed.admin("metric.ls", {"key": "held"})[0]["metrics"]
+        assert [(r["round_index"], r["value"], r["step"]) for r in rows] == [(1, 1.0, None), (2, 2.0, None)]
