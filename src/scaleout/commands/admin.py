@@ -471,7 +471,7 @@ METRIC_COLUMNS = [("time", "TIME"), ("session_id", "SESSION"), ("round_index", "
 def metric_ls(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be 0 (all) or more")
-    if args.round is not None and args.round < 0:
+    if args.round is not None and args.round < 1:
         raise UsageError("--round must be a round number (1 or more)")
     req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
     result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
