@@ -34,6 +34,14 @@ def run_build(root: Path, output_dir: Path | None = None) -> list[Path]:
     out = (output_dir if output_dir is not None else root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     before = _snapshot(out)
+    command = project.entry_command("build")
+    if command is not None:  # a dispatcher package: `build: {command: python model.py}`
+        from scaleout.package import interpreter
+        from scaleout.package.dispatcher import DEFAULT_TIMEOUT_S, run_command
+
+        timeout = project.entry_timeout("build") or DEFAULT_TIMEOUT_S
+        run_command("build", command, [], project.root, interpreter.current(), timeout, extra_env={OUTPUT_DIR_ENV: str(out)})
+        return sorted(path for path, stamp in _snapshot(out).items() if before.get(path) != stamp)
     previous = os.environ.get(OUTPUT_DIR_ENV)
     os.environ[OUTPUT_DIR_ENV] = str(out)
     try:
