@@ -4,8 +4,8 @@ As in FEDn and Scaleout Edge's ``--dispatcher`` mode:
 
 - ``build``: the command, with ``SCALEOUT_BUILD_OUTPUT_DIR`` set;
 - ``startup`` (optional): once when the client starts (e.g. to fetch or split data);
-- ``train``: ``<command> IN OUT``: IN is the global model as an .npz in numpyhelper's format
-  (``IN-metadata`` holds the session's training settings as JSON), the command writes the new
+- ``train``: ``<command> IN OUT``: IN is the global model as an .npz in numpyhelper's format,
+  a list of arrays (``IN-metadata`` holds the session's training settings as JSON); the command writes the new
   model to OUT and its metadata (``{"num_examples": N, ...}``) as JSON to ``OUT-metadata``
   (``save_metadata(metadata, OUT)`` does that);
 - ``validate`` and ``predict``: ``<command> IN OUT``, the command writes a JSON object to OUT
@@ -255,7 +255,7 @@ class Dispatcher:
         params = model.get_model_params()
         with tempfile.TemporaryDirectory(prefix="scaleout-task-") as tmp:
             inp, out = Path(tmp, "in.npz"), Path(tmp, "out.npz")
-            Helper().save(params, inp)
+            Helper().save(_as_list(params), inp)
             _write_json(Path(f"{inp}-metadata"), settings)
             self.run("train", [str(inp), str(out)])
             new = self._read_model(out, params)
@@ -280,7 +280,9 @@ class Dispatcher:
             new = Helper().load(out)
         except Exception as exc:  # numpy raises many kinds on a file that is not an .npz
             raise CommandFailed("train", command, f"wrote a model file that is not an .npz in numpyhelper's format ({type(exc).__name__}: {exc})") from None
-        if isinstance(params, dict) and isinstance(new, list) and len(new) == len(params):
+        if len(new) != len(params):
+            raise CommandFailed("train", command, f"wrote a model of {len(new)} arrays to OUT; the global model has {len(params)}")
+        if isinstance(params, dict) and isinstance(new, list):
             return dict(zip(params, new))  # saved as a list: keep the global model's tensor names
         return new
 
@@ -299,7 +301,7 @@ class Dispatcher:
 
         with tempfile.TemporaryDirectory(prefix="scaleout-task-") as tmp:
             inp, out = Path(tmp, "in.npz"), Path(tmp, "out.json")
-            Helper().save(model.get_model_params(), inp)
+            Helper().save(_as_list(model.get_model_params()), inp)
             if params is not None:
                 _write_json(Path(f"{inp}-metadata"), params)
             self.run(entry, [str(inp), str(out)])
@@ -318,6 +320,12 @@ class Dispatcher:
         from scaleout.edge import ScaleoutModel
 
         return self.predict_model(ScaleoutModel(model_bytes), params)
+
+
+def _as_list(params: Any) -> Any:
+    """Commands get a list of arrays, as FEDn gave them (a named model in its order; the names
+    come back when the command saves a list)."""
+    return list(params.values()) if isinstance(params, Mapping) else params
 
 
 def _write_json(path: Path, value: Any) -> None:

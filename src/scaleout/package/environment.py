@@ -158,10 +158,10 @@ def default_cache() -> Path:
 
 def env_key(env: PythonEnv) -> str:
     from scaleout import __version__
-    from scaleout.package.interpreter import scaleoututil_home
+    from scaleout.package.interpreter import library_homes
 
     h = hashlib.sha256(env.file.read_bytes())
-    h.update(f"\0{sys.version_info[0]}.{sys.version_info[1]}\0{sys.executable}\0{scaleoututil_home()}\0{__version__}".encode())
+    h.update(f"\0{sys.version_info[0]}.{sys.version_info[1]}\0{sys.executable}\0{library_homes()}\0{__version__}".encode())
     return h.hexdigest()[:16]
 
 
@@ -184,17 +184,18 @@ def ensure_managed_env(project: Project, cache: Path | None = None) -> Path | No
             return venv
         shutil.rmtree(venv, ignore_errors=True)  # left half-made by an interrupted client
         log.info("managed env: creating %s for %s", venv, env.file.name)
+        reqs = env.requirements()
         try:
-            _make_venv(venv, env)
+            _make_venv(venv, env, reqs)
         except BaseException:
             shutil.rmtree(venv, ignore_errors=True)
             raise
-        (venv / ".complete").write_text(json.dumps({"file": str(env.file), "requirements": env.requirements()}))
+        (venv / ".complete").write_text(json.dumps({"file": str(env.file), "requirements": reqs}))
     return venv
 
 
-def _make_venv(venv: Path, env: PythonEnv) -> None:
-    from scaleout.package.interpreter import FEDN_SHIMS, scaleoututil_home
+def _make_venv(venv: Path, env: PythonEnv, reqs: list[str]) -> None:
+    from scaleout.package.interpreter import FEDN_SHIMS, library_homes
 
     have_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
     cmd = [sys.executable, "-m", "venv", *(["--without-pip"] if have_pip else []), str(venv)]
@@ -214,9 +215,8 @@ def _make_venv(venv: Path, env: PythonEnv) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     # After the venv's own packages: FEDn's helper modules, then scaleout's libraries.
-    lines = [str(shims)] + ([str(scaleoututil_home())] if scaleoututil_home() is not None else [])
+    lines = [str(shims), *(str(home) for home in library_homes())]
     Path(site, "scaleout.pth").write_text("\n".join(lines) + "\n")
-    reqs = env.requirements()
     if not reqs:
         return
     pip = [sys.executable, "-m", "pip", "--python", str(python)] if have_pip else [str(python), "-m", "pip"]

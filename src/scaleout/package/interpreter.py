@@ -70,12 +70,24 @@ def shim_lib() -> Path | None:
     return None if real_fedn_installed() else shim_dir() / "lib"
 
 
-def scaleoututil_home() -> Path | None:
-    """The directory holding ``scaleoututil`` (a site-packages or src/ folder), for other Pythons."""
-    spec = importlib.util.find_spec("scaleoututil")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]).parent
+def library_homes(modules: tuple[str, ...] = ("scaleoututil", "scaleout", "numpy", "safetensors", "yaml")) -> list[Path]:
+    """The directories (site-packages, src/) holding scaleout's own modules and the libraries
+    it runs packages with, in that order, each once: what another Python needs on its path to
+    run package code the way scaleout does."""
+    homes: list[Path] = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            home = Path(list(spec.submodule_search_locations)[0]).parent
+        elif spec.origin:
+            home = Path(spec.origin).parent
+        else:
+            continue
+        if home not in homes:
+            homes.append(home)
+    return homes
 
 
 @dataclass
@@ -122,9 +134,8 @@ def current() -> ProcessEnv:
         _launcher(bin_dir, [sys.executable], {AS_PYTHON_ENV: "1"})
     else:
         _launcher(bin_dir, [sys.executable])
-        home = scaleoututil_home()  # the zipapp's own libraries are not on its Python's path
-        if home is not None:
-            pythonpath.append(str(home))
+        # The zipapp's own libraries are not on its Python's path (for a source install they are).
+        pythonpath.extend(str(home) for home in library_homes())
     return ProcessEnv(python=str(bin_dir / "python"), bin_dirs=[str(bin_dir)], pythonpath=pythonpath)
 
 
