@@ -16,6 +16,7 @@ the client as marked lines on stdout.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -53,8 +54,7 @@ def attach_hosted(project: Project, penv: ProcessEnv, client: EdgeClient, timeou
         client.set_predict_callback(dispatcher.predict_model)
     for name in names:
         if name.startswith("custom:"):
-            custom = name.removeprefix("custom:")
-            client.set_custom_callback(custom, lambda params, custom=custom: _custom(dispatcher, custom, params))
+            client.set_custom_callback(name.removeprefix("custom:"), functools.partial(_custom, dispatcher, name.removeprefix("custom:")))
 
 
 def _custom(dispatcher: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
