@@ -86,12 +86,25 @@ def project_env(project: Project) -> PythonEnv | None:
 # -- pip ------------------------------------------------------------------------------------
 
 
-def _pip(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+def _pip_install(pip: list[str], reqs: list[str], what: str, cwd: Path) -> None:
+    """``pip install -r`` a requirements file of ``reqs``: option lines such as
+    ``--extra-index-url URL`` work as in FEDn's python_env.yaml."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="scaleout-pip-") as tmp:
+        req_file = Path(tmp, "requirements.txt")
+        req_file.write_text("\n".join(reqs) + "\n")
+        log.info("%s: %s", what, ", ".join(reqs))
+        _pip([*pip, "install", "-r", str(req_file)], what, _pip_env(), cwd)
+
+
+def _pip(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
     """Run pip, its output to the log a line at a time; one PackageError with its last lines."""
     log.info("%s: %s", what, " ".join(argv))
     tail: collections.deque[str] = collections.deque(maxlen=PIP_TAIL)
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        # In the package folder: a requirement such as ./libs/mylib is the package's own.
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except OSError as exc:
         raise PackageError(f"{what} failed: cannot run {argv[0]}: {exc.strerror}") from None
     assert proc.stdout is not None
@@ -133,7 +146,7 @@ def install_here(env: PythonEnv) -> list[str]:
         )
     reqs = env.requirements()
     if reqs:
-        _pip([sys.executable, "-m", "pip", "install", *reqs], f"installing the dependencies of {env.file.name}", _pip_env())
+        _pip_install([sys.executable, "-m", "pip"], reqs, f"installing the dependencies of {env.file.name}", env.file.parent)
     return reqs
 
 
@@ -220,4 +233,4 @@ def _make_venv(venv: Path, env: PythonEnv, reqs: list[str]) -> None:
     if not reqs:
         return
     pip = [sys.executable, "-m", "pip", "--python", str(python)] if have_pip else [str(python), "-m", "pip"]
-    _pip([*pip, "install", *reqs], f"installing the dependencies of {env.file.name} into the managed env {venv.name}", _pip_env())
+    _pip_install(pip, reqs, f"installing the dependencies of {env.file.name} into the managed env {venv.name}", env.file.parent)
