@@ -140,3 +140,17 @@ def test_run_install(make_package: MakePackage) -> None:
     assert r.returncode == 0 and "names no python_env: nothing to install" in r.stdout
     r = scaleout("run", "install", "-p", str(root / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_the_single_file_executable_refuses_to_install_or_make_venvs(make_package: MakePackage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scaleout.package.environment import check_can_manage, install_here
+
+    root = make_package(IMPORTING)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    with pytest.raises(PackageError, match="--managed-env needs a Python to make venvs with"):
+        check_can_manage()
+    with pytest.raises(PackageError, match="single-file executable: it has no pip"):
+        install_here(read_python_env(root / "python_env.yaml"))
+    with pytest.raises(PackageError, match="--managed-env needs a Python"):
+        ensure_managed_env(load_project(root), tmp_path / "envs")
+    assert not (tmp_path / "envs").exists()

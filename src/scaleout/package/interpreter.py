@@ -130,11 +130,14 @@ def current() -> ProcessEnv:
     bin_dir = shim_dir() / "bin"
     lib = shim_lib()
     pythonpath = [str(lib)] if lib is not None else []
-    if build_kind() == "frozen":
+    kind = build_kind()
+    if kind == "frozen":
         _launcher(bin_dir, [sys.executable], {AS_PYTHON_ENV: "1"})
     else:
         _launcher(bin_dir, [sys.executable])
-        # The zipapp's own libraries are not on its Python's path (for a source install they are).
+    if kind == "zipapp":
+        # The zipapp's own libraries are not on its Python's path (a source install's are,
+        # and are kept off PYTHONPATH so that another Python a command names is not handed them).
         pythonpath.extend(str(home) for home in library_homes())
     return ProcessEnv(python=str(bin_dir / "python"), bin_dirs=[str(bin_dir)], pythonpath=pythonpath)
 
