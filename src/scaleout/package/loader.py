@@ -51,4 +51,9 @@ def load_startup(
 
         attach_hosted(project, penv, client, command_timeout)  # type: ignore[arg-type]
     else:
+        import sys
+
+        lib = interpreter.shim_lib()  # callbacks may import FEDn's helpers later: keep them findable
+        if lib is not None and str(lib) not in sys.path:
+            sys.path.append(str(lib))
         call_entry(project, "startup", client)

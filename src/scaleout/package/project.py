@@ -148,8 +148,9 @@ def _inside(root: Path) -> Iterator[None]:
     before = set(sys.modules)
     sys.path.insert(0, entry)
     lib = shim_lib()  # FEDn's helper modules, last on the path: a real fedn install wins
-    if lib is not None and str(lib) not in sys.path:
-        sys.path.append(str(lib))
+    shims = str(lib) if lib is not None and str(lib) not in sys.path else None
+    if shims is not None:
+        sys.path.append(shims)
     os.chdir(root)
     try:
         yield
@@ -157,6 +158,8 @@ def _inside(root: Path) -> Iterator[None]:
         os.chdir(cwd)
         if entry in sys.path:
             sys.path.remove(entry)
+        if shims is not None and shims in sys.path:
+            sys.path.remove(shims)
         # Forget the package's own helper modules so the next package (or a new version
         # of this one) imports fresh copies instead of the cached ones.
         for key in set(sys.modules) - before:
