@@ -232,3 +232,19 @@ def test_the_single_file_executable_acts_as_python(tmp_path: Path) -> None:
     assert r.returncode == 4 and r.stdout.strip() == "['a', 'b'] __main__", r
     r = subprocess.run([sys.executable, "-m", "scaleout", "-c", "raise ValueError('x')"], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "ValueError: x" in r.stderr
+
+
+def test_a_build_command_gets_the_output_dir_or_writes_beside_the_package(make_package: MakePackage, tmp_path: Path) -> None:
+    from scaleout.package.build import run_build
+
+    root = make_package({
+        "scaleout.yaml": "entry_points:\n  build:\n    command: python model.py\n  train: python train.py\n",
+        "model.py": "import os, numpy as np\nnp.savez(os.path.join(os.environ['SCALEOUT_BUILD_OUTPUT_DIR'], 'seed.npz'), np.zeros(2))\n",
+    })
+    assert run_build(root, tmp_path / "out") == [(tmp_path / "out" / "seed.npz").resolve()]
+    # FEDn's mnist-pytorch: init_seed("../seed.npz"), whatever the output folder.
+    (root / "model.py").write_text("import numpy as np\nnp.savez('../seed.npz', np.zeros(2))\n")
+    assert run_build(root, tmp_path / "out2") == [(root.parent / "seed.npz").resolve()]
+    (root / "model.py").write_text("import sys\nsys.exit('no torch here')\n")
+    with pytest.raises(CommandFailed, match=r"build command `python model.py` exited with 1; its stderr ended: no torch here"):
+        run_build(root, tmp_path / "out3")

@@ -25,6 +25,16 @@ def _snapshot(directory: Path) -> dict[Path, tuple[int, int]]:
     return seen
 
 
+def _models_beside(root: Path) -> dict[Path, tuple[int, int]]:
+    """(mtime_ns, size) of the model files directly in the package's parent folder."""
+    seen: dict[Path, tuple[int, int]] = {}
+    for path in root.resolve().parent.glob("*"):
+        if path.suffix in (".npz", ".safetensors") and path.is_file():
+            st = path.stat()
+            seen[path] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
 def run_build(root: Path, output_dir: Path | None = None) -> list[Path]:
     """Call `build()` from the package at `root`; return the files it created or changed.
 
@@ -40,8 +50,11 @@ def run_build(root: Path, output_dir: Path | None = None) -> list[Path]:
         from scaleout.package.dispatcher import DEFAULT_TIMEOUT_S, run_command
 
         timeout = project.entry_timeout("build") or DEFAULT_TIMEOUT_S
+        # FEDn's examples write ../seed.npz whatever the output folder: look beside the package too.
+        beside = _models_beside(project.root)
         run_command("build", command, [], project.root, interpreter.current(), timeout, extra_env={OUTPUT_DIR_ENV: str(out)})
-        return sorted(path for path, stamp in _snapshot(out).items() if before.get(path) != stamp)
+        written = sorted(path for path, stamp in _snapshot(out).items() if before.get(path) != stamp)
+        return written or sorted(path for path, stamp in _models_beside(project.root).items() if beside.get(path) != stamp)
     previous = os.environ.get(OUTPUT_DIR_ENV)
     os.environ[OUTPUT_DIR_ENV] = str(out)
     try:
