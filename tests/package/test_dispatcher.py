@@ -68,7 +68,7 @@ def test_fedn_project_runs_its_startup_command_and_fedn_helpers(tmp_path: Path) 
     assert client.run_validate(data)["test_accuracy"] > 0.5
 
 
-def test_fedn_helpers_are_only_on_the_path_of_package_code(make_package: MakePackage) -> None:
+def test_fedn_helpers_are_only_on_the_path_of_package_code(make_package: MakePackage, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_package({
         "scaleout.yaml": "entry_points:\n  startup: startup.py\n",
         "startup.py": (
@@ -76,10 +76,15 @@ def test_fedn_helpers_are_only_on_the_path_of_package_code(make_package: MakePac
             "def startup(client):\n    client.set_validate_callback(lambda m: {'helper': get_helper('numpyhelper').name})\n"
         ),
     })
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     client = attached(root)
     assert client.run_validate(payload.encode(SEED)) == {"helper": "numpyhelper"}
     lib = interpreter.shim_lib()
     assert lib is not None and sys.path[-1] == str(lib)  # after everything: a real install wins
+    # Python processes the package code starts find them too.
+    r = subprocess.run([sys.executable, "-c", "import fedn.utils.helpers.helpers"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.undo()
     # Not installed: a Python that does not run package code cannot import them.
     r = subprocess.run([sys.executable, "-c", "import fedn"], capture_output=True, text=True)
     assert "No module named 'fedn'" in r.stderr
