@@ -154,3 +154,14 @@ def test_the_single_file_executable_refuses_to_install_or_make_venvs(make_packag
     with pytest.raises(PackageError, match="--managed-env needs a Python"):
         ensure_managed_env(load_project(root), tmp_path / "envs")
     assert not (tmp_path / "envs").exists()
+
+
+def test_pip_refusing_a_system_managed_python_says_what_to_do() -> None:
+    from scaleout.package.environment import _pip
+
+    lines = "echo 'error: externally-managed-environment'; for i in 1 2 3 4 5 6 7 8 9 10; do echo hint $i; done; exit 1"
+    with pytest.raises(PackageError) as info:
+        _pip(["/bin/sh", "-c", lines], "installing the dependencies of python_env.yaml")
+    message = str(info.value)
+    assert "pip refuses to install into /bin/sh, which the system manages (PEP 668)" in message
+    assert "python3 -m venv" in message and "--managed-env" in message and "hint 10" not in message

@@ -231,9 +231,9 @@ def run_install(args: argparse.Namespace) -> int:
               else f"would install into {sys.executable}: {' '.join(reqs) or 'nothing'}")
         return EXIT_OK
     from scaleout.core.errors import PackageError
-    from scaleout.package.environment import check_can_manage
+    from scaleout.package.environment import check_can_install
 
-    check_can_manage()  # the single-file executable has no pip: a usage error (exit 2)
+    check_can_install()  # the single-file executable has no pip: a usage error (exit 2)
     try:
         reqs = install_here(env)
     except PackageError as exc:  # pip failed or refused: the operation failed (exit 1)

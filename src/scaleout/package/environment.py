@@ -108,24 +108,27 @@ def _pip(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: Pat
     except OSError as exc:
         raise PackageError(f"{what} failed: cannot run {argv[0]}: {exc.strerror}") from None
     assert proc.stdout is not None
+    system_managed = no_pip = False
     with proc.stdout:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             if line:
                 tail.append(line[:300])
                 log.info("pip | %s", line)
+                system_managed = system_managed or "externally-managed-environment" in line
+                no_pip = no_pip or "No module named pip" in line
     code = proc.wait()
     if code == 0:
         return
-    text = "\n".join(tail)
-    if "externally-managed-environment" in text:
-        hint = (f"; {sys.executable} is managed by the system (PEP 668): install scaleout in a venv "
-                "(python3 -m venv .venv; .venv/bin/pip install ...) or start the client with --managed-env")
-    elif "No module named pip" in text:
-        hint = f"; {argv[0]} has no pip: install it (python3 -m ensurepip, or the python3-pip package)"
-    else:
-        hint = ""
-    raise PackageError(f"{what} failed (pip exited with {code}): " + " | ".join(tail) + hint)
+    if system_managed:
+        raise PackageError(
+            f"{what} failed: pip refuses to install into {argv[0]}, which the system manages (PEP 668): "
+            "install scaleout in a venv (python3 -m venv .venv; .venv/bin/pip install ...) and run it from there, "
+            "or start the client with --managed-env"
+        )
+    if no_pip:
+        raise PackageError(f"{what} failed: {argv[0]} has no pip: install it (python3 -m ensurepip, or the python3-pip package)")
+    raise PackageError(f"{what} failed (pip exited with {code}): " + " | ".join(tail))
 
 
 def _pip_env() -> dict[str, str]:
@@ -135,8 +138,8 @@ def _pip_env() -> dict[str, str]:
     return env
 
 
-def install_here(env: PythonEnv) -> list[str]:
-    """pip install ``env``'s requirements into the Python running scaleout; returns them."""
+def check_can_install() -> None:
+    """Refuse `run install` where there is no pip (the single-file executable)."""
     from scaleout.runtime import build_kind
 
     if build_kind() == "frozen":
@@ -144,6 +147,11 @@ def install_here(env: PythonEnv) -> list[str]:
             "this scaleout is a single-file executable: it has no pip and cannot install packages; "
             "use the zipapp with a Python that has them, a venv install (pip install scaleout), or join --managed-env there"
         )
+
+
+def install_here(env: PythonEnv) -> list[str]:
+    """pip install ``env``'s requirements into the Python running scaleout; returns them."""
+    check_can_install()
     reqs = env.requirements()
     if reqs:
         _pip_install([sys.executable, "-m", "pip"], reqs, f"installing the dependencies of {env.file.name}", env.file.parent)
