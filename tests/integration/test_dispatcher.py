@@ -80,3 +80,14 @@ def test_join_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     assert r.returncode == 2 and "is not a compute package" in r.stderr
     r = scaleout("join", *conn, "-p", str(DISPATCH), "--command-timeout", "0")
     assert r.returncode == 2 and "--command-timeout must be a number of seconds above 0" in r.stderr
+
+
+def test_a_client_whose_managed_env_cannot_be_made_stops_with_one_line(fed: Federation, tmp_path: Path) -> None:
+    package = Path(shutil.copytree(DISPATCH, tmp_path / "badenv"))
+    (package / "python_env.yaml").write_text("dependencies:\n  - ./no-such-local-dir\n")
+    fed.controller()
+    client = fed.client("badenv", package=package, extra=("--managed-env", "--env-cache", str(tmp_path / "envs")))
+    assert client.popen.wait(timeout=60) == 2
+    last = client.text().strip().splitlines()[-1]
+    assert "installing the dependencies of python_env.yaml into the managed env" in last and "pip exited with 1" in last, last
+    assert not [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]

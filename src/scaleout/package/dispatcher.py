@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("scaleout.package")
 
 DEFAULT_TIMEOUT_S = 3600.0  # per command; `timeout:` in the project file or join --command-timeout
-KILL_GRACE_S = 3.0  # SIGTERM, then SIGKILL to the command's process group
+KILL_GRACE_S = 1.5  # SIGTERM, then SIGKILL to the command's process group (within the client's 2 s exit grace)
 STDERR_TAIL = 5  # lines of stderr quoted in a failure (the client log has them all)
 METRIC_MARK = "##scaleout-metric "  # a line a package process prints to log metrics (JSON)
 NO_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")

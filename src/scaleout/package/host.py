@@ -39,12 +39,13 @@ def attach_hosted(project: Project, penv: ProcessEnv, client: EdgeClient, timeou
 
     from scaleout.package.dispatcher import Dispatcher
 
-    commands = {k: f"{HOST} {k}" for k in ("list", "train", "validate", "predict")}
+    # "startup": what the client logs and reports when importing the package in that Python fails.
+    commands = {"startup": f"{HOST} list", **{k: f"{HOST} {k}" for k in ("train", "validate", "predict")}}
     dispatcher = Dispatcher(project, penv, timeout, commands=commands)
     dispatcher.client = client
     with tempfile.TemporaryDirectory(prefix="scaleout-host-") as tmp:
         out = Path(tmp, "callbacks.json")
-        dispatcher.run("list", [str(out)])
+        dispatcher.run("startup", [str(out)])
         names = json.loads(out.read_text())
     if "train" in names:
         client.set_train_callback(dispatcher.train)
