@@ -76,12 +76,13 @@ def test_fedn_helpers_are_only_on_the_path_of_package_code(make_package: MakePac
             "def startup(client):\n    client.set_validate_callback(lambda m: {'helper': get_helper('numpyhelper').name})\n"
         ),
     })
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     client = attached(root)
     assert client.run_validate(payload.encode(SEED)) == {"helper": "numpyhelper"}
     lib = interpreter.shim_lib()
     assert lib is not None and sys.path[-1] == str(lib)  # after everything: a real install wins
-    # Python processes the package code starts find them too.
+    # In a client, Python processes the package code starts find them too.
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    interpreter.export_shims()
     r = subprocess.run([sys.executable, "-c", "import fedn.utils.helpers.helpers"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     monkeypatch.undo()

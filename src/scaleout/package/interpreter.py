@@ -70,6 +70,14 @@ def shim_lib() -> Path | None:
     return None if real_fedn_installed() else shim_dir() / "lib"
 
 
+def export_shims() -> None:
+    """Let Python processes that package code in this process starts import FEDn's helpers
+    (for the client, whose process is the package's: never call it elsewhere)."""
+    lib = shim_lib()
+    if lib is not None and str(lib) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(lib)) if p)
+
+
 def library_homes(modules: tuple[str, ...] = ("scaleoututil", "scaleout", "numpy", "safetensors", "yaml")) -> list[Path]:
     """The directories (site-packages, src/) holding scaleout's own modules and the libraries
     it runs packages with, in that order, each once: what another Python needs on its path to

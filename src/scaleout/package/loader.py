@@ -51,12 +51,9 @@ def load_startup(
 
         attach_hosted(project, penv, client, command_timeout)  # type: ignore[arg-type]
     else:
-        import os
         import sys
 
         lib = interpreter.shim_lib()  # callbacks may import FEDn's helpers later: keep them findable
         if lib is not None and str(lib) not in sys.path:
             sys.path.append(str(lib))
-            # ... and so may Python processes the package's code starts itself.
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(lib)) if p)
         call_entry(project, "startup", client)

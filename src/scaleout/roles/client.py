@@ -123,6 +123,9 @@ class Client:
             if exc.__cause__ is not None:
                 _log_traceback("the compute package failed to start", exc.__cause__)
             raise
+        from scaleout.package.interpreter import export_shims
+
+        export_shims()  # processes the package's code starts can import FEDn's helpers too
         callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
