@@ -160,6 +160,18 @@ def test_validate_output_must_be_a_json_object(make_package: MakePackage) -> Non
         attached(root).run_validate(payload.encode(SEED))
 
 
+def test_a_huge_report_is_refused_unread_and_a_huge_line_is_cut(make_package: MakePackage, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_package({
+        "scaleout.yaml": "entry_points:\n  train: python train.py\n  validate: python validate.py\n",
+        "train.py": "",
+        "validate.py": "import sys\nprint('x' * 200_000)\nopen(sys.argv[2], 'w').write('[' + '0,' * 9_000_000 + '0]')\n",
+    })
+    with caplog.at_level("INFO", logger="scaleout.package"), pytest.raises(CommandFailed, match=r"wrote 18,000,003 bytes of OUT: a result is a few numbers"):
+        attached(root).run_validate(payload.encode(SEED))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validate stdout | x")]
+    assert lines and all(len(line) < 5000 for line in lines)
+
+
 def test_a_command_past_its_time_limit_is_killed_with_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     started = time.monotonic()

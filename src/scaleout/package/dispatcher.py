@@ -48,6 +48,8 @@ DEFAULT_TIMEOUT_S = 3600.0  # per command; `timeout:` in the project file or joi
 KILL_GRACE_S = 1.5  # SIGTERM, then SIGKILL to the command's process group (within the client's 2 s exit grace)
 STDERR_TAIL = 5  # lines of stderr quoted in a failure (the client log has them all)
 METRIC_MARK = "##scaleout-metric "  # a line a package process prints to log metrics (JSON)
+MAX_LINE = 64 * 1024  # bytes of one output line read at a time
+MAX_JSON_FILE = 16 << 20  # a report or metadata file larger than this is not read (results are 64 KiB at most)
 NO_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 
 
@@ -169,7 +171,7 @@ def _check_program(entry: str, command: str, cwd: Path, penv: ProcessEnv) -> Non
 def _pump(stream: Any, entry: str, tail: collections.deque[str] | None, on_metric: Callable[[dict[str, Any]], None] | None) -> None:
     """Copy a command's output to the log a line at a time (keeping stderr's last lines)."""
     with stream:
-        for raw in iter(stream.readline, b""):
+        for raw in iter(lambda: stream.readline(MAX_LINE), b""):  # a line without end is cut, not held
             text = raw.decode(errors="replace").rstrip("\r\n")
             if on_metric is not None and text.startswith(METRIC_MARK):
                 try:
@@ -288,6 +290,9 @@ class Dispatcher:
 
     def _read_json(self, path: Path, entry: str, what: str) -> dict[str, Any]:
         command = self.commands[entry]
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE:
+            raise CommandFailed(entry, command, f"wrote {size:,} bytes of {what}: a result is a few numbers, not data (at most 64 KiB as JSON)")
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
