@@ -105,12 +105,14 @@ class CommandFailed(PackageError):
 
     code = "command_failed"
 
-    def __init__(self, entry: str, command: str, problem: str, stderr: list[str] | None = None, hint: str = "") -> None:
+    def __init__(
+        self, entry: str, command: str, problem: str, stderr: list[str] | None = None, hint: str = "", exit_code: int | None = None,
+    ) -> None:
         self.entry = entry
         self.command = command
         self.problem = problem
         self.stderr = list(stderr or [])
-        self.exit_code: int | None = None
+        self.exit_code = exit_code
         tail = " | ".join(line.strip() for line in self.stderr if line.strip())
         super().__init__(
             f"{entry} command `{command}` {problem}" + (f"; its stderr ended: {tail}" if tail else "") + (f"; {hint}" if hint else "")

@@ -123,9 +123,7 @@ def run_command(
             "raise its limit with `timeout:` on the entry point in the project file or `scaleout join --command-timeout`",
         )
     if code != 0:
-        err = CommandFailed(entry, command, _exit_text(code), list(tail), _hint(code, list(tail)))
-        err.exit_code = code
-        raise err
+        raise CommandFailed(entry, command, _exit_text(code), list(tail), _hint(list(tail)), exit_code=code)
 
 
 def _exit_text(code: int) -> str:
@@ -141,7 +139,7 @@ def _exit_text(code: int) -> str:
     return f"exited with {code}"
 
 
-def _hint(code: int, tail: list[str]) -> str:
+def _hint(tail: list[str]) -> str:
     from scaleout.runtime import missing_module_hint, pip_name
 
     for line in reversed(tail):
