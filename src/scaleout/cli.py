@@ -126,6 +126,8 @@ def build_parser() -> ArgumentParser:
     r = rsub.add_parser("build", help="call build() to write the seed model")
     r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     r.add_argument("-o", "--output", type=Path, metavar="DIR", help="where build() writes (default: the package folder)")
+    r.add_argument("--managed-env", action="store_true", help="build with the Python of a venv made from the package's python_env.yaml (as join --managed-env)")
+    r.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
     _common(r)
     r = rsub.add_parser("install", help="pip install the dependencies in the package's python_env.yaml into this Python environment")
     r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")

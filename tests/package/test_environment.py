@@ -165,3 +165,14 @@ def test_pip_refusing_a_system_managed_python_says_what_to_do() -> None:
     message = str(info.value)
     assert "pip refuses to install into /bin/sh, which the system manages (PEP 668)" in message
     assert "python3 -m venv" in message and "--managed-env" in message and "hint 10" not in message
+
+
+def test_build_in_the_managed_env(make_package: MakePackage, tmp_path: Path) -> None:
+    build = "import os, sys\ndef build():\n    open(os.path.join(os.environ['SCALEOUT_BUILD_OUTPUT_DIR'], 'prefix.txt'), 'w').write(sys.prefix)\n"
+    root = make_package({**IMPORTING, "scaleout.yaml": IMPORTING["scaleout.yaml"] + "  build: build.py\n", "build.py": build})
+    cache = tmp_path / "envs"
+    r = scaleout("run", "build", "-p", str(root), "-o", str(tmp_path / "out"), "--managed-env", "--env-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    (venv,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert Path((tmp_path / "out" / "prefix.txt").read_text()).resolve() == venv.resolve()
+    assert f"wrote {tmp_path / 'out' / 'prefix.txt'}" in r.stdout

@@ -187,7 +187,11 @@ def run_build(args: argparse.Namespace) -> int:
 
     if not args.path.is_dir():
         raise UsageError(f"compute package folder {args.path} does not exist")
-    files = build(args.path, args.output)
+    if args.managed_env:
+        from scaleout.package.environment import check_can_manage
+
+        check_can_manage()
+    files = build(args.path, args.output, managed_env=args.managed_env, env_cache=args.env_cache)
     for f in files:
         print(f"wrote {f}")
     if not files:

@@ -7,6 +7,7 @@ as numpyhelper .npz, settings and results as JSON). ``list OUT`` writes the call
 startup() registers, so the client offers the same ones. Metrics logged by the callback reach
 the client as marked lines on stdout.
 
+    python -m scaleout.package.host build                 (SCALEOUT_BUILD_OUTPUT_DIR set)
     python -m scaleout.package.host list OUT
     python -m scaleout.package.host train IN OUT          (IN-metadata: settings)
     python -m scaleout.package.host validate IN OUT
@@ -84,6 +85,9 @@ def main(argv: list[str]) -> int:
     edge = EdgeClient()
     edge._metric_sink = sink
     try:
+        if entry == "build":  # SCALEOUT_BUILD_OUTPUT_DIR is set by the caller
+            call_entry(project, "build")
+            return 0
         call_entry(project, "startup", edge)
         if entry == "list":
             Path(args[0]).write_text(json.dumps(edge.registered()))
