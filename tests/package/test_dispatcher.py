@@ -186,6 +186,16 @@ def test_a_command_past_its_time_limit_is_killed_with_its_children(tmp_path: Pat
             time.sleep(0.05)
 
 
+def test_a_command_leaves_nothing_running(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    run_command("train", f"sleep 60 & echo $! > {pidfile}", [], tmp_path, interpreter.current(), 30)
+    child = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(child, 0)
+            time.sleep(0.05)
+
+
 def test_an_abort_stops_the_command(tmp_path: Path) -> None:
     abort = threading.Event()
     threading.Timer(0.3, abort.set).start()

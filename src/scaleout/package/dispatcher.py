@@ -113,6 +113,10 @@ def run_command(
         if stopped:
             code = _kill(proc)
             break
+    try:  # what the command left running in the background (dataloader workers ...) goes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     for t in readers:
         t.join(timeout=2)  # a grandchild that left the group may hold the pipes: do not wait for it
     if stopped == "aborted":
