@@ -176,7 +176,9 @@ def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]]
 
 def main(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if not (path / "scaleout.yaml").is_file():
+    from scaleout.package.project import project_file
+
+    if project_file(path) is None:
         raise UsageError(f"{path} is not a compute package (no scaleout.yaml in it)")
     for flag in ("clients", "combiners", "rounds"):
         if getattr(args, flag) < 1:
