@@ -1,0 +1,76 @@
+"""`scaleout tui`: the Textual app on this terminal, or served to a browser with --web."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import sys
+
+from scaleout.cli import EXIT_OK, UsageError
+from scaleout.commands.connection import Connection, resolve
+
+
+def main(args: argparse.Namespace) -> int:
+    conn = resolve(args)
+    if args.web:
+        return serve_web(conn, args.host, args.port, args.session)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("scaleout tui needs a terminal (stdin and stdout); to watch from a script use: scaleout session watch --json")
+    return run_app(conn, args.session)
+
+
+def run_app(conn: Connection, session_id: str | None = None) -> int:
+    from scaleout.tui.app import ScaleoutApp
+
+    ScaleoutApp(conn, session_id=session_id).run()
+    return EXIT_OK
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on now (for --port 0: the page must know its own address)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def serve_web(conn: Connection, host: str, port: int, session_id: str | None = None) -> int:
+    """Serve the app to browsers (textual-serve): each page runs its own `scaleout tui`.
+
+    The controller's address, token and CA reach those processes in SCALEOUT_* variables,
+    never on a command line. Whoever can open the page acts as this admin: the server
+    listens on 127.0.0.1 unless told otherwise (reach it through an SSH tunnel)."""
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        from scaleout.runtime import missing_module_hint
+
+        raise UsageError(f"scaleout tui --web needs textual-serve: {missing_module_hint('textual_serve')}") from None
+    from scaleout.runtime import self_command
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0 to 65535, got {port}")
+    try:
+        port = port or free_port(host)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # a clear error, not aiohttp's traceback
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    os.environ["SCALEOUT_CONTROLLER"] = conn.url
+    os.environ["SCALEOUT_TOKEN"] = conn.token
+    if conn.ca is not None:
+        os.environ["SCALEOUT_CA"] = str(conn.ca)
+    command = [*self_command(), "tui"]
+    if conn.insecure:
+        command.append("--insecure")
+    if session_id:
+        command += ["--session", session_id]
+    server = Server(shlex.join(command), host=host, port=port, title="scaleout")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving the TUI on http://{shown}:{port} (Ctrl-C stops it; whoever opens the page acts as admin)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {host} lets anyone who reaches this port act as admin; prefer an SSH tunnel to 127.0.0.1", file=sys.stderr, flush=True)
+    server.serve()
+    return EXIT_OK
