@@ -33,6 +33,9 @@ PROGRESS_S = 0.25  # the running round's progress is published at most this ofte
 SNAPSHOT_MODELS = 1000  # the latest models of the trail in a snapshot
 SNAPSHOT_SESSIONS = 200
 SNAPSHOT_METRICS = 20000  # the latest log_metric reports of the session in a snapshot
+# A subscribed link's kernel send buffer: otherwise Linux grows it to 4 MiB, which hides a
+# stalled reader (and holds that much) for thousands of events before the buffer here sees it.
+SUBSCRIBER_SNDBUF = 64 << 10
 
 
 class Subscriber:
@@ -88,6 +91,7 @@ class EventHub:
         if not MIN_BUFFER <= msg.buffer <= MAX_BUFFER:
             raise ProtocolError(f"subscribe: buffer must be {MIN_BUFFER} to {MAX_BUFFER} events, got {msg.buffer}")
         self.unsubscribe(link)
+        _limit_send_buffer(link)
         sub = Subscriber(link, frozenset(msg.kinds), msg.buffer)
         sub.task = asyncio.get_running_loop().create_task(sub.run())
         self.subscribers[link] = sub
@@ -165,6 +169,15 @@ class EventHub:
             r = self.round
             if r is not None:
                 self.publish(m.RoundProgress(**{k: v for k, v in r.items() if k != "model_bytes"}))
+
+
+def _limit_send_buffer(link: Link) -> None:
+    import socket
+
+    sock = getattr(getattr(link.ws, "transport", None), "get_extra_info", lambda _: None)("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SUBSCRIBER_SNDBUF)
 
 
 async def snapshot(ctl: Any, args: dict[str, Any]) -> dict[str, Any]:
