@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shlex
-import socket
 import sys
+from typing import Any
 
 from scaleout.cli import EXIT_OK, UsageError
 from scaleout.commands.connection import Connection, resolve
@@ -28,13 +29,6 @@ def run_app(conn: Connection, session_id: str | None = None) -> int:
     return EXIT_OK
 
 
-def free_port(host: str) -> int:
-    """A port nobody listens on now (for --port 0: the page must know its own address)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def serve_web(conn: Connection, host: str, port: int, session_id: str | None = None) -> int:
     """Serve the app to browsers (textual-serve): each page runs its own `scaleout tui`.
 
@@ -51,13 +45,6 @@ def serve_web(conn: Connection, host: str, port: int, session_id: str | None = N
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0 to 65535, got {port}")
-    try:
-        port = port or free_port(host)
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # a clear error, not aiohttp's traceback
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     os.environ["SCALEOUT_CONTROLLER"] = conn.url
     os.environ["SCALEOUT_TOKEN"] = conn.token
     if conn.ca is not None:
@@ -67,10 +54,34 @@ def serve_web(conn: Connection, host: str, port: int, session_id: str | None = N
         command.append("--insecure")
     if session_id:
         command += ["--session", session_id]
-    server = Server(shlex.join(command), host=host, port=port, title="scaleout")
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving the TUI on http://{shown}:{port} (Ctrl-C stops it; whoever opens the page acts as admin)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: --host {host} lets anyone who reaches this port act as admin; prefer an SSH tunnel to 127.0.0.1", file=sys.stderr, flush=True)
-    server.serve()
+
+    class Quiet(Server):  # type: ignore[misc]
+        async def on_startup(self, app: Any) -> None:  # no banner: one ready line, below
+            pass
+
+    server = Quiet(shlex.join(command), host=host, port=port, title="scaleout")
+    asyncio.run(_serve(server, host, port))
     return EXIT_OK
+
+
+async def _serve(server: Any, host: str, port: int) -> None:
+    """Listen (port 0 picks a free one), say where on one line, serve until interrupted."""
+    from aiohttp import web
+
+    runner = web.AppRunner(await server._make_app(), handle_signals=False)
+    await runner.setup()
+    try:
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        bound = runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        server.public_url = f"http://{shown}:{bound}"  # the page's own links and websocket
+        print(f"serving the TUI on {server.public_url} (Ctrl-C stops it; whoever opens the page acts as admin)", flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: --host {host} lets anyone who reaches this port act as admin; prefer an SSH tunnel to 127.0.0.1", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,237 @@
+"""`scaleout tui` driven with App.run_test() and pilot.press() against a real federation:
+controller, combiner and clients as processes on loopback with TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import QUICKSTART, Federation, wait_line
+
+from scaleout.tui.app import ClientDetail, MetricPlot, ScaleoutApp, SessionForm, TokenDialog
+
+SIZE = (160, 48)
+
+
+async def until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Let the app run until ``cond()`` holds (a condition, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def click(pilot: Any, screen: Any, selector: str) -> None:
+    """Click a button once its last press has settled (a button ignores clicks for 0.2 s after one)."""
+    button = screen.query_one(selector)
+    await until(pilot, lambda: not button.has_class("-active"), f"{selector} to settle")
+    await pilot.click(selector)
+
+
+def ready(fed: Federation, clients: int = 2) -> None:
+    fed.controller()
+    fed.activate(QUICKSTART)
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    for i in range(1, clients + 1):
+        fed.client(f"client-{i}")
+    fed.wait_clients(clients)
+
+
+def rows(app: ScaleoutApp, table: str) -> list[list[str]]:
+    t = app.query_one(f"#{table}")
+    return [[str(c) for c in t.get_row_at(i)] for i in range(t.row_count)]
+
+
+def test_network_is_live_filterable_and_sortable(fed: Federation) -> None:
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            assert rows(app, "combiners")[0][:3] == ["c1", "online", "2"]
+            # A client joining and one leaving show up as they happen.
+            late = fed.client("client-3")
+            await until(pilot, lambda: any(r[0] == "client-3" and r[1] == "online" for r in rows(app, "clients")), "client-3 joining")
+            late.stop()
+            await until(pilot, lambda: any(r[0] == "client-3" and r[1] == "offline" for r in rows(app, "clients")), "client-3 leaving")
+            await until(pilot, lambda: rows(app, "combiners")[0][2] == "2", "the combiner's count")
+            assert "2 online of 3" in str(app.query_one("#clients-title").render())
+            # The filter box (/ focuses it) narrows the table; sorting reorders it.
+            await pilot.press("/")
+            await pilot.press(*"offline")
+            await until(pilot, lambda: [r[0] for r in rows(app, "clients")] == ["client-3"], "the filter")
+            await pilot.press("escape")
+            app.query_one("#client-filter").value = ""
+            await until(pilot, lambda: len(rows(app, "clients")) == 3, "the filter cleared")
+            app.query_one("#clients").focus()
+            await pilot.press("o")  # sort by status: offline after online
+            await until(pilot, lambda: [r[1] for r in rows(app, "clients")] == ["offline", "online", "online"], "sorted by status")
+            # Enter on a client opens its detail; escape closes it.
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, ClientDetail), "the client detail")
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, ClientDetail), "the detail closed")
+            # Other views are a key away; the event log says what happened in words.
+            await pilot.press("3")
+            await until(pilot, lambda: any("client-3 left combiner c1" in r[2] for r in rows(app, "log")), "the event log")
+            await pilot.press("/")
+            await pilot.press(*"joined")
+            await until(pilot, lambda: rows(app, "log") and all("joined" in r[2] for r in rows(app, "log")), "the event log filtered")
+            await pilot.press("escape")
+            app.query_one("#log").focus()
+            await pilot.press("q")
+        assert app.return_code in (0, None)
+
+    asyncio.run(go())
+
+
+def test_start_a_session_from_the_form_and_watch_its_rounds(fed: Federation, tmp_path: Path) -> None:
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            assert "no session yet" in str(app.query_one("#session-info").render())
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the session form")
+            form = app.screen
+            form.query_one("#f-rounds").value = "3"
+            form.query_one("#f-min_clients").value = "x"
+            await pilot.click("#start")
+            await until(pilot, lambda: "min clients must be a number" in str(form.query_one("#form-error").render()), "the form's complaint")
+            form.query_one("#f-min_clients").value = "2"
+            form.query_one("#f-settings").value = '{"epochs": 2}'
+            form.query_one("#f-settings").focus()
+            await pilot.press("enter")  # enter in any field starts it
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form to close", timeout=5)
+            # Its rounds appear as they end, with the metric plot growing.
+            await until(pilot, lambda: [r[1] for r in rows(app, "rounds")] == ["succeeded"] * 3, "three rounds", timeout=60)
+            await until(pilot, lambda: "finished" in str(app.query_one("#session-info").render()), "the session to finish")
+            assert app.metric == "validation:validation_accuracy"
+            plot = app.query_one("#plot", MetricPlot)
+            assert [x for x, _ in plot.points] == [1.0, 2.0, 3.0]
+            assert any(0x2800 < ord(ch) <= 0x28FF for ch in str(plot.render()))
+            assert app.view.training.get("train_loss"), "log_metric values reach the TUI"
+            await pilot.press("v")  # one line per client
+            await until(pilot, lambda: set(plot.lines) == {"client-1", "client-2"}, "per-client lines")
+            # Each client's last round is the session's last.
+            assert [r[4] for r in rows(app, "clients")] == ["3", "3"]
+            # The trail has the seed and three models; download the last one.
+            await pilot.press("2")
+            await until(pilot, lambda: len(rows(app, "models")) == 4, "the model trail")
+            assert [r[3] for r in rows(app, "models")] == ["-", "1", "2", "3"]
+            app.query_one("#models").move_cursor(row=3)
+            await pilot.press("d")
+            await until(pilot, lambda: app.screen.query("#answer"), "the download dialog")
+            out = tmp_path / "last.npz"
+            app.screen.query_one("#answer").value = str(out)
+            await pilot.press("enter")
+            await until(pilot, lambda: out.exists() and out.stat().st_size > 0, "the download")
+            await pilot.press("q")
+
+    asyncio.run(go())
+    import numpy as np
+
+    assert len(np.load(tmp_path / "last.npz").files) == 4
+
+
+def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+
+    async def go() -> str:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, TokenDialog), "the token dialog")
+            dialog = app.screen
+            dialog.query_one("#t-ttl").value = "forever"
+            await click(pilot, dialog, "#create")
+            await until(pilot, lambda: "ttl" in str(dialog.query_one("#t-error").render()).lower(), "a refused lifetime")
+            dialog.query_one("#t-ttl").value = "2h"
+            await click(pilot, dialog, "#create")
+            await until(pilot, lambda: dialog.token is not None, "the token")
+            token = dialog.token
+            assert dialog.query_one("#t-token").value == token
+            await click(pilot, dialog, "#copy")
+            assert app.clipboard == token
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TokenDialog), "the dialog closed")
+            assert dialog.token is None  # shown once: forgotten when closed
+            await pilot.press("q")
+            return str(token)
+
+    from scaleout.security.tokens import peek
+
+    claims = peek(asyncio.run(go()))
+    assert claims.role == "client" and 7000 < claims.exp - time.time() <= 7200
+
+
+def test_command_palette_lists_the_actions(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            await pilot.press("ctrl+p")
+            await pilot.press(*"start a sess")
+            await until(pilot, lambda: "Start a session" in str(app.screen.query_one("CommandList").get_option_at_index(0).prompt), "the palette hit")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form from the palette")
+            await pilot.press("escape")
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_tui_attaches_with_data_dir_and_refuses_without_a_terminal(fed: Federation) -> None:
+    fed.controller()
+    from conftest import scaleout
+
+    r = scaleout("tui", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "needs a terminal" in r.stderr and "Traceback" not in r.stderr
+    r = scaleout("tui", "--data-dir", str(fed.tmp / "nowhere"))
+    assert r.returncode == 2 and "not the data directory of a started controller" in r.stderr
+
+
+def test_web_mode_serves_the_app_page(fed: Federation) -> None:
+    fed.controller()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "tui", "--web", "--port", "0", "--data-dir", str(fed.data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = wait_line(proc.stdout, "serving the TUI on", 30, "scaleout tui --web")
+        url = re.search(r"http://\S+", line)[0]  # type: ignore[index]
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "textual" in page.lower() and "/ws" in page
+        browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        if browser is None:
+            pytest.skip("no headless browser installed (chromium): the page is served, the app in a browser is not checked")
+        shot = fed.tmp / "web.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1400,900",
+                        "--virtual-time-budget=8000", url], capture_output=True, timeout=60)
+        assert shot.exists() and shot.stat().st_size > 10000
+    finally:
+        proc.terminate()
+        proc.wait(10)
