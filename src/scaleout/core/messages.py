@@ -473,7 +473,7 @@ def decode_event(msg: Event) -> FedEvent:
     if cls is None:
         raise ProtocolError(f"unknown event kind {msg.kind!r:.60}")
     what = f"event {msg.kind}"
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls)}
     values: JSON = {}
     for name, f in known.items():
@@ -550,7 +550,7 @@ def parse(text: str | bytes) -> Message:
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls)}
     unknown = set(body) - set(known)
     if unknown:
@@ -563,6 +563,17 @@ def parse(text: str | bytes) -> Message:
             continue
         values[name] = _check(kind, name, body[name], hints[name])
     return cls(**values)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}  # a cache of a pure function of the (fixed) classes
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """A message class's field types, worked out once (get_type_hints is slow: every frame needs them)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _no_constant(name: str) -> Any:

@@ -38,7 +38,8 @@ from scaleout.tui.plot import render_plot
 
 CLIENT_COLUMNS = (("name", "CLIENT"), ("status", "STATUS"), ("combiner", "COMBINER"), ("last_seen", "LAST SEEN"), ("last_round", "LAST ROUND"))
 RECONNECT_S = (0.5, 10.0)
-REDRAW_S = 0.2  # panels other than the network tables are redrawn at most this often
+REDRAW_S = 0.25  # the session panel and the rounds are redrawn at most this often
+SLOW_REDRAW_S = 1.0  # the tables that grow with the fleet, the plot and the log: a round's reports come by the thousand
 
 
 def _clock(ts: float | None) -> str:
@@ -73,6 +74,23 @@ class LinkState(Message):
 
 
 # -- widgets ------------------------------------------------------------------------------------
+
+
+class Line(Widget):
+    """Text in a box of fixed size: changing it repaints this widget only (a Static's
+    update lays out the whole screen again, too costly many times a second)."""
+
+    def __init__(self, text: str | Text = "", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.text: str | Text = text
+
+    def update(self, text: str | Text) -> None:
+        if str(text) != str(self.text) or (isinstance(text, Text) and text.spans != getattr(self.text, "spans", None)):
+            self.text = text
+            self.refresh()
+
+    def render(self) -> str | Text:
+        return self.text
 
 
 class MetricPlot(Widget):
@@ -392,7 +410,8 @@ class ScaleoutApp(App[int]):
         self.sort_reverse = False
         self.per_client = False
         self.metric: str | None = None
-        self._shown: set[str] = set()  # client rows in the table
+        self._shown: dict[str, tuple[Any, ...]] = {}  # client rows in the table -> the cells they show
+        self._pending_clients: set[str] = set()
         self._dirty = Changes()
         self._metric_names: list[str] = []
         self.connected = asyncio.Event()
@@ -405,23 +424,23 @@ class ScaleoutApp(App[int]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("connecting ...", id="status-line")
+        yield Line("connecting ...", id="status-line")
         with TabbedContent(initial="overview", id="tabs"):
             with TabPane("Overview [1]", id="overview"):
                 with Horizontal(id="overview-body"):
                     with Vertical(id="network"):
                         yield Static("Combiners", classes="pane-title")
                         yield DataTable(id="combiners", cursor_type="row", zebra_stripes=True)
-                        yield Static("Clients", classes="pane-title", id="clients-title")
+                        yield Line("Clients", classes="pane-title", id="clients-title")
                         yield Input(placeholder="filter clients: name, status or combiner (/)", id="client-filter")
                         yield DataTable(id="clients", cursor_type="row", zebra_stripes=True)
                     with Vertical(id="right"):
-                        yield Static("no session yet: press s to start one", id="session-info")
+                        yield Line("no session yet: press s to start one", id="session-info")
                         yield ProgressBar(total=1, show_eta=False, id="round-progress")
                         yield DataTable(id="rounds", cursor_type="row", zebra_stripes=True)
                         with Horizontal(id="metric-bar"):
                             yield Select([], prompt="metric", id="metric", allow_blank=True)
-                            yield Static("aggregated (v: per client)", id="plot-mode")
+                            yield Line("aggregated (v: per client)", id="plot-mode")
                         yield MetricPlot(id="plot")
             with TabPane("Trail [2]", id="trail"):
                 yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
@@ -451,6 +470,7 @@ class ScaleoutApp(App[int]):
             log.add_column(label, key=key)
         self.query_one("#clients", DataTable).focus()
         self.set_interval(REDRAW_S, self._redraw)
+        self.set_interval(SLOW_REDRAW_S, partial(self._redraw, slow=True))
         self.set_interval(1.0, self._tick)
         self._follow()
 
@@ -483,7 +503,7 @@ class ScaleoutApp(App[int]):
             delay = min(delay * 2, longest)
 
     def on_link_state(self, msg: LinkState) -> None:
-        self.query_one("#status-line", Static).update(Text(msg.text, style="green" if msg.up else "bold red"))
+        self.query_one("#status-line", Line).update(Text(msg.text, style="green" if msg.up else "bold red"))
         if msg.up:
             self.connected.set()
         else:
@@ -500,8 +520,7 @@ class ScaleoutApp(App[int]):
     def on_happened(self, msg: Happened) -> None:
         ch = self.view.apply(msg.event)
         self.events_applied += 1
-        if ch.clients:
-            self._update_clients(ch.clients)
+        self._pending_clients |= ch.clients  # drawn with the next redraw: a round's reports come by the thousand
         d = self._dirty
         d.combiners |= ch.combiners
         d.session |= ch.session
@@ -515,12 +534,21 @@ class ScaleoutApp(App[int]):
         if self.view.running_round is not None:
             self._dirty.session = True
 
-    def _redraw(self) -> None:
-        d, self._dirty = self._dirty, Changes()
+    def _redraw(self, slow: bool = False) -> None:
+        """Draw what changed: the session panel at once; with ``slow`` (or after a
+        snapshot) also the tables that grow with the fleet, the plot and the log."""
+        d = self._dirty
+        if d.everything or d.session:
+            d.session = False
+            self._draw_session()
+        if not (slow or d.everything):
+            return
+        self._dirty = Changes()
+        if self._pending_clients and not d.everything:
+            names, self._pending_clients = self._pending_clients, set()
+            self._update_clients(names)
         if d.everything or d.combiners:
             self._draw_combiners()
-        if d.everything or d.session:
-            self._draw_session()
         if d.everything or d.metrics:
             self._draw_metrics()
         if d.everything or d.models:
@@ -534,13 +562,13 @@ class ScaleoutApp(App[int]):
         v = self.view
         pkg = f"{v.active_package[1]} ({v.active_package[0][:12]})" if v.active_package else "- (p to set one)"
         text = f"{v.url}   package {pkg}   model {v.active_model[:12] if v.active_model else '- (m to set a seed)'}"
-        self.query_one("#status-line", Static).update(Text(text, style="green"))
+        self.query_one("#status-line", Line).update(Text(text, style="green"))
 
     def _draw_combiners(self) -> None:
-        table = self.query_one("#combiners", DataTable)
-        table.clear()
-        for row in sorted(self.view.combiners.values(), key=lambda r: r.name):
-            table.add_row(row.name, _status_text(row.status), str(row.clients), row.url, key=row.name)
+        _sync(self.query_one("#combiners", DataTable), [
+            (row.name, (row.name, _status_text(row.status), str(row.clients), row.url))
+            for row in sorted(self.view.combiners.values(), key=lambda r: r.name)
+        ])
 
     def _client_cells(self, c: ClientRow) -> tuple[Any, ...]:
         last = "-" if not c.last_round else str(c.last_round[1]) if c.last_round[0] == self.view.session_id else f"{c.last_round[1]} of {c.last_round[0]}"
@@ -556,11 +584,13 @@ class ScaleoutApp(App[int]):
     def _rebuild_clients(self) -> None:
         table = self.query_one("#clients", DataTable)
         table.clear()
-        self._shown = set()
+        self._shown = {}
+        self._pending_clients = set()
         rows = [c for c in self.view.clients.values() if self._matches(c)]
         for c in rows:
-            table.add_row(*self._client_cells(c), key=c.name)
-            self._shown.add(c.name)
+            cells = self._client_cells(c)
+            table.add_row(*cells, key=c.name)
+            self._shown[c.name] = cells
         self._sort_clients()
         self._count_clients()
 
@@ -575,16 +605,18 @@ class ScaleoutApp(App[int]):
             if not self._matches(c):
                 if name in self._shown:
                     table.remove_row(name)
-                    self._shown.discard(name)
+                    del self._shown[name]
                 continue
             cells = self._client_cells(c)
-            if name in self._shown:
-                for (key, _), value in zip(CLIENT_COLUMNS, cells):
-                    table.update_cell(name, key, value)
+            old = self._shown.get(name)
+            if old is not None:
+                for (key, _), value, was in zip(CLIENT_COLUMNS, cells, old):
+                    if str(value) != str(was) or type(value) is not type(was):
+                        table.update_cell(name, key, value)
             else:
                 table.add_row(*cells, key=name)
-                self._shown.add(name)
                 added = True
+            self._shown[name] = cells
         if added and self.sort_column:
             self._sort_clients()
         self._count_clients()
@@ -597,14 +629,14 @@ class ScaleoutApp(App[int]):
         online = sum(1 for c in self.view.clients.values() if c.status == "online")
         shown = f", {len(self._shown)} shown" if self.filter else ""
         arrow = "v" if self.sort_reverse else "^"
-        self.query_one("#clients-title", Static).update(
+        self.query_one("#clients-title", Line).update(
             f"Clients: {online} online of {len(self.view.clients)}{shown}  (sorted by {CLIENT_COLUMNS[self.sort_column][1].lower()} {arrow})"
         )
 
     def _draw_session(self) -> None:
         v = self.view
         s = v.session
-        info = self.query_one("#session-info", Static)
+        info = self.query_one("#session-info", Line)
         bar = self.query_one("#round-progress", ProgressBar)
         if s is None:
             info.update("no session yet: press s to start one")
@@ -632,15 +664,15 @@ class ScaleoutApp(App[int]):
                 bar.update(total=1, progress=1 if s.status != "running" else 0)
             info.update(head)
         table = self.query_one("#rounds", DataTable)
-        table.clear()
+        rows: list[tuple[str, tuple[Any, ...]]] = []
         for r in sorted(v.rounds.values(), key=lambda r: r.index):
             note = r.reason or ", ".join(f"{k}={x:.4g}" for k, x in list(r.validation.items())[:2])
             updates = f"{r.participants}" if r.status != "running" else f"{r.received}/{r.expected}"
-            table.add_row(
+            rows.append((str(r.index), (
                 str(r.index), _status_text(r.status), updates, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-",
-                str(len(r.failures)) if r.failures else "-", note, key=str(r.index),
-            )
-        if table.row_count:
+                str(len(r.failures)) if r.failures else "-", note,
+            )))
+        if _sync(table, rows) and table.row_count:
             table.move_cursor(row=table.row_count - 1)
 
     def _draw_metrics(self) -> None:
@@ -740,7 +772,7 @@ class ScaleoutApp(App[int]):
 
     def action_plot_mode(self) -> None:
         self.per_client = not self.per_client
-        self.query_one("#plot-mode", Static).update("per client (v: aggregated)" if self.per_client else "aggregated (v: per client)")
+        self.query_one("#plot-mode", Line).update("per client (v: aggregated)" if self.per_client else "aggregated (v: per client)")
         self._draw_metrics()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -856,6 +888,24 @@ class ScaleoutApp(App[int]):
             self.notify(f"cannot download the model: {exc}", severity="error", timeout=8)
             return None
         return f"saved model {result['id'][:12]} to {out}"
+
+
+def _sync(table: DataTable[Any], rows: list[tuple[str, tuple[Any, ...]]]) -> bool:
+    """Make ``table`` show ``rows`` (key, cells) in order, changing only the cells that
+    differ (a clear and refill would lay the screen out again); True if rows were added."""
+    keys = [key for key, _ in rows]
+    have = [str(k.value) for k in table.rows]
+    if have != keys[: len(have)]:
+        table.clear()
+        have = []
+    columns = list(table.columns)
+    for key, cells in rows[: len(have)]:
+        for column, value in zip(columns, cells):
+            if str(table.get_cell(key, column)) != str(value):
+                table.update_cell(key, column, value)
+    for key, cells in rows[len(have):]:
+        table.add_row(*cells, key=key)
+    return len(rows) > len(have)
 
 
 def _package_bytes(path: Path) -> tuple[bytes, str]:

@@ -126,6 +126,8 @@ class FedView:
         self.models: dict[str, ModelRow] = {}
         self.log: deque[LogLine] = deque(maxlen=LOG_LINES)
         self.loaded = False
+        self._members: dict[str, set[str]] = {}  # combiner -> its online clients
+        self._where: dict[str, str] = {}  # online client -> its combiner
 
     # -- snapshot ---------------------------------------------------------------------------
 
@@ -145,6 +147,9 @@ class FedView:
                 row["name"], str(row.get("status") or ""), str(row.get("combiner") or ""), _num(row.get("last_seen")),
                 (str(last[0]), int(last[1])) if isinstance(last, list) and len(last) == 2 else None,
             )
+        self._members, self._where = {}, {}
+        for c in self.clients.values():
+            self._place(c)
         self.sessions = {}
         for row in snap.get("sessions") or []:
             self.sessions[row["id"]] = SessionRow(row["id"], row["status"], row.get("reason"), row.get("config") or {}, row.get("created"), row.get("finished"))
@@ -188,13 +193,16 @@ class FedView:
         if isinstance(ev, m.ClientJoined):
             c = self.clients.setdefault(ev.client, ClientRow(ev.client))
             c.status, c.combiner, c.last_seen = "online", ev.combiner, when
+            self._place(c)
             ch.clients.add(ev.client)
             ch.log = True
             self.say("info", f"client {ev.client} joined on combiner {ev.combiner}", when)
             self._recount(ev.combiner, ch)
         elif isinstance(ev, m.ClientLeft):
             c = self.clients.setdefault(ev.client, ClientRow(ev.client))
-            c.status, c.last_seen = "offline", when
+            if c.combiner == ev.combiner:
+                c.status, c.last_seen = "offline", when
+                self._place(c)
             ch.clients.add(ev.client)
             ch.log = True
             self.say("warning", f"client {ev.client} left combiner {ev.combiner}", when)
@@ -207,10 +215,11 @@ class FedView:
         elif isinstance(ev, m.CombinerLeft):
             row = self.combiners.setdefault(ev.combiner, CombinerRow(ev.combiner))
             row.status, row.clients = "offline", 0
-            for c in self.clients.values():
-                if c.combiner == ev.combiner and c.status == "online":
-                    c.status, c.last_seen = "offline", when
-                    ch.clients.add(c.name)
+            for name in list(self._members.pop(ev.combiner, ())):
+                c = self.clients[name]
+                c.status, c.last_seen = "offline", when
+                self._where.pop(name, None)
+                ch.clients.add(name)
             ch.combiners = ch.log = True
             self.say("error", f"combiner {ev.combiner} disconnected ({ev.clients} clients were on it)", when)
         elif isinstance(ev, m.SessionStarted):
@@ -280,9 +289,20 @@ class FedView:
         return ch
 
     def _recount(self, combiner: str, ch: Changes) -> None:
-        row = self.combiners.setdefault(combiner, CombinerRow(combiner, "online"))
-        row.clients = sum(1 for c in self.clients.values() if c.combiner == combiner and c.status == "online")
+        """Keep the combiners' client counts (O(1) per event: a fleet joins one by one)."""
+        for name in {combiner, *(n for n, members in self._members.items() if members)}:
+            row = self.combiners.setdefault(name, CombinerRow(name, "online"))
+            row.clients = len(self._members.get(name, ()))
         ch.combiners = True
+
+    def _place(self, client: ClientRow) -> None:
+        """Move ``client`` to its combiner's members when online, out of every other."""
+        old = self._where.pop(client.name, None)
+        if old is not None:
+            self._members.get(old, set()).discard(client.name)
+        if client.status == "online" and client.combiner:
+            self._members.setdefault(client.combiner, set()).add(client.name)
+            self._where[client.name] = client.combiner
 
     def _report(self, kind: str, index: int, client: str, error: str | None, values: dict[str, Any], step: Any) -> None:
         if kind == "metric":
