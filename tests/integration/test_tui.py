@@ -4,6 +4,7 @@ controller, combiner and clients as processes on loopback with TLS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -235,3 +236,60 @@ def test_web_mode_serves_the_app_page(fed: Federation) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_dev_opens_the_tui_on_a_terminal_and_quitting_stops_the_federation(tmp_path: Path) -> None:
+    """`scaleout dev` on a terminal (a pty here): the TUI shows the session; q stops it all."""
+    import pty
+    import select
+    import signal
+
+    data = tmp_path / "dev"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: scaleout dev on the pty
+        os.environ.update(TERM="xterm-256color", COLUMNS="140", LINES="40")
+        os.execv(sys.executable, [sys.executable, "-m", "scaleout", "dev", "-p", str(QUICKSTART), "--clients", "2", "--rounds", "3", "--data-dir", str(data)])
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
+    seen = b""
+    ansi = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\x1b[>=]")
+
+    def read_until(text: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in ansi.sub(b"", seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} on the terminal within {timeout}s:\n{ansi.sub(b'', seen)[-3000:].decode(errors='replace')}")
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"3/3 rounds", 90)  # the TUI's session panel, on the federation dev started
+        read_until(b"client-2", 10)
+        os.write(fd, b"q")
+        read_until(b"stopping the federation", 30)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, "scaleout dev did not exit after q"
+            if select.select([fd], [], [], 0.2)[0]:  # keep the pty drained while it stops
+                with contextlib.suppress(OSError):
+                    seen += os.read(fd, 65536)
+        assert os.waitstatus_to_exitcode(status) == 0, ansi.sub(b"", seen)[-2000:].decode(errors="replace")
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    # Every process of the federation stopped: the controller released its data dir.
+    log = (data / "logs" / "controller.log").read_text()
+    assert "controller shutting down" in log and "Traceback" not in log
