@@ -64,6 +64,7 @@ def test_network_is_live_filterable_and_sortable(fed: Federation) -> None:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
             assert rows(app, "combiners")[0][:3] == ["c1", "online", "2"]
+            assert all(r[5].startswith("client.tgz (") for r in rows(app, "clients")), rows(app, "clients")  # the package each runs
             # A client joining and one leaving show up as they happen.
             late = fed.client("client-3")
             await until(pilot, lambda: any(r[0] == "client-3" and r[1] == "online" for r in rows(app, "clients")), "client-3 joining")

@@ -320,6 +320,7 @@ class ClientJoined(FedEvent):
     kind: ClassVar[str] = "client.joined"
     client: str
     combiner: str
+    package: str = ""  # the package it runs, as it said: "NAME (ID)" or "local DIR"
 
 
 @fed_event

@@ -313,7 +313,7 @@ class Controller:
                         self.combiners[elsewhere].clients.discard(client)
                     c.clients.add(client)
                     self.assigner.client_joined(c.name, client)
-                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name))
+                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
                     self.registry.client(client, "online", c.name)
                 for client in msg.left:
                     if client not in c.clients:
@@ -394,6 +394,8 @@ class Controller:
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
+        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
+            self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
         best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
         c = self.combiners[best]

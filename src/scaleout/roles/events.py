@@ -80,6 +80,7 @@ class EventHub:
         self.seq = 0
         self.subscribers: dict[Link, Subscriber] = {}
         self.round: dict[str, Any] | None = None  # the running round's progress, as last published
+        self.packages: dict[str, str] = {}  # client -> the package it said it runs (client.assign)
         self._progress_due: asyncio.TimerHandle | None = None
 
     # -- subscriptions -------------------------------------------------------------------
@@ -202,6 +203,7 @@ async def snapshot(ctl: Any, args: dict[str, Any]) -> dict[str, Any]:
     clients, reports, last = await asyncio.to_thread(_read_registry, ctl, key)
     for row in clients:
         row["last_round"] = last.get(row["name"])
+        row["package"] = hub.packages.get(row["name"], "")
     models = st.models()[-SNAPSHOT_MODELS:]
     live = {name: len(c.clients) for name, c in ctl.combiners.items()}
     combiners = await asyncio.to_thread(ctl.registry.read, "combiners")

@@ -36,10 +36,17 @@ from scaleout.tui.feed import Feed, Snapshot
 from scaleout.tui.model import Changes, ClientRow, FedView
 from scaleout.tui.plot import render_plot
 
-CLIENT_COLUMNS = (("name", "CLIENT"), ("status", "STATUS"), ("combiner", "COMBINER"), ("last_seen", "LAST SEEN"), ("last_round", "LAST ROUND"))
+CLIENT_COLUMNS = (
+    ("name", "CLIENT"), ("status", "STATUS"), ("combiner", "COMBINER"), ("last_seen", "SEEN"), ("last_round", "LAST ROUND"), ("package", "PACKAGE"),
+)
 RECONNECT_S = (0.5, 10.0)
 REDRAW_S = 0.25  # the session panel and the rounds are redrawn at most this often
 SLOW_REDRAW_S = 1.0  # the tables that grow with the fleet, the plot and the log: a round's reports come by the thousand
+
+
+def _metric_label(name: str) -> str:
+    source, _, metric = name.partition(":")
+    return metric if source == "validation" else f"{metric} (log_metric)"
 
 
 def _clock(ts: float | None) -> str:
@@ -316,6 +323,7 @@ class ClientDetail(ModalScreen[None]):
             f"combiner    {c.combiner or '-'}",
             f"last seen   {_clock(c.last_seen)}",
             f"last round  {f'{c.last_round[1]} of session {c.last_round[0]}' if c.last_round else '-'}",
+            f"package     {c.package or '-'}",
             "",
             f"[b]session {v.session_id or '-'}[/b]",
         ]
@@ -390,7 +398,7 @@ class ScaleoutApp(App[int]):
         ("Set the seed model", "set_seed", ".npz (numpyhelper) or .safetensors"),
         ("Download the selected model", "download", "from the model trail, as .safetensors or .npz"),
         ("Filter clients", "filter", "by name, status or combiner"),
-        ("Sort clients by the next column", "sort", "name, status, combiner, last seen, last round"),
+        ("Sort clients by the next column", "sort", "name, status, combiner, seen, last round, package"),
         ("Plot per client / aggregated", "plot_mode", "mean with spread, or one line per client"),
         ("Show the overview", "tab('overview')", "network, session and metrics"),
         ("Show the model trail", "tab('trail')", "committed models"),
@@ -572,7 +580,7 @@ class ScaleoutApp(App[int]):
 
     def _client_cells(self, c: ClientRow) -> tuple[Any, ...]:
         last = "-" if not c.last_round else str(c.last_round[1]) if c.last_round[0] == self.view.session_id else f"{c.last_round[1]} of {c.last_round[0]}"
-        return (c.name, _status_text(c.status), c.combiner or "-", _clock(c.last_seen), last)
+        return (c.name, _status_text(c.status), c.combiner or "-", _clock(c.last_seen), last, c.package or "-")
 
     def _matches(self, c: ClientRow) -> bool:
         if not self.filter:
@@ -666,7 +674,8 @@ class ScaleoutApp(App[int]):
         table = self.query_one("#rounds", DataTable)
         rows: list[tuple[str, tuple[Any, ...]]] = []
         for r in sorted(v.rounds.values(), key=lambda r: r.index):
-            note = r.reason or ", ".join(f"{k}={x:.4g}" for k, x in list(r.validation.items())[:2])
+            shown = sorted(r.validation.items(), key=lambda kv: (not kv[0].startswith("validation"), kv[0]))[:2]
+            note = r.reason or ", ".join(f"{k}={x:.3g}" for k, x in shown)
             updates = f"{r.participants}" if r.status != "running" else f"{r.received}/{r.expected}"
             rows.append((str(r.index), (
                 str(r.index), _status_text(r.status), updates, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-",
@@ -681,7 +690,7 @@ class ScaleoutApp(App[int]):
         select = self.query_one("#metric", Select)
         if names != self._metric_names:
             self._metric_names = names
-            select.set_options([(n.replace(":", ": "), n) for n in names])
+            select.set_options([(_metric_label(n), n) for n in names])
             if self.metric not in names and names:
                 preferred = [n for n in names if n == "validation:validation_accuracy"] or [n for n in names if "accuracy" in n]
                 self.metric = (preferred or names)[0]

@@ -145,7 +145,7 @@ class FedView:
             last = row.get("last_round")
             self.clients[row["name"]] = ClientRow(
                 row["name"], str(row.get("status") or ""), str(row.get("combiner") or ""), _num(row.get("last_seen")),
-                (str(last[0]), int(last[1])) if isinstance(last, list) and len(last) == 2 else None,
+                (str(last[0]), int(last[1])) if isinstance(last, list) and len(last) == 2 else None, str(row.get("package") or ""),
             )
         self._members, self._where = {}, {}
         for c in self.clients.values():
@@ -193,6 +193,7 @@ class FedView:
         if isinstance(ev, m.ClientJoined):
             c = self.clients.setdefault(ev.client, ClientRow(ev.client))
             c.status, c.combiner, c.last_seen = "online", ev.combiner, when
+            c.package = ev.package or c.package
             self._place(c)
             ch.clients.add(ev.client)
             ch.log = True
