@@ -17,7 +17,8 @@ def main(args: argparse.Namespace) -> int:
     conn = resolve(args)
     if args.web:
         return serve_web(conn, args.host, args.port, args.session)
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+    # Served to a browser (tui --web), the app talks to textual-serve over pipes through its web driver.
+    if not os.environ.get("TEXTUAL_DRIVER") and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("scaleout tui needs a terminal (stdin and stdout); to watch from a script use: scaleout session watch --json")
     return run_app(conn, args.session)
 

@@ -96,6 +96,7 @@ class EventHub:
         sub = Subscriber(link, frozenset(msg.kinds), msg.buffer)
         sub.task = asyncio.get_running_loop().create_task(sub.run())
         self.subscribers[link] = sub
+        log.info("%s subscribed to events (buffer %d%s)", link.peer, msg.buffer, f", kinds {', '.join(msg.kinds)}" if msg.kinds else "")
         sub.offer(self._stamp(m.Resync(reason="subscribed")))
 
     def unsubscribe(self, link: Link) -> None:
