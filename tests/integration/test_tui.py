@@ -133,7 +133,7 @@ def test_start_a_session_from_the_form_and_watch_its_rounds(fed: Federation, tmp
             await pilot.press("v")  # one line per client
             await until(pilot, lambda: set(plot.lines) == {"client-1", "client-2"}, "per-client lines")
             # Each client's last round is the session's last.
-            assert [r[4] for r in rows(app, "clients")] == ["3", "3"]
+            assert [r[4] for r in rows(app, "clients")] == ["3", "3"]  # the last round each took part in
             # The trail has the seed and three models; download the last one.
             await pilot.press("2")
             await until(pilot, lambda: len(rows(app, "models")) == 4, "the model trail")

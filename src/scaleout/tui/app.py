@@ -37,11 +37,15 @@ from scaleout.tui.model import Changes, ClientRow, FedView
 from scaleout.tui.plot import render_plot
 
 CLIENT_COLUMNS = (
-    ("name", "CLIENT"), ("status", "STATUS"), ("combiner", "COMBINER"), ("last_seen", "SEEN"), ("last_round", "LAST ROUND"), ("package", "PACKAGE"),
+    ("name", "CLIENT"), ("status", "STATUS"), ("combiner", "COMBINER"), ("last_seen", "SEEN"), ("last_round", "ROUND"), ("package", "PACKAGE"),
 )
 RECONNECT_S = (0.5, 10.0)
 REDRAW_S = 0.25  # the session panel and the rounds are redrawn at most this often
 SLOW_REDRAW_S = 1.0  # the tables that grow with the fleet, the plot and the log: a round's reports come by the thousand
+
+
+def _short(metric: str) -> str:
+    return metric.replace("validation_", "val_").replace("training_", "train_")
 
 
 def _metric_label(name: str) -> str:
@@ -398,7 +402,7 @@ class ScaleoutApp(App[int]):
         ("Set the seed model", "set_seed", ".npz (numpyhelper) or .safetensors"),
         ("Download the selected model", "download", "from the model trail, as .safetensors or .npz"),
         ("Filter clients", "filter", "by name, status or combiner"),
-        ("Sort clients by the next column", "sort", "name, status, combiner, seen, last round, package"),
+        ("Sort clients by the next column", "sort", "name, status, combiner, seen, round, package"),
         ("Plot per client / aggregated", "plot_mode", "mean with spread, or one line per client"),
         ("Show the overview", "tab('overview')", "network, session and metrics"),
         ("Show the model trail", "tab('trail')", "committed models"),
@@ -465,7 +469,7 @@ class ScaleoutApp(App[int]):
         for key, label in CLIENT_COLUMNS:
             clients.add_column(label, key=key)
         rounds = self.query_one("#rounds", DataTable)
-        for key, label in (("index", "ROUND"), ("status", "STATUS"), ("updates", "UPDATES"), ("duration", "TIME"), ("refused", "LEFT OUT"), ("note", "NOTE")):
+        for key, label in (("index", "ROUND"), ("status", "STATUS"), ("updates", "UPDATES"), ("duration", "TIME"), ("note", "NOTE")):
             rounds.add_column(label, key=key)
         models = self.query_one("#models", DataTable)
         for key, label in (
@@ -675,11 +679,13 @@ class ScaleoutApp(App[int]):
         rows: list[tuple[str, tuple[Any, ...]]] = []
         for r in sorted(v.rounds.values(), key=lambda r: r.index):
             shown = sorted(r.validation.items(), key=lambda kv: (not kv[0].startswith("validation"), kv[0]))[:2]
-            note = r.reason or ", ".join(f"{k}={x:.3g}" for k, x in shown)
+            note = r.reason or ", ".join(f"{_short(k)}={x:.3g}" for k, x in shown)
+            if r.failures:
+                note = f"{len(r.failures)} left out" + (f"; {note}" if note else "")
             updates = f"{r.participants}" if r.status != "running" else f"{r.received}/{r.expected}"
             rows.append((str(r.index), (
                 str(r.index), _status_text(r.status), updates, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-",
-                str(len(r.failures)) if r.failures else "-", note,
+                note,
             )))
         if _sync(table, rows) and table.row_count:
             table.move_cursor(row=table.row_count - 1)
