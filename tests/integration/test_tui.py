@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART, Federation, wait_line
+from conftest import FIXTURES, QUICKSTART, Federation, wait_line
 
-from scaleout.tui.app import ClientDetail, MetricPlot, ScaleoutApp, SessionForm, TokenDialog
+from scaleout.tui.app import ClientDetail, MetricPlot, ScaleoutApp, SessionForm, TextDialog, TokenDialog
 
 SIZE = (160, 48)
 
@@ -125,20 +125,27 @@ def test_start_a_session_from_the_form_and_watch_its_rounds(fed: Federation, tmp
             # Its rounds appear as they end, with the metric plot growing.
             await until(pilot, lambda: [r[1] for r in rows(app, "rounds")] == ["succeeded"] * 3, "three rounds", timeout=60)
             await until(pilot, lambda: "finished" in str(app.query_one("#session-info").render()), "the session to finish")
-            assert app.metric == "validation:validation_accuracy"
             plot = app.query_one("#plot", MetricPlot)
-            assert [x for x, _ in plot.points] == [1.0, 2.0, 3.0]
+            await until(pilot, lambda: [x for x, _ in plot.points] == [1.0, 2.0, 3.0], "the plot of three rounds")
+            assert app.metric == "validation:validation_accuracy"
             assert any(0x2800 < ord(ch) <= 0x28FF for ch in str(plot.render()))
             assert app.view.training.get("train_loss"), "log_metric values reach the TUI"
             await pilot.press("v")  # one line per client
             await until(pilot, lambda: set(plot.lines) == {"client-1", "client-2"}, "per-client lines")
             # Each client's last round is the session's last.
             assert [r[4] for r in rows(app, "clients")] == ["3", "3"]  # the last round each took part in
-            # The trail has the seed and three models; download the last one.
+            # The trail has the seed and three models; a model's detail names its contributors.
             await pilot.press("2")
             await until(pilot, lambda: len(rows(app, "models")) == 4, "the model trail")
             assert [r[3] for r in rows(app, "models")] == ["-", "1", "2", "3"]
             app.query_one("#models").move_cursor(row=3)
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TextDialog), "the model's detail")
+            detail = str(app.screen.query_one("#detail-text").render())
+            assert "contributors (2): client-1, client-2" in detail and "round 3" in detail, detail
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TextDialog), "the detail closed")
+            # ... and d downloads it.
             await pilot.press("d")
             await until(pilot, lambda: app.screen.query("#answer"), "the download dialog")
             out = tmp_path / "last.npz"
@@ -151,6 +158,36 @@ def test_start_a_session_from_the_form_and_watch_its_rounds(fed: Federation, tmp
     import numpy as np
 
     assert len(np.load(tmp_path / "last.npz").files) == 4
+
+
+def test_refused_updates_show_with_their_reasons(fed: Federation) -> None:
+    fed.controller()
+    fed.activate(QUICKSTART)
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    fed.client("good")
+    fed.client("nan", package=FIXTURES / "nan_client")  # trains NaN weights: refused
+    fed.wait_clients(2)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            await asyncio.to_thread(fed.run_session, rounds=1, min_clients=1, validate=False)
+            await until(pilot, lambda: rows(app, "rounds") and rows(app, "rounds")[0][1] == "succeeded", "the round")
+            assert rows(app, "rounds")[0][4].startswith("1 left out"), rows(app, "rounds")
+            app.query_one("#rounds").focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TextDialog), "the round's detail")
+            detail = str(app.screen.query_one("#detail-text").render())
+            assert "left out (1)" in detail and "nan:" in detail and "NaN" in detail, detail
+            await pilot.press("escape")
+            await pilot.press("3")
+            await until(pilot, lambda: any("client nan: round 1 train refused" in r[2] and "NaN" in r[2] for r in rows(app, "log")), "the refusal in the log")
+            await pilot.press("q")
+
+    asyncio.run(go())
 
 
 def test_token_is_shown_once_and_copyable(fed: Federation) -> None:

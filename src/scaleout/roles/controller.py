@@ -115,6 +115,7 @@ class Controller:
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
         self.hub = EventHub()  # the typed event stream to subscribed admin links
+        self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
@@ -642,8 +643,16 @@ class Controller:
         return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell session.wait followers, without waiting for them: a follower still taking
+        the previous event (a stalled link) skips this one (it re-reads the session on the
+        next, and gets it whole in the reply), so it never holds up the rounds."""
         for link in list(self.subscribers):
-            await _quiet_send(link, m.Event(kind=kind, data=data))
+            busy = self._emitting.get(link)
+            if busy is not None and not busy.done():
+                continue
+            self._emitting[link] = asyncio.ensure_future(_quiet_send(link, m.Event(kind=kind, data=data)))
+        for link in [k for k, t in self._emitting.items() if t.done() and k not in self.subscribers]:
+            del self._emitting[link]
 
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None

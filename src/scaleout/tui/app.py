@@ -320,6 +320,8 @@ class ClientDetail(ModalScreen[None]):
         self.view, self.name_ = view, name
 
     def compose(self) -> ComposeResult:
+        from rich.markup import escape
+
         v, c = self.view, self.view.clients.get(self.name_) or ClientRow(self.name_)
         lines = [
             f"[b]client {c.name}[/b]",
@@ -327,7 +329,7 @@ class ClientDetail(ModalScreen[None]):
             f"combiner    {c.combiner or '-'}",
             f"last seen   {_clock(c.last_seen)}",
             f"last round  {f'{c.last_round[1]} of session {c.last_round[0]}' if c.last_round else '-'}",
-            f"package     {c.package or '-'}",
+            f"package     {escape(c.package) or '-'}",
             "",
             f"[b]session {v.session_id or '-'}[/b]",
         ]
@@ -335,7 +337,7 @@ class ClientDetail(ModalScreen[None]):
             why = r.failures.get(c.name)
             vals = {k: by[c.name] for k, rounds in v.validation.items() for idx, by in rounds.items() if idx == r.index and c.name in by}
             shown = ", ".join(f"{k}={x:.4g}" for k, x in sorted(vals.items()))
-            lines.append(f"  round {r.index:<4} " + (f"[red]{why}[/red]" if why else shown or "-"))
+            lines.append(f"  round {r.index:<4} " + (f"[red]{escape(why)}[/red]" if why else shown or "-"))
         with Vertical(classes="dialog"):
             with VerticalScroll(id="detail-body"):
                 yield Static("\n".join(lines), markup=True)
@@ -345,6 +347,55 @@ class ClientDetail(ModalScreen[None]):
     @on(Button.Pressed, "#close")
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class TextDialog(ModalScreen[None]):
+    """Lines of text (markup) with a Close button: a round's or a model's detail."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "close", "Close")]
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            with VerticalScroll(id="detail-body"):
+                yield Static("\n".join(self.lines), markup=True, id="detail-text")
+            with Horizontal(classes="buttons"):
+                yield Button("Close", variant="primary", id="close")
+
+    @on(Button.Pressed, "#close")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def round_lines(view: FedView, index: int) -> list[str]:
+    """A round's detail: outcome, progress, validation spread, and why each client left out was."""
+    from rich.markup import escape
+
+    from scaleout.core.metrics import spread
+
+    r = view.rounds.get(index)
+    if r is None:
+        return [f"round {index}: not known"]
+    lines = [
+        f"[b]round {r.index} of session {view.session_id}[/b]  {r.status}" + (f": {escape(r.reason)}" if r.reason else ""),
+        f"updates     {r.received if r.status == 'running' else r.participants} of {r.expected or r.participants} expected"
+        + (f", {r.refused} refused" if r.refused else ""),
+        f"time        {f'{r.duration_s:.2f}s' if r.duration_s is not None else 'running'}",
+        f"bytes       {fmt_bytes(r.bytes_in)} of updates in, {fmt_bytes(r.bytes_out)} of model out",
+        f"model       {r.model_id or '-'}",
+    ]
+    for name, rounds in sorted(view.validation.items()):
+        s = spread([{name: v} for v in rounds.get(index, {}).values()]).get(name)
+        if s is not None:
+            lines.append(f"{name:<24} mean {s.mean:.4g}  min {s.min:.4g}  max {s.max:.4g}  ({s.n} clients)")
+    lines.append("")
+    lines.append(f"[b]left out ({len(r.failures)})[/b]" if r.failures else "no client was left out")
+    for client, why in sorted(r.failures.items()):
+        lines.append(f"  {escape(client)}: [red]{escape(' '.join(why.split())[:500])}[/red]")
+    return lines
 
 
 # -- the command palette ------------------------------------------------------------------------
@@ -757,6 +808,36 @@ class ScaleoutApp(App[int]):
         self.sort_column = index
         self._sort_clients()
         self._count_clients()
+
+    @on(DataTable.RowSelected, "#rounds")
+    def _round_selected(self, event: DataTable.RowSelected) -> None:
+        if event.row_key.value is not None:
+            self.push_screen(TextDialog(round_lines(self.view, int(event.row_key.value))))
+
+    @on(DataTable.RowSelected, "#models")
+    @work(group="actions")
+    async def _model_selected(self, event: DataTable.RowSelected) -> None:
+        from rich.markup import escape
+
+        if event.row_key.value is None:
+            return
+        result = await self._do("cannot read the model", "model.show", {"id": str(event.row_key.value)})
+        if result is None:
+            return
+        row = result["model"]
+        lines = [
+            f"[b]model {row['id']}[/b]" + ("  (active)" if row.get("active") else ""),
+            f"parent      {row.get('parent') or '-'}",
+            f"session     {row.get('session_id') or '-'}   round {row.get('round_index') if row.get('round_index') is not None else '-'}",
+            f"aggregator  {row.get('aggregator') or '-'}",
+            f"created     {_clock(row.get('created'))}   size {fmt_bytes(row.get('size') or 0)}",
+            f"contributors ({len(row.get('contributors') or [])}): {escape(', '.join(row.get('contributors') or [])) or '-'}",
+            "tensors",
+            *(f"  {escape(name):<24} {spec['dtype']:<8} {tuple(spec['shape'])}" for name, spec in (row.get("tensors") or {}).items()),
+            "",
+            "d downloads it",
+        ]
+        self.push_screen(TextDialog(lines))
 
     @on(DataTable.RowSelected, "#clients")
     def _client_selected(self, event: DataTable.RowSelected) -> None:
