@@ -242,6 +242,39 @@ def test_command_palette_lists_the_actions(fed: Federation) -> None:
     asyncio.run(go())
 
 
+def test_unreachable_controller_and_refused_token_are_said_on_the_status_line(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+    from scaleout.commands.connection import Connection
+
+    with socket_closed() as port:
+        nowhere = Connection(f"wss://127.0.0.1:{port}", fed.conn.token, fed.conn.ca, False)
+        bad_token = Connection(fed.conn.url, fed.token("client"), fed.conn.ca, False)
+
+        async def go(conn: Connection, text: str) -> None:
+            app = ScaleoutApp(conn)
+            async with app.run_test(size=SIZE) as pilot:
+                await until(pilot, lambda: text in str(app.query_one("#status-line").render()), text)
+                await pilot.press("s")  # an action without a controller says so, and nothing breaks
+                await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form")
+                await pilot.press("enter")
+                await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form closed")
+                await pilot.press("q")
+
+        asyncio.run(go(nowhere, "controller unreachable"))
+        asyncio.run(go(bad_token, "cannot connect"))
+
+
+@contextlib.contextmanager
+def socket_closed() -> Any:
+    """A loopback port nobody listens on (bound, never listening, for the test's length)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def test_tui_attaches_with_data_dir_and_refuses_without_a_terminal(fed: Federation) -> None:
     fed.controller()
     from conftest import scaleout
@@ -250,6 +283,10 @@ def test_tui_attaches_with_data_dir_and_refuses_without_a_terminal(fed: Federati
     assert r.returncode == 2 and "needs a terminal" in r.stderr and "Traceback" not in r.stderr
     r = scaleout("tui", "--data-dir", str(fed.tmp / "nowhere"))
     assert r.returncode == 2 and "not the data directory of a started controller" in r.stderr
+    r = scaleout("tui", "--controller", fed.url, "--ca", fed.ca, "--token", fed.token("client"))
+    assert r.returncode == 3 and "needs an admin token" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = scaleout("tui", "--web", "--port", "70000", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "--port must be 0 to 65535" in r.stderr
 
 
 def test_web_mode_serves_the_app_to_a_browser(fed: Federation) -> None:

@@ -15,12 +15,32 @@ from scaleout.commands.connection import Connection, resolve
 
 def main(args: argparse.Namespace) -> int:
     conn = resolve(args)
+    _check_token(conn)
     if args.web:
         return serve_web(conn, args.host, args.port, args.session)
     # Served to a browser (tui --web), the app talks to textual-serve over pipes through its web driver.
     if not os.environ.get("TEXTUAL_DRIVER") and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("scaleout tui needs a terminal (stdin and stdout); to watch from a script use: scaleout session watch --json")
     return run_app(conn, args.session)
+
+
+def _check_token(conn: Connection) -> None:
+    """A token the controller refuses (or a certificate we cannot trust) ends here with one
+    line and exit 3; a controller that is not up yet does not: the app waits for it."""
+    from scaleout.commands.admin import call_async
+    from scaleout.core.errors import AuthError, RemoteError
+    from scaleout.transport.net import ConnectError, TrustError
+
+    try:
+        asyncio.run(call_async(conn, "status"))
+    except TrustError:
+        raise
+    except ConnectError:
+        return
+    except RemoteError as exc:
+        if exc.code == AuthError.code:
+            raise AuthError(f"{exc} (scaleout tui needs an admin token)") from None
+        raise
 
 
 def run_app(conn: Connection, session_id: str | None = None) -> int:

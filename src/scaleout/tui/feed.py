@@ -17,7 +17,7 @@ from typing import Any
 
 from scaleout.commands.connection import Connection
 from scaleout.core import messages as m
-from scaleout.core.errors import ProtocolError
+from scaleout.core.errors import AuthError, ProtocolError, RemoteError
 
 log = logging.getLogger("scaleout.tui")
 
@@ -61,6 +61,12 @@ class Feed:
                 self._queue.put_nowait(LinkClosed(self.link.peer, "the controller closed the link"))
 
         self._reader = asyncio.create_task(read())
+        try:  # an admin operation first: a token of another role is refused here, in words
+            await self.request("status", timeout=30)
+        except RemoteError as exc:
+            if exc.code == AuthError.code:
+                raise AuthError(str(exc)) from None
+            raise
         await self.link.send(m.Subscribe(buffer=self.buffer))
 
     async def request(self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = 600) -> tuple[dict[str, Any], bytes | None]:
