@@ -184,84 +184,91 @@ def _limit_send_buffer(link: Link) -> None:
 
 async def snapshot(ctl: Any, args: dict[str, Any]) -> dict[str, Any]:
     """Everything a watcher shows, as of event ``seq``: status, nodes, sessions, the current
-    (or ``session_id``'s) session with its rounds and per-client reports, the model trail."""
+    (or ``session_id``'s) session with its rounds and per-client reports, the model trail.
+    Read in a thread, on the registry writer's connection (after its queue is written)."""
     hub: EventHub = ctl.hub
     seq = hub.seq
     key = args.get("session_id")
     if key is not None and not isinstance(key, str):
         raise ProtocolError("events.snapshot: session_id must be a session id (text)")
+    if key is None and ctl.session is not None:
+        key = ctl.session.id
     await ctl.registry.flush()
-    st = ctl.state
+    snap = await asyncio.to_thread(ctl.registry.query, lambda st: _read(st, key))
+    snap["sessions"] = [ctl._with_end(row) for row in snap["sessions"]]
+    if snap["session"] is not None:
+        snap["session"] = ctl._with_end(snap["session"])
+    live = {name: len(c.clients) for name, c in ctl.combiners.items()}
+    for row in snap["combiners"]:
+        if row["name"] in live:
+            row["clients"] = live[row["name"]]
+    for row in snap["clients"]:
+        row["package"] = hub.packages.get(row["name"], "")
+    snap.update(
+        seq=seq, url=ctl.url, running=ctl.session.id if ctl.session is not None else None,
+        round=dict(hub.round) if hub.round is not None else None,
+    )
+    return snap
+
+
+def _read(st: Any, session_id: str | None) -> dict[str, Any]:
+    """The stored part of a snapshot (in a thread); ``session_id`` None: the latest session."""
+    import json
+
+    from scaleout.core.errors import NotFoundError
+
+    sessions = st.sessions()[-SNAPSHOT_SESSIONS:]
+    if session_id is None and sessions:
+        session_id = sessions[-1]["id"]
+    session = None
+    if session_id is not None:
+        try:
+            session = st.session(session_id)
+        except NotFoundError:
+            raise NotFoundError("session", session_id) from None
     package_id = st.get_meta("active_package")
     package = None
     if package_id:
-        with contextlib.suppress(Exception):  # the role edge: a missing row shows as its id
+        with contextlib.suppress(NotFoundError):
             package = st.package(package_id)
-    sessions = [ctl._with_end(row) for row in st.sessions()][-SNAPSHOT_SESSIONS:]
-    if key is None:
-        key = ctl.session.id if ctl.session is not None else (sessions[-1]["id"] if sessions else None)
-    session = ctl._with_end(st.session(key)) if key else None
-    clients, reports, last = await asyncio.to_thread(_read_registry, ctl, key)
+    rows = st.db.execute(
+        "SELECT client, session_id, round_index FROM reports WHERE id IN "
+        "(SELECT MAX(id) FROM reports WHERE kind='train' AND error IS NULL GROUP BY client)"
+    ).fetchall()
+    last = {r[0]: [r[1], r[2]] for r in rows}
+    clients = st.clients()
     for row in clients:
         row["last_round"] = last.get(row["name"])
-        row["package"] = hub.packages.get(row["name"], "")
-    models = st.models()[-SNAPSHOT_MODELS:]
-    live = {name: len(c.clients) for name, c in ctl.combiners.items()}
-    combiners = await asyncio.to_thread(ctl.registry.read, "combiners")
-    for row in combiners:
-        if row["name"] in live:
-            row["clients"] = live[row["name"]]
+    reports: list[dict[str, Any]] = []
+    if session_id is not None:
+        out = st.db.execute(
+            "SELECT kind, round_index, client, data, error, created FROM reports WHERE session_id=? AND kind!='metric' ORDER BY id",
+            (session_id,),
+        ).fetchall()
+        metrics = st.db.execute(
+            "SELECT kind, round_index, client, data, error, created FROM reports WHERE session_id=? AND kind='metric' "
+            "ORDER BY id DESC LIMIT ?", (session_id, SNAPSHOT_METRICS),
+        ).fetchall()
+        for kind, idx, client, data, error, created in [*out, *reversed(metrics)]:
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                parsed = {}
+            rep: dict[str, Any] = {"kind": kind, "round_index": idx, "client": client, "error": error, "time": created}
+            if kind == "metric":
+                step = parsed.get("step") if isinstance(parsed, dict) else None
+                rep["step"] = step if isinstance(step, int) and not isinstance(step, bool) else None
+                rep["values"] = m.numeric_values(parsed.get("metrics") if isinstance(parsed, dict) else None)
+            else:
+                rep["values"] = m.numeric_values(parsed)
+            reports.append(rep)
     return {
-        "seq": seq,
-        "url": ctl.url,
         "active_model": st.get_meta("active_model"),
         "active_package": {"id": package_id, "name": package["name"] if package else ""} if package_id else None,
-        "running": ctl.session.id if ctl.session is not None else None,
-        "round": dict(hub.round) if hub.round is not None else None,
-        "combiners": combiners,
+        "combiners": st.combiners(),
         "clients": clients,
         "sessions": [{k: v for k, v in s.items() if k != "rounds"} for s in sessions],
         "session": session,
         "reports": reports,
-        "models": models,
+        "models": st.models()[-SNAPSHOT_MODELS:],
     }
-
-
-def _read_registry(ctl: Any, session_id: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, list[Any]]]:
-    """In a thread: clients, the session's reports (numbers only) and each client's last
-    round taken part in ([session id, round])."""
-    reg = ctl.registry
-    clients = reg.read("clients")
-    reports: list[dict[str, Any]] = []
-    with reg._db_lock:
-        db = reg._open()
-        rows = db.db.execute(
-            "SELECT client, session_id, round_index FROM reports WHERE id IN "
-            "(SELECT MAX(id) FROM reports WHERE kind='train' AND error IS NULL GROUP BY client)"
-        ).fetchall()
-        last = {r[0]: [r[1], r[2]] for r in rows}
-        if session_id:
-            out = db.db.execute(
-                "SELECT kind, round_index, client, data, error, created FROM reports WHERE session_id=? AND kind!='metric' ORDER BY id",
-                (session_id,),
-            ).fetchall()
-            metrics = db.db.execute(
-                "SELECT kind, round_index, client, data, error, created FROM reports WHERE session_id=? AND kind='metric' "
-                "ORDER BY id DESC LIMIT ?", (session_id, SNAPSHOT_METRICS),
-            ).fetchall()
-            import json
-
-            for kind, idx, client, data, error, created in [*out, *reversed(metrics)]:
-                try:
-                    parsed = json.loads(data)
-                except ValueError:
-                    parsed = {}
-                row: dict[str, Any] = {"kind": kind, "round_index": idx, "client": client, "error": error, "time": created}
-                if kind == "metric":
-                    step = parsed.get("step") if isinstance(parsed, dict) else None
-                    row["step"] = step if isinstance(step, int) and not isinstance(step, bool) else None
-                    row["values"] = m.numeric_values(parsed.get("metrics") if isinstance(parsed, dict) else None)
-                else:
-                    row["values"] = m.numeric_values(parsed)
-                reports.append(row)
-    return clients, reports, last
