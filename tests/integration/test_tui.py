@@ -285,6 +285,8 @@ def test_tui_attaches_with_data_dir_and_refuses_without_a_terminal(fed: Federati
     assert r.returncode == 2 and "not the data directory of a started controller" in r.stderr
     r = scaleout("tui", "--controller", fed.url, "--ca", fed.ca, "--token", fed.token("client"))
     assert r.returncode == 3 and "needs an admin token" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = scaleout("tui", "--session", "s-nope", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "s-nope" in r.stderr and "session ls" in r.stderr, r.stderr
     r = scaleout("tui", "--web", "--port", "70000", "--data-dir", str(fed.data))
     assert r.returncode == 2 and "--port must be 0 to 65535" in r.stderr
 

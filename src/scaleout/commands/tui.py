@@ -15,7 +15,7 @@ from scaleout.commands.connection import Connection, resolve
 
 def main(args: argparse.Namespace) -> int:
     conn = resolve(args)
-    _check_token(conn)
+    _check_token(conn, args.session)
     if args.web:
         return serve_web(conn, args.host, args.port, args.session)
     # Served to a browser (tui --web), the app talks to textual-serve over pipes through its web driver.
@@ -24,15 +24,17 @@ def main(args: argparse.Namespace) -> int:
     return run_app(conn, args.session)
 
 
-def _check_token(conn: Connection) -> None:
+def _check_token(conn: Connection, session_id: str | None = None) -> None:
     """A token the controller refuses (or a certificate we cannot trust) ends here with one
     line and exit 3; a controller that is not up yet does not: the app waits for it."""
     from scaleout.commands.admin import call_async
-    from scaleout.core.errors import AuthError, RemoteError
+    from scaleout.core.errors import AuthError, NotFoundError, RemoteError
     from scaleout.transport.net import ConnectError, TrustError
 
     try:
         asyncio.run(call_async(conn, "status"))
+        if session_id:
+            asyncio.run(call_async(conn, "session.show", {"id": session_id}))
     except TrustError:
         raise
     except ConnectError:
@@ -40,6 +42,8 @@ def _check_token(conn: Connection) -> None:
     except RemoteError as exc:
         if exc.code == AuthError.code:
             raise AuthError(f"{exc} (scaleout tui needs an admin token)") from None
+        if session_id and exc.code == NotFoundError.code:
+            raise UsageError(f"{exc} (see scaleout session ls)") from None
         raise
 
 
