@@ -64,7 +64,7 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
 
 
 TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
-RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
+RECORD_LISTS = frozenset({"rounds", "clients", "failures", "results", "recent"})  # records inside a record
 
 
 def public(data: Any) -> Any:
@@ -437,7 +437,9 @@ def client_ls(args: argparse.Namespace) -> int:
     def human() -> None:
         for r in rows:
             r["seen"] = when(r["last_seen"])
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("seen", "LAST SEEN")], "no clients have joined yet")
+            package = r.get("package")
+            r["pkg"] = (package[:12] if package else None) and package[:12] + (" (cannot load)" if r.get("package_error") else "")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients have joined yet")
 
     emit(args, rows, human)
     return EXIT_OK

@@ -15,7 +15,9 @@
      ├── StorageError           the controller could not write or read its files (disk full, ...)
      ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
-     └── TaskAborted            the running task was aborted (session stopped)
+     ├── TaskAborted            the running task was aborted (session stopped)
+     └── CommandFailed          a custom command or prediction failed on a client (raised,
+                                timed out, returned no JSON, no such command, ...)
 
 Exceptions carry fields and build their message from them; roles translate them into
 error replies, close codes or exit codes at the edge.
@@ -142,3 +144,14 @@ class TaskAborted(ScaleoutError):
     """Raised by EdgeClient.check_task_abort() when the session was stopped."""
 
     code = "aborted"
+
+
+class CommandFailed(ScaleoutError):
+    """A custom command or prediction failed on one client; ``reason`` is the stored code
+    (``raised``, ``timeout``, ``not_json``, ``no_such_command``, ...)."""
+
+    code = "command_failed"
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
