@@ -231,6 +231,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--headless", action="store_true", help="print rounds as text (the only mode for now)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
     _common(p)
 
     p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
