@@ -113,18 +113,26 @@ class CommandRelay:
         elif isinstance(msg, m.ClientLog):
             if msg.kind not in ("attributes", "telemetry"):
                 raise ProtocolError(f"client.log: kind must be attributes or telemetry, got {msg.kind!r:.40}")
-            size = json_size(msg.data)
-            verdict = gate.offer(size, asyncio.get_running_loop().time())  # the client's metric limits
-            if not verdict.ok:
-                if verdict.tell:
-                    log.warning("client %s: %s", client, verdict.reason)
-                    await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
-                return
-            await self._up(m.ClientLog(kind=msg.kind, data=msg.data, client=client))
+            if msg.kind == "telemetry":
+                key, extra = msg.data.get("key"), set(msg.data) - {"key", "payload"}
+                if not isinstance(key, str) or not key or extra or not isinstance(msg.data.get("payload", {}), (dict, type(None))):
+                    raise ProtocolError('client.log: telemetry is {"key": text, "payload": {...}}')
+            if await self._admit(client, link, gate, msg):
+                await self._up(m.ClientLog(kind=msg.kind, data=msg.data, client=client))
         elif isinstance(msg, m.ClientStatus):
             error = clip_text(msg.error) if msg.error else None
             package = msg.package if isinstance(msg.package, str) and len(msg.package) <= 80 else None
-            await self._up(m.ClientStatus(package=package, error=error, client=client))
+            if await self._admit(client, link, gate, msg):
+                await self._up(m.ClientStatus(package=package, error=error, client=client))
+
+    async def _admit(self, client: str, link: Link, gate: MetricGate, msg: m.Message) -> bool:
+        """Under the client's metric limits (size and rate), so it cannot flood the controller."""
+        body = msg.data if isinstance(msg, m.ClientLog) else {"package": getattr(msg, "package", None), "error": getattr(msg, "error", None)}
+        verdict = gate.offer(json_size(body), asyncio.get_running_loop().time())
+        if not verdict.ok and verdict.tell:
+            log.warning("client %s: %s", client, verdict.reason)
+            await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
+        return verdict.ok
 
     async def _on_result(self, client: str, link: Link, msg: m.CommandResult) -> None:
         job = self.jobs.get(msg.job_id)
