@@ -14,6 +14,8 @@ from typing import Any
 
 from conftest import FIXTURES, Federation, scaleout
 
+from scaleout.core import messages as m
+
 PACKAGE = FIXTURES / "command_client"
 CLIENTS = ["client-1", "client-2", "client-3"]
 
@@ -192,3 +194,47 @@ def test_bad_requests_get_one_clear_line(fed: Federation) -> None:
     assert code == 1 and job["results"][0]["code"] == "not_connected", job
     code, out, err = cli(fed, "command", "run", "echo")
     assert code == 1 and "no clients are connected" in err
+
+
+def test_a_misbehaving_client_gets_errors_and_disturbs_nobody(fed: Federation) -> None:
+    """Raw protocol from a client: bad telemetry, results for jobs it was not given, a flood
+    of attributes. Each gets an error back (or is dropped); the combiner stays registered
+    and a real client's command still works."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    from scaleout.security.tls import client_context
+
+    start(fed, CLIENTS[:1])
+    combiner_url = fed.procs[1].url
+    assert combiner_url is not None
+
+    async def abuse() -> list[str]:
+        headers = {"Authorization": f"Bearer {fed.token('client')}"}
+        errors: list[str] = []
+        async with connect(combiner_url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None) as ws:
+            await ws.send(m.serialize(m.Hello(name="rogue")))
+            await ws.send(m.serialize(m.ClientLog(kind="telemetry", data={"payload": {"v": 1}})))
+            await ws.send(m.serialize(m.ClientLog(kind="gossip", data={})))
+            await ws.send(m.serialize(m.CommandResult(job_id="c-000000000000", ok=True, data={"x": 1}, client="client-1")))
+            for i in range(40):  # about 40 x 8 KiB at once: beyond the burst of 256 KiB
+                await ws.send(m.serialize(m.ClientLog(kind="attributes", data={"blob": "x" * (8 << 10), "i": i})))
+            while True:
+                try:
+                    frame = await asyncio.wait_for(ws.recv(), 3)
+                except TimeoutError:
+                    return errors
+                body = json.loads(frame)
+                if body.get("type") == "error":
+                    errors.append(body["message"])
+
+    errors = asyncio.run(abuse())
+    assert any('telemetry is {"key": text' in e for e in errors), errors
+    assert any("kind must be attributes or telemetry" in e for e in errors), errors
+    assert any("metrics arrive faster than" in e for e in errors), errors
+    code, job, err = cli(fed, "command", "run", "echo", "--wait", "--json")
+    assert code == 0 and [r["client"] for r in job["results"]] == ["client-1"], (job, err)
+    assert fed.admin("combiner.ls")[0]["combiners"][0]["status"] == "online"
+    code, rows, err = cli(fed, "client", "show", "rogue", "--json")
+    assert code == 0 and len(json.dumps(rows["attributes"])) < 300 << 10  # what got through was bounded

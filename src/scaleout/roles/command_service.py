@@ -35,6 +35,7 @@ log = logging.getLogger("scaleout.controller")
 FLUSH_S = 0.1  # a batching window for result writes, not a synchronisation
 MAX_NAMES_ARG = 10_000  # clients named in one request
 MAX_TELEMETRY = 1000  # rows telemetry.ls returns at most
+MAX_RETRIES = 50  # flushes a client's info waits for its row in the registry (about 5 s)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class CommandService:
         self._flushing = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._retries: dict[str, int] = {}  # client -> flushes its info waited for its registry row
 
     def ops(self) -> dict[str, Any]:
         """Admin operations, for the controller's table."""
@@ -374,13 +376,30 @@ class CommandService:
             assert self.store is not None
             store = self.store
 
-            def write() -> None:
+            if attributes or status:
+                await self.ctl.registry.flush()  # the rows of clients that just joined
+
+            def write() -> set[str]:
                 for job_id in outcomes.keys() | ended.keys():
                     store.record(job_id, outcomes.get(job_id, []), ended.get(job_id))
-                if attributes or status or telemetry:
-                    store.client_info(attributes, status, telemetry)
+                return store.client_info(attributes, status, telemetry) if attributes or status or telemetry else set()
 
-            await asyncio.to_thread(write)
+            missing = await asyncio.to_thread(write)
+            for client in missing:  # not recorded as joined yet: kept for the next flush (a few times)
+                tries = self._retries.get(client, 0) + 1
+                if tries > MAX_RETRIES:
+                    log.warning("client %s: dropping its attributes and status: it is not in the registry", client)
+                    self._retries.pop(client, None)
+                    continue
+                self._retries[client] = tries
+                if client in attributes:
+                    self._attributes[client] = {**attributes[client], **self._attributes.get(client, {})}
+                if client in status:
+                    self._status.setdefault(client, status[client])
+            for client in (attributes.keys() | status.keys()) - missing:
+                self._retries.pop(client, None)
+            if missing:
+                self._schedule()
 
 
 def _kind(args: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ connection read meanwhile); callers batch them (roles/command_service.py).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -36,6 +37,8 @@ CREATE TABLE IF NOT EXISTS command_results (
   code TEXT, duration_s REAL, finished REAL, PRIMARY KEY (command_id, client));
 """
 CLIENT_COLUMNS = ("attributes", "package", "package_error")
+MAX_ATTRIBUTES_BYTES = 64 << 10  # a client's attributes, all of them, as JSON
+log = logging.getLogger("scaleout.store")
 
 
 def ensure_schema(db: sqlite3.Connection) -> None:
@@ -165,30 +168,34 @@ class CommandStore:
 
     # -- what clients say about themselves -----------------------------------------------
 
-    def client_info(self, attributes: dict[str, dict[str, Any]], status: dict[str, tuple[str | None, str | None]], telemetry: list[tuple[str, str | None, str, float]]) -> None:
-        """Merge attributes into clients' rows, set their package and its error, add telemetry rows."""
+    def client_info(
+        self, attributes: dict[str, dict[str, Any]], status: dict[str, tuple[str | None, str | None]], telemetry: list[tuple[str, str | None, str, float]]
+    ) -> set[str]:
+        """Merge attributes into clients' rows, set their package and its error, add telemetry
+        rows. Returns the clients whose row is not there yet (their join is not recorded):
+        the caller tries those again."""
         from scaleout.core.messages import to_json
 
-        now = time.time()
+        missing: set[str] = set()
         with self.lock, self._state.transaction():
             for client, attrs in attributes.items():
                 row = self.db.execute("SELECT attributes FROM clients WHERE name=?", (client,)).fetchone()
-                merged = {**(json.loads(row[0]) if row is not None and row[0] else {}), **attrs}
-                self.db.execute(
-                    "INSERT INTO clients(name, status, first_seen, last_seen, attributes) VALUES(?, 'online', ?, ?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET attributes=excluded.attributes",
-                    (client, now, now, to_json(merged)),
-                )
+                if row is None:
+                    missing.add(client)
+                    continue
+                merged = {**(json.loads(row[0]) if row[0] else {}), **attrs}
+                if len(to_json(merged).encode()) > MAX_ATTRIBUTES_BYTES:  # new keys, call after call: bounded all the same
+                    log.warning("client %s: its attributes would grow beyond %d bytes: this update is not stored", client, MAX_ATTRIBUTES_BYTES)
+                    continue
+                self.db.execute("UPDATE clients SET attributes=? WHERE name=?", (to_json(merged), client))
             for client, (package, error) in status.items():
-                self.db.execute(
-                    "INSERT INTO clients(name, status, first_seen, last_seen, package, package_error) VALUES(?, 'online', ?, ?, ?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET package=excluded.package, package_error=excluded.package_error",
-                    (client, now, now, package, error),
-                )
+                if self.db.execute("UPDATE clients SET package=?, package_error=? WHERE name=?", (package, error, client)).rowcount == 0:
+                    missing.add(client)
             self.db.executemany(
                 "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES('telemetry', ?, NULL, ?, ?, NULL, ?)",
                 [(session_id, client, data, when) for client, session_id, data, when in telemetry],
             )
+        return missing
 
     def client(self, name: str) -> dict[str, Any]:
         with self.lock:
