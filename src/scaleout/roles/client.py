@@ -81,8 +81,6 @@ class Client:
 
     async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
-        from scaleout.package.loader import load_startup
-
         from scaleout.roles.client_work import LOCAL
 
         s = self.settings
@@ -97,7 +95,7 @@ class Client:
         sys.path.insert(0, str(root))
         self.package_root = root
         try:
-            await in_daemon_thread(load_startup, root, self.edge)
+            await in_daemon_thread(self.startup_call(root, self.edge))
         except PackageError as exc:
             if exc.__cause__ is not None:
                 _log_traceback("the compute package failed to start", exc.__cause__)
@@ -106,6 +104,16 @@ class Client:
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
             log.warning("no train callback: this client will refuse training tasks (call client.set_train_callback in startup)")
+
+    def startup_call(self, root: Path, edge: Any) -> Callable[[], None]:
+        """How this client starts a package's runtime on ``edge`` (its start and every package
+        switch share it): ``startup(client)`` of the package at ``root``."""
+        import functools
+
+        from scaleout.package.loader import load_startup
+
+        edge.package_path = str(root)
+        return functools.partial(load_startup, root, edge)
 
     async def fetch_package(self) -> tuple[Path, str, str]:
         """Download the controller's active package, check its sha256 and unpack it (once per

@@ -166,7 +166,6 @@ class ClientWork:
         """Fetch, check and unpack the wanted package, then restart the package runtime on it
         (once the running callbacks returned)."""
         from scaleout.edge import EdgeClient
-        from scaleout.package.loader import load_startup
 
         async with self._switching:
             wanted = self.wanted
@@ -181,7 +180,7 @@ class ClientWork:
                 _move(old_root, root)
                 client.package_id = package_id
                 try:
-                    await in_daemon_thread(load_startup, root, edge)
+                    await in_daemon_thread(client.startup_call(root, edge))
                     self.package_error = None
                     client.edge = edge
                     client.package_root = root
