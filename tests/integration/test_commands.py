@@ -40,6 +40,12 @@ def cli(fed: Federation, *args: str, timeout: float = 60) -> tuple[int, Any, str
     return r.returncode, out, r.stderr
 
 
+def run_job(fed: Federation, kind: str = "command", **args: Any) -> dict[str, Any]:
+    """Run a job through the admin API (what the CLI sends) and wait for its results."""
+    job = fed.admin("command.run", {"kind": kind, **args})[0]["job"]
+    return fed.admin("command.wait", {"kind": kind, "id": job["id"]})[0]["job"]  # type: ignore[no-any-return]
+
+
 def by_client(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["client"]: r for r in job["results"]}
 
@@ -61,11 +67,11 @@ def test_commands_reach_every_client_and_each_failure_is_stored(fed: Federation)
     assert failed["error"] == f"command 'echo' failed: RuntimeError: echo refused on client-2 (startup.py:{line})"
 
     # Edge's Custom_ prefix is optional on either side; all succeed: exit 0, people's table.
-    for name in ("hello", "Custom_hello"):
-        code, out, err = cli(fed, "command", "run", name, "--wait")
-        assert code == 0, err
-        assert re.search(r"client-1\s+ok\s+-\s+[\d.]+s\s+\{\"hello\": \"client-1\"\}", out), out
-        assert "3 clients: 3 ok, 0 failed" in out
+    code, out, err = cli(fed, "command", "run", "hello", "--wait")
+    assert code == 0, err
+    assert {r["data"]["hello"] for r in run_job(fed, name="Custom_hello")["results"]} == set(CLIENTS)
+    assert re.search(r"client-1\s+ok\s+-\s+[\d.]+s\s+\{\"hello\": \"client-1\"\}", out), out
+    assert "3 clients: 3 ok, 0 failed" in out
 
     # Each way a callback can fail is stored with its code and a line saying why.
     expect = {
@@ -77,8 +83,7 @@ def test_commands_reach_every_client_and_each_failure_is_stored(fed: Federation)
         "exit": ("raised", "the command 'exit' callback called sys.exit(4) (startup.py:"),
     }
     for name, (why, text) in expect.items():
-        code, job, err = cli(fed, "command", "run", name, "--clients", "client-1,client-3", "--wait", "--json")
-        assert code == 1, err
+        job = run_job(fed, name=name, clients=["client-1", "client-3"])
         assert [r["client"] for r in job["results"]] == ["client-1", "client-3"]
         for r in job["results"]:
             assert (r["status"], r["code"]) == ("error", why), r
@@ -106,21 +111,20 @@ def test_commands_reach_every_client_and_each_failure_is_stored(fed: Federation)
 
     # A hanging callback times out; the client goes on serving commands at once.
     started = time.monotonic()
-    code, job, err = cli(fed, "command", "run", "hang", "--params", '{"s": 20}', "--timeout", "1", "--clients", "client-1", "--wait", "--json")
-    assert code == 1, err
+    job = run_job(fed, name="hang", params={"s": 20}, timeout=1, clients=["client-1"])
     (r,) = job["results"]
     assert (r["status"], r["code"]) == ("error", "timeout")
     assert r["error"].startswith("the command 'hang' callback did not return within 1 s")
-    code, job, err = cli(fed, "command", "run", "echo", "--clients", "client-1", "--wait", "--json")
-    assert code == 0 and job["results"][0]["status"] == "ok", err
+    job = run_job(fed, name="echo", clients=["client-1"])
+    assert job["results"][0]["status"] == "ok", job
     assert time.monotonic() - started < 15
     # While two are still running past their timeout, new commands are refused as busy.
-    cli(fed, "command", "run", "hang", "--params", '{"s": 20}', "--timeout", "0.5", "--clients", "client-1", "--wait")
-    code, job, err = cli(fed, "command", "run", "echo", "--clients", "client-1", "--wait", "--json")
-    assert code == 1 and job["results"][0]["code"] == "busy", job
+    run_job(fed, name="hang", params={"s": 20}, timeout=0.5, clients=["client-1"])
+    job = run_job(fed, name="echo", clients=["client-1"])
+    assert job["results"][0]["code"] == "busy", job
     # Other clients are not held up by client-1's stuck threads.
-    code, job, err = cli(fed, "command", "run", "echo", "--clients", "client-2", "--wait", "--json")
-    assert code == 0, err
+    job = run_job(fed, name="echo", clients=["client-2"])
+    assert job["results"][0]["status"] == "ok", job
 
 
 def test_predictions_run_on_the_chosen_model(fed: Federation) -> None:
