@@ -42,6 +42,7 @@ class CommandRelay:
     def __init__(self, combiner: Combiner) -> None:
         self.cb = combiner
         self.jobs: dict[str, RelayJob] = {}
+        self._kept: tuple[str, bytes] | None = None  # the model of the last prediction
 
     # -- from the controller ---------------------------------------------------------------
 
@@ -74,13 +75,18 @@ class CommandRelay:
         await asyncio.gather(*(self._send(job, client) for client in clients))
 
     async def _model(self, model_id: str) -> bytes:
-        """The model a prediction runs on: the round's if it is that one, else fetched for this job alone."""
+        """The model a prediction runs on: the round's if it is that one, else the one kept
+        from the last prediction, else fetched (and kept instead: one model at most)."""
         if model_id in self.cb.models:
             return self.cb.models[model_id]
+        if self._kept is not None and self._kept[0] == model_id:
+            return self._kept[1]
         assert self.cb.controller is not None
+        self._kept = None
         _, data = await self.cb.controller.request("model.get", {"id": model_id}, timeout=transfer_timeout(self.cb.settings.max_payload))
         if data is None or await asyncio.to_thread(payload.model_id, data) != model_id:
             raise PayloadError(f"the controller sent the wrong bytes for model {model_id[:12]}")
+        self._kept = (model_id, data)
         return data
 
     async def _send(self, job: RelayJob, client: str) -> None:

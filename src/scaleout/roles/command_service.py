@@ -241,7 +241,7 @@ class CommandService:
             if error:
                 log.error("client %s cannot load compute package %s: %s", client, (package or "?")[:12], error)
             else:
-                log.info("client %s runs compute package %s", client, (package or "?")[:12])
+                log.debug("client %s runs compute package %s", client, (package or "?")[:12])
             self._schedule()
 
     def _on_result(self, c: CombinerConn, msg: m.CommandResult) -> None:
