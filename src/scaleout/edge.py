@@ -324,6 +324,11 @@ class EdgeClient:
             self.check_task_abort()
         return sent
 
+    def _flush_metrics(self) -> None:
+        """Called by the runtime as a task ends. Nothing is held: log_metric sends every call
+        at once, as Scaleout Edge does (commit=False only keeps the step), so each metric goes
+        with the round of the task that logged it."""
+
     def check_task_abort(self) -> None:
         """Raise TaskAborted if the runtime has stopped the current task."""
         if self._abort.is_set():
