@@ -239,6 +239,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
     c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
     c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    c.add_argument("--telemetry", action="store_true", help="list the numbers clients sent with log_telemetry (payload 'value') instead")
     _connection(c)
     _json_flag(c)
     _common(c)

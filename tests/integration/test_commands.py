@@ -167,6 +167,8 @@ def test_attributes_and_telemetry_are_stored(fed: Federation) -> None:
     assert got == sorted((c, k, json.dumps({"value": v})) for c in CLIENTS[:2] for k, v in (("temperature", 41.5), ("cpu", 0.25), ("mem", 0.5)))
     code, rows, err = cli(fed, "telemetry", "ls", "--client", "client-2", "--key", "cpu", "--json")
     assert code == 0 and [(r["client"], r["key"]) for r in rows] == [("client-2", "cpu")]
+    code, rows, err = cli(fed, "metric", "ls", "--telemetry", "--client", "client-1", "--json")  # listed with the metrics too
+    assert code == 0 and sorted((r["key"], r["value"]) for r in rows) == [("cpu", 0.25), ("mem", 0.5), ("temperature", 41.5)], rows
     code, out, err = cli(fed, "client", "show", "nobody")
     assert code == 1 and "no client 'nobody'" in err
 

@@ -141,7 +141,7 @@ def test_metric_ls_lists_what_clients_logged(ran: tuple[Federation, dict[str, An
     # The operation itself refuses what the command never sends, saying what it wants.
     from scaleout.core.errors import RemoteError
 
-    for bad in ({"limit": "10"}, {"round_index": -1}, {"client": ""}, {"key": 5}, {"session_id": "x" * 300}, {"kind": "telemetry"}):
+    for bad in ({"limit": "10"}, {"round_index": -1}, {"client": ""}, {"key": 5}, {"session_id": "x" * 300}, {"kind": "gossip"}):
         with pytest.raises(RemoteError, match=r"^metric\.ls: ") as info:
             fed.admin("metric.ls", bad)
         assert info.value.code == "bad_message", bad

@@ -476,6 +476,8 @@ def metric_ls(args: argparse.Namespace) -> int:
     if args.round is not None and args.round < 1:
         raise UsageError("--round must be a round number (1 or more)")
     req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
+    if getattr(args, "telemetry", False):
+        req["kind"] = "telemetry"
     result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
     rows, total = result["metrics"], result["total"]
 

@@ -283,7 +283,12 @@ class CommandService:
             if not isinstance(key, str) or not key:
                 raise ProtocolError("client.log: telemetry needs a key")
             session = self.ctl.session.id if self.ctl.session is not None else None
-            self._telemetry.append((client, session, m.to_json({"key": key, "payload": msg.data.get("payload")}), time.time()))
+            payload = msg.data.get("payload")
+            value = payload.get("value") if isinstance(payload, dict) else None
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            # Also in the shape metric ls reads ({"metrics": {...}, "step": ...}): `metric ls --telemetry`.
+            body = {"key": key, "payload": payload, "metrics": {key: value} if number else {}, "step": None}
+            self._telemetry.append((client, session, m.to_json(body), time.time()))
         else:
             raise ProtocolError(f"client.log: kind must be attributes or telemetry, got {msg.kind!r:.40}")
         self._schedule()
