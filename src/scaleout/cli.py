@@ -230,6 +230,14 @@ def build_parser() -> ArgumentParser:
         _connection(c)
         _json_flag(c)
         _common(c)
+        if noun == "client":
+            c = nsub.add_parser("show", help="show one client: status, package, attributes, recent commands")
+            c.add_argument("name", metavar="NAME")
+            _connection(c)
+            _json_flag(c)
+            _common(c)
+
+    _job_parsers(sub)
 
     p = sub.add_parser("metric", help="what clients logged with log_metric")
     msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -242,6 +250,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
     c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
     c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    c.add_argument("--telemetry", action="store_true", help="list the numbers clients sent with log_telemetry (payload 'value') instead")
     _connection(c)
     _json_flag(c)
     _common(c)
@@ -264,6 +273,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--headless", action="store_true", help="print rounds as text instead of opening the TUI (the default when not on a terminal)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
     _common(p)
 
     p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
@@ -290,6 +300,50 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _job_parsers(sub: Any) -> None:
+    """`command`, `predict` and `telemetry`: run package callbacks on clients, list results."""
+    for noun, text in (("command", "run a custom command on clients and list its results"), ("predict", "run the predict callback on clients and list its results")):
+        p = sub.add_parser(noun, help=text)
+        jsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+        jsub.required = True
+        if noun == "command":
+            c = jsub.add_parser("run", help="call the callback a package registered with set_custom_callback(NAME, cb) on clients")
+            c.add_argument("name", metavar="NAME", help="the command (with or without Scaleout Edge's Custom_ prefix)")
+        else:
+            c = jsub.add_parser("run", help="call the callback a package registered with set_predict_callback(cb) on clients")
+            c.add_argument("--model", metavar="ID", help="model id, unique prefix or 'active' (default: the active model)")
+        c.add_argument("--params", default="{}", metavar="JSON", help="a JSON object passed to the callback (default: {})")
+        who = c.add_mutually_exclusive_group()
+        who.add_argument("--clients", metavar="A,B", help="only these clients (comma-separated)")
+        who.add_argument("--all", action="store_true", help="every connected client (the default)")
+        default = "60" if noun == "command" else "300"
+        c.add_argument("--timeout", type=float, metavar="SECONDS", help=f"how long each client's callback may run (default: {default})")
+        c.add_argument("--wait", action="store_true", help="wait for the results and print them; exit 1 if any client failed")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("ls", help=f"list {noun} jobs, oldest first, with counts of results")
+        c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("show", help="each client's result, error or 'no such command'")
+        c.add_argument("id", nargs="?", metavar="ID", help="job id or unique prefix (default: the latest)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+    p = sub.add_parser("telemetry", help="what packages sent with log_telemetry")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    tsub.required = True
+    c = tsub.add_parser("ls", help="list telemetry records, oldest first")
+    c.add_argument("--client", metavar="NAME", help="only this client's")
+    c.add_argument("--key", help="only records of this key")
+    c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100, at most 1000)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
+
 def _setup_logging(level: str | None) -> None:
     logging.basicConfig(
         level=getattr(logging, (level or "info").upper()),
@@ -302,7 +356,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, launch, simulate, tui
+    from scaleout.commands import admin, dev, jobs, launch, simulate, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
@@ -318,6 +372,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
     }
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
+    table.update(jobs.COMMANDS)
     return table
 
 

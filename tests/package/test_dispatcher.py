@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scaleout.core import payload
-from scaleout.core.errors import CommandFailed, PackageError, TaskAborted
+from scaleout.core.errors import PackageCommandFailed, PackageError, TaskAborted
 from scaleout.edge import EdgeClient
 from scaleout.package import interpreter
 from scaleout.package.dispatcher import Dispatcher, run_command
@@ -107,7 +107,7 @@ def failing(make_package: MakePackage, files: dict[str, str], train: str = "pyth
 
 
 def train_error(client: EdgeClient) -> str:
-    with pytest.raises(CommandFailed) as info:
+    with pytest.raises(PackageCommandFailed) as info:
         client.run_train(payload.encode(SEED), {})
     return str(info.value)
 
@@ -156,7 +156,7 @@ def test_validate_output_must_be_a_json_object(make_package: MakePackage) -> Non
         "scaleout.yaml": "entry_points:\n  train: python train.py\n  validate: python validate.py\n",
         "train.py": "", "validate.py": "import sys\nopen(sys.argv[2], 'w').write('[1, 2]')\n",
     })
-    with pytest.raises(CommandFailed, match="wrote OUT that is not a JSON object but list"):
+    with pytest.raises(PackageCommandFailed, match="wrote OUT that is not a JSON object but list"):
         attached(root).run_validate(payload.encode(SEED))
 
 
@@ -166,7 +166,7 @@ def test_a_huge_report_is_refused_unread_and_a_huge_line_is_cut(make_package: Ma
         "train.py": "",
         "validate.py": "import sys\nprint('x' * 200_000)\nopen(sys.argv[2], 'w').write('[' + '0,' * 9_000_000 + '0]')\n",
     })
-    with caplog.at_level("INFO", logger="scaleout.package"), pytest.raises(CommandFailed, match=r"wrote 18,000,003 bytes of OUT: a result is a few numbers"):
+    with caplog.at_level("INFO", logger="scaleout.package"), pytest.raises(PackageCommandFailed, match=r"wrote 18,000,003 bytes of OUT: a result is a few numbers"):
         attached(root).run_validate(payload.encode(SEED))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validate stdout | x")]
     assert lines and all(len(line) < 5000 for line in lines)
@@ -175,7 +175,7 @@ def test_a_huge_report_is_refused_unread_and_a_huge_line_is_cut(make_package: Ma
 def test_a_command_past_its_time_limit_is_killed_with_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     started = time.monotonic()
-    with pytest.raises(CommandFailed, match=r"did not finish within 0.5s and was killed") as info:
+    with pytest.raises(PackageCommandFailed, match=r"did not finish within 0.5s and was killed") as info:
         run_command("train", f"sleep 60 & echo $! > {pidfile}; wait", [], tmp_path, interpreter.current(), 0.5)
     assert time.monotonic() - started < 10
     assert "--command-timeout" in str(info.value)
@@ -225,7 +225,7 @@ def test_metrics_printed_by_a_package_process_are_logged(make_package: MakePacka
     seen: list[tuple[dict[str, float], int | None]] = []
     client._metric_sink = lambda metrics, step: seen.append((metrics, step))
     load_startup(root, client)
-    with pytest.raises(CommandFailed):
+    with pytest.raises(PackageCommandFailed):
         client.run_train(payload.encode(SEED), {})
     assert seen == [({"loss": 0.5}, 2)]
 
@@ -236,7 +236,7 @@ def test_dispatcher_flag_on_an_importing_package_says_what_is_missing(make_packa
         attached(root, dispatcher=True)
     # `train: train.py` in dispatcher mode is `python train.py`.
     root = make_package({"scaleout.yaml": "entry_points:\n  train: train.py\n", "train.py": "import sys; sys.exit(3)\n"}, name="file-entry")
-    with pytest.raises(CommandFailed, match=r"train command `python train.py` exited with 3"):
+    with pytest.raises(PackageCommandFailed, match=r"train command `python train.py` exited with 3"):
         attached(root, dispatcher=True).run_train(payload.encode(SEED), {})
 
 
@@ -274,5 +274,5 @@ def test_a_build_command_gets_the_output_dir_or_writes_beside_the_package(make_p
     (root / "model.py").write_text("import numpy as np\nnp.savez('../seed.npz', np.zeros(2))\n")
     assert run_build(root, tmp_path / "out2") == [(root.parent / "seed.npz").resolve()]
     (root / "model.py").write_text("import sys\nsys.exit('no torch here')\n")
-    with pytest.raises(CommandFailed, match=r"build command `python model.py` exited with 1; its stderr ended: no torch here"):
+    with pytest.raises(PackageCommandFailed, match=r"build command `python model.py` exited with 1; its stderr ended: no torch here"):
         run_build(root, tmp_path / "out3")

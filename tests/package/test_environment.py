@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scaleout.core import payload
-from scaleout.core.errors import CommandFailed, PackageError
+from scaleout.core.errors import PackageCommandFailed, PackageError
 from scaleout.edge import EdgeClient
 from scaleout.package.environment import ensure_managed_env, read_python_env
 from scaleout.package.loader import load_startup
@@ -105,7 +105,7 @@ def test_a_failing_callback_in_the_managed_env_is_one_line(make_package: MakePac
     root = make_package(files)
     client = EdgeClient("env-x")
     load_startup(root, client, managed_env=True, env_cache=tmp_path / "envs")
-    with pytest.raises(CommandFailed, match=r"train failed: ZeroDivisionError: division by zero \(startup.py:2\)"):
+    with pytest.raises(PackageCommandFailed, match=r"train failed: ZeroDivisionError: division by zero \(startup.py:2\)"):
         client.run_train(payload.encode([np.zeros(3, np.float32)]), {})
 
 

@@ -155,6 +155,16 @@ async def wait_for_clients(conn: Connection, children: list[Child], count: int, 
     await waiting
 
 
+async def _keep_up(ctl_dir: Path, say: Any) -> None:
+    """``--keep``: the federation stays up until a signal (see Interrupts), which ends dev
+    with the session's outcome rather than as interrupted."""
+    say(f"the federation stays up: scaleout command run NAME --data-dir {ctl_dir} (or predict run, client ls, ...); Ctrl-C stops it")
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass
+
+
 def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]] | None = None) -> dict[str, Any]:
     return {
         "session": {"id": session["id"], "status": session["status"], "reason": session.get("reason")},
@@ -340,6 +350,8 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         if session["status"] != "finished":
             failed.append(f"session {session_id}")
         say(f"session {session_id} {session['status']} in {time.monotonic() - started:.1f}s" + (f" ({session['reason']})" if session.get("reason") else ""))
+        if getattr(args, "keep", False):
+            await _keep_up(ctl_dir, say)
         return report_of(session, failures)
     except DevError as exc:
         failed.append(str(exc))

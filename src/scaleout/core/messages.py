@@ -505,6 +505,96 @@ def numeric_values(data: Any) -> dict[str, float]:
     return out
 
 
+# -- commands, predictions, client logs and package updates (issue 9) --------------------
+
+
+@message
+@dataclass(kw_only=True)
+class CommandStart(Message):
+    """Controller -> combiner: run job ``job_id`` on ``count`` of its clients (their names
+    in the payload ``blob``, as for RoundStart). ``kind`` is ``command`` (the custom
+    callback ``name``) or ``predict`` (the predict callback on model ``model_id``)."""
+
+    type: ClassVar[str] = "command.start"
+    job_id: str
+    kind: str
+    name: str = ""
+    params: JSON = field(default_factory=dict)
+    model_id: str | None = None
+    count: int
+    timeout: float
+    blob: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class CommandTask(Message):
+    """Combiner -> client: call a custom or predict callback; a predict's model is in ``blob``.
+    The client gives the callback ``timeout`` seconds."""
+
+    type: ClassVar[str] = "command.task"
+    job_id: str
+    kind: str
+    name: str = ""
+    params: JSON = field(default_factory=dict)
+    model_id: str | None = None
+    timeout: float
+    blob: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class CommandResult(Message):
+    """Client -> combiner -> controller: one client's outcome of job ``job_id``. ``code``
+    says what went wrong when ``ok`` is false (``raised``, ``timeout``, ``not_json``,
+    ``no_such_command``, ...); ``client`` is filled in by the combiner."""
+
+    type: ClassVar[str] = "command.result"
+    job_id: str
+    ok: bool
+    data: JSON = field(default_factory=dict)
+    error: str | None = None
+    code: str | None = None
+    duration_s: float | None = None
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class ClientLog(Message):
+    """Client -> combiner -> controller: what the package logged outside a task's metrics:
+    ``kind`` is ``attributes`` (a dict merged into the client's record) or ``telemetry``
+    (``data`` = {"key": ..., "payload": {...}}); ``client`` is filled in by the combiner."""
+
+    type: ClassVar[str] = "client.log"
+    kind: str
+    data: JSON = field(default_factory=dict)
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class ClientStatus(Message):
+    """Client -> combiner -> controller: the compute package this client runs (sha256 of the
+    archive, or ``local``), and why it could not load one (it takes no tasks meanwhile)."""
+
+    type: ClassVar[str] = "client.status"
+    package: str | None = None
+    error: str | None = None
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class PackageChanged(Message):
+    """Controller -> combiners -> clients: a new compute package is active; clients fetch it
+    (package.get) before their next task."""
+
+    type: ClassVar[str] = "package.changed"
+    package_id: str
+    name: str = ""
+
+
 # -- parse / serialize --------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ Each command runs through ``/bin/sh -c`` in the package folder, in its own proce
 with the package's Python first on PATH (see ``interpreter``), for at most its time limit;
 its stdout and stderr go to the client log line by line. Whatever goes wrong (not found, not
 executable, a non-zero exit, no output, output that is not what was asked for, too slow)
-is one ``CommandFailed`` naming the command, what happened and the last lines of stderr.
+is one ``PackageCommandFailed`` naming the command, what happened and the last lines of stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scaleout.core.errors import CommandFailed, PackageError, TaskAborted
+from scaleout.core.errors import PackageCommandFailed, PackageError, TaskAborted
 from scaleout.package.interpreter import ProcessEnv
 from scaleout.package.project import TASK_ENTRIES, Project
 
@@ -77,7 +77,7 @@ def run_command(
     extra_env: Mapping[str, str] | None = None,
     on_metric: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Run ``command ARGS...`` to completion; raise CommandFailed unless it exits 0, or
+    """Run ``command ARGS...`` to completion; raise PackageCommandFailed unless it exits 0, or
     TaskAborted when ``abort`` is set while it runs (the process group is killed either way)."""
     _check_program(entry, command, cwd, penv)
     line = " ".join([command, *(shlex.quote(a) for a in args)])
@@ -90,7 +90,7 @@ def run_command(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
     except OSError as exc:
-        raise CommandFailed(entry, command, f"could not start: {exc.strerror or exc}") from exc
+        raise PackageCommandFailed(entry, command, f"could not start: {exc.strerror or exc}") from exc
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
     readers = [
         threading.Thread(target=_pump, args=(proc.stdout, f"{entry} stdout", None, on_metric), daemon=True),
@@ -122,12 +122,12 @@ def run_command(
     if stopped == "aborted":
         raise TaskAborted(f"task aborted: {abort_reason() if abort_reason else 'the session was stopped'}")
     if stopped == "timeout":
-        raise CommandFailed(
+        raise PackageCommandFailed(
             entry, command, f"did not finish within {timeout:g}s and was killed", list(tail),
             "raise its limit with `timeout:` on the entry point in the project file or `scaleout join --command-timeout`",
         )
     if code != 0:
-        raise CommandFailed(entry, command, _exit_text(code), list(tail), _hint(list(tail)), exit_code=code)
+        raise PackageCommandFailed(entry, command, _exit_text(code), list(tail), _hint(list(tail)), exit_code=code)
 
 
 def _exit_text(code: int) -> str:
@@ -160,14 +160,14 @@ def _check_program(entry: str, command: str, cwd: Path, penv: ProcessEnv) -> Non
     try:
         words = shlex.split(command)
     except ValueError as exc:
-        raise CommandFailed(entry, command, f"is not a valid shell command ({exc})") from None
+        raise PackageCommandFailed(entry, command, f"is not a valid shell command ({exc})") from None
     if not words or "/" not in words[0] or "=" in words[0]:
         return
     program = Path(cwd, words[0])
     if not program.exists():
-        raise CommandFailed(entry, command, f"cannot run: {words[0]} does not exist in {cwd}")
+        raise PackageCommandFailed(entry, command, f"cannot run: {words[0]} does not exist in {cwd}")
     if program.is_dir() or not os.access(program, os.X_OK):
-        raise CommandFailed(entry, command, f"cannot run: {words[0]} is not executable (chmod +x {words[0]})")
+        raise PackageCommandFailed(entry, command, f"cannot run: {words[0]} is not executable (chmod +x {words[0]})")
 
 
 def _pump(stream: Any, entry: str, tail: collections.deque[str] | None, on_metric: Callable[[dict[str, Any]], None] | None) -> None:
@@ -265,7 +265,7 @@ class Dispatcher:
             new = self._read_model(out, params)
             meta_file = Path(f"{out}-metadata")
             if not meta_file.is_file():
-                raise CommandFailed(
+                raise PackageCommandFailed(
                     "train", self.commands["train"],
                     "wrote no OUT-metadata file (write {\"num_examples\": N} as JSON with save_metadata(metadata, OUT))",
                 )
@@ -279,13 +279,13 @@ class Dispatcher:
 
         command = self.commands["train"]
         if not out.is_file():
-            raise CommandFailed("train", command, "exited 0 but wrote no model to OUT (save it with helper.save(params, OUT))")
+            raise PackageCommandFailed("train", command, "exited 0 but wrote no model to OUT (save it with helper.save(params, OUT))")
         try:
             new = Helper().load(out)
         except Exception as exc:  # numpy raises many kinds on a file that is not an .npz
-            raise CommandFailed("train", command, f"wrote a model file that is not an .npz in numpyhelper's format ({type(exc).__name__}: {exc})") from None
+            raise PackageCommandFailed("train", command, f"wrote a model file that is not an .npz in numpyhelper's format ({type(exc).__name__}: {exc})") from None
         if len(new) != len(params):
-            raise CommandFailed("train", command, f"wrote a model of {len(new)} arrays to OUT; the global model has {len(params)}")
+            raise PackageCommandFailed("train", command, f"wrote a model of {len(new)} arrays to OUT; the global model has {len(params)}")
         if isinstance(params, dict) and isinstance(new, list):
             return dict(zip(params, new))  # saved as a list: keep the global model's tensor names
         return new
@@ -294,13 +294,13 @@ class Dispatcher:
         command = self.commands[entry]
         size = path.stat().st_size
         if size > MAX_JSON_FILE:
-            raise CommandFailed(entry, command, f"wrote {size:,} bytes of {what}: a result is a few numbers, not data (at most 64 KiB as JSON)")
+            raise PackageCommandFailed(entry, command, f"wrote {size:,} bytes of {what}: a result is a few numbers, not data (at most 64 KiB as JSON)")
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise CommandFailed(entry, command, f"wrote {what} that is not JSON ({exc})") from None
+            raise PackageCommandFailed(entry, command, f"wrote {what} that is not JSON ({exc})") from None
         if not isinstance(value, dict):
-            raise CommandFailed(entry, command, f"wrote {what} that is not a JSON object but {type(value).__name__}")
+            raise PackageCommandFailed(entry, command, f"wrote {what} that is not a JSON object but {type(value).__name__}")
         return value
 
     def _report(self, entry: str, model: ScaleoutModel, params: dict[str, Any] | None) -> dict[str, Any]:
@@ -313,7 +313,7 @@ class Dispatcher:
                 _write_json(Path(f"{inp}-metadata"), params)
             self.run(entry, [str(inp), str(out)])
             if not out.is_file():
-                raise CommandFailed(entry, self.commands[entry], "exited 0 but wrote nothing to OUT (write a JSON object with save_metrics(report, OUT))")
+                raise PackageCommandFailed(entry, self.commands[entry], "exited 0 but wrote nothing to OUT (write a JSON object with save_metrics(report, OUT))")
             return self._read_json(out, entry, "OUT")
 
     def validate(self, model: ScaleoutModel) -> dict[str, Any]:

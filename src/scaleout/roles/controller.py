@@ -33,6 +33,7 @@ from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size,
 from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.selection import Assigner, choose_validators, select_clients
+from scaleout.roles.command_service import CommandService
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
@@ -150,6 +151,8 @@ class Controller:
             "combiner.ready": (COMBINER, self._combiner_ready),
             "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
         }
+        self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
+        self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -160,6 +163,7 @@ class Controller:
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
+        self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
         self.ssl_context = None
@@ -234,6 +238,7 @@ class Controller:
                 log.warning("some connections did not close in time")
             await self.hub.close()
             await self.registry.close()
+            await self.commands.close()
             self.state.close()
             await asyncio.to_thread(self.obs.close)
 
@@ -302,6 +307,7 @@ class Controller:
                     self.session.events.put_nowait(("lost", (name, link)))
                 self._registry_changed()
                 self.registry.combiner(name, "offline", clients=0)
+                self.commands.combiner_gone(name)
 
     def _registry_changed(self) -> None:
         self.registry_changed.set()
@@ -349,6 +355,8 @@ class Controller:
                 self._registry_changed()
             elif isinstance(msg, m.Report):
                 self._store_report(c, msg)
+            elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
+                self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -426,7 +434,7 @@ class Controller:
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        return {"combiner": c.name, "url": c.url}, None
+        return {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}, None
 
     async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         await self.registry.flush()  # what was queued a moment ago is shown too
@@ -517,6 +525,7 @@ class Controller:
             self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
         self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
+        await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
         return {"id": digest, "name": name, "size": len(blob)}, None
 
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
