@@ -150,7 +150,7 @@ class Federation:
         return self._tokens[role]
 
     def combiner(self, name: str) -> Proc:
-        args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0"]
+        args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0", "--state-dir", str(self.tmp / "combiners" / name)]
         p = Proc(name, args, self.logs, True)
         self.procs.append(p)
         return p

@@ -63,7 +63,7 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
         human()
 
 
-TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
+TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires", "last_used", "revoked"})
 RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
 
 
@@ -117,13 +117,10 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def token_create(args: argparse.Namespace) -> int:
-    from scaleout.security.tokens import parse_ttl
+    """Print a join token: the controller's addresses, its CA fingerprint and the credential."""
+    from scaleout.commands.tokens import token_create as create
 
-    result, _ = call(args, "token.create", {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name})
-    emit(args, result, lambda: print(result["token"]))
-    if not args.json:
-        print(f"({args.role} token, expires {when(result['expires'])})", file=sys.stderr)
-    return EXIT_OK
+    return create(args, call, emit, when)
 
 
 def package_set_active(args: argparse.Namespace) -> int:
@@ -456,8 +453,21 @@ def combiner_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tokens_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from scaleout.commands import tokens
+
+        return int(getattr(tokens, name)(args, call, emit, when))
+
+    return run
+
+
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("token", "create"): token_create,
+    ("token", "ls"): _tokens_command("token_ls"),
+    ("token", "revoke"): _tokens_command("token_revoke"),
+    ("client", "rm"): _tokens_command("client_rm"),
+    ("combiner", "rm"): _tokens_command("combiner_rm"),
     ("package", "set-active"): package_set_active,
     ("model", "set-seed"): model_set_seed,
     ("model", "ls"): model_ls,
