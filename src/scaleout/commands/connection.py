@@ -37,6 +37,9 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
         (conf.get("controller"), conf.get("token"), conf.get("ca"), conf.get("data_dir")),
         (None, None, None, DEFAULT_DATA_DIR if (DEFAULT_DATA_DIR / "controller.json").exists() else None),
     ]
+    first_token = next((t for _, t, _, _ in places if t), None)
+    if isinstance(first_token, str) and _is_join_token(first_token):
+        places[3] = (None, None, None, None)  # a join token names its controller: not ./scaleout-data's
     # The first place naming a controller (an address or a data dir) decides which one it is;
     # a data dir lends its token and CA only from that place, never to another controller.
     where = next((i for i, (url, _, _, data_dir) in enumerate(places) if url or data_dir is not None), None)
@@ -81,6 +84,17 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)
+
+
+def _is_join_token(token: str) -> bool:
+    from scaleout.security.jointoken import is_join_token
+
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text().strip()
+        except OSError:
+            return False
+    return is_join_token(token)
 
 
 def _unwrap(text: str, url: Any, ca: Any, insecure: bool, state_dir: Any) -> tuple[str, Any, Any]:

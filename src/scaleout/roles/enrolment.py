@@ -48,6 +48,7 @@ class Desk:
         self.ctl = ctl
         self.db = Identities(ctl.state)
         self.links: set[Link] = set()
+        self.forgetting: set[asyncio.Future[None]] = set()
         ctl.verifier.revoked |= self.db.revoked_ids()
 
     # -- helpers for the controller ----------------------------------------------------------
@@ -152,13 +153,32 @@ class Desk:
         name = m.check_name(args.get("name"), f"{role} name")
         row = self.db.remove(role, name, time.time())
         self.ctl.state.audit(_actor(link), f"{role}.rm", name=name, identity=row["id"])
-        if role == "client":
-            self.ctl.state.db.execute("DELETE FROM clients WHERE name=?", (name,))
-        else:
-            self.ctl.state.db.execute("DELETE FROM combiners WHERE name=? AND status != 'online'", (name,))
         closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin")
+        task = asyncio.ensure_future(self._forget(role, name))
+        self.forgetting.add(task)
+        task.add_done_callback(self.forgetting.discard)
         log.warning("%s %s removed (identity %s)", role, name, row["id"])
         return {"name": name, "role": role, "id": row["id"], "closed": closed}, None
+
+    async def _forget(self, role: str, name: str) -> None:
+        """Drop a removed node from the registry once its combiner reported it gone (or 5 s on)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+
+        def present() -> bool:
+            return name in self.ctl.assigner.where if role == "client" else name in self.ctl.combiners
+
+        while present() and loop.time() < deadline:
+            changed = self.ctl.registry_changed
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+        try:
+            await self.ctl.registry.flush()
+            self.ctl.state.db.execute(f"DELETE FROM {'clients' if role == 'client' else 'combiners'} WHERE name=?", (name,))
+        except Exception as exc:  # the role edge: a full disk leaves the row, shown offline
+            log.warning("could not drop %s %s from the registry: %s", role, name, exc)
 
     async def client_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return await self.node_rm("client", link, args)
