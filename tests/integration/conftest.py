@@ -272,6 +272,12 @@ def without_package_tracebacks(log: str) -> str:
     return "\n".join(kept)
 
 
+@pytest.fixture(autouse=True)
+def node_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes started without --state-dir keep their identities under the test's folder, not ~."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 @pytest.fixture
 def fed(tmp_path: Path) -> Iterator[Federation]:
     with federation(tmp_path) as f:

@@ -212,10 +212,10 @@ class Controller:
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
-        announce(f"{scheme}://{bracket(s.host)}:{port}")
         from scaleout.roles.welcome import show_join_commands
 
-        show_join_commands(self)
+        show_join_commands(self)  # its files are written before the ready line
+        announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()
         finally:

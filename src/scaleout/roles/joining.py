@@ -86,8 +86,11 @@ async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, 
     ident = identity.load(path)
     if ident is not None:
         return Enrolled(ident, path)
-    claims = tokens.peek(token)
-    if claims.nid is not None:  # given a node credential itself (e.g. in a config file)
+    try:
+        claims: tokens.TokenClaims | None = tokens.peek(token)
+    except AuthError:
+        claims = None  # the controller refuses it, saying why
+    if claims is not None and claims.nid is not None:  # given a node credential itself (e.g. in a config file)
         if claims.sub != name:
             raise AuthError(f"this credential belongs to {claims.role} {claims.sub!r}, not {name!r}")
         return Enrolled(identity.Identity(claims.nid, role, name, token, url, claims.ca), path)
@@ -102,7 +105,7 @@ async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, 
     finally:
         await link.ws.close()
         reader.cancel()
-    ident = identity.Identity(str(result["id"]), role, name, str(result["token"]), url, claims.ca)
+    ident = identity.Identity(str(result["id"]), role, name, str(result["token"]), url, claims.ca if claims else None)
     identity.save(path, ident)
     log.info("enrolled as %s %s; identity kept in %s", role, name, path)
     return Enrolled(ident, path)
