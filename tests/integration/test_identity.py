@@ -313,3 +313,24 @@ def test_tls_peer_must_match_the_pinned_ca(fed: Federation, tmp_path: Path) -> N
     (tmp_path / "other.pem").write_bytes(other_ca)
     with pytest.raises(TrustError):
         asyncio.run(connect(fed.url, fed.token("client"), tls.client_context(tmp_path / "other.pem"), max_payload=1 << 20))
+
+
+def test_token_uses_and_revoking_the_data_dirs_admin_token(fed: Federation) -> None:
+    fed.controller()
+    once = fed.admin("token.create", {"role": "client", "ttl_s": 600, "uses": 1, "name": "one-device"})[0]
+    enrol(fed, "u1", once["token"])
+    with pytest.raises(RemoteError, match=r"used up \(1 of 1 uses\)"):
+        enrol(fed, "u2", once["token"])
+    rows = {t["id"]: t for t in fed.admin("token.ls")[0]["tokens"]}
+    assert rows[once["id"]]["status"] == "used up" and rows[once["id"]]["name"] == "one-device"
+    # Revoking the admin token in the data dir writes a new one there: the local admin is not locked out.
+    old = (fed.data / "admin.token").read_text().strip()
+    admin_id = next(t["id"] for t in rows.values() if t["role"] == "admin")
+    r = scaleout("token", "revoke", admin_id, "--data-dir", str(fed.data))
+    assert r.returncode == 0, r.stderr
+    new = (fed.data / "admin.token").read_text().strip()
+    assert new != old
+    r = scaleout("token", "ls", "--data-dir", str(fed.data))
+    assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+    r = scaleout("status", "--controller", fed.url, "--token", old, "--ca", fed.ca)
+    assert r.returncode == 3 and "token was revoked" in r.stderr

@@ -145,7 +145,9 @@ class Desk:
         nodes = self.db.revoke_token(row["id"], bool(args.get("with_nodes")), time.time())
         ids = [row["id"], *(n["id"] for n in nodes)]
         self.ctl.state.audit(_actor(link), "token.revoke", id=row["id"], nodes=[n["name"] for n in nodes])
-        closed = await self.revoke(ids, "its token was revoked by an admin")
+        closed = await self.revoke(ids, "its token was revoked by an admin", keep=link)
+        if row["role"] == "admin":
+            self.ctl._write_admin_token()  # the data dir's own admin token, if that was it, is replaced at once
         log.warning("token %s revoked%s", row["id"], f" with its nodes {', '.join(n['name'] for n in nodes)}" if nodes else "")
         return {"id": row["id"], "role": row["role"], "nodes": [{"role": n["role"], "name": n["name"]} for n in nodes], "closed": closed}, None
 
@@ -186,12 +188,13 @@ class Desk:
     async def combiner_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return await self.node_rm("combiner", link, args)
 
-    async def revoke(self, ids: list[str], reason: str) -> int:
+    async def revoke(self, ids: list[str], reason: str, keep: Link | None = None) -> int:
         """Refuse ``ids`` (tokens or identities) from now on, close the controller's links
-        that hold them and tell every combiner to close its clients' links that do."""
+        that hold them and tell every combiner to close its clients' links that do. The
+        link asking (``keep``) gets its answer and closes as the command ends."""
         self.ctl.verifier.revoked.update(ids)
         wanted = set(ids)
-        closing = [lk for lk in list(self.links) if lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
+        closing = [lk for lk in list(self.links) if lk is not keep and lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
         await asyncio.gather(*(_close(lk, m.CLOSE_REVOKED, reason) for lk in closing))
         for c in list(self.ctl.combiners.values()):
             if c.link not in closing:
