@@ -334,3 +334,45 @@ def test_token_uses_and_revoking_the_data_dirs_admin_token(fed: Federation) -> N
     assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
     r = scaleout("status", "--controller", fed.url, "--token", old, "--ca", fed.ca)
     assert r.returncode == 3 and "token was revoked" in r.stderr
+
+
+def test_readme_three_terminals_runs_as_written(tmp_path: Path) -> None:
+    """The README's three-terminal path, literally: serve, then the combine and join
+    commands serve printed (the README shows their form), then the training commands."""
+    import shlex
+    import shutil
+
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"^## Three terminals\n(.*?)(?=^## )", text, re.M | re.S)
+    assert found, "README has no section 'Three terminals'"
+    blocks = re.findall(r"^```\n(.*?)^```", found[1], re.M | re.S)
+    lines = [ln.split("  #", 1)[0].strip() for block in blocks for ln in block.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(". ")]
+    assert lines[0] == "scaleout serve --data-dir /tmp/scaleout-3t", lines
+    assert re.fullmatch(r"scaleout combine SCALEOUT-1\.\S+", lines[1]) and re.fullmatch(r"scaleout join SCALEOUT-1\.\S+", lines[2]), lines
+    repo = tmp_path / "repo"
+    shutil.copytree(QUICKSTART, repo / "sample_projects" / "quickstart" / "client", ignore=shutil.ignore_patterns("*.npz", "data", "__pycache__"))
+    data = str(tmp_path / "scaleout-3t")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    serve = Terminal([*shlex.split(lines[0].replace("/tmp/scaleout-3t", data))[1:], "--port", "0"], repo, env)
+    procs: list[Proc] = []
+    try:
+        printed = {role: serve.wait_for(rf"(scaleout {role} SCALEOUT-1\.\S+)")[1] for role in ("combine", "join")}
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        procs.append(Proc("combiner", shlex.split(printed["combine"])[1:], logs, True, cwd=repo))
+        procs.append(Proc("client", shlex.split(printed["join"])[1:], logs, False, cwd=repo))
+        for line in lines[3:]:
+            r = scaleout(*shlex.split(line.replace("/tmp/scaleout-3t", data))[1:], cwd=repo, timeout=180)
+            assert r.returncode == 0, (line, r.stdout, r.stderr)
+        assert re.search(r"^session \S+ finished", r.stdout, re.M) and len(re.findall(r"^round \d+\s+succeeded", r.stdout, re.M)) == 3, r.stdout
+    finally:
+        for p in reversed(procs):
+            if p.popen.poll() is None:
+                p.stop()
+        serve.popen.terminate()
+        assert serve.popen.wait(15) == 0
+    for p in procs:
+        assert "Traceback" not in p.text(), p.text()
