@@ -379,3 +379,28 @@ def test_readme_three_terminals_runs_as_written(tmp_path: Path) -> None:
         assert serve.popen.wait(15) == 0
     for p in procs:
         assert "Traceback" not in p.text(), p.text()
+
+
+def test_a_node_credential_past_half_its_life_is_renewed(tmp_path: Path) -> None:
+    """The controller hands a node a fresh credential for the same identity once the one
+    it connects with is past half its life; earlier, nothing."""
+    from types import SimpleNamespace
+
+    from scaleout.roles import enrolment
+    from scaleout.roles.controller import Controller, ControllerSettings
+
+    ctl = Controller(ControllerSettings(data_dir=tmp_path / "ctl", insecure=True))
+    ctl.prepare()
+    try:
+        now = time.time()
+        young = ctl.signer.issue("client", enrolment.IDENTITY_TTL_S, now - 10, jti="i-young", sub="a", nid="n-a")
+        old = ctl.signer.issue("client", enrolment.IDENTITY_TTL_S, now - enrolment.IDENTITY_TTL_S * 0.6, jti="i-old", sub="a", nid="n-a")
+        join = ctl.signer.issue("client", 3600, now - 3000, jti="t-join")
+        assert ctl.desk.renewed(SimpleNamespace(claims=peek(young))) is None
+        assert ctl.desk.renewed(SimpleNamespace(claims=peek(join))) is None  # a join token is never turned into a node's
+        fresh = ctl.desk.renewed(SimpleNamespace(claims=peek(old)))
+        assert fresh is not None
+        claims = ctl.verifier.verify(fresh, time.time())
+        assert (claims.role, claims.sub, claims.nid) == ("client", "a", "n-a") and claims.exp >= now + enrolment.IDENTITY_TTL_S - 5
+    finally:
+        ctl.state.close()
