@@ -86,6 +86,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
     p.add_argument("--combiner-cert-ttl", metavar="TTL", help="lifetime of the certificates signed for combiners, renewed after 2/3 of it: 7d, 12h, 3600s (default: 7d)")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free one and logs it (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host", metavar="HOST",
+        help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
+    )
     _config_flag(p)
     _common(p)
 
@@ -236,6 +244,21 @@ def build_parser() -> ArgumentParser:
         _connection(c)
         _json_flag(c)
         _common(c)
+
+    p = sub.add_parser("metric", help="what clients logged with log_metric")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    msub.required = True
+    c = msub.add_parser(
+        "ls", help="list logged metric values (session, round, client, step, value), oldest first: the latest --limit of them",
+    )
+    c.add_argument("--session", metavar="ID", help="only this session ('latest' for the latest one)")
+    c.add_argument("--round", type=int, metavar="N", help="only this round")
+    c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
+    c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
 
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")

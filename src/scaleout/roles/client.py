@@ -330,6 +330,7 @@ class Client:
                 log.error("round %d: %s", task.round_index, result.error)
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
+                self.edge._flush_metrics()  # held with commit=False: they belong to this task's round
                 self.current_task = None
             if update is not None and result.ok:
                 result.size = len(update)
