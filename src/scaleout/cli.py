@@ -61,6 +61,11 @@ def _connection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true", default=None, help="connect without TLS (only to a controller started with --insecure)")
 
 
+def _join_token(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("join_token", nargs="?", metavar="TOKEN", help=f"a join token from scaleout serve or scaleout token create --role {role}: all it needs to connect safely (or @FILE)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help=f"where this {role} keeps its enrolled identity and the controller's CA (default: ~/.local/state/scaleout" + (", or --work-dir" if role == "client" else "") + ")")
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -80,6 +85,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    p.add_argument("--combiner-cert-ttl", metavar="TTL", help="lifetime of the certificates signed for combiners, renewed after 2/3 of it: 7d, 12h, 3600s (default: 7d)")
     p.add_argument(
         "--metrics-port", type=int, metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free one and logs it (default: off)",
@@ -92,10 +98,11 @@ def build_parser() -> ArgumentParser:
     _common(p)
 
     p = sub.add_parser("combine", help="run a combiner (aggregation node)")
+    _join_token(p, "combiner")
     _connection(p)
     p.add_argument("--host", help="address to listen on for clients (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port for clients; 0 picks a free one (default: 0)")
-    p.add_argument("--name", help="combiner name (default: from the host name)")
+    p.add_argument("--name", help="combiner name (default: the one it enrolled with, kept in the state dir; else from the host name)")
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
@@ -103,12 +110,13 @@ def build_parser() -> ArgumentParser:
     _common(p)
 
     p = sub.add_parser("join", help="run a client: train on local data when the controller asks")
+    _join_token(p, "client")
     _connection(p)
-    p.add_argument("--name", help="client name (default: host name plus a random suffix)")
+    p.add_argument("--name", help="client name (default: the one it enrolled with, kept in the state dir; else host name plus a random suffix)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
-    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (default: a temporary folder)")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked, and the identity kept unless --state-dir is given (default: a temporary folder)")
     p.add_argument("--dispatcher", action="store_true", default=None, help="run the package's train/validate/predict entry points as commands (automatic when they are {command: ...})")
     p.add_argument("--command-timeout", type=float, metavar="SECONDS", help="time limit of each dispatcher command (default: 3600); an entry's `timeout:` in the project file wins")
     p.add_argument("--managed-env", action="store_true", default=None, help="run the package in a venv made from its python_env.yaml (created once, cached by the file's hash)")
@@ -123,7 +131,19 @@ def build_parser() -> ArgumentParser:
     t = tsub.add_parser("create", help="create a token (needs an admin token)")
     t.add_argument("--role", required=True, choices=("admin", "combiner", "client"))
     t.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m, 3600s (default: 30d)")
-    t.add_argument("--name", help="whom the token is for (recorded in the audit log)")
+    t.add_argument("--name", help="what the token is for, shown by token ls and in the audit log (e.g. site-17, lab-laptops)")
+    t.add_argument("--uses", type=int, metavar="N", help="how many nodes may enrol with it (default: any number until it expires)")
+    t.add_argument("--san", action="append", metavar="NAME|IP", help="a combiner token: a name or address its certificate may carry, i.e. where clients dial it (repeatable; loopback is always allowed)")
+    _connection(t)
+    _json_flag(t)
+    _common(t)
+    t = tsub.add_parser("ls", help="list tokens: id, role, name, expiry, uses, last use (never the secret)")
+    _connection(t)
+    _json_flag(t)
+    _common(t)
+    t = tsub.add_parser("revoke", help="revoke a token: refused from now on, its open links closed within seconds")
+    t.add_argument("id", metavar="ID", help="the token's id (see scaleout token ls; a unique prefix will do)")
+    t.add_argument("--with-nodes", action="store_true", help="also remove the nodes that enrolled with it (they stop, exit 3)")
     _connection(t)
     _json_flag(t)
     _common(t)
@@ -227,6 +247,11 @@ def build_parser() -> ArgumentParser:
         nsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
         nsub.required = True
         c = nsub.add_parser("ls", help=f"list {noun}s")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = nsub.add_parser("rm", help=f"remove an enrolled {noun}'s identity: its link closes and it stops (exit 3); its name is free again")
+        c.add_argument("name", metavar="NAME")
         _connection(c)
         _json_flag(c)
         _common(c)

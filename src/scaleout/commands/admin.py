@@ -70,7 +70,7 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
         human()
 
 
-TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
+TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires", "last_used", "revoked"})
 RECORD_LISTS = frozenset({"rounds", "clients", "failures", "results", "recent"})  # records inside a record
 
 
@@ -124,13 +124,10 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def token_create(args: argparse.Namespace) -> int:
-    from scaleout.security.tokens import parse_ttl
+    """Print a join token: the controller's addresses, its CA fingerprint and the credential."""
+    from scaleout.commands.tokens import token_create as create
 
-    result, _ = call(args, "token.create", {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name})
-    emit(args, result, lambda: print(result["token"]))
-    if not args.json:
-        print(f"({args.role} token, expires {when(result['expires'])})", file=sys.stderr)
-    return EXIT_OK
+    return create(args, call, emit, when)
 
 
 def package_set_active(args: argparse.Namespace) -> int:
@@ -467,6 +464,15 @@ def combiner_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tokens_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from scaleout.commands import tokens
+
+        return int(getattr(tokens, name)(args, call, emit, when))
+
+    return run
+
+
 METRIC_COLUMNS = [("time", "TIME"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("client", "CLIENT"), ("step", "STEP"), ("key", "METRIC"), ("shown", "VALUE")]
 
 
@@ -495,6 +501,10 @@ def metric_ls(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("token", "create"): token_create,
+    ("token", "ls"): _tokens_command("token_ls"),
+    ("token", "revoke"): _tokens_command("token_revoke"),
+    ("client", "rm"): _tokens_command("client_rm"),
+    ("combiner", "rm"): _tokens_command("combiner_rm"),
     ("package", "set-active"): package_set_active,
     ("model", "set-seed"): model_set_seed,
     ("model", "ls"): model_ls,

@@ -291,7 +291,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         common = ["--controller", conn.url, "--ca", str(conn.ca)]
         for i in range(1, args.combiners + 1):
             name = f"combiner-{i}"
-            argv = ["combine", *common, "--name", name, "--port", "0"]
+            argv = ["combine", *common, "--name", name, "--port", "0", "--state-dir", str(root / "combiners" / name)]
             child, url = await start_child(name, argv, logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
             children.append(child)
             say(f"{name} listening on {url}")

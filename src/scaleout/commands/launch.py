@@ -59,10 +59,11 @@ def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[
 def _schemas() -> dict[str, dict[str, Any]]:
     from scaleout.core.config import PATH
 
-    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
+    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int, "state_dir": PATH}
     return {
         "controller": {
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
@@ -119,11 +120,24 @@ def serve(args: argparse.Namespace) -> int:
         metrics_port=_metrics_port(s.get("metrics_port")),
         metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
     )
+    if s.get("combiner_cert_ttl"):
+        from scaleout.security.tokens import parse_ttl
+
+        settings.combiner_cert_ttl = parse_ttl(str(s["combiner_cert_ttl"]))
     if s.get("metrics_host") and settings.metrics_port is None:
         raise UsageError("--metrics-host needs --metrics-port (metrics_port in the config file)")
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
+
+
+def _positional_token(args: argparse.Namespace) -> None:
+    """``scaleout join TOKEN`` is ``--token TOKEN``."""
+    given = getattr(args, "join_token", None)
+    if given:
+        if args.token:
+            raise UsageError("give the token once: as TOKEN or with --token, not both")
+        args.token = given
 
 
 def _metrics_port(value: Any) -> int | None:
@@ -163,12 +177,14 @@ def combine(args: argparse.Namespace) -> int:
     from scaleout.core.config import parse_port, parse_sans
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
+    _positional_token(args)
     s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
     conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        state_dir=_path(s.get("state_dir")),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)
@@ -177,6 +193,7 @@ def combine(args: argparse.Namespace) -> int:
 def join(args: argparse.Namespace) -> int:
     from scaleout.roles.client import Client, ClientSettings
 
+    _positional_token(args)
     s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
     conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
@@ -196,6 +213,7 @@ def join(args: argparse.Namespace) -> int:
         package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         dispatcher=bool(s.get("dispatcher")), managed_env=bool(s.get("managed_env")),
         command_timeout=float(timeout) if timeout is not None else None, env_cache=_path(s.get("env_cache")),
+        state_dir=_path(s.get("state_dir")),
     )
     warn_if_expiring(conn.token, "client")
     return _run(Client(settings).run)

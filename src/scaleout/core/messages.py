@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 2
 MAX_NAMES = 2000  # names per message in lists that grow with the fleet
 MAX_INLINE_RESULT = 256 << 10  # a reply's result larger than this travels as its payload
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
+CLOSE_REVOKED = 4003  # close code: the link's token or node identity was revoked, or grants not what it asked
 MAX_TEXT_BYTES = 1 << 20
 TRANSFER_ID_BYTES = 16
 JSON = dict[str, Any]
@@ -103,6 +104,17 @@ class Event(Message):
 
 
 # -- controller <-> combiner -------------------------------------------------------------
+
+
+@message
+@dataclass(kw_only=True)
+class Revoked(Message):
+    """Controller -> combiner: tokens or node identities (by id) revoked; links holding
+    them are closed and they are refused from now on."""
+
+    type: ClassVar[str] = "revoked"
+    ids: list[str] = field(default_factory=list)
+    reason: str = ""
 
 
 @message

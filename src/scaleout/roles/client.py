@@ -53,14 +53,20 @@ class ClientSettings:
     managed_env: bool = False  # run the package in a venv made from its python_env.yaml
     command_timeout: float | None = None  # a dispatcher command's time limit (default: 1 h)
     env_cache: Path | None = None  # where managed venvs are kept (default: ~/.cache/scaleout/envs)
+    state_dir: Path | None = None  # where its identity is kept (default: the work dir, else ~/.local/state/scaleout)
 
 
 class Client:
     def __init__(self, settings: ClientSettings) -> None:
         from scaleout.edge import EdgeClient
 
+        from scaleout.roles.joining import choose_name, controller_key
+        from scaleout.security.identity import default_state_dir
+
         self.settings = settings
-        self.name = settings.name or f"{socket.gethostname()}-{new_id()[:6]}"
+        self.state_dir = settings.state_dir or settings.data_dir or default_state_dir()
+        self.name = choose_name("client", settings.name, settings.token, self.state_dir, controller_key(settings.controller, settings.ca)) or f"{socket.gethostname()}-{new_id()[:6]}"
+        self.enrolled: Any = None  # its identity (roles/joining.py), once enrolled
         os.environ["SCALEOUT_CLIENT_NAME"] = self.name
         self.edge = EdgeClient(name=self.name)
         self.ctx = None if settings.insecure else tls.client_context(settings.ca)
@@ -83,7 +89,14 @@ class Client:
 
     async def _controller(self) -> Link:
         s = self.settings
-        return await connect(s.controller, s.token, self.ctx, max_payload=s.max_payload)
+        return await connect(s.controller, self.enrolled.token if self.enrolled else s.token, self.ctx, max_payload=s.max_payload)
+
+    async def _enrol(self, stop: asyncio.Event) -> None:
+        """Take this client's identity from its state dir, or enrol with the join token."""
+        from scaleout.roles.joining import enrolled
+
+        s = self.settings
+        self.enrolled = await enrolled("client", self.name, s.controller, s.token, s.ca, self.ctx, self.state_dir)
 
     async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
@@ -164,7 +177,7 @@ class Client:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.work.install(self.edge)
-        if not await self._retrying(self.prepare, stop):
+        if not await self._retrying(self._enrol, stop) or not await self._retrying(self.prepare, stop):
             return
         worker = asyncio.create_task(self._work())
         commands = asyncio.create_task(self.work.run())
@@ -232,7 +245,8 @@ class Client:
             await ctl.ws.close()
             reader.cancel()
         s = self.settings
-        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        self.enrolled.renew(info.get("token"))
+        link = await connect(str(info["url"]), self.enrolled.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
         working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link
@@ -264,6 +278,8 @@ class Client:
             reason = link.ws.close_reason or "connection closed"
             if link.ws.close_code == m.CLOSE_SUPERSEDED:
                 raise Superseded(f"{reason}: this client stops (give each client its own --name)")
+            if link.ws.close_code == m.CLOSE_REVOKED:
+                raise AuthError(f"the combiner closed this client's link: {link.ws.close_reason or 'credential revoked'}")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
     async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:

@@ -68,6 +68,7 @@ class ControllerSettings:
     tls_key: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    combiner_cert_ttl: int = 7 * 86400  # seconds a combiner's certificate lives; renewed after 2/3 of it
     metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
     metrics_host: str = "127.0.0.1"
 
@@ -150,6 +151,13 @@ class Controller:
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
             "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
+            # Tokens and node identities (roles/enrolment.py).
+            "node.enrol": (CLIENT | COMBINER, lambda *a: self.desk.enrol(*a)),
+            "token.ls": (ADMIN, lambda *a: self.desk.token_ls(*a)),
+            "token.revoke": (ADMIN, lambda *a: self.desk.token_revoke(*a)),
+            "client.rm": (ADMIN, lambda *a: self.desk.client_rm(*a)),
+            "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
+            "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
         }
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
         self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
@@ -166,6 +174,9 @@ class Controller:
         self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
+        from scaleout.roles.enrolment import Desk
+
+        self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         self.ssl_context = None
         self.ca_fingerprint: str | None = None
         s = self.settings
@@ -200,9 +211,7 @@ class Controller:
                 return
             except AuthError:
                 log.info("admin token in %s is no longer valid: writing a new one", path)
-        token = self.signer.issue(
-            "admin", ADMIN_TOKEN_TTL, time.time(), jti=new_id(), sub="admin", controller=self.url, ca=self.ca_fingerprint
-        )
+        token = self.desk.issue("admin", ADMIN_TOKEN_TTL, name="admin", uses=None, sans=[], creator="controller")["token"]
         tls.write_private(path, (token + "\n").encode())
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -213,13 +222,17 @@ class Controller:
 
             self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
             log.info("Prometheus metrics at %s", self.obs.url)
-        server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload)
+        public = {"/ca.pem": self.ca_pem.decode()} if self.ssl_context is not None else None
+        server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public)
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
+        from scaleout.roles.welcome import show_join_commands
+
+        show_join_commands(self)  # its files are written before the ready line
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()
@@ -254,6 +267,7 @@ class Controller:
         log.debug("%s connected with a %s token", link.peer, role)
         if role == "client":  # clients only ask; they never upload to the controller
             link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
+        self.desk.on_link(link)
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
             entry = self._ops.get(req.op)
@@ -276,6 +290,7 @@ class Controller:
         finally:
             self.subscribers.discard(link)
             self.hub.unsubscribe(link)
+            self.desk.gone(link)
             if role == "combiner":
                 self._combiner_gone(link)
 
@@ -392,6 +407,10 @@ class Controller:
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "combiner name")
+        self.desk.node_identity(link, "combiner", name, args)
+        csr = args.get("csr")
+        advertise = args.get("advertise") if isinstance(args.get("advertise"), str) else None
+        cert = self.desk.sign(link, str(csr), advertise) if csr and self.ssl_context is not None else None  # refused before any takeover
         old = self.combiners.get(name)
         if old is not None and old.link is not link:
             # The newest registration wins: the old link is usually dead (a restart after a
@@ -399,11 +418,15 @@ class Controller:
             log.warning("combiner %s registered again: closing its older connection", name)
             self._combiner_gone(old.link)
             await _quiet_close(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
-        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode()}
-        if args.get("csr"):
+        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked)}
+        if csr:
             if self.ssl_context is None:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
-            result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
+            result["cert"] = cert
+            result["cert_ttl_s"] = self.settings.combiner_cert_ttl
+        renewed = self.desk.renewed(link)
+        if renewed is not None:
+            result["token"] = renewed
         self.combiners[name] = CombinerConn(name, link)
         self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
@@ -417,6 +440,7 @@ class Controller:
         scheme = "ws://" if self.ssl_context is None else "wss://"
         if not isinstance(url, str) or not url.startswith(scheme):
             raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
+        self.desk.check_ready_url(link, url)
         c.url = url
         self.assigner.combiner_ready(c.name)
         self.state.upsert_combiner(c.name, "online", url=url)
@@ -427,6 +451,7 @@ class Controller:
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
+        self.desk.node_identity(link, "client", name, args)
         if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
             self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
@@ -434,7 +459,11 @@ class Controller:
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        return {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}, None
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}
+        renewed = self.desk.renewed(link)
+        if renewed is not None:
+            reply["token"] = renewed
+        return reply, None
 
     async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         await self.registry.flush()  # what was queued a moment ago is shown too
@@ -505,11 +534,22 @@ class Controller:
         ttl = args.get("ttl_s")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= tokens.MAX_TTL_S:
             raise ProtocolError(f"token.create needs ttl_s, a whole number of seconds from 1 to {tokens.MAX_TTL_S} (100 years)")
-        jti = new_id()
-        token = self.signer.issue(str(role), ttl, time.time(), jti=jti, sub=args.get("name"), controller=self.url, ca=self.ca_fingerprint)
-        claims = tokens.peek(token)
-        self.state.audit(_actor(link), "token.create", role=role, jti=jti, exp=claims.exp)
-        return {"token": token, "role": role, "expires": claims.exp, "jti": jti}, None
+        if role not in tokens.ROLES:
+            raise ProtocolError(f"token.create: role must be one of {', '.join(tokens.ROLES)}")
+        name, uses, sans = args.get("name"), args.get("uses"), args.get("sans") or []
+        if name is not None:
+            m.check_name(name, "token name")
+        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or not 0 < uses <= 1_000_000):
+            raise ProtocolError("token.create: uses must be a whole number from 1 to 1000000")
+        if not isinstance(sans, list) or len(sans) > 32 or not all(isinstance(x, str) and 0 < len(x) <= 253 for x in sans):
+            raise ProtocolError("token.create: sans must be a list of at most 32 names or addresses")
+        if sans and role != "combiner":
+            raise ProtocolError("token.create: only a combiner token allows certificate names (--san)")
+        from scaleout.roles.enrolment import canonical
+
+        result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
+        self.state.audit(_actor(link), "token.create", role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"])
+        return result, None
 
     async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:

@@ -52,14 +52,18 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     *,
     max_payload: int,
+    public: dict[str, str] | None = None,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read.
+    ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
     Returns the server and the port actually bound (port 0 picks a free one).
     """
 
     def process_request(connection: ServerConnection, request: Any) -> Any:
+        if public and request.path in public and "Upgrade" not in request.headers:
+            return connection.respond(HTTPStatus.OK, public[request.path])
         try:
             connection.claims = authenticate(bearer(request.headers))  # type: ignore[attr-defined]
         except AuthError as exc:
