@@ -311,8 +311,8 @@ class Dispatcher:
 
         with tempfile.TemporaryDirectory(prefix="scaleout-task-") as tmp:
             inp, out = Path(tmp, "in.npz"), Path(tmp, "out.json")
-            params = model.get_model_params()
-            Helper().save(_as_list(params) if self.as_list else params, inp)
+            arrays = model.get_model_params()
+            Helper().save(_as_list(arrays) if self.as_list else arrays, inp)
             if params is not None:
                 _write_json(Path(f"{inp}-metadata"), params)
             self.run(entry, [str(inp), str(out)])
