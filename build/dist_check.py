@@ -11,7 +11,9 @@ standard library. Every artefact process gets that same clean environment. Check
    combiners, from each artefact (their children are the same artefact: in this environment
    `python3 -m scaleout` could not even start).
 4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
-   and a frozen client, driving a 2-round session with admin commands from both artefacts.
+   and a frozen client, driving a 2-round session with admin commands from both artefacts;
+   the controller's Prometheus endpoint (`serve --metrics-port`) counts the rounds. The frozen
+   controller serves it too (prometheus_client is imported only for that flag).
 
 Prints one line per check and a JSON summary last; exits 1 on the first failure.
 """
@@ -221,7 +223,9 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.perf_counter()
     try:
-        ctl, url = start(zipapp + ["serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0"], logs / "controller-zipapp.log", True)
+        ctl, url = start(
+            zipapp + ["serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], logs / "controller-zipapp.log", True
+        )
         procs.append(ctl)
         admin = ["--data-dir", str(data)]
         run(frozen + ["run", "build", "-p", str(pkg)])
@@ -249,6 +253,10 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         listing = json.loads(run(frozen + ["client", "ls", "--json", *admin]).stdout)
         names = listing["clients"] if isinstance(listing, dict) else listing
         figures["mixed_session_s"] = round(time.perf_counter() - t0, 1)
+        scraped = scrape(data)
+        for sample in ('scaleout_rounds_total{status="succeeded"} 2.0', "scaleout_clients_connected 3.0"):
+            if sample not in scraped.splitlines():
+                raise CheckFailed(f"the zipapp controller's metrics lack {sample!r}:\n{scraped[-3000:]}")
         for kind, c in joined.items():  # idle now: the session is over, the clients stay connected
             figures[f"{kind}_client_connect_s"] = c.seconds
             figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
@@ -266,6 +274,27 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         raise CheckFailed(f"tracebacks in {bad}")
     if any(c not in (0, -signal.SIGTERM) for c in codes):
         raise CheckFailed(f"roles exited {codes} on SIGTERM (expected 0)")
+
+
+def scrape(data: Path) -> str:
+    """The text at the metrics_url a controller wrote to DATA/controller.json."""
+    import urllib.request
+
+    url = json.loads((data / "controller.json").read_text())["metrics_url"]
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
+
+
+def check_metrics_port(name: str, cmd: list[str], work: Path) -> None:
+    data = work / f"metrics-{name}"
+    ctl, _ = start(cmd + ["serve", "--data-dir", str(data), "--port", "0", "--metrics-port", "0"], work / f"metrics-{name}.log", True)
+    try:
+        text = scrape(data)
+    finally:
+        codes = stop([ctl])
+    if 'scaleout_rounds_total{status="succeeded"} 0.0' not in text.splitlines() or codes[0] not in (0, -signal.SIGTERM):
+        raise CheckFailed(f"{name}: serve --metrics-port exited {codes} and served:\n{text[-2000:]}")
+    print(f"ok  {name}: serve --metrics-port serves Prometheus metrics ({len(text.splitlines())} lines)", flush=True)
 
 
 def check_other_python(python: str, work: Path, figures: dict[str, object]) -> None:
@@ -315,6 +344,7 @@ def main() -> int:
             check_simulate("zipapp", zipapp, work, figures)
             check_simulate("frozen", frozen, work, figures)
             check_mixed(zipapp, frozen, source, work, figures)
+            check_metrics_port("frozen", frozen, work)
             for other in args.other_python:
                 check_other_python(other, work, figures)
         except (CheckFailed, subprocess.TimeoutExpired) as exc:

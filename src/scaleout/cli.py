@@ -80,6 +80,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free one and logs it (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host", metavar="HOST",
+        help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
+    )
     _config_flag(p)
     _common(p)
 
@@ -223,6 +231,28 @@ def build_parser() -> ArgumentParser:
         _json_flag(c)
         _common(c)
 
+    p = sub.add_parser("metric", help="what clients logged with log_metric")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    msub.required = True
+    c = msub.add_parser(
+        "ls", help="list logged metric values (session, round, client, step, value), oldest first: the latest --limit of them",
+    )
+    c.add_argument("--session", metavar="ID", help="only this session ('latest' for the latest one)")
+    c.add_argument("--round", type=int, metavar="N", help="only this round")
+    c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
+    c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    p = sub.add_parser("tui", help="watch and drive the federation live in a terminal UI (or a browser with --web)")
+    p.add_argument("--session", metavar="ID", help="session to show (default: the running or latest one, following new ones)")
+    p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
+    p.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default: 127.0.0.1; whoever opens the page acts as admin)")
+    p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
+    _connection(p)
+    _common(p)
+
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     p.add_argument("--clients", type=int, default=3, help="number of clients (default: 3)")
@@ -231,7 +261,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--round-timeout", type=float, default=120.0, metavar="SECONDS", help="round timeout (default: 120)")
     p.add_argument("--settings", default="{}", metavar="JSON", help="training settings for the train callback")
     p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="validate each new global model (default: on)")
-    p.add_argument("--headless", action="store_true", help="print rounds as text (the only mode for now)")
+    p.add_argument("--headless", action="store_true", help="print rounds as text instead of opening the TUI (the default when not on a terminal)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
     p.add_argument("--dispatcher", action="store_true", help="clients run the package's entry points as commands (join --dispatcher)")
@@ -274,7 +304,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, launch, simulate
+    from scaleout.commands import admin, dev, launch, simulate, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
@@ -286,6 +316,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
         ("dev", None): dev.main,
         ("simulate", None): simulate.main,
         ("simulate-clients", None): simulate.clients_main,
+        ("tui", None): tui.main,
     }
     for key, fn in admin.COMMANDS.items():
         table[key] = fn

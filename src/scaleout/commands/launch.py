@@ -61,7 +61,10 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
     connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
     return {
-        "controller": {"data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
+        "controller": {
+            "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "metrics_port": int, "metrics_host": str,
+        },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
         "client": {
             **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
@@ -113,10 +116,26 @@ def serve(args: argparse.Namespace) -> int:
         tls_key=_path(s.get("tls_key")),
         insecure=bool(s.get("insecure")),
         max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        metrics_port=_metrics_port(s.get("metrics_port")),
+        metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
     )
+    if s.get("metrics_host") and settings.metrics_port is None:
+        raise UsageError("--metrics-host needs --metrics-port (metrics_port in the config file)")
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
+
+
+def _metrics_port(value: Any) -> int | None:
+    from scaleout.core.config import parse_port
+    from scaleout.core.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        return parse_port(value)
+    except ConfigError as exc:
+        raise ConfigError("metrics_port", exc.problem) from None
 
 
 def warn_if_expiring(token: str, role: str) -> None:

@@ -75,6 +75,7 @@ class Client:
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.package_root = Path.cwd()  # where the package's files are: set by prepare()
+        self.package_label = ""  # which package it runs, as the controller shows it
 
     async def _controller(self) -> Link:
         s = self.settings
@@ -89,6 +90,7 @@ class Client:
         if s.package is not None:
             root = s.package.resolve()
             log.info("using the local compute package in %s", root)
+            self.package_label = f"local {root.name}"
         else:
             ctl = await self._controller()
             reader = asyncio.create_task(ctl.run())
@@ -110,6 +112,7 @@ class Client:
                 root = await asyncio.to_thread(extract_archive, data, dest)
                 (dest / ".complete").write_text(str(root))
             log.info("compute package %s (%s) unpacked in %s", info.get("name"), str(info["id"])[:12], root)
+            self.package_label = f"{info.get('name')} ({str(info['id'])[:12]})"
         # The package's own modules and data files are found relative to its folder.
         os.chdir(root)
         sys.path.insert(0, str(root))
@@ -198,7 +201,7 @@ class Client:
         ctl = await self._controller()
         reader = asyncio.create_task(ctl.run())
         try:
-            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner}, timeout=30)
+            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner, "package": self.package_label}, timeout=30)
         finally:
             await ctl.ws.close()
             reader.cancel()
@@ -325,6 +328,7 @@ class Client:
                 log.error("round %d: %s", task.round_index, result.error)
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
+                self.edge._flush_metrics()  # held with commit=False: they belong to this task's round
                 self.current_task = None
             if update is not None and result.ok:
                 result.size = len(update)

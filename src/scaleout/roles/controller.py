@@ -34,6 +34,8 @@ from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
+from scaleout.roles.exporter import Observer
+from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.registry import RegistryWriter
@@ -65,6 +67,8 @@ class ControllerSettings:
     tls_key: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -113,6 +117,8 @@ class Controller:
         self.combiners: dict[str, CombinerConn] = {}
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
+        self.hub = EventHub()  # the typed event stream to subscribed admin links
+        self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
@@ -120,6 +126,7 @@ class Controller:
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
+        self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
             "token.create": (ADMIN, self._token_create),
@@ -137,9 +144,11 @@ class Controller:
             "client.ls": (ADMIN, self._client_ls),
             "client.wait": (ADMIN, self._client_wait),
             "combiner.ls": (ADMIN, self._combiner_ls),
+            "metric.ls": (ADMIN, self._metric_ls),
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
+            "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -195,11 +204,16 @@ class Controller:
     async def run(self, stop: asyncio.Event) -> None:
         self.prepare()
         s = self.settings
+        if s.metrics_port is not None:
+            from scaleout.roles import exporter
+
+            self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
+            log.info("Prometheus metrics at %s", self.obs.url)
         server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload)
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
-        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
+        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
         announce(f"{scheme}://{bracket(s.host)}:{port}")
@@ -218,8 +232,10 @@ class Controller:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
+            await self.hub.close()
             await self.registry.close()
             self.state.close()
+            await asyncio.to_thread(self.obs.close)
 
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
@@ -241,15 +257,33 @@ class Controller:
             roles, handler = entry
             if role not in roles:
                 raise AuthError(f"{'an' if role[0] in 'aeiou' else 'a'} {role} token may not do {req.op}")
-            return await handler(link, req.args, blob)
+            result = await handler(link, req.args, blob)
+            kind = PAYLOAD_OPS.get(req.op)
+            if kind is not None:  # models and packages in and out, for --metrics-port
+                self.obs.moved("in", kind, len(blob or b""))
+                out = result[1]
+                self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
+            return result
 
-        on_message = self._combiner_message(link) if role == "combiner" else None
+        on_message = self._combiner_message(link) if role == "combiner" else self._admin_message(link) if role == "admin" else None
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
             self.subscribers.discard(link)
+            self.hub.unsubscribe(link)
             if role == "combiner":
                 self._combiner_gone(link)
+
+    def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
+        async def handle(inc: Incoming) -> None:
+            if not isinstance(inc.msg, m.Subscribe):
+                raise ProtocolError(f"an admin may not send {inc.msg.type}")
+            self.hub.subscribe(link, inc.msg)
+
+        return handle
+
+    async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        return await snapshot(self, args), None
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -263,6 +297,7 @@ class Controller:
                 del self.combiners[name]
                 self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
+                self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
                 if self.session is not None:  # the link says which registration was lost
                     self.session.events.put_nowait(("lost", (name, link)))
                 self._registry_changed()
@@ -271,6 +306,10 @@ class Controller:
     def _registry_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
+        self._count_nodes()
+
+    def _count_nodes(self) -> None:
+        self.obs.nodes(len(self.combiners), sum(len(c.clients) for c in self.combiners.values()))
 
     def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
@@ -296,6 +335,7 @@ class Controller:
                         self.combiners[elsewhere].clients.discard(client)
                     c.clients.add(client)
                     self.assigner.client_joined(c.name, client)
+                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
                     self.registry.client(client, "online", c.name)
                 for client in msg.left:
                     if client not in c.clients:
@@ -304,6 +344,7 @@ class Controller:
                     self.assigner.client_left(c.name, client)
                     if client not in self.assigner.where:  # not already back on another combiner
                         self.registry.client(client, "offline", c.name)
+                        self.hub.publish(m.ClientLeft(client=client, combiner=c.name))
                 self.registry.combiner(c.name, "online", clients=len(c.clients))
                 self._registry_changed()
             elif isinstance(msg, m.Report):
@@ -333,6 +374,9 @@ class Controller:
             log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
             data = {}
         self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if msg.kind == "train":
+            self.obs.update_reported(error)
+        self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
@@ -353,6 +397,7 @@ class Controller:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
             result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
         self.combiners[name] = CombinerConn(name, link)
+        self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
         self.state.audit(name, "combiner.register")
@@ -368,11 +413,14 @@ class Controller:
         self.assigner.combiner_ready(c.name)
         self.state.upsert_combiner(c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
+        self.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
         self._registry_changed()
         return {}, None
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
+        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
+            self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
         best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
         c = self.combiners[best]
@@ -404,6 +452,33 @@ class Controller:
         await self.registry.flush()
         return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
 
+    async def _metric_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """What clients logged with log_metric, one row per value, oldest first: the latest
+        ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
+        globs ``client`` and ``key``; with how many match in all."""
+        from scaleout.store.metrics import KINDS, logged_metrics
+
+        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
+        if kind not in KINDS:
+            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
+        session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
+        round_index, limit = args.get("round_index"), args.get("limit", 0)
+        for name, value in (("session_id", session_id), ("client", client), ("key", key)):
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise ProtocolError(f"metric.ls: {name} must be text of 1-256 characters")
+        for name, value in (("round_index", round_index), ("limit", limit)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
+        if session_id is not None:
+            session_id = self._session_key({"id": None if session_id == "latest" else session_id})
+            self.state.session(session_id)  # no such session: say so, rather than list nothing
+        await self.registry.flush()  # what came in a moment ago is listed too
+        rows, total = await asyncio.to_thread(
+            self.registry.query,
+            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
+        )
+        return {"metrics": rows, "total": total}, None
+
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
             "url": self.url,
@@ -412,6 +487,7 @@ class Controller:
             "session": self.session.id if self.session else None,
             "combiners": len(self.combiners),
             "clients": sum(len(c.clients) for c in self.combiners.values()),
+            "metrics_url": self.obs.url,  # None without --metrics-port
         }, None
 
     # -- tokens, packages, models ----------------------------------------------------------
@@ -440,6 +516,7 @@ class Controller:
             self.state.set_meta("active_package", digest)
             self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
+        self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
         return {"id": digest, "name": name, "size": len(blob)}, None
 
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
@@ -464,6 +541,8 @@ class Controller:
             self.state.commit_model(digest, len(blob), aggregator="seed")
             self.state.audit(_actor(link), "model.set_seed", id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
+        self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
+        self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
     async def _model_bytes(self, model_id: str) -> bytes:
@@ -519,8 +598,10 @@ class Controller:
             self.state.add_session(session.id, cfg.to_dict(), model_id)
             self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
         self.session = session
+        self.obs.session_started()
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
+        self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
         return {"session": self.state.session(session.id)}, None
 
     async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -615,8 +696,16 @@ class Controller:
         return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell session.wait followers, without waiting for them: a follower still taking
+        the previous event (a stalled link) skips this one (it re-reads the session on the
+        next, and gets it whole in the reply), so it never holds up the rounds."""
         for link in list(self.subscribers):
-            await _quiet_send(link, m.Event(kind=kind, data=data))
+            busy = self._emitting.get(link)
+            if busy is not None and not busy.done():
+                continue
+            self._emitting[link] = asyncio.ensure_future(_quiet_send(link, m.Event(kind=kind, data=data)))
+        for link in [k for k, t in self._emitting.items() if t.done() and k not in self.subscribers]:
+            del self._emitting[link]
 
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None
@@ -654,8 +743,10 @@ class Controller:
             self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
             self._record_ends()
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
+            self.obs.session_finished(status)
             with contextlib.suppress(Exception):  # the role edge: the writer logs its own failures
                 await self.registry.flush()
+            self.hub.publish(m.SessionEnded(session_id=s.id, status=status, reason=reason))
             await self._emit("session", {"id": s.id, "status": status, "reason": reason})
             s.done.set()
 
@@ -702,6 +793,7 @@ class Controller:
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
+        self.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
@@ -714,6 +806,8 @@ class Controller:
                 s.storage_failure = s.storage_failure or exc
                 row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
+            self.obs.round_finished(status, duration)
+            self.hub.round_ended({**row, "session_id": s.id})
             return {**row, "index": index}
 
         if s.stopped:
@@ -799,6 +893,10 @@ class Controller:
             return finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
         self._model_cache = (model_id, new_bytes)  # the next round's global model: no need to read it back
+        self.hub.publish(m.ModelCommitted(
+            model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
+            contributors=len(contributors), size=len(new_bytes),
+        ))
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
         validation: dict[str, float] = {}
@@ -826,6 +924,7 @@ class Controller:
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
+        self.obs.moved("in", "partial", len(blob))
         partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
@@ -890,6 +989,7 @@ def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
     return partial
 
 
+PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
