@@ -212,6 +212,20 @@ def build_parser() -> ArgumentParser:
         _json_flag(c)
         _common(c)
 
+    p = sub.add_parser("audit", help="the controller's audit log: admin actions and model commits, hash-chained")
+    asub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    asub.required = True
+    c = asub.add_parser("ls", help="list audit entries, oldest first")
+    c.add_argument("--since", metavar="T", help="only entries from T on: an ISO time (2026-11-29T10:00:00Z) or a time ago (90s, 15m, 1h, 2d, 1w)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="at most the N newest entries (default: 100)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     p.add_argument("--clients", type=int, default=3, help="number of clients (default: 3)")

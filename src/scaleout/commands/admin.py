@@ -456,6 +456,55 @@ def combiner_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+AUDIT_COLUMNS = [("id", "ID"), ("when", "TIME"), ("actor", "WHO"), ("address", "FROM"), ("action", "ACTION"), ("what", "DETAIL")]
+
+
+def audit_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from scaleout.core.audit import parse_since
+
+    if args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    req: dict[str, Any] = {"limit": args.limit}
+    if args.since is not None:
+        req["since"] = parse_since(args.since, time.time())
+    rows = call(args, "audit.ls", req)[0]["entries"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(when=when(r["time"]), what=" ".join(f"{k}={_short(v)}" for k, v in (r["detail"] or {}).items()))
+        table(rows, AUDIT_COLUMNS, "no audit entries" + (f" since {args.since}" if args.since else ""))
+
+    emit(args, [{**r, "time": iso_utc(r["time"])} for r in rows] if args.json else rows, human)
+    return EXIT_OK
+
+
+def _short(value: Any) -> str:
+    """A detail's value on one line of a table: ids cut to 12 characters, lists joined."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def audit_verify(args: argparse.Namespace) -> int:
+    result, _ = call(args, "audit.verify")
+
+    def human() -> None:
+        if result["ok"]:
+            print(f"audit log intact: {result['entries']} entries, hash chain and head verified")
+        else:
+            broken = result["broken"]
+            print(f"audit log broken at entry {broken['id']}: {broken['reason']}")
+
+    emit(args, result, human)
+    return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("token", "create"): token_create,
     ("package", "set-active"): package_set_active,
@@ -471,4 +520,6 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("client", "ls"): client_ls,
     ("status", None): status,
     ("combiner", "ls"): combiner_ls,
+    ("audit", "ls"): audit_ls,
+    ("audit", "verify"): audit_verify,
 }

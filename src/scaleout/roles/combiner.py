@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleout.core import messages as m
-from scaleout.core import payload
+from scaleout.core import payload, permissions
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
@@ -223,6 +223,8 @@ class Combiner:
         async def on_message(inc: Incoming) -> None:
             nonlocal name, gate
             msg = inc.msg
+            if not permissions.may_send(link.claims.role, msg.type):  # the one table, before any handler
+                raise ProtocolError(f"a client may not send {msg.type}")
             if name is None:
                 if not isinstance(msg, m.Hello):
                     raise ProtocolError("say hello first")
@@ -248,6 +250,8 @@ class Combiner:
                 await self._on_result(name, inc)
             elif isinstance(msg, m.Metric):
                 job = self._job_of(msg.task_id)
+                if job is not None:
+                    _check_own_task(job, msg.task_id, name)
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
             else:
@@ -499,7 +503,9 @@ class Combiner:
         msg = inc.msg
         assert isinstance(msg, m.TaskResult)
         job = self._job_of(msg.task_id)
-        if job is None or job.tasks.get(msg.task_id) != client:
+        if job is not None:
+            _check_own_task(job, msg.task_id, client)
+        if job is None:
             log.info("ignoring a late or unknown result from client %s", client)
             return
         if client in job.tracker.reported or client in job.tracker.failed or client in job.pulling:
@@ -699,6 +705,15 @@ async def _with_backoff(step: Callable[[], Awaitable[T]], stop: asyncio.Event, r
         except asyncio.TimeoutError:
             pass
     return None
+
+
+def _check_own_task(job: Job, task_id: str, client: str) -> None:
+    """A client answers only its own tasks: a result or metric naming another client's task
+    is refused (and logged), never counted for either of them."""
+    owner = job.tasks.get(task_id)
+    if owner is not None and owner != client:
+        log.warning("round %d: client %s sent a message for task %s of client %s: refused", job.round_index, client, task_id, owner)
+        raise AuthError(f"task {task_id} is not yours: a client may send results and metrics only for its own tasks")
 
 
 def _encode_hashed(encode: Any, partial: Any) -> Hashed:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleout.core import messages as m
-from scaleout.core import payload
+from scaleout.core import payload, permissions
 from scaleout.core.config import SessionConfig
 from scaleout.core.errors import (
     AuthError,
@@ -140,6 +140,8 @@ class Controller:
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
+            "audit.ls": (ADMIN, self._audit_ls),
+            "audit.verify": (ADMIN, self._audit_verify),
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -231,19 +233,21 @@ class Controller:
     async def _on_link(self, link: Link) -> None:
         role = link.claims.role
         log.debug("%s connected with a %s token", link.peer, role)
-        if role == "client":  # clients only ask; they never upload to the controller
+        if role != "admin":
+            # Clients only ask, and a combiner uploads a partial only when asked for it (the
+            # limit is raised for that one pull): no node gets the admin's payload limit,
+            # registered or not, and none holds more than one payload at a time.
             link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
+            link.max_in_flight = 1
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
             entry = self._ops.get(req.op)
             if entry is None:
                 raise ProtocolError(f"unknown operation {req.op!r}")
-            roles, handler = entry
-            if role not in roles:
-                raise AuthError(f"{'an' if role[0] in 'aeiou' else 'a'} {role} token may not do {req.op}")
-            return await handler(link, req.args, blob)
+            permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
+            return await entry[1](link, req.args, blob)
 
-        on_message = self._combiner_message(link) if role == "combiner" else None
+        on_message = self._combiner_message(link) if role in ("combiner", "admin") else None
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
@@ -281,6 +285,8 @@ class Controller:
 
         async def record(inc: Incoming) -> None:
             msg = inc.msg
+            if not permissions.may_send(link.claims.role, msg.type):
+                raise ProtocolError(f"a {link.claims.role} may not send {msg.type}")
             c = self._combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
                 # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
@@ -355,7 +361,7 @@ class Controller:
         self.combiners[name] = CombinerConn(name, link)
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
-        self.state.audit(name, "combiner.register")
+        self.state.audit(_actor(link), "combiner.register", address=link.peer, name=name)
         return result, None
 
     async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -414,6 +420,24 @@ class Controller:
             "clients": sum(len(c.clients) for c in self.combiners.values()),
         }, None
 
+    # -- audit ----------------------------------------------------------------------------
+
+    async def _audit_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        since, limit = args.get("since"), args.get("limit", 100)
+        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
+            raise ProtocolError("audit.ls: since must be unix seconds")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 1_000_000:
+            raise ProtocolError("audit.ls: limit must be a whole number from 1 to 1000000")
+        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit, since))
+        return {"entries": rows[::-1]}, None  # oldest first, as a log reads
+
+    async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        checked, broken = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_verify())
+        result: dict[str, Any] = {"ok": broken is None, "entries": checked}
+        if broken is not None:
+            result["broken"] = {"id": broken.id, "reason": broken.reason}
+        return result, None
+
     # -- tokens, packages, models ----------------------------------------------------------
 
     async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -424,7 +448,7 @@ class Controller:
         jti = new_id()
         token = self.signer.issue(str(role), ttl, time.time(), jti=jti, sub=args.get("name"), controller=self.url, ca=self.ca_fingerprint)
         claims = tokens.peek(token)
-        self.state.audit(_actor(link), "token.create", role=role, jti=jti, exp=claims.exp)
+        self.state.audit(_actor(link), "token.create", address=link.peer, role=role, jti=jti, exp=claims.exp)
         return {"token": token, "role": role, "expires": claims.exp, "jti": jti}, None
 
     async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -438,7 +462,7 @@ class Controller:
         with self.state.transaction():
             self.state.add_package(digest, name, len(blob))
             self.state.set_meta("active_package", digest)
-            self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
+            self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
         return {"id": digest, "name": name, "size": len(blob)}, None
 
@@ -462,7 +486,7 @@ class Controller:
         digest = await asyncio.to_thread(self.blobs.put, MODEL[0], blob, MODEL[1])
         with self.state.transaction():
             self.state.commit_model(digest, len(blob), aggregator="seed")
-            self.state.audit(_actor(link), "model.set_seed", id=digest)
+            self.state.audit(_actor(link), "model.set_seed", address=link.peer, id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
@@ -517,7 +541,7 @@ class Controller:
         session = RunningSession(new_id("s-"), cfg)
         with self.state.transaction():  # a full disk must not leave a session row nobody runs
             self.state.add_session(session.id, cfg.to_dict(), model_id)
-            self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
+            self.state.audit(_actor(link), "session.start", address=link.peer, id=session.id, config=cfg.to_dict())
         self.session = session
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
@@ -550,7 +574,7 @@ class Controller:
         if s is None or s.id != key:
             row = self._with_end(self.state.session(key))
             raise ConflictError(f"session {key} is not running (it is {row['status']})")
-        self.state.audit(_actor(link), "session.stop", id=key)
+        self.state.audit(_actor(link), "session.stop", address=link.peer, id=key)
         await self._stop_session(s, "stopped by an admin")
         return {"session": self._with_end(self.state.session(key))}, None
 
@@ -896,6 +920,16 @@ CLIENT = frozenset({"client"})
 COMBINER = frozenset({"combiner"})
 
 
+def _read_state(path: Path, read: Callable[[State], T]) -> T:
+    """Run ``read`` on a connection of its own (in a thread: a long audit log is not read on
+    the event loop)."""
+    st = State(path, migrate=False)
+    try:
+        return read(st)
+    finally:
+        st.close()
+
+
 def _lock_data_dir(path: Path) -> Any:
     """Hold an exclusive lock on the data dir for this process's life: two controllers on
     one state.db would undo each other's sessions."""
@@ -929,8 +963,9 @@ def _check_package(data: bytes) -> None:
 
 
 def _actor(link: Link) -> str:
+    """Who did it, for the audit log: the token's role and id, and its name if it has one."""
     claims = link.claims
-    return f"{claims.role}:{claims.sub or claims.jti}"
+    return f"{claims.role}:{claims.jti}" + (f" ({claims.sub})" if claims.sub else "")
 
 
 async def _quiet_close(link: Link, code: int, reason: str) -> None:

@@ -1,0 +1,81 @@
+"""Who may do what: the one table of operations and messages per role, checked before any
+handler runs.
+
+    admin     everything an operator does (sessions, models, packages, tokens, audit)
+    combiner  register, receive round orders, fetch the round's model, upload its partial,
+              relay its clients' reports and membership
+    client    be assigned a combiner, fetch the active package, then (at its combiner) say
+              hello and answer its own tasks with its own results and metrics
+
+The roles are the authenticated claim of the link (the token's role, checked at the
+handshake); a node identity narrows them further (a client answers only tasks sent to its
+name), which the combiner checks per task. An operation missing from the table is an
+admin's alone: a new operation is never open to a node by accident.
+"""
+
+from __future__ import annotations
+
+from scaleout.core.errors import AuthError
+
+ADMIN = frozenset({"admin"})
+COMBINER = frozenset({"admin", "combiner"})  # admin may do everything
+CLIENT = frozenset({"admin", "client"})
+NODES = frozenset({"admin", "combiner", "client"})
+
+# Requests a link may make of the controller, by operation.
+REQUESTS: dict[str, frozenset[str]] = {
+    "status": ADMIN,
+    "token.create": ADMIN,
+    "package.set_active": ADMIN,
+    "package.get": CLIENT,
+    "model.set_seed": ADMIN,
+    "model.ls": ADMIN,
+    "model.show": ADMIN,
+    "model.get": COMBINER,
+    "session.start": ADMIN,
+    "session.ls": ADMIN,
+    "session.show": ADMIN,
+    "session.stop": ADMIN,
+    "session.wait": ADMIN,
+    "client.ls": ADMIN,
+    "client.wait": ADMIN,
+    "combiner.ls": ADMIN,
+    "client.assign": CLIENT,
+    "combiner.register": COMBINER,
+    "combiner.ready": COMBINER,
+    "audit.ls": ADMIN,
+    "audit.verify": ADMIN,
+}
+
+# Messages (not requests) a link of each role may send: to the controller (a combiner's)
+# and to a combiner (a client's). Anything else is a protocol error.
+_COMBINER_MESSAGES = frozenset({"clients.changed", "report", "round.partial", "validate.done"})
+_CLIENT_MESSAGES = frozenset({"hello", "task.result", "metric"})
+MESSAGES: dict[str, frozenset[str]] = {
+    "admin": _COMBINER_MESSAGES | _CLIENT_MESSAGES,
+    "combiner": _COMBINER_MESSAGES,
+    "client": _CLIENT_MESSAGES,
+}
+
+def request_roles(op: str) -> frozenset[str]:
+    """The roles that may request ``op`` (admin alone for an operation not in the table)."""
+    return REQUESTS.get(op, ADMIN)
+
+
+def may_request(role: str, op: str) -> bool:
+    return role in request_roles(op)
+
+
+def check_request(role: str, op: str) -> None:
+    """Raise AuthError unless a link of ``role`` may request ``op``."""
+    if not may_request(role, op):
+        raise AuthError(f"{_article(role)} {role} token may not do {op}")
+
+
+def may_send(role: str, msg_type: str) -> bool:
+    """Whether a link of ``role`` may send a message of ``msg_type`` (not a request)."""
+    return msg_type in MESSAGES.get(role, frozenset())
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
