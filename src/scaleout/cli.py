@@ -61,6 +61,20 @@ def _connection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true", default=None, help="connect without TLS (only to a controller started with --insecure)")
 
 
+def _connect_rate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-connect-rate", type=float, metavar="N",
+        help="new connections per second one address may open (bursts of 10 s worth); more get HTTP 429 (default: 200; 0: no limit)",
+    )
+
+
+def _package_limit_flags(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"compute package limits ({what})")
+    g.add_argument("--package-max-mb", type=int, metavar="MIB", help="total unpacked size, in MiB (default: 1024)")
+    g.add_argument("--package-max-files", type=int, metavar="N", help="files and directories (default: 10000)")
+    g.add_argument("--package-max-depth", type=int, metavar="N", help="directory levels (default: 32)")
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -80,6 +94,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    _connect_rate_flag(p)
+    _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)
 
@@ -91,6 +107,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _connect_rate_flag(p)
     _config_flag(p)
     _common(p)
 
@@ -100,8 +117,9 @@ def build_parser() -> ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
-    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (default: a temporary folder)")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked, the newest 3 kept (default: a temporary folder)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _package_limit_flags(p, "a downloaded package beyond these is refused")
     _config_flag(p)
     _common(p)
 

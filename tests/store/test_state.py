@@ -79,7 +79,9 @@ def test_set_clients_offline(state: State) -> None:
 def test_packages(state: State) -> None:
     state.add_package(A, "mnist.tgz", 123)
     state.add_package(A, "renamed.tgz", 999)  # content-addressed: first record stays
-    assert state.package(A) == {"id": A, "name": "mnist.tgz", "size": 123, "created": 1000.0}
+    assert state.package(A) == {"id": A, "name": "mnist.tgz", "size": 123, "created": 1000.0, "signature": None}
+    state.add_package(A, "again.tgz", 999, signature="c2ln")  # set active again: signed, the record stays
+    assert state.package(A)["name"] == "mnist.tgz" and state.package(A)["signature"] == "c2ln"
     with pytest.raises(NotFoundError) as info:
         state.package(AB)
     assert info.value.kind == "package" and info.value.key == AB

@@ -60,11 +60,41 @@ def _schemas() -> dict[str, dict[str, Any]]:
     from scaleout.core.config import PATH
 
     connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
+    package_limits = {"package_max_mb": int, "package_max_files": int, "package_max_depth": int}
     return {
-        "controller": {"data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int},
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
-        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH},
+        "controller": {
+            "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "max_connect_rate": (int, float), **package_limits,
+        },
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float)},
+        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH, **package_limits},
     }
+
+
+def _connect_rate(s: dict[str, Any]) -> float:
+    from scaleout.core.ratelimit import DEFAULT_RATE
+
+    rate = s.get("max_connect_rate")
+    if rate is None:
+        return DEFAULT_RATE
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
+        raise UsageError(f"--max-connect-rate must be a number of connections per second (0: no limit), got {rate!r}")
+    return float(rate)
+
+
+def _package_limits(s: dict[str, Any]) -> Any:
+    from scaleout.package.limits import MIB as PMIB
+    from scaleout.package.limits import UnpackLimits
+
+    base = UnpackLimits()
+    values = {"package_max_mb": base.max_bytes // PMIB, "package_max_files": base.max_files, "package_max_depth": base.max_depth}
+    for key in values:
+        v = s.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be a whole number of at least 1, got {v!r}")
+            values[key] = v
+    return UnpackLimits(max_bytes=values["package_max_mb"] * PMIB, max_files=values["package_max_files"], max_depth=values["package_max_depth"])
 
 
 def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -110,6 +140,8 @@ def serve(args: argparse.Namespace) -> int:
         tls_key=_path(s.get("tls_key")),
         insecure=bool(s.get("insecure")),
         max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        max_connect_rate=_connect_rate(s),
+        package_limits=_package_limits(s),
     )
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
@@ -147,6 +179,7 @@ def combine(args: argparse.Namespace) -> int:
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        max_connect_rate=_connect_rate(s),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)
@@ -163,6 +196,7 @@ def join(args: argparse.Namespace) -> int:
     settings = ClientSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
         package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        package_limits=_package_limits(s),
     )
     warn_if_expiring(conn.token, "client")
     return _run(Client(settings).run)

@@ -23,7 +23,8 @@ from scaleout.core.units import fmt_bytes
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
+from scaleout.core.ratelimit import DEFAULT_RATE
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
 from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -39,6 +40,8 @@ RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose li
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
 SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
+HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
+BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 
 
 @dataclass
@@ -54,6 +57,7 @@ class CombinerSettings:
     insecure: bool = False
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
 
 
 @dataclass
@@ -172,7 +176,8 @@ class Combiner:
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
-        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
+        rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
+        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None), connect_rate=rate)
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
@@ -226,8 +231,9 @@ class Combiner:
             if not permissions.may_send(link.claims.role, msg.type):  # the one table, before any handler
                 raise ProtocolError(f"a client may not send {msg.type}")
             if name is None:
-                if not isinstance(msg, m.Hello):
-                    raise ProtocolError("say hello first")
+                if not isinstance(msg, m.Hello):  # a protocol breaker: cut off at once
+                    await link.close_now(CLOSE_POLICY, f"say hello first (got {msg.type})")
+                    return
                 m.check_name(msg.name, "client name")
                 old = self.clients.get(msg.name)
                 if old is not None:
@@ -257,9 +263,11 @@ class Combiner:
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
+        watch = asyncio.ensure_future(link.watch(greeted=lambda: name is not None, hello_s=HELLO_TIMEOUT_S))
         try:
             await link.run(on_message=on_message)
         finally:
+            watch.cancel()
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))

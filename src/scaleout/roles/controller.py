@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,10 +33,14 @@ from scaleout.core.errors import (
 from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
 from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
+from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
+from scaleout.package.limits import UnpackLimits
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
-from scaleout.store.blobs import BlobStore
+from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
+from scaleout.security.packages import PackageSigner
+from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
@@ -53,6 +58,9 @@ PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial
 ASSIGNMENT_TTL_S = 30.0
 SMALL_PAYLOAD = 1 << 20
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
+HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
+CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
+BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 
 
 @dataclass
@@ -65,6 +73,8 @@ class ControllerSettings:
     tls_key: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_connect_rate: float = DEFAULT_RATE  # new connections per second per address (0: no limit)
+    package_limits: UnpackLimits = field(default_factory=UnpackLimits)
 
 
 @dataclass
@@ -148,13 +158,18 @@ class Controller:
 
     def prepare(self) -> None:
         """Create the data directory, TLS material, signing key, admin token and state."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Only this user reads what the controller writes: the data dir is 0700, and
+        # state.db (with its -wal and -shm), models and packages 0600 (see secure_data_dir).
+        os.umask(0o077)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_data_dir(self.dir)
         self._lock = _lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
+        self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
         self.ca_fingerprint: str | None = None
         s = self.settings
@@ -197,7 +212,10 @@ class Controller:
     async def run(self, stop: asyncio.Event) -> None:
         self.prepare()
         s = self.settings
-        server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload)
+        server, port = await serve(
+            self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload,
+            connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
+        )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
@@ -248,12 +266,22 @@ class Controller:
             return await entry[1](link, req.args, blob)
 
         on_message = self._combiner_message(link) if role in ("combiner", "admin") else None
+        watch = None
+        if role == "combiner":  # registers at once; a link that does not is dropped
+            watch = asyncio.ensure_future(link.watch(greeted=lambda: self._registered(link), hello_s=HELLO_TIMEOUT_S))
+        elif role == "client":  # asks for a combiner or the package, then goes
+            watch = asyncio.ensure_future(link.watch(idle_s=CLIENT_IDLE_S))
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
+            if watch is not None:
+                watch.cancel()
             self.subscribers.discard(link)
             if role == "combiner":
                 self._combiner_gone(link)
+
+    def _registered(self, link: Link) -> bool:
+        return any(c.link is link for c in self.combiners.values())
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -456,11 +484,11 @@ class Controller:
             raise ProtocolError("package.set_active needs the package bytes")
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
-        await asyncio.to_thread(_check_package, blob)
+        await asyncio.to_thread(_check_package, blob, self.settings.package_limits)
         digest = await asyncio.to_thread(self.blobs.put, PACKAGE[0], blob, PACKAGE[1])
         name = str(args.get("name") or "package.tgz")
         with self.state.transaction():
-            self.state.add_package(digest, name, len(blob))
+            self.state.add_package(digest, name, len(blob), signature=self.package_signer.sign(digest))
             self.state.set_meta("active_package", digest)
             self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
@@ -474,7 +502,12 @@ class Controller:
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:
             self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
-        return {"id": digest, "name": row["name"]}, Hashed(self._package_cache[1], digest)
+        signature = row.get("signature")
+        if not signature:  # activated before packages were signed: signed now, once
+            signature = self.package_signer.sign(digest)
+            self.state.add_package(digest, row["name"], row["size"], signature=signature)
+        info = {"id": digest, "name": row["name"], "signature": signature, "signing_key": self.package_signer.public_pem().decode()}
+        return info, Hashed(self._package_cache[1], digest)
 
     async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
@@ -951,15 +984,16 @@ def _lock_data_dir(path: Path) -> Any:
     return fh
 
 
-def _check_package(data: bytes) -> None:
-    """Refuse a package that would not unpack safely or has no scaleout.yaml."""
+def _check_package(data: bytes, limits: UnpackLimits) -> None:
+    """Refuse a package a client would refuse (the same check_archive, within the same
+    limits: it runs before anything is written) or one without a valid scaleout.yaml."""
     import tempfile
 
     from scaleout.package.archive import extract_archive
     from scaleout.package.project import load_project
 
     with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
-        load_project(extract_archive(data, Path(tmp) / "pkg"))
+        load_project(extract_archive(data, Path(tmp) / "pkg", limits=limits))
 
 
 def _actor(link: Link) -> str:

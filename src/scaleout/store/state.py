@@ -136,6 +136,8 @@ class State:
         for column in ("server_state", "timing"):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+        if "signature" not in {row[1] for row in self.db.execute("PRAGMA table_info(packages)")}:
+            self.db.execute("ALTER TABLE packages ADD COLUMN signature TEXT")  # the controller's, see security/packages.py
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
         if "hash" not in columns:  # entries from before the chain: chained now, in their order
             with self.transaction():
@@ -220,8 +222,13 @@ class State:
 
     # -- packages and models ----------------------------------------------------------
 
-    def add_package(self, digest: str, name: str, size: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO packages(id, name, size, created) VALUES(?, ?, ?, ?)", (digest, name, size, time.time()))
+    def add_package(self, digest: str, name: str, size: int, signature: str | None = None) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO packages(id, name, size, created, signature) VALUES(?, ?, ?, ?, ?)",
+            (digest, name, size, time.time(), signature),
+        )
+        if signature is not None:  # a package set again is signed again (by this controller's key)
+            self.db.execute("UPDATE packages SET signature=? WHERE id=?", (signature, digest))
 
     def package(self, digest: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM packages WHERE id=?", digest)
