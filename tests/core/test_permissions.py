@@ -32,9 +32,12 @@ def test_an_operation_not_in_the_table_is_the_admins_alone() -> None:
         p.check_request("admin-ish", "status")
 
 
-def test_messages_per_role() -> None:
-    assert p.may_send("client", "task.result") and p.may_send("client", "hello") and p.may_send("client", "metric")
-    assert not p.may_send("client", "round.partial") and not p.may_send("client", "report")
-    assert p.may_send("combiner", "round.partial") and p.may_send("combiner", "report")
-    assert not p.may_send("combiner", "hello") and not p.may_send("combiner", "task.result")
-    assert not p.may_send("nobody", "hello")
+def test_messages_per_role_and_receiver() -> None:
+    for t in ("task.result", "hello", "metric"):
+        assert p.may_send("client", t, "combiner") and not p.may_send("client", t, "controller")
+    for t in ("round.partial", "report", "clients.changed", "validate.done"):
+        assert p.may_send("combiner", t, "controller") and not p.may_send("client", t, "controller")
+        assert not p.may_send("combiner", t, "combiner")
+    assert not p.may_send("combiner", "hello", "controller") and not p.may_send("nobody", "hello", "combiner")
+    with pytest.raises(AuthError, match="a client may not send round.partial to the controller"):
+        p.check_message("client", "round.partial", "controller")

@@ -64,9 +64,9 @@ def _schemas() -> dict[str, dict[str, Any]]:
     return {
         "controller": {
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
-            "max_connect_rate": (int, float), **package_limits,
+            "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
         },
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float)},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float)},
         "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH, **package_limits},
     }
 
@@ -80,6 +80,16 @@ def _connect_rate(s: dict[str, Any]) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
         raise UsageError(f"--max-connect-rate must be a number of connections per second (0: no limit), got {rate!r}")
     return float(rate)
+
+
+def _timeout(s: dict[str, Any], key: str, default: float) -> float:
+    """A link timeout from the TOML config (seconds, positive), else the role's default."""
+    v = s.get(key)
+    if v is None:
+        return default
+    if not 0 < v <= 86400:
+        raise UsageError(f"{key} must be a number of seconds from 0 to 86400, got {v!r}")
+    return float(v)
 
 
 def _package_limits(s: dict[str, Any]) -> Any:
@@ -142,6 +152,8 @@ def serve(args: argparse.Namespace) -> int:
         max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         max_connect_rate=_connect_rate(s),
         package_limits=_package_limits(s),
+        hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
+        idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
     )
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
@@ -180,6 +192,7 @@ def combine(args: argparse.Namespace) -> int:
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         max_connect_rate=_connect_rate(s),
+        hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)

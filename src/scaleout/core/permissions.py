@@ -47,15 +47,15 @@ REQUESTS: dict[str, frozenset[str]] = {
     "audit.verify": ADMIN,
 }
 
-# Messages (not requests) a link of each role may send: to the controller (a combiner's)
-# and to a combiner (a client's). Anything else is a protocol error.
+# Messages (not requests) a link of each role may send, by receiver: a combiner's to the
+# controller, a client's to its combiner. Anything else is refused before it is looked at.
 _COMBINER_MESSAGES = frozenset({"clients.changed", "report", "round.partial", "validate.done"})
 _CLIENT_MESSAGES = frozenset({"hello", "task.result", "metric"})
-MESSAGES: dict[str, frozenset[str]] = {
-    "admin": _COMBINER_MESSAGES | _CLIENT_MESSAGES,
-    "combiner": _COMBINER_MESSAGES,
-    "client": _CLIENT_MESSAGES,
+MESSAGES: dict[str, dict[str, frozenset[str]]] = {
+    "controller": {"admin": _COMBINER_MESSAGES, "combiner": _COMBINER_MESSAGES},
+    "combiner": {"client": _CLIENT_MESSAGES},
 }
+
 
 def request_roles(op: str) -> frozenset[str]:
     """The roles that may request ``op`` (admin alone for an operation not in the table)."""
@@ -72,9 +72,16 @@ def check_request(role: str, op: str) -> None:
         raise AuthError(f"{_article(role)} {role} token may not do {op}")
 
 
-def may_send(role: str, msg_type: str) -> bool:
-    """Whether a link of ``role`` may send a message of ``msg_type`` (not a request)."""
-    return msg_type in MESSAGES.get(role, frozenset())
+def may_send(role: str, msg_type: str, to: str) -> bool:
+    """Whether a link of ``role`` may send a message of ``msg_type`` (not a request) ``to``
+    the controller or a combiner."""
+    return msg_type in MESSAGES.get(to, {}).get(role, frozenset())
+
+
+def check_message(role: str, msg_type: str, to: str) -> None:
+    """Raise AuthError unless a link of ``role`` may send ``msg_type`` ``to`` this receiver."""
+    if not may_send(role, msg_type, to):
+        raise AuthError(f"{_article(role)} {role} may not send {msg_type} to the {to}")
 
 
 def _article(word: str) -> str:

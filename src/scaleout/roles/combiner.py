@@ -58,6 +58,7 @@ class CombinerSettings:
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
+    hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
 
 
 @dataclass
@@ -228,8 +229,7 @@ class Combiner:
         async def on_message(inc: Incoming) -> None:
             nonlocal name, gate
             msg = inc.msg
-            if not permissions.may_send(link.claims.role, msg.type):  # the one table, before any handler
-                raise ProtocolError(f"a client may not send {msg.type}")
+            permissions.check_message(link.claims.role, msg.type, "combiner")  # the one table, before any handler
             if name is None:
                 if not isinstance(msg, m.Hello):  # a protocol breaker: cut off at once
                     await link.close_now(CLOSE_POLICY, f"say hello first (got {msg.type})")
@@ -263,7 +263,7 @@ class Combiner:
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
-        watch = asyncio.ensure_future(link.watch(greeted=lambda: name is not None, hello_s=HELLO_TIMEOUT_S))
+        watch = asyncio.ensure_future(link.watch(greeted=lambda: name is not None, hello_s=self.settings.hello_timeout))
         try:
             await link.run(on_message=on_message)
         finally:

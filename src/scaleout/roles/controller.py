@@ -75,6 +75,8 @@ class ControllerSettings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     max_connect_rate: float = DEFAULT_RATE  # new connections per second per address (0: no limit)
     package_limits: UnpackLimits = field(default_factory=UnpackLimits)
+    hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
+    idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
 
 
 @dataclass
@@ -265,12 +267,12 @@ class Controller:
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
             return await entry[1](link, req.args, blob)
 
-        on_message = self._combiner_message(link) if role in ("combiner", "admin") else None
+        on_message = self._combiner_message(link)  # what each role may send is checked there first
         watch = None
         if role == "combiner":  # registers at once; a link that does not is dropped
-            watch = asyncio.ensure_future(link.watch(greeted=lambda: self._registered(link), hello_s=HELLO_TIMEOUT_S))
+            watch = asyncio.ensure_future(link.watch(greeted=lambda: self._registered(link), hello_s=self.settings.hello_timeout))
         elif role == "client":  # asks for a combiner or the package, then goes
-            watch = asyncio.ensure_future(link.watch(idle_s=CLIENT_IDLE_S))
+            watch = asyncio.ensure_future(link.watch(idle_s=self.settings.idle_timeout))
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
@@ -313,8 +315,7 @@ class Controller:
 
         async def record(inc: Incoming) -> None:
             msg = inc.msg
-            if not permissions.may_send(link.claims.role, msg.type):
-                raise ProtocolError(f"a {link.claims.role} may not send {msg.type}")
+            permissions.check_message(link.claims.role, msg.type, "controller")
             c = self._combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
                 # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
