@@ -255,9 +255,9 @@ class Controller:
         log.debug("%s connected with a %s token", link.peer, role)
         if role != "admin":
             # Clients only ask, and a combiner uploads a partial only when asked for it (the
-            # limit is raised for that one pull): no node gets the admin's payload limit,
-            # registered or not, and none holds more than one payload at a time.
-            link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
+            # limit is raised for that one pull; registering sets SMALL_PAYLOAD): no node link
+            # may send a payload on its own, none holds more than one at a time.
+            link.max_payload = 0
             link.max_in_flight = 1
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:

@@ -52,6 +52,7 @@ CHUNK_BYTES = 1 << 20
 MAX_FRAME_BYTES = CHUNK_BYTES + 4096
 DEFAULT_MAX_PAYLOAD = 4 << 30
 MAX_BAD_FRAMES = 20
+TRIM_AFTER_BYTES = 4 << 20  # a link that read this much returns freed memory to the system as it closes
 ABORT_CLOSE_S = 0.1  # a peer we cut off gets this long to take the close frame, then TCP is dropped
 CLOSE_POLICY = 1008  # websocket close code: policy violation
 _PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"]+/)*([^\s/'\"]+)")
@@ -234,6 +235,7 @@ class Link:
         self._bad_frames = 0
         self._counter = 0
         self.last_frame = 0.0  # loop time a frame last arrived: see watch()
+        self._frame_bytes = 0  # binary frames read: memory to give back when the link closes
 
     # -- sending ---------------------------------------------------------------------
 
@@ -371,6 +373,7 @@ class Link:
                 self.last_frame = loop.time()
                 try:
                     if isinstance(frame, bytes):
+                        self._frame_bytes += len(frame)
                         await self._on_chunk(frame)
                     else:
                         await self._on_text(frame, on_message, on_request)
@@ -390,9 +393,12 @@ class Link:
             for task in list(self._tasks):
                 task.cancel()
             # Nothing a closed link received is wanted any more: let it all go now.
+            held = self._frame_bytes >= TRIM_AFTER_BYTES
             self._transfers.clear()
             self._blobs.clear()
             self._failed.clear()
+            if held:
+                release_memory()
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
@@ -581,6 +587,23 @@ class Link:
             del self._transfers[transfer]
             return None, "payload was referred to before all of it arrived"
         return None, f"message refers to unknown payload {transfer!r}"
+
+
+_TRIM: list[Any] = []  # glibc's malloc_trim, once looked up ([None] where there is none)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps 1 MiB buffers freed by a closed
+    link in its heap otherwise, so a burst of abusive links would raise RSS for good)."""
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 def scrub_paths(text: str) -> str:
