@@ -35,9 +35,18 @@ def test_an_operation_not_in_the_table_is_the_admins_alone() -> None:
 def test_messages_per_role_and_receiver() -> None:
     for t in ("task.result", "hello", "metric"):
         assert p.may_send("client", t, "combiner") and not p.may_send("client", t, "controller")
-    for t in ("round.partial", "report", "clients.changed", "validate.done"):
+    for t in ("round.partial", "report", "clients.changed", "round.validated"):
         assert p.may_send("combiner", t, "controller") and not p.may_send("client", t, "controller")
         assert not p.may_send("combiner", t, "combiner")
     assert not p.may_send("combiner", "hello", "controller") and not p.may_send("nobody", "hello", "combiner")
     with pytest.raises(AuthError, match="a client may not send round.partial to the controller"):
         p.check_message("client", "round.partial", "controller")
+
+
+def test_every_message_named_is_a_message_type() -> None:
+    from scaleout.core import messages
+
+    known = set(messages._REGISTRY)
+    for by_role in p.MESSAGES.values():
+        for types in by_role.values():
+            assert types <= known, types - known

@@ -15,6 +15,7 @@ admin's alone: a new operation is never open to a node by accident.
 
 from __future__ import annotations
 
+from scaleout.core import messages as m
 from scaleout.core.errors import AuthError
 
 ADMIN = frozenset({"admin"})
@@ -49,8 +50,8 @@ REQUESTS: dict[str, frozenset[str]] = {
 
 # Messages (not requests) a link of each role may send, by receiver: a combiner's to the
 # controller, a client's to its combiner. Anything else is refused before it is looked at.
-_COMBINER_MESSAGES = frozenset({"clients.changed", "report", "round.partial", "validate.done"})
-_CLIENT_MESSAGES = frozenset({"hello", "task.result", "metric"})
+_COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.ValidateDone))
+_CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric))
 MESSAGES: dict[str, dict[str, frozenset[str]]] = {
     "controller": {"admin": _COMBINER_MESSAGES, "combiner": _COMBINER_MESSAGES},
     "combiner": {"client": _CLIENT_MESSAGES},
