@@ -260,12 +260,16 @@ class Controller:
             link.max_payload = 0
             link.max_in_flight = 1
 
-        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
-            entry = self._ops.get(req.op)
-            if entry is None:
+        def authorize(req: m.Request) -> None:
+            if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
-            return await entry[1](link, req.args, blob)
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
+            authorize(req)  # done by the link already; kept here so no path skips it
+            return await self._ops[req.op][1](link, req.args, blob)
+
+        link.authorize = authorize
 
         on_message = self._combiner_message(link)  # what each role may send is checked there first
         watch = None

@@ -222,6 +222,8 @@ class Link:
         self.max_payload = max_payload
         self.max_in_flight = max_in_flight
         self.claims: Any = None  # set by the server side after the token check
+        # Raises (AuthError) for a request this peer may not make: checked before anything else.
+        self.authorize: Callable[[m.Request], None] | None = None
         # Told the progress of every payload arriving on this link, instead of the log lines;
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
@@ -483,6 +485,8 @@ class Link:
     async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
         data: bytes | Hashed | None = None
         try:
+            if self.authorize is not None:  # who may ask comes first, before what they sent with it
+                self.authorize(req)
             if inc.blob_error:
                 raise ProtocolError(inc.blob_error)
             if on_request is None:
