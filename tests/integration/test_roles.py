@@ -197,3 +197,74 @@ def test_a_client_cannot_send_results_or_metrics_for_another_clients_task(fed: F
     trains = {c["client"]: c for c in shown if c["kind"] == "train"}
     assert trains["alice"]["data"]["metadata"]["training_metadata"]["num_examples"] == 3, trains  # alice's own, not mallory's 10**9
     assert not trains["alice"]["error"] and not trains["mallory"]["error"], trains
+
+
+class FakeCombiner:
+    """A combiner speaking the protocol by hand: it registers with one client, "x", and
+    answers each round with a partial naming ``contributors`` (the seed, weight 1)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self.seed = seed
+        self.contributors = ["x"]
+        self.errors: asyncio.Queue[str] = asyncio.Queue()
+        self.partial: bytes | None = None
+
+    async def start(self, fed: Federation, token: str) -> None:
+        self.link = await link_connect(fed.url, token, client_context(fed.ca), max_payload=1 << 30)
+        self.reader = asyncio.create_task(self.link.run(on_message=self.on_message, on_request=self.on_request))
+        await self.link.request("combiner.register", {"name": "fake"}, timeout=TIMEOUT)
+        await self.link.request("combiner.ready", {"url": "wss://127.0.0.1:1"}, timeout=TIMEOUT)
+        await self.link.send(m.ClientsChanged(joined=["x"]))
+
+    async def on_message(self, inc: Incoming) -> None:
+        msg = inc.msg
+        if isinstance(msg, m.RoundStart):
+            from scaleout.core import payload
+            from scaleout.core.aggregators.base import Partial, encode_partial
+
+            named = {k: v.astype("float64") for k, v in payload.read(self.seed)[0].items()}
+            self.partial = encode_partial(Partial(named, 1.0, len(self.contributors), list(self.contributors)))
+            await self.link.send(m.RoundPartial(session_id=msg.session_id, round_index=msg.round_index, count=len(self.contributors), weight=1.0, size=len(self.partial)))
+
+    async def on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        assert req.op == "partial.get"
+        return {}, self.partial
+
+
+def test_a_combiner_may_speak_only_for_its_own_clients(fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    fed.controller()
+    seed_id = fed.seed_from(QUICKSTART)
+    seed = fed.admin("model.get", {"id": seed_id})[1]
+    assert seed is not None
+    token = fed.token("combiner")
+    admin = fed.conn
+    assert admin is not None
+
+    def report(client: str) -> m.Report:
+        return m.Report(kind="metric", session_id="s-1", round_index=1, client=client, data={"loss": 1.0})
+
+    async def go() -> list[dict[str, Any]]:
+        fake = FakeCombiner(seed)
+        await fake.start(fed, token)
+        for client in ("y", "x", "z"):
+            await fake.link.send(report(client))
+        await call_async(admin, "client.wait", {"count": 1, "timeout": TIMEOUT})
+        sessions = []
+        for contributors in (["mallory"], ["x", "x"], ["x"]):
+            fake.contributors = contributors
+            start = {"rounds": 1, "min_clients": 1, "validate": False, "round_timeout": 10}
+            s = (await call_async(admin, "session.start", start))[0]["session"]
+            sessions.append((await call_async(admin, "session.wait", {"id": s["id"]}))[0]["session"])
+        fake.reader.cancel()
+        return sessions
+
+    with caplog.at_level("WARNING", logger="scaleout.transport"):
+        stranger, twice, own = asyncio.run(asyncio.wait_for(go(), 60))
+    complaints = [r.getMessage() for r in caplog.records if "reported an error" in r.getMessage()]
+    assert len(complaints) == 2 and "may not report for client 'y'" in complaints[0] and "'z'" in complaints[1], complaints
+    assert stranger["status"] == "failed" and "partial aggregate names clients it was not given this round (mallory)" in stranger["rounds"][0]["reason"], stranger
+    assert twice["status"] == "failed" and "names a client twice" in twice["rounds"][0]["reason"], twice
+    assert own["status"] == "finished" and own["rounds"][0]["participants"] == ["x"], own
+    # Only the honest round made a model (the mean of one seed-valued partial: the seed again).
+    assert stranger["rounds"][0]["model_id"] is None and twice["rounds"][0]["model_id"] is None
+    assert own["rounds"][0]["model_id"] == seed_id

@@ -178,7 +178,7 @@ class Combiner:
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
         rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
-        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None), connect_rate=rate)
+        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate)
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
@@ -224,7 +224,7 @@ class Combiner:
         name: str | None = None
         gate: MetricGate | None = None  # the client's metric limits: per name, so reconnecting does not reset them
         link.max_in_flight = CLIENT_IN_FLIGHT
-        link.max_payload = self._client_limit(None)
+        link.max_payload = 0  # nothing before hello; a client's own limit after it
 
         async def on_message(inc: Incoming) -> None:
             nonlocal name, gate
@@ -247,6 +247,7 @@ class Combiner:
                     if stale is not None:
                         stale.cancel()
                 name = msg.name
+                link.max_payload = self._client_limit(name)
                 gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
                 log.info("client %s connected (%d clients)", name, len(self.clients))

@@ -127,6 +127,9 @@ class Controller:
         self.subscribers: set[Link] = set()
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
+        # The clients each combiner was given in the current round: it may report and
+        # aggregate for those (and for the clients attached to it), no others.
+        self.round_members: dict[str, frozenset[str]] = {}
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
@@ -365,6 +368,8 @@ class Controller:
             raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
         m.check_name(msg.session_id, "report: session id")
         m.check_name(msg.client, "report: client name")
+        if msg.client not in c.clients and msg.client not in self.round_members.get(c.name, ()):
+            raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
         data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
         try:
             check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
@@ -761,6 +766,7 @@ class Controller:
         template = payload.describe(global_bytes)
         layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
+        self.round_members = {name: frozenset(clients) for name, clients in selected.items()}
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
@@ -888,7 +894,7 @@ class Controller:
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
-        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
+        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count, self.round_members.get(name, frozenset()))
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
@@ -940,13 +946,18 @@ def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, stat
     return payload.encode_named(model, layout), state_bytes, new_state
 
 
-def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
-    """Decode a combiner's partial and add it to the round's aggregate (off the event loop)."""
+def _fold_partial(agg: Any, blob: bytes, count: int, members: frozenset[str]) -> Any:
+    """Decode a combiner's partial and add it to the round's aggregate (off the event loop);
+    a partial naming clients this combiner was not given this round is refused, unfolded."""
     from scaleout.core.aggregators import decode_partial
 
     partial = decode_partial(blob)
     if partial.count != count:
         raise PayloadError(f"partial says {partial.count} updates, message says {count}")
+    strangers = sorted(set(partial.contributors) - members)
+    if strangers or len(set(partial.contributors)) != len(partial.contributors):
+        what = f"clients it was not given this round ({', '.join(strangers[:5])})" if strangers else "a client twice"
+        raise UpdateRejected(f"partial aggregate names {what}")
     if partial.count:
         agg.add_partial(partial)
     return partial
