@@ -240,6 +240,7 @@ def build_parser() -> ArgumentParser:
     _json_flag(c)
     _common(c)
     c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
+    c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
     _connection(c)
     _json_flag(c)
     _common(c)

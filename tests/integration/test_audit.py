@@ -52,6 +52,11 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     code, out, err = cli(fed, "audit", "verify")
     assert code == 0, out + err
     assert out.strip() == f"audit log intact: {len(entries)} entries, hash chain and head verified"
+    fed.stop_all()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    assert r.returncode == 0 and r.stdout == out, r.stdout + r.stderr
+    r = scaleout("audit", "verify", "--state", str(fed.tmp / "nope.db"))
+    assert r.returncode == 2 and "is not a file" in r.stderr, r.stderr
 
 
 def tamper(db_path: Path, *statements: str) -> None:
@@ -104,3 +109,7 @@ def test_verify_finds_the_first_tampered_entry(fed: Federation, statements: list
     assert result["ok"] is False and result["broken"]["id"] == broken_id and why in result["broken"]["reason"], result
     code, out, _ = cli(fed, "audit", "verify")
     assert code == 1 and out.startswith(f"audit log broken at entry {broken_id}: "), out
+    # The same verdict from the file alone, with the controller stopped.
+    fed.stop_all()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["broken"]["id"] == broken_id, r.stdout + r.stderr

@@ -492,7 +492,7 @@ def _short(value: Any) -> str:
 
 
 def audit_verify(args: argparse.Namespace) -> int:
-    result, _ = call(args, "audit.verify")
+    result = _verify_file(args.state) if args.state is not None else call(args, "audit.verify")[0]
 
     def human() -> None:
         if result["ok"]:
@@ -503,6 +503,33 @@ def audit_verify(args: argparse.Namespace) -> int:
 
     emit(args, result, human)
     return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+def _verify_file(path: Path) -> dict[str, Any]:
+    """audit.verify on a state.db file, read-only (the controller may be stopped)."""
+    import sqlite3
+    from contextlib import closing
+
+    from scaleout.core.audit import verify_chain
+
+    if not path.is_file():
+        raise UsageError(f"--state {path} is not a file")
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.row_factory = sqlite3.Row
+            head = db.execute("SELECT value FROM meta WHERE key='audit_head'").fetchone()
+            rows = db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"--state {path} is not a controller's state.db with an audit log: {exc}") from None
+    parsed = None
+    if head is not None:
+        eid, _, digest = str(head[0]).partition(" ")
+        parsed = (int(eid) if eid.isdigit() else 0, digest)
+    checked, broken = verify_chain((dict(r) for r in rows), parsed)
+    result: dict[str, Any] = {"ok": broken is None, "entries": checked}
+    if broken is not None:
+        result["broken"] = {"id": broken.id, "reason": broken.reason}
+    return result
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
