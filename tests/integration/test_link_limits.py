@@ -53,7 +53,7 @@ async def closed_within(ws: ClientConnection, seconds: float) -> tuple[int | Non
 
 
 def test_hello_and_idle_timeouts(fed: Federation) -> None:
-    fed.controller("--config", config(fed, "controller", "hello_timeout = 1\nidle_timeout = 1\n"))
+    fed.controller("--config", config(fed, "controller", "hello_timeout = 1\nidle_timeout = 1\nhandshake_timeout = 1\n"))
     c1 = combiner(fed, "c1", "--config", config(fed, "c1", "hello_timeout = 1\n"))
     assert c1.url is not None
     client, comb = fed.token("client"), fed.token("combiner")
@@ -66,6 +66,17 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
         assert outcomes[1] == (1008, "no hello within 1 s"), outcomes  # a combiner token that never registers
         assert outcomes[2] == (1000, "idle for 1 s"), outcomes  # a client token that asks nothing
         assert time.monotonic() - started < 4
+        # Connections that never finish their handshakes: no TLS at all, or TLS and no request.
+        parts = urlsplit(fed.url)
+        started = time.monotonic()
+        silent = await asyncio.open_connection(parts.hostname, parts.port)
+        mute = await asyncio.open_connection(parts.hostname, parts.port, ssl=client_context(fed.ca), server_hostname=parts.hostname)
+        for reader, _ in (silent, mute):
+            try:
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+        assert time.monotonic() - started < 3.5
         # A client link whose first message is not hello is cut off at once.
         ws = await ws_to(c1.url, fed, client)  # type: ignore[arg-type]
         await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "task.result", "id": "1", "task_id": "t", "ok": True}))

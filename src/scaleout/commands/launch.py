@@ -65,8 +65,10 @@ def _schemas() -> dict[str, dict[str, Any]]:
         "controller": {
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
+            "handshake_timeout": (int, float),
         },
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float)},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
+                     "handshake_timeout": (int, float)},
         "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH, **package_limits},
     }
 
@@ -154,6 +156,7 @@ def serve(args: argparse.Namespace) -> int:
         package_limits=_package_limits(s),
         hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
+        handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
     )
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
@@ -193,6 +196,7 @@ def combine(args: argparse.Namespace) -> int:
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         max_connect_rate=_connect_rate(s),
         hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
+        handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)

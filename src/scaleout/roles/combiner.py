@@ -25,7 +25,7 @@ from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
-from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 T = TypeVar("T")
@@ -59,6 +59,7 @@ class CombinerSettings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
     hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
 
 
 @dataclass
@@ -178,7 +179,9 @@ class Combiner:
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
         rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
-        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate)
+        server, port = await serve(
+            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout
+        )
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)

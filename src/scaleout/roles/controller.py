@@ -44,7 +44,7 @@ from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
-from scaleout.transport.net import serve
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
@@ -77,6 +77,7 @@ class ControllerSettings:
     package_limits: UnpackLimits = field(default_factory=UnpackLimits)
     hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
 
 
 @dataclass
@@ -220,6 +221,7 @@ class Controller:
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
+            handshake_timeout=s.handshake_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"

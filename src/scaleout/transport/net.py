@@ -54,13 +54,14 @@ async def serve(
     *,
     max_payload: int,
     connect_rate: tuple[float, float] | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read; an
     address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
-    429 (a node retries with backoff) before its token is looked at. A handshake not done in
-    HANDSHAKE_TIMEOUT seconds is dropped. Returns the server and the port actually bound
+    429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
+    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped. Returns the server and the port actually bound
     (port 0 picks a free one).
     """
     from scaleout.core.ratelimit import RateLimiter
@@ -105,7 +106,7 @@ async def serve(
             max_size=MAX_FRAME_BYTES,
             max_queue=MAX_QUEUE,
             compression=None,
-            open_timeout=HANDSHAKE_TIMEOUT,
+            open_timeout=handshake_timeout,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             logger=logging.getLogger("scaleout.transport.ws"),
