@@ -400,7 +400,7 @@ class Link:
             self._blobs.clear()
             self._failed.clear()
             if held:
-                release_memory()
+                schedule_release()
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
@@ -594,6 +594,29 @@ class Link:
 
 
 _TRIM: list[Any] = []  # glibc's malloc_trim, once looked up ([None] where there is none)
+_RELEASE = {"running": False, "again": False}  # one release at a time; links closing meanwhile ask for one more
+
+
+def schedule_release() -> None:
+    """release_memory() in a worker thread (it walks the heap): one at a time, and once more
+    after it for the links that closed while it ran."""
+    if _RELEASE["running"]:
+        _RELEASE["again"] = True
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no running loop (shutting down): the process ends anyway
+        return
+    _RELEASE["running"], _RELEASE["again"] = True, False
+
+    def done(fut: asyncio.Future[None]) -> None:
+        _RELEASE["running"] = False
+        if not fut.cancelled():
+            fut.exception()  # looked at: a failure here is not worth a log line
+        if _RELEASE["again"]:
+            schedule_release()
+
+    loop.run_in_executor(None, release_memory).add_done_callback(done)
 
 
 def release_memory() -> None:
