@@ -269,3 +269,24 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
     counts = asyncio.run(flood())
     assert counts["tcp"] + counts["no_hello"] + counts["bad_token"] + counts["slow_reader"] == 305, counts
     assert counts["session_s"] < 10, counts  # type: ignore[operator]  # 2 rounds with validation: under a second unloaded
+
+
+def test_a_node_that_keeps_asking_for_what_is_not_its_own_is_cut_off(fed: Federation) -> None:
+    fed.controller()
+    token = fed.token("client")
+
+    async def go() -> tuple[int | None, str, int]:
+        ws = await ws_to(fed.url, fed, token)
+        for i in range(25):
+            await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"r{i}", "op": "session.start", "args": {}}))
+        refusals = 0
+        with pytest.raises(ConnectionClosed):
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                assert msg["type"] == "reply" and msg["error"]["code"] == "unauthorized", msg
+                refusals += 1
+        return ws.close_code, ws.close_reason, refusals
+
+    code, reason, refusals = asyncio.run(go())
+    assert (code, reason) == (1008, "too many refused requests") and 20 <= refusals <= 21, (code, reason, refusals)
+    assert fed.admin("session.ls")[0]["sessions"] == []

@@ -484,9 +484,16 @@ class Link:
 
     async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
         data: bytes | Hashed | None = None
+        cut_off = False  # told why, then closed
         try:
             if self.authorize is not None:  # who may ask comes first, before what they sent with it
-                self.authorize(req)
+                try:
+                    self.authorize(req)
+                except ScaleoutError as exc:  # asking for what is not yours counts as abuse too
+                    self._bad_frames += 1
+                    log.warning("refused %s from %s: %s", req.op, self.peer, exc)
+                    cut_off = self._bad_frames > MAX_BAD_FRAMES
+                    raise
             if inc.blob_error:
                 raise ProtocolError(inc.blob_error)
             if on_request is None:
@@ -512,7 +519,9 @@ class Link:
             else:
                 await self.send_with_blob(reply, data)
         except LinkClosed:
-            pass
+            return
+        if cut_off:
+            await self.close_now(CLOSE_POLICY, "too many refused requests")
 
     def _on_blob_start(self, start: m.BlobStart) -> None:
         if start.size < 0:
