@@ -39,6 +39,7 @@ def test_messages_per_role_and_receiver() -> None:
         assert p.may_send("combiner", t, "controller") and not p.may_send("client", t, "controller")
         assert not p.may_send("combiner", t, "combiner")
     assert not p.may_send("combiner", "hello", "controller") and not p.may_send("nobody", "hello", "combiner")
+    assert p.may_send("admin", "anything.new", "controller")  # admin: everything
     with pytest.raises(AuthError, match="a client may not send round.partial to the controller"):
         p.check_message("client", "round.partial", "controller")
 

@@ -21,7 +21,6 @@ from scaleout.core.errors import AuthError
 ADMIN = frozenset({"admin"})
 COMBINER = frozenset({"admin", "combiner"})  # admin may do everything
 CLIENT = frozenset({"admin", "client"})
-NODES = frozenset({"admin", "combiner", "client"})
 
 # Requests a link may make of the controller, by operation.
 REQUESTS: dict[str, frozenset[str]] = {
@@ -53,7 +52,7 @@ REQUESTS: dict[str, frozenset[str]] = {
 _COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.ValidateDone))
 _CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric))
 MESSAGES: dict[str, dict[str, frozenset[str]]] = {
-    "controller": {"admin": _COMBINER_MESSAGES, "combiner": _COMBINER_MESSAGES},
+    "controller": {"combiner": _COMBINER_MESSAGES},
     "combiner": {"client": _CLIENT_MESSAGES},
 }
 
@@ -75,8 +74,9 @@ def check_request(role: str, op: str) -> None:
 
 def may_send(role: str, msg_type: str, to: str) -> bool:
     """Whether a link of ``role`` may send a message of ``msg_type`` (not a request) ``to``
-    the controller or a combiner."""
-    return msg_type in MESSAGES.get(to, {}).get(role, frozenset())
+    the controller or a combiner (an admin may send anything: what the receiver does not
+    take is refused by its handler, as for any link)."""
+    return role == "admin" or msg_type in MESSAGES.get(to, {}).get(role, frozenset())
 
 
 def check_message(role: str, msg_type: str, to: str) -> None:
