@@ -249,8 +249,10 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
             with pytest.raises(InvalidStatus):
                 await ws_to(fed.url, fed, "sco1.e30.AAAA")
             counts["bad_token"] += 1
-        for i in range(5):  # combiner links asking for the model and never reading the answer
+        for i in range(5):  # combiners asking for the model and never reading the answer
             ws = await ws_to(fed.url, fed, comb, max_queue=1)
+            await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"r{i}", "op": "combiner.register", "args": {"name": f"slow-{i}"}}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["ok"] is True
             await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"g{i}", "op": "model.get", "args": {}}))
             held.append(ws)
             counts["slow_reader"] += 1

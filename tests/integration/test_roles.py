@@ -103,6 +103,13 @@ def test_a_node_link_gets_a_nodes_payload_limit_before_it_registers(fed: Federat
     asyncio.run(go())
 
 
+def test_a_combiner_must_register_before_anything_else(fed: Federation) -> None:
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    err = refused(fed, fed.token("combiner"), "model.get")
+    assert err.code == "unauthorized" and "register first" in str(err), err
+
+
 def test_nodes_may_not_send_each_others_messages_to_the_controller(fed: Federation) -> None:
     fed.controller()
     cases = [

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import QUICKSTART, Federation, scaleout
 
-from scaleout.commands.admin import call_async
-from scaleout.commands.connection import Connection
 from scaleout.core.errors import RemoteError
 from scaleout.package.archive import create_archive
+from scaleout.security.tls import client_context
+from scaleout.transport.net import connect
 
 
 def mode(path: Path) -> int:
@@ -88,10 +88,21 @@ def test_errors_sent_to_a_node_name_no_path_of_ours(fed: Federation) -> None:
     seed = fed.seed_from(QUICKSTART)
     model = fed.data / "models" / f"{seed}.safetensors"
     model.write_bytes(b"not the model any more")  # the disk went bad
-    combiner = Connection(fed.url, fed.token("combiner"), Path(fed.ca), False)
-    with pytest.raises(RemoteError) as info:
-        asyncio.run(asyncio.wait_for(call_async(combiner, "model.get", {"id": seed}), 10))
-    message = str(info.value)
+    token = fed.token("combiner")
+
+    async def fetch_as_combiner() -> RemoteError:
+        link = await connect(fed.url, token, client_context(fed.ca), max_payload=1 << 30)
+        reader = asyncio.create_task(link.run())
+        try:
+            await link.request("combiner.register", {"name": "c1"}, timeout=10)
+            with pytest.raises(RemoteError) as info:
+                await link.request("model.get", {"id": seed}, timeout=10)
+            return info.value
+        finally:
+            await link.ws.close()
+            reader.cancel()
+
+    message = str(asyncio.run(fetch_as_combiner()))
     assert "is corrupt" in message and f".../{seed}.safetensors" in message, message
     assert str(fed.tmp) not in message and "/models/" not in message, message
     # The controller's own admin is told where the file is.

@@ -131,6 +131,7 @@ class Controller:
         # The clients each combiner was given in the current round: it may report and
         # aggregate for those (and for the clients attached to it), no others.
         self.round_members: dict[str, frozenset[str]] = {}
+        self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
@@ -269,6 +270,8 @@ class Controller:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
+            if role == "combiner" and req.op != "combiner.register" and not self._registered(link):
+                raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
             authorize(req)  # done by the link already; kept here so no path skips it
@@ -279,7 +282,8 @@ class Controller:
         on_message = self._combiner_message(link)  # what each role may send is checked there first
         watch = None
         if role == "combiner":  # registers at once; a link that does not is dropped
-            watch = asyncio.ensure_future(link.watch(greeted=lambda: self._registered(link), hello_s=self.settings.hello_timeout))
+            greeted = lambda: self._registered(link) or link in self._registering  # noqa: E731
+            watch = asyncio.ensure_future(link.watch(greeted=greeted, hello_s=self.settings.hello_timeout))
         elif role == "client":  # asks for a combiner or the package, then goes
             watch = asyncio.ensure_future(link.watch(idle_s=self.settings.idle_timeout))
         try:
@@ -385,6 +389,13 @@ class Controller:
     # -- combiner and client registry -----------------------------------------------------
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        self._registering.add(link)  # the hello timeout waits for a registration under way
+        try:
+            return await self._register_combiner(link, args)
+        finally:
+            self._registering.discard(link)
+
+    async def _register_combiner(self, link: Link, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "combiner name")
         old = self.combiners.get(name)
         if old is not None and old.link is not link:
