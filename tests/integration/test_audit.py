@@ -32,19 +32,25 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     entries = json.loads(out)
     actions = [e["action"] for e in entries]
     assert actions == ["model.set_seed", "package.set_active", "token.create", "token.create", "combiner.register", "session.start", "model.commit"], actions
+    # An admin taking a model away is recorded too (the combiner's fetch each round is not).
+    code, _, err = cli(fed, "model", "download", "active", "-o", str(fed.tmp / "m.safetensors"))
+    assert code == 0, err
+    download = json.loads(cli(fed, "audit", "ls", "--json", "--limit", "1")[1])[0]
+    assert download["action"] == "model.download" and download["detail"]["id"] == entries[-1]["detail"]["id"], download
+    entries.append(download)
     admin = entries[0]
     assert admin["actor"].startswith("admin:") and admin["address"].startswith("127.0.0.1:"), admin
     assert admin["detail"]["id"] == seed and admin["time"].endswith("Z")
     created = entries[2]["detail"]
     assert set(created) == {"role", "jti", "exp"}, created  # the token's id, never the token
-    commit = entries[-1]["detail"]
+    commit = entries[-2]["detail"]
     assert commit["parent"] == seed and commit["aggregator"] == "fedavg" and commit["contributors"] == ["a"], commit
     assert commit["id"] == session["rounds"][0]["model_id"] and commit["session"] == session["id"]
     # Newest first in the table; --since and --limit narrow it.
     code, out, _ = cli(fed, "audit", "ls")
-    assert code == 0 and out.splitlines()[0].split()[:2] == ["ID", "TIME"] and "model.commit" in out.splitlines()[-1], out
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["ID", "TIME"] and "model.download" in out.splitlines()[-1], out
     code, out, _ = cli(fed, "audit", "ls", "--since", "1h", "--limit", "2", "--json")
-    assert [e["action"] for e in json.loads(out)] == ["session.start", "model.commit"]
+    assert [e["action"] for e in json.loads(out)] == ["model.commit", "model.download"]
     code, out, _ = cli(fed, "audit", "ls", "--since", "2999-01-01T00:00:00Z")
     assert code == 0 and out.strip() == "no audit entries since 2999-01-01T00:00:00Z", out
     code, _, err = cli(fed, "audit", "ls", "--since", "yesterday")

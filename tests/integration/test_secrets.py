@@ -154,6 +154,8 @@ def test_a_client_refuses_a_package_whose_signature_does_not_verify(fed: Federat
     ok = fed.client("ok")
     fed.wait_clients(1)
     assert "signature verified" in ok.text()
+    cache = fed.tmp / "ok" / "package"
+    assert mode(cache) == 0o700 and mode(fed.tmp / "ok" / "controller-package.pub") == 0o600
     # Someone with the state file swaps the signature for another package's.
     with closing(sqlite3.connect(fed.data / "state.db")) as db:
         (sig,) = db.execute("SELECT signature FROM packages WHERE id=?", (package,)).fetchone()

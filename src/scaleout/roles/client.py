@@ -103,6 +103,7 @@ class Client:
             _verify_signature(info, digest, s.data_dir)
             base = s.data_dir or Path(self._tempdir())
             self.cache = base / "package"
+            self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # the package's code: this user's alone
             dest = self.cache / digest[:16]
             if dest.exists() and (dest / ".complete").exists():
                 root = Path((dest / ".complete").read_text().strip())

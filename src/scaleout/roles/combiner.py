@@ -174,7 +174,7 @@ class Combiner:
             if s.data_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
             cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
-            cert_dir.mkdir(parents=True, exist_ok=True)
+            cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")

@@ -580,7 +580,10 @@ class Controller:
         if not key:
             raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
-        return {"id": row["id"]}, Hashed(await self._model_bytes(row["id"]), row["id"])  # its id is its sha256
+        data = await self._model_bytes(row["id"])
+        if link.claims.role == "admin":  # a model leaving the federation (combiners fetch one every round)
+            self.state.audit(_actor(link), "model.download", address=link.peer, id=row["id"])
+        return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
 
     # -- sessions ---------------------------------------------------------------------------
 
