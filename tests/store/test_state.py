@@ -327,3 +327,39 @@ def test_end_session_fails_only_unfinished_rounds(state: State) -> None:
     assert (row["status"], row["reason"], row["finished"], row["end_model"]) == ("failed", "round 2: disk full", 5000.0, A)
     assert [(r["status"], r["reason"]) for r in row["rounds"]] == [("succeeded", None), ("failed", "disk full")]
     assert row["rounds"][1]["finished"] == 5000.0
+
+
+def test_the_audit_chain_holds_with_writers_on_two_connections(tmp_path: Path) -> None:
+    import threading
+
+    first = State(tmp_path / "state.db")
+    second = State(tmp_path / "state.db")  # as the registry writer's connection, in another thread
+
+    def append(st: State, who: str) -> None:
+        for i in range(50):
+            st.audit(who, "x", i=i)
+            st.add_report("metric", "s", 1, who, {"i": i}, None)  # other writes in between
+
+    threads = [threading.Thread(target=append, args=(st, who)) for st, who in ((first, "a"), (second, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert first.audit_verify() == (100, None)
+    first.close()
+    second.close()
+
+
+def test_an_older_audit_log_is_chained_in_place(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL)")
+    db.execute("INSERT INTO audit(time, actor, action, detail) VALUES(1.0, 'admin', 'session.start', '{}')")
+    db.commit()
+    db.close()
+    st = State(tmp_path / "old.db")
+    st.audit("admin", "session.stop")
+    assert st.audit_verify() == (2, None)
+    assert [e["action"] for e in st.audit_log()] == ["session.stop", "session.start"]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        st.db.execute("UPDATE audit SET actor='x' WHERE id=1")
+    st.close()

@@ -157,13 +157,15 @@ class State:
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, immediate: bool = False) -> Iterator[None]:
         """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
-        Inside another transaction, the writes simply join it."""
+        Inside another transaction, the writes simply join it. ``immediate`` takes the write
+        lock at once: for a transaction that reads before it writes (in WAL mode a deferred
+        one fails, without waiting, if another connection wrote in between)."""
         if self.db.in_transaction:
             yield
             return
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield
             self.db.execute("COMMIT")
@@ -373,7 +375,7 @@ class State:
     def audit(self, actor: str, action: str, *, address: str | None = None, **detail: Any) -> None:
         """Append an entry to the audit log, chained to the one before (core/audit.py):
         ``actor`` is who (role and token id or node name), ``address`` where from."""
-        with self.transaction():
+        with self.transaction(immediate=True):  # reads the head, then appends after it
             head = self.get_meta(AUDIT_HEAD)
             prev = head.split(" ", 1)[1] if head else GENESIS
             (next_id,) = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM audit").fetchone()
