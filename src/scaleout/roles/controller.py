@@ -275,7 +275,14 @@ class Controller:
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
             authorize(req)  # done by the link already; kept here so no path skips it
-            return await self._ops[req.op][1](link, req.args, blob)
+            registering = req.op == "combiner.register"
+            if registering:
+                self._registering.add(link)  # the hello timeout waits for a registration under way
+            try:
+                return await self._ops[req.op][1](link, req.args, blob)
+            finally:
+                if registering:
+                    self._registering.discard(link)
 
         link.authorize = authorize
 
@@ -389,13 +396,6 @@ class Controller:
     # -- combiner and client registry -----------------------------------------------------
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        self._registering.add(link)  # the hello timeout waits for a registration under way
-        try:
-            return await self._register_combiner(link, args)
-        finally:
-            self._registering.discard(link)
-
-    async def _register_combiner(self, link: Link, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "combiner name")
         old = self.combiners.get(name)
         if old is not None and old.link is not link:
