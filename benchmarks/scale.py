@@ -62,7 +62,7 @@ async def run(a: argparse.Namespace, root: Path) -> dict[str, Any]:
         common = ["--controller", conn.url, "--ca", str(conn.ca)]
         combiners = []
         for i in range(1, a.combiners + 1):
-            child, _ = await start_child(f"combiner-{i}", ["combine", *common, "--name", f"combiner-{i}", "--port", "0"], logs, True, "warning", env={"SCALEOUT_TOKEN": ctok})
+            child, _ = await start_child(f"combiner-{i}", ["combine", *common, "--name", f"combiner-{i}", "--port", "0", "--max-connect-rate", "0"], logs, True, "warning", env={"SCALEOUT_TOKEN": ctok})
             children.append(child)
             combiners.append(child)
         baseline = {c.name: rss_mb(c.proc.pid) for c in [controller, *combiners]}

@@ -66,6 +66,20 @@ def _join_token(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--state-dir", type=Path, metavar="DIR", help=f"where this {role} keeps its enrolled identity and the controller's CA (default: ~/.local/state/scaleout" + (", or --work-dir" if role == "client" else "") + ")")
 
 
+def _connect_rate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-connect-rate", type=float, metavar="N",
+        help="new connections per second one address may open (bursts of 10 s worth); more get HTTP 429 (default: 200; 0: no limit)",
+    )
+
+
+def _package_limit_flags(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"compute package limits ({what})")
+    g.add_argument("--package-max-mb", type=int, metavar="MIB", help="total unpacked size, in MiB (default: 1024)")
+    g.add_argument("--package-max-files", type=int, metavar="N", help="files and directories (default: 10000)")
+    g.add_argument("--package-max-depth", type=int, metavar="N", help="directory levels (default: 32)")
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -94,6 +108,8 @@ def build_parser() -> ArgumentParser:
         "--metrics-host", metavar="HOST",
         help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
     )
+    _connect_rate_flag(p)
+    _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)
 
@@ -106,6 +122,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _connect_rate_flag(p)
     _config_flag(p)
     _common(p)
 
@@ -116,12 +133,13 @@ def build_parser() -> ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
-    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked, and the identity kept unless --state-dir is given (default: a temporary folder)")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (the newest 3 kept), and the identity kept unless --state-dir is given (default: a temporary folder)")
     p.add_argument("--dispatcher", action="store_true", default=None, help="run the package's train/validate/predict entry points as commands (automatic when they are {command: ...})")
     p.add_argument("--command-timeout", type=float, metavar="SECONDS", help="time limit of each dispatcher command (default: 3600); an entry's `timeout:` in the project file wins")
     p.add_argument("--managed-env", action="store_true", default=None, help="run the package in a venv made from its python_env.yaml (created once, cached by the file's hash)")
     p.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
+    _package_limit_flags(p, "a downloaded package beyond these is refused")
     _config_flag(p)
     _common(p)
 
@@ -286,6 +304,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
     _connection(p)
     _common(p)
+
+    p = sub.add_parser("audit", help="the controller's audit log: admin actions and model commits, hash-chained")
+    asub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    asub.required = True
+    c = asub.add_parser("ls", help="list audit entries, oldest first")
+    c.add_argument("--since", metavar="T", help="only entries from T on: an ISO time (2026-11-29T10:00:00Z) or a time ago (90s, 15m, 1h, 2d, 1w)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="at most the N newest entries (default: 100)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
+    c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
 
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")

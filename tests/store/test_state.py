@@ -83,7 +83,9 @@ def test_set_clients_offline(state: State) -> None:
 def test_packages(state: State) -> None:
     state.add_package(A, "mnist.tgz", 123)
     state.add_package(A, "renamed.tgz", 999)  # content-addressed: first record stays
-    assert state.package(A) == {"id": A, "name": "mnist.tgz", "size": 123, "created": 1000.0}
+    assert state.package(A) == {"id": A, "name": "mnist.tgz", "size": 123, "created": 1000.0, "signature": None}
+    state.add_package(A, "again.tgz", 999, signature="c2ln")  # set active again: signed, the record stays
+    assert state.package(A)["name"] == "mnist.tgz" and state.package(A)["signature"] == "c2ln"
     with pytest.raises(NotFoundError) as info:
         state.package(AB)
     assert info.value.kind == "package" and info.value.key == AB
@@ -346,3 +348,39 @@ def test_an_older_state_db_gains_the_command_tables_and_client_columns(tmp_path:
     finally:
         st.close()
     State(path).close()  # opening it again changes nothing
+
+
+def test_the_audit_chain_holds_with_writers_on_two_connections(tmp_path: Path) -> None:
+    import threading
+
+    first = State(tmp_path / "state.db")
+    second = State(tmp_path / "state.db")  # as the registry writer's connection, in another thread
+
+    def append(st: State, who: str) -> None:
+        for i in range(50):
+            st.audit(who, "x", i=i)
+            st.add_report("metric", "s", 1, who, {"i": i}, None)  # other writes in between
+
+    threads = [threading.Thread(target=append, args=(st, who)) for st, who in ((first, "a"), (second, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert first.audit_verify() == (100, None)
+    first.close()
+    second.close()
+
+
+def test_an_older_audit_log_is_chained_in_place(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL)")
+    db.execute("INSERT INTO audit(time, actor, action, detail) VALUES(1.0, 'admin', 'session.start', '{}')")
+    db.commit()
+    db.close()
+    st = State(tmp_path / "old.db")
+    st.audit("admin", "session.stop")
+    assert st.audit_verify() == (2, None)
+    assert [e["action"] for e in st.audit_log()] == ["session.stop", "session.start"]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        st.db.execute("UPDATE audit SET actor='x' WHERE id=1")
+    st.close()

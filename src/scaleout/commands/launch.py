@@ -60,18 +60,58 @@ def _schemas() -> dict[str, dict[str, Any]]:
     from scaleout.core.config import PATH
 
     connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int, "state_dir": PATH}
+    package_limits = {"package_max_mb": int, "package_max_files": int, "package_max_depth": int}
     return {
         "controller": {
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
+            "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
+            "handshake_timeout": (int, float),
         },
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
+                     "handshake_timeout": (int, float)},
         "client": {
             **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
-            "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH,
+            "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH, **package_limits,
         },
     }
+
+
+def _connect_rate(s: dict[str, Any]) -> float:
+    from scaleout.core.ratelimit import DEFAULT_RATE
+
+    rate = s.get("max_connect_rate")
+    if rate is None:
+        return DEFAULT_RATE
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
+        raise UsageError(f"--max-connect-rate must be a number of connections per second (0: no limit), got {rate!r}")
+    return float(rate)
+
+
+def _timeout(s: dict[str, Any], key: str, default: float) -> float:
+    """A link timeout from the TOML config (seconds, positive), else the role's default."""
+    v = s.get(key)
+    if v is None:
+        return default
+    if not 0 < v <= 86400:
+        raise UsageError(f"{key} must be a number of seconds from 0 to 86400, got {v!r}")
+    return float(v)
+
+
+def _package_limits(s: dict[str, Any]) -> Any:
+    from scaleout.package.limits import MIB as PMIB
+    from scaleout.package.limits import UnpackLimits
+
+    base = UnpackLimits()
+    values = {"package_max_mb": base.max_bytes // PMIB, "package_max_files": base.max_files, "package_max_depth": base.max_depth}
+    for key in values:
+        v = s.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be a whole number of at least 1, got {v!r}")
+            values[key] = v
+    return UnpackLimits(max_bytes=values["package_max_mb"] * PMIB, max_files=values["package_max_files"], max_depth=values["package_max_depth"])
 
 
 def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -119,6 +159,11 @@ def serve(args: argparse.Namespace) -> int:
         max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         metrics_port=_metrics_port(s.get("metrics_port")),
         metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
+        max_connect_rate=_connect_rate(s),
+        package_limits=_package_limits(s),
+        hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
+        idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
+        handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
     )
     if s.get("combiner_cert_ttl"):
         from scaleout.security.tokens import parse_ttl
@@ -185,6 +230,9 @@ def combine(args: argparse.Namespace) -> int:
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
         state_dir=_path(s.get("state_dir")),
+        max_connect_rate=_connect_rate(s),
+        hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
+        handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)
@@ -214,6 +262,7 @@ def join(args: argparse.Namespace) -> int:
         dispatcher=bool(s.get("dispatcher")), managed_env=bool(s.get("managed_env")),
         command_timeout=float(timeout) if timeout is not None else None, env_cache=_path(s.get("env_cache")),
         state_dir=_path(s.get("state_dir")),
+        package_limits=_package_limits(s),
     )
     warn_if_expiring(conn.token, "client")
     return _run(Client(settings).run)

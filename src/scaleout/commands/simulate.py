@@ -116,7 +116,9 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         common = ["--controller", conn.url, "--ca", str(conn.ca)]
         for i in range(1, args.combiners + 1):
             name = f"combiner-{i}"
-            child, _ = await start_child(name, ["combine", *common, "--name", name, "--port", "0", "--state-dir", str(root / "combiners" / name)], logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
+            # Every simulated client dials from this one address: no per-address connection limit.
+            argv = ["combine", *common, "--name", name, "--port", "0", "--max-connect-rate", "0", "--state-dir", str(root / "combiners" / name)]
+            child, _ = await start_child(name, argv, logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
             children.append(child)
             combiners.append(child)
         started = time.monotonic()

@@ -7,6 +7,7 @@ As in git, a file inside an excluded directory cannot be re-included.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -14,15 +15,17 @@ import re
 import shutil
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from scaleout.core.errors import PackageError
+from scaleout.core.units import fmt_bytes
+from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import PROJECT_FILE, load_project, project_file
 
 IGNORE_FILE = ".scaleoutignore"
 ALWAYS_IGNORED = ["__pycache__/", "*.pyc", ".git/"]
-MAX_EXTRACT_BYTES = 512 * 1024 * 1024
+DEFAULT_LIMITS = UnpackLimits()
 
 _Rule = tuple[re.Pattern[str], bool, bool]  # (regex, negated, directories only)
 
@@ -155,41 +158,72 @@ def create_archive(
 def _member_path(name: str) -> PurePosixPath | None:
     """The safe relative path of an archive member; None for the archive's own root."""
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise PackageError(f"package archive member {name!r} has an absolute path")
+        raise PackageError(f"package archive member {_shown(name)} has an absolute path")
     path = PurePosixPath(name.replace("\\", "/"))
     if ".." in path.parts:
-        raise PackageError(f"package archive member {name!r} escapes the package directory")
+        raise PackageError(f"package archive member {_shown(name)} escapes the package directory")
     parts = [p for p in path.parts if p != "."]
     return PurePosixPath(*parts) if parts else None
 
 
-def _extract(data: bytes, dest: Path, max_bytes: int) -> None:
-    total = 0
+def _shown(name: str) -> str:
+    """A member's name in a message: a hostile one may be thousands of characters long."""
+    return repr(name) if len(name) <= 120 else repr(name[:100] + "...") + f" ({len(name)} characters)"
+
+
+class _Budget:
+    """Counts what an archive unpacks to, refusing it at the first limit it passes."""
+
+    def __init__(self, limits: UnpackLimits, archive_size: int) -> None:
+        self.limits = limits
+        self.max_total = limits.max_total(archive_size)
+        self.archive_size = archive_size
+        self.files = 0
+        self.total = 0
+
+    def member(self, member: tarfile.TarInfo) -> PurePosixPath | None:
+        """Check one member's path, kind and size; its safe relative path (None: the root)."""
+        lim = self.limits
+        if len(member.name) > lim.max_path:
+            raise PackageError(f"package archive member {_shown(member.name)} has a path longer than {lim.max_path} characters")
+        rel = _member_path(member.name)
+        if rel is None:
+            return None
+        if len(rel.parts) > lim.max_depth:
+            raise PackageError(
+                f"package archive member {_shown(member.name)} is {len(rel.parts)} levels deep; the limit is {lim.max_depth}"
+            )
+        if not (member.isdir() or member.isreg()):
+            raise PackageError(
+                f"package archive member {_shown(member.name)} is a link or special file; only "
+                "regular files and directories are allowed"
+            )
+        self.files += 1
+        if self.files > lim.max_files:
+            raise PackageError(f"package archive has more than {lim.max_files} files and directories (the limit)")
+        if member.isreg():
+            self.total += member.size
+            if self.total > self.max_total:
+                if self.max_total < lim.max_bytes:
+                    raise PackageError(
+                        f"package archive of {fmt_bytes(self.archive_size)} expands to more than {fmt_bytes(self.max_total)}: "
+                        f"over {lim.max_ratio} times its size (a compression bomb?)"
+                    )
+                raise PackageError(f"package archive expands to more than {self.max_total} bytes ({fmt_bytes(self.max_total)}, the limit)")
+        return rel
+
+
+def _members(data: bytes, limits: UnpackLimits) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, PurePosixPath]]:
+    """Each member of a .tgz with its safe path, within ``limits``; the archive is read to
+    its end, so a truncated or corrupt one fails here."""
+    budget = _Budget(limits, len(data))
     try:
         gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
         with gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
-                rel = _member_path(member.name)
-                if rel is None:
-                    continue
-                target = dest.joinpath(rel)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if not member.isreg():
-                    raise PackageError(
-                        f"package archive member {member.name!r} is a link or special file; only "
-                        "regular files and directories are allowed"
-                    )
-                total += member.size
-                if total > max_bytes:
-                    raise PackageError(f"package archive expands to more than {max_bytes} bytes")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # regular files always have content
-                with open(target, "wb") as f:
-                    shutil.copyfileobj(source, f)
-                target.chmod(0o755 if member.mode & 0o100 else 0o644)
+                rel = budget.member(member)
+                if rel is not None:
+                    yield tar, member, rel
             # Read to the end so gzip checks its CRC and length: a truncated archive fails here.
             padding = 0
             while chunk := gz.read(1 << 16):
@@ -198,20 +232,50 @@ def _extract(data: bytes, dest: Path, max_bytes: int) -> None:
                     raise PackageError("package archive has trailing data after the end of the tar")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise PackageError(f"package archive is corrupt or unreadable: {exc}") from exc
+    except RecursionError:
+        raise PackageError("package archive is nested too deeply to read") from None
 
 
-def extract_archive(data: bytes, dest: Path, max_bytes: int = MAX_EXTRACT_BYTES) -> Path:
+def check_archive(data: bytes, limits: UnpackLimits = DEFAULT_LIMITS) -> None:
+    """Refuse an archive a client would refuse to unpack (paths, links, size, file count,
+    depth, compression ratio, corruption), without writing anything: ``package set-active``
+    and every client run this same check."""
+    for _ in _members(data, limits):
+        pass
+
+
+def _extract(data: bytes, dest: Path, limits: UnpackLimits) -> None:
+    for tar, member, rel in _members(data, limits):
+        target = dest.joinpath(rel)
+        try:
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # regular files always have content
+            with open(target, "wb") as f:
+                shutil.copyfileobj(source, f)
+            target.chmod(0o700 if member.mode & 0o100 else 0o600)
+        except OSError as exc:
+            raise PackageError(f"cannot unpack package member {_shown(member.name)}: {exc.strerror or exc}") from None
+
+
+def extract_archive(data: bytes, dest: Path, max_bytes: int | None = None, limits: UnpackLimits = DEFAULT_LIMITS) -> Path:
     """Safely unpack a .tgz package into `dest` (which must be absent or empty).
 
-    Refuses absolute or `..` paths, links, special files and archives over `max_bytes`;
-    on refusal nothing is left in `dest`. Returns the directory holding scaleout.yaml.
+    Refuses what check_archive() refuses (it runs first, so a refused archive writes
+    nothing); on refusal nothing is left in `dest`. Returns the directory holding scaleout.yaml.
     """
+    if max_bytes is not None:
+        limits = dataclasses.replace(limits, max_bytes=max_bytes)
     created = not dest.exists()
     if not created and (not dest.is_dir() or any(dest.iterdir())):
         raise PackageError(f"cannot extract package into {dest}: it exists and is not an empty directory")
+    check_archive(data, limits)
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        _extract(data, dest, max_bytes)
+        _extract(data, dest, limits)
         if project_file(dest) is not None:
             return dest
         candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and project_file(d) is not None]

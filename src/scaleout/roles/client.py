@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, ConfigError, NotFoundError, PackageError, ProtocolError, RemoteError, ScaleoutError, Superseded, TaskAborted
 from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
+from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
@@ -37,6 +38,7 @@ from scaleout.transport.net import TrustError, backoff, connect
 log = logging.getLogger("scaleout.client")
 ABORT_GRACE_S = 2.0
 SHUTTING_DOWN = "the client is shutting down"
+KEEP_PACKAGES = 3
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ClientSettings:
     command_timeout: float | None = None  # a dispatcher command's time limit (default: 1 h)
     env_cache: Path | None = None  # where managed venvs are kept (default: ~/.cache/scaleout/envs)
     state_dir: Path | None = None  # where its identity is kept (default: the work dir, else ~/.local/state/scaleout)
+    package_limits: UnpackLimits = field(default_factory=UnpackLimits)
+    keep_packages: int = KEEP_PACKAGES  # unpacked packages kept in the work dir (the newest ones)
 
 
 class Client:
@@ -80,6 +84,8 @@ class Client:
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.cache: Path | None = None  # where unpacked packages are kept (bounded: prune_packages)
+        self.package_dir: Path | None = None  # the one in use
         self.package_root = Path.cwd()  # where the package's files are: set by prepare()
         self.package_label = ""  # which package it runs, as the controller shows it
         self.package_id: str | None = None  # sha256 of the package archive, or "local"
@@ -155,19 +161,25 @@ class Client:
         finally:
             await ctl.ws.close()
             reader.cancel()
-        if data is None or await asyncio.to_thread(_sha256, data) != info.get("id"):
+        if data is None or (digest := await asyncio.to_thread(_sha256, data)) != info.get("id"):
             raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
+        _verify_signature(info, digest, s.data_dir)
         base = s.data_dir or Path(self._tempdir())
-        dest = base / "package" / str(info["id"])[:16]
+        self.cache = base / "package"
+        self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # the package's code: this user's alone
+        dest = self.cache / digest[:16]
         if dest.exists() and (dest / ".complete").exists():
             root = Path((dest / ".complete").read_text().strip())
+            os.utime(dest / ".complete")  # the newest used: the cache keeps it
         else:
             import shutil
 
             shutil.rmtree(dest, ignore_errors=True)
-            root = await asyncio.to_thread(extract_archive, data, dest)
+            root = await asyncio.to_thread(extract_archive, data, dest, limits=s.package_limits)
             (dest / ".complete").write_text(str(root))
-        log.info("compute package %s (%s) unpacked in %s", info.get("name"), str(info["id"])[:12], root)
+        self.package_dir = dest
+        await asyncio.to_thread(prune_packages, self.cache, s.keep_packages, dest)
+        log.info("compute package %s (%s) unpacked in %s (signature verified)", info.get("name"), digest[:12], root)
         return root, str(info["id"]), str(info.get("name"))
 
     def _tempdir(self) -> str:
@@ -191,6 +203,8 @@ class Client:
             self.edge._stop_task(SHUTTING_DOWN)
             if self._tmp is not None:
                 self._tmp.cleanup()
+            elif self.cache is not None:  # a work dir: keep what the next start may reuse, no more
+                prune_packages(self.cache, self.settings.keep_packages, self.package_dir)
 
     async def _abort_callback(self) -> None:
         """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
@@ -412,6 +426,38 @@ class Client:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _verify_signature(info: dict[str, Any], digest: str, work_dir: Path | None) -> None:
+    """Refuse a package the controller did not sign (security/packages.py); with a work
+    dir, also one signed by another key than the first one this client saw."""
+    from scaleout.security.packages import PIN_FILE, check_pin, verify_package
+
+    signature, key = info.get("signature"), info.get("signing_key")
+    if not isinstance(signature, str) or not isinstance(key, str):
+        raise PackageError("the controller sent the compute package without its signature; refusing to run it")
+    verify_package(key.encode(), digest, signature)
+    if work_dir is not None:
+        check_pin(work_dir / PIN_FILE, key.encode())
+
+
+def prune_packages(cache: Path, keep: int, current: Path | None) -> None:
+    """Keep the ``keep`` most recently used unpacked packages in ``cache`` (always the one in
+    use); remove the rest, and anything half unpacked, so the cache never grows without bound."""
+    import shutil
+
+    try:
+        entries = [p for p in cache.iterdir() if p.is_dir()]
+    except OSError:
+        return
+    complete = sorted((p for p in entries if (p / ".complete").exists()), key=lambda p: (p / ".complete").stat().st_mtime, reverse=True)
+    kept = set(complete[: max(keep, 1)])
+    if current is not None:
+        kept.add(current)
+    for path in entries:
+        if path not in kept:
+            log.info("removing the unpacked package %s from the cache", path.name)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _log_traceback(what: str, exc: BaseException) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleout.core import messages as m
-from scaleout.core import payload
+from scaleout.core import payload, permissions
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
@@ -24,8 +24,9 @@ from scaleout.roles.command_relay import CommandRelay
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
-from scaleout.transport.net import ConnectError, TrustError, backoff, connect, serve
+from scaleout.core.ratelimit import DEFAULT_RATE
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 T = TypeVar("T")
@@ -40,6 +41,8 @@ RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose li
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
 SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
+HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
+BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 
 
 @dataclass
@@ -56,6 +59,9 @@ class CombinerSettings:
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     state_dir: Path | None = None  # where its identity is kept (default: ~/.local/state/scaleout)
+    max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
+    hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
 
 
 @dataclass
@@ -188,13 +194,16 @@ class Combiner:
             if s.data_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
             cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
-            cert_dir.mkdir(parents=True, exist_ok=True)
+            cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
             if isinstance(result.get("cert_ttl_s"), int):
                 self.renewal = asyncio.create_task(self._renew_certificate(ctx_files=(cert_dir, server_ctx), ttl_s=result["cert_ttl_s"], stop=stop))
-        server, port = await serve(self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=self._client_limit(None))
+        rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
+        server, port = await serve(
+            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout
+        )
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
@@ -247,14 +256,16 @@ class Combiner:
         name: str | None = None
         gate: MetricGate | None = None  # the client's metric limits: per name, so reconnecting does not reset them
         link.max_in_flight = CLIENT_IN_FLIGHT
-        link.max_payload = self._client_limit(None)
+        link.max_payload = 0  # nothing before hello; a client's own limit after it
 
         async def on_message(inc: Incoming) -> None:
             nonlocal name, gate
             msg = inc.msg
+            permissions.check_message(link.claims.role, msg.type, "combiner")  # the one table, before any handler
             if name is None:
-                if not isinstance(msg, m.Hello):
-                    raise ProtocolError("say hello first")
+                if not isinstance(msg, m.Hello):  # a protocol breaker: cut off at once
+                    await link.close_now(CLOSE_POLICY, f"say hello first (got {msg.type})")
+                    return
                 m.check_name(msg.name, "client name")
                 if link.claims is None or link.claims.sub != msg.name:
                     # A name belongs to its identity: nobody else may connect (or upload) under it.
@@ -273,6 +284,7 @@ class Combiner:
                     if stale is not None:
                         stale.cancel()
                 name = msg.name
+                link.max_payload = self._client_limit(name)
                 gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
                 log.info("client %s connected (%d clients)", name, len(self.clients))
@@ -282,6 +294,8 @@ class Combiner:
                 await self._on_result(name, inc)
             elif isinstance(msg, m.Metric):
                 job = self._job_of(msg.task_id)
+                if job is not None:
+                    _check_own_task(job, msg.task_id, name)
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)) and gate is not None:
@@ -289,9 +303,11 @@ class Combiner:
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
+        watch = asyncio.ensure_future(link.watch(greeted=lambda: name is not None, hello_s=self.settings.hello_timeout))
         try:
             await link.run(on_message=on_message)
         finally:
+            watch.cancel()
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
@@ -578,7 +594,9 @@ class Combiner:
         msg = inc.msg
         assert isinstance(msg, m.TaskResult)
         job = self._job_of(msg.task_id)
-        if job is None or job.tasks.get(msg.task_id) != client:
+        if job is not None:
+            _check_own_task(job, msg.task_id, client)
+        if job is None:
             log.info("ignoring a late or unknown result from client %s", client)
             return
         if client in job.tracker.reported or client in job.tracker.failed or client in job.pulling:
@@ -778,6 +796,15 @@ async def _with_backoff(step: Callable[[], Awaitable[T]], stop: asyncio.Event, r
         except asyncio.TimeoutError:
             pass
     return None
+
+
+def _check_own_task(job: Job, task_id: str, client: str) -> None:
+    """A client answers only its own tasks: a result or metric naming another client's task
+    is refused (and logged), never counted for either of them."""
+    owner = job.tasks.get(task_id)
+    if owner is not None and owner != client:
+        log.warning("round %d: client %s sent a message for task %s of client %s: refused", job.round_index, client, task_id, owner)
+        raise AuthError(f"task {task_id} is not yours: a client may send results and metrics only for its own tasks")
 
 
 def _encode_hashed(encode: Any, partial: Any) -> Hashed:

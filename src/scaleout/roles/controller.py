@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleout.core import messages as m
-from scaleout.core import payload
+from scaleout.core import payload, permissions
 from scaleout.core.config import SessionConfig
 from scaleout.core.errors import (
     AuthError,
@@ -32,17 +33,21 @@ from scaleout.core.errors import (
 from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
 from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
+from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.command_service import CommandService
+from scaleout.package.limits import UnpackLimits
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
-from scaleout.store.blobs import BlobStore
+from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
+from scaleout.security.packages import PackageSigner
+from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
-from scaleout.transport.net import serve
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
@@ -56,6 +61,9 @@ PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial
 ASSIGNMENT_TTL_S = 30.0
 SMALL_PAYLOAD = 1 << 20
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
+HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
+CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
+BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 
 
 @dataclass
@@ -71,6 +79,11 @@ class ControllerSettings:
     combiner_cert_ttl: int = 7 * 86400  # seconds a combiner's certificate lives; renewed after 2/3 of it
     metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
     metrics_host: str = "127.0.0.1"
+    max_connect_rate: float = DEFAULT_RATE  # new connections per second per address (0: no limit)
+    package_limits: UnpackLimits = field(default_factory=UnpackLimits)
+    hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
+    idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
 
 
 @dataclass
@@ -123,6 +136,10 @@ class Controller:
         self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
+        # The clients each combiner was given in the current round: it may report and
+        # aggregate for those (and for the clients attached to it), no others.
+        self.round_members: dict[str, frozenset[str]] = {}
+        self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
@@ -158,6 +175,8 @@ class Controller:
             "client.rm": (ADMIN, lambda *a: self.desk.client_rm(*a)),
             "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
             "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
+            "audit.ls": (ADMIN, self._audit_ls),
+            "audit.verify": (ADMIN, self._audit_verify),
         }
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
         self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
@@ -166,7 +185,11 @@ class Controller:
 
     def prepare(self) -> None:
         """Create the data directory, TLS material, signing key, admin token and state."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Only this user reads what the controller writes: the data dir is 0700, and
+        # state.db (with its -wal and -shm), models and packages 0600 (see secure_data_dir).
+        os.umask(0o077)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_data_dir(self.dir)
         self._lock = _lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
@@ -177,6 +200,7 @@ class Controller:
         from scaleout.roles.enrolment import Desk
 
         self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
+        self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
         self.ca_fingerprint: str | None = None
         s = self.settings
@@ -223,7 +247,11 @@ class Controller:
             self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
             log.info("Prometheus metrics at %s", self.obs.url)
         public = {"/ca.pem": self.ca_pem.decode()} if self.ssl_context is not None else None
-        server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public)
+        server, port = await serve(
+            self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
+            connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
+            handshake_timeout=s.handshake_timeout,
+        )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
@@ -265,18 +293,31 @@ class Controller:
     async def _on_link(self, link: Link) -> None:
         role = link.claims.role
         log.debug("%s connected with a %s token", link.peer, role)
-        if role == "client":  # clients only ask; they never upload to the controller
-            link.max_payload = min(link.max_payload, SMALL_PAYLOAD)
+        if role != "admin":
+            # Clients only ask, and a combiner uploads a partial only when asked for it (the
+            # limit is raised for that one pull; registering sets SMALL_PAYLOAD): no node link
+            # may send a payload on its own, none holds more than one at a time.
+            link.max_payload = 0
+            link.max_in_flight = 1
         self.desk.on_link(link)
 
-        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
-            entry = self._ops.get(req.op)
-            if entry is None:
+        def authorize(req: m.Request) -> None:
+            if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
-            roles, handler = entry
-            if role not in roles:
-                raise AuthError(f"{'an' if role[0] in 'aeiou' else 'a'} {role} token may not do {req.op}")
-            result = await handler(link, req.args, blob)
+            permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
+            if role == "combiner" and req.op != "combiner.register" and not self._registered(link):
+                raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
+            authorize(req)  # done by the link already; kept here so no path skips it
+            registering = req.op == "combiner.register"
+            if registering:
+                self._registering.add(link)  # the hello timeout waits for a registration under way
+            try:
+                result = await self._ops[req.op][1](link, req.args, blob)
+            finally:
+                if registering:
+                    self._registering.discard(link)
             kind = PAYLOAD_OPS.get(req.op)
             if kind is not None:  # models and packages in and out, for --metrics-port
                 self.obs.moved("in", kind, len(blob or b""))
@@ -284,10 +325,21 @@ class Controller:
                 self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
             return result
 
-        on_message = self._combiner_message(link) if role == "combiner" else self._admin_message(link) if role == "admin" else None
+        link.authorize = authorize
+
+        # What each role may send is checked there first; an admin may only subscribe to events.
+        on_message = self._admin_message(link) if role == "admin" else self._combiner_message(link)
+        watch = None
+        if role == "combiner":  # registers at once; a link that does not is dropped
+            greeted = lambda: self._registered(link) or link in self._registering  # noqa: E731
+            watch = asyncio.ensure_future(link.watch(greeted=greeted, hello_s=self.settings.hello_timeout))
+        elif role == "client":  # asks for a combiner or the package, then goes
+            watch = asyncio.ensure_future(link.watch(idle_s=self.settings.idle_timeout))
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
+            if watch is not None:
+                watch.cancel()
             self.subscribers.discard(link)
             self.hub.unsubscribe(link)
             self.desk.gone(link)
@@ -304,6 +356,9 @@ class Controller:
 
     async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         return await snapshot(self, args), None
+
+    def _registered(self, link: Link) -> bool:
+        return any(c.link is link for c in self.combiners.values())
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -341,6 +396,7 @@ class Controller:
 
         async def record(inc: Incoming) -> None:
             msg = inc.msg
+            permissions.check_message(link.claims.role, msg.type, "controller")
             c = self._combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
                 # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
@@ -390,6 +446,8 @@ class Controller:
             raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
         m.check_name(msg.session_id, "report: session id")
         m.check_name(msg.client, "report: client name")
+        if msg.client not in c.clients and msg.client not in self.round_members.get(c.name, ()):
+            raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
         data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
         try:
             check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
@@ -431,7 +489,7 @@ class Controller:
         self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
-        self.state.audit(name, "combiner.register")
+        self.state.audit(_actor(link), "combiner.register", address=link.peer, name=name)
         return result, None
 
     async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -527,6 +585,24 @@ class Controller:
             "metrics_url": self.obs.url,  # None without --metrics-port
         }, None
 
+    # -- audit ----------------------------------------------------------------------------
+
+    async def _audit_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        since, limit = args.get("since"), args.get("limit", 100)
+        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
+            raise ProtocolError("audit.ls: since must be unix seconds")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 1_000_000:
+            raise ProtocolError("audit.ls: limit must be a whole number from 1 to 1000000")
+        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit, since))
+        return {"entries": rows[::-1]}, None  # oldest first, as a log reads
+
+    async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        checked, broken = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_verify())
+        result: dict[str, Any] = {"ok": broken is None, "entries": checked}
+        if broken is not None:
+            result["broken"] = {"id": broken.id, "reason": broken.reason}
+        return result, None
+
     # -- tokens, packages, models ----------------------------------------------------------
 
     async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -548,7 +624,9 @@ class Controller:
         from scaleout.roles.enrolment import canonical
 
         result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
-        self.state.audit(_actor(link), "token.create", role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"])
+        self.state.audit(
+            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
+        )
         return result, None
 
     async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -556,13 +634,13 @@ class Controller:
             raise ProtocolError("package.set_active needs the package bytes")
         if self.session is not None:
             raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
-        await asyncio.to_thread(_check_package, blob)
+        await asyncio.to_thread(_check_package, blob, self.settings.package_limits)
         digest = await asyncio.to_thread(self.blobs.put, PACKAGE[0], blob, PACKAGE[1])
         name = str(args.get("name") or "package.tgz")
         with self.state.transaction():
-            self.state.add_package(digest, name, len(blob))
+            self.state.add_package(digest, name, len(blob), signature=self.package_signer.sign(digest))
             self.state.set_meta("active_package", digest)
-            self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
+            self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
         self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
         await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
@@ -576,7 +654,12 @@ class Controller:
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:
             self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
-        return {"id": digest, "name": row["name"]}, Hashed(self._package_cache[1], digest)
+        signature = row.get("signature")
+        if not signature:  # activated before packages were signed: signed now, once
+            signature = self.package_signer.sign(digest)
+            self.state.add_package(digest, row["name"], row["size"], signature=signature)
+        info = {"id": digest, "name": row["name"], "signature": signature, "signing_key": self.package_signer.public_pem().decode()}
+        return info, Hashed(self._package_cache[1], digest)
 
     async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
@@ -588,7 +671,7 @@ class Controller:
         digest = await asyncio.to_thread(self.blobs.put, MODEL[0], blob, MODEL[1])
         with self.state.transaction():
             self.state.commit_model(digest, len(blob), aggregator="seed")
-            self.state.audit(_actor(link), "model.set_seed", id=digest)
+            self.state.audit(_actor(link), "model.set_seed", address=link.peer, id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
         self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
         self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
@@ -628,7 +711,10 @@ class Controller:
         if not key:
             raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
         row = self.state.model(str(key))
-        return {"id": row["id"]}, Hashed(await self._model_bytes(row["id"]), row["id"])  # its id is its sha256
+        data = await self._model_bytes(row["id"])
+        if link.claims.role == "admin":  # a model leaving the federation (combiners fetch one every round)
+            self.state.audit(_actor(link), "model.download", address=link.peer, id=row["id"])
+        return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -645,7 +731,7 @@ class Controller:
         session = RunningSession(new_id("s-"), cfg)
         with self.state.transaction():  # a full disk must not leave a session row nobody runs
             self.state.add_session(session.id, cfg.to_dict(), model_id)
-            self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
+            self.state.audit(_actor(link), "session.start", address=link.peer, id=session.id, config=cfg.to_dict())
         self.session = session
         self.obs.session_started()
         session.task = asyncio.create_task(self._run_session(session))
@@ -680,7 +766,7 @@ class Controller:
         if s is None or s.id != key:
             row = self._with_end(self.state.session(key))
             raise ConflictError(f"session {key} is not running (it is {row['status']})")
-        self.state.audit(_actor(link), "session.stop", id=key)
+        self.state.audit(_actor(link), "session.stop", address=link.peer, id=key)
         await self._stop_session(s, "stopped by an admin")
         return {"session": self._with_end(self.state.session(key))}, None
 
@@ -839,6 +925,7 @@ class Controller:
         template = payload.describe(global_bytes)
         layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
+        self.round_members = {name: frozenset(clients) for name, clients in selected.items()}
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
@@ -974,7 +1061,7 @@ class Controller:
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
         self.obs.moved("in", "partial", len(blob))
-        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
+        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count, self.round_members.get(name, frozenset()))
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
@@ -1026,13 +1113,18 @@ def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, stat
     return payload.encode_named(model, layout), state_bytes, new_state
 
 
-def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
-    """Decode a combiner's partial and add it to the round's aggregate (off the event loop)."""
+def _fold_partial(agg: Any, blob: bytes, count: int, members: frozenset[str]) -> Any:
+    """Decode a combiner's partial and add it to the round's aggregate (off the event loop);
+    a partial naming clients this combiner was not given this round is refused, unfolded."""
     from scaleout.core.aggregators import decode_partial
 
     partial = decode_partial(blob)
     if partial.count != count:
         raise PayloadError(f"partial says {partial.count} updates, message says {count}")
+    strangers = sorted(set(partial.contributors) - members)
+    if strangers or len(set(partial.contributors)) != len(partial.contributors):
+        what = f"clients it was not given this round ({', '.join(strangers[:5])})" if strangers else "a client twice"
+        raise UpdateRejected(f"partial aggregate names {what}")
     if partial.count:
         agg.add_partial(partial)
     return partial
@@ -1043,6 +1135,16 @@ REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
 COMBINER = frozenset({"combiner"})
+
+
+def _read_state(path: Path, read: Callable[[State], T]) -> T:
+    """Run ``read`` on a connection of its own (in a thread: a long audit log is not read on
+    the event loop)."""
+    st = State(path, migrate=False)
+    try:
+        return read(st)
+    finally:
+        st.close()
 
 
 def _lock_data_dir(path: Path) -> Any:
@@ -1066,20 +1168,22 @@ def _lock_data_dir(path: Path) -> Any:
     return fh
 
 
-def _check_package(data: bytes) -> None:
-    """Refuse a package that would not unpack safely or has no scaleout.yaml."""
+def _check_package(data: bytes, limits: UnpackLimits) -> None:
+    """Refuse a package a client would refuse (the same check_archive, within the same
+    limits: it runs before anything is written) or one without a valid scaleout.yaml."""
     import tempfile
 
     from scaleout.package.archive import extract_archive
     from scaleout.package.project import load_project
 
     with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
-        load_project(extract_archive(data, Path(tmp) / "pkg"))
+        load_project(extract_archive(data, Path(tmp) / "pkg", limits=limits))
 
 
 def _actor(link: Link) -> str:
+    """Who did it, for the audit log: the token's role and id, and its name if it has one."""
     claims = link.claims
-    return f"{claims.role}:{claims.sub or claims.jti}"
+    return f"{claims.role}:{claims.jti}" + (f" ({claims.sub})" if claims.sub else "")
 
 
 async def _quiet_close(link: Link, code: int, reason: str) -> None:

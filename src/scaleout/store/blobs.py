@@ -31,9 +31,9 @@ class BlobStore:
         try:
             if path.exists() and path.stat().st_size == len(data):
                 return digest
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
-            with open(tmp, "xb") as fh:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:  # 0600 whatever the umask
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -70,3 +70,30 @@ class BlobStore:
 def _noun(kind: str) -> str:
     """``models`` -> ``model``: the word a message uses for one blob of that kind."""
     return kind.removesuffix("s")
+
+
+PRIVATE_FILES = ("state.db", "state.db-wal", "state.db-shm", ".lock")
+BLOB_DIRS = ("models", "packages", "state")
+
+
+def secure_data_dir(root: Path) -> None:
+    """Make a controller's data dir private to its user, as it would be when created now:
+    the dir and its blob dirs 0700; state.db, its WAL files and every model and package
+    0600 (a data dir from an older version may have been 0755 with files 0644)."""
+    def tighten(path: Path, mode: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+
+    tighten(root, 0o700)
+    if not (root / "state.db").exists():  # SQLite creates -wal and -shm with the database's mode
+        os.close(os.open(root / "state.db", os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in PRIVATE_FILES:
+        tighten(root / name, 0o600)
+    for kind in BLOB_DIRS:
+        folder = root / kind
+        if folder.is_dir():
+            tighten(folder, 0o700)
+            for entry in os.scandir(folder):
+                if entry.is_file(follow_symlinks=False):
+                    tighten(Path(entry.path), 0o600)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from scaleout.core.audit import GENESIS, Broken, entry_hash, verify_chain
 from scaleout.core.errors import NotFoundError, StorageError
 from scaleout.core.messages import to_json
 
@@ -44,6 +45,16 @@ CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
   action TEXT NOT NULL, detail TEXT NOT NULL);
 """
+
+# The audit log is append-only: SQLite refuses to change or remove an entry (the hash
+# chain catches whoever drops these triggers first; see core/audit.py).
+AUDIT_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
 _JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
 
@@ -103,7 +114,7 @@ class State:
     A write that fails because the disk is full (or broken) raises StorageError and
     changes nothing; the connection stays usable once space is freed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
         except sqlite3.DatabaseError as exc:
@@ -115,11 +126,12 @@ class State:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self._migrate()
-        from scaleout.store.commands import ensure_schema
+        if migrate:  # a second connection of the same process only reads
+            self.db.executescript(SCHEMA)
+            self._migrate()
+            from scaleout.store.commands import ensure_schema
 
-        ensure_schema(self.db)  # commands, predictions, clients' attributes and package
+            ensure_schema(self.db)  # commands, predictions, clients' attributes and package
 
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
@@ -127,18 +139,36 @@ class State:
         for column in ("server_state", "timing"):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+        if "signature" not in {row[1] for row in self.db.execute("PRAGMA table_info(packages)")}:
+            self.db.execute("ALTER TABLE packages ADD COLUMN signature TEXT")  # the controller's, see security/packages.py
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
+        if "hash" not in columns:  # entries from before the chain: chained now, in their order
+            with self.transaction():
+                self.db.execute("ALTER TABLE audit ADD COLUMN address TEXT")
+                self.db.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
+                prev = GENESIS
+                head = None
+                for row in self.db.execute("SELECT id, time, actor, action, address, detail FROM audit ORDER BY id").fetchall():
+                    prev = entry_hash(prev, dict(row))
+                    self.db.execute("UPDATE audit SET hash=? WHERE id=?", (prev, row["id"]))
+                    head = f"{row['id']} {prev}"
+                if head is not None:
+                    self.set_meta(AUDIT_HEAD, head)
+        self.db.executescript(AUDIT_TRIGGERS)
 
     def close(self) -> None:
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, immediate: bool = False) -> Iterator[None]:
         """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
-        Inside another transaction, the writes simply join it."""
+        Inside another transaction, the writes simply join it. ``immediate`` takes the write
+        lock at once: for a transaction that reads before it writes (in WAL mode a deferred
+        one fails, without waiting, if another connection wrote in between)."""
         if self.db.in_transaction:
             yield
             return
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield
             self.db.execute("COMMIT")
@@ -197,8 +227,13 @@ class State:
 
     # -- packages and models ----------------------------------------------------------
 
-    def add_package(self, digest: str, name: str, size: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO packages(id, name, size, created) VALUES(?, ?, ?, ?)", (digest, name, size, time.time()))
+    def add_package(self, digest: str, name: str, size: int, signature: str | None = None) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO packages(id, name, size, created, signature) VALUES(?, ?, ?, ?, ?)",
+            (digest, name, size, time.time(), signature),
+        )
+        if signature is not None:  # a package set again is signed again (by this controller's key)
+            self.db.execute("UPDATE packages SET signature=? WHERE id=?", (signature, digest))
 
     def package(self, digest: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM packages WHERE id=?", digest)
@@ -262,7 +297,10 @@ class State:
                 "UPDATE rounds SET status='succeeded', model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
                 (digest, json.dumps(contributors), server_state, session_id, index),
             )
-            self.audit("controller", "model.commit", id=digest, session=session_id, round=index)
+            self.audit(
+                "controller", "model.commit", id=digest, parent=parent, session=session_id, round=index, aggregator=aggregator,
+                contributors=contributors,
+            )
 
     # -- sessions and rounds ------------------------------------------------------------
 
@@ -337,10 +375,34 @@ class State:
 
     # -- audit --------------------------------------------------------------------------
 
-    def audit(self, actor: str, action: str, **detail: Any) -> None:
-        self.db.execute(
-            "INSERT INTO audit(time, actor, action, detail) VALUES(?, ?, ?, ?)", (time.time(), actor, action, json.dumps(detail))
+    def audit(self, actor: str, action: str, *, address: str | None = None, **detail: Any) -> None:
+        """Append an entry to the audit log, chained to the one before (core/audit.py):
+        ``actor`` is who (role and token id or node name), ``address`` where from."""
+        with self.transaction(immediate=True):  # reads the head, then appends after it
+            head = self.get_meta(AUDIT_HEAD)
+            prev = head.split(" ", 1)[1] if head else GENESIS
+            (next_id,) = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM audit").fetchone()
+            entry = {"id": next_id, "time": time.time(), "actor": actor, "action": action, "address": address, "detail": to_json(detail)}
+            digest = entry_hash(prev, entry)
+            self.db.execute(
+                "INSERT INTO audit(id, time, actor, action, address, detail, hash) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                (next_id, entry["time"], actor, action, address, entry["detail"], digest),
+            )
+            self.set_meta(AUDIT_HEAD, f"{next_id} {digest}")
+
+    def audit_log(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries (from ``since`` on, if given), newest first."""
+        return self._all(
+            "SELECT id, time, actor, action, address, detail, hash FROM audit WHERE time >= ? ORDER BY id DESC LIMIT ?",
+            since if since is not None else float("-inf"), limit,
         )
 
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+    def audit_verify(self) -> tuple[int, Broken | None]:
+        """Check the whole chain and its head: (entries checked, the first break or None)."""
+        cur = self.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id")
+        head = self.get_meta(AUDIT_HEAD)
+        parsed: tuple[int, str] | None = None
+        if head:
+            eid, _, digest = head.partition(" ")
+            parsed = (int(eid), digest) if eid.isdigit() else (0, "")
+        return verify_chain((dict(row) for row in cur), parsed)

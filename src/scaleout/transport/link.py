@@ -13,7 +13,10 @@ about websockets or asyncio timeouts:
      └── RequestTimeout   no reply within the request's timeout
 
 Each link bounds what a peer can make it hold: at most ``max_in_flight`` payloads being
-received plus as many received but not yet claimed, each at most ``max_payload`` bytes.
+received plus as many received but not yet claimed, each at most ``max_payload`` bytes;
+all of it is let go when the link closes. A peer that keeps sending malformed frames is
+cut off at once (it gets the close frame, not the closing handshake's 10 s). Error texts
+sent to a peer that is not an admin carry no absolute paths (``scrub``).
 
 Nothing here hashes or copies a whole payload on the event loop: received chunks are copied
 into place and hashed in the loop's default executor (one job at a time per transfer, so in
@@ -30,6 +33,7 @@ import json
 import hashlib
 import io
 import logging
+import re
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -48,6 +52,10 @@ CHUNK_BYTES = 1 << 20
 MAX_FRAME_BYTES = CHUNK_BYTES + 4096
 DEFAULT_MAX_PAYLOAD = 4 << 30
 MAX_BAD_FRAMES = 20
+TRIM_AFTER_BYTES = 4 << 20  # a link that read this much returns freed memory to the system as it closes
+ABORT_CLOSE_S = 0.1  # a peer we cut off gets this long to take the close frame, then TCP is dropped
+CLOSE_POLICY = 1008  # websocket close code: policy violation
+_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"]+/)*([^\s/'\"]+)")
 MAX_IN_FLIGHT = 8
 MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dropped quietly
 PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
@@ -214,6 +222,8 @@ class Link:
         self.max_payload = max_payload
         self.max_in_flight = max_in_flight
         self.claims: Any = None  # set by the server side after the token check
+        # Raises (AuthError) for a request this peer may not make: checked before anything else.
+        self.authorize: Callable[[m.Request], None] | None = None
         # Told the progress of every payload arriving on this link, instead of the log lines;
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
@@ -226,6 +236,8 @@ class Link:
         self._tasks: set[asyncio.Task[None]] = set()
         self._bad_frames = 0
         self._counter = 0
+        self.last_frame = 0.0  # loop time a frame last arrived: see watch()
+        self._frame_bytes = 0  # binary frames read: memory to give back when the link closes
 
     # -- sending ---------------------------------------------------------------------
 
@@ -356,10 +368,14 @@ class Link:
 
     async def run(self, on_message: MessageHandler | None = None, on_request: RequestHandler | None = None) -> None:
         """Read frames until the connection closes."""
+        loop = asyncio.get_running_loop()
+        self.last_frame = loop.time()
         try:
             async for frame in self.ws:
+                self.last_frame = loop.time()
                 try:
                     if isinstance(frame, bytes):
+                        self._frame_bytes += len(frame)
                         await self._on_chunk(frame)
                     else:
                         await self._on_text(frame, on_message, on_request)
@@ -378,17 +394,66 @@ class Link:
                     fut.set_exception(LinkClosed(self.peer, reason))
             for task in list(self._tasks):
                 task.cancel()
-            self._transfers.clear()  # can never complete now
+            # Nothing a closed link received is wanted any more: let it all go now.
+            held = self._frame_bytes >= TRIM_AFTER_BYTES
+            self._transfers.clear()
+            self._blobs.clear()
+            self._failed.clear()
+            if held:
+                schedule_release()
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
         log.warning("bad message from %s: %s", self.peer, exc)
         try:
-            await self.send(m.Error(code=exc.code, message=str(exc), re=re))
-            if self._bad_frames > MAX_BAD_FRAMES:
-                await self.ws.close(1008, "too many malformed messages")
+            await self.send(m.Error(code=exc.code, message=self.scrub(str(exc)), re=re))
         except (LinkClosed, ConnectionClosed):
-            pass
+            return
+        if self._bad_frames > MAX_BAD_FRAMES:
+            await self.close_now(CLOSE_POLICY, "too many malformed messages")
+
+    async def close_now(self, code: int, reason: str) -> None:
+        """Cut the peer off: send the close frame, and drop the connection within
+        ABORT_CLOSE_S whether or not the peer answers (a protocol breaker gets no more)."""
+        log.warning("closing the link to %s: %s", self.peer, reason)
+        self.ws.close_timeout = ABORT_CLOSE_S
+        try:
+            await self.ws.close(code, reason)
+        except Exception as exc:  # the role edge: the peer may be gone already
+            log.debug("closing %s: %s", self.peer, exc)
+
+    async def watch(self, *, greeted: Callable[[], bool] | None = None, hello_s: float = 0.0, idle_s: float = 0.0) -> None:
+        """Close the link when its peer does not introduce itself (``greeted()`` still
+        false after ``hello_s``) or sends nothing and waits for nothing for ``idle_s``
+        (0: no limit). Run it beside run(); it ends when the link closes."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not self.closed and self.ws.close_code is None:
+            now = loop.time()
+            waits: list[float] = []
+            if greeted is not None and hello_s > 0 and not greeted():
+                if now - started >= hello_s:
+                    await self.close_now(CLOSE_POLICY, f"no hello within {hello_s:g} s")
+                    return
+                waits.append(started + hello_s - now)
+            if idle_s > 0:
+                busy = bool(self._tasks or self._pending or self._transfers)
+                quiet = now - max(self.last_frame, started)
+                if not busy and quiet >= idle_s:
+                    await self.close_now(1000, f"idle for {idle_s:g} s")
+                    return
+                waits.append(idle_s - quiet if not busy else idle_s)
+            if not waits:
+                return
+            await asyncio.sleep(max(0.05, min(waits)))  # a timer: the next moment a limit could be reached
+
+    def scrub(self, text: str) -> str:
+        """``text`` as it may go to this link's peer: an absolute path (of our files, in a
+        storage error say) becomes its last part, unless the peer is an admin of ours."""
+        claims = self.claims
+        if claims is not None and getattr(claims, "role", None) == "admin":
+            return text
+        return scrub_paths(text)
 
     async def _on_text(self, text: str, on_message: MessageHandler | None, on_request: RequestHandler | None) -> None:
         msg = m.parse(text)
@@ -419,7 +484,16 @@ class Link:
 
     async def _answer(self, req: m.Request, inc: Incoming, on_request: RequestHandler | None) -> None:
         data: bytes | Hashed | None = None
+        cut_off = False  # told why, then closed
         try:
+            if self.authorize is not None:  # who may ask comes first, before what they sent with it
+                try:
+                    self.authorize(req)
+                except ScaleoutError as exc:  # asking for what is not yours counts as abuse too
+                    self._bad_frames += 1
+                    log.warning("refused %s from %s: %s", req.op, self.peer, exc)
+                    cut_off = self._bad_frames > MAX_BAD_FRAMES
+                    raise
             if inc.blob_error:
                 raise ProtocolError(inc.blob_error)
             if on_request is None:
@@ -433,7 +507,7 @@ class Link:
                     if len(encoded) > m.MAX_INLINE_RESULT:
                         reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
         except ScaleoutError as exc:
-            reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": str(exc)})
+            reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": self.scrub(str(exc))})
         except asyncio.CancelledError:
             raise
         except Exception:  # the role edge: never let a bug take down the link
@@ -445,7 +519,9 @@ class Link:
             else:
                 await self.send_with_blob(reply, data)
         except LinkClosed:
-            pass
+            return
+        if cut_off:
+            await self.close_now(CLOSE_POLICY, "too many refused requests")
 
     def _on_blob_start(self, start: m.BlobStart) -> None:
         if start.size < 0:
@@ -524,6 +600,53 @@ class Link:
             del self._transfers[transfer]
             return None, "payload was referred to before all of it arrived"
         return None, f"message refers to unknown payload {transfer!r}"
+
+
+_TRIM: list[Any] = []  # glibc's malloc_trim, once looked up ([None] where there is none)
+_RELEASE = {"running": False, "again": False}  # one release at a time; links closing meanwhile ask for one more
+
+
+def schedule_release() -> None:
+    """release_memory() in a worker thread (it walks the heap): one at a time, and once more
+    after it for the links that closed while it ran."""
+    if _RELEASE["running"]:
+        _RELEASE["again"] = True
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no running loop (shutting down): the process ends anyway
+        return
+    _RELEASE["running"], _RELEASE["again"] = True, False
+
+    def done(fut: asyncio.Future[None]) -> None:
+        _RELEASE["running"] = False
+        if not fut.cancelled():
+            fut.exception()  # looked at: a failure here is not worth a log line
+        if _RELEASE["again"]:
+            schedule_release()
+
+    loop.run_in_executor(None, release_memory).add_done_callback(done)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps 1 MiB buffers freed by a closed
+    link in its heap otherwise, so a burst of abusive links would raise RSS for good)."""
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
+
+
+def scrub_paths(text: str) -> str:
+    """Replace each absolute path in ``text`` by ``.../`` and its last part, so an error sent
+    to a peer does not tell where our files are (``/var/lib/scaleout/models/ab.safetensors``
+    -> ``.../ab.safetensors``); URLs are left alone."""
+    return _PATH.sub(lambda mo: f".../{mo.group(1)}", text)
 
 
 def _close_reason(ws: Any) -> str:

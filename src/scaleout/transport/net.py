@@ -27,6 +27,7 @@ tlsbuffers.install()  # idle TLS links cost ~50 KB, not ~290 KB (see tlsbuffers)
 PING_INTERVAL = 20.0
 MAX_QUEUE = 4  # frames (up to 1 MiB each) a link buffers before it stops reading the socket
 PING_TIMEOUT = 20.0
+HANDSHAKE_TIMEOUT = 10.0  # TLS and websocket handshakes together; then the connection is dropped
 
 
 class ConnectError(ScaleoutError):
@@ -53,15 +54,38 @@ async def serve(
     *,
     max_payload: int,
     public: dict[str, str] | None = None,
+    connect_rate: tuple[float, float] | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
-    Unauthenticated connections are refused with HTTP 401 before any message is read.
+    Unauthenticated connections are refused with HTTP 401 before any message is read; an
+    address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
+    429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
+    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
     ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
     Returns the server and the port actually bound (port 0 picks a free one).
     """
+    from scaleout.core.ratelimit import RateLimiter
+
+    limiter = RateLimiter(*connect_rate) if connect_rate is not None else None
+    loop = asyncio.get_running_loop()
+    refused_at: dict[str, float] = {}  # address -> when we last logged a refusal (one line per second)
 
     def process_request(connection: ServerConnection, request: Any) -> Any:
+        if limiter is not None:
+            addr = connection.remote_address[0] if connection.remote_address else "?"
+            now = loop.time()
+            wait = limiter.take(addr, now)
+            if wait > 0:
+                if now - refused_at.get(addr, -1.0) >= 1.0:
+                    refused_at[addr] = now
+                    if len(refused_at) > 1000:
+                        refused_at.clear()
+                    log.warning("refusing connections from %s: more than %g per second", addr, limiter.rate)
+                response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"too many connections from {addr}; retry in {wait:.1f} s\n")
+                response.headers["Retry-After"] = str(max(1, round(wait)))
+                return response
         if public and request.path in public and "Upgrade" not in request.headers:
             return connection.respond(HTTPStatus.OK, public[request.path])
         try:
@@ -86,6 +110,7 @@ async def serve(
             max_size=MAX_FRAME_BYTES,
             max_queue=MAX_QUEUE,
             compression=None,
+            open_timeout=handshake_timeout,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             logger=logging.getLogger("scaleout.transport.ws"),

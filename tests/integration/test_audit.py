@@ -1,0 +1,121 @@
+"""The audit log: every admin action and model commit, hash-chained; tampering with
+state.db (an edit, a deletion, a reordering) is caught by `scaleout audit verify`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, Federation, scaleout
+
+
+def cli(fed: Federation, *args: str) -> tuple[int, str, str]:
+    r = scaleout(*args, "--data-dir", str(fed.data), timeout=30)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federation) -> None:
+    fed.controller()
+    seed = fed.seed_from(QUICKSTART)
+    fed.activate(QUICKSTART)
+    fed.token("client")
+    fed.combiner("c1")
+    fed.client("a", package=QUICKSTART)
+    fed.wait_clients(1)
+    session = fed.run_session(rounds=1, validate=False)
+    assert session["status"] == "finished", session
+    code, out, err = cli(fed, "audit", "ls", "--json")
+    assert code == 0, err
+    entries = json.loads(out)
+    actions = [e["action"] for e in entries]
+    assert actions == ["model.set_seed", "package.set_active", "token.create", "token.create", "combiner.register", "session.start", "model.commit"], actions
+    # An admin taking a model away is recorded too (the combiner's fetch each round is not).
+    code, _, err = cli(fed, "model", "download", "active", "-o", str(fed.tmp / "m.safetensors"))
+    assert code == 0, err
+    download = json.loads(cli(fed, "audit", "ls", "--json", "--limit", "1")[1])[0]
+    assert download["action"] == "model.download" and download["detail"]["id"] == entries[-1]["detail"]["id"], download
+    entries.append(download)
+    admin = entries[0]
+    assert admin["actor"].startswith("admin:") and admin["address"].startswith("127.0.0.1:"), admin
+    assert admin["detail"]["id"] == seed and admin["time"].endswith("Z")
+    created = entries[2]["detail"]
+    assert set(created) == {"role", "jti", "exp"}, created  # the token's id, never the token
+    commit = entries[-2]["detail"]
+    assert commit["parent"] == seed and commit["aggregator"] == "fedavg" and commit["contributors"] == ["a"], commit
+    assert commit["id"] == session["rounds"][0]["model_id"] and commit["session"] == session["id"]
+    # Newest first in the table; --since and --limit narrow it.
+    code, out, _ = cli(fed, "audit", "ls")
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["ID", "TIME"] and "model.download" in out.splitlines()[-1], out
+    code, out, _ = cli(fed, "audit", "ls", "--since", "1h", "--limit", "2", "--json")
+    assert [e["action"] for e in json.loads(out)] == ["model.commit", "model.download"]
+    code, out, _ = cli(fed, "audit", "ls", "--since", "2999-01-01T00:00:00Z")
+    assert code == 0 and out.strip() == "no audit entries since 2999-01-01T00:00:00Z", out
+    code, _, err = cli(fed, "audit", "ls", "--since", "yesterday")
+    assert code == 2 and "since" in err and "Traceback" not in err, err
+    code, out, err = cli(fed, "audit", "verify")
+    assert code == 0, out + err
+    assert out.strip() == f"audit log intact: {len(entries)} entries, hash chain and head verified"
+    fed.stop_all()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    assert r.returncode == 0 and r.stdout == out, r.stdout + r.stderr
+    r = scaleout("audit", "verify", "--state", str(fed.tmp / "nope.db"))
+    assert r.returncode == 2 and "is not a file" in r.stderr, r.stderr
+
+
+def tamper(db_path: Path, *statements: str) -> None:
+    """Change state.db behind the controller's back, as someone with the file would."""
+    with closing(sqlite3.connect(db_path)) as db:
+        db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+        db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        for sql in statements:
+            db.execute(sql)
+        db.commit()
+
+
+@pytest.mark.parametrize(
+    ("statements", "broken_id", "why"),
+    [
+        (["UPDATE audit SET actor='admin:someone-else' WHERE id=2"], 2, "does not match its hash"),
+        (["UPDATE audit SET detail='{}' WHERE id=3"], 3, "does not match its hash"),
+        (["DELETE FROM audit WHERE id=2"], 3, "entry 2 is missing"),
+        (["DELETE FROM audit WHERE id=1"], 2, "does not match its hash"),
+        (["DELETE FROM audit WHERE id=(SELECT MAX(id) FROM audit)"], 4, "were removed"),
+        # Swap two entries' contents but keep their ids and hashes: the order is part of the chain.
+        (
+            [
+                "CREATE TEMP TABLE t AS SELECT * FROM audit WHERE id IN (2, 3)",
+                "UPDATE audit SET actor=(SELECT actor FROM t WHERE id=3), action=(SELECT action FROM t WHERE id=3), "
+                "detail=(SELECT detail FROM t WHERE id=3), time=(SELECT time FROM t WHERE id=3) WHERE id=2",
+                "UPDATE audit SET actor=(SELECT actor FROM t WHERE id=2), action=(SELECT action FROM t WHERE id=2), "
+                "detail=(SELECT detail FROM t WHERE id=2), time=(SELECT time FROM t WHERE id=2) WHERE id=3",
+            ],
+            2,
+            "does not match its hash",
+        ),
+    ],
+    ids=["edit-actor", "edit-detail", "delete-middle", "delete-first", "delete-last", "reorder"],
+)
+def test_verify_finds_the_first_tampered_entry(fed: Federation, statements: list[str], broken_id: int, why: str) -> None:
+    fed.controller()
+    for role in ("client", "combiner", "admin"):
+        fed.token(role)  # three token.create entries ...
+    fed.seed_from(QUICKSTART)  # ... and a model.set_seed: ids 1 to 4
+    code, out, err = cli(fed, "audit", "verify")
+    assert code == 0, out + err
+    # The log is append-only for SQLite too: changing it needs the triggers dropped first.
+    with closing(sqlite3.connect(fed.data / "state.db")) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit WHERE id=1")
+    tamper(fed.data / "state.db", *statements)
+    code, out, err = cli(fed, "audit", "verify", "--json")
+    assert code == 1, out + err
+    result = json.loads(out)
+    assert result["ok"] is False and result["broken"]["id"] == broken_id and why in result["broken"]["reason"], result
+    code, out, _ = cli(fed, "audit", "verify")
+    assert code == 1 and out.startswith(f"audit log broken at entry {broken_id}: "), out
+    # The same verdict from the file alone, with the controller stopped.
+    fed.stop_all()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["broken"]["id"] == broken_id, r.stdout + r.stderr

@@ -1,0 +1,109 @@
+"""Bounded unpacking: size, file count, depth, compression ratio (the issue's bombs), refused
+by the same check_archive that `package set-active` runs, before anything is written."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from scaleout.core.errors import PackageError
+from scaleout.package.archive import check_archive, extract_archive
+from scaleout.package.limits import MIB, UnpackLimits
+
+YAML = b"entry_points:\n  startup: startup.py\n"
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in pieces (a 500 MiB member never sits in memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def archive(members: list[tuple[str, int]], dirs: list[str] = ()) -> bytes:  # type: ignore[assignment]
+    """A .tgz with pkg/scaleout.yaml, ``dirs`` and files of zeros: (name, size)."""
+    out = io.BytesIO()
+    fmt = tarfile.PAX_FORMAT if any(len(n) > 100 for n, _ in members) else tarfile.USTAR_FORMAT
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=fmt) as tar:
+        info = tarfile.TarInfo("pkg/scaleout.yaml")
+        info.size = len(YAML)
+        tar.addfile(info, io.BytesIO(YAML))
+        for name in dirs:
+            d = tarfile.TarInfo(name)
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+        for name, size in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, Zeros(size) if size else None)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def test_500_mib_of_zeros_is_refused_as_a_bomb(tmp_path: Path) -> None:
+    data = archive([("pkg/zeros.bin", 500 * MIB)])
+    assert len(data) < 5 * MIB  # a few MB that would unpack to 500 MiB
+    started = time.monotonic()
+    with pytest.raises(PackageError, match=r"expands to more than .*over 100 times its size \(a compression bomb\?\)"):
+        check_archive(data)
+    assert time.monotonic() - started < 2  # refused from the member's header, not after inflating it
+    with pytest.raises(PackageError, match="compression bomb"):
+        extract_archive(data, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_total_size_limit() -> None:
+    data = archive([("pkg/a.bin", 3 * MIB), ("pkg/b.bin", 3 * MIB)])
+    check_archive(data)  # 6 MiB from a few KB: small packages may expand up to 16 MiB whatever the ratio
+    with pytest.raises(PackageError, match=r"expands to more than 5242880 bytes \(5.0 MiB, the limit\)"):
+        check_archive(data, UnpackLimits(max_bytes=5 * MIB))
+
+
+def test_100000_empty_files_are_refused(tmp_path: Path) -> None:
+    data = archive([(f"pkg/f{i}", 0) for i in range(100_000)])
+    with pytest.raises(PackageError, match="more than 10000 files and directories"):
+        check_archive(data)
+    with pytest.raises(PackageError, match="more than 10000 files"):
+        extract_archive(data, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_2000_level_deep_path_gets_a_clear_error(tmp_path: Path) -> None:
+    deep = "pkg/" + "/".join(["d"] * 2000) + "/x.py"
+    with pytest.raises(PackageError, match=r"\(4008 characters\) has a path longer than 1024 characters"):
+        extract_archive(archive([(deep, 1)]), tmp_path / "a")
+    # Short names, too deep: the depth limit.
+    deep = "pkg/" + "/".join(["d"] * 40) + "/x.py"
+    with pytest.raises(PackageError, match="is 42 levels deep; the limit is 32"):
+        extract_archive(archive([(deep, 1)]), tmp_path / "b")
+    with pytest.raises(PackageError, match="levels deep"):
+        extract_archive(archive([], dirs=[deep.rsplit("/", 1)[0]]), tmp_path / "c")
+    ok = "pkg/" + "/".join(["d"] * 30) + "/x.py"
+    assert extract_archive(archive([(ok, 1)]), tmp_path / "d") == tmp_path / "d" / "pkg"
+
+
+def test_limits_are_configurable() -> None:
+    data = archive([(f"pkg/f{i}", 0) for i in range(20)])
+    with pytest.raises(PackageError, match="more than 10 files"):
+        check_archive(data, UnpackLimits(max_files=10))
+    with pytest.raises(PackageError, match="limit is 1"):
+        check_archive(archive([("pkg/a/b.py", 1)]), UnpackLimits(max_depth=1))
+    check_archive(data, UnpackLimits(max_files=21))
+
+
+def test_unpacked_files_are_private(tmp_path: Path) -> None:
+    root = extract_archive(archive([("pkg/a.py", 3)]), tmp_path / "dest")
+    assert (root / "a.py").stat().st_mode & 0o777 == 0o600
