@@ -80,6 +80,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free one and logs it (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host", metavar="HOST",
+        help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
+    )
     _config_flag(p)
     _common(p)
 
@@ -101,6 +109,10 @@ def build_parser() -> ArgumentParser:
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
     p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (default: a temporary folder)")
+    p.add_argument("--dispatcher", action="store_true", default=None, help="run the package's train/validate/predict entry points as commands (automatic when they are {command: ...})")
+    p.add_argument("--command-timeout", type=float, metavar="SECONDS", help="time limit of each dispatcher command (default: 3600); an entry's `timeout:` in the project file wins")
+    p.add_argument("--managed-env", action="store_true", default=None, help="run the package in a venv made from its python_env.yaml (created once, cached by the file's hash)")
+    p.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
     _config_flag(p)
     _common(p)
@@ -122,6 +134,13 @@ def build_parser() -> ArgumentParser:
     r = rsub.add_parser("build", help="call build() to write the seed model")
     r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     r.add_argument("-o", "--output", type=Path, metavar="DIR", help="where build() writes (default: the package folder)")
+    r.add_argument("--managed-env", action="store_true", help="build with the Python of a venv made from the package's python_env.yaml (as join --managed-env)")
+    r.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
+    _common(r)
+    r = rsub.add_parser("install", help="pip install the dependencies in the package's python_env.yaml into this Python environment")
+    r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    r.add_argument("--dry-run", action="store_true", help="print what would be installed, install nothing")
+    _json_flag(r)
     _common(r)
 
     p = sub.add_parser("package", help="create and activate compute packages")
@@ -212,6 +231,20 @@ def build_parser() -> ArgumentParser:
         _json_flag(c)
         _common(c)
 
+    p = sub.add_parser("metric", help="what clients logged with log_metric")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    msub.required = True
+    c = msub.add_parser(
+        "ls", help="list logged metric values (session, round, client, step, value), oldest first: the latest --limit of them",
+    )
+    c.add_argument("--session", metavar="ID", help="only this session ('latest' for the latest one)")
+    c.add_argument("--round", type=int, metavar="N", help="only this round")
+    c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
+    c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
     p = sub.add_parser("tui", help="watch and drive the federation live in a terminal UI (or a browser with --web)")
     p.add_argument("--session", metavar="ID", help="session to show (default: the running or latest one, following new ones)")
     p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
@@ -276,6 +309,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
         ("combine", None): launch.combine,
         ("join", None): launch.join,
         ("run", "build"): launch.run_build,
+        ("run", "install"): launch.run_install,
         ("package", "create"): launch.package_create,
         ("dev", None): dev.main,
         ("simulate", None): simulate.main,

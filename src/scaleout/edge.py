@@ -169,6 +169,13 @@ class EdgeClient:
         if batch and self._metric_sink is not None:
             self._metric_sink(batch, step)
 
+    def _flush_metrics(self) -> None:
+        """Send what log_metric(commit=False) still holds (the runtime calls it as a task ends,
+        so held metrics go with that task's round, not the next one's)."""
+        batch, self._pending = self._pending, {}
+        if batch and self._metric_sink is not None:
+            self._metric_sink(batch, None)
+
     def check_task_abort(self) -> None:
         """Raise TaskAborted if the runtime has stopped the current task."""
         if self._abort.is_set():

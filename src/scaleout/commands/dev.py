@@ -188,7 +188,9 @@ async def _watch_in_tui(conn: Connection, session_id: str, args: argparse.Namesp
 
 def main(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if not (path / "scaleout.yaml").is_file():
+    from scaleout.package.project import project_file
+
+    if project_file(path) is None:
         raise UsageError(f"{path} is not a compute package (no scaleout.yaml in it)")
     for flag in ("clients", "combiners", "rounds"):
         if getattr(args, flag) < 1:

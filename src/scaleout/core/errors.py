@@ -10,6 +10,7 @@
      ├── LimitExceeded          a metric, result or text is larger than a peer may send
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
+ │    └── CommandFailed     a dispatcher package's command failed, timed out or wrote bad output
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
      ├── StorageError           the controller could not write or read its files (disk full, ...)
@@ -96,6 +97,26 @@ class AuthError(ScaleoutError):
 
 class PackageError(ScaleoutError):
     code = "bad_package"
+
+
+class CommandFailed(PackageError):
+    """A package command (``train``: ``python train.py IN OUT``) failed: ``problem`` says how
+    (``exited with 1``, ``did not finish within 60s``), ``stderr`` holds its last lines."""
+
+    code = "command_failed"
+
+    def __init__(
+        self, entry: str, command: str, problem: str, stderr: list[str] | None = None, hint: str = "", exit_code: int | None = None,
+    ) -> None:
+        self.entry = entry
+        self.command = command
+        self.problem = problem
+        self.stderr = list(stderr or [])
+        self.exit_code = exit_code
+        tail = " | ".join(line.strip() for line in self.stderr if line.strip())
+        super().__init__(
+            f"{entry} command `{command}` {problem}" + (f"; its stderr ended: {tail}" if tail else "") + (f"; {hint}" if hint else "")
+        )
 
 
 class Superseded(ScaleoutError):

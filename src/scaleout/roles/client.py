@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -48,6 +49,10 @@ class ClientSettings:
     data_dir: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    dispatcher: bool = False  # run the entry points as commands (join --dispatcher)
+    managed_env: bool = False  # run the package in a venv made from its python_env.yaml
+    command_timeout: float | None = None  # a dispatcher command's time limit (default: 1 h)
+    env_cache: Path | None = None  # where managed venvs are kept (default: ~/.cache/scaleout/envs)
 
 
 class Client:
@@ -113,11 +118,17 @@ class Client:
         sys.path.insert(0, str(root))
         self.package_root = root
         try:
-            await in_daemon_thread(load_startup, root, self.edge)
+            await in_daemon_thread(functools.partial(
+                load_startup, root, self.edge, dispatcher=s.dispatcher, managed_env=s.managed_env,
+                command_timeout=s.command_timeout, env_cache=s.env_cache,
+            ))
         except PackageError as exc:
             if exc.__cause__ is not None:
                 _log_traceback("the compute package failed to start", exc.__cause__)
             raise
+        from scaleout.package.interpreter import export_shims
+
+        export_shims()  # processes the package's code starts can import FEDn's helpers too
         callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
@@ -317,6 +328,7 @@ class Client:
                 log.error("round %d: %s", task.round_index, result.error)
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
+                self.edge._flush_metrics()  # held with commit=False: they belong to this task's round
                 self.current_task = None
             if update is not None and result.ok:
                 result.size = len(update)

@@ -34,6 +34,7 @@ from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
+from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
@@ -66,6 +67,8 @@ class ControllerSettings:
     tls_key: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Controller:
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
+        self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
             "token.create": (ADMIN, self._token_create),
@@ -140,6 +144,7 @@ class Controller:
             "client.ls": (ADMIN, self._client_ls),
             "client.wait": (ADMIN, self._client_wait),
             "combiner.ls": (ADMIN, self._combiner_ls),
+            "metric.ls": (ADMIN, self._metric_ls),
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
@@ -199,11 +204,16 @@ class Controller:
     async def run(self, stop: asyncio.Event) -> None:
         self.prepare()
         s = self.settings
+        if s.metrics_port is not None:
+            from scaleout.roles import exporter
+
+            self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
+            log.info("Prometheus metrics at %s", self.obs.url)
         server, port = await serve(self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload)
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
-        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
+        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
         announce(f"{scheme}://{bracket(s.host)}:{port}")
@@ -225,6 +235,7 @@ class Controller:
             await self.hub.close()
             await self.registry.close()
             self.state.close()
+            await asyncio.to_thread(self.obs.close)
 
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
@@ -246,7 +257,13 @@ class Controller:
             roles, handler = entry
             if role not in roles:
                 raise AuthError(f"{'an' if role[0] in 'aeiou' else 'a'} {role} token may not do {req.op}")
-            return await handler(link, req.args, blob)
+            result = await handler(link, req.args, blob)
+            kind = PAYLOAD_OPS.get(req.op)
+            if kind is not None:  # models and packages in and out, for --metrics-port
+                self.obs.moved("in", kind, len(blob or b""))
+                out = result[1]
+                self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
+            return result
 
         on_message = self._combiner_message(link) if role == "combiner" else self._admin_message(link) if role == "admin" else None
         try:
@@ -289,6 +306,10 @@ class Controller:
     def _registry_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
+        self._count_nodes()
+
+    def _count_nodes(self) -> None:
+        self.obs.nodes(len(self.combiners), sum(len(c.clients) for c in self.combiners.values()))
 
     def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
@@ -353,6 +374,8 @@ class Controller:
             log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
             data = {}
         self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if msg.kind == "train":
+            self.obs.update_reported(error)
         self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
@@ -374,6 +397,7 @@ class Controller:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
             result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
         self.combiners[name] = CombinerConn(name, link)
+        self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
         self.state.audit(name, "combiner.register")
@@ -428,6 +452,33 @@ class Controller:
         await self.registry.flush()
         return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
 
+    async def _metric_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """What clients logged with log_metric, one row per value, oldest first: the latest
+        ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
+        globs ``client`` and ``key``; with how many match in all."""
+        from scaleout.store.metrics import KINDS, logged_metrics
+
+        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
+        if kind not in KINDS:
+            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
+        session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
+        round_index, limit = args.get("round_index"), args.get("limit", 0)
+        for name, value in (("session_id", session_id), ("client", client), ("key", key)):
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise ProtocolError(f"metric.ls: {name} must be text of 1-256 characters")
+        for name, value in (("round_index", round_index), ("limit", limit)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
+        if session_id is not None:
+            session_id = self._session_key({"id": None if session_id == "latest" else session_id})
+            self.state.session(session_id)  # no such session: say so, rather than list nothing
+        await self.registry.flush()  # what came in a moment ago is listed too
+        rows, total = await asyncio.to_thread(
+            self.registry.query,
+            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
+        )
+        return {"metrics": rows, "total": total}, None
+
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
             "url": self.url,
@@ -436,6 +487,7 @@ class Controller:
             "session": self.session.id if self.session else None,
             "combiners": len(self.combiners),
             "clients": sum(len(c.clients) for c in self.combiners.values()),
+            "metrics_url": self.obs.url,  # None without --metrics-port
         }, None
 
     # -- tokens, packages, models ----------------------------------------------------------
@@ -546,6 +598,7 @@ class Controller:
             self.state.add_session(session.id, cfg.to_dict(), model_id)
             self.state.audit(_actor(link), "session.start", id=session.id, config=cfg.to_dict())
         self.session = session
+        self.obs.session_started()
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
         self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
@@ -690,6 +743,7 @@ class Controller:
             self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
             self._record_ends()
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
+            self.obs.session_finished(status)
             with contextlib.suppress(Exception):  # the role edge: the writer logs its own failures
                 await self.registry.flush()
             self.hub.publish(m.SessionEnded(session_id=s.id, status=status, reason=reason))
@@ -752,6 +806,7 @@ class Controller:
                 s.storage_failure = s.storage_failure or exc
                 row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
+            self.obs.round_finished(status, duration)
             self.hub.round_ended({**row, "session_id": s.id})
             return {**row, "index": index}
 
@@ -869,6 +924,7 @@ class Controller:
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
+        self.obs.moved("in", "partial", len(blob))
         partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count)
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
@@ -933,6 +989,7 @@ def _fold_partial(agg: Any, blob: bytes, count: int) -> Any:
     return partial
 
 
+PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})
