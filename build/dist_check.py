@@ -11,7 +11,7 @@ standard library. Every artefact process gets that same clean environment. Check
    combiners, from each artefact (their children are the same artefact: in this environment
    `python3 -m scaleout` could not even start).
 4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
-   and a frozen client, driving a 2-round session with admin commands from both artefacts;
+   and a frozen client, and a frozen client given nothing but the join token, driving a 2-round session with admin commands from both artefacts;
    the controller's Prometheus endpoint (`serve --metrics-port`) counts the rounds. The frozen
    controller serves it too (prometheus_client is imported only for that flag).
 
@@ -244,7 +244,10 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
             c = Connected(cmd + ["join", *link, "--token", f"@{base / 'client.token'}", "--name", f"client-{kind}", "--work-dir", str(base / f"work-{kind}")], logs / f"client-{kind}.log")
             joined[kind] = c
             procs.append(c.proc)
-        r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "3", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
+        # One download, one command: the join token alone (address and CA fingerprint inside).
+        c = Connected(frozen + ["join", f"@{base / 'client.token'}", "--name", "client-token", "--work-dir", str(base / "work-token")], logs / "client-token.log")
+        procs.append(c.proc)
+        r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "4", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
         session = json.loads(r.stdout)
         session = session.get("session", session)
         statuses = [x["status"] for x in session["rounds"]]
@@ -262,7 +265,8 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
             figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
         print("ok  clients: start to connected " + ", ".join(f"{k} {c.seconds}s" for k, c in joined.items())
               + "; idle RSS " + ", ".join(f"{k} {figures[f'{k}_client_idle_rss_mb']} MB" for k in joined), flush=True)
-        print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients: 2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
+        print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients and a frozen one joined with the join token alone: "
+              f"2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
     except BaseException:
         for log in sorted(logs.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)

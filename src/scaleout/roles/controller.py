@@ -305,7 +305,7 @@ class Controller:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
-            if role == "combiner" and req.op != "combiner.register" and not self._registered(link):
+            if role == "combiner" and req.op not in ("combiner.register", "node.enrol") and not self._registered(link):
                 raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
