@@ -117,6 +117,10 @@ def build_parser() -> ArgumentParser:
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
     p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked, and the identity kept unless --state-dir is given (default: a temporary folder)")
+    p.add_argument("--dispatcher", action="store_true", default=None, help="run the package's train/validate/predict entry points as commands (automatic when they are {command: ...})")
+    p.add_argument("--command-timeout", type=float, metavar="SECONDS", help="time limit of each dispatcher command (default: 3600); an entry's `timeout:` in the project file wins")
+    p.add_argument("--managed-env", action="store_true", default=None, help="run the package in a venv made from its python_env.yaml (created once, cached by the file's hash)")
+    p.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
     _config_flag(p)
     _common(p)
@@ -150,6 +154,13 @@ def build_parser() -> ArgumentParser:
     r = rsub.add_parser("build", help="call build() to write the seed model")
     r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     r.add_argument("-o", "--output", type=Path, metavar="DIR", help="where build() writes (default: the package folder)")
+    r.add_argument("--managed-env", action="store_true", help="build with the Python of a venv made from the package's python_env.yaml (as join --managed-env)")
+    r.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
+    _common(r)
+    r = rsub.add_parser("install", help="pip install the dependencies in the package's python_env.yaml into this Python environment")
+    r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    r.add_argument("--dry-run", action="store_true", help="print what would be installed, install nothing")
+    _json_flag(r)
     _common(r)
 
     p = sub.add_parser("package", help="create and activate compute packages")
@@ -244,6 +255,14 @@ def build_parser() -> ArgumentParser:
         _connection(c)
         _json_flag(c)
         _common(c)
+        if noun == "client":
+            c = nsub.add_parser("show", help="show one client: status, package, attributes, recent commands")
+            c.add_argument("name", metavar="NAME")
+            _connection(c)
+            _json_flag(c)
+            _common(c)
+
+    _job_parsers(sub)
 
     p = sub.add_parser("metric", help="what clients logged with log_metric")
     msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -256,9 +275,17 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
     c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
     c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    c.add_argument("--telemetry", action="store_true", help="list the numbers clients sent with log_telemetry (payload 'value') instead")
     _connection(c)
     _json_flag(c)
     _common(c)
+    p = sub.add_parser("tui", help="watch and drive the federation live in a terminal UI (or a browser with --web)")
+    p.add_argument("--session", metavar="ID", help="session to show (default: the running or latest one, following new ones)")
+    p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
+    p.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default: 127.0.0.1; whoever opens the page acts as admin)")
+    p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
+    _connection(p)
+    _common(p)
 
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
@@ -268,9 +295,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--round-timeout", type=float, default=120.0, metavar="SECONDS", help="round timeout (default: 120)")
     p.add_argument("--settings", default="{}", metavar="JSON", help="training settings for the train callback")
     p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="validate each new global model (default: on)")
-    p.add_argument("--headless", action="store_true", help="print rounds as text (the only mode for now)")
+    p.add_argument("--headless", action="store_true", help="print rounds as text instead of opening the TUI (the default when not on a terminal)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
     _common(p)
 
     p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
@@ -297,6 +325,50 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _job_parsers(sub: Any) -> None:
+    """`command`, `predict` and `telemetry`: run package callbacks on clients, list results."""
+    for noun, text in (("command", "run a custom command on clients and list its results"), ("predict", "run the predict callback on clients and list its results")):
+        p = sub.add_parser(noun, help=text)
+        jsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+        jsub.required = True
+        if noun == "command":
+            c = jsub.add_parser("run", help="call the callback a package registered with set_custom_callback(NAME, cb) on clients")
+            c.add_argument("name", metavar="NAME", help="the command (with or without Scaleout Edge's Custom_ prefix)")
+        else:
+            c = jsub.add_parser("run", help="call the callback a package registered with set_predict_callback(cb) on clients")
+            c.add_argument("--model", metavar="ID", help="model id, unique prefix or 'active' (default: the active model)")
+        c.add_argument("--params", default="{}", metavar="JSON", help="a JSON object passed to the callback (default: {})")
+        who = c.add_mutually_exclusive_group()
+        who.add_argument("--clients", metavar="A,B", help="only these clients (comma-separated)")
+        who.add_argument("--all", action="store_true", help="every connected client (the default)")
+        default = "60" if noun == "command" else "300"
+        c.add_argument("--timeout", type=float, metavar="SECONDS", help=f"how long each client's callback may run (default: {default})")
+        c.add_argument("--wait", action="store_true", help="wait for the results and print them; exit 1 if any client failed")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("ls", help=f"list {noun} jobs, oldest first, with counts of results")
+        c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("show", help="each client's result, error or 'no such command'")
+        c.add_argument("id", nargs="?", metavar="ID", help="job id or unique prefix (default: the latest)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+    p = sub.add_parser("telemetry", help="what packages sent with log_telemetry")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    tsub.required = True
+    c = tsub.add_parser("ls", help="list telemetry records, oldest first")
+    c.add_argument("--client", metavar="NAME", help="only this client's")
+    c.add_argument("--key", help="only records of this key")
+    c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100, at most 1000)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
+
 def _setup_logging(level: str | None) -> None:
     logging.basicConfig(
         level=getattr(logging, (level or "info").upper()),
@@ -309,20 +381,23 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, launch, simulate
+    from scaleout.commands import admin, dev, jobs, launch, simulate, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
         ("combine", None): launch.combine,
         ("join", None): launch.join,
         ("run", "build"): launch.run_build,
+        ("run", "install"): launch.run_install,
         ("package", "create"): launch.package_create,
         ("dev", None): dev.main,
         ("simulate", None): simulate.main,
         ("simulate-clients", None): simulate.clients_main,
+        ("tui", None): tui.main,
     }
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
+    table.update(jobs.COMMANDS)
     return table
 
 

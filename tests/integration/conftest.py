@@ -174,11 +174,12 @@ class Federation:
         self.procs.append(p)
         return p
 
-    def client(self, name: str, package: Path | None = None, cwd: Path | None = None) -> Proc:
-        """A client; ``package`` (a local compute package) may be relative to ``cwd``."""
+    def client(self, name: str, package: Path | None = None, cwd: Path | None = None, extra: tuple[str, ...] = ()) -> Proc:
+        """A client; ``package`` (a local compute package) may be relative to ``cwd``; ``extra``: more join flags."""
         args = ["join", "--controller", self.url, "--token", self.token("client"), "--ca", self.ca, "--name", name, "--work-dir", str(self.tmp / name)]
         if package is not None:
             args += ["-p", str(package)]
+        args += list(extra)
         p = Proc(name, args, self.logs, False, cwd=cwd)
         self.procs.append(p)
         return p

@@ -141,7 +141,7 @@ def test_metric_ls_lists_what_clients_logged(ran: tuple[Federation, dict[str, An
     # The operation itself refuses what the command never sends, saying what it wants.
     from scaleout.core.errors import RemoteError
 
-    for bad in ({"limit": "10"}, {"round_index": -1}, {"client": ""}, {"key": 5}, {"session_id": "x" * 300}, {"kind": "telemetry"}):
+    for bad in ({"limit": "10"}, {"round_index": -1}, {"client": ""}, {"key": 5}, {"session_id": "x" * 300}, {"kind": "gossip"}):
         with pytest.raises(RemoteError, match=r"^metric\.ls: ") as info:
             fed.admin("metric.ls", bad)
         assert info.value.code == "bad_message", bad
@@ -215,4 +215,5 @@ def test_metrics_held_with_commit_false_arrive_with_their_round(tmp_path: Path) 
         fed.wait_clients(1)
         assert fed.run_session(rounds=2, validate=False)["status"] == "finished"
         rows = fed.admin("metric.ls", {"key": "held"})[0]["metrics"]
-        assert [(r["round_index"], r["value"], r["step"]) for r in rows] == [(1, 1.0, None), (2, 2.0, None)]
+        # Sent at once at the task's current step (0: commit=False does not move it), as in Scaleout Edge.
+        assert [(r["round_index"], r["value"], r["step"]) for r in rows] == [(1, 1.0, 0), (2, 2.0, 0)]

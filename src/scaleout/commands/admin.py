@@ -71,7 +71,7 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
 
 
 TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires", "last_used", "revoked"})
-RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
+RECORD_LISTS = frozenset({"rounds", "clients", "failures", "results", "recent"})  # records inside a record
 
 
 def public(data: Any) -> Any:
@@ -443,7 +443,9 @@ def client_ls(args: argparse.Namespace) -> int:
     def human() -> None:
         for r in rows:
             r["seen"] = when(r["last_seen"])
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("seen", "LAST SEEN")], "no clients have joined yet")
+            package = r.get("package")
+            r["pkg"] = (package[:12] if package else None) and package[:12] + (" (cannot load)" if r.get("package_error") else "")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients have joined yet")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -480,6 +482,8 @@ def metric_ls(args: argparse.Namespace) -> int:
     if args.round is not None and args.round < 1:
         raise UsageError("--round must be a round number (1 or more)")
     req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
+    if getattr(args, "telemetry", False):
+        req["kind"] = "telemetry"
     result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
     rows, total = result["metrics"], result["total"]
 

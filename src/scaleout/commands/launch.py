@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
 
 log = logging.getLogger("scaleout")
@@ -67,7 +67,10 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "metrics_port": int, "metrics_host": str,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list},
-        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH},
+        "client": {
+            **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
+            "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH,
+        },
     }
 
 
@@ -194,11 +197,22 @@ def join(args: argparse.Namespace) -> int:
     s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
     conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
-    if package is not None and not (package / "scaleout.yaml").is_file():
+    from scaleout.package.project import project_file
+
+    if package is not None and project_file(package) is None:
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
+    timeout = s.get("command_timeout")
+    if timeout is not None and not 0 < timeout <= 30 * 86400:
+        raise UsageError(f"--command-timeout must be a number of seconds above 0, got {timeout!r}")
+    if s.get("managed_env"):
+        from scaleout.package.environment import check_can_manage
+
+        check_can_manage()
     settings = ClientSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
         package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        dispatcher=bool(s.get("dispatcher")), managed_env=bool(s.get("managed_env")),
+        command_timeout=float(timeout) if timeout is not None else None, env_cache=_path(s.get("env_cache")),
         state_dir=_path(s.get("state_dir")),
     )
     warn_if_expiring(conn.token, "client")
@@ -210,7 +224,11 @@ def run_build(args: argparse.Namespace) -> int:
 
     if not args.path.is_dir():
         raise UsageError(f"compute package folder {args.path} does not exist")
-    files = build(args.path, args.output)
+    if args.managed_env:
+        from scaleout.package.environment import check_can_manage
+
+        check_can_manage()
+    files = build(args.path, args.output, managed_env=args.managed_env, env_cache=args.env_cache)
     for f in files:
         print(f"wrote {f}")
     if not files:
@@ -232,4 +250,38 @@ def package_create(args: argparse.Namespace) -> int:
         print(json.dumps(info))
     else:
         print(f"created {out} ({len(data)} bytes, sha256 {info['sha256'][:12]})")
+    return EXIT_OK
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """pip install the python_env file's dependencies into the Python running scaleout."""
+    from scaleout.package.environment import install_here, project_env
+    from scaleout.package.project import load_project
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    project = load_project(args.path)
+    env = project_env(project)
+    if env is None:
+        message = f"{project.root / project.file} names no python_env: nothing to install"
+        print(json.dumps({"python": sys.executable, "installed": []}) if args.json else message)
+        return EXIT_OK
+    if args.dry_run:
+        reqs = env.requirements()
+        print(json.dumps({"python": sys.executable, "file": str(env.file), "requirements": reqs}) if args.json
+              else f"would install into {sys.executable}: {' '.join(reqs) or 'nothing'}")
+        return EXIT_OK
+    from scaleout.core.errors import PackageError
+    from scaleout.package.environment import check_can_install
+
+    check_can_install()  # the single-file executable has no pip: a usage error (exit 2)
+    try:
+        reqs = install_here(env)
+    except PackageError as exc:  # pip failed or refused: the operation failed (exit 1)
+        print(f"scaleout: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"python": sys.executable, "file": str(env.file), "installed": reqs}))
+    else:
+        print(f"installed the dependencies of {env.file.name} into {sys.executable}: {' '.join(reqs) or 'nothing to install'}")
     return EXIT_OK

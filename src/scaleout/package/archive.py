@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from scaleout.core.errors import PackageError
-from scaleout.package.project import PROJECT_FILE, load_project
+from scaleout.package.project import PROJECT_FILE, load_project, project_file
 
 IGNORE_FILE = ".scaleoutignore"
 ALWAYS_IGNORED = ["__pycache__/", "*.pyc", ".git/"]
@@ -28,8 +28,10 @@ _Rule = tuple[re.Pattern[str], bool, bool]  # (regex, negated, directories only)
 
 
 def read_ignore(root: Path) -> list[str]:
-    """Patterns from `root/.scaleoutignore`, in order (empty if there is none)."""
+    """Patterns from `root/.scaleoutignore` (else FEDn's `.fednignore`), in order (empty if there is none)."""
     path = root / IGNORE_FILE
+    if not path.is_file():
+        path = root / ".fednignore"
     if not path.is_file():
         return []
     lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
@@ -210,11 +212,11 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int = MAX_EXTRACT_BYTES)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         _extract(data, dest, max_bytes)
-        if (dest / PROJECT_FILE).is_file():
+        if project_file(dest) is not None:
             return dest
-        candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and (d / PROJECT_FILE).is_file()]
+        candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and project_file(d) is not None]
         if len(candidates) != 1:
-            raise PackageError(f"package archive has no {PROJECT_FILE} at its top level")
+            raise PackageError(f"package archive has no {PROJECT_FILE} (nor fedn.yaml) at its top level")
         return candidates[0]
     except PackageError:
         if created:

@@ -20,6 +20,7 @@ from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_
 from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
+from scaleout.roles.command_relay import CommandRelay
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
@@ -101,6 +102,7 @@ class Combiner:
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
+        self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
@@ -148,6 +150,7 @@ class Combiner:
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
         self.partials.clear()
+        self.relay.abandon()
         for job in list(self.jobs.values()):
             self._drop(job)
             for link in list(self.clients.values()):
@@ -281,6 +284,8 @@ class Combiner:
                 job = self._job_of(msg.task_id)
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
+            elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)) and gate is not None:
+                await self.relay.on_client(name, link, gate, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
@@ -291,6 +296,7 @@ class Combiner:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
                 self._changed(left=name)
+                self.relay.client_gone(name)
                 # A client that said goodbye is lost now; after a blip it has a grace period.
                 goodbye = link.ws.close_code in (1000, 1001)
                 now = asyncio.get_running_loop().time()
@@ -405,6 +411,8 @@ class Combiner:
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
             for link in list(self.clients.values()):
                 await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+        elif isinstance(msg, (m.CommandStart, m.PackageChanged)):
+            await self.relay.on_controller(inc)
         elif isinstance(msg, m.Event):
             pass
         elif isinstance(msg, m.Revoked):

@@ -33,8 +33,10 @@ from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size,
 from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.selection import Assigner, choose_validators, select_clients
+from scaleout.roles.command_service import CommandService
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.roles.exporter import Observer
+from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import BlobStore
 from scaleout.store.registry import RegistryWriter
@@ -117,6 +119,8 @@ class Controller:
         self.combiners: dict[str, CombinerConn] = {}
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
+        self.hub = EventHub()  # the typed event stream to subscribed admin links
+        self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
@@ -146,6 +150,7 @@ class Controller:
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
+            "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
             # Tokens and node identities (roles/enrolment.py).
             "node.enrol": (CLIENT | COMBINER, lambda *a: self.desk.enrol(*a)),
             "token.ls": (ADMIN, lambda *a: self.desk.token_ls(*a)),
@@ -154,6 +159,8 @@ class Controller:
             "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
             "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
         }
+        self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
+        self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -164,6 +171,7 @@ class Controller:
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
+        self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
         from scaleout.roles.enrolment import Desk
@@ -241,7 +249,9 @@ class Controller:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
+            await self.hub.close()
             await self.registry.close()
+            await self.commands.close()
             self.state.close()
             await asyncio.to_thread(self.obs.close)
 
@@ -274,14 +284,26 @@ class Controller:
                 self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
             return result
 
-        on_message = self._combiner_message(link) if role == "combiner" else None
+        on_message = self._combiner_message(link) if role == "combiner" else self._admin_message(link) if role == "admin" else None
         try:
             await link.run(on_message=on_message, on_request=on_request)
         finally:
             self.subscribers.discard(link)
+            self.hub.unsubscribe(link)
             self.desk.gone(link)
             if role == "combiner":
                 self._combiner_gone(link)
+
+    def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
+        async def handle(inc: Incoming) -> None:
+            if not isinstance(inc.msg, m.Subscribe):
+                raise ProtocolError(f"an admin may not send {inc.msg.type}")
+            self.hub.subscribe(link, inc.msg)
+
+        return handle
+
+    async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        return await snapshot(self, args), None
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -295,10 +317,12 @@ class Controller:
                 del self.combiners[name]
                 self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
+                self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
                 if self.session is not None:  # the link says which registration was lost
                     self.session.events.put_nowait(("lost", (name, link)))
                 self._registry_changed()
                 self.registry.combiner(name, "offline", clients=0)
+                self.commands.combiner_gone(name)
 
     def _registry_changed(self) -> None:
         self.registry_changed.set()
@@ -332,6 +356,7 @@ class Controller:
                         self.combiners[elsewhere].clients.discard(client)
                     c.clients.add(client)
                     self.assigner.client_joined(c.name, client)
+                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
                     self.registry.client(client, "online", c.name)
                 for client in msg.left:
                     if client not in c.clients:
@@ -340,10 +365,13 @@ class Controller:
                     self.assigner.client_left(c.name, client)
                     if client not in self.assigner.where:  # not already back on another combiner
                         self.registry.client(client, "offline", c.name)
+                        self.hub.publish(m.ClientLeft(client=client, combiner=c.name))
                 self.registry.combiner(c.name, "online", clients=len(c.clients))
                 self._registry_changed()
             elif isinstance(msg, m.Report):
                 self._store_report(c, msg)
+            elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
+                self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -371,6 +399,7 @@ class Controller:
         self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if msg.kind == "train":
             self.obs.update_reported(error)
+        self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
@@ -416,18 +445,21 @@ class Controller:
         self.assigner.combiner_ready(c.name)
         self.state.upsert_combiner(c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
+        self.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
         self._registry_changed()
         return {}, None
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
         self.desk.node_identity(link, "client", name, args)
+        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
+            self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
         best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url}
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}
         renewed = self.desk.renewed(link)
         if renewed is not None:
             reply["token"] = renewed
@@ -532,6 +564,8 @@ class Controller:
             self.state.set_meta("active_package", digest)
             self.state.audit(_actor(link), "package.set_active", id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
+        self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
+        await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
         return {"id": digest, "name": name, "size": len(blob)}, None
 
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
@@ -556,6 +590,8 @@ class Controller:
             self.state.commit_model(digest, len(blob), aggregator="seed")
             self.state.audit(_actor(link), "model.set_seed", id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
+        self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
+        self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
     async def _model_bytes(self, model_id: str) -> bytes:
@@ -614,6 +650,7 @@ class Controller:
         self.obs.session_started()
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
+        self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
         return {"session": self.state.session(session.id)}, None
 
     async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -708,8 +745,16 @@ class Controller:
         return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell session.wait followers, without waiting for them: a follower still taking
+        the previous event (a stalled link) skips this one (it re-reads the session on the
+        next, and gets it whole in the reply), so it never holds up the rounds."""
         for link in list(self.subscribers):
-            await _quiet_send(link, m.Event(kind=kind, data=data))
+            busy = self._emitting.get(link)
+            if busy is not None and not busy.done():
+                continue
+            self._emitting[link] = asyncio.ensure_future(_quiet_send(link, m.Event(kind=kind, data=data)))
+        for link in [k for k, t in self._emitting.items() if t.done() and k not in self.subscribers]:
+            del self._emitting[link]
 
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None
@@ -750,6 +795,7 @@ class Controller:
             self.obs.session_finished(status)
             with contextlib.suppress(Exception):  # the role edge: the writer logs its own failures
                 await self.registry.flush()
+            self.hub.publish(m.SessionEnded(session_id=s.id, status=status, reason=reason))
             await self._emit("session", {"id": s.id, "status": status, "reason": reason})
             s.done.set()
 
@@ -796,6 +842,7 @@ class Controller:
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
+        self.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
@@ -809,6 +856,7 @@ class Controller:
                 row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
             self.obs.round_finished(status, duration)
+            self.hub.round_ended({**row, "session_id": s.id})
             return {**row, "index": index}
 
         if s.stopped:
@@ -894,6 +942,10 @@ class Controller:
             return finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
         self._model_cache = (model_id, new_bytes)  # the next round's global model: no need to read it back
+        self.hub.publish(m.ModelCommitted(
+            model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
+            contributors=len(contributors), size=len(new_bytes),
+        ))
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
         validation: dict[str, float] = {}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scaleout.store.state import State
 
-KINDS = ("metric",)  # report kinds that carry {"metrics": {...}, "step": ...}; "telemetry" joins when it exists
+KINDS = ("metric", "telemetry")  # report kinds that carry {"metrics": {...}, "step": ...}
 
 _FROM = (
     " FROM reports AS r, json_each(r.data, '$.metrics') AS m"

@@ -111,7 +111,7 @@ class RegistryWriter:
             return self._open().reports(session_id, round_index, kind)
 
     def query(self, read: Callable[[State], T]) -> T:
-        """Run ``read`` on this writer's connection (call it in a thread: it may be a big read)."""
+        """Run ``read`` on this writer's connection (in a thread: a fleet's worth of rows)."""
         with self._db_lock:
             return read(self._open())
 

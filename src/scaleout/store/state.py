@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS audit (
   action TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
-_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing"}
+_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -117,6 +117,9 @@ class State:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._migrate()
+        from scaleout.store.commands import ensure_schema
+
+        ensure_schema(self.db)  # commands, predictions, clients' attributes and package
 
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
