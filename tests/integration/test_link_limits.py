@@ -56,7 +56,8 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
     fed.controller("--config", config(fed, "controller", "hello_timeout = 1\nidle_timeout = 1\nhandshake_timeout = 1\n"))
     c1 = combiner(fed, "c1", "--config", config(fed, "c1", "hello_timeout = 1\n"))
     assert c1.url is not None
-    client, comb = fed.token("client"), fed.token("combiner")
+    # An enrolled client's own credential (a bare client token no longer gets past a combiner).
+    client, comb = fed.identity("client", "silent"), fed.token("combiner")
 
     async def go() -> None:
         started = time.monotonic()
@@ -231,7 +232,8 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
     for name in ("a", "b"):
         fed.client(name, package=QUICKSTART)
     fed.wait_clients(2)
-    client, comb = fed.token("client"), fed.token("combiner")
+    client = fed.identity("client", "lurker")
+    slow = [fed.identity("combiner", f"slow-{i}") for i in range(5)]
     admin = fed.conn
     assert admin is not None and c1.url is not None
     parts = urlsplit(fed.url)
@@ -250,7 +252,7 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
                 await ws_to(fed.url, fed, "sco1.e30.AAAA")
             counts["bad_token"] += 1
         for i in range(5):  # combiners asking for the model and never reading the answer
-            ws = await ws_to(fed.url, fed, comb, max_queue=1)
+            ws = await ws_to(fed.url, fed, slow[i], max_queue=1)
             await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"r{i}", "op": "combiner.register", "args": {"name": f"slow-{i}"}}))
             assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["ok"] is True
             await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"g{i}", "op": "model.get", "args": {}}))
