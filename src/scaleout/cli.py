@@ -331,7 +331,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--headless", action="store_true", help="print rounds as text instead of opening the TUI (the default when not on a terminal)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
+    p.add_argument("--keep", action="store_true", help="headless: keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C (the TUI keeps it up while it is open)")
     p.add_argument("--dispatcher", action="store_true", help="clients run the package's entry points as commands (join --dispatcher)")
     p.add_argument("--managed-env", action="store_true", help="build and run the package in a venv made from its python_env.yaml (join --managed-env)")
     _common(p)

@@ -245,3 +245,18 @@ def test_a_misbehaving_client_gets_errors_and_disturbs_nobody(fed: Federation) -
     assert fed.admin("combiner.ls")[0]["combiners"][0]["status"] == "online"
     code, rows, err = cli(fed, "client", "show", "rogue", "--json")
     assert code == 0 and len(json.dumps(rows["attributes"])) < 300 << 10  # what got through was bounded
+
+
+def test_predict_runs_a_dispatcher_packages_predict_command(fed: Federation) -> None:
+    """`scaleout predict run` reaches a dispatcher package (predict: {command: python predict.py})
+    through the same hook: the runtime's predict callback, here the dispatcher's."""
+    package = FIXTURES / "dispatch_client"
+    fed.controller()
+    fed.seed_from(package)
+    fed.combiner("c1")
+    fed.client("d-1", package=package)
+    fed.wait_clients(1)
+    code, job, err = cli(fed, "predict", "run", "--params", '{"n": 4}', "--wait", "--json")
+    assert code == 0, (job, err)
+    (r,) = job["results"]
+    assert r["client"] == "d-1" and r["status"] == "ok" and len(r["data"]["predicted_class"]) == 4, r

@@ -184,6 +184,7 @@ class ClientWork:
                     self.package_error = None
                     client.edge = edge
                     client.package_root = root
+                    client.package_label = f"{name} ({package_id[:12]})"  # what the next client.assign shows watchers
                     log.info("now running compute package %s (%s); startup() registered: %s", name, package_id[:12], ", ".join(edge.registered()) or "no callbacks")
                 except PackageError as exc:
                     self.package_error = clip_text(str(exc))
