@@ -3,13 +3,17 @@
 Run by build/dist_check.sh under `env -i` with a fresh HOME and no venv on PATH; uses only the
 standard library. Every artefact process gets that same clean environment. Checks:
 
-1. `--version` of each names its build kind; `--version` and `join --help` timed warm.
+1. `--version` of each names its build kind; `--version` and `join --help` timed warm; the
+   one-file executable's first start, several first starts at once, and a damaged, truncated or
+   unwritable-cache start.
 2. A compute package importing a module nothing carries fails in one line naming it.
 3. `scaleout dev` with 2 clients x 2 rounds, and `scaleout simulate` with 20 clients over 2
    combiners, from each artefact (their children are the same artefact: in this environment
    `python3 -m scaleout` could not even start).
 4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
-   and a frozen client, driving a 2-round session with admin commands from both artefacts.
+   and a frozen client, driving a 2-round session with admin commands from both artefacts;
+   the controller's Prometheus endpoint (`serve --metrics-port`) counts the rounds. The frozen
+   controller serves it too (prometheus_client is imported only for that flag).
 
 Prints one line per check and a JSON summary last; exits 1 on the first failure.
 """
@@ -38,8 +42,9 @@ class CheckFailed(Exception):
     pass
 
 
-def run(cmd: list[str], *, timeout: float = 120, cwd: Path | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+def run(cmd: list[str], *, timeout: float = 120, cwd: Path | None = None, expect: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env} if env else None
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL, env=full_env)
     if r.returncode != expect:
         raise CheckFailed(f"{' '.join(cmd)} exited {r.returncode} (expected {expect})\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}")
     if "Traceback" in r.stderr:
@@ -48,7 +53,7 @@ def run(cmd: list[str], *, timeout: float = 120, cwd: Path | None = None, expect
 
 
 def warm_seconds(cmd: list[str], repeat: int = 5) -> float:
-    run(cmd)  # the first start unpacks (zipapp: once per user; frozen: every start)
+    run(cmd)  # the first start unpacks into the per-user cache (both artefacts)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -136,6 +141,40 @@ def check_version(name: str, cmd: list[str], kind: str, figures: dict[str, objec
     print(f"ok  {name}: {out}; warm --version {figures[f'{name}_version_s']}s, join --help {figures[f'{name}_join_help_s']}s", flush=True)
 
 
+def check_launcher(frozen: list[str], work: Path, figures: dict[str, object]) -> None:
+    """dist/scaleout's first start unpacks once (also when several start at once); a damaged or
+    truncated file and an unwritable cache each give one line and exit 1."""
+    cache = work / "cache-cold"
+    t0 = time.perf_counter()
+    run(frozen + ["--version"], env={"SCALEOUT_CACHE": str(cache)})
+    figures["frozen_first_start_s"] = round(time.perf_counter() - t0, 2)
+    together = work / "cache-together"
+    procs = [subprocess.Popen(frozen + ["--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SCALEOUT_CACHE": str(together)}) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    if any(p.returncode != 0 for p in procs) or any("frozen" not in out for out, _ in outs):
+        raise CheckFailed(f"4 first starts at once: exit codes {[p.returncode for p in procs]}, stderr {[e[-300:] for _, e in outs]}")
+    left = sorted(p.name for p in together.iterdir())
+    if len(left) != 1 or not left[0].startswith("frozen-"):
+        raise CheckFailed(f"4 first starts at once left {left} in the cache, expected one frozen-* folder")
+    data = Path(frozen[0]).read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "damaged": data[: len(data) // 2] + bytes(4096) + data[len(data) // 2 + 4096:]}
+    for what, content in cases.items():
+        bad = work / f"scaleout-{what}"
+        bad.write_bytes(content)
+        bad.chmod(0o755)
+        r = run([str(bad), "--version"], expect=1, env={"SCALEOUT_CACHE": str(work / f"cache-{what}")})
+        if "download it again" not in r.stderr or len(r.stderr.strip().splitlines()) != 1:
+            raise CheckFailed(f"a {what} dist/scaleout said {r.stderr!r}, not one line saying to download it again")
+    blocked = work / "not-a-dir"
+    blocked.write_text("")
+    r = run(frozen + ["--version"], expect=1, env={"SCALEOUT_CACHE": str(blocked / "cache")})
+    if "SCALEOUT_CACHE" not in r.stderr:
+        raise CheckFailed(f"an unwritable cache gave {r.stderr!r}, not a line naming SCALEOUT_CACHE")
+    print(f"ok  frozen: first start (unpacks once) {figures['frozen_first_start_s']}s; 4 first starts at once share one copy; "
+          "truncated, damaged and unwritable-cache cases each one line, exit 1", flush=True)
+
+
 def check_missing_module(name: str, cmd: list[str], work: Path) -> None:
     pkg = work / f"needs-absent-{name}"
     pkg.mkdir()
@@ -184,7 +223,9 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.perf_counter()
     try:
-        ctl, url = start(zipapp + ["serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0"], logs / "controller-zipapp.log", True)
+        ctl, url = start(
+            zipapp + ["serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], logs / "controller-zipapp.log", True
+        )
         procs.append(ctl)
         admin = ["--data-dir", str(data)]
         run(frozen + ["run", "build", "-p", str(pkg)])
@@ -212,6 +253,10 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         listing = json.loads(run(frozen + ["client", "ls", "--json", *admin]).stdout)
         names = listing["clients"] if isinstance(listing, dict) else listing
         figures["mixed_session_s"] = round(time.perf_counter() - t0, 1)
+        scraped = scrape(data)
+        for sample in ('scaleout_rounds_total{status="succeeded"} 2.0', "scaleout_clients_connected 3.0"):
+            if sample not in scraped.splitlines():
+                raise CheckFailed(f"the zipapp controller's metrics lack {sample!r}:\n{scraped[-3000:]}")
         for kind, c in joined.items():  # idle now: the session is over, the clients stay connected
             figures[f"{kind}_client_connect_s"] = c.seconds
             figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
@@ -231,10 +276,46 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
         raise CheckFailed(f"roles exited {codes} on SIGTERM (expected 0)")
 
 
+def scrape(data: Path) -> str:
+    """The text at the metrics_url a controller wrote to DATA/controller.json."""
+    import urllib.request
+
+    url = json.loads((data / "controller.json").read_text())["metrics_url"]
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
+
+
+def check_metrics_port(name: str, cmd: list[str], work: Path) -> None:
+    data = work / f"metrics-{name}"
+    ctl, _ = start(cmd + ["serve", "--data-dir", str(data), "--port", "0", "--metrics-port", "0"], work / f"metrics-{name}.log", True)
+    try:
+        text = scrape(data)
+    finally:
+        codes = stop([ctl])
+    if 'scaleout_rounds_total{status="succeeded"} 0.0' not in text.splitlines() or codes[0] not in (0, -signal.SIGTERM):
+        raise CheckFailed(f"{name}: serve --metrics-port exited {codes} and served:\n{text[-2000:]}")
+    print(f"ok  {name}: serve --metrics-port serves Prometheus metrics ({len(text.splitlines())} lines)", flush=True)
+
+
+def check_other_python(python: str, work: Path, figures: dict[str, object]) -> None:
+    """The same .pyz under another CPython minor version: its own native modules are inside."""
+    version = run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]).stdout.strip()
+    carried = (ROOT / "build" / "zipapp-out" / "versions.txt").read_text().split()
+    if version not in carried:  # the build found no wheels for it (offline, or not released yet)
+        print(f"skip zipapp under Python {version}: the build carries {', '.join(carried)} only", flush=True)
+        return
+    zipapp = [python, str(ROOT / "dist" / "scaleout.pyz")]
+    out = run(zipapp + ["--version"]).stdout.strip()
+    check_dev(f"zipapp-py{version}", zipapp, work, figures)
+    print(f"ok  zipapp under Python {version}: {out}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source-python", required=True, help="a Python with scaleout installed from this tree (the source build)")
     ap.add_argument("--zipapp-python", default="python3", help="the bare Python that runs the zipapp (default: python3 on PATH)")
+    ap.add_argument("--other-python", action="append", default=[], metavar="PYTHON",
+                    help="another bare CPython (another minor version) that must run the zipapp too; repeatable")
     args = ap.parse_args()
     for var in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
         if var in os.environ:
@@ -255,6 +336,7 @@ def main() -> int:
             check_version("zipapp", zipapp, "zipapp", figures)
             check_version("frozen", frozen, "frozen", figures)
             check_version("source", source, "source", figures)
+            check_launcher(frozen, work, figures)
             check_missing_module("zipapp", zipapp, work)
             check_missing_module("frozen", frozen, work)
             check_dev("zipapp", zipapp, work, figures)
@@ -262,6 +344,9 @@ def main() -> int:
             check_simulate("zipapp", zipapp, work, figures)
             check_simulate("frozen", frozen, work, figures)
             check_mixed(zipapp, frozen, source, work, figures)
+            check_metrics_port("frozen", frozen, work)
+            for other in args.other_python:
+                check_other_python(other, work, figures)
         except (CheckFailed, subprocess.TimeoutExpired) as exc:
             print(f"FAIL {exc}", flush=True)
             return 1

@@ -1,12 +1,13 @@
-"""Run by shiv's bootstrap before scaleout: the wheels inside are for one CPython minor version."""
+"""Run by shiv's bootstrap before scaleout: the native wheels inside are for these CPython
+minor versions only."""
 
 import sys
 
-BUILT_FOR = "@PYTHON_VERSION@"
+BUILT_FOR = "@PYTHON_VERSIONS@".split()
 running = "%d.%d" % sys.version_info[:2]
-if running != BUILT_FOR:
+if running not in BUILT_FOR:
     sys.exit(
-        f"scaleout: error: this scaleout.pyz was built for Python {BUILT_FOR} (its numpy and other native "
-        f"wheels are for that version) but runs under Python {running} ({sys.executable}): run it with a "
-        f"python{BUILT_FOR}, or use the single-file executable dist/scaleout, which needs no Python"
+        f"scaleout: error: this scaleout.pyz carries numpy and its other native modules for Python "
+        f"{', '.join(BUILT_FOR)}, but runs under Python {running} ({sys.executable}): run it with one of "
+        f"those, or use the single-file executable dist/scaleout, which needs no Python"
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +15,7 @@ from numpy.testing import assert_array_equal
 
 from scaleout import EdgeClient, ScaleoutModel
 from scaleout.core import payload
-from scaleout.core.errors import LimitExceeded, TaskAborted, UpdateRejected
+from scaleout.core.errors import CommandFailed, LimitExceeded, TaskAborted, UpdateRejected
 from scaleoututil.helpers.helpers import get_helper
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,14 +153,10 @@ def test_check_task_abort() -> None:
 
 def test_log_metric_forwards_to_sink_and_validates() -> None:
     client = EdgeClient()
-    client.log_metric({"loss": 1.0})  # no sink: dropped quietly
+    assert client.log_metric({"loss": 1.0}) is False  # no sink (outside a task): not sent
     sent: list[tuple[dict[str, float], int | None]] = []
     client._metric_sink = lambda metrics, step: sent.append((metrics, step))
-    client.log_metric({"loss": np.float32(0.25), "it": 3}, step=2)
-    client.log_metric({"a": 1.0}, commit=False)
-    assert len(sent) == 1
-    client.log_metric({"b": 2.0})
-    assert sent == [({"loss": 0.25, "it": 3}, 2), ({"a": 1.0, "b": 2.0}, None)]
+    assert client.log_metric({"loss": np.float32(0.25), "it": 3}, step=2) is True
     assert type(sent[0][0]["loss"]) is float
     for bad, error in [
         ("loss", TypeError),
@@ -170,24 +167,49 @@ def test_log_metric_forwards_to_sink_and_validates() -> None:
     ]:
         with pytest.raises(error):
             client.log_metric(bad)  # type: ignore[arg-type]
-    assert len(sent) == 2
+    assert len(sent) == 1
 
 
-def test_log_metric_refuses_a_message_above_64_kib_and_holds_nothing() -> None:
+def test_log_metric_steps_as_scaleout_edge() -> None:
+    """Each call is sent at once; without step= the task's current step is used (from 0 in
+    each task); a given step becomes the current one; commit moves it on by one afterwards."""
     client = EdgeClient()
     sent: list[tuple[dict[str, float], int | None]] = []
     client._metric_sink = lambda metrics, step: sent.append((metrics, step))
-    client.log_metric({"a": 1.0}, commit=False)
+    steps: list[int | None] = []
+
+    def train(model: ScaleoutModel, settings: dict) -> tuple[ScaleoutModel, dict]:
+        client.log_metric({"a": 1.0})
+        client.log_metric({"b": 1.0}, commit=False)
+        client.log_metric({"c": 1.0})
+        client.log_metric({"d": 1.0}, step=10)
+        client.log_metric({"e": 1.0})
+        steps.extend(step for _, step in sent)
+        return model, {"training_metadata": {"num_examples": 1}}
+
+    client.set_train_callback(train)
+    client.run_train(model_bytes(), {})
+    assert steps == [0, 1, 1, 10, 11]
+    sent.clear()
+    steps.clear()
+    client.run_train(model_bytes(), {})  # the next task starts again from 0
+    assert steps == [0, 1, 1, 10, 11]
+    # An aborted task: log_metric raises (after sending), unless told not to check.
+    client._stop_task("the session was stopped")
+    assert client.log_metric({"x": 1.0}, check_task_abort=False) is True
+    with pytest.raises(TaskAborted):
+        client.log_metric({"x": 1.0})
+
+
+def test_log_metric_refuses_a_message_above_64_kib() -> None:
+    client = EdgeClient()
+    sent: list[tuple[dict[str, float], int | None]] = []
+    client._metric_sink = lambda metrics, step: sent.append((metrics, step))
     with pytest.raises(LimitExceeded, match=r"log_metric: this message is 390\.7 KiB as JSON; the limit is 64\.0 KiB") as info:
         client.log_metric({"\u00e9" * 200_000: 1.0})
     assert isinstance(info.value, ValueError)  # what user code checking metrics may catch
-    # Held metrics count too: many small ones committed later may not add up past the limit.
-    with pytest.raises(LimitExceeded):
-        for i in range(10_000):
-            client.log_metric({f"metric-{i:05}": 1.0}, commit=False)
-    client._pending.clear()
     client.log_metric({"b": 2.0})
-    assert sent == [({"b": 2.0}, None)]
+    assert sent == [({"b": 2.0}, 0)]
 
 
 def test_run_train_and_validate_refuse_results_above_64_kib() -> None:
@@ -224,8 +246,102 @@ def test_run_validate_predict_custom() -> None:
     assert client.run_predict(model_bytes(), {"k": 3}) == {"y": [0, 3]}
     client.set_custom_callback("ping", lambda params: {"pong": params})
     assert client.run_custom("ping", {"x": 1}) == {"pong": {"x": 1}}
-    with pytest.raises(UpdateRejected, match=r"'nope'.*registered: ping"):
+    with pytest.raises(CommandFailed, match=r"no custom command 'nope' registered \(registered: ping\)") as info:
         client.run_custom("nope", {})
+    assert info.value.reason == "no_such_command"
+
+
+def test_custom_prefix_inference_alias_and_strict_json_results() -> None:
+    client = EdgeClient()
+    with pytest.raises(CommandFailed, match="no predict callback registered") as info:
+        client.run_predict(model_bytes(), {})
+    assert info.value.reason == "no_such_command"
+    client.set_inference_callback(lambda model, params: {"n": len(model)})  # Edge's newer name
+    assert client.run_predict(model_bytes(), {}) == {"n": len(model_bytes())}
+    client.set_custom_callback("Custom_a", lambda params: {"a": 1})  # Edge's prefix, either side
+    client.set_custom_callback("b", lambda params: {"b": 2})
+    assert client.run_custom("a", {}) == client.run_custom("Custom_a", {}) == {"a": 1}
+    assert client.run_custom("Custom_b", {}) == {"b": 2}
+    assert client.registered() == ["predict", "custom:a", "custom:b"]
+    client.remove_custom_callback("Custom_b")
+    assert client.registered() == ["predict", "custom:a"]
+    for value, reason, text in [
+        ([1], "not_json", "must return a dict (a JSON object), got a list"),
+        (None, "not_json", "got None"),
+        ({"x": {1}}, "not_json", "the command 'c' result holds a set at result['x']: not JSON"),
+        ({"x": [1, float("nan")]}, "not_json", "holds nan at result['x'][1]"),
+        ({1: "a"}, "not_json", "has a key 1 at result that is not a string"),
+        ({"x": "y" * (70 << 10)}, "too_large", "the command 'c' result is 70.0 KiB as JSON; the limit is 64.0 KiB"),
+    ]:
+        client.set_custom_callback("c", lambda params, value=value: value)
+        with pytest.raises(CommandFailed) as failed:
+            client.run_custom("c", {})
+        assert failed.value.reason == reason and text in str(failed.value), str(failed.value)
+    client.set_custom_callback("c", lambda params: {"a": np.float32(0.5), "b": np.arange(3), "c": (1, "x")})
+    assert client.run_custom("c", {}) == {"a": 0.5, "b": [0, 1, 2], "c": [1, "x"]}
+
+
+def test_edge_client_constructor_names_attributes_and_telemetry() -> None:
+    def train(model: ScaleoutModel, settings: dict) -> tuple[ScaleoutModel, dict]:
+        return model, {"training_metadata": {"num_examples": 1}}
+
+    client = EdgeClient(train_callback=train, validate_callback=lambda model: {"acc": 1.0}, name="site-1")
+    assert client.registered() == ["train", "validate"]
+    assert (client.name, client.client_id) == ("site-1", "site-1")
+    client.set_name("renamed")
+    client.set_client_id("id-7")
+    assert (client.name, client.client_id) == ("renamed", "id-7")
+    assert EdgeClient("old-style").name == "old-style"  # a name given positionally, as before
+    logged: list[tuple[str, dict]] = []
+    # Before the runtime is connected: kept (sent on connect), reported as not sent.
+    assert client.log_attributes({"site": "lab", "gpus": np.int64(2)}) is False
+    client._log_sink = lambda kind, data: logged.append((kind, data))
+    assert client.log_attributes({"os": "linux"}) is True
+    assert logged == [("attributes", {"site": "lab", "gpus": 2, "os": "linux"})]
+    logged.clear()
+    assert client.log_telemetry(key="temp", payload={"value": 41.5, "unit": "C"}) is True
+    with pytest.warns(DeprecationWarning):
+        client.log_telemetry({"cpu": 0.25, "mem": np.float32(0.5)})
+    client.log_telemetry(telemetry={"disk": 3})
+    assert logged == [
+        ("telemetry", {"key": "temp", "payload": {"value": 41.5, "unit": "C"}}),
+        ("telemetry", {"key": "cpu", "payload": {"value": 0.25}}),
+        ("telemetry", {"key": "mem", "payload": {"value": 0.5}}),
+        ("telemetry", {"key": "disk", "payload": {"value": 3}}),
+    ]
+    for call, error, text in [
+        (lambda: client.log_attributes(["a"]), TypeError, "expects a dict"),  # type: ignore[arg-type]
+        (lambda: client.log_attributes({"a": {1, 2}}), TypeError, "log_attributes holds a set at it['a']"),
+        (lambda: client.log_attributes({"a": "x" * (70 << 10)}), LimitExceeded, "log_attributes: all attributes is"),
+        (lambda: client.log_telemetry(), TypeError, "needs key="),
+        (lambda: client.log_telemetry(key=""), TypeError, "non-empty string"),
+        (lambda: client.log_telemetry(key="k", payload=[1]), TypeError, "payload must be a dict"),  # type: ignore[arg-type]
+        (lambda: client.log_telemetry(key="k", payload={"v": float("inf")}), TypeError, "not JSON"),
+        (lambda: client.log_telemetry(key="k", payload={"v": "x" * (70 << 10)}), LimitExceeded, "log_telemetry: this record"),
+    ]:
+        with pytest.raises(error, match=re.escape(text)):
+            call()
+    assert client._attributes == {"site": "lab", "gpus": 2, "os": "linux"}  # a refused call changes nothing
+
+
+def test_scaleoututil_model_import_and_files(tmp_path: Path) -> None:
+    from scaleoututil.helpers.numpyhelper import Helper
+    from scaleoututil.utils.model import ScaleoutModel as UtilModel
+
+    import scaleout
+
+    assert UtilModel is ScaleoutModel is scaleout.ScaleoutModel
+    params = [np.arange(3, dtype=np.float32), np.ones((2, 2))]
+    model = ScaleoutModel.from_model_params(params)
+    model.save_to_file(tmp_path / "m.safetensors")
+    model.save_to_file(tmp_path / "m.npz")  # as Edge's numpyhelper writes it
+    for name in ("m.safetensors", "m.npz"):
+        back = ScaleoutModel.from_file(tmp_path / name)
+        for a, b in zip(back.get_model_params(), params):
+            np.testing.assert_array_equal(a, b)
+    assert [np.asarray(x).tolist() for x in Helper().load(tmp_path / "m.npz")] == [x.tolist() for x in params]
+    assert ScaleoutModel.from_stream(model.get_stream()) == model
+    assert model.checksum == model.model_id and model.verify_checksum(model.model_id) and not model.verify_checksum("0" * 64)
 
 
 # -- packages under FedAvg --------------------------------------------------------

@@ -38,3 +38,11 @@ def test_hand_run_keeps_controller_data_outside_the_repository() -> None:
     # Everything else it names in the repository is there (relative to the repository root).
     for package in re.findall(r"-p (\S+)", "\n".join(HAND_RUN)):
         assert (ROOT / package / "scaleout.yaml").is_file(), package
+
+
+def test_tui_section_shows_the_main_screen_and_how_to_open_it() -> None:
+    text = section("Watch it live: scaleout tui")
+    capture = re.findall(r"^```\n(.*?)^```", text, re.M | re.S)[1]  # the second block: build/tui_capture.py's output
+    for shown in ("Combiners", "CLIENT", "ROUND", "validation_accuracy", "q Quit", "^p palette"):
+        assert shown in capture, shown
+    assert "scaleout dev -p sample_projects/quickstart/client" in text and "scaleout tui --data-dir" in text

@@ -73,6 +73,9 @@ def _package_limit_flags(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--package-max-mb", type=int, metavar="MIB", help="total unpacked size, in MiB (default: 1024)")
     g.add_argument("--package-max-files", type=int, metavar="N", help="files and directories (default: 10000)")
     g.add_argument("--package-max-depth", type=int, metavar="N", help="directory levels (default: 32)")
+def _join_token(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("join_token", nargs="?", metavar="TOKEN", help=f"a join token from scaleout serve or scaleout token create --role {role}: all it needs to connect safely (or @FILE)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help=f"where this {role} keeps its enrolled identity and the controller's CA (default: ~/.local/state/scaleout" + (", or --work-dir" if role == "client" else "") + ")")
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -94,16 +97,26 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (not for real deployments)")
     p.add_argument("--max-payload-mb", type=int, help="largest model or package accepted, in MiB (default: 4096)")
+    p.add_argument("--combiner-cert-ttl", metavar="TTL", help="lifetime of the certificates signed for combiners, renewed after 2/3 of it: 7d, 12h, 3600s (default: 7d)")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free one and logs it (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host", metavar="HOST",
+        help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
+    )
     _connect_rate_flag(p)
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)
 
     p = sub.add_parser("combine", help="run a combiner (aggregation node)")
+    _join_token(p, "combiner")
     _connection(p)
     p.add_argument("--host", help="address to listen on for clients (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port for clients; 0 picks a free one (default: 0)")
-    p.add_argument("--name", help="combiner name (default: from the host name)")
+    p.add_argument("--name", help="combiner name (default: the one it enrolled with, kept in the state dir; else from the host name)")
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="address clients should dial, when it differs from --host/--port (NAT, proxies)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for this combiner's certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
@@ -112,12 +125,17 @@ def build_parser() -> ArgumentParser:
     _common(p)
 
     p = sub.add_parser("join", help="run a client: train on local data when the controller asks")
+    _join_token(p, "client")
     _connection(p)
-    p.add_argument("--name", help="client name (default: host name plus a random suffix)")
+    p.add_argument("--name", help="client name (default: the one it enrolled with, kept in the state dir; else host name plus a random suffix)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--package", type=Path, metavar="DIR", help="use this local compute package instead of downloading one")
     src.add_argument("--local-package", action="store_true", default=None, help="use ./client as the local compute package")
-    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked, the newest 3 kept (default: a temporary folder)")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="where downloaded packages are unpacked (the newest 3 kept), and the identity kept unless --state-dir is given (default: a temporary folder)")
+    p.add_argument("--dispatcher", action="store_true", default=None, help="run the package's train/validate/predict entry points as commands (automatic when they are {command: ...})")
+    p.add_argument("--command-timeout", type=float, metavar="SECONDS", help="time limit of each dispatcher command (default: 3600); an entry's `timeout:` in the project file wins")
+    p.add_argument("--managed-env", action="store_true", default=None, help="run the package in a venv made from its python_env.yaml (created once, cached by the file's hash)")
+    p.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
     p.add_argument("--max-payload-mb", type=int, help="largest model accepted, in MiB (default: 4096)")
     _package_limit_flags(p, "a downloaded package beyond these is refused")
     _config_flag(p)
@@ -129,7 +147,19 @@ def build_parser() -> ArgumentParser:
     t = tsub.add_parser("create", help="create a token (needs an admin token)")
     t.add_argument("--role", required=True, choices=("admin", "combiner", "client"))
     t.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m, 3600s (default: 30d)")
-    t.add_argument("--name", help="whom the token is for (recorded in the audit log)")
+    t.add_argument("--name", help="what the token is for, shown by token ls and in the audit log (e.g. site-17, lab-laptops)")
+    t.add_argument("--uses", type=int, metavar="N", help="how many nodes may enrol with it (default: any number until it expires)")
+    t.add_argument("--san", action="append", metavar="NAME|IP", help="a combiner token: a name or address its certificate may carry, i.e. where clients dial it (repeatable; loopback is always allowed)")
+    _connection(t)
+    _json_flag(t)
+    _common(t)
+    t = tsub.add_parser("ls", help="list tokens: id, role, name, expiry, uses, last use (never the secret)")
+    _connection(t)
+    _json_flag(t)
+    _common(t)
+    t = tsub.add_parser("revoke", help="revoke a token: refused from now on, its open links closed within seconds")
+    t.add_argument("id", metavar="ID", help="the token's id (see scaleout token ls; a unique prefix will do)")
+    t.add_argument("--with-nodes", action="store_true", help="also remove the nodes that enrolled with it (they stop, exit 3)")
     _connection(t)
     _json_flag(t)
     _common(t)
@@ -140,6 +170,13 @@ def build_parser() -> ArgumentParser:
     r = rsub.add_parser("build", help="call build() to write the seed model")
     r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
     r.add_argument("-o", "--output", type=Path, metavar="DIR", help="where build() writes (default: the package folder)")
+    r.add_argument("--managed-env", action="store_true", help="build with the Python of a venv made from the package's python_env.yaml (as join --managed-env)")
+    r.add_argument("--env-cache", type=Path, metavar="DIR", help="where --managed-env keeps its venvs (default: ~/.cache/scaleout/envs)")
+    _common(r)
+    r = rsub.add_parser("install", help="pip install the dependencies in the package's python_env.yaml into this Python environment")
+    r.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
+    r.add_argument("--dry-run", action="store_true", help="print what would be installed, install nothing")
+    _json_flag(r)
     _common(r)
 
     p = sub.add_parser("package", help="create and activate compute packages")
@@ -229,6 +266,42 @@ def build_parser() -> ArgumentParser:
         _connection(c)
         _json_flag(c)
         _common(c)
+        c = nsub.add_parser("rm", help=f"remove an enrolled {noun}'s identity: its link closes and it stops (exit 3); its name is free again")
+        c.add_argument("name", metavar="NAME")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        if noun == "client":
+            c = nsub.add_parser("show", help="show one client: status, package, attributes, recent commands")
+            c.add_argument("name", metavar="NAME")
+            _connection(c)
+            _json_flag(c)
+            _common(c)
+
+    _job_parsers(sub)
+
+    p = sub.add_parser("metric", help="what clients logged with log_metric")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    msub.required = True
+    c = msub.add_parser(
+        "ls", help="list logged metric values (session, round, client, step, value), oldest first: the latest --limit of them",
+    )
+    c.add_argument("--session", metavar="ID", help="only this session ('latest' for the latest one)")
+    c.add_argument("--round", type=int, metavar="N", help="only this round")
+    c.add_argument("--client", metavar="NAME", help="only this client (a glob such as 'site-*' works)")
+    c.add_argument("--key", metavar="KEY", help="only this metric (a glob such as 'train_*' works)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="show the latest N values; 0 shows all (default: 100)")
+    c.add_argument("--telemetry", action="store_true", help="list the numbers clients sent with log_telemetry (payload 'value') instead")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    p = sub.add_parser("tui", help="watch and drive the federation live in a terminal UI (or a browser with --web)")
+    p.add_argument("--session", metavar="ID", help="session to show (default: the running or latest one, following new ones)")
+    p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
+    p.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default: 127.0.0.1; whoever opens the page acts as admin)")
+    p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
+    _connection(p)
+    _common(p)
 
     p = sub.add_parser("audit", help="the controller's audit log: admin actions and model commits, hash-chained")
     asub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -253,9 +326,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--round-timeout", type=float, default=120.0, metavar="SECONDS", help="round timeout (default: 120)")
     p.add_argument("--settings", default="{}", metavar="JSON", help="training settings for the train callback")
     p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="validate each new global model (default: on)")
-    p.add_argument("--headless", action="store_true", help="print rounds as text (the only mode for now)")
+    p.add_argument("--headless", action="store_true", help="print rounds as text instead of opening the TUI (the default when not on a terminal)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
     _common(p)
 
     p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")
@@ -282,6 +356,50 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _job_parsers(sub: Any) -> None:
+    """`command`, `predict` and `telemetry`: run package callbacks on clients, list results."""
+    for noun, text in (("command", "run a custom command on clients and list its results"), ("predict", "run the predict callback on clients and list its results")):
+        p = sub.add_parser(noun, help=text)
+        jsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+        jsub.required = True
+        if noun == "command":
+            c = jsub.add_parser("run", help="call the callback a package registered with set_custom_callback(NAME, cb) on clients")
+            c.add_argument("name", metavar="NAME", help="the command (with or without Scaleout Edge's Custom_ prefix)")
+        else:
+            c = jsub.add_parser("run", help="call the callback a package registered with set_predict_callback(cb) on clients")
+            c.add_argument("--model", metavar="ID", help="model id, unique prefix or 'active' (default: the active model)")
+        c.add_argument("--params", default="{}", metavar="JSON", help="a JSON object passed to the callback (default: {})")
+        who = c.add_mutually_exclusive_group()
+        who.add_argument("--clients", metavar="A,B", help="only these clients (comma-separated)")
+        who.add_argument("--all", action="store_true", help="every connected client (the default)")
+        default = "60" if noun == "command" else "300"
+        c.add_argument("--timeout", type=float, metavar="SECONDS", help=f"how long each client's callback may run (default: {default})")
+        c.add_argument("--wait", action="store_true", help="wait for the results and print them; exit 1 if any client failed")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("ls", help=f"list {noun} jobs, oldest first, with counts of results")
+        c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+        c = jsub.add_parser("show", help="each client's result, error or 'no such command'")
+        c.add_argument("id", nargs="?", metavar="ID", help="job id or unique prefix (default: the latest)")
+        _connection(c)
+        _json_flag(c)
+        _common(c)
+    p = sub.add_parser("telemetry", help="what packages sent with log_telemetry")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    tsub.required = True
+    c = tsub.add_parser("ls", help="list telemetry records, oldest first")
+    c.add_argument("--client", metavar="NAME", help="only this client's")
+    c.add_argument("--key", help="only records of this key")
+    c.add_argument("--limit", type=int, default=100, help="the latest N (default: 100, at most 1000)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+
+
 def _setup_logging(level: str | None) -> None:
     logging.basicConfig(
         level=getattr(logging, (level or "info").upper()),
@@ -294,20 +412,23 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, launch, simulate
+    from scaleout.commands import admin, dev, jobs, launch, simulate, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
         ("combine", None): launch.combine,
         ("join", None): launch.join,
         ("run", "build"): launch.run_build,
+        ("run", "install"): launch.run_install,
         ("package", "create"): launch.package_create,
         ("dev", None): dev.main,
         ("simulate", None): simulate.main,
         ("simulate-clients", None): simulate.clients_main,
+        ("tui", None): tui.main,
     }
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
+    table.update(jobs.COMMANDS)
     return table
 
 

@@ -28,7 +28,8 @@ TrainCallback = Callable[["ScaleoutModel", dict[str, Any]], TrainResult]
 ValidateCallback = Callable[["ScaleoutModel"], dict[str, Any]]
 PredictCallback = Callable[["ScaleoutModel", dict[str, Any]], dict[str, Any]]
 CustomCallback = Callable[[dict[str, Any]], dict[str, Any]]
-MetricSink = Callable[[dict[str, float], Union[int, None]], None]
+MetricSink = Callable[[dict[str, float], Union[int, None]], Union[bool, None]]
+LogSink = Callable[[str, dict[str, Any]], Union[bool, None]]  # ("attributes" | "telemetry", data) -> sent
 
 
 class ScaleoutModel:
@@ -71,6 +72,41 @@ class ScaleoutModel:
     def to_bytes(self) -> bytes:
         return self._data
 
+    @classmethod
+    def from_stream(cls, stream: Any) -> ScaleoutModel:
+        """Read a model from a binary stream: safetensors bytes, or a .npz from numpyhelper."""
+        return cls(_as_safetensors(stream.read()))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ScaleoutModel:
+        """Read a model file: .safetensors, or a .npz written by numpyhelper (as Edge saves them)."""
+        with open(path, "rb") as fh:
+            return cls.from_stream(fh)
+
+    def save_to_file(self, path: str | os.PathLike[str]) -> None:
+        """Write the model: as a numpyhelper .npz when ``path`` ends in .npz, else as safetensors."""
+        if os.fspath(path).endswith(".npz"):
+            from scaleoututil.helpers.numpyhelper import Helper
+
+            Helper().save(self.get_model_params(), path)
+        else:
+            with open(path, "wb") as fh:
+                fh.write(self._data)
+
+    def get_stream(self) -> Any:
+        """A fresh binary stream of the model's (safetensors) bytes."""
+        import io
+
+        return io.BytesIO(self._data)
+
+    @property
+    def checksum(self) -> str:
+        """sha256 hex digest of the bytes (the model id)."""
+        return self.model_id
+
+    def verify_checksum(self, checksum: str | None) -> bool:
+        return checksum is None or checksum == self.model_id
+
     @property
     def model_id(self) -> str:
         """sha256 hex digest of the bytes."""
@@ -91,6 +127,19 @@ class ScaleoutModel:
         return f"ScaleoutModel({_tensor_count(self._data)} tensors, {fmt_bytes(len(self._data))}, id={self.model_id[:12]})"
 
 
+def _as_safetensors(data: bytes) -> bytes:
+    """``data`` as safetensors bytes: a .npz (a zip, as numpyhelper writes) is converted."""
+    if data[:2] != b"PK":
+        return data
+    import io
+
+    from scaleout.core import payload
+    from scaleoututil.helpers.numpyhelper import Helper
+
+    params = Helper().load(io.BytesIO(data))
+    return payload.encode(params if isinstance(params, dict) else list(params))
+
+
 def _tensor_count(data: bytes) -> str:
     from scaleout.core import payload
     from scaleout.core.errors import PayloadError
@@ -102,19 +151,39 @@ def _tensor_count(data: bytes) -> str:
 
 
 class EdgeClient:
-    """What a package's `startup(client)` receives: callback registry, metrics, abort checks."""
+    """What a package's `startup(client)` receives: callback registry, metrics, attributes,
+    telemetry, abort checks. Constructed as in Scaleout Edge: ``EdgeClient(train_callback=...,
+    validate_callback=...)``; the runtime names it (``name``, ``client_id``) before startup().
+    """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(
+        self,
+        train_callback: TrainCallback | str | None = None,
+        validate_callback: ValidateCallback | None = None,
+        runtime: object = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(train_callback, str):  # EdgeClient("site-1"): a name, as earlier versions took it
+            name, train_callback = train_callback, None
         self.name: str = name or os.environ.get("SCALEOUT_CLIENT_NAME") or "client"
+        self.client_id: str = self.name  # Scaleout Edge's server-given id: here the client's name
+        self.package_path: str = "."
         self._train: TrainCallback | None = None
         self._validate: ValidateCallback | None = None
         self._predict: PredictCallback | None = None
         self._custom: dict[str, CustomCallback] = {}
-        # Set by the runtime: where metrics go, and the current task's abort flag.
+        # Set by the runtime: where metrics, attributes and telemetry go, and the current task's abort flag.
         self._metric_sink: MetricSink | None = None
+        self._log_sink: LogSink | None = None
         self._abort: threading.Event = threading.Event()
         self._abort_reason = "the session was stopped"
-        self._pending: dict[str, float] = {}
+        self._step = 0  # log_metric's step within the current task (Edge's logging context)
+        self._attributes: dict[str, Any] = {}  # all attributes logged so far, sent again on reconnect
+        if train_callback is not None:
+            self.set_train_callback(train_callback)
+        if validate_callback is not None:
+            self.set_validate_callback(validate_callback)
 
     def registered(self) -> list[str]:
         """Names of the callbacks startup() registered, e.g. ['train', 'validate', 'custom:x']."""
@@ -123,6 +192,16 @@ class EdgeClient:
 
     # -- package side ---------------------------------------------------------
 
+    def set_name(self, name: str) -> None:
+        """Set the name the package uses for this client (its logs, its data shard). The
+        client is known to the federation by its ``--name``; this does not rename it there."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("set_name needs a non-empty string")
+        self.name = name
+
+    def set_client_id(self, client_id: str) -> None:
+        self.client_id = str(client_id)
+
     def set_train_callback(self, callback: TrainCallback) -> None:
         self._train = _callable(callback, "train")
 
@@ -130,19 +209,36 @@ class EdgeClient:
         self._validate = _callable(callback, "validate")
 
     def set_predict_callback(self, callback: PredictCallback) -> None:
+        """``callback(model, params) -> dict``, run by ``scaleout predict run``."""
         self._predict = _callable(callback, "predict")
 
+    set_inference_callback = set_predict_callback  # Scaleout Edge's newer name
+
     def set_custom_callback(self, name: str, callback: CustomCallback) -> None:
+        """``callback(params) -> dict``, run by ``scaleout command run NAME``. Edge's
+        ``Custom_`` prefix is optional: ``Custom_x`` and ``x`` name the same command."""
+        from scaleout.core.commands import command_key
+
         if not isinstance(name, str) or not name:
             raise ValueError("custom callback name must be a non-empty string")
-        self._custom[name] = _callable(callback, f"custom {name!r}")
+        self._custom[command_key(name)] = _callable(callback, f"custom {name!r}")
 
-    def log_metric(self, metrics: dict[str, float], step: int | None = None, commit: bool = True) -> None:
-        """Report scalar metrics; with commit=False they are held and sent with the next commit.
+    def remove_custom_callback(self, name: str) -> None:
+        from scaleout.core.commands import command_key
 
-        One message (the metrics held and these) may take at most 64 KiB as JSON: beyond that
-        this raises LimitExceeded (a ValueError) and nothing is held. The combiner forwards
-        about 16 KiB/s of metrics per client (bursts of 256 KiB) and drops the excess.
+        self._custom.pop(command_key(name), None)
+
+    def log_metric(self, metrics: dict[str, float], step: int | None = None, commit: bool = True, check_task_abort: bool = True) -> bool:
+        """Report scalar metrics of the running task, as Scaleout Edge does: each call is sent
+        at once, at ``step``; without ``step`` the task's current step is used (it starts at
+        0 in each task); a given ``step`` becomes the current one; ``commit`` (the default)
+        then moves the current step on by one, so ``commit=False`` logs more metrics at the
+        same step. Returns False when nothing could be sent (outside a task, or offline).
+        With ``check_task_abort`` it then raises TaskAborted if the task was stopped.
+
+        One call may take at most 64 KiB as JSON: beyond that this raises LimitExceeded (a
+        ValueError). The combiner forwards about 16 KiB/s of metrics per client (bursts of
+        256 KiB) and drops the excess.
         """
         if not isinstance(metrics, Mapping):
             raise TypeError(f"log_metric expects a dict of name -> number, got {type(metrics).__name__}")
@@ -158,16 +254,80 @@ class EdgeClient:
             if not math.isfinite(number):
                 raise ValueError(f"metric {key!r} is {number}, not a finite number")
             clean[key] = number
-        check_size(
-            metric_body({**self._pending, **clean}, step), MAX_METRIC_BYTES, "log_metric: this message",
-            "log fewer or shorter metric names per call",
-        )
-        self._pending.update(clean)
-        if not commit:
-            return
-        batch, self._pending = self._pending, {}
-        if batch and self._metric_sink is not None:
-            self._metric_sink(batch, step)
+        if step is None:
+            step = self._step
+        else:
+            self._step = step
+        check_size(metric_body(clean, step), MAX_METRIC_BYTES, "log_metric: this message", "log fewer or shorter metric names per call")
+        if commit:
+            self._step += 1
+        sent = bool(clean) and self._metric_sink is not None and self._metric_sink(clean, step) is not False
+        if check_task_abort:
+            self.check_task_abort()
+        return sent
+
+    def log_attributes(self, attributes: dict[str, Any], priority: str | None = None, check_task_abort: bool = True) -> bool:
+        """Describe this client (``{"site": "lab-3", "gpu": "none"}``): merged into what it
+        logged before, stored with the client and shown by ``scaleout client show NAME`` and
+        ``client ls --json``. Values must be JSON (text, numbers, lists, dicts); at most 64 KiB
+        in all. Sent again whenever the client reconnects. ``priority`` is accepted and ignored."""
+        if not isinstance(attributes, Mapping):
+            raise TypeError(f"log_attributes expects a dict, got {type(attributes).__name__}")
+        clean = _strict_json(attributes, "log_attributes")
+        check_size({**self._attributes, **clean}, MAX_METRIC_BYTES, "log_attributes: all attributes", "describe the client in a few words")
+        self._attributes.update(clean)
+        sent = self._log_sink is not None and self._log_sink("attributes", dict(self._attributes)) is not False
+        if check_task_abort:
+            self.check_task_abort()
+        return sent
+
+    def log_telemetry(
+        self,
+        key: str | dict[str, Any] | None = None,
+        payload: dict[str, Any] | None = None,
+        telemetry: dict[str, Any] | None = None,
+        priority: str | None = None,
+        check_task_abort: bool = True,
+    ) -> bool:
+        """Report an observation about the device: ``log_telemetry(key="gpu_temp",
+        payload={"value": 71})``. The legacy form ``log_telemetry({"cpu": 0.4, "mem": 0.7})``
+        (or ``telemetry=``) sends one record per pair, each as ``{"value": v}``. Stored with
+        the client's reports (``scaleout telemetry ls``); same size and rate limits as
+        log_metric. ``priority`` is accepted and ignored."""
+        if isinstance(key, Mapping):
+            import warnings
+
+            warnings.warn("log_telemetry: passing a dict positionally is deprecated; use key= and payload=", DeprecationWarning, stacklevel=2)
+            telemetry, key = dict(key), None
+        records: list[tuple[str, Any]] = []
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"log_telemetry key must be a non-empty string, got {key!r:.40}")
+            if payload is not None and not isinstance(payload, Mapping):
+                raise TypeError(f"log_telemetry payload must be a dict, got {type(payload).__name__}")
+            records.append((key, _strict_json(payload or {}, "log_telemetry")))
+        if telemetry is not None:
+            if not isinstance(telemetry, Mapping):
+                raise TypeError(f"log_telemetry telemetry must be a dict of key -> value, got {type(telemetry).__name__}")
+            for k, v in telemetry.items():
+                if not isinstance(k, str) or not k:
+                    raise TypeError(f"telemetry keys must be non-empty strings, got {k!r:.40}")
+                records.append((k, _strict_json({"value": v}, "log_telemetry")))
+        if not records:
+            raise TypeError("log_telemetry needs key= (and payload=) or a dict of key -> value")
+        for k, p in records:
+            check_size({"key": k, "payload": p}, MAX_METRIC_BYTES, "log_telemetry: this record", "send a few numbers, not data")
+        sent = self._log_sink is not None
+        for k, p in records:
+            sent = sent and self._log_sink is not None and self._log_sink("telemetry", {"key": k, "payload": p}) is not False
+        if check_task_abort:
+            self.check_task_abort()
+        return sent
+
+    def _flush_metrics(self) -> None:
+        """Called by the runtime as a task ends. Nothing is held: log_metric sends every call
+        at once, as Scaleout Edge does (commit=False only keeps the step), so each metric goes
+        with the round of the task that logged it."""
 
     def check_task_abort(self) -> None:
         """Raise TaskAborted if the runtime has stopped the current task."""
@@ -188,6 +348,7 @@ class EdgeClient:
 
         if self._train is None:
             raise UpdateRejected("no train callback registered: call client.set_train_callback() in startup()")
+        self._step = 0  # each task logs its metrics from step 0
         result = self._train(ScaleoutModel(model_bytes), dict(settings))
         if not isinstance(result, tuple) or len(result) != 2:
             raise UpdateRejected(
@@ -215,21 +376,32 @@ class EdgeClient:
     def run_validate(self, model_bytes: bytes) -> dict[str, Any]:
         if self._validate is None:
             raise UpdateRejected("no validate callback registered: call client.set_validate_callback() in startup()")
+        self._step = 0
         result = _result_dict(self._validate(ScaleoutModel(model_bytes)), "validate")
         check_size(result, MAX_RESULT_BYTES, "the validate result", "return a few numbers, not data")
         return result
 
     def run_predict(self, model_bytes: bytes, params: dict[str, Any]) -> dict[str, Any]:
+        """The predict callback on a model; its result must be a JSON object of at most 64 KiB
+        (else CommandFailed: ``no_such_command``, ``not_json`` or ``too_large``). This is the
+        hook a package runtime implements for ``scaleout predict run``."""
+        from scaleout.core.commands import NO_SUCH_COMMAND, json_result
+        from scaleout.core.errors import CommandFailed
+
         if self._predict is None:
-            raise UpdateRejected("no predict callback registered: call client.set_predict_callback() in startup()")
-        return _result_dict(self._predict(ScaleoutModel(model_bytes), dict(params)), "predict")
+            raise CommandFailed(NO_SUCH_COMMAND, "no predict callback registered: call client.set_predict_callback() in startup()")
+        return json_result(self._predict(ScaleoutModel(model_bytes), dict(params)), "predict")
 
     def run_custom(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        callback = self._custom.get(name)
+        """The custom callback ``name`` (with or without Edge's ``Custom_`` prefix)."""
+        from scaleout.core.commands import NO_SUCH_COMMAND, command_key, json_result
+        from scaleout.core.errors import CommandFailed
+
+        callback = self._custom.get(command_key(name))
         if callback is None:
             known = ", ".join(sorted(self._custom)) or "none"
-            raise UpdateRejected(f"no custom callback {name!r} registered (registered: {known})")
-        return _result_dict(callback(dict(params)), f"custom {name!r}")
+            raise CommandFailed(NO_SUCH_COMMAND, f"no custom command {name!r} registered (registered: {known})")
+        return json_result(callback(dict(params)), f"command {command_key(name)!r}")
 
 
 def json_safe(value: Any) -> Any:
@@ -247,6 +419,17 @@ def json_safe(value: Any) -> Any:
     if callable(tolist) and type(value).__module__ == "numpy":
         return json_safe(tolist())
     return str(value)
+
+
+def _strict_json(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``value`` as plain JSON types (numpy values converted); a TypeError says where it is not JSON."""
+    from scaleout.core.commands import strict_json
+    from scaleout.core.errors import CommandFailed
+
+    try:
+        return strict_json(dict(value), "it", what)  # type: ignore[no-any-return]
+    except CommandFailed as exc:
+        raise TypeError(str(exc)) from None
 
 
 def _number(value: object) -> float | None:

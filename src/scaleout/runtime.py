@@ -57,15 +57,37 @@ def version_text() -> str:
     return f"scaleout {__version__} (protocol {PROTOCOL_VERSION}, {build_kind()})"
 
 
+# Modules whose pip distribution has another name: `import sklearn` needs `pip install scikit-learn`.
+DISTRIBUTIONS = {
+    "sklearn": "scikit-learn", "cv2": "opencv-python", "PIL": "pillow", "yaml": "PyYAML", "skimage": "scikit-image",
+    "bs4": "beautifulsoup4", "dateutil": "python-dateutil", "dotenv": "python-dotenv", "jwt": "PyJWT",
+    "Crypto": "pycryptodome", "OpenSSL": "pyOpenSSL", "serial": "pyserial", "usb": "pyusb", "attr": "attrs",
+    "google.protobuf": "protobuf", "tensorflow_datasets": "tensorflow-datasets", "Levenshtein": "python-Levenshtein",
+    "magic": "python-magic", "fitz": "PyMuPDF", "docx": "python-docx", "pptx": "python-pptx", "sentencepiece": "sentencepiece",
+    "lightning": "lightning", "pytorch_lightning": "pytorch-lightning", "torchvision": "torchvision",
+}
+
+
+def pip_name(module: str) -> str:
+    """The pip distribution that provides ``module`` (its top-level name when not known to differ)."""
+    if module in DISTRIBUTIONS:
+        return DISTRIBUTIONS[module]
+    top = module.split(".")[0]
+    return DISTRIBUTIONS.get(top, top)
+
+
+MANAGED_ENV_HINT = "or list it in the package's python_env.yaml and start the client with --managed-env"
+
+
 def missing_module_hint(module: str) -> str:
     """What to do when a compute package imports a module this scaleout does not carry."""
     kind = build_kind()
-    top = module.split(".")[0]
+    top = pip_name(module)
     if kind == "zipapp":
         return (
             f"this scaleout is a zipapp, which carries only its own dependencies (numpy, safetensors, PyYAML ...): "
             f"install {top} for the Python that runs it ({sys.executable} -m pip install {top}) and run "
-            f"`{sys.executable} {zipapp_path()} ...` again, or install scaleout and {top} in a venv"
+            f"`{sys.executable} {zipapp_path()} ...` again, or install scaleout and {top} in a venv, {MANAGED_ENV_HINT}"
         )
     if kind == "frozen":
         return (
@@ -73,4 +95,4 @@ def missing_module_hint(module: str) -> str:
             f"(numpy, safetensors, PyYAML ...) and cannot load {top}: run the zipapp with a Python that has "
             f"{top} (python3 -m pip install {top}; python3 scaleout.pyz ...), or install scaleout and {top} in a venv"
         )
-    return f"install it in the environment that runs scaleout ({sys.executable} -m pip install {top})"
+    return f"install it in the environment that runs scaleout ({sys.executable} -m pip install {top}), {MANAGED_ENV_HINT}"

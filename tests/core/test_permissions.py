@@ -7,7 +7,10 @@ import pytest
 from scaleout.core import permissions as p
 from scaleout.core.errors import AuthError
 
-NODE_OPS = {"client": {"package.get", "client.assign"}, "combiner": {"model.get", "combiner.register", "combiner.ready"}}
+NODE_OPS = {
+    "client": {"package.get", "client.assign", "node.enrol"},
+    "combiner": {"model.get", "combiner.register", "combiner.ready", "node.enrol", "combiner.renew"},
+}
 
 
 def test_admin_may_request_everything() -> None:

@@ -149,17 +149,37 @@ class Federation:
             self._tokens[role] = self.admin("token.create", {"role": role, "ttl_s": 3600})[0]["token"]
         return self._tokens[role]
 
+    def identity(self, role: str, name: str) -> str:
+        """The own credential of a node named ``name``, enrolled with the ``role`` token as
+        `scaleout join` and `scaleout combine` do (for tests that speak the protocol by hand)."""
+        from scaleout.security.tls import client_context
+        from scaleout.transport.net import connect
+
+        join = self.token(role)
+
+        async def go() -> str:
+            link = await connect(self.url, join, client_context(self.ca), max_payload=1 << 20)
+            reader = asyncio.create_task(link.run())
+            try:
+                return str((await link.request("node.enrol", {"name": name}))[0]["token"])
+            finally:
+                await link.ws.close()
+                reader.cancel()
+
+        return asyncio.run(go())
+
     def combiner(self, name: str) -> Proc:
-        args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0"]
+        args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0", "--state-dir", str(self.tmp / "combiners" / name)]
         p = Proc(name, args, self.logs, True)
         self.procs.append(p)
         return p
 
-    def client(self, name: str, package: Path | None = None, cwd: Path | None = None) -> Proc:
-        """A client; ``package`` (a local compute package) may be relative to ``cwd``."""
+    def client(self, name: str, package: Path | None = None, cwd: Path | None = None, extra: tuple[str, ...] = ()) -> Proc:
+        """A client; ``package`` (a local compute package) may be relative to ``cwd``; ``extra``: more join flags."""
         args = ["join", "--controller", self.url, "--token", self.token("client"), "--ca", self.ca, "--name", name, "--work-dir", str(self.tmp / name)]
         if package is not None:
             args += ["-p", str(package)]
+        args += list(extra)
         p = Proc(name, args, self.logs, False, cwd=cwd)
         self.procs.append(p)
         return p
@@ -270,6 +290,12 @@ def without_package_tracebacks(log: str) -> str:
         elif not skipping:
             kept.append(line)
     return "\n".join(kept)
+
+
+@pytest.fixture(autouse=True)
+def node_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes started without --state-dir keep their identities under the test's folder, not ~."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 @pytest.fixture

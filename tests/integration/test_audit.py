@@ -31,7 +31,10 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     assert code == 0, err
     entries = json.loads(out)
     actions = [e["action"] for e in entries]
-    assert actions == ["model.set_seed", "package.set_active", "token.create", "token.create", "combiner.register", "session.start", "model.commit"], actions
+    assert actions == [
+        "model.set_seed", "package.set_active", "token.create", "token.create",
+        "node.enrol", "combiner.register", "node.enrol", "session.start", "model.commit",
+    ], actions
     # An admin taking a model away is recorded too (the combiner's fetch each round is not).
     code, _, err = cli(fed, "model", "download", "active", "-o", str(fed.tmp / "m.safetensors"))
     assert code == 0, err
@@ -42,7 +45,8 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     assert admin["actor"].startswith("admin:") and admin["address"].startswith("127.0.0.1:"), admin
     assert admin["detail"]["id"] == seed and admin["time"].endswith("Z")
     created = entries[2]["detail"]
-    assert set(created) == {"role", "jti", "exp"}, created  # the token's id, never the token
+    assert set(created) == {"role", "jti", "exp", "name", "uses", "sans"}, created  # the token's id, never the token
+    assert not any(isinstance(v, str) and v.startswith(("sco1.", "SCALEOUT-1.")) for v in created.values()), created
     commit = entries[-2]["detail"]
     assert commit["parent"] == seed and commit["aggregator"] == "fedavg" and commit["contributors"] == ["a"], commit
     assert commit["id"] == session["rounds"][0]["model_id"] and commit["session"] == session["id"]

@@ -1,8 +1,9 @@
-"""Large models moved by the CLI show a progress bar on a terminal and log lines otherwise.
+"""Large models and packages moved by the CLI show a progress bar on a terminal, and
+nothing about the transfer on a pipe or with --json.
 
-`model set-seed` and `model download` run as real processes against a real controller,
-once with stderr on a pseudo-terminal and once on a pipe, with a model above the 16 MiB
-from which progress is shown.
+`model set-seed`, `model download` and `package set-active` run as real processes against
+a real controller, with stderr on a pseudo-terminal or a pipe, with payloads above the
+16 MiB from which progress is shown.
 """
 
 from __future__ import annotations
@@ -82,7 +83,33 @@ def test_a_large_model_shows_a_bar_on_a_terminal_and_log_lines_on_a_pipe(ctl: Fe
     assert "receiving payload" not in drawn  # the bar replaces the log lines
     assert out.read_bytes() == data
 
+    # Not on a terminal, or with --json on one: nothing about the transfer (roles log it; commands do not).
     piped = scaleout("model", "download", "active", "-o", str(tmp_path / "piped.safetensors"), *conn)
     assert piped.returncode == 0, piped.stderr
-    assert "\r" not in piped.stderr and "receiving model" not in piped.stderr
-    assert "receiving payload from wss://127.0.0.1:" in piped.stderr  # what roles log, at 25 % steps
+    assert piped.stderr == "" and piped.stdout.startswith("saved model "), piped
+    code, drawn = on_terminal("model", "download", "active", "-o", str(tmp_path / "json.safetensors"), "--json", *conn)
+    assert code == 0 and drawn == "", drawn
+    code, drawn = on_terminal("model", "set-seed", str(model), "--json", *conn)
+    assert code == 0 and drawn == "", drawn
+
+
+def test_a_large_package_upload_shows_a_bar_on_a_terminal_only(ctl: Federation, tmp_path: Path) -> None:
+    from scaleout.package.archive import create_archive
+
+    package = tmp_path / "big"
+    package.mkdir()
+    (package / "scaleout.yaml").write_text("entry_points:\n  startup: startup.py\n")
+    (package / "startup.py").write_text("def startup(client):\n    pass\n")
+    (package / "blob.bin").write_bytes(np.random.default_rng(0).bytes(PROGRESS_MIN_BYTES + (1 << 20)))  # does not compress
+    archive = create_archive(package, tmp_path / "big.tgz")
+    conn = ["--data-dir", str(ctl.data)]
+
+    code, drawn = on_terminal("package", "set-active", str(archive), *conn)
+    assert code == 0, drawn
+    draws = [d for d in drawn.split("\r") if d.startswith("sending package [")]
+    assert len(draws) > 10 and "  0%" in draws[0] and " 100%  " in draws[-1], drawn
+
+    piped = scaleout("package", "set-active", str(archive), *conn)
+    assert piped.returncode == 0 and piped.stderr == "", piped
+    code, drawn = on_terminal("package", "set-active", str(archive), "--json", *conn)
+    assert code == 0 and drawn == "", drawn

@@ -71,7 +71,7 @@ def test_a_flooding_client_cannot_drop_its_combiner(fed: Federation) -> None:
     for name in ("good-0", "good-1"):
         fed.client(name, package=QUICKSTART)
     assert c1.url is not None
-    headers = {"Authorization": f"Bearer {fed.token('client')}"}
+    headers = {"Authorization": f"Bearer {fed.identity('client', 'evil')}"}
     errors: list[dict[str, Any]] = []
 
     async def go() -> dict[str, Any]:
@@ -159,7 +159,7 @@ def test_a_loud_package_is_bounded_at_the_source(fed: Federation) -> None:
 
 def test_the_controller_bounds_what_a_combiner_reports(fed: Federation, tmp_path: Path) -> None:
     fed.controller()
-    headers = {"Authorization": f"Bearer {fed.token('combiner')}"}
+    headers = {"Authorization": f"Bearer {fed.identity('combiner', 'rogue')}"}
 
     def report(rid: str, **fields: Any) -> str:
         body = {"kind": "metric", "session_id": "s-rogue", "round_index": 1, "client": "someone", "data": {}, **fields}

@@ -99,7 +99,7 @@ async def stand_in_combiner(fed: Federation, token: str, sums: np.ndarray) -> di
 def test_aggregate_not_finite_in_the_model_dtype_fails_the_round(fed: Federation) -> None:
     fed.controller()
     seed = fed.seed_from(EXTREME)  # float32
-    token = fed.token("combiner")
+    token = fed.identity("combiner", "unchecked")
     session = asyncio.run(stand_in_combiner(fed, token, np.full(4, 1e300)))
     assert session["status"] == "failed", session
     (rnd,) = session["rounds"]

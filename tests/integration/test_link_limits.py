@@ -57,10 +57,11 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
     c1 = combiner(fed, "c1", "--config", config(fed, "c1", "hello_timeout = 1\n"))
     assert c1.url is not None
     client, comb = fed.token("client"), fed.token("combiner")
+    own = fed.identity("client", "quiet")  # a combiner lets in enrolled clients only
 
     async def go() -> None:
         started = time.monotonic()
-        links = [await ws_to(c1.url, fed, client), await ws_to(fed.url, fed, comb), await ws_to(fed.url, fed, client)]  # type: ignore[arg-type]
+        links = [await ws_to(c1.url, fed, own), await ws_to(fed.url, fed, comb), await ws_to(fed.url, fed, client)]  # type: ignore[arg-type]
         outcomes = await asyncio.gather(*(closed_within(ws, 5) for ws in links))
         assert outcomes[0] == (1008, "no hello within 1 s"), outcomes  # a client that never says hello, at the combiner
         assert outcomes[1] == (1008, "no hello within 1 s"), outcomes  # a combiner token that never registers
@@ -78,7 +79,7 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
                 pass
         assert time.monotonic() - started < 3.5
         # A client link whose first message is not hello is cut off at once.
-        ws = await ws_to(c1.url, fed, client)  # type: ignore[arg-type]
+        ws = await ws_to(c1.url, fed, own)  # type: ignore[arg-type]
         await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "task.result", "id": "1", "task_id": "t", "ok": True}))
         before = time.monotonic()
         assert await closed_within(ws, 5) == (1008, "say hello first (got task.result)")
@@ -231,7 +232,8 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
     for name in ("a", "b"):
         fed.client(name, package=QUICKSTART)
     fed.wait_clients(2)
-    client, comb = fed.token("client"), fed.token("combiner")
+    client = fed.identity("client", "flood")
+    slow = [fed.identity("combiner", f"slow-{i}") for i in range(5)]
     admin = fed.conn
     assert admin is not None and c1.url is not None
     parts = urlsplit(fed.url)
@@ -250,7 +252,7 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
                 await ws_to(fed.url, fed, "sco1.e30.AAAA")
             counts["bad_token"] += 1
         for i in range(5):  # combiners asking for the model and never reading the answer
-            ws = await ws_to(fed.url, fed, comb, max_queue=1)
+            ws = await ws_to(fed.url, fed, slow[i], max_queue=1)
             await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"r{i}", "op": "combiner.register", "args": {"name": f"slow-{i}"}}))
             assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["ok"] is True
             await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"g{i}", "op": "model.get", "args": {}}))

@@ -38,7 +38,7 @@ async def stand_in(fed: Federation, token: str, name: str, script: Any) -> Any:
 def test_thousands_of_joins_as_paged_deltas(fed: Federation) -> None:
     fed.controller()
     names = [f"edge-{i:05d}" for i in range(10_000)]  # client ls: well over one 1 MiB frame
-    combiner_token, client_token = fed.token("combiner"), fed.token("client")
+    combiner_token, client_token = fed.identity("combiner", "big"), fed.identity("client", "newcomer")
 
     async def script(link: Any) -> dict[str, Any]:
         await link.send(m.ClientsChanged(joined=names[: m.MAX_NAMES], reset=True))

@@ -173,14 +173,15 @@ def test_a_client_cannot_send_results_or_metrics_for_another_clients_task(fed: F
     fed.controller()
     fed.seed_from(QUICKSTART)
     fed.combiner("c1")
-    token = fed.token("client")
+    # Each has a credential of its own (as `scaleout join` enrols): the names are theirs.
+    own = {name: fed.identity("client", name) for name in ("alice", "mallory")}
     admin = fed.conn
     assert admin is not None
 
     async def go() -> dict[str, Any]:
         alice, mallory = FakeClient("alice"), FakeClient("mallory")
-        await alice.start(fed, token)
-        await mallory.start(fed, token)
+        await alice.start(fed, own["alice"])
+        await mallory.start(fed, own["mallory"])
         assert mallory.link is not None
         await call_async(admin, "client.wait", {"count": 2, "timeout": TIMEOUT})
         session = (await call_async(admin, "session.start", {"rounds": 1, "min_clients": 2, "validate": False, "round_timeout": 30}))[0]["session"]
@@ -243,7 +244,7 @@ def test_a_combiner_may_speak_only_for_its_own_clients(fed: Federation, caplog: 
     seed_id = fed.seed_from(QUICKSTART)
     seed = fed.admin("model.get", {"id": seed_id})[1]
     assert seed is not None
-    token = fed.token("combiner")
+    token = fed.identity("combiner", "fake")
     admin = fed.conn
     assert admin is not None
 

@@ -88,7 +88,7 @@ def test_errors_sent_to_a_node_name_no_path_of_ours(fed: Federation) -> None:
     seed = fed.seed_from(QUICKSTART)
     model = fed.data / "models" / f"{seed}.safetensors"
     model.write_bytes(b"not the model any more")  # the disk went bad
-    token = fed.token("combiner")
+    token = fed.identity("combiner", "c1")
 
     async def fetch_as_combiner() -> RemoteError:
         link = await connect(fed.url, token, client_context(fed.ca), max_payload=1 << 30)

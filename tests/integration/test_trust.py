@@ -19,9 +19,16 @@ def combiner_cert(fed: Federation, tmp: Path) -> tuple[Path, Path]:
     """Have the controller sign a CSR, as a combiner does, claiming the controller's names."""
     csr, key = tls.make_csr(["127.0.0.1", "localhost"], "Scaleout controller")
 
-    token = fed.token("combiner")
+    join = fed.token("combiner")
 
     async def register() -> dict:
+        link = await connect(fed.url, join, tls.client_context(fed.ca), max_payload=1 << 20)
+        reader = asyncio.create_task(link.run())
+        try:  # enrolled first, as scaleout combine does: registering takes the node's own credential
+            token = (await link.request("node.enrol", {"name": "impostor"}))[0]["token"]
+        finally:
+            await link.ws.close()
+            reader.cancel()
         link = await connect(fed.url, token, tls.client_context(fed.ca), max_payload=1 << 20)
         reader = asyncio.create_task(link.run())
         try:

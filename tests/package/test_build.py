@@ -146,6 +146,22 @@ def test_a_library_the_package_needs_but_scaleout_lacks_is_named_with_what_to_do
     assert "(startup.py:2)" in message, message
 
 
+@pytest.mark.parametrize(("module", "dist"), [("cv2", "opencv-python"), ("PIL.Image", "pillow"), ("skimage.io", "scikit-image")])
+def test_a_missing_module_names_its_pip_distribution_and_managed_env(make_package: MakePackage, module: str, dist: str) -> None:
+    startup = f"import {module}\n\ndef startup(client):\n    pass\n"
+    root = make_package({"scaleout.yaml": IMPORTING_YAML, "startup.py": startup})
+    try:
+        __import__(module)
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(PackageError) as info:
+        load_startup(root, FakeClient())
+    message = str(info.value)
+    assert f"pip install {dist})" in message and "--managed-env" in message and "\n" not in message, message
+
+
 def test_a_missing_module_of_the_package_itself_gets_no_install_hint(make_package: MakePackage) -> None:
     # data/ is the package's own folder: a missing data.loader is its bug, not a library to install
     startup = "from data.loader import load\n\ndef startup(client):\n    pass\n"

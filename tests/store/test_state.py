@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,7 +60,10 @@ def test_upsert_client(state: State) -> None:
     state.upsert_client("bob", "offline")  # combiner kept
     state.upsert_client("alice", "online", combiner="c2")
     alice, bob = state.clients()
-    assert bob == {"name": "bob", "combiner": "c1", "status": "offline", "first_seen": 1000.0, "last_seen": 1002.0}
+    assert bob == {
+        "name": "bob", "combiner": "c1", "status": "offline", "first_seen": 1000.0, "last_seen": 1002.0,
+        "attributes": None, "package": None, "package_error": None,  # what the client says of itself (issue 9)
+    }
     assert alice["combiner"] == "c2" and alice["first_seen"] == 1001.0 and alice["last_seen"] == 1003.0
 
 
@@ -363,3 +367,18 @@ def test_an_older_audit_log_is_chained_in_place(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         st.db.execute("UPDATE audit SET actor='x' WHERE id=1")
     st.close()
+def test_an_older_state_db_gains_the_command_tables_and_client_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE clients (name TEXT PRIMARY KEY, combiner TEXT, status TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL)")
+        db.execute("INSERT INTO clients VALUES ('old', 'c1', 'offline', 1.0, 2.0)")
+        db.commit()
+    st = State(path)
+    try:
+        (row,) = st.clients()
+        assert row["name"] == "old" and row["attributes"] is None and row["package"] is None
+        tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"commands", "command_results"} <= tables
+    finally:
+        st.close()
+    State(path).close()  # opening it again changes nothing

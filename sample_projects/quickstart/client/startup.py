@@ -76,6 +76,8 @@ class QuickstartClient:
         self._calls = 0  # varies the shuffling between rounds, reproducibly
         client.set_train_callback(self.train)
         client.set_validate_callback(self.validate)
+        client.set_predict_callback(self.predict)  # scaleout predict run
+        client.set_custom_callback("data_summary", self.data_summary)  # scaleout command run data_summary
 
     @property
     def data(self):
@@ -114,3 +116,18 @@ class QuickstartClient:
             "validation_loss": test_loss,
             "validation_accuracy": test_acc,
         }
+
+    def predict(self, model: ScaleoutModel, params):
+        """Classify this client's test samples (the first ``params["n"]``, default all):
+        how many of each class the model predicts, and its accuracy on them."""
+        params_ = model.get_model_params(helper)
+        x, y = self.data[2], self.data[3]
+        n = min(int(params.get("n", len(y))), len(y))
+        _, probs = forward(params_, x[:n])
+        predicted = probs.argmax(axis=1)
+        return {"n": n, "accuracy": float((predicted == y[:n]).mean()), "predicted": np.bincount(predicted, minlength=N_CLASSES).tolist()}
+
+    def data_summary(self, params):
+        """What this client's private shard looks like, without any sample leaving it."""
+        y_train, y_test = self.data[1], self.data[3]
+        return {"train": len(y_train), "test": len(y_test), "classes": np.bincount(y_train, minlength=N_CLASSES).tolist()}

@@ -19,9 +19,10 @@ EventHandler = Callable[[str, dict[str, Any]], None]
 
 async def call_async(
     conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
-    progress: str | None = None,
+    progress: str | None = None, quiet: bool = False,
 ) -> tuple[dict[str, Any], bytes | None]:
-    """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on a terminal."""
+    """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on
+    a terminal. Not on a terminal, or ``quiet`` (--json), the transfer says nothing at all."""
     from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
     from scaleout.security.tls import client_context
@@ -30,9 +31,11 @@ async def call_async(
 
     ctx = None if conn.insecure else client_context(conn.ca)
     link = await connect(conn.url, conn.token, ctx, max_payload=1 << 40)
-    sending = terminal_bar(f"sending {progress}") if progress and blob is not None else None
-    receiving = terminal_bar(f"receiving {progress}") if progress else None
-    link.receive_progress = receiving  # this link's only payload is the reply's
+    show = progress is not None and not quiet
+    sending = terminal_bar(f"sending {progress}") if show and blob is not None else None
+    receiving = terminal_bar(f"receiving {progress}") if show else None
+    silent = _silent if progress is not None else None  # told the progress instead of the link's log lines
+    link.receive_progress = receiving or silent  # this link's only payload is the reply's
 
     async def handle(inc: Incoming) -> None:
         if isinstance(inc.msg, m.Event) and on_event is not None:
@@ -40,7 +43,7 @@ async def call_async(
 
     reader = asyncio.create_task(link.run(on_message=handle))
     try:
-        return await link.request(op, args, blob, progress=sending)
+        return await link.request(op, args, blob, progress=sending or silent)
     finally:
         for bar in (sending, receiving):
             if bar is not None:
@@ -53,7 +56,11 @@ def call(
     args: argparse.Namespace, op: str, req: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
     progress: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
-    return asyncio.run(call_async(resolve(args), op, req, blob, on_event, progress))
+    return asyncio.run(call_async(resolve(args), op, req, blob, on_event, progress, quiet=bool(getattr(args, "json", False))))
+
+
+def _silent(done: int, total: int) -> None:
+    """A transfer's progress where nobody watches (a pipe, a file, --json): say nothing."""
 
 
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
@@ -63,8 +70,8 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
         human()
 
 
-TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires"})
-RECORD_LISTS = frozenset({"rounds", "clients", "failures"})  # records inside a record
+TIMESTAMPS = frozenset({"created", "finished", "started", "first_seen", "last_seen", "expires", "last_used", "revoked"})
+RECORD_LISTS = frozenset({"rounds", "clients", "failures", "results", "recent"})  # records inside a record
 
 
 def public(data: Any) -> Any:
@@ -117,13 +124,10 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def token_create(args: argparse.Namespace) -> int:
-    from scaleout.security.tokens import parse_ttl
+    """Print a join token: the controller's addresses, its CA fingerprint and the credential."""
+    from scaleout.commands.tokens import token_create as create
 
-    result, _ = call(args, "token.create", {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name})
-    emit(args, result, lambda: print(result["token"]))
-    if not args.json:
-        print(f"({args.role} token, expires {when(result['expires'])})", file=sys.stderr)
-    return EXIT_OK
+    return create(args, call, emit, when)
 
 
 def package_set_active(args: argparse.Namespace) -> int:
@@ -419,6 +423,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"active package  {result['active_package'] or '- (set one with: scaleout package set-active FILE)'}")
         print(f"session         {result['session'] or '- (none running)'}")
         print(f"combiners       {result['combiners']} connected, {result['clients']} clients")
+        if result.get("metrics_url"):
+            print(f"metrics         {result['metrics_url']}")
 
     emit(args, result, human)
     return EXIT_OK
@@ -437,7 +443,9 @@ def client_ls(args: argparse.Namespace) -> int:
     def human() -> None:
         for r in rows:
             r["seen"] = when(r["last_seen"])
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("seen", "LAST SEEN")], "no clients have joined yet")
+            package = r.get("package")
+            r["pkg"] = (package[:12] if package else None) and package[:12] + (" (cannot load)" if r.get("package_error") else "")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients have joined yet")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -532,8 +540,47 @@ def _verify_file(path: Path) -> dict[str, Any]:
     return result
 
 
+def _tokens_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from scaleout.commands import tokens
+
+        return int(getattr(tokens, name)(args, call, emit, when))
+
+    return run
+
+
+METRIC_COLUMNS = [("time", "TIME"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("client", "CLIENT"), ("step", "STEP"), ("key", "METRIC"), ("shown", "VALUE")]
+
+
+def metric_ls(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (all) or more")
+    if args.round is not None and args.round < 1:
+        raise UsageError("--round must be a round number (1 or more)")
+    req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
+    if getattr(args, "telemetry", False):
+        req["kind"] = "telemetry"
+    result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
+    rows, total = result["metrics"], result["total"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(time=when(r["created"]), shown=f"{r['value']:.6g}")
+        filtered = any(v is not None for v in (args.session, args.round, args.client, args.key))
+        table(rows, METRIC_COLUMNS, "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)")
+
+    emit(args, rows, human)
+    if total > len(rows):
+        print(f"(the latest {len(rows)} of {total} values; --limit 0 shows all)", file=sys.stderr)
+    return EXIT_OK
+
+
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("token", "create"): token_create,
+    ("token", "ls"): _tokens_command("token_ls"),
+    ("token", "revoke"): _tokens_command("token_revoke"),
+    ("client", "rm"): _tokens_command("client_rm"),
+    ("combiner", "rm"): _tokens_command("combiner_rm"),
     ("package", "set-active"): package_set_active,
     ("model", "set-seed"): model_set_seed,
     ("model", "ls"): model_ls,
@@ -547,6 +594,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("client", "ls"): client_ls,
     ("status", None): status,
     ("combiner", "ls"): combiner_ls,
+    ("metric", "ls"): metric_ls,
     ("audit", "ls"): audit_ls,
     ("audit", "verify"): audit_verify,
 }

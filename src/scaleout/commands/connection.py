@@ -37,6 +37,9 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
         (conf.get("controller"), conf.get("token"), conf.get("ca"), conf.get("data_dir")),
         (None, None, None, DEFAULT_DATA_DIR if (DEFAULT_DATA_DIR / "controller.json").exists() else None),
     ]
+    first_token = next((t for _, t, _, _ in places if t), None)
+    if isinstance(first_token, str) and _is_join_token(first_token):
+        places[3] = (None, None, None, None)  # a join token names its controller: not ./scaleout-data's
     # The first place naming a controller (an address or a data dir) decides which one it is;
     # a data dir lends its token and CA only from that place, never to another controller.
     where = next((i for i, (url, _, _, data_dir) in enumerate(places) if url or data_dir is not None), None)
@@ -60,6 +63,11 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     insecure = args.insecure is True or conf.get("insecure") is True or (home is not None and not info.get("ca"))
     if token and token.startswith("@"):
         token = _read(Path(token[1:]), "token file").strip()
+    if token:
+        from scaleout.security.jointoken import is_join_token
+
+        if is_join_token(token):
+            token, url, ca = _unwrap(token, url, ca, insecure, getattr(args, "state_dir", None) or getattr(args, "work_dir", None) or conf.get("state_dir"))
     if not url and token:
         from scaleout.security.tokens import peek
 
@@ -76,6 +84,39 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)
+
+
+def _is_join_token(token: str) -> bool:
+    from scaleout.security.jointoken import is_join_token
+
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text().strip()
+        except OSError:
+            return False
+    return is_join_token(token)
+
+
+def _unwrap(text: str, url: Any, ca: Any, insecure: bool, state_dir: Any) -> tuple[str, Any, Any]:
+    """A join token's credential, and the controller address and CA it names unless given:
+    its CA is downloaded and checked against the fingerprint it pins, then kept in the
+    state dir (an address or CA given beside the token wins)."""
+    import asyncio
+
+    from scaleout.core.errors import AuthError
+    from scaleout.security.identity import default_state_dir
+    from scaleout.security.jointoken import parse
+    from scaleout.transport.discovery import pin_ca
+
+    try:
+        join = parse(text)
+    except AuthError as exc:
+        raise UsageError(str(exc)) from None
+    if ca or insecure or join.ca is None:
+        return join.token, url or join.urls[0], ca
+    urls = (url,) if url else join.urls
+    chosen, ca_path = asyncio.run(pin_ca(tuple(urls), join.ca, Path(state_dir) if state_dir else default_state_dir()))
+    return join.token, chosen, ca_path
 
 
 def read_controller_info(data_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ async def wait_for_clients(conn: Connection, children: list[Child], count: int, 
     await waiting
 
 
+async def _keep_up(ctl_dir: Path, say: Any) -> None:
+    """``--keep``: the federation stays up until a signal (see Interrupts), which ends dev
+    with the session's outcome rather than as interrupted."""
+    say(f"the federation stays up: scaleout command run NAME --data-dir {ctl_dir} (or predict run, client ls, ...); Ctrl-C stops it")
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass
+
+
 def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]] | None = None) -> dict[str, Any]:
     return {
         "session": {"id": session["id"], "status": session["status"], "reason": session.get("reason")},
@@ -174,9 +185,22 @@ def report_of(session: dict[str, Any], failures: dict[int, list[dict[str, str]]]
     }
 
 
+async def _watch_in_tui(conn: Connection, session_id: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    """Open the TUI on the federation until the user quits it; the report is the session as it
+    was then (the caller stops the federation)."""
+    from scaleout.tui.app import ScaleoutApp
+
+    await ScaleoutApp(conn, title=f"dev: {args.clients} clients on {args.combiners} combiner(s)").run_async()
+    session = (await call_async(conn, "session.show", {"id": session_id}))[0]["session"]
+    say(f"session {session_id} {session['status']}: stopping the federation")
+    return report_of(session)
+
+
 def main(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if not (path / "scaleout.yaml").is_file():
+    from scaleout.package.project import project_file
+
+    if project_file(path) is None:
         raise UsageError(f"{path} is not a compute package (no scaleout.yaml in it)")
     for flag in ("clients", "combiners", "rounds"):
         if getattr(args, flag) < 1:
@@ -193,6 +217,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--report {args.report}: folder {args.report.parent} does not exist")
     if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir} is a file, not a folder")
+    # Without --headless the TUI opens on the federation, when there is a terminal to open it on.
+    args.interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    if not args.headless and not args.interactive:
+        log.info("not a terminal: printing rounds as text (as with --headless)")
     if args.data_dir is None:
         root = Path(tempfile.mkdtemp(prefix="scaleout-dev-"))
     else:
@@ -214,6 +242,8 @@ def main(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.report}")
     ok = report["session"]["status"] == "finished" and all(r["status"] == "succeeded" for r in report["rounds"])
+    if args.interactive and report["session"]["id"] is not None:  # the user quit the TUI: that is how it ends
+        ok = all(r["status"] in ("succeeded", "running") for r in report["rounds"])
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -261,7 +291,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         common = ["--controller", conn.url, "--ca", str(conn.ca)]
         for i in range(1, args.combiners + 1):
             name = f"combiner-{i}"
-            argv = ["combine", *common, "--name", name, "--port", "0"]
+            argv = ["combine", *common, "--name", name, "--port", "0", "--state-dir", str(root / "combiners" / name)]
             child, url = await start_child(name, argv, logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
             children.append(child)
             say(f"{name} listening on {url}")
@@ -283,6 +313,8 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         session_id = session["id"]
         say(f"session {session_id}: {args.rounds} rounds")
         names = [f"client-{i}" for i in range(1, args.clients + 1)]
+        if args.interactive:
+            return await _watch_in_tui(conn, session_id, args, say)
         ended: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         printed: set[int] = set()
         failures: dict[int, list[dict[str, str]]] = {}
@@ -318,6 +350,8 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         if session["status"] != "finished":
             failed.append(f"session {session_id}")
         say(f"session {session_id} {session['status']} in {time.monotonic() - started:.1f}s" + (f" ({session['reason']})" if session.get("reason") else ""))
+        if getattr(args, "keep", False):
+            await _keep_up(ctl_dir, say)
         return report_of(session, failures)
     except DevError as exc:
         failed.append(str(exc))

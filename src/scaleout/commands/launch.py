@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
 
 log = logging.getLogger("scaleout")
@@ -59,17 +59,24 @@ def _settings(args: argparse.Namespace, sections: tuple[str, ...], schema: dict[
 def _schemas() -> dict[str, dict[str, Any]]:
     from scaleout.core.config import PATH
 
-    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int}
+    connection = {"controller": str, "token": str, "ca": PATH, "insecure": bool, "data_dir": PATH, "max_payload_mb": int, "state_dir": PATH}
     package_limits = {"package_max_mb": int, "package_max_files": int, "package_max_depth": int}
     return {
         "controller": {
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "combiner_cert_ttl": str,
+            "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
             "handshake_timeout": (int, float),
         },
-        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
-                     "handshake_timeout": (int, float)},
-        "client": {**connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH, **package_limits},
+        "combiner": {
+            **connection, "host": str, "port": int, "name": str, "advertise": str, "san": list,
+            "max_connect_rate": (int, float), "hello_timeout": (int, float), "handshake_timeout": (int, float),
+        },
+        "client": {
+            **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
+            "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH, **package_limits,
+        },
     }
 
 
@@ -152,15 +159,44 @@ def serve(args: argparse.Namespace) -> int:
         tls_key=_path(s.get("tls_key")),
         insecure=bool(s.get("insecure")),
         max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        metrics_port=_metrics_port(s.get("metrics_port")),
+        metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
         max_connect_rate=_connect_rate(s),
         package_limits=_package_limits(s),
         hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
     )
+    if s.get("combiner_cert_ttl"):
+        from scaleout.security.tokens import parse_ttl
+
+        settings.combiner_cert_ttl = parse_ttl(str(s["combiner_cert_ttl"]))
+    if s.get("metrics_host") and settings.metrics_port is None:
+        raise UsageError("--metrics-host needs --metrics-port (metrics_port in the config file)")
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
+
+
+def _positional_token(args: argparse.Namespace) -> None:
+    """``scaleout join TOKEN`` is ``--token TOKEN``."""
+    given = getattr(args, "join_token", None)
+    if given:
+        if args.token:
+            raise UsageError("give the token once: as TOKEN or with --token, not both")
+        args.token = given
+
+
+def _metrics_port(value: Any) -> int | None:
+    from scaleout.core.config import parse_port
+    from scaleout.core.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        return parse_port(value)
+    except ConfigError as exc:
+        raise ConfigError("metrics_port", exc.problem) from None
 
 
 def warn_if_expiring(token: str, role: str) -> None:
@@ -188,12 +224,14 @@ def combine(args: argparse.Namespace) -> int:
     from scaleout.core.config import parse_port, parse_sans
     from scaleout.roles.combiner import Combiner, CombinerSettings
 
+    _positional_token(args)
     s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
     conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
         advertise=s.get("advertise"), san=parse_sans(s.get("san"), "combiner"), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        state_dir=_path(s.get("state_dir")),
         max_connect_rate=_connect_rate(s),
         hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
@@ -205,14 +243,27 @@ def combine(args: argparse.Namespace) -> int:
 def join(args: argparse.Namespace) -> int:
     from scaleout.roles.client import Client, ClientSettings
 
+    _positional_token(args)
     s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
     conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
-    if package is not None and not (package / "scaleout.yaml").is_file():
+    from scaleout.package.project import project_file
+
+    if package is not None and project_file(package) is None:
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
+    timeout = s.get("command_timeout")
+    if timeout is not None and not 0 < timeout <= 30 * 86400:
+        raise UsageError(f"--command-timeout must be a number of seconds above 0, got {timeout!r}")
+    if s.get("managed_env"):
+        from scaleout.package.environment import check_can_manage
+
+        check_can_manage()
     settings = ClientSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure, name=str(s.get("name") or ""),
         package=package, data_dir=_path(s.get("work_dir")), max_payload=int(s.get("max_payload_mb", 4096)) * MIB,
+        dispatcher=bool(s.get("dispatcher")), managed_env=bool(s.get("managed_env")),
+        command_timeout=float(timeout) if timeout is not None else None, env_cache=_path(s.get("env_cache")),
+        state_dir=_path(s.get("state_dir")),
         package_limits=_package_limits(s),
     )
     warn_if_expiring(conn.token, "client")
@@ -224,7 +275,11 @@ def run_build(args: argparse.Namespace) -> int:
 
     if not args.path.is_dir():
         raise UsageError(f"compute package folder {args.path} does not exist")
-    files = build(args.path, args.output)
+    if args.managed_env:
+        from scaleout.package.environment import check_can_manage
+
+        check_can_manage()
+    files = build(args.path, args.output, managed_env=args.managed_env, env_cache=args.env_cache)
     for f in files:
         print(f"wrote {f}")
     if not files:
@@ -246,4 +301,38 @@ def package_create(args: argparse.Namespace) -> int:
         print(json.dumps(info))
     else:
         print(f"created {out} ({len(data)} bytes, sha256 {info['sha256'][:12]})")
+    return EXIT_OK
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """pip install the python_env file's dependencies into the Python running scaleout."""
+    from scaleout.package.environment import install_here, project_env
+    from scaleout.package.project import load_project
+
+    if not args.path.is_dir():
+        raise UsageError(f"compute package folder {args.path} does not exist")
+    project = load_project(args.path)
+    env = project_env(project)
+    if env is None:
+        message = f"{project.root / project.file} names no python_env: nothing to install"
+        print(json.dumps({"python": sys.executable, "installed": []}) if args.json else message)
+        return EXIT_OK
+    if args.dry_run:
+        reqs = env.requirements()
+        print(json.dumps({"python": sys.executable, "file": str(env.file), "requirements": reqs}) if args.json
+              else f"would install into {sys.executable}: {' '.join(reqs) or 'nothing'}")
+        return EXIT_OK
+    from scaleout.core.errors import PackageError
+    from scaleout.package.environment import check_can_install
+
+    check_can_install()  # the single-file executable has no pip: a usage error (exit 2)
+    try:
+        reqs = install_here(env)
+    except PackageError as exc:  # pip failed or refused: the operation failed (exit 1)
+        print(f"scaleout: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"python": sys.executable, "file": str(env.file), "installed": reqs}))
+    else:
+        print(f"installed the dependencies of {env.file.name} into {sys.executable}: {' '.join(reqs) or 'nothing to install'}")
     return EXIT_OK

@@ -10,12 +10,15 @@
      ├── LimitExceeded          a metric, result or text is larger than a peer may send
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
+     │    └── PackageCommandFailed  a dispatcher package's command failed, timed out or wrote bad output
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
      ├── StorageError           the controller could not write or read its files (disk full, ...)
      ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
-     └── TaskAborted            the running task was aborted (session stopped)
+     ├── TaskAborted            the running task was aborted (session stopped)
+     └── CommandFailed          a custom command or prediction failed on a client (raised,
+                                timed out, returned no JSON, no such command, ...)
 
 Exceptions carry fields and build their message from them; roles translate them into
 error replies, close codes or exit codes at the edge.
@@ -98,6 +101,26 @@ class PackageError(ScaleoutError):
     code = "bad_package"
 
 
+class PackageCommandFailed(PackageError):
+    """A package command (``train``: ``python train.py IN OUT``) failed: ``problem`` says how
+    (``exited with 1``, ``did not finish within 60s``), ``stderr`` holds its last lines."""
+
+    code = "package_command_failed"
+
+    def __init__(
+        self, entry: str, command: str, problem: str, stderr: list[str] | None = None, hint: str = "", exit_code: int | None = None,
+    ) -> None:
+        self.entry = entry
+        self.command = command
+        self.problem = problem
+        self.stderr = list(stderr or [])
+        self.exit_code = exit_code
+        tail = " | ".join(line.strip() for line in self.stderr if line.strip())
+        super().__init__(
+            f"{entry} command `{command}` {problem}" + (f"; its stderr ended: {tail}" if tail else "") + (f"; {hint}" if hint else "")
+        )
+
+
 class Superseded(ScaleoutError):
     """Another node registered under this node's name; the newest one stays."""
 
@@ -142,3 +165,14 @@ class TaskAborted(ScaleoutError):
     """Raised by EdgeClient.check_task_abort() when the session was stopped."""
 
     code = "aborted"
+
+
+class CommandFailed(ScaleoutError):
+    """A custom command or prediction failed on one client; ``reason`` is the stored code
+    (``raised``, ``timeout``, ``not_json``, ``no_such_command``, ...)."""
+
+    code = "command_failed"
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

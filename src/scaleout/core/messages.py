@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 2
 MAX_NAMES = 2000  # names per message in lists that grow with the fleet
 MAX_INLINE_RESULT = 256 << 10  # a reply's result larger than this travels as its payload
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
+CLOSE_REVOKED = 4003  # close code: the link's token or node identity was revoked, or grants not what it asked
 MAX_TEXT_BYTES = 1 << 20
 TRANSFER_ID_BYTES = 16
 JSON = dict[str, Any]
@@ -103,6 +104,17 @@ class Event(Message):
 
 
 # -- controller <-> combiner -------------------------------------------------------------
+
+
+@message
+@dataclass(kw_only=True)
+class Revoked(Message):
+    """Controller -> combiner: tokens or node identities (by id) revoked; links holding
+    them are closed and they are refused from now on."""
+
+    type: ClassVar[str] = "revoked"
+    ids: list[str] = field(default_factory=list)
+    reason: str = ""
 
 
 @message
@@ -268,6 +280,333 @@ class Metric(Message):
     step: int | None = None
 
 
+# -- admin event stream -------------------------------------------------------------------
+
+
+@message
+@dataclass(kw_only=True)
+class Subscribe(Message):
+    """Admin -> controller: push this link the typed event stream (``kinds``: only these
+    event kinds; empty: all). The first event is a ``resync``: read the snapshot
+    (``events.snapshot``) and apply the events that follow it. A subscriber that falls
+    more than ``buffer`` events behind loses them and gets another ``resync``."""
+
+    type: ClassVar[str] = "subscribe"
+    kinds: list[str] = field(default_factory=list)
+    buffer: int = 4096
+
+
+@dataclass(kw_only=True)
+class FedEvent:
+    """Base of the typed events a controller pushes to subscribers, in an ``Event``
+    envelope (``kind`` = the class's kind, ``data`` = its fields). ``seq`` numbers them per
+    controller run; ``time`` is the controller's wall clock (seconds since the epoch)."""
+
+    kind: ClassVar[str] = ""
+    seq: int = 0
+    time: float = 0.0
+
+
+_EVENTS: dict[str, type[FedEvent]] = {}
+
+
+def fed_event(cls: type[FedEvent]) -> type[FedEvent]:
+    assert cls.kind and cls.kind not in _EVENTS, cls
+    _EVENTS[cls.kind] = cls
+    return cls
+
+
+@fed_event
+@dataclass(kw_only=True)
+class Resync(FedEvent):
+    """Events were dropped (or the subscription just began): re-read the snapshot."""
+
+    kind: ClassVar[str] = "resync"
+    reason: str = ""
+    dropped: int = 0
+
+
+@fed_event
+@dataclass(kw_only=True)
+class ClientJoined(FedEvent):
+    kind: ClassVar[str] = "client.joined"
+    client: str
+    combiner: str
+    package: str = ""  # the package it runs, as it said: "NAME (ID)" or "local DIR"
+
+
+@fed_event
+@dataclass(kw_only=True)
+class ClientLeft(FedEvent):
+    kind: ClassVar[str] = "client.left"
+    client: str
+    combiner: str
+
+
+@fed_event
+@dataclass(kw_only=True)
+class CombinerJoined(FedEvent):
+    kind: ClassVar[str] = "combiner.joined"
+    combiner: str
+    url: str = ""
+
+
+@fed_event
+@dataclass(kw_only=True)
+class CombinerLeft(FedEvent):
+    kind: ClassVar[str] = "combiner.left"
+    combiner: str
+    clients: int = 0  # clients it had: they are gone with it
+
+
+@fed_event
+@dataclass(kw_only=True)
+class SessionStarted(FedEvent):
+    kind: ClassVar[str] = "session.started"
+    session_id: str
+    config: JSON = field(default_factory=dict)
+
+
+@fed_event
+@dataclass(kw_only=True)
+class SessionEnded(FedEvent):
+    kind: ClassVar[str] = "session.ended"
+    session_id: str
+    status: str
+    reason: str | None = None
+
+
+@fed_event
+@dataclass(kw_only=True)
+class RoundStarted(FedEvent):
+    kind: ClassVar[str] = "round.started"
+    session_id: str
+    round_index: int
+    expected: int  # clients asked to train
+    timeout: float
+    deadline: float  # wall clock: the round times out then
+    model_bytes: int = 0
+
+
+@fed_event
+@dataclass(kw_only=True)
+class RoundProgress(FedEvent):
+    """Where the running round is: updates in and refused of those expected; bytes of
+    updates in and of the model out to the clients asked (an update is the model's size)."""
+
+    kind: ClassVar[str] = "round.progress"
+    session_id: str
+    round_index: int
+    received: int
+    refused: int
+    expected: int
+    bytes_in: int = 0
+    bytes_out: int = 0
+    deadline: float = 0.0
+
+
+@fed_event
+@dataclass(kw_only=True)
+class RoundEnded(FedEvent):
+    kind: ClassVar[str] = "round.ended"
+    session_id: str
+    round_index: int
+    status: str
+    reason: str | None = None
+    duration_s: float | None = None
+    participants: int = 0
+    model_id: str | None = None
+    validation: JSON = field(default_factory=dict)
+
+
+@fed_event
+@dataclass(kw_only=True)
+class ClientReported(FedEvent):
+    """One client's train or validate outcome; ``error`` says why it was refused or failed;
+    ``values``: its numeric results (validation metrics, training metadata)."""
+
+    kind: ClassVar[str] = "client.reported"
+    session_id: str
+    round_index: int
+    client: str
+    task: str  # train or validate
+    error: str | None = None
+    values: JSON = field(default_factory=dict)
+
+
+@fed_event
+@dataclass(kw_only=True)
+class MetricLogged(FedEvent):
+    """A metric a client logged with ``log_metric`` while training."""
+
+    kind: ClassVar[str] = "metric.logged"
+    session_id: str
+    round_index: int
+    client: str
+    step: int | None = None
+    values: JSON = field(default_factory=dict)
+
+
+@fed_event
+@dataclass(kw_only=True)
+class ModelCommitted(FedEvent):
+    kind: ClassVar[str] = "model.committed"
+    model_id: str
+    parent: str | None = None
+    session_id: str | None = None
+    round_index: int | None = None
+    aggregator: str | None = None
+    contributors: int = 0
+    size: int = 0
+
+
+@fed_event
+@dataclass(kw_only=True)
+class ActiveChanged(FedEvent):
+    """The active package or seed model was set by an admin."""
+
+    kind: ClassVar[str] = "active.changed"
+    what: str  # package or model
+    id: str
+    name: str = ""
+
+
+EVENT_KINDS = frozenset(_EVENTS)
+
+
+def encode_event(ev: FedEvent) -> Event:
+    """A typed event in its wire envelope."""
+    return Event(kind=ev.kind, data={f.name: getattr(ev, f.name) for f in fields(ev)})
+
+
+def decode_event(msg: Event) -> FedEvent:
+    """The typed event an ``Event`` carries; raises ProtocolError saying what is wrong
+    (an unknown kind too: a subscriber skips what it does not know)."""
+    cls = _EVENTS.get(msg.kind)
+    if cls is None:
+        raise ProtocolError(f"unknown event kind {msg.kind!r:.60}")
+    what = f"event {msg.kind}"
+    hints = _hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: JSON = {}
+    for name, f in known.items():
+        if name not in msg.data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f"{what}: missing field {name!r}")
+            continue
+        values[name] = _check(what, name, msg.data[name], hints[name])
+    return cls(**values)
+
+
+def numeric_values(data: Any) -> dict[str, float]:
+    """The finite numbers of a flat JSON object (what a plot can show), nested
+    ``training_metadata`` and ``metadata`` objects flattened in."""
+    out: dict[str, float] = {}
+    if not isinstance(data, dict):
+        return out
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("metadata", "training_metadata"):
+            out.update(numeric_values(value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                continue
+            if number == number and abs(number) != float("inf"):
+                out[str(key)] = number
+    return out
+
+
+# -- commands, predictions, client logs and package updates (issue 9) --------------------
+
+
+@message
+@dataclass(kw_only=True)
+class CommandStart(Message):
+    """Controller -> combiner: run job ``job_id`` on ``count`` of its clients (their names
+    in the payload ``blob``, as for RoundStart). ``kind`` is ``command`` (the custom
+    callback ``name``) or ``predict`` (the predict callback on model ``model_id``)."""
+
+    type: ClassVar[str] = "command.start"
+    job_id: str
+    kind: str
+    name: str = ""
+    params: JSON = field(default_factory=dict)
+    model_id: str | None = None
+    count: int
+    timeout: float
+    blob: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class CommandTask(Message):
+    """Combiner -> client: call a custom or predict callback; a predict's model is in ``blob``.
+    The client gives the callback ``timeout`` seconds."""
+
+    type: ClassVar[str] = "command.task"
+    job_id: str
+    kind: str
+    name: str = ""
+    params: JSON = field(default_factory=dict)
+    model_id: str | None = None
+    timeout: float
+    blob: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class CommandResult(Message):
+    """Client -> combiner -> controller: one client's outcome of job ``job_id``. ``code``
+    says what went wrong when ``ok`` is false (``raised``, ``timeout``, ``not_json``,
+    ``no_such_command``, ...); ``client`` is filled in by the combiner."""
+
+    type: ClassVar[str] = "command.result"
+    job_id: str
+    ok: bool
+    data: JSON = field(default_factory=dict)
+    error: str | None = None
+    code: str | None = None
+    duration_s: float | None = None
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class ClientLog(Message):
+    """Client -> combiner -> controller: what the package logged outside a task's metrics:
+    ``kind`` is ``attributes`` (a dict merged into the client's record) or ``telemetry``
+    (``data`` = {"key": ..., "payload": {...}}); ``client`` is filled in by the combiner."""
+
+    type: ClassVar[str] = "client.log"
+    kind: str
+    data: JSON = field(default_factory=dict)
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class ClientStatus(Message):
+    """Client -> combiner -> controller: the compute package this client runs (sha256 of the
+    archive, or ``local``), and why it could not load one (it takes no tasks meanwhile)."""
+
+    type: ClassVar[str] = "client.status"
+    package: str | None = None
+    error: str | None = None
+    client: str | None = None
+
+
+@message
+@dataclass(kw_only=True)
+class PackageChanged(Message):
+    """Controller -> combiners -> clients: a new compute package is active; clients fetch it
+    (package.get) before their next task."""
+
+    type: ClassVar[str] = "package.changed"
+    package_id: str
+    name: str = ""
+
+
 # -- parse / serialize --------------------------------------------------------------------
 
 
@@ -314,7 +653,7 @@ def parse(text: str | bytes) -> Message:
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls)}
     unknown = set(body) - set(known)
     if unknown:
@@ -327,6 +666,17 @@ def parse(text: str | bytes) -> Message:
             continue
         values[name] = _check(kind, name, body[name], hints[name])
     return cls(**values)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}  # a cache of a pure function of the (fixed) classes
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """A message class's field types, worked out once (get_type_hints is slow: every frame needs them)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _no_constant(name: str) -> Any:

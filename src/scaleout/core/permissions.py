@@ -21,6 +21,7 @@ from scaleout.core.errors import AuthError
 ADMIN = frozenset({"admin"})
 COMBINER = frozenset({"admin", "combiner"})  # admin may do everything
 CLIENT = frozenset({"admin", "client"})
+NODES = frozenset({"admin", "client", "combiner"})
 
 # Requests a link may make of the controller, by operation.
 REQUESTS: dict[str, frozenset[str]] = {
@@ -45,12 +46,24 @@ REQUESTS: dict[str, frozenset[str]] = {
     "combiner.ready": COMBINER,
     "audit.ls": ADMIN,
     "audit.verify": ADMIN,
+    "metric.ls": ADMIN,
+    "events.snapshot": ADMIN,
+    "node.enrol": NODES,  # a join token's holder gets its node's own credential
+    "token.ls": ADMIN,
+    "token.revoke": ADMIN,
+    "client.rm": ADMIN,
+    "combiner.rm": ADMIN,
+    "combiner.renew": COMBINER,
 }
+
+# What a combiner's link may ask before it has registered (then anything a combiner may).
+BEFORE_REGISTERING = frozenset({"combiner.register", "node.enrol"})
 
 # Messages (not requests) a link of each role may send, by receiver: a combiner's to the
 # controller, a client's to its combiner. Anything else is refused before it is looked at.
-_COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.ValidateDone))
-_CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric))
+_RELAYED = (m.CommandResult, m.ClientLog, m.ClientStatus)  # a client's, passed on by its combiner
+_COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.ValidateDone, *_RELAYED))
+_CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric, *_RELAYED))
 MESSAGES: dict[str, dict[str, frozenset[str]]] = {
     "controller": {"combiner": _COMBINER_MESSAGES},
     "combiner": {"client": _CLIENT_MESSAGES},

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from scaleout.core.errors import PackageError
 from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
-from scaleout.package.project import PROJECT_FILE, load_project
+from scaleout.package.project import PROJECT_FILE, load_project, project_file
 
 IGNORE_FILE = ".scaleoutignore"
 ALWAYS_IGNORED = ["__pycache__/", "*.pyc", ".git/"]
@@ -31,8 +31,10 @@ _Rule = tuple[re.Pattern[str], bool, bool]  # (regex, negated, directories only)
 
 
 def read_ignore(root: Path) -> list[str]:
-    """Patterns from `root/.scaleoutignore`, in order (empty if there is none)."""
+    """Patterns from `root/.scaleoutignore` (else FEDn's `.fednignore`), in order (empty if there is none)."""
     path = root / IGNORE_FILE
+    if not path.is_file():
+        path = root / ".fednignore"
     if not path.is_file():
         return []
     lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
@@ -274,11 +276,11 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int | None = None, limit
     dest.mkdir(parents=True, exist_ok=True)
     try:
         _extract(data, dest, limits)
-        if (dest / PROJECT_FILE).is_file():
+        if project_file(dest) is not None:
             return dest
-        candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and (d / PROJECT_FILE).is_file()]
+        candidates = [d for d in sorted(dest.iterdir()) if d.is_dir() and project_file(d) is not None]
         if len(candidates) != 1:
-            raise PackageError(f"package archive has no {PROJECT_FILE} at its top level")
+            raise PackageError(f"package archive has no {PROJECT_FILE} (nor fedn.yaml) at its top level")
         return candidates[0]
     except PackageError:
         if created:

@@ -1,4 +1,4 @@
-"""The project file (`scaleout.yaml`) and importing its entry points.
+"""The project file (`scaleout.yaml`, or FEDn's `fedn.yaml`) and importing its entry points.
 
 Two forms of entry point are accepted:
 
@@ -7,6 +7,8 @@ Two forms of entry point are accepted:
       startup: startup.py                  # importing: a file defining startup(client)
       train: {command: "python train.py"}  # dispatcher: a shell command
       validate: "python validate.py"       # dispatcher, short form
+
+A dispatcher entry may also say how long its command may run: `{command: ..., timeout: 600}`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ from scaleout.core.errors import PackageError
 from scaleout.runtime import missing_module_hint
 
 PROJECT_FILE = "scaleout.yaml"
+# FEDn's project file, read when a package has no scaleout.yaml (FEDn projects run unchanged).
+LEGACY_PROJECT_FILE = "fedn.yaml"
+PROJECT_FILES = (PROJECT_FILE, LEGACY_PROJECT_FILE)
+# The entry points a dispatcher runs as commands with `IN OUT` arguments.
+TASK_ENTRIES = ("train", "validate", "predict")
+
+
+def project_file(root: Path) -> Path | None:
+    """`root/scaleout.yaml`, else `root/fedn.yaml`, else None."""
+    for name in PROJECT_FILES:
+        if (root / name).is_file():
+            return root / name
+    return None
 
 
 @dataclass
@@ -34,6 +49,30 @@ class Project:
     root: Path
     entry_points: dict[str, object]
     python_env: str | None
+    file: str = PROJECT_FILE  # which project file it was read from
+
+    @property
+    def is_dispatcher(self) -> bool:
+        """True when its train entry point is a command (a FEDn-style dispatcher package)."""
+        return self.entry_command("train") is not None
+
+    def entry_timeout(self, name: str) -> float | None:
+        """The `timeout:` (seconds) a dispatcher entry gives its command, or None."""
+        value = self.entry_points.get(name)
+        timeout = value.get("timeout") if isinstance(value, dict) else None
+        return float(timeout) if timeout is not None else None
+
+    def python_env_file(self) -> Path | None:
+        """The python_env file the project names, checked to exist inside the package."""
+        if not self.python_env:
+            return None
+        root = self.root.resolve()
+        path = (root / self.python_env).resolve()
+        if not path.is_relative_to(root):
+            raise PackageError(f"{root / self.file}: python_env ({self.python_env}) points outside the package")
+        if not path.is_file():
+            raise PackageError(f"{root / self.file} names python_env {self.python_env!r}, but {path} does not exist")
+        return path
 
     def entry_file(self, name: str) -> Path | None:
         """The file of an importing entry point, or None if `name` is absent or a command."""
@@ -59,7 +98,7 @@ class Project:
 
 
 def load_project(root: Path) -> Project:
-    """Read and check `root/scaleout.yaml`.
+    """Read and check `root/scaleout.yaml` (or, when it has none, FEDn's `root/fedn.yaml`).
 
     The project keeps `root` absolute: its entry points run with the package as the
     working directory, where a relative `root` would point somewhere else.
@@ -69,9 +108,10 @@ def load_project(root: Path) -> Project:
     root = Path(root).resolve()
     if not root.is_dir():
         raise PackageError(f"package directory {root} does not exist")
-    path = root / PROJECT_FILE
-    if not path.is_file():
-        raise PackageError(f"{root} has no {PROJECT_FILE}; is it a compute package?")
+    found = project_file(root)
+    if found is None:
+        raise PackageError(f"{root} has no {PROJECT_FILE} (nor FEDn's {LEGACY_PROJECT_FILE}); is it a compute package?")
+    path = found
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -89,19 +129,28 @@ def load_project(root: Path) -> Project:
             raise PackageError(
                 f"{path}: entry point {name!r} must be a file name, a command, or {{command: ...}}"
             )
+        timeout = value.get("timeout") if isinstance(value, dict) else None
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30 * 86400):
+            raise PackageError(f"{path}: entry point {name!r}: timeout must be a number of seconds above 0, got {timeout!r:.40}")
     python_env = doc.get("python_env")
     if python_env is not None and not isinstance(python_env, str):
         raise PackageError(f"{path}: 'python_env' must be a file name")
-    return Project(root=root, entry_points=dict(entry_points), python_env=python_env)
+    return Project(root=root, entry_points=dict(entry_points), python_env=python_env, file=path.name)
 
 
 @contextmanager
 def _inside(root: Path) -> Iterator[None]:
     """Run user code with `root` as cwd and first on sys.path; restore both after."""
+    from scaleout.package.interpreter import shim_lib
+
     entry = str(root)
     cwd = os.getcwd()
     before = set(sys.modules)
     sys.path.insert(0, entry)
+    lib = shim_lib()  # FEDn's helper modules, last on the path: a real fedn install wins
+    shims = str(lib) if lib is not None and str(lib) not in sys.path else None
+    if shims is not None:
+        sys.path.append(shims)
     os.chdir(root)
     try:
         yield
@@ -109,6 +158,8 @@ def _inside(root: Path) -> Iterator[None]:
         os.chdir(cwd)
         if entry in sys.path:
             sys.path.remove(entry)
+        if shims is not None and shims in sys.path:
+            sys.path.remove(shims)
         # Forget the package's own helper modules so the next package (or a new version
         # of this one) imports fresh copies instead of the cached ones.
         for key in set(sys.modules) - before:
@@ -121,7 +172,7 @@ def import_entry(project: Project, name: str) -> ModuleType:
     """Import the file of entry point `name` as a fresh module (call inside `_inside`)."""
     file = project.entry_file(name)
     if file is None:
-        raise PackageError(f"{project.root / PROJECT_FILE} has no importing entry point {name!r}")
+        raise PackageError(f"{project.root / project.file} has no importing entry point {name!r}")
     module_name = f"_scaleout_{name}_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(module_name, file)
     if spec is None or spec.loader is None:

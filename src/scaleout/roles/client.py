@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -52,16 +53,26 @@ class ClientSettings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     package_limits: UnpackLimits = field(default_factory=UnpackLimits)
     keep_packages: int = KEEP_PACKAGES  # unpacked packages kept in the work dir (the newest ones)
+    dispatcher: bool = False  # run the entry points as commands (join --dispatcher)
+    managed_env: bool = False  # run the package in a venv made from its python_env.yaml
+    command_timeout: float | None = None  # a dispatcher command's time limit (default: 1 h)
+    env_cache: Path | None = None  # where managed venvs are kept (default: ~/.cache/scaleout/envs)
+    state_dir: Path | None = None  # where its identity is kept (default: the work dir, else ~/.local/state/scaleout)
 
 
 class Client:
     def __init__(self, settings: ClientSettings) -> None:
         from scaleout.edge import EdgeClient
 
+        from scaleout.roles.joining import choose_name, controller_key
+        from scaleout.security.identity import default_state_dir
+
         self.settings = settings
-        self.name = settings.name or f"{socket.gethostname()}-{new_id()[:6]}"
+        self.state_dir = settings.state_dir or settings.data_dir or default_state_dir()
+        self.name = choose_name("client", settings.name, settings.token, self.state_dir, controller_key(settings.controller, settings.ca)) or f"{socket.gethostname()}-{new_id()[:6]}"
+        self.enrolled: Any = None  # its identity (roles/joining.py), once enrolled
         os.environ["SCALEOUT_CLIENT_NAME"] = self.name
-        self.edge = EdgeClient(self.name)
+        self.edge = EdgeClient(name=self.name)
         self.ctx = None if settings.insecure else tls.client_context(settings.ca)
         self.tasks: asyncio.Queue[Incoming] = asyncio.Queue()
         self.link: Link | None = None
@@ -76,61 +87,100 @@ class Client:
         self.cache: Path | None = None  # where unpacked packages are kept (bounded: prune_packages)
         self.package_dir: Path | None = None  # the one in use
         self.package_root = Path.cwd()  # where the package's files are: set by prepare()
+        self.package_label = ""  # which package it runs, as the controller shows it
+        self.package_id: str | None = None  # sha256 of the package archive, or "local"
+        from scaleout.roles.client_work import ClientWork
+
+        self.work = ClientWork(self)  # commands, predictions, attributes, telemetry, package switches
 
     async def _controller(self) -> Link:
         s = self.settings
-        return await connect(s.controller, s.token, self.ctx, max_payload=s.max_payload)
+        return await connect(s.controller, self.enrolled.token if self.enrolled else s.token, self.ctx, max_payload=s.max_payload)
+
+    async def _enrol(self, stop: asyncio.Event) -> None:
+        """Take this client's identity from its state dir, or enrol with the join token."""
+        from scaleout.roles.joining import enrolled
+
+        s = self.settings
+        self.enrolled = await enrolled("client", self.name, s.controller, s.token, s.ca, self.ctx, self.state_dir)
 
     async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
-        from scaleout.package.archive import extract_archive
-        from scaleout.package.loader import load_startup
+        from scaleout.roles.client_work import LOCAL
 
         s = self.settings
         if s.package is not None:
             root = s.package.resolve()
+            self.package_id = LOCAL
             log.info("using the local compute package in %s", root)
+            self.package_label = f"local {root.name}"
         else:
-            ctl = await self._controller()
-            reader = asyncio.create_task(ctl.run())
-            try:
-                info, data = await ctl.request("package.get", timeout=600)
-            finally:
-                await ctl.ws.close()
-                reader.cancel()
-            if data is None or (digest := await asyncio.to_thread(_sha256, data)) != info.get("id"):
-                raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
-            _verify_signature(info, digest, s.data_dir)
-            base = s.data_dir or Path(self._tempdir())
-            self.cache = base / "package"
-            self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # the package's code: this user's alone
-            dest = self.cache / digest[:16]
-            if dest.exists() and (dest / ".complete").exists():
-                root = Path((dest / ".complete").read_text().strip())
-                os.utime(dest / ".complete")  # the newest used: the cache keeps it
-            else:
-                import shutil
-
-                shutil.rmtree(dest, ignore_errors=True)
-                root = await asyncio.to_thread(extract_archive, data, dest, limits=s.package_limits)
-                (dest / ".complete").write_text(str(root))
-            self.package_dir = dest
-            await asyncio.to_thread(prune_packages, self.cache, s.keep_packages, dest)
-            log.info("compute package %s (%s) unpacked in %s (signature verified)", info.get("name"), digest[:12], root)
+            root, self.package_id, name = await self.fetch_package()
+            self.package_label = f"{name} ({self.package_id[:12]})"
         # The package's own modules and data files are found relative to its folder.
         os.chdir(root)
         sys.path.insert(0, str(root))
         self.package_root = root
         try:
-            await in_daemon_thread(load_startup, root, self.edge)
+            await in_daemon_thread(self.startup_call(root, self.edge))
         except PackageError as exc:
             if exc.__cause__ is not None:
                 _log_traceback("the compute package failed to start", exc.__cause__)
             raise
+        from scaleout.package.interpreter import export_shims
+
+        export_shims()  # processes the package's code starts can import FEDn's helpers too
         callbacks = self.edge.registered()
         log.info("startup() registered: %s", ", ".join(callbacks) or "no callbacks")
         if "train" not in callbacks:
             log.warning("no train callback: this client will refuse training tasks (call client.set_train_callback in startup)")
+
+    def startup_call(self, root: Path, edge: Any) -> Callable[[], None]:
+        """How this client starts a package's runtime on ``edge`` (its start and every package
+        switch share it): ``startup(client)`` of the package at ``root``."""
+
+        from scaleout.package.loader import load_startup
+
+        edge.package_path = str(root)
+        s = self.settings
+        return functools.partial(
+            load_startup, root, edge, dispatcher=s.dispatcher, managed_env=s.managed_env,
+            command_timeout=s.command_timeout, env_cache=s.env_cache,
+        )
+
+    async def fetch_package(self) -> tuple[Path, str, str]:
+        """Download the controller's active package, check its sha256 and unpack it (once per
+        package): (its folder, its id, its name)."""
+        from scaleout.package.archive import extract_archive
+
+        s = self.settings
+        ctl = await self._controller()
+        reader = asyncio.create_task(ctl.run())
+        try:
+            info, data = await ctl.request("package.get", timeout=600)
+        finally:
+            await ctl.ws.close()
+            reader.cancel()
+        if data is None or (digest := await asyncio.to_thread(_sha256, data)) != info.get("id"):
+            raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
+        _verify_signature(info, digest, s.data_dir)
+        base = s.data_dir or Path(self._tempdir())
+        self.cache = base / "package"
+        self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # the package's code: this user's alone
+        dest = self.cache / digest[:16]
+        if dest.exists() and (dest / ".complete").exists():
+            root = Path((dest / ".complete").read_text().strip())
+            os.utime(dest / ".complete")  # the newest used: the cache keeps it
+        else:
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)
+            root = await asyncio.to_thread(extract_archive, data, dest, limits=s.package_limits)
+            (dest / ".complete").write_text(str(root))
+        self.package_dir = dest
+        await asyncio.to_thread(prune_packages, self.cache, s.keep_packages, dest)
+        log.info("compute package %s (%s) unpacked in %s (signature verified)", info.get("name"), digest[:12], root)
+        return root, digest, str(info.get("name"))
 
     def _tempdir(self) -> str:
         if self._tmp is None:
@@ -138,15 +188,18 @@ class Client:
         return self._tmp.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        if not await self._retrying(self.prepare, stop):
+        self.work.install(self.edge)
+        if not await self._retrying(self._enrol, stop) or not await self._retrying(self.prepare, stop):
             return
         worker = asyncio.create_task(self._work())
+        commands = asyncio.create_task(self.work.run())
         try:
             while not stop.is_set():
                 await self._retrying(self._session, stop)
             await self._abort_callback()
         finally:
             worker.cancel()
+            commands.cancel()
             self.edge._stop_task(SHUTTING_DOWN)
             if self._tmp is not None:
                 self._tmp.cleanup()
@@ -201,16 +254,19 @@ class Client:
         ctl = await self._controller()
         reader = asyncio.create_task(ctl.run())
         try:
-            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner}, timeout=30)
+            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner, "package": self.package_label}, timeout=30)
         finally:
             await ctl.ws.close()
             reader.cancel()
         s = self.settings
-        link = await connect(str(info["url"]), s.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        self.enrolled.renew(info.get("token"))
+        link = await connect(str(info["url"]), self.enrolled.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
         working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link
         self.served = True
+        await self.work.connected(link)
+        self.work.active_package(info.get("package") if isinstance(info.get("package"), str) else None)
         self.combiner = str(info["combiner"])
         log.info("connected to combiner %s at %s as %s", info["combiner"], info["url"], self.name)
         run = asyncio.create_task(link.run(on_message=self._on_message, on_request=self._on_request))
@@ -236,6 +292,8 @@ class Client:
             reason = link.ws.close_reason or "connection closed"
             if link.ws.close_code == m.CLOSE_SUPERSEDED:
                 raise Superseded(f"{reason}: this client stops (give each client its own --name)")
+            if link.ws.close_code == m.CLOSE_REVOKED:
+                raise AuthError(f"the combiner closed this client's link: {link.ws.close_reason or 'credential revoked'}")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
     async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
@@ -252,6 +310,8 @@ class Client:
         msg = inc.msg
         if isinstance(msg, m.Task):
             await self.tasks.put(inc)
+        elif isinstance(msg, (m.CommandTask, m.PackageChanged)):
+            self.work.on_message(inc)
         elif isinstance(msg, m.TaskAbort):
             if msg.reason:
                 log.info("aborting the current task: %s", msg.reason)
@@ -275,11 +335,13 @@ class Client:
         """Run tasks one at a time in a worker thread so the link stays responsive."""
         loop = asyncio.get_running_loop()
 
-        def sink(metrics: dict[str, Any], step: int | None) -> None:
+        def sink(metrics: dict[str, Any], step: int | None) -> bool:
             task_id = self.current_task
-            if task_id is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
-                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
+            if task_id is None or self.link is None:
+                return False  # outside a task, or offline: log_metric returns False
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
+            return True
 
         self.edge._metric_sink = sink
         while True:
@@ -292,6 +354,7 @@ class Client:
             result = m.TaskResult(task_id=task.task_id, ok=False)
             update: bytes | None = None
             try:
+                await self.work.before_task()  # a newly activated package first; none loadable: no work
                 if inc.blob is None:
                     raise ScaleoutError(inc.blob_error or "task carried no model")
                 started = loop.time()
@@ -328,6 +391,7 @@ class Client:
                 log.error("round %d: %s", task.round_index, result.error)
                 _log_traceback(f"round {task.round_index}: {task.kind}", exc)
             finally:
+                self.edge._flush_metrics()  # held with commit=False: they belong to this task's round
                 self.current_task = None
             if update is not None and result.ok:
                 result.size = len(update)
@@ -338,11 +402,12 @@ class Client:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a package callback on a daemon thread, kept where shutdown can wait for it."""
-        self._callback = asyncio.ensure_future(in_daemon_thread(fn, *args))
-        try:
-            return await self._callback
-        finally:
-            self._callback = None
+        async with self.work.gate.use():  # a package switch waits for it
+            self._callback = asyncio.ensure_future(in_daemon_thread(fn, *args))
+            try:
+                return await self._callback
+            finally:
+                self._callback = None
 
     async def _send(self, msg: m.Message) -> None:
         link = self.link

@@ -20,6 +20,7 @@ from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_
 from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
+from scaleout.roles.command_relay import CommandRelay
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
@@ -60,6 +61,7 @@ class CombinerSettings:
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
     hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    state_dir: Path | None = None  # where its identity is kept (default: ~/.local/state/scaleout)
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Combiner:
     def __init__(self, settings: CombinerSettings) -> None:
         self.settings = settings
         self.name = settings.name or f"combiner-{socket.gethostname()}-{new_id()[:4]}"
+        self.enrolled: Any = None  # its identity (roles/joining.py), once enrolled
+        self.advertised: str | None = None  # the host clients dial, which its certificate must name
+        self.renewal: asyncio.Task[None] | None = None
         self.clients: dict[str, Link] = {}
         self.jobs: dict[str, Job] = {}  # by kind: at most one train and one validate job
         self.models: dict[str, bytes] = {}
@@ -103,13 +108,18 @@ class Combiner:
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
+        self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
         s = self.settings
-        link = await connect(s.controller, s.token, ctx, max_payload=s.max_payload)
+        if self.enrolled is None:
+            from scaleout.roles.joining import enrolled
+
+            self.enrolled = await enrolled("combiner", self.name, s.controller, s.token, s.ca, ctx, s.state_dir or _state_dir())
+        link = await connect(s.controller, self.enrolled.token, ctx, max_payload=s.max_payload)
         reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
-        args: dict[str, Any] = {"name": self.name}
+        args: dict[str, Any] = {"name": self.name, "advertise": self.advertised}
         if csr is not None:
             args["csr"] = csr
         try:
@@ -119,6 +129,9 @@ class Combiner:
             reader.cancel()
             raise
         self.controller = link
+        self.enrolled.renew(result.get("token"))
+        if self.verifier is not None:
+            self.verifier.revoked.update(str(i) for i in result.get("revoked") or [])
         return reader, result
 
     async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
@@ -143,6 +156,7 @@ class Combiner:
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
         self.partials.clear()
+        self.relay.abandon()
         for job in list(self.jobs.values()):
             self._drop(job)
             for link in list(self.clients.values()):
@@ -157,6 +171,11 @@ class Combiner:
             # Listening everywhere: clients on other machines need a name, not loopback.
             dial_host = socket.gethostname()
             log.info("clients will dial %s (pass --advertise HOST to give them another name)", dial_host)
+        self.advertised = dial_host
+        if not s.name:
+            from scaleout.roles.joining import choose_name, controller_key
+
+            self.name = choose_name("combiner", "", s.token, s.state_dir or _state_dir(), controller_key(s.controller, s.ca)) or self.name
         key_pem = b""
         csr: str | None = None
         if not s.insecure:
@@ -168,6 +187,7 @@ class Combiner:
         reader, result = first
         assert self.controller is not None
         self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
+        self.verifier.revoked.update(str(i) for i in result.get("revoked") or [])
         server_ctx = None
         tmp = None
         if not s.insecure:
@@ -178,6 +198,8 @@ class Combiner:
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
+            if isinstance(result.get("cert_ttl_s"), int):
+                self.renewal = asyncio.create_task(self._renew_certificate(ctx_files=(cert_dir, server_ctx), ttl_s=result["cert_ttl_s"], stop=stop))
         rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
         server, port = await serve(
             self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout
@@ -198,12 +220,16 @@ class Combiner:
                 assert self.controller is not None
                 if self.controller.ws.close_code == m.CLOSE_SUPERSEDED:
                     raise Superseded(f"another combiner registered as {self.name!r}: this one stops (give each combiner its own --name)")
+                if self.controller.ws.close_code == m.CLOSE_REVOKED:
+                    raise AuthError(f"the controller closed this combiner's link: {self.controller.ws.close_reason or 'credential revoked'}")
                 log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected)", s.controller)
                 await self._abandon_jobs()
                 current = await self._reconnect(ctx, url, stop)
         finally:
             self.stopping = True
             stopping.cancel()
+            if self.renewal is not None:
+                self.renewal.cancel()
             server.close()
             await self.controller.ws.close()
             if current is not None:
@@ -219,7 +245,10 @@ class Combiner:
         if not token:
             raise AuthError("no token given")
         assert self.verifier is not None
-        return self.verifier.verify(token, time.time(), roles={"client"})
+        claims = self.verifier.verify(token, time.time(), roles={"client"})
+        if claims.nid is None:
+            raise AuthError("a client connects with its own credential: it enrols with the controller first (scaleout join does)")
+        return claims
 
     # -- clients --------------------------------------------------------------------------
 
@@ -238,6 +267,11 @@ class Combiner:
                     await link.close_now(CLOSE_POLICY, f"say hello first (got {msg.type})")
                     return
                 m.check_name(msg.name, "client name")
+                if link.claims is None or link.claims.sub != msg.name:
+                    # A name belongs to its identity: nobody else may connect (or upload) under it.
+                    log.warning("refused %s: its credential is for client %r, not %r", link.peer, getattr(link.claims, "sub", None), msg.name)
+                    self._spawn(_quiet(link.ws.close(m.CLOSE_REVOKED, f"this credential is not client {msg.name}'s")))
+                    return
                 old = self.clients.get(msg.name)
                 if old is not None:
                     # The newest connection wins: the old one is usually a dead link from
@@ -264,6 +298,8 @@ class Combiner:
                     _check_own_task(job, msg.task_id, name)
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
+            elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)) and gate is not None:
+                await self.relay.on_client(name, link, gate, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
 
@@ -276,6 +312,7 @@ class Combiner:
                 del self.clients[name]
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
                 self._changed(left=name)
+                self.relay.client_gone(name)
                 # A client that said goodbye is lost now; after a blip it has a grace period.
                 goodbye = link.ws.close_code in (1000, 1001)
                 now = asyncio.get_running_loop().time()
@@ -390,10 +427,52 @@ class Combiner:
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
             for link in list(self.clients.values()):
                 await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+        elif isinstance(msg, (m.CommandStart, m.PackageChanged)):
+            await self.relay.on_controller(inc)
         elif isinstance(msg, m.Event):
             pass
+        elif isinstance(msg, m.Revoked):
+            self._revoke(msg)
         else:
             raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
+
+    def _revoke(self, msg: m.Revoked) -> None:
+        """Refuse these tokens and identities from now on and close the clients' links holding them."""
+        ids = set(msg.ids)
+        if self.verifier is not None:
+            self.verifier.revoked |= ids
+        for name, link in list(self.clients.items()):
+            claims = link.claims
+            if claims is not None and (claims.jti in ids or claims.nid in ids):
+                log.warning("closing client %s: %s", name, msg.reason or "its credential was revoked")
+                self._spawn(_close_now(link, m.CLOSE_REVOKED, msg.reason or "credential revoked"))
+
+    async def _renew_certificate(self, ctx_files: tuple[Path, Any], ttl_s: int, stop: asyncio.Event) -> None:
+        """Ask the controller for a new certificate after 2/3 of the current one's life, and
+        serve it to new connections from then on (the key changes with it)."""
+        cert_dir, server_ctx = ctx_files
+        s = self.settings
+        while True:
+            await asyncio.sleep(max(1.0, ttl_s * 2 / 3))  # a timer, not a synchronisation
+            delays = backoff(1.0, 60.0)
+            while True:
+                try:
+                    csr_pem, key_pem = tls.make_csr(cert_names(s.host, [self.advertised or "", *s.san]), self.name)
+                    link = self.controller
+                    if link is None:
+                        raise LinkClosed("controller", "not connected")
+                    result, _ = await link.request("combiner.renew", {"csr": csr_pem.decode(), "advertise": self.advertised}, timeout=30)
+                    tls.write_private(cert_dir / "combiner.key", key_pem)
+                    tls.write_public(cert_dir / "combiner.pem", str(result["cert"]).encode())
+                    server_ctx.load_cert_chain(cert_dir / "combiner.pem", cert_dir / "combiner.key")
+                    if self.enrolled is not None:
+                        self.enrolled.renew(result.get("token"))
+                    ttl_s = int(result.get("cert_ttl_s") or ttl_s)
+                    log.info("renewed this combiner's certificate (valid %s more)", _duration(ttl_s))
+                    break
+                except (ScaleoutError, OSError, ValueError) as exc:
+                    log.warning("could not renew this combiner's certificate yet: %s", exc)
+                    await asyncio.sleep(next(delays))  # a backoff, not a synchronisation
 
     async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         if req.op != "partial.get":
@@ -773,6 +852,25 @@ def split_host_port(text: str) -> tuple[str, int | None]:
     if not port.isdigit():
         raise ConfigError("advertise", f"expected HOST or HOST:PORT, got {text!r}")
     return host, parse_port(int(port)) or None
+
+
+def _state_dir() -> Path:
+    from scaleout.security.identity import default_state_dir
+
+    return default_state_dir()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
+
+
+async def _close_now(link: Link, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(link.ws.close(code, reason), 2)
+    except asyncio.TimeoutError:
+        link.ws.transport.abort()
+    except Exception as exc:  # the role edge: the peer may already be gone
+        log.debug("closing %s: %s", link.peer, exc)
 
 
 async def _quiet(coro: Any) -> None:

@@ -36,7 +36,10 @@ from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.package.limits import UnpackLimits
+from scaleout.roles.command_service import CommandService
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
+from scaleout.roles.exporter import Observer
+from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
@@ -78,6 +81,9 @@ class ControllerSettings:
     hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    combiner_cert_ttl: int = 7 * 86400  # seconds a combiner's certificate lives; renewed after 2/3 of it
+    metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -126,6 +132,8 @@ class Controller:
         self.combiners: dict[str, CombinerConn] = {}
         self.session: RunningSession | None = None
         self.subscribers: set[Link] = set()
+        self.hub = EventHub()  # the typed event stream to subscribed admin links
+        self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         # The clients each combiner was given in the current round: it may report and
@@ -137,6 +145,7 @@ class Controller:
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
+        self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
         self._ops: dict[str, tuple[frozenset[str], Handler]] = {
             "status": (ADMIN, self._status),
             "token.create": (ADMIN, self._token_create),
@@ -154,12 +163,23 @@ class Controller:
             "client.ls": (ADMIN, self._client_ls),
             "client.wait": (ADMIN, self._client_wait),
             "combiner.ls": (ADMIN, self._combiner_ls),
+            "metric.ls": (ADMIN, self._metric_ls),
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
             "audit.ls": (ADMIN, self._audit_ls),
             "audit.verify": (ADMIN, self._audit_verify),
+            "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
+            # Tokens and node identities (roles/enrolment.py).
+            "node.enrol": (CLIENT | COMBINER, lambda *a: self.desk.enrol(*a)),
+            "token.ls": (ADMIN, lambda *a: self.desk.token_ls(*a)),
+            "token.revoke": (ADMIN, lambda *a: self.desk.token_revoke(*a)),
+            "client.rm": (ADMIN, lambda *a: self.desk.client_rm(*a)),
+            "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
+            "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
         }
+        self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
+        self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -174,8 +194,12 @@ class Controller:
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
+        self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
+        from scaleout.roles.enrolment import Desk
+
+        self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
         self.ca_fingerprint: str | None = None
@@ -211,25 +235,32 @@ class Controller:
                 return
             except AuthError:
                 log.info("admin token in %s is no longer valid: writing a new one", path)
-        token = self.signer.issue(
-            "admin", ADMIN_TOKEN_TTL, time.time(), jti=new_id(), sub="admin", controller=self.url, ca=self.ca_fingerprint
-        )
+        token = self.desk.issue("admin", ADMIN_TOKEN_TTL, name="admin", uses=None, sans=[], creator="controller")["token"]
         tls.write_private(path, (token + "\n").encode())
 
     async def run(self, stop: asyncio.Event) -> None:
         self.prepare()
         s = self.settings
+        if s.metrics_port is not None:
+            from scaleout.roles import exporter
+
+            self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
+            log.info("Prometheus metrics at %s", self.obs.url)
+        public = {"/ca.pem": self.ca_pem.decode()} if self.ssl_context is not None else None
         server, port = await serve(
-            self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload,
+            self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
             handshake_timeout=s.handshake_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
         self._write_admin_token()
-        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None}
+        info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
+        from scaleout.roles.welcome import show_join_commands
+
+        show_join_commands(self)  # its files are written before the ready line
         announce(f"{scheme}://{bracket(s.host)}:{port}")
         try:
             await stop.wait()
@@ -246,8 +277,11 @@ class Controller:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
+            await self.hub.close()
             await self.registry.close()
+            await self.commands.close()
             self.state.close()
+            await asyncio.to_thread(self.obs.close)
 
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
@@ -265,12 +299,13 @@ class Controller:
             # may send a payload on its own, none holds more than one at a time.
             link.max_payload = 0
             link.max_in_flight = 1
+        self.desk.on_link(link)
 
         def authorize(req: m.Request) -> None:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
-            if role == "combiner" and req.op != "combiner.register" and not self._registered(link):
+            if role == "combiner" and req.op not in permissions.BEFORE_REGISTERING and not self._registered(link):
                 raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
@@ -279,14 +314,21 @@ class Controller:
             if registering:
                 self._registering.add(link)  # the hello timeout waits for a registration under way
             try:
-                return await self._ops[req.op][1](link, req.args, blob)
+                result = await self._ops[req.op][1](link, req.args, blob)
             finally:
                 if registering:
                     self._registering.discard(link)
+            kind = PAYLOAD_OPS.get(req.op)
+            if kind is not None:  # models and packages in and out, for --metrics-port
+                self.obs.moved("in", kind, len(blob or b""))
+                out = result[1]
+                self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
+            return result
 
         link.authorize = authorize
 
-        on_message = self._combiner_message(link)  # what each role may send is checked there first
+        # What each role may send is checked in these first (core/permissions.py).
+        on_message = self._admin_message(link) if role == "admin" else self._combiner_message(link)
         watch = None
         if role == "combiner":  # registers at once; a link that does not is dropped
             greeted = lambda: self._registered(link) or link in self._registering  # noqa: E731
@@ -299,11 +341,23 @@ class Controller:
             if watch is not None:
                 watch.cancel()
             self.subscribers.discard(link)
+            self.hub.unsubscribe(link)
+            self.desk.gone(link)
             if role == "combiner":
                 self._combiner_gone(link)
 
     def _registered(self, link: Link) -> bool:
         return any(c.link is link for c in self.combiners.values())
+    def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
+        async def handle(inc: Incoming) -> None:
+            if not isinstance(inc.msg, m.Subscribe):
+                raise ProtocolError(f"an admin may not send {inc.msg.type}")
+            self.hub.subscribe(link, inc.msg)
+
+        return handle
+
+    async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        return await snapshot(self, args), None
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -317,14 +371,20 @@ class Controller:
                 del self.combiners[name]
                 self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
+                self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
                 if self.session is not None:  # the link says which registration was lost
                     self.session.events.put_nowait(("lost", (name, link)))
                 self._registry_changed()
                 self.registry.combiner(name, "offline", clients=0)
+                self.commands.combiner_gone(name)
 
     def _registry_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
+        self._count_nodes()
+
+    def _count_nodes(self) -> None:
+        self.obs.nodes(len(self.combiners), sum(len(c.clients) for c in self.combiners.values()))
 
     def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
@@ -351,6 +411,7 @@ class Controller:
                         self.combiners[elsewhere].clients.discard(client)
                     c.clients.add(client)
                     self.assigner.client_joined(c.name, client)
+                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
                     self.registry.client(client, "online", c.name)
                 for client in msg.left:
                     if client not in c.clients:
@@ -359,10 +420,13 @@ class Controller:
                     self.assigner.client_left(c.name, client)
                     if client not in self.assigner.where:  # not already back on another combiner
                         self.registry.client(client, "offline", c.name)
+                        self.hub.publish(m.ClientLeft(client=client, combiner=c.name))
                 self.registry.combiner(c.name, "online", clients=len(c.clients))
                 self._registry_changed()
             elif isinstance(msg, m.Report):
                 self._store_report(c, msg)
+            elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
+                self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
                 s = self.session
                 if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -390,6 +454,9 @@ class Controller:
             log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
             data = {}
         self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if msg.kind == "train":
+            self.obs.update_reported(error)
+        self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
@@ -397,6 +464,10 @@ class Controller:
 
     async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "combiner name")
+        self.desk.node_identity(link, "combiner", name, args)
+        csr = args.get("csr")
+        advertise = args.get("advertise") if isinstance(args.get("advertise"), str) else None
+        cert = self.desk.sign(link, str(csr), advertise) if csr and self.ssl_context is not None else None  # refused before any takeover
         old = self.combiners.get(name)
         if old is not None and old.link is not link:
             # The newest registration wins: the old link is usually dead (a restart after a
@@ -404,12 +475,17 @@ class Controller:
             log.warning("combiner %s registered again: closing its older connection", name)
             self._combiner_gone(old.link)
             await _quiet_close(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
-        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode()}
-        if args.get("csr"):
+        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked)}
+        if csr:
             if self.ssl_context is None:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
-            result["cert"] = tls.sign_csr(self.ca_pem, self.ca_key_pem, str(args["csr"]).encode(), role="combiner").decode()
+            result["cert"] = cert
+            result["cert_ttl_s"] = self.settings.combiner_cert_ttl
+        renewed = self.desk.renewed(link)
+        if renewed is not None:
+            result["token"] = renewed
         self.combiners[name] = CombinerConn(name, link)
+        self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
         self.state.audit(_actor(link), "combiner.register", address=link.peer, name=name)
@@ -421,21 +497,30 @@ class Controller:
         scheme = "ws://" if self.ssl_context is None else "wss://"
         if not isinstance(url, str) or not url.startswith(scheme):
             raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
+        self.desk.check_ready_url(link, url)
         c.url = url
         self.assigner.combiner_ready(c.name)
         self.state.upsert_combiner(c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
+        self.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
         self._registry_changed()
         return {}, None
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
+        self.desk.node_identity(link, "client", name, args)
+        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
+            self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
         best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        return {"combiner": c.name, "url": c.url}, None
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}
+        renewed = self.desk.renewed(link)
+        if renewed is not None:
+            reply["token"] = renewed
+        return reply, None
 
     async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         await self.registry.flush()  # what was queued a moment ago is shown too
@@ -461,6 +546,33 @@ class Controller:
         await self.registry.flush()
         return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
 
+    async def _metric_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """What clients logged with log_metric, one row per value, oldest first: the latest
+        ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
+        globs ``client`` and ``key``; with how many match in all."""
+        from scaleout.store.metrics import KINDS, logged_metrics
+
+        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
+        if kind not in KINDS:
+            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
+        session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
+        round_index, limit = args.get("round_index"), args.get("limit", 0)
+        for name, value in (("session_id", session_id), ("client", client), ("key", key)):
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise ProtocolError(f"metric.ls: {name} must be text of 1-256 characters")
+        for name, value in (("round_index", round_index), ("limit", limit)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
+        if session_id is not None:
+            session_id = self._session_key({"id": None if session_id == "latest" else session_id})
+            self.state.session(session_id)  # no such session: say so, rather than list nothing
+        await self.registry.flush()  # what came in a moment ago is listed too
+        rows, total = await asyncio.to_thread(
+            self.registry.query,
+            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
+        )
+        return {"metrics": rows, "total": total}, None
+
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
             "url": self.url,
@@ -469,6 +581,7 @@ class Controller:
             "session": self.session.id if self.session else None,
             "combiners": len(self.combiners),
             "clients": sum(len(c.clients) for c in self.combiners.values()),
+            "metrics_url": self.obs.url,  # None without --metrics-port
         }, None
 
     # -- audit ----------------------------------------------------------------------------
@@ -496,11 +609,24 @@ class Controller:
         ttl = args.get("ttl_s")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= tokens.MAX_TTL_S:
             raise ProtocolError(f"token.create needs ttl_s, a whole number of seconds from 1 to {tokens.MAX_TTL_S} (100 years)")
-        jti = new_id()
-        token = self.signer.issue(str(role), ttl, time.time(), jti=jti, sub=args.get("name"), controller=self.url, ca=self.ca_fingerprint)
-        claims = tokens.peek(token)
-        self.state.audit(_actor(link), "token.create", address=link.peer, role=role, jti=jti, exp=claims.exp)
-        return {"token": token, "role": role, "expires": claims.exp, "jti": jti}, None
+        if role not in tokens.ROLES:
+            raise ProtocolError(f"token.create: role must be one of {', '.join(tokens.ROLES)}")
+        name, uses, sans = args.get("name"), args.get("uses"), args.get("sans") or []
+        if name is not None:
+            m.check_name(name, "token name")
+        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or not 0 < uses <= 1_000_000):
+            raise ProtocolError("token.create: uses must be a whole number from 1 to 1000000")
+        if not isinstance(sans, list) or len(sans) > 32 or not all(isinstance(x, str) and 0 < len(x) <= 253 for x in sans):
+            raise ProtocolError("token.create: sans must be a list of at most 32 names or addresses")
+        if sans and role != "combiner":
+            raise ProtocolError("token.create: only a combiner token allows certificate names (--san)")
+        from scaleout.roles.enrolment import canonical
+
+        result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
+        self.state.audit(
+            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"]
+        )
+        return result, None
 
     async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if not blob:
@@ -515,6 +641,8 @@ class Controller:
             self.state.set_meta("active_package", digest)
             self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
         log.info("compute package %s (%s) is now active", name, digest[:12])
+        self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
+        await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
         return {"id": digest, "name": name, "size": len(blob)}, None
 
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
@@ -544,6 +672,8 @@ class Controller:
             self.state.commit_model(digest, len(blob), aggregator="seed")
             self.state.audit(_actor(link), "model.set_seed", address=link.peer, id=digest)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
+        self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
+        self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
     async def _model_bytes(self, model_id: str) -> bytes:
@@ -602,8 +732,10 @@ class Controller:
             self.state.add_session(session.id, cfg.to_dict(), model_id)
             self.state.audit(_actor(link), "session.start", address=link.peer, id=session.id, config=cfg.to_dict())
         self.session = session
+        self.obs.session_started()
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
+        self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
         return {"session": self.state.session(session.id)}, None
 
     async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -698,8 +830,16 @@ class Controller:
         return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell session.wait followers, without waiting for them: a follower still taking
+        the previous event (a stalled link) skips this one (it re-reads the session on the
+        next, and gets it whole in the reply), so it never holds up the rounds."""
         for link in list(self.subscribers):
-            await _quiet_send(link, m.Event(kind=kind, data=data))
+            busy = self._emitting.get(link)
+            if busy is not None and not busy.done():
+                continue
+            self._emitting[link] = asyncio.ensure_future(_quiet_send(link, m.Event(kind=kind, data=data)))
+        for link in [k for k, t in self._emitting.items() if t.done() and k not in self.subscribers]:
+            del self._emitting[link]
 
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None
@@ -737,8 +877,10 @@ class Controller:
             self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
             self._record_ends()
             log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
+            self.obs.session_finished(status)
             with contextlib.suppress(Exception):  # the role edge: the writer logs its own failures
                 await self.registry.flush()
+            self.hub.publish(m.SessionEnded(session_id=s.id, status=status, reason=reason))
             await self._emit("session", {"id": s.id, "status": status, "reason": reason})
             s.done.set()
 
@@ -786,6 +928,7 @@ class Controller:
         participants = sorted(c for clients in selected.values() for c in clients)
         self.state.start_round(s.id, index, parent, participants)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
+        self.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
@@ -798,6 +941,8 @@ class Controller:
                 s.storage_failure = s.storage_failure or exc
                 row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
+            self.obs.round_finished(status, duration)
+            self.hub.round_ended({**row, "session_id": s.id})
             return {**row, "index": index}
 
         if s.stopped:
@@ -883,6 +1028,10 @@ class Controller:
             return finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
         self._model_cache = (model_id, new_bytes)  # the next round's global model: no need to read it back
+        self.hub.publish(m.ModelCommitted(
+            model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
+            contributors=len(contributors), size=len(new_bytes),
+        ))
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
         validation: dict[str, float] = {}
@@ -910,6 +1059,7 @@ class Controller:
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
+        self.obs.moved("in", "partial", len(blob))
         partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count, self.round_members.get(name, frozenset()))
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
 
@@ -979,6 +1129,7 @@ def _fold_partial(agg: Any, blob: bytes, count: int, members: frozenset[str]) ->
     return partial
 
 
+PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
 ADMIN = frozenset({"admin"})
 CLIENT = frozenset({"client"})

@@ -88,12 +88,15 @@ class SimHost:
     async def _client(self, index: int, name: str, stop: asyncio.Event) -> None:
         delays = backoff()
         holding: tuple[str, Hashed, m.TaskResult] | None = None
+        identity: str | None = None
         while not stop.is_set():
             try:
                 async with self.connecting:
                     ctl = await self._controller()
-                    info, _ = await ctl.request("client.assign", {"name": name}, timeout=60)
-                    link = await connect(str(info["url"]), self.s.token, self.ctx, max_payload=1 << 40, peer_role="combiner")
+                    if identity is None:  # enrolled once, kept in memory: a simulated client has no state dir
+                        identity = str((await ctl.request("node.enrol", {"name": name}, timeout=60))[0]["token"])
+                    info, _ = await ctl.request("client.assign", {"name": name, "identity": identity}, timeout=60)
+                    link = await connect(str(info["url"]), identity, self.ctx, max_payload=1 << 40, peer_role="combiner")
                 tasks: asyncio.Queue[Incoming] = asyncio.Queue()
 
                 async def on_message(inc: Incoming) -> None:

@@ -151,11 +151,16 @@ def _load_ca(ca_cert_pem: bytes, ca_key_pem: bytes) -> tuple[x509.Certificate, e
 NODE_OU_PREFIX = "scaleout-"
 
 
-def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 365, *, role: str | None = None) -> bytes:
+def sign_csr(
+    ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 365, *, role: str | None = None,
+    lifetime_s: int | None = None, allowed: Sequence[str] | None = None,
+) -> bytes:
     """Issue a leaf certificate (server and client auth, not a CA) for a valid request.
 
     With ``role`` the subject is rewritten to carry ``OU=scaleout-<role>``, so a peer can
     tell a combiner's certificate from the controller's although one CA signs both.
+    ``lifetime_s`` overrides ``days``; with ``allowed`` only the requested names and
+    addresses among those are signed (the others are left out).
     """
     ca_cert, ca_key = _load_ca(ca_cert_pem, ca_key_pem)
     try:
@@ -182,7 +187,14 @@ def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = 
             x509.NameAttribute(NameOID.COMMON_NAME, cn[:64]),
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, NODE_OU_PREFIX + role),
         ])
+    if allowed is not None:
+        permitted = {_canonical(a) for a in allowed}
+        sans = [n for n in sans if isinstance(n, (x509.DNSName, x509.IPAddress)) and _canonical(str(n.value)) in permitted]
     start, end = _validity(days)
+    if lifetime_s is not None:
+        if lifetime_s <= 0:
+            raise ConfigError("lifetime", f"certificate lifetime must be positive, got {lifetime_s}")
+        end = start + _SKEW + dt.timedelta(seconds=lifetime_s)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -43,6 +43,7 @@ class TokenClaims:
     sub: str | None = None
     controller: str | None = None  # wss URL to join
     ca: str | None = None  # "sha256:..." fingerprint of the controller's CA
+    nid: str | None = None  # a node identity's id: this token is that enrolled node's own credential
 
 
 def _b64encode(data: bytes) -> str:
@@ -79,7 +80,7 @@ def _claims(payload: bytes) -> TokenClaims:
     if not isinstance(raw, dict):
         raise AuthError("token is malformed")
     times = [raw.get("exp"), raw.get("iat")]
-    texts = [raw.get(k) for k in ("sub", "controller", "ca")]
+    texts = [raw.get(k) for k in ("sub", "controller", "ca", "nid")]
     if (
         raw.get("role") not in ROLES
         or not all(type(t) is int and 0 <= t < _MAX_TIME for t in times)
@@ -160,6 +161,7 @@ class TokenSigner:
         sub: str | None = None,
         controller: str | None = None,
         ca: str | None = None,
+        nid: str | None = None,
     ) -> str:
         """Sign a token granting `role` for `ttl_s` seconds from `now`."""
         if role not in ROLES:
@@ -169,7 +171,7 @@ class TokenSigner:
         if not jti:
             raise ConfigError("jti", "a token needs an id")
         iat = int(now)
-        claims = TokenClaims(role, iat + ttl_s, iat, jti, sub, controller, ca)
+        claims = TokenClaims(role, iat + ttl_s, iat, jti, sub, controller, ca, nid)
         body = {k: v for k, v in asdict(claims).items() if v is not None}
         signed = f"{PREFIX}.{_b64encode(json.dumps(body, separators=(',', ':'), sort_keys=True).encode())}"
         return f"{signed}.{_b64encode(self._key.sign(signed.encode('ascii')))}"
@@ -186,7 +188,7 @@ class TokenVerifier:
         if not isinstance(key, Ed25519PublicKey):
             raise ConfigError("token key", "not an Ed25519 public key")
         self._key = key
-        self.revoked: set[str] = set()
+        self.revoked: set[str] = set()  # token ids (jti) and node identity ids (nid)
 
     def verify(self, token: str, now: float, roles: Collection[str] | None = None) -> TokenClaims:
         """Return the claims of a genuine, live, unrevoked token whose role is in `roles`."""
@@ -198,6 +200,8 @@ class TokenVerifier:
         claims = _claims(payload)
         if claims.jti in self.revoked:
             raise AuthError("token was revoked")
+        if claims.nid is not None and claims.nid in self.revoked:
+            raise AuthError("this node's identity was revoked or removed by an admin")
         if now >= claims.exp:
             when = dt.datetime.fromtimestamp(claims.exp, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             raise AuthError(f"token expired at {when}")

@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from scaleout.core.errors import StorageError
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from scaleout.store.state import State
 
 log = logging.getLogger("scaleout.store")
+T = TypeVar("T")
 
 FLUSH_S = 0.2  # how long a change may wait before it is written
 
@@ -107,6 +109,11 @@ class RegistryWriter:
         """A session's reports (in a thread: a round's worth for a fleet is many rows)."""
         with self._db_lock:
             return self._open().reports(session_id, round_index, kind)
+
+    def query(self, read: Callable[[State], T]) -> T:
+        """Run ``read`` on this writer's connection (in a thread: a fleet's worth of rows)."""
+        with self._db_lock:
+            return read(self._open())
 
     def _open(self) -> State:
         from scaleout.store.state import State

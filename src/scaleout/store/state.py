@@ -56,7 +56,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
-_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing"}
+_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -129,6 +129,9 @@ class State:
         if migrate:  # a second connection of the same process only reads
             self.db.executescript(SCHEMA)
             self._migrate()
+            from scaleout.store.commands import ensure_schema
+
+            ensure_schema(self.db)  # commands, predictions, clients' attributes and package
 
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""

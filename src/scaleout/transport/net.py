@@ -55,14 +55,16 @@ async def serve(
     max_payload: int,
     connect_rate: tuple[float, float] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    public: dict[str, str] | None = None,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read; an
     address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
-    429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
-    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped. Returns the server and the port actually bound
-    (port 0 picks a free one).
+    429 (a node retries with backoff) before its token is looked at. A connection whose TLS
+    and websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
+    ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
+    Returns the server and the port actually bound (port 0 picks a free one).
     """
     from scaleout.core.ratelimit import RateLimiter
 
@@ -84,6 +86,8 @@ async def serve(
                 response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"too many connections from {addr}; retry in {wait:.1f} s\n")
                 response.headers["Retry-After"] = str(max(1, round(wait)))
                 return response
+        if public and request.path in public and "Upgrade" not in request.headers:
+            return connection.respond(HTTPStatus.OK, public[request.path])
         try:
             connection.claims = authenticate(bearer(request.headers))  # type: ignore[attr-defined]
         except AuthError as exc:

@@ -1,0 +1,82 @@
+"""Token and identity commands: token create / ls / revoke, client rm, combiner rm."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from scaleout.cli import EXIT_OK, UsageError
+
+Call = Callable[..., tuple[dict[str, Any], bytes | None]]
+Emit = Callable[[argparse.Namespace, Any, Callable[[], None]], None]
+When = Callable[[float | None], str]
+
+
+def token_create(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
+    from scaleout.core.config import parse_sans
+    from scaleout.security.tokens import parse_ttl
+
+    if args.uses is not None and args.uses <= 0:
+        raise UsageError(f"--uses must be a positive number, got {args.uses}")
+    sans = parse_sans(args.san, "token") if args.san else []
+    if sans and args.role != "combiner":
+        raise UsageError("--san is for combiner tokens: the names and addresses a combiner's certificate may carry")
+    req = {"role": args.role, "ttl_s": parse_ttl(args.ttl), "name": args.name, "uses": args.uses, "sans": sans}
+    result, _ = call(args, "token.create", req)
+    shown = {k: result.get(k) for k in ("id", "role", "name", "expires", "uses", "sans", "join_token", "token")}
+    emit(args, shown, lambda: print(result["join_token"]))
+    if not args.json:
+        uses = f", {result['uses']} use{'s' if result['uses'] != 1 else ''}" if result.get("uses") else ""
+        print(f"({args.role} join token {result['id']}, expires {when(result['expires'])}{uses})", file=sys.stderr)
+        if args.role in ("client", "combiner"):
+            command = "join" if args.role == "client" else "combine"
+            print(f"on the node: scaleout {command} TOKEN" + (" --name NAME" if not args.name else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+TOKEN_COLUMNS = [("id", "ID"), ("role", "ROLE"), ("name", "NAME"), ("status", "STATUS"), ("expires_s", "EXPIRES"), ("uses_s", "USES"), ("nodes", "NODES"), ("last_used_s", "LAST USED")]
+
+
+def token_ls(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
+    from scaleout.commands.admin import table
+
+    result, _ = call(args, "token.ls")
+    rows = result["tokens"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(
+                expires_s=when(r["expires"]), last_used_s=when(r["last_used"]),
+                uses_s=f"{r['uses']}/{r['max_uses']}" if r["max_uses"] is not None else str(r["uses"]),
+            )
+        table(rows, TOKEN_COLUMNS, "no tokens yet (create one with: scaleout token create --role client)")
+
+    emit(args, rows, human)
+    return EXIT_OK
+
+
+def token_revoke(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
+    result, _ = call(args, "token.revoke", {"id": args.id, "with_nodes": args.with_nodes})
+
+    def human() -> None:
+        nodes = ", ".join(f"{n['role']} {n['name']}" for n in result["nodes"])
+        print(f"token {result['id']} revoked ({result['closed']} open links closed)" + (f"; removed {nodes}" if nodes else ""))
+
+    emit(args, result, human)
+    return EXIT_OK
+
+
+def _node_rm(role: str, args: argparse.Namespace, call: Call, emit: Emit) -> int:
+    result, _ = call(args, f"{role}.rm", {"name": args.name})
+    emit(args, result, lambda: print(f"{role} {result['name']} removed" + (" (its link was closed)" if result["closed"] else "")))
+    return EXIT_OK
+
+
+def client_rm(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
+    return _node_rm("client", args, call, emit)
+
+
+def combiner_rm(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
+    return _node_rm("combiner", args, call, emit)

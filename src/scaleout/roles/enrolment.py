@@ -1,0 +1,251 @@
+"""The controller's desk for tokens and node identities: join tokens, enrolment, token
+listing and revocation, removing nodes, and combiner certificates limited to the names
+an admin allowed (short-lived, renewed over the controller link)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from scaleout.core import messages as m
+from scaleout.core.errors import AuthError, ConflictError, ProtocolError
+from scaleout.roles.common import new_id
+from scaleout.security import jointoken, tls, tokens
+from scaleout.store.identities import Identities
+from scaleout.transport.link import Link
+
+if TYPE_CHECKING:
+    from scaleout.roles.controller import Controller
+
+log = logging.getLogger("scaleout.controller")
+
+IDENTITY_TTL_S = 365 * 86400  # a node's own credential; renewed when it connects after half of it
+JOIN_TTL_S = 86400  # the join tokens `scaleout serve` prints for a first combiner and client
+COMBINER_CERT_TTL_S = 7 * 86400
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SANS = 32
+MAX_URLS_IN_TOKEN = 8
+
+
+def canonical(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return name.lower()
+
+
+def _actor(link: Link) -> str:
+    claims = link.claims
+    return f"{claims.role}:{claims.sub or claims.jti}"
+
+
+class Desk:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.db = Identities(ctl.state)
+        self.links: set[Link] = set()
+        self.forgetting: set[asyncio.Future[None]] = set()
+        ctl.verifier.revoked |= self.db.revoked_ids()
+
+    # -- helpers for the controller ----------------------------------------------------------
+
+    def urls(self) -> list[str]:
+        """Addresses a join token names, most likely to be dialled first: the names given
+        with --san, then the address listened on (every interface's for a wildcard), loopback last."""
+        s = self.ctl.settings
+        scheme = "ws" if s.insecure else "wss"
+        port = urlsplit(self.ctl.url).port
+        if s.host in tls.WILDCARD_HOSTS:
+            from scaleout.roles.common import cert_names
+
+            hosts = [h for h in cert_names(s.host, s.san) if h not in LOOPBACK]
+            hosts = list(dict.fromkeys([*s.san, *hosts]))
+        else:
+            hosts = [s.host, *s.san]
+        hosts = [h for h in hosts if h not in LOOPBACK][: MAX_URLS_IN_TOKEN - 1]
+        out = [f"{scheme}://{'[' + h + ']' if ':' in h else h}:{port}" for h in hosts]
+        loop = urlsplit(self.ctl.url).netloc
+        out.append(f"{scheme}://{loop}")
+        return list(dict.fromkeys(out))
+
+    def issue(self, role: str, ttl_s: int, *, name: str | None, uses: int | None, sans: list[str], creator: str) -> dict[str, Any]:
+        """A new token, recorded for `token ls`, and its join token."""
+        jti = new_id("t-")
+        token = self.ctl.signer.issue(role, ttl_s, time.time(), jti=jti, sub=name, controller=self.ctl.url, ca=self.ctl.ca_fingerprint)
+        claims = tokens.peek(token)
+        self.db.add_token(jti, role, name, claims.exp, uses, sans, creator)
+        join = jointoken.encode(jointoken.JoinToken(tuple(self.urls()), self.ctl.ca_fingerprint, token))
+        return {"token": token, "join_token": join, "role": role, "expires": claims.exp, "jti": jti, "id": jti, "name": name, "uses": uses, "sans": sans}
+
+    def on_link(self, link: Link) -> None:
+        self.links.add(link)
+        claims = link.claims
+        if claims is not None and claims.nid is None and claims.jti.startswith("t-"):
+            try:
+                self.db.touch_token(claims.jti, time.time())
+            except Exception as exc:  # the role edge: a full disk must not refuse the link
+                log.debug("could not note the use of token %s: %s", claims.jti, exc)
+
+    def gone(self, link: Link) -> None:
+        self.links.discard(link)
+
+    def node_identity(self, link: Link, role: str, name: str, args: dict[str, Any]) -> None:
+        """Refuse to act for ``name`` unless the link holds that node's own credential (or
+        passes it as ``identity``, as simulated clients sharing one link do)."""
+        claims = link.claims
+        if claims.nid is None and isinstance(args.get("identity"), str):
+            claims = self.ctl.verifier.verify(args["identity"], time.time(), roles={role})
+        if claims.nid is None:
+            raise AuthError(f"a {role} connects with its own credential: enrol first (node.enrol), as scaleout {'join' if role == 'client' else 'combine'} does")
+        if claims.sub != name or claims.role != role:
+            raise AuthError(f"this credential belongs to {claims.role} {claims.sub!r}, not {role} {name!r}")
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def enrol(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """A node shows its join token once and gets its own credential for its name."""
+        claims = link.claims
+        role = claims.role
+        if claims.nid is not None:
+            raise ConflictError(f"this node is enrolled already (as {claims.role} {claims.sub!r})")
+        name = m.check_name(args.get("name"), f"{role} name")
+        row = self.db.token(claims.jti)
+        sans = list(row["sans"]) if row is not None else []
+        nid = new_id("n-")
+        now = time.time()
+        # On the loop, like the controller's other small writes: the State connection is not
+        # shared with a thread mid-transaction (a few rows per node, once per node).
+        self.db.enrol(nid, role, name, claims.jti, sans, now)
+        token = self.ctl.signer.issue(role, IDENTITY_TTL_S, now, jti=new_id("i-"), sub=name, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=nid)
+        self.ctl.state.audit(_actor(link), "node.enrol", role=role, name=name, identity=nid, token=claims.jti, peer=link.peer)
+        log.info("%s %s enrolled (identity %s, token %s)", role, name, nid, claims.jti)
+        return {"id": nid, "name": name, "role": role, "token": token}, None
+
+    def renewed(self, link: Link) -> str | None:
+        """A fresh credential for a node past half its credential's life, else None."""
+        claims = link.claims
+        if claims is None or claims.nid is None or time.time() < (claims.iat + claims.exp) / 2:
+            return None
+        return self.ctl.signer.issue(claims.role, IDENTITY_TTL_S, time.time(), jti=new_id("i-"), sub=claims.sub, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=claims.nid)
+
+    async def token_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        rows = self.db.tokens()  # one row per token an admin made: small
+        now = time.time()
+        for r in rows:
+            r["status"] = "revoked" if r["revoked"] else "expired" if r["expires"] <= now else "used up" if r["max_uses"] is not None and r["uses"] >= r["max_uses"] else "valid"
+        return {"tokens": rows}, None
+
+    async def token_revoke(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        key = args.get("id")
+        if not isinstance(key, str) or not key:
+            raise ProtocolError("token.revoke needs the token's id (see scaleout token ls)")
+        row = self.db.find_token(key)
+        nodes = self.db.revoke_token(row["id"], bool(args.get("with_nodes")), time.time())
+        ids = [row["id"], *(n["id"] for n in nodes)]
+        self.ctl.state.audit(_actor(link), "token.revoke", id=row["id"], nodes=[n["name"] for n in nodes])
+        closed = await self.revoke(ids, "its token was revoked by an admin", keep=link)
+        if row["role"] == "admin":
+            self.ctl._write_admin_token()  # the data dir's own admin token, if that was it, is replaced at once
+        log.warning("token %s revoked%s", row["id"], f" with its nodes {', '.join(n['name'] for n in nodes)}" if nodes else "")
+        return {"id": row["id"], "role": row["role"], "nodes": [{"role": n["role"], "name": n["name"]} for n in nodes], "closed": closed}, None
+
+    async def node_rm(self, role: str, link: Link, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        name = m.check_name(args.get("name"), f"{role} name")
+        row = self.db.remove(role, name, time.time())
+        self.ctl.state.audit(_actor(link), f"{role}.rm", name=name, identity=row["id"])
+        closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin")
+        task = asyncio.ensure_future(self._forget(role, name))
+        self.forgetting.add(task)
+        task.add_done_callback(self.forgetting.discard)
+        log.warning("%s %s removed (identity %s)", role, name, row["id"])
+        return {"name": name, "role": role, "id": row["id"], "closed": closed}, None
+
+    async def _forget(self, role: str, name: str) -> None:
+        """Drop a removed node from the registry once its combiner reported it gone (or 5 s on)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+
+        def present() -> bool:
+            return name in self.ctl.assigner.where if role == "client" else name in self.ctl.combiners
+
+        while present() and loop.time() < deadline:
+            changed = self.ctl.registry_changed
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+        try:
+            await self.ctl.registry.flush()
+            self.ctl.state.db.execute(f"DELETE FROM {'clients' if role == 'client' else 'combiners'} WHERE name=?", (name,))
+        except Exception as exc:  # the role edge: a full disk leaves the row, shown offline
+            log.warning("could not drop %s %s from the registry: %s", role, name, exc)
+
+    async def client_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return await self.node_rm("client", link, args)
+
+    async def combiner_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        return await self.node_rm("combiner", link, args)
+
+    async def revoke(self, ids: list[str], reason: str, keep: Link | None = None) -> int:
+        """Refuse ``ids`` (tokens or identities) from now on, close the controller's links
+        that hold them and tell every combiner to close its clients' links that do. The
+        link asking (``keep``) gets its answer and closes as the command ends."""
+        self.ctl.verifier.revoked.update(ids)
+        wanted = set(ids)
+        closing = [lk for lk in list(self.links) if lk is not keep and lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
+        await asyncio.gather(*(_close(lk, m.CLOSE_REVOKED, reason) for lk in closing))
+        for c in list(self.ctl.combiners.values()):
+            if c.link not in closing:
+                try:
+                    await c.link.send(m.Revoked(ids=list(ids), reason=reason))
+                except Exception as exc:  # the role edge: a dead combiner learns at its next register
+                    log.warning("could not tell combiner %s about a revocation: %s", c.name, exc)
+        return len(closing)
+
+    # -- combiner certificates ----------------------------------------------------------------
+
+    def allowed_names(self, link: Link) -> list[str]:
+        row = self.db.identity(link.claims.nid) if link.claims.nid else None
+        return list(dict.fromkeys([*LOOPBACK, *(canonical(n) for n in (row["sans"] if row else []))]))
+
+    def sign(self, link: Link, csr: str, advertise: str | None) -> str:
+        """Sign a combiner's request for the names its token allows (loopback always); a
+        name asked for beyond them is left out, an advertised one beyond them refused."""
+        allowed = self.allowed_names(link)
+        if advertise is not None and canonical(advertise) not in allowed:
+            raise AuthError(
+                f"this combiner may not be reached as {advertise}: its token allows {', '.join(allowed)}; "
+                f"create its token with: scaleout token create --role combiner --san {advertise}"
+            )
+        return tls.sign_csr(self.ctl.ca_pem, self.ctl.ca_key_pem, csr.encode(), role="combiner", lifetime_s=self.ctl.settings.combiner_cert_ttl, allowed=allowed).decode()
+
+    def check_ready_url(self, link: Link, url: str) -> None:
+        host = urlsplit(url).hostname or ""
+        allowed = self.allowed_names(link)
+        if self.ctl.ssl_context is not None and canonical(host) not in allowed:
+            raise AuthError(f"this combiner may not advertise {host}: its token allows {', '.join(allowed)}")
+
+    async def combiner_renew(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        if self.ctl.ssl_context is None:
+            raise ConflictError("this controller runs without TLS: there is no certificate to renew")
+        self.ctl._combiner_of(link)  # registered links only
+        cert = self.sign(link, str(args.get("csr") or ""), args.get("advertise") if isinstance(args.get("advertise"), str) else None)
+        result: dict[str, Any] = {"cert": cert, "cert_ttl_s": self.ctl.settings.combiner_cert_ttl}
+        token = self.renewed(link)
+        if token is not None:
+            result["token"] = token
+        return result, None
+
+
+async def _close(link: Link, code: int, reason: str) -> None:
+    """Close with a reason, and at once (2 s at most) even if the peer does not answer."""
+    try:
+        await asyncio.wait_for(link.ws.close(code, reason), 2)
+    except asyncio.TimeoutError:
+        link.ws.transport.abort()
+    except Exception as exc:  # the role edge: the peer may already be gone
+        log.debug("closing %s: %s", link.peer, exc)

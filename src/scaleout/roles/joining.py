@@ -1,0 +1,111 @@
+"""Enrolment as a node does it: find its identity in its state dir, or show the controller
+its join token once and keep the credential it gets back (0600)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from scaleout.core.errors import AuthError, ConfigError, RemoteError
+from scaleout.security import identity, tokens
+from scaleout.security.jointoken import fingerprint_key
+
+log = logging.getLogger("scaleout")
+
+
+@dataclass
+class Enrolled:
+    """A node's identity and where it is kept; ``token`` is what it connects with."""
+
+    ident: identity.Identity
+    path: Path
+
+    @property
+    def token(self) -> str:
+        return self.ident.token
+
+    @property
+    def name(self) -> str:
+        return self.ident.name
+
+    def renew(self, token: object) -> None:
+        """Keep a fresh credential the controller handed back (past half the old one's life)."""
+        if not isinstance(token, str) or token == self.ident.token:
+            return
+        try:
+            claims = tokens.peek(token)
+        except AuthError:
+            return
+        if claims.nid == self.ident.id and claims.sub == self.ident.name:
+            self.ident = replace(self.ident, token=token)
+            identity.save(self.path, self.ident)
+            log.info("renewed this node's credential (%s)", self.path)
+
+
+def controller_key(url: str, ca: Path | None) -> str:
+    from scaleout.security.tls import fingerprint
+
+    fp = None
+    if ca is not None:
+        try:
+            fp = fingerprint(Path(ca).read_bytes())
+        except (OSError, ConfigError):
+            fp = None
+    return fingerprint_key(fp, url)
+
+
+def choose_name(role: str, given: str, token: str, state_dir: Path, key: str) -> str | None:
+    """The node's name: --name, else the one its credential is for, else the one identity
+    for this controller in the state dir; None when there is nothing to go by."""
+    if given:
+        return given
+    try:
+        claims = tokens.peek(token)
+    except AuthError:
+        return None
+    if claims.nid is not None and claims.sub:  # a node's own credential names its node
+        return claims.sub
+    names = identity.names_in(state_dir, key, role)
+    if len(names) == 1:
+        return names[0]
+    if len(names) > 1:
+        raise ConfigError("name", f"{state_dir} holds several {role} identities for this controller ({', '.join(names)}): pass --name")
+    return None
+
+
+async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, ctx: ssl.SSLContext | None, state_dir: Path) -> Enrolled:
+    """This node's identity at the controller at ``url``: from the state dir, or enrolled
+    now with ``token`` (a join token's credential). A refusal raises AuthError."""
+    from scaleout.transport.net import connect
+
+    key = controller_key(url, ca)
+    path = identity.path_for(state_dir, key, role, name)
+    ident = identity.load(path)
+    if ident is not None:
+        return Enrolled(ident, path)
+    try:
+        claims: tokens.TokenClaims | None = tokens.peek(token)
+    except AuthError:
+        claims = None  # the controller refuses it, saying why
+    if claims is not None and claims.nid is not None:  # given a node credential itself (e.g. in a config file)
+        if claims.sub != name:
+            raise AuthError(f"this credential belongs to {claims.role} {claims.sub!r}, not {name!r}")
+        return Enrolled(identity.Identity(claims.nid, role, name, token, url, claims.ca), path)
+    link = await connect(url, token, ctx, max_payload=1 << 20)
+    reader = asyncio.create_task(link.run())
+    try:
+        result, _ = await link.request("node.enrol", {"name": name}, timeout=30)
+    except RemoteError as exc:
+        if exc.code in ("unauthorized", "conflict", "bad_message"):
+            raise AuthError(f"the controller refused to enrol this {role}: {exc}") from None
+        raise
+    finally:
+        await link.ws.close()
+        reader.cancel()
+    ident = identity.Identity(str(result["id"]), role, name, str(result["token"]), url, claims.ca if claims else None)
+    identity.save(path, ident)
+    log.info("enrolled as %s %s; identity kept in %s", role, name, path)
+    return Enrolled(ident, path)

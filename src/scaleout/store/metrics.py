@@ -1,0 +1,53 @@
+"""Reading what clients logged (``log_metric``) back out of ``state.db``.
+
+A combiner reports each ``log_metric`` call as a report of kind ``metric`` whose data is
+``{"metrics": {name: value, ...}, "step": N or null}``, tagged with the session, round and
+client. Listed here one row per value. Telemetry (``log_telemetry``, Scaleout Edge's
+system figures) is meant to arrive as reports of its own kind with the same data shape and
+to be listed by the same query with ``kind="telemetry"``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scaleout.store.state import State
+
+KINDS = ("metric", "telemetry")  # report kinds that carry {"metrics": {...}, "step": ...}
+
+_FROM = (
+    " FROM reports AS r, json_each(r.data, '$.metrics') AS m"
+    " WHERE r.kind = ? AND json_type(r.data, '$.metrics') = 'object' AND m.type IN ('integer', 'real')"
+)
+
+
+def logged_metrics(
+    st: State, *, kind: str = "metric", session_id: str | None = None, round_index: int | None = None, client: str | None = None,
+    key: str | None = None, limit: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """The values logged, oldest first: (the latest ``limit`` of them, or all with 0; how many
+    match in all). ``client`` and ``key`` are globs (``train_*``), matched case-sensitively."""
+    where = _FROM
+    args: list[Any] = [kind]
+    for column, value, op in (("r.session_id", session_id, "="), ("r.round_index", round_index, "="), ("r.client", client, "GLOB"), ("m.key", key, "GLOB")):
+        if value is not None:
+            where += f" AND {column} {op} ?"
+            args.append(value)
+    sql = (
+        "SELECT r.session_id, r.round_index, r.client,"
+        " CASE WHEN json_type(r.data, '$.step') = 'integer' THEN json_extract(r.data, '$.step') END AS step,"
+        " m.key AS key, m.value AS value, r.created" + where + " ORDER BY r.id DESC, m.id DESC"
+    )
+    if limit > 0:
+        sql += " LIMIT ?"
+        cursor = st.db.execute(sql, (*args, limit + 1))  # one more tells whether there are more
+    else:
+        cursor = st.db.execute(sql, args)
+    rows = [dict(row) for row in cursor.fetchall()]
+    total = len(rows)
+    if limit > 0 and total > limit:
+        rows = rows[:limit]
+        total = st.db.execute("SELECT COUNT(*)" + where, args).fetchone()[0]
+    rows.reverse()
+    return rows, total

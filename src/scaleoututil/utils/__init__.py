@@ -1,0 +1,1 @@
+"""Compatibility utilities for Scaleout Edge compute packages (`scaleoututil.utils`)."""

@@ -1,0 +1,438 @@
+"""`scaleout tui` driven with App.run_test() and pilot.press() against a real federation:
+controller, combiner and clients as processes on loopback with TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FIXTURES, QUICKSTART, Federation, wait_line
+
+from scaleout.tui.app import ClientDetail, MetricPlot, ScaleoutApp, SessionForm, TextDialog, TokenDialog
+
+SIZE = (160, 48)
+
+
+async def until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Let the app run until ``cond()`` holds (a condition, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def click(pilot: Any, screen: Any, selector: str) -> None:
+    """Click a button once its last press has settled (a button ignores clicks for 0.2 s after one)."""
+    button = screen.query_one(selector)
+    await until(pilot, lambda: not button.has_class("-active"), f"{selector} to settle")
+    await pilot.click(selector)
+
+
+def ready(fed: Federation, clients: int = 2) -> None:
+    fed.controller()
+    fed.activate(QUICKSTART)
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    for i in range(1, clients + 1):
+        fed.client(f"client-{i}")
+    fed.wait_clients(clients)
+
+
+def rows(app: ScaleoutApp, table: str) -> list[list[str]]:
+    t = app.query_one(f"#{table}")
+    return [[str(c) for c in t.get_row_at(i)] for i in range(t.row_count)]
+
+
+def test_network_is_live_filterable_and_sortable(fed: Federation) -> None:
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            assert rows(app, "combiners")[0][:3] == ["c1", "online", "2"]
+            assert all(r[5].startswith("client.tgz (") for r in rows(app, "clients")), rows(app, "clients")  # the package each runs
+            # A client joining and one leaving show up as they happen.
+            late = fed.client("client-3")
+            await until(pilot, lambda: any(r[0] == "client-3" and r[1] == "online" for r in rows(app, "clients")), "client-3 joining")
+            late.stop()
+            await until(pilot, lambda: any(r[0] == "client-3" and r[1] == "offline" for r in rows(app, "clients")), "client-3 leaving")
+            await until(pilot, lambda: rows(app, "combiners")[0][2] == "2", "the combiner's count")
+            assert "2 online of 3" in str(app.query_one("#clients-title").render())
+            # The filter box (/ focuses it) narrows the table; sorting reorders it.
+            await pilot.press("/")
+            await pilot.press(*"offline")
+            await until(pilot, lambda: [r[0] for r in rows(app, "clients")] == ["client-3"], "the filter")
+            await pilot.press("escape")
+            app.query_one("#client-filter").value = ""
+            await until(pilot, lambda: len(rows(app, "clients")) == 3, "the filter cleared")
+            app.query_one("#clients").focus()
+            await pilot.press("o")  # sort by status: offline after online
+            await until(pilot, lambda: [r[1] for r in rows(app, "clients")] == ["offline", "online", "online"], "sorted by status")
+            # Enter on a client opens its detail; escape closes it.
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, ClientDetail), "the client detail")
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, ClientDetail), "the detail closed")
+            # Other views are a key away; the event log says what happened in words.
+            await pilot.press("3")
+            await until(pilot, lambda: any("client-3 left combiner c1" in r[2] for r in rows(app, "log")), "the event log")
+            await pilot.press("/")
+            await pilot.press(*"joined")
+            await until(pilot, lambda: rows(app, "log") and all("joined" in r[2] for r in rows(app, "log")), "the event log filtered")
+            await pilot.press("escape")
+            app.query_one("#log").focus()
+            await pilot.press("q")
+        assert app.return_code in (0, None)
+
+    asyncio.run(go())
+
+
+def test_start_a_session_from_the_form_and_watch_its_rounds(fed: Federation, tmp_path: Path) -> None:
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            assert "no session yet" in str(app.query_one("#session-info").render())
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the session form")
+            form = app.screen
+            form.query_one("#f-rounds").value = "3"
+            form.query_one("#f-min_clients").value = "x"
+            await pilot.click("#start")
+            await until(pilot, lambda: "min clients must be a number" in str(form.query_one("#form-error").render()), "the form's complaint")
+            form.query_one("#f-min_clients").value = "2"
+            form.query_one("#f-settings").value = '{"epochs": 2}'
+            form.query_one("#f-settings").focus()
+            await pilot.press("enter")  # enter in any field starts it
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form to close", timeout=5)
+            # Its rounds appear as they end, with the metric plot growing.
+            await until(pilot, lambda: [r[1] for r in rows(app, "rounds")] == ["succeeded"] * 3, "three rounds", timeout=60)
+            await until(pilot, lambda: "finished" in str(app.query_one("#session-info").render()), "the session to finish")
+            plot = app.query_one("#plot", MetricPlot)
+            await until(pilot, lambda: [x for x, _ in plot.points] == [1.0, 2.0, 3.0], "the plot of three rounds")
+            assert app.metric == "validation:validation_accuracy"
+            assert any(0x2800 < ord(ch) <= 0x28FF for ch in str(plot.render()))
+            assert app.view.training.get("train_loss"), "log_metric values reach the TUI"
+            await pilot.press("v")  # one line per client
+            await until(pilot, lambda: set(plot.lines) == {"client-1", "client-2"}, "per-client lines")
+            # Each client's last round is the session's last.
+            assert [r[4] for r in rows(app, "clients")] == ["3", "3"]  # the last round each took part in
+            # The trail has the seed and three models; a model's detail names its contributors.
+            await pilot.press("2")
+            await until(pilot, lambda: len(rows(app, "models")) == 4, "the model trail")
+            assert [r[3] for r in rows(app, "models")] == ["-", "1", "2", "3"]
+            app.query_one("#models").move_cursor(row=3)
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TextDialog), "the model's detail")
+            detail = str(app.screen.query_one("#detail-text").render())
+            assert "contributors (2): client-1, client-2" in detail and "round 3" in detail, detail
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TextDialog), "the detail closed")
+            # ... and d downloads it.
+            await pilot.press("d")
+            await until(pilot, lambda: app.screen.query("#answer"), "the download dialog")
+            out = tmp_path / "last.npz"
+            app.screen.query_one("#answer").value = str(out)
+            await pilot.press("enter")
+            await until(pilot, lambda: out.exists() and out.stat().st_size > 0, "the download")
+            await pilot.press("q")
+
+    asyncio.run(go())
+    import numpy as np
+
+    assert len(np.load(tmp_path / "last.npz").files) == 4
+
+
+def test_refused_updates_show_with_their_reasons(fed: Federation) -> None:
+    fed.controller()
+    fed.activate(QUICKSTART)
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    fed.client("good")
+    fed.client("nan", package=FIXTURES / "nan_client")  # trains NaN weights: refused
+    fed.wait_clients(2)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            await asyncio.to_thread(fed.run_session, rounds=1, min_clients=1, validate=False)
+            await until(pilot, lambda: rows(app, "rounds") and rows(app, "rounds")[0][1] == "succeeded", "the round")
+            assert rows(app, "rounds")[0][4].startswith("1 left out"), rows(app, "rounds")
+            app.query_one("#rounds").focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TextDialog), "the round's detail")
+            detail = str(app.screen.query_one("#detail-text").render())
+            assert "left out (1)" in detail and "nan:" in detail and "NaN" in detail, detail
+            await pilot.press("escape")
+            await pilot.press("3")
+            await until(pilot, lambda: any("client nan: round 1 train refused" in r[2] and "NaN" in r[2] for r in rows(app, "log")), "the refusal in the log")
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+
+    async def go() -> str:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, TokenDialog), "the token dialog")
+            dialog = app.screen
+            dialog.query_one("#t-ttl").value = "forever"
+            await click(pilot, dialog, "#create")
+            await until(pilot, lambda: "ttl" in str(dialog.query_one("#t-error").render()).lower(), "a refused lifetime")
+            dialog.query_one("#t-ttl").value = "2h"
+            await click(pilot, dialog, "#create")
+            await until(pilot, lambda: dialog.token is not None, "the token")
+            token = dialog.token
+            assert dialog.query_one("#t-token").value == token
+            await click(pilot, dialog, "#copy")
+            assert app.clipboard == token
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TokenDialog), "the dialog closed")
+            assert dialog.token is None  # shown once: forgotten when closed
+            await pilot.press("q")
+            return str(token)
+
+    from scaleout.security.tokens import peek
+
+    claims = peek(asyncio.run(go()))
+    assert claims.role == "client" and 7000 < claims.exp - time.time() <= 7200
+
+
+def test_command_palette_lists_the_actions(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            await pilot.press("ctrl+p")
+            await pilot.press(*"start a sess")
+            await until(pilot, lambda: "Start a session" in str(app.screen.query_one("CommandList").get_option_at_index(0).prompt), "the palette hit")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form from the palette")
+            await pilot.press("escape")
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_unreachable_controller_and_refused_token_are_said_on_the_status_line(fed: Federation) -> None:
+    fed.controller()
+    assert fed.conn is not None
+    from scaleout.commands.connection import Connection
+
+    with socket_closed() as port:
+        nowhere = Connection(f"wss://127.0.0.1:{port}", fed.conn.token, fed.conn.ca, False)
+        bad_token = Connection(fed.conn.url, fed.token("client"), fed.conn.ca, False)
+
+        async def go(conn: Connection, text: str) -> None:
+            app = ScaleoutApp(conn)
+            async with app.run_test(size=SIZE) as pilot:
+                await until(pilot, lambda: text in str(app.query_one("#status-line").render()), text)
+                await pilot.press("s")  # an action without a controller says so, and nothing breaks
+                await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form")
+                await pilot.press("enter")
+                await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form closed")
+                await pilot.press("q")
+
+        asyncio.run(go(nowhere, "controller unreachable"))
+        asyncio.run(go(bad_token, "cannot connect"))
+
+
+@contextlib.contextmanager
+def socket_closed() -> Any:
+    """A loopback port nobody listens on (bound, never listening, for the test's length)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def test_tui_attaches_with_data_dir_and_refuses_without_a_terminal(fed: Federation) -> None:
+    fed.controller()
+    from conftest import scaleout
+
+    r = scaleout("tui", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "needs a terminal" in r.stderr and "Traceback" not in r.stderr
+    r = scaleout("tui", "--data-dir", str(fed.tmp / "nowhere"))
+    assert r.returncode == 2 and "not the data directory of a started controller" in r.stderr
+    r = scaleout("tui", "--controller", fed.url, "--ca", fed.ca, "--token", fed.token("client"))
+    assert r.returncode == 3 and "needs an admin token" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = scaleout("tui", "--session", "s-nope", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "s-nope" in r.stderr and "session ls" in r.stderr, r.stderr
+    r = scaleout("tui", "--web", "--port", "70000", "--data-dir", str(fed.data))
+    assert r.returncode == 2 and "--port must be 0 to 65535" in r.stderr
+
+
+def test_web_mode_serves_the_app_to_a_browser(fed: Federation) -> None:
+    """The page is served; where Chromium is installed, the app runs in it, talks to the
+    controller, and keys typed in the browser act on the federation."""
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "tui", "--web", "--port", "0", "--data-dir", str(fed.data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = wait_line(proc.stdout, "serving the TUI on", 30, "scaleout tui --web")
+        url = re.search(r"http://\S+", line)[0]  # type: ignore[index]
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "textual" in page.lower() and "/ws" in page
+        browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        if browser is None:
+            pytest.skip("no headless browser installed (chromium): the page is served, the app in a browser is not checked")
+        ctl = fed.procs[0]
+        shot = asyncio.run(_in_browser(browser, url, fed.tmp / "chromium", ctl))
+        assert shot.stat().st_size > 20000  # the app drawn, not a blank page (kept with the test's files)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _in_browser(browser: str, url: str, profile: Path, ctl: Any, timeout: float = 60) -> Path:
+    """Open ``url`` in headless Chromium (driven over the DevTools protocol with the
+    websockets library): start the app, wait until it subscribed to the controller, type
+    s and Enter (the session form, sent with its defaults), and wait for the session to
+    start on the controller. Returns a screenshot of the page."""
+    import base64
+    import json as _json
+
+    from websockets.asyncio.client import connect
+
+    chrome = await asyncio.create_subprocess_exec(
+        browser, "--headless=new", "--no-sandbox", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+        "--window-size=1600,1000", "about:blank", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        assert chrome.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(chrome.stderr.readline(), 30)).decode()
+            assert line, "chromium exited before it listened"
+            if "DevTools listening on" in line:
+                port = int(re.search(r"ws://127.0.0.1:(\d+)/", line)[1])  # type: ignore[index]
+                break
+        targets = _json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read()))
+        page = next(t for t in targets if t["type"] == "page")
+        async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            ids = iter(range(1, 1 << 30))
+
+            async def call(method: str, **params: Any) -> dict[str, Any]:
+                n = next(ids)
+                await ws.send(_json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    reply = _json.loads(await ws.recv())
+                    if reply.get("id") == n:
+                        return dict(reply.get("result") or {})
+
+            async def wait_log(text: str) -> None:
+                deadline = time.monotonic() + timeout
+                while text not in ctl.text():
+                    assert time.monotonic() < deadline, f"the controller did not log {text!r}:\n{ctl.text()[-3000:]}"
+                    await asyncio.sleep(0.2)  # polling a log file, bounded by the deadline
+
+            async def key(name: str, text: str, code: int) -> None:
+                for kind in ("keyDown", "keyUp"):
+                    await call("Input.dispatchKeyEvent", type=kind, key=name, code=name, text=text if kind == "keyDown" else "",
+                               windowsVirtualKeyCode=code, nativeVirtualKeyCode=code)
+
+            await call("Page.navigate", url=url)
+            await wait_log("subscribed to events")  # the app, started by the page, is on the controller
+            await call("Runtime.evaluate", expression="document.querySelector('.xterm-helper-textarea').focus()")
+            await key("s", "s", 83)
+            # Enter in the form's first field sends it; until the form is up, Enter does nothing.
+            deadline = time.monotonic() + timeout
+            while "session s-" not in ctl.text():
+                assert time.monotonic() < deadline, f"no session started from the browser:\n{ctl.text()[-3000:]}"
+                await key("Enter", "\r", 13)
+                await asyncio.sleep(0.5)  # polling the controller's log, bounded by the deadline
+            shot = profile.parent / "web.png"
+            shot.write_bytes(base64.b64decode((await call("Page.captureScreenshot"))["data"]))
+            return shot
+    finally:
+        chrome.kill()
+        await chrome.wait()
+
+
+def test_dev_opens_the_tui_on_a_terminal_and_quitting_stops_the_federation(tmp_path: Path) -> None:
+    """`scaleout dev` on a terminal (a pty here): the TUI shows the session; q stops it all."""
+    import pty
+    import select
+    import signal
+
+    data = tmp_path / "dev"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: scaleout dev on the pty
+        os.environ.update(TERM="xterm-256color", COLUMNS="140", LINES="40")
+        os.execv(sys.executable, [sys.executable, "-m", "scaleout", "dev", "-p", str(QUICKSTART), "--clients", "2", "--rounds", "3", "--data-dir", str(data)])
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
+    seen = b""
+    ansi = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\x1b[>=]")
+
+    def read_until(text: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in ansi.sub(b"", seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} on the terminal within {timeout}s:\n{ansi.sub(b'', seen)[-3000:].decode(errors='replace')}")
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"3/3 rounds", 90)  # the TUI's session panel, on the federation dev started
+        read_until(b"client-2", 10)
+        os.write(fd, b"q")
+        read_until(b"stopping the federation", 30)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, "scaleout dev did not exit after q"
+            if select.select([fd], [], [], 0.2)[0]:  # keep the pty drained while it stops
+                with contextlib.suppress(OSError):
+                    seen += os.read(fd, 65536)
+        assert os.waitstatus_to_exitcode(status) == 0, ansi.sub(b"", seen)[-2000:].decode(errors="replace")
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    # Every process of the federation stopped: the controller released its data dir.
+    log = (data / "logs" / "controller.log").read_text()
+    assert "controller shutting down" in log and "Traceback" not in log
