@@ -7,11 +7,11 @@ standard library. Every artefact process gets that same clean environment. Check
    one-file executable's first start, several first starts at once, and a damaged, truncated or
    unwritable-cache start.
 2. A compute package importing a module nothing carries fails in one line naming it.
-3. `scaleout dev` with 2 clients x 2 rounds, and `scaleout simulate` with 20 clients over 2
+3. `scaleout dev` with 2 clients x 2 rounds (headless, and on a pty with the TUI), and `scaleout simulate` with 20 clients over 2
    combiners, from each artefact (their children are the same artefact: in this environment
    `python3 -m scaleout` could not even start).
 4. One federation of mixed builds: zipapp controller, frozen combiner, and a source, a zipapp
-   and a frozen client, driving a 2-round session with admin commands from both artefacts;
+   and a frozen client, and a frozen client given nothing but the join token, driving a 2-round session with admin commands from both artefacts;
    the controller's Prometheus endpoint (`serve --metrics-port`) counts the rounds. The frozen
    controller serves it too (prometheus_client is imported only for that flag).
 
@@ -201,6 +201,67 @@ def check_dev(name: str, cmd: list[str], work: Path, figures: dict[str, object])
     print(f"ok  {name}: scaleout dev, 2 clients x 2 rounds succeeded in {took}s", flush=True)
 
 
+def check_dev_tui(name: str, cmd: list[str], work: Path, figures: dict[str, object]) -> None:
+    """`scaleout dev` on a terminal (a pty) opens the TUI from the artefact (its stylesheets are
+    inside), shows the rounds, and `q` stops the federation with exit 0."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+
+    pkg = work / f"tui-{name}" / "client"
+    shutil.copytree(QUICKSTART, pkg, ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
+    t0 = time.perf_counter()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: scaleout dev on the pty
+        os.environ.update(TERM="xterm-256color", COLUMNS="140", LINES="40")
+        os.chdir(pkg.parent)
+        os.execv(cmd[0], [*cmd, "dev", "-p", str(pkg), "--clients", "2", "--rounds", "2", "--data-dir", str(pkg.parent / "data")])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
+    ansi = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\x1b[>=]")
+    seen = b""
+
+    def read_until(text: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in ansi.sub(b"", seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CheckFailed(f"{name}: no {text!r} on the TUI within {timeout}s:\n{ansi.sub(b'', seen)[-2000:].decode(errors='replace')}")
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"2/2 rounds", READY_TIMEOUT)
+        figures[f"{name}_tui_s"] = round(time.perf_counter() - t0, 1)
+        os.write(fd, b"q")
+        deadline = time.monotonic() + 60
+        while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"{name}: scaleout dev did not exit after q in the TUI")
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    pass
+        code = os.waitstatus_to_exitcode(done[1])
+        if code != 0 or b"Traceback" in seen:
+            raise CheckFailed(f"{name}: dev with the TUI exited {code}:\n{ansi.sub(b'', seen)[-2000:].decode(errors='replace')}")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    print(f"ok  {name}: scaleout dev on a terminal opened the TUI, 2 rounds shown, q stopped it ({figures[f'{name}_tui_s']}s)", flush=True)
+
+
 def check_simulate(name: str, cmd: list[str], work: Path, figures: dict[str, object]) -> None:
     report = work / f"simulate-{name}.json"
     t0 = time.perf_counter()
@@ -244,7 +305,10 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
             c = Connected(cmd + ["join", *link, "--token", f"@{base / 'client.token'}", "--name", f"client-{kind}", "--work-dir", str(base / f"work-{kind}")], logs / f"client-{kind}.log")
             joined[kind] = c
             procs.append(c.proc)
-        r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "3", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
+        # One download, one command: the join token alone (address and CA fingerprint inside).
+        c = Connected(frozen + ["join", f"@{base / 'client.token'}", "--name", "client-token", "--work-dir", str(base / "work-token")], logs / "client-token.log")
+        procs.append(c.proc)
+        r = run(zipapp + ["session", "start", "--rounds", "2", "--min-clients", "4", "--round-timeout", "120", "--wait", "--json", *admin], timeout=600)
         session = json.loads(r.stdout)
         session = session.get("session", session)
         statuses = [x["status"] for x in session["rounds"]]
@@ -262,7 +326,8 @@ def check_mixed(zipapp: list[str], frozen: list[str], source: list[str], work: P
             figures[f"{kind}_client_idle_rss_mb"] = rss_mb(c.proc.pid)
         print("ok  clients: start to connected " + ", ".join(f"{k} {c.seconds}s" for k, c in joined.items())
               + "; idle RSS " + ", ".join(f"{k} {figures[f'{k}_client_idle_rss_mb']} MB" for k in joined), flush=True)
-        print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients: 2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
+        print(f"ok  mixed: zipapp controller, frozen combiner, source+zipapp+frozen clients and a frozen one joined with the join token alone: "
+              f"2 rounds succeeded in {figures['mixed_session_s']}s ({len(names)} clients)", flush=True)
     except BaseException:
         for log in sorted(logs.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
@@ -341,6 +406,8 @@ def main() -> int:
             check_missing_module("frozen", frozen, work)
             check_dev("zipapp", zipapp, work, figures)
             check_dev("frozen", frozen, work, figures)
+            check_dev_tui("zipapp", zipapp, work, figures)
+            check_dev_tui("frozen", frozen, work, figures)
             check_simulate("zipapp", zipapp, work, figures)
             check_simulate("frozen", frozen, work, figures)
             check_mixed(zipapp, frozen, source, work, figures)

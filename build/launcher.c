@@ -39,8 +39,19 @@
 #define KEEP_OTHER_VERSIONS 2
 
 static char cache_root[PATH_MAX];
+static char unpacking[PATH_MAX]; /* the temporary folder being filled, removed if we stop */
+
+static void remove_tree(const char *path);
+
+/* The payload is damaged: say so in one line, leave nothing half-unpacked behind. */
+static void damaged(const char *what) {
+    if (*unpacking) remove_tree(unpacking);
+    fprintf(stderr, "scaleout: the program file is damaged or truncated (%s); download it again\n", what);
+    exit(1);
+}
 
 static void die(const char *what, const char *path, int err) {
+    if (*unpacking) remove_tree(unpacking);
     fprintf(stderr, "scaleout: cannot unpack the program (%s %s: %s); set SCALEOUT_CACHE to a writable "
                     "directory with 200 MB free\n", what, path, strerror(err));
     exit(1);
@@ -94,20 +105,20 @@ static size_t inflate_some(Inflater *s, unsigned char *out, size_t want) {
         if (s->z.avail_in == 0 && s->left > 0) {
             size_t n = s->left < sizeof s->in ? (size_t)s->left : sizeof s->in;
             ssize_t got = read(s->fd, s->in, n);
-            if (got <= 0) { fprintf(stderr, "scaleout: the program file is truncated; download it again\n"); exit(1); }
+            if (got <= 0) damaged("short read");
             s->left -= (uint64_t)got;
             s->z.next_in = s->in;
             s->z.avail_in = (uInt)got;
         }
         int rc = inflate(&s->z, Z_NO_FLUSH);
         if (rc == Z_STREAM_END) s->done = 1;
-        else if (rc != Z_OK) { fprintf(stderr, "scaleout: the program file is damaged (%s); download it again\n", s->z.msg ? s->z.msg : "inflate"); exit(1); }
+        else if (rc != Z_OK) damaged(s->z.msg ? s->z.msg : "inflate");
     }
     return want - s->z.avail_out;
 }
 
 static void inflate_exact(Inflater *s, void *out, size_t n) {
-    if (inflate_some(s, out, n) != n) { fprintf(stderr, "scaleout: the program file is damaged (short payload); download it again\n"); exit(1); }
+    if (inflate_some(s, out, n) != n) damaged("short payload");
 }
 
 static int safe_relative(const char *p) {
@@ -135,15 +146,15 @@ static void unpack(int fd, uint64_t offset, uint64_t length, const char *dir) {
         unsigned char head[15];
         size_t got = inflate_some(&s, head, sizeof head);
         if (got == 0 && s.done) break;
-        if (got != sizeof head) { fprintf(stderr, "scaleout: the program file is damaged (entry header); download it again\n"); exit(1); }
+        if (got != sizeof head) damaged("entry header");
         char type = (char)head[0];
         mode_t mode = (mode_t)(head[1] | (head[2] << 8)) & 07777;
         uint32_t plen = (uint32_t)head[3] | ((uint32_t)head[4] << 8) | ((uint32_t)head[5] << 16) | ((uint32_t)head[6] << 24);
         uint64_t size = le64(head + 7);
-        if (plen == 0 || plen >= sizeof rel) { fprintf(stderr, "scaleout: the program file is damaged (path); download it again\n"); exit(1); }
+        if (plen == 0 || plen >= sizeof rel) damaged("path");
         inflate_exact(&s, rel, plen);
         rel[plen] = 0;
-        if (!safe_relative(rel)) { fprintf(stderr, "scaleout: the program file is damaged (unsafe path %s)\n", rel); exit(1); }
+        if (!safe_relative(rel)) damaged("unsafe path");
         if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, rel) >= sizeof path) die("create", rel, ENAMETOOLONG);
         if (type == 'd') {
             int err = mkdirs(path, 0700);
@@ -151,7 +162,7 @@ static void unpack(int fd, uint64_t offset, uint64_t length, const char *dir) {
             chmod(path, mode | 0700);
         } else if (type == 'l') {
             char target[PATH_MAX];
-            if (size >= sizeof target) { fprintf(stderr, "scaleout: the program file is damaged (link)\n"); exit(1); }
+            if (size >= sizeof target) damaged("link");
             inflate_exact(&s, target, (size_t)size);
             target[size] = 0;
             if (symlink(target, path) != 0) die("link", path, errno);
@@ -170,8 +181,7 @@ static void unpack(int fd, uint64_t offset, uint64_t length, const char *dir) {
             }
             if (close(out) != 0) die("write", path, errno);
         } else {
-            fprintf(stderr, "scaleout: the program file is damaged (entry type); download it again\n");
-            exit(1);
+            damaged("entry type");
         }
     }
     inflateEnd(&s.z);
@@ -250,12 +260,14 @@ int main(int argc, char **argv) {
         char tmp[PATH_MAX];
         snprintf(tmp, sizeof tmp, "%s/.unpack-%s-XXXXXX", cache_root, key);
         if (!mkdtemp(tmp)) die("create", tmp, errno);
+        snprintf(unpacking, sizeof unpacking, "%s", tmp);
         unpack(fd, offset, length, tmp);
         char tmp_marker[PATH_MAX];
         snprintf(tmp_marker, sizeof tmp_marker, "%s/.complete", tmp);
         int m = open(tmp_marker, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
         if (m < 0) die("create", tmp_marker, errno);
         close(m);
+        unpacking[0] = 0;
         if (rename(tmp, dir) != 0) {
             int e = errno;
             remove_tree(tmp);

@@ -61,6 +61,11 @@ def _connection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true", default=None, help="connect without TLS (only to a controller started with --insecure)")
 
 
+def _join_token(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("join_token", nargs="?", metavar="TOKEN", help=f"a join token from scaleout serve or scaleout token create --role {role}: all it needs to connect safely (or @FILE)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help=f"where this {role} keeps its enrolled identity and the controller's CA (default: ~/.local/state/scaleout" + (", or --work-dir" if role == "client" else "") + ")")
+
+
 def _connect_rate_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-connect-rate", type=float, metavar="N",
@@ -73,9 +78,6 @@ def _package_limit_flags(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--package-max-mb", type=int, metavar="MIB", help="total unpacked size, in MiB (default: 1024)")
     g.add_argument("--package-max-files", type=int, metavar="N", help="files and directories (default: 10000)")
     g.add_argument("--package-max-depth", type=int, metavar="N", help="directory levels (default: 32)")
-def _join_token(p: argparse.ArgumentParser, role: str) -> None:
-    p.add_argument("join_token", nargs="?", metavar="TOKEN", help=f"a join token from scaleout serve or scaleout token create --role {role}: all it needs to connect safely (or @FILE)")
-    p.add_argument("--state-dir", type=Path, metavar="DIR", help=f"where this {role} keeps its enrolled identity and the controller's CA (default: ~/.local/state/scaleout" + (", or --work-dir" if role == "client" else "") + ")")
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -330,6 +332,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the session")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the controller's data here (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the federation up after the session, for commands, predictions and admin commands, until Ctrl-C")
+    p.add_argument("--dispatcher", action="store_true", help="clients run the package's entry points as commands (join --dispatcher)")
+    p.add_argument("--managed-env", action="store_true", help="build and run the package in a venv made from its python_env.yaml (join --managed-env)")
     _common(p)
 
     p = sub.add_parser("simulate", help="a real controller and combiners with thousands of lightweight simulated clients")

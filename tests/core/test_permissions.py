@@ -54,3 +54,16 @@ def test_every_message_named_is_a_message_type() -> None:
     for by_role in p.MESSAGES.values():
         for types in by_role.values():
             assert types <= known, types - known
+
+
+def test_the_controllers_operations_are_all_in_the_table(tmp_path: object) -> None:
+    # The controller keeps the roles beside each handler too: they must say what the table says,
+    # and no operation may be missing from the table (it would fall to admin-only silently).
+    from pathlib import Path
+
+    from scaleout.roles.controller import Controller, ControllerSettings
+
+    ctl = Controller(ControllerSettings(data_dir=Path(str(tmp_path))))
+    assert set(ctl._ops) <= set(p.REQUESTS), sorted(set(ctl._ops) - set(p.REQUESTS))
+    for op, (roles, _) in ctl._ops.items():
+        assert set(roles) | {"admin"} == set(p.request_roles(op)), op  # admin may do everything

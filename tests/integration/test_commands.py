@@ -216,8 +216,9 @@ def test_a_misbehaving_client_gets_errors_and_disturbs_nobody(fed: Federation) -
     combiner_url = fed.procs[1].url
     assert combiner_url is not None
 
+    headers = {"Authorization": f"Bearer {fed.identity('client', 'rogue')}"}
+
     async def abuse() -> list[str]:
-        headers = {"Authorization": f"Bearer {fed.token('client')}"}
         errors: list[str] = []
         async with connect(combiner_url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None) as ws:
             await ws.send(m.serialize(m.Hello(name="rogue")))

@@ -91,3 +91,11 @@ def test_a_client_whose_managed_env_cannot_be_made_stops_with_one_line(fed: Fede
     last = client.text().strip().splitlines()[-1]
     assert "installing the dependencies of python_env.yaml into the managed env" in last and "pip exited with 1" in last, last
     assert not [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
+
+
+def test_dev_runs_a_dispatcher_package_in_a_managed_env(tmp_path: Path) -> None:
+    r = scaleout("dev", "-p", str(DISPATCH), "--rounds", "1", "--clients", "2", "--managed-env", "--dispatcher", env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "round 1  succeeded  2 participants" in r.stdout, r.stdout
+    (venv,) = [p for p in (tmp_path / "cache" / "scaleout" / "envs").iterdir() if p.is_dir()]
+    assert venv.name.startswith("dispatch-client-")

@@ -31,7 +31,8 @@ IMPORTING = {
         "def startup(client):\n"
         "    def train(model, settings):\n"
         "        client.log_metric({'loss': 1.0})\n"
-        "        params = [p + 1 for p in model.get_model_params()]\n"
+        "        params = model.get_model_params()\n"
+        "        params = {k: v + 1 for k, v in params.items()} if isinstance(params, dict) else [p + 1 for p in params]\n"
         "        return ScaleoutModel.from_model_params(params), {'training_metadata': {'num_examples': 5, 'prefix': sys.prefix}}\n"
         "    client.set_train_callback(train)\n"
         "    client.set_validate_callback(lambda model: {'prefix': sys.prefix})\n"
@@ -82,6 +83,9 @@ def test_managed_env_runs_an_importing_package_in_its_venv_and_is_cached(make_pa
     # The callbacks ran in the venv's Python, not in this one.
     assert Path(meta["training_metadata"]["prefix"]).resolve() == venv.resolve()
     assert Path(client.run_validate(data)["prefix"]).resolve() == venv.resolve()
+    # A model with named tensors reaches the callback as a dict, in its order, and comes back so.
+    named, _ = client.run_train(payload.encode({"w": np.zeros(2, np.float32), "b": np.ones(1, np.float32)}), {})
+    assert [(k, v.tolist()) for k, v in payload.decode(named).items()] == [("w", [1, 1]), ("b", [2])]
     assert client.run_custom("hello", {"who": "you"}) == {"hi": "you"}
     # Cached by the file's hash: another client (or a restart) reuses it at once.
     stamp = (venv / ".complete").stat().st_mtime_ns

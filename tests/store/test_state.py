@@ -333,6 +333,23 @@ def test_end_session_fails_only_unfinished_rounds(state: State) -> None:
     assert row["rounds"][1]["finished"] == 5000.0
 
 
+def test_an_older_state_db_gains_the_command_tables_and_client_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE clients (name TEXT PRIMARY KEY, combiner TEXT, status TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL)")
+        db.execute("INSERT INTO clients VALUES ('old', 'c1', 'offline', 1.0, 2.0)")
+        db.commit()
+    st = State(path)
+    try:
+        (row,) = st.clients()
+        assert row["name"] == "old" and row["attributes"] is None and row["package"] is None
+        tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"commands", "command_results"} <= tables
+    finally:
+        st.close()
+    State(path).close()  # opening it again changes nothing
+
+
 def test_the_audit_chain_holds_with_writers_on_two_connections(tmp_path: Path) -> None:
     import threading
 
@@ -367,18 +384,3 @@ def test_an_older_audit_log_is_chained_in_place(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         st.db.execute("UPDATE audit SET actor='x' WHERE id=1")
     st.close()
-def test_an_older_state_db_gains_the_command_tables_and_client_columns(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    with closing(sqlite3.connect(path)) as db:
-        db.execute("CREATE TABLE clients (name TEXT PRIMARY KEY, combiner TEXT, status TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL)")
-        db.execute("INSERT INTO clients VALUES ('old', 'c1', 'offline', 1.0, 2.0)")
-        db.commit()
-    st = State(path)
-    try:
-        (row,) = st.clients()
-        assert row["name"] == "old" and row["attributes"] is None and row["package"] is None
-        tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"commands", "command_results"} <= tables
-    finally:
-        st.close()
-    State(path).close()  # opening it again changes nothing

@@ -75,3 +75,15 @@ def test_plot_draws_mean_and_spread_with_labels() -> None:
     assert text[-1].strip().startswith("round 1")
     assert any(ch != " " and 0x2800 <= ord(ch) <= 0x28FF for line in text for ch in line)
     assert "no values yet" in render_plot(40, 10, []).plain
+
+
+def test_a_malformed_snapshot_is_refused_in_words_and_changes_nothing() -> None:
+    import pytest
+
+    v = FedView()
+    v.load(SNAPSHOT)
+    with pytest.raises(ValueError, match="snapshot is malformed"):
+        v.load({**SNAPSHOT, "clients": [{"status": "online"}]})  # a client without a name
+    with pytest.raises(ValueError, match="snapshot is malformed"):
+        v.load({**SNAPSHOT, "session": {"id": "s-1", "status": "running", "rounds": [{"idx": "x", "status": 3}]}})
+    assert set(v.clients) == {"a"} and v.session_id == "s-1" and v.running_round is not None

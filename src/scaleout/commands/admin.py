@@ -464,6 +464,41 @@ def combiner_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tokens_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from scaleout.commands import tokens
+
+        return int(getattr(tokens, name)(args, call, emit, when))
+
+    return run
+
+
+METRIC_COLUMNS = [("time", "TIME"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("client", "CLIENT"), ("step", "STEP"), ("key", "METRIC"), ("shown", "VALUE")]
+
+
+def metric_ls(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (all) or more")
+    if args.round is not None and args.round < 1:
+        raise UsageError("--round must be a round number (1 or more)")
+    req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
+    if getattr(args, "telemetry", False):
+        req["kind"] = "telemetry"
+    result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
+    rows, total = result["metrics"], result["total"]
+
+    def human() -> None:
+        for r in rows:
+            r.update(time=when(r["created"]), shown=f"{r['value']:.6g}")
+        filtered = any(v is not None for v in (args.session, args.round, args.client, args.key))
+        table(rows, METRIC_COLUMNS, "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)")
+
+    emit(args, rows, human)
+    if total > len(rows):
+        print(f"(the latest {len(rows)} of {total} values; --limit 0 shows all)", file=sys.stderr)
+    return EXIT_OK
+
+
 AUDIT_COLUMNS = [("id", "ID"), ("when", "TIME"), ("actor", "WHO"), ("address", "FROM"), ("action", "ACTION"), ("what", "DETAIL")]
 
 
@@ -538,41 +573,6 @@ def _verify_file(path: Path) -> dict[str, Any]:
     if broken is not None:
         result["broken"] = {"id": broken.id, "reason": broken.reason}
     return result
-
-
-def _tokens_command(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from scaleout.commands import tokens
-
-        return int(getattr(tokens, name)(args, call, emit, when))
-
-    return run
-
-
-METRIC_COLUMNS = [("time", "TIME"), ("session_id", "SESSION"), ("round_index", "ROUND"), ("client", "CLIENT"), ("step", "STEP"), ("key", "METRIC"), ("shown", "VALUE")]
-
-
-def metric_ls(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise UsageError("--limit must be 0 (all) or more")
-    if args.round is not None and args.round < 1:
-        raise UsageError("--round must be a round number (1 or more)")
-    req = {"session_id": args.session, "round_index": args.round, "client": args.client, "key": args.key, "limit": args.limit}
-    if getattr(args, "telemetry", False):
-        req["kind"] = "telemetry"
-    result, _ = call(args, "metric.ls", {k: v for k, v in req.items() if v is not None})
-    rows, total = result["metrics"], result["total"]
-
-    def human() -> None:
-        for r in rows:
-            r.update(time=when(r["created"]), shown=f"{r['value']:.6g}")
-        filtered = any(v is not None for v in (args.session, args.round, args.client, args.key))
-        table(rows, METRIC_COLUMNS, "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)")
-
-    emit(args, rows, human)
-    if total > len(rows):
-        print(f"(the latest {len(rows)} of {total} values; --limit 0 shows all)", file=sys.stderr)
-    return EXIT_OK
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {

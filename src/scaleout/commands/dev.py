@@ -262,7 +262,9 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
     try:
         say(f"building the seed model: scaleout run build -p {package_dir}")
         build_dir = root / "build"
-        build, _ = await start_child("build", ["run", "build", "-p", str(package_dir), "-o", str(build_dir)], logs, False, level)
+        package_flags = [*(["--managed-env"] if getattr(args, "managed_env", False) else [])]
+        build_argv = ["run", "build", "-p", str(package_dir), "-o", str(build_dir), *package_flags]
+        build, _ = await start_child("build", build_argv, logs, False, level)
         try:
             built = await build.proc.wait()
         except asyncio.CancelledError:
@@ -298,7 +300,9 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         for i in range(1, args.clients + 1):
             name = f"client-{i}"
             work = root / "clients" / name
-            argv = ["join", *common, "--name", name, "--work-dir", str(work)]
+            argv = ["join", *common, "--name", name, "--work-dir", str(work), *package_flags]
+            if getattr(args, "dispatcher", False):
+                argv.append("--dispatcher")
             child, _ = await start_child(name, argv, logs, False, level, env={"SCALEOUT_TOKEN": client_token})
             children.append(child)
         await wait_for_clients(conn, children, args.clients, START_TIMEOUT_S)

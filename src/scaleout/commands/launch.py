@@ -69,10 +69,8 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
             "handshake_timeout": (int, float),
         },
-        "combiner": {
-            **connection, "host": str, "port": int, "name": str, "advertise": str, "san": list,
-            "max_connect_rate": (int, float), "hello_timeout": (int, float), "handshake_timeout": (int, float),
-        },
+        "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
+                     "handshake_timeout": (int, float)},
         "client": {
             **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
             "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH, **package_limits,

@@ -117,7 +117,7 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for i in range(1, args.combiners + 1):
             name = f"combiner-{i}"
             # Every simulated client dials from this one address: no per-address connection limit.
-            argv = ["combine", *common, "--name", name, "--port", "0", "--state-dir", str(root / "combiners" / name), "--max-connect-rate", "0"]
+            argv = ["combine", *common, "--name", name, "--port", "0", "--max-connect-rate", "0", "--state-dir", str(root / "combiners" / name)]
             child, _ = await start_child(name, argv, logs, True, level, env={"SCALEOUT_TOKEN": combiner_token})
             children.append(child)
             combiners.append(child)

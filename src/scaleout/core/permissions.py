@@ -21,7 +21,7 @@ from scaleout.core.errors import AuthError
 ADMIN = frozenset({"admin"})
 COMBINER = frozenset({"admin", "combiner"})  # admin may do everything
 CLIENT = frozenset({"admin", "client"})
-NODES = frozenset({"admin", "client", "combiner"})
+NODE = frozenset({"admin", "client", "combiner"})
 
 # Requests a link may make of the controller, by operation.
 REQUESTS: dict[str, frozenset[str]] = {
@@ -46,22 +46,28 @@ REQUESTS: dict[str, frozenset[str]] = {
     "combiner.ready": COMBINER,
     "audit.ls": ADMIN,
     "audit.verify": ADMIN,
-    "metric.ls": ADMIN,
-    "events.snapshot": ADMIN,
-    "node.enrol": NODES,  # a join token's holder gets its node's own credential
+    # Node identities: a node enrols with its join token, a combiner renews its certificate.
+    "node.enrol": NODE,
+    "combiner.renew": COMBINER,
     "token.ls": ADMIN,
     "token.revoke": ADMIN,
     "client.rm": ADMIN,
     "combiner.rm": ADMIN,
-    "combiner.renew": COMBINER,
+    # Watching: the event stream's snapshot, logged metrics; commands and predictions.
+    "events.snapshot": ADMIN,
+    "metric.ls": ADMIN,
+    "telemetry.ls": ADMIN,
+    "client.show": ADMIN,
+    "command.run": ADMIN,
+    "command.ls": ADMIN,
+    "command.show": ADMIN,
+    "command.wait": ADMIN,
 }
-
-# What a combiner's link may ask before it has registered (then anything a combiner may).
-BEFORE_REGISTERING = frozenset({"combiner.register", "node.enrol"})
 
 # Messages (not requests) a link of each role may send, by receiver: a combiner's to the
 # controller, a client's to its combiner. Anything else is refused before it is looked at.
-_RELAYED = (m.CommandResult, m.ClientLog, m.ClientStatus)  # a client's, passed on by its combiner
+# Commands' results, attributes, telemetry and package status travel client -> combiner -> controller.
+_RELAYED = (m.CommandResult, m.ClientLog, m.ClientStatus)
 _COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.ValidateDone, *_RELAYED))
 _CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric, *_RELAYED))
 MESSAGES: dict[str, dict[str, frozenset[str]]] = {

@@ -203,8 +203,11 @@ def _kill(proc: subprocess.Popen[bytes]) -> int:
 class Dispatcher:
     """Runs a package's entry points as commands for an EdgeClient (``attach``)."""
 
-    def __init__(self, project: Project, penv: ProcessEnv, timeout: float | None = None, commands: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, project: Project, penv: ProcessEnv, timeout: float | None = None, commands: Mapping[str, str] | None = None, as_list: bool = True,
+    ) -> None:
         self.project = project
+        self.as_list = as_list  # FEDn commands get a list of arrays; scaleout's host the model as it is
         self.penv = penv
         self.timeout = timeout or DEFAULT_TIMEOUT_S
         self.commands: dict[str, str] = dict(commands) if commands is not None else {}
@@ -259,7 +262,7 @@ class Dispatcher:
         params = model.get_model_params()
         with tempfile.TemporaryDirectory(prefix="scaleout-task-") as tmp:
             inp, out = Path(tmp, "in.npz"), Path(tmp, "out.npz")
-            Helper().save(_as_list(params), inp)
+            Helper().save(_as_list(params) if self.as_list else params, inp)
             _write_json(Path(f"{inp}-metadata"), settings)
             self.run("train", [str(inp), str(out)])
             new = self._read_model(out, params)
@@ -308,7 +311,8 @@ class Dispatcher:
 
         with tempfile.TemporaryDirectory(prefix="scaleout-task-") as tmp:
             inp, out = Path(tmp, "in.npz"), Path(tmp, "out.json")
-            Helper().save(_as_list(model.get_model_params()), inp)
+            arrays = model.get_model_params()
+            Helper().save(_as_list(arrays) if self.as_list else arrays, inp)
             if params is not None:
                 _write_json(Path(f"{inp}-metadata"), params)
             self.run(entry, [str(inp), str(out)])

@@ -42,7 +42,7 @@ def attach_hosted(project: Project, penv: ProcessEnv, client: EdgeClient, timeou
 
     # "startup": what the client logs and reports when importing the package in that Python fails.
     commands = {"startup": f"{HOST} list", **{k: f"{HOST} {k}" for k in ("train", "validate", "predict")}}
-    dispatcher = Dispatcher(project, penv, timeout, commands=commands)
+    dispatcher = Dispatcher(project, penv, timeout, commands=commands, as_list=False)  # a named model keeps its names
     dispatcher.client = client
     with tempfile.TemporaryDirectory(prefix="scaleout-host-") as tmp:
         out = Path(tmp, "callbacks.json")

@@ -51,13 +51,13 @@ class ClientSettings:
     data_dir: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
-    package_limits: UnpackLimits = field(default_factory=UnpackLimits)
-    keep_packages: int = KEEP_PACKAGES  # unpacked packages kept in the work dir (the newest ones)
     dispatcher: bool = False  # run the entry points as commands (join --dispatcher)
     managed_env: bool = False  # run the package in a venv made from its python_env.yaml
     command_timeout: float | None = None  # a dispatcher command's time limit (default: 1 h)
     env_cache: Path | None = None  # where managed venvs are kept (default: ~/.cache/scaleout/envs)
     state_dir: Path | None = None  # where its identity is kept (default: the work dir, else ~/.local/state/scaleout)
+    package_limits: UnpackLimits = field(default_factory=UnpackLimits)
+    keep_packages: int = KEEP_PACKAGES  # unpacked packages kept in the work dir (the newest ones)
 
 
 class Client:
@@ -180,7 +180,7 @@ class Client:
         self.package_dir = dest
         await asyncio.to_thread(prune_packages, self.cache, s.keep_packages, dest)
         log.info("compute package %s (%s) unpacked in %s (signature verified)", info.get("name"), digest[:12], root)
-        return root, digest, str(info.get("name"))
+        return root, str(info["id"]), str(info.get("name"))
 
     def _tempdir(self) -> str:
         if self._tmp is None:

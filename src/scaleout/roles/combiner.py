@@ -58,10 +58,10 @@ class CombinerSettings:
     insecure: bool = False
     data_dir: Path | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    state_dir: Path | None = None  # where its identity is kept (default: ~/.local/state/scaleout)
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
     hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
-    state_dir: Path | None = None  # where its identity is kept (default: ~/.local/state/scaleout)
 
 
 @dataclass

@@ -35,8 +35,8 @@ from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
-from scaleout.package.limits import UnpackLimits
 from scaleout.roles.command_service import CommandService
+from scaleout.package.limits import UnpackLimits
 from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
@@ -76,14 +76,14 @@ class ControllerSettings:
     tls_key: Path | None = None
     insecure: bool = False
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    combiner_cert_ttl: int = 7 * 86400  # seconds a combiner's certificate lives; renewed after 2/3 of it
+    metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
+    metrics_host: str = "127.0.0.1"
     max_connect_rate: float = DEFAULT_RATE  # new connections per second per address (0: no limit)
     package_limits: UnpackLimits = field(default_factory=UnpackLimits)
     hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
-    combiner_cert_ttl: int = 7 * 86400  # seconds a combiner's certificate lives; renewed after 2/3 of it
-    metrics_port: int | None = None  # Prometheus metrics on this port (0: a free one); None: off
-    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -167,8 +167,6 @@ class Controller:
             "client.assign": (CLIENT, self._client_assign),
             "combiner.register": (COMBINER, self._combiner_register),
             "combiner.ready": (COMBINER, self._combiner_ready),
-            "audit.ls": (ADMIN, self._audit_ls),
-            "audit.verify": (ADMIN, self._audit_verify),
             "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
             # Tokens and node identities (roles/enrolment.py).
             "node.enrol": (CLIENT | COMBINER, lambda *a: self.desk.enrol(*a)),
@@ -177,6 +175,8 @@ class Controller:
             "client.rm": (ADMIN, lambda *a: self.desk.client_rm(*a)),
             "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
             "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
+            "audit.ls": (ADMIN, self._audit_ls),
+            "audit.verify": (ADMIN, self._audit_verify),
         }
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
         self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
@@ -305,7 +305,7 @@ class Controller:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
-            if role == "combiner" and req.op not in permissions.BEFORE_REGISTERING and not self._registered(link):
+            if role == "combiner" and req.op not in ("combiner.register", "node.enrol") and not self._registered(link):
                 raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
         async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
@@ -327,7 +327,7 @@ class Controller:
 
         link.authorize = authorize
 
-        # What each role may send is checked in these first (core/permissions.py).
+        # What each role may send is checked there first; an admin may only subscribe to events.
         on_message = self._admin_message(link) if role == "admin" else self._combiner_message(link)
         watch = None
         if role == "combiner":  # registers at once; a link that does not is dropped
@@ -346,8 +346,6 @@ class Controller:
             if role == "combiner":
                 self._combiner_gone(link)
 
-    def _registered(self, link: Link) -> bool:
-        return any(c.link is link for c in self.combiners.values())
     def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
             if not isinstance(inc.msg, m.Subscribe):
@@ -358,6 +356,9 @@ class Controller:
 
     async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         return await snapshot(self, args), None
+
+    def _registered(self, link: Link) -> bool:
+        return any(c.link is link for c in self.combiners.values())
 
     def _combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
@@ -624,7 +625,7 @@ class Controller:
 
         result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
         self.state.audit(
-            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"]
+            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
         )
         return result, None
 

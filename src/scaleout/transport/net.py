@@ -53,16 +53,16 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     *,
     max_payload: int,
+    public: dict[str, str] | None = None,
     connect_rate: tuple[float, float] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
-    public: dict[str, str] | None = None,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read; an
     address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
-    429 (a node retries with backoff) before its token is looked at. A connection whose TLS
-    and websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
+    429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
+    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
     ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
     Returns the server and the port actually bound (port 0 picks a free one).
     """

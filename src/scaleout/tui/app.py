@@ -574,7 +574,11 @@ class ScaleoutApp(App[int]):
 
     def on_snapshotted(self, msg: Snapshotted) -> None:
         self.snapshots += 1
-        self._dirty = self.view.load(msg.snapshot.data)
+        try:
+            self._dirty = self.view.load(msg.snapshot.data)
+        except ValueError as exc:  # a controller of another version, say: tell, keep what is shown
+            self.query_one("#status-line", Line).update(Text(str(exc), style="bold red"))
+            return
         if self.snapshots > 1:
             self.view.say("warning", "resynchronised with the controller (events were dropped or the link came back)")
         self._rebuild_clients()

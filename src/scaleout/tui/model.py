@@ -132,7 +132,16 @@ class FedView:
     # -- snapshot ---------------------------------------------------------------------------
 
     def load(self, snap: dict[str, Any]) -> Changes:
-        """Replace everything with the controller's snapshot (``events.snapshot``)."""
+        """Replace everything with the controller's snapshot (``events.snapshot``); a
+        malformed one raises ValueError saying so (and changes nothing)."""
+        before = dict(self.__dict__)
+        try:
+            return self._load(snap)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            self.__dict__.update(before)
+            raise ValueError(f"the controller's snapshot is malformed ({type(exc).__name__}: {exc})") from None
+
+    def _load(self, snap: dict[str, Any]) -> Changes:
         self.url = str(snap.get("url") or "")
         self.active_model = snap.get("active_model")
         pkg = snap.get("active_package")
@@ -161,8 +170,8 @@ class FedView:
                 session["id"], session["status"], session.get("reason"), session.get("config") or {}, session.get("created"), session.get("finished")
             )
             for r in session.get("rounds") or []:
-                self.rounds[r["idx"]] = RoundRow(
-                    r["idx"], r["status"], r.get("reason"), r.get("started"), r.get("duration_s"), len(r.get("participants") or []),
+                self.rounds[int(r["idx"])] = RoundRow(
+                    int(r["idx"]), str(r["status"]), r.get("reason"), r.get("started"), r.get("duration_s"), len(r.get("participants") or []),
                     expected=len(r.get("participants") or []), received=len(r.get("participants") or []) if r["status"] == "succeeded" else 0,
                     model_id=r.get("model_id"), validation={k: v for k, v in (r.get("validation") or {}).items() if _num(v) is not None},
                 )
