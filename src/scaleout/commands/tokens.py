@@ -32,7 +32,7 @@ def token_create(args: argparse.Namespace, call: Call, emit: Emit, when: When) -
         print(f"({args.role} join token {result['id']}, expires {when(result['expires'])}{uses})", file=sys.stderr)
         if args.role in ("client", "combiner"):
             command = "join" if args.role == "client" else "combine"
-            print(f"on the node: scaleout {command} TOKEN" + (" --name NAME" if not args.name else ""), file=sys.stderr)
+            print(f"on the node: scaleout {command} TOKEN --name NAME", file=sys.stderr)
     return EXIT_OK
 
 

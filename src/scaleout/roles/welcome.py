@@ -32,7 +32,7 @@ def join_token(ctl: Controller, role: str) -> str:
                 return path.read_text().strip()
         except (AuthError, OSError):
             pass
-    text = str(ctl.desk.issue(role, JOIN_TTL_S, name=None, uses=None, sans=[], creator="controller")["join_token"])
+    text = str(ctl.desk.issue(role, JOIN_TTL_S, name="serve", uses=None, sans=[], creator="controller")["join_token"])
     write_private(path, (text + "\n").encode())
     return text
 

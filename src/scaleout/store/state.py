@@ -160,11 +160,13 @@ class State:
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self, immediate: bool = False) -> Iterator[None]:
+    def transaction(self, immediate: bool = True) -> Iterator[None]:
         """Group writes; a failure (a full disk at COMMIT included) rolls them all back.
-        Inside another transaction, the writes simply join it. ``immediate`` takes the write
-        lock at once: for a transaction that reads before it writes (in WAL mode a deferred
-        one fails, without waiting, if another connection wrote in between)."""
+        Inside another transaction, the writes simply join it. It takes the write lock at
+        once (BEGIN IMMEDIATE, waiting for another connection's write to end): a deferred
+        transaction that reads before it writes fails at once in WAL mode, "database is
+        locked", when another connection (the registry writer, the command store) wrote in
+        between."""
         if self.db.in_transaction:
             yield
             return
