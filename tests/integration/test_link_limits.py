@@ -61,7 +61,7 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
 
     async def go() -> None:
         started = time.monotonic()
-        links = [await ws_to(c1.url, fed, client), await ws_to(fed.url, fed, comb), await ws_to(fed.url, fed, client)]  # type: ignore[arg-type]
+        links = [await ws_to(c1.url, fed, own), await ws_to(fed.url, fed, comb), await ws_to(fed.url, fed, client)]  # type: ignore[arg-type]
         outcomes = await asyncio.gather(*(closed_within(ws, 5) for ws in links))
         assert outcomes[0] == (1008, "no hello within 1 s"), outcomes  # a client that never says hello, at the combiner
         assert outcomes[1] == (1008, "no hello within 1 s"), outcomes  # a combiner token that never registers
@@ -79,7 +79,7 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
                 pass
         assert time.monotonic() - started < 3.5
         # A client link whose first message is not hello is cut off at once.
-        ws = await ws_to(c1.url, fed, client)  # type: ignore[arg-type]
+        ws = await ws_to(c1.url, fed, own)  # type: ignore[arg-type]
         await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "task.result", "id": "1", "task_id": "t", "ok": True}))
         before = time.monotonic()
         assert await closed_within(ws, 5) == (1008, "say hello first (got task.result)")
