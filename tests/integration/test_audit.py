@@ -33,7 +33,7 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     actions = [e["action"] for e in entries]
     assert actions == [
         "model.set_seed", "package.set_active", "token.create", "token.create",
-        "node.enrol", "combiner.register", "node.enrol", "session.start", "model.commit",  # nodes enrol before they act
+        "node.enrol", "combiner.register", "node.enrol", "session.start", "model.commit",
     ], actions
     # An admin taking a model away is recorded too (the combiner's fetch each round is not).
     code, _, err = cli(fed, "model", "download", "active", "-o", str(fed.tmp / "m.safetensors"))
@@ -46,6 +46,7 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     assert admin["detail"]["id"] == seed and admin["time"].endswith("Z")
     created = entries[2]["detail"]
     assert set(created) == {"role", "jti", "exp", "name", "uses", "sans"}, created  # the token's id, never the token
+    assert not any(isinstance(v, str) and v.startswith(("sco1.", "SCALEOUT-1.")) for v in created.values()), created
     commit = entries[-2]["detail"]
     assert commit["parent"] == seed and commit["aggregator"] == "fedavg" and commit["contributors"] == ["a"], commit
     assert commit["id"] == session["rounds"][0]["model_id"] and commit["session"] == session["id"]

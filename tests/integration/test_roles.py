@@ -173,14 +173,15 @@ def test_a_client_cannot_send_results_or_metrics_for_another_clients_task(fed: F
     fed.controller()
     fed.seed_from(QUICKSTART)
     fed.combiner("c1")
-    tokens = {name: fed.identity("client", name) for name in ("alice", "mallory")}  # each its own credential
+    # Each has a credential of its own (as `scaleout join` enrols): the names are theirs.
+    own = {name: fed.identity("client", name) for name in ("alice", "mallory")}
     admin = fed.conn
     assert admin is not None
 
     async def go() -> dict[str, Any]:
         alice, mallory = FakeClient("alice"), FakeClient("mallory")
-        await alice.start(fed, tokens["alice"])
-        await mallory.start(fed, tokens["mallory"])
+        await alice.start(fed, own["alice"])
+        await mallory.start(fed, own["mallory"])
         assert mallory.link is not None
         await call_async(admin, "client.wait", {"count": 2, "timeout": TIMEOUT})
         session = (await call_async(admin, "session.start", {"rounds": 1, "min_clients": 2, "validate": False, "round_timeout": 30}))[0]["session"]
