@@ -61,7 +61,13 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     assert code == 2 and "since" in err and "Traceback" not in err, err
     code, out, err = cli(fed, "audit", "verify")
     assert code == 0, out + err
-    assert out.strip() == f"audit log intact: {len(entries)} entries, hash chain and head verified"
+    first, head_line = out.strip().splitlines()
+    assert first == f"audit log intact: {len(entries)} entries, hash chain and head verified"
+    code, out_json, err = cli(fed, "audit", "verify", "--json")
+    verified = json.loads(out_json)
+    assert code == 0 and verified["ok"] and verified["entries"] == len(entries), out_json + err
+    newest = json.loads(cli(fed, "audit", "ls", "--json", "--limit", "1")[1])[0]
+    assert verified["head"] == f"{newest['id']} {newest['hash']}" and head_line.startswith(f"head: {verified['head']}"), (verified, newest)
     fed.stop_all()
     r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
     assert r.returncode == 0 and r.stdout == out, r.stdout + r.stderr

@@ -223,6 +223,10 @@ def test_revoked_token_links_close_within_5s_and_nodes_exit_3(fed: Federation, t
     code = client.popen.wait(10)
     assert code == 3 and time.monotonic() - started < 5, client.text()
     assert "its token was revoked by an admin" in client.text()
+    deadline = time.monotonic() + 10
+    while any(c["name"] == "a" for c in fed.admin("client.ls")[0]["clients"]):  # dropped from client ls, as by client rm
+        assert time.monotonic() < deadline, fed.admin("client.ls")
+        fed.admin("client.wait", {"count": 0, "timeout": 0.2})
     # The revoked token enrols nobody any more, and a revoked node cannot come back.
     r = scaleout("join", "--controller", fed.url, "--token", fed.token("client"), "--ca", fed.ca, "--name", "b", "--state-dir", str(tmp_path / "b"), "-p", str(QUICKSTART))
     assert r.returncode == 3 and "token was revoked" in r.stderr, r.stderr
@@ -295,6 +299,11 @@ def test_combiner_certificates_only_for_allowed_names_short_lived_and_renewed(fe
     assert sorted(tls._canonical(str(n.value)) for n in tls._names(cert)) == ["127.0.0.1", "ctl-b.example.org"]
     life = cert.not_valid_after_utc - tls.dt.datetime.now(tls.dt.timezone.utc)
     assert life.total_seconds() <= 6
+    # A combiner asking for names its token does not allow is told which were left out.
+    asking = Proc("asking", ["combine", plain["join_token"], "--san", "evil.example.org", "--state-dir", str(tmp_path / "y"), "--port", "0"], fed.logs, True)
+    fed.procs.append(asking)
+    assert "left evil.example.org out of this combiner's certificate" in asking.text(), asking.text()
+    asking.stop()
     # A running combiner renews its certificate before it runs out, and clients keep connecting.
     fed.seed_from(QUICKSTART)
     combiner = fed.combiner("c1")

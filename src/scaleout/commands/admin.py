@@ -540,6 +540,8 @@ def audit_verify(args: argparse.Namespace) -> int:
     def human() -> None:
         if result["ok"]:
             print(f"audit log intact: {result['entries']} entries, hash chain and head verified")
+            if result.get("head"):
+                print(f"head: {result['head']}  (keep a copy elsewhere: a rewritten chain would end in another)")
         else:
             broken = result["broken"]
             print(f"audit log broken at entry {broken['id']}: {broken['reason']}")
@@ -569,7 +571,7 @@ def _verify_file(path: Path) -> dict[str, Any]:
         eid, _, digest = str(head[0]).partition(" ")
         parsed = (int(eid) if eid.isdigit() else 0, digest)
     checked, broken = verify_chain((dict(r) for r in rows), parsed)
-    result: dict[str, Any] = {"ok": broken is None, "entries": checked}
+    result: dict[str, Any] = {"ok": broken is None, "entries": checked, "head": str(head[0]) if head is not None else None}
     if broken is not None:
         result["broken"] = {"id": broken.id, "reason": broken.reason}
     return result

@@ -62,7 +62,9 @@ def token_revoke(args: argparse.Namespace, call: Call, emit: Emit, when: When) -
 
     def human() -> None:
         nodes = ", ".join(f"{n['role']} {n['name']}" for n in result["nodes"])
-        print(f"token {result['id']} revoked ({result['closed']} open links closed)" + (f"; removed {nodes}" if nodes else ""))
+        # Links to the controller close now; combiners close their clients' links as the revocation reaches them.
+        print(f"token {result['id']} revoked ({result['closed']} links to the controller closed; combiners close their nodes' links within seconds)"
+              + (f"; removed {nodes}" if nodes else ""))
 
     emit(args, result, human)
     return EXIT_OK

@@ -178,8 +178,10 @@ class Combiner:
             self.name = choose_name("combiner", "", s.token, s.state_dir or _state_dir(), controller_key(s.controller, s.ca)) or self.name
         key_pem = b""
         csr: str | None = None
+        wanted: list[str] = []
         if not s.insecure:
-            csr_pem, key_pem = tls.make_csr(cert_names(s.host, [dial_host, *s.san]), self.name)
+            wanted = cert_names(s.host, [dial_host, *s.san])
+            csr_pem, key_pem = tls.make_csr(wanted, self.name)
             csr = csr_pem.decode()
         first = await self._first_register(ctx, csr, stop)
         if first is None:
@@ -197,6 +199,12 @@ class Combiner:
             cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
             (cert_dir / "combiner.pem").write_text(result["cert"])
+            left_out = sorted({tls._canonical(n.strip("[]")) for n in wanted} - tls.certificate_names(str(result["cert"]).encode()))
+            if left_out:  # the controller signs only what this combiner's token allows
+                log.warning(
+                    "the controller left %s out of this combiner's certificate: its token does not allow them "
+                    "(an admin allows them with: scaleout token create --role combiner --san NAME ...)", ", ".join(left_out),
+                )
             server_ctx = tls.server_context(cert_dir / "combiner.pem", cert_dir / "combiner.key")
             if isinstance(result.get("cert_ttl_s"), int):
                 self.renewal = asyncio.create_task(self._renew_certificate(ctx_files=(cert_dir, server_ctx), ttl_s=result["cert_ttl_s"], stop=stop))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from scaleout.core import commands as cmd
 from scaleout.core import messages as m
+from scaleout.roles.common import audit_actor
 from scaleout.core.errors import ConfigError, ConflictError, LimitExceeded, NotFoundError, ProtocolError, StorageError
 from scaleout.core.limits import MAX_ERROR_BYTES, MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
 from scaleout.roles.common import new_id
@@ -137,7 +138,7 @@ class CommandService:
         record = {"id": job_id, "kind": kind, "name": name, "params": params, "model_id": model_id, "timeout": timeout, "created": now}
         assert self.store is not None
         await asyncio.to_thread(self.store.add_job, record, chosen, failed)
-        ctl.state.audit(f"{link.claims.role}:{link.claims.sub or link.claims.jti}", f"{kind}.run", id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed))
+        ctl.state.audit(audit_actor(link), f"{kind}.run", address=link.peer, id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed))
         loop = asyncio.get_running_loop()
         travel = transfer_timeout(model_size) if kind == "predict" else 0.0
         wait_s = timeout + travel + cmd.RELAY_GRACE_S + cmd.CONTROLLER_GRACE_S

@@ -141,3 +141,9 @@ def cert_names(host: str, sans: Sequence[str]) -> list[str]:
 
     interfaces = local_addresses() if host in WILDCARD_HOSTS else []
     return server_names(host, sans, interfaces=interfaces, hostname=socket.gethostname())
+
+
+def audit_actor(link: Any) -> str:
+    """Who did it, for the audit log: the token's role and id, and its name if it has one."""
+    claims = link.claims
+    return f"{claims.role}:{claims.jti}" + (f" ({claims.sub})" if claims.sub else "")

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, ConflictError, ProtocolError
+from scaleout.roles.common import audit_actor as _actor
 from scaleout.roles.common import new_id
 from scaleout.security import jointoken, tls, tokens
 from scaleout.store.identities import Identities
@@ -36,11 +37,6 @@ def canonical(name: str) -> str:
         return str(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
         return name.lower()
-
-
-def _actor(link: Link) -> str:
-    claims = link.claims
-    return f"{claims.role}:{claims.sub or claims.jti}"
 
 
 class Desk:
@@ -121,7 +117,7 @@ class Desk:
         # shared with a thread mid-transaction (a few rows per node, once per node).
         self.db.enrol(nid, role, name, claims.jti, sans, now)
         token = self.ctl.signer.issue(role, IDENTITY_TTL_S, now, jti=new_id("i-"), sub=name, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=nid)
-        self.ctl.state.audit(_actor(link), "node.enrol", role=role, name=name, identity=nid, token=claims.jti, peer=link.peer)
+        self.ctl.state.audit(_actor(link), "node.enrol", address=link.peer, role=role, name=name, identity=nid, token=claims.jti)
         log.info("%s %s enrolled (identity %s, token %s)", role, name, nid, claims.jti)
         return {"id": nid, "name": name, "role": role, "token": token}, None
 
@@ -146,8 +142,10 @@ class Desk:
         row = self.db.find_token(key)
         nodes = self.db.revoke_token(row["id"], bool(args.get("with_nodes")), time.time())
         ids = [row["id"], *(n["id"] for n in nodes)]
-        self.ctl.state.audit(_actor(link), "token.revoke", id=row["id"], nodes=[n["name"] for n in nodes])
+        self.ctl.state.audit(_actor(link), "token.revoke", address=link.peer, id=row["id"], nodes=[n["name"] for n in nodes])
         closed = await self.revoke(ids, "its token was revoked by an admin", keep=link)
+        for n in nodes:  # gone from client ls / combiner ls, as after client rm
+            self._forget_soon(n["role"], n["name"])
         if row["role"] == "admin":
             self.ctl._write_admin_token()  # the data dir's own admin token, if that was it, is replaced at once
         log.warning("token %s revoked%s", row["id"], f" with its nodes {', '.join(n['name'] for n in nodes)}" if nodes else "")
@@ -156,13 +154,16 @@ class Desk:
     async def node_rm(self, role: str, link: Link, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), f"{role} name")
         row = self.db.remove(role, name, time.time())
-        self.ctl.state.audit(_actor(link), f"{role}.rm", name=name, identity=row["id"])
+        self.ctl.state.audit(_actor(link), f"{role}.rm", address=link.peer, name=name, identity=row["id"])
         closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin")
+        self._forget_soon(role, name)
+        log.warning("%s %s removed (identity %s)", role, name, row["id"])
+        return {"name": name, "role": role, "id": row["id"], "closed": closed}, None
+
+    def _forget_soon(self, role: str, name: str) -> None:
         task = asyncio.ensure_future(self._forget(role, name))
         self.forgetting.add(task)
         task.add_done_callback(self.forgetting.discard)
-        log.warning("%s %s removed (identity %s)", role, name, row["id"])
-        return {"name": name, "role": role, "id": row["id"], "closed": closed}, None
 
     async def _forget(self, role: str, name: str) -> None:
         """Drop a removed node from the registry once its combiner reported it gone (or 5 s on)."""

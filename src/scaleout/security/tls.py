@@ -378,3 +378,8 @@ def ensure_controller_tls(data_dir: Path, names: Sequence[str]) -> TlsFiles:
 def names_in(cert_file: Path) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for."""
     return [str(n.value) for n in _names(_load_cert(Path(cert_file).read_bytes()))]
+
+
+def certificate_names(cert_pem: bytes) -> set[str]:
+    """The DNS names and IP addresses a certificate is valid for (its subjectAltName)."""
+    return {_canonical(str(n.value)) for n in _names(x509.load_pem_x509_certificate(cert_pem))}
