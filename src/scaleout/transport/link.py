@@ -625,7 +625,10 @@ def schedule_release() -> None:
         if _RELEASE["again"]:
             schedule_release()
 
-    loop.run_in_executor(None, release_memory).add_done_callback(done)
+    try:
+        loop.run_in_executor(None, release_memory).add_done_callback(done)
+    except RuntimeError:  # the loop is shutting down (its executor is gone): the process ends or moves on
+        _RELEASE["running"] = False
 
 
 def release_memory() -> None:
