@@ -49,3 +49,26 @@ def test_client_killed_mid_round_is_named_in_the_round_and_counted(fed: Federati
     assert r.returncode == 0 and "slow" in r.stdout and "disconnected" in r.stdout, r.stdout
     samples = scrape(url)
     assert value(samples, "scaleout_updates_refused_total", reason="disconnected") == 1
+
+
+def test_round_short_of_clients_records_its_start_and_no_participants(fed: Federation) -> None:
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    fed.client("only", package=QUICKSTART)
+    fed.wait_clients(1)
+    # The round waits its timeout (2 s) for 3 clients, then fails: nobody trained.
+    session = fed.run_session(rounds=1, min_clients=3, round_timeout=2, validate=False)
+    (r1,) = session["rounds"]
+    assert r1["status"] == "failed" and "at least 3 needed" in r1["reason"], r1
+    assert r1["participants"] == [], r1
+    assert r1["duration_s"] >= 2 and r1["finished"] - r1["started"] >= 2, r1
+    assert abs((r1["finished"] - r1["started"]) - r1["duration_s"]) < 0.5, r1
+    # The CLI says the same, in its JSON and text forms.
+    data = ("--data-dir", str(fed.data))
+    r = scaleout("session", "show", session["id"], "--json", *data)
+    assert r.returncode == 0, r.stderr
+    (shown,) = json.loads(r.stdout)["rounds"]
+    assert shown["started"] < shown["finished"] and shown["participants"] == [], shown
+    r = scaleout("session", "show", session["id"], *data)
+    assert r.returncode == 0 and "round 1  failed  0 participants  " in r.stdout, r.stdout
