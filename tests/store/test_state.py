@@ -176,7 +176,7 @@ def test_sessions_and_rounds(state: State) -> None:
 
     state.start_round("s1", 1, parent=AB, participants=["y"])
     state.start_round("s1", 0, parent=A, participants=["x", "y"])
-    state.start_round("s0", 0, parent=A, participants=[])
+    state.start_round("s0", 0, parent=A, participants=[], started=7.0)  # begun before its row was written
     state.finish_round("s1", 0, status="succeeded", model_id=AB, participants=["x"], validation={"x": {"acc": 0.9}}, duration_s=1.5)
     state.finish_round("s1", 1, status="failed", reason="timeout", finished=42.0)
 
@@ -186,7 +186,7 @@ def test_sessions_and_rounds(state: State) -> None:
     assert r0["finished"] is not None and r0["finished"] > r0["started"]
     assert r1["idx"] == 1 and r1["status"] == "failed" and r1["reason"] == "timeout" and r1["finished"] == 42.0
     assert r1["participants"] == ["y"] and r1["validation"] == {}
-    assert [r["session_id"] for r in state.rounds("s0")] == ["s0"]
+    assert [(r["session_id"], r["started"]) for r in state.rounds("s0")] == [("s0", 7.0)]
 
     state.finish_session("s1", "finished", end_model=AB)
     state.finish_session("s0", "failed", end_model=None, reason="no clients")

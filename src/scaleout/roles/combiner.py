@@ -731,7 +731,8 @@ class Combiner:
 
     async def _report(self, kind: str, job: Job, client: str, data: dict[str, Any], error: str | None) -> None:
         assert self.controller is not None
-        job.told.add(client)
+        if kind == job.kind:  # the client's outcome; a metric it logged on the way is not one
+            job.told.add(client)
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)

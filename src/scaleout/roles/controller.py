@@ -921,7 +921,7 @@ class Controller:
 
         loop = asyncio.get_running_loop()
         cfg = s.config
-        started = loop.time()
+        started, started_at = loop.time(), time.time()  # the round starts now, before it waits for clients
         parent = self.state.get_meta("active_model")
         assert parent is not None
         global_bytes = await self._model_bytes(parent)
@@ -930,7 +930,7 @@ class Controller:
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
         self.round_members = {name: frozenset(clients) for name, clients in selected.items()}
         participants = sorted(c for clients in selected.values() for c in clients)
-        self.state.start_round(s.id, index, parent, participants)
+        self.state.start_round(s.id, index, parent, participants, started=started_at)
         log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
         self.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
@@ -943,16 +943,17 @@ class Controller:
             except StorageError as exc:  # kept in memory; the session's end records it later
                 log.error("round %d: could not record its outcome: %s", index, exc)
                 s.storage_failure = s.storage_failure or exc
-                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "validation": {}, **fields}
+                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "started": started_at, "validation": {}, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
             self.obs.round_finished(status, duration)
             self.hub.round_ended({**row, "session_id": s.id})
             return {**row, "index": index}
 
+        # A round that fails before any task was sent had no participants: nobody trained.
         if s.stopped:
-            return finish("failed", "session stopped")
+            return finish("failed", "session stopped", participants=[])
         if len(participants) < cfg.min_clients:
-            return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed")
+            return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed", participants=[])
         # A combiner reports at its own deadline at the latest; then it encodes its partial: time that grows with the model.
         grace = PARTIAL_GRACE_S + len(global_bytes) / PARTIAL_ENCODE_RATE
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)

@@ -343,10 +343,12 @@ class State:
     def sessions(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM sessions ORDER BY created")
 
-    def start_round(self, session_id: str, index: int, parent: str, participants: list[str]) -> None:
+    def start_round(self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None) -> None:
+        """Record a running round; ``started`` (wall clock, now if None) is when it began,
+        which may be before this row is written (e.g. while it waited for clients)."""
         self.db.execute(
             "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started) VALUES(?, ?, 'running', ?, ?, ?)",
-            (session_id, index, parent, json.dumps(participants), time.time()),
+            (session_id, index, parent, json.dumps(participants), time.time() if started is None else started),
         )
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
