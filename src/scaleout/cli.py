@@ -26,8 +26,13 @@ class UsageError(Exception):
     """A user's mistake found before any work started; exits 2 with this message."""
 
 
+HIDDEN_COMMANDS = ("simulate-clients",)  # started by scaleout simulate, not by people: never offered
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        for name in HIDDEN_COMMANDS:  # argparse lists every choice after a typo
+            message = message.replace(f", '{name}'", "").replace(f"'{name}', ", "")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
