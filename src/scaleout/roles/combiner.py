@@ -21,7 +21,7 @@ from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, cert_names, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -453,7 +453,7 @@ class Combiner:
             claims = link.claims
             if claims is not None and (claims.jti in ids or claims.nid in ids):
                 log.warning("closing client %s: %s", name, msg.reason or "its credential was revoked")
-                self._spawn(_close_now(link, m.CLOSE_REVOKED, msg.reason or "credential revoked"))
+                self._spawn(close_now(link, m.CLOSE_REVOKED, msg.reason or "credential revoked"))
 
     async def _renew_certificate(self, ctx_files: tuple[Path, Any], ttl_s: int, stop: asyncio.Event) -> None:
         """Ask the controller for a new certificate after 2/3 of the current one's life, and
@@ -871,15 +871,6 @@ def _state_dir() -> Path:
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
-
-
-async def _close_now(link: Link, code: int, reason: str) -> None:
-    try:
-        await asyncio.wait_for(link.ws.close(code, reason), 2)
-    except asyncio.TimeoutError:
-        link.ws.transport.abort()
-    except Exception as exc:  # the role edge: the peer may already be gone
-        log.debug("closing %s: %s", link.peer, exc)
 
 
 async def _quiet(coro: Any) -> None:

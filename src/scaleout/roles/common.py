@@ -147,3 +147,13 @@ def audit_actor(link: Any) -> str:
     """Who did it, for the audit log: the token's role and id, and its name if it has one."""
     claims = link.claims
     return f"{claims.role}:{claims.jti}" + (f" ({claims.sub})" if claims.sub else "")
+
+
+async def close_now(link: Any, code: int, reason: str) -> None:
+    """Close a link with a reason, and at once (2 s at most) even if the peer does not answer."""
+    try:
+        await asyncio.wait_for(link.ws.close(code, reason), 2)
+    except asyncio.TimeoutError:
+        link.ws.transport.abort()
+    except Exception as exc:  # the role edge: the peer may already be gone
+        log.debug("closing %s: %s", link.peer, exc)

@@ -37,7 +37,7 @@ from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, bracket, cert_names, new_id, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, new_id, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
@@ -475,7 +475,7 @@ class Controller:
             # network loss); a live twin learns why from the close code and stops.
             log.warning("combiner %s registered again: closing its older connection", name)
             self._combiner_gone(old.link)
-            await _quiet_close(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
+            await close_now(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
         result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked)}
         if csr:
             if self.ssl_context is None:
@@ -1185,13 +1185,6 @@ def _check_package(data: bytes, limits: UnpackLimits) -> None:
 
 
 _actor = audit_actor
-
-
-async def _quiet_close(link: Link, code: int, reason: str) -> None:
-    try:
-        await link.ws.close(code, reason)
-    except Exception as exc:  # the role edge: the peer may already be gone
-        log.debug("closing %s: %s", link.peer, exc)
 
 
 async def _unless_set(step: Awaitable[T], event: asyncio.Event) -> T | None:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from scaleout.core import messages as m
 from scaleout.core.errors import AuthError, ConflictError, ProtocolError
 from scaleout.roles.common import audit_actor as _actor
-from scaleout.roles.common import new_id
+from scaleout.roles.common import close_now, new_id
 from scaleout.security import jointoken, tls, tokens
 from scaleout.store.identities import Identities
 from scaleout.transport.link import Link
@@ -198,7 +198,7 @@ class Desk:
         self.ctl.verifier.revoked.update(ids)
         wanted = set(ids)
         closing = [lk for lk in list(self.links) if lk is not keep and lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
-        await asyncio.gather(*(_close(lk, m.CLOSE_REVOKED, reason) for lk in closing))
+        await asyncio.gather(*(close_now(lk, m.CLOSE_REVOKED, reason) for lk in closing))
         for c in list(self.ctl.combiners.values()):
             if c.link not in closing:
                 try:
@@ -240,13 +240,3 @@ class Desk:
         if token is not None:
             result["token"] = token
         return result, None
-
-
-async def _close(link: Link, code: int, reason: str) -> None:
-    """Close with a reason, and at once (2 s at most) even if the peer does not answer."""
-    try:
-        await asyncio.wait_for(link.ws.close(code, reason), 2)
-    except asyncio.TimeoutError:
-        link.ws.transport.abort()
-    except Exception as exc:  # the role edge: the peer may already be gone
-        log.debug("closing %s: %s", link.peer, exc)
