@@ -223,10 +223,7 @@ def test_revoked_token_links_close_within_5s_and_nodes_exit_3(fed: Federation, t
     code = client.popen.wait(10)
     assert code == 3 and time.monotonic() - started < 5, client.text()
     assert "its token was revoked by an admin" in client.text()
-    deadline = time.monotonic() + 10
-    while any(c["name"] == "a" for c in fed.admin("client.ls")[0]["clients"]):  # dropped from client ls, as by client rm
-        assert time.monotonic() < deadline, fed.admin("client.ls")
-        fed.admin("client.wait", {"count": 0, "timeout": 0.2})
+    wait_unlisted(fed, "a")  # dropped from client ls, as by client rm
     # The revoked token enrols nobody any more, and a revoked node cannot come back.
     r = scaleout("join", "--controller", fed.url, "--token", fed.token("client"), "--ca", fed.ca, "--name", "b", "--state-dir", str(tmp_path / "b"), "-p", str(QUICKSTART))
     assert r.returncode == 3 and "token was revoked" in r.stderr, r.stderr
@@ -241,6 +238,14 @@ def test_revoked_token_links_close_within_5s_and_nodes_exit_3(fed: Federation, t
     assert r.returncode == 1 and "no token 't-nothing'; list them with: scaleout token ls" in r.stderr
 
 
+def wait_unlisted(fed: Federation, name: str, timeout: float = 10) -> None:
+    """Until ``client ls`` no longer lists ``name`` (a removed node's row goes once its combiner reports it gone)."""
+    deadline = time.monotonic() + timeout
+    while any(c["name"] == name for c in fed.admin("client.ls")[0]["clients"]):
+        assert time.monotonic() < deadline, fed.admin("client.ls")
+        fed.admin("client.wait", {"count": 0, "timeout": 0.2})
+
+
 def test_client_rm_and_combiner_rm(fed: Federation, tmp_path: Path) -> None:
     fed.controller()
     fed.seed_from(QUICKSTART)
@@ -252,10 +257,8 @@ def test_client_rm_and_combiner_rm(fed: Federation, tmp_path: Path) -> None:
     assert r.returncode == 0 and "client a removed" in r.stdout, r.stderr
     assert client.popen.wait(10) == 3 and time.monotonic() - started < 5
     assert "client a was removed by an admin" in client.text()
-    deadline = time.monotonic() + 10
-    while fed.admin("client.ls")[0]["clients"]:  # dropped once its combiner reported it gone
-        assert time.monotonic() < deadline, fed.admin("client.ls")
-        fed.admin("client.wait", {"count": 0, "timeout": 0.2})
+    wait_unlisted(fed, "a")  # dropped once its combiner reported it gone
+    assert not fed.admin("client.ls")[0]["clients"]
     # The name is free again: a new node enrols under it.
     r = scaleout("client", "rm", "a", "--data-dir", str(fed.data))
     assert r.returncode == 1 and "no enrolled client has that name" in r.stderr
