@@ -113,6 +113,10 @@ def build_parser() -> ArgumentParser:
         "--metrics-host", metavar="HOST",
         help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
     )
+    p.add_argument(
+        "--no-resume", action="store_true", default=None,
+        help="leave a session that was running when the controller stopped 'interrupted' (carry on with: scaleout session continue ID) instead of resuming it",
+    )
     _connect_rate_flag(p)
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
@@ -219,6 +223,11 @@ def build_parser() -> ArgumentParser:
     _connection(c)
     _json_flag(c)
     _common(c)
+    c = msub.add_parser("set-active", help="make a model of the trail the global model again (roll back; audited)")
+    c.add_argument("id", metavar="ID", help="model id (or a unique prefix of at least 6 characters)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
     c = msub.add_parser("download", help="save a model as .safetensors (or .npz)")
     c.add_argument("id", metavar="ID", help="model id, unique prefix, or 'active'")
     c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
@@ -241,6 +250,17 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
     c.add_argument("--name", help="a name for the session")
+    c.add_argument("--model", metavar="ID", help="start from this model of the trail instead of the global model (model ls lists them)")
+    c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = ssub.add_parser(
+        "continue", help="carry on a finished, stopped, failed or interrupted session from its last model, with its settings",
+    )
+    c.add_argument("id", metavar="ID", help="session id (session ls lists them)")
+    c.add_argument("--rounds", type=int, help="how many more rounds (default: the rounds it had left, or as many as it had)")
+    c.add_argument("--round-timeout", type=float, metavar="SECONDS", help="a new round timeout (default: the session's)")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
     _connection(c)
     _json_flag(c)

@@ -245,15 +245,38 @@ def session_start(args: argparse.Namespace) -> int:
         json.dumps(req, allow_nan=False)
     except ValueError:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
+    if args.model:
+        req["model"] = args.model
+    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} rounds)")
+
+
+def session_continue(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"id": args.id, "rounds": args.rounds, "round_timeout": args.round_timeout}
+
+    def said(s: dict[str, Any]) -> str:
+        return f"continues from model {str(s.get('end_model') or s.get('start_model') or '-')[:12]}, up to round {s['config']['rounds']}"
+
+    return _run_session_op(args, "session.continue", {k: v for k, v in req.items() if v is not None}, said)
+
+
+def model_set_active(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.set_active", {"id": args.id})
+    model = result["model"]
+    emit(args, model, lambda: print(f"model {model['id']} is now the global model"))
+    return EXIT_OK
+
+
+def _run_session_op(args: argparse.Namespace, op: str, req: dict[str, Any], said: Callable[[dict[str, Any]], str]) -> int:
+    """Start (or continue) a session; with --wait, follow it to its end."""
     conn = resolve(args)
     started: list[str] = []
 
     async def run() -> dict[str, Any]:
-        result, _ = await call_async(conn, "session.start", req)
+        result, _ = await call_async(conn, op, req)
         session = result["session"]
         started.append(session["id"])
         if not args.json:
-            print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
+            print(f"session {session['id']} {said(session)}", flush=True)
         if args.wait:
             session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
@@ -589,6 +612,8 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("model", "show"): model_show,
     ("model", "download"): model_download,
     ("session", "start"): session_start,
+    ("session", "continue"): session_continue,
+    ("model", "set-active"): model_set_active,
     ("session", "ls"): session_ls,
     ("session", "show"): session_show,
     ("session", "watch"): session_watch,

@@ -67,7 +67,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
-            "handshake_timeout": (int, float),
+            "handshake_timeout": (int, float), "no_resume": bool,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
                      "handshake_timeout": (int, float)},
@@ -164,6 +164,7 @@ def serve(args: argparse.Namespace) -> int:
         hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
+        resume=not s.get("no_resume"),
     )
     if s.get("combiner_cert_ttl"):
         from scaleout.security.tokens import parse_ttl

@@ -146,6 +146,7 @@ class RoundStart(Message):
     settings: JSON = field(default_factory=dict)
     aggregator: str = "fedavg"
     blob: str | None = None
+    attempt: int = 1  # a round run again after a controller restart keeps its index: its partial names the try
 
 
 @message
@@ -163,6 +164,7 @@ class RoundPartial(Message):
     weight: float
     size: int = 0
     timing: JSON = field(default_factory=dict)
+    attempt: int = 1  # the try of round_index it belongs to (RoundStart.attempt)
 
 
 @message

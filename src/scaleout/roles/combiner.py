@@ -85,6 +85,7 @@ class Job:
     started: float = 0.0
     sent: float | None = None
     last_result: float | None = None
+    attempt: int = 1  # the controller's try of this round (RoundStart.attempt), echoed in the partial
 
 
 class Combiner:
@@ -520,7 +521,7 @@ class Combiner:
         if old is not None:
             self._drop(old)
         tracker = CombinerRound.start(clients, loop.time(), timeout, grace=RECONNECT_GRACE_S)
-        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time())
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time(), attempt=getattr(msg, "attempt", 1))
         self.jobs[kind] = job
         try:
             model = await self._model(msg.model_id)
@@ -784,7 +785,9 @@ class Combiner:
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
             job.agg = None  # the sums are encoded (or refused): free them
-        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
+        msg = m.RoundPartial(
+            session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing, attempt=job.attempt,
+        )
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
         await _quiet(self.controller.send(msg))
 

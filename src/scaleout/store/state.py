@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE INDEX IF NOT EXISTS clients_by_combiner ON clients(combiner, status);
 CREATE INDEX IF NOT EXISTS reports_by_round ON reports(session_id, round_index, kind);
 CREATE INDEX IF NOT EXISTS models_by_session ON models(session_id);
+CREATE TABLE IF NOT EXISTS session_steps (
+  session_id TEXT NOT NULL, seq INTEGER NOT NULL, step TEXT NOT NULL, PRIMARY KEY (session_id, seq));
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
   action TEXT NOT NULL, detail TEXT NOT NULL);
@@ -56,7 +58,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
-_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
+_JSON_COLUMNS = {"retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -136,9 +138,11 @@ class State:
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
-        for column in ("server_state", "timing"):
+        for column in ("server_state", "timing", "retried"):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+        if "attempt" not in columns:
+            self.db.execute("ALTER TABLE rounds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
         if "signature" not in {row[1] for row in self.db.execute("PRAGMA table_info(packages)")}:
             self.db.execute("ALTER TABLE packages ADD COLUMN signature TEXT")  # the controller's, see security/packages.py
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
@@ -333,6 +337,12 @@ class State:
                     self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
             self.finish_session(session_id, status, end_model, reason, finished)
 
+    def reopen_session(self, session_id: str, config: dict[str, Any]) -> None:
+        """A session that ended runs again (session continue) with ``config``."""
+        self.db.execute(
+            "UPDATE sessions SET status='running', finished=NULL, reason=NULL, config=? WHERE id=?", (json.dumps(config), session_id),
+        )
+
     def session(self, session_id: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM sessions WHERE id=?", session_id)
         if row is None:
@@ -343,12 +353,19 @@ class State:
     def sessions(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM sessions ORDER BY created")
 
-    def start_round(self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None) -> None:
+    def start_round(
+        self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None,
+        attempt: int = 1, retried: list[str] | None = None,
+    ) -> None:
         """Record a running round; ``started`` (wall clock, now if None) is when it began,
-        which may be before this row is written (e.g. while it waited for clients)."""
+        which may be before this row is written (e.g. while it waited for clients). A round
+        run again after a restart keeps its index: ``attempt`` counts the tries and
+        ``retried`` says why each earlier one was given up."""
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started) VALUES(?, ?, 'running', ?, ?, ?)",
-            (session_id, index, parent, json.dumps(participants), time.time() if started is None else started),
+            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started, attempt, retried) "
+            "VALUES(?, ?, 'running', ?, ?, ?, ?, ?)",
+            (session_id, index, parent, json.dumps(participants), time.time() if started is None else started, attempt,
+             json.dumps(retried) if retried else None),
         )
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
@@ -358,6 +375,19 @@ class State:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE rounds SET {sets} WHERE session_id=? AND idx=?", (*fields.values(), session_id, index))
+
+    def add_step(self, session_id: str, step: dict[str, Any]) -> None:
+        """Append one transition of a session's state machine (core/sessions.py): written in
+        the transaction of the rows it implies, before the controller acts on it."""
+        self.db.execute(
+            "INSERT INTO session_steps(session_id, seq, step) "
+            "VALUES(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM session_steps WHERE session_id=?), ?)",
+            (session_id, session_id, json.dumps(step, separators=(",", ":"))),
+        )
+
+    def steps(self, session_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT step FROM session_steps WHERE session_id=? ORDER BY seq", (session_id,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def rounds(self, session_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM rounds WHERE session_id=? ORDER BY idx", session_id)
