@@ -144,3 +144,19 @@ def test_continue_a_finished_session_start_from_any_model_and_roll_back(fed: Fed
     assert latest["start_model"] == seed and latest["rounds"][0]["parent"] == seed
     actions = [e["action"] for e in fed.admin("audit.ls", {"limit": 100})[0]["entries"]]
     assert "model.set_active" in actions and "session.continue" in actions
+
+
+def test_files_an_interrupted_commit_left_are_swept_at_the_next_start(fed: Federation) -> None:
+    first = fed.controller()
+    seed = fed.seed_from(RECOVER)
+    assert first.stop() == 0
+    models = fed.data / "models"
+    orphan = models / ("ab" * 32 + ".safetensors")  # written, never committed (a kill in between)
+    orphan.write_bytes(b"not committed")
+    half = models / f".{'cd' * 32}.safetensors.123.beef.tmp"  # a write cut short
+    half.write_bytes(b"half")
+    fed.controller(name="controller-2")
+    assert not orphan.exists() and not half.exists()
+    assert (models / f"{seed}.safetensors").exists()  # the committed one stays
+    assert fed.admin("status")[0]["active_model"] == seed
+    assert "removed 2 file(s) from" in fed.procs[-1].text()

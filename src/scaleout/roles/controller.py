@@ -154,6 +154,7 @@ class Controller:
         self.state = State(self.dir / "state.db")
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
+        self._sweep()
         self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
@@ -181,6 +182,16 @@ class Controller:
             self.state.set_clients_offline(row["name"], keep=set())
         # A session that was running when this controller stopped resumes (run() starts it).
         self.sessions.recover(resume=self.settings.resume)
+
+    def _sweep(self) -> None:
+        """A kill between writing a model (or package, or strategy state) and committing the row
+        that names it leaves a file nobody names: removed at the next start, and said."""
+        kinds = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}
+        for kind, keep in self.state.blob_ids().items():
+            removed = self.blobs.sweep(kind, kinds[kind], keep)
+            if removed:
+                log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
+                            len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
 
     def _write_admin_token(self) -> None:
         path = self.dir / "admin.token"

@@ -60,6 +60,23 @@ class BlobStore:
             raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
         return data
 
+    def sweep(self, kind: str, suffix: str, keep: set[str]) -> list[str]:
+        """Remove the files of ``kind`` that no row names (``keep``) and half-written ones:
+        what a kill between writing a file and committing its row leaves. Returns their names."""
+        folder = self.root / kind
+        removed: list[str] = []
+        if not folder.is_dir():
+            return removed
+        for entry in os.scandir(folder):
+            name = entry.name
+            digest = name.removesuffix(suffix)
+            orphan = name.endswith(suffix) and len(digest) == 64 and digest not in keep
+            if entry.is_file(follow_symlinks=False) and (orphan or (name.startswith(".") and name.endswith(".tmp"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed.append(name)
+        return removed
+
     def has(self, kind: str, digest: str, suffix: str) -> bool:
         try:
             return self._path(kind, digest, suffix).exists()

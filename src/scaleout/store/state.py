@@ -337,6 +337,15 @@ class State:
                     self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
             self.finish_session(session_id, status, end_model, reason, finished)
 
+    def blob_ids(self) -> dict[str, set[str]]:
+        """The blobs rows name, by kind: models, packages and strategy states."""
+        one = lambda sql: {r[0] for r in self.db.execute(sql).fetchall() if r[0]}  # noqa: E731
+        return {
+            "models": one("SELECT id FROM models"),
+            "packages": one("SELECT id FROM packages"),
+            "state": one("SELECT server_state FROM rounds WHERE server_state IS NOT NULL"),
+        }
+
     def reopen_session(self, session_id: str, config: dict[str, Any]) -> None:
         """A session that ended runs again (session continue) with ``config``."""
         self.db.execute(
