@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
@@ -142,7 +143,9 @@ async def connect(
 
     With TLS, the peer must present a certificate for ``peer_role``: one CA signs the
     controller's and the combiners' certificates, and a combiner must not pass for the
-    controller. A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
+    controller. That is checked right after the TLS handshake, before the HTTP upgrade
+    request (which carries the token) is written: an impostor never sees the token.
+    A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
     """
     if ssl_context is not None and not url.startswith("wss://"):
         raise TrustError(f"refusing to send a token over clear text to {url}: expected a wss:// address")
@@ -153,6 +156,7 @@ async def connect(
             url,
             ssl=ssl_context if url.startswith("wss://") else None,
             additional_headers={"Authorization": f"Bearer {token}"},
+            create_connection=_role_checked(url, peer_role) if ssl_context is not None else None,
             max_size=MAX_FRAME_BYTES,
             max_queue=MAX_QUEUE,
             compression=None,
@@ -171,21 +175,25 @@ async def connect(
         raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
-    if ssl_context is not None:
-        _check_peer_role(ws, url, peer_role)
     return Link(ws, url, max_payload=max_payload)
 
 
-def _check_peer_role(ws: Any, url: str, expected: str) -> None:
-    from scaleout.security.tls import node_role
+def _role_checked(url: str, expected: str) -> Any:
+    """A websocket connection class that checks the peer certificate's role before its
+    opening handshake writes a header (the token): a wrong role raises TrustError there."""
 
-    ssl_object = ws.transport.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    role = node_role(der) if der else None
-    # The controller's own certificate carries no node role; combiners' carry theirs.
-    if (role or "controller") != expected:
-        ws.transport.close()
-        raise TrustError(f"{url} presented a {role or 'controller'} certificate where a {expected} was expected")
+    class RoleChecked(ClientConnection):
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            from scaleout.security.tls import peer_role_problem
+
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            problem = peer_role_problem(der, expected) if der else "presented no certificate"
+            if problem is not None:
+                raise TrustError(f"{url} {problem}; nothing was sent to it")
+            await super().handshake(*args, **kwargs)
+
+    return RoleChecked
 
 
 def backoff(initial: float = 0.2, maximum: float = 15.0, factor: float = 2.0, rng: random.Random | None = None) -> Iterator[float]:
