@@ -46,7 +46,7 @@ from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, RequestTimeout
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
@@ -84,6 +84,7 @@ class ControllerSettings:
     hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
 
 
 @dataclass
@@ -250,7 +251,7 @@ class Controller:
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
-            handshake_timeout=s.handshake_timeout,
+            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
@@ -792,8 +793,8 @@ class Controller:
         s.stop_reason = reason
         s.stop_event.set()
         s.events.put_nowait(("stop", reason))
-        for c in list(self.combiners.values()):
-            await _quiet_send(c.link, m.SessionStop(session_id=s.id))
+        # To all at once: a combiner that does not read holds this up send_timeout at most, the others not at all.
+        await asyncio.gather(*(_quiet_send(c.link, m.SessionStop(session_id=s.id)) for c in list(self.combiners.values())))
         if s.task is not None:
             await asyncio.wait({s.task}, timeout=10)
 

@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
 from scaleout.transport import tlsbuffers
-from scaleout.transport.link import MAX_FRAME_BYTES, Link
+from scaleout.transport.link import MAX_FRAME_BYTES, SEND_TIMEOUT_S, Link
 
 log = logging.getLogger("scaleout.transport")
 
@@ -57,13 +57,15 @@ async def serve(
     public: dict[str, str] | None = None,
     connect_rate: tuple[float, float] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    send_timeout: float = SEND_TIMEOUT_S,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read; an
     address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
     429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
-    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
+    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped, and
+    a peer that does not take what is sent to it within ``send_timeout`` seconds (Link).
     ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
     Returns the server and the port actually bound (port 0 picks a free one).
     """
@@ -97,7 +99,7 @@ async def serve(
         return None
 
     async def handler(connection: ServerConnection) -> None:
-        link = Link(connection, _peer(connection), max_payload=max_payload)
+        link = Link(connection, _peer(connection), max_payload=max_payload, send_timeout=send_timeout)
         link.claims = getattr(connection, "claims", None)
         await on_link(link)
 
