@@ -21,7 +21,7 @@ from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host, raise_file_limit
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -164,6 +164,7 @@ class Combiner:
                 await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
         advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)

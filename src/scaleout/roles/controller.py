@@ -37,7 +37,7 @@ from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, new_id, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, new_id, url_host, raise_file_limit
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
@@ -241,6 +241,7 @@ class Controller:
         tls.write_private(path, (token + "\n").encode())
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         self.prepare()
         s = self.settings
         if s.metrics_port is not None:
