@@ -270,7 +270,8 @@ def test_a_combiner_may_speak_only_for_its_own_clients(fed: Federation, caplog: 
     complaints = [r.getMessage() for r in caplog.records if "reported an error" in r.getMessage()]
     assert len(complaints) == 2 and "may not report for client 'y'" in complaints[0] and "'z'" in complaints[1], complaints
     assert stranger["status"] == "failed" and "partial aggregate names clients it was not given this round (mallory)" in stranger["rounds"][0]["reason"], stranger
-    assert twice["status"] == "failed" and "names a client twice" in twice["rounds"][0]["reason"], twice
+    # Given one client, a partial of two updates is refused at its announce now (before: once pulled, as naming x twice).
+    assert twice["status"] == "failed" and "partial aggregate of 2 updates announced; the combiner was given 1 clients" in twice["rounds"][0]["reason"], twice
     assert own["status"] == "finished" and own["rounds"][0]["participants"] == ["x"], own
     # Only the honest round made a model (the mean of one seed-valued partial: the seed again).
     assert stranger["rounds"][0]["model_id"] is None and twice["rounds"][0]["model_id"] is None

@@ -67,10 +67,10 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
-            "handshake_timeout": (int, float), "no_resume": bool,
+            "handshake_timeout": (int, float), "send_timeout": (int, float), "no_resume": bool,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
-                     "handshake_timeout": (int, float)},
+                     "handshake_timeout": (int, float), "send_timeout": (int, float)},
         "client": {
             **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
             "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH, **package_limits,
@@ -165,6 +165,7 @@ def serve(args: argparse.Namespace) -> int:
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
         resume=not s.get("no_resume"),
+        send_timeout=_timeout(s, "send_timeout", ControllerSettings.send_timeout),
     )
     if s.get("combiner_cert_ttl"):
         from scaleout.security.tokens import parse_ttl
@@ -234,6 +235,7 @@ def combine(args: argparse.Namespace) -> int:
         max_connect_rate=_connect_rate(s),
         hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
+        send_timeout=_timeout(s, "send_timeout", CombinerSettings.send_timeout),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)

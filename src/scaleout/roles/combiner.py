@@ -21,11 +21,11 @@ from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host, raise_file_limit
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -62,6 +62,7 @@ class CombinerSettings:
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
     hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Combiner:
                 await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
         advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)
@@ -211,7 +213,8 @@ class Combiner:
                 self.renewal = asyncio.create_task(self._renew_certificate(ctx_files=(cert_dir, server_ctx), ttl_s=result["cert_ttl_s"], stop=stop))
         rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
         server, port = await serve(
-            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout
+            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout,
+            send_timeout=s.send_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"

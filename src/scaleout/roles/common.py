@@ -24,6 +24,24 @@ def announce(url: str) -> None:
     log.info("listening on %s", url)
 
 
+def raise_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one: a controller or combiner holds a
+    socket per link, and the usual soft limit of 1,024 is soon reached by a large fleet (or
+    by idle connections someone opens to run it out of them)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("open files limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as exc:
+        log.debug("cannot raise the open files limit: %s", exc)
+
+
 def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(6)
 

@@ -30,7 +30,7 @@ from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, raise_file_limit, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.sessions import MODEL, SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.roles.events import EventHub, snapshot
@@ -40,7 +40,7 @@ from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
@@ -73,6 +73,7 @@ class ControllerSettings:
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
     resume: bool = True  # a session running when the controller stopped resumes at the next start (serve --no-resume: off)
+    send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
 
 
 @dataclass
@@ -205,6 +206,7 @@ class Controller:
         tls.write_private(path, (token + "\n").encode())
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         self.prepare()
         s = self.settings
         if s.metrics_port is not None:
@@ -216,7 +218,7 @@ class Controller:
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
-            handshake_timeout=s.handshake_timeout,
+            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"

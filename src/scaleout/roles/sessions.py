@@ -49,6 +49,7 @@ MODEL = ("models", ".safetensors")
 STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of a session
 PARTIAL_GRACE_S = 5.0
 PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial at, at the least
+PULL_STALL_S = 10.0  # a partial of which nothing arrives for this long is given up
 SMALL_PAYLOAD = 1 << 20
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 RESTARTED = "controller restarted"
@@ -327,8 +328,8 @@ class SessionService:
         s.stop_reason = reason
         s.stop_event.set()
         s.events.put_nowait(("stop", reason))
-        for c in list(self.host.combiners.values()):
-            await quiet_send(c.link, m.SessionStop(session_id=s.id))
+        # To all at once: a combiner that does not read holds this up send_timeout at most, the others not at all.
+        await asyncio.gather(*(quiet_send(c.link, m.SessionStop(session_id=s.id)) for c in list(self.host.combiners.values())))
         if s.task is not None:
             await asyncio.wait({s.task}, timeout=10)
 
@@ -600,7 +601,7 @@ class SessionService:
                     continue
                 began = loop.time()
                 try:
-                    pulled = await _unless_set(self._pull_partial(name, msg, agg), s.stop_event)
+                    pulled = await _unless_set(self._pull_partial(name, msg, agg, tracker.deadline), s.stop_event)
                     if pulled is None:  # stopped while the partial was on its way
                         return finish("failed", "session stopped", participants=contributors)
                     count, who = pulled
@@ -674,20 +675,52 @@ class SessionService:
         host.hub.round_ended({**row, "session_id": s.id})
         return {**row, "index": action.index}
 
-    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any) -> tuple[int, list[str]]:
+    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any, deadline: float) -> tuple[int, list[str]]:
         """Fetch a combiner's partial when this round can fold it (one at a time, so the
-        controller holds one partial, not one per combiner), and fold it in a thread. The
-        wait grows with the partial's size, so a large model's partial is never late."""
+        controller holds one partial, not one per combiner), and fold it in a thread.
+
+        The announce must fit the round: at most as many updates as the combiner was given
+        clients, and a size the model's template allows (`partial_size_range`), else it is
+        refused before anything is pulled. The pull ends by the round's ``deadline`` (a few
+        seconds more for a partial announced at the last moment) and is given up when no
+        byte of it arrives for PULL_STALL_S."""
+        from scaleout.core.aggregators.base import partial_size_range
+
         host = self.host
         c = host.combiners.get(name)
         if c is None:
             raise LinkClosed(name, "combiner gone")
-        if not 0 < msg.size <= host.max_payload:
-            raise PayloadError(f"partial aggregate of {msg.size} bytes announced; the limit is {host.max_payload}")
+        given = len(host.round_members.get(name, frozenset()))
+        if not 0 < msg.count <= given:
+            raise PayloadError(f"partial aggregate of {msg.count} updates announced; the combiner was given {given} clients")
+        least, most = partial_size_range(agg.template, msg.count)
+        if not least <= msg.size <= min(most, host.max_payload):
+            raise PayloadError(
+                f"partial aggregate of {msg.size} bytes announced; one of {msg.count} updates to this model has {least} to {min(most, host.max_payload)}"
+            )
+        loop = asyncio.get_running_loop()
         c.link.max_payload = msg.size
+        request = asyncio.ensure_future(
+            c.link.request("partial.get", {"session_id": msg.session_id, "round_index": msg.round_index}, timeout=transfer_timeout(msg.size))
+        )
+        until = max(deadline, loop.time() + PARTIAL_GRACE_S)
+        seen, since = c.link.received_bytes, loop.time()
         try:
-            _, blob = await c.link.request("partial.get", {"session_id": msg.session_id, "round_index": msg.round_index}, timeout=transfer_timeout(msg.size))
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=min(1.0, max(0.0, until - loop.time())))
+                if done:
+                    _, blob = request.result()
+                    break
+                now = loop.time()
+                if c.link.received_bytes != seen:
+                    seen, since = c.link.received_bytes, now
+                elif now - since >= PULL_STALL_S:
+                    raise PayloadError(f"combiner sent nothing of its partial for {PULL_STALL_S:g} s")
+                if now >= until:
+                    raise PayloadError("its partial was still arriving at the round's deadline")
         finally:
+            if not request.done():
+                request.cancel()
             c.link.max_payload = SMALL_PAYLOAD
         if blob is None or len(blob) != msg.size:
             raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")

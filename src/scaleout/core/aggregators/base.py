@@ -108,6 +108,21 @@ def encode_partial(p: Partial, layout: str = "dict") -> bytes:
     return encode_named(sums, layout, metadata)
 
 
+NAME_BYTES = 128  # a contributor is a node name: at most 128 ASCII characters (messages.check_name)
+
+
+def partial_size_range(template: Mapping[str, TensorSpec], count: int) -> tuple[int, int]:
+    """The least and most bytes `encode_partial` can give for a model of ``template`` folded
+    from ``count`` updates: each sum is float32 or float64, and the header holds the tensor
+    names, the contributors' names and three numbers. A partial announced outside this range
+    is refused before a byte of it is pulled."""
+    elements = sum(math.prod(spec.shape) for spec in template.values())
+    names = sum(len(name.encode()) for name in template)
+    # JSON escapes may take a name's byte to 6 characters, twice (the order list is a JSON string inside the header).
+    header = 1024 + 12 * names + sum(64 + 24 * len(spec.shape) for spec in template.values()) + count * 2 * (NAME_BYTES + 8)
+    return 8 + 4 * elements, 8 + 8 * elements + header + 8
+
+
 def decode_partial(data: bytes) -> Partial:
     """Parse and sanity-check a partial written by `encode_partial`. The sums are read-only
     views into ``data`` (no copy: a partial can be as large as the model)."""
