@@ -71,8 +71,17 @@ def test_plot_draws_mean_and_spread_with_labels() -> None:
     pts = [(1.0, Spread(0.5, 0.1, 0.4, 0.6, 3)), (2.0, Spread(0.7, 0.1, 0.6, 0.8, 3)), (3.0, Spread(0.8, 0.0, 0.8, 0.8, 3))]
     text = render_plot(40, 10, pts).plain.splitlines()
     assert len(text) == 10
-    assert text[0].startswith("0.8") and "┤" in text[0]  # the max label on top
-    assert text[-1].strip().startswith("round 1")
+    assert text[0].lstrip().startswith("0.8") and "┤" in text[0]  # the max label on top
+    assert text[-1].split() == ["round", "1", "2", "3"]  # a label under each round
+    assert text[-1].index("3") - text[-1].index("2") == text[-1].index("2") - text[-1].index("1") > 5  # under their places
+    ten = render_plot(60, 6, [(float(i), Spread(i, 0.0, i, i, 1)) for i in range(1, 11)]).plain.splitlines()[-1]
+    assert ten.split() == ["round", *map(str, range(1, 11))], ten
+    many = render_plot(60, 6, [(float(i), Spread(i, 0.0, i, i, 1)) for i in range(1, 101)]).plain.splitlines()[-1]
+    assert many.split()[1:] == [str(i) for i in range(10, 101, 10)], many  # as many as fit, evenly
+    one = render_plot(40, 6, [(1.0, Spread(0.5, 0.0, 0.5, 0.5, 1))]).plain.splitlines()[-1]
+    assert one.split() == ["round", "1"], one  # one round: no 0.5 and 1.5
+    steps = render_plot(60, 6, [(i / 4, Spread(i, 0.0, i, i, 1)) for i in range(12)], None, "round.step").plain.splitlines()[-1]
+    assert steps.split() == ["round", "1", "2", "3"], steps  # training steps of rounds 1-3
     assert any(ch != " " and 0x2800 <= ord(ch) <= 0x28FF for line in text for ch in line)
     assert "no values yet" in render_plot(40, 10, []).plain
 
