@@ -223,6 +223,161 @@ def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
     assert claims.role == "client" and 7000 < claims.exp - time.time() <= 7200
 
 
+def focus_ring(app: ScaleoutApp) -> str:
+    return str(app.focused.id if app.focused is not None else None)
+
+
+async def tab_through(pilot: Any, app: ScaleoutApp, n: int, key: str = "tab") -> list[str]:
+    """Press ``key`` ``n`` times; the id focused after each press."""
+    seen = []
+    for _ in range(n):
+        await pilot.press(key)
+        seen.append(focus_ring(app))
+    return seen
+
+
+def test_every_form_and_dialog_works_by_keyboard_alone(fed: Federation) -> None:
+    """Tab and Shift+Tab reach every field and button (out of text fields too), Enter
+    submits, Escape closes: a session with non-default settings and an admin token, keys only."""
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> str:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            # The main screen: Tab leaves the filter box.
+            await pilot.press("/")
+            assert focus_ring(app) == "client-filter"
+            assert await tab_through(pilot, app, 1) == ["clients"]
+            # The start form, every field in order and back.
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the session form")
+            form = app.screen
+            assert focus_ring(app) == "f-rounds"
+            order = ["f-round_timeout", "f-min_clients", "f-aggregator", "f-aggregator_kwargs", "f-settings", "f-validate", "f-name", "cancel", "start"]
+            assert await tab_through(pilot, app, len(order)) == order
+            assert await tab_through(pilot, app, len(order), "shift+tab") == [*reversed(order[:-1]), "f-rounds"]
+            await pilot.press(*"2")  # the field's text is selected on focus: typing replaces it
+            await pilot.press("tab", *"30", "tab", "tab", "tab", "tab", *'{"epochs": 1}', "tab", "space", "tab", *"by-keys")
+            assert focus_ring(app) == "f-name"
+            await pilot.press("enter")  # Enter in a field starts it
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form to close", timeout=5)
+            await until(pilot, lambda: app.view.session is not None and app.view.session.status == "finished", "the session", timeout=60)
+            s = app.view.session
+            assert s is not None
+            assert (s.config["rounds"], s.config["round_timeout"], s.config["settings"], s.config["validate"], s.config["name"]) == (
+                2, 30.0, {"epochs": 1}, False, "by-keys"
+            ), s.config
+            # Escape closes the form, and a button is pressed with Enter: Cancel.
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form again")
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "escape to close it")
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form again")
+            await pilot.press("shift+tab", "shift+tab")
+            assert focus_ring(app) == "cancel"
+            await pilot.press("enter")
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "cancel to close it")
+            # A single-key action of the main screen does nothing in a dialog.
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, TokenDialog), "the token dialog")
+            dialog = app.screen
+            assert focus_ring(app) == "t-role"
+            assert await tab_through(pilot, app, 5) == ["t-ttl", "t-name", "close", "create", "t-role"]  # Copy is off until a token exists
+            await pilot.press("s")
+            assert isinstance(app.screen, TokenDialog)
+            # An admin token with a lifetime of 2 hours, keys only: the role list opens with Enter.
+            await pilot.press("enter", "down", "down", "enter")
+            await until(pilot, lambda: dialog.query_one("#t-role").value == "admin", "the admin role chosen")
+            await pilot.press("tab", *"2h", "tab", *"kbd", "enter")  # Enter in a field creates it
+            await until(pilot, lambda: dialog.token is not None, "the token")
+            token = str(dialog.token)
+            assert focus_ring(app) == "copy"
+            await pilot.press("enter")
+            assert app.clipboard == token
+            await pilot.press("shift+tab")
+            assert focus_ring(app) == "close"
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TokenDialog), "escape to close it")
+            # The one-line dialogs: Tab reaches their buttons, Escape closes them.
+            await pilot.press("p")
+            await until(pilot, lambda: bool(app.screen.query("#answer")), "the package dialog")
+            assert focus_ring(app) == "answer"
+            assert await tab_through(pilot, app, 3) == ["cancel", "ok", "answer"]
+            await pilot.press("escape")
+            await until(pilot, lambda: not app.screen.query("#answer"), "escape to close it")
+            await pilot.press("q")
+            return token
+
+    from scaleout.security.tokens import peek
+
+    claims = peek(asyncio.run(go()))
+    assert claims.role == "admin" and 7000 < claims.exp - time.time() <= 7200
+
+
+def test_the_status_line_follows_the_active_model_and_package(fed: Federation) -> None:
+    """model set-seed and package set-active from the CLI, and a session's models, show at once."""
+    from conftest import scaleout
+
+    from scaleout.package.archive import create_archive
+
+    ready(fed, clients=1)
+    assert fed.conn is not None
+    seed = next(p for p in (fed.tmp / f"build-{QUICKSTART.name}").iterdir() if p.suffix in (".npz", ".safetensors"))
+    other = create_archive(QUICKSTART, fed.tmp / "other.tgz")
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+
+        def line() -> str:
+            return str(app.query_one("#status-line").render())
+
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.active_model is not None and app.view.active_model[:12] in line(), "the seed on the status line")
+            first_model = str(app.view.active_model)
+            assert "client.tgz" in line()
+            # A session's last model.
+            await asyncio.to_thread(fed.run_session, rounds=1, min_clients=1, validate=False)
+            await until(pilot, lambda: app.view.active_model != first_model, "the round's model")
+            await until(pilot, lambda: str(app.view.active_model)[:12] in line(), "the round's model on the status line")
+            # The CLI: a package and a seed set from another terminal.
+            r = await asyncio.to_thread(scaleout, "package", "set-active", str(other), "--data-dir", str(fed.data))
+            assert r.returncode == 0, r.stderr
+            await until(pilot, lambda: "other.tgz" in line(), "the new package on the status line")
+            r = await asyncio.to_thread(scaleout, "model", "set-seed", str(seed), "--data-dir", str(fed.data))
+            assert r.returncode == 0, r.stderr
+            await until(pilot, lambda: first_model[:12] in line(), "the seed again on the status line")
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_the_progress_bar_of_a_stopped_session_shows_its_real_fraction(fed: Federation) -> None:
+    ready(fed, clients=1)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        from textual.widgets import ProgressBar
+
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            session = (await asyncio.to_thread(fed.admin, "session.start", {"rounds": 10, "round_timeout": 30, "min_clients": 1, "validate": False}))[0]["session"]
+            await until(pilot, lambda: any(r.status == "succeeded" for r in app.view.rounds.values()), "the first round", timeout=60)
+            await asyncio.to_thread(fed.admin, "session.stop", {"id": session["id"]})
+            await until(pilot, lambda: app.view.session is not None and app.view.session.status != "running", "the session stopped")
+            bar = app.query_one("#round-progress", ProgressBar)
+            done = sum(1 for r in app.view.rounds.values() if r.status != "running")
+            await until(pilot, lambda: bar.total == 10, "the bar to count rounds")
+            assert 1 <= done < 10 and bar.progress == done and bar.percentage == done / 10, (done, bar.progress, bar.total)
+            assert f"{done}/10 rounds" in str(app.query_one("#session-info").render())
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
 def test_command_palette_lists_the_actions(fed: Federation) -> None:
     fed.controller()
     assert fed.conn is not None
