@@ -96,3 +96,27 @@ def test_a_malformed_snapshot_is_refused_in_words_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="snapshot is malformed"):
         v.load({**SNAPSHOT, "session": {"id": "s-1", "status": "running", "rounds": [{"idx": "x", "status": 3}]}})
     assert set(v.clients) == {"a"} and v.session_id == "s-1" and v.running_round is not None
+
+
+def test_seen_is_a_clients_last_activity() -> None:
+    v = FedView()
+    v.load(SNAPSHOT)
+    v.apply(m.ClientJoined(client="b", combiner="c1", time=100.0))
+    assert v.clients["b"].last_seen == 100.0
+    ch = v.apply(m.MetricLogged(session_id="s-1", round_index=2, client="b", step=0, values={"loss": 1.0}, time=150.0))
+    assert v.clients["b"].last_seen == 150.0 and "b" in ch.clients
+    ch = v.apply(m.ClientReported(session_id="s-1", round_index=2, client="b", task="train", time=400.0))
+    assert v.clients["b"].last_seen == 400.0 and "b" in ch.clients
+    v.apply(m.ClientReported(session_id="s-0", round_index=9, client="b", task="validate", time=300.0))  # late and out of order
+    assert v.clients["b"].last_seen == 400.0
+
+
+def test_the_clipboard_sequence_never_reaches_the_page() -> None:
+    from scaleout.tui.web import Osc52Filter
+
+    stream = b"before\x1b]52;c;c2NvMS5zZWNyZXQ=\x07middle\x1b]52;c;c2Nv\x1b\\after\x1b[0m"
+    for cut in range(1, len(stream)):  # however the stream is split into chunks
+        f = Osc52Filter()
+        assert f(stream[:cut]) + f(stream[cut:]) == b"beforemiddleafter\x1b[0m", cut
+    f = Osc52Filter()
+    assert b"".join(f(bytes([b])) for b in stream) == b"beforemiddleafter\x1b[0m"

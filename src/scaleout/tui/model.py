@@ -277,13 +277,19 @@ class FedView:
                 self._report(ev.task, ev.round_index, ev.client, ev.error, ev.values, None)
                 ch.session = ch.metrics = True
             known = self.clients.get(ev.client)
+            if known is not None:  # SEEN is the client's last activity, not when it connected
+                known.last_seen = max(known.last_seen or 0.0, when)
+                ch.clients.add(ev.client)
             if known is not None and ev.task == "train" and not ev.error:
                 known.last_round = (ev.session_id, ev.round_index)
-                ch.clients.add(ev.client)
             if ev.error:
                 ch.log = True
                 self.say("warning", f"client {ev.client}: round {ev.round_index} {ev.task} refused: {' '.join(ev.error.split())[:300]}", when)
         elif isinstance(ev, m.MetricLogged):
+            known = self.clients.get(ev.client)
+            if known is not None:
+                known.last_seen = max(known.last_seen or 0.0, when)
+                ch.clients.add(ev.client)
             if ev.session_id == self.session_id:
                 self._report("metric", ev.round_index, ev.client, None, ev.values, ev.step)
                 ch.metrics = True

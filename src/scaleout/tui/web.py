@@ -66,8 +66,9 @@ class Osc52Filter:
         while data:
             if self.inside:
                 end = [i for i in (data.find(b"\x07"), data.find(b"\x1b\\")) if i >= 0]
-                if not end:
-                    return bytes(out)  # still inside: drop the rest
+                if not end:  # still inside: drop the rest (but a split ESC \\ must be found next time)
+                    self.tail = b"\x1b" if data.endswith(b"\x1b") else b""
+                    return bytes(out)
                 stop = min(end)
                 data = data[stop + (1 if data[stop:stop + 1] == b"\x07" else 2):]
                 self.inside = False
