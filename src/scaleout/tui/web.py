@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,21 @@ class Osc52Filter:
         return bytes(out)
 
 
+def _die_with_parent() -> Any:
+    """On Linux, a preexec function that has the child sent SIGTERM when this process dies,
+    even by SIGKILL (PR_SET_PDEATHSIG), so no app outlives its server; elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
 class AppProcess(AppService):
     """One browser page's `scaleout tui`: started without a shell in its own process group,
     with the controller's secrets in its environment only, its clipboard kept from the page."""
@@ -105,7 +121,7 @@ class AppProcess(AppService):
     async def _open_app_process(self, width: int = 80, height: int = 24) -> asyncio.subprocess.Process:
         self._process = process = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=self._build_environment(width, height), start_new_session=True,
+            env=self._build_environment(width, height), start_new_session=True, preexec_fn=_die_with_parent(),
         )
         assert process.stdin is not None
         self._stdin = process.stdin
