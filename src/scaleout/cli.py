@@ -327,6 +327,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
     p.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default: 127.0.0.1; whoever opens the page acts as admin)")
     p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--max-sessions", type=int, default=3, metavar="N", help="with --web: at most N pages (app processes) at once; more are refused (default: 3)")
     _connection(p)
     _common(p)
 
