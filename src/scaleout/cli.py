@@ -240,6 +240,11 @@ def build_parser() -> ArgumentParser:
     )
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
+    c.add_argument("--max-examples-per-client", type=int, default=1_000_000, metavar="N", help="a client's weight (num_examples) is clipped to N; 0: no cap (default: 1000000)")
+    c.add_argument(
+        "--max-update-norm", default="10", metavar="X",
+        help="refuse an update whose change exceeds X times the model's norm (at least sqrt(parameters)); 0 or 'off': no bound (default: 10)",
+    )
     c.add_argument("--name", help="a name for the session")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
     _connection(c)

@@ -240,6 +240,7 @@ def session_start(args: argparse.Namespace) -> int:
     req = SessionConfig(
         rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
         aggregator=args.aggregator, aggregator_kwargs=aggregator_kwargs, validate=args.validate, settings=settings, name=args.name,
+        max_examples_per_client=args.max_examples_per_client, max_update_norm=args.max_update_norm,
     ).to_dict()
     try:
         json.dumps(req, allow_nan=False)

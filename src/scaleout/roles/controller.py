@@ -963,6 +963,7 @@ class Controller:
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
+                max_examples=cfg.max_examples_per_client, max_update_norm=cfg.max_update_norm,
             )
             if not await _quiet_send(self.combiners[name].link, msg, _names(clients)):
                 tracker.on_combiner_lost(name)
