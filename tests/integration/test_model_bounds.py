@@ -61,3 +61,19 @@ def test_a_greedy_client_is_refused_and_the_honest_rounds_succeed(fed: Federatio
     np.testing.assert_allclose(model(fed, again["end_model"]), np.full(4, 0.6), rtol=1e-5)
     for model_id in (row["id"] for row in fed.admin("model.ls")[0]["models"]):
         assert np.abs(model(fed, model_id)).max() < 1.0
+
+
+def test_an_update_of_an_impossible_shape_is_refused_by_name(fed: Federation) -> None:
+    # Issue 19 #18: a tensor of shape [0, 2**62, 2**62] made numpy fail ("array is too big")
+    # and killed the pull; now it is refused like any malformed update, and the round goes on.
+    fed.controller()
+    fed.seed_from(GREEDY)
+    fed.combiner("c1")
+    for name in ("h0", "odd"):
+        fed.client(name, package=GREEDY)
+    fed.wait_clients(2)
+    session = fed.run_session(rounds=1, min_clients=1, validate=False, settings={"attackers": {"odd": {"shape": [0, 2**62, 2**62]}}})
+    assert session["status"] == "finished", session
+    assert session["rounds"][0]["participants"] == ["h0"], session
+    errors = refusals(fed, session["id"], 0)
+    assert errors["odd"] and "tensor '0'" in errors["odd"] and "is not plausible" in errors["odd"], errors
