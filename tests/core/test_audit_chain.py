@@ -84,18 +84,18 @@ def test_verify_log_against_a_signed_head() -> None:
     # The tail cut and state.db's head rewritten to match: the chain alone holds, the anchor does not.
     cut = entries[:3]
     assert verify_chain(cut, head(cut)) == (3, None)
-    checked, broken = verify_log(cut, head(cut), full, exact=True)
+    _, broken = verify_log(cut, head(cut), full, exact=True)
     assert broken is not None and broken.id == 4 and "entries after 3 were removed: the signed head names entry 5 of 5" in broken.reason
     # Everything deleted, head too.
-    checked, broken = verify_log([], None, full, exact=True)
+    _, broken = verify_log([], None, full, exact=True)
     assert broken is not None and "the log is empty, but the signed head names entry 5 of 5" in broken.reason
     # A kept copy from earlier: the log may have grown past it, but not be rewritten under it.
     early = Anchor(3, str(entries[2]["hash"]), 3)
     assert verify_log(entries, head(entries), early, exact=False) == (5, None)
-    checked, broken = verify_log(entries, head(entries), early, exact=True)
+    _, broken = verify_log(entries, head(entries), early, exact=True)
     assert broken is not None and "goes on past the signed head's entry 3" in broken.reason
     forged = Anchor(3, "f" * 64, 3)
-    checked, broken = verify_log(entries, head(entries), forged, exact=False)
+    _, broken = verify_log(entries, head(entries), forged, exact=False)
     assert broken is not None and broken.id == 3 and "another hash" in broken.reason
     assert verify_log([], None, Anchor(0, "", 0), exact=True) == (0, None)  # a new, empty log
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from scaleout.core.aggregators import FedAvg, FedAdam, Partial, make_strategy
+from scaleout.core.aggregators import FedAdam, FedAvg, Partial, make_strategy
 from scaleout.core.aggregators.bounds import (
     check_change,
     clip_examples,

@@ -56,7 +56,10 @@ class SessionConfig:
             raise ConfigError("settings", "must be a JSON object, e.g. '{\"epochs\": 2}'")
         if self.name is not None and not isinstance(self.name, str):
             raise ConfigError("name", "must be a string")
-        from scaleout.core.aggregators.bounds import parse_examples_cap, parse_norm_bound
+        from scaleout.core.aggregators.bounds import (
+            parse_examples_cap,
+            parse_norm_bound,
+        )
 
         parse_examples_cap(self.max_examples_per_client)
         object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0

@@ -343,7 +343,7 @@ def _members(data: bytes, limits: UnpackLimits) -> Iterator[tuple[tarfile.TarFil
                 rel = budget.member(member)
                 if rel is not None:
                     yield tar, member, rel
-                tar.members.clear()  # a stream keeps every TarInfo it has read: memory would grow with the file count
+                tar.members.clear()  # type: ignore[attr-defined]  # a stream keeps every TarInfo it read: memory would grow with the file count
             # Read to the end so gzip checks its CRC and length: a truncated archive fails here.
             padding = 0
             while chunk := gz.read(1 << 16):

@@ -17,7 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from scaleout.core.errors import PayloadError, UpdateRejected
-from scaleout.core.payload import TensorSpec, encode_named, headroom, read_metadata, views
+from scaleout.core.payload import (
+    TensorSpec,
+    encode_named,
+    headroom,
+    read_metadata,
+    views,
+)
 
 WEIGHT_KEY = "scaleout.weight"
 COUNT_KEY = "scaleout.count"

@@ -27,6 +27,7 @@ import numpy as np
 from scaleout.core.aggregators.fold import BLOCK
 from scaleout.core.errors import ConfigError, UpdateRejected
 
+
 def clip_examples(count: int, cap: int) -> int:
     """A client's weight: its claimed ``count``, at most ``cap`` (0: no cap)."""
     return min(count, cap) if cap > 0 else count
