@@ -249,6 +249,11 @@ def build_parser() -> ArgumentParser:
     )
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
+    c.add_argument("--max-examples-per-client", type=int, default=1_000_000, metavar="N", help="a client's weight (num_examples) is clipped to N; 0: no cap (default: 1000000)")
+    c.add_argument(
+        "--max-update-norm", default="10", metavar="X",
+        help="refuse an update whose change exceeds X times the model's norm (at least sqrt(parameters)); 0 or 'off': no bound (default: 10)",
+    )
     c.add_argument("--name", help="a name for the session")
     c.add_argument("--model", metavar="ID", help="start from this model of the trail instead of the global model (model ls lists them)")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
@@ -342,6 +347,7 @@ def build_parser() -> ArgumentParser:
     _common(c)
     c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
     c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
+    c.add_argument("--head", type=Path, metavar="FILE", help="also check against a copy of DATA_DIR/audit.head kept elsewhere: the log must still hold the entry it names")
     _connection(c)
     _json_flag(c)
     _common(c)

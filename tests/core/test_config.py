@@ -18,6 +18,8 @@ DEFAULTS = {
     "validate": True,
     "settings": {},
     "name": None,
+    "max_examples_per_client": 1_000_000,
+    "max_update_norm": 10.0,
 }
 
 
@@ -37,6 +39,8 @@ def test_from_mapping_and_to_dict_round_trip() -> None:
         "validate": False,
         "settings": {"epochs": 2, "lr": 0.1},
         "name": "exp-1",
+        "max_examples_per_client": 500,
+        "max_update_norm": 3.5,
     }
     cfg = SessionConfig.from_mapping(data)
     assert cfg.to_dict() == data

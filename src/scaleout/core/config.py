@@ -32,6 +32,10 @@ class SessionConfig:
     validate: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    # A client's weight is clipped to this many examples (0: no cap); a change beyond this
+    # multiple of the model's norm is refused (0: off). See core/aggregators/bounds.py.
+    max_examples_per_client: int = 1_000_000
+    max_update_norm: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
@@ -52,6 +56,13 @@ class SessionConfig:
             raise ConfigError("settings", "must be a JSON object, e.g. '{\"epochs\": 2}'")
         if self.name is not None and not isinstance(self.name, str):
             raise ConfigError("name", "must be a string")
+        from scaleout.core.aggregators.bounds import (
+            parse_examples_cap,
+            parse_norm_bound,
+        )
+
+        parse_examples_cap(self.max_examples_per_client)
+        object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SessionConfig:

@@ -145,6 +145,8 @@ class RoundStart(Message):
     timeout: float
     settings: JSON = field(default_factory=dict)
     aggregator: str = "fedavg"
+    max_examples: int = 1_000_000  # a client's weight is clipped to this (0: no cap)
+    max_update_norm: float = 10.0  # a change beyond this multiple of the model's norm is refused (0: off)
     blob: str | None = None
     attempt: int = 1  # a round run again after a controller restart keeps its index: its partial names the try
 

@@ -18,6 +18,7 @@ from scaleout.core import payload, permissions
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
+from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_limit
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
@@ -79,6 +80,9 @@ class Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
     timer: asyncio.TimerHandle | None = None
     update_limit: int = 0  # bytes a selected client may send as its update (train only)
+    max_examples: int = 0  # a client's weight is clipped to this (0: no cap)
+    model: dict[str, Any] = field(default_factory=dict)  # the round's global model (views), to measure changes against
+    norm_limit: float | None = None  # the largest change an update may make (None: no bound)
     settings: dict[str, Any] = field(default_factory=dict)
     pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
     told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
@@ -530,6 +534,10 @@ class Combiner:
             model = await self._model(msg.model_id)
             if kind == "train":
                 job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
+                assert isinstance(msg, m.RoundStart)
+                job.max_examples = msg.max_examples
+                job.model = payload.views(model)
+                job.norm_limit = await asyncio.to_thread(norm_limit, job.model, msg.max_update_norm)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
             for client in clients:
@@ -626,7 +634,10 @@ class Combiner:
         try:
             if not msg.ok:
                 raise UpdateRejected(msg.error or "the client reported a failure")
-            weight = read_num_examples(msg.data.get("metadata"))
+            claimed = read_num_examples(msg.data.get("metadata"))
+            weight = clip_examples(claimed, job.max_examples)
+            if weight != claimed:  # clipped, not refused: a large honest site still counts, at the cap
+                log.warning("round %d: client %s claims %d examples; counted as %d (max_examples_per_client)", job.round_index, client, claimed, weight)
             size = msg.size
             if not isinstance(size, int) or size <= 0:
                 raise ProtocolError("a train result must say the size of its update")
@@ -666,7 +677,7 @@ class Combiner:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
                     return  # the round closed while the update was on its way
-                checked = await asyncio.to_thread(_check_update, job.agg, blob)
+                checked = await asyncio.to_thread(_check_update, job, blob)
                 async with job.lock:
                     if self.jobs.get(job.kind) is not job:
                         raise UpdateRejected("the round closed while the update was being checked")
@@ -843,9 +854,14 @@ def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]
     return names
 
 
-def _check_update(agg: Any, blob: bytes) -> Any:
-    """Parse an update's header and check its values against the round's model (off the loop)."""
-    return agg.check(payload.views(blob))
+def _check_update(job: Job, blob: bytes) -> Any:
+    """Parse an update's header and check its values, dtypes and the size of its change
+    against the round's model (off the loop)."""
+    checked = job.agg.check(payload.views(blob))
+    check_change(job.model, checked.arrays, job.norm_limit)
+    if checked.converted:
+        log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))
+    return checked
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:

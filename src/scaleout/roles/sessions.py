@@ -571,6 +571,7 @@ class SessionService:
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator, attempt=attempt,
+                max_examples=cfg.max_examples_per_client, max_update_norm=cfg.max_update_norm,
             )
             if not await quiet_send(links[name], msg, _names(clients)):
                 tracker.on_combiner_lost(name)

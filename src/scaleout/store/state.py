@@ -125,6 +125,9 @@ class State:
         assert isinstance(db, _Connection)
         db.path = str(path)
         self.db = db
+        self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
+        self._pending_head: tuple[int, str] | None = None
+        self._audit_count = 0
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -179,10 +182,13 @@ class State:
             yield
             self.db.execute("COMMIT")
         except BaseException:
+            self._pending_head = None
             if self.db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self.db.rollback()
             raise
+        if self._pending_head is not None:  # committed: the head outside state.db follows
+            self._write_head()
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
@@ -432,6 +438,31 @@ class State:
                 (next_id, entry["time"], actor, action, address, entry["detail"], digest),
             )
             self.set_meta(AUDIT_HEAD, f"{next_id} {digest}")
+            self._pending_head = (next_id, digest)
+
+    def anchor_audit(self, head_file: Any) -> bool:
+        """Keep the audit head in ``head_file`` (store/audithead.py) too, rewritten after each
+        append; written now when missing (False then: the first start with it, or someone
+        removed it, which `audit verify` cannot tell apart)."""
+        self._head_file = head_file
+        (self._audit_count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
+        if head_file.exists():
+            return True
+        head = self.get_meta(AUDIT_HEAD)
+        eid, _, digest = (head or "0 ").partition(" ")
+        self._pending_head = (int(eid) if eid.isdigit() else 0, digest) if head else (0, "")
+        self._audit_count -= 1  # _write_head counts the pending entry
+        self._write_head()
+        return False
+
+    def _write_head(self) -> None:
+        from scaleout.core.audit import Anchor
+
+        pending, self._pending_head = self._pending_head, None
+        if self._head_file is None or pending is None:
+            return
+        self._audit_count += 1
+        self._head_file.write(Anchor(pending[0], pending[1], self._audit_count))
 
     def audit_log(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` entries (from ``since`` on, if given), newest first."""
@@ -440,12 +471,17 @@ class State:
             since if since is not None else float("-inf"), limit,
         )
 
-    def audit_verify(self) -> tuple[int, Broken | None]:
-        """Check the whole chain and its head: (entries checked, the first break or None)."""
+    def audit_verify(self, anchor: Any = None, exact: bool = True) -> tuple[int, Broken | None]:
+        """Check the whole chain and its head, and against ``anchor`` (core/audit.Anchor: the
+        signed head file, ``exact``, or an operator's copy): (entries checked, the first break or None)."""
+        from scaleout.core.audit import verify_log
+
         cur = self.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id")
         head = self.get_meta(AUDIT_HEAD)
         parsed: tuple[int, str] | None = None
         if head:
             eid, _, digest = head.partition(" ")
             parsed = (int(eid), digest) if eid.isdigit() else (0, "")
-        return verify_chain((dict(row) for row in cur), parsed)
+        if anchor is None:
+            return verify_chain((dict(row) for row in cur), parsed)
+        return verify_log((dict(row) for row in cur), parsed, anchor, exact=exact)
