@@ -52,6 +52,8 @@ def test_a_session_resumes_by_itself_after_the_controller_is_killed_in_round_4(f
     }
     session = fed.admin("session.start", config)[0]["session"]
     wait_stdout(clients[0], "recover_client: held")  # round 4's tasks are out: its 4th train call
+    (inflight,) = [r["idx"] for r in fed.admin("session.show", {"id": session["id"]})[0]["session"]["rounds"] if r["status"] == "running"]
+    assert inflight == 4 or inflight == 3, inflight  # 3 only if a link blip had a task sent twice earlier
 
     port = int(fed.url.rsplit(":", 1)[1])
     first.popen.send_signal(signal.SIGKILL)
@@ -64,8 +66,9 @@ def test_a_session_resumes_by_itself_after_the_controller_is_killed_in_round_4(f
     rounds = done["rounds"]
     assert [r["idx"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert all(r["status"] == "succeeded" for r in rounds), rounds
-    assert rounds[3]["attempt"] == 2 and rounds[3]["retried"] == ["controller restarted"], rounds[3]
-    assert all(r["attempt"] == 1 for i, r in enumerate(rounds) if i != 3)
+    retried = rounds[inflight - 1]
+    assert retried["attempt"] == 2 and retried["retried"] == ["controller restarted"], retried
+    assert all(r["attempt"] == 1 for r in rounds if r["idx"] != inflight)
     # The trail is linked: each round's model is the parent of the next, from the seed on.
     parents = [r["parent"] for r in rounds]
     assert parents == [seed] + [r["model_id"] for r in rounds[:-1]]
@@ -82,7 +85,7 @@ def test_a_session_resumes_by_itself_after_the_controller_is_killed_in_round_4(f
         assert_allclose(got[key], value, rtol=1e-5, atol=1e-6)
     verify = scaleout("audit", "verify", "--data-dir", str(fed.data), "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "resumes after a restart: round 4 again (try 2)" in fed.procs[-1].text()
+    assert f"resumes after a restart: round {inflight} again (try 2)" in fed.procs[-1].text()
 
 
 def test_serve_no_resume_leaves_the_session_interrupted(fed: Federation, tmp_path: Path) -> None:
