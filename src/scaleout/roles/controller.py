@@ -959,16 +959,20 @@ class Controller:
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
         strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
         agg = get_aggregator(cfg.aggregator, template)
+        # Events name the link they came from: one from an earlier registration of a combiner
+        # (lost and back since) says nothing about this round, so the link each start went on is kept.
+        links: dict[str, Link] = {}
         for name, clients in selected.items():
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
             )
-            if not await _quiet_send(self.combiners[name].link, msg, _names(clients)):
+            c = self.combiners.get(name)  # gone since it was selected (its link dropped meanwhile): lost
+            if c is None or not await _quiet_send(c.link, msg, _names(clients)):
+                log.warning("round %d: combiner %s is gone: its %d clients are lost to this round", index, name, len(clients))
                 tracker.on_combiner_lost(name)
-        # Events name the link they came from: one from an earlier registration of a combiner
-        # (lost and back since) says nothing about this round.
-        links = {name: self.combiners[name].link for name in selected if name in self.combiners}
+                continue
+            links[name] = c.link
         contributors: list[str] = []
         timings: dict[str, dict[str, Any]] = {}
         reduce_s = 0.0
