@@ -9,6 +9,7 @@ message, so a receiver has the bytes (sha256-checked) when the message arrives.
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -707,7 +708,7 @@ def _bounded_int(text: str) -> int:
 
 def _finite_float(text: str) -> float:
     value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         shown = text if len(text) <= 24 else f"{text[:12]}..."
         raise _OutOfRange(f"the number {shown}, beyond the float range: use finite numbers only")
     return value

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, private_tempdir, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -195,7 +194,7 @@ class Combiner:
         tmp = None
         if not s.insecure:
             if s.data_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
+                tmp = private_tempdir("scaleout-combiner-")  # its key: swept at a next start if this one is killed
             cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
             cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
