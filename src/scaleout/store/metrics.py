@@ -44,7 +44,7 @@ def logged_metrics(
     )
     if limit > 0:
         sql += " LIMIT ?"
-        cursor = st.db.execute(sql, (*args, limit + 1))  # one more tells whether there are more
+        cursor = st.db.execute(sql, (*args, min(limit + 1, (1 << 63) - 1)))  # one more tells whether there are more (within SQLite's INTEGER)
     else:
         cursor = st.db.execute(sql, args)
     rows = [dict(row) for row in cursor.fetchall()]
