@@ -356,3 +356,16 @@ def test_loads_bounds_any_json_a_peer_sends() -> None:
         m.loads("[" + "9" * 30 + "]", "name list")
     with pytest.raises(ProtocolError, match="^name list is not valid JSON"):
         m.loads("[NaN]", "name list")
+
+
+def test_a_refused_request_names_its_id_so_its_sender_is_answered() -> None:
+    with pytest.raises(ProtocolError) as info:
+        m.parse(_request('{"limit": %s}' % ("9" * 5000)))
+    assert info.value.re == "1"
+    with pytest.raises(ProtocolError) as info:
+        m.parse('{"v": %d, "type": "request", "id": "7", "op": 3}' % m.PROTOCOL_VERSION)
+    assert info.value.re == "7"
+    for frame in ('{"v": %d, "type": "metric", "id": "8", "task_id": "t", "metrics": {"a": 1e999}}' % m.PROTOCOL_VERSION, "{not json"):
+        with pytest.raises(ProtocolError) as info:
+            m.parse(frame)
+        assert info.value.re is None  # not a request: nobody waits for a reply

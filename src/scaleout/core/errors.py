@@ -54,6 +54,7 @@ class ConfigError(ScaleoutError):
 
 class ProtocolError(ScaleoutError):
     code = "bad_message"
+    re: str | None = None  # the id of the refused message, when it could be read: its sender's request fails at once
 
 
 class PayloadError(ScaleoutError):

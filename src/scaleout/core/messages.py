@@ -636,7 +636,28 @@ def serialize(msg: Message) -> str:
 
 
 def parse(text: str | bytes) -> Message:
-    """Decode and validate one text frame; raises ProtocolError saying what is wrong."""
+    """Decode and validate one text frame; raises ProtocolError saying what is wrong, with
+    ``re`` set to the frame's id when it is a request whose id can be read (so its sender is
+    answered, not left waiting)."""
+    try:
+        return _parse(text)
+    except ProtocolError as exc:
+        exc.re = _request_id(text)
+        raise
+
+
+def _request_id(text: str | bytes) -> str | None:
+    """The id of a refused request frame, read leniently (any number as 0), or None."""
+    try:
+        body = json.loads(text, parse_int=lambda _: 0, parse_float=lambda _: 0.0, parse_constant=lambda _: 0)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(body, dict) and body.get("type") == "request" and isinstance(body.get("id"), str):
+        return str(body["id"])[:64]
+    return None
+
+
+def _parse(text: str | bytes) -> Message:
     size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
     if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message is {size} bytes; the limit is {MAX_TEXT_BYTES}")

@@ -379,7 +379,7 @@ class Link:
                     else:
                         await self._on_text(frame, on_message, on_request)
                 except ScaleoutError as exc:
-                    await self._complain(exc)
+                    await self._complain(exc, getattr(exc, "re", None))
                 except Exception:  # the role edge: a bug in one handler must not drop the link
                     log.exception("could not handle a message from %s", self.peer)
                     await self._complain(ProtocolError("internal error while handling the message"))
@@ -465,6 +465,10 @@ class Link:
             self._on_blob_start(msg)
             return
         if isinstance(msg, m.Error):
+            fut = self._pending.get(msg.re) if msg.re is not None else None
+            if fut is not None and not fut.done():  # our request was refused before it could be read: fail it now
+                fut.set_exception(RemoteError(msg.code, msg.message))
+                return
             log.warning("%s reported an error: %s", self.peer, msg.message)
             return
         # No local name for the payload: whoever takes it from the Incoming decides its lifetime.
