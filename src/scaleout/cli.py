@@ -240,8 +240,8 @@ def build_parser() -> ArgumentParser:
     ssub.required = True
     c = ssub.add_parser("start", help="start a session of federated rounds")
     c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
-    c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates (default: 180)")
-    c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout (default: 1)")
+    c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates, at most 7 days (default: 180)")
+    c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout, 1 to 1,000,000 (default: 1)")
     c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
     c.add_argument(
         "--aggregator-kwargs", default="{}", metavar="JSON",

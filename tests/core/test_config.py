@@ -71,6 +71,10 @@ def test_partial_mapping_keeps_other_defaults() -> None:
         ("round_timeout", "60"),
         ("round_timeout", True),
         ("round_timeout", None),
+        ("round_timeout", 1e300),  # would wait practically forever
+        ("round_timeout", 7 * 86400 + 1),
+        ("min_clients", 10**30),  # could never be met
+        ("min_clients", 1_000_001),
         ("min_clients", 0),
         ("min_clients", -2),
         ("min_clients", 1.5),
@@ -125,6 +129,14 @@ def test_fedavg_takes_no_kwargs() -> None:
 def test_constructor_validates_too() -> None:
     with pytest.raises(ConfigError, match="rounds"):
         SessionConfig(rounds=0)
+
+
+def test_bounds_are_said_in_the_error() -> None:
+    with pytest.raises(ConfigError, match=r"at most 604,800 \(7 days\), got 1e\+300"):
+        SessionConfig(round_timeout=1e300)
+    with pytest.raises(ConfigError, match=r"from 1 to 1,000,000, got 1000000000000000000000000000000"):
+        SessionConfig(min_clients=10**30)
+    assert SessionConfig(round_timeout=7 * 86400, min_clients=1_000_000).min_clients == 1_000_000
 
 
 @pytest.mark.parametrize("timeout", [0.001, 1, 3600.5])

@@ -30,7 +30,7 @@ from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
+from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, private_tempdir, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
@@ -184,7 +184,7 @@ class Client:
 
     def _tempdir(self) -> str:
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="scaleout-client-")
+            self._tmp = private_tempdir("scaleout-client-")  # swept at a next start if this one is killed
         return self._tmp.name
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host, raise_file_limit
+from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, private_tempdir, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -39,6 +38,7 @@ CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
 UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or one model-sized update
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
+ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
 SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
@@ -201,7 +201,7 @@ class Combiner:
         tmp = None
         if not s.insecure:
             if s.data_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
+                tmp = private_tempdir("scaleout-combiner-")  # its key: swept at a next start if this one is killed
             cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
             cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
@@ -441,8 +441,8 @@ class Combiner:
             for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
                 self._drop(job)
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
-            for link in list(self.clients.values()):
-                await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+            for name, link in list(self.clients.items()):  # in the background: a frozen client must not stall this link
+                self._spawn(_quiet(asyncio.wait_for(link.send(m.TaskAbort(session_id=msg.session_id)), ABORT_SEND_S), f"telling {name} the session stopped"))
         elif isinstance(msg, (m.CommandStart, m.PackageChanged)):
             await self.relay.on_controller(inc)
         elif isinstance(msg, m.Event):
@@ -753,14 +753,17 @@ class Combiner:
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
         await _quiet(self.controller.send(report))
 
-    async def _abort_late(self, job: Job) -> None:
-        """Tell clients still working on this job that nobody waits for their result."""
+    def _abort_late(self, job: Job) -> None:
+        """Tell clients still working on this job that nobody waits for their result, in the
+        background and ABORT_SEND_S at most each: a frozen client's socket (its buffers full,
+        or closing for websockets' 10 s) must never hold up the end of a round."""
         late = set(job.tracker.expected) - job.tracker.reported - set(job.tracker.failed)
         late |= {c for c, why in job.tracker.failed.items() if "timeout" in why}
         for task_id, client in job.tasks.items():
             link = self.clients.get(client)
             if client in late and link is not None:
-                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, task_id=task_id)))
+                abort = m.TaskAbort(session_id=job.session_id, task_id=task_id)
+                self._spawn(_quiet(asyncio.wait_for(link.send(abort), ABORT_SEND_S), f"telling {client} its task is aborted"))
 
     async def _complete(self, job: Job) -> None:
         """Tell the controller this combiner's share of the round is ready, once; a train
@@ -771,7 +774,7 @@ class Combiner:
             return
         self._drop(job)
         assert self.controller is not None
-        await self._abort_late(job)
+        self._abort_late(job)
         # Clients lost, timed out or never reached are named too, not only those that answered.
         for client, reason in sorted(job.tracker.failed.items()):
             if client not in job.told:
@@ -895,8 +898,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
 
 
-async def _quiet(coro: Any) -> None:
+async def _quiet(coro: Any, what: str = "send") -> None:
     try:
         await coro
+    except TimeoutError:  # asyncio's, since 3.11 the builtin
+        log.warning("%s: gave up, the peer does not read", what)
     except Exception as exc:  # the role edge: a closed peer is noticed by its reader
-        log.warning("send failed: %s", exc)
+        log.warning("%s failed: %s", what, exc)

@@ -19,6 +19,8 @@ from scaleout.core.errors import (
     AuthError,
     ConfigError,
     ConflictError,
+    CorruptModelError,
+    IntegrityError,
     LimitExceeded,
     NotFoundError,
     ProtocolError,
@@ -698,7 +700,10 @@ class Controller:
         the round's global model, and the round itself needs it, so keep the latest one in
         memory. A round's new model is put here as it is committed: never read back."""
         if self._model_cache is None or self._model_cache[0] != model_id:
-            data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
+            try:
+                data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
+            except IntegrityError as exc:  # which model, where, and what to do: not an internal error
+                raise CorruptModelError(model_id, str(self.blobs.root / MODEL[0]), exc.actual) from None
             self._model_cache = (model_id, data)
         return self._model_cache[1]
 

@@ -573,7 +573,8 @@ class SessionService:
                 timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator, attempt=attempt,
                 max_examples=cfg.max_examples_per_client, max_update_norm=cfg.max_update_norm,
             )
-            if not await quiet_send(links[name], msg, _names(clients)):
+            if not await quiet_send(links[name], msg, _names(clients)):  # its link dropped since it was selected
+                log.warning("round %d: combiner %s is gone: its %d clients are lost to this round", index, name, len(clients))
                 tracker.on_combiner_lost(name)
         contributors: list[str] = []
         timings: dict[str, dict[str, Any]] = {}

@@ -29,8 +29,8 @@ class BlobStore:
         path = self._path(kind, digest, suffix)
         tmp: str | None = None
         try:
-            if path.exists() and path.stat().st_size == len(data):
-                return digest
+            if path.exists() and path.stat().st_size == len(data) and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return digest  # already stored, intact (a corrupt copy is replaced: putting it again repairs it)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:  # 0600 whatever the umask

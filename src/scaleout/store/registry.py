@@ -41,6 +41,7 @@ class RegistryWriter:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
+        self.quarantined = 0  # rows left out because they could not be stored (see _write_each)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -72,7 +73,10 @@ class RegistryWriter:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(FLUSH_S)  # a batching window, not a synchronisation
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # the writer's edge: one failed batch must not stop every later write
+                log.exception("could not record registry changes and reports")
 
     async def flush(self) -> None:
         """Write what is queued now (in a thread) and wait for a write already under way, so
@@ -86,7 +90,13 @@ class RegistryWriter:
         batch = (self._clients, self._combiners, self._offline, self._reports)
         self._clients, self._combiners, self._offline, self._reports = {}, {}, {}, []
         try:
-            await asyncio.to_thread(self._write, *batch)
+            try:
+                await asyncio.to_thread(self._write, *batch)
+            except StorageError:
+                raise
+            except Exception as exc:  # a row SQLite cannot hold (the batch was rolled back): keep the others
+                log.warning("a batch of %d registry changes and reports failed (%s): writing them one by one", sum(len(b) for b in batch), exc)
+                await asyncio.to_thread(self._write_each, *batch)
         except StorageError as exc:  # registry rows are refreshed by the next change or start
             log.error("could not record %d registry changes and reports: %s", sum(len(b) for b in batch), exc)
 
@@ -146,3 +156,22 @@ class RegistryWriter:
                     "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)", reports
                 )
             self.written += len(clients) + len(combiners) + len(offline) + len(reports)
+
+    def _write_each(
+        self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
+        reports: list[tuple[str, str, int, str, str, str | None, float]],
+    ) -> None:
+        """Write a failed batch one row at a time: a row that fails again is quarantined (left
+        out, with a log line saying which and why) and every other row is written."""
+        rows: list[tuple[str, tuple[Any, ...]]] = [(f"combiner {k} going offline", ({}, {}, {k: v}, [])) for k, v in offline.items()]
+        rows += [(f"client {k} {v[0]}", ({k: v}, {}, {}, [])) for k, v in clients.items()]
+        rows += [(f"combiner {k} {v[0]}", ({}, {k: v}, {}, [])) for k, v in combiners.items()]
+        rows += [(f"{r[0]} report of client {r[3]} (session {r[1]}, round {r[2]!r:.30})", ({}, {}, {}, [r])) for r in reports]
+        for what, one in rows:
+            try:
+                self._write(*one)
+            except StorageError:
+                raise
+            except Exception as exc:
+                self.quarantined += 1
+                log.error("quarantined the %s: it cannot be stored (%s: %.200s); the other changes are kept", what, type(exc).__name__, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +67,25 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
         return None
     out = dict(row)
     for key in _JSON_COLUMNS & out.keys():
-        out[key] = json.loads(out[key]) if out[key] is not None else None
+        out[key] = json.loads(out[key], parse_int=_int64_or_none, parse_float=_finite_or_none, parse_constant=_none) if out[key] is not None else None
     return out
+
+
+def _finite_or_none(text: str) -> float | None:
+    """A stored float as read back; one beyond the float range (stored before numbers were
+    bounded on arrival) is read as null, so whatever lists it is still JSON."""
+    value = float(text)
+    return value if abs(value) <= sys.float_info.max else None
+
+
+def _int64_or_none(text: str) -> int | None:
+    """A stored integer as read back; one beyond 64 bits (stored before they were refused) is
+    read as null: no peer would take it."""
+    return int(text) if len(text.lstrip("-")) <= 19 and -(1 << 63) <= int(text) < (1 << 63) else None
+
+
+def _none(name: str) -> None:
+    return None
 
 
 # SQLite's result codes for a database it cannot write or read: the disk, not a bug.

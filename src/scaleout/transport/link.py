@@ -33,7 +33,6 @@ TLS, so both run side by side.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import hashlib
 import io
@@ -424,7 +423,7 @@ class Link:
                     else:
                         await self._on_text(frame, on_message, on_request)
                 except ScaleoutError as exc:
-                    await self._complain(exc)
+                    await self._complain(exc, getattr(exc, "re", None))
                 except Exception:  # the role edge: a bug in one handler must not drop the link
                     log.exception("could not handle a message from %s", self.peer)
                     await self._complain(ProtocolError("internal error while handling the message"))
@@ -514,6 +513,10 @@ class Link:
             self._on_blob_start(msg)
             return
         if isinstance(msg, m.Error):
+            fut = self._pending.get(msg.re) if msg.re is not None else None
+            if fut is not None and not fut.done():  # our request was refused before it could be read: fail it now
+                fut.set_exception(RemoteError(msg.code, msg.message))
+                return
             log.warning("%s reported an error: %s", self.peer, msg.message)
             return
         # No local name for the payload: whoever takes it from the Incoming decides its lifetime.
@@ -553,20 +556,27 @@ class Link:
             if on_request is None:
                 raise ProtocolError(f"{self.peer} does not take requests here")
             result, data = await on_request(req, inc.take_blob())
-            reply = m.Reply(re=req.id, ok=True, result=result)
-            if data is None:
-                # A listing that grows with the fleet (clients, reports) must not outgrow a frame.
-                with contextlib.suppress(ValueError):  # NaN: sending says so below
-                    encoded = m.to_json(result).encode()
-                    if len(encoded) > m.MAX_INLINE_RESULT:
-                        reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
+            # Encoded before anything is sent: a result JSON cannot carry (inf, NaN, an object)
+            # becomes an error reply below, never a request left unanswered.
+            encoded: bytes | None
+            try:
+                encoded = m.to_json(result).encode()
+            except (ValueError, TypeError, RecursionError) as exc:
+                log.error("reply to %s from %s could not be encoded: %s", req.op, self.peer, exc)
+                encoded = None
+            if encoded is None:
+                data, reply = None, m.Reply(re=req.id, ok=False, error={"code": "internal", "message": "internal error: reply could not be encoded"})
+            elif data is None and len(encoded) > m.MAX_INLINE_RESULT:  # a listing that grows with the fleet must not outgrow a frame
+                reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
+            else:
+                reply = m.Reply(re=req.id, ok=True, result=result)
         except ScaleoutError as exc:
             reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": self.scrub(str(exc))})
         except asyncio.CancelledError:
             raise
         except Exception:  # the role edge: never let a bug take down the link
             log.exception("request %s from %s failed", req.op, self.peer)
-            reply = m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
+            data, reply = None, m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
         try:
             if isinstance(data, Hashed):
                 await self.send_with_blob(reply, data.data, sha256=data.sha256)
