@@ -114,6 +114,10 @@ def build_parser() -> ArgumentParser:
         help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
     )
     _connect_rate_flag(p)
+    p.add_argument(
+        "--max-enrol-rate", type=float, metavar="N",
+        help="nodes one join token may enrol per minute (a minute's worth at once); more are refused and retry (default: 60; 0: no limit)",
+    )
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)

@@ -168,6 +168,16 @@ class Federation:
 
         return asyncio.run(go())
 
+    def ticket(self, client: str, combiner: str) -> str:
+        """A ticket as the controller issues one in client.assign (signed with its token key):
+        for stand-in combiners that announce many clients without running them."""
+        import time
+
+        from scaleout.security.tokens import TokenSigner
+
+        signer = TokenSigner.load_or_create(self.data / "token.key")
+        return signer.issue("client", 3600, time.time(), jti=f"k-test-{client}", sub=client, nid=f"n-test-{client}", aud=combiner)
+
     def combiner(self, name: str) -> Proc:
         args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0", "--state-dir", str(self.tmp / "combiners" / name)]
         p = Proc(name, args, self.logs, True)

@@ -149,7 +149,7 @@ class FakeClient:
         info, _ = await ctl.request("client.assign", {"name": self.name}, timeout=TIMEOUT)
         await ctl.ws.close()
         reader.cancel()
-        self.link = await link_connect(str(info["url"]), token, ctx, max_payload=1 << 30, peer_role="combiner")
+        self.link = await link_connect(str(info["url"]), str(info["ticket"]), ctx, max_payload=1 << 30, peer_role="combiner")
         self.reader = asyncio.create_task(self.link.run(on_message=self.on_message, on_request=self.on_request))
         await self.link.send(m.Hello(name=self.name))
 
@@ -222,7 +222,7 @@ class FakeCombiner:
         self.reader = asyncio.create_task(self.link.run(on_message=self.on_message, on_request=self.on_request))
         await self.link.request("combiner.register", {"name": "fake"}, timeout=TIMEOUT)
         await self.link.request("combiner.ready", {"url": "wss://127.0.0.1:1"}, timeout=TIMEOUT)
-        await self.link.send(m.ClientsChanged(joined=["x"]))
+        await self.link.send(m.ClientsChanged(joined=["x"], proofs=[fed.ticket("x", "fake")]))
 
     async def on_message(self, inc: Incoming) -> None:
         msg = inc.msg
