@@ -219,7 +219,7 @@ def test_revoked_token_links_close_within_5s_and_nodes_exit_3(fed: Federation, t
     assert rows["client"]["expires"].endswith("Z") and rows["client"]["last_used"] is not None
     assert "sco1." not in r.stdout and "SCALEOUT-1." not in r.stdout  # never the secret
     human = scaleout("token", "ls", "--data-dir", str(fed.data)).stdout
-    assert human.splitlines()[0].split() == ["ID", "ROLE", "NAME", "STATUS", "EXPIRES", "USES", "NODES", "LAST", "USED"]
+    assert human.splitlines()[0].split() == ["ID", "ROLE", "NAME", "STATUS", "EXPIRES", "USES", "NODES", "LAST", "USED", "LAST", "ENROLLED"]
     started = time.monotonic()
     r = scaleout("token", "revoke", rows["client"]["id"][:6], "--with-nodes", "--data-dir", str(fed.data))
     assert r.returncode == 0, r.stderr

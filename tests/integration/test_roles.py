@@ -106,7 +106,7 @@ def test_a_node_link_gets_a_nodes_payload_limit_before_it_registers(fed: Federat
 def test_a_combiner_must_register_before_anything_else(fed: Federation) -> None:
     fed.controller()
     fed.seed_from(QUICKSTART)
-    err = refused(fed, fed.token("combiner"), "model.get")
+    err = refused(fed, fed.identity("combiner", "early"), "model.get")
     assert err.code == "unauthorized" and "register first" in str(err), err
 
 

@@ -66,7 +66,12 @@ def token_ls(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> in
                 n["created_s"] = when(n["created"])
             table(nodes, IDENTITY_COLUMNS, "")
 
-    emit(args, {"tokens": rows, "identities": nodes} if getattr(args, "json", False) else rows, human)
+    by_token: dict[str, list[dict[str, Any]]] = {}
+    for n in nodes:
+        by_token.setdefault(n["token_id"], []).append(n)
+    for r in rows:  # in JSON, each token lists the node credentials enrolled with it
+        r["node_credentials"] = by_token.get(r["id"], [])
+    emit(args, rows, human)
     return EXIT_OK
 
 
