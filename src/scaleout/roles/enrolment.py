@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, ConflictError, LimitExceeded, ProtocolError
+from scaleout.core.errors import AuthError, ConflictError, ProtocolError, RateLimited
 from scaleout.core.ratelimit import RateLimiter
 from scaleout.roles.common import audit_actor as _actor
 from scaleout.roles.common import close_now, new_id
@@ -103,10 +103,10 @@ class Desk:
         claims = link.claims
         if claims is None or claims.nid is not None or claims.role == "admin":
             return
-        if op not in JOIN_OPS:
-            raise AuthError(f"a join token may only enrol a node (node.enrol), not do {op}: enrol first, as scaleout {'join' if claims.role == 'client' else 'combine'} does")
         if op != "node.enrol" and used_up(self.db.token(claims.jti)):
             raise AuthError("this join token was used up: it opens nothing any more")
+        if op not in JOIN_OPS:
+            raise AuthError(f"a join token may only enrol a node (node.enrol), not do {op}: enrol first, as scaleout {'join' if claims.role == 'client' else 'combine'} does")
 
     def ticket(self, claims: tokens.TokenClaims, combiner: str) -> str:
         """A client's ticket for ``combiner``: what it shows there instead of its own credential
@@ -149,7 +149,7 @@ class Desk:
             wait = self.enrol_rate.take(claims.jti, now)
             if wait > 0:
                 log.warning("token %s: enrolment of %s %s refused: more than %g a minute", claims.jti, role, name, self.enrol_rate.rate * 60)
-                raise LimitExceeded(f"this join token enrols at most {self.enrol_rate.rate * 60:g} nodes a minute; try again in {wait:.0f} s")
+                raise RateLimited(f"this join token enrols at most {self.enrol_rate.rate * 60:g} nodes a minute; try again in {wait:.0f} s")
         sans = list(row["sans"]) if row is not None else []
         # On the loop, like the controller's other small writes: the State connection is not
         # shared with a thread mid-transaction (a few rows per node, once per node).
