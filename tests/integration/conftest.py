@@ -168,6 +168,13 @@ class Federation:
 
         return asyncio.run(go())
 
+    def assigned_ticket(self, name: str, prefer: str | None = None) -> str:
+        """Enrol client ``name`` and ask for its combiner, as `scaleout join` does: the ticket
+        it connects to that combiner with."""
+        ident = self.identity("client", name)
+        conn = Connection(self.url, ident, Path(self.ca), False)
+        return str(asyncio.run(call_async(conn, "client.assign", {"name": name, "prefer": prefer}))[0]["ticket"])
+
     def ticket(self, client: str, combiner: str) -> str:
         """A ticket as the controller issues one in client.assign (signed with its token key):
         for stand-in combiners that announce many clients without running them."""

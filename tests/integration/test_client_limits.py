@@ -71,7 +71,7 @@ def test_a_flooding_client_cannot_drop_its_combiner(fed: Federation) -> None:
     for name in ("good-0", "good-1"):
         fed.client(name, package=QUICKSTART)
     assert c1.url is not None
-    headers = {"Authorization": f"Bearer {fed.identity('client', 'evil')}"}
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('evil')}"}
     errors: list[dict[str, Any]] = []
 
     async def go() -> dict[str, Any]:
