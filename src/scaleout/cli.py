@@ -118,6 +118,10 @@ def build_parser() -> ArgumentParser:
         help="leave a session that was running when the controller stopped 'interrupted' (carry on with: scaleout session continue ID) instead of resuming it",
     )
     _connect_rate_flag(p)
+    p.add_argument(
+        "--max-enrol-rate", type=float, metavar="N",
+        help="nodes one join token may enrol per minute (a minute's worth at once); more are refused and retry (default: 60; 0: no limit)",
+    )
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)

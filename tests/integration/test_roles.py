@@ -105,7 +105,7 @@ def test_a_node_link_gets_a_nodes_payload_limit_before_it_registers(fed: Federat
 def test_a_combiner_must_register_before_anything_else(fed: Federation) -> None:
     fed.controller()
     fed.seed_from(QUICKSTART)
-    err = refused(fed, fed.token("combiner"), "model.get")
+    err = refused(fed, fed.identity("combiner", "early"), "model.get")
     assert err.code == "unauthorized" and "register first" in str(err), err
 
 
@@ -148,7 +148,7 @@ class FakeClient:
         info, _ = await ctl.request("client.assign", {"name": self.name}, timeout=TIMEOUT)
         await ctl.ws.close()
         reader.cancel()
-        self.link = await link_connect(str(info["url"]), token, ctx, max_payload=1 << 30, peer_role="combiner")
+        self.link = await link_connect(str(info["url"]), str(info["ticket"]), ctx, max_payload=1 << 30, peer_role="combiner")
         self.reader = asyncio.create_task(self.link.run(on_message=self.on_message, on_request=self.on_request))
         await self.link.send(m.Hello(name=self.name))
 
@@ -221,7 +221,7 @@ class FakeCombiner:
         self.reader = asyncio.create_task(self.link.run(on_message=self.on_message, on_request=self.on_request))
         await self.link.request("combiner.register", {"name": "fake"}, timeout=TIMEOUT)
         await self.link.request("combiner.ready", {"url": "wss://127.0.0.1:1"}, timeout=TIMEOUT)
-        await self.link.send(m.ClientsChanged(joined=["x"]))
+        await self.link.send(m.ClientsChanged(joined=["x"], proofs=[fed.ticket("x", "fake")]))
 
     async def on_message(self, inc: Incoming) -> None:
         msg = inc.msg

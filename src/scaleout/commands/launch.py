@@ -66,7 +66,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
-            "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
+            "max_connect_rate": (int, float), "max_enrol_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
             "handshake_timeout": (int, float), "send_timeout": (int, float), "no_resume": bool,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
@@ -86,6 +86,17 @@ def _connect_rate(s: dict[str, Any]) -> float:
         return DEFAULT_RATE
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
         raise UsageError(f"--max-connect-rate must be a number of connections per second (0: no limit), got {rate!r}")
+    return float(rate)
+
+
+def _enrol_rate(s: dict[str, Any]) -> float:
+    from scaleout.roles.enrolment import DEFAULT_ENROL_RATE
+
+    rate = s.get("max_enrol_rate")
+    if rate is None:
+        return DEFAULT_ENROL_RATE
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
+        raise UsageError(f"--max-enrol-rate must be a number of enrolments per minute (0: no limit), got {rate!r}")
     return float(rate)
 
 
@@ -160,6 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         metrics_port=_metrics_port(s.get("metrics_port")),
         metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
         max_connect_rate=_connect_rate(s),
+        max_enrol_rate=_enrol_rate(s),
         package_limits=_package_limits(s),
         hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),

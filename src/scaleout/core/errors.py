@@ -8,6 +8,7 @@
      │    └── ModelMismatchError  an update's tensors differ from the global model's
      ├── UpdateRejected         an update is well-formed but unusable (NaN, no examples)
      ├── LimitExceeded          a metric, result or text is larger than a peer may send
+     ├── RateLimited            too many at once (enrolments with one join token): retry later
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
      │    └── PackageCommandFailed  a dispatcher package's command failed, timed out or wrote bad output
@@ -93,6 +94,12 @@ class LimitExceeded(ScaleoutError, ValueError):
         self.size = size
         self.limit = limit
         super().__init__(f"{what} is {fmt_bytes(size)} as JSON; the limit is {fmt_bytes(limit)}" + (f": {hint}" if hint else ""))
+
+
+class RateLimited(ScaleoutError):
+    """Too many at once (enrolments with one join token): try again later."""
+
+    code = "rate_limited"
 
 
 class AuthError(ScaleoutError):

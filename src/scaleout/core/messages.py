@@ -20,6 +20,7 @@ from scaleout.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
 MAX_NAMES = 2000  # names per message in lists that grow with the fleet
+MAX_PROOFS = 1000  # clients joined per clients.changed (each with its ticket: about 400 bytes)
 MAX_INLINE_RESULT = 256 << 10  # a reply's result larger than this travels as its payload
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
 CLOSE_REVOKED = 4003  # close code: the link's token or node identity was revoked, or grants not what it asked
@@ -124,12 +125,15 @@ class Revoked(Message):
 class ClientsChanged(Message):
     """Combiner -> controller: clients that connected (``joined``) and left since the last
     one. Deltas, so each costs O(1) per client; ``reset`` (after registering) starts a full
-    listing, sent in pages of at most MAX_NAMES names like every other one."""
+    listing, sent in pages of at most MAX_PROOFS names. ``proofs[i]`` is the ticket
+    ``joined[i]`` connected with (the controller issued it for that client and this combiner):
+    a client counts as attached only with it."""
 
     type: ClassVar[str] = "clients.changed"
     joined: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
     reset: bool = False
+    proofs: list[str] = field(default_factory=list)
 
 
 @message

@@ -260,7 +260,10 @@ class Client:
             reader.cancel()
         s = self.settings
         self.enrolled.renew(info.get("token"))
-        link = await connect(str(info["url"]), self.enrolled.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        ticket = info.get("ticket")
+        if not isinstance(ticket, str):  # never its own credential: the combiner could act as this client with it
+            raise ProtocolError("the controller gave no ticket for the combiner (it is older than this client): upgrade the controller")
+        link = await connect(str(info["url"]), ticket, self.ctx, max_payload=s.max_payload, peer_role="combiner")
         working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link

@@ -26,7 +26,7 @@ from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
-from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, connect, serve
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 T = TypeVar("T")
@@ -44,6 +44,7 @@ SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the li
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
+TICKET_CONNECT_S = 300.0  # a client connects with a ticket issued at most this long ago (it gets one per assignment)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Combiner:
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
         self._joined: set[str] = set()  # membership changes not yet told to the controller
+        self.proofs: dict[str, str] = {}  # client -> the ticket it connected with: forwarded as proof it is here
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
@@ -261,9 +263,15 @@ class Combiner:
         if not token:
             raise AuthError("no token given")
         assert self.verifier is not None
-        claims = self.verifier.verify(token, time.time(), roles={"client"})
+        now = time.time()
+        claims = self.verifier.verify(token, now, roles={"client"})
         if claims.nid is None:
             raise AuthError("a client connects with its own credential: it enrols with the controller first (scaleout join does)")
+        if claims.aud != self.name:
+            # Its own credential would let this combiner act as the client at the controller.
+            raise AuthError(f"a client connects with the ticket the controller gave it for this combiner ({self.name}), not with another credential")
+        if now > claims.iat + TICKET_CONNECT_S:
+            raise AuthError("this ticket is too old to connect with: ask the controller for a combiner again")
         return claims
 
     # -- clients --------------------------------------------------------------------------
@@ -300,6 +308,7 @@ class Combiner:
                     if stale is not None:
                         stale.cancel()
                 name = msg.name
+                self.proofs[name] = bearer(link.ws.request.headers) or ""
                 link.max_payload = self._client_limit(name)
                 gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
@@ -315,6 +324,7 @@ class Combiner:
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)) and gate is not None:
+                await self._announced(name)
                 await self.relay.on_client(name, link, gate, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
@@ -326,6 +336,7 @@ class Combiner:
             watch.cancel()
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
+                self.proofs.pop(name, None)
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
                 self._changed(left=name)
                 self.relay.client_gone(name)
@@ -392,6 +403,14 @@ class Combiner:
         if self._status_timer is None:
             self._status_timer = asyncio.get_running_loop().call_later(STATUS_DELAY_S, lambda: self._spawn(self._flush_changes()))
 
+    async def _announced(self, client: str) -> None:
+        """Tell the controller now of a client that joined a moment ago (its batch still
+        waits), so what is said for it next is said by a combiner it knows it is on."""
+        if client in self._joined:
+            if self._status_timer is not None:
+                self._status_timer.cancel()
+            await self._flush_changes()
+
     async def _flush_changes(self) -> None:
         self._status_timer = None
         joined, left = sorted(self._joined), sorted(self._left)
@@ -412,10 +431,13 @@ class Combiner:
         link = self.controller
         if link is None or self.stopping or link.ws.close_code is not None or not (joined or left or reset):
             return
-        page = m.MAX_NAMES
+        page = m.MAX_PROOFS
+        joined = [c for c in joined if self.proofs.get(c)]
         try:
             for i in range(0, max(len(joined), len(left), 1), page):
-                await link.send(m.ClientsChanged(joined=joined[i : i + page], left=left[i : i + page], reset=reset and i == 0))
+                names = joined[i : i + page]
+                proofs = [self.proofs[c] for c in names]
+                await link.send(m.ClientsChanged(joined=names, proofs=proofs, left=left[i : i + page], reset=reset and i == 0))
         except Exception as exc:  # the role edge: the reader notices the lost controller
             log.warning("could not report clients to the controller: %s", exc)
 
@@ -748,6 +770,7 @@ class Combiner:
         assert self.controller is not None
         if kind == job.kind:  # the client's outcome; a metric it logged on the way is not one
             job.told.add(client)
+        await self._announced(client)
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)

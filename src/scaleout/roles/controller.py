@@ -76,6 +76,7 @@ class ControllerSettings:
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
     resume: bool = True  # a session running when the controller stopped resumes at the next start (serve --no-resume: off)
     send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
+    max_enrol_rate: float = 60.0  # enrolments per minute per join token (0: no limit)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class CombinerConn:
     name: str
     link: Link
     url: str | None = None
-    clients: set[str] = field(default_factory=set)
+    clients: set[str] = field(default_factory=set)  # those that proved they are attached to it (a ticket naming it)
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
@@ -102,6 +103,8 @@ class Controller:
         # aggregate for those (and for the clients attached to it), no others.
         self.round_members: dict[str, frozenset[str]] = {}
         self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
+        # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
+        self.tickets: dict[str, tuple[int, str]] = {}
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self.url = ""
@@ -257,7 +260,10 @@ class Controller:
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
             raise AuthError("no token given: pass one with --token (see scaleout token create)")
-        return self.verifier.verify(token, time.time())
+        claims = self.verifier.verify(token, time.time())
+        if claims.aud is not None:
+            raise AuthError("a ticket is good only at the combiner it names, not at the controller")
+        return claims
 
     # -- links --------------------------------------------------------------------------
 
@@ -276,6 +282,7 @@ class Controller:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
+            self.desk.check_join_link(link, req.op)  # a join token enrols, nothing more
             if role == "combiner" and req.op not in ("combiner.register", "node.enrol") and not self._registered(link):
                 raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
@@ -374,7 +381,10 @@ class Controller:
                     raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
                 for client in (*msg.joined, *msg.left):  # all checked before any is applied
                     m.check_name(client, "client name")
-                for client in msg.joined:
+                if len(msg.proofs) != len(msg.joined):
+                    raise AuthError(f"clients.changed: every client that joined needs its proof (the ticket it connected with): {len(msg.joined)} names, {len(msg.proofs)} proofs")
+                proven = self._proven(c, msg.joined, msg.proofs)  # a forged one refuses the whole message
+                for client in proven:
                     elsewhere = self.assigner.where.get(client)
                     if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
                         # One name, one node: the newest connection counts, once, wherever it is.
@@ -404,6 +414,39 @@ class Controller:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
+
+    def _proven(self, c: CombinerConn, names: list[str], proofs: list[str]) -> list[str]:
+        """The clients in ``names`` whose proof shows they attached to combiner ``c``: a
+        ticket the controller signed for that client and this combiner, the newest it issued
+        for the client. A proof not signed here, or naming another client or combiner, is a
+        forgery: AuthError (nothing in the message is applied). A revoked, expired or
+        superseded one leaves its client out (it counts again once it reconnects)."""
+        now = time.time()
+        checked = []
+        for name, proof in zip(names, proofs):
+            try:
+                claims = self.verifier.genuine(proof)
+            except AuthError:
+                claims = None
+            if claims is None or claims.aud != c.name or claims.sub != name or claims.role != "client" or claims.nid is None:
+                log.warning("combiner %s announced client %s without a valid proof: refused", c.name, name)
+                raise AuthError(f"clients.changed: no valid proof that client {name!r} attached to combiner {c.name} (the ticket it connected with)")
+            checked.append((name, claims))
+        out = []
+        for name, claims in checked:
+            newest = self.tickets.get(name)
+            if claims.jti in self.verifier.revoked or claims.nid in self.verifier.revoked:
+                why = "its credential was revoked"
+            elif newest is not None and newest[1] != claims.jti and claims.iat <= newest[0]:
+                why = "a newer ticket was issued to it since"
+            elif (newest is None or newest[1] != claims.jti) and now >= claims.exp:
+                why = "its ticket expired"
+            else:
+                self.tickets[name] = (claims.iat, claims.jti)
+                out.append(name)
+                continue
+            log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
+        return out
 
     def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
         """Store one client's report within the limits a combiner applies (core/limits.py):
@@ -475,7 +518,7 @@ class Controller:
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
-        self.desk.node_identity(link, "client", name, args)
+        claims = self.desk.node_identity(link, "client", name, args)
         if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
             self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
@@ -483,7 +526,10 @@ class Controller:
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}
+        # The client shows its combiner this ticket, never its own credential (enrolment.py).
+        ticket = self.desk.ticket(claims, c.name)
+        self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package"), "ticket": ticket}
         renewed = self.desk.renewed(link)
         if renewed is not None:
             reply["token"] = renewed
