@@ -33,7 +33,7 @@ async def rogue_round(fed: Federation, rogue: str, size_of: str, round_timeout: 
         await ws.send(text(m.Request(op=op, args=args), f"q{i}"))
         reply = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
         assert reply["ok"], reply
-    await ws.send(text(m.ClientsChanged(joined=["k1"], reset=True), "c0"))
+    await ws.send(text(m.ClientsChanged(joined=["k1"], reset=True, proofs=[fed.ticket("k1", "rogue")]), "c0"))  # a proven client
     asked = 0
 
     async def play() -> None:

@@ -90,7 +90,7 @@ async def raw_combiner(fed: Federation, token: str, name: str, client: str) -> t
     reader = asyncio.create_task(link.run(on_message=ignore))
     await link.request("combiner.register", {"name": name}, timeout=WAIT)
     await link.request("combiner.ready", {"url": "wss://127.0.0.1:9"}, timeout=WAIT)
-    await link.send(m.ClientsChanged(joined=[client], reset=True))
+    await link.send(m.ClientsChanged(joined=[client], reset=True, proofs=[fed.ticket(client, name)]))  # a proven client
     return link, reader
 
 
