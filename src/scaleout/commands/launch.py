@@ -16,6 +16,7 @@ from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
 
 log = logging.getLogger("scaleout")
 MIB = 1 << 20
+CLIENT_DRAIN_LIMIT_S = 4.0  # a client exits this long after SIGINT/SIGTERM whatever its package does
 
 
 def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -114,9 +115,11 @@ def _package_limits(s: dict[str, Any]) -> Any:
     return UnpackLimits(max_bytes=values["package_max_mb"] * PMIB, max_files=values["package_max_files"], max_depth=values["package_max_depth"])
 
 
-def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run(role: Callable[[asyncio.Event], Awaitable[None]], drain_limit: float | None = None) -> int:
     """Run a role until it ends or a signal stops it: SIGTERM is the normal way to stop a
-    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command."""
+    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command.
+    With ``drain_limit``, a process still running that many seconds after the signal (user
+    code in a thread that Python cannot interrupt, a stuck worker) exits anyway, same code."""
     import signal
 
     from scaleout.roles.common import install_stop_signals
@@ -124,11 +127,36 @@ def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     async def main() -> list[signal.Signals]:
         stop = asyncio.Event()
         received = install_stop_signals(stop)
-        await role(stop)
+        if drain_limit is not None:
+            watchdog = asyncio.ensure_future(_exit_after(stop, received, drain_limit))
+        try:
+            await role(stop)
+        finally:
+            if drain_limit is not None:
+                watchdog.cancel()
         return received
 
     received = asyncio.run(main())
     return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
+
+
+async def _exit_after(stop: asyncio.Event, received: list[Any], limit: float) -> None:
+    """Once ``stop`` is set, arm a timer (a thread: it fires even if the loop never returns)
+    that ends the process ``limit`` seconds later with the exit code of the signal."""
+    import os
+    import signal
+    import threading
+
+    await stop.wait()
+
+    def hard_exit() -> None:
+        log.warning("still shutting down %.0fs after the signal: exiting now", limit)
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK)
+
+    timer = threading.Timer(limit, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def _path(value: Any) -> Path | None:
@@ -265,7 +293,7 @@ def join(args: argparse.Namespace) -> int:
         package_limits=_package_limits(s),
     )
     warn_if_expiring(conn.token, "client")
-    return _run(Client(settings).run)
+    return _run(Client(settings).run, drain_limit=CLIENT_DRAIN_LIMIT_S)
 
 
 def run_build(args: argparse.Namespace) -> int:

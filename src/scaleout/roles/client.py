@@ -11,7 +11,6 @@ client exits whether or not it did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -30,7 +29,7 @@ from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
+from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread, new_id, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
@@ -83,6 +82,8 @@ class Client:
         self.combiner: str | None = None  # where we were: reconnect there if it is still up
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
+        self.feeds: list[LoopFeed[Any]] = []  # what the package logs, on its way to the link
+        self._stopped_at: float | None = None  # loop time of the stop signal
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.cache: Path | None = None  # where unpacked packages are kept (bounded: prune_packages)
         self.package_dir: Path | None = None  # the one in use
@@ -189,6 +190,7 @@ class Client:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.work.install(self.edge)
+        closer = asyncio.ensure_future(self._close_feeds(stop))
         if not await self._retrying(self._enrol, stop) or not await self._retrying(self.prepare, stop):
             return
         worker = asyncio.create_task(self._work())
@@ -198,6 +200,7 @@ class Client:
                 await self._retrying(self._session, stop)
             await self._abort_callback()
         finally:
+            closer.cancel()
             worker.cancel()
             commands.cancel()
             self.edge._stop_task(SHUTTING_DOWN)
@@ -206,13 +209,26 @@ class Client:
             elif self.cache is not None:  # a work dir: keep what the next start may reuse, no more
                 prune_packages(self.cache, self.settings.keep_packages, self.package_dir)
 
+    async def _close_feeds(self, stop: asyncio.Event) -> None:
+        """Once stopping, the running callback is told at once (its grace runs while the
+        links close) and what the package logs is dropped: a package logging in a tight loop
+        must not keep the loop busy while it drains."""
+        await stop.wait()
+        self._stopped_at = asyncio.get_running_loop().time()
+        self.edge._stop_task(SHUTTING_DOWN)
+        for feed in self.feeds:
+            feed.close()
+
     async def _abort_callback(self) -> None:
-        """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
+        """Abort the running callback and give it ABORT_GRACE_S (from the signal) to notice;
+        never wait longer."""
         self.edge._stop_task(SHUTTING_DOWN)
         callback = self._callback
         if callback is None:
             return
-        done, _ = await asyncio.wait({callback}, timeout=ABORT_GRACE_S)
+        loop = asyncio.get_running_loop()
+        left = ABORT_GRACE_S - (loop.time() - self._stopped_at) if self._stopped_at is not None else ABORT_GRACE_S
+        done, _ = await asyncio.wait({callback}, timeout=max(left, 0.1))
         if not done:
             log.warning(
                 "the running callback did not return within %.0fs of the abort (it should call client.check_task_abort()); "
@@ -335,13 +351,14 @@ class Client:
         """Run tasks one at a time in a worker thread so the link stays responsive."""
         loop = asyncio.get_running_loop()
 
+        feed: LoopFeed[m.Metric] = LoopFeed(loop, lambda metric: asyncio.ensure_future(self._send(metric)))
+        self.feeds.append(feed)
+
         def sink(metrics: dict[str, Any], step: int | None) -> bool:
             task_id = self.current_task
-            if task_id is None or self.link is None:
+            if feed.stopping() or task_id is None or self.link is None:
                 return False  # outside a task, or offline: log_metric returns False
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
-            return True
+            return feed.put(m.Metric(task_id=task_id, metrics=metrics, step=step))
 
         self.edge._metric_sink = sink
         while True:
