@@ -225,22 +225,46 @@ def _metrics_port(value: Any) -> int | None:
         raise ConfigError("metrics_port", exc.problem) from None
 
 
-def warn_if_expiring(token: str, role: str) -> None:
-    """Tokens are checked when a node (re)connects: say so before one runs out."""
+def warn_if_expiring(token: str, role: str, enrolled: bool = False) -> None:
+    """A join token matters only until the node has enrolled (it then reconnects with its
+    own identity, renewed as it goes): warn that one runs out soon only for a node that has
+    no identity yet."""
     import datetime as dt
     import time
 
     from scaleout.core.errors import AuthError
     from scaleout.security.tokens import peek
 
+    if enrolled:
+        return
     try:
-        exp = peek(token).exp
+        claims = peek(token)
     except AuthError:
         return  # the controller will refuse it with the reason
-    left = exp - time.time()
+    if claims.nid is not None:
+        return  # a node's own credential: renewed while it connects
+    left = claims.exp - time.time()
     if left < EXPIRY_WARNING_S:
-        when = dt.datetime.fromtimestamp(exp).strftime("%Y-%m-%d %H:%M")
-        log.warning("this %s token expires at %s: after that the %s cannot reconnect; create a new one with: scaleout token create --role %s", role, when, role, role)
+        when = dt.datetime.fromtimestamp(claims.exp).strftime("%Y-%m-%d %H:%M")
+        log.warning(
+            "this %s token expires at %s: the %s must enrol before then (once enrolled it reconnects with its own identity); "
+            "after that, create a new one with: scaleout token create --role %s", role, when, role, role,
+        )
+
+
+def has_identity(role: str, name: str, url: str, ca: Path | None, token: str, state_dir: Path) -> bool:
+    """Whether this node (``name``, else the one the state dir names) already enrolled at the
+    controller at ``url``: its identity is in ``state_dir``."""
+    from scaleout.core.errors import ConfigError
+    from scaleout.roles.joining import choose_name, controller_key
+    from scaleout.security import identity
+
+    key = controller_key(url, ca)
+    try:
+        name = name or choose_name(role, "", token, state_dir, key) or ""
+    except ConfigError:
+        return True  # several identities: the role stops and says which --name to pass
+    return bool(name) and identity.path_for(state_dir, key, role, name).exists()
 
 
 EXPIRY_WARNING_S = 7 * 86400
@@ -262,7 +286,10 @@ def combine(args: argparse.Namespace) -> int:
         hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
     )
-    warn_if_expiring(conn.token, "combiner")
+    from scaleout.security.identity import default_state_dir
+
+    state_dir = settings.state_dir or default_state_dir()
+    warn_if_expiring(conn.token, "combiner", has_identity("combiner", settings.name, conn.url, conn.ca, conn.token, state_dir))
     return _run(Combiner(settings).run)
 
 
@@ -292,8 +319,9 @@ def join(args: argparse.Namespace) -> int:
         state_dir=_path(s.get("state_dir")),
         package_limits=_package_limits(s),
     )
-    warn_if_expiring(conn.token, "client")
-    return _run(Client(settings).run, drain_limit=CLIENT_DRAIN_LIMIT_S)
+    client = Client(settings)
+    warn_if_expiring(conn.token, "client", has_identity("client", client.name, conn.url, conn.ca, conn.token, client.state_dir))
+    return _run(client.run, drain_limit=CLIENT_DRAIN_LIMIT_S)
 
 
 def run_build(args: argparse.Namespace) -> int:
