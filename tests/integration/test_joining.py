@@ -22,3 +22,35 @@ def test_the_expiry_warning_is_only_for_a_node_that_has_not_enrolled(fed: Federa
     fed.wait_clients(1)
     assert EXPIRY not in combiner.text(), combiner.text()
     assert EXPIRY not in client.text(), client.text()
+
+
+def joiner(fed: Federation, proc_name: str, *name: str) -> Proc:
+    """`scaleout join` with the default state dir (the test's XDG_STATE_HOME), as a user types it."""
+    args = ["join", "--controller", fed.url, "--token", fed.token("client"), "--ca", fed.ca, "-p", str(QUICKSTART), *name]
+    p = Proc(proc_name, args, fed.logs, False)
+    fed.procs.append(p)
+    return p
+
+
+def connected_as(fed: Federation, client: Proc) -> str:
+    fed.wait_clients(1)
+    listed = fed.admin("client.ls")[0]["clients"]
+    online = [c["name"] for c in listed if c.get("status") == "online" or c.get("online")]
+    assert len(online) == 1, listed
+    assert f"as {online[0]}" in client.text(), client.text()
+    return str(online[0])
+
+
+def test_the_same_command_without_name_is_the_same_node_again(fed: Federation) -> None:
+    fed.controller()
+    fed.combiner("c1")
+    first = joiner(fed, "unnamed")
+    name = connected_as(fed, first)
+    assert first.stop() == 0
+    for other in ("client-2", "client-3"):
+        p = joiner(fed, other, "--name", other)
+        assert connected_as(fed, p) == other
+        assert p.stop() == 0
+    again = joiner(fed, "unnamed-again")
+    assert connected_as(fed, again) == name  # was: "holds several client identities ...: pass --name"
+    assert sorted(c["name"] for c in fed.admin("client.ls")[0]["clients"]) == sorted([name, "client-2", "client-3"])

@@ -100,10 +100,12 @@ class Client:
 
     async def _enrol(self, stop: asyncio.Event) -> None:
         """Take this client's identity from its state dir, or enrol with the join token."""
-        from scaleout.roles.joining import enrolled
+        from scaleout.roles.joining import controller_key, enrolled, remember_unnamed
 
         s = self.settings
         self.enrolled = await enrolled("client", self.name, s.controller, s.token, s.ca, self.ctx, self.state_dir)
+        if not s.name:
+            remember_unnamed("client", self.name, self.state_dir, controller_key(s.controller, s.ca))
 
     async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
