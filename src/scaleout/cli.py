@@ -194,7 +194,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("-o", "--output", type=Path, metavar="FILE", help="archive to write (default: DIR.tgz beside DIR)")
     _json_flag(c)
     _common(c)
-    c = psub.add_parser("set-active", help="upload a .tgz and make it the package clients run")
+    c = psub.add_parser("set-active", help="upload a .tgz (or a package folder, packed as package create does) and make it the package clients run")
     c.add_argument("file", type=Path, metavar="FILE")
     c.add_argument("--name", help="package name shown in listings (default: the file name)")
     _connection(c)

@@ -131,8 +131,14 @@ def token_create(args: argparse.Namespace) -> int:
 
 
 def package_set_active(args: argparse.Namespace) -> int:
-    data = _read(args.file, "package")
-    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data, progress="package")
+    if args.file.is_dir():  # a package folder: packed as `package create` and the TUI pack it
+        from scaleout.package.archive import package_bytes
+
+        data, name = package_bytes(args.file)
+        print(f"packed {args.file} into {name} ({len(data)} bytes)", file=sys.stderr)
+    else:
+        data, name = _read(args.file, "package"), args.file.name
+    result, _ = call(args, "package.set_active", {"name": args.name or name}, data, progress="package")
     emit(args, result, lambda: print(f"package {result['name']} ({result['id'][:12]}, {result['size']} bytes) is now active"))
     return EXIT_OK
 
