@@ -54,3 +54,20 @@ def test_the_same_command_without_name_is_the_same_node_again(fed: Federation) -
     again = joiner(fed, "unnamed-again")
     assert connected_as(fed, again) == name  # was: "holds several client identities ...: pass --name"
     assert sorted(c["name"] for c in fed.admin("client.ls")[0]["clients"]) == sorted([name, "client-2", "client-3"])
+
+
+def test_a_session_waits_for_min_clients_before_round_1_and_says_how_many_are_connected(fed: Federation) -> None:
+    from conftest import scaleout
+
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    fed.combiner("c1")
+    fed.client("only", package=QUICKSTART)
+    fed.wait_clients(1)
+    r = scaleout("session", "start", "--rounds", "3", "--min-clients", "3", "--round-timeout", "2", "--wait", "--data-dir", str(fed.data))
+    assert "1 of 3 clients connected: waiting up to 2s for the rest before round 1" in r.stdout, r.stdout
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    session = fed.admin("session.show", {})[0]["session"]
+    # Was: three rounds, each failing at its timeout ("only 1 clients connected").
+    assert session["rounds"] == [], session["rounds"]
+    assert "only 1 clients connected within 2s; at least 3 needed" in (session.get("reason") or ""), session

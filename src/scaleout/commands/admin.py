@@ -260,6 +260,9 @@ def session_start(args: argparse.Namespace) -> int:
         started.append(session["id"])
         if not args.json:
             print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
+            connected = result.get("clients")
+            if isinstance(connected, int) and connected < args.min_clients:
+                print(f"{connected} of {args.min_clients} clients connected: waiting up to {args.round_timeout:g}s for the rest before round 1", flush=True)
         if args.wait:
             session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
@@ -421,7 +424,7 @@ def session_show(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    result, _ = call(args, "status")
+    result = _wait_ready(args, args.wait) if getattr(args, "wait", None) is not None else call(args, "status")[0]
 
     def human() -> None:
         print(f"controller      {result['url']}")
@@ -434,6 +437,33 @@ def status(args: argparse.Namespace) -> int:
 
     emit(args, result, human)
     return EXIT_OK
+
+
+def _wait_ready(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    """``status --wait``: ask until the controller answers (its data dir written, its port
+    open), at most ``seconds``; a refused token or an untrusted certificate ends it at once."""
+    import time
+
+    from scaleout.core.errors import AuthError, ScaleoutError
+    from scaleout.transport.net import ConnectError, TrustError
+
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    said = False
+    while True:
+        try:
+            return call(args, "status")[0]
+        except (AuthError, TrustError):
+            raise
+        except (UsageError, ScaleoutError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectError(f"the controller was not ready within {seconds:g}s: {exc}") from None
+            if not said:
+                print(f"waiting up to {seconds:g}s for the controller ({exc})", file=sys.stderr)
+                said = True
+            time.sleep(min(delay, left))  # polling a process that is starting: nothing to wait on
+            delay = min(delay * 2, 1.0)
 
 
 def session_stop(args: argparse.Namespace) -> int:

@@ -740,7 +740,8 @@ class Controller:
         session.task = asyncio.create_task(self._run_session(session))
         log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
         self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
-        return {"session": self.state.session(session.id)}, None
+        connected = sum(map(len, select_clients(self.assigner.members, self.assigner.ready).values()))
+        return {"session": self.state.session(session.id), "clients": connected}, None
 
     async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {"sessions": [self._with_end(row) for row in self.state.sessions()]}, None
@@ -848,8 +849,14 @@ class Controller:
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None
         try:
+            # Before round 1, wait for min_clients (up to a round's timeout) rather than spend
+            # every round waiting for clients that have yet to join and failing it.
+            first = await self._wait_for_clients(s, asyncio.get_running_loop().time() + s.config.round_timeout)
+            connected = sum(map(len, first.values()))
+            if connected < s.config.min_clients and not s.stopped:
+                status, reason = "failed", f"only {connected} clients connected within {s.config.round_timeout:g}s; at least {s.config.min_clients} needed"
             for index in range(1, s.config.rounds + 1):
-                if s.stopped:
+                if s.stopped or reason is not None:
                     break
                 s.round_index = index
                 row = await self._run_round(s, index)
