@@ -71,3 +71,36 @@ def test_a_session_waits_for_min_clients_before_round_1_and_says_how_many_are_co
     # Was: three rounds, each failing at its timeout ("only 1 clients connected").
     assert session["rounds"] == [], session["rounds"]
     assert "only 1 clients connected within 2s; at least 3 needed" in (session.get("reason") or ""), session
+
+
+def test_a_first_join_retries_a_controller_that_is_down_and_says_so(fed: Federation) -> None:
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import wait_line
+
+    ctl = fed.controller()
+    port = int(fed.url.rsplit(":", 1)[1])
+    token = (fed.data / "join-client.token").read_text().strip()
+    assert ctl.stop() == 0
+    client = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "join", token, "-p", str(QUICKSTART), "--name", "late"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert client.stderr is not None
+        # Was: exit 3 at once ("cannot reach the controller").
+        line = wait_line(client.stderr, "controller not reachable at", 30, "join")
+        assert f"controller not reachable at wss://127.0.0.1:{port}: retrying in " in line, line
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(client.stderr.readline, b"")), daemon=True).start()  # type: ignore[union-attr]
+        fed.controller(name="controller-again", port=port)  # the same data dir: the CA the token pins
+        fed.combiner("c1")
+        fed.wait_clients(1)
+        assert [c["name"] for c in fed.admin("client.ls")[0]["clients"]] == ["late"]
+    finally:
+        client.terminate()
+        code = client.wait(15)
+    assert code == 0

@@ -225,6 +225,68 @@ def _metrics_port(value: Any) -> int | None:
         raise ConfigError("metrics_port", exc.problem) from None
 
 
+def _resolve_retrying(args: argparse.Namespace, file_settings: dict[str, Any]) -> Any:
+    """``resolve`` for a node: a join token's controller that does not answer yet (down,
+    restarting, not started) is retried with backoff, as an enrolled node retries, until it
+    answers or a signal stops the node (its exit code then). An untrusted CA still ends it at once."""
+    import signal
+
+    from scaleout.roles.common import install_stop_signals
+    from scaleout.transport.net import ConnectError, TrustError, backoff
+
+    try:
+        return resolve(args, file_settings)
+    except TrustError:
+        raise
+    except ConnectError as exc:
+        first = exc
+
+    async def retry() -> Any:
+        stop = asyncio.Event()
+        received = install_stop_signals(stop)
+        delays = backoff(initial=1.0, maximum=30.0)
+        exc: ConnectError = first
+        while True:
+            delay = next(delays)
+            log.warning("controller not reachable at %s: retrying in %.0fs (%s)", _dial_target(args), delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
+            try:
+                return await asyncio.to_thread(resolve, args, file_settings)  # resolve runs its own loop
+            except TrustError:
+                raise
+            except ConnectError as again:
+                exc = again
+
+    return asyncio.run(retry())
+
+
+def _dial_target(args: argparse.Namespace) -> str:
+    """The controller address(es) a node dials, for its log."""
+    import os
+
+    from scaleout.core.errors import AuthError
+    from scaleout.security.jointoken import is_join_token, parse
+
+    token = getattr(args, "token", None) or os.environ.get("SCALEOUT_TOKEN") or ""
+    url = getattr(args, "controller", None) or os.environ.get("SCALEOUT_CONTROLLER")
+    if url:
+        return str(url)
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text().strip()
+        except OSError:
+            return "the controller"
+    try:
+        return ", ".join(parse(token).urls) if is_join_token(token) else "the controller"
+    except AuthError:
+        return "the controller"
+
+
 def warn_if_expiring(token: str, role: str, enrolled: bool = False) -> None:
     """A join token matters only until the node has enrolled (it then reconnects with its
     own identity, renewed as it goes): warn that one runs out soon only for a node that has
@@ -276,7 +338,9 @@ def combine(args: argparse.Namespace) -> int:
 
     _positional_token(args)
     s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
-    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    conn = _resolve_retrying(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    if isinstance(conn, int):  # stopped by a signal while the controller did not answer
+        return conn
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
@@ -298,7 +362,9 @@ def join(args: argparse.Namespace) -> int:
 
     _positional_token(args)
     s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
-    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    conn = _resolve_retrying(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    if isinstance(conn, int):  # stopped by a signal while the controller did not answer
+        return conn
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
     from scaleout.package.project import project_file
 
