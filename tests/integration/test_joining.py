@@ -104,3 +104,35 @@ def test_a_first_join_retries_a_controller_that_is_down_and_says_so(fed: Federat
         client.terminate()
         code = client.wait(15)
     assert code == 0
+
+
+def retry_delays(client: Proc, after: str, count: int, timeout: float = 30) -> list[float]:
+    """The first ``count`` "retrying in Ns" delays the client logged after the line holding
+    ``after`` (its log is read as it grows)."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = client.text()
+        if after in text:
+            delays = [float(d) for d in re.findall(r"retrying in ([\d.]+)s", text.split(after, 1)[1])]
+            if len(delays) >= count:
+                return delays[:count]
+        time.sleep(0.2)  # a log that grows: nothing to wait on but the file
+    raise AssertionError(f"fewer than {count} retries after {after!r}:\n{client.text()}")
+
+
+def test_a_client_asks_again_soon_while_its_combiner_restarts(fed: Federation) -> None:
+    fed.controller()
+    combiner = fed.combiner("c1")
+    client = fed.client("cl1", package=QUICKSTART)
+    fed.wait_clients(1)
+    assert combiner.stop() == 0
+    fed.procs.remove(combiner)
+    # The controller answers each time ("no combiner online"): the waits stay short instead of
+    # growing to 15 s (was 0.2, 0.4, 0.8, 1.6, 3.2, 6.4 ... so a restarted combiner waited for them).
+    delays = retry_delays(client, "lost the combiner", 7)
+    assert max(delays) <= 3.0, delays
+    fed.combiner("c1")
+    fed.wait_clients(1)

@@ -36,6 +36,7 @@ from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
 ABORT_GRACE_S = 2.0
+ANSWERED_RETRY_S = 3.0  # the longest wait before asking a controller that answered again
 SHUTTING_DOWN = "the client is shutting down"
 KEEP_PACKAGES = 3
 
@@ -243,6 +244,7 @@ class Client:
         end the client with their message."""
         delays = backoff()
         while not stop.is_set():
+            answered = False
             try:
                 # A step stalled on a peer (package.get, client.assign) must not delay exit.
                 return await unless_stopped(step(stop), stop)
@@ -252,6 +254,7 @@ class Client:
                 if exc.code == AuthError.code:
                     raise
                 log.warning("%s", exc)
+                answered = True
             except (ConnectionError, ScaleoutError) as exc:
                 log.warning("%s", exc)
             if self.served:
@@ -260,6 +263,10 @@ class Client:
                 self.served = False
                 delays = backoff()
             delay = next(delays)
+            if answered:
+                # The controller is up and answered (no combiner for us yet, say while one
+                # restarts): ask again soon, so the client is back shortly after the combiner.
+                delay = min(delay, ANSWERED_RETRY_S)
             log.info("retrying in %.1fs", delay)
             try:
                 await asyncio.wait_for(stop.wait(), delay)
