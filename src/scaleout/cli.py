@@ -261,6 +261,10 @@ def build_parser() -> ArgumentParser:
         _common(c)
 
     p = sub.add_parser("status", help="what the controller is doing: address, active model and package, session, nodes")
+    p.add_argument(
+        "--wait", nargs="?", const=60.0, type=float, metavar="SECONDS",
+        help="wait until the controller is up and answers (default 60 s; exit 3 if it is not by then)",
+    )
     _connection(p)
     _json_flag(p)
     _common(p)

@@ -3,6 +3,8 @@ retrying a controller that is down. Real processes over TLS on loopback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conftest import QUICKSTART, Federation, Proc
 
 EXPIRY = "token expires at"
@@ -136,3 +138,11 @@ def test_a_client_asks_again_soon_while_its_combiner_restarts(fed: Federation) -
     assert max(delays) <= 3.0, delays
     fed.combiner("c1")
     fed.wait_clients(1)
+
+
+def test_status_wait_gives_up_with_a_message(tmp_path: Path) -> None:
+    from conftest import scaleout
+
+    r = scaleout("status", "--wait", "1", "--data-dir", str(tmp_path / "never-started"))
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "the controller was not ready within 1s" in r.stderr and "Traceback" not in r.stderr, r.stderr
