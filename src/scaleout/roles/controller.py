@@ -849,14 +849,8 @@ class Controller:
     async def _run_session(self, s: RunningSession) -> None:
         status, reason = "finished", None
         try:
-            # Before round 1, wait for min_clients (up to a round's timeout) rather than spend
-            # every round waiting for clients that have yet to join and failing it.
-            first = await self._wait_for_clients(s, asyncio.get_running_loop().time() + s.config.round_timeout)
-            connected = sum(map(len, first.values()))
-            if connected < s.config.min_clients and not s.stopped:
-                status, reason = "failed", f"only {connected} clients connected within {s.config.round_timeout:g}s; at least {s.config.min_clients} needed"
             for index in range(1, s.config.rounds + 1):
-                if s.stopped or reason is not None:
+                if s.stopped:
                     break
                 s.round_index = index
                 row = await self._run_round(s, index)
@@ -864,6 +858,10 @@ class Controller:
                 await self._emit("round", {"session_id": s.id, **row})
                 if row["status"] != "succeeded":
                     status, reason = "failed", f"round {index}: {row['reason']}"
+                    if index == 1 and not row.get("participants") and not s.stopped:
+                        # Round 1 waited its timeout for min_clients in vain: the clients the
+                        # session needs never came, so every other round would fail the same way.
+                        break
                 if s.storage_failure is not None:  # the next round would fail the same way
                     status, reason = "failed", f"round {index}: {s.storage_failure}"
                     break

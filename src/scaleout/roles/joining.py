@@ -84,7 +84,7 @@ def choose_name(role: str, given: str, token: str, state_dir: Path, key: str) ->
 
 
 def _unnamed_marker(state_dir: Path, key: str, role: str) -> Path:
-    return state_dir / identity.IDENTITY_DIR / f"{key}-{role}.unnamed"
+    return state_dir / f"unnamed-{key}-{role}"  # beside the identities folder, which holds identities only
 
 
 def remember_unnamed(role: str, name: str, state_dir: Path, key: str) -> None:
