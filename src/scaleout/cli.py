@@ -202,7 +202,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("-o", "--output", type=Path, metavar="FILE", help="archive to write (default: DIR.tgz beside DIR)")
     _json_flag(c)
     _common(c)
-    c = psub.add_parser("set-active", help="upload a .tgz and make it the package clients run")
+    c = psub.add_parser("set-active", help="upload a .tgz (or a package folder, packed as package create does) and make it the package clients run")
     c.add_argument("file", type=Path, metavar="FILE")
     c.add_argument("--name", help="package name shown in listings (default: the file name)")
     _connection(c)
@@ -290,6 +290,10 @@ def build_parser() -> ArgumentParser:
         _common(c)
 
     p = sub.add_parser("status", help="what the controller is doing: address, active model and package, session, nodes")
+    p.add_argument(
+        "--wait", nargs="?", const=60.0, type=float, metavar="SECONDS",
+        help="wait until the controller is up and answers (default 60 s; exit 3 if it is not by then)",
+    )
     _connection(p)
     _json_flag(p)
     _common(p)

@@ -94,6 +94,21 @@ def test_ctrl_c_mid_training_exits_130_and_says_the_client_is_shutting_down(fed:
     assert "SIGINT received" in combiner.text()
 
 
+CHATTY = FIXTURES / "chatty_client"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_client_whose_train_callback_logs_metrics_nonstop_still_stops_on_a_signal(fed: Federation, sig: signal.Signals, code: int) -> None:
+    # log_metric in a tight loop filled the loop's wakeup socket: the signal was lost
+    # ("Exception ignored when trying to write to the signal wakeup fd") and the round went on.
+    client = training(fed, CHATTY, "chatty_client: training")
+    assert stop_promptly(client, sig) == code
+    log = client.text()
+    assert f"{sig.name} received" in log, log
+    assert "signal wakeup fd" not in log, log
+    assert "validating" not in log, log
+
+
 @pytest.fixture
 def silent_controller() -> Iterator[tuple[str, threading.Event]]:
     """A plain-websocket "controller" that takes requests and never answers them.
@@ -167,10 +182,11 @@ def alive(pid: int, start: int) -> bool:
     return stat is not None and stat[2] == start and stat[0] != "Z"
 
 
-def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("package, sig", [(SLOW, signal.SIGTERM), (CHATTY, signal.SIGINT)], ids=["slow-sigterm", "chatty-sigint"])
+def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(tmp_path: Path, package: Path, sig: signal.Signals) -> None:
     data = tmp_path / "dev"
     args = [
-        "dev", "-p", str(SLOW), "--clients", "2", "--rounds", "1", "--round-timeout", "60", "--no-validate",
+        "dev", "-p", str(package), "--clients", "2", "--rounds", "1", "--round-timeout", "60", "--no-validate",
         "--settings", json.dumps({"slow_s": 20}), "--headless", "--data-dir", str(data),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEOUT_")}
@@ -196,17 +212,17 @@ def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(
                 assert b"SCALEOUT_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes(), argv
 
         started = time.monotonic()
-        dev.send_signal(signal.SIGTERM)
+        dev.send_signal(sig)
         try:
             code = dev.wait(20)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"scaleout dev ignored SIGTERM:\n{(tmp_path / 'dev.log').read_text()}") from None
+            raise AssertionError(f"scaleout dev ignored {sig.name}:\n{(tmp_path / 'dev.log').read_text()}") from None
         left = [pid for pid, start in children.items() if alive(pid, start)]
         assert not left, f"scaleout dev left {left} running"
         assert code == 130, (code, (tmp_path / "dev.log").read_text())
         assert time.monotonic() - started < 10
         log = (tmp_path / "dev.log").read_text()
-        assert "SIGTERM received: stopping the federation" in log and "Traceback" not in log, log
+        assert f"{sig.name} received: stopping the federation" in log and "Traceback" not in log, log
         for child_log in (data / "logs").glob("*.log"):
             assert "Traceback" not in child_log.read_text(), child_log
     finally:

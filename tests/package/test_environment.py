@@ -180,3 +180,54 @@ def test_build_in_the_managed_env(make_package: MakePackage, tmp_path: Path) -> 
     (venv,) = [p for p in cache.iterdir() if p.is_dir()]
     assert Path((tmp_path / "out" / "prefix.txt").read_text()).resolve() == venv.resolve()
     assert f"wrote {tmp_path / 'out' / 'prefix.txt'}" in r.stdout
+
+
+# Lines as pip 26 prints them for `install --progress-bar raw` (a 3 MiB wheel downloaded, one
+# requirement already there), with its other chatter.
+PIP_OUTPUT = """\
+Looking in indexes: https://pypi.org/simple
+Collecting tinylib==1.0 (from -r /tmp/scaleout-pip-x/requirements.txt (line 1))
+  Downloading https://files.example/packages/tinylib-1.0-py3-none-any.whl (3.0 MB)
+Progress 0 of 3145728
+Progress 262144 of 3145728
+Progress 1048576 of 3145728
+Progress 1310720 of 3145728
+Progress 3145728 of 3145728
+Requirement already satisfied: numpy>=1.20 in /usr/lib/python3/site-packages (from -r req.txt (line 2)) (2.4.6)
+Collecting small==2.0
+  Using cached small-2.0-py3-none-any.whl (12 kB)
+Installing collected packages: small, tinylib
+Successfully installed small-2.0 tinylib-1.0
+"""
+
+
+def test_pip_output_becomes_a_line_per_package_and_download_progress() -> None:
+    from scaleout.package.environment import PipProgress
+
+    progress = PipProgress()
+    shown = [s for line in PIP_OUTPUT.splitlines() if (s := progress.feed(line)) is not None]
+    assert shown == [
+        "collecting tinylib==1.0",
+        "downloading tinylib-1.0-py3-none-any.whl (3.0 MB)",
+        "downloading tinylib-1.0-py3-none-any.whl: 0% of 3.0 MiB",
+        "downloading tinylib-1.0-py3-none-any.whl: 30% of 3.0 MiB",
+        "downloading tinylib-1.0-py3-none-any.whl: 40% of 3.0 MiB",
+        "downloading tinylib-1.0-py3-none-any.whl: 100% of 3.0 MiB",
+        "numpy>=1.20: already satisfied",
+        "collecting small==2.0",
+        "using cached small-2.0-py3-none-any.whl",
+        "installing small, tinylib",
+        "installed small-2.0 tinylib-1.0",
+    ]
+
+
+def test_making_a_managed_env_names_its_path_and_shows_pip_a_package_at_a_time(
+    make_package: MakePackage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_package(IMPORTING)
+    with caplog.at_level("INFO", logger="scaleout.package"):
+        venv = ensure_managed_env(load_project(root), tmp_path / "envs")
+    assert venv is not None
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any(f"managed env: creating {venv}" in line for line in lines), lines
+    assert "pip: numpy>=1.20: already satisfied" in lines, lines  # was: only pip's own lines, after it finished

@@ -131,8 +131,14 @@ def token_create(args: argparse.Namespace) -> int:
 
 
 def package_set_active(args: argparse.Namespace) -> int:
-    data = _read(args.file, "package")
-    result, _ = call(args, "package.set_active", {"name": args.name or args.file.name}, data, progress="package")
+    if args.file.is_dir():  # a package folder: packed as `package create` and the TUI pack it
+        from scaleout.package.archive import package_bytes
+
+        data, name = package_bytes(args.file)
+        print(f"packed {args.file} into {name} ({len(data)} bytes)", file=sys.stderr)
+    else:
+        data, name = _read(args.file, "package"), args.file.name
+    result, _ = call(args, "package.set_active", {"name": args.name or name}, data, progress="package")
     emit(args, result, lambda: print(f"package {result['name']} ({result['id'][:12]}, {result['size']} bytes) is now active"))
     return EXIT_OK
 
@@ -278,6 +284,10 @@ def _run_session_op(args: argparse.Namespace, op: str, req: dict[str, Any], said
         started.append(session["id"])
         if not args.json:
             print(f"session {session['id']} {said(session)}", flush=True)
+            connected = result.get("clients")
+            min_clients = getattr(args, "min_clients", None)
+            if isinstance(connected, int) and isinstance(min_clients, int) and connected < min_clients:
+                print(f"{connected} of {min_clients} clients connected: waiting up to {args.round_timeout:g}s for the rest before round 1", flush=True)
         if args.wait:
             session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
@@ -439,7 +449,7 @@ def session_show(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    result, _ = call(args, "status")
+    result = _wait_ready(args, args.wait) if getattr(args, "wait", None) is not None else call(args, "status")[0]
 
     def human() -> None:
         print(f"controller      {result['url']}")
@@ -452,6 +462,33 @@ def status(args: argparse.Namespace) -> int:
 
     emit(args, result, human)
     return EXIT_OK
+
+
+def _wait_ready(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    """``status --wait``: ask until the controller answers (its data dir written, its port
+    open), at most ``seconds``; a refused token or an untrusted certificate ends it at once."""
+    import time
+
+    from scaleout.core.errors import AuthError, ScaleoutError
+    from scaleout.transport.net import ConnectError, TrustError
+
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    said = False
+    while True:
+        try:
+            return call(args, "status")[0]
+        except (AuthError, TrustError):
+            raise
+        except (UsageError, ScaleoutError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectError(f"the controller was not ready within {seconds:g}s: {exc}") from None
+            if not said:
+                print(f"waiting up to {seconds:g}s for the controller ({exc})", file=sys.stderr)
+                said = True
+            time.sleep(min(delay, left))  # polling a process that is starting: nothing to wait on
+            delay = min(delay * 2, 1.0)
 
 
 def session_stop(args: argparse.Namespace) -> int:

@@ -100,19 +100,23 @@ async def _drain(proc: asyncio.subprocess.Process, log_path: Path) -> None:
 
 
 async def stop_children(children: list[Child], timeout: float = 10.0) -> None:
-    """SIGTERM everyone (clients first), then SIGKILL whoever is still running."""
+    """SIGTERM everyone (clients first), wait for them all at once (``timeout`` in all, not
+    per child), then SIGKILL whoever is still running."""
     for child in reversed(children):
         if child.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)
-    for child in reversed(children):
-        try:
-            await asyncio.wait_for(child.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+    waits = {asyncio.ensure_future(child.proc.wait()): child for child in children}
+    if waits:
+        _, late = await asyncio.wait(waits, timeout=timeout)
+        for wait in late:
+            child = waits[wait]
             log.warning("%s did not stop within %.0fs: killing it", child.name, timeout)
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
-            await child.proc.wait()
+        if late:
+            await asyncio.wait(late)
+    for child in children:
         if child.drain is not None:
             child.drain.cancel()
 

@@ -16,6 +16,7 @@ from scaleout.commands.connection import DEFAULT_DATA_DIR, resolve
 
 log = logging.getLogger("scaleout")
 MIB = 1 << 20
+CLIENT_DRAIN_LIMIT_S = 4.0  # a client exits this long after SIGINT/SIGTERM whatever its package does
 
 
 def load_toml(path: Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -125,9 +126,11 @@ def _package_limits(s: dict[str, Any]) -> Any:
     return UnpackLimits(max_bytes=values["package_max_mb"] * PMIB, max_files=values["package_max_files"], max_depth=values["package_max_depth"])
 
 
-def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run(role: Callable[[asyncio.Event], Awaitable[None]], drain_limit: float | None = None) -> int:
     """Run a role until it ends or a signal stops it: SIGTERM is the normal way to stop a
-    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command."""
+    service and exits 0 once drained; Ctrl-C (SIGINT) exits 130, as for any command.
+    With ``drain_limit``, a process still running that many seconds after the signal (user
+    code in a thread that Python cannot interrupt, a stuck worker) exits anyway, same code."""
     import signal
 
     from scaleout.roles.common import install_stop_signals
@@ -135,11 +138,36 @@ def _run(role: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     async def main() -> list[signal.Signals]:
         stop = asyncio.Event()
         received = install_stop_signals(stop)
-        await role(stop)
+        if drain_limit is not None:
+            watchdog = asyncio.ensure_future(_exit_after(stop, received, drain_limit))
+        try:
+            await role(stop)
+        finally:
+            if drain_limit is not None:
+                watchdog.cancel()
         return received
 
     received = asyncio.run(main())
     return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
+
+
+async def _exit_after(stop: asyncio.Event, received: list[Any], limit: float) -> None:
+    """Once ``stop`` is set, arm a timer (a thread: it fires even if the loop never returns)
+    that ends the process ``limit`` seconds later with the exit code of the signal."""
+    import os
+    import signal
+    import threading
+
+    await stop.wait()
+
+    def hard_exit() -> None:
+        log.warning("still shutting down %.0fs after the signal: exiting now", limit)
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK)
+
+    timer = threading.Timer(limit, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def _path(value: Any) -> Path | None:
@@ -211,22 +239,108 @@ def _metrics_port(value: Any) -> int | None:
         raise ConfigError("metrics_port", exc.problem) from None
 
 
-def warn_if_expiring(token: str, role: str) -> None:
-    """Tokens are checked when a node (re)connects: say so before one runs out."""
+def _resolve_retrying(args: argparse.Namespace, file_settings: dict[str, Any]) -> Any:
+    """``resolve`` for a node: a join token's controller that does not answer yet (down,
+    restarting, not started) is retried with backoff, as an enrolled node retries, until it
+    answers or a signal stops the node (its exit code then). An untrusted CA still ends it at once."""
+    import signal
+
+    from scaleout.roles.common import install_stop_signals
+    from scaleout.transport.net import ConnectError, TrustError, backoff
+
+    try:
+        return resolve(args, file_settings)
+    except TrustError:
+        raise
+    except ConnectError as exc:
+        first = exc
+
+    async def retry() -> Any:
+        stop = asyncio.Event()
+        received = install_stop_signals(stop)
+        delays = backoff(initial=1.0, maximum=30.0)
+        exc: ConnectError = first
+        while True:
+            delay = next(delays)
+            log.warning("controller not reachable at %s: retrying in %.0fs (%s)", _dial_target(args), delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
+            try:
+                return await asyncio.to_thread(resolve, args, file_settings)  # resolve runs its own loop
+            except TrustError:
+                raise
+            except ConnectError as again:
+                exc = again
+
+    return asyncio.run(retry())
+
+
+def _dial_target(args: argparse.Namespace) -> str:
+    """The controller address(es) a node dials, for its log."""
+    import os
+
+    from scaleout.core.errors import AuthError
+    from scaleout.security.jointoken import is_join_token, parse
+
+    token = getattr(args, "token", None) or os.environ.get("SCALEOUT_TOKEN") or ""
+    url = getattr(args, "controller", None) or os.environ.get("SCALEOUT_CONTROLLER")
+    if url:
+        return str(url)
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text().strip()
+        except OSError:
+            return "the controller"
+    try:
+        return ", ".join(parse(token).urls) if is_join_token(token) else "the controller"
+    except AuthError:
+        return "the controller"
+
+
+def warn_if_expiring(token: str, role: str, enrolled: bool = False) -> None:
+    """A join token matters only until the node has enrolled (it then reconnects with its
+    own identity, renewed as it goes): warn that one runs out soon only for a node that has
+    no identity yet."""
     import datetime as dt
     import time
 
     from scaleout.core.errors import AuthError
     from scaleout.security.tokens import peek
 
+    if enrolled:
+        return
     try:
-        exp = peek(token).exp
+        claims = peek(token)
     except AuthError:
         return  # the controller will refuse it with the reason
-    left = exp - time.time()
+    if claims.nid is not None:
+        return  # a node's own credential: renewed while it connects
+    left = claims.exp - time.time()
     if left < EXPIRY_WARNING_S:
-        when = dt.datetime.fromtimestamp(exp).strftime("%Y-%m-%d %H:%M")
-        log.warning("this %s token expires at %s: after that the %s cannot reconnect; create a new one with: scaleout token create --role %s", role, when, role, role)
+        when = dt.datetime.fromtimestamp(claims.exp).strftime("%Y-%m-%d %H:%M")
+        log.warning(
+            "this %s token expires at %s: the %s must enrol before then (once enrolled it reconnects with its own identity); "
+            "after that, create a new one with: scaleout token create --role %s", role, when, role, role,
+        )
+
+
+def has_identity(role: str, name: str, url: str, ca: Path | None, token: str, state_dir: Path) -> bool:
+    """Whether this node (``name``, else the one the state dir names) already enrolled at the
+    controller at ``url``: its identity is in ``state_dir``."""
+    from scaleout.core.errors import ConfigError
+    from scaleout.roles.joining import choose_name, controller_key
+    from scaleout.security import identity
+
+    key = controller_key(url, ca)
+    try:
+        name = name or choose_name(role, "", token, state_dir, key) or ""
+    except ConfigError:
+        return True  # several identities: the role stops and says which --name to pass
+    return bool(name) and identity.path_for(state_dir, key, role, name).exists()
 
 
 EXPIRY_WARNING_S = 7 * 86400
@@ -238,7 +352,9 @@ def combine(args: argparse.Namespace) -> int:
 
     _positional_token(args)
     s, file_settings = _settings(args, ("combiner", "combine"), _schemas()["combiner"])
-    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    conn = _resolve_retrying(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    if isinstance(conn, int):  # stopped by a signal while the controller did not answer
+        return conn
     settings = CombinerSettings(
         controller=conn.url, token=conn.token, ca=conn.ca, insecure=conn.insecure,
         host=str(s.get("host") or "127.0.0.1"), port=parse_port(s.get("port", 0)), name=str(s.get("name") or ""),
@@ -249,7 +365,10 @@ def combine(args: argparse.Namespace) -> int:
         handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
         send_timeout=_timeout(s, "send_timeout", CombinerSettings.send_timeout),
     )
-    warn_if_expiring(conn.token, "combiner")
+    from scaleout.security.identity import default_state_dir
+
+    state_dir = settings.state_dir or default_state_dir()
+    warn_if_expiring(conn.token, "combiner", has_identity("combiner", settings.name, conn.url, conn.ca, conn.token, state_dir))
     return _run(Combiner(settings).run)
 
 
@@ -258,7 +377,9 @@ def join(args: argparse.Namespace) -> int:
 
     _positional_token(args)
     s, file_settings = _settings(args, ("client", "join"), _schemas()["client"])
-    conn = resolve(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    conn = _resolve_retrying(args, file_settings)  # flags, then SCALEOUT_*, then the file
+    if isinstance(conn, int):  # stopped by a signal while the controller did not answer
+        return conn
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
     from scaleout.package.project import project_file
 
@@ -279,8 +400,9 @@ def join(args: argparse.Namespace) -> int:
         state_dir=_path(s.get("state_dir")),
         package_limits=_package_limits(s),
     )
-    warn_if_expiring(conn.token, "client")
-    return _run(Client(settings).run)
+    client = Client(settings)
+    warn_if_expiring(conn.token, "client", has_identity("client", client.name, conn.url, conn.ca, conn.token, client.state_dir))
+    return _run(client.run, drain_limit=CLIENT_DRAIN_LIMIT_S)
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -409,3 +409,15 @@ def extract_archive(data: bytes, dest: Path, max_bytes: int | None = None, limit
             for path in dest.iterdir():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
+
+
+def package_bytes(path: Path) -> tuple[bytes, str]:
+    """A package's .tgz bytes and its name, to upload: the file itself, or a folder packed
+    as `scaleout package create` packs it (honouring .scaleoutignore)."""
+    import tempfile
+
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="scaleout-pack-") as tmp:
+            archive = create_archive(path, Path(tmp) / f"{path.resolve().name}.tgz")
+            return archive.read_bytes(), archive.name
+    return path.read_bytes(), path.name

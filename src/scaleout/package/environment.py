@@ -95,7 +95,59 @@ def _pip_install(pip: list[str], reqs: list[str], what: str, cwd: Path) -> None:
         req_file = Path(tmp, "requirements.txt")
         req_file.write_text("\n".join(reqs) + "\n")
         log.info("%s: %s", what, ", ".join(reqs))
-        _pip([*pip, "install", "-r", str(req_file)], what, _pip_env(), cwd)
+        _pip([*pip, "install", *_progress_flags(pip), "-r", str(req_file)], what, _pip_env(), cwd)
+
+
+RAW_PROGRESS_PIP = (24, 1)  # the first pip with --progress-bar raw ("Progress DONE of TOTAL" lines)
+
+
+def _progress_flags(pip: list[str]) -> list[str]:
+    """``--progress-bar raw`` where this pip has it: download progress as lines, even in a pipe."""
+    try:
+        out = subprocess.run([*pip, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, env=_pip_env(), timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = re.match(r"pip (\d+)\.(\d+)", out)
+    return ["--progress-bar", "raw"] if found and (int(found[1]), int(found[2])) >= RAW_PROGRESS_PIP else []
+
+
+class PipProgress:
+    """pip's output as short lines a user can follow: one per package (collected, already
+    there, downloading with its size, installing) and a download's progress every 10%.
+    ``feed(line)`` returns the line to show, or None for pip's other chatter."""
+
+    def __init__(self) -> None:
+        self.downloading = ""
+        self.shown = -1  # the last tenth of the current download shown
+
+    def feed(self, line: str) -> str | None:
+        from scaleout.core.units import fmt_bytes
+
+        text = line.strip()
+        if m := re.match(r"Progress (\d+) of (\d+)$", text):
+            done, total = int(m[1]), int(m[2])
+            tenth = done * 10 // total if total else 10
+            if tenth == self.shown or total < (1 << 20):  # small files: their download line is enough
+                return None
+            self.shown = tenth
+            return f"downloading {self.downloading or 'a file'}: {tenth * 10}% of {fmt_bytes(total)}"
+        if m := re.match(r"Collecting (\S+)", text):
+            return f"collecting {m[1]}"
+        if m := re.match(r"Requirement already satisfied: (\S+)", text):
+            return f"{m[1]}: already satisfied"
+        if m := re.match(r"(?:Downloading|Processing) (\S+)(?: \((.+)\))?", text):
+            self.downloading, self.shown = m[1].rsplit("/", 1)[-1], -1
+            verb = "downloading" if text.startswith("Downloading") else "using"
+            return f"{verb} {self.downloading}" + (f" ({m[2]})" if m[2] else "")
+        if m := re.match(r"Using cached (\S+)", text):
+            return f"using cached {m[1].rsplit('/', 1)[-1]}"
+        if m := re.match(r"(?:Building wheels? for|Building wheel for) (\S+)", text):
+            return f"building {m[1]}"
+        if m := re.match(r"Installing collected packages: (.+)", text):
+            return f"installing {m[1]}"
+        if text.startswith("Successfully installed "):
+            return text.replace("Successfully installed", "installed", 1)
+        return None
 
 
 def _pip(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
@@ -109,12 +161,17 @@ def _pip(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: Pat
         raise PackageError(f"{what} failed: cannot run {argv[0]}: {exc.strerror}") from None
     assert proc.stdout is not None
     system_managed = no_pip = False
+    progress = PipProgress()
     with proc.stdout:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             if line:
-                tail.append(line[:300])
-                log.info("pip | %s", line)
+                if not line.startswith("Progress "):
+                    tail.append(line[:300])
+                shown = progress.feed(line)
+                if shown is not None:
+                    log.info("pip: %s", shown)
+                log.log(logging.DEBUG if shown is not None or line.startswith("Progress ") else logging.INFO, "pip | %s", line)
                 system_managed = system_managed or "externally-managed-environment" in line
                 no_pip = no_pip or "No module named pip" in line
     code = proc.wait()
@@ -133,7 +190,7 @@ def _pip(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: Pat
 
 def _pip_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    env.update({"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"})  # its lines as they come
     env.pop("PYTHONPATH", None)  # install into the target Python's own site-packages
     return env
 
@@ -204,7 +261,7 @@ def ensure_managed_env(project: Project, cache: Path | None = None) -> Path | No
             log.info("managed env: using %s (cached for %s)", venv, env.file.name)
             return venv
         shutil.rmtree(venv, ignore_errors=True)  # left half-made by an interrupted client
-        log.info("managed env: creating %s for %s", venv, env.file.name)
+        log.info("managed env: creating %s for %s (pip's progress follows; large dependencies take minutes)", venv, env.file.name)
         reqs = env.requirements()
         try:
             _make_venv(venv, env, reqs)

@@ -11,7 +11,6 @@ client exits whether or not it did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -30,13 +29,14 @@ from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, private_tempdir, unless_stopped
+from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread, new_id, private_tempdir, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
 ABORT_GRACE_S = 2.0
+ANSWERED_RETRY_S = 3.0  # the longest wait before asking a controller that answered again
 SHUTTING_DOWN = "the client is shutting down"
 KEEP_PACKAGES = 3
 
@@ -83,6 +83,8 @@ class Client:
         self.combiner: str | None = None  # where we were: reconnect there if it is still up
         self.served = False  # the current combiner link got as far as Hello
         self._callback: asyncio.Task[Any] | None = None  # the package callback running now
+        self.feeds: list[LoopFeed[Any]] = []  # what the package logs, on its way to the link
+        self._stopped_at: float | None = None  # loop time of the stop signal
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.cache: Path | None = None  # where unpacked packages are kept (bounded: prune_packages)
         self.package_dir: Path | None = None  # the one in use
@@ -99,10 +101,12 @@ class Client:
 
     async def _enrol(self, stop: asyncio.Event) -> None:
         """Take this client's identity from its state dir, or enrol with the join token."""
-        from scaleout.roles.joining import enrolled
+        from scaleout.roles.joining import controller_key, enrolled, remember_unnamed
 
         s = self.settings
         self.enrolled = await enrolled("client", self.name, s.controller, s.token, s.ca, self.ctx, self.state_dir)
+        if not s.name:
+            remember_unnamed("client", self.name, self.state_dir, controller_key(s.controller, s.ca))
 
     async def prepare(self, stop: asyncio.Event | None = None) -> None:
         """Get the compute package (local or the controller's active one) and run startup()."""
@@ -189,6 +193,7 @@ class Client:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.work.install(self.edge)
+        closer = asyncio.ensure_future(self._close_feeds(stop))
         if not await self._retrying(self._enrol, stop) or not await self._retrying(self.prepare, stop):
             return
         worker = asyncio.create_task(self._work())
@@ -198,6 +203,7 @@ class Client:
                 await self._retrying(self._session, stop)
             await self._abort_callback()
         finally:
+            closer.cancel()
             worker.cancel()
             commands.cancel()
             self.edge._stop_task(SHUTTING_DOWN)
@@ -206,13 +212,26 @@ class Client:
             elif self.cache is not None:  # a work dir: keep what the next start may reuse, no more
                 prune_packages(self.cache, self.settings.keep_packages, self.package_dir)
 
+    async def _close_feeds(self, stop: asyncio.Event) -> None:
+        """Once stopping, the running callback is told at once (its grace runs while the
+        links close) and what the package logs is dropped: a package logging in a tight loop
+        must not keep the loop busy while it drains."""
+        await stop.wait()
+        self._stopped_at = asyncio.get_running_loop().time()
+        self.edge._stop_task(SHUTTING_DOWN)
+        for feed in self.feeds:
+            feed.close()
+
     async def _abort_callback(self) -> None:
-        """Abort the running callback and give it ABORT_GRACE_S to notice; never wait longer."""
+        """Abort the running callback and give it ABORT_GRACE_S (from the signal) to notice;
+        never wait longer."""
         self.edge._stop_task(SHUTTING_DOWN)
         callback = self._callback
         if callback is None:
             return
-        done, _ = await asyncio.wait({callback}, timeout=ABORT_GRACE_S)
+        loop = asyncio.get_running_loop()
+        left = ABORT_GRACE_S - (loop.time() - self._stopped_at) if self._stopped_at is not None else ABORT_GRACE_S
+        done, _ = await asyncio.wait({callback}, timeout=max(left, 0.1))
         if not done:
             log.warning(
                 "the running callback did not return within %.0fs of the abort (it should call client.check_task_abort()); "
@@ -225,6 +244,7 @@ class Client:
         end the client with their message."""
         delays = backoff()
         while not stop.is_set():
+            answered = False
             try:
                 # A step stalled on a peer (package.get, client.assign) must not delay exit.
                 return await unless_stopped(step(stop), stop)
@@ -234,6 +254,7 @@ class Client:
                 if exc.code == AuthError.code:
                     raise
                 log.warning("%s", exc)
+                answered = True
             except (ConnectionError, ScaleoutError) as exc:
                 log.warning("%s", exc)
             if self.served:
@@ -242,6 +263,10 @@ class Client:
                 self.served = False
                 delays = backoff()
             delay = next(delays)
+            if answered:
+                # The controller is up and answered (no combiner for us yet, say while one
+                # restarts): ask again soon, so the client is back shortly after the combiner.
+                delay = min(delay, ANSWERED_RETRY_S)
             log.info("retrying in %.1fs", delay)
             try:
                 await asyncio.wait_for(stop.wait(), delay)
@@ -338,13 +363,14 @@ class Client:
         """Run tasks one at a time in a worker thread so the link stays responsive."""
         loop = asyncio.get_running_loop()
 
+        feed: LoopFeed[m.Metric] = LoopFeed(loop, lambda metric: asyncio.ensure_future(self._send(metric)))
+        self.feeds.append(feed)
+
         def sink(metrics: dict[str, Any], step: int | None) -> bool:
             task_id = self.current_task
-            if task_id is None or self.link is None:
+            if feed.stopping() or task_id is None or self.link is None:
                 return False  # outside a task, or offline: log_metric returns False
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._send(m.Metric(task_id=task_id, metrics=metrics, step=step))))
-            return True
+            return feed.put(m.Metric(task_id=task_id, metrics=metrics, step=step))
 
         self.edge._metric_sink = sink
         while True:

@@ -32,7 +32,7 @@ from scaleout.core import messages as m
 from scaleout.core.errors import CommandFailed, PackageError, ScaleoutError
 from scaleout.core.limits import clip_text
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import CallbackExit, in_daemon_thread
+from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread
 
 if TYPE_CHECKING:
     from scaleout.edge import EdgeClient
@@ -94,14 +94,13 @@ class ClientWork:
 
     def install(self, edge: EdgeClient) -> None:
         """Send what the package logs with log_attributes / log_telemetry up the current link."""
-        loop = asyncio.get_running_loop()
+        feed: LoopFeed[m.ClientLog] = LoopFeed(asyncio.get_running_loop(), lambda msg: asyncio.ensure_future(self.client._send(msg)))
+        self.client.feeds.append(feed)
 
         def sink(kind: str, data: dict[str, Any]) -> bool:
-            if self.client.link is None:
+            if feed.stopping() or self.client.link is None:
                 return False
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the client has exited
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.client._send(m.ClientLog(kind=kind, data=data))))
-            return True
+            return feed.put(m.ClientLog(kind=kind, data=data))
 
         edge._log_sink = sink
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import logging
@@ -11,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("scaleout")
 T = TypeVar("T")
@@ -60,10 +61,85 @@ def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
         log.info("%s received: shutting down", sig.name)
         stop.set()
 
+    def python_handler(signum: int, frame: Any) -> None:
+        # Runs in the main thread between two bytecodes, even when the loop's wakeup socket
+        # was full and asyncio lost the signal's byte (a package's thread calling the loop
+        # thousands of times a second fills it): so the signal is never missed.
+        loop.call_soon_threadsafe(on_signal, signal.Signals(signum))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # asyncio's handler only points the signal's wakeup byte at the loop (so a loop
+            # asleep in select() wakes up); the Python-level handler does the work, once.
+            loop.add_signal_handler(sig, _woken)
+            signal.signal(sig, python_handler)
     return received
+
+
+def _woken() -> None:
+    """The loop was woken by a signal: python_handler in install_stop_signals handles it."""
+
+
+class LoopFeed(Generic[T]):
+    """Items from worker threads (a package's log_metric calls) handed to ``deliver`` on the
+    loop in batches: the loop is woken once per batch, not once per item, so a package
+    logging in a tight loop cannot fill the loop's wakeup socket (where signals arrive too).
+    At most ``limit`` items wait; past that, or once closed (the role is stopping: the loop
+    has better things to do), ``put`` drops the item and returns False. After close, a thread
+    that puts again (it ignored the False and the abort: a package logging in a loop that never
+    checks) is parked for good, so it no longer takes the GIL from the shutdown; the process
+    exits without it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[T], object], limit: int = 1000) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._limit = limit
+        self._items: collections.deque[T] = collections.deque()
+        self._scheduled = False
+        self._closed = False
+        self._told: set[int] = set()  # threads told once that the feed is closed
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._items.clear()
+
+    def stopping(self) -> bool:
+        """True once closed (the caller drops what it had to put); a thread asking a second
+        time is parked instead."""
+        with self._lock:
+            if not self._closed:
+                return False
+            park = threading.get_ident() in self._told
+            self._told.add(threading.get_ident())
+        if park:
+            threading.Event().wait()  # never set: this thread waits for the process to exit
+        return True
+
+    def put(self, item: T) -> bool:
+        if self.stopping():
+            return False
+        with self._lock:
+            if len(self._items) >= self._limit:
+                return False
+            self._items.append(item)
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the client has exited
+            return False
+        return True
+
+    def _drain(self) -> None:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._scheduled = False
+        for item in items:
+            self._deliver(item)
 
 
 class CallbackExit(Exception):

@@ -69,11 +69,35 @@ def choose_name(role: str, given: str, token: str, state_dir: Path, key: str) ->
     if claims.nid is not None and claims.sub:  # a node's own credential names its node
         return claims.sub
     names = identity.names_in(state_dir, key, role)
+    unnamed = _unnamed_marker(state_dir, key, role)
+    try:
+        remembered = unnamed.read_text().strip()
+    except OSError:
+        remembered = ""
+    if remembered in names:  # the identity the same command without --name made before
+        return remembered
     if len(names) == 1:
         return names[0]
     if len(names) > 1:
         raise ConfigError("name", f"{state_dir} holds several {role} identities for this controller ({', '.join(names)}): pass --name")
     return None
+
+
+def _unnamed_marker(state_dir: Path, key: str, role: str) -> Path:
+    return state_dir / f"unnamed-{key}-{role}"  # beside the identities folder, which holds identities only
+
+
+def remember_unnamed(role: str, name: str, state_dir: Path, key: str) -> None:
+    """Note that a command without --name is node ``name``: the same command is that node
+    again, however many named ones share the state dir."""
+    marker = _unnamed_marker(state_dir, key, role)
+    try:
+        if marker.exists() and marker.read_text().strip() == name:
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker.write_text(name + "\n")
+    except OSError as exc:  # a read-only state dir: only the convenience is lost
+        log.warning("could not note %s as the node of commands without --name (%s)", name, exc)
 
 
 async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, ctx: ssl.SSLContext | None, state_dir: Path) -> Enrolled:

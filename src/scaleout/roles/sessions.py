@@ -216,7 +216,8 @@ class SessionService:
         self._launch(s)
         log.info("session %s started: %d rounds, aggregator %s", sid, cfg.rounds, cfg.aggregator)
         self.host.hub.publish(m.SessionStarted(session_id=sid, config=cfg.to_dict()))
-        return {"session": st.session(sid)}
+        connected = sum(map(len, select_clients(self.host.assigner.members, self.host.assigner.ready).values()))
+        return {"session": st.session(sid), "clients": connected}
 
     async def continue_(self, args: dict[str, Any], audit: Any) -> dict[str, Any]:
         """Carry on a session that ended (finished, stopped, failed, interrupted) from its
@@ -442,6 +443,11 @@ class SessionService:
                     row = await self._run_round(s, action)
                 await self.host.registry.flush()  # the round's reports are in state.db once it is over
                 await self._emit("round", {"session_id": s.id, **row})
+                if action.index == 1 and row["status"] != "succeeded" and not row.get("participants") and not s.stopped:
+                    # Round 1 waited its timeout for min_clients in vain: the clients the
+                    # session needs never came, so every other round would fail the same way.
+                    status, reason = "failed", f"round 1: {row['reason']}"
+                    break
                 if s.storage_failure is not None:  # the next round would fail the same way
                     status, reason = "failed", f"round {action.index}: {s.storage_failure}"
                     break

@@ -1035,15 +1035,9 @@ def _sync(table: DataTable[Any], rows: list[tuple[str, tuple[Any, ...]]]) -> boo
 
 def _package_bytes(path: Path) -> tuple[bytes, str]:
     """A package's .tgz bytes: the file itself, or a folder packed (honouring .scaleoutignore)."""
-    import tempfile
+    from scaleout.package.archive import package_bytes
 
-    if path.is_dir():
-        from scaleout.package.archive import create_archive
-
-        with tempfile.TemporaryDirectory(prefix="scaleout-tui-") as tmp:
-            archive = create_archive(path, Path(tmp) / f"{path.resolve().name}.tgz")
-            return archive.read_bytes(), archive.name
-    return path.read_bytes(), path.name
+    return package_bytes(path)
 
 
 def _save_model(data: bytes, out: Path) -> None:
