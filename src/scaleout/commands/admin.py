@@ -496,6 +496,11 @@ def metric_ls(args: argparse.Namespace) -> int:
     emit(args, rows, human)
     if total > len(rows):
         print(f"(the latest {len(rows)} of {total} values; --limit 0 shows all)", file=sys.stderr)
+    for d in result.get("dropped") or []:
+        print(
+            f"(client {d['client']}, session {d['session_id']} round {d['round_index']}: {d['dropped']} log_metric "
+            f"{'call' if d['dropped'] == 1 else 'calls'} dropped by the rate limit, not stored)", file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -551,7 +551,7 @@ class Controller:
         """What clients logged with log_metric, one row per value, oldest first: the latest
         ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
         globs ``client`` and ``key``; with how many match in all."""
-        from scaleout.store.metrics import KINDS, logged_metrics
+        from scaleout.store.metrics import KINDS, dropped_metrics, logged_metrics
 
         kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
         if kind not in KINDS:
@@ -572,7 +572,10 @@ class Controller:
             self.registry.query,
             lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
         )
-        return {"metrics": rows, "total": total}, None
+        dropped = await asyncio.to_thread(
+            self.registry.query, lambda st: dropped_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client),
+        )
+        return {"metrics": rows, "total": total, "dropped": dropped}, None
 
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
