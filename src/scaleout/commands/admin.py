@@ -356,6 +356,16 @@ def _print_round(r: dict[str, Any]) -> None:
         print(f"    {f['client']}: {shown_reason(f['reason'])}", flush=True)
 
 
+def outcome(session: dict[str, Any]) -> dict[str, Any]:
+    """A session's outcome record, the last line of `session watch --json`: how it ended,
+    why, and how many of its planned rounds ran."""
+    return {
+        "session_id": session["id"], "status": session["status"], "reason": session.get("reason"),
+        "rounds": len(session.get("rounds") or []), "rounds_planned": (session.get("config") or {}).get("rounds"),
+        "end_model": session.get("end_model"),
+    }
+
+
 def _print_end(session: dict[str, Any]) -> None:
     print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""), flush=True)
 
@@ -371,7 +381,9 @@ def session_watch(args: argparse.Namespace) -> int:
 
     on_round, on_running = (print_json, None) if args.json else (_print_round, print_running)
     session = asyncio.run(follow(conn, args.id, on_round, on_running))
-    if not args.json:
+    if args.json:
+        print(json.dumps(outcome(session), default=str), flush=True)  # JSON Lines: the last line is the session's outcome
+    else:
         _print_end(session)
     return EXIT_OK if session["status"] == "finished" else EXIT_FAILED
 
@@ -385,7 +397,7 @@ def session_ls(args: argparse.Namespace) -> int:
 
     def human() -> None:
         for r in rows:
-            r.update(created_s=when(r["created"]), n_rounds=r["config"].get("rounds"))
+            r.update(created_s=when(r["created"]), n_rounds=f"{r.get('rounds_done', '?')}/{r['config'].get('rounds')}")
         table(rows, SESSION_COLUMNS, "no sessions yet (start one with: scaleout session start)")
 
     emit(args, rows, human)
