@@ -253,7 +253,7 @@ def session_start(args: argparse.Namespace) -> int:
         session = result["session"]
         started.append(session["id"])
         if not args.json:
-            print(f"session {session['id']} started ({args.rounds} rounds)", flush=True)
+            print(f"session {session['id']} started ({args.rounds} round{'' if args.rounds == 1 else 's'})", flush=True)
         if args.wait:
             session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
@@ -457,7 +457,7 @@ def client_ls(args: argparse.Namespace) -> int:
             r["seen"] = when(r["last_seen"])
             package = r.get("package")
             r["pkg"] = (package[:12] if package else None) and package[:12] + (" (cannot load)" if r.get("package_error") else "")
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients have joined yet")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients (join one with: scaleout join TOKEN)")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -470,7 +470,7 @@ def combiner_ls(args: argparse.Namespace) -> int:
     def human() -> None:
         for r in rows:
             r["seen"] = when(r["last_seen"])
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners have connected yet")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners (start one with: scaleout combine TOKEN)")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -503,7 +503,11 @@ def metric_ls(args: argparse.Namespace) -> int:
         for r in rows:
             r.update(time=when(r["created"]), shown=f"{r['value']:.6g}")
         filtered = any(v is not None for v in (args.session, args.round, args.client, args.key))
-        table(rows, METRIC_COLUMNS, "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)")
+        if getattr(args, "telemetry", False):
+            empty = "no telemetry values match" if filtered else "no telemetry logged yet (packages send it with client.log_telemetry)"
+        else:
+            empty = "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)"
+        table(rows, METRIC_COLUMNS, empty)
 
     emit(args, rows, human)
     if total > len(rows):
@@ -524,8 +528,8 @@ def audit_ls(args: argparse.Namespace) -> int:
 
     from scaleout.core.audit import parse_since
 
-    if args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.limit < 0:
+        raise UsageError(f"--limit must be 0 (all) or more, got {args.limit}")
     req: dict[str, Any] = {"limit": args.limit}
     if args.since is not None:
         req["since"] = parse_since(args.since, time.time())
@@ -533,15 +537,21 @@ def audit_ls(args: argparse.Namespace) -> int:
 
     def human() -> None:
         for r in rows:
-            r.update(when=when(r["time"]), what=" ".join(f"{k}={_short(v)}" for k, v in (r["detail"] or {}).items()))
+            r.update(when=when(r["time"]), what=" ".join(f"{k}={_short(v, k)}" for k, v in (r["detail"] or {}).items() if v is not None))
         table(rows, AUDIT_COLUMNS, "no audit entries" + (f" since {args.since}" if args.since else ""))
 
     emit(args, [{**r, "time": iso_utc(r["time"])} for r in rows] if args.json else rows, human)
     return EXIT_OK
 
 
-def _short(value: Any) -> str:
-    """A detail's value on one line of a table: ids cut to 12 characters, lists joined."""
+DETAIL_TIMES = frozenset({"exp", "expires", "since", "time"})  # audit details that are unix seconds
+
+
+def _short(value: Any, key: str = "") -> str:
+    """A detail's value on one line of a table: ids cut to 12 characters, lists joined,
+    times as the local time."""
+    if key in DETAIL_TIMES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return when(value).replace(" ", "T")
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value[:12]
     if isinstance(value, list):

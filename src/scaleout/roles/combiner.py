@@ -21,7 +21,7 @@ from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, dial_urls, new_id, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -217,7 +217,7 @@ class Combiner:
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
         await self._send_all_clients()
-        announce(f"{scheme}://{bracket(s.host)}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
         log.info("combiner %s registered with %s", self.name, s.controller)
         stopping = asyncio.ensure_future(stop.wait())
         current: asyncio.Task[None] | None = reader

@@ -37,7 +37,7 @@ from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner, choose_validators, select_clients
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, new_id, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, new_id, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
@@ -261,7 +261,7 @@ class Controller:
         from scaleout.roles.welcome import show_join_commands
 
         show_join_commands(self)  # its files are written before the ready line
-        announce(f"{scheme}://{bracket(s.host)}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
         try:
             await stop.wait()
         finally:
@@ -594,9 +594,9 @@ class Controller:
         since, limit = args.get("since"), args.get("limit", 100)
         if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
             raise ProtocolError("audit.ls: since must be unix seconds")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 1_000_000:
-            raise ProtocolError("audit.ls: limit must be a whole number from 1 to 1000000")
-        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit, since))
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
+            raise ProtocolError("audit.ls: limit must be a whole number from 0 (all) to 1000000")
+        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit or -1, since))
         return {"entries": rows[::-1]}, None  # oldest first, as a log reads
 
     async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -655,7 +655,7 @@ class Controller:
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         digest = self.state.get_meta("active_package")
         if digest is None:
-            raise NotFoundError("package", "active", "an admin must run: scaleout package set-active FILE")
+            raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
         row = self.state.package(digest)
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:

@@ -225,7 +225,11 @@ class State:
                 self.upsert_client(name, "offline")
 
     def clients(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM clients ORDER BY name")
+        rows = self._all("SELECT * FROM clients ORDER BY name")
+        for row in rows:  # none logged yet: an empty dict, as client show gives
+            if "attributes" in row and row["attributes"] is None:
+                row["attributes"] = {}
+        return rows
 
     # -- packages and models ----------------------------------------------------------
 
