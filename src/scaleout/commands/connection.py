@@ -68,11 +68,11 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if token:
         if is_join_token(token):
             token, url, ca = _unwrap(token, url, ca, insecure, getattr(args, "state_dir", None) or getattr(args, "work_dir", None) or conf.get("state_dir"))
-    if token and not is_join_token(token):
+    if token and not is_join_token(token) and (not url or token.startswith(TOKEN_PREFIX)):
         from scaleout.core.errors import AuthError
         from scaleout.security.tokens import peek
 
-        try:  # a token that is not whole is the user's typo (exit 2), as a malformed join token is
+        try:  # a token cut or mistyped is the user's typo (exit 2), as a malformed join token is
             claims = peek(token)
         except AuthError as exc:
             raise UsageError(f"{exc} (expected sco1.<...> or SCALEOUT-1.<...> as printed by scaleout token create)") from None
@@ -89,6 +89,9 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)
+
+
+TOKEN_PREFIX = "sco1."  # security/tokens.py's tokens: a look-alike that does not parse is malformed
 
 
 def _is_join_token(token: str) -> bool:
