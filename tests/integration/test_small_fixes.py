@@ -170,3 +170,17 @@ def test_help_and_readme_synopsis() -> None:
     # The --keep example waits for a line only --headless prints.
     example = next(x for x in readme.splitlines() if x.startswith("scaleout dev ") and "--keep" in x)
     assert "--headless" in example, example
+
+
+def test_telemetry_listing_counts_what_matches(tmp_path: Path) -> None:
+    from scaleout.store.commands import CommandStore
+    from scaleout.store.state import State
+
+    path = tmp_path / "state.db"
+    store = CommandStore(path)
+    State(path).upsert_client("a", "online", combiner="c1")
+    rows = [("a", None, json.dumps({"key": k, "payload": {"value": i}}), float(i)) for i, k in enumerate(["t", "u", "t", "t"])]
+    assert store.client_info({}, {}, rows) == set()
+    latest, total = store.telemetry_page("a", "t", 2)  # what `telemetry ls` turns into "(the latest 2 of 3 records ...)"
+    assert [r["payload"]["value"] for r in latest] == [2, 3] and total == 3
+    store.close()
