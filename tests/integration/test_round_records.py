@@ -24,9 +24,9 @@ def test_a_follower_sees_each_round_once_and_whole(fed: Federation, tmp_path: Pa
     gate = tmp_path / "gate"
     sid = fed.admin("session.start", {"rounds": 2, "round_timeout": 30, "validate": True, "settings": {"validate_gate": str(gate)}})[0]["session"]["id"]
     wait_stdout(client, "validate_gate_client: validating")
-    # Round 1's model is committed and it is validating: not over yet, so not shown as ended.
+    # Round 1's model is committed and it is validating: its record is not final yet.
     (r1,) = fed.admin("session.show", {"id": sid})[0]["session"]["rounds"]
-    assert r1["status"] == "running" and r1["model_id"], r1
+    assert r1["model_id"] and r1["finished"] is None and r1["duration_s"] is None, r1
     # A follower attaching now (as `session watch` and `session start --wait` do) sees it
     # only once it is whole: the gate opens only after the follower has read the session.
     seen: list[dict[str, Any]] = []

@@ -282,8 +282,7 @@ def test_commit_round_records_model_active_and_round_together(tmp_path: Path) ->
     st.commit_round("s1", 1, "f" * 64, 10, parent="seed", aggregator="fedavg", contributors=["a"])
     assert st.get_meta("active_model") == "f" * 64
     (r,) = st.rounds("s1")
-    # The round is not over yet (its validation and duration come with finish_round): still running.
-    assert r["status"] == "running" and r["model_id"] == "f" * 64 and r["participants"] == ["a"]
+    assert r["status"] == "succeeded" and r["model_id"] == "f" * 64 and r["participants"] == ["a"]
     assert st.model("f" * 64)["parent"] == "seed"
     assert st.audit_log()[0]["action"] == "model.commit"
 

@@ -290,7 +290,7 @@ async def follow(
         for r in session["rounds"]:
             r["failures"] = client_failures(r, r.pop("clients", []), [])
         for r in session["rounds"]:
-            if r["status"] == "running":
+            if not _final(r):
                 break
             if r["idx"] > done:
                 if on_round is not None:
@@ -328,7 +328,7 @@ async def follow(
                 if exc.code not in ("unreachable", "link_closed", "timeout"):
                     raise
                 for r in final["rounds"]:
-                    if r["idx"] > done and r["status"] != "running" and on_round is not None:
+                    if r["idx"] > done and _final(r) and on_round is not None:
                         on_round({"session_id": final["id"], **r, "failures": []})
                 session = final
         except ScaleoutError as exc:
@@ -339,6 +339,13 @@ async def follow(
         finally:
             waiting.cancel()
     return session
+
+
+def _final(r: dict[str, Any]) -> bool:
+    """Whether round ``r``'s record is complete: it has ended and its end was recorded (a
+    round's model is committed before its validation: until ``finished`` is set, its
+    duration, timing and validation are still to come)."""
+    return r["status"] != "running" and r.get("finished") is not None
 
 
 SHOWN_REASON_CHARS = 300  # a reason on a round's line; `session show --clients --json` has it whole

@@ -224,7 +224,7 @@ class Controller:
             if row["status"] == "running":
                 for r in self.state.rounds(row["id"]):
                     if r["status"] == "running":
-                        self.state.end_round(row["id"], r, "controller restarted")
+                        self.state.finish_round(row["id"], r["idx"], status="failed", reason="controller restarted")
                 self.state.finish_session(row["id"], "stopped", self.state.get_meta("active_model"), "controller restarted")
 
     def _write_admin_token(self) -> None:
@@ -833,8 +833,7 @@ class Controller:
             row.update(status=end.status, reason=end.reason, finished=end.finished, end_model=end.end_model or row.get("end_model"))
             for r in row.get("rounds", []):
                 if r["status"] == "running":
-                    why = end.round_reason or end.reason or end.status
-                    r.update(status="succeeded" if r.get("model_id") else "failed", reason=f"not validated: {why}" if r.get("model_id") else why, finished=end.finished)
+                    r.update(status="failed", reason=end.round_reason or end.reason or end.status, finished=end.finished)
         return row
 
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:

@@ -290,10 +290,10 @@ class State:
         self, session_id: str, index: int, digest: str, size: int, *, parent: str, aggregator: str, contributors: list[str],
         server_state: str | None = None,
     ) -> None:
-        """A round's new global model: trail entry, active model and the round's model at once.
+        """A round's new global model: trail entry, active model and round outcome at once.
 
-        The round stays "running" (its validation, duration and timing are still to come):
-        ``finish_round`` makes it final, so nobody reads a half-filled round as ended.
+        The round's record is final only once ``finish_round`` set ``finished`` (its
+        validation, duration and timing come then): readers wait for that.
         ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
         moments), committed with the model it belongs to."""
         with self.transaction():
@@ -302,7 +302,7 @@ class State:
             )
             self.set_meta("active_model", digest)
             self.db.execute(
-                "UPDATE rounds SET model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
+                "UPDATE rounds SET status='succeeded', model_id=?, participants=?, server_state=? WHERE session_id=? AND idx=?",
                 (digest, json.dumps(contributors), server_state, session_id, index),
             )
             self.audit(
@@ -336,7 +336,7 @@ class State:
         with self.transaction():
             for row in self.rounds(session_id):
                 if row["status"] == "running":
-                    self.end_round(session_id, row, round_reason or reason or status, finished)
+                    self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
             self.finish_session(session_id, status, end_model, reason, finished)
 
     def session(self, session_id: str) -> dict[str, Any]:
@@ -349,7 +349,7 @@ class State:
     def sessions(self) -> list[dict[str, Any]]:
         """Every session, oldest first, with ``rounds_done``: how many of its rounds ended."""
         return self._all(
-            "SELECT *, (SELECT COUNT(*) FROM rounds WHERE rounds.session_id = sessions.id AND rounds.status != 'running') AS rounds_done"
+            "SELECT *, (SELECT COUNT(*) FROM rounds WHERE rounds.session_id = sessions.id AND rounds.finished IS NOT NULL) AS rounds_done"
             " FROM sessions ORDER BY created"
         )
 
@@ -368,14 +368,6 @@ class State:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE rounds SET {sets} WHERE session_id=? AND idx=?", (*fields.values(), session_id, index))
-
-    def end_round(self, session_id: str, row: dict[str, Any], reason: str, finished: float | None = None) -> None:
-        """End a round that could not finish: failed, or succeeded if its model was committed
-        (only its validation was cut short)."""
-        if row.get("model_id"):
-            self.finish_round(session_id, row["idx"], status="succeeded", reason=f"not validated: {reason}", finished=finished or time.time())
-        else:
-            self.finish_round(session_id, row["idx"], status="failed", reason=reason, finished=finished or time.time())
 
     def rounds(self, session_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM rounds WHERE session_id=? ORDER BY idx", session_id)
