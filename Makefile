@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench bench-flower dist dist-check clean
+.PHONY: demo test chaos lint bench bench-flower dist dist-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Issue 14's chaos suite, whole: each role killed (SIGKILL, then restarted) or paused (SIGSTOP
+# for 15 s) while clients train and while they validate; prints scenario, outcome, recovery time.
+chaos: $(STAMP)
+	rm -f chaos-report.jsonl
+	CHAOS_FULL=1 CHAOS_REPORT=$(CURDIR)/chaos-report.jsonl $(PY) -m pytest tests/chaos -p no:cacheprovider; \
+	  status=$$?; $(PY) tests/chaos/report.py chaos-report.jsonl; exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks sample_projects
@@ -64,4 +71,4 @@ dist-check: dist
 	build/dist_check.sh $(DIST_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(DIST_VENV) .pytest_cache demo-report.json dist build/zipapp-out build/frozen-work
+	rm -rf $(VENV) $(BENCH_VENV) $(DIST_VENV) .pytest_cache demo-report.json chaos-report.jsonl dist build/zipapp-out build/frozen-work

@@ -113,7 +113,15 @@ def build_parser() -> ArgumentParser:
         "--metrics-host", metavar="HOST",
         help="address for --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 lets a Prometheus elsewhere scrape, unauthenticated)",
     )
+    p.add_argument(
+        "--no-resume", action="store_true", default=None,
+        help="leave a session that was running when the controller stopped 'interrupted' (carry on with: scaleout session continue ID) instead of resuming it",
+    )
     _connect_rate_flag(p)
+    p.add_argument(
+        "--max-enrol-rate", type=float, metavar="N",
+        help="nodes one join token may enrol per minute (a minute's worth at once); more are refused and retry (default: 60; 0: no limit)",
+    )
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)
@@ -219,6 +227,11 @@ def build_parser() -> ArgumentParser:
     _connection(c)
     _json_flag(c)
     _common(c)
+    c = msub.add_parser("set-active", help="make a model of the trail the global model again (roll back; audited)")
+    c.add_argument("id", metavar="ID", help="model id (or a unique prefix of at least 6 characters)")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
     c = msub.add_parser("download", help="save a model as .safetensors (or .npz)")
     c.add_argument("id", metavar="ID", help="model id, unique prefix, or 'active'")
     c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
@@ -231,8 +244,8 @@ def build_parser() -> ArgumentParser:
     ssub.required = True
     c = ssub.add_parser("start", help="start a session of federated rounds")
     c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
-    c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates (default: 180)")
-    c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout (default: 1)")
+    c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates, at most 7 days (default: 180)")
+    c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout, 1 to 1,000,000 (default: 1)")
     c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
     c.add_argument(
         "--aggregator-kwargs", default="{}", metavar="JSON",
@@ -240,7 +253,23 @@ def build_parser() -> ArgumentParser:
     )
     c.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True, help="have clients validate each new global model (default: on)")
     c.add_argument("--settings", default="{}", metavar="JSON", help="training settings passed to the train callback, e.g. '{\"epochs\": 2}'")
+    c.add_argument("--max-examples-per-client", type=int, default=1_000_000, metavar="N", help="a client's weight (num_examples) is clipped to N; 0: no cap (default: 1000000)")
+    c.add_argument(
+        "--max-update-norm", default="10", metavar="X",
+        help="refuse an update whose change exceeds X times the model's norm (at least sqrt(parameters)); 0 or 'off': no bound (default: 10)",
+    )
     c.add_argument("--name", help="a name for the session")
+    c.add_argument("--model", metavar="ID", help="start from this model of the trail instead of the global model (model ls lists them)")
+    c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
+    _connection(c)
+    _json_flag(c)
+    _common(c)
+    c = ssub.add_parser(
+        "continue", help="carry on a finished, stopped, failed or interrupted session from its last model, with its settings",
+    )
+    c.add_argument("id", metavar="ID", help="session id (session ls lists them)")
+    c.add_argument("--rounds", type=int, help="how many more rounds (default: the rounds it had left, or as many as it had)")
+    c.add_argument("--round-timeout", type=float, metavar="SECONDS", help="a new round timeout (default: the session's)")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")
     _connection(c)
     _json_flag(c)
@@ -307,6 +336,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--web", action="store_true", help="serve the TUI to a browser (textual-serve) instead of this terminal")
     p.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default: 127.0.0.1; whoever opens the page acts as admin)")
     p.add_argument("--port", type=int, default=8000, help="with --web: port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--max-sessions", type=int, default=3, metavar="N", help="with --web: at most N pages (app processes) at once; more are refused (default: 3)")
     _connection(p)
     _common(p)
 
@@ -321,6 +351,7 @@ def build_parser() -> ArgumentParser:
     _common(c)
     c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
     c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
+    c.add_argument("--head", type=Path, metavar="FILE", help="also check against a copy of DATA_DIR/audit.head kept elsewhere: the log must still hold the entry it names")
     _connection(c)
     _json_flag(c)
     _common(c)

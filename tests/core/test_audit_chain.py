@@ -73,3 +73,38 @@ def test_since_takes_iso_times_and_times_ago() -> None:
     for bad in ("", "yesterday", "1y", "-1h", "h"):
         with pytest.raises(ConfigError, match="since"):
             parse_since(bad, now)
+
+
+def test_verify_log_against_a_signed_head() -> None:
+    from scaleout.core.audit import Anchor, verify_log
+
+    entries = chain(5)
+    full = Anchor(5, str(entries[-1]["hash"]), 5)
+    assert verify_log(entries, head(entries), full, exact=True) == (5, None)
+    # The tail cut and state.db's head rewritten to match: the chain alone holds, the anchor does not.
+    cut = entries[:3]
+    assert verify_chain(cut, head(cut)) == (3, None)
+    _, broken = verify_log(cut, head(cut), full, exact=True)
+    assert broken is not None and broken.id == 4 and "entries after 3 were removed: the signed head names entry 5 of 5" in broken.reason
+    # Everything deleted, head too.
+    _, broken = verify_log([], None, full, exact=True)
+    assert broken is not None and "the log is empty, but the signed head names entry 5 of 5" in broken.reason
+    # A kept copy from earlier: the log may have grown past it, but not be rewritten under it.
+    early = Anchor(3, str(entries[2]["hash"]), 3)
+    assert verify_log(entries, head(entries), early, exact=False) == (5, None)
+    _, broken = verify_log(entries, head(entries), early, exact=True)
+    assert broken is not None and "goes on past the signed head's entry 3" in broken.reason
+    forged = Anchor(3, "f" * 64, 3)
+    _, broken = verify_log(entries, head(entries), forged, exact=False)
+    assert broken is not None and broken.id == 3 and "another hash" in broken.reason
+    assert verify_log([], None, Anchor(0, "", 0), exact=True) == (0, None)  # a new, empty log
+
+
+def test_parse_anchor_refuses_what_is_not_a_head_file() -> None:
+    from scaleout.core.audit import Anchor, anchor_text, parse_anchor
+
+    anchor = Anchor(7, "a" * 64, 7)
+    assert parse_anchor(anchor_text(anchor, "sig"), "x") == (anchor, "sig")
+    for text in ("", "{}", "[1]", '{"id": -1, "hash": "a", "count": 1, "signature": "s"}', "x" * 5000):
+        with pytest.raises(ConfigError, match="is not an audit head file"):
+            parse_anchor(text, "kept.head")

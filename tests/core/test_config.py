@@ -18,6 +18,8 @@ DEFAULTS = {
     "validate": True,
     "settings": {},
     "name": None,
+    "max_examples_per_client": 1_000_000,
+    "max_update_norm": 10.0,
 }
 
 
@@ -37,6 +39,8 @@ def test_from_mapping_and_to_dict_round_trip() -> None:
         "validate": False,
         "settings": {"epochs": 2, "lr": 0.1},
         "name": "exp-1",
+        "max_examples_per_client": 500,
+        "max_update_norm": 3.5,
     }
     cfg = SessionConfig.from_mapping(data)
     assert cfg.to_dict() == data
@@ -67,6 +71,10 @@ def test_partial_mapping_keeps_other_defaults() -> None:
         ("round_timeout", "60"),
         ("round_timeout", True),
         ("round_timeout", None),
+        ("round_timeout", 1e300),  # would wait practically forever
+        ("round_timeout", 7 * 86400 + 1),
+        ("min_clients", 10**30),  # could never be met
+        ("min_clients", 1_000_001),
         ("min_clients", 0),
         ("min_clients", -2),
         ("min_clients", 1.5),
@@ -121,6 +129,14 @@ def test_fedavg_takes_no_kwargs() -> None:
 def test_constructor_validates_too() -> None:
     with pytest.raises(ConfigError, match="rounds"):
         SessionConfig(rounds=0)
+
+
+def test_bounds_are_said_in_the_error() -> None:
+    with pytest.raises(ConfigError, match=r"at most 604,800 \(7 days\), got 1e\+300"):
+        SessionConfig(round_timeout=1e300)
+    with pytest.raises(ConfigError, match=r"from 1 to 1,000,000, got 1000000000000000000000000000000"):
+        SessionConfig(min_clients=10**30)
+    assert SessionConfig(round_timeout=7 * 86400, min_clients=1_000_000).min_clients == 1_000_000
 
 
 @pytest.mark.parametrize("timeout", [0.001, 1, 3600.5])

@@ -301,3 +301,71 @@ def test_check_name_accepts(name: str) -> None:
 def test_check_name_refuses(name: object) -> None:
     with pytest.raises(ProtocolError, match="client name"):
         m.check_name(name, "client name")
+
+
+# -- numbers are bounded wherever they are nested (issue 19 #17) ------------------------------
+
+BIG_INTS = [str(2**63), str(-(2**63) - 1), "1" + "0" * 400, "9" * 5000, "-" + "9" * 5000]
+
+
+def _request(args_json: str) -> str:
+    return '{"v": %d, "type": "request", "id": "1", "op": "metric.ls", "args": %s}' % (m.PROTOCOL_VERSION, args_json)
+
+
+@pytest.mark.parametrize("literal", BIG_INTS)
+def test_integers_beyond_int64_are_refused_in_one_line(literal: str) -> None:
+    frames = [
+        '{"v": %d, "type": "report", "kind": "train", "session_id": "s", "round_index": %s, "client": "c"}' % (m.PROTOCOL_VERSION, literal),
+        '{"v": %d, "type": "blob", "transfer": "t", "size": %s, "sha256": "x"}' % (m.PROTOCOL_VERSION, literal),
+        _request('{"limit": %s}' % literal),
+        _request('{"deep": [{"x": {"y": [%s]}}]}' % literal),  # nested in args
+        '{"v": %d, "type": "metric", "task_id": "t", "metrics": {"a": 1}, "step": %s}' % (m.PROTOCOL_VERSION, literal),
+    ]
+    for frame in frames:
+        with pytest.raises(ProtocolError) as info:
+            m.parse(frame)
+        text = str(info.value)
+        assert "outside the signed 64-bit range" in text, text
+        assert "\n" not in text and len(text) < 200, text  # one line, not 5000 digits
+
+
+@pytest.mark.parametrize("literal", ["1e309", "-1e309", "1" + "0" * 400 + ".0", "1.5e99999"])
+def test_floats_beyond_the_float_range_are_refused(literal: str) -> None:
+    for frame in (
+        '{"v": %d, "type": "metric", "task_id": "t", "metrics": {"loss": %s}}' % (m.PROTOCOL_VERSION, literal),
+        '{"v": %d, "type": "round.start", "session_id": "s", "round_index": 1, "model_id": "m", "count": 1, "timeout": %s}' % (m.PROTOCOL_VERSION, literal),
+        _request('{"data": {"values": [1, 2, %s]}}' % literal),
+    ):
+        with pytest.raises(ProtocolError, match="beyond the float range: use finite numbers only"):
+            m.parse(frame)
+
+
+def test_numbers_at_the_bounds_are_accepted() -> None:
+    top, bottom = 2**63 - 1, -(2**63)
+    msg = m.parse(_request('{"a": %d, "b": %d, "c": 1.7976931348623157e308, "d": -0.0, "e": 5e-324, "f": 0}' % (top, bottom)))
+    assert isinstance(msg, m.Request)
+    assert msg.args["a"] == top and msg.args["b"] == bottom
+    assert msg.args["c"] == 1.7976931348623157e308 and msg.args["e"] == 5e-324 and msg.args["f"] == 0
+    report = m.parse('{"v": %d, "type": "report", "kind": "train", "session_id": "s", "round_index": %d, "client": "c"}' % (m.PROTOCOL_VERSION, top))
+    assert isinstance(report, m.Report) and report.round_index == top
+
+
+def test_loads_bounds_any_json_a_peer_sends() -> None:
+    assert m.loads('{"names": ["a", "b"], "n": 3}', "name list") == {"names": ["a", "b"], "n": 3}
+    with pytest.raises(ProtocolError, match="^name list holds the integer"):
+        m.loads("[" + "9" * 30 + "]", "name list")
+    with pytest.raises(ProtocolError, match="^name list is not valid JSON"):
+        m.loads("[NaN]", "name list")
+
+
+def test_a_refused_request_names_its_id_so_its_sender_is_answered() -> None:
+    with pytest.raises(ProtocolError) as info:
+        m.parse(_request('{"limit": %s}' % ("9" * 5000)))
+    assert info.value.re == "1"
+    with pytest.raises(ProtocolError) as info:
+        m.parse('{"v": %d, "type": "request", "id": "7", "op": 3}' % m.PROTOCOL_VERSION)
+    assert info.value.re == "7"
+    for frame in ('{"v": %d, "type": "metric", "id": "8", "task_id": "t", "metrics": {"a": 1e999}}' % m.PROTOCOL_VERSION, "{not json"):
+        with pytest.raises(ProtocolError) as info:
+            m.parse(frame)
+        assert info.value.re is None  # not a request: nobody waits for a reply

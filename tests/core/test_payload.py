@@ -388,11 +388,13 @@ def test_value_bounds() -> None:
 
 def test_check_values_refuses_what_the_model_dtype_cannot_hold() -> None:
     reference = {"f": TensorSpec("float32", (2,)), "i": TensorSpec("int32", (2,)), "e": TensorSpec("float16", (0,))}
-    fine = {"f": np.array([3e38, -3e38]), "i": np.array([2**31 - 1, -(2**31)], np.int64), "e": np.zeros(0)}
+    fine = {"f": np.array([2e37, -2e37]), "i": np.array([2**31 - 1, -(2**31)], np.int64), "e": np.zeros(0)}
     check_values(reference, fine)
     check_values(reference, {**fine, "i": np.array([7, -7], np.int16)})  # always fits: no pass at all
     with pytest.raises(UpdateRejected, match=r"'f' holds 1e\+300, outside the model's float32 finite range"):
         check_values(reference, {**fine, "f": np.array([0.0, 1e300])})
+    with pytest.raises(UpdateRejected, match=r"'f' holds 3e\+38, beyond 2.127e\+37: too close to the largest float32"):
+        check_values(reference, {**fine, "f": np.array([0.0, 3e38], np.float32)})  # finite, but one step from inf
     with pytest.raises(UpdateRejected, match="'i' holds 2147483648, outside the model's int32 range"):
         check_values(reference, {**fine, "i": np.array([0, 2**31], np.int64)})
     with pytest.raises(UpdateRejected, match="'f' contains NaN or inf"):
@@ -414,3 +416,45 @@ def test_views_point_into_the_bytes_without_copying() -> None:
     assert not got["a"].flags.writeable and not got["a"].flags.owndata
     with pytest.raises(PayloadError):
         views(data[:-1])
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param([0, 2**62, 2**62], id="empty-but-too-big"),
+        pytest.param([2**49, 0], id="one-huge-dim"),
+        pytest.param([1] * 40, id="too-many-dims"),
+    ],
+)
+def test_shapes_numpy_cannot_describe_are_refused_before_numpy_sees_them(shape: list[int]) -> None:
+    # No bytes, so the offsets fit; numpy would fail with "array is too big" (a ValueError).
+    from scaleout.core.aggregators import decode_partial
+    from scaleout.core.payload import views
+
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "z": {"dtype": "F32", "shape": shape, "data_offsets": [16, 16]}}
+    data = craft(header, BODY)
+    for reader in (views, describe, read, decode, decode_partial):
+        with pytest.raises(PayloadError, match="tensor 'z'"):
+            reader(data)
+    # An empty tensor of an ordinary shape is fine.
+    header["z"]["shape"] = [0, 1000, 3]
+    assert views(craft(header, BODY))["z"].shape == (0, 1000, 3)
+
+
+def test_check_dtypes_refuses_another_kind_and_names_another_width() -> None:
+    from scaleout.core.payload import check_dtypes
+
+    reference = {"f": TensorSpec("float32", (2,)), "i": TensorSpec("int32", (2,)), "t": TensorSpec("bool", (2,))}
+    same = {"f": np.zeros(2, np.float32), "i": np.zeros(2, np.int32), "t": np.zeros(2, bool)}
+    assert check_dtypes(reference, same) == []
+    wider = {"f": np.zeros(2, np.float16), "i": np.zeros(2, np.uint8), "t": np.zeros(2, bool)}
+    assert check_dtypes(reference, wider) == ["f", "i"]  # same kind: converted, and said
+    for name, bad, kinds in [
+        ("f", np.zeros(2, np.int32), "dtype int32 is integer, the model's float32 is float"),
+        ("f", np.zeros(2, bool), "dtype bool is bool, the model's float32 is float"),
+        ("i", np.zeros(2, np.float16), "dtype float16 is float, the model's int32 is integer"),
+        ("t", np.zeros(2, np.int8), "dtype int8 is integer, the model's bool is bool"),
+    ]:
+        with pytest.raises(ModelMismatchError, match=kinds) as info:
+            check_dtypes(reference, {**same, name: bad})
+        assert info.value.tensor == name

@@ -57,13 +57,12 @@ def test_every_message_named_is_a_message_type() -> None:
 
 
 def test_the_controllers_operations_are_all_in_the_table(tmp_path: object) -> None:
-    # The controller keeps the roles beside each handler too: they must say what the table says,
-    # and no operation may be missing from the table (it would fall to admin-only silently).
+    # No operation may be missing from the table (it would fall to admin-only silently); the
+    # controller keeps no roles of its own beside its handlers.
     from pathlib import Path
 
     from scaleout.roles.controller import Controller, ControllerSettings
 
     ctl = Controller(ControllerSettings(data_dir=Path(str(tmp_path))))
     assert set(ctl._ops) <= set(p.REQUESTS), sorted(set(ctl._ops) - set(p.REQUESTS))
-    for op, (roles, _) in ctl._ops.items():
-        assert set(roles) | {"admin"} == set(p.request_roles(op)), op  # admin may do everything
+    assert all(callable(handler) for handler in ctl._ops.values())

@@ -12,7 +12,7 @@ def test_no_combiner_ready_says_what_to_do() -> None:
         a.assign("x", now=0)
 
 
-def test_least_loaded_counts_recent_assignments_then_forgets_them() -> None:
+def test_least_loaded_counts_assignments_until_the_client_is_seen_or_sent_elsewhere() -> None:
     a = Assigner(ttl=30)
     a.combiner_ready("c1")
     a.combiner_ready("c2")
@@ -21,9 +21,14 @@ def test_least_loaded_counts_recent_assignments_then_forgets_them() -> None:
     assert a.load("c1") == 2 and a.load("c2") == 2
     a.client_joined("c1", "k0")
     assert a.load("c1") == 2  # k0 moved from assigned to connected
+    # c2 never reports k1 and k3 (a combiner that under-reports): they still count there.
     assert a.load("c2") == 2
-    assert a.assign("late", now=31) == "c2"  # the unconnected assignments have expired: c1 has k0
-    assert a.load("c1") == 1 and a.load("c2") == 1
+    assert a.assign("late", now=31) == "c1"
+    assert a.assign("k1", now=31) == "c2"  # asked again past the ttl: counted anew, where it goes
+    assert a.load("c1") == 3 and a.load("c2") == 2
+    # A client said to have left counts where it was until it is assigned again.
+    a.client_left("c1", "k0")
+    assert a.load("c1") == 3 and "k0" not in a.where
 
 
 def test_a_connected_or_just_assigned_client_goes_back_where_it_is() -> None:

@@ -168,6 +168,23 @@ class Federation:
 
         return asyncio.run(go())
 
+    def assigned_ticket(self, name: str, prefer: str | None = None) -> str:
+        """Enrol client ``name`` and ask for its combiner, as `scaleout join` does: the ticket
+        it connects to that combiner with."""
+        ident = self.identity("client", name)
+        conn = Connection(self.url, ident, Path(self.ca), False)
+        return str(asyncio.run(call_async(conn, "client.assign", {"name": name, "prefer": prefer}))[0]["ticket"])
+
+    def ticket(self, client: str, combiner: str) -> str:
+        """A ticket as the controller issues one in client.assign (signed with its token key):
+        for stand-in combiners that announce many clients without running them."""
+        import time
+
+        from scaleout.security.tokens import TokenSigner
+
+        signer = TokenSigner.load_or_create(self.data / "token.key")
+        return signer.issue("client", 3600, time.time(), jti=f"k-test-{client}", sub=client, nid=f"n-test-{client}", aud=combiner)
+
     def combiner(self, name: str) -> Proc:
         args = ["combine", "--controller", self.url, "--token", self.token("combiner"), "--ca", self.ca, "--name", name, "--port", "0", "--state-dir", str(self.tmp / "combiners" / name)]
         p = Proc(name, args, self.logs, True)

@@ -61,8 +61,9 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     assert code == 2 and "since" in err and "Traceback" not in err, err
     code, out, err = cli(fed, "audit", "verify")
     assert code == 0, out + err
-    first, head_line = out.strip().splitlines()
+    first, anchored, head_line = out.strip().splitlines()
     assert first == f"audit log intact: {len(entries)} entries, hash chain and head verified"
+    assert anchored == f"matches the signed head {fed.data / 'audit.head'}", out
     code, out_json, err = cli(fed, "audit", "verify", "--json")
     verified = json.loads(out_json)
     assert code == 0 and verified["ok"] and verified["entries"] == len(entries), out_json + err
@@ -129,3 +130,46 @@ def test_verify_finds_the_first_tampered_entry(fed: Federation, statements: list
     fed.stop_all()
     r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["broken"]["id"] == broken_id, r.stdout + r.stderr
+
+
+def test_a_cut_tail_with_a_rewritten_head_is_caught_by_the_signed_head(fed: Federation) -> None:
+    # Issue 20 #10: no hashing needed to cut entries off and point meta.audit_head at the
+    # new last one; the head the controller signs beside state.db (and a copy the operator
+    # kept) catch it, and so does emptying the log.
+    fed.controller()
+    for role in ("client", "combiner", "admin"):
+        fed.token(role)
+    kept = fed.tmp / "kept.head"
+    kept.write_bytes((fed.data / "audit.head").read_bytes())  # the operator's copy, at entry 3
+    fed.seed_from(QUICKSTART)  # entry 4
+    code, out, err = cli(fed, "audit", "verify", "--head", str(kept))
+    assert code == 0 and f"matches the signed head {kept}" in out, out + err
+    newest = json.loads((fed.data / "audit.head").read_text())
+    assert newest["id"] == 4 and newest["count"] == 4, newest
+    forged = fed.tmp / "forged.head"
+    forged.write_text(json.dumps({**newest, "id": 2}))
+    code, out, err = cli(fed, "audit", "verify", "--head", str(forged))
+    assert code == 1 and "is not signed by this controller" in out, out + err
+
+    tamper(
+        fed.data / "state.db",
+        "DELETE FROM audit WHERE id > 2",
+        "UPDATE meta SET value=(SELECT id || ' ' || hash FROM audit WHERE id=2) WHERE key='audit_head'",
+    )
+    code, out, err = cli(fed, "audit", "verify")
+    assert code == 1 and out.startswith("audit log broken at entry 3: entries after 2 were removed: the signed head names entry 4 of 4"), out + err
+    code, out, err = cli(fed, "audit", "verify", "--json")
+    assert code == 1 and json.loads(out)["ok"] is False, out + err
+    fed.stop_all()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    assert r.returncode == 1 and "entries after 2 were removed" in r.stdout, r.stdout + r.stderr
+    # The operator's copy names entry 3, which is gone too.
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--head", str(kept))
+    assert r.returncode == 1, r.stdout + r.stderr
+
+    tamper(fed.data / "state.db", "DELETE FROM audit", "DELETE FROM meta WHERE key='audit_head'")
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    assert r.returncode == 1 and "the log is empty, but the signed head names entry 4 of 4" in r.stdout, r.stdout + r.stderr
+    (fed.data / "audit.head").unlink()
+    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    assert r.returncode == 1 and "audit.head is missing" in r.stdout, r.stdout + r.stderr

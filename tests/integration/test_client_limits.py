@@ -71,7 +71,7 @@ def test_a_flooding_client_cannot_drop_its_combiner(fed: Federation) -> None:
     for name in ("good-0", "good-1"):
         fed.client(name, package=QUICKSTART)
     assert c1.url is not None
-    headers = {"Authorization": f"Bearer {fed.identity('client', 'evil')}"}
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('evil')}"}
     errors: list[dict[str, Any]] = []
 
     async def go() -> dict[str, Any]:
@@ -169,7 +169,7 @@ def test_the_controller_bounds_what_a_combiner_reports(fed: Federation, tmp_path
         async with connect(fed.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None) as ws:
             await ws.send(frame("request", "reg", op="combiner.register", args={"name": "rogue"}))
             assert (await next_text(ws, "reply"))["ok"] is True
-            await ws.send(frame("clients.changed", "cc", joined=["someone"]))  # a combiner reports for its own clients
+            await ws.send(frame("clients.changed", "cc", joined=["someone"], proofs=[fed.ticket("someone", "rogue")]))  # a combiner reports for its own clients
             await ws.send(report("big", data={"metrics": {"x" * 900_000: 1.0}}))
             await ws.send(report("err", kind="train", data={"metadata": {}}, error="rogue " + WIDE * 300_000))
             await ws.send(report("bogus", kind="bogus"))

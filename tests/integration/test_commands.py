@@ -216,7 +216,7 @@ def test_a_misbehaving_client_gets_errors_and_disturbs_nobody(fed: Federation) -
     combiner_url = fed.procs[1].url
     assert combiner_url is not None
 
-    headers = {"Authorization": f"Bearer {fed.identity('client', 'rogue')}"}
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('rogue', prefer='c1')}"}
 
     async def abuse() -> list[str]:
         errors: list[str] = []

@@ -76,7 +76,7 @@ async def stand_in_combiner(fed: Federation, token: str, sums: np.ndarray) -> di
     try:
         await link.request("combiner.register", {"name": "unchecked"}, timeout=WAIT)
         await link.request("combiner.ready", {"url": "wss://127.0.0.1:9"}, timeout=WAIT)
-        await link.send(m.ClientsChanged(joined=["ghost"], reset=True))
+        await link.send(m.ClientsChanged(joined=["ghost"], proofs=[fed.ticket("ghost", "unchecked")], reset=True))
         assert fed.conn is not None
         await asyncio.wait_for(call_async(fed.conn, "client.wait", {"count": 1, "timeout": WAIT}), WAIT)
         (started, _) = await asyncio.wait_for(

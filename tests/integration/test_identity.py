@@ -167,8 +167,10 @@ def test_a_name_belongs_to_its_identity(fed: Federation, tmp_path: Path) -> None
     assert combiner.url is not None
     ctx = tls.client_context(fed.ca)
 
+    ticket = _assign_as(fed, bob, "bob")["ticket"]  # bob's own ticket for c1
+
     async def impersonate() -> tuple[int | None, str]:
-        link = await connect(combiner.url, bob, ctx, max_payload=1 << 20, peer_role="combiner")  # type: ignore[arg-type]
+        link = await connect(combiner.url, ticket, ctx, max_payload=1 << 20, peer_role="combiner")  # type: ignore[arg-type]
         run = asyncio.create_task(link.run())
         await link.send(m.Hello(name="alice"))
         await asyncio.wait_for(run, 10)
@@ -176,6 +178,8 @@ def test_a_name_belongs_to_its_identity(fed: Federation, tmp_path: Path) -> None
 
     code, reason = asyncio.run(impersonate())
     assert code == m.CLOSE_REVOKED and "not client alice's" in reason
+    with pytest.raises(AuthError, match="with the ticket the controller gave it for this combiner"):  # never its own credential
+        asyncio.run(connect(combiner.url, bob, ctx, max_payload=1 << 20, peer_role="combiner"))  # type: ignore[arg-type]
     with pytest.raises(AuthError, match="enrols with the controller first"):
         asyncio.run(connect(combiner.url, fed.token("client"), ctx, max_payload=1 << 20, peer_role="combiner"))  # type: ignore[arg-type]
     with pytest.raises(RemoteError, match="belongs to client 'bob', not client 'alice'"):
@@ -215,7 +219,7 @@ def test_revoked_token_links_close_within_5s_and_nodes_exit_3(fed: Federation, t
     assert rows["client"]["expires"].endswith("Z") and rows["client"]["last_used"] is not None
     assert "sco1." not in r.stdout and "SCALEOUT-1." not in r.stdout  # never the secret
     human = scaleout("token", "ls", "--data-dir", str(fed.data)).stdout
-    assert human.splitlines()[0].split() == ["ID", "ROLE", "NAME", "STATUS", "EXPIRES", "USES", "NODES", "LAST", "USED"]
+    assert human.splitlines()[0].split() == ["ID", "ROLE", "NAME", "STATUS", "EXPIRES", "USES", "NODES", "LAST", "USED", "LAST", "ENROLLED"]
     started = time.monotonic()
     r = scaleout("token", "revoke", rows["client"]["id"][:6], "--with-nodes", "--data-dir", str(fed.data))
     assert r.returncode == 0, r.stderr

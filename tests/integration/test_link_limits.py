@@ -57,7 +57,7 @@ def test_hello_and_idle_timeouts(fed: Federation) -> None:
     c1 = combiner(fed, "c1", "--config", config(fed, "c1", "hello_timeout = 1\n"))
     assert c1.url is not None
     client, comb = fed.token("client"), fed.token("combiner")
-    own = fed.identity("client", "quiet")  # a combiner lets in enrolled clients only
+    own = fed.assigned_ticket("quiet")  # a combiner lets in enrolled clients only (with their ticket for it)
 
     async def go() -> None:
         started = time.monotonic()
@@ -232,7 +232,7 @@ def test_a_flood_of_links_does_not_starve_a_real_session(fed: Federation) -> Non
     for name in ("a", "b"):
         fed.client(name, package=QUICKSTART)
     fed.wait_clients(2)
-    client = fed.identity("client", "flood")
+    client = fed.assigned_ticket("flood")
     slow = [fed.identity("combiner", f"slow-{i}") for i in range(5)]
     admin = fed.conn
     assert admin is not None and c1.url is not None

@@ -24,7 +24,7 @@ def test_a_client_that_stalls_when_asked_is_left_out_and_the_round_goes_on(fed: 
     c1 = fed.combiner("c1")
     fed.client("good-0", package=QUICKSTART)
     assert c1.url is not None
-    headers = {"Authorization": f"Bearer {fed.identity('client', 'staller')}"}
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('staller')}"}
 
     async def go() -> dict[str, Any]:
         async with connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None) as ws:
@@ -71,7 +71,7 @@ def test_metric_limits_hold_across_reconnects(fed: Federation) -> None:
     c1 = fed.combiner("c1")
     fed.client("good-0", package=SLOW)
     assert c1.url is not None
-    headers = {"Authorization": f"Bearer {fed.identity('client', 'flooder')}"}
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('flooder')}"}
 
     async def go() -> str:
         async def dial() -> Any:

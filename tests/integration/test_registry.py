@@ -39,11 +39,13 @@ def test_thousands_of_joins_as_paged_deltas(fed: Federation) -> None:
     fed.controller()
     names = [f"edge-{i:05d}" for i in range(10_000)]  # client ls: well over one 1 MiB frame
     combiner_token, client_token = fed.identity("combiner", "big"), fed.identity("client", "newcomer")
+    proofs = [fed.ticket(n, "big") for n in names]  # each as the controller gave it to that client
 
     async def script(link: Any) -> dict[str, Any]:
-        await link.send(m.ClientsChanged(joined=names[: m.MAX_NAMES], reset=True))
-        for i in range(m.MAX_NAMES, len(names), m.MAX_NAMES):
-            await link.send(m.ClientsChanged(joined=names[i : i + m.MAX_NAMES]))
+        page = m.MAX_PROOFS
+        await link.send(m.ClientsChanged(joined=names[:page], proofs=proofs[:page], reset=True))
+        for i in range(page, len(names), page):
+            await link.send(m.ClientsChanged(joined=names[i : i + page], proofs=proofs[i : i + page]))
         assert fed.conn is not None
         await asyncio.wait_for(call_async(fed.conn, "client.wait", {"count": 10_000, "timeout": WAIT}), WAIT)
         listed = (await call_async(fed.conn, "client.ls"))[0]["clients"]

@@ -85,3 +85,57 @@ def test_tls_caller_refuses_clear_text_address(fed: Federation) -> None:
     fed.controller()
     with pytest.raises(TrustError, match="clear text"):
         asyncio.run(connect(fed.url.replace("wss://", "ws://"), "token", tls.client_context(fed.ca), max_payload=1 << 20))
+
+
+def test_no_token_reaches_a_server_with_a_combiner_certificate(fed: Federation, tmp_path: Path) -> None:
+    """A combiner's CA-signed certificate names 127.0.0.1: a server using it, posing as the
+    controller, must not get the token of `scaleout join` or `scaleout status --token`."""
+    import contextlib
+    import threading
+
+    from conftest import scaleout
+
+    fed.controller()
+    cert, key = combiner_cert(fed, tmp_path)
+    admin = (fed.data / "admin.token").read_text().strip()
+    join = fed.token("client")
+    received: list[bytes] = []
+    ready = threading.Event()
+    port: list[int] = []
+    stop: list[asyncio.AbstractEventLoop] = []
+
+    def impostor() -> None:
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                received.append(await asyncio.wait_for(reader.read(65536), 5))
+            except (OSError, asyncio.TimeoutError):
+                pass
+            writer.close()
+
+        async def main() -> None:
+            server = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=tls.server_context(cert, key))
+            port.append(server.sockets[0].getsockname()[1])
+            stop.append(asyncio.get_running_loop())
+            ready.set()
+            async with server:
+                await asyncio.Event().wait()
+
+        with contextlib.suppress(RuntimeError):  # the loop stopped at the end of the test
+            asyncio.run(main())
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    url = f"wss://127.0.0.1:{port[0]}"
+    try:
+        status = scaleout("status", "--controller", url, "--token", admin, "--ca", fed.ca, timeout=30)
+        joined = scaleout("join", "--controller", url, "--token", join, "--ca", fed.ca, "--name", "k9",
+                          "--work-dir", str(tmp_path / "k9"), timeout=30)
+    finally:
+        stop[0].call_soon_threadsafe(stop[0].stop)
+    seen = b"".join(received)
+    assert b"Authorization" not in seen, seen[:300]
+    assert admin.encode() not in seen and join.encode() not in seen
+    for done in (status, joined):
+        assert done.returncode != 0
+        assert "combiner certificate where a controller was expected" in done.stderr, done.stderr

@@ -223,6 +223,160 @@ def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
     assert claims.role == "client" and 7000 < claims.exp - time.time() <= 7200
 
 
+def focus_ring(app: ScaleoutApp) -> str:
+    return str(app.focused.id if app.focused is not None else None)
+
+
+async def tab_through(pilot: Any, app: ScaleoutApp, n: int, key: str = "tab") -> list[str]:
+    """Press ``key`` ``n`` times; the id focused after each press."""
+    seen = []
+    for _ in range(n):
+        await pilot.press(key)
+        seen.append(focus_ring(app))
+    return seen
+
+
+def test_every_form_and_dialog_works_by_keyboard_alone(fed: Federation) -> None:
+    """Tab and Shift+Tab reach every field and button (out of text fields too), Enter
+    submits, Escape closes: a session with non-default settings and an admin token, keys only."""
+    ready(fed)
+    assert fed.conn is not None
+
+    async def go() -> str:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(rows(app, "clients")) == 2, "two clients")
+            # The main screen: Tab leaves the filter box.
+            await pilot.press("/")
+            assert focus_ring(app) == "client-filter"
+            assert await tab_through(pilot, app, 1) == ["clients"]
+            # The start form, every field in order and back.
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the session form")
+            assert focus_ring(app) == "f-rounds"
+            order = ["f-round_timeout", "f-min_clients", "f-aggregator", "f-aggregator_kwargs", "f-settings", "f-validate", "f-name", "cancel", "start"]
+            assert await tab_through(pilot, app, len(order)) == order
+            assert await tab_through(pilot, app, len(order), "shift+tab") == [*reversed(order[:-1]), "f-rounds"]
+            await pilot.press(*"2")  # the field's text is selected on focus: typing replaces it
+            await pilot.press("tab", *"30", "tab", "tab", "tab", "tab", *'{"epochs": 1}', "tab", "space", "tab", *"by-keys")
+            assert focus_ring(app) == "f-name"
+            await pilot.press("enter")  # Enter in a field starts it
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "the form to close", timeout=5)
+            await until(pilot, lambda: app.view.session is not None and app.view.session.status == "finished", "the session", timeout=60)
+            s = app.view.session
+            assert s is not None
+            assert (s.config["rounds"], s.config["round_timeout"], s.config["settings"], s.config["validate"], s.config["name"]) == (
+                2, 30.0, {"epochs": 1}, False, "by-keys"
+            ), s.config
+            # Escape closes the form, and a button is pressed with Enter: Cancel.
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form again")
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "escape to close it")
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionForm), "the form again")
+            await pilot.press("shift+tab", "shift+tab")
+            assert focus_ring(app) == "cancel"
+            await pilot.press("enter")
+            await until(pilot, lambda: not isinstance(app.screen, SessionForm), "cancel to close it")
+            # A single-key action of the main screen does nothing in a dialog.
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, TokenDialog), "the token dialog")
+            dialog = app.screen
+            assert focus_ring(app) == "t-role"
+            assert await tab_through(pilot, app, 5) == ["t-ttl", "t-name", "close", "create", "t-role"]  # Copy is off until a token exists
+            await pilot.press("s")
+            assert isinstance(app.screen, TokenDialog)
+            # An admin token with a lifetime of 2 hours, keys only: the role list opens with Enter.
+            await pilot.press("enter", "down", "down", "enter")
+            await until(pilot, lambda: dialog.query_one("#t-role").value == "admin", "the admin role chosen")
+            await pilot.press("tab", *"2h", "tab", *"kbd", "enter")  # Enter in a field creates it
+            await until(pilot, lambda: dialog.token is not None, "the token")
+            token = str(dialog.token)
+            assert focus_ring(app) == "copy"
+            await pilot.press("enter")
+            assert app.clipboard == token
+            await pilot.press("shift+tab")
+            assert focus_ring(app) == "close"
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, TokenDialog), "escape to close it")
+            # The one-line dialogs: Tab reaches their buttons, Escape closes them.
+            await pilot.press("p")
+            await until(pilot, lambda: bool(app.screen.query("#answer")), "the package dialog")
+            assert focus_ring(app) == "answer"
+            assert await tab_through(pilot, app, 3) == ["cancel", "ok", "answer"]
+            await pilot.press("escape")
+            await until(pilot, lambda: not app.screen.query("#answer"), "escape to close it")
+            await pilot.press("q")
+            return token
+
+    from scaleout.security.tokens import peek
+
+    claims = peek(asyncio.run(go()))
+    assert claims.role == "admin" and 7000 < claims.exp - time.time() <= 7200
+
+
+def test_the_status_line_follows_the_active_model_and_package(fed: Federation) -> None:
+    """model set-seed and package set-active from the CLI, and a session's models, show at once."""
+    from conftest import scaleout
+
+    from scaleout.package.archive import create_archive
+
+    ready(fed, clients=1)
+    assert fed.conn is not None
+    seed = next(p for p in (fed.tmp / f"build-{QUICKSTART.name}").iterdir() if p.suffix in (".npz", ".safetensors"))
+    other = create_archive(QUICKSTART, fed.tmp / "other.tgz")
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+
+        def line() -> str:
+            return str(app.query_one("#status-line").render())
+
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.active_model is not None and app.view.active_model[:12] in line(), "the seed on the status line")
+            first_model = str(app.view.active_model)
+            assert "client.tgz" in line()
+            # A session's last model.
+            await asyncio.to_thread(fed.run_session, rounds=1, min_clients=1, validate=False)
+            await until(pilot, lambda: app.view.active_model != first_model, "the round's model")
+            await until(pilot, lambda: str(app.view.active_model)[:12] in line(), "the round's model on the status line")
+            # The CLI: a package and a seed set from another terminal.
+            r = await asyncio.to_thread(scaleout, "package", "set-active", str(other), "--data-dir", str(fed.data))
+            assert r.returncode == 0, r.stderr
+            await until(pilot, lambda: "other.tgz" in line(), "the new package on the status line")
+            r = await asyncio.to_thread(scaleout, "model", "set-seed", str(seed), "--data-dir", str(fed.data))
+            assert r.returncode == 0, r.stderr
+            await until(pilot, lambda: first_model[:12] in line(), "the seed again on the status line")
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_the_progress_bar_of_a_stopped_session_shows_its_real_fraction(fed: Federation) -> None:
+    ready(fed, clients=1)
+    assert fed.conn is not None
+
+    async def go() -> None:
+        from textual.widgets import ProgressBar
+
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            session = (await asyncio.to_thread(fed.admin, "session.start", {"rounds": 10, "round_timeout": 30, "min_clients": 1, "validate": False}))[0]["session"]
+            await until(pilot, lambda: any(r.status == "succeeded" for r in app.view.rounds.values()), "the first round", timeout=60)
+            await asyncio.to_thread(fed.admin, "session.stop", {"id": session["id"]})
+            await until(pilot, lambda: app.view.session is not None and app.view.session.status != "running", "the session stopped")
+            bar = app.query_one("#round-progress", ProgressBar)
+            done = sum(1 for r in app.view.rounds.values() if r.status != "running")
+            await until(pilot, lambda: bar.total == 10, "the bar to count rounds")
+            assert 1 <= done < 10 and bar.progress == done and bar.percentage == done / 10, (done, bar.progress, bar.total)
+            assert f"{done}/10 rounds" in str(app.query_one("#session-info").render())
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
 def test_command_palette_lists_the_actions(fed: Federation) -> None:
     fed.controller()
     assert fed.conn is not None
@@ -315,6 +469,168 @@ def test_web_mode_serves_the_app_to_a_browser(fed: Federation) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def web_tui(fed: Federation, *extra: str) -> Any:
+    """A real `scaleout tui --web` on port 0: yields (process, the printed URL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaleout", "tui", "--web", "--port", "0", "--data-dir", str(fed.data), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = wait_line(proc.stdout, "serving the TUI on", 30, "scaleout tui --web")
+        yield proc, re.search(r"http://\S+", line)[0]  # type: ignore[index]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(20)
+
+
+def http(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, Any]:
+    """GET ``url``: (status, body, headers), a refusal included."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status, r.read().decode(errors="replace"), r.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace"), exc.headers
+
+
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def web_page(url: str, origin: str | None, cookie: str | None) -> Any:
+    """A websocket to the TUI's /ws as a page would open it (or a page of another site)."""
+    from websockets.asyncio.client import connect
+
+    base = url.split("/?")[0]
+    headers = {"Cookie": cookie} if cookie else {}
+    return await connect(base.replace("http://", "ws://") + "/ws?width=120&height=40", origin=origin, additional_headers=headers, max_size=None)  # type: ignore[arg-type]
+
+
+def test_web_mode_refuses_other_sites_keyless_pages_and_too_many_pages(fed: Federation) -> None:
+    """The attack of issue 20: a page of another site, or without the printed URL's key,
+    cannot drive `tui --web`; the number of app processes is bounded; SIGTERM ends them."""
+    fed.controller()
+    ctl = fed.procs[0]
+    with web_tui(fed, "--max-sessions", "2") as (proc, url):
+        base, key = url.split("/?key=")
+        port = base.rsplit(":", 1)[1]
+        # The page: only with the key, only for this address, never for another site.
+        assert http(f"{base}/")[0] == 403
+        assert http(f"{base}/?key=wrong")[0] == 403
+        assert http(url, {"Host": f"evil.example.com:{port}"})[0] == 403  # DNS rebinding
+        assert http(url, {"Origin": "http://evil.example.com"})[0] == 403
+        assert http(f"{base}/static/js/textual.js")[0] == 403
+        status, page, headers = http(url)
+        assert status == 200 and "/ws" in page
+        cookie = headers["Set-Cookie"]
+        assert key in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
+        jar = cookie.split(";")[0]
+        assert http(f"{base}/static/js/textual.js", {"Cookie": jar})[0] == 200  # the page's own requests carry the cookie
+        assert http(f"http://localhost:{port}/?key={key}")[0] == 200  # the same server by another name of it
+
+        async def attack() -> None:
+            from websockets.exceptions import InvalidStatus
+
+            for origin, cookie_ in (("http://evil.example.com", jar), (base, None), (None, jar), (base, "scaleout-tui-1=" + key)):
+                with pytest.raises(InvalidStatus) as refused:
+                    await web_page(url, origin, cookie_)
+                assert refused.value.response.status_code == 403, (origin, cookie_)
+            assert children(proc.pid) == set(), "a refused page started an app"
+            # With the key and this origin: accepted, up to --max-sessions pages.
+            pages = [await web_page(url, base, jar), await web_page(url, base, jar)]
+            with pytest.raises(InvalidStatus) as refused:
+                await web_page(url, base, jar)
+            assert refused.value.response.status_code == 503
+            deadline = time.monotonic() + 30
+            while len(children(proc.pid)) != 2:
+                assert time.monotonic() < deadline, children(proc.pid)
+                await asyncio.sleep(0.1)  # polling /proc, bounded by the deadline
+            apps = children(proc.pid)
+            # The attack's keys on an accepted page: an admin token, then Copy. The token is shown in
+            # the page, but no clipboard sequence (OSC 52) carries it to the page.
+            received = bytearray()
+
+            async def read(page: Any, until_: bytes, timeout: float = 30) -> None:
+                end = time.monotonic() + timeout
+                while until_ not in received:
+                    left = end - time.monotonic()
+                    assert left > 0, f"the page never showed {until_!r}"
+                    try:
+                        data = await asyncio.wait_for(page.recv(), left)
+                    except TimeoutError:
+                        continue
+                    if isinstance(data, bytes):
+                        received.extend(data)
+
+            async def keys(page: Any, *typed: str) -> None:
+                for k in typed:
+                    await page.send(__import__("json").dumps(["stdin", k]))
+
+            page = pages[0]
+            await read(page, b"Overview")
+            while "subscribed to events" not in ctl.text():
+                await asyncio.sleep(0.1)  # polling a log, bounded below
+                assert time.monotonic() < deadline + 30, ctl.text()[-2000:]
+            await keys(page, "t")
+            await read(page, b"Create a token")
+            await keys(page, "\r", "\x1b[B", "\x1b[B", "\r")  # the role list: admin
+            await read(page, b"admin")
+            await keys(page, "\t", "\t", "\r")  # Enter in "For whom" creates it
+            await read(page, b"sco1.")
+            await keys(page, "c")
+            await read(page, b"Copy is off")
+            assert b"\x1b]52;" not in received
+            for p in pages:
+                await p.close()
+            pages.clear()
+            # A closed page ends its app.
+            deadline2 = time.monotonic() + 20
+            while not all(gone(pid) for pid in apps):
+                assert time.monotonic() < deadline2, [pid for pid in apps if not gone(pid)]
+                await asyncio.sleep(0.1)  # polling /proc, bounded by the deadline
+            # SIGTERM of `tui --web` ends the apps of pages still open.
+            pages.append(await web_page(url, base, jar))
+            received.clear()
+            await read(pages[0], b"Overview")
+            left = children(proc.pid)
+            assert len(left) == 1
+            proc.terminate()
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+            assert all(gone(pid) for pid in left), "an app outlived tui --web"
+
+        asyncio.run(attack())
+
+
+def test_web_page_needs_nothing_from_the_internet(fed: Federation) -> None:
+    """Every asset of the page is served locally: no http(s) URL to another host, the font included."""
+    fed.controller()
+    with web_tui(fed) as (_, url):
+        base = url.split("/?")[0]
+        status, page, headers = http(url)
+        assert status == 200
+        jar = (headers.get("Set-Cookie") or "").split(";")[0]
+        assert not re.findall(r"https?://", page), re.findall(r"https?://\S+", page)
+        refs = re.findall(r"(?:href|src)=\"([^\"]+)\"", page) + re.findall(r"url\(\"?([^\")]+)", page)
+        assert any(r.endswith(".ttf") for r in refs), refs  # the font, from here
+        for ref in refs:
+            assert ref.startswith("/static/"), ref
+            status, body, _ = http(base + ref, {"Cookie": jar})
+            assert status == 200, ref
+            if ref.endswith(".css"):
+                assert not re.findall(r"(?:url\(|@import)\s*[\"']?https?://", body), ref
 
 
 async def _in_browser(browser: str, url: str, profile: Path, ctl: Any, timeout: float = 60) -> Path:

@@ -107,3 +107,84 @@ def test_limits_are_configurable() -> None:
 def test_unpacked_files_are_private(tmp_path: Path) -> None:
     root = extract_archive(archive([("pkg/a.py", 3)]), tmp_path / "dest")
     assert (root / "a.py").stat().st_mode & 0o777 == 0o600
+
+
+def raw_tar_header(name: bytes, kind: bytes, size: int) -> bytes:
+    """One ustar header block, written by hand (tarfile would not write a declared size it lacks)."""
+    block = bytearray(512)
+    block[: len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[108:116] = block[116:124] = b"0000000\0"
+    block[124:136] = f"{size:011o}\0".encode()
+    block[136:148] = b"00000000000\0"
+    block[156:157] = kind
+    block[257:263] = b"ustar\0"
+    block[263:265] = b"00"
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+def header_bomb(kind: bytes, size: int) -> bytes:
+    """A .tgz whose first member is a pax header ('x', 'g') or GNU long name ('L') of ``size``
+    bytes of 'a' (a pax comment record), then pkg/scaleout.yaml: small compressed, huge inside."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        gz.write(raw_tar_header(b"././@PaxHeader" if kind in b"xg" else b"././@LongLink", kind, size))
+        prefix = f"{size} comment=".encode() if kind in b"xg" else b""
+        gz.write(prefix)
+        left, chunk = size - len(prefix) - 1, b"a" * (1 << 20)
+        while left > 0:
+            gz.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+        gz.write(b"\n" + bytes(-size % 512))
+        gz.write(raw_tar_header(b"pkg/scaleout.yaml", b"0", len(YAML)) + YAML + bytes(-len(YAML) % 512))
+        gz.write(bytes(1024))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("kind", "what"), [(b"x", "pax extended header"), (b"g", "pax extended header"), (b"L", "GNU long name")])
+def test_a_header_bomb_is_refused_before_tarfile_reads_it(tmp_path: Path, kind: bytes, what: str) -> None:
+    # Issue 20 #8: a 3.6 MB .tgz declaring an 800 MB pax header took the controller to 3.25 GB.
+    import tracemalloc
+
+    data = header_bomb(kind, 64 * MIB)
+    assert len(data) < MIB  # small compressed
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageError, match=rf"has a {what} of 64.0 MiB; the limit is 64.0 KiB \(a header bomb\?\)"):
+            check_archive(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MIB, f"checking a header bomb allocated {peak} bytes"  # tarfile would hold all 64 MiB
+    with pytest.raises(PackageError, match="a header bomb"):
+        extract_archive(data, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    # The same kind of header within the bound is an ordinary archive.
+    check_archive(header_bomb(kind, 4096 if kind != b"L" else 1000))  # (a long name is a path: at most 1024 characters)
+
+
+def test_a_sparse_member_is_refused() -> None:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(raw_tar_header(b"pkg/scaleout.yaml", b"0", len(YAML)) + YAML + bytes(-len(YAML) % 512))
+        gz.write(raw_tar_header(b"pkg/holes", b"S", 0) + bytes(1024))
+    with pytest.raises(PackageError, match="sparse file"):
+        check_archive(out.getvalue())
+
+
+def test_100000_entries_naming_the_root_are_counted_and_refused_with_bounded_memory() -> None:
+    # "./" entries unpack to nothing, so they were not counted: 100k of them passed, and a
+    # tarfile stream keeps every header it read (the issue's 838 MB peak for 100k files).
+    import tracemalloc
+
+    data = archive([], dirs=["./"] * 100_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageError, match="more than 10000 files and directories"):
+            check_archive(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MIB, peak

@@ -71,8 +71,17 @@ def test_plot_draws_mean_and_spread_with_labels() -> None:
     pts = [(1.0, Spread(0.5, 0.1, 0.4, 0.6, 3)), (2.0, Spread(0.7, 0.1, 0.6, 0.8, 3)), (3.0, Spread(0.8, 0.0, 0.8, 0.8, 3))]
     text = render_plot(40, 10, pts).plain.splitlines()
     assert len(text) == 10
-    assert text[0].startswith("0.8") and "┤" in text[0]  # the max label on top
-    assert text[-1].strip().startswith("round 1")
+    assert text[0].lstrip().startswith("0.8") and "┤" in text[0]  # the max label on top
+    assert text[-1].split() == ["round", "1", "2", "3"]  # a label under each round
+    assert text[-1].index("3") - text[-1].index("2") == text[-1].index("2") - text[-1].index("1") > 5  # under their places
+    ten = render_plot(60, 6, [(float(i), Spread(i, 0.0, i, i, 1)) for i in range(1, 11)]).plain.splitlines()[-1]
+    assert ten.split() == ["round", *map(str, range(1, 11))], ten
+    many = render_plot(60, 6, [(float(i), Spread(i, 0.0, i, i, 1)) for i in range(1, 101)]).plain.splitlines()[-1]
+    assert many.split()[1:] == [str(i) for i in range(10, 101, 10)], many  # as many as fit, evenly
+    one = render_plot(40, 6, [(1.0, Spread(0.5, 0.0, 0.5, 0.5, 1))]).plain.splitlines()[-1]
+    assert one.split() == ["round", "1"], one  # one round: no 0.5 and 1.5
+    steps = render_plot(60, 6, [(i / 4, Spread(i, 0.0, i, i, 1)) for i in range(12)], None, "round.step").plain.splitlines()[-1]
+    assert steps.split() == ["round", "1", "2", "3"], steps  # training steps of rounds 1-3
     assert any(ch != " " and 0x2800 <= ord(ch) <= 0x28FF for line in text for ch in line)
     assert "no values yet" in render_plot(40, 10, []).plain
 
@@ -87,3 +96,27 @@ def test_a_malformed_snapshot_is_refused_in_words_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="snapshot is malformed"):
         v.load({**SNAPSHOT, "session": {"id": "s-1", "status": "running", "rounds": [{"idx": "x", "status": 3}]}})
     assert set(v.clients) == {"a"} and v.session_id == "s-1" and v.running_round is not None
+
+
+def test_seen_is_a_clients_last_activity() -> None:
+    v = FedView()
+    v.load(SNAPSHOT)
+    v.apply(m.ClientJoined(client="b", combiner="c1", time=100.0))
+    assert v.clients["b"].last_seen == 100.0
+    ch = v.apply(m.MetricLogged(session_id="s-1", round_index=2, client="b", step=0, values={"loss": 1.0}, time=150.0))
+    assert v.clients["b"].last_seen == 150.0 and "b" in ch.clients
+    ch = v.apply(m.ClientReported(session_id="s-1", round_index=2, client="b", task="train", time=400.0))
+    assert v.clients["b"].last_seen == 400.0 and "b" in ch.clients
+    v.apply(m.ClientReported(session_id="s-0", round_index=9, client="b", task="validate", time=300.0))  # late and out of order
+    assert v.clients["b"].last_seen == 400.0
+
+
+def test_the_clipboard_sequence_never_reaches_the_page() -> None:
+    from scaleout.tui.web import Osc52Filter
+
+    stream = b"before\x1b]52;c;c2NvMS5zZWNyZXQ=\x07middle\x1b]52;c;c2Nv\x1b\\after\x1b[0m"
+    for cut in range(1, len(stream)):  # however the stream is split into chunks
+        f = Osc52Filter()
+        assert f(stream[:cut]) + f(stream[cut:]) == b"beforemiddleafter\x1b[0m", cut
+    f = Osc52Filter()
+    assert b"".join(f(bytes([b])) for b in stream) == b"beforemiddleafter\x1b[0m"

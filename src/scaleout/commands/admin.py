@@ -240,20 +240,44 @@ def session_start(args: argparse.Namespace) -> int:
     req = SessionConfig(
         rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
         aggregator=args.aggregator, aggregator_kwargs=aggregator_kwargs, validate=args.validate, settings=settings, name=args.name,
+        max_examples_per_client=args.max_examples_per_client, max_update_norm=args.max_update_norm,
     ).to_dict()
     try:
         json.dumps(req, allow_nan=False)
     except ValueError:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
+    if args.model:
+        req["model"] = args.model
+    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'})")
+
+
+def session_continue(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"id": args.id, "rounds": args.rounds, "round_timeout": args.round_timeout}
+
+    def said(s: dict[str, Any]) -> str:
+        return f"continues from model {str(s.get('end_model') or s.get('start_model') or '-')[:12]}, up to round {s['config']['rounds']}"
+
+    return _run_session_op(args, "session.continue", {k: v for k, v in req.items() if v is not None}, said)
+
+
+def model_set_active(args: argparse.Namespace) -> int:
+    result, _ = call(args, "model.set_active", {"id": args.id})
+    model = result["model"]
+    emit(args, model, lambda: print(f"model {model['id']} is now the global model"))
+    return EXIT_OK
+
+
+def _run_session_op(args: argparse.Namespace, op: str, req: dict[str, Any], said: Callable[[dict[str, Any]], str]) -> int:
+    """Start (or continue) a session; with --wait, follow it to its end."""
     conn = resolve(args)
     started: list[str] = []
 
     async def run() -> dict[str, Any]:
-        result, _ = await call_async(conn, "session.start", req)
+        result, _ = await call_async(conn, op, req)
         session = result["session"]
         started.append(session["id"])
         if not args.json:
-            print(f"session {session['id']} started ({args.rounds} round{'' if args.rounds == 1 else 's'})", flush=True)
+            print(f"session {session['id']} {said(session)}", flush=True)
         if args.wait:
             session = await follow(conn, session["id"], None if args.json else _print_round)
         return session
@@ -569,11 +593,17 @@ def _short(value: Any, key: str = "") -> str:
 
 
 def audit_verify(args: argparse.Namespace) -> int:
-    result = _verify_file(args.state) if args.state is not None else call(args, "audit.verify")[0]
+    kept = _read_head(args.head) if args.head is not None else None
+    if args.state is not None:
+        result = _verify_file(args.state, kept, str(args.head))
+    else:
+        result = call(args, "audit.verify", {"head": kept, "head_name": str(args.head)} if kept is not None else {})[0]
 
     def human() -> None:
         if result["ok"]:
             print(f"audit log intact: {result['entries']} entries, hash chain and head verified")
+            for where in result.get("anchored") or []:
+                print(f"matches the signed head {where}")
             if result.get("head"):
                 print(f"head: {result['head']}  (keep a copy elsewhere: a rewritten chain would end in another)")
         else:
@@ -584,12 +614,21 @@ def audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
-def _verify_file(path: Path) -> dict[str, Any]:
-    """audit.verify on a state.db file, read-only (the controller may be stopped)."""
+def _read_head(path: Path) -> str:
+    """The text of an audit head file the operator kept (audit verify --head)."""
+    try:
+        if path.stat().st_size > 4096:
+            raise UsageError(f"--head {path} is not an audit head file (too large)")
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--head {path}: cannot read it: {exc}") from None
+
+
+def _verify_file(path: Path, kept: str | None = None, kept_where: str = "--head") -> dict[str, Any]:
+    """audit.verify on a state.db file, read-only (the controller may be stopped), against
+    the signed head beside it (when its key is there too) and a kept copy."""
     import sqlite3
     from contextlib import closing
-
-    from scaleout.core.audit import verify_chain
 
     if not path.is_file():
         raise UsageError(f"--state {path} is not a file")
@@ -600,15 +639,9 @@ def _verify_file(path: Path) -> dict[str, Any]:
             rows = db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"--state {path} is not a controller's state.db with an audit log: {exc}") from None
-    parsed = None
-    if head is not None:
-        eid, _, digest = str(head[0]).partition(" ")
-        parsed = (int(eid) if eid.isdigit() else 0, digest)
-    checked, broken = verify_chain((dict(r) for r in rows), parsed)
-    result: dict[str, Any] = {"ok": broken is None, "entries": checked, "head": str(head[0]) if head is not None else None}
-    if broken is not None:
-        result["broken"] = {"id": broken.id, "reason": broken.reason}
-    return result
+    from scaleout.store.audithead import HeadFile, verify
+
+    return verify(rows, str(head[0]) if head is not None else None, HeadFile.load(path.parent), kept, kept_where)
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
@@ -623,6 +656,8 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("model", "show"): model_show,
     ("model", "download"): model_download,
     ("session", "start"): session_start,
+    ("session", "continue"): session_continue,
+    ("model", "set-active"): model_set_active,
     ("session", "ls"): session_ls,
     ("session", "show"): session_show,
     ("session", "watch"): session_watch,

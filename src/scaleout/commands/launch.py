@@ -66,11 +66,11 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
-            "max_connect_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
-            "handshake_timeout": (int, float),
+            "max_connect_rate": (int, float), "max_enrol_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
+            "handshake_timeout": (int, float), "send_timeout": (int, float), "no_resume": bool,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
-                     "handshake_timeout": (int, float)},
+                     "handshake_timeout": (int, float), "send_timeout": (int, float)},
         "client": {
             **connection, "name": str, "package": PATH, "local_package": bool, "work_dir": PATH,
             "dispatcher": bool, "managed_env": bool, "command_timeout": (int, float), "env_cache": PATH, **package_limits,
@@ -86,6 +86,17 @@ def _connect_rate(s: dict[str, Any]) -> float:
         return DEFAULT_RATE
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
         raise UsageError(f"--max-connect-rate must be a number of connections per second (0: no limit), got {rate!r}")
+    return float(rate)
+
+
+def _enrol_rate(s: dict[str, Any]) -> float:
+    from scaleout.roles.enrolment import DEFAULT_ENROL_RATE
+
+    rate = s.get("max_enrol_rate")
+    if rate is None:
+        return DEFAULT_ENROL_RATE
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
+        raise UsageError(f"--max-enrol-rate must be a number of enrolments per minute (0: no limit), got {rate!r}")
     return float(rate)
 
 
@@ -160,10 +171,13 @@ def serve(args: argparse.Namespace) -> int:
         metrics_port=_metrics_port(s.get("metrics_port")),
         metrics_host=str(s.get("metrics_host") or "127.0.0.1"),
         max_connect_rate=_connect_rate(s),
+        max_enrol_rate=_enrol_rate(s),
         package_limits=_package_limits(s),
         hello_timeout=_timeout(s, "hello_timeout", ControllerSettings.hello_timeout),
         idle_timeout=_timeout(s, "idle_timeout", ControllerSettings.idle_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", ControllerSettings.handshake_timeout),
+        resume=not s.get("no_resume"),
+        send_timeout=_timeout(s, "send_timeout", ControllerSettings.send_timeout),
     )
     if s.get("combiner_cert_ttl"):
         from scaleout.security.tokens import parse_ttl
@@ -233,6 +247,7 @@ def combine(args: argparse.Namespace) -> int:
         max_connect_rate=_connect_rate(s),
         hello_timeout=_timeout(s, "hello_timeout", CombinerSettings.hello_timeout),
         handshake_timeout=_timeout(s, "handshake_timeout", CombinerSettings.handshake_timeout),
+        send_timeout=_timeout(s, "send_timeout", CombinerSettings.send_timeout),
     )
     warn_if_expiring(conn.token, "combiner")
     return _run(Combiner(settings).run)

@@ -105,7 +105,7 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     combiners: list[Child] = []
     try:
         ctl_dir = root / "controller"
-        controller, _ = await start_child("controller", ["serve", "--data-dir", str(ctl_dir), "--host", "127.0.0.1", "--port", "0"], logs, True, level)
+        controller, _ = await start_child("controller", ["serve", "--data-dir", str(ctl_dir), "--host", "127.0.0.1", "--port", "0", "--max-enrol-rate", "0"], logs, True, level)
         children.append(controller)
         info = json.loads((ctl_dir / "controller.json").read_text())
         conn = Connection(info["url"], (ctl_dir / "admin.token").read_text().strip(), Path(info["ca"]), False)

@@ -36,7 +36,11 @@ def token_create(args: argparse.Namespace, call: Call, emit: Emit, when: When) -
     return EXIT_OK
 
 
-TOKEN_COLUMNS = [("id", "ID"), ("role", "ROLE"), ("name", "NAME"), ("status", "STATUS"), ("expires_s", "EXPIRES"), ("uses_s", "USES"), ("nodes", "NODES"), ("last_used_s", "LAST USED")]
+TOKEN_COLUMNS = [
+    ("id", "ID"), ("role", "ROLE"), ("name", "NAME"), ("status", "STATUS"), ("expires_s", "EXPIRES"), ("uses_s", "USES"), ("nodes", "NODES"),
+    ("last_used_s", "LAST USED"), ("recent_s", "LAST ENROLLED"),
+]
+IDENTITY_COLUMNS = [("id", "ID"), ("role", "ROLE"), ("name", "NAME"), ("status", "STATUS"), ("token_id", "ENROLLED WITH"), ("created_s", "ENROLLED")]
 
 
 def token_ls(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> int:
@@ -44,15 +48,29 @@ def token_ls(args: argparse.Namespace, call: Call, emit: Emit, when: When) -> in
 
     result, _ = call(args, "token.ls")
     rows = result["tokens"]
+    nodes = result.get("identities", [])
 
     def human() -> None:
         for r in rows:
+            recent = r.get("recent") or []
             r.update(
                 expires_s=when(r["expires"]), last_used_s=when(r["last_used"]),
                 uses_s=f"{r['uses']}/{r['max_uses']}" if r["max_uses"] is not None else str(r["uses"]),
+                recent_s=f"{when(r.get('last_enrolled'))} ({', '.join(recent)})" if recent else "-",
             )
         table(rows, TOKEN_COLUMNS, "no tokens yet (create one with: scaleout token create --role client)")
+        if nodes:
+            # Each enrolled node's own credential: revoke one with scaleout token revoke ID.
+            print(f"\nnode credentials ({len(nodes)}; revoke one with: scaleout token revoke ID)")
+            for n in nodes:
+                n["created_s"] = when(n["created"])
+            table(nodes, IDENTITY_COLUMNS, "")
 
+    by_token: dict[str, list[dict[str, Any]]] = {}
+    for n in nodes:
+        by_token.setdefault(n["token_id"], []).append(n)
+    for r in rows:  # in JSON, each token lists the node credentials enrolled with it
+        r["node_credentials"] = by_token.get(r["id"], [])
     emit(args, rows, human)
     return EXIT_OK
 

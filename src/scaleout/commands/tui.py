@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import sys
 from typing import Any
 
@@ -17,10 +16,11 @@ def main(args: argparse.Namespace) -> int:
     conn = resolve(args)
     _check_token(conn, args.session)
     if args.web:
-        return serve_web(conn, args.host, args.port, args.session)
+        return serve_web(conn, args.host, args.port, args.session, args.max_sessions)
     # Served to a browser (tui --web), the app talks to textual-serve over pipes through its web driver.
     if not os.environ.get("TEXTUAL_DRIVER") and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("scaleout tui needs a terminal (stdin and stdout); to watch from a script use: scaleout session watch --json")
+    os.environ.pop("SCALEOUT_TOKEN", None)  # resolved: nothing this process starts inherits it
     return run_app(conn, args.session)
 
 
@@ -54,14 +54,15 @@ def run_app(conn: Connection, session_id: str | None = None) -> int:
     return EXIT_OK
 
 
-def serve_web(conn: Connection, host: str, port: int, session_id: str | None = None) -> int:
-    """Serve the app to browsers (textual-serve): each page runs its own `scaleout tui`.
+def serve_web(conn: Connection, host: str, port: int, session_id: str | None = None, max_sessions: int = 3) -> int:
+    """Serve the app to browsers: each page runs its own `scaleout tui` (tui/web.py).
 
-    The controller's address, token and CA reach those processes in SCALEOUT_* variables,
-    never on a command line. Whoever can open the page acts as this admin: the server
-    listens on 127.0.0.1 unless told otherwise (reach it through an SSH tunnel)."""
+    The controller's address, token and CA reach those processes in SCALEOUT_* variables of
+    their own environment, never on a command line. Only the URL printed at start (it carries
+    a per-launch key) opens the page; the server listens on 127.0.0.1 unless told otherwise
+    (reach it through an SSH tunnel)."""
     try:
-        from textual_serve.server import Server
+        from scaleout.tui.web import WebTUI
     except ImportError:
         from scaleout.runtime import missing_module_hint
 
@@ -70,43 +71,60 @@ def serve_web(conn: Connection, host: str, port: int, session_id: str | None = N
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0 to 65535, got {port}")
-    os.environ["SCALEOUT_CONTROLLER"] = conn.url
-    os.environ["SCALEOUT_TOKEN"] = conn.token
+    if not 1 <= max_sessions <= 100:
+        raise UsageError(f"--max-sessions must be 1 to 100, got {max_sessions}")
+    env = {"SCALEOUT_CONTROLLER": conn.url, "SCALEOUT_TOKEN": conn.token}
     if conn.ca is not None:
-        os.environ["SCALEOUT_CA"] = str(conn.ca)
+        env["SCALEOUT_CA"] = str(conn.ca)
     command = [*self_command(), "tui"]
     if conn.insecure:
         command.append("--insecure")
     if session_id:
         command += ["--session", session_id]
-
-    class Quiet(Server):  # type: ignore[misc]
-        async def on_startup(self, app: Any) -> None:  # no banner: one ready line, below
-            pass
-
-    server = Quiet(shlex.join(command), host=host, port=port, title="scaleout")
-    asyncio.run(_serve(server, host, port))
-    return EXIT_OK
+    web_tui = WebTUI(command, env, host, max_sessions)
+    return asyncio.run(_serve(web_tui, host, port))
 
 
-async def _serve(server: Any, host: str, port: int) -> None:
-    """Listen (port 0 picks a free one), say where on one line, serve until interrupted."""
+async def _serve(web_tui: Any, host: str, port: int) -> int:
+    """Listen (port 0 picks a free one), say where on one line, serve until SIGINT or SIGTERM,
+    then end every app process it started."""
+    import signal
+
     from aiohttp import web
 
-    runner = web.AppRunner(await server._make_app(), handle_signals=False)
+    from scaleout.cli import EXIT_INTERRUPTED
+
+    runner = web.AppRunner(web_tui.make_app(), handle_signals=False, shutdown_timeout=2.0, access_log=None)
     await runner.setup()
+    stop = asyncio.Event()
+    got: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def stopping(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping, sig)
     try:
         try:
             site = web.TCPSite(runner, host, port)
             await site.start()
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        bound = runner.addresses[0][1]
+        web_tui.port = bound = runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
-        server.public_url = f"http://{shown}:{bound}"  # the page's own links and websocket
-        print(f"serving the TUI on {server.public_url} (Ctrl-C stops it; whoever opens the page acts as admin)", flush=True)
+        print(
+            f"serving the TUI on http://{shown}:{bound}/?key={web_tui.key} (Ctrl-C stops it; "
+            f"whoever has this URL acts as admin; at most {web_tui.max_sessions} pages at once)",
+            flush=True,
+        )
         if host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: --host {host} lets anyone who reaches this port act as admin; prefer an SSH tunnel to 127.0.0.1", file=sys.stderr, flush=True)
-        await asyncio.Event().wait()
+            print(f"warning: --host {host} lets anyone who reaches this port and has the URL act as admin; prefer an SSH tunnel to 127.0.0.1", file=sys.stderr, flush=True)
+        await stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await web_tui.close_all()
         await runner.cleanup()
+    return EXIT_INTERRUPTED if got and got[0] == signal.SIGINT else EXIT_OK

@@ -87,3 +87,76 @@ def parse_since(text: str, now: float) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return when.timestamp()
+
+
+# -- the head outside state.db ------------------------------------------------------------
+#
+# state.db keeps its head in the meta table, so whoever can edit the file can cut the tail
+# and rewrite the head to match: no hashing needed. The controller therefore also writes
+# the head, signed with its token key, to a file beside state.db (HEAD_FILE), after each
+# append; `audit verify` checks the log against it (exactly: it is always the newest), and
+# `audit verify --head FILE` against a copy the operator kept (a prefix: the log may have
+# grown since). The count is part of it, so a log emptied with its head is caught too.
+
+HEAD_FILE = "audit.head"
+_HEAD_CONTEXT = b"scaleout audit head v1\n"
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A signed statement of the log's newest entry (id, hash) and its number of entries."""
+
+    id: int
+    hash: str
+    count: int
+
+    def message(self) -> bytes:
+        """The bytes the controller signs."""
+        return _HEAD_CONTEXT + json.dumps({"id": self.id, "hash": self.hash, "count": self.count}, sort_keys=True).encode()
+
+
+def anchor_text(anchor: Anchor, signature: str) -> str:
+    return json.dumps({"id": anchor.id, "hash": anchor.hash, "count": anchor.count, "signature": signature}) + "\n"
+
+
+def parse_anchor(text: str | bytes, where: str) -> tuple[Anchor, str]:
+    """(anchor, base64 signature) from a head file's text; ConfigError naming ``where``."""
+    try:
+        body = json.loads(text) if len(text) < 4096 else None
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    ok = isinstance(body, dict) and all(type(body.get(k)) is int and body[k] >= 0 for k in ("id", "count"))
+    ok = ok and isinstance(body.get("hash"), str) and isinstance(body.get("signature"), str)  # type: ignore[union-attr]
+    if not ok:
+        raise ConfigError("head", f"{where} is not an audit head file (a JSON object with id, hash, count and signature)")
+    assert isinstance(body, dict)
+    return Anchor(body["id"], body["hash"], body["count"]), body["signature"]
+
+
+def verify_log(
+    entries: Iterable[Mapping[str, Any]], head: tuple[int, str] | None, anchor: Anchor | None, *, exact: bool
+) -> tuple[int, Broken | None]:
+    """`verify_chain`, then the log against ``anchor``: ``exact`` for the controller's own head
+    file (the log must end at it, with its count), else a kept copy (the log must still hold
+    that entry with that hash, and at least that many entries)."""
+    seen: dict[str, Any] = {}
+
+    def tap() -> Iterable[Mapping[str, Any]]:
+        for entry in entries:
+            if anchor is not None and int(entry["id"]) == anchor.id:
+                seen["hash"] = entry.get("hash")
+            yield entry
+
+    checked, broken = verify_chain(tap(), head)
+    if broken is not None or anchor is None:
+        return checked, broken
+    last_id = head[0] if head is not None and checked else 0
+    if checked < anchor.count:
+        if checked == 0:
+            return checked, Broken(anchor.id, f"the log is empty, but the signed head names entry {anchor.id} of {anchor.count}")
+        return checked, Broken(last_id + 1, f"entries after {last_id} were removed: the signed head names entry {anchor.id} of {anchor.count}")
+    if anchor.count and seen.get("hash") != anchor.hash:
+        return checked, Broken(anchor.id, f"entry {anchor.id} is not the one the signed head names (another hash)")
+    if exact and (checked != anchor.count or (anchor.count and last_id != anchor.id)):
+        return checked, Broken(anchor.id, f"the log goes on past the signed head's entry {anchor.id} ({checked} entries, the head says {anchor.count})")
+    return checked, None

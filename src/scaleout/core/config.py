@@ -18,6 +18,8 @@ from scaleout.core.errors import ConfigError
 
 DEFAULT_PORT = 8090
 MAX_ROUNDS = 1_000_000
+MAX_ROUND_TIMEOUT_S = 7 * 86400  # a week: a longer round is a typo (1e300), and waits practically forever
+MAX_MIN_CLIENTS = 1_000_000  # more than any fleet: a larger minimum could never be met
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,19 @@ class SessionConfig:
     validate: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    # A client's weight is clipped to this many examples (0: no cap); a change beyond this
+    # multiple of the model's norm is refused (0: off). See core/aggregators/bounds.py.
+    max_examples_per_client: int = 1_000_000
+    max_update_norm: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
             raise ConfigError("rounds", f"must be a whole number from 1 to {MAX_ROUNDS:,}, got {self.rounds!r:.40}")
         timeout = self.round_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-            raise ConfigError("round_timeout", f"must be a number of seconds > 0, got {timeout!r}")
-        if not isinstance(self.min_clients, int) or isinstance(self.min_clients, bool) or self.min_clients < 1:
-            raise ConfigError("min_clients", f"must be a whole number >= 1, got {self.min_clients!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or not 0 < timeout <= MAX_ROUND_TIMEOUT_S:
+            raise ConfigError("round_timeout", f"must be a number of seconds > 0 and at most {MAX_ROUND_TIMEOUT_S:,} (7 days), got {timeout!r:.40}")
+        if not isinstance(self.min_clients, int) or isinstance(self.min_clients, bool) or not 1 <= self.min_clients <= MAX_MIN_CLIENTS:
+            raise ConfigError("min_clients", f"must be a whole number from 1 to {MAX_MIN_CLIENTS:,}, got {self.min_clients!r:.40}")
         if not isinstance(self.aggregator, str) or not self.aggregator:
             raise ConfigError("aggregator", "must be a non-empty name")
         from scaleout.core.aggregators.strategy import make_strategy
@@ -52,6 +58,13 @@ class SessionConfig:
             raise ConfigError("settings", "must be a JSON object, e.g. '{\"epochs\": 2}'")
         if self.name is not None and not isinstance(self.name, str):
             raise ConfigError("name", "must be a string")
+        from scaleout.core.aggregators.bounds import (
+            parse_examples_cap,
+            parse_norm_bound,
+        )
+
+        parse_examples_cap(self.max_examples_per_client)
+        object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SessionConfig:

@@ -8,12 +8,14 @@
      │    └── ModelMismatchError  an update's tensors differ from the global model's
      ├── UpdateRejected         an update is well-formed but unusable (NaN, no examples)
      ├── LimitExceeded          a metric, result or text is larger than a peer may send
+     ├── RateLimited            too many at once (enrolments with one join token): retry later
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
      ├── PackageError           a compute package is missing, broken or unsafe
      │    └── PackageCommandFailed  a dispatcher package's command failed, timed out or wrote bad output
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
      ├── StorageError           the controller could not write or read its files (disk full, ...)
+     │    └── CorruptModelError  a stored model file no longer matches its id
      ├── Superseded             another node took over this node's name
      ├── RemoteError            a peer answered a request with an error
      ├── TaskAborted            the running task was aborted (session stopped)
@@ -53,6 +55,7 @@ class ConfigError(ScaleoutError):
 
 class ProtocolError(ScaleoutError):
     code = "bad_message"
+    re: str | None = None  # the id of the refused message, when it could be read: its sender's request fails at once
 
 
 class PayloadError(ScaleoutError):
@@ -91,6 +94,12 @@ class LimitExceeded(ScaleoutError, ValueError):
         self.size = size
         self.limit = limit
         super().__init__(f"{what} is {fmt_bytes(size)} as JSON; the limit is {fmt_bytes(limit)}" + (f": {hint}" if hint else ""))
+
+
+class RateLimited(ScaleoutError):
+    """Too many at once (enrolments with one join token): try again later."""
+
+    code = "rate_limited"
 
 
 class AuthError(ScaleoutError):
@@ -152,6 +161,23 @@ class StorageError(ScaleoutError):
         self.path = path
         self.errno = errno
         super().__init__(f"{problem[:1].lower()}{problem[1:]} while {action} {path}")
+
+
+class CorruptModelError(StorageError):
+    """A stored model file whose bytes no longer match its id (its sha256): says which, where,
+    and what to do, rather than failing a session as an internal error."""
+
+    code = "corrupt_model"
+
+    def __init__(self, model_id: str, folder: str, actual: str) -> None:
+        self.model_id = model_id
+        self.problem = f"model {model_id[:12]} is corrupt (sha256 mismatch: its bytes hash to {actual[:12]})"
+        self.action, self.path, self.errno = "reading", folder, None
+        ScaleoutError.__init__(
+            self,
+            f"model {model_id[:12]} in {folder} is corrupt (sha256 mismatch): set a seed model (this one again, or another) "
+            f"with `scaleout model set-seed FILE`, or restore {model_id}.safetensors there from a backup",
+        )
 
 
 class RemoteError(ScaleoutError):

@@ -9,6 +9,7 @@ message, so a receiver has the bytes (sha256-checked) when the message arrives.
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -19,10 +20,12 @@ from scaleout.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
 MAX_NAMES = 2000  # names per message in lists that grow with the fleet
+MAX_PROOFS = 1000  # clients joined per clients.changed (each with its ticket: about 400 bytes)
 MAX_INLINE_RESULT = 256 << 10  # a reply's result larger than this travels as its payload
 CLOSE_SUPERSEDED = 4001  # close code: a newer connection registered under the same name
 CLOSE_REVOKED = 4003  # close code: the link's token or node identity was revoked, or grants not what it asked
 MAX_TEXT_BYTES = 1 << 20
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # every integer a message carries fits a signed 64-bit one (SQLite's)
 TRANSFER_ID_BYTES = 16
 JSON = dict[str, Any]
 
@@ -122,12 +125,15 @@ class Revoked(Message):
 class ClientsChanged(Message):
     """Combiner -> controller: clients that connected (``joined``) and left since the last
     one. Deltas, so each costs O(1) per client; ``reset`` (after registering) starts a full
-    listing, sent in pages of at most MAX_NAMES names like every other one."""
+    listing, sent in pages of at most MAX_PROOFS names. ``proofs[i]`` is the ticket
+    ``joined[i]`` connected with (the controller issued it for that client and this combiner):
+    a client counts as attached only with it."""
 
     type: ClassVar[str] = "clients.changed"
     joined: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
     reset: bool = False
+    proofs: list[str] = field(default_factory=list)
 
 
 @message
@@ -145,7 +151,10 @@ class RoundStart(Message):
     timeout: float
     settings: JSON = field(default_factory=dict)
     aggregator: str = "fedavg"
+    max_examples: int = 1_000_000  # a client's weight is clipped to this (0: no cap)
+    max_update_norm: float = 10.0  # a change beyond this multiple of the model's norm is refused (0: off)
     blob: str | None = None
+    attempt: int = 1  # a round run again after a controller restart keeps its index: its partial names the try
 
 
 @message
@@ -163,6 +172,7 @@ class RoundPartial(Message):
     weight: float
     size: int = 0
     timing: JSON = field(default_factory=dict)
+    attempt: int = 1  # the try of round_index it belongs to (RoundStart.attempt)
 
 
 @message
@@ -634,16 +644,32 @@ def serialize(msg: Message) -> str:
 
 
 def parse(text: str | bytes) -> Message:
-    """Decode and validate one text frame; raises ProtocolError saying what is wrong."""
+    """Decode and validate one text frame; raises ProtocolError saying what is wrong, with
+    ``re`` set to the frame's id when it is a request whose id can be read (so its sender is
+    answered, not left waiting)."""
+    try:
+        return _parse(text)
+    except ProtocolError as exc:
+        exc.re = _request_id(text)
+        raise
+
+
+def _request_id(text: str | bytes) -> str | None:
+    """The id of a refused request frame, read leniently (any number as 0), or None."""
+    try:
+        body = json.loads(text, parse_int=lambda _: 0, parse_float=lambda _: 0.0, parse_constant=lambda _: 0)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(body, dict) and body.get("type") == "request" and isinstance(body.get("id"), str):
+        return str(body["id"])[:64]
+    return None
+
+
+def _parse(text: str | bytes) -> Message:
     size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
     if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
-    try:
-        body = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"message is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ProtocolError("message is not valid JSON: nested too deeply") from None
+    body = loads(text, "message")
     if not isinstance(body, dict):
         raise ProtocolError("message must be a JSON object")
     version = body.pop("v", None)
@@ -679,8 +705,42 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+def loads(text: str | bytes, what: str = "message") -> Any:
+    """JSON as it arrives from a peer, with every number bounded wherever it is nested:
+    integers within a signed 64-bit range, floats finite (no NaN, Infinity or 1e309).
+    Raises ProtocolError in one line saying what is wrong."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+    except _OutOfRange as exc:
+        raise ProtocolError(f"{what} holds {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is not valid JSON: nested too deeply") from None
+
+
+class _OutOfRange(ValueError):
+    """A JSON number that is valid JSON but not one a message may carry."""
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    # Checked by its length first: converting a 5000-digit integer costs time (and Python refuses it).
+    if len(text.lstrip("-")) > 19 or not INT_MIN <= (value := int(text)) <= INT_MAX:
+        shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+        raise _OutOfRange(f"the integer {shown}, outside the signed 64-bit range: use numbers within +-9.2e18")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 24 else f"{text[:12]}..."
+        raise _OutOfRange(f"the number {shown}, beyond the float range: use finite numbers only")
+    return value
 
 
 def _check(kind: str, name: str, value: Any, hint: Any) -> Any:

@@ -42,6 +42,8 @@ _DTYPES = {
 _TAGS = {name: tag for tag, name in _DTYPES.items()}
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what can be averaged
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_DIMS = 32  # dimensions of one tensor (numpy's own limit is 64)
+MAX_ELEMENTS = 2**48  # elements a shape may describe, zero dims aside: numpy refuses far less
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,29 @@ def check_compatible(reference: dict[str, TensorSpec], update: Mapping[str, np.n
             raise ModelMismatchError(name, f"shape {array.shape} does not match the model's {tuple(want)}")
 
 
+_KIND_NAMES = {"b": "bool", "i": "integer", "u": "integer", "f": "float"}
+
+
+def check_dtypes(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> list[str]:
+    """Refuse an update tensor of another dtype kind than the model's (an int32 or bool
+    update for a float32 tensor), naming it; run after `check_compatible`.
+
+    The same kind at another width (float16 or float64 for float32, int64 for int32) is
+    converted by the fold: its values are range-checked by `check_values`, and the names of
+    such tensors are returned so the caller can say so.
+    """
+    converted: list[str] = []
+    for name, spec in reference.items():
+        have, want = np.asarray(update[name]).dtype, np.dtype(spec.dtype)
+        if _KIND_NAMES[have.kind] != _KIND_NAMES[want.kind]:
+            raise ModelMismatchError(
+                name, f"dtype {have} is {_KIND_NAMES[have.kind]}, the model's {want} is {_KIND_NAMES[want.kind]}: send the model's dtype"
+            )
+        if have != want:
+            converted.append(name)
+    return converted
+
+
 def check_finite(update: Mapping[str, np.ndarray]) -> None:
     """Refuse an update containing NaN or inf, naming the first offending tensor."""
     for name, value in update.items():
@@ -235,9 +260,21 @@ def value_bounds(dtype: str | np.dtype) -> tuple[int | float, int | float]:
     return 0, 1
 
 
+HEADROOM = 16.0  # a model's float values stay below 1/16 of their dtype's largest value
+
+
+def headroom(dtype: str | np.dtype) -> float:
+    """The largest |value| a float tensor of ``dtype`` may hold in an update or a committed
+    model: 1/HEADROOM of the dtype's largest, so the next round's arithmetic on it (clients
+    training, sums of weighted values) keeps room before inf. 3e38 is finite in float32
+    but one step from inf: a model holding it made every client's next update NaN."""
+    return float(np.finfo(np.dtype(dtype)).max) / HEADROOM
+
+
 def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Refuse NaN, inf and values the model's dtype cannot hold (1e300 for float32, 2**40
-    for int32), naming the first offending tensor. Run after `check_compatible`.
+    """Refuse NaN, inf, values the model's dtype cannot hold (1e300 for float32, 2**40
+    for int32) and float values beyond its `headroom` (3e38 for float32), naming the first
+    offending tensor. Run after `check_compatible`.
 
     Returns a bound on each tensor's largest |value| (what a running sum needs to know it
     cannot overflow). Cheap on purpose (aggregation's hot path): one blocked pass over a
@@ -262,6 +299,10 @@ def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.nd
                 raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
             peaks[name] = peak
             if fits or peak <= min(-low, high):
+                if np.dtype(target).kind == "f" and peak > headroom(target):
+                    raise UpdateRejected(
+                        f"tensor {name!r} holds {_number(peak)}, beyond {_number(headroom(target))}: too close to the largest {target} for the model to be trained on"
+                    )
                 continue
         elif fits:
             peaks[name] = float(max(-own_low, own_high))
@@ -328,6 +369,18 @@ def _check_list_names(names: Mapping[str, object]) -> None:
         raise PayloadError(f"list layout needs tensors named '0'..'{len(names) - 1}', got {shown}")
 
 
+def _check_shape(name: str, shape: list[int]) -> None:
+    """Refuse a shape numpy could not even describe: [0, 2**62, 2**62] holds no bytes (so
+    its offsets fit) but would fail deep inside numpy ("array is too big")."""
+    if len(shape) > MAX_DIMS:
+        raise PayloadError(f"tensor {name!r}: {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    described = 1
+    for d in shape:
+        described *= max(d, 1)
+        if described > MAX_ELEMENTS:
+            raise PayloadError(f"tensor {name!r}: shape {shape!r:.100} is not plausible (more than 2**48 elements per dimension product)")
+
+
 def _parse_header(data: bytes) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """Validate the safetensors header and return (specs in header order, metadata)."""
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -359,7 +412,8 @@ def _parse_header(data: bytes) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         if tag not in _DTYPES:
             raise PayloadError(f"tensor {name!r}: unsupported dtype {tag!r}; use one of {', '.join(_DTYPES)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise PayloadError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+            raise PayloadError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r:.100}")
+        _check_shape(name, shape)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise PayloadError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
         dtype = _DTYPES[tag]

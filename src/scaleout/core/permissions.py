@@ -38,6 +38,8 @@ REQUESTS: dict[str, frozenset[str]] = {
     "session.show": ADMIN,
     "session.stop": ADMIN,
     "session.wait": ADMIN,
+    "session.continue": ADMIN,
+    "model.set_active": ADMIN,
     "client.ls": ADMIN,
     "client.wait": ADMIN,
     "combiner.ls": ADMIN,

@@ -7,7 +7,7 @@ clients a round trains and validates.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from scaleout.core.errors import NotFoundError
@@ -16,10 +16,13 @@ from scaleout.core.errors import NotFoundError
 class Assigner:
     """Least-loaded assignment of clients to combiners.
 
-    A combiner's load counts its connected clients plus those assigned to it a moment ago
-    (within ``ttl`` seconds) that have not connected yet, so a burst of joins spreads out.
-    One name, one combiner: a connected client, or one assigned a moment ago, is sent back
-    where it is (a twin must not land elsewhere).
+    A combiner's load counts its connected clients (those that proved it: the controller
+    feeds only proven joins) plus those assigned to it that have not connected yet, so a
+    burst of joins spreads out. An assignment counts until its client is seen connected or
+    is assigned again: a combiner that does not report its clients (or says they left while
+    they stay) does not look emptier than it is. One name, one combiner: a connected client,
+    or one assigned within ``ttl`` seconds, is sent back where it is (a twin must not land
+    elsewhere).
     """
 
     def __init__(self, ttl: float) -> None:
@@ -27,7 +30,7 @@ class Assigner:
         self.ready: set[str] = set()  # combiners that clients can dial
         self.members: dict[str, set[str]] = {}  # combiner -> connected clients
         self.where: dict[str, str] = {}  # client -> combiner it is connected to
-        self._pending: OrderedDict[str, tuple[str, float]] = OrderedDict()  # client -> (combiner, when), oldest first
+        self._pending: dict[str, tuple[str, float]] = {}  # client -> (combiner, when) it was last sent to, not yet seen there
         self._pending_load: Counter[str] = Counter()
 
     # -- events ------------------------------------------------------------------------------
@@ -59,6 +62,9 @@ class Assigner:
         if self.where.get(client) == combiner:
             del self.where[client]
             self.members.get(combiner, set()).discard(client)
+            if combiner in self.ready:  # it counts there until it is assigned again (see the class)
+                self._pending[client] = (combiner, float("-inf"))
+                self._pending_load[combiner] += 1
 
     # -- questions ---------------------------------------------------------------------------
 
@@ -67,14 +73,15 @@ class Assigner:
 
     def assign(self, client: str, now: float, prefer: str | None = None) -> str:
         """The combiner ``client`` should dial; NotFoundError when none is ready."""
-        self._expire(now)
         if not self.ready:
             raise NotFoundError("combiner", "online", text="no combiner is connected now (start one with: scaleout combine; clients wait and retry)")
         current = self.where.get(client)
         if current is not None and current in self.ready:
             return current
-        if client in self._pending:
-            return self._pending[client][0]
+        pending = self._pending.get(client)
+        if pending is not None and now - pending[1] < self.ttl and pending[0] in self.ready:
+            return pending[0]
+        self._drop_pending(client)  # sent elsewhere now: it counts there instead
         if prefer is not None and prefer in self.ready:  # a reconnecting client goes back where it was
             best = prefer
         else:
@@ -94,13 +101,6 @@ class Assigner:
             self._pending_load[entry[0]] -= 1
             if self._pending_load[entry[0]] <= 0:
                 del self._pending_load[entry[0]]
-
-    def _expire(self, now: float) -> None:
-        while self._pending:
-            client, (_, when) = next(iter(self._pending.items()))
-            if now - when < self.ttl:
-                break
-            self._drop_pending(client)
 
 
 def select_clients(members: Mapping[str, Iterable[str]], ready: Iterable[str]) -> dict[str, list[str]]:

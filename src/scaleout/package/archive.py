@@ -213,17 +213,137 @@ class _Budget:
         return rel
 
 
+_BLOCK = 512
+_META_TYPES = (b"x", b"g", b"L", b"K")  # pax extended/global headers, GNU long name/link: tarfile reads them whole
+_DATA_FREE_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: tarfile skips no data for them
+
+
+def _scan_headers(data: bytes, limits: UnpackLimits) -> None:
+    """Walk the tar headers of a .tgz with bounded reads, before tarfile parses them.
+
+    tarfile reads a pax header ('x', 'g') or a GNU long name ('L', 'K') whole into memory:
+    a 3.6 MB .tgz declaring an 800 MB pax header took 3.25 GB to check. Here each is read
+    only when it is at most ``limits.max_header`` bytes, sparse members (whose maps tarfile
+    also gathers without bound) are refused, and every member counts towards
+    ``limits.max_files``, the archive's own root entries included. Anything else that is
+    malformed is left to tarfile, which refuses it (the walk simply stops).
+    """
+    gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+    members = 0
+    size_next: int | None = None  # a pax 'x' header's size for the member that follows
+    size_all: int | None = None  # a pax 'g' header's, for every member after it
+    with gz:
+        while True:
+            block = _read_up_to(gz, _BLOCK)
+            if len(block) < _BLOCK or block == bytes(_BLOCK) or not _checksum_ok(block):
+                return  # the end, or tarfile's to refuse
+            kind, size = block[156:157], _octal(block[124:136])
+            if size is None:
+                return
+            if kind in _META_TYPES:
+                if size > limits.max_header:
+                    what = "pax extended header" if kind in (b"x", b"g") else "GNU long name"
+                    raise PackageError(
+                        f"package archive has a {what} of {fmt_bytes(size)}; the limit is {fmt_bytes(limits.max_header)} (a header bomb?)"
+                    )
+                body = _read_up_to(gz, -(-size // _BLOCK) * _BLOCK)[:size]
+                if kind in (b"x", b"g"):
+                    records = _pax_records(body)
+                    if any(key.startswith(b"GNU.sparse") for key in records):
+                        raise PackageError("package archive holds a sparse file; only regular files and directories are allowed")
+                    declared = _int_or_none(records.get(b"size"))
+                    if kind == b"x":
+                        size_next = declared
+                    elif declared is not None:
+                        size_all = declared
+                continue
+            if kind == b"S":
+                raise PackageError("package archive holds a sparse file; only regular files and directories are allowed")
+            members += 1
+            if members > limits.max_files:
+                raise PackageError(f"package archive has more than {limits.max_files} files and directories (the limit)")
+            if size_next is not None:
+                size = size_next
+            elif size_all is not None:
+                size = size_all
+            size_next = None
+            if kind not in _DATA_FREE_TYPES:
+                _skip(gz, -(-size // _BLOCK) * _BLOCK)
+
+
+def _read_up_to(f: gzip.GzipFile, n: int) -> bytes:
+    parts, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 16))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _skip(f: gzip.GzipFile, n: int) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1 << 16))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = _octal(block[148:156])
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
+    return stored is not None and stored in (unsigned, signed)
+
+
+def _octal(field: bytes) -> int | None:
+    """A tar number field: octal text, or base-256 (a leading 0x80 byte) as GNU writes big ones."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return None if field[:1] == b"\xff" else value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return None
+
+
+def _pax_records(body: bytes) -> dict[bytes, bytes]:
+    """The "LEN key=value\\n" records of a pax header (stops at the first malformed one)."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(body):
+        space = body.find(b" ", pos)
+        length = _int_or_none(body[pos:space]) if space > pos else None
+        if length is None or length <= 0 or pos + length > len(body):
+            break
+        key, _, value = body[space + 1 : pos + length].partition(b"=")
+        out[key] = value.rstrip(b"\n")
+        pos += length
+    return out
+
+
+def _int_or_none(text: bytes | None) -> int | None:
+    try:
+        return int(text) if text is not None and text.strip().isdigit() else None
+    except ValueError:
+        return None
+
+
 def _members(data: bytes, limits: UnpackLimits) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, PurePosixPath]]:
     """Each member of a .tgz with its safe path, within ``limits``; the archive is read to
     its end, so a truncated or corrupt one fails here."""
     budget = _Budget(limits, len(data))
     try:
+        _scan_headers(data, limits)  # bounded: what tarfile would read whole is refused first
         gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
         with gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
                 rel = budget.member(member)
                 if rel is not None:
                     yield tar, member, rel
+                tar.members.clear()  # type: ignore[attr-defined]  # a stream keeps every TarInfo it read: memory would grow with the file count
             # Read to the end so gzip checks its CRC and length: a truncated archive fails here.
             padding = 0
             while chunk := gz.read(1 << 16):

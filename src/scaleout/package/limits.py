@@ -17,6 +17,7 @@ class UnpackLimits:
     max_depth: int = 32  # directories from the package's top to a file
     max_ratio: int = 100  # unpacked size at most this many times the archive's (beyond FREE_BYTES)
     max_path: int = 1024  # characters of one member's path
+    max_header: int = 64 * 1024  # bytes of one pax extended header or GNU long name/link (read before tarfile sees it)
 
     FREE_BYTES = 16 * MIB  # a small package may expand more than max_ratio: only its total counts
 

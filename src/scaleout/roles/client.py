@@ -30,7 +30,7 @@ from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
-from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, unless_stopped
+from scaleout.roles.common import CallbackExit, in_daemon_thread, new_id, private_tempdir, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
 from scaleout.transport.net import TrustError, backoff, connect
@@ -184,7 +184,7 @@ class Client:
 
     def _tempdir(self) -> str:
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="scaleout-client-")
+            self._tmp = private_tempdir("scaleout-client-")  # swept at a next start if this one is killed
         return self._tmp.name
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -261,7 +261,10 @@ class Client:
             reader.cancel()
         s = self.settings
         self.enrolled.renew(info.get("token"))
-        link = await connect(str(info["url"]), self.enrolled.token, self.ctx, max_payload=s.max_payload, peer_role="combiner")
+        ticket = info.get("ticket")
+        if not isinstance(ticket, str):  # never its own credential: the combiner could act as this client with it
+            raise ProtocolError("the controller gave no ticket for the combiner (it is older than this client): upgrade the controller")
+        link = await connect(str(info["url"]), ticket, self.ctx, max_payload=s.max_payload, peer_role="combiner")
         working_on = self.held.task_id if self.held else self.current_task or (self.update[0] if self.update else None)
         await link.send(m.Hello(name=self.name, task_id=working_on))
         self.link = link

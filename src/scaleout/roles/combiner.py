@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,15 +17,16 @@ from scaleout.core import payload, permissions
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
+from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_limit
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, dial_urls, new_id, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, dial_urls, new_id, private_tempdir, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed
-from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, connect, serve
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
 T = TypeVar("T")
@@ -38,11 +38,13 @@ CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
 UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or one model-sized update
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
+ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
 SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
+TICKET_CONNECT_S = 300.0  # a client connects with a ticket issued at most this long ago (it gets one per assignment)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class CombinerSettings:
     max_connect_rate: float = DEFAULT_RATE  # new client connections per second per address (0: no limit)
     hello_timeout: float = HELLO_TIMEOUT_S  # a client link that has not said hello by then is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
     timer: asyncio.TimerHandle | None = None
     update_limit: int = 0  # bytes a selected client may send as its update (train only)
+    max_examples: int = 0  # a client's weight is clipped to this (0: no cap)
+    model: dict[str, Any] = field(default_factory=dict)  # the round's global model (views), to measure changes against
+    norm_limit: float | None = None  # the largest change an update may make (None: no bound)
     settings: dict[str, Any] = field(default_factory=dict)
     pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
     told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
@@ -86,6 +92,7 @@ class Job:
     started: float = 0.0
     sent: float | None = None
     last_result: float | None = None
+    attempt: int = 1  # the controller's try of this round (RoundStart.attempt), echoed in the partial
 
 
 class Combiner:
@@ -107,6 +114,7 @@ class Combiner:
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
         self._joined: set[str] = set()  # membership changes not yet told to the controller
+        self.proofs: dict[str, str] = {}  # client -> the ticket it connected with: forwarded as proof it is here
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
@@ -164,6 +172,7 @@ class Combiner:
                 await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
         advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)
@@ -195,7 +204,7 @@ class Combiner:
         tmp = None
         if not s.insecure:
             if s.data_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="scaleout-combiner-")
+                tmp = private_tempdir("scaleout-combiner-")  # its key: swept at a next start if this one is killed
             cert_dir = s.data_dir or Path(tmp.name)  # type: ignore[union-attr]
             cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its key lives here
             tls.write_private(cert_dir / "combiner.key", key_pem)
@@ -211,7 +220,8 @@ class Combiner:
                 self.renewal = asyncio.create_task(self._renew_certificate(ctx_files=(cert_dir, server_ctx), ttl_s=result["cert_ttl_s"], stop=stop))
         rate = (s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None
         server, port = await serve(
-            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout
+            self._on_client, self._authenticate, s.host, s.port, server_ctx, max_payload=0, connect_rate=rate, handshake_timeout=s.handshake_timeout,
+            send_timeout=s.send_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
@@ -254,9 +264,15 @@ class Combiner:
         if not token:
             raise AuthError("no token given")
         assert self.verifier is not None
-        claims = self.verifier.verify(token, time.time(), roles={"client"})
+        now = time.time()
+        claims = self.verifier.verify(token, now, roles={"client"})
         if claims.nid is None:
             raise AuthError("a client connects with its own credential: it enrols with the controller first (scaleout join does)")
+        if claims.aud != self.name:
+            # Its own credential would let this combiner act as the client at the controller.
+            raise AuthError(f"a client connects with the ticket the controller gave it for this combiner ({self.name}), not with another credential")
+        if now > claims.iat + TICKET_CONNECT_S:
+            raise AuthError("this ticket is too old to connect with: ask the controller for a combiner again")
         return claims
 
     # -- clients --------------------------------------------------------------------------
@@ -293,6 +309,7 @@ class Combiner:
                     if stale is not None:
                         stale.cancel()
                 name = msg.name
+                self.proofs[name] = bearer(link.ws.request.headers) or ""
                 link.max_payload = self._client_limit(name)
                 gate = self.gates.setdefault(name, MetricGate())
                 self.clients[name] = link
@@ -308,6 +325,7 @@ class Combiner:
                 if job is not None and gate is not None:
                     await self._on_metric(name, link, gate, job, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)) and gate is not None:
+                await self._announced(name)
                 await self.relay.on_client(name, link, gate, msg)
             else:
                 raise ProtocolError(f"a client may not send {msg.type}")
@@ -319,6 +337,7 @@ class Combiner:
             watch.cancel()
             if name is not None and self.clients.get(name) is link:
                 del self.clients[name]
+                self.proofs.pop(name, None)
                 log.info("client %s disconnected (%d clients)", name, len(self.clients))
                 self._changed(left=name)
                 self.relay.client_gone(name)
@@ -395,6 +414,14 @@ class Combiner:
         if self._status_timer is None:
             self._status_timer = asyncio.get_running_loop().call_later(STATUS_DELAY_S, lambda: self._spawn(self._flush_changes()))
 
+    async def _announced(self, client: str) -> None:
+        """Tell the controller now of a client that joined a moment ago (its batch still
+        waits), so what is said for it next is said by a combiner it knows it is on."""
+        if client in self._joined:
+            if self._status_timer is not None:
+                self._status_timer.cancel()
+            await self._flush_changes()
+
     async def _flush_changes(self) -> None:
         self._status_timer = None
         joined, left = sorted(self._joined), sorted(self._left)
@@ -415,10 +442,13 @@ class Combiner:
         link = self.controller
         if link is None or self.stopping or link.ws.close_code is not None or not (joined or left or reset):
             return
-        page = m.MAX_NAMES
+        page = m.MAX_PROOFS
+        joined = [c for c in joined if self.proofs.get(c)]
         try:
             for i in range(0, max(len(joined), len(left), 1), page):
-                await link.send(m.ClientsChanged(joined=joined[i : i + page], left=left[i : i + page], reset=reset and i == 0))
+                names = joined[i : i + page]
+                proofs = [self.proofs[c] for c in names]
+                await link.send(m.ClientsChanged(joined=names, proofs=proofs, left=left[i : i + page], reset=reset and i == 0))
         except Exception as exc:  # the role edge: the reader notices the lost controller
             log.warning("could not report clients to the controller: %s", exc)
 
@@ -444,8 +474,8 @@ class Combiner:
             for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
                 self._drop(job)
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
-            for link in list(self.clients.values()):
-                await _quiet(link.send(m.TaskAbort(session_id=msg.session_id)))
+            for name, link in list(self.clients.items()):  # in the background: a frozen client must not stall this link
+                self._spawn(_quiet(asyncio.wait_for(link.send(m.TaskAbort(session_id=msg.session_id)), ABORT_SEND_S), f"telling {name} the session stopped"))
         elif isinstance(msg, (m.CommandStart, m.PackageChanged)):
             await self.relay.on_controller(inc)
         elif isinstance(msg, m.Event):
@@ -531,12 +561,16 @@ class Combiner:
         if old is not None:
             self._drop(old)
         tracker = CombinerRound.start(clients, loop.time(), timeout, grace=RECONNECT_GRACE_S)
-        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time())
+        job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time(), attempt=getattr(msg, "attempt", 1))
         self.jobs[kind] = job
         try:
             model = await self._model(msg.model_id)
             if kind == "train":
                 job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
+                assert isinstance(msg, m.RoundStart)
+                job.max_examples = msg.max_examples
+                job.model = payload.views(model)
+                job.norm_limit = await asyncio.to_thread(norm_limit, job.model, msg.max_update_norm)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
             for client in clients:
@@ -633,7 +667,10 @@ class Combiner:
         try:
             if not msg.ok:
                 raise UpdateRejected(msg.error or "the client reported a failure")
-            weight = read_num_examples(msg.data.get("metadata"))
+            claimed = read_num_examples(msg.data.get("metadata"))
+            weight = clip_examples(claimed, job.max_examples)
+            if weight != claimed:  # clipped, not refused: a large honest site still counts, at the cap
+                log.warning("round %d: client %s claims %d examples; counted as %d (max_examples_per_client)", job.round_index, client, claimed, weight)
             size = msg.size
             if not isinstance(size, int) or size <= 0:
                 raise ProtocolError("a train result must say the size of its update")
@@ -673,7 +710,7 @@ class Combiner:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
                     return  # the round closed while the update was on its way
-                checked = await asyncio.to_thread(_check_update, job.agg, blob)
+                checked = await asyncio.to_thread(_check_update, job, blob)
                 async with job.lock:
                     if self.jobs.get(job.kind) is not job:
                         raise UpdateRejected("the round closed while the update was being checked")
@@ -744,19 +781,23 @@ class Combiner:
         assert self.controller is not None
         if kind == job.kind:  # the client's outcome; a metric it logged on the way is not one
             job.told.add(client)
+        await self._announced(client)
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
         await _quiet(self.controller.send(report))
 
-    async def _abort_late(self, job: Job) -> None:
-        """Tell clients still working on this job that nobody waits for their result."""
+    def _abort_late(self, job: Job) -> None:
+        """Tell clients still working on this job that nobody waits for their result, in the
+        background and ABORT_SEND_S at most each: a frozen client's socket (its buffers full,
+        or closing for websockets' 10 s) must never hold up the end of a round."""
         late = set(job.tracker.expected) - job.tracker.reported - set(job.tracker.failed)
         late |= {c for c, why in job.tracker.failed.items() if "timeout" in why}
         for task_id, client in job.tasks.items():
             link = self.clients.get(client)
             if client in late and link is not None:
-                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, task_id=task_id)))
+                abort = m.TaskAbort(session_id=job.session_id, task_id=task_id)
+                self._spawn(_quiet(asyncio.wait_for(link.send(abort), ABORT_SEND_S), f"telling {client} its task is aborted"))
 
     async def _complete(self, job: Job) -> None:
         """Tell the controller this combiner's share of the round is ready, once; a train
@@ -767,7 +808,7 @@ class Combiner:
             return
         self._drop(job)
         assert self.controller is not None
-        await self._abort_late(job)
+        self._abort_late(job)
         for client in sorted(job.dropped):  # a burst of drops still going on at the round's end
             log.warning("round %d: client %s: %d metric messages were dropped", job.round_index, client, job.dropped[client])
             await self._report_dropped(job, client)
@@ -798,7 +839,9 @@ class Combiner:
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
             job.agg = None  # the sums are encoded (or refused): free them
-        msg = m.RoundPartial(session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing)
+        msg = m.RoundPartial(
+            session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing, attempt=job.attempt,
+        )
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
         await _quiet(self.controller.send(msg))
 
@@ -851,9 +894,14 @@ def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]
     return names
 
 
-def _check_update(agg: Any, blob: bytes) -> Any:
-    """Parse an update's header and check its values against the round's model (off the loop)."""
-    return agg.check(payload.views(blob))
+def _check_update(job: Job, blob: bytes) -> Any:
+    """Parse an update's header and check its values, dtypes and the size of its change
+    against the round's model (off the loop)."""
+    checked = job.agg.check(payload.views(blob))
+    check_change(job.model, checked.arrays, job.norm_limit)
+    if checked.converted:
+        log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))
+    return checked
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:
@@ -887,8 +935,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
 
 
-async def _quiet(coro: Any) -> None:
+async def _quiet(coro: Any, what: str = "send") -> None:
     try:
         await coro
+    except TimeoutError:  # asyncio's, since 3.11 the builtin
+        log.warning("%s: gave up, the peer does not read", what)
     except Exception as exc:  # the role edge: a closed peer is noticed by its reader
-        log.warning("send failed: %s", exc)
+        log.warning("%s failed: %s", what, exc)

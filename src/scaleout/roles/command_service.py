@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from scaleout.core import commands as cmd
 from scaleout.core import messages as m
 from scaleout.roles.common import audit_actor
-from scaleout.core.errors import ConfigError, ConflictError, LimitExceeded, NotFoundError, ProtocolError, StorageError
+from scaleout.core.errors import AuthError, ConfigError, ConflictError, LimitExceeded, NotFoundError, ProtocolError, StorageError
 from scaleout.core.limits import MAX_ERROR_BYTES, MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
 from scaleout.roles.common import new_id
 
@@ -231,6 +231,9 @@ class CommandService:
     # -- from combiners --------------------------------------------------------------------
 
     def on_message(self, c: CombinerConn, msg: m.Message) -> None:
+        if isinstance(msg, (m.ClientLog, m.ClientStatus)) and msg.client not in c.clients:
+            # Only the combiner a client proved itself attached to speaks for it.
+            raise AuthError(f"combiner {c.name} may not speak for client {msg.client!r:.60}: not one of its clients")
         if isinstance(msg, m.CommandResult):
             self._on_result(c, msg)
         elif isinstance(msg, m.ClientLog):

@@ -43,6 +43,24 @@ def dial_urls(scheme: str, host: str, port: int) -> list[str]:
     return [f"{scheme}://{h}:{port}" for h in hosts]
 
 
+def raise_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one: a controller or combiner holds a
+    socket per link, and the usual soft limit of 1,024 is soon reached by a large fleet (or
+    by idle connections someone opens to run it out of them)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("open files limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as exc:
+        log.debug("cannot raise the open files limit: %s", exc)
+
+
 def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(6)
 
@@ -176,3 +194,60 @@ async def close_now(link: Any, code: int, reason: str) -> None:
         link.ws.transport.abort()
     except Exception as exc:  # the role edge: the peer may already be gone
         log.debug("closing %s: %s", link.peer, exc)
+
+
+OWNER_FILE = ".scaleout-owner"  # in a temporary folder of ours: the pid of the process using it
+
+
+def private_tempdir(prefix: str) -> Any:
+    """A private temporary folder for this process (a ``tempfile.TemporaryDirectory``, removed
+    when it ends normally), marked with its pid. Folders of the same kind left by a process
+    that was killed (SIGKILL: no cleanup ran; a combiner's key, a client's unpacked package)
+    are swept first, and the log says so."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    sweep_tempdirs(prefix)
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    (Path(tmp.name) / OWNER_FILE).write_text(str(os.getpid()))
+    return tmp
+
+
+def sweep_tempdirs(prefix: str, root: Any = None) -> list[Any]:
+    """Remove the folders ``prefix*`` in the temporary folder (or ``root``) that are ours and
+    whose process is gone; returns them. A folder without the owner mark (or another user's)
+    is left alone: whose it is cannot be told."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(root or tempfile.gettempdir())
+    swept = []
+    for path in sorted(base.glob(f"{prefix}*")):
+        try:
+            if path.is_symlink() or not path.is_dir() or (hasattr(os, "getuid") and path.stat().st_uid != os.getuid()):
+                continue
+            pid = int((path / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept.append(path)
+    if swept:
+        log.info("removed %d temporary folder(s) left by a process that was killed before it cleaned up: %s", len(swept), ", ".join(map(str, swept)))
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or it cannot be told: keep its folder
+    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -16,29 +15,26 @@ from typing import Any, TypeVar
 
 from scaleout.core import messages as m
 from scaleout.core import payload, permissions
-from scaleout.core.config import SessionConfig
 from scaleout.core.errors import (
     AuthError,
     ConfigError,
     ConflictError,
+    CorruptModelError,
+    IntegrityError,
     LimitExceeded,
     NotFoundError,
-    PayloadError,
-    RemoteError,
     ProtocolError,
     ScaleoutError,
     StorageError,
-    UpdateRejected,
 )
-from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
-from scaleout.core.metrics import mean_metrics
-from scaleout.core.rounds import ControllerRound, Outcome
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.core.selection import Assigner, choose_validators, select_clients
+from scaleout.core.selection import Assigner
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, new_id, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
 from scaleout.roles.exporter import Observer
+from scaleout.roles.sessions import MODEL, SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.roles.events import EventHub, snapshot
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
@@ -46,21 +42,15 @@ from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
 
-MODEL = ("models", ".safetensors")
 PACKAGE = ("packages", ".tgz")
-STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of a session
 ADMIN_TOKEN_TTL = 365 * 86400
-PARTIAL_GRACE_S = 5.0
-PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial at, at the least
 ASSIGNMENT_TTL_S = 30.0
-SMALL_PAYLOAD = 1 << 20
-RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
 CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
@@ -84,6 +74,9 @@ class ControllerSettings:
     hello_timeout: float = HELLO_TIMEOUT_S  # a combiner-token link that has not registered by then is closed
     idle_timeout: float = CLIENT_IDLE_S  # a client-token link that asks nothing for this long is closed
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS and websocket handshakes, from the TCP connection on
+    resume: bool = True  # a session running when the controller stopped resumes at the next start (serve --no-resume: off)
+    send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
+    max_enrol_rate: float = 60.0  # enrolments per minute per join token (0: no limit)
 
 
 @dataclass
@@ -91,35 +84,7 @@ class CombinerConn:
     name: str
     link: Link
     url: str | None = None
-    clients: set[str] = field(default_factory=set)
-
-
-@dataclass
-class RunningSession:
-    id: str
-    config: SessionConfig
-    task: asyncio.Task[None] | None = None
-    stopped: bool = False
-    round_index: int = 0
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    server_state: dict[str, Any] = field(default_factory=dict)  # what the strategy keeps across rounds
-    stop_reason: str | None = None  # why it was stopped ("stopped by an admin", "controller shut down")
-    storage_failure: StorageError | None = None  # a write failed (a full disk): the session ends
-
-
-@dataclass
-class SessionEnd:
-    """A session's outcome that state.db could not take yet (a full disk): kept here, shown
-    by the admin operations, written as soon as a write succeeds."""
-
-    status: str
-    reason: str | None
-    end_model: str | None
-    finished: float
-    round_reason: str | None = None
-    tried: bool = False  # a write of it failed already
+    clients: set[str] = field(default_factory=set)  # those that proved they are attached to it (a ticket naming it)
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
@@ -130,56 +95,57 @@ class Controller:
         self.settings = settings
         self.dir = settings.data_dir
         self.combiners: dict[str, CombinerConn] = {}
-        self.session: RunningSession | None = None
-        self.subscribers: set[Link] = set()
         self.hub = EventHub()  # the typed event stream to subscribed admin links
-        self._emitting: dict[Link, asyncio.Future[bool]] = {}  # session.wait followers: the event being sent to each
+        self.sessions = SessionService(self)  # session.* and the runner of the running session (roles/sessions.py)
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         # The clients each combiner was given in the current round: it may report and
         # aggregate for those (and for the clients attached to it), no others.
         self.round_members: dict[str, frozenset[str]] = {}
         self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
+        # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
+        self.tickets: dict[str, tuple[int, str]] = {}
         self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
-        self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
-        self._record_retry: asyncio.Task[None] | None = None
         self.url = ""
         self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
-        self._ops: dict[str, tuple[frozenset[str], Handler]] = {
-            "status": (ADMIN, self._status),
-            "token.create": (ADMIN, self._token_create),
-            "package.set_active": (ADMIN, self._package_set_active),
-            "package.get": (ADMIN | CLIENT, self._package_get),
-            "model.set_seed": (ADMIN, self._model_set_seed),
-            "model.ls": (ADMIN, self._model_ls),
-            "model.show": (ADMIN, self._model_show),
-            "model.get": (ADMIN | COMBINER, self._model_get),
-            "session.start": (ADMIN, self._session_start),
-            "session.ls": (ADMIN, self._session_ls),
-            "session.show": (ADMIN, self._session_show),
-            "session.stop": (ADMIN, self._session_stop),
-            "session.wait": (ADMIN, self._session_wait),
-            "client.ls": (ADMIN, self._client_ls),
-            "client.wait": (ADMIN, self._client_wait),
-            "combiner.ls": (ADMIN, self._combiner_ls),
-            "metric.ls": (ADMIN, self._metric_ls),
-            "client.assign": (CLIENT, self._client_assign),
-            "combiner.register": (COMBINER, self._combiner_register),
-            "combiner.ready": (COMBINER, self._combiner_ready),
-            "events.snapshot": (ADMIN, lambda link, args, blob: self._snapshot(args)),
+        # Who may call each operation is core/permissions.py's to say (the one table), not this map's.
+        self._ops: dict[str, Handler] = {
+            "status": self._status,
+            "token.create": self._token_create,
+            "package.set_active": self._package_set_active,
+            "package.get": self._package_get,
+            "model.set_seed": self._model_set_seed,
+            "model.ls": self._model_ls,
+            "model.show": self._model_show,
+            "model.get": self._model_get,
+            "session.start": lambda link, args, blob: self._answer(self.sessions.start(args, self._auditor(link))),
+            "session.ls": lambda link, args, blob: self._answer(_ready(self.sessions.ls())),
+            "session.show": lambda link, args, blob: self._answer(self.sessions.show(args)),
+            "session.stop": lambda link, args, blob: self._answer(self.sessions.stop_op(args, self._auditor(link))),
+            "session.wait": lambda link, args, blob: self._answer(self.sessions.wait(link, args)),
+            "session.continue": lambda link, args, blob: self._answer(self.sessions.continue_(args, self._auditor(link))),
+            "model.set_active": self._model_set_active,
+            "client.ls": self._client_ls,
+            "client.wait": self._client_wait,
+            "combiner.ls": self._combiner_ls,
+            "metric.ls": self._metric_ls,
+            "client.assign": self._client_assign,
+            "combiner.register": self._combiner_register,
+            "combiner.ready": self._combiner_ready,
+            "events.snapshot": lambda link, args, blob: self._snapshot(args),
             # Tokens and node identities (roles/enrolment.py).
-            "node.enrol": (CLIENT | COMBINER, lambda *a: self.desk.enrol(*a)),
-            "token.ls": (ADMIN, lambda *a: self.desk.token_ls(*a)),
-            "token.revoke": (ADMIN, lambda *a: self.desk.token_revoke(*a)),
-            "client.rm": (ADMIN, lambda *a: self.desk.client_rm(*a)),
-            "combiner.rm": (ADMIN, lambda *a: self.desk.combiner_rm(*a)),
-            "combiner.renew": (COMBINER, lambda *a: self.desk.combiner_renew(*a)),
-            "audit.ls": (ADMIN, self._audit_ls),
-            "audit.verify": (ADMIN, self._audit_verify),
+            "node.enrol": lambda *a: self.desk.enrol(*a),
+            "token.ls": lambda *a: self.desk.token_ls(*a),
+            "token.revoke": lambda *a: self.desk.token_revoke(*a),
+            "client.rm": lambda *a: self.desk.client_rm(*a),
+            "combiner.rm": lambda *a: self.desk.combiner_rm(*a),
+            "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
+            "audit.ls": self._audit_ls,
+            "audit.verify": self._audit_verify,
         }
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
-        self._ops.update({op: (ADMIN, handler) for op, handler in self.commands.ops().items()})
+        self._ops.update(self.commands.ops())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -192,8 +158,14 @@ class Controller:
         secure_data_dir(self.dir)
         self._lock = _lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
+        from scaleout.store.audithead import HeadFile
+
+        self.audit_head = HeadFile.load_or_create(self.dir)
+        if not self.state.anchor_audit(self.audit_head) and self.state.get_meta(AUDIT_HEAD):
+            log.warning("no signed audit head beside state.db: wrote %s for the log as it is (the first start with it, or it was removed)", self.audit_head.path)
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
+        self._sweep()
         self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
@@ -219,13 +191,18 @@ class Controller:
         for row in self.state.combiners():
             self.state.upsert_combiner(row["name"], "offline", clients=0)
             self.state.set_clients_offline(row["name"], keep=set())
-        # A running session interrupted by a crash or shutdown cannot resume yet: say so.
-        for row in self.state.sessions():
-            if row["status"] == "running":
-                for r in self.state.rounds(row["id"]):
-                    if r["status"] == "running":
-                        self.state.finish_round(row["id"], r["idx"], status="failed", reason="controller restarted")
-                self.state.finish_session(row["id"], "stopped", self.state.get_meta("active_model"), "controller restarted")
+        # A session that was running when this controller stopped resumes (run() starts it).
+        self.sessions.recover(resume=self.settings.resume)
+
+    def _sweep(self) -> None:
+        """A kill between writing a model (or package, or strategy state) and committing the row
+        that names it leaves a file nobody names: removed at the next start, and said."""
+        kinds = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}
+        for kind, keep in self.state.blob_ids().items():
+            removed = self.blobs.sweep(kind, kinds[kind], keep)
+            if removed:
+                log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
+                            len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
 
     def _write_admin_token(self) -> None:
         path = self.dir / "admin.token"
@@ -239,6 +216,7 @@ class Controller:
         tls.write_private(path, (token + "\n").encode())
 
     async def run(self, stop: asyncio.Event) -> None:
+        raise_file_limit()
         self.prepare()
         s = self.settings
         if s.metrics_port is not None:
@@ -250,7 +228,7 @@ class Controller:
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
-            handshake_timeout=s.handshake_timeout,
+            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
@@ -262,16 +240,12 @@ class Controller:
 
         show_join_commands(self)  # its files are written before the ready line
         announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
+        self.sessions.resume()
         try:
             await stop.wait()
         finally:
             log.info("controller shutting down")
-            if self.session is not None:
-                await self._stop_session(self.session, "controller shut down")
-            if self._record_retry is not None:
-                self._record_retry.cancel()
-            if self._record_ends() is not None:
-                log.error("sessions %s end unrecorded: the next start marks them stopped", ", ".join(self._unrecorded))
+            await self.sessions.shutdown()  # a running session stays running in state.db: the next start resumes it
             server.close()
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -286,7 +260,10 @@ class Controller:
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
             raise AuthError("no token given: pass one with --token (see scaleout token create)")
-        return self.verifier.verify(token, time.time())
+        claims = self.verifier.verify(token, time.time())
+        if claims.aud is not None:
+            raise AuthError("a ticket is good only at the combiner it names, not at the controller")
+        return claims
 
     # -- links --------------------------------------------------------------------------
 
@@ -305,6 +282,7 @@ class Controller:
             if req.op not in self._ops:
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
+            self.desk.check_join_link(link, req.op)  # a join token enrols, nothing more
             if role == "combiner" and req.op not in ("combiner.register", "node.enrol") and not self._registered(link):
                 raise AuthError(f"register first: a combiner may do {req.op} once it has registered (combiner.register)")
 
@@ -314,7 +292,7 @@ class Controller:
             if registering:
                 self._registering.add(link)  # the hello timeout waits for a registration under way
             try:
-                result = await self._ops[req.op][1](link, req.args, blob)
+                result = await self._ops[req.op](link, req.args, blob)
             finally:
                 if registering:
                     self._registering.discard(link)
@@ -340,7 +318,7 @@ class Controller:
         finally:
             if watch is not None:
                 watch.cancel()
-            self.subscribers.discard(link)
+            self.sessions.gone(link)
             self.hub.unsubscribe(link)
             self.desk.gone(link)
             if role == "combiner":
@@ -373,8 +351,7 @@ class Controller:
                 self.assigner.combiner_gone(name)
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
                 self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
-                if self.session is not None:  # the link says which registration was lost
-                    self.session.events.put_nowait(("lost", (name, link)))
+                self.sessions.on_combiner_lost(name, link)
                 self._registry_changed()
                 self.registry.combiner(name, "offline", clients=0)
                 self.commands.combiner_gone(name)
@@ -404,7 +381,10 @@ class Controller:
                     raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
                 for client in (*msg.joined, *msg.left):  # all checked before any is applied
                     m.check_name(client, "client name")
-                for client in msg.joined:
+                if len(msg.proofs) != len(msg.joined):
+                    raise AuthError(f"clients.changed: every client that joined needs its proof (the ticket it connected with): {len(msg.joined)} names, {len(msg.proofs)} proofs")
+                proven = self._proven(c, msg.joined, msg.proofs)  # a forged one refuses the whole message
+                for client in proven:
                     elsewhere = self.assigner.where.get(client)
                     if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
                         # One name, one node: the newest connection counts, once, wherever it is.
@@ -429,15 +409,44 @@ class Controller:
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
-                s = self.session
-                if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
-                    log.info("ignoring a late %s from combiner %s", msg.type, c.name)
-                    return
-                s.events.put_nowait((msg.type, (c.name, msg, link)))
+                self.sessions.on_round_message(c.name, msg, link)
             else:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
+
+    def _proven(self, c: CombinerConn, names: list[str], proofs: list[str]) -> list[str]:
+        """The clients in ``names`` whose proof shows they attached to combiner ``c``: a
+        ticket the controller signed for that client and this combiner, the newest it issued
+        for the client. A proof not signed here, or naming another client or combiner, is a
+        forgery: AuthError (nothing in the message is applied). A revoked, expired or
+        superseded one leaves its client out (it counts again once it reconnects)."""
+        now = time.time()
+        checked = []
+        for name, proof in zip(names, proofs):
+            try:
+                claims = self.verifier.genuine(proof)
+            except AuthError:
+                claims = None
+            if claims is None or claims.aud != c.name or claims.sub != name or claims.role != "client" or claims.nid is None:
+                log.warning("combiner %s announced client %s without a valid proof: refused", c.name, name)
+                raise AuthError(f"clients.changed: no valid proof that client {name!r} attached to combiner {c.name} (the ticket it connected with)")
+            checked.append((name, claims))
+        out = []
+        for name, claims in checked:
+            newest = self.tickets.get(name)
+            if claims.jti in self.verifier.revoked or claims.nid in self.verifier.revoked:
+                why = "its credential was revoked"
+            elif newest is not None and newest[1] != claims.jti and claims.iat <= newest[0]:
+                why = "a newer ticket was issued to it since"
+            elif (newest is None or newest[1] != claims.jti) and now >= claims.exp:
+                why = "its ticket expired"
+            else:
+                self.tickets[name] = (claims.iat, claims.jti)
+                out.append(name)
+                continue
+            log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
+        return out
 
     def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
         """Store one client's report within the limits a combiner applies (core/limits.py):
@@ -509,7 +518,7 @@ class Controller:
 
     async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         name = m.check_name(args.get("name"), "client name")
-        self.desk.node_identity(link, "client", name, args)
+        claims = self.desk.node_identity(link, "client", name, args)
         if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
             self.hub.packages[name] = args["package"][:200]
         prefer = args.get("prefer")
@@ -517,7 +526,10 @@ class Controller:
         c = self.combiners[best]
         if self.assigner.where.get(name) != best:
             log.info("client %s assigned to combiner %s", name, best)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package")}
+        # The client shows its combiner this ticket, never its own credential (enrolment.py).
+        ticket = self.desk.ticket(claims, c.name)
+        self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package"), "ticket": ticket}
         renewed = self.desk.renewed(link)
         if renewed is not None:
             reply["token"] = renewed
@@ -565,7 +577,7 @@ class Controller:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
         if session_id is not None:
-            session_id = self._session_key({"id": None if session_id == "latest" else session_id})
+            session_id = self.sessions.key({"id": None if session_id == "latest" else session_id})
             self.state.session(session_id)  # no such session: say so, rather than list nothing
         await self.registry.flush()  # what came in a moment ago is listed too
         rows, total = await asyncio.to_thread(
@@ -600,14 +612,20 @@ class Controller:
         return {"entries": rows[::-1]}, None  # oldest first, as a log reads
 
     async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        checked, broken, head = await asyncio.to_thread(
-            _read_state, self.dir / "state.db", lambda st: (*st.audit_verify(), st.get_meta(AUDIT_HEAD)),
-        )
-        # The head ("<id> <hash>" of the newest entry): kept elsewhere, it shows a rewritten chain too.
-        result: dict[str, Any] = {"ok": broken is None, "entries": checked, "head": head}
-        if broken is not None:
-            result["broken"] = {"id": broken.id, "reason": broken.reason}
-        return result, None
+        from scaleout.store.audithead import verify
+
+        kept = args.get("head")
+        if kept is not None and (not isinstance(kept, str) or len(kept) > 4096):
+            raise ProtocolError("audit.verify: head must be the text of an audit head file")
+
+        def check(st: State) -> dict[str, Any]:
+            with st.transaction(immediate=False):  # one snapshot: the rows and state.db's head agree
+                rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
+                head = st.get_meta(AUDIT_HEAD)
+            # Checked against the signed head beside state.db, and a copy the operator kept (--head).
+            return verify(rows, head, self.audit_head, kept, str(args.get("head_name") or "--head"))
+
+        return await asyncio.to_thread(_read_state, self.dir / "state.db", check), None
 
     # -- tokens, packages, models ----------------------------------------------------------
 
@@ -683,12 +701,58 @@ class Controller:
         self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
         return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
+    # -- what the session service needs (roles/sessions.py SessionHost) ----------------------
+
+    @property
+    def session(self) -> RunningSession | None:
+        return self.sessions.running
+
+    @property
+    def max_payload(self) -> int:
+        return self.settings.max_payload
+
+    def registry_event(self) -> asyncio.Event:
+        return self.registry_changed
+
+    def keep_model(self, model_id: str, data: bytes) -> None:
+        self._model_cache = (model_id, data)
+
+    def _auditor(self, link: Link) -> Callable[..., None]:
+        return lambda action, **detail: self.state.audit(_actor(link), action, address=link.peer, **detail)
+
+    @staticmethod
+    async def _answer(result: Awaitable[dict[str, Any]]) -> tuple[dict[str, Any], None]:
+        return await result, None
+
+    async def model_bytes(self, model_id: str) -> bytes:
+        return await self._model_bytes(model_id)
+
+    async def _model_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """Roll the global model back (or forward) to any model of the trail (audited)."""
+        key = args.get("id")
+        if not isinstance(key, str) or not key:
+            raise ProtocolError("model.set_active needs the id of a model of the trail")
+        if self.session is not None:
+            raise ConflictError(f"session {self.session.id} is running; stop it before changing the global model")
+        row = self.state.model(key)
+        data = await self._model_bytes(row["id"])  # its file is there, intact
+        await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
+        with self.state.transaction():
+            self.state.set_meta("active_model", row["id"])
+            self.state.audit(_actor(link), "model.set_active", address=link.peer, id=row["id"])
+        log.info("model %s is now the global model (set by an admin)", row["id"][:12])
+        self.hub.publish(m.ActiveChanged(what="model", id=row["id"], name=row.get("aggregator") or ""))
+        return {"model": {**row, "active": True}}, None
+
     async def _model_bytes(self, model_id: str) -> bytes:
         """A model's bytes, read and sha256-checked once (in a thread): every combiner fetches
         the round's global model, and the round itself needs it, so keep the latest one in
         memory. A round's new model is put here as it is committed: never read back."""
         if self._model_cache is None or self._model_cache[0] != model_id:
-            data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
+            try:
+                data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
+            except IntegrityError as exc:  # which model, where, and what to do: not an internal error
+                raise CorruptModelError(model_id, str(self.blobs.root / MODEL[0]), exc.actual) from None
             self._model_cache = (model_id, data)
         return self._model_cache[1]
 
@@ -724,424 +788,8 @@ class Controller:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def _session_start(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        cfg = SessionConfig.from_mapping(args)  # checks the aggregator and its kwargs too
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is still running; stop it first (scaleout session stop {self.session.id})")
-        failure = self._record_ends()
-        if failure is not None:
-            raise failure
-        model_id = self.state.get_meta("active_model")
-        if model_id is None:
-            raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
-        session = RunningSession(new_id("s-"), cfg)
-        with self.state.transaction():  # a full disk must not leave a session row nobody runs
-            self.state.add_session(session.id, cfg.to_dict(), model_id)
-            self.state.audit(_actor(link), "session.start", address=link.peer, id=session.id, config=cfg.to_dict())
-        self.session = session
-        self.obs.session_started()
-        session.task = asyncio.create_task(self._run_session(session))
-        log.info("session %s started: %d rounds, aggregator %s", session.id, cfg.rounds, cfg.aggregator)
-        self.hub.publish(m.SessionStarted(session_id=session.id, config=cfg.to_dict()))
-        return {"session": self.state.session(session.id)}, None
-
-    async def _session_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {"sessions": [self._with_end(row) for row in self.state.sessions()]}, None
-
-    async def _session_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        session = self._with_end(self.state.session(self._session_key(args)))
-        if args.get("clients"):
-            await self.registry.flush()
-            reports = await asyncio.to_thread(self.registry.reports, session["id"])
-            for r in session["rounds"]:
-                r["clients"] = [x for x in reports if x["round_index"] == r["idx"] and x["kind"] in ("train", "validate")]
-        return {"session": session}, None
-
-    def _session_key(self, args: dict[str, Any]) -> str:
-        key = args.get("id")
-        if not key:
-            rows = self.state.sessions()
-            if not rows:
-                raise NotFoundError("session", "latest", "none was started yet")
-            return str(rows[-1]["id"])
-        return str(key)
-
-    async def _session_stop(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        key = self._session_key(args)
-        s = self.session
-        if s is None or s.id != key:
-            row = self._with_end(self.state.session(key))
-            raise ConflictError(f"session {key} is not running (it is {row['status']})")
-        self.state.audit(_actor(link), "session.stop", address=link.peer, id=key)
-        await self._stop_session(s, "stopped by an admin")
-        return {"session": self._with_end(self.state.session(key))}, None
-
-    async def _session_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """Push round events to this link until the session ends, then return it."""
-        key = self._session_key(args)
-        s = self.session
-        if s is not None and s.id == key:
-            self.subscribers.add(link)
-            try:
-                await s.done.wait()
-            finally:
-                self.subscribers.discard(link)
-        return {"session": self._with_end(self.state.session(key))}, None
-
-    async def _stop_session(self, s: RunningSession, reason: str) -> None:
-        if s.stopped:
-            return
-        s.stopped = True
-        s.stop_reason = reason
-        s.stop_event.set()
-        s.events.put_nowait(("stop", reason))
-        for c in list(self.combiners.values()):
-            await _quiet_send(c.link, m.SessionStop(session_id=s.id))
-        if s.task is not None:
-            await asyncio.wait({s.task}, timeout=10)
-
-    def _record_ends(self) -> StorageError | None:
-        """Write the ends of sessions that state.db could not take (a full disk); return the
-        error if it still cannot, after arranging a retry."""
-        for sid, end in list(self._unrecorded.items()):
-            try:
-                self.state.end_session(sid, end.status, end.end_model, end.reason, end.finished, end.round_reason)
-            except StorageError as exc:
-                if not end.tried:
-                    log.error("could not record the end of session %s (%s); retrying: %s", sid, end.status, exc)
-                end.tried = True
-                if self._record_retry is None or self._record_retry.done():
-                    self._record_retry = asyncio.get_running_loop().create_task(self._retry_record_ends())
-                return exc
-            del self._unrecorded[sid]
-            if end.tried:
-                log.info("recorded the end of session %s (%s)", sid, end.status)
-        return None
-
-    async def _retry_record_ends(self) -> None:
-        delay, longest = RECORD_RETRY_S
-        while self._unrecorded:
-            await asyncio.sleep(delay)  # a backoff, not a synchronisation: space may come back any time
-            if self._record_ends() is None:
-                return
-            delay = min(delay * 2, longest)
-
-    def _with_end(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A session row as the admin should see it: an end not yet in state.db is shown."""
-        end = self._unrecorded.get(row["id"])
-        if end is not None:
-            row.update(status=end.status, reason=end.reason, finished=end.finished, end_model=end.end_model or row.get("end_model"))
-            for r in row.get("rounds", []):
-                if r["status"] == "running":
-                    r.update(status="failed", reason=end.round_reason or end.reason or end.status, finished=end.finished)
-        return row
-
-    async def _emit(self, kind: str, data: dict[str, Any]) -> None:
-        """Tell session.wait followers, without waiting for them: a follower still taking
-        the previous event (a stalled link) skips this one (it re-reads the session on the
-        next, and gets it whole in the reply), so it never holds up the rounds."""
-        for link in list(self.subscribers):
-            busy = self._emitting.get(link)
-            if busy is not None and not busy.done():
-                continue
-            self._emitting[link] = asyncio.ensure_future(_quiet_send(link, m.Event(kind=kind, data=data)))
-        for link in [k for k, t in self._emitting.items() if t.done() and k not in self.subscribers]:
-            del self._emitting[link]
-
-    async def _run_session(self, s: RunningSession) -> None:
-        status, reason = "finished", None
-        try:
-            for index in range(1, s.config.rounds + 1):
-                if s.stopped:
-                    break
-                s.round_index = index
-                row = await self._run_round(s, index)
-                await self.registry.flush()  # the round's reports are in state.db once it is over
-                await self._emit("round", {"session_id": s.id, **row})
-                if row["status"] != "succeeded":
-                    status, reason = "failed", f"round {index}: {row['reason']}"
-                if s.storage_failure is not None:  # the next round would fail the same way
-                    status, reason = "failed", f"round {index}: {s.storage_failure}"
-                    break
-            if s.stopped and s.storage_failure is None:
-                status, reason = "stopped", s.stop_reason or reason or "stopped"
-        except asyncio.CancelledError:
-            status, reason = "stopped", "controller shut down"
-            raise
-        except StorageError as exc:  # a full disk: say so, and record the end once it can be
-            log.error("session %s: %s", s.id, exc)
-            s.storage_failure = exc
-            status, reason = "failed", f"round {s.round_index}: {exc}"
-        except Exception as exc:  # the role edge: a bug must not leave the session "running"
-            log.exception("session %s crashed", s.id)
-            status, reason = "failed", f"internal error: {exc}"
-        finally:
-            self.session = None  # first: a failing write below must not block new sessions
-            end_model = None
-            with contextlib.suppress(StorageError):
-                end_model = self.state.get_meta("active_model")
-            failure = s.storage_failure
-            self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
-            self._record_ends()
-            log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
-            self.obs.session_finished(status)
-            with contextlib.suppress(Exception):  # the role edge: the writer logs its own failures
-                await self.registry.flush()
-            self.hub.publish(m.SessionEnded(session_id=s.id, status=status, reason=reason))
-            await self._emit("session", {"id": s.id, "status": status, "reason": reason})
-            s.done.set()
-
-    async def _wait_for_clients(self, s: RunningSession, deadline: float) -> dict[str, list[str]]:
-        loop = asyncio.get_running_loop()
-        while True:
-            selected = select_clients(self.assigner.members, self.assigner.ready)  # each name once, where it is
-            n = sum(map(len, selected.values()))
-            if n >= s.config.min_clients or s.stopped or loop.time() >= deadline:
-                return selected
-            log.info("waiting for clients: %d connected, %d needed", n, s.config.min_clients)
-            changed = asyncio.ensure_future(self.registry_changed.wait())
-            stop = asyncio.ensure_future(s.stop_event.wait())
-            await asyncio.wait({changed, stop}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            stop.cancel()
-
-    async def _next_event(self, s: RunningSession, index: int, deadline: float) -> tuple[str, Any] | None:
-        """The next event of round ``index``, or None at the deadline; stale ones are dropped."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                # What is queued already counts, even past the deadline (wait_for(get(), 0) would miss it).
-                kind, value = s.events.get_nowait() if not s.events.empty() else await asyncio.wait_for(s.events.get(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                return None
-            if kind in (m.RoundPartial.type, m.ValidateDone.type) and value[1].round_index != index:
-                log.info("dropping a late %s for round %d", kind, value[1].round_index)
-                continue
-            return kind, value
-
-    async def _run_round(self, s: RunningSession, index: int) -> dict[str, Any]:
-        from scaleout.core.aggregators import get_aggregator, make_strategy
-
-        loop = asyncio.get_running_loop()
-        cfg = s.config
-        started, started_at = loop.time(), time.time()  # the round starts now, before it waits for clients
-        parent = self.state.get_meta("active_model")
-        assert parent is not None
-        global_bytes = await self._model_bytes(parent)
-        template = payload.describe(global_bytes)
-        layout = payload.layout_of(global_bytes)
-        selected = await self._wait_for_clients(s, started + cfg.round_timeout)
-        self.round_members = {name: frozenset(clients) for name, clients in selected.items()}
-        participants = sorted(c for clients in selected.values() for c in clients)
-        self.state.start_round(s.id, index, parent, participants, started=started_at)
-        log.info("round %d of session %s: %d clients on %d combiners", index, s.id, len(participants), len(selected))
-        self.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
-
-        def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-            duration = round(loop.time() - started, 3)
-            fields = {"status": status, "reason": reason, "duration_s": duration, "finished": time.time(), **extra}
-            try:
-                self.state.finish_round(s.id, index, **fields)
-                row = next(r for r in self.state.rounds(s.id) if r["idx"] == index)
-            except StorageError as exc:  # kept in memory; the session's end records it later
-                log.error("round %d: could not record its outcome: %s", index, exc)
-                s.storage_failure = s.storage_failure or exc
-                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "started": started_at, "validation": {}, **fields}
-            log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
-            self.obs.round_finished(status, duration)
-            self.hub.round_ended({**row, "session_id": s.id})
-            return {**row, "index": index}
-
-        # A round that fails before any task was sent had no participants: nobody trained.
-        if s.stopped:
-            return finish("failed", "session stopped", participants=[])
-        if len(participants) < cfg.min_clients:
-            return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed", participants=[])
-        # A combiner reports at its own deadline at the latest; then it encodes its partial: time that grows with the model.
-        grace = PARTIAL_GRACE_S + len(global_bytes) / PARTIAL_ENCODE_RATE
-        tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
-        strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
-        agg = get_aggregator(cfg.aggregator, template)
-        for name, clients in selected.items():
-            msg = m.RoundStart(
-                session_id=s.id, round_index=index, model_id=parent, count=len(clients),
-                timeout=cfg.round_timeout, settings=cfg.settings, aggregator=cfg.aggregator,
-            )
-            if not await _quiet_send(self.combiners[name].link, msg, _names(clients)):
-                tracker.on_combiner_lost(name)
-        # Events name the link they came from: one from an earlier registration of a combiner
-        # (lost and back since) says nothing about this round.
-        links = {name: self.combiners[name].link for name in selected if name in self.combiners}
-        contributors: list[str] = []
-        timings: dict[str, dict[str, Any]] = {}
-        reduce_s = 0.0
-        decision = tracker.on_tick(loop.time())
-        while decision is None:
-            event = await self._next_event(s, index, tracker.deadline)
-            if event is None:
-                decision = tracker.on_tick(loop.time())
-                continue
-            kind, value = event
-            if kind == "stop":
-                return finish("failed", "session stopped", participants=contributors)
-            if kind == "lost":
-                name, link = value
-                if links.get(name) is link:
-                    decision = tracker.on_combiner_lost(name)
-            elif kind == m.RoundPartial.type:
-                name, msg, link = value
-                if links.get(name) is not link or name not in tracker.waiting_for:
-                    log.info("ignoring a partial from combiner %s that this round does not wait for", name)
-                    continue
-                timings[name] = msg.timing if isinstance(msg.timing, dict) else {}
-                if msg.count == 0:
-                    decision = tracker.on_partial(name, 0)
-                    continue
-                began = loop.time()
-                try:
-                    pulled = await _unless_set(self._pull_partial(name, msg, agg), s.stop_event)
-                    if pulled is None:  # stopped while the partial was on its way
-                        return finish("failed", "session stopped", participants=contributors)
-                    count, who = pulled
-                except LinkClosed:
-                    decision = tracker.on_combiner_lost(name)
-                    continue
-                except (PayloadError, UpdateRejected, ProtocolError, RemoteError, RequestTimeout) as exc:
-                    log.error("partial aggregate from combiner %s refused: %s", name, exc)
-                    decision = tracker.on_partial_refused(name, str(exc))
-                    continue
-                finally:
-                    reduce_s += loop.time() - began
-                contributors.extend(who)
-                decision = tracker.on_partial(name, count)
-        if decision.outcome is Outcome.FAILED:
-            return finish("failed", decision.reason, participants=sorted(contributors))
-        committing = loop.time()
-        try:
-            new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
-        except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
-            log.error("round %d: aggregate not committed: %s", index, exc)
-            return finish("failed", str(exc), participants=sorted(contributors))
-        try:
-            model_id = await asyncio.to_thread(self.blobs.put, MODEL[0], new_bytes, MODEL[1])
-            state_id = await asyncio.to_thread(self.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
-            # The model, its trail entry, the strategy's state and the round's outcome land in one transaction.
-            self.state.commit_round(
-                s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
-                server_state=state_id,
-            )
-        except StorageError as exc:  # a full disk: the global model stays, the session ends
-            log.error("round %d: could not commit the new global model: %s", index, exc)
-            s.storage_failure = exc
-            return finish("failed", str(exc), participants=sorted(contributors))
-        s.server_state = new_state
-        self._model_cache = (model_id, new_bytes)  # the next round's global model: no need to read it back
-        self.hub.publish(m.ModelCommitted(
-            model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
-            contributors=len(contributors), size=len(new_bytes),
-        ))
-        log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
-        timing = _round_timing(timings, reduce_s, loop.time() - committing)
-        validation: dict[str, float] = {}
-        if cfg.validate:
-            validate_started = loop.time()
-            validation = await self._validate(s, index, model_id, choose_validators(selected, contributors))
-            timing["validate_s"] = round(loop.time() - validate_started, 4)
-            if validation:
-                log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
-        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing)
-
-    async def _pull_partial(self, name: str, msg: m.RoundPartial, agg: Any) -> tuple[int, list[str]]:
-        """Fetch a combiner's partial when this round can fold it (one at a time, so the
-        controller holds one partial, not one per combiner), and fold it in a thread. The
-        wait grows with the partial's size, so a large model's partial is never late."""
-        c = self.combiners.get(name)
-        if c is None:
-            raise LinkClosed(name, "combiner gone")
-        if not 0 < msg.size <= self.settings.max_payload:
-            raise PayloadError(f"partial aggregate of {msg.size} bytes announced; the limit is {self.settings.max_payload}")
-        c.link.max_payload = msg.size
-        try:
-            _, blob = await c.link.request("partial.get", {"session_id": msg.session_id, "round_index": msg.round_index}, timeout=transfer_timeout(msg.size))
-        finally:
-            c.link.max_payload = SMALL_PAYLOAD
-        if blob is None or len(blob) != msg.size:
-            raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
-        self.obs.moved("in", "partial", len(blob))
-        partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count, self.round_members.get(name, frozenset()))
-        return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
-
-    async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
-        loop = asyncio.get_running_loop()
-        waiting = set()
-        for name, clients in selected.items():
-            c = self.combiners.get(name)
-            msg = m.RoundValidate(session_id=s.id, round_index=index, model_id=model_id, count=len(clients), timeout=s.config.round_timeout)
-            if c is not None and await _quiet_send(c.link, msg, _names(clients)):
-                waiting.add(name)
-        deadline = loop.time() + s.config.round_timeout + PARTIAL_GRACE_S
-        while waiting and loop.time() < deadline:
-            event = await self._next_event(s, index, deadline)
-            if event is None:
-                break
-            kind, value = event
-            if kind == "stop":
-                s.events.put_nowait((kind, value))
-                break
-            if kind == "lost" or kind == m.ValidateDone.type:
-                waiting.discard(value[0])
-        await self.registry.flush()  # the reports that came in with the validations
-        rows = await asyncio.to_thread(self.registry.reports, s.id, index, "validate")
-        return mean_metrics(r["data"] for r in rows if not r["error"])
-
-
-def _names(clients: list[str]) -> bytes:
-    """A round's client list as the payload of its message (never one capped frame)."""
-    return json.dumps(clients, separators=(",", ":")).encode()
-
-
-def _round_timing(combiners: dict[str, dict[str, Any]], reduce_s: float, commit_s: float) -> dict[str, float]:
-    """Where a round's time went: the slowest combiner's distribute / train / collect, then
-    the controller's reduce (pulling and folding partials) and commit (server step, writes)."""
-    out: dict[str, float] = {}
-    for key in ("distribute_s", "train_s", "collect_s"):
-        values = [float(t[key]) for t in combiners.values() if isinstance(t.get(key), (int, float)) and math.isfinite(t[key])]
-        out[key] = round(max(values), 4) if values else 0.0
-    out["reduce_s"] = round(reduce_s, 4)
-    out["commit_s"] = round(commit_s, 4)
-    return out
-
-
-def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
-    """The strategy's step from the round's mean to the next global model (off the event
-    loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
-    model, new_state = strategy.step(payload.views(global_bytes), agg.mean(in_place=True), state)
-    state_bytes = payload.encode_named(new_state, "dict") if new_state else None
-    return payload.encode_named(model, layout), state_bytes, new_state
-
-
-def _fold_partial(agg: Any, blob: bytes, count: int, members: frozenset[str]) -> Any:
-    """Decode a combiner's partial and add it to the round's aggregate (off the event loop);
-    a partial naming clients this combiner was not given this round is refused, unfolded."""
-    from scaleout.core.aggregators import decode_partial
-
-    partial = decode_partial(blob)
-    if partial.count != count:
-        raise PayloadError(f"partial says {partial.count} updates, message says {count}")
-    strangers = sorted(set(partial.contributors) - members)
-    if strangers or len(set(partial.contributors)) != len(partial.contributors):
-        what = f"clients it was not given this round ({', '.join(strangers[:5])})" if strangers else "a client twice"
-        raise UpdateRejected(f"partial aggregate names {what}")
-    if partial.count:
-        agg.add_partial(partial)
-    return partial
-
-
 PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
-ADMIN = frozenset({"admin"})
-CLIENT = frozenset({"client"})
-COMBINER = frozenset({"combiner"})
 
 
 def _read_state(path: Path, read: Callable[[State], T]) -> T:
@@ -1190,30 +838,8 @@ def _check_package(data: bytes, limits: UnpackLimits) -> None:
 _actor = audit_actor
 
 
-async def _unless_set(step: Awaitable[T], event: asyncio.Event) -> T | None:
-    """Await ``step`` unless ``event`` is set first (then cancel it and return None)."""
-    task = asyncio.ensure_future(step)
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # the role edge: it was abandoned
-            await task
-        return None
-    return task.result()
-
-
-async def _quiet_send(link: Link, msg: m.Message, blob: bytes | None = None) -> bool:
-    """Send (with a payload), reporting a closed link as False rather than raising."""
-    try:
-        await link.send_with_blob(msg, blob) if blob is not None else await link.send(msg)
-        return True
-    except Exception as exc:  # the role edge: a dead peer must not stop the round
-        log.warning("could not send %s to %s: %s", msg.type, link.peer, exc)
-        return False
+async def _ready(value: T) -> T:
+    return value
 
 
 __all__ = ["Controller", "ControllerSettings", "ScaleoutError"]

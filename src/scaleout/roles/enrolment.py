@@ -5,6 +5,7 @@ an admin allowed (short-lived, renewed over the controller link)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import time
@@ -12,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, ConflictError, ProtocolError
+from scaleout.core.errors import AuthError, ConflictError, ProtocolError, RateLimited
+from scaleout.core.ratelimit import RateLimiter
 from scaleout.roles.common import audit_actor as _actor
 from scaleout.roles.common import close_now, new_id
 from scaleout.security import jointoken, tls, tokens
-from scaleout.store.identities import Identities
+from scaleout.store.identities import Identities, used_up
 from scaleout.transport.link import Link
 
 if TYPE_CHECKING:
@@ -30,6 +32,9 @@ COMBINER_CERT_TTL_S = 7 * 86400
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_SANS = 32
 MAX_URLS_IN_TOKEN = 8
+DEFAULT_ENROL_RATE = 60.0  # enrolments per minute per join token (a minute's worth at once)
+TICKET_TTL_S = 86400  # a client's ticket for its combiner proves its membership this long at most
+JOIN_OPS = ("node.enrol", "client.assign", "combiner.register")  # all a join token's link may ask (the last two name an identity)
 
 
 def canonical(name: str) -> str:
@@ -46,6 +51,8 @@ class Desk:
         self.links: set[Link] = set()
         self.forgetting: set[asyncio.Future[None]] = set()
         ctl.verifier.revoked |= self.db.revoked_ids()
+        rate = getattr(ctl.settings, "max_enrol_rate", DEFAULT_ENROL_RATE)
+        self.enrol_rate = RateLimiter(rate / 60, max(1.0, rate)) if rate > 0 else None
 
     # -- helpers for the controller ----------------------------------------------------------
 
@@ -89,9 +96,27 @@ class Desk:
     def gone(self, link: Link) -> None:
         self.links.discard(link)
 
-    def node_identity(self, link: Link, role: str, name: str, args: dict[str, Any]) -> None:
+    def check_join_link(self, link: Link, op: str) -> None:
+        """A join token (no node identity yet) may only enrol (and, naming an identity,
+        be assigned or register): it fetches nothing. A used-up one may only finish an
+        enrolment it started (Identities.enrol decides)."""
+        claims = link.claims
+        if claims is None or claims.nid is not None or claims.role == "admin":
+            return
+        if op != "node.enrol" and used_up(self.db.token(claims.jti)):
+            raise AuthError("this join token was used up: it opens nothing any more")
+        if op not in JOIN_OPS:
+            raise AuthError(f"a join token may only enrol a node (node.enrol), not do {op}: enrol first, as scaleout {'join' if claims.role == 'client' else 'combine'} does")
+
+    def ticket(self, claims: tokens.TokenClaims, combiner: str) -> str:
+        """A client's ticket for ``combiner``: what it shows there instead of its own credential
+        (useless at the controller and at any other combiner), and what that combiner forwards
+        as proof that the client is attached to it."""
+        return self.ctl.signer.issue("client", TICKET_TTL_S, time.time(), jti=new_id("k-"), sub=claims.sub, nid=claims.nid, aud=combiner)
+
+    def node_identity(self, link: Link, role: str, name: str, args: dict[str, Any]) -> tokens.TokenClaims:
         """Refuse to act for ``name`` unless the link holds that node's own credential (or
-        passes it as ``identity``, as simulated clients sharing one link do)."""
+        passes it as ``identity``, as simulated clients sharing one link do); its claims."""
         claims = link.claims
         if claims.nid is None and isinstance(args.get("identity"), str):
             claims = self.ctl.verifier.verify(args["identity"], time.time(), roles={role})
@@ -99,6 +124,7 @@ class Desk:
             raise AuthError(f"a {role} connects with its own credential: enrol first (node.enrol), as scaleout {'join' if role == 'client' else 'combine'} does")
         if claims.sub != name or claims.role != role:
             raise AuthError(f"this credential belongs to {claims.role} {claims.sub!r}, not {role} {name!r}")
+        return claims
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -106,19 +132,34 @@ class Desk:
         """A node shows its join token once and gets its own credential for its name."""
         claims = link.claims
         role = claims.role
+        if role not in ("client", "combiner"):  # an admin's credential is its token: no hidden second one
+            raise AuthError(f"only a client or combiner join token enrols a node; {'an' if role[0] in 'aeiou' else 'a'} {role} token may not")
         if claims.nid is not None:
             raise ConflictError(f"this node is enrolled already (as {claims.role} {claims.sub!r})")
         name = m.check_name(args.get("name"), f"{role} name")
+        secret = args.get("key")  # the node's own secret for this enrolment: it may finish it again
+        if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 256):
+            raise ProtocolError("node.enrol: key must be text of 16-256 characters")
+        key = hashlib.sha256(secret.encode()).hexdigest() if secret else None
         row = self.db.token(claims.jti)
-        sans = list(row["sans"]) if row is not None else []
-        nid = new_id("n-")
+        held = self.db.live(role, name)
+        finishing = held is not None and key is not None and held["token_id"] == claims.jti and held.get("enrol_key") == key
         now = time.time()
+        if not finishing and self.enrol_rate is not None:
+            wait = self.enrol_rate.take(claims.jti, now)
+            if wait > 0:
+                log.warning("token %s: enrolment of %s %s refused: more than %g a minute", claims.jti, role, name, self.enrol_rate.rate * 60)
+                raise RateLimited(f"this join token enrols at most {self.enrol_rate.rate * 60:g} nodes a minute; try again in {wait:.0f} s")
+        sans = list(row["sans"]) if row is not None else []
         # On the loop, like the controller's other small writes: the State connection is not
         # shared with a thread mid-transaction (a few rows per node, once per node).
-        self.db.enrol(nid, role, name, claims.jti, sans, now)
+        nid = self.db.enrol(new_id("n-"), role, name, claims.jti, sans, now, key)
         token = self.ctl.signer.issue(role, IDENTITY_TTL_S, now, jti=new_id("i-"), sub=name, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=nid)
-        self.ctl.state.audit(_actor(link), "node.enrol", address=link.peer, role=role, name=name, identity=nid, token=claims.jti)
-        log.info("%s %s enrolled (identity %s, token %s)", role, name, nid, claims.jti)
+        if finishing:
+            log.info("%s %s finished its enrolment (identity %s, token %s)", role, name, nid, claims.jti)
+        else:
+            self.ctl.state.audit(_actor(link), "node.enrol", address=link.peer, role=role, name=name, identity=nid, token=claims.jti)
+            log.info("%s %s enrolled (identity %s, token %s)", role, name, nid, claims.jti)
         return {"id": nid, "name": name, "role": role, "token": token}, None
 
     def renewed(self, link: Link) -> str | None:
@@ -132,13 +173,25 @@ class Desk:
         rows = self.db.tokens()  # one row per token an admin made: small
         now = time.time()
         for r in rows:
-            r["status"] = "revoked" if r["revoked"] else "expired" if r["expires"] <= now else "used up" if r["max_uses"] is not None and r["uses"] >= r["max_uses"] else "valid"
-        return {"tokens": rows}, None
+            r["status"] = "revoked" if r["revoked"] else "expired" if r["expires"] <= now else "used up" if used_up(r) else "valid"
+        # Every node identity is a credential too (until revoked): listed, revocable by id.
+        nodes = self.db.identities()
+        for n in nodes:
+            n["status"] = "revoked" if n["revoked"] else "valid"
+        return {"tokens": rows, "identities": nodes}, None
 
     async def token_revoke(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         key = args.get("id")
         if not isinstance(key, str) or not key:
             raise ProtocolError("token.revoke needs the token's id (see scaleout token ls)")
+        if key.startswith("n-"):  # a node identity (token ls lists them): that one credential
+            node = self.db.revoke_identity(key, time.time())
+            self.ctl.state.audit(_actor(link), "token.revoke", address=link.peer, id=key, nodes=[node["name"]])
+            closed = await self.revoke([key], "its credential was revoked by an admin", keep=link)
+            if node["role"] in ("client", "combiner"):
+                self._forget_soon(node["role"], node["name"])
+            log.warning("identity %s (%s %s) revoked", key, node["role"], node["name"])
+            return {"id": key, "role": node["role"], "nodes": [{"role": node["role"], "name": node["name"]}], "closed": closed}, None
         row = self.db.find_token(key)
         nodes = self.db.revoke_token(row["id"], bool(args.get("with_nodes")), time.time())
         ids = [row["id"], *(n["id"] for n in nodes)]

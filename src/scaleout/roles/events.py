@@ -197,9 +197,9 @@ async def snapshot(ctl: Any, args: dict[str, Any]) -> dict[str, Any]:
         key = ctl.session.id
     await ctl.registry.flush()
     snap = await asyncio.to_thread(ctl.registry.query, lambda st: _read(st, key))
-    snap["sessions"] = [ctl._with_end(row) for row in snap["sessions"]]
+    snap["sessions"] = [ctl.sessions.with_end(row) for row in snap["sessions"]]
     if snap["session"] is not None:
-        snap["session"] = ctl._with_end(snap["session"])
+        snap["session"] = ctl.sessions.with_end(snap["session"])
     live = {name: len(c.clients) for name, c in ctl.combiners.items()}
     for row in snap["combiners"]:
         if row["name"] in live:

@@ -133,17 +133,81 @@ class PrometheusObserver(Observer):
         self._thread.join(5)
 
 
-def _serve(host: str, port: int, registry: Any) -> tuple[Any, Any]:
-    """prometheus_client's HTTP server on ``host:port`` (0: a free one); a port in use or an
-    address this machine does not have is a ConfigError, as for the controller's own port."""
-    import errno
+MAX_CONNECTIONS = 32  # scrapes served at once; more are closed as they arrive
+IDLE_S = 10.0  # a connection that sends nothing for this long (a half request) is closed
+REFUSAL_LOG_S = 60.0  # refused connections are logged once per this long, counted
 
-    from prometheus_client import start_http_server
+
+def _serve(host: str, port: int, registry: Any) -> tuple[Any, Any]:
+    """prometheus_client's metrics handler on ``host:port`` (0: a free one), behind a server
+    that serves at most MAX_CONNECTIONS at once and closes a connection idle for IDLE_S, so
+    idle or half-sent requests cannot take the controller's file descriptors; what it refuses
+    or fails on is one log line per burst, not a traceback each. A port in use or an address
+    this machine does not have is a ConfigError, as for the controller's own port."""
+    import errno
+    import http.server
+    import socket
+    import socketserver
+    import threading
+    import time
+
+    from prometheus_client.exposition import MetricsHandler
 
     from scaleout.core.errors import ConfigError
 
+    class Handler(MetricsHandler):  # type: ignore[misc, valid-type]
+        timeout = IDLE_S  # per read and write on the connection
+
+    Handler.registry = registry
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        block_on_close = False
+        allow_reuse_address = True
+        request_queue_size = 64
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def __init__(self) -> None:
+            self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+            self.lock = threading.Lock()
+            self.burst = {"refused": 0, "failed": 0, "logged": 0.0}
+            super().__init__((host, port), Handler)
+
+        def _note(self, what: str, detail: str) -> None:
+            with self.lock:
+                self.burst[what] += 1
+                now = time.monotonic()
+                if now - self.burst["logged"] < REFUSAL_LOG_S:
+                    return
+                counts = f"{self.burst['refused']} refused (more than {MAX_CONNECTIONS} at once), {self.burst['failed']} failed"
+                self.burst.update(refused=0, failed=0, logged=now)
+            log.warning("metrics port: %s in the last %g s; last: %s", counts, REFUSAL_LOG_S, detail)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self._note("refused", f"{client_address[0]}")
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            import sys
+
+            exc = sys.exc_info()[1]
+            self._note("failed", f"{client_address[0]}: {type(exc).__name__}: {exc}")
+
     try:
-        return start_http_server(port, addr=host, registry=registry)
+        server = Server()
     except OSError as exc:
         where = f"cannot serve metrics on {host}:{port}"
         if exc.errno == errno.EADDRINUSE:
@@ -153,6 +217,9 @@ def _serve(host: str, port: int, registry: Any) -> tuple[Any, Any]:
         else:
             why = f"{exc.strerror or exc}; check --metrics-host"
         raise ConfigError("", f"{where}: {why}") from None
+    thread = threading.Thread(target=server.serve_forever, name="scaleout-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def start(host: str, port: int) -> PrometheusObserver:

@@ -94,10 +94,25 @@ async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, 
         if claims.sub != name:
             raise AuthError(f"this credential belongs to {claims.role} {claims.sub!r}, not {name!r}")
         return Enrolled(identity.Identity(claims.nid, role, name, token, url, claims.ca), path)
+    # The secret of this enrolment, kept before the controller counts it: a node that could
+    # not keep its credential (a full disk) finishes the same enrolment with it later.
+    started = path.with_name(path.name.removesuffix(".json") + ".enrolling")
+    try:
+        secret = started.read_text().strip() if started.exists() else ""
+    except OSError:
+        secret = ""
+    if not 16 <= len(secret) <= 256:
+        import secrets
+
+        secret = secrets.token_urlsafe(32)
+        started.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from scaleout.security.tls import write_private
+
+        write_private(started, (secret + "\n").encode())
     link = await connect(url, token, ctx, max_payload=1 << 20)
     reader = asyncio.create_task(link.run())
     try:
-        result, _ = await link.request("node.enrol", {"name": name}, timeout=30)
+        result, _ = await link.request("node.enrol", {"name": name, "key": secret}, timeout=30)
     except RemoteError as exc:
         if exc.code in ("unauthorized", "conflict", "bad_message"):
             raise AuthError(f"the controller refused to enrol this {role}: {exc}") from None
@@ -107,5 +122,6 @@ async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, 
         reader.cancel()
     ident = identity.Identity(str(result["id"]), role, name, str(result["token"]), url, claims.ca if claims else None)
     identity.save(path, ident)
+    started.unlink(missing_ok=True)
     log.info("enrolled as %s %s; identity kept in %s", role, name, path)
     return Enrolled(ident, path)

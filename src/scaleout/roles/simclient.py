@@ -96,7 +96,7 @@ class SimHost:
                     if identity is None:  # enrolled once, kept in memory: a simulated client has no state dir
                         identity = str((await ctl.request("node.enrol", {"name": name}, timeout=60))[0]["token"])
                     info, _ = await ctl.request("client.assign", {"name": name, "identity": identity}, timeout=60)
-                    link = await connect(str(info["url"]), identity, self.ctx, max_payload=1 << 40, peer_role="combiner")
+                    link = await connect(str(info["url"]), str(info["ticket"]), self.ctx, max_payload=1 << 40, peer_role="combiner")
                 tasks: asyncio.Queue[Incoming] = asyncio.Queue()
 
                 async def on_message(inc: Incoming) -> None:

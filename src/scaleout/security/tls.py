@@ -33,6 +33,8 @@ WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _CRYPTO_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm)
 
 _Name = x509.DNSName | x509.IPAddress
+CA_NAME = "Scaleout CA"  # the subject of the CA `scaleout serve` creates
+CONTROLLER_ROLE = "controller"  # the role mark of the controller's own certificate
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     return now - _SKEW, now + dt.timedelta(days=days)
 
 
-def create_ca(common_name: str = "Scaleout CA", days: int = 3650) -> tuple[bytes, bytes]:
+def create_ca(common_name: str = CA_NAME, days: int = 3650) -> tuple[bytes, bytes]:
     """Make a self-signed CA; returns (cert_pem, key_pem)."""
     key = _new_key()
     start, end = _validity(days)
@@ -230,12 +232,40 @@ def node_role(cert_der: bytes) -> str | None:
     return None
 
 
+def peer_role_problem(cert_der: bytes, expected: str) -> str | None:
+    """Why a peer presenting this certificate may not be trusted as ``expected``, or None.
+
+    Every certificate the Scaleout CA issues now carries its role (``OU=scaleout-<role>``,
+    the controller's own included). An unmarked one passes for the controller only when
+    another CA issued it (an operator's ``--tls-cert``): an unmarked certificate from the
+    Scaleout CA is a combiner's from before the marks, or a controller's that this version
+    re-issues with its mark at start, so it is refused rather than guessed at.
+    """
+    role = node_role(cert_der)
+    if role == expected:
+        return None
+    if role is not None:
+        return f"presented a {role} certificate where a {expected} was expected"
+    if expected == "controller" and not _issued_by_scaleout_ca(cert_der):
+        return None
+    return (f"presented a certificate with no Scaleout role where a {expected} was expected"
+            " (a controller re-issues its own with the mark when it starts with this version)")
+
+
+def _issued_by_scaleout_ca(cert_der: bytes) -> bool:
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except _CRYPTO_ERRORS:
+        return True  # unreadable: treated as the riskier case
+    return any(str(a.value) == CA_NAME for a in cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME))
+
+
 def issue_cert(
-    ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str], common_name: str, days: int = 365
+    ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str], common_name: str, days: int = 365, *, role: str | None = None
 ) -> tuple[bytes, bytes]:
-    """Make a key and a CA-signed certificate for `hosts`; returns (cert_pem, key_pem)."""
+    """Make a key and a CA-signed certificate for `hosts` (marked with ``role``); returns (cert_pem, key_pem)."""
     csr_pem, key_pem = make_csr(hosts, common_name)
-    return sign_csr(ca_cert_pem, ca_key_pem, csr_pem, days), key_pem
+    return sign_csr(ca_cert_pem, ca_key_pem, csr_pem, days, role=role), key_pem
 
 
 def _load_cert(cert_pem: bytes) -> x509.Certificate:
@@ -366,13 +396,17 @@ def ensure_controller_tls(data_dir: Path, names: Sequence[str]) -> TlsFiles:
     have = _names(cert) if cert else []
     expiring = cert is not None and cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) < _RENEW_BEFORE
     missing = [h for h in wanted if _general_name(h) not in have]
-    if cert is None or expiring or missing:
+    # A certificate from before role marks: nodes of this version would not take it for the controller's.
+    unmarked = cert is not None and node_role(cert.public_bytes(serialization.Encoding.DER)) != CONTROLLER_ROLE
+    if cert is None or expiring or missing or unmarked:
         all_names = list(dict.fromkeys(wanted + [str(n.value) for n in have]))  # never drop a name
-        cert_pem, key_pem = issue_cert(ca_cert_pem, ca_key_pem, all_names, "Scaleout controller")
+        cert_pem, key_pem = issue_cert(ca_cert_pem, ca_key_pem, all_names, "Scaleout controller", role=CONTROLLER_ROLE)
         write_private(files.key, key_pem)
         _write_atomic(files.cert, cert_pem, 0o644)
         if cert is not None and missing and not expiring:
             log.info("re-issued %s to add %s (same CA: %s stays valid)", files.cert, ", ".join(missing), files.ca_cert)
+        elif unmarked and not expiring:
+            log.info("re-issued %s with the controller's role mark (same CA: %s stays valid)", files.cert, files.ca_cert)
     return files
 
 

@@ -44,6 +44,7 @@ class TokenClaims:
     controller: str | None = None  # wss URL to join
     ca: str | None = None  # "sha256:..." fingerprint of the controller's CA
     nid: str | None = None  # a node identity's id: this token is that enrolled node's own credential
+    aud: str | None = None  # a ticket: good only at the combiner of this name (never at the controller)
 
 
 def _b64encode(data: bytes) -> str:
@@ -80,7 +81,7 @@ def _claims(payload: bytes) -> TokenClaims:
     if not isinstance(raw, dict):
         raise AuthError("token is malformed")
     times = [raw.get("exp"), raw.get("iat")]
-    texts = [raw.get(k) for k in ("sub", "controller", "ca", "nid")]
+    texts = [raw.get(k) for k in ("sub", "controller", "ca", "nid", "aud")]
     if (
         raw.get("role") not in ROLES
         or not all(type(t) is int and 0 <= t < _MAX_TIME for t in times)
@@ -162,6 +163,7 @@ class TokenSigner:
         controller: str | None = None,
         ca: str | None = None,
         nid: str | None = None,
+        aud: str | None = None,
     ) -> str:
         """Sign a token granting `role` for `ttl_s` seconds from `now`."""
         if role not in ROLES:
@@ -171,7 +173,7 @@ class TokenSigner:
         if not jti:
             raise ConfigError("jti", "a token needs an id")
         iat = int(now)
-        claims = TokenClaims(role, iat + ttl_s, iat, jti, sub, controller, ca, nid)
+        claims = TokenClaims(role, iat + ttl_s, iat, jti, sub, controller, ca, nid, aud)
         body = {k: v for k, v in asdict(claims).items() if v is not None}
         signed = f"{PREFIX}.{_b64encode(json.dumps(body, separators=(',', ':'), sort_keys=True).encode())}"
         return f"{signed}.{_b64encode(self._key.sign(signed.encode('ascii')))}"
@@ -190,14 +192,18 @@ class TokenVerifier:
         self._key = key
         self.revoked: set[str] = set()  # token ids (jti) and node identity ids (nid)
 
-    def verify(self, token: str, now: float, roles: Collection[str] | None = None) -> TokenClaims:
-        """Return the claims of a genuine, live, unrevoked token whose role is in `roles`."""
+    def genuine(self, token: str) -> TokenClaims:
+        """The claims of a token this key signed (live or not, revoked or not)."""
         signed, payload, signature = _split(token)
         try:
             self._key.verify(signature, signed.encode("ascii"))
         except InvalidSignature:
             raise AuthError("token signature is invalid") from None
-        claims = _claims(payload)
+        return _claims(payload)
+
+    def verify(self, token: str, now: float, roles: Collection[str] | None = None) -> TokenClaims:
+        """Return the claims of a genuine, live, unrevoked token whose role is in `roles`."""
+        claims = self.genuine(token)
         if claims.jti in self.revoked:
             raise AuthError("token was revoked")
         if claims.nid is not None and claims.nid in self.revoked:

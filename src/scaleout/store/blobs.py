@@ -29,8 +29,8 @@ class BlobStore:
         path = self._path(kind, digest, suffix)
         tmp: str | None = None
         try:
-            if path.exists() and path.stat().st_size == len(data):
-                return digest
+            if path.exists() and path.stat().st_size == len(data) and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return digest  # already stored, intact (a corrupt copy is replaced: putting it again repairs it)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:  # 0600 whatever the umask
@@ -59,6 +59,23 @@ class BlobStore:
         if actual != digest:
             raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
         return data
+
+    def sweep(self, kind: str, suffix: str, keep: set[str]) -> list[str]:
+        """Remove the files of ``kind`` that no row names (``keep``) and half-written ones:
+        what a kill between writing a file and committing its row leaves. Returns their names."""
+        folder = self.root / kind
+        removed: list[str] = []
+        if not folder.is_dir():
+            return removed
+        for entry in os.scandir(folder):
+            name = entry.name
+            digest = name.removesuffix(suffix)
+            orphan = name.endswith(suffix) and len(digest) == 64 and digest not in keep
+            if entry.is_file(follow_symlinks=False) and (orphan or (name.startswith(".") and name.endswith(".tmp"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed.append(name)
+        return removed
 
     def has(self, kind: str, digest: str, suffix: str) -> bool:
         try:

@@ -23,6 +23,9 @@ KINDS = ("metric", "telemetry")  # report kinds that carry {"metrics": {...}, "s
 _FROM = (
     " FROM reports AS r, json_each(r.data, '$.metrics') AS m"
     " WHERE r.kind = ? AND json_type(r.data, '$.metrics') = 'object' AND m.type IN ('integer', 'real')"
+    # Rows stored before numbers were bounded on arrival may hold values beyond the float
+    # range (SQLite reads them as inf): left out, so a listing is always JSON.
+    " AND abs(m.value) <= 1.7976931348623157e308"
 )
 
 
@@ -45,10 +48,13 @@ def logged_metrics(
     )
     if limit > 0:
         sql += " LIMIT ?"
-        cursor = st.db.execute(sql, (*args, limit + 1))  # one more tells whether there are more
+        cursor = st.db.execute(sql, (*args, min(limit + 1, (1 << 63) - 1)))  # one more tells whether there are more (within SQLite's INTEGER)
     else:
         cursor = st.db.execute(sql, args)
     rows = [dict(row) for row in cursor.fetchall()]
+    for row in rows:  # a step beyond 64 bits (stored before they were refused) reads as a float, inf: no step
+        if not isinstance(row["step"], int):
+            row["step"] = None
     total = len(rows)
     if limit > 0 and total > limit:
         rows = rows[:limit]

@@ -44,6 +44,7 @@ class RegistryWriter:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
+        self.quarantined = 0  # rows left out because they could not be stored (see _write_each)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -77,7 +78,10 @@ class RegistryWriter:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(FLUSH_S)  # a batching window, not a synchronisation
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # the writer's edge: one failed batch must not stop every later write
+                log.exception("could not record registry changes and reports")
 
     async def flush(self) -> None:
         """Write what is queued now (in a thread) and wait for a write already under way, so
@@ -91,7 +95,13 @@ class RegistryWriter:
         batch = (self._clients, self._combiners, self._offline, self._reports, self._seen)
         self._clients, self._combiners, self._offline, self._reports, self._seen = {}, {}, {}, [], {}
         try:
-            await asyncio.to_thread(self._write, *batch)
+            try:
+                await asyncio.to_thread(self._write, *batch)
+            except StorageError:
+                raise
+            except Exception as exc:  # a row SQLite cannot hold (the batch was rolled back): keep the others
+                log.warning("a batch of %d registry changes and reports failed (%s): writing them one by one", sum(len(b) for b in batch), exc)
+                await asyncio.to_thread(self._write_each, *batch)
         except StorageError as exc:  # registry rows are refreshed by the next change or start
             log.error("could not record %d registry changes and reports: %s", sum(len(b) for b in batch), exc)
 
@@ -152,3 +162,23 @@ class RegistryWriter:
                 )
                 st.db.executemany("UPDATE clients SET last_seen=MAX(last_seen, ?) WHERE name=?", [(when, name) for name, when in (seen or {}).items()])
             self.written += len(clients) + len(combiners) + len(offline) + len(reports)
+
+    def _write_each(
+        self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
+        reports: list[tuple[str, str, int, str, str, str | None, float]], seen: dict[str, float] | None = None,
+    ) -> None:
+        """Write a failed batch one row at a time: a row that fails again is quarantined (left
+        out, with a log line saying which and why) and every other row is written."""
+        rows: list[tuple[str, tuple[Any, ...]]] = [(f"combiner {k} going offline", ({}, {}, {k: v}, [])) for k, v in offline.items()]
+        rows += [(f"client {k} {v[0]}", ({k: v}, {}, {}, [])) for k, v in clients.items()]
+        rows += [(f"combiner {k} {v[0]}", ({}, {k: v}, {}, [])) for k, v in combiners.items()]
+        rows += [(f"{r[0]} report of client {r[3]} (session {r[1]}, round {r[2]!r:.30})", ({}, {}, {}, [r])) for r in reports]
+        rows += [(f"last activity of client {k}", ({}, {}, {}, [], {k: v})) for k, v in (seen or {}).items()]
+        for what, one in rows:
+            try:
+                self._write(*one)
+            except StorageError:
+                raise
+            except Exception as exc:
+                self.quarantined += 1
+                log.error("quarantined the %s: it cannot be stored (%s: %.200s); the other changes are kept", what, type(exc).__name__, exc)

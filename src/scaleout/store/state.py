@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,8 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE INDEX IF NOT EXISTS clients_by_combiner ON clients(combiner, status);
 CREATE INDEX IF NOT EXISTS reports_by_round ON reports(session_id, round_index, kind);
 CREATE INDEX IF NOT EXISTS models_by_session ON models(session_id);
+CREATE TABLE IF NOT EXISTS session_steps (
+  session_id TEXT NOT NULL, seq INTEGER NOT NULL, step TEXT NOT NULL, PRIMARY KEY (session_id, seq));
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
   action TEXT NOT NULL, detail TEXT NOT NULL);
@@ -56,7 +59,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
-_JSON_COLUMNS = {"contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
+_JSON_COLUMNS = {"retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -64,8 +67,25 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
         return None
     out = dict(row)
     for key in _JSON_COLUMNS & out.keys():
-        out[key] = json.loads(out[key]) if out[key] is not None else None
+        out[key] = json.loads(out[key], parse_int=_int64_or_none, parse_float=_finite_or_none, parse_constant=_none) if out[key] is not None else None
     return out
+
+
+def _finite_or_none(text: str) -> float | None:
+    """A stored float as read back; one beyond the float range (stored before numbers were
+    bounded on arrival) is read as null, so whatever lists it is still JSON."""
+    value = float(text)
+    return value if abs(value) <= sys.float_info.max else None
+
+
+def _int64_or_none(text: str) -> int | None:
+    """A stored integer as read back; one beyond 64 bits (stored before they were refused) is
+    read as null: no peer would take it."""
+    return int(text) if len(text.lstrip("-")) <= 19 and -(1 << 63) <= int(text) < (1 << 63) else None
+
+
+def _none(name: str) -> None:
+    return None
 
 
 # SQLite's result codes for a database it cannot write or read: the disk, not a bug.
@@ -123,6 +143,9 @@ class State:
         assert isinstance(db, _Connection)
         db.path = str(path)
         self.db = db
+        self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
+        self._pending_head: tuple[int, str] | None = None
+        self._audit_count = 0
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -136,9 +159,11 @@ class State:
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
-        for column in ("server_state", "timing"):
+        for column in ("server_state", "timing", "retried"):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
+        if "attempt" not in columns:
+            self.db.execute("ALTER TABLE rounds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
         if "signature" not in {row[1] for row in self.db.execute("PRAGMA table_info(packages)")}:
             self.db.execute("ALTER TABLE packages ADD COLUMN signature TEXT")  # the controller's, see security/packages.py
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
@@ -175,10 +200,13 @@ class State:
             yield
             self.db.execute("COMMIT")
         except BaseException:
+            self._pending_head = None
             if self.db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self.db.rollback()
             raise
+        if self._pending_head is not None:  # committed: the head outside state.db follows
+            self._write_head()
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
@@ -339,6 +367,21 @@ class State:
                     self.finish_round(session_id, row["idx"], status="failed", reason=round_reason or reason or status, finished=finished)
             self.finish_session(session_id, status, end_model, reason, finished)
 
+    def blob_ids(self) -> dict[str, set[str]]:
+        """The blobs rows name, by kind: models, packages and strategy states."""
+        one = lambda sql: {r[0] for r in self.db.execute(sql).fetchall() if r[0]}  # noqa: E731
+        return {
+            "models": one("SELECT id FROM models"),
+            "packages": one("SELECT id FROM packages"),
+            "state": one("SELECT server_state FROM rounds WHERE server_state IS NOT NULL"),
+        }
+
+    def reopen_session(self, session_id: str, config: dict[str, Any]) -> None:
+        """A session that ended runs again (session continue) with ``config``."""
+        self.db.execute(
+            "UPDATE sessions SET status='running', finished=NULL, reason=NULL, config=? WHERE id=?", (json.dumps(config), session_id),
+        )
+
     def session(self, session_id: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM sessions WHERE id=?", session_id)
         if row is None:
@@ -353,12 +396,19 @@ class State:
             " FROM sessions ORDER BY created"
         )
 
-    def start_round(self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None) -> None:
+    def start_round(
+        self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None,
+        attempt: int = 1, retried: list[str] | None = None,
+    ) -> None:
         """Record a running round; ``started`` (wall clock, now if None) is when it began,
-        which may be before this row is written (e.g. while it waited for clients)."""
+        which may be before this row is written (e.g. while it waited for clients). A round
+        run again after a restart keeps its index: ``attempt`` counts the tries and
+        ``retried`` says why each earlier one was given up."""
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started) VALUES(?, ?, 'running', ?, ?, ?)",
-            (session_id, index, parent, json.dumps(participants), time.time() if started is None else started),
+            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started, attempt, retried) "
+            "VALUES(?, ?, 'running', ?, ?, ?, ?, ?)",
+            (session_id, index, parent, json.dumps(participants), time.time() if started is None else started, attempt,
+             json.dumps(retried) if retried else None),
         )
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
@@ -368,6 +418,19 @@ class State:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE rounds SET {sets} WHERE session_id=? AND idx=?", (*fields.values(), session_id, index))
+
+    def add_step(self, session_id: str, step: dict[str, Any]) -> None:
+        """Append one transition of a session's state machine (core/sessions.py): written in
+        the transaction of the rows it implies, before the controller acts on it."""
+        self.db.execute(
+            "INSERT INTO session_steps(session_id, seq, step) "
+            "VALUES(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM session_steps WHERE session_id=?), ?)",
+            (session_id, session_id, json.dumps(step, separators=(",", ":"))),
+        )
+
+    def steps(self, session_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT step FROM session_steps WHERE session_id=? ORDER BY seq", (session_id,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def rounds(self, session_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM rounds WHERE session_id=? ORDER BY idx", session_id)
@@ -403,6 +466,31 @@ class State:
                 (next_id, entry["time"], actor, action, address, entry["detail"], digest),
             )
             self.set_meta(AUDIT_HEAD, f"{next_id} {digest}")
+            self._pending_head = (next_id, digest)
+
+    def anchor_audit(self, head_file: Any) -> bool:
+        """Keep the audit head in ``head_file`` (store/audithead.py) too, rewritten after each
+        append; written now when missing (False then: the first start with it, or someone
+        removed it, which `audit verify` cannot tell apart)."""
+        self._head_file = head_file
+        (self._audit_count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
+        if head_file.exists():
+            return True
+        head = self.get_meta(AUDIT_HEAD)
+        eid, _, digest = (head or "0 ").partition(" ")
+        self._pending_head = (int(eid) if eid.isdigit() else 0, digest) if head else (0, "")
+        self._audit_count -= 1  # _write_head counts the pending entry
+        self._write_head()
+        return False
+
+    def _write_head(self) -> None:
+        from scaleout.core.audit import Anchor
+
+        pending, self._pending_head = self._pending_head, None
+        if self._head_file is None or pending is None:
+            return
+        self._audit_count += 1
+        self._head_file.write(Anchor(pending[0], pending[1], self._audit_count))
 
     def audit_log(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` entries (from ``since`` on, if given), newest first."""
@@ -411,12 +499,17 @@ class State:
             since if since is not None else float("-inf"), limit,
         )
 
-    def audit_verify(self) -> tuple[int, Broken | None]:
-        """Check the whole chain and its head: (entries checked, the first break or None)."""
+    def audit_verify(self, anchor: Any = None, exact: bool = True) -> tuple[int, Broken | None]:
+        """Check the whole chain and its head, and against ``anchor`` (core/audit.Anchor: the
+        signed head file, ``exact``, or an operator's copy): (entries checked, the first break or None)."""
+        from scaleout.core.audit import verify_log
+
         cur = self.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id")
         head = self.get_meta(AUDIT_HEAD)
         parsed: tuple[int, str] | None = None
         if head:
             eid, _, digest = head.partition(" ")
             parsed = (int(eid), digest) if eid.isdigit() else (0, "")
-        return verify_chain((dict(row) for row in cur), parsed)
+        if anchor is None:
+            return verify_chain((dict(row) for row in cur), parsed)
+        return verify_log((dict(row) for row in cur), parsed, anchor, exact=exact)

@@ -18,6 +18,11 @@ all of it is let go when the link closes. A peer that keeps sending malformed fr
 cut off at once (it gets the close frame, not the closing handshake's 10 s). Error texts
 sent to a peer that is not an admin carry no absolute paths (``scrub``).
 
+A peer that stops reading cannot pin memory or stall the role: it may have at most
+``max_requests`` requests unanswered (one more closes the link), at most ``max_queued``
+bytes may wait to be written to it, and a frame it does not take within ``send_timeout``
+seconds drops the connection (the caller gets LinkClosed, never an endless wait).
+
 Nothing here hashes or copies a whole payload on the event loop: received chunks are copied
 into place and hashed in the loop's default executor (one job at a time per transfer, so in
 order), and a payload to send is hashed (when its digest is not given) and cut into frames
@@ -28,7 +33,6 @@ TLS, so both run side by side.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import hashlib
 import io
@@ -62,6 +66,9 @@ PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
 INLINE_BYTES = 256 << 10  # payloads up to this size are hashed on the loop: a thread hop costs more
 QUEUED_CHUNKS = 2  # chunks of one transfer waiting for its worker before the reader waits for it
 FRAMES_AHEAD = 2  # frames built by workers ahead of the one being sent
+MAX_REQUESTS = 256  # requests from the peer unanswered at once; one more closes the link
+MAX_QUEUED_BYTES = 64 << 20  # bytes waiting to be written to the peer; more closes the link
+SEND_TIMEOUT_S = 30.0  # a frame the peer has not taken by then drops the connection
 
 Progress = Callable[[int, int], None]
 """Told ``(bytes done, total bytes)`` as a payload moves: first ``(0, total)``, then per chunk."""
@@ -215,12 +222,22 @@ def _discard(fut: asyncio.Future[Any]) -> None:
 class Link:
     """Typed messaging over one websocket connection (either side)."""
 
-    def __init__(self, ws: Any, peer: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, ws: Any, peer: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD, max_in_flight: int = MAX_IN_FLIGHT,
+        send_timeout: float = SEND_TIMEOUT_S, max_requests: int = MAX_REQUESTS, max_queued: int = MAX_QUEUED_BYTES,
+    ) -> None:
         self.ws = ws
         self.peer = peer
         # Both limits may be changed while the link runs; they apply to the next payload.
         self.max_payload = max_payload
         self.max_in_flight = max_in_flight
+        # What a peer that stops reading may cost us (see the module docstring).
+        self.send_timeout = send_timeout
+        self.max_requests = max_requests
+        self.max_queued = max_queued
+        self._queued = 0  # bytes of frames handed to the websocket and not yet taken by the peer
+        self.cut_reason = ""  # why we dropped the connection ourselves, if we did
+        self._over_requests = False
         self.claims: Any = None  # set by the server side after the token check
         # Raises (AuthError) for a request this peer may not make: checked before anything else.
         self.authorize: Callable[[m.Request], None] | None = None
@@ -246,10 +263,36 @@ class Link:
         return f"{self._counter:x}"
 
     async def _send_frame(self, frame: str | bytes) -> None:
+        """Write one frame; a peer that does not take it within ``send_timeout``, or that lets
+        more than ``max_queued`` bytes pile up, is dropped (LinkClosed, for every sender)."""
+        if self.cut_reason:
+            raise LinkClosed(self.peer, self.cut_reason)
+        size = len(frame)
+        self._queued += size
         try:
-            await self.ws.send(frame)
+            if self._queued > self.max_queued:
+                self.cut(f"{fmt_bytes(self._queued)} waiting for a peer that does not read (limit {fmt_bytes(self.max_queued)})")
+                raise LinkClosed(self.peer, self.cut_reason)
+            async with asyncio.timeout(self.send_timeout):
+                await self.ws.send(frame)
+        except TimeoutError:  # asyncio's, since 3.11 the builtin
+            self.cut(f"the peer took nothing for {self.send_timeout:g} s")
+            raise LinkClosed(self.peer, self.cut_reason) from None
         except ConnectionClosed as exc:
-            raise LinkClosed(self.peer, str(exc)) from None
+            raise LinkClosed(self.peer, self.cut_reason or str(exc)) from None
+        finally:
+            self._queued -= size
+
+    def cut(self, reason: str) -> None:
+        """Drop the connection now, without a closing handshake (a peer that does not read
+        would never take the close frame): every send and pending request ends LinkClosed."""
+        if self.cut_reason:
+            return
+        self.cut_reason = reason
+        log.warning("dropping the link to %s: %s", self.peer, reason)
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def send(self, msg: m.Message) -> None:
         """Send one message; raises LinkClosed when the connection is gone."""
@@ -380,7 +423,7 @@ class Link:
                     else:
                         await self._on_text(frame, on_message, on_request)
                 except ScaleoutError as exc:
-                    await self._complain(exc)
+                    await self._complain(exc, getattr(exc, "re", None))
                 except Exception:  # the role edge: a bug in one handler must not drop the link
                     log.exception("could not handle a message from %s", self.peer)
                     await self._complain(ProtocolError("internal error while handling the message"))
@@ -388,7 +431,7 @@ class Link:
             pass
         finally:
             self.closed = True
-            reason = _close_reason(self.ws)
+            reason = self.cut_reason or _close_reason(self.ws)
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(LinkClosed(self.peer, reason))
@@ -418,7 +461,11 @@ class Link:
         log.warning("closing the link to %s: %s", self.peer, reason)
         self.ws.close_timeout = ABORT_CLOSE_S
         try:
-            await self.ws.close(code, reason)
+            # Writing the close frame waits for room to write: a peer that does not read gets none.
+            async with asyncio.timeout(2 * ABORT_CLOSE_S):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.cut(reason)
         except Exception as exc:  # the role edge: the peer may be gone already
             log.debug("closing %s: %s", self.peer, exc)
 
@@ -466,11 +513,21 @@ class Link:
             self._on_blob_start(msg)
             return
         if isinstance(msg, m.Error):
+            fut = self._pending.get(msg.re) if msg.re is not None else None
+            if fut is not None and not fut.done():  # our request was refused before it could be read: fail it now
+                fut.set_exception(RemoteError(msg.code, msg.message))
+                return
             log.warning("%s reported an error: %s", self.peer, msg.message)
             return
         # No local name for the payload: whoever takes it from the Incoming decides its lifetime.
         inc = Incoming(msg, *self._take_blob(getattr(msg, "blob", None)))
         if isinstance(msg, m.Request):
+            if len(self._tasks) >= self.max_requests:  # a peer that asks and does not read its replies
+                inc.take_blob()
+                if not self._over_requests:  # once: what it sent before the close is dropped quietly
+                    self._over_requests = True
+                    await self.close_now(CLOSE_POLICY, f"more than {self.max_requests} requests unanswered")
+                return
             self._spawn(self._answer(msg, inc, on_request))
         elif on_message is not None:
             await on_message(inc)
@@ -499,20 +556,27 @@ class Link:
             if on_request is None:
                 raise ProtocolError(f"{self.peer} does not take requests here")
             result, data = await on_request(req, inc.take_blob())
-            reply = m.Reply(re=req.id, ok=True, result=result)
-            if data is None:
-                # A listing that grows with the fleet (clients, reports) must not outgrow a frame.
-                with contextlib.suppress(ValueError):  # NaN: sending says so below
-                    encoded = m.to_json(result).encode()
-                    if len(encoded) > m.MAX_INLINE_RESULT:
-                        reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
+            # Encoded before anything is sent: a result JSON cannot carry (inf, NaN, an object)
+            # becomes an error reply below, never a request left unanswered.
+            encoded: bytes | None
+            try:
+                encoded = m.to_json(result).encode()
+            except (ValueError, TypeError, RecursionError) as exc:
+                log.error("reply to %s from %s could not be encoded: %s", req.op, self.peer, exc)
+                encoded = None
+            if encoded is None:
+                data, reply = None, m.Reply(re=req.id, ok=False, error={"code": "internal", "message": "internal error: reply could not be encoded"})
+            elif data is None and len(encoded) > m.MAX_INLINE_RESULT:  # a listing that grows with the fleet must not outgrow a frame
+                reply, data = m.Reply(re=req.id, ok=True, result_blob=True), encoded
+            else:
+                reply = m.Reply(re=req.id, ok=True, result=result)
         except ScaleoutError as exc:
             reply = m.Reply(re=req.id, ok=False, error={"code": exc.code, "message": self.scrub(str(exc))})
         except asyncio.CancelledError:
             raise
         except Exception:  # the role edge: never let a bug take down the link
             log.exception("request %s from %s failed", req.op, self.peer)
-            reply = m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
+            data, reply = None, m.Reply(re=req.id, ok=False, error={"code": "internal", "message": f"internal error while handling {req.op}"})
         try:
             if isinstance(data, Hashed):
                 await self.send_with_blob(reply, data.data, sha256=data.sha256)

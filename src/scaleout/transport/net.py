@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
@@ -18,7 +19,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
 from scaleout.transport import tlsbuffers
-from scaleout.transport.link import MAX_FRAME_BYTES, Link
+from scaleout.transport.link import MAX_FRAME_BYTES, SEND_TIMEOUT_S, Link
 
 log = logging.getLogger("scaleout.transport")
 
@@ -56,13 +57,15 @@ async def serve(
     public: dict[str, str] | None = None,
     connect_rate: tuple[float, float] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    send_timeout: float = SEND_TIMEOUT_S,
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
     Unauthenticated connections are refused with HTTP 401 before any message is read; an
     address opening more than ``connect_rate`` = (per second, burst) connections gets HTTP
     429 (a node retries with backoff) before its token is looked at. A connection whose TLS and
-    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped.
+    websocket handshakes are not done within ``handshake_timeout`` seconds is dropped, and
+    a peer that does not take what is sent to it within ``send_timeout`` seconds (Link).
     ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
     Returns the server and the port actually bound (port 0 picks a free one).
     """
@@ -96,7 +99,7 @@ async def serve(
         return None
 
     async def handler(connection: ServerConnection) -> None:
-        link = Link(connection, _peer(connection), max_payload=max_payload)
+        link = Link(connection, _peer(connection), max_payload=max_payload, send_timeout=send_timeout)
         link.claims = getattr(connection, "claims", None)
         await on_link(link)
 
@@ -142,7 +145,9 @@ async def connect(
 
     With TLS, the peer must present a certificate for ``peer_role``: one CA signs the
     controller's and the combiners' certificates, and a combiner must not pass for the
-    controller. A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
+    controller. That is checked right after the TLS handshake, before the HTTP upgrade
+    request (which carries the token) is written: an impostor never sees the token.
+    A TLS-configured caller never falls back to a clear-text ``ws://`` URL.
     """
     if ssl_context is not None and not url.startswith("wss://"):
         raise TrustError(f"refusing to send a token over clear text to {url}: expected a wss:// address")
@@ -153,6 +158,7 @@ async def connect(
             url,
             ssl=ssl_context if url.startswith("wss://") else None,
             additional_headers={"Authorization": f"Bearer {token}"},
+            create_connection=_role_checked(url, peer_role) if ssl_context is not None else None,
             max_size=MAX_FRAME_BYTES,
             max_queue=MAX_QUEUE,
             compression=None,
@@ -176,21 +182,25 @@ async def connect(
         raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
-    if ssl_context is not None:
-        _check_peer_role(ws, url, peer_role)
     return Link(ws, url, max_payload=max_payload)
 
 
-def _check_peer_role(ws: Any, url: str, expected: str) -> None:
-    from scaleout.security.tls import node_role
+def _role_checked(url: str, expected: str) -> Any:
+    """A websocket connection class that checks the peer certificate's role before its
+    opening handshake writes a header (the token): a wrong role raises TrustError there."""
 
-    ssl_object = ws.transport.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    role = node_role(der) if der else None
-    # The controller's own certificate carries no node role; combiners' carry theirs.
-    if (role or "controller") != expected:
-        ws.transport.close()
-        raise TrustError(f"{url} presented a {role or 'controller'} certificate where a {expected} was expected")
+    class RoleChecked(ClientConnection):
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            from scaleout.security.tls import peer_role_problem
+
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            problem = peer_role_problem(der, expected) if der else "presented no certificate"
+            if problem is not None:
+                raise TrustError(f"{url} {problem}; nothing was sent to it")
+            await super().handshake(*args, **kwargs)
+
+    return RoleChecked
 
 
 def backoff(initial: float = 0.2, maximum: float = 15.0, factor: float = 2.0, rng: random.Random | None = None) -> Iterator[float]:

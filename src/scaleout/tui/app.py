@@ -273,6 +273,7 @@ class TokenDialog(ModalScreen[None]):
         self.query_one("#t-token").display = False
 
     @on(Button.Pressed, "#create")
+    @on(Input.Submitted, "#t-ttl, #t-name")
     async def do_create(self) -> None:
         from scaleout.core.errors import ScaleoutError
         from scaleout.security.tokens import parse_ttl
@@ -293,15 +294,22 @@ class TokenDialog(ModalScreen[None]):
         self.token = str(result["token"])
         box = self.query_one("#t-token", Input)
         box.value, box.display, box.disabled = self.token, True, False
+        web = self.app.is_web
         self.query_one("#t-hint", Static).update(
             f"{role} token, expires {_clock(result.get('expires'))} on {dt.datetime.fromtimestamp(result.get('expires') or 0):%Y-%m-%d}: "
-            "shown once, copy it now (c or Copy)"
+            + ("shown once: select it and copy it now (Copy is off in the web TUI: it would send the token to the page)" if web
+               else "shown once, copy it now (c or Copy)")
         )
-        self.query_one("#copy", Button).disabled = False
+        self.query_one("#copy", Button).disabled = web
         self.query_one("#create", Button).disabled = True
+        self.query_one("#close" if web else "#copy", Button).focus()
 
     @on(Button.Pressed, "#copy")
     def action_copy(self) -> None:
+        # Served to a browser, the clipboard travels to the page as an OSC 52 sequence: never send a token there.
+        if self.app.is_web:
+            self.app.notify("Copy is off in the web TUI: select the token and copy it by hand", severity="warning")
+            return
         if self.token:
             self.app.copy_to_clipboard(self.token)
             self.app.notify("token copied to the clipboard")
@@ -445,6 +453,9 @@ class ScaleoutApp(App[int]):
         Binding("2", "tab('trail')", "Trail", show=False),
         Binding("3", "tab('events')", "Events", show=False),
     ]
+    SINGLE_KEY_ACTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"start_session", "stop_session", "token", "set_package", "set_seed", "download", "filter", "plot_mode", "sort", "tab"}
+    )
     PALETTE: ClassVar[list[tuple[str, str, str]]] = [
         ("Start a session", "start_session", "rounds, timeout, min clients, aggregator, settings"),
         ("Stop the running session", "stop_session", "its running round fails; the global model stays"),
@@ -594,6 +605,7 @@ class ScaleoutApp(App[int]):
         d.metrics |= ch.metrics
         d.models |= ch.models
         d.log |= ch.log
+        d.header |= ch.header
 
     # -- drawing ----------------------------------------------------------------------------
 
@@ -608,6 +620,9 @@ class ScaleoutApp(App[int]):
         if d.everything or d.session:
             d.session = False
             self._draw_session()
+        if d.header and not d.everything and self.connected.is_set():
+            d.header = False
+            self._draw_status()
         if not (slow or d.everything):
             return
         self._dirty = Changes()
@@ -727,8 +742,9 @@ class ScaleoutApp(App[int]):
                     + f", {fmt_bytes(r.bytes_in)} in, {fmt_bytes(r.bytes_out)} out, {left:.0f}s left before the timeout"
                 )
                 bar.update(total=max(1, r.expected), progress=r.received + r.refused)
-            else:
-                bar.update(total=1, progress=1 if s.status != "running" else 0)
+            else:  # between rounds and after the session: the rounds done of those asked for (1/10 for one stopped at 1)
+                planned = rounds_total if isinstance(rounds_total, int) and rounds_total > 0 else max(1, done)
+                bar.update(total=planned, progress=min(done, planned))
             info.update(head)
         table = self.query_one("#rounds", DataTable)
         rows: list[tuple[str, tuple[Any, ...]]] = []
@@ -875,11 +891,20 @@ class ScaleoutApp(App[int]):
         self.query_one("#plot-mode", Line).update("per client (v: aggregated)" if self.per_client else "aggregated (v: per client)")
         self._draw_metrics()
 
+    def copy_to_clipboard(self, text: str) -> None:
+        # Served to a browser (tui --web) the clipboard would travel to the page: nothing is copied there.
+        if not self.is_web:
+            super().copy_to_clipboard(text)
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Typing in a filter box must not trigger the single-key actions.
-        if isinstance(self.focused, Input) and action not in ("quit", "tab", "command_palette"):
-            return False
-        return True
+        # Tab and Shift+Tab always move the focus (out of a text field too: they are the app's
+        # focus_next and focus_previous). Typing in a text field, or keys in a dialog, must not
+        # trigger the single-key actions of the main screen.
+        if action not in self.SINGLE_KEY_ACTIONS:
+            return True
+        if isinstance(self.focused, Input):
+            return action == "tab" and len(self.screen_stack) == 1
+        return len(self.screen_stack) == 1
 
     # -- actions on the controller ----------------------------------------------------------
 

@@ -100,10 +100,13 @@ class Changes:
     metrics: bool = False
     models: bool = False
     log: bool = False
+    header: bool = False  # the active model or package
     everything: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.clients or self.combiners or self.session or self.metrics or self.models or self.log or self.everything)
+        return bool(
+            self.clients or self.combiners or self.session or self.metrics or self.models or self.log or self.header or self.everything
+        )
 
 
 def _num(value: Any) -> float | None:
@@ -274,27 +277,33 @@ class FedView:
                 self._report(ev.task, ev.round_index, ev.client, ev.error, ev.values, None)
                 ch.session = ch.metrics = True
             known = self.clients.get(ev.client)
+            if known is not None:  # SEEN is the client's last activity, not when it connected
+                known.last_seen = max(known.last_seen or 0.0, when)
+                ch.clients.add(ev.client)
             if known is not None and ev.task == "train" and not ev.error:
                 known.last_round = (ev.session_id, ev.round_index)
-                ch.clients.add(ev.client)
             if ev.error:
                 ch.log = True
                 self.say("warning", f"client {ev.client}: round {ev.round_index} {ev.task} refused: {' '.join(ev.error.split())[:300]}", when)
         elif isinstance(ev, m.MetricLogged):
+            known = self.clients.get(ev.client)
+            if known is not None:
+                known.last_seen = max(known.last_seen or 0.0, when)
+                ch.clients.add(ev.client)
             if ev.session_id == self.session_id:
                 self._report("metric", ev.round_index, ev.client, None, ev.values, ev.step)
                 ch.metrics = True
         elif isinstance(ev, m.ModelCommitted):
             self.models[ev.model_id] = ModelRow(ev.model_id, ev.parent, ev.session_id, ev.round_index, ev.aggregator, ev.contributors, ev.size, when)
             self.active_model = ev.model_id
-            ch.models = ch.log = True
+            ch.models = ch.log = ch.header = True
             self.say("info", f"model {ev.model_id[:12]} committed" + (f" by round {ev.round_index} ({ev.contributors} contributors)" if ev.round_index else f" ({ev.aggregator})"), when)
         elif isinstance(ev, m.ActiveChanged):
             if ev.what == "package":
                 self.active_package = (ev.id, ev.name)
             else:
                 self.active_model = ev.id
-            ch.session = ch.log = True
+            ch.session = ch.log = ch.header = True
             self.say("info", f"active {ev.what} is now {ev.name or ev.id[:12]} ({ev.id[:12]})", when)
         return ch
 

@@ -8,6 +8,7 @@ wins (band, then per-client lines, then the mean).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from rich.text import Text
 
@@ -76,7 +77,8 @@ def render_plot(
     ys = [y for y in ys if math.isfinite(y)]
     if not xs or not ys or width < 16 or height < 3:
         return Text("no values yet: they appear as clients report them", style="dim")
-    label_w = max(len(_fmt(min(ys))), len(_fmt(max(ys)))) + 1
+    lo, hi = min(ys), max(ys)
+    label_w = max(len(_fmt(lo)), len(_fmt(hi)), len(_fmt((lo + hi) / 2)), len(x_label.split(".")[0]) + 1) + 1  # the axis' name fits left
     cols, rows = width - label_w, height - 1
     canvas = Canvas(cols, rows)
     x0, x1 = min(xs), max(xs)
@@ -117,6 +119,33 @@ def render_plot(
         out.append(label.rjust(label_w - 1) + "┤" if label else " " * (label_w - 1) + "│", "dim")
         out.append_text(row)
         out.append("\n")
-    left, right = f"{x_label} {_fmt(x0)}", _fmt(x1)
-    out.append(" " * label_w + left + right.rjust(max(1, cols - len(left))), "dim")
+    out.append(x_axis(label_w, cols, px, x0, x1, x_label), "dim")
     return out
+
+
+def x_axis(margin: int, cols: int, px: Callable[[float], int], x0: float, x1: float, x_label: str) -> str:
+    """The line under the plot: the axis' name, then round numbers under their places, as many as fit. Training steps (``round.step``) sit in [round - 1, round): round r is labelled
+    where it starts."""
+    offset = 1 if x_label == "round.step" else 0
+    first, last = math.ceil(x0 - 1e-9), math.floor(x1 + 1e-9)
+    width = len(str(last + offset)) + 2
+    step = next(n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if (last - first) // n + 1 <= max(1, cols // width))
+    line = [" "] * (margin + cols)
+    end, start = 0, -1  # the first column free after the last label; where the first label starts
+    for k in range(first - first % step if first % step else first, last + 1, step):
+        if k < first:
+            continue
+        text = str(k + offset)
+        at = margin + px(float(k)) // 2 - (len(text) - 1) // 2
+        at = min(max(at, end, margin), len(line) - len(text))
+        if at < end:
+            continue
+        line[at:at + len(text)] = text
+        end = at + len(text) + 1
+        start = at if start < 0 else start
+    name = x_label.split(".")[0]  # "round 1   2   3", the name before the first label (the y labels' margin is free there)
+    if start > len(name):
+        line[start - len(name) - 1:start - 1] = name
+    elif end + len(name) <= len(line):
+        line[len(line) - len(name):] = name
+    return "".join(line).rstrip()

@@ -17,7 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from scaleout.core.errors import PayloadError, UpdateRejected
-from scaleout.core.payload import TensorSpec, encode_named, read_metadata, views
+from scaleout.core.payload import (
+    TensorSpec,
+    encode_named,
+    headroom,
+    read_metadata,
+    views,
+)
 
 WEIGHT_KEY = "scaleout.weight"
 COUNT_KEY = "scaleout.count"
@@ -93,7 +99,20 @@ def cast_mean(name: str, mean: np.ndarray, dtype: str) -> np.ndarray:
     if not np.isfinite(cast).all():
         largest = float(np.finfo(target).max)
         raise UpdateRejected(f"the aggregate of tensor {name!r} is not finite in {target} (its mean lies beyond ±{largest:.4g})")
+    check_headroom(name, cast)
     return cast
+
+
+def check_headroom(name: str, model: np.ndarray) -> None:
+    """Refuse to commit a float tensor with values beyond its dtype's `headroom`: the next
+    round would train on values one step from inf (NaN for every client)."""
+    from scaleout.core.aggregators.fold import amax
+
+    if model.dtype.kind == "f" and model.size and amax(model) > headroom(model.dtype):
+        raise UpdateRejected(
+            f"the aggregate of tensor {name!r} reaches {amax(model):.4g}, beyond {headroom(model.dtype):.4g} "
+            f"(1/16 of the largest {model.dtype}): not committed, the next round's arithmetic could overflow"
+        )
 
 
 def encode_partial(p: Partial, layout: str = "dict") -> bytes:
@@ -106,6 +125,21 @@ def encode_partial(p: Partial, layout: str = "dict") -> bytes:
         CONTRIBUTORS_KEY: json.dumps(list(p.contributors)),
     }
     return encode_named(sums, layout, metadata)
+
+
+NAME_BYTES = 128  # a contributor is a node name: at most 128 ASCII characters (messages.check_name)
+
+
+def partial_size_range(template: Mapping[str, TensorSpec], count: int) -> tuple[int, int]:
+    """The least and most bytes `encode_partial` can give for a model of ``template`` folded
+    from ``count`` updates: each sum is float32 or float64, and the header holds the tensor
+    names, the contributors' names and three numbers. A partial announced outside this range
+    is refused before a byte of it is pulled."""
+    elements = sum(math.prod(spec.shape) for spec in template.values())
+    names = sum(len(name.encode()) for name in template)
+    # JSON escapes may take a name's byte to 6 characters, twice (the order list is a JSON string inside the header).
+    header = 1024 + 12 * names + sum(64 + 24 * len(spec.shape) for spec in template.values()) + count * 2 * (NAME_BYTES + 8)
+    return 8 + 4 * elements, 8 + 8 * elements + header + 8
 
 
 def decode_partial(data: bytes) -> Partial:

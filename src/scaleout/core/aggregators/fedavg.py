@@ -11,7 +11,7 @@ import numpy as np
 from scaleout.core.aggregators.base import Partial, cast_mean, check_weight
 from scaleout.core.aggregators.fold import BLOCK, acc_dtype, amax, fold_into
 from scaleout.core.errors import UpdateRejected
-from scaleout.core.payload import TensorSpec, check_compatible, check_values
+from scaleout.core.payload import TensorSpec, check_compatible, check_dtypes, check_values
 
 @dataclass(frozen=True)
 class Checked:
@@ -19,6 +19,7 @@ class Checked:
 
     arrays: dict[str, np.ndarray]
     peaks: dict[str, float]
+    converted: tuple[str, ...] = ()  # tensors of another width than the model's (float64 for float32): cast by the fold
 
 
 # A sum whose exact value stays below these cannot overflow its accumulator, rounding
@@ -55,7 +56,8 @@ class FedAvg:
         """Check an update against the model (names, shapes, values) without touching the
         sums: safe to run for several updates at once, outside whatever serialises `add`."""
         check_compatible(self.template, update)
-        return Checked({name: np.asarray(update[name]) for name in self.template}, check_values(self.template, update))
+        converted = tuple(check_dtypes(self.template, update))  # another kind (int for float) is refused
+        return Checked({name: np.asarray(update[name]) for name in self.template}, check_values(self.template, update), converted)
 
     def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:
         """Fold ``update`` (raw, or as returned by `check`) in with ``weight``."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scaleout.core.aggregators.base import cast_mean
+from scaleout.core.aggregators.base import cast_mean, check_headroom
 from scaleout.core.errors import ConfigError, UpdateRejected
 
 Tensors = dict[str, np.ndarray]
@@ -142,6 +142,7 @@ def _moment(state: Mapping[str, np.ndarray], key: str, x: np.ndarray) -> np.ndar
 def _checked(name: str, array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise UpdateRejected(f"the server step made tensor {name!r} non-finite (NaN or inf); the global model stays")
+    check_headroom(name, array)
     return array
 
 

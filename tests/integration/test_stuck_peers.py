@@ -1,0 +1,131 @@
+"""Peers that ask and never read what they are sent: they are dropped within a bound, pin no
+memory, and never hold up the rounds or another node's admin requests (issue 20 #3)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+from conftest import Federation
+
+from scaleout.commands.admin import call_async
+from scaleout.core import messages as m
+from scaleout.core.payload import encode_named
+from scaleout.security.tls import client_context
+from test_link_limits import config, rss_mb, ws_frame
+
+TIMEOUT = 10.0
+CLOSED = (ConnectionResetError, BrokenPipeError, ssl.SSLError, asyncio.IncompleteReadError)
+
+
+async def deaf_link(fed: Federation, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket to the controller, upgraded by hand on a socket with a tiny receive buffer:
+    its owner writes and never reads, so what the controller sends piles up on its side."""
+    parts = urlsplit(fed.url)
+    host, port = parts.hostname or "", parts.port or 0
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(fed.ca), server_hostname=host)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert b" 101 " in head.split(b"\r\n")[0], head
+    return reader, writer
+
+
+def request(i: int, op: str, args: dict) -> bytes:
+    return ws_frame(json.dumps({"v": m.PROTOCOL_VERSION, "type": "request", "id": f"r{i:x}", "op": op, "args": args}).encode())
+
+
+async def dropped_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
+    """True once the controller has dropped the connection (a write fails), False after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    ping = ws_frame(b"", opcode=9)
+    while time.monotonic() < deadline:
+        try:
+            writer.write(ping)
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except CLOSED:
+            return True
+        except asyncio.TimeoutError:
+            pass  # the controller is not reading us either: keep asking
+        if writer.transport.is_closing():
+            return True
+        await asyncio.sleep(0.2)  # the next probe; nothing announces a dropped TCP connection
+    return False
+
+
+def test_a_client_that_floods_requests_and_never_reads_is_dropped(fed: Federation) -> None:
+    ctl = fed.controller("--config", config(fed, "controller", "send_timeout = 2\n"))
+    own = fed.identity("client", "flood")
+    baseline = rss_mb(ctl.popen.pid)
+
+    async def go() -> tuple[bool, int, float]:
+        _, writer = await deaf_link(fed, own)
+        frames = [request(i, "client.assign", {"name": "flood"}) for i in range(100_000)]
+        sent = 0
+        try:
+            for i in range(0, len(frames), 1000):
+                writer.write(b"".join(frames[i : i + 1000]))
+                await asyncio.wait_for(writer.drain(), TIMEOUT)
+                sent = i + 1000
+        except CLOSED:
+            pass
+        except asyncio.TimeoutError:
+            pass  # the controller stopped reading us: the check below says whether it dropped us
+        dropped = await dropped_within(writer, 20)
+        peak = rss_mb(ctl.popen.pid)
+        # Meanwhile an admin gets its answers at once.
+        status = (await asyncio.wait_for(call_async(fed.conn, "status", {}), TIMEOUT))[0]  # type: ignore[arg-type]
+        assert "session" in status
+        writer.transport.abort()
+        return dropped, sent, max(peak, rss_mb(ctl.popen.pid)) - baseline
+
+    dropped, sent, grown = asyncio.run(go())
+    assert dropped, f"the link that never reads is still open 20 s after {sent} requests"
+    assert grown < 100, (baseline, grown)  # was +344 MB for 100,000 requests
+    log = ctl.text()
+    assert "requests unanswered" in log or "the peer took nothing for 2 s" in log, log[-2000:]
+    assert fed.admin("status")[0]["session"] is None
+
+
+def test_a_combiner_that_asks_for_the_model_and_never_reads_holds_up_nothing(fed: Federation) -> None:
+    ctl = fed.controller("--config", config(fed, "controller", "send_timeout = 2\n"))
+    model = encode_named({"w": np.zeros(1 << 18, dtype=np.float32)}, "dict")  # 1 MiB
+    fed.admin("model.set_seed", {}, model)
+    rogue = fed.identity("combiner", "rogue")
+    assert fed.conn is not None
+
+    async def go() -> dict:
+        reader, writer = await deaf_link(fed, rogue)
+        writer.write(request(0, "combiner.register", {"name": "rogue"}))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(1 << 16), TIMEOUT)  # its registration is answered; from now on nothing is read
+        writer.write(b"".join(request(i, "model.get", {}) for i in range(1, 21)))  # 20 MiB of replies it will not take
+        await writer.drain()
+        started = time.monotonic()
+        session = (await call_async(fed.conn, "session.start", {"rounds": 1, "min_clients": 1, "round_timeout": 30}))[0]["session"]  # type: ignore[arg-type]
+        # An operator stops it: the answer does not wait for the combiner that does not read.
+        await asyncio.wait_for(call_async(fed.conn, "session.stop", {"id": session["id"]}), TIMEOUT)  # type: ignore[arg-type]
+        done = (await asyncio.wait_for(call_async(fed.conn, "session.wait", {"id": session["id"]}), TIMEOUT))[0]["session"]  # type: ignore[arg-type]
+        dropped = await dropped_within(writer, 20)
+        writer.transport.abort()
+        return {"done": done, "dropped": dropped, "took": time.monotonic() - started}
+
+    out = asyncio.run(go())
+    assert out["done"]["status"] == "stopped", out
+    assert out["dropped"], out
+    log = ctl.text()
+    assert "dropping the link to" in log and ("the peer took nothing for 2 s" in log or "a peer that does not read" in log), log[-3000:]
