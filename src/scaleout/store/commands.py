@@ -225,7 +225,7 @@ class CommandStore:
             sql, args = sql + " AND client=?", [*args, client]
         with self.lock:
             rows = self.db.execute(sql + " ORDER BY id DESC", args).fetchall()
-        out = []
+        out: list[dict[str, Any]] = []
         total = 0
         for row in rows:
             data = json.loads(row["data"])
