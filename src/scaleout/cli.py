@@ -156,7 +156,7 @@ def build_parser() -> ArgumentParser:
     _config_flag(p)
     _common(p)
 
-    p = sub.add_parser("token", help="create access tokens")
+    p = sub.add_parser("token", help="create, list and revoke access tokens")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
     tsub.required = True
     t = tsub.add_parser("create", help="create a token (needs an admin token)")
@@ -349,7 +349,7 @@ def build_parser() -> ArgumentParser:
     asub.required = True
     c = asub.add_parser("ls", help="list audit entries, oldest first")
     c.add_argument("--since", metavar="T", help="only entries from T on: an ISO time (2026-11-29T10:00:00Z) or a time ago (90s, 15m, 1h, 2d, 1w)")
-    c.add_argument("--limit", type=int, default=100, metavar="N", help="at most the N newest entries (default: 100)")
+    c.add_argument("--limit", type=int, default=100, metavar="N", help="at most the N newest entries; 0 shows all (default: 100)")
     _connection(c)
     _json_flag(c)
     _common(c)

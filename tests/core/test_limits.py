@@ -68,10 +68,21 @@ def test_gate_admits_a_burst_then_drops_and_tells_once() -> None:
     assert not any(d.ok for d in drops)
     assert [d.tell for d in drops] == [True] + [False] * 49  # one warning per burst
     assert "per second" in drops[0].reason and "16.0 KiB" in drops[0].reason
-    # Tokens come back with time; the first message through says how many were dropped.
-    later = gate.offer(size, size / METRIC_BYTES_PER_S)
-    assert later.ok and later.dropped_before == 50
-    assert gate.offer(size, size / METRIC_BYTES_PER_S).tell  # a new burst of drops is told again
+    # Tokens trickle back: a message gets through now and then, but the burst goes on (no
+    # new warning each time) until the client has slowed down (the bucket half full again).
+    t = 0.0
+    for _ in range(20):
+        t += size / METRIC_BYTES_PER_S
+        trickled = gate.offer(size, t)
+        assert trickled.ok and trickled.dropped_before == 0
+        again = gate.offer(size, t)
+        assert not again.ok and not again.tell
+    t += METRIC_BURST_BYTES / 2 / METRIC_BYTES_PER_S
+    later = gate.offer(size, t)
+    assert later.ok and later.dropped_before == 70  # the first message after the burst says how many were dropped
+    assert all(gate.offer(size, t).ok for _ in range(1))
+    drops = [gate.offer(size, t) for _ in range(3)]
+    assert [d.tell for d in drops] == [True, False, False]  # a new burst of drops is told again
 
 
 def test_gate_refuses_an_oversized_message_without_spending_the_budget() -> None:

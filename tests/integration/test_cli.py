@@ -395,9 +395,10 @@ def test_session_failed_round_interrupt_and_stop(fed: Federation, tmp_path: Path
     # a finished session prints its rounds and exits with its status
     r = scaleout("session", "watch", sid, "--json", *conn)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    (line,) = r.stdout.splitlines()
+    line, last = r.stdout.splitlines()  # JSON Lines: the round, then the session's outcome
     watched = json.loads(line)
     assert (watched["session_id"], watched["index"], watched["status"], watched["reason"]) == (sid, 1, "failed", "session stopped")
+    assert json.loads(last)["status"] == "stopped"
     assert "idx" not in watched and utc_iso(watched["finished"]) and watched["failures"] == []
 
 
@@ -421,7 +422,8 @@ def test_session_watch_prints_rounds_with_client_failures(fed: Federation, tmp_p
         assert re.match(r"    odd: train\S* .*num_examples", lines[k + 1]), r.stdout
     assert lines[4] == f"session {sid} finished", r.stdout
     r = ok(scaleout("session", "watch", sid, "--json", *conn))
-    rounds = [json.loads(line) for line in r.stdout.splitlines()]
+    *rounds, end = [json.loads(line) for line in r.stdout.splitlines()]
+    assert (end["status"], end["rounds"]) == ("finished", 2), end
     assert [(x["session_id"], x["index"], x["status"], x["participants"]) for x in rounds] == [(sid, 1, "succeeded", ["good"]), (sid, 2, "succeeded", ["good"])]
     for x in rounds:
         assert [f["client"] for f in x["failures"]] == ["odd"] and "num_examples" in x["failures"][0]["reason"], x

@@ -62,7 +62,7 @@ def test_upsert_client(state: State) -> None:
     alice, bob = state.clients()
     assert bob == {
         "name": "bob", "combiner": "c1", "status": "offline", "first_seen": 1000.0, "last_seen": 1002.0,
-        "attributes": None, "package": None, "package_error": None,  # what the client says of itself (issue 9)
+        "attributes": {}, "package": None, "package_error": None,  # what the client says of itself (issue 9)
     }
     assert alice["combiner"] == "c2" and alice["first_seen"] == 1001.0 and alice["last_seen"] == 1003.0
 
@@ -342,7 +342,7 @@ def test_an_older_state_db_gains_the_command_tables_and_client_columns(tmp_path:
     st = State(path)
     try:
         (row,) = st.clients()
-        assert row["name"] == "old" and row["attributes"] is None and row["package"] is None
+        assert row["name"] == "old" and row["attributes"] == {} and row["package"] is None
         tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"commands", "command_results"} <= tables
     finally:

@@ -254,7 +254,7 @@ def session_start(args: argparse.Namespace) -> int:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
     if args.model:
         req["model"] = args.model
-    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} rounds)")
+    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'})")
 
 
 def session_continue(args: argparse.Namespace) -> int:
@@ -324,7 +324,7 @@ async def follow(
         for r in session["rounds"]:
             r["failures"] = client_failures(r, r.pop("clients", []), [])
         for r in session["rounds"]:
-            if r["status"] == "running":
+            if not _final(r):
                 break
             if r["idx"] > done:
                 if on_round is not None:
@@ -362,7 +362,7 @@ async def follow(
                 if exc.code not in ("unreachable", "link_closed", "timeout"):
                     raise
                 for r in final["rounds"]:
-                    if r["idx"] > done and r["status"] != "running" and on_round is not None:
+                    if r["idx"] > done and _final(r) and on_round is not None:
                         on_round({"session_id": final["id"], **r, "failures": []})
                 session = final
         except ScaleoutError as exc:
@@ -373,6 +373,13 @@ async def follow(
         finally:
             waiting.cancel()
     return session
+
+
+def _final(r: dict[str, Any]) -> bool:
+    """Whether round ``r``'s record is complete: it has ended and its end was recorded (a
+    round's model is committed before its validation: until ``finished`` is set, its
+    duration, timing and validation are still to come)."""
+    return r["status"] != "running" and r.get("finished") is not None
 
 
 SHOWN_REASON_CHARS = 300  # a reason on a round's line; `session show --clients --json` has it whole
@@ -390,6 +397,16 @@ def _print_round(r: dict[str, Any]) -> None:
         print(f"    {f['client']}: {shown_reason(f['reason'])}", flush=True)
 
 
+def outcome(session: dict[str, Any]) -> dict[str, Any]:
+    """A session's outcome record, the last line of `session watch --json`: how it ended,
+    why, and how many of its planned rounds ran."""
+    return {
+        "session_id": session["id"], "status": session["status"], "reason": session.get("reason"),
+        "rounds": len(session.get("rounds") or []), "rounds_planned": (session.get("config") or {}).get("rounds"),
+        "end_model": session.get("end_model"),
+    }
+
+
 def _print_end(session: dict[str, Any]) -> None:
     print(f"session {session['id']} {session['status']}" + (f": {session['reason']}" if session.get("reason") else ""), flush=True)
 
@@ -405,7 +422,9 @@ def session_watch(args: argparse.Namespace) -> int:
 
     on_round, on_running = (print_json, None) if args.json else (_print_round, print_running)
     session = asyncio.run(follow(conn, args.id, on_round, on_running))
-    if not args.json:
+    if args.json:
+        print(json.dumps(outcome(session), default=str), flush=True)  # JSON Lines: the last line is the session's outcome
+    else:
         _print_end(session)
     return EXIT_OK if session["status"] == "finished" else EXIT_FAILED
 
@@ -419,7 +438,7 @@ def session_ls(args: argparse.Namespace) -> int:
 
     def human() -> None:
         for r in rows:
-            r.update(created_s=when(r["created"]), n_rounds=r["config"].get("rounds"))
+            r.update(created_s=when(r["created"]), n_rounds=f"{r.get('rounds_done', '?')}/{r['config'].get('rounds')}")
         table(rows, SESSION_COLUMNS, "no sessions yet (start one with: scaleout session start)")
 
     emit(args, rows, human)
@@ -506,7 +525,7 @@ def client_ls(args: argparse.Namespace) -> int:
             r["seen"] = when(r["last_seen"])
             package = r.get("package")
             r["pkg"] = (package[:12] if package else None) and package[:12] + (" (cannot load)" if r.get("package_error") else "")
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients have joined yet")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("combiner", "COMBINER"), ("pkg", "PACKAGE"), ("seen", "LAST SEEN")], "no clients (join one with: scaleout join TOKEN)")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -519,7 +538,7 @@ def combiner_ls(args: argparse.Namespace) -> int:
     def human() -> None:
         for r in rows:
             r["seen"] = when(r["last_seen"])
-        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners have connected yet")
+        table(rows, [("name", "NAME"), ("status", "STATUS"), ("url", "URL"), ("clients", "CLIENTS"), ("seen", "LAST SEEN")], "no combiners (start one with: scaleout combine TOKEN)")
 
     emit(args, rows, human)
     return EXIT_OK
@@ -552,11 +571,20 @@ def metric_ls(args: argparse.Namespace) -> int:
         for r in rows:
             r.update(time=when(r["created"]), shown=f"{r['value']:.6g}")
         filtered = any(v is not None for v in (args.session, args.round, args.client, args.key))
-        table(rows, METRIC_COLUMNS, "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)")
+        if getattr(args, "telemetry", False):
+            empty = "no telemetry values match" if filtered else "no telemetry logged yet (packages send it with client.log_telemetry)"
+        else:
+            empty = "no metric values match" if filtered else "no metrics logged yet (packages log them with client.log_metric)"
+        table(rows, METRIC_COLUMNS, empty)
 
     emit(args, rows, human)
     if total > len(rows):
         print(f"(the latest {len(rows)} of {total} values; --limit 0 shows all)", file=sys.stderr)
+    for d in result.get("dropped") or []:
+        print(
+            f"(client {d['client']}, session {d['session_id']} round {d['round_index']}: {d['dropped']} log_metric "
+            f"{'call' if d['dropped'] == 1 else 'calls'} dropped by the rate limit, not stored)", file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -568,8 +596,8 @@ def audit_ls(args: argparse.Namespace) -> int:
 
     from scaleout.core.audit import parse_since
 
-    if args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.limit < 0:
+        raise UsageError(f"--limit must be 0 (all) or more, got {args.limit}")
     req: dict[str, Any] = {"limit": args.limit}
     if args.since is not None:
         req["since"] = parse_since(args.since, time.time())
@@ -577,15 +605,21 @@ def audit_ls(args: argparse.Namespace) -> int:
 
     def human() -> None:
         for r in rows:
-            r.update(when=when(r["time"]), what=" ".join(f"{k}={_short(v)}" for k, v in (r["detail"] or {}).items()))
+            r.update(when=when(r["time"]), what=" ".join(f"{k}={_short(v, k)}" for k, v in (r["detail"] or {}).items() if v is not None))
         table(rows, AUDIT_COLUMNS, "no audit entries" + (f" since {args.since}" if args.since else ""))
 
     emit(args, [{**r, "time": iso_utc(r["time"])} for r in rows] if args.json else rows, human)
     return EXIT_OK
 
 
-def _short(value: Any) -> str:
-    """A detail's value on one line of a table: ids cut to 12 characters, lists joined."""
+DETAIL_TIMES = frozenset({"exp", "expires", "since", "time"})  # audit details that are unix seconds
+
+
+def _short(value: Any, key: str = "") -> str:
+    """A detail's value on one line of a table: ids cut to 12 characters, lists joined,
+    times as the local time."""
+    if key in DETAIL_TIMES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return when(value).replace(" ", "T")
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value[:12]
     if isinstance(value, list):

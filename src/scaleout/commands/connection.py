@@ -63,15 +63,20 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     insecure = args.insecure is True or conf.get("insecure") is True or (home is not None and not info.get("ca"))
     if token and token.startswith("@"):
         token = _read(Path(token[1:]), "token file").strip()
-    if token:
-        from scaleout.security.jointoken import is_join_token
+    from scaleout.security.jointoken import is_join_token
 
+    if token:
         if is_join_token(token):
             token, url, ca = _unwrap(token, url, ca, insecure, getattr(args, "state_dir", None) or getattr(args, "work_dir", None) or conf.get("state_dir"))
-    if not url and token:
+    if token and not is_join_token(token) and (not url or token.startswith(TOKEN_PREFIX)):
+        from scaleout.core.errors import AuthError
         from scaleout.security.tokens import peek
 
-        url = peek(token).controller
+        try:  # a token cut or mistyped is the user's typo (exit 2), as a malformed join token is
+            claims = peek(token)
+        except AuthError as exc:
+            raise UsageError(f"{exc} (expected sco1.<...> or SCALEOUT-1.<...> as printed by scaleout token create)") from None
+        url = url or claims.controller
     if not url:
         raise UsageError("no controller given: pass --controller URL (or set SCALEOUT_CONTROLLER), or --data-dir DIR of a local controller")
     if not token:
@@ -84,6 +89,9 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
     return Connection(str(url), str(token), ca_path, insecure)
+
+
+TOKEN_PREFIX = "sco1."  # security/tokens.py's tokens: a look-alike that does not parse is malformed
 
 
 def _is_join_token(token: str) -> bool:

@@ -319,7 +319,7 @@ async def _dev(args: argparse.Namespace, package_dir: Path, root: Path, settings
         started = time.monotonic()
         session = (await call_async(conn, "session.start", cfg))[0]["session"]
         session_id = session["id"]
-        say(f"session {session_id}: {args.rounds} rounds")
+        say(f"session {session_id}: {args.rounds} round{'' if args.rounds == 1 else 's'}")
         names = [f"client-{i}" for i in range(1, args.clients + 1)]
         if args.interactive:
             return await _watch_in_tui(conn, session_id, args, say)

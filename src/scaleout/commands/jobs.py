@@ -181,9 +181,16 @@ def telemetry_ls(args: argparse.Namespace) -> int:
         for r in rows:
             r["time"] = when(r["created"])
             r["shown"] = _shown(r["payload"])
-        table(rows, [("time", "TIME"), ("client", "CLIENT"), ("key", "KEY"), ("shown", "PAYLOAD")], "no telemetry yet (packages send it with client.log_telemetry)")
+        filtered = args.client is not None or args.key is not None
+        table(
+            rows, [("time", "TIME"), ("client", "CLIENT"), ("key", "KEY"), ("shown", "PAYLOAD")],
+            "no telemetry matches" if filtered else "no telemetry yet (packages send it with client.log_telemetry)",
+        )
 
     emit(args, rows, human)
+    total = result.get("total", len(rows))
+    if total > len(rows):
+        print(f"(the latest {len(rows)} of {total} records; --limit N shows more, up to 1000)", file=sys.stderr)
     return EXIT_OK
 
 

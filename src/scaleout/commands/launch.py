@@ -383,6 +383,8 @@ def join(args: argparse.Namespace) -> int:
     package = _path(s.get("package")) or (Path("client").absolute() if s.get("local_package") else None)
     from scaleout.package.project import project_file
 
+    if package is not None and not package.is_dir():
+        raise UsageError(f"no such folder: {package} (-p names the folder of a compute package)")
     if package is not None and project_file(package) is None:
         raise UsageError(f"{package} is not a compute package (no scaleout.yaml in it)")
     timeout = s.get("command_timeout")

@@ -139,10 +139,11 @@ class Superseded(ScaleoutError):
 class NotFoundError(ScaleoutError):
     code = "not_found"
 
-    def __init__(self, kind: str, key: str, hint: str = "") -> None:
+    def __init__(self, kind: str, key: str, hint: str = "", text: str | None = None) -> None:
         self.kind = kind
         self.key = key
-        super().__init__(f"no {kind} {key!r}" + (f"; {hint}" if hint else ""))
+        # ``text``: the whole message, where "no KIND 'KEY'" would not read (no combiner is online)
+        super().__init__(text or f"no {kind} {key!r}" + (f"; {hint}" if hint else ""))
 
 
 class ConflictError(ScaleoutError):

@@ -9,7 +9,8 @@ disk. Sizes are of compact UTF-8 JSON (``messages.to_json``), as sent and stored
 - a task result's data (training metadata, validation metrics) is at most 64 KiB;
 - an error text is truncated to 4 KiB;
 - metrics from one client link flow at about 16 KiB/s, in bursts of up to 256 KiB (each
-  message counts at least 512 bytes); beyond that they are dropped until the rate falls.
+  message counts at least 512 bytes); beyond that they are dropped until the rate falls
+  (the bucket is half full again): one burst of drops, told once and counted.
 
 So a report a combiner forwards holds at most 64 KiB of data and 4 KiB of error text, far
 below the controller's frame limit (a test checks the worst case).
@@ -74,7 +75,10 @@ class MetricGate:
 
     Pure: the caller passes ``now`` (seconds, any monotonic clock). Drops come in bursts;
     only the first of a burst asks to be told (``tell``), so a flood costs one log line and
-    one error message, not one per message.
+    one error message, not one per message. A burst lasts until the bucket is half full
+    again (the client logs slower than the rate): a client that keeps logging too fast has
+    a message through now and then (as tokens trickle back) within one burst, not a new
+    burst each time.
     """
 
     def __init__(self, rate: float = METRIC_BYTES_PER_S, burst: float = METRIC_BURST_BYTES, max_bytes: int = MAX_METRIC_BYTES) -> None:
@@ -103,6 +107,8 @@ class MetricGate:
             )
             return self._drop(reason)
         self.tokens -= cost
+        if self.dropped and self.tokens + cost < self.burst / 2:
+            return Admission(True)  # still in the burst: the rate has not fallen yet
         dropped, self.dropped = self.dropped, 0
         return Admission(True, dropped_before=dropped)
 

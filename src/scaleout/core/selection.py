@@ -74,7 +74,7 @@ class Assigner:
     def assign(self, client: str, now: float, prefer: str | None = None) -> str:
         """The combiner ``client`` should dial; NotFoundError when none is ready."""
         if not self.ready:
-            raise NotFoundError("combiner", "online", "none is connected now (start one with: scaleout combine; clients wait and retry)")
+            raise NotFoundError("combiner", "online", text="no combiner is connected now (start one with: scaleout combine; clients wait and retry)")
         current = self.where.get(client)
         if current is not None and current in self.ready:
             return current

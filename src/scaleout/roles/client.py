@@ -243,6 +243,7 @@ class Client:
         with backoff, while a refused token, an untrusted certificate or a broken package
         end the client with their message."""
         delays = backoff()
+        told = ""  # the same trouble again (every retry) is said once, then only at debug level
         while not stop.is_set():
             answered = False
             try:
@@ -253,10 +254,10 @@ class Client:
             except RemoteError as exc:
                 if exc.code == AuthError.code:
                     raise
-                log.warning("%s", exc)
+                told = _say_once(exc, told)
                 answered = True
             except (ConnectionError, ScaleoutError) as exc:
-                log.warning("%s", exc)
+                told = _say_once(exc, told)
             if self.served:
                 # The link had been working: this is a fresh trouble, not the next failure
                 # of the same one, so start again from short waits (a blip is short).
@@ -499,3 +500,10 @@ def _log_traceback(what: str, exc: BaseException) -> None:
         log.debug("%s: traceback of the package code\n%s", what, "\n".join(clip_text(line) for line in lines))
     else:
         log.info("%s: run with --log-level debug to see the whole traceback", what)
+
+
+def _say_once(exc: BaseException, told: str) -> str:
+    """Log ``exc`` as a warning unless it is what was said last (a retry meets the same trouble)."""
+    text = str(exc)
+    log.log(logging.DEBUG if text == told else logging.WARNING, "%s", text)
+    return text

@@ -21,7 +21,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, new_id, private_tempdir, raise_file_limit, url_host
+from scaleout.roles.common import announce, bracket, close_now, cert_names, dial_urls, new_id, private_tempdir, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -87,6 +87,7 @@ class Job:
     settings: dict[str, Any] = field(default_factory=dict)
     pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
     told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
+    dropped: dict[str, int] = field(default_factory=dict)  # client -> metric messages dropped, not yet reported
     # When it started, all tasks were sent, the last result was announced (loop time).
     started: float = 0.0
     sent: float | None = None
@@ -226,7 +227,7 @@ class Combiner:
         url = f"{scheme}://{bracket(dial_host)}:{dial_port or port}"
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
         await self._send_all_clients()
-        announce(f"{scheme}://{bracket(s.host)}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
         log.info("combiner %s registered with %s", self.name, s.controller)
         stopping = asyncio.ensure_future(stop.wait())
         current: asyncio.Task[None] | None = reader
@@ -356,13 +357,23 @@ class Combiner:
         body = metric_body(msg.metrics, msg.step)
         verdict = gate.offer(json_size(body), asyncio.get_running_loop().time())
         if not verdict.ok:
+            job.dropped[client] = job.dropped.get(client, 0) + 1
             if verdict.tell:
                 log.warning("client %s: %s", client, verdict.reason)
                 await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
             return
         if verdict.dropped_before:
-            log.info("client %s: metrics are forwarded again (%d were dropped)", client, verdict.dropped_before)
+            log.warning("client %s: %d metric messages were dropped in that burst; forwarding them again", client, verdict.dropped_before)
+            await self._report_dropped(job, client)
         await self._report("metric", job, client, body, None)
+
+    async def _report_dropped(self, job: Job, client: str) -> None:
+        """Tell the controller how many of ``client``'s metric messages of this round were
+        dropped since it last heard (a metric report with no values and a ``dropped`` count),
+        so `metric ls` can say so."""
+        n = job.dropped.pop(client, 0)
+        if n:
+            await self._report("metric", job, client, {"metrics": {}, "step": None, "dropped": n}, None)
 
     async def _resume(self, name: str, link: Link, working_on: str | None) -> None:
         """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
@@ -798,6 +809,9 @@ class Combiner:
         self._drop(job)
         assert self.controller is not None
         self._abort_late(job)
+        for client in sorted(job.dropped):  # a burst of drops still going on at the round's end
+            log.warning("round %d: client %s: %d metric messages were dropped", job.round_index, client, job.dropped[client])
+            await self._report_dropped(job, client)
         # Clients lost, timed out or never reached are named too, not only those that answered.
         for client, reason in sorted(job.tracker.failed.items()):
             if client not in job.told:

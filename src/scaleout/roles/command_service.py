@@ -225,7 +225,8 @@ class CommandService:
             raise ProtocolError(f"telemetry.ls: limit must be a whole number from 1 to {MAX_TELEMETRY}")
         await self.flush()
         assert self.store is not None
-        return {"telemetry": await asyncio.to_thread(self.store.telemetry, client, key, limit)}, None
+        rows, total = await asyncio.to_thread(self.store.telemetry_page, client, key, limit)
+        return {"telemetry": rows, "total": total}, None
 
     # -- from combiners --------------------------------------------------------------------
 

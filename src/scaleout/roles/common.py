@@ -19,10 +19,29 @@ T = TypeVar("T")
 STOP_GRACE_S = 2.0
 
 
-def announce(url: str) -> None:
-    """Print the one line that tells users and tests where a role listens."""
+def announce(url: str, dial: Sequence[str] = ()) -> None:
+    """Print the one line that tells users and tests where a role listens; for a wildcard
+    bind (0.0.0.0, ::: not an address to dial) a second line with the ones that are."""
     print(f"listening on {url}", flush=True)
     log.info("listening on %s", url)
+    if dial:
+        print(f"dial it at {', '.join(dial)}", flush=True)
+
+
+def dial_urls(scheme: str, host: str, port: int) -> list[str]:
+    """The URLs others can dial a role listening on ``host``:``port`` at: [] unless ``host``
+    is a wildcard, then loopback and this machine's interface addresses of that family."""
+    import ipaddress
+
+    from scaleout.security.tls import WILDCARD_HOSTS
+    from scaleout.transport.interfaces import local_addresses
+
+    if host not in WILDCARD_HOSTS:
+        return []
+    versions = {"0.0.0.0": {4}, "::": {6}}.get(host, {4, 6})
+    found = [a for a in local_addresses() if ipaddress.ip_address(a).version in versions]
+    hosts = dict.fromkeys(f"[{a}]" if ":" in a else a for a in ["127.0.0.1" if 4 in versions else "::1", *found])
+    return [f"{scheme}://{h}:{port}" for h in hosts]
 
 
 def raise_file_limit() -> None:

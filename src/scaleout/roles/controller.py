@@ -32,7 +32,7 @@ from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
 from scaleout.roles.exporter import Observer
 from scaleout.roles.sessions import MODEL, SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.roles.events import EventHub, snapshot
@@ -239,7 +239,7 @@ class Controller:
         from scaleout.roles.welcome import show_join_commands
 
         show_join_commands(self)  # its files are written before the ready line
-        announce(f"{scheme}://{bracket(s.host)}:{port}")
+        announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
         self.sessions.resume()
         try:
             await stop.wait()
@@ -563,7 +563,7 @@ class Controller:
         """What clients logged with log_metric, one row per value, oldest first: the latest
         ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
         globs ``client`` and ``key``; with how many match in all."""
-        from scaleout.store.metrics import KINDS, logged_metrics
+        from scaleout.store.metrics import KINDS, dropped_metrics, logged_metrics
 
         kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
         if kind not in KINDS:
@@ -584,7 +584,10 @@ class Controller:
             self.registry.query,
             lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
         )
-        return {"metrics": rows, "total": total}, None
+        dropped = await asyncio.to_thread(
+            self.registry.query, lambda st: dropped_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client),
+        )
+        return {"metrics": rows, "total": total, "dropped": dropped}, None
 
     async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         return {
@@ -603,9 +606,9 @@ class Controller:
         since, limit = args.get("since"), args.get("limit", 100)
         if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
             raise ProtocolError("audit.ls: since must be unix seconds")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 1_000_000:
-            raise ProtocolError("audit.ls: limit must be a whole number from 1 to 1000000")
-        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit, since))
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
+            raise ProtocolError("audit.ls: limit must be a whole number from 0 (all) to 1000000")
+        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit or -1, since))
         return {"entries": rows[::-1]}, None  # oldest first, as a log reads
 
     async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
@@ -670,7 +673,7 @@ class Controller:
     async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         digest = self.state.get_meta("active_package")
         if digest is None:
-            raise NotFoundError("package", "active", "an admin must run: scaleout package set-active FILE")
+            raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
         row = self.state.package(digest)
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:

@@ -208,7 +208,9 @@ class Desk:
         name = m.check_name(args.get("name"), f"{role} name")
         row = self.db.remove(role, name, time.time())
         self.ctl.state.audit(_actor(link), f"{role}.rm", address=link.peer, name=name, identity=row["id"])
-        closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin")
+        # A client's link is to its combiner, which closes it as the revocation reaches it: count it.
+        at_combiner = role == "client" and name in self.ctl.assigner.where
+        closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin") + int(at_combiner)
         self._forget_soon(role, name)
         log.warning("%s %s removed (identity %s)", role, name, row["id"])
         return {"name": name, "role": role, "id": row["id"], "closed": closed}, None

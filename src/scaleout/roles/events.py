@@ -145,6 +145,8 @@ class EventHub:
     def report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, Any], error: str | None) -> None:
         """A client's report as its combiner forwarded it (already within the limits)."""
         if kind == "metric":
+            if not m.numeric_values(data.get("metrics")):
+                return  # no values: a count of dropped ones (metric ls says so)
             step = data.get("step")
             self.publish(m.MetricLogged(
                 session_id=session_id, round_index=round_index, client=client,
@@ -259,6 +261,8 @@ def _read(st: Any, session_id: str | None) -> dict[str, Any]:
                 step = parsed.get("step") if isinstance(parsed, dict) else None
                 rep["step"] = step if isinstance(step, int) and not isinstance(step, bool) else None
                 rep["values"] = m.numeric_values(parsed.get("metrics") if isinstance(parsed, dict) else None)
+                if not rep["values"]:
+                    continue  # a count of dropped metrics: nothing to plot
             else:
                 rep["values"] = m.numeric_values(parsed)
             reports.append(rep)

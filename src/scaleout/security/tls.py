@@ -318,6 +318,7 @@ def client_context(
             raise ConfigError("ca", f"cannot read CA certificate: {e}") from None
     if ca_file is None and ca_pem is None:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        ctx.system_ca = True  # type: ignore[attr-defined]  # no CA given: a failed check says --ca is missing
     return ctx
 
 

@@ -215,18 +215,23 @@ class CommandStore:
         return out
 
     def telemetry(self, client: str | None, key: str | None, limit: int) -> list[dict[str, Any]]:
+        return self.telemetry_page(client, key, limit)[0]
+
+    def telemetry_page(self, client: str | None, key: str | None, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The latest ``limit`` telemetry records matching, oldest first, and how many match in all."""
         sql = "SELECT client, session_id, data, created FROM reports WHERE kind='telemetry'"
         args: list[Any] = []
         if client:
             sql, args = sql + " AND client=?", [*args, client]
         with self.lock:
             rows = self.db.execute(sql + " ORDER BY id DESC", args).fetchall()
-        out = []
+        out: list[dict[str, Any]] = []
+        total = 0
         for row in rows:
             data = json.loads(row["data"])
             if key and data.get("key") != key:
                 continue
-            out.append({"client": row["client"], "session_id": row["session_id"], "key": data.get("key"), "payload": data.get("payload"), "created": row["created"]})
-            if len(out) >= limit:
-                break
-        return out[::-1]
+            total += 1
+            if len(out) < limit:
+                out.append({"client": row["client"], "session_id": row["session_id"], "key": data.get("key"), "payload": data.get("payload"), "created": row["created"]})
+        return out[::-1], total

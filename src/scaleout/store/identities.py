@@ -83,9 +83,13 @@ class Identities:
     def find_token(self, key: str) -> dict[str, Any]:
         """A token by id or a unique prefix of it (at least 4 characters)."""
         row = self.token(key)
-        if row is None and len(key) >= 4:
+        if row is None:
             matches = self.state._all("SELECT * FROM tokens WHERE substr(id, 1, ?) = ?", len(key), key)
-            row = _decode(matches[0]) if len(matches) == 1 else None
+            if len(matches) > 1:
+                raise ConflictError(f"token id prefix {key!r} is ambiguous: {len(matches)} tokens start with it; give more of the id (see scaleout token ls)")
+            if matches and len(key) < 4:
+                raise ConflictError(f"token id prefix {key!r} is too short: give at least 4 characters of the id (see scaleout token ls)")
+            row = _decode(matches[0]) if matches else None
         if row is None:
             raise NotFoundError("token", key, "list them with: scaleout token ls")
         return row

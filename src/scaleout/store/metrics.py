@@ -5,6 +5,10 @@ A combiner reports each ``log_metric`` call as a report of kind ``metric`` whose
 client. Listed here one row per value. Telemetry (``log_telemetry``, Scaleout Edge's
 system figures) is meant to arrive as reports of its own kind with the same data shape and
 to be listed by the same query with ``kind="telemetry"``.
+
+A combiner that dropped a client's metric messages (its rate limit, core/limits.py) reports
+how many as a metric report with no values and a ``dropped`` count; ``dropped_metrics``
+sums them per session, round and client.
 """
 
 from __future__ import annotations
@@ -57,3 +61,21 @@ def logged_metrics(
         total = st.db.execute("SELECT COUNT(*)" + where, args).fetchone()[0]
     rows.reverse()
     return rows, total
+
+
+def dropped_metrics(
+    st: State, *, kind: str = "metric", session_id: str | None = None, round_index: int | None = None, client: str | None = None,
+) -> list[dict[str, Any]]:
+    """How many metric messages the combiners dropped, per session, round and client (the
+    same filters as ``logged_metrics``), in order."""
+    sql = (
+        "SELECT session_id, round_index, client, SUM(json_extract(data, '$.dropped')) AS dropped FROM reports"
+        " WHERE kind = ? AND json_type(data, '$.dropped') = 'integer'"
+    )
+    args: list[Any] = [kind]
+    for column, value, op in (("session_id", session_id, "="), ("round_index", round_index, "="), ("client", client, "GLOB")):
+        if value is not None:
+            sql += f" AND {column} {op} ?"
+            args.append(value)
+    sql += " GROUP BY session_id, round_index, client ORDER BY MIN(id)"
+    return [dict(row) for row in st.db.execute(sql, args).fetchall()]

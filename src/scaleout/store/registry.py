@@ -35,6 +35,9 @@ class RegistryWriter:
         self._combiners: dict[str, tuple[str, int | None, float]] = {}  # name -> (status, clients, when)
         self._offline: dict[str, float] = {}  # combiner -> when all its clients went offline
         self._reports: list[tuple[str, str, int, str, str, str | None, float]] = []
+        # A client's last activity (its reports: results, metrics), for LAST SEEN: one row
+        # update per client per batch, however often it reports.
+        self._seen: dict[str, float] = {}
         self._db: State | None = None
         self._db_lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -61,12 +64,14 @@ class RegistryWriter:
     def report(self, kind: str, session_id: str, round_index: int, client: str, data: dict[str, object], error: str | None) -> None:
         from scaleout.core.messages import to_json
 
-        self._reports.append((kind, session_id, round_index, client, to_json(data), error, time.time()))  # UTF-8, as measured by its limit
+        now = time.time()
+        self._reports.append((kind, session_id, round_index, client, to_json(data), error, now))  # UTF-8, as measured by its limit
+        self._seen[client] = now
         self._wake.set()
 
     @property
     def pending(self) -> int:
-        return len(self._clients) + len(self._combiners) + len(self._offline) + len(self._reports)
+        return len(self._clients) + len(self._combiners) + len(self._offline) + len(self._reports) + len(self._seen)
 
     async def _run(self) -> None:
         while True:
@@ -87,8 +92,8 @@ class RegistryWriter:
     async def _flush(self) -> None:
         if not self.pending:
             return
-        batch = (self._clients, self._combiners, self._offline, self._reports)
-        self._clients, self._combiners, self._offline, self._reports = {}, {}, {}, []
+        batch = (self._clients, self._combiners, self._offline, self._reports, self._seen)
+        self._clients, self._combiners, self._offline, self._reports, self._seen = {}, {}, {}, [], {}
         try:
             try:
                 await asyncio.to_thread(self._write, *batch)
@@ -134,7 +139,7 @@ class RegistryWriter:
 
     def _write(
         self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
-        reports: list[tuple[str, str, int, str, str, str | None, float]],
+        reports: list[tuple[str, str, int, str, str, str | None, float]], seen: dict[str, float] | None = None,
     ) -> None:
         with self._db_lock:
             st = self._open()
@@ -155,11 +160,12 @@ class RegistryWriter:
                 st.db.executemany(
                     "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES(?, ?, ?, ?, ?, ?, ?)", reports
                 )
+                st.db.executemany("UPDATE clients SET last_seen=MAX(last_seen, ?) WHERE name=?", [(when, name) for name, when in (seen or {}).items()])
             self.written += len(clients) + len(combiners) + len(offline) + len(reports)
 
     def _write_each(
         self, clients: dict[str, tuple[str, str, float]], combiners: dict[str, tuple[str, int | None, float]], offline: dict[str, float],
-        reports: list[tuple[str, str, int, str, str, str | None, float]],
+        reports: list[tuple[str, str, int, str, str, str | None, float]], seen: dict[str, float] | None = None,
     ) -> None:
         """Write a failed batch one row at a time: a row that fails again is quarantined (left
         out, with a log line saying which and why) and every other row is written."""
@@ -167,6 +173,7 @@ class RegistryWriter:
         rows += [(f"client {k} {v[0]}", ({k: v}, {}, {}, [])) for k, v in clients.items()]
         rows += [(f"combiner {k} {v[0]}", ({}, {k: v}, {}, [])) for k, v in combiners.items()]
         rows += [(f"{r[0]} report of client {r[3]} (session {r[1]}, round {r[2]!r:.30})", ({}, {}, {}, [r])) for r in reports]
+        rows += [(f"last activity of client {k}", ({}, {}, {}, [], {k: v})) for k, v in (seen or {}).items()]
         for what, one in rows:
             try:
                 self._write(*one)

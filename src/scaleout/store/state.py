@@ -253,7 +253,11 @@ class State:
                 self.upsert_client(name, "offline")
 
     def clients(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM clients ORDER BY name")
+        rows = self._all("SELECT * FROM clients ORDER BY name")
+        for row in rows:  # none logged yet: an empty dict, as client show gives
+            if "attributes" in row and row["attributes"] is None:
+                row["attributes"] = {}
+        return rows
 
     # -- packages and models ----------------------------------------------------------
 
@@ -316,6 +320,8 @@ class State:
     ) -> None:
         """A round's new global model: trail entry, active model and round outcome at once.
 
+        The round's record is final only once ``finish_round`` set ``finished`` (its
+        validation, duration and timing come then): readers wait for that.
         ``server_state`` names the stored state a strategy keeps across rounds (FedAdam's
         moments), committed with the model it belongs to."""
         with self.transaction():
@@ -384,7 +390,11 @@ class State:
         return row
 
     def sessions(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM sessions ORDER BY created")
+        """Every session, oldest first, with ``rounds_done``: how many of its rounds ended."""
+        return self._all(
+            "SELECT *, (SELECT COUNT(*) FROM rounds WHERE rounds.session_id = sessions.id AND rounds.finished IS NOT NULL) AS rounds_done"
+            " FROM sessions ORDER BY created"
+        )
 
     def start_round(
         self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None,

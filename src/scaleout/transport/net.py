@@ -174,6 +174,11 @@ async def connect(
             raise AuthError(f"{url} refused the token: {body or 'unauthorized'}") from None
         raise ConnectError(f"{url} answered HTTP {status}: {body}") from None
     except ssl.SSLCertVerificationError as exc:
+        if getattr(ssl_context, "system_ca", False):
+            raise TrustError(
+                f"cannot verify the TLS certificate of {url}: {exc.verify_message}; --ca is missing: pass the controller's CA "
+                "file (DATA_DIR/ca.pem), or use a join token, which names its CA"
+            ) from None
         raise TrustError(f"cannot verify the TLS certificate of {url}: {exc.verify_message}; is --ca the right CA file?") from None
     except (OSError, InvalidHandshake, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot reach {url}: {str(exc) or type(exc).__name__}") from None
