@@ -45,7 +45,7 @@ def scenarios() -> list[Any]:
 
 
 def train_started_after(clients: list[Proc], since: float, timeout: float) -> float:
-    """The first ``recover_client: train T`` with T >= since that any client prints: when a
+    """The first ``recover_client: train T`` (or ``held (train T)``) with T >= since that any client prints: when a
     training task reached a client after the fault. Streams are read without blocking, the
     bytes a buffered reader already holds included (select alone would miss those)."""
     deadline = time.monotonic() + timeout
@@ -64,8 +64,10 @@ def train_started_after(clients: list[Proc], since: float, timeout: float) -> fl
                 *lines, pending[id(s)] = (pending[id(s)] + data).split(b"\n")
                 for line in lines:
                     text = line.decode(errors="replace")
-                    if text.startswith("recover_client: train ") and float(text.split()[-1]) >= since:
-                        return float(text.split()[-1])
+                    if "train " in text and text.startswith("recover_client: "):
+                        at = float(text.rsplit("train ", 1)[1].rstrip(")"))
+                        if at >= since:
+                            return at
             sel.select(0.5)
     raise AssertionError(f"no client started training within {timeout}s of the fault")
 

@@ -455,9 +455,10 @@ class SessionService:
                 status, reason = "stopped", s.stop_reason or reason or "stopped"
         except asyncio.CancelledError:
             # The controller shuts down: the session stays "running" in state.db and the
-            # next start resumes it. Nothing more is written here.
+            # next start resumes it. Nothing more is written here, and followers are not
+            # told it ended (it did not): their link closes with the controller's, and they
+            # say how to follow it again.
             self.running = None
-            s.done.set()
             raise
         except StorageError as exc:  # a full disk: say so, and record the end once it can be
             log.error("session %s: %s", s.id, exc)
