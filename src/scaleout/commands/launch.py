@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -137,33 +138,29 @@ def _run(role: Callable[[asyncio.Event], Awaitable[None]], drain_limit: float | 
 
     async def main() -> list[signal.Signals]:
         stop = asyncio.Event()
-        received = install_stop_signals(stop)
-        if drain_limit is not None:
-            watchdog = asyncio.ensure_future(_exit_after(stop, received, drain_limit))
-        try:
-            await role(stop)
-        finally:
-            if drain_limit is not None:
-                watchdog.cancel()
+        # The hard exit is armed in the signal handler itself: the loop may be what is stuck.
+        arm = (lambda sig: _exit_after(sig, drain_limit)) if drain_limit is not None else None
+        received = install_stop_signals(stop, arm)
+        await role(stop)
         return received
 
     received = asyncio.run(main())
     return EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK
 
 
-async def _exit_after(stop: asyncio.Event, received: list[Any], limit: float) -> None:
-    """Once ``stop`` is set, arm a timer (a thread: it fires even if the loop never returns)
-    that ends the process ``limit`` seconds later with the exit code of the signal."""
+def _exit_after(sig: Any, limit: float) -> None:
+    """Arm a timer (a thread: it fires even if the loop never returns) that ends the process
+    ``limit`` seconds after the signal ``sig``, with that signal's exit code."""
     import os
     import signal
     import threading
 
-    await stop.wait()
-
     def hard_exit() -> None:
         log.warning("still shutting down %.0fs after the signal: exiting now", limit)
-        logging.shutdown()
-        os._exit(EXIT_INTERRUPTED if received[:1] == [signal.SIGINT] else EXIT_OK)
+        for handler in logging.getLogger().handlers:  # not logging.shutdown(): a lock a stuck thread holds would hang it
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_OK)
 
     timer = threading.Timer(limit, hard_exit)
     timer.daemon = True

@@ -66,11 +66,14 @@ def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(6)
 
 
-def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
+def install_stop_signals(stop: asyncio.Event, on_first: Callable[[signal.Signals], None] | None = None) -> list[signal.Signals]:
     """SIGINT/SIGTERM set ``stop`` so the role drains; a second signal exits at once
-    (with 128 + its number). Returns the list the signals received are appended to."""
+    (with 128 + its number). ``on_first`` is called in the signal handler itself (not on
+    the loop, which may be busy) at the first signal. Returns the list the signals
+    received are appended to."""
     loop = asyncio.get_running_loop()
     received: list[signal.Signals] = []
+    first: list[bool] = []
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig)
@@ -84,6 +87,9 @@ def install_stop_signals(stop: asyncio.Event) -> list[signal.Signals]:
         # Runs in the main thread between two bytecodes, even when the loop's wakeup socket
         # was full and asyncio lost the signal's byte (a package's thread calling the loop
         # thousands of times a second fills it): so the signal is never missed.
+        if on_first is not None and not first:
+            first.append(True)
+            on_first(signal.Signals(signum))
         loop.call_soon_threadsafe(on_signal, signal.Signals(signum))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,7 +136,9 @@ class LoopFeed(Generic[T]):
         with self._lock:
             if not self._closed:
                 return False
-            park = threading.get_ident() in self._told
+            # Never the event loop's thread (a log record emitted there after close): parking
+            # it would stop the very shutdown this makes room for.
+            park = threading.get_ident() in self._told and threading.current_thread() is not threading.main_thread()
             self._told.add(threading.get_ident())
         if park:
             threading.Event().wait()  # never set: this thread waits for the process to exit
