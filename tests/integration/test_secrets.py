@@ -103,12 +103,12 @@ def test_errors_sent_to_a_node_name_no_path_of_ours(fed: Federation) -> None:
             reader.cancel()
 
     message = str(asyncio.run(fetch_as_combiner()))
-    assert "is corrupt" in message and f".../{seed}.safetensors" in message, message
+    assert "is corrupt" in message and f"{seed}.safetensors" in message and ".../models" in message, message
     assert str(fed.tmp) not in message and "/models/" not in message, message
     # The controller's own admin is told where the file is.
     with pytest.raises(RemoteError) as info:
         fed.admin("model.get", {"id": seed})
-    assert str(model) in str(info.value)
+    assert str(model.parent) in str(info.value) and f"{seed}.safetensors" in str(info.value)
 
 
 def tgz(files: dict[str, bytes], deep: int = 0) -> bytes:
