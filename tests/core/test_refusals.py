@@ -12,7 +12,7 @@ from scaleout.core import payload
 from scaleout.core.errors import ScaleoutError
 from scaleout.core.limits import MAX_RESULT_BYTES, check_size
 from scaleout.core.refusals import REASONS, refusal_reason
-from scaleout.core.rounds import LOST, LOST_FOR_GOOD, TIMED_OUT
+from scaleout.core.rounds import LOST, LOST_AT_DEADLINE, LOST_FOR_GOOD, TIMED_OUT
 from scaleout.core.updates import read_num_examples
 
 MODEL = {"w": np.zeros((2, 3), dtype=np.float32), "n": np.zeros(2, dtype=np.int32)}
@@ -51,6 +51,7 @@ def raised(fn: Callable[[], object]) -> str:
         (lambda: "sent nothing for 10 s when asked for its update", "stalled"),
         (lambda: LOST, "disconnected"),
         (lambda: LOST_FOR_GOOD.format(grace=10), "disconnected"),
+        (lambda: LOST_AT_DEADLINE, "disconnected"),
         (lambda: "could not send the task: not connected to this combiner", "unreachable"),
         (lambda: "the round closed while the update was being checked", "other"),
         (lambda: "", "other"),

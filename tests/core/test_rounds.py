@@ -261,7 +261,8 @@ def test_grace_never_outlasts_the_deadline_and_goodbye_has_none() -> None:
     assert r.on_client_dropped("b", now=15.0, goodbye=True) is False
     assert r.failed == {"b": "client disconnected"}
     assert r.on_tick(20.0) is True
-    assert r.failed["a"] == "client disconnected and did not come back within 10 s"
+    # The deadline came before a's grace was over: the reason names the deadline, not the grace.
+    assert r.failed["a"] == "client disconnected and the round ended before it came back"
     assert r.failed["c"] == "no update before the round timeout"
 
 
@@ -280,3 +281,32 @@ def test_no_grace_means_a_drop_is_a_loss() -> None:
     r = CombinerRound.start(["a"], now=0.0, timeout=60.0)
     assert r.on_client_dropped("a", now=1.0) is True
     assert r.failed == {"a": "client disconnected"}
+
+
+def test_a_combiner_whose_link_drops_has_a_grace_to_come_back_and_report():
+    r = ControllerRound.start({"c1": 2, "c2": 2}, min_clients=4, now=0.0, timeout=60.0)
+    assert r.on_combiner_dropped("c1", now=1.0, grace=10.0) is None
+    assert r.next_wakeup == 11.0 and "c1" in r.waiting_for
+    r.on_combiner_back("c1")
+    assert r.next_wakeup == 60.0
+    assert r.on_partial("c2", 2) is None
+    decision = r.on_partial("c1", 2)  # its partial, re-reported over its new link
+    assert decision is not None and decision.outcome is Outcome.SUCCEEDED and decision.contributions == 4
+
+
+def test_a_combiner_that_does_not_come_back_in_its_grace_is_lost():
+    r = ControllerRound.start({"c1": 1, "c2": 1}, min_clients=1, now=0.0, timeout=60.0)
+    r.on_combiner_dropped("c1", now=0.0, grace=5.0)
+    assert r.on_partial("c2", 1) is None  # still waiting for c1's grace
+    assert r.on_tick(4.9) is None
+    decision = r.on_tick(5.0)
+    assert decision is not None and decision.outcome is Outcome.SUCCEEDED and decision.contributions == 1
+    assert r.lost == {"c1"}
+
+
+def test_a_grace_never_outlasts_the_round():
+    r = ControllerRound.start({"c1": 1}, min_clients=1, now=0.0, timeout=10.0)
+    r.on_combiner_dropped("c1", now=8.0, grace=30.0)
+    assert r.next_wakeup == 10.0
+    decision = r.on_tick(10.0)
+    assert decision is not None and decision.outcome is Outcome.FAILED and "lost combiner c1" in decision.reason

@@ -163,3 +163,29 @@ def test_files_an_interrupted_commit_left_are_swept_at_the_next_start(fed: Feder
     assert (models / f"{seed}.safetensors").exists()  # the committed one stays
     assert fed.admin("status")[0]["active_model"] == seed
     assert "removed 2 file(s) from" in fed.procs[-1].text()
+
+
+def test_a_combiner_whose_link_drops_mid_round_comes_back_and_its_partial_counts(fed: Federation, tmp_path: Path) -> None:
+    import subprocess
+
+    fed.controller()
+    fed.seed_from(RECOVER)
+    combiner = fed.combiner("c1")
+    clients = [fed.client(f"r{i}", package=RECOVER) for i in range(2)]
+    fed.wait_clients(2)
+    gate = tmp_path / "gate"
+    config = {"rounds": 2, "round_timeout": 30, "min_clients": 2, "validate": False, "settings": {"gate": str(gate), "gate_from": 2}}
+    session = fed.admin("session.start", config)[0]["session"]
+    wait_stdout(clients[0], "recover_client: held")  # round 2's tasks are out
+    port = fed.url.rsplit(":", 1)[1]
+    # The network drops the combiner's link to the controller (its socket is destroyed); both stay up.
+    cut = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", port], capture_output=True, text=True)
+    assert cut.returncode == 0 and f":{port}" in cut.stdout, cut.stdout + cut.stderr
+    gate.touch()
+
+    done = fed.admin("session.wait", {"id": session["id"]})[0]["session"]
+    assert done["status"] == "finished", done
+    second = done["rounds"][1]
+    assert second["status"] == "succeeded" and second["participants"] == ["r0", "r1"] and second["attempt"] == 1, second
+    assert "reconnected to the controller" in combiner.text()
+    assert "combiner c1 is back" in fed.procs[0].text()

@@ -34,6 +34,7 @@ class Decision:
 LOST = "client disconnected"
 LOST_FOR_GOOD = "client disconnected and did not come back within {grace:g} s"
 TIMED_OUT = "no update before the round timeout"
+LOST_AT_DEADLINE = "client disconnected and the round ended before it came back"
 
 
 class Resume(Enum):
@@ -110,7 +111,12 @@ class CombinerRound:
             return False
         if now >= self.deadline:
             for client in self.pending:
-                self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace) if client in self.away else TIMED_OUT
+                if client not in self.away:
+                    self.failed[client] = TIMED_OUT
+                elif self.away[client] < self.deadline:  # its grace ended first
+                    self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace)
+                else:  # the round's deadline came before its grace was over: say that, not the grace
+                    self.failed[client] = LOST_AT_DEADLINE
             self.done = True
             return True
         for client, until in list(self.away.items()):
@@ -140,6 +146,7 @@ class ControllerRound:
     received: dict[str, int] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)  # combiner -> why its partial was refused
+    away: dict[str, float] = field(default_factory=dict)  # combiner whose link dropped -> end of its grace
     decision: Decision | None = None
 
     @classmethod
@@ -160,9 +167,28 @@ class ControllerRound:
         return self._decide(final=not self.waiting_for)
 
     def on_combiner_lost(self, combiner: str) -> Decision | None:
+        self.away.pop(combiner, None)
         if self.decision is None and combiner in self.waiting_for:
             self.lost.add(combiner)
         return self._decide(final=not self.waiting_for)
+
+    def on_combiner_dropped(self, combiner: str, now: float, grace: float) -> Decision | None:
+        """The combiner's link dropped: it has ``grace`` seconds (never past the deadline) to
+        register again and report, as a client has at its combiner; then it is lost."""
+        if grace <= 0:
+            return self.on_combiner_lost(combiner)
+        if self.decision is None and combiner in self.waiting_for:
+            self.away[combiner] = min(now + grace, self.deadline)
+        return None
+
+    def on_combiner_back(self, combiner: str) -> None:
+        """It registered again within its grace: this round waits for its partial again."""
+        self.away.pop(combiner, None)
+
+    @property
+    def next_wakeup(self) -> float:
+        """When ``on_tick`` has something to decide next: the deadline, or a grace's end."""
+        return min([self.deadline, *self.away.values()])
 
     def on_partial_refused(self, combiner: str, reason: str) -> Decision | None:
         """The combiner's partial was unusable (e.g. it would overflow): none of it counts."""
@@ -172,6 +198,11 @@ class ControllerRound:
         return self._decide(final=not self.waiting_for)
 
     def on_tick(self, now: float) -> Decision | None:
+        for combiner, until in list(self.away.items()):
+            if now >= until:
+                del self.away[combiner]
+                if combiner in self.waiting_for:
+                    self.lost.add(combiner)
         return self._decide(final=now >= self.deadline or not self.waiting_for)
 
     def _decide(self, final: bool) -> Decision | None:

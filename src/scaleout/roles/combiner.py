@@ -112,6 +112,8 @@ class Combiner:
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
+        self.announced: m.RoundPartial | None = None  # the last partial told of: told again if the link dropped
+        self.boot: str | None = None  # which run of the controller gave us our rounds
         self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self.proofs: dict[str, str] = {}  # client -> the ticket it connected with: forwarded as proof it is here
@@ -144,14 +146,25 @@ class Combiner:
         return reader, result
 
     async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
-        """Register again after losing the controller, with backoff; None when stopped."""
+        """Register again after losing the controller, with backoff; None when stopped.
+
+        The rounds under way go on meanwhile (clients keep training). Back with the same run
+        of the controller, a partial it had not taken is told of again (that round may still
+        be open); a controller that restarted runs its round again, so the old ones go."""
 
         async def again() -> asyncio.Task[None]:
-            reader, _ = await self._register(ctx, None)
+            reader, result = await self._register(ctx, None)
             assert self.controller is not None
+            if result.get("boot") != self.boot:
+                await self._abandon_jobs()  # a new run of the controller: it retries its round itself
+                self.boot = result.get("boot")
             await self.controller.request("combiner.ready", {"url": url}, timeout=30)
             await self._send_all_clients()
             log.info("reconnected to the controller at %s", self.settings.controller)
+            told = self.announced
+            if told is not None and (told.session_id, told.round_index) in self.partials:
+                log.info("round %d: telling the controller again of the partial it had not taken", told.round_index)
+                await _quiet(self.controller.send(told))
             return reader
 
         return await _with_backoff(again, stop, (ScaleoutError, OSError))
@@ -165,6 +178,7 @@ class Combiner:
     async def _abandon_jobs(self) -> None:
         """The controller that gave us these rounds is gone: stop their tasks."""
         self.partials.clear()
+        self.announced = None
         self.relay.abandon()
         for job in list(self.jobs.values()):
             self._drop(job)
@@ -197,6 +211,7 @@ class Combiner:
         if first is None:
             return
         reader, result = first
+        self.boot = result.get("boot")
         assert self.controller is not None
         self.verifier = tokens.TokenVerifier(str(result["token_public_key"]).encode())
         self.verifier.revoked.update(str(i) for i in result.get("revoked") or [])
@@ -241,8 +256,7 @@ class Combiner:
                     raise Superseded(f"another combiner registered as {self.name!r}: this one stops (give each combiner its own --name)")
                 if self.controller.ws.close_code == m.CLOSE_REVOKED:
                     raise AuthError(f"the controller closed this combiner's link: {self.controller.ws.close_reason or 'credential revoked'}")
-                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected)", s.controller)
-                await self._abandon_jobs()
+                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected, rounds go on)", s.controller)
                 current = await self._reconnect(ctx, url, stop)
         finally:
             self.stopping = True
@@ -843,6 +857,7 @@ class Combiner:
             session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing, attempt=job.attempt,
         )
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
+        self.announced = msg
         await _quiet(self.controller.send(msg))
 
 

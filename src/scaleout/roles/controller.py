@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class Controller:
         self.combiners: dict[str, CombinerConn] = {}
         self.hub = EventHub()  # the typed event stream to subscribed admin links
         self.sessions = SessionService(self)  # session.* and the runner of the running session (roles/sessions.py)
+        self.boot = secrets.token_hex(8)  # this run of the controller (combiners compare it when they register again)
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
         # The clients each combiner was given in the current round: it may report and
@@ -485,7 +487,10 @@ class Controller:
             log.warning("combiner %s registered again: closing its older connection", name)
             self._combiner_gone(old.link)
             await close_now(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
-        result: dict[str, Any] = {"token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked)}
+        result: dict[str, Any] = {
+            "token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked),
+            "boot": self.boot,  # which run of this controller: a combiner that sees it change drops the old rounds
+        }
         if csr:
             if self.ssl_context is None:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
@@ -495,6 +500,7 @@ class Controller:
         if renewed is not None:
             result["token"] = renewed
         self.combiners[name] = CombinerConn(name, link)
+        self.sessions.on_combiner_back(name, link)  # a round that gave it a grace takes its partial over this link
         self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")

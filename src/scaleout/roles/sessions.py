@@ -50,6 +50,7 @@ STATE = ("state", ".safetensors")  # what a strategy keeps across the rounds of 
 PARTIAL_GRACE_S = 5.0
 PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial at, at the least
 PULL_STALL_S = 10.0  # a partial of which nothing arrives for this long is given up
+COMBINER_GRACE_S = 10.0  # a combiner whose link drops mid-round may register again and report within this
 SMALL_PAYLOAD = 1 << 20
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 RESTARTED = "controller restarted"
@@ -353,6 +354,11 @@ class SessionService:
         if self.running is not None:  # the link says which registration was lost
             self.running.events.put_nowait(("lost", (name, link)))
 
+    def on_combiner_back(self, name: str, link: Link) -> None:
+        """A combiner registered (again): a round that gave it a grace waits for it on this link."""
+        if self.running is not None:
+            self.running.events.put_nowait(("back", (name, link)))
+
     def on_round_message(self, name: str, msg: m.RoundPartial | m.ValidateDone, link: Link) -> None:
         s = self.running
         if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
@@ -588,7 +594,7 @@ class SessionService:
         reduce_s = 0.0
         decision = tracker.on_tick(loop.time())
         while decision is None:
-            event = await self._next_event(s, index, tracker.deadline)
+            event = await self._next_event(s, index, tracker.next_wakeup)
             if event is None:
                 decision = tracker.on_tick(loop.time())
                 continue
@@ -597,8 +603,15 @@ class SessionService:
                 return finish("failed", "session stopped", participants=contributors)
             if kind == "lost":
                 name, link = value
-                if links.get(name) is link:
-                    decision = tracker.on_combiner_lost(name)
+                if links.get(name) is link and name in tracker.waiting_for:
+                    log.warning("round %d: combiner %s dropped its link: waiting up to %.0fs for it to come back", index, name, COMBINER_GRACE_S)
+                    decision = tracker.on_combiner_dropped(name, loop.time(), COMBINER_GRACE_S)
+            elif kind == "back":
+                name, link = value
+                if name in tracker.away:  # the same combiner again: its partial comes over this link
+                    log.info("round %d: combiner %s is back", index, name)
+                    links[name] = link
+                    tracker.on_combiner_back(name)
             elif kind == m.RoundPartial.type:
                 name, msg, link = value
                 if links.get(name) is not link or name not in tracker.waiting_for:
