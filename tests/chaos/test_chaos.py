@@ -106,9 +106,9 @@ def test_a_session_survives(role: str, moment: str, how: str, fed: Federation, t
         if role == "controller":
             fed.controller(name="controller-2", port=port)
         elif role == "combiner":
-            fed.combiner(target.name)  # the same name and --state-dir: the same node again
+            again = fed.combiner(target.name)  # the same name and --state-dir: the same node again
         else:
-            clients["r0"] = fed.client("r0", package=RECOVER)
+            again = clients["r0"] = fed.client("r0", package=RECOVER)
     else:
         target.popen.send_signal(signal.SIGSTOP)
         try:
@@ -134,6 +134,8 @@ def test_a_session_survives(role: str, moment: str, how: str, fed: Federation, t
     assert sorted(m["id"] for m in trail) == sorted(r["model_id"] for r in rounds)  # one commit per round
     verify = scaleout("audit", "verify", "--data-dir", str(fed.data))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    if how == "kill" and role != "controller":  # restarted on its state dir: its own identity again, no new enrolment
+        assert "enrolled as" not in again.text(), again.text()
 
 
 def _record(role: str, moment: str, how: str, outcome: str, recovery: float) -> None:
