@@ -173,3 +173,40 @@ def test_a_cut_tail_with_a_rewritten_head_is_caught_by_the_signed_head(fed: Fede
     (fed.data / "audit.head").unlink()
     r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
     assert r.returncode == 1 and "audit.head is missing" in r.stdout, r.stdout + r.stderr
+
+
+def test_no_signed_head_beside_a_log_fails_verify_and_a_rewritten_head_stays_in_the_chain(fed: Federation) -> None:
+    # The cut tail again, with audit.head and audit.key deleted too: nothing beside state.db
+    # to check against is itself a failure (a kept copy, --head, decides then); a controller
+    # that finds no head writes one and says so in the chain, for good.
+    fed.controller()
+    for role in ("client", "combiner", "admin"):
+        fed.token(role)
+    kept = fed.tmp / "kept.head"
+    kept.write_bytes((fed.data / "audit.head").read_bytes())  # at entry 3
+    fed.seed_from(QUICKSTART)  # entry 4
+    fed.stop_all()
+    state = str(fed.data / "state.db")
+    (fed.data / "audit.head").unlink()
+    (fed.data / "audit.key").unlink()
+    r = scaleout("audit", "verify", "--state", state)
+    assert r.returncode == 1 and "no signed audit head" in r.stdout, r.stdout + r.stderr
+    r = scaleout("audit", "verify", "--state", state, "--head", str(kept))
+    assert r.returncode == 0 and f"matches the signed head {kept}" in r.stdout, r.stdout + r.stderr
+    tamper(
+        fed.data / "state.db",
+        "DELETE FROM audit WHERE id > 2",
+        "UPDATE meta SET value=(SELECT id || ' ' || hash FROM audit WHERE id=2) WHERE key='audit_head'",
+    )
+    r = scaleout("audit", "verify", "--state", state)
+    assert r.returncode == 1 and "no signed audit head" in r.stdout, r.stdout + r.stderr  # was: intact, rc 0
+    r = scaleout("audit", "verify", "--state", state, "--head", str(kept))
+    assert r.returncode == 1, r.stdout + r.stderr
+    # A controller started on it writes a new head, and an entry that says so.
+    fed.controller()
+    code, out, err = cli(fed, "audit", "verify")
+    assert code == 0 and "warning: entry 3: the signed audit head was missing at start and was rewritten" in out, out + err
+    entries = json.loads(cli(fed, "audit", "ls", "--json")[1])
+    assert [e["action"] for e in entries] == ["token.create", "token.create", "audit.head_rewritten"], entries
+    code, out, err = cli(fed, "audit", "verify", "--head", str(kept))
+    assert code == 1, out + err  # the operator's copy (signed with the deleted key, naming the cut entry 3) does not pass

@@ -114,6 +114,15 @@ def test_a_rogue_combiner_cannot_claim_clients_speak_for_them_or_take_their_cred
                     stolen[op] = "worked"
                 except (AuthError, RemoteError) as exc:
                     stolen[op] = str(exc)
+            # A ticket is no identity: with the shared client join token plus identity=<ticket>, the
+            # rogue asks for k2's combiner (c1, to take k2 over there; itself, to mint a fresh ticket).
+            as_k2 = {}
+            for prefer in ("c1", "evilcomb"):
+                try:
+                    got = await call_async(Connection(fed.url, fed.token("client"), Path(fed.ca), False), "client.assign", {"name": "k2", "identity": bearer, "prefer": prefer})
+                    as_k2[prefer] = f"worked: {got[0]}"
+                except (AuthError, RemoteError) as exc:
+                    as_k2[prefer] = str(exc)
             # The ticket proves k2 is here, and nothing else: not k1.
             with_k2 = m.ClientsChanged(joined=["k1"], proofs=[bearer])
             await rogue.link.send(with_k2)
@@ -124,7 +133,7 @@ def test_a_rogue_combiner_cannot_claim_clients_speak_for_them_or_take_their_cred
             metrics = (await call_async(admin, "metric.ls", {"client": "k1"}))[0]
         finally:
             await rogue.stop()
-        return {"before": before, "bearer": bearer, "stolen": stolen, "after": after, "shown": shown, "metrics": metrics}
+        return {"before": before, "bearer": bearer, "stolen": stolen, "as_k2": as_k2, "after": after, "shown": shown, "metrics": metrics}
 
     out = asyncio.run(asyncio.wait_for(attack(), 120))
     assert out["before"]["k1"] == ("c1", "online") and out["before"]["k0"] == ("c1", "online"), out["before"]
@@ -134,12 +143,14 @@ def test_a_rogue_combiner_cannot_claim_clients_speak_for_them_or_take_their_cred
     claims = tokens.peek(out["bearer"])
     assert claims.sub == "k2" and claims.aud == "evilcomb", claims  # a ticket for this combiner, not k2's credential
     assert all("a ticket is good only at the combiner it names" in v for v in out["stolen"].values()), out["stolen"]
+    assert all("a ticket is good only at the combiner it names" in v for v in out["as_k2"].values()), out["as_k2"]
     assert out["metrics"]["total"] == 0, out["metrics"]
     assert "site" not in (out["shown"]["k1"].get("attributes") or {}), out["shown"]
     assert "forged" not in json.dumps(out["shown"]["k0"]), out["shown"]
     log = ctl.text()
     assert "combiner evilcomb announced client k1 without a valid proof: refused" in log
     assert "is now on combiner evilcomb" not in log
+    assert "another client connected as k2" not in k2[0].text(), k2[0].text()
 
 
 def refused(fed: Federation, token: str, op: str, args: dict[str, Any] | None = None) -> RemoteError:
@@ -191,6 +202,14 @@ def test_a_used_up_join_token_opens_nothing_and_enrolments_are_rate_limited(fed:
     assert err.code == "rate_limited" and "at most 2 nodes a minute" in str(err), err
     row = next(t for t in fed.admin("token.ls")[0]["tokens"] if t["id"] == tokens.peek(many).jti)
     assert row["uses"] == 2 and row["recent"] == ["n1", "n0"] and row["last_enrolled"] is not None, row
+    # Finishing an enrolment again (same token, same key) issues a credential each time: it counts too.
+    again = fed.token("combiner")
+    conn = Connection(fed.url, again, Path(fed.ca), False)
+    first = asyncio.run(call_async(conn, "node.enrol", {"name": "r", "key": "k" * 20}))[0]
+    second = asyncio.run(call_async(conn, "node.enrol", {"name": "r", "key": "k" * 20}))[0]
+    assert second["id"] == first["id"], (first, second)
+    err = refused(fed, again, "node.enrol", {"name": "r", "key": "k" * 20})
+    assert err.code == "rate_limited", err
 
 
 def test_a_client_that_could_not_keep_its_credential_finishes_its_enrolment(fed: Federation, tmp_path: Path) -> None:

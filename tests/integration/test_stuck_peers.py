@@ -129,3 +129,35 @@ def test_a_combiner_that_asks_for_the_model_and_never_reads_holds_up_nothing(fed
     assert out["dropped"], out
     log = ctl.text()
     assert "dropping the link to" in log and ("the peer took nothing for 2 s" in log or "a peer that does not read" in log), log[-3000:]
+
+
+def test_a_peer_that_floods_pings_and_never_reads_the_pongs_is_dropped(fed: Federation) -> None:
+    # websockets writes each PONG itself, outside the link's send path: the link watches its buffer.
+    ctl = fed.controller("--config", config(fed, "controller", "send_timeout = 2\n"))
+    own = fed.identity("client", "pinger")
+    baseline = rss_mb(ctl.popen.pid)
+
+    async def go() -> tuple[bool, float, float]:
+        _, writer = await deaf_link(fed, own)
+        pings = ws_frame(b"p" * 125, opcode=9) * 1000
+        started = time.monotonic()
+        dropped = False
+        while not dropped and time.monotonic() - started < 30:  # was never dropped: RSS +415 MB in 60 s
+            try:
+                writer.write(pings)
+                await asyncio.wait_for(writer.drain(), TIMEOUT)
+            except CLOSED:
+                dropped = True
+            except asyncio.TimeoutError:
+                break  # the controller stopped reading us: the check below says whether it dropped us
+            dropped = dropped or writer.transport.is_closing()
+        dropped = dropped or await dropped_within(writer, 10)
+        writer.transport.abort()
+        return dropped, time.monotonic() - started, rss_mb(ctl.popen.pid) - baseline
+
+    dropped, spent, grown = asyncio.run(go())
+    assert dropped, f"the link that pings and never reads the pongs is still open after {spent:.0f} s"
+    assert grown < 150, (baseline, grown)  # loose: bounded by the queued-bytes cap, not by the flood
+    log = ctl.text()
+    assert "dropping the link to" in log and "the peer took nothing for 2 s" in log, log[-2000:]
+    assert fed.admin("status")[0]["session"] is None

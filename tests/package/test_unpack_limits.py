@@ -188,3 +188,26 @@ def test_100000_entries_naming_the_root_are_counted_and_refused_with_bounded_mem
     finally:
         tracemalloc.stop()
     assert peak < 16 * MIB, peak
+
+
+def many_pax_headers(count: int, size: int) -> bytes:
+    """A .tgz of ``count`` small files, each after a pax header of ``size`` bytes (a comment)."""
+    out = io.BytesIO()
+    body = f"{size} comment=".encode()
+    body += b"a" * (size - len(body) - 1) + b"\n" + bytes(-size % 512)
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        gz.write(raw_tar_header(b"pkg/scaleout.yaml", b"0", len(YAML)) + YAML + bytes(-len(YAML) % 512))
+        for i in range(count):
+            gz.write(raw_tar_header(b"././@PaxHeader", b"x", size) + body)
+            gz.write(raw_tar_header(f"pkg/f{i}".encode(), b"0", 0))
+        gz.write(bytes(1024))
+    return out.getvalue()
+
+
+def test_many_pax_headers_within_the_per_header_bound_are_refused_in_all() -> None:
+    # Each 60 KB header passes max_header; 9,000 of them (540 MB) took 27 s of CPU to check.
+    data = many_pax_headers(300, 60_000)  # 18 MB of headers
+    assert len(data) < MIB
+    with pytest.raises(PackageError, match=r"more than 16.0 MiB of pax extended headers and GNU long names in all \(the limit; a header bomb\?\)"):
+        check_archive(data)
+    check_archive(many_pax_headers(20, 60_000))  # 1.2 MB of them: an ordinary archive

@@ -643,6 +643,8 @@ def audit_verify(args: argparse.Namespace) -> int:
                 print(f"matches the signed head {where}")
             if result.get("head"):
                 print(f"head: {result['head']}  (keep a copy elsewhere: a rewritten chain would end in another)")
+            for warning in result.get("warnings") or []:
+                print(f"warning: {warning}")
         else:
             broken = result["broken"]
             print(f"audit log broken at entry {broken['id']}: {broken['reason']}")

@@ -18,6 +18,7 @@ class UnpackLimits:
     max_ratio: int = 100  # unpacked size at most this many times the archive's (beyond FREE_BYTES)
     max_path: int = 1024  # characters of one member's path
     max_header: int = 64 * 1024  # bytes of one pax extended header or GNU long name/link (read before tarfile sees it)
+    max_headers: int = 16 * MIB  # bytes of all of them in one archive (each is parsed: many small ones cost CPU)
 
     FREE_BYTES = 16 * MIB  # a small package may expand more than max_ratio: only its total counts
 

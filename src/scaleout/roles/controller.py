@@ -163,8 +163,11 @@ class Controller:
         from scaleout.store.audithead import HeadFile
 
         self.audit_head = HeadFile.load_or_create(self.dir)
-        if not self.state.anchor_audit(self.audit_head) and self.state.get_meta(AUDIT_HEAD):
-            log.warning("no signed audit head beside state.db: wrote %s for the log as it is (the first start with it, or it was removed)", self.audit_head.path)
+        why = self.state.anchor_audit(self.audit_head)
+        if why and self.state.get_meta(AUDIT_HEAD):
+            # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
+            log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
+            self.state.audit("controller", "audit.head_rewritten", reason=why)
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
         self._sweep()

@@ -201,9 +201,16 @@ class TokenVerifier:
             raise AuthError("token signature is invalid") from None
         return _claims(payload)
 
-    def verify(self, token: str, now: float, roles: Collection[str] | None = None) -> TokenClaims:
-        """Return the claims of a genuine, live, unrevoked token whose role is in `roles`."""
+    def verify(self, token: str, now: float, roles: Collection[str] | None = None, *, audience: str | None = None) -> TokenClaims:
+        """Return the claims of a genuine, live, unrevoked token whose role is in `roles`.
+
+        A ticket (a token with ``aud``) passes only where the caller names that audience:
+        a ticket is never anyone's credential or identity."""
         claims = self.genuine(token)
+        if claims.aud != audience:
+            if claims.aud is None:
+                raise AuthError("a ticket is expected here, not a credential")
+            raise AuthError(f"a ticket is good only at the combiner it names ({claims.aud}), never as a credential or identity")
         if claims.jti in self.revoked:
             raise AuthError("token was revoked")
         if claims.nid is not None and claims.nid in self.revoked:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,12 @@ def verify(rows: Any, meta_head: str | None, head_file: HeadFile | None, kept: s
     checked, broken = verify_chain(entries, head)
     anchored: list[str] = []
     checks: list[tuple[str, bool, str | None]] = []
-    if head_file is not None:
+    beside = head_file is not None and head_file.exists()
+    if head_file is not None and (beside or kept is None):
         checks.append((str(head_file.path), True, None))
+    elif broken is None and entries and kept is None:
+        # Deleting audit.head and audit.key with the entries must not pass: a kept copy decides then.
+        broken = Broken(head[0] if head else None, f"no signed audit head ({HEAD_FILE} and {KEY_FILE}) beside state.db to check the log against: pass a copy you kept with --head FILE")
     if kept is not None:
         checks.append((kept_where, False, kept))
     for where, exact, text in checks:
@@ -101,7 +106,19 @@ def verify(rows: Any, meta_head: str | None, head_file: HeadFile | None, kept: s
             checked, broken = verify_log(entries, head, head_file.read(), exact=True)
         if broken is None:
             anchored.append(where)
-    result: dict[str, Any] = {"ok": broken is None, "entries": checked, "head": meta_head, "anchored": anchored}
+    warnings = [
+        f"entry {e['id']}: the signed audit head was {_reason(e)} at start and was rewritten (entries cut before then are caught only by a kept copy, --head)"
+        for e in entries if e.get("action") == "audit.head_rewritten"
+    ]
+    result: dict[str, Any] = {"ok": broken is None, "entries": checked, "head": meta_head, "anchored": anchored, "warnings": warnings}
     if broken is not None:
         result["broken"] = {"id": broken.id, "reason": broken.reason}
     return result
+
+
+def _reason(entry: dict[str, Any]) -> str:
+    try:
+        detail = json.loads(entry.get("detail") or "{}")
+    except ValueError:
+        detail = {}
+    return str(detail.get("reason") or "missing") if isinstance(detail, dict) else "missing"

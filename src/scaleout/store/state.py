@@ -468,20 +468,31 @@ class State:
             self.set_meta(AUDIT_HEAD, f"{next_id} {digest}")
             self._pending_head = (next_id, digest)
 
-    def anchor_audit(self, head_file: Any) -> bool:
+    def anchor_audit(self, head_file: Any) -> str | None:
         """Keep the audit head in ``head_file`` (store/audithead.py) too, rewritten after each
-        append; written now when missing (False then: the first start with it, or someone
-        removed it, which `audit verify` cannot tell apart)."""
+        append; written now when missing, not signed with this key or not naming the log's
+        end (why, then: the first start with it, or someone removed or replaced it, which
+        nothing here can tell apart; the controller records it in the log)."""
+        from scaleout.core.errors import ConfigError
+
         self._head_file = head_file
         (self._audit_count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
-        if head_file.exists():
-            return True
         head = self.get_meta(AUDIT_HEAD)
         eid, _, digest = (head or "0 ").partition(" ")
+        if not head_file.exists():
+            why = "missing"
+        else:
+            try:
+                anchor = head_file.read()
+                why = "" if (anchor.id, anchor.hash, anchor.count) == (int(eid) if eid.isdigit() else 0, digest, self._audit_count) else "not the log's end"
+            except ConfigError:
+                why = "not signed with this controller's audit.key"
+        if not why:
+            return None
         self._pending_head = (int(eid) if eid.isdigit() else 0, digest) if head else (0, "")
         self._audit_count -= 1  # _write_head counts the pending entry
         self._write_head()
-        return False
+        return why
 
     def _write_head(self) -> None:
         from scaleout.core.audit import Anchor

@@ -69,6 +69,7 @@ FRAMES_AHEAD = 2  # frames built by workers ahead of the one being sent
 MAX_REQUESTS = 256  # requests from the peer unanswered at once; one more closes the link
 MAX_QUEUED_BYTES = 64 << 20  # bytes waiting to be written to the peer; more closes the link
 SEND_TIMEOUT_S = 30.0  # a frame the peer has not taken by then drops the connection
+WRITE_CHECK_S = 1.0  # how often a link looks at what waits in its transport's write buffer
 
 Progress = Callable[[int, int], None]
 """Told ``(bytes done, total bytes)`` as a payload moves: first ``(0, total)``, then per chunk."""
@@ -413,6 +414,7 @@ class Link:
         """Read frames until the connection closes."""
         loop = asyncio.get_running_loop()
         self.last_frame = loop.time()
+        writes = asyncio.create_task(self._watch_writes())
         try:
             async for frame in self.ws:
                 self.last_frame = loop.time()
@@ -430,6 +432,7 @@ class Link:
         except ConnectionClosed:
             pass
         finally:
+            writes.cancel()
             self.closed = True
             reason = self.cut_reason or _close_reason(self.ws)
             for fut in self._pending.values():
@@ -444,6 +447,27 @@ class Link:
             self._failed.clear()
             if held:
                 schedule_release()
+
+    async def _watch_writes(self) -> None:
+        """websockets writes some frames itself (a PONG for each PING), past ``_send_frame``:
+        a peer that pings and never reads would pile them up here without bound. Drop it when
+        the transport's write buffer holds more than ``max_queued`` bytes, or holds bytes and
+        takes none for ``send_timeout`` while no send of ours waits (those have their own bound)."""
+        transport = getattr(self.ws, "transport", None)
+        if transport is None or not hasattr(transport, "get_write_buffer_size"):
+            return
+        loop = asyncio.get_running_loop()
+        last, since = 0, loop.time()
+        while not self.cut_reason:
+            await asyncio.sleep(WRITE_CHECK_S)
+            size, now = transport.get_write_buffer_size(), loop.time()
+            if size > self.max_queued:
+                self.cut(f"{fmt_bytes(size)} waiting for a peer that does not read (limit {fmt_bytes(self.max_queued)})")
+            elif size == 0 or size < last or self._queued:
+                since = now
+            elif now - since >= self.send_timeout:
+                self.cut(f"the peer took nothing for {self.send_timeout:g} s")
+            last = size
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
