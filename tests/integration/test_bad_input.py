@@ -209,7 +209,8 @@ def test_client_and_combiner_tokens_cannot_run_admin_operations(fed: Federation)
     assert err.code == "unauthorized", err
     assert "combiner token may not do package.set_active" in str(err)
     # The tokens are fine for what their role may do: the refusal is per operation.
-    assert call_as(fed, client, "package.get").code == "not_found"
+    # (a join token only enrols: a client's own credential may fetch the package)
+    assert call_as(fed, fed.identity("client", "k-ok"), "package.get").code == "not_found"
     # Nothing happened: no session, no package, the same model.
     now = status(fed)
     assert (now["session"], now["active_package"], now["active_model"]) == (None, None, seed)

@@ -95,6 +95,7 @@ def test_metric_limits_hold_across_reconnects(fed: Federation) -> None:
 
     sid = asyncio.run(go())
     stored = rows(fed, "SELECT data FROM reports WHERE session_id=? AND client='flooder' AND kind='metric'", sid)
+    stored = [r for r in stored if "dropped" not in json.loads(r["data"])]  # the counts of what was dropped are not values
     assert 1 <= len(stored) <= 8, len(stored)  # 120 sent; the per-client budget of about 256 KB holds
     assert sum(len(json.loads(r["data"])) for r in stored) <= 8
 

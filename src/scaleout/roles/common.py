@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 log = logging.getLogger("scaleout")
 T = TypeVar("T")
 STOP_GRACE_S = 2.0
+FEED_WAIT_S = 5.0  # longest a package thread waits for room in a full LoopFeed before the item is dropped
 
 
 def announce(url: str, dial: Sequence[str] = ()) -> None:
@@ -124,11 +125,13 @@ class LoopFeed(Generic[T]):
         self._closed = False
         self._told: set[int] = set()  # threads told once that the feed is closed
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a batch was taken, or the feed closed
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._items.clear()
+            self._room.notify_all()
 
     def stopping(self) -> bool:
         """True once closed (the caller drops what it had to put); a thread asking a second
@@ -148,7 +151,12 @@ class LoopFeed(Generic[T]):
         if self.stopping():
             return False
         with self._lock:
-            if len(self._items) >= self._limit:
+            # Full: a worker thread waits for the loop to take a batch (a package logging faster
+            # than its link carries is slowed, not silently cut), never the loop's own thread,
+            # and never past close.
+            if len(self._items) >= self._limit and threading.current_thread() is not threading.main_thread():
+                self._room.wait_for(lambda: len(self._items) < self._limit or self._closed, timeout=FEED_WAIT_S)
+            if self._closed or len(self._items) >= self._limit:
                 return False
             self._items.append(item)
             if self._scheduled:
@@ -165,6 +173,7 @@ class LoopFeed(Generic[T]):
             items = list(self._items)
             self._items.clear()
             self._scheduled = False
+            self._room.notify_all()
         for item in items:
             self._deliver(item)
 
