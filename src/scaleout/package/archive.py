@@ -214,8 +214,10 @@ class _Budget:
 
 
 _BLOCK = 512
-_META_TYPES = (b"x", b"g", b"L", b"K")  # pax extended/global headers, GNU long name/link: tarfile reads them whole
+# pax extended/global headers (Solaris' 'X' too), GNU long name/link: tarfile reads them whole
+_META_TYPES = (b"x", b"g", b"X", b"L", b"K")
 _DATA_FREE_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: tarfile skips no data for them
+_DATA_TYPES = (b"0", b"\0", b"7")  # regular files (contiguous ones too): their data is skipped
 
 
 def _scan_headers(data: bytes, limits: UnpackLimits) -> None:
@@ -244,7 +246,7 @@ def _scan_headers(data: bytes, limits: UnpackLimits) -> None:
                 return
             if kind in _META_TYPES:
                 if size > limits.max_header:
-                    what = "pax extended header" if kind in (b"x", b"g") else "GNU long name"
+                    what = "pax extended header" if kind in (b"x", b"g", b"X") else "GNU long name"
                     raise PackageError(
                         f"package archive has a {what} of {fmt_bytes(size)}; the limit is {fmt_bytes(limits.max_header)} (a header bomb?)"
                     )
@@ -254,18 +256,26 @@ def _scan_headers(data: bytes, limits: UnpackLimits) -> None:
                         f"package archive has more than {fmt_bytes(limits.max_headers)} of pax extended headers and GNU long names in all (the limit; a header bomb?)"
                     )
                 body = _read_up_to(gz, -(-size // _BLOCK) * _BLOCK)[:size]
-                if kind in (b"x", b"g"):
+                if kind in (b"x", b"g", b"X"):
                     records = _pax_records(body)
                     if any(key.startswith(b"GNU.sparse") for key in records):
                         raise PackageError("package archive holds a sparse file; only regular files and directories are allowed")
-                    declared = _int_or_none(records.get(b"size"))
-                    if kind == b"x":
+                    size_text = records.get(b"size")
+                    if size_text is not None and not re.fullmatch(rb"[0-9]{1,20}", size_text):
+                        # tarfile reads "+0", "5_0" or " 5" with int(): this walk and tarfile would
+                        # disagree on where the next header starts, so such a header is refused.
+                        raise PackageError(f"package archive has a pax size that is not a plain number ({size_text[:20]!r})")
+                    declared = _int_or_none(size_text)
+                    if kind != b"g":
                         size_next = declared
                     elif declared is not None:
                         size_all = declared
                 continue
             if kind == b"S":
                 raise PackageError("package archive holds a sparse file; only regular files and directories are allowed")
+            if kind not in _DATA_TYPES and kind not in _DATA_FREE_TYPES:
+                # A type this walk does not know may be one tarfile reads whole (as it does 'X'): refused.
+                raise PackageError(f"package archive holds a member of tar type {kind!r}; only regular files and directories are allowed")
             members += 1
             if members > limits.max_files:
                 raise PackageError(f"package archive has more than {limits.max_files} files and directories (the limit)")
