@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -14,28 +13,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleout.core import messages as m
-from scaleout.core import payload, permissions
-from scaleout.core.errors import (
-    AuthError,
-    ConfigError,
-    ConflictError,
-    CorruptModelError,
-    IntegrityError,
-    LimitExceeded,
-    NotFoundError,
-    ProtocolError,
-    ScaleoutError,
-    StorageError,
-)
+from scaleout.core import permissions
+from scaleout.core.errors import AuthError, ConfigError, ConflictError, LimitExceeded, ProtocolError, ScaleoutError, StorageError
 from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
+from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
 from scaleout.roles.exporter import Observer
-from scaleout.roles.sessions import MODEL, SMALL_PAYLOAD, RunningSession, SessionService
-from scaleout.roles.events import EventHub, snapshot
+from scaleout.roles.door import Door
+from scaleout.roles.events import EventHub
+from scaleout.roles.sessions import SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
@@ -48,7 +38,6 @@ from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
 
-PACKAGE = ("packages", ".tgz")
 ADMIN_TOKEN_TTL = 365 * 86400
 ASSIGNMENT_TTL_S = 30.0
 HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
@@ -105,47 +94,21 @@ class Controller:
         self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
         # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
         self.tickets: dict[str, tuple[int, str]] = {}
-        self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
-        self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self.url = ""
         self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
-        # Who may call each operation is core/permissions.py's to say (the one table), not this map's.
+        self.admin = AdminService(self)  # every admin operation (roles/admin.py)
+        self.door = Door(self.admin)  # requests on a link -> calls of it (roles/door.py)
+        self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
+        # The operations that are about the link itself. Who may call any operation is
+        # core/permissions.py's to say (the one table), not this map's.
         self._ops: dict[str, Handler] = {
-            "status": self._status,
-            "token.create": self._token_create,
-            "package.set_active": self._package_set_active,
-            "package.get": self._package_get,
-            "model.set_seed": self._model_set_seed,
-            "model.ls": self._model_ls,
-            "model.show": self._model_show,
-            "model.get": self._model_get,
-            "session.start": lambda link, args, blob: self._answer(self.sessions.start(args, self._auditor(link))),
-            "session.ls": lambda link, args, blob: self._answer(_ready(self.sessions.ls())),
-            "session.show": lambda link, args, blob: self._answer(self.sessions.show(args)),
-            "session.stop": lambda link, args, blob: self._answer(self.sessions.stop_op(args, self._auditor(link))),
-            "session.wait": lambda link, args, blob: self._answer(self.sessions.wait(link, args)),
-            "session.continue": lambda link, args, blob: self._answer(self.sessions.continue_(args, self._auditor(link))),
-            "model.set_active": self._model_set_active,
-            "client.ls": self._client_ls,
-            "client.wait": self._client_wait,
-            "combiner.ls": self._combiner_ls,
-            "metric.ls": self._metric_ls,
+            "session.wait": self._session_wait,
             "client.assign": self._client_assign,
             "combiner.register": self._combiner_register,
             "combiner.ready": self._combiner_ready,
-            "events.snapshot": lambda link, args, blob: self._snapshot(args),
-            # Tokens and node identities (roles/enrolment.py).
             "node.enrol": lambda *a: self.desk.enrol(*a),
-            "token.ls": lambda *a: self.desk.token_ls(*a),
-            "token.revoke": lambda *a: self.desk.token_revoke(*a),
-            "client.rm": lambda *a: self.desk.client_rm(*a),
-            "combiner.rm": lambda *a: self.desk.combiner_rm(*a),
             "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
-            "audit.ls": self._audit_ls,
-            "audit.verify": self._audit_verify,
         }
-        self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
-        self._ops.update(self.commands.ops())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -204,7 +167,7 @@ class Controller:
                 log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
                             len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
 
-    def _write_admin_token(self) -> None:
+    def write_admin_token(self) -> None:
         path = self.dir / "admin.token"
         if path.exists():
             try:
@@ -232,7 +195,7 @@ class Controller:
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
-        self._write_admin_token()
+        self.write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
@@ -279,7 +242,7 @@ class Controller:
         self.desk.on_link(link)
 
         def authorize(req: m.Request) -> None:
-            if req.op not in self._ops:
+            if req.op not in self._ops and not self.door.knows(req.op):
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
             self.desk.check_join_link(link, req.op)  # a join token enrols, nothing more
@@ -292,7 +255,10 @@ class Controller:
             if registering:
                 self._registering.add(link)  # the hello timeout waits for a registration under way
             try:
-                result = await self._ops[req.op](link, req.args, blob)
+                if req.op in self._ops:
+                    result = await self._ops[req.op](link, req.args, blob)
+                else:
+                    result = await self.door.call(Caller(role, audit_actor(link), link.peer, id(link)), req.op, req.args, blob)
             finally:
                 if registering:
                     self._registering.discard(link)
@@ -332,13 +298,13 @@ class Controller:
 
         return handle
 
-    async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-        return await snapshot(self, args), None
+    async def _session_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], None]:
+        return await self.sessions.wait(link, args), None  # pushes the round events to this link
 
     def _registered(self, link: Link) -> bool:
         return any(c.link is link for c in self.combiners.values())
 
-    def _combiner_of(self, link: Link) -> CombinerConn:
+    def combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
             if c.link is link:
                 return c
@@ -374,7 +340,7 @@ class Controller:
         async def record(inc: Incoming) -> None:
             msg = inc.msg
             permissions.check_message(link.claims.role, msg.type, "controller")
-            c = self._combiner_of(link)
+            c = self.combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
                 # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
                 if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
@@ -498,11 +464,11 @@ class Controller:
         self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
-        self.state.audit(_actor(link), "combiner.register", address=link.peer, name=name)
+        self.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
         return result, None
 
     async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        c = self._combiner_of(link)
+        c = self.combiner_of(link)
         url = args.get("url")
         scheme = "ws://" if self.ssl_context is None else "wss://"
         if not isinstance(url, str) or not url.startswith(scheme):
@@ -535,172 +501,6 @@ class Controller:
             reply["token"] = renewed
         return reply, None
 
-    async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        await self.registry.flush()  # what was queued a moment ago is shown too
-        return {"clients": await asyncio.to_thread(self.registry.read, "clients")}, None
-
-    async def _client_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """Return once at least ``count`` clients are connected, or fail at ``timeout``."""
-        count, timeout = args.get("count", 1), args.get("timeout", 60)
-        if not isinstance(count, int) or not isinstance(timeout, (int, float)):
-            raise ProtocolError("client.wait needs count (int) and timeout (seconds)")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (n := sum(len(c.clients) for c in self.combiners.values() if c.url)) < count:
-            if loop.time() >= deadline:
-                raise ConflictError(f"only {n} of {count} clients connected within {timeout}s")
-            try:
-                await asyncio.wait_for(self.registry_changed.wait(), deadline - loop.time())
-            except asyncio.TimeoutError:
-                pass
-        return {"clients": n}, None
-
-    async def _combiner_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        await self.registry.flush()
-        return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
-
-    async def _metric_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """What clients logged with log_metric, one row per value, oldest first: the latest
-        ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
-        globs ``client`` and ``key``; with how many match in all."""
-        from scaleout.store.metrics import KINDS, dropped_metrics, logged_metrics
-
-        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
-        if kind not in KINDS:
-            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
-        session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
-        round_index, limit = args.get("round_index"), args.get("limit", 0)
-        for name, value in (("session_id", session_id), ("client", client), ("key", key)):
-            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
-                raise ProtocolError(f"metric.ls: {name} must be text of 1-256 characters")
-        for name, value in (("round_index", round_index), ("limit", limit)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
-        if session_id is not None:
-            session_id = self.sessions.key({"id": None if session_id == "latest" else session_id})
-            self.state.session(session_id)  # no such session: say so, rather than list nothing
-        await self.registry.flush()  # what came in a moment ago is listed too
-        rows, total = await asyncio.to_thread(
-            self.registry.query,
-            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
-        )
-        dropped = await asyncio.to_thread(
-            self.registry.query, lambda st: dropped_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client),
-        )
-        return {"metrics": rows, "total": total, "dropped": dropped}, None
-
-    async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {
-            "url": self.url,
-            "active_model": self.state.get_meta("active_model"),
-            "active_package": self.state.get_meta("active_package"),
-            "session": self.session.id if self.session else None,
-            "combiners": len(self.combiners),
-            "clients": sum(len(c.clients) for c in self.combiners.values()),
-            "metrics_url": self.obs.url,  # None without --metrics-port
-        }, None
-
-    # -- audit ----------------------------------------------------------------------------
-
-    async def _audit_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        since, limit = args.get("since"), args.get("limit", 100)
-        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
-            raise ProtocolError("audit.ls: since must be unix seconds")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
-            raise ProtocolError("audit.ls: limit must be a whole number from 0 (all) to 1000000")
-        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit or -1, since))
-        return {"entries": rows[::-1]}, None  # oldest first, as a log reads
-
-    async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        from scaleout.store.audithead import verify
-
-        kept = args.get("head")
-        if kept is not None and (not isinstance(kept, str) or len(kept) > 4096):
-            raise ProtocolError("audit.verify: head must be the text of an audit head file")
-
-        def check(st: State) -> dict[str, Any]:
-            with st.transaction(immediate=False):  # one snapshot: the rows and state.db's head agree
-                rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
-                head = st.get_meta(AUDIT_HEAD)
-            # Checked against the signed head beside state.db, and a copy the operator kept (--head).
-            return verify(rows, head, self.audit_head, kept, str(args.get("head_name") or "--head"))
-
-        return await asyncio.to_thread(_read_state, self.dir / "state.db", check), None
-
-    # -- tokens, packages, models ----------------------------------------------------------
-
-    async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        role = args.get("role")
-        ttl = args.get("ttl_s")
-        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= tokens.MAX_TTL_S:
-            raise ProtocolError(f"token.create needs ttl_s, a whole number of seconds from 1 to {tokens.MAX_TTL_S} (100 years)")
-        if role not in tokens.ROLES:
-            raise ProtocolError(f"token.create: role must be one of {', '.join(tokens.ROLES)}")
-        name, uses, sans = args.get("name"), args.get("uses"), args.get("sans") or []
-        if name is not None:
-            m.check_name(name, "token name")
-        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or not 0 < uses <= 1_000_000):
-            raise ProtocolError("token.create: uses must be a whole number from 1 to 1000000")
-        if not isinstance(sans, list) or len(sans) > 32 or not all(isinstance(x, str) and 0 < len(x) <= 253 for x in sans):
-            raise ProtocolError("token.create: sans must be a list of at most 32 names or addresses")
-        if sans and role != "combiner":
-            raise ProtocolError("token.create: only a combiner token allows certificate names (--san)")
-        from scaleout.roles.enrolment import canonical
-
-        result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
-        self.state.audit(
-            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
-        )
-        return result, None
-
-    async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        if not blob:
-            raise ProtocolError("package.set_active needs the package bytes")
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
-        await asyncio.to_thread(_check_package, blob, self.settings.package_limits)
-        digest = await asyncio.to_thread(self.blobs.put, PACKAGE[0], blob, PACKAGE[1])
-        name = str(args.get("name") or "package.tgz")
-        with self.state.transaction():
-            self.state.add_package(digest, name, len(blob), signature=self.package_signer.sign(digest))
-            self.state.set_meta("active_package", digest)
-            self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
-        log.info("compute package %s (%s) is now active", name, digest[:12])
-        self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
-        await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
-        return {"id": digest, "name": name, "size": len(blob)}, None
-
-    async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
-        digest = self.state.get_meta("active_package")
-        if digest is None:
-            raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
-        row = self.state.package(digest)
-        # Every joining client fetches it: read and checked once (in a thread), then kept.
-        if self._package_cache is None or self._package_cache[0] != digest:
-            self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
-        signature = row.get("signature")
-        if not signature:  # activated before packages were signed: signed now, once
-            signature = self.package_signer.sign(digest)
-            self.state.add_package(digest, row["name"], row["size"], signature=signature)
-        info = {"id": digest, "name": row["name"], "signature": signature, "signing_key": self.package_signer.public_pem().decode()}
-        return info, Hashed(self._package_cache[1], digest)
-
-    async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        if not blob:
-            raise ProtocolError("model.set_seed needs the model bytes")
-        specs = payload.describe(blob)
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; stop it before setting a new seed model")
-        await asyncio.to_thread(lambda: payload.check_finite(payload.views(blob)))
-        digest = await asyncio.to_thread(self.blobs.put, MODEL[0], blob, MODEL[1])
-        with self.state.transaction():
-            self.state.commit_model(digest, len(blob), aggregator="seed")
-            self.state.audit(_actor(link), "model.set_seed", address=link.peer, id=digest)
-        log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
-        self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
-        self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
-        return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
-
     # -- what the session service needs (roles/sessions.py SessionHost) ----------------------
 
     @property
@@ -715,91 +515,14 @@ class Controller:
         return self.registry_changed
 
     def keep_model(self, model_id: str, data: bytes) -> None:
-        self._model_cache = (model_id, data)
-
-    def _auditor(self, link: Link) -> Callable[..., None]:
-        return lambda action, **detail: self.state.audit(_actor(link), action, address=link.peer, **detail)
-
-    @staticmethod
-    async def _answer(result: Awaitable[dict[str, Any]]) -> tuple[dict[str, Any], None]:
-        return await result, None
+        self.admin.keep_model(model_id, data)
 
     async def model_bytes(self, model_id: str) -> bytes:
-        return await self._model_bytes(model_id)
+        return await self.admin.model_bytes(model_id)
 
-    async def _model_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """Roll the global model back (or forward) to any model of the trail (audited)."""
-        key = args.get("id")
-        if not isinstance(key, str) or not key:
-            raise ProtocolError("model.set_active needs the id of a model of the trail")
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; stop it before changing the global model")
-        row = self.state.model(key)
-        data = await self._model_bytes(row["id"])  # its file is there, intact
-        await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
-        with self.state.transaction():
-            self.state.set_meta("active_model", row["id"])
-            self.state.audit(_actor(link), "model.set_active", address=link.peer, id=row["id"])
-        log.info("model %s is now the global model (set by an admin)", row["id"][:12])
-        self.hub.publish(m.ActiveChanged(what="model", id=row["id"], name=row.get("aggregator") or ""))
-        return {"model": {**row, "active": True}}, None
-
-    async def _model_bytes(self, model_id: str) -> bytes:
-        """A model's bytes, read and sha256-checked once (in a thread): every combiner fetches
-        the round's global model, and the round itself needs it, so keep the latest one in
-        memory. A round's new model is put here as it is committed: never read back."""
-        if self._model_cache is None or self._model_cache[0] != model_id:
-            try:
-                data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
-            except IntegrityError as exc:  # which model, where, and what to do: not an internal error
-                raise CorruptModelError(model_id, str(self.blobs.root / MODEL[0]), exc.actual) from None
-            self._model_cache = (model_id, data)
-        return self._model_cache[1]
-
-    async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        active = self.state.get_meta("active_model")
-        session_id = args.get("session_id")
-        if session_id is not None and not isinstance(session_id, str):
-            raise ProtocolError("model.ls: session_id must be a session id (text)")
-        rows = self.state.models(session_id)
-        for row in rows:
-            row["active"] = row["id"] == active
-        return {"models": rows}, None
-
-    async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        key = str(args.get("id") or "")
-        if key in ("", "active"):  # as model download takes it: the current global model
-            key = self.state.get_meta("active_model") or "active"
-        row = self.state.model(key)
-        data = await self._model_bytes(row["id"])
-        row["active"] = row["id"] == self.state.get_meta("active_model")
-        row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
-        return {"model": row}, None
-
-    async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
-        key = args.get("id") or self.state.get_meta("active_model")
-        if not key:
-            raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
-        row = self.state.model(str(key))
-        data = await self._model_bytes(row["id"])
-        if link.claims.role == "admin":  # a model leaving the federation (combiners fetch one every round)
-            self.state.audit(_actor(link), "model.download", address=link.peer, id=row["id"])
-        return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
-
-    # -- sessions ---------------------------------------------------------------------------
 
 PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
-
-
-def _read_state(path: Path, read: Callable[[State], T]) -> T:
-    """Run ``read`` on a connection of its own (in a thread: a long audit log is not read on
-    the event loop)."""
-    st = State(path, migrate=False)
-    try:
-        return read(st)
-    finally:
-        st.close()
 
 
 def _lock_data_dir(path: Path) -> Any:
@@ -821,25 +544,6 @@ def _lock_data_dir(path: Path) -> Any:
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
-
-
-def _check_package(data: bytes, limits: UnpackLimits) -> None:
-    """Refuse a package a client would refuse (the same check_archive, within the same
-    limits: it runs before anything is written) or one without a valid scaleout.yaml."""
-    import tempfile
-
-    from scaleout.package.archive import extract_archive
-    from scaleout.package.project import load_project
-
-    with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
-        load_project(extract_archive(data, Path(tmp) / "pkg", limits=limits))
-
-
-_actor = audit_actor
-
-
-async def _ready(value: T) -> T:
-    return value
 
 
 __all__ = ["Controller", "ControllerSettings", "ScaleoutError"]

@@ -6,17 +6,24 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from scaleout.core.errors import AuthError
 from scaleout.security import jointoken
 from scaleout.security.tls import write_private
 
-if TYPE_CHECKING:
-    from scaleout.roles.controller import Controller
-
 log = logging.getLogger("scaleout.controller")
 MIN_LEFT_S = 3600
+
+
+class Controller(Protocol):
+    """What the welcome needs of the controller: its data dir, token check and desk."""
+
+    dir: Path
+    verifier: Any  # security.tokens.TokenVerifier
+    ca_fingerprint: str | None
+    desk: Any  # roles.enrolment.Desk
 
 
 def join_token(ctl: Controller, role: str) -> str:
