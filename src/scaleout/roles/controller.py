@@ -10,35 +10,34 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core import permissions
-from scaleout.core.errors import AuthError, ConfigError, ConflictError, LimitExceeded, ProtocolError, ScaleoutError, StorageError
-from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
+from scaleout.core.errors import AuthError, ConflictError, ProtocolError, ScaleoutError, StorageError
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
+from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.package.limits import UnpackLimits
 from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
-from scaleout.roles.exporter import Observer
 from scaleout.roles.door import Door
+from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
+from scaleout.roles.exporter import Observer
+from scaleout.roles.membership import Membership
 from scaleout.roles.sessions import SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
-from scaleout.store.blobs import BlobStore, secure_data_dir
+from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
-T = TypeVar("T")
 
-ADMIN_TOKEN_TTL = 365 * 86400
 ASSIGNMENT_TTL_S = 30.0
 HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
 CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
@@ -92,20 +91,20 @@ class Controller:
         # aggregate for those (and for the clients attached to it), no others.
         self.round_members: dict[str, frozenset[str]] = {}
         self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
-        # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
-        self.tickets: dict[str, tuple[int, str]] = {}
         self.url = ""
         self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
+        self.members = Membership(self)  # which clients are on which combiner, proven; their reports
         self.admin = AdminService(self)  # every admin operation (roles/admin.py)
         self.door = Door(self.admin)  # requests on a link -> calls of it (roles/door.py)
+        self.desk: Desk  # tokens and node identities (roles/enrolment.py), made by prepare()
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
         # The operations that are about the link itself. Who may call any operation is
         # core/permissions.py's to say (the one table), not this map's.
         self._ops: dict[str, Handler] = {
             "session.wait": self._session_wait,
-            "client.assign": self._client_assign,
+            "client.assign": lambda *a: self.members.assign(*a),
             "combiner.register": self._combiner_register,
-            "combiner.ready": self._combiner_ready,
+            "combiner.ready": lambda *a: self.members.ready(*a),
             "node.enrol": lambda *a: self.desk.enrol(*a),
             "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
         }
@@ -119,7 +118,7 @@ class Controller:
         os.umask(0o077)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         secure_data_dir(self.dir)
-        self._lock = _lock_data_dir(self.dir)
+        self._lock = lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
         from scaleout.store.audithead import HeadFile
 
@@ -128,12 +127,14 @@ class Controller:
             log.warning("no signed audit head beside state.db: wrote %s for the log as it is (the first start with it, or it was removed)", self.audit_head.path)
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
-        self._sweep()
+        # A kill between writing a model (or package, or strategy state) and committing the row
+        # that names it leaves a file nobody names: removed at the next start, and said.
+        for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():
+            log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
+                        len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
         self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
-        from scaleout.roles.enrolment import Desk
-
         self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
@@ -157,26 +158,10 @@ class Controller:
         # A session that was running when this controller stopped resumes (run() starts it).
         self.sessions.recover(resume=self.settings.resume)
 
-    def _sweep(self) -> None:
-        """A kill between writing a model (or package, or strategy state) and committing the row
-        that names it leaves a file nobody names: removed at the next start, and said."""
-        kinds = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}
-        for kind, keep in self.state.blob_ids().items():
-            removed = self.blobs.sweep(kind, kinds[kind], keep)
-            if removed:
-                log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
-                            len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
-
     def write_admin_token(self) -> None:
-        path = self.dir / "admin.token"
-        if path.exists():
-            try:
-                self.verifier.verify(path.read_text().strip(), time.time(), roles={"admin"})
-                return
-            except AuthError:
-                log.info("admin token in %s is no longer valid: writing a new one", path)
-        token = self.desk.issue("admin", ADMIN_TOKEN_TTL, name="admin", uses=None, sans=[], creator="controller")["token"]
-        tls.write_private(path, (token + "\n").encode())
+        from scaleout.roles.welcome import write_admin_token
+
+        write_admin_token(self)  # the data dir's admin.token, unless the one there is valid
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
@@ -318,11 +303,11 @@ class Controller:
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
                 self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
                 self.sessions.on_combiner_lost(name, link)
-                self._registry_changed()
+                self.nodes_changed()
                 self.registry.combiner(name, "offline", clients=0)
                 self.commands.combiner_gone(name)
 
-    def _registry_changed(self) -> None:
+    def nodes_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
         self._count_nodes()
@@ -342,36 +327,9 @@ class Controller:
             permissions.check_message(link.claims.role, msg.type, "controller")
             c = self.combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
-                # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
-                if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
-                    raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
-                for client in (*msg.joined, *msg.left):  # all checked before any is applied
-                    m.check_name(client, "client name")
-                if len(msg.proofs) != len(msg.joined):
-                    raise AuthError(f"clients.changed: every client that joined needs its proof (the ticket it connected with): {len(msg.joined)} names, {len(msg.proofs)} proofs")
-                proven = self._proven(c, msg.joined, msg.proofs)  # a forged one refuses the whole message
-                for client in proven:
-                    elsewhere = self.assigner.where.get(client)
-                    if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
-                        # One name, one node: the newest connection counts, once, wherever it is.
-                        log.warning("client %s is now on combiner %s (it was on %s)", client, c.name, elsewhere)
-                        self.combiners[elsewhere].clients.discard(client)
-                    c.clients.add(client)
-                    self.assigner.client_joined(c.name, client)
-                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
-                    self.registry.client(client, "online", c.name)
-                for client in msg.left:
-                    if client not in c.clients:
-                        continue  # never joined here (or moved on): not this combiner's to remove
-                    c.clients.discard(client)
-                    self.assigner.client_left(c.name, client)
-                    if client not in self.assigner.where:  # not already back on another combiner
-                        self.registry.client(client, "offline", c.name)
-                        self.hub.publish(m.ClientLeft(client=client, combiner=c.name))
-                self.registry.combiner(c.name, "online", clients=len(c.clients))
-                self._registry_changed()
+                self.members.clients_changed(c, msg)
             elif isinstance(msg, m.Report):
-                self._store_report(c, msg)
+                self.members.store_report(c, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
@@ -380,61 +338,6 @@ class Controller:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
-
-    def _proven(self, c: CombinerConn, names: list[str], proofs: list[str]) -> list[str]:
-        """The clients in ``names`` whose proof shows they attached to combiner ``c``: a
-        ticket the controller signed for that client and this combiner, the newest it issued
-        for the client. A proof not signed here, or naming another client or combiner, is a
-        forgery: AuthError (nothing in the message is applied). A revoked, expired or
-        superseded one leaves its client out (it counts again once it reconnects)."""
-        now = time.time()
-        checked = []
-        for name, proof in zip(names, proofs):
-            try:
-                claims = self.verifier.genuine(proof)
-            except AuthError:
-                claims = None
-            if claims is None or claims.aud != c.name or claims.sub != name or claims.role != "client" or claims.nid is None:
-                log.warning("combiner %s announced client %s without a valid proof: refused", c.name, name)
-                raise AuthError(f"clients.changed: no valid proof that client {name!r} attached to combiner {c.name} (the ticket it connected with)")
-            checked.append((name, claims))
-        out = []
-        for name, claims in checked:
-            newest = self.tickets.get(name)
-            if claims.jti in self.verifier.revoked or claims.nid in self.verifier.revoked:
-                why = "its credential was revoked"
-            elif newest is not None and newest[1] != claims.jti and claims.iat <= newest[0]:
-                why = "a newer ticket was issued to it since"
-            elif (newest is None or newest[1] != claims.jti) and now >= claims.exp:
-                why = "its ticket expired"
-            else:
-                self.tickets[name] = (claims.iat, claims.jti)
-                out.append(name)
-                continue
-            log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
-        return out
-
-    def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
-        """Store one client's report within the limits a combiner applies (core/limits.py):
-        a report beyond them is cut down, never allowed to fill state.db."""
-        if msg.kind not in REPORT_KINDS:
-            raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
-        m.check_name(msg.session_id, "report: session id")
-        m.check_name(msg.client, "report: client name")
-        if msg.client not in c.clients and msg.client not in self.round_members.get(c.name, ()):
-            raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
-        data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
-        try:
-            check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
-        except LimitExceeded as exc:
-            log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
-            data = {}
-        self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
-        if msg.kind == "train":
-            self.obs.update_reported(error)
-        self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
-        if error:
-            log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
     # -- combiner and client registry -----------------------------------------------------
 
@@ -467,40 +370,6 @@ class Controller:
         self.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
         return result, None
 
-    async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        c = self.combiner_of(link)
-        url = args.get("url")
-        scheme = "ws://" if self.ssl_context is None else "wss://"
-        if not isinstance(url, str) or not url.startswith(scheme):
-            raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
-        self.desk.check_ready_url(link, url)
-        c.url = url
-        self.assigner.combiner_ready(c.name)
-        self.state.upsert_combiner(c.name, "online", url=url)
-        log.info("combiner %s ready at %s", c.name, url)
-        self.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
-        self._registry_changed()
-        return {}, None
-
-    async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = m.check_name(args.get("name"), "client name")
-        claims = self.desk.node_identity(link, "client", name, args)
-        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
-            self.hub.packages[name] = args["package"][:200]
-        prefer = args.get("prefer")
-        best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
-        c = self.combiners[best]
-        if self.assigner.where.get(name) != best:
-            log.info("client %s assigned to combiner %s", name, best)
-        # The client shows its combiner this ticket, never its own credential (enrolment.py).
-        ticket = self.desk.ticket(claims, c.name)
-        self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package"), "ticket": ticket}
-        renewed = self.desk.renewed(link)
-        if renewed is not None:
-            reply["token"] = renewed
-        return reply, None
-
     # -- what the session service needs (roles/sessions.py SessionHost) ----------------------
 
     @property
@@ -522,28 +391,6 @@ class Controller:
 
 
 PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
-REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
-
-
-def _lock_data_dir(path: Path) -> Any:
-    """Hold an exclusive lock on the data dir for this process's life: two controllers on
-    one state.db would undo each other's sessions."""
-    import fcntl
-    import os
-
-    fh = open(path / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); stop it or use another --data-dir") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
 
 
 __all__ = ["Controller", "ControllerSettings", "ScaleoutError"]
