@@ -1,4 +1,6 @@
-"""The controller: global model and trail, sessions and rounds, registry, tokens, admin API."""
+"""The controller: its links, the registry of combiners, and the wiring of its services:
+admin operations (roles/admin.py, behind roles/door.py), sessions (roles/sessions.py),
+membership (roles/membership.py), tokens and identities (roles/enrolment.py), commands."""
 
 from __future__ import annotations
 
