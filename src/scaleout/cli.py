@@ -18,12 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from scaleout.commands.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, UsageError  # still importable from here
+
 LEVELS = ("debug", "info", "warning", "error")
-
-
-class UsageError(Exception):
-    """A user's mistake found before any work started; exits 2 with this message."""
 
 
 HIDDEN_COMMANDS = ("simulate-clients",)  # started by scaleout simulate, not by people: never offered

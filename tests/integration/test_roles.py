@@ -36,7 +36,9 @@ def test_the_controller_serves_what_the_table_lists() -> None:
     ctl = Controller(ControllerSettings(data_dir=Path("/nonexistent")))
     # Every operation it serves is in the one table (core/permissions.py), where the check
     # reads who may call it: a new operation for nodes is opened there, nowhere else.
-    assert set(ctl._ops) <= set(permissions.REQUESTS), sorted(set(ctl._ops) - set(permissions.REQUESTS))
+    served = set(ctl._ops) | set(ctl.door.ops)  # the link's own operations and the admin service's
+    assert served <= set(permissions.REQUESTS), sorted(served - set(permissions.REQUESTS))
+    assert not set(ctl._ops) & set(ctl.door.ops)  # one handler for each
 
 
 def refused(fed: Federation, token: str, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None) -> RemoteError:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_FAILED, EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_FAILED, EXIT_OK, UsageError
 from scaleout.commands.connection import Connection, resolve
 
 EventHandler = Callable[[str, dict[str, Any]], None]

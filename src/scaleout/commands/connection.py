@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import UsageError
+from scaleout.commands.exits import UsageError
 
 DEFAULT_DATA_DIR = Path("scaleout-data")
 

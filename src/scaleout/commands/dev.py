@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async, client_failures, shown_reason
 from scaleout.commands.connection import Connection, read_controller_info
 from scaleout.core.errors import ScaleoutError

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from scaleout.cli import EXIT_FAILED, EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_FAILED, EXIT_OK, UsageError
 from scaleout.commands.admin import call, emit, public, table, when
 
 SHOWN_CHARS = 160  # a result on a terminal line; --json has it whole

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scaleout.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from scaleout.commands.admin import _round_line, call_async
 from scaleout.commands.connection import Connection
 from scaleout.commands.dev import Child, DevError, Interrupts, report_of, start_child, stop_children, wait_for_clients

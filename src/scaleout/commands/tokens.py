@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from scaleout.cli import EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_OK, UsageError
 
 Call = Callable[..., tuple[dict[str, Any], bytes | None]]
 Emit = Callable[[argparse.Namespace, Any, Callable[[], None]], None]

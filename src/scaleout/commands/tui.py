@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from scaleout.cli import EXIT_OK, UsageError
+from scaleout.commands.exits import EXIT_OK, UsageError
 from scaleout.commands.connection import Connection, resolve
 
 
@@ -92,7 +92,7 @@ async def _serve(web_tui: Any, host: str, port: int) -> int:
 
     from aiohttp import web
 
-    from scaleout.cli import EXIT_INTERRUPTED
+    from scaleout.commands.exits import EXIT_INTERRUPTED
 
     runner = web.AppRunner(web_tui.make_app(), handle_signals=False, shutdown_timeout=2.0, access_log=None)
     await runner.setup()

@@ -23,9 +23,9 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scaleout.core import commands as cmd
 from scaleout.core import messages as m
@@ -36,7 +36,6 @@ from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread
 
 if TYPE_CHECKING:
     from scaleout.edge import EdgeClient
-    from scaleout.roles.client import Client
     from scaleout.transport.link import Incoming, Link
 
 log = logging.getLogger("scaleout.client")
@@ -77,6 +76,25 @@ class Gate:
             async with self._cond:
                 self._switching = False
                 self._cond.notify_all()
+
+
+class Client(Protocol):
+    """What the client's work needs of the client that owns it (roles/client.py)."""
+
+    name: str
+    settings: Any  # roles.client.ClientSettings
+    edge: EdgeClient
+    link: Link | None
+    feeds: list[Any]  # LoopFeed: what the package logs, on its way to the link
+    package_root: Path
+    package_label: str
+    package_id: str | None
+
+    def startup_call(self, root: Path, edge: Any) -> Callable[[], None]: ...
+
+    async def fetch_package(self) -> tuple[Path, str, str]: ...
+
+    async def _send(self, msg: m.Message) -> None: ...
 
 
 class ClientWork:

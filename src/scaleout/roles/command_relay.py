@@ -14,17 +14,14 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from scaleout.core import commands as cmd
 from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.errors import LimitExceeded, PayloadError, ProtocolError, ScaleoutError
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, transfer_timeout
-
-if TYPE_CHECKING:
-    from scaleout.roles.combiner import Combiner
-    from scaleout.transport.link import Incoming, Link
+from scaleout.transport.link import Incoming, Link
 
 log = logging.getLogger("scaleout.combiner")
 
@@ -36,6 +33,18 @@ class RelayJob:
     timer: asyncio.TimerHandle | None = None
     model: bytes | None = None
     sent: set[str] = field(default_factory=set)
+
+
+class Combiner(Protocol):
+    """What the relay needs of the combiner that owns it (roles/combiner.py)."""
+
+    settings: Any  # roles.combiner.CombinerSettings (max_payload)
+    clients: dict[str, Link]
+    models: dict[str, bytes]
+    controller: Link | None
+    sending: asyncio.Semaphore
+
+    def _spawn(self, coro: Any) -> asyncio.Future[Any]: ...
 
 
 class CommandRelay:

@@ -18,19 +18,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scaleout.core import commands as cmd
 from scaleout.core import messages as m
-from scaleout.roles.common import audit_actor
 from scaleout.core.errors import AuthError, ConfigError, ConflictError, LimitExceeded, NotFoundError, ProtocolError, StorageError
 from scaleout.core.limits import MAX_ERROR_BYTES, MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text, transfer_timeout
 from scaleout.roles.common import new_id
 
 if TYPE_CHECKING:
-    from scaleout.roles.controller import CombinerConn, Controller
+    from scaleout.roles.admin import Caller
+    from scaleout.roles.sessions import CombinerLink as CombinerConn
     from scaleout.store.commands import CommandStore
-    from scaleout.transport.link import Link
 
 log = logging.getLogger("scaleout.controller")
 FLUSH_S = 0.1  # a batching window for result writes, not a synchronisation
@@ -49,8 +49,21 @@ class Job:
     timer: asyncio.TimerHandle | None = None
 
 
+class CommandHost(Protocol):
+    """What the command service needs of the controller that owns it."""
+
+    dir: Path
+    state: Any  # store.state.State
+    registry: Any  # store.registry.RegistryWriter
+    assigner: Any  # core.selection.Assigner
+    combiners: dict[str, Any]  # name -> its connection (.link, .url, .clients)
+
+    @property
+    def session(self) -> Any: ...  # the running session (its .id), or None
+
+
 class CommandService:
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: CommandHost) -> None:
         self.ctl = ctl
         self.jobs: dict[str, Job] = {}
         self.store: CommandStore | None = None
@@ -63,17 +76,6 @@ class CommandService:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._retries: dict[str, int] = {}  # client -> flushes its info waited for its registry row
-
-    def ops(self) -> dict[str, Any]:
-        """Admin operations, for the controller's table."""
-        return {
-            "command.run": self._run,
-            "command.ls": self._ls,
-            "command.show": self._show,
-            "command.wait": self._wait,
-            "client.show": self._client_show,
-            "telemetry.ls": self._telemetry_ls,
-        }
 
     def prepare(self) -> None:
         from scaleout.store.commands import CommandStore
@@ -94,21 +96,22 @@ class CommandService:
 
     # -- admin operations ------------------------------------------------------------------
 
-    async def _run(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        kind = args.get("kind")
+    async def run(
+        self, caller: Caller, *, kind: str, name: str | None, params: dict[str, Any] | None, timeout: float | None, clients: list[str] | None, model: str | None,
+    ) -> dict[str, Any]:
         if kind not in cmd.KINDS:
             raise ProtocolError(f"command.run: kind must be one of {', '.join(cmd.KINDS)}")
-        name = cmd.check_command_name(args.get("name")) if kind == "command" else ""
-        params = cmd.check_params(args.get("params") or {})
-        timeout = cmd.check_timeout(args.get("timeout", cmd.DEFAULT_TIMEOUT_S[kind]))
-        wanted = args.get("clients")
+        name = cmd.check_command_name(name) if kind == "command" else ""
+        params = cmd.check_params(params or {})
+        timeout = cmd.check_timeout(cmd.DEFAULT_TIMEOUT_S[kind] if timeout is None else timeout)
+        wanted = clients
         if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted) or len(wanted) > MAX_NAMES_ARG):
             raise ProtocolError(f"command.run: clients must be a list of at most {MAX_NAMES_ARG} names, or absent for all")
         ctl = self.ctl
         model_id: str | None = None
         model_size = 0
         if kind == "predict":
-            key = args.get("model")
+            key = model
             if key in (None, "", "active"):
                 key = ctl.state.get_meta("active_model")
                 if key is None:
@@ -138,7 +141,7 @@ class CommandService:
         record = {"id": job_id, "kind": kind, "name": name, "params": params, "model_id": model_id, "timeout": timeout, "created": now}
         assert self.store is not None
         await asyncio.to_thread(self.store.add_job, record, chosen, failed)
-        ctl.state.audit(audit_actor(link), f"{kind}.run", address=link.peer, id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed))
+        ctl.state.audit(caller.actor, f"{kind}.run", address=caller.address, id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed))
         loop = asyncio.get_running_loop()
         travel = transfer_timeout(model_size) if kind == "predict" else 0.0
         wait_s = timeout + travel + cmd.RELAY_GRACE_S + cmd.CONTROLLER_GRACE_S
@@ -162,7 +165,7 @@ class CommandService:
             self._end(job)
         else:
             job.timer = loop.call_at(job.tracker.deadline, self._on_deadline, job)
-        return {"job": {**record, "clients": len(chosen) + len(failed), "connected": len(chosen)}}, None
+        return {"job": {**record, "clients": len(chosen) + len(failed), "connected": len(chosen)}}
 
     def _known(self, names: list[str]) -> set[str]:
         assert self.store is not None
@@ -174,28 +177,27 @@ class CommandService:
                 found |= {r[0] for r in rows}
             return found
 
-    async def _ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        kind = _kind(args)
-        limit = args.get("limit", 100)
+    async def ls(self, *, kind: str, limit: int) -> dict[str, Any]:
+        kind = _kind(kind)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
             raise ProtocolError("command.ls: limit must be a whole number from 1 to 100000")
         await self.flush()
         assert self.store is not None
-        return {"jobs": await asyncio.to_thread(self.store.jobs, kind, limit)}, None
+        return {"jobs": await asyncio.to_thread(self.store.jobs, kind, limit)}
 
-    async def _show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        kind = _kind(args)
-        key = args.get("id") or "latest"
+    async def show(self, *, kind: str, id: str | None) -> dict[str, Any]:
+        kind = _kind(kind)
+        key = id or "latest"
         if not isinstance(key, str):
             raise ProtocolError("command.show: id must be text")
         await self.flush()
         assert self.store is not None
-        return {"job": await asyncio.to_thread(self.store.job, kind, key)}, None
+        return {"job": await asyncio.to_thread(self.store.job, kind, key)}
 
-    async def _wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    async def wait(self, *, kind: str, id: str) -> dict[str, Any]:
         """Return a job once every client answered or its deadline passed."""
-        kind = _kind(args)
-        key = args.get("id")
+        kind = _kind(kind)
+        key = id
         if not isinstance(key, str) or not key:
             raise ProtocolError("command.wait: id must be a job id")
         assert self.store is not None
@@ -204,19 +206,18 @@ class CommandService:
         if job is not None:
             await job.done.wait()
         await self.flush()
-        return {"job": await asyncio.to_thread(self.store.job, kind, job_id)}, None
+        return {"job": await asyncio.to_thread(self.store.job, kind, job_id)}
 
-    async def _client_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = m.check_name(args.get("name"), "client name")
+    async def client_show(self, *, name: str) -> dict[str, Any]:
+        name = m.check_name(name, "client name")
         await self.ctl.registry.flush()
         await self.flush()
         assert self.store is not None
         row = await asyncio.to_thread(self.store.client, name)
         row["connected_to"] = self.ctl.assigner.where.get(name)
-        return {"client": row}, None
+        return {"client": row}
 
-    async def _telemetry_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        client, key, limit = args.get("client"), args.get("key"), args.get("limit", 100)
+    async def telemetry_ls(self, *, client: str | None, key: str | None, limit: int) -> dict[str, Any]:
         if client is not None:
             m.check_name(client, "client name")
         if key is not None and not isinstance(key, str):
@@ -226,7 +227,7 @@ class CommandService:
         await self.flush()
         assert self.store is not None
         rows, total = await asyncio.to_thread(self.store.telemetry_page, client, key, limit)
-        return {"telemetry": rows, "total": total}, None
+        return {"telemetry": rows, "total": total}
 
     # -- from combiners --------------------------------------------------------------------
 
@@ -412,8 +413,7 @@ class CommandService:
                 self._schedule()
 
 
-def _kind(args: dict[str, Any]) -> str:
-    kind = args.get("kind", "command")
+def _kind(kind: Any) -> str:
     if kind not in cmd.KINDS:
         raise ProtocolError(f"kind must be one of {', '.join(cmd.KINDS)}")
     return str(kind)

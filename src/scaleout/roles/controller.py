@@ -1,56 +1,46 @@
-"""The controller: global model and trail, sessions and rounds, registry, tokens, admin API."""
+"""The controller: its links, the registry of combiners, and the wiring of its services:
+admin operations (roles/admin.py, behind roles/door.py), sessions (roles/sessions.py),
+membership (roles/membership.py), tokens and identities (roles/enrolment.py), commands."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
 import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from scaleout.core import messages as m
-from scaleout.core import payload, permissions
-from scaleout.core.errors import (
-    AuthError,
-    ConfigError,
-    ConflictError,
-    CorruptModelError,
-    IntegrityError,
-    LimitExceeded,
-    NotFoundError,
-    ProtocolError,
-    ScaleoutError,
-    StorageError,
-)
-from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
+from scaleout.core import permissions
+from scaleout.core.errors import AuthError, ConflictError, ProtocolError, ScaleoutError, StorageError
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
-from scaleout.roles.command_service import CommandService
 from scaleout.package.limits import UnpackLimits
+from scaleout.roles.admin import AdminService, Caller
+from scaleout.roles.command_service import CommandService
 from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
+from scaleout.roles.door import Door
+from scaleout.roles.enrolment import Desk
+from scaleout.roles.events import EventHub
 from scaleout.roles.exporter import Observer
-from scaleout.roles.sessions import MODEL, SMALL_PAYLOAD, RunningSession, SessionService
-from scaleout.roles.events import EventHub, snapshot
+from scaleout.roles.membership import Membership
+from scaleout.roles.sessions import SMALL_PAYLOAD, RunningSession, SessionService
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
-from scaleout.store.blobs import BlobStore, secure_data_dir
+from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
-T = TypeVar("T")
 
-PACKAGE = ("packages", ".tgz")
-ADMIN_TOKEN_TTL = 365 * 86400
 ASSIGNMENT_TTL_S = 30.0
 HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
 CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
@@ -105,49 +95,23 @@ class Controller:
         # aggregate for those (and for the clients attached to it), no others.
         self.round_members: dict[str, frozenset[str]] = {}
         self._registering: set[Link] = set()  # combiner links whose combiner.register is being handled
-        # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
-        self.tickets: dict[str, tuple[int, str]] = {}
-        self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
-        self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
         self.url = ""
         self.obs = Observer()  # counts for Prometheus with --metrics-port (roles/exporter.py)
-        # Who may call each operation is core/permissions.py's to say (the one table), not this map's.
-        self._ops: dict[str, Handler] = {
-            "status": self._status,
-            "token.create": self._token_create,
-            "package.set_active": self._package_set_active,
-            "package.get": self._package_get,
-            "model.set_seed": self._model_set_seed,
-            "model.ls": self._model_ls,
-            "model.show": self._model_show,
-            "model.get": self._model_get,
-            "session.start": lambda link, args, blob: self._answer(self.sessions.start(args, self._auditor(link))),
-            "session.ls": lambda link, args, blob: self._answer(_ready(self.sessions.ls())),
-            "session.show": lambda link, args, blob: self._answer(self.sessions.show(args)),
-            "session.stop": lambda link, args, blob: self._answer(self.sessions.stop_op(args, self._auditor(link))),
-            "session.wait": lambda link, args, blob: self._answer(self.sessions.wait(link, args)),
-            "session.continue": lambda link, args, blob: self._answer(self.sessions.continue_(args, self._auditor(link))),
-            "model.set_active": self._model_set_active,
-            "client.ls": self._client_ls,
-            "client.wait": self._client_wait,
-            "combiner.ls": self._combiner_ls,
-            "metric.ls": self._metric_ls,
-            "client.assign": self._client_assign,
-            "combiner.register": self._combiner_register,
-            "combiner.ready": self._combiner_ready,
-            "events.snapshot": lambda link, args, blob: self._snapshot(args),
-            # Tokens and node identities (roles/enrolment.py).
-            "node.enrol": lambda *a: self.desk.enrol(*a),
-            "token.ls": lambda *a: self.desk.token_ls(*a),
-            "token.revoke": lambda *a: self.desk.token_revoke(*a),
-            "client.rm": lambda *a: self.desk.client_rm(*a),
-            "combiner.rm": lambda *a: self.desk.combiner_rm(*a),
-            "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
-            "audit.ls": self._audit_ls,
-            "audit.verify": self._audit_verify,
-        }
+        self.members = Membership(self)  # which clients are on which combiner, proven; their reports
+        self.admin = AdminService(self)  # every admin operation (roles/admin.py)
+        self.door = Door(self.admin)  # requests on a link -> calls of it (roles/door.py)
+        self.desk: Desk  # tokens and node identities (roles/enrolment.py), made by prepare()
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
-        self._ops.update(self.commands.ops())
+        # The operations that are about the link itself. Who may call any operation is
+        # core/permissions.py's to say (the one table), not this map's.
+        self._ops: dict[str, Handler] = {
+            "session.wait": self._session_wait,
+            "client.assign": lambda *a: self.members.assign(*a),
+            "combiner.register": self._combiner_register,
+            "combiner.ready": lambda *a: self.members.ready(*a),
+            "node.enrol": lambda *a: self.desk.enrol(*a),
+            "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
+        }
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -158,7 +122,7 @@ class Controller:
         os.umask(0o077)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         secure_data_dir(self.dir)
-        self._lock = _lock_data_dir(self.dir)
+        self._lock = lock_data_dir(self.dir)
         self.state = State(self.dir / "state.db")
         from scaleout.store.audithead import HeadFile
 
@@ -170,12 +134,14 @@ class Controller:
             self.state.audit("controller", "audit.head_rewritten", reason=why)
         self.registry = RegistryWriter(self.dir / "state.db")
         self.blobs = BlobStore(self.dir)
-        self._sweep()
+        # A kill between writing a model (or package, or strategy state) and committing the row
+        # that names it leaves a file nobody names: removed at the next start, and said.
+        for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():
+            log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
+                        len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
         self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
-        from scaleout.roles.enrolment import Desk
-
         self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
@@ -199,26 +165,10 @@ class Controller:
         # A session that was running when this controller stopped resumes (run() starts it).
         self.sessions.recover(resume=self.settings.resume)
 
-    def _sweep(self) -> None:
-        """A kill between writing a model (or package, or strategy state) and committing the row
-        that names it leaves a file nobody names: removed at the next start, and said."""
-        kinds = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}
-        for kind, keep in self.state.blob_ids().items():
-            removed = self.blobs.sweep(kind, kinds[kind], keep)
-            if removed:
-                log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
-                            len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
+    def write_admin_token(self) -> None:
+        from scaleout.roles.welcome import write_admin_token
 
-    def _write_admin_token(self) -> None:
-        path = self.dir / "admin.token"
-        if path.exists():
-            try:
-                self.verifier.verify(path.read_text().strip(), time.time(), roles={"admin"})
-                return
-            except AuthError:
-                log.info("admin token in %s is no longer valid: writing a new one", path)
-        token = self.desk.issue("admin", ADMIN_TOKEN_TTL, name="admin", uses=None, sans=[], creator="controller")["token"]
-        tls.write_private(path, (token + "\n").encode())
+        write_admin_token(self)  # the data dir's admin.token, unless the one there is valid
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
@@ -237,7 +187,7 @@ class Controller:
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
-        self._write_admin_token()
+        self.write_admin_token()
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         self.registry.start()
@@ -284,7 +234,7 @@ class Controller:
         self.desk.on_link(link)
 
         def authorize(req: m.Request) -> None:
-            if req.op not in self._ops:
+            if req.op not in self._ops and not self.door.knows(req.op):
                 raise ProtocolError(f"unknown operation {req.op!r}")
             permissions.check_request(role, req.op)  # the one table (core/permissions.py), before any handler
             self.desk.check_join_link(link, req.op)  # a join token enrols, nothing more
@@ -297,7 +247,10 @@ class Controller:
             if registering:
                 self._registering.add(link)  # the hello timeout waits for a registration under way
             try:
-                result = await self._ops[req.op](link, req.args, blob)
+                if req.op in self._ops:
+                    result = await self._ops[req.op](link, req.args, blob)
+                else:
+                    result = await self.door.call(Caller(role, audit_actor(link), link.peer, id(link)), req.op, req.args, blob)
             finally:
                 if registering:
                     self._registering.discard(link)
@@ -337,13 +290,13 @@ class Controller:
 
         return handle
 
-    async def _snapshot(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-        return await snapshot(self, args), None
+    async def _session_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], None]:
+        return await self.sessions.wait(link, args), None  # pushes the round events to this link
 
     def _registered(self, link: Link) -> bool:
         return any(c.link is link for c in self.combiners.values())
 
-    def _combiner_of(self, link: Link) -> CombinerConn:
+    def combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
             if c.link is link:
                 return c
@@ -357,11 +310,11 @@ class Controller:
                 log.warning("combiner %s disconnected (%d clients were attached)", name, len(c.clients))
                 self.hub.publish(m.CombinerLeft(combiner=name, clients=len(c.clients)))
                 self.sessions.on_combiner_lost(name, link)
-                self._registry_changed()
+                self.nodes_changed()
                 self.registry.combiner(name, "offline", clients=0)
                 self.commands.combiner_gone(name)
 
-    def _registry_changed(self) -> None:
+    def nodes_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
         self._count_nodes()
@@ -379,38 +332,11 @@ class Controller:
         async def record(inc: Incoming) -> None:
             msg = inc.msg
             permissions.check_message(link.claims.role, msg.type, "controller")
-            c = self._combiner_of(link)
+            c = self.combiner_of(link)
             if isinstance(msg, m.ClientsChanged):
-                # Deltas: O(1) per client; the writes go to state.db in batches, off the loop.
-                if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
-                    raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
-                for client in (*msg.joined, *msg.left):  # all checked before any is applied
-                    m.check_name(client, "client name")
-                if len(msg.proofs) != len(msg.joined):
-                    raise AuthError(f"clients.changed: every client that joined needs its proof (the ticket it connected with): {len(msg.joined)} names, {len(msg.proofs)} proofs")
-                proven = self._proven(c, msg.joined, msg.proofs)  # a forged one refuses the whole message
-                for client in proven:
-                    elsewhere = self.assigner.where.get(client)
-                    if elsewhere is not None and elsewhere != c.name and elsewhere in self.combiners:
-                        # One name, one node: the newest connection counts, once, wherever it is.
-                        log.warning("client %s is now on combiner %s (it was on %s)", client, c.name, elsewhere)
-                        self.combiners[elsewhere].clients.discard(client)
-                    c.clients.add(client)
-                    self.assigner.client_joined(c.name, client)
-                    self.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.hub.packages.get(client, "")))
-                    self.registry.client(client, "online", c.name)
-                for client in msg.left:
-                    if client not in c.clients:
-                        continue  # never joined here (or moved on): not this combiner's to remove
-                    c.clients.discard(client)
-                    self.assigner.client_left(c.name, client)
-                    if client not in self.assigner.where:  # not already back on another combiner
-                        self.registry.client(client, "offline", c.name)
-                        self.hub.publish(m.ClientLeft(client=client, combiner=c.name))
-                self.registry.combiner(c.name, "online", clients=len(c.clients))
-                self._registry_changed()
+                self.members.clients_changed(c, msg)
             elif isinstance(msg, m.Report):
-                self._store_report(c, msg)
+                self.members.store_report(c, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
@@ -419,61 +345,6 @@ class Controller:
                 raise ProtocolError(f"a combiner may not send {msg.type}")
 
         return handle
-
-    def _proven(self, c: CombinerConn, names: list[str], proofs: list[str]) -> list[str]:
-        """The clients in ``names`` whose proof shows they attached to combiner ``c``: a
-        ticket the controller signed for that client and this combiner, the newest it issued
-        for the client. A proof not signed here, or naming another client or combiner, is a
-        forgery: AuthError (nothing in the message is applied). A revoked, expired or
-        superseded one leaves its client out (it counts again once it reconnects)."""
-        now = time.time()
-        checked = []
-        for name, proof in zip(names, proofs):
-            try:
-                claims = self.verifier.genuine(proof)
-            except AuthError:
-                claims = None
-            if claims is None or claims.aud != c.name or claims.sub != name or claims.role != "client" or claims.nid is None:
-                log.warning("combiner %s announced client %s without a valid proof: refused", c.name, name)
-                raise AuthError(f"clients.changed: no valid proof that client {name!r} attached to combiner {c.name} (the ticket it connected with)")
-            checked.append((name, claims))
-        out = []
-        for name, claims in checked:
-            newest = self.tickets.get(name)
-            if claims.jti in self.verifier.revoked or claims.nid in self.verifier.revoked:
-                why = "its credential was revoked"
-            elif newest is not None and newest[1] != claims.jti and claims.iat <= newest[0]:
-                why = "a newer ticket was issued to it since"
-            elif (newest is None or newest[1] != claims.jti) and now >= claims.exp:
-                why = "its ticket expired"
-            else:
-                self.tickets[name] = (claims.iat, claims.jti)
-                out.append(name)
-                continue
-            log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
-        return out
-
-    def _store_report(self, c: CombinerConn, msg: m.Report) -> None:
-        """Store one client's report within the limits a combiner applies (core/limits.py):
-        a report beyond them is cut down, never allowed to fill state.db."""
-        if msg.kind not in REPORT_KINDS:
-            raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
-        m.check_name(msg.session_id, "report: session id")
-        m.check_name(msg.client, "report: client name")
-        if msg.client not in c.clients and msg.client not in self.round_members.get(c.name, ()):
-            raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
-        data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
-        try:
-            check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
-        except LimitExceeded as exc:
-            log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
-            data = {}
-        self.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
-        if msg.kind == "train":
-            self.obs.update_reported(error)
-        self.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
-        if error:
-            log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
     # -- combiner and client registry -----------------------------------------------------
 
@@ -507,208 +378,8 @@ class Controller:
         self._count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
         self.state.upsert_combiner(name, "registered")
-        self.state.audit(_actor(link), "combiner.register", address=link.peer, name=name)
+        self.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
         return result, None
-
-    async def _combiner_ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        c = self._combiner_of(link)
-        url = args.get("url")
-        scheme = "ws://" if self.ssl_context is None else "wss://"
-        if not isinstance(url, str) or not url.startswith(scheme):
-            raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
-        self.desk.check_ready_url(link, url)
-        c.url = url
-        self.assigner.combiner_ready(c.name)
-        self.state.upsert_combiner(c.name, "online", url=url)
-        log.info("combiner %s ready at %s", c.name, url)
-        self.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
-        self._registry_changed()
-        return {}, None
-
-    async def _client_assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = m.check_name(args.get("name"), "client name")
-        claims = self.desk.node_identity(link, "client", name, args)
-        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
-            self.hub.packages[name] = args["package"][:200]
-        prefer = args.get("prefer")
-        best = self.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
-        c = self.combiners[best]
-        if self.assigner.where.get(name) != best:
-            log.info("client %s assigned to combiner %s", name, best)
-        # The client shows its combiner this ticket, never its own credential (enrolment.py).
-        ticket = self.desk.ticket(claims, c.name)
-        self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.state.get_meta("active_package"), "ticket": ticket}
-        renewed = self.desk.renewed(link)
-        if renewed is not None:
-            reply["token"] = renewed
-        return reply, None
-
-    async def _client_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        await self.registry.flush()  # what was queued a moment ago is shown too
-        return {"clients": await asyncio.to_thread(self.registry.read, "clients")}, None
-
-    async def _client_wait(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """Return once at least ``count`` clients are connected, or fail at ``timeout``."""
-        count, timeout = args.get("count", 1), args.get("timeout", 60)
-        if not isinstance(count, int) or not isinstance(timeout, (int, float)):
-            raise ProtocolError("client.wait needs count (int) and timeout (seconds)")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (n := sum(len(c.clients) for c in self.combiners.values() if c.url)) < count:
-            if loop.time() >= deadline:
-                raise ConflictError(f"only {n} of {count} clients connected within {timeout}s")
-            try:
-                await asyncio.wait_for(self.registry_changed.wait(), deadline - loop.time())
-            except asyncio.TimeoutError:
-                pass
-        return {"clients": n}, None
-
-    async def _combiner_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        await self.registry.flush()
-        return {"combiners": await asyncio.to_thread(self.registry.read, "combiners")}, None
-
-    async def _metric_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """What clients logged with log_metric, one row per value, oldest first: the latest
-        ``limit`` (0: all) matching ``session_id`` ("latest" too), ``round_index``, and the
-        globs ``client`` and ``key``; with how many match in all."""
-        from scaleout.store.metrics import KINDS, dropped_metrics, logged_metrics
-
-        kind = args.get("kind", "metric")  # telemetry (issue 9) is listed the same way once it is a report kind
-        if kind not in KINDS:
-            raise ProtocolError(f"metric.ls: kind must be one of {', '.join(KINDS)}")
-        session_id, client, key = args.get("session_id"), args.get("client"), args.get("key")
-        round_index, limit = args.get("round_index"), args.get("limit", 0)
-        for name, value in (("session_id", session_id), ("client", client), ("key", key)):
-            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
-                raise ProtocolError(f"metric.ls: {name} must be text of 1-256 characters")
-        for name, value in (("round_index", round_index), ("limit", limit)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ProtocolError(f"metric.ls: {name} must be a whole number >= 0")
-        if session_id is not None:
-            session_id = self.sessions.key({"id": None if session_id == "latest" else session_id})
-            self.state.session(session_id)  # no such session: say so, rather than list nothing
-        await self.registry.flush()  # what came in a moment ago is listed too
-        rows, total = await asyncio.to_thread(
-            self.registry.query,
-            lambda st: logged_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client, key=key, limit=limit or 0),
-        )
-        dropped = await asyncio.to_thread(
-            self.registry.query, lambda st: dropped_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client),
-        )
-        return {"metrics": rows, "total": total, "dropped": dropped}, None
-
-    async def _status(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return {
-            "url": self.url,
-            "active_model": self.state.get_meta("active_model"),
-            "active_package": self.state.get_meta("active_package"),
-            "session": self.session.id if self.session else None,
-            "combiners": len(self.combiners),
-            "clients": sum(len(c.clients) for c in self.combiners.values()),
-            "metrics_url": self.obs.url,  # None without --metrics-port
-        }, None
-
-    # -- audit ----------------------------------------------------------------------------
-
-    async def _audit_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        since, limit = args.get("since"), args.get("limit", 100)
-        if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since)):
-            raise ProtocolError("audit.ls: since must be unix seconds")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
-            raise ProtocolError("audit.ls: limit must be a whole number from 0 (all) to 1000000")
-        rows = await asyncio.to_thread(_read_state, self.dir / "state.db", lambda st: st.audit_log(limit or -1, since))
-        return {"entries": rows[::-1]}, None  # oldest first, as a log reads
-
-    async def _audit_verify(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        from scaleout.store.audithead import verify
-
-        kept = args.get("head")
-        if kept is not None and (not isinstance(kept, str) or len(kept) > 4096):
-            raise ProtocolError("audit.verify: head must be the text of an audit head file")
-
-        def check(st: State) -> dict[str, Any]:
-            with st.transaction(immediate=False):  # one snapshot: the rows and state.db's head agree
-                rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
-                head = st.get_meta(AUDIT_HEAD)
-            # Checked against the signed head beside state.db, and a copy the operator kept (--head).
-            return verify(rows, head, self.audit_head, kept, str(args.get("head_name") or "--head"))
-
-        return await asyncio.to_thread(_read_state, self.dir / "state.db", check), None
-
-    # -- tokens, packages, models ----------------------------------------------------------
-
-    async def _token_create(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        role = args.get("role")
-        ttl = args.get("ttl_s")
-        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= tokens.MAX_TTL_S:
-            raise ProtocolError(f"token.create needs ttl_s, a whole number of seconds from 1 to {tokens.MAX_TTL_S} (100 years)")
-        if role not in tokens.ROLES:
-            raise ProtocolError(f"token.create: role must be one of {', '.join(tokens.ROLES)}")
-        name, uses, sans = args.get("name"), args.get("uses"), args.get("sans") or []
-        if name is not None:
-            m.check_name(name, "token name")
-        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or not 0 < uses <= 1_000_000):
-            raise ProtocolError("token.create: uses must be a whole number from 1 to 1000000")
-        if not isinstance(sans, list) or len(sans) > 32 or not all(isinstance(x, str) and 0 < len(x) <= 253 for x in sans):
-            raise ProtocolError("token.create: sans must be a list of at most 32 names or addresses")
-        if sans and role != "combiner":
-            raise ProtocolError("token.create: only a combiner token allows certificate names (--san)")
-        from scaleout.roles.enrolment import canonical
-
-        result = self.desk.issue(str(role), ttl, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=_actor(link))
-        self.state.audit(
-            _actor(link), "token.create", address=link.peer, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
-        )
-        return result, None
-
-    async def _package_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        if not blob:
-            raise ProtocolError("package.set_active needs the package bytes")
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; its clients run the current package (stop it first)")
-        await asyncio.to_thread(_check_package, blob, self.settings.package_limits)
-        digest = await asyncio.to_thread(self.blobs.put, PACKAGE[0], blob, PACKAGE[1])
-        name = str(args.get("name") or "package.tgz")
-        with self.state.transaction():
-            self.state.add_package(digest, name, len(blob), signature=self.package_signer.sign(digest))
-            self.state.set_meta("active_package", digest)
-            self.state.audit(_actor(link), "package.set_active", address=link.peer, id=digest, name=name)
-        log.info("compute package %s (%s) is now active", name, digest[:12])
-        self.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
-        await self.commands.package_changed(digest, name)  # connected clients fetch it before their next task
-        return {"id": digest, "name": name, "size": len(blob)}, None
-
-    async def _package_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
-        digest = self.state.get_meta("active_package")
-        if digest is None:
-            raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
-        row = self.state.package(digest)
-        # Every joining client fetches it: read and checked once (in a thread), then kept.
-        if self._package_cache is None or self._package_cache[0] != digest:
-            self._package_cache = (digest, await asyncio.to_thread(self.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
-        signature = row.get("signature")
-        if not signature:  # activated before packages were signed: signed now, once
-            signature = self.package_signer.sign(digest)
-            self.state.add_package(digest, row["name"], row["size"], signature=signature)
-        info = {"id": digest, "name": row["name"], "signature": signature, "signing_key": self.package_signer.public_pem().decode()}
-        return info, Hashed(self._package_cache[1], digest)
-
-    async def _model_set_seed(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        if not blob:
-            raise ProtocolError("model.set_seed needs the model bytes")
-        specs = payload.describe(blob)
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; stop it before setting a new seed model")
-        await asyncio.to_thread(lambda: payload.check_finite(payload.views(blob)))
-        digest = await asyncio.to_thread(self.blobs.put, MODEL[0], blob, MODEL[1])
-        with self.state.transaction():
-            self.state.commit_model(digest, len(blob), aggregator="seed")
-            self.state.audit(_actor(link), "model.set_seed", address=link.peer, id=digest)
-        log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(blob))
-        self.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
-        self.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(blob)))
-        return {"id": digest, "tensors": len(specs), "size": len(blob)}, None
 
     # -- what the session service needs (roles/sessions.py SessionHost) ----------------------
 
@@ -724,131 +395,13 @@ class Controller:
         return self.registry_changed
 
     def keep_model(self, model_id: str, data: bytes) -> None:
-        self._model_cache = (model_id, data)
-
-    def _auditor(self, link: Link) -> Callable[..., None]:
-        return lambda action, **detail: self.state.audit(_actor(link), action, address=link.peer, **detail)
-
-    @staticmethod
-    async def _answer(result: Awaitable[dict[str, Any]]) -> tuple[dict[str, Any], None]:
-        return await result, None
+        self.admin.keep_model(model_id, data)
 
     async def model_bytes(self, model_id: str) -> bytes:
-        return await self._model_bytes(model_id)
+        return await self.admin.model_bytes(model_id)
 
-    async def _model_set_active(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        """Roll the global model back (or forward) to any model of the trail (audited)."""
-        key = args.get("id")
-        if not isinstance(key, str) or not key:
-            raise ProtocolError("model.set_active needs the id of a model of the trail")
-        if self.session is not None:
-            raise ConflictError(f"session {self.session.id} is running; stop it before changing the global model")
-        row = self.state.model(key)
-        data = await self._model_bytes(row["id"])  # its file is there, intact
-        await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
-        with self.state.transaction():
-            self.state.set_meta("active_model", row["id"])
-            self.state.audit(_actor(link), "model.set_active", address=link.peer, id=row["id"])
-        log.info("model %s is now the global model (set by an admin)", row["id"][:12])
-        self.hub.publish(m.ActiveChanged(what="model", id=row["id"], name=row.get("aggregator") or ""))
-        return {"model": {**row, "active": True}}, None
-
-    async def _model_bytes(self, model_id: str) -> bytes:
-        """A model's bytes, read and sha256-checked once (in a thread): every combiner fetches
-        the round's global model, and the round itself needs it, so keep the latest one in
-        memory. A round's new model is put here as it is committed: never read back."""
-        if self._model_cache is None or self._model_cache[0] != model_id:
-            try:
-                data = await asyncio.to_thread(self.blobs.get, MODEL[0], model_id, MODEL[1])
-            except IntegrityError as exc:  # which model, where, and what to do: not an internal error
-                raise CorruptModelError(model_id, str(self.blobs.root / MODEL[0]), exc.actual) from None
-            self._model_cache = (model_id, data)
-        return self._model_cache[1]
-
-    async def _model_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        active = self.state.get_meta("active_model")
-        session_id = args.get("session_id")
-        if session_id is not None and not isinstance(session_id, str):
-            raise ProtocolError("model.ls: session_id must be a session id (text)")
-        rows = self.state.models(session_id)
-        for row in rows:
-            row["active"] = row["id"] == active
-        return {"models": rows}, None
-
-    async def _model_show(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        key = str(args.get("id") or "")
-        if key in ("", "active"):  # as model download takes it: the current global model
-            key = self.state.get_meta("active_model") or "active"
-        row = self.state.model(key)
-        data = await self._model_bytes(row["id"])
-        row["active"] = row["id"] == self.state.get_meta("active_model")
-        row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
-        return {"model": row}, None
-
-    async def _model_get(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
-        key = args.get("id") or self.state.get_meta("active_model")
-        if not key:
-            raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
-        row = self.state.model(str(key))
-        data = await self._model_bytes(row["id"])
-        if link.claims.role == "admin":  # a model leaving the federation (combiners fetch one every round)
-            self.state.audit(_actor(link), "model.download", address=link.peer, id=row["id"])
-        return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
-
-    # -- sessions ---------------------------------------------------------------------------
 
 PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind
-REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
-
-
-def _read_state(path: Path, read: Callable[[State], T]) -> T:
-    """Run ``read`` on a connection of its own (in a thread: a long audit log is not read on
-    the event loop)."""
-    st = State(path, migrate=False)
-    try:
-        return read(st)
-    finally:
-        st.close()
-
-
-def _lock_data_dir(path: Path) -> Any:
-    """Hold an exclusive lock on the data dir for this process's life: two controllers on
-    one state.db would undo each other's sessions."""
-    import fcntl
-    import os
-
-    fh = open(path / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); stop it or use another --data-dir") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
-
-
-def _check_package(data: bytes, limits: UnpackLimits) -> None:
-    """Refuse a package a client would refuse (the same check_archive, within the same
-    limits: it runs before anything is written) or one without a valid scaleout.yaml."""
-    import tempfile
-
-    from scaleout.package.archive import extract_archive
-    from scaleout.package.project import load_project
-
-    with tempfile.TemporaryDirectory(prefix="scaleout-pkg-") as tmp:
-        load_project(extract_archive(data, Path(tmp) / "pkg", limits=limits))
-
-
-_actor = audit_actor
-
-
-async def _ready(value: T) -> T:
-    return value
 
 
 __all__ = ["Controller", "ControllerSettings", "ScaleoutError"]

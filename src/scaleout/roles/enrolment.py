@@ -9,7 +9,7 @@ import hashlib
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
@@ -22,7 +22,7 @@ from scaleout.store.identities import Identities, used_up
 from scaleout.transport.link import Link
 
 if TYPE_CHECKING:
-    from scaleout.roles.controller import Controller
+    from scaleout.roles.admin import Caller
 
 log = logging.getLogger("scaleout.controller")
 
@@ -44,8 +44,30 @@ def canonical(name: str) -> str:
         return name.lower()
 
 
+class DeskHost(Protocol):
+    """What the desk needs of the controller that owns it."""
+
+    settings: Any  # roles.controller.ControllerSettings
+    url: str
+    state: Any  # store.state.State
+    registry: Any  # store.registry.RegistryWriter
+    registry_changed: asyncio.Event
+    assigner: Any  # core.selection.Assigner
+    combiners: dict[str, Any]  # name -> its connection (.link, .name)
+    signer: tokens.TokenSigner
+    verifier: tokens.TokenVerifier
+    ca_fingerprint: str | None
+    ca_pem: bytes
+    ca_key_pem: bytes
+    ssl_context: Any
+
+    def write_admin_token(self) -> None: ...
+
+    def combiner_of(self, link: Link) -> Any: ...
+
+
 class Desk:
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: DeskHost) -> None:
         self.ctl = ctl
         self.db = Identities(ctl.state)
         self.links: set[Link] = set()
@@ -169,7 +191,7 @@ class Desk:
             return None
         return self.ctl.signer.issue(claims.role, IDENTITY_TTL_S, time.time(), jti=new_id("i-"), sub=claims.sub, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=claims.nid)
 
-    async def token_ls(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    def token_ls(self) -> dict[str, Any]:
         rows = self.db.tokens()  # one row per token an admin made: small
         now = time.time()
         for r in rows:
@@ -178,42 +200,39 @@ class Desk:
         nodes = self.db.identities()
         for n in nodes:
             n["status"] = "revoked" if n["revoked"] else "valid"
-        return {"tokens": rows, "identities": nodes}, None
+        return {"tokens": rows, "identities": nodes}
 
-    async def token_revoke(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        key = args.get("id")
-        if not isinstance(key, str) or not key:
-            raise ProtocolError("token.revoke needs the token's id (see scaleout token ls)")
+    async def token_revoke(self, caller: Caller, key: str, with_nodes: bool) -> dict[str, Any]:
         if key.startswith("n-"):  # a node identity (token ls lists them): that one credential
             node = self.db.revoke_identity(key, time.time())
-            self.ctl.state.audit(_actor(link), "token.revoke", address=link.peer, id=key, nodes=[node["name"]])
-            closed = await self.revoke([key], "its credential was revoked by an admin", keep=link)
+            self.ctl.state.audit(caller.actor, "token.revoke", address=caller.address, id=key, nodes=[node["name"]])
+            closed = await self.revoke([key], "its credential was revoked by an admin", keep=caller.origin)
             if node["role"] in ("client", "combiner"):
                 self._forget_soon(node["role"], node["name"])
             log.warning("identity %s (%s %s) revoked", key, node["role"], node["name"])
-            return {"id": key, "role": node["role"], "nodes": [{"role": node["role"], "name": node["name"]}], "closed": closed}, None
+            return {"id": key, "role": node["role"], "nodes": [{"role": node["role"], "name": node["name"]}], "closed": closed}
         row = self.db.find_token(key)
-        nodes = self.db.revoke_token(row["id"], bool(args.get("with_nodes")), time.time())
+        nodes = self.db.revoke_token(row["id"], with_nodes, time.time())
         ids = [row["id"], *(n["id"] for n in nodes)]
-        self.ctl.state.audit(_actor(link), "token.revoke", address=link.peer, id=row["id"], nodes=[n["name"] for n in nodes])
-        closed = await self.revoke(ids, "its token was revoked by an admin", keep=link)
+        self.ctl.state.audit(caller.actor, "token.revoke", address=caller.address, id=row["id"], nodes=[n["name"] for n in nodes])
+        closed = await self.revoke(ids, "its token was revoked by an admin", keep=caller.origin)
         for n in nodes:  # gone from client ls / combiner ls, as after client rm
             self._forget_soon(n["role"], n["name"])
         if row["role"] == "admin":
-            self.ctl._write_admin_token()  # the data dir's own admin token, if that was it, is replaced at once
+            self.ctl.write_admin_token()  # the data dir's own admin token, if that was it, is replaced at once
         log.warning("token %s revoked%s", row["id"], f" with its nodes {', '.join(n['name'] for n in nodes)}" if nodes else "")
-        return {"id": row["id"], "role": row["role"], "nodes": [{"role": n["role"], "name": n["name"]} for n in nodes], "closed": closed}, None
+        return {"id": row["id"], "role": row["role"], "nodes": [{"role": n["role"], "name": n["name"]} for n in nodes], "closed": closed}
 
-    async def node_rm(self, role: str, link: Link, args: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-        name = m.check_name(args.get("name"), f"{role} name")
+    async def node_rm(self, role: str, caller: Caller, name: str) -> dict[str, Any]:
+        name = m.check_name(name, f"{role} name")
         row = self.db.remove(role, name, time.time())
-        self.ctl.state.audit(_actor(link), f"{role}.rm", address=link.peer, name=name, identity=row["id"])
+        self.ctl.state.audit(caller.actor, f"{role}.rm", address=caller.address, name=name, identity=row["id"])
         # A client's link is to its combiner, which closes it as the revocation reaches it: count it.
         at_combiner = role == "client" and name in self.ctl.assigner.where
         closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin") + int(at_combiner)
         self._forget_soon(role, name)
         log.warning("%s %s removed (identity %s)", role, name, row["id"])
-        return {"name": name, "role": role, "id": row["id"], "closed": closed}, None
+        return {"name": name, "role": role, "id": row["id"], "closed": closed}
 
     def _forget_soon(self, role: str, name: str) -> None:
         task = asyncio.ensure_future(self._forget(role, name))
@@ -240,19 +259,13 @@ class Desk:
         except Exception as exc:  # the role edge: a full disk leaves the row, shown offline
             log.warning("could not drop %s %s from the registry: %s", role, name, exc)
 
-    async def client_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return await self.node_rm("client", link, args)
-
-    async def combiner_rm(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        return await self.node_rm("combiner", link, args)
-
-    async def revoke(self, ids: list[str], reason: str, keep: Link | None = None) -> int:
+    async def revoke(self, ids: list[str], reason: str, keep: int | None = None) -> int:
         """Refuse ``ids`` (tokens or identities) from now on, close the controller's links
         that hold them and tell every combiner to close its clients' links that do. The
-        link asking (``keep``) gets its answer and closes as the command ends."""
+        link asking (``keep``: its id()) gets its answer and closes as the command ends."""
         self.ctl.verifier.revoked.update(ids)
         wanted = set(ids)
-        closing = [lk for lk in list(self.links) if lk is not keep and lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
+        closing = [lk for lk in list(self.links) if id(lk) != keep and lk.claims is not None and (lk.claims.jti in wanted or lk.claims.nid in wanted)]
         await asyncio.gather(*(close_now(lk, m.CLOSE_REVOKED, reason) for lk in closing))
         for c in list(self.ctl.combiners.values()):
             if c.link not in closing:
@@ -288,7 +301,7 @@ class Desk:
     async def combiner_renew(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         if self.ctl.ssl_context is None:
             raise ConflictError("this controller runs without TLS: there is no certificate to renew")
-        self.ctl._combiner_of(link)  # registered links only
+        self.ctl.combiner_of(link)  # registered links only
         cert = self.sign(link, str(args.get("csr") or ""), args.get("advertise") if isinstance(args.get("advertise"), str) else None)
         result: dict[str, Any] = {"cert": cert, "cert_ttl_s": self.ctl.settings.combiner_cert_ttl}
         token = self.renewed(link)

@@ -73,7 +73,9 @@ class SessionHost(Protocol):
     assigner: Any  # core.selection.Assigner
     combiners: dict[str, Any]  # name -> CombinerLink
     round_members: dict[str, frozenset[str]]
-    max_payload: int
+
+    @property
+    def max_payload(self) -> int: ...
 
     def registry_event(self) -> asyncio.Event: ...
 

@@ -6,17 +6,25 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from scaleout.core.errors import AuthError
 from scaleout.security import jointoken
 from scaleout.security.tls import write_private
 
-if TYPE_CHECKING:
-    from scaleout.roles.controller import Controller
-
 log = logging.getLogger("scaleout.controller")
 MIN_LEFT_S = 3600
+ADMIN_TOKEN_TTL = 365 * 86400
+
+
+class Controller(Protocol):
+    """What the welcome needs of the controller: its data dir, token check and desk."""
+
+    dir: Path
+    verifier: Any  # security.tokens.TokenVerifier
+    ca_fingerprint: str | None
+    desk: Any  # roles.enrolment.Desk
 
 
 def join_token(ctl: Controller, role: str) -> str:
@@ -52,3 +60,16 @@ def show_join_commands(ctl: Controller) -> None:
         )
     else:
         log.info("join tokens for a first combiner and clients: scaleout combine @%s / scaleout join @%s", ctl.dir / "join-combiner.token", ctl.dir / "join-client.token")
+
+
+def write_admin_token(ctl: Controller) -> None:
+    """The data dir's admin token (admin.token), written anew unless the one there is valid."""
+    path = ctl.dir / "admin.token"
+    if path.exists():
+        try:
+            ctl.verifier.verify(path.read_text().strip(), time.time(), roles={"admin"})
+            return
+        except AuthError:
+            log.info("admin token in %s is no longer valid: writing a new one", path)
+    token = ctl.desk.issue("admin", ADMIN_TOKEN_TTL, name="admin", uses=None, sans=[], creator="controller")["token"]
+    write_private(path, (token + "\n").encode())

@@ -7,8 +7,11 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
-from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
+from scaleout.core.errors import ConfigError, IntegrityError, NotFoundError, StorageError
+
+SUFFIXES = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}  # kind -> its files' suffix
 
 
 class BlobStore:
@@ -59,6 +62,11 @@ class BlobStore:
         if actual != digest:
             raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
         return data
+
+    def sweep_unnamed(self, named: dict[str, set[str]]) -> dict[str, list[str]]:
+        """``sweep`` each kind of ``named`` (kind -> the ids its rows name): the files removed, by kind."""
+        removed = {kind: self.sweep(kind, SUFFIXES[kind], keep) for kind, keep in named.items()}
+        return {kind: names for kind, names in removed.items() if names}
 
     def sweep(self, kind: str, suffix: str, keep: set[str]) -> list[str]:
         """Remove the files of ``kind`` that no row names (``keep``) and half-written ones:
@@ -114,3 +122,23 @@ def secure_data_dir(root: Path) -> None:
             for entry in os.scandir(folder):
                 if entry.is_file(follow_symlinks=False):
                     tighten(Path(entry.path), 0o600)
+
+
+def lock_data_dir(path: Path) -> Any:
+    """Hold an exclusive lock on the data dir for this process's life: two controllers on
+    one state.db would undo each other's sessions."""
+    import fcntl
+
+    fh = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); stop it or use another --data-dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh

@@ -26,28 +26,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from scaleout.core.errors import NotFoundError
+from scaleout.store.command_schema import CLIENT_COLUMNS, SCHEMA, ensure_schema  # noqa: F401 (read from here too)
+from scaleout.store.state import State
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-  id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, params TEXT NOT NULL, model_id TEXT,
-  timeout REAL NOT NULL, status TEXT NOT NULL, created REAL NOT NULL, finished REAL, reason TEXT);
-CREATE INDEX IF NOT EXISTS commands_by_kind ON commands(kind, created);
-CREATE TABLE IF NOT EXISTS command_results (
-  command_id TEXT NOT NULL, client TEXT NOT NULL, combiner TEXT, status TEXT NOT NULL, data TEXT, error TEXT,
-  code TEXT, duration_s REAL, finished REAL, PRIMARY KEY (command_id, client));
-"""
-CLIENT_COLUMNS = ("attributes", "package", "package_error")
 MAX_ATTRIBUTES_BYTES = 64 << 10  # a client's attributes, all of them, as JSON
 log = logging.getLogger("scaleout.store")
-
-
-def ensure_schema(db: sqlite3.Connection) -> None:
-    """Create the tables and add the clients' columns to an older state.db (idempotent)."""
-    db.executescript(SCHEMA)
-    columns = {row[1] for row in db.execute("PRAGMA table_info(clients)")}
-    for column in CLIENT_COLUMNS:
-        if column not in columns:
-            db.execute(f"ALTER TABLE clients ADD COLUMN {column} TEXT")
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
@@ -67,8 +50,6 @@ class CommandStore:
     """Synchronous access on its own connection; call from a worker thread."""
 
     def __init__(self, path: Path) -> None:
-        from scaleout.store.state import State
-
         self._state = State(path)  # its connection turns a full disk into StorageError
         self.db = self._state.db
         self.lock = threading.Lock()

@@ -14,6 +14,7 @@ from typing import Any
 from scaleout.core.audit import GENESIS, Broken, entry_hash, verify_chain
 from scaleout.core.errors import NotFoundError, StorageError
 from scaleout.core.messages import to_json
+from scaleout.store.command_schema import ensure_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -152,8 +153,6 @@ class State:
         if migrate:  # a second connection of the same process only reads
             self.db.executescript(SCHEMA)
             self._migrate()
-            from scaleout.store.commands import ensure_schema
-
             ensure_schema(self.db)  # commands, predictions, clients' attributes and package
 
     def _migrate(self) -> None:

@@ -1,0 +1,175 @@
+"""Which clients are on which combiner, as the controller knows it: a combiner announces
+the clients that attached to it with the proof each showed (the ticket the controller gave
+it in client.assign), and reports for them; a client asks which combiner to join.
+
+This module never imports the controller: it gets what it needs through ``MembershipHost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from scaleout.core import messages as m
+from scaleout.core.errors import AuthError, LimitExceeded, ProtocolError
+from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
+from scaleout.security import tokens
+from scaleout.transport.link import Link
+
+log = logging.getLogger("scaleout.controller")
+
+REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
+
+
+class CombinerConn(Protocol):
+    name: str
+    link: Link
+    url: str | None
+    clients: set[str]
+
+
+class MembershipHost(Protocol):
+    """What membership needs of the controller that owns it."""
+
+    combiners: dict[str, Any]  # name -> CombinerConn
+    assigner: Any  # core.selection.Assigner
+    hub: Any  # roles.events.EventHub
+    registry: Any  # store.registry.RegistryWriter
+    state: Any  # store.state.State
+    obs: Any  # roles.exporter.Observer
+    verifier: tokens.TokenVerifier
+    desk: Any  # roles.enrolment.Desk
+    round_members: dict[str, frozenset[str]]
+    ssl_context: Any
+
+    def combiner_of(self, link: Link) -> Any: ...
+
+    def nodes_changed(self) -> None: ...
+
+
+class Membership:
+    def __init__(self, ctl: MembershipHost) -> None:
+        self.ctl = ctl
+        # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
+        self.tickets: dict[str, tuple[int, str]] = {}
+
+    def clients_changed(self, c: CombinerConn, msg: m.ClientsChanged) -> None:
+        """A combiner's deltas: O(1) per client; the writes go to state.db in batches, off the loop."""
+        if len(msg.joined) > m.MAX_NAMES or len(msg.left) > m.MAX_NAMES:
+            raise ProtocolError(f"clients.changed: at most {m.MAX_NAMES} names per list")
+        for client in (*msg.joined, *msg.left):  # all checked before any is applied
+            m.check_name(client, "client name")
+        if len(msg.proofs) != len(msg.joined):
+            raise AuthError(f"clients.changed: every client that joined needs its proof (the ticket it connected with): {len(msg.joined)} names, {len(msg.proofs)} proofs")
+        proven = self.proven(c, msg.joined, msg.proofs)  # a forged one refuses the whole message
+        for client in proven:
+            elsewhere = self.ctl.assigner.where.get(client)
+            if elsewhere is not None and elsewhere != c.name and elsewhere in self.ctl.combiners:
+                # One name, one node: the newest connection counts, once, wherever it is.
+                log.warning("client %s is now on combiner %s (it was on %s)", client, c.name, elsewhere)
+                self.ctl.combiners[elsewhere].clients.discard(client)
+            c.clients.add(client)
+            self.ctl.assigner.client_joined(c.name, client)
+            self.ctl.hub.publish(m.ClientJoined(client=client, combiner=c.name, package=self.ctl.hub.packages.get(client, "")))
+            self.ctl.registry.client(client, "online", c.name)
+        for client in msg.left:
+            if client not in c.clients:
+                continue  # never joined here (or moved on): not this combiner's to remove
+            c.clients.discard(client)
+            self.ctl.assigner.client_left(c.name, client)
+            if client not in self.ctl.assigner.where:  # not already back on another combiner
+                self.ctl.registry.client(client, "offline", c.name)
+                self.ctl.hub.publish(m.ClientLeft(client=client, combiner=c.name))
+        self.ctl.registry.combiner(c.name, "online", clients=len(c.clients))
+        self.ctl.nodes_changed()
+
+    def proven(self, c: CombinerConn, names: list[str], proofs: list[str]) -> list[str]:
+        """The clients in ``names`` whose proof shows they attached to combiner ``c``: a
+        ticket the controller signed for that client and this combiner, the newest it issued
+        for the client. A proof not signed here, or naming another client or combiner, is a
+        forgery: AuthError (nothing in the message is applied). A revoked, expired or
+        superseded one leaves its client out (it counts again once it reconnects)."""
+        now = time.time()
+        checked = []
+        for name, proof in zip(names, proofs):
+            try:
+                claims = self.ctl.verifier.genuine(proof)
+            except AuthError:
+                claims = None
+            if claims is None or claims.aud != c.name or claims.sub != name or claims.role != "client" or claims.nid is None:
+                log.warning("combiner %s announced client %s without a valid proof: refused", c.name, name)
+                raise AuthError(f"clients.changed: no valid proof that client {name!r} attached to combiner {c.name} (the ticket it connected with)")
+            checked.append((name, claims))
+        out = []
+        for name, claims in checked:
+            newest = self.tickets.get(name)
+            if claims.jti in self.ctl.verifier.revoked or claims.nid in self.ctl.verifier.revoked:
+                why = "its credential was revoked"
+            elif newest is not None and newest[1] != claims.jti and claims.iat <= newest[0]:
+                why = "a newer ticket was issued to it since"
+            elif (newest is None or newest[1] != claims.jti) and now >= claims.exp:
+                why = "its ticket expired"
+            else:
+                self.tickets[name] = (claims.iat, claims.jti)
+                out.append(name)
+                continue
+            log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
+        return out
+
+    def store_report(self, c: CombinerConn, msg: m.Report) -> None:
+        """Store one client's report within the limits a combiner applies (core/limits.py):
+        a report beyond them is cut down, never allowed to fill state.db."""
+        if msg.kind not in REPORT_KINDS:
+            raise ProtocolError(f"report: kind must be one of {', '.join(REPORT_KINDS)}, got {msg.kind!r:.40}")
+        m.check_name(msg.session_id, "report: session id")
+        m.check_name(msg.client, "report: client name")
+        if msg.client not in c.clients and msg.client not in self.ctl.round_members.get(c.name, ()):
+            raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
+        data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
+        try:
+            check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
+        except LimitExceeded as exc:
+            log.warning("combiner %s: client %s: %s: stored without it", c.name, msg.client, exc)
+            data = {}
+        self.ctl.registry.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if msg.kind == "train":
+            self.ctl.obs.update_reported(error)
+        self.ctl.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
+        if error:
+            log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
+
+    async def ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        c = self.ctl.combiner_of(link)
+        url = args.get("url")
+        scheme = "ws://" if self.ctl.ssl_context is None else "wss://"
+        if not isinstance(url, str) or not url.startswith(scheme):
+            raise ProtocolError(f"combiner.ready needs the {scheme} url clients should dial")
+        self.ctl.desk.check_ready_url(link, url)
+        c.url = url
+        self.ctl.assigner.combiner_ready(c.name)
+        self.ctl.state.upsert_combiner(c.name, "online", url=url)
+        log.info("combiner %s ready at %s", c.name, url)
+        self.ctl.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
+        self.ctl.nodes_changed()
+        return {}, None
+
+    async def assign(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        name = m.check_name(args.get("name"), "client name")
+        claims = self.ctl.desk.node_identity(link, "client", name, args)
+        if isinstance(args.get("package"), str):  # which package it runs, for watchers (tui)
+            self.ctl.hub.packages[name] = args["package"][:200]
+        prefer = args.get("prefer")
+        best = self.ctl.assigner.assign(name, asyncio.get_running_loop().time(), prefer if isinstance(prefer, str) else None)
+        c = self.ctl.combiners[best]
+        if self.ctl.assigner.where.get(name) != best:
+            log.info("client %s assigned to combiner %s", name, best)
+        # The client shows its combiner this ticket, never its own credential (enrolment.py).
+        ticket = self.ctl.desk.ticket(claims, c.name)
+        self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.ctl.state.get_meta("active_package"), "ticket": ticket}
+        renewed = self.ctl.desk.renewed(link)
+        if renewed is not None:
+            reply["token"] = renewed
+        return reply, None
