@@ -114,6 +114,7 @@ class Combiner:
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         self.announced: m.RoundPartial | None = None  # the last partial told of: told again if the link dropped
         self.boot: str | None = None  # which run of the controller gave us our rounds
+        self.run_id = new_id("r-")  # this process: the controller tells a blip (same run) from a restart
         self.gates: dict[str, MetricGate] = {}  # client -> its metric size and rate limits
         self._joined: set[str] = set()  # membership changes not yet told to the controller
         self.proofs: dict[str, str] = {}  # client -> the ticket it connected with: forwarded as proof it is here
@@ -130,7 +131,7 @@ class Combiner:
             self.enrolled = await enrolled("combiner", self.name, s.controller, s.token, s.ca, ctx, s.state_dir or _state_dir())
         link = await connect(s.controller, self.enrolled.token, ctx, max_payload=s.max_payload)
         reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
-        args: dict[str, Any] = {"name": self.name, "advertise": self.advertised}
+        args: dict[str, Any] = {"name": self.name, "advertise": self.advertised, "run": self.run_id}
         if csr is not None:
             args["csr"] = csr
         try:

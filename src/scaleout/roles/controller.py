@@ -17,19 +17,19 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core import permissions
-from scaleout.core.errors import AuthError, ConflictError, ProtocolError, ScaleoutError, StorageError
+from scaleout.core.errors import AuthError, ProtocolError, ScaleoutError, StorageError
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.roles.common import announce, audit_actor, close_now, bracket, cert_names, dial_urls, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, bracket, cert_names, dial_urls, raise_file_limit, url_host
 from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
 from scaleout.roles.exporter import Observer
 from scaleout.roles.membership import Membership
-from scaleout.roles.sessions import SMALL_PAYLOAD, RunningSession, SessionService
+from scaleout.roles.sessions import RunningSession, SessionService
 from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
@@ -107,7 +107,7 @@ class Controller:
         self._ops: dict[str, Handler] = {
             "session.wait": self._session_wait,
             "client.assign": lambda *a: self.members.assign(*a),
-            "combiner.register": self._combiner_register,
+            "combiner.register": lambda *a: self.members.register(*a),
             "combiner.ready": lambda *a: self.members.ready(*a),
             "node.enrol": lambda *a: self.desk.enrol(*a),
             "combiner.renew": lambda *a: self.desk.combiner_renew(*a),
@@ -280,7 +280,7 @@ class Controller:
             self.hub.unsubscribe(link)
             self.desk.gone(link)
             if role == "combiner":
-                self._combiner_gone(link)
+                self.combiner_gone(link)
 
     def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:
@@ -296,13 +296,16 @@ class Controller:
     def _registered(self, link: Link) -> bool:
         return any(c.link is link for c in self.combiners.values())
 
+    def new_combiner(self, name: str, link: Link) -> CombinerConn:
+        return CombinerConn(name, link)
+
     def combiner_of(self, link: Link) -> CombinerConn:
         for c in self.combiners.values():
             if c.link is link:
                 return c
         raise ProtocolError("register first (combiner.register)")
 
-    def _combiner_gone(self, link: Link) -> None:
+    def combiner_gone(self, link: Link) -> None:
         for name, c in list(self.combiners.items()):
             if c.link is link:
                 del self.combiners[name]
@@ -317,9 +320,9 @@ class Controller:
     def nodes_changed(self) -> None:
         self.registry_changed.set()
         self.registry_changed = asyncio.Event()
-        self._count_nodes()
+        self.count_nodes()
 
-    def _count_nodes(self) -> None:
+    def count_nodes(self) -> None:
         self.obs.nodes(len(self.combiners), sum(len(c.clients) for c in self.combiners.values()))
 
     def _combiner_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
@@ -347,39 +350,6 @@ class Controller:
         return handle
 
     # -- combiner and client registry -----------------------------------------------------
-
-    async def _combiner_register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        name = m.check_name(args.get("name"), "combiner name")
-        self.desk.node_identity(link, "combiner", name, args)
-        csr = args.get("csr")
-        advertise = args.get("advertise") if isinstance(args.get("advertise"), str) else None
-        cert = self.desk.sign(link, str(csr), advertise) if csr and self.ssl_context is not None else None  # refused before any takeover
-        old = self.combiners.get(name)
-        if old is not None and old.link is not link:
-            # The newest registration wins: the old link is usually dead (a restart after a
-            # network loss); a live twin learns why from the close code and stops.
-            log.warning("combiner %s registered again: closing its older connection", name)
-            self._combiner_gone(old.link)
-            await close_now(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
-        result: dict[str, Any] = {
-            "token_public_key": self.signer.public_pem().decode(), "revoked": sorted(self.verifier.revoked),
-            "boot": self.boot,  # which run of this controller: a combiner that sees it change drops the old rounds
-        }
-        if csr:
-            if self.ssl_context is None:
-                raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
-            result["cert"] = cert
-            result["cert_ttl_s"] = self.settings.combiner_cert_ttl
-        renewed = self.desk.renewed(link)
-        if renewed is not None:
-            result["token"] = renewed
-        self.combiners[name] = CombinerConn(name, link)
-        self.sessions.on_combiner_back(name, link)  # a round that gave it a grace takes its partial over this link
-        self._count_nodes()
-        link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
-        self.state.upsert_combiner(name, "registered")
-        self.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
-        return result, None
 
     # -- what the session service needs (roles/sessions.py SessionHost) ----------------------
 

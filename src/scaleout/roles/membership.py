@@ -13,8 +13,10 @@ import time
 from typing import Any, Protocol
 
 from scaleout.core import messages as m
-from scaleout.core.errors import AuthError, LimitExceeded, ProtocolError
+from scaleout.core.errors import AuthError, ConflictError, LimitExceeded, ProtocolError
 from scaleout.core.limits import MAX_METRIC_BYTES, MAX_RESULT_BYTES, check_size, clip_text
+from scaleout.roles.common import audit_actor, close_now
+from scaleout.roles.sessions import SMALL_PAYLOAD
 from scaleout.security import tokens
 from scaleout.transport.link import Link
 
@@ -43,8 +45,18 @@ class MembershipHost(Protocol):
     desk: Any  # roles.enrolment.Desk
     round_members: dict[str, frozenset[str]]
     ssl_context: Any
+    signer: tokens.TokenSigner
+    settings: Any  # roles.controller.ControllerSettings
+    sessions: Any  # roles.sessions.SessionService
+    boot: str
 
     def combiner_of(self, link: Link) -> Any: ...
+
+    def combiner_gone(self, link: Link) -> None: ...
+
+    def new_combiner(self, name: str, link: Link) -> Any: ...
+
+    def count_nodes(self) -> None: ...
 
     def nodes_changed(self) -> None: ...
 
@@ -54,6 +66,7 @@ class Membership:
         self.ctl = ctl
         # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
         self.tickets: dict[str, tuple[int, str]] = {}
+        self.runs: dict[str, str | None] = {}  # combiner -> the run (process) that registered last under its name
 
     def clients_changed(self, c: CombinerConn, msg: m.ClientsChanged) -> None:
         """A combiner's deltas: O(1) per client; the writes go to state.db in batches, off the loop."""
@@ -173,3 +186,39 @@ class Membership:
         if renewed is not None:
             reply["token"] = renewed
         return reply, None
+
+    async def register(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        """combiner.register: the newest registration of a name wins; a round that gave this
+        combiner a grace hears whether it is the same process back (its round still held)."""
+        ctl = self.ctl
+        name = m.check_name(args.get("name"), "combiner name")
+        ctl.desk.node_identity(link, "combiner", name, args)
+        csr = args.get("csr")
+        advertise = args.get("advertise") if isinstance(args.get("advertise"), str) else None
+        cert = ctl.desk.sign(link, str(csr), advertise) if csr and ctl.ssl_context is not None else None  # refused before any takeover
+        old = ctl.combiners.get(name)
+        if old is not None and old.link is not link:
+            # The newest registration wins: the old link is usually dead (a restart after a
+            # network loss); a live twin learns why from the close code and stops.
+            log.warning("combiner %s registered again: closing its older connection", name)
+            ctl.combiner_gone(old.link)
+            await close_now(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
+        # "boot": which run of this controller (a combiner that sees it change drops its old rounds).
+        result: dict[str, Any] = {"token_public_key": ctl.signer.public_pem().decode(), "revoked": sorted(ctl.verifier.revoked), "boot": ctl.boot}
+        if csr:
+            if ctl.ssl_context is None:
+                raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")
+            result["cert"] = cert
+            result["cert_ttl_s"] = ctl.settings.combiner_cert_ttl
+        renewed = ctl.desk.renewed(link)
+        if renewed is not None:
+            result["token"] = renewed
+        ctl.combiners[name] = ctl.new_combiner(name, link)
+        run, self.runs[name] = self.runs.get(name), args.get("run") if isinstance(args.get("run"), str) else None
+        # The same process back (a blip) still holds its round; a restarted one lost it.
+        ctl.sessions.on_combiner_back(name, link, same_run=run is not None and run == self.runs[name])
+        ctl.count_nodes()
+        link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
+        ctl.state.upsert_combiner(name, "registered")
+        ctl.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
+        return result, None

@@ -356,10 +356,11 @@ class SessionService:
         if self.running is not None:  # the link says which registration was lost
             self.running.events.put_nowait(("lost", (name, link)))
 
-    def on_combiner_back(self, name: str, link: Link) -> None:
-        """A combiner registered (again): a round that gave it a grace waits for it on this link."""
+    def on_combiner_back(self, name: str, link: Link, same_run: bool) -> None:
+        """A combiner registered (again): a round that gave it a grace waits for its partial on
+        this link if it is the same process (``same_run``); a restarted one lost its share."""
         if self.running is not None:
-            self.running.events.put_nowait(("back", (name, link)))
+            self.running.events.put_nowait(("back", (name, link, same_run)))
 
     def on_round_message(self, name: str, msg: m.RoundPartial | m.ValidateDone, link: Link) -> None:
         s = self.running
@@ -609,11 +610,14 @@ class SessionService:
                     log.warning("round %d: combiner %s dropped its link: waiting up to %.0fs for it to come back", index, name, COMBINER_GRACE_S)
                     decision = tracker.on_combiner_dropped(name, loop.time(), COMBINER_GRACE_S)
             elif kind == "back":
-                name, link = value
-                if name in tracker.away:  # the same combiner again: its partial comes over this link
+                name, link, same_run = value
+                if name in tracker.away and same_run:  # the same combiner again: its partial comes over this link
                     log.info("round %d: combiner %s is back", index, name)
                     links[name] = link
                     tracker.on_combiner_back(name)
+                elif name in tracker.away:  # restarted: what it held of this round is gone
+                    log.warning("round %d: combiner %s restarted: its share of this round is lost", index, name)
+                    decision = tracker.on_combiner_lost(name)
             elif kind == m.RoundPartial.type:
                 name, msg, link = value
                 if links.get(name) is not link or name not in tracker.waiting_for:
