@@ -1,13 +1,15 @@
 """The chaos suite (issue 14): real processes, a fault at a chosen moment of a round.
 
 Each scenario runs a 4-round session over 2 combiners and 4 clients, hits one role at one
-moment (SIGKILL and a restart on the same state, or SIGSTOP for 15 s then SIGCONT), and
+moment (SIGKILL and a restart on the same state, or SIGSTOP for 15 s then SIGCONT; see
+MOMENTS), and
 asserts that the session still finishes: round indexes 1..4, each succeeded once, the trail
 linked, no client counted twice in a round, `audit verify` ok. It records the recovery time:
 from the kill (or the SIGCONT) to the first training task a client starts after it.
 
 `make test` runs the short form (a SIGKILL of a combiner and of a client while clients
-train; the controller's is tests/integration/test_recovery.py). `make chaos` runs the whole
+train, and of the controller between writing a new model and committing it; the controller
+killed while clients train is tests/integration/test_recovery.py). `make chaos` runs the whole
 matrix (CHAOS_FULL=1) and prints a table (tests/chaos/report.py).
 """
 
@@ -35,8 +37,14 @@ ROUNDS = 4
 STOP_S = 15.0
 FULL = os.environ.get("CHAOS_FULL") == "1"
 
-SHORT = [("combiner", "train", "kill"), ("client", "train", "kill")]
-MATRIX = [(role, moment, how) for role in ("controller", "combiner", "client") for moment in ("train", "validate") for how in ("kill", "stop")]
+SHORT = [("combiner", "train", "kill"), ("client", "train", "kill"), ("controller", "commit", "kill")]
+# Moments: while clients train or validate (their package holds until a file exists), and at the
+# roles' fault-injection points (SCALEOUT_FAILPOINT, roles/common.py failpoint): "distribute"
+# (the round recorded, its orders or tasks not yet sent), "collect" (an update or partial folded
+# in, the round not decided), "commit" (the new model's file written, its rows not yet).
+MOMENTS = {"controller": ("train", "validate", "distribute", "collect", "commit"), "combiner": ("train", "validate", "distribute", "collect"), "client": ("train", "validate")}
+GATED = ("train", "validate")
+MATRIX = [(role, moment, how) for role, moments in MOMENTS.items() for moment in moments for how in (("kill", "stop") if moment in GATED else ("kill",))]
 
 
 def scenarios() -> list[Any]:
@@ -78,25 +86,39 @@ def test_a_session_survives(role: str, moment: str, how: str, fed: Federation, t
     if moment == "validate":  # round 2's validation holds until vgate exists
         monkeypatch.setenv("RECOVER_VGATE", str(vgate))
         monkeypatch.setenv("RECOVER_VGATE_FROM", "2")
+    failpoint = moment not in GATED  # the target holds at that point of round 1 (only the first process)
+    if failpoint and role == "controller":
+        monkeypatch.setenv("SCALEOUT_FAILPOINT", moment)
     controller = fed.controller()
+    monkeypatch.delenv("SCALEOUT_FAILPOINT", raising=False)
     seed = fed.seed_from(RECOVER)
-    combiners = {name: fed.combiner(name) for name in ("c1", "c2")}
+    combiners = {}
+    for name in ("c1", "c2"):
+        if failpoint and role == "combiner" and name == "c1":
+            monkeypatch.setenv("SCALEOUT_FAILPOINT", moment)
+        combiners[name] = fed.combiner(name)
+        monkeypatch.delenv("SCALEOUT_FAILPOINT", raising=False)
     names = [f"r{i}" for i in range(4)]
     clients = {name: fed.client(name, package=RECOVER) for name in names}
     fed.wait_clients(4)
     settings = {"gate": str(gate), "gate_from": 2} if moment == "train" else {}
     config = {"rounds": ROUNDS, "round_timeout": 25, "min_clients": 1, "validate": moment == "validate", "settings": settings}
     session = fed.admin("session.start", config)[0]["session"]
-    wait_stdout(clients["r0"], "recover_client: held" if moment == "train" else "recover_client: validating")
 
-    # The fault. Its target: the controller, the combiner r0 is on, or r0 itself.
+    # The fault. Its target: the controller, a combiner (the one r0 is on; c1 for a failpoint), or r0 itself.
     if role == "controller":
         target = controller
+    elif role == "combiner" and failpoint:
+        target = combiners["c1"]
     elif role == "combiner":
         where = {c["name"]: c["combiner"] for c in fed.admin("client.ls")[0]["clients"]}
         target = combiners[where["r0"]]
     else:
         target = clients["r0"]
+    if failpoint:
+        wait_stdout(target, f"failpoint {moment}")
+    else:
+        wait_stdout(clients["r0"], "recover_client: held" if moment == "train" else "recover_client: validating")
     port = int(fed.url.rsplit(":", 1)[1])
     if how == "kill":
         target.popen.send_signal(signal.SIGKILL)
@@ -136,6 +158,9 @@ def test_a_session_survives(role: str, moment: str, how: str, fed: Federation, t
     assert verify.returncode == 0, verify.stdout + verify.stderr
     if how == "kill" and role != "controller":  # restarted on its state dir: its own identity again, no new enrolment
         assert "enrolled as" not in again.text(), again.text()
+    if role == "controller" and moment == "commit":  # the file written before the kill, never committed: swept
+        assert "that no committed row names (left by an interrupted write)" in fed.procs[-1].text()
+        assert rounds[0]["attempt"] == 2 and rounds[0]["retried"] == ["controller restarted"], rounds[0]
 
 
 def _record(role: str, moment: str, how: str, outcome: str, recovery: float) -> None:

@@ -21,7 +21,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, close_now, cert_names, dial_urls, new_id, private_tempdir, raise_file_limit, url_host
+from scaleout.roles.common import announce, bracket, cert_names, close_now, dial_urls, failpoint, new_id, private_tempdir, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -605,6 +605,8 @@ class Combiner:
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         sends = {new_id("t-"): client for client in clients}
         job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
+        if kind == "train":
+            await failpoint("distribute")  # the round taken on, its tasks not yet sent
         await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
         job.sent = loop.time()
         if job.tracker.on_tick(loop.time()) or job.tracker.check():
@@ -749,6 +751,7 @@ class Combiner:
             if job.pulling.get(client) is asyncio.current_task():  # not a newer pull of the same client
                 del job.pulling[client]
         log.info("round %d: update from %s accepted (%d examples)", job.round_index, client, weight)
+        await failpoint("collect")  # an update folded in, the partial not yet announced
         await self._report("train", job, client, msg.data, None)
         if ready:
             await self._complete(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import collections
 import contextlib
 import contextvars
@@ -344,3 +345,19 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # it exists (another user's), or it cannot be told: keep its folder
     return True
+
+
+FAILPOINT_ENV = "SCALEOUT_FAILPOINT"  # NAME: hold at that point once, for the chaos suite (tests/chaos)
+FAILPOINT_HOLD_S = 30.0
+
+
+async def failpoint(name: str) -> None:
+    """A fault-injection point (as etcd's gofail): with SCALEOUT_FAILPOINT=NAME in the
+    environment, each time the role reaches it, it prints ``failpoint NAME`` on stdout and
+    holds there (up to FAILPOINT_HOLD_S), so a test can kill it at that exact moment, e.g.
+    between writing a model file and committing its row. Nothing otherwise."""
+    if os.environ.get(FAILPOINT_ENV) != name:
+        return
+    print(f"failpoint {name}", flush=True)
+    log.warning("holding at failpoint %s (%s is set): for tests only", name, FAILPOINT_ENV)
+    await asyncio.sleep(FAILPOINT_HOLD_S)  # the hold is the point: a test kills the process meanwhile

@@ -39,7 +39,7 @@ from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
 from scaleout.core.selection import choose_validators, select_clients
 from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, Step, StepKind, ValidateRound, Wait
-from scaleout.roles.common import new_id
+from scaleout.roles.common import failpoint, new_id
 from scaleout.transport.link import Link, LinkClosed, RequestTimeout
 
 log = logging.getLogger("scaleout.controller")
@@ -583,6 +583,7 @@ class SessionService:
         # (lost and back since) says nothing about this round.
         links = {name: host.combiners[name].link for name in selected}
         self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
+        await failpoint("distribute")  # the round is recorded, its orders not yet out
         for name, clients in selected.items():
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
@@ -648,6 +649,7 @@ class SessionService:
                     log.warning("round %d: could not note the partial of combiner %s: %s", index, name, exc)
                 contributors.extend(who)
                 decision = tracker.on_partial(name, count)
+                await failpoint("collect")  # a partial folded in, the round not yet decided
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
         committing = loop.time()
@@ -661,6 +663,7 @@ class SessionService:
             # no row names, which the next start sweeps (store/blobs.py), never a row without its file.
             model_id = await asyncio.to_thread(host.blobs.put, MODEL[0], new_bytes, MODEL[1])
             state_id = await asyncio.to_thread(host.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
+            await failpoint("commit")  # the files written, the rows that name them not yet
             # The model, its trail entry, the strategy's state, the round's outcome and its step land in one transaction.
             self._persist(
                 s, Step(StepKind.ROUND_COMMITTED, index, attempt, model_id=model_id, state_id=state_id, at=time.time()),
