@@ -224,11 +224,11 @@ class SessionMachine:
             self.retries.setdefault(cur.index, []).append(step.reason or "retried")
             self.current = None  # next_action runs it again from the same model
         elif k is StepKind.SESSION_ENDED:
-            cur = self.current
-            if cur is not None and cur.phase is StepKind.ROUND_COMMITTED:
+            flight = self.current
+            if flight is not None and flight.phase is StepKind.ROUND_COMMITTED:
                 self._close_round()  # its model stands; only its validation is lost
-            elif cur is not None:  # ended mid-round (interrupted): a continuation runs it again
-                self.retries.setdefault(cur.index, []).append(step.reason or step.status or "ended")
+            elif flight is not None:  # ended mid-round (interrupted): a continuation runs it again
+                self.retries.setdefault(flight.index, []).append(step.reason or step.status or "ended")
                 self.current = None
             self.ended = EndSession(step.status or "finished", step.reason)
         self.steps += 1
