@@ -211,7 +211,6 @@ def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(
             if b"serve" not in argv:
                 assert b"SCALEOUT_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes(), argv
 
-        started = time.monotonic()
         dev.send_signal(sig)
         try:
             code = dev.wait(20)
@@ -220,8 +219,9 @@ def test_sigterm_to_dev_stops_every_child_and_keeps_tokens_off_the_command_line(
         left = [pid for pid, start in children.items() if alive(pid, start)]
         assert not left, f"scaleout dev left {left} running"
         assert code == 130, (code, (tmp_path / "dev.log").read_text())
-        assert time.monotonic() - started < 10
         log = (tmp_path / "dev.log").read_text()
+        # Each child drained by itself within dev's grace; none had to be killed.
+        assert "did not stop within" not in log, log + "".join(f"\n== {f.name}\n{f.read_text()}" for f in sorted((data / "logs").glob("*.log")))
         assert f"{sig.name} received: stopping the federation" in log and "Traceback" not in log, log
         for child_log in (data / "logs").glob("*.log"):
             assert "Traceback" not in child_log.read_text(), child_log
