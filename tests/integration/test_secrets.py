@@ -111,12 +111,13 @@ def test_errors_sent_to_a_node_name_no_path_of_ours(fed: Federation) -> None:
     assert str(model.parent) in str(info.value) and f"{seed}.safetensors" in str(info.value)
 
 
-def tgz(files: dict[str, bytes], deep: int = 0) -> bytes:
+def tgz(files: dict[str, bytes], deep: int = 0, pax: dict[str, str] | None = None) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            info.pax_headers = dict(pax or {})
             tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
 
@@ -129,6 +130,8 @@ def test_set_active_refuses_what_a_client_would_refuse(fed: Federation) -> None:
         "deep.tgz": (tgz({"pkg/scaleout.yaml": yaml, deep: b"x"}), "has a path longer than 1024 characters"),
         "levels.tgz": (tgz({"pkg/scaleout.yaml": yaml, "pkg/" + "d/" * 40 + "x.py": b"x"}), "42 levels deep; the limit is 32"),
         "bomb.tgz": (tgz({"pkg/scaleout.yaml": yaml, "pkg/zeros.bin": bytes(200 << 20)}), "compression bomb"),
+        # Issue 20 #8: a pax header of 64 MiB (800 MB took the controller to 3.25 GB).
+        "header.tgz": (tgz({"pkg/scaleout.yaml": yaml}, pax={"comment": "a" * (64 << 20)}), "a header bomb"),
     }
     for name, (data, why) in cases.items():
         path = fed.tmp / name
