@@ -350,3 +350,10 @@ def test_what_tar_writers_write_unpacks(tmp_path: Path, fmt: int) -> None:
     assert (root / deep.removeprefix("pkg/")).read_bytes() == b"x = 1\n"
     assert (root / "ünï" / "ß.py").is_file() and (root / "empty").is_dir()
     assert (root / "run.sh").stat().st_mode & 0o100
+
+
+def test_a_pax_path_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    data = hiding(pax(record(b"path", b"pkg/a\0b")), header(b"pkg/f", b"0", 0))
+    with pytest.raises(PackageError, match="NUL byte"):
+        extract_archive(data, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()

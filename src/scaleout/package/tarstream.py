@@ -54,6 +54,8 @@ def _number(field: bytes, what: str) -> int:
 
 
 def _text(raw: bytes, what: str) -> str:
+    if b"\0" in raw:
+        raise PackageError(f"package archive has a {what} with a NUL byte in it ({raw[:60]!r})")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
