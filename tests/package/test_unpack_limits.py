@@ -357,3 +357,30 @@ def test_a_pax_path_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="NUL byte"):
         extract_archive(data, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_empty_global_headers_each_count_a_block() -> None:
+    # A re-attack: 500,000 empty 'g' headers (1.1 MB) cost 19 s of CPU and counted towards nothing.
+    data = hiding(*[pax(b"", b"g")] * 200)
+    with pytest.raises(PackageError, match="more than 64.0 KiB of pax extended headers"):
+        check_archive(data, UnpackLimits(max_headers=64 * 1024))
+
+
+def test_millions_of_tiny_pax_records_are_refused_before_they_are_parsed() -> None:
+    # A re-attack: 16 MiB of "5 a=\n" records (3.3 million) took 10 s of CPU to parse.
+    body = b"5 a=\n" * 12_000
+    parts = [pax(body) + header(f"pkg/f{i}".encode(), b"0", 0) for i in range(3)]
+    with pytest.raises(PackageError, match="more than 16000 pax records in all"):
+        check_archive(hiding(*parts), UnpackLimits(max_files=1000))
+
+
+@pytest.mark.parametrize("name", [b".", b"./.", b"./"])
+def test_a_file_named_like_the_root_is_refused(name: bytes) -> None:
+    # A re-attack: a file named "." mapped to the package root, so its (1 GiB) data was skipped
+    # by every size limit.
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(raw_tar_header(b"pkg/scaleout.yaml", b"0", len(YAML)) + YAML + bytes(-len(YAML) % 512))
+        gz.write(raw_tar_header(name, b"0", 1024) + bytes(1024) + bytes(1024))
+    with pytest.raises(PackageError, match="is a file named like the package's root|is a directory with"):
+        check_archive(out.getvalue())

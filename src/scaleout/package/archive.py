@@ -187,6 +187,8 @@ class _Budget:
             raise PackageError(f"package archive member {shown(member.name)} has a path longer than {lim.max_path} characters")
         rel = _member_path(member.name)
         if rel is None:
+            if not member.is_dir:  # its data would be skipped, counted by no size limit
+                raise PackageError(f"package archive member {shown(member.name)} is a file named like the package's root")
             return None
         if len(rel.parts) > lim.max_depth:
             raise PackageError(

@@ -23,7 +23,8 @@ from scaleout.core.units import fmt_bytes
 from scaleout.package.limits import UnpackLimits
 
 BLOCK = 512
-TRAILING_MAX = 1 << 20  # bytes tolerated after the end-of-archive blocks (tar pads to 10 KiB records)
+TRAILING_MAX = 16 << 20  # zero bytes tolerated after the end-of-archive blocks (tar -b 4096 pads to 2 MiB records)
+RECORDS_PER_MEMBER = 16  # pax records allowed per member limit: parsing millions of "5 a=\n" costs seconds
 _CHUNK = 1 << 16
 
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous (a regular file to every reader)
@@ -91,7 +92,8 @@ class TarStream:
     def __init__(self, f: BinaryIO, limits: UnpackLimits) -> None:
         self.f = f
         self.limits = limits
-        self.headers = 0  # bytes of pax headers and GNU long names so far
+        self.headers = 0  # bytes of pax headers and GNU long names so far, each at least a block
+        self.records = 0  # pax records so far
         self._left = 0  # data of the current member not yet read, padding included
         self._data = 0  # of which data (the rest is padding)
 
@@ -143,7 +145,7 @@ class TarStream:
             raise PackageError(
                 f"package archive has a {what} of {fmt_bytes(size)}; the limit is {fmt_bytes(self.limits.max_header)} (a header bomb?)"
             )
-        self.headers += size
+        self.headers += BLOCK + size  # an empty one costs its header block: a million of them are refused too
         if self.headers > self.limits.max_headers:
             raise PackageError(
                 f"package archive has more than {fmt_bytes(self.limits.max_headers)} of pax extended headers and GNU long names in all (the limit; a header bomb?)"
@@ -197,6 +199,10 @@ class TarStream:
             yield Member(name=name, is_dir=is_dir, size=size, mode=_number(block[100:108], "mode"))
 
     def _checked_pax(self, body: bytes) -> dict[bytes, bytes]:
+        self.records += body.count(b"\n")  # an upper bound of its records, known before parsing them
+        most = RECORDS_PER_MEMBER * max(self.limits.max_files, 1000)
+        if self.records > most:
+            raise PackageError(f"package archive has more than {most} pax records in all (the limit; a header bomb?)")
         records = _pax_records(body)
         size = records.get(b"size")
         if size is not None and not re.fullmatch(rb"[0-9]{1,20}", size):
@@ -216,11 +222,11 @@ class TarStream:
         return _text(name, "member name")
 
     def _trailing(self) -> None:
-        """After the end-of-archive marker only padding may follow (read, so gzip checks its CRC)."""
+        """After the end-of-archive marker only zero padding may follow (read, so gzip checks its CRC)."""
         seen = 0
         while chunk := self.f.read(_CHUNK):
             seen += len(chunk)
-            if seen > TRAILING_MAX:
+            if seen > TRAILING_MAX or any(chunk):
                 raise PackageError("package archive has trailing data after the end of the tar")
 
 
