@@ -1,4 +1,4 @@
-"""Drive a federation from Python: ``from scaleout import Scaleout`` (issue 16, first step).
+"""Drive a federation from Python: ``from scaleout import Scaleout`` (issue 16).
 
     client = Scaleout("127.0.0.1", port=8090, verify="scaleout-data/ca.pem", token=ADMIN)
     client.set_active_package("client.tgz")
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import queue
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -162,6 +163,7 @@ class AsyncScaleout:
                 listener(inc.msg.kind, inc.msg.data)
 
     async def close(self) -> None:
+        """Close the link (a later call opens a new one)."""
         if self._link is not None:
             await self._link.ws.close()
             self._link = None
@@ -171,15 +173,19 @@ class AsyncScaleout:
     # -- clients and combiners --------------------------------------------------------------
 
     async def get_clients(self, n_max: int | None = None) -> dict[str, Any]:
+        """The clients the controller knows ({"name", "status", "combiner", "attributes", ...}); the latest ``n_max``."""
         return _listing((await self._call("client.ls"))[0]["clients"], n_max)
 
     async def get_clients_count(self) -> int:
+        """How many clients the controller knows."""
         return len((await self._call("client.ls"))[0]["clients"])
 
     async def get_active_clients(self) -> dict[str, Any]:
+        """The clients connected now."""
         return _listing([c for c in (await self._call("client.ls"))[0]["clients"] if c.get("status") == "online"])
 
     async def get_client(self, name: str) -> dict[str, Any]:
+        """One client: its status, package, attributes and recent commands (NotFoundError: no such client)."""
         return dict((await self._call("client.show", {"name": name}))[0]["client"])
 
     async def get_current_attributes(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -198,9 +204,11 @@ class AsyncScaleout:
         return int((await self._call("client.wait", {"count": count, "timeout": timeout}))[0]["clients"])
 
     async def get_combiners(self) -> dict[str, Any]:
+        """The combiners the controller knows."""
         return _listing((await self._call("combiner.ls"))[0]["combiners"])
 
     async def get_combiner(self, name: str) -> dict[str, Any]:
+        """One combiner by name (NotFoundError: no such combiner)."""
         from scaleout.core.errors import NotFoundError
 
         for row in (await self.get_combiners())["result"]:
@@ -209,6 +217,7 @@ class AsyncScaleout:
         raise NotFoundError("combiner", name)
 
     async def get_controller_status(self) -> dict[str, Any]:
+        """The controller's address, global model, active package, running session and counts."""
         return (await self._call("status"))[0]
 
     # -- packages and models -------------------------------------------------------------------
@@ -239,12 +248,15 @@ class AsyncScaleout:
         return (await self._call("model.set_seed", {}, data))[0]
 
     async def get_active_model(self) -> dict[str, Any]:
+        """The global model ({"id", "parent", "session_id", "round_index", "tensors", ...})."""
         return dict((await self._call("model.show", {"id": "active"}))[0]["model"])
 
     async def get_model(self, id: str) -> dict[str, Any]:
+        """A model by id or unique prefix (NotFoundError: no such model)."""
         return dict((await self._call("model.show", {"id": id}))[0]["model"])
 
     async def get_models(self, session_id: str | None = None, n_max: int | None = None) -> dict[str, Any]:
+        """Every model of the trail, or a session's (``session_id``); the latest ``n_max``."""
         return _listing((await self._call("model.ls", {"session_id": session_id}))[0]["models"], n_max)
 
     async def get_model_trail(self, id: str | None = None) -> dict[str, Any]:
@@ -311,18 +323,24 @@ class AsyncScaleout:
         return dict((await self._call("session.start", config))[0]["session"])
 
     async def continue_session(self, session_id: str, rounds: int = 5, round_timeout: float = 180) -> dict[str, Any]:
+        """Carry on a session that ended (finished, stopped, failed, interrupted) for ``rounds``
+        more rounds, from its last model, with its settings."""
         return dict((await self._call("session.continue", {"id": session_id, "rounds": rounds, "round_timeout": round_timeout}))[0]["session"])
 
     async def get_session(self, id: str) -> dict[str, Any]:
+        """A session with its config and rounds (NotFoundError: no such session)."""
         return dict((await self._call("session.show", {"id": id}))[0]["session"])
 
     async def get_sessions(self) -> dict[str, Any]:
+        """Every session, oldest first."""
         return _listing((await self._call("session.ls"))[0]["sessions"])
 
     async def get_session_status(self, id: str) -> str:
+        """A session's status: running, finished, failed, stopped or interrupted."""
         return str((await self.get_session(id))["status"])
 
     async def session_is_finished(self, id: str) -> bool:
+        """Whether the session is over (finished, failed, stopped or interrupted)."""
         return await self.get_session_status(id) in FINISHED
 
     async def wait_for_session(self, id: str, timeout: float | None = None, callback: RoundCallback | None = None) -> dict[str, Any]:
@@ -369,9 +387,11 @@ class AsyncScaleout:
                 waiting.cancel()
 
     async def stop_session(self, id: str) -> dict[str, Any]:
+        """Stop a running session; returns it (ConflictError: it is not running)."""
         return dict((await self._call("session.stop", {"id": id}))[0]["session"])
 
     async def get_rounds(self, session_id: str) -> dict[str, Any]:
+        """A session's rounds, in order: participants, model, validation, duration, reason."""
         return _listing(list((await self.get_session(session_id))["rounds"]))
 
     async def get_validations(self, session_id: str | None = None, model_id: str | None = None) -> dict[str, Any]:
@@ -507,6 +527,24 @@ class Scaleout:
     def __enter__(self) -> Scaleout:
         return self
 
+    def wait_for_session(self, id: str, timeout: float | None = None, callback: RoundCallback | None = None) -> dict[str, Any]:
+        # AsyncScaleout's, with ``callback`` run in the calling thread rather than on the
+        # private loop: it may call this object (a download per round) and print to its cell.
+        if callback is None:
+            return self._run(self._async.wait_for_session(id, timeout))
+        rounds: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        future = asyncio.run_coroutine_threadsafe(self._async.wait_for_session(id, timeout, rounds.put), self._loop)
+        future.add_done_callback(lambda _: rounds.put(None))
+        while (row := rounds.get()) is not None:
+            try:
+                callback(row)
+            except BaseException:
+                future.cancel()
+                raise
+        return future.result()
+
+    wait_for_session.__doc__ = AsyncScaleout.wait_for_session.__doc__
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -523,7 +561,7 @@ def _blocking(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name, _method in list(vars(AsyncScaleout).items()):
-    if not _name.startswith("_") and _name != "close" and asyncio.iscoroutinefunction(_method):
+    if not _name.startswith("_") and _name not in vars(Scaleout) and asyncio.iscoroutinefunction(_method):
         setattr(Scaleout, _name, _blocking(_name, _method))
 
 

@@ -34,9 +34,14 @@ def done_when(client: Any, tgz: Path, seed_file: Path, tmp: Path) -> dict[str, A
     seed = client.set_active_model(seed_file)["id"]
     session = client.start_session(rounds=2, min_clients=1, round_timeout=60)
     rounds: list[dict[str, Any]] = []
-    done = client.wait_for_session(session["id"], timeout=120, callback=rounds.append)
+
+    def on_round(r: dict[str, Any]) -> None:  # in this thread: it may use the client too
+        rounds.append({**r, "model": client.get_model(r["model_id"])})
+
+    done = client.wait_for_session(session["id"], timeout=120, callback=on_round)
     assert client.session_is_finished(session["id"]) and done["status"] == "finished"
     assert [r["idx"] for r in rounds] == [1, 2] and all(r["status"] == "succeeded" for r in rounds), rounds
+    assert rounds[-1]["model"]["id"] == done["end_model"]
     assert client.get_models(session_id=session["id"])["count"] == 2
     trail = client.get_model_trail()
     assert trail["count"] == 3 and trail["result"][0]["id"] == seed and trail["result"][-1]["id"] == done["end_model"]
