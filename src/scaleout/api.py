@@ -1,4 +1,4 @@
-"""Drive a federation from Python: ``from scaleout import Scaleout`` (issue 16, first step).
+"""Drive a federation from Python: ``from scaleout import Scaleout`` (issue 16).
 
     client = Scaleout("127.0.0.1", port=8090, verify="scaleout-data/ca.pem", token=ADMIN)
     client.set_active_package("client.tgz")
@@ -11,8 +11,15 @@ Method names and keyword arguments are Scaleout Edge's; results are plain dicts,
 over one TLS websocket link per object, reused. ``Scaleout`` runs that link on a private
 event loop in a daemon thread, so its calls work from plain code, from threads and inside a
 running event loop (a Jupyter kernel); ``AsyncScaleout`` offers the same methods as
-coroutines. A refusal raises the project's ``RemoteError`` with the controller's one-line
-message (its ``code`` says which: ``not_found``, ``unauthorized``, ``conflict``...).
+coroutines.
+
+Errors are the project's (scaleout.core.errors, exported here too), with the controller's
+one-line message: ``NotFoundError`` (an unknown id), ``PermissionDenied`` (a token whose
+role may not do that: a client token), ``ConflictError`` (a session is running),
+``ProtocolError`` and ``ConfigError`` (a bad argument), ``LimitExceeded``...; each is also
+a ``RemoteError`` whose ``code`` is the controller's. ``AuthError`` when the controller
+refuses the token; ``ConnectionFailed`` when it cannot be reached or its certificate not
+trusted, saying what to check; ``NotSupported`` for what this release does not do yet.
 """
 
 from __future__ import annotations
@@ -20,14 +27,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import queue
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scaleout.core.errors import ConfigError
+from scaleout.core.errors import (
+    AuthError,
+    ConfigError,
+    ConflictError,
+    ConnectionFailed,
+    LimitExceeded,
+    NotFoundError,
+    NotSupported,
+    PermissionDenied,
+    ProtocolError,
+    RemoteError,
+    ScaleoutError,
+    remote_error,
+)
+
+__all__ = [
+    "APIClient", "AsyncScaleout", "AuthError", "ConfigError", "ConflictError", "ConnectionFailed", "LimitExceeded", "NotFoundError",
+    "NotSupported", "PermissionDenied", "ProtocolError", "RemoteError", "Scaleout", "ScaleoutError",
+]
 
 T = TypeVar("T")
+RoundCallback = Callable[[dict[str, Any]], object]
 DEFAULT_PORT = 8090
 FINISHED = ("finished", "failed", "stopped", "interrupted")  # a session in one of these is over
 
@@ -66,6 +93,7 @@ class AsyncScaleout:
         self._link: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
+        self._listeners: set[Callable[[str, dict[str, Any]], None]] = set()
 
     @classmethod
     def from_data_dir(cls, path: str | os.PathLike[str]) -> AsyncScaleout:
@@ -83,6 +111,8 @@ class AsyncScaleout:
     # -- the link ------------------------------------------------------------------------
 
     async def _call(self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None) -> tuple[dict[str, Any], bytes | None]:
+        """One request on this object's link (opened, or opened again, as needed); a refusal
+        raises the error class of its code (see the module's docstring)."""
         from scaleout.transport.link import LinkClosed
 
         if self._lock is None:
@@ -91,10 +121,15 @@ class AsyncScaleout:
             link = await self._connected()
             try:
                 return await link.request(op, {k: v for k, v in (args or {}).items() if v is not None}, blob, timeout=None)
-            except LinkClosed:
+            except LinkClosed as exc:
                 self._link = None  # the controller restarted or the link dropped: once more on a new one
                 if attempt == 2:
-                    raise
+                    raise ConnectionFailed(f"the link to the controller at {self.url} closed during {op} ({exc.reason or 'no reason given'}); is it still running?") from None
+            except RemoteError as exc:
+                # The token was accepted at the handshake: a role refusal ("a client token may
+                # not do session.start") is a permission, not an authentication, failure.
+                code = "forbidden" if exc.code == "unauthorized" else exc.code
+                raise remote_error(code, exc.message) from None
         raise AssertionError("unreachable")
 
     async def _connected(self) -> Any:
@@ -102,14 +137,33 @@ class AsyncScaleout:
         async with self._lock:
             if self._link is None or self._link.ws.close_code is not None:
                 from scaleout.security.tls import client_context
-                from scaleout.transport.net import connect
+                from scaleout.transport.net import ConnectError, TrustError, connect
 
                 ctx = (client_context(self._ca) if self._verify else client_context(insecure=True)) if self._secure else None
-                self._link = await connect(self.url, self.token, ctx, max_payload=1 << 40)
-                self._reader = asyncio.get_running_loop().create_task(self._link.run())
+                try:
+                    self._link = await connect(self.url, self.token, ctx, max_payload=1 << 40)
+                except AuthError as exc:
+                    raise AuthError(f"{exc}; check token= (or SCALEOUT_TOKEN): an admin token of this controller (DATA_DIR/admin.token)") from None
+                except TrustError as exc:
+                    reason = str(exc).split("; ")[0]
+                    raise ConnectionFailed(
+                        f"{reason}; check verify=: the controller's CA file (DATA_DIR/ca.pem, or SCALEOUT_CA), and that {self.url} is that controller"
+                    ) from None
+                except ConnectError as exc:
+                    raise ConnectionFailed(f"{exc}; check that the controller is running and that host, port and secure= name it") from None
+                self._reader = asyncio.get_running_loop().create_task(self._link.run(on_message=self._on_message))
             return self._link
 
+    async def _on_message(self, inc: Any) -> None:
+        """Events the controller pushes on this link (a session's rounds, while waiting for it)."""
+        from scaleout.core import messages as m
+
+        if isinstance(inc.msg, m.Event):
+            for listener in list(self._listeners):
+                listener(inc.msg.kind, inc.msg.data)
+
     async def close(self) -> None:
+        """Close the link (a later call opens a new one)."""
         if self._link is not None:
             await self._link.ws.close()
             self._link = None
@@ -119,25 +173,42 @@ class AsyncScaleout:
     # -- clients and combiners --------------------------------------------------------------
 
     async def get_clients(self, n_max: int | None = None) -> dict[str, Any]:
+        """The clients the controller knows ({"name", "status", "combiner", "attributes", ...}); the latest ``n_max``."""
         return _listing((await self._call("client.ls"))[0]["clients"], n_max)
 
     async def get_clients_count(self) -> int:
+        """How many clients the controller knows."""
         return len((await self._call("client.ls"))[0]["clients"])
 
     async def get_active_clients(self) -> dict[str, Any]:
+        """The clients connected now."""
         return _listing([c for c in (await self._call("client.ls"))[0]["clients"] if c.get("status") == "online"])
 
     async def get_client(self, name: str) -> dict[str, Any]:
+        """One client: its status, package, attributes and recent commands (NotFoundError: no such client)."""
         return dict((await self._call("client.show", {"name": name}))[0]["client"])
 
     async def get_current_attributes(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Each client's attributes as it last logged them (log_attributes)."""
         return {name: (await self.get_client(name)).get("attributes") or {} for name in client_ids}
 
+    async def get_attribute_trail(self, client_id: str, n_max: int | None = None) -> dict[str, Any]:
+        """Each change the client's log_attributes made, oldest first: rows of
+        {"client", "key", "value", "created"} (unix seconds); the latest ``n_max``."""
+        info = (await self._call("client.attributes", {"name": client_id, "limit": n_max or 0}))[0]
+        return {"count": info["total"], "result": info["attributes"]}
+
+    async def wait_for_clients(self, count: int = 1, timeout: float = 60) -> int:
+        """Return once at least ``count`` clients are connected (ConflictError after
+        ``timeout`` seconds); how many are."""
+        return int((await self._call("client.wait", {"count": count, "timeout": timeout}))[0]["clients"])
+
     async def get_combiners(self) -> dict[str, Any]:
+        """The combiners the controller knows."""
         return _listing((await self._call("combiner.ls"))[0]["combiners"])
 
     async def get_combiner(self, name: str) -> dict[str, Any]:
+        """One combiner by name (NotFoundError: no such combiner)."""
         from scaleout.core.errors import NotFoundError
 
         for row in (await self.get_combiners())["result"]:
@@ -146,6 +217,7 @@ class AsyncScaleout:
         raise NotFoundError("combiner", name)
 
     async def get_controller_status(self) -> dict[str, Any]:
+        """The controller's address, global model, active package, running session and counts."""
         return (await self._call("status"))[0]
 
     # -- packages and models -------------------------------------------------------------------
@@ -158,8 +230,15 @@ class AsyncScaleout:
         return (await self._call("package.set_active", {"name": name or label}, data))[0]
 
     async def get_active_package(self) -> dict[str, Any]:
-        status = await self.get_controller_status()
-        return {"id": status.get("active_package")}
+        """The active compute package: {"id", "name", "size", "created", "active"} (NotFoundError: none yet)."""
+        for row in (await self.get_packages())["result"]:
+            if row["active"]:
+                return dict(row)
+        raise NotFoundError("package", "active", text="no compute package is active yet: set_active_package(PATH) first")
+
+    async def get_packages(self, n_max: int | None = None) -> dict[str, Any]:
+        """Every package activated so far, oldest first; ``active`` marks the current one."""
+        return _listing((await self._call("package.ls"))[0]["packages"], n_max)
 
     async def set_active_model(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Set the seed (global) model from a .npz written by numpyhelper or a .safetensors file."""
@@ -169,12 +248,15 @@ class AsyncScaleout:
         return (await self._call("model.set_seed", {}, data))[0]
 
     async def get_active_model(self) -> dict[str, Any]:
+        """The global model ({"id", "parent", "session_id", "round_index", "tensors", ...})."""
         return dict((await self._call("model.show", {"id": "active"}))[0]["model"])
 
     async def get_model(self, id: str) -> dict[str, Any]:
+        """A model by id or unique prefix (NotFoundError: no such model)."""
         return dict((await self._call("model.show", {"id": id}))[0]["model"])
 
     async def get_models(self, session_id: str | None = None, n_max: int | None = None) -> dict[str, Any]:
+        """Every model of the trail, or a session's (``session_id``); the latest ``n_max``."""
         return _listing((await self._call("model.ls", {"session_id": session_id}))[0]["models"], n_max)
 
     async def get_model_trail(self, id: str | None = None) -> dict[str, Any]:
@@ -212,8 +294,28 @@ class AsyncScaleout:
         model_id: str | None = None, round_timeout: float = 180, rounds: int = 5, validate: bool = True, min_clients: int = 1,
         requested_clients: int | None = None, server_functions: Any = None, settings: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        if server_functions is not None or requested_clients is not None:
-            raise ConfigError("server_functions", "server functions and client sampling are not in this release yet (issue 15)")
+        """Start a session from the global model (or ``model_id``, any model of the trail):
+        ``rounds`` rounds of ``aggregator`` (fedavg, fedopt, ... with ``aggregator_kwargs``),
+        each waiting up to ``round_timeout`` seconds for at least ``min_clients`` clients;
+        ``settings`` reach the train callback; ``validate`` has clients validate each new
+        model. Returns the session ({"id", "status", ...}); wait_for_session(id) follows it.
+
+        ``server_functions`` (Edge's ServerFunctions class) and ``requested_clients`` (client
+        sampling) come with issue 15: given now, they raise NotSupported rather than being
+        ignored."""
+        if server_functions is not None:
+            import inspect
+
+            what = server_functions.__name__ if inspect.isclass(server_functions) else type(server_functions).__name__
+            raise NotSupported(
+                f"start_session(server_functions={what}): server functions are not in this release yet (they come with issue 15); "
+                "start the session without them"
+            )
+        if requested_clients is not None:
+            raise NotSupported(
+                f"start_session(requested_clients={requested_clients!r}): client sampling is not in this release yet (it comes with issue 15); "
+                "every connected client takes part"
+            )
         config = {
             "name": name, "aggregator": aggregator, "aggregator_kwargs": aggregator_kwargs or {}, "round_timeout": round_timeout,
             "rounds": rounds, "validate": validate, "min_clients": min_clients, "settings": settings or {}, "model": model_id,
@@ -221,40 +323,165 @@ class AsyncScaleout:
         return dict((await self._call("session.start", config))[0]["session"])
 
     async def continue_session(self, session_id: str, rounds: int = 5, round_timeout: float = 180) -> dict[str, Any]:
+        """Carry on a session that ended (finished, stopped, failed, interrupted) for ``rounds``
+        more rounds, from its last model, with its settings."""
         return dict((await self._call("session.continue", {"id": session_id, "rounds": rounds, "round_timeout": round_timeout}))[0]["session"])
 
     async def get_session(self, id: str) -> dict[str, Any]:
+        """A session with its config and rounds (NotFoundError: no such session)."""
         return dict((await self._call("session.show", {"id": id}))[0]["session"])
 
     async def get_sessions(self) -> dict[str, Any]:
+        """Every session, oldest first."""
         return _listing((await self._call("session.ls"))[0]["sessions"])
 
     async def get_session_status(self, id: str) -> str:
+        """A session's status: running, finished, failed, stopped or interrupted."""
         return str((await self.get_session(id))["status"])
 
     async def session_is_finished(self, id: str) -> bool:
+        """Whether the session is over (finished, failed, stopped or interrupted)."""
         return await self.get_session_status(id) in FINISHED
 
-    async def wait_for_session(self, id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the session is over (or ``timeout`` seconds pass: TimeoutError); returns it."""
-        waiting = self._call("session.wait", {"id": id})
-        return dict((await asyncio.wait_for(waiting, timeout))[0]["session"])
+    async def wait_for_session(self, id: str, timeout: float | None = None, callback: RoundCallback | None = None) -> dict[str, Any]:
+        """Block until the session is over (or ``timeout`` seconds pass: TimeoutError); returns it.
+        ``callback`` gets each of its rounds once it is over, in order, as get_rounds lists
+        them plus "session_id" (rounds over before the call first); what it raises ends the wait."""
+        if callback is None:
+            return dict((await asyncio.wait_for(self._call("session.wait", {"id": id}), timeout))[0]["session"])
+        return await asyncio.wait_for(self._follow(id, callback), timeout)
+
+    async def _follow(self, id: str, callback: RoundCallback) -> dict[str, Any]:
+        ended = asyncio.Event()
+        delivered = 0
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "round" and data.get("session_id") == id:
+                ended.set()
+
+        def catch_up(session: dict[str, Any]) -> None:
+            # From the stored session, not the events: none is missed (one may come before
+            # the controller knows this link waits) and none is shown twice.
+            nonlocal delivered
+            for r in session.get("rounds") or []:
+                if r["idx"] > delivered and r["status"] != "running":
+                    delivered = r["idx"]
+                    callback({"session_id": id, **r})
+
+        self._listeners.add(on_event)
+        waiting = asyncio.ensure_future(self._call("session.wait", {"id": id}))
+        try:
+            while not waiting.done():
+                woken = asyncio.ensure_future(ended.wait())
+                await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if ended.is_set():
+                    ended.clear()
+                    catch_up(await self.get_session(id))
+            session = dict(waiting.result()[0]["session"])
+            catch_up(session)
+            return session
+        finally:
+            self._listeners.discard(on_event)
+            if not waiting.done():
+                waiting.cancel()
 
     async def stop_session(self, id: str) -> dict[str, Any]:
+        """Stop a running session; returns it (ConflictError: it is not running)."""
         return dict((await self._call("session.stop", {"id": id}))[0]["session"])
 
     async def get_rounds(self, session_id: str) -> dict[str, Any]:
+        """A session's rounds, in order: participants, model, validation, duration, reason."""
         return _listing(list((await self.get_session(session_id))["rounds"]))
 
-    async def get_validations(self, session_id: str | None = None) -> dict[str, Any]:
-        """Each round's mean validation metrics, as {"session_id", "round_index", "model_id", **metrics}."""
+    async def get_validations(self, session_id: str | None = None, model_id: str | None = None) -> dict[str, Any]:
+        """Each validated round's model and its clients' mean validation metrics, oldest first:
+        {"session_id", "round_index", "model_id", **metrics} (the quickstart's
+        ``validation_accuracy``...). ``model_id`` (an id or a unique prefix): only that model's."""
+        if model_id is not None:
+            model = await self.get_model(model_id)  # NotFoundError for an unknown id
+            model_id = str(model["id"])
+            if session_id is None:
+                session_id = model.get("session_id")
+                if session_id is None:  # a seed: never validated in a round
+                    return _listing([])
         sessions = [session_id] if session_id else [s["id"] for s in (await self.get_sessions())["result"]]
         out = []
         for sid in sessions:
             for r in (await self.get_rounds(sid))["result"]:
-                if r.get("validation"):
+                if r.get("validation") and (model_id is None or r.get("model_id") == model_id):
                     out.append({"session_id": sid, "round_index": r["idx"], "model_id": r.get("model_id"), **r["validation"]})
         return _listing(out)
+
+    async def get_metrics(self, session_id: str | None = None, key: str | None = None, n_max: int | None = None) -> dict[str, Any]:
+        """What clients logged with log_metric, one row per value, oldest first:
+        {"session_id", "round_index", "client", "step", "key", "value", "created"}.
+        ``session_id`` ("latest" too) and ``key`` (a glob: "train_*") filter; the latest ``n_max``."""
+        info = (await self._call("metric.ls", {"session_id": session_id, "key": key, "limit": n_max or 0}))[0]
+        return {"count": info["total"], "result": info["metrics"]}
+
+    # -- custom commands and inference ----------------------------------------------------------
+
+    async def run_custom_command(
+        self, command_type: str, parameters: dict[str, Any] | None = None, client_ids: list[str] | None = None, timeout: float | None = None,
+        blocking: bool = True,
+    ) -> dict[str, Any]:
+        """Run the custom callback ``command_type`` (Edge's ``Custom_`` prefix optional) on
+        ``client_ids`` (default: every connected client) with ``parameters``; each client has
+        ``timeout`` seconds (default 60). Returns the job once every client answered, with
+        ``results``: one {"client", "status" ("ok" or "error"), "data", "error", "code"} each;
+        with ``blocking=False`` the job as it started (its ``id``), at once."""
+        job = (await self._call("command.run", {"kind": "command", "name": command_type, "params": parameters or {}, "clients": client_ids, "timeout": timeout}))[0]["job"]
+        if not blocking:
+            return dict(job)
+        return dict((await self._call("command.wait", {"kind": "command", "id": job["id"]}))[0]["job"])
+
+    async def start_inference(
+        self, model_id: str | None = None, client_ids: list[str] | None = None, parameters: dict[str, Any] | None = None,
+        timeout: float | None = None, blocking: bool = False,
+    ) -> dict[str, Any]:
+        """Have ``client_ids`` (default: every connected client) run their predict callback on
+        ``model_id`` (default: the global model) with ``parameters``. Returns the job as it
+        started ({"id", "model_id", ...}; its id is the predictions' ``correlation_id``);
+        ``blocking=True`` waits for every client's answer and returns the job with ``results``."""
+        args = {"kind": "predict", "model": model_id, "params": parameters or {}, "clients": client_ids, "timeout": timeout}
+        job = (await self._call("command.run", args))[0]["job"]
+        if not blocking:
+            return dict(job)
+        return dict((await self._call("command.wait", {"kind": "predict", "id": job["id"]}))[0]["job"])
+
+    async def get_predictions(
+        self, model_id: str | None = None, correlation_id: str | None = None, client_id: str | None = None, n_max: int | None = None,
+    ) -> dict[str, Any]:
+        """Clients' predictions, oldest first, one row each: {"correlation_id", "model_id",
+        "client", "status" ("ok", "error", or "pending" while it runs), "data", "error",
+        "created"}. Filtered by ``model_id`` (an id or a unique prefix), ``correlation_id``
+        (what start_inference returned as ``id``) and ``client_id``; the latest ``n_max``."""
+        if model_id is not None:
+            model_id = str((await self.get_model(model_id))["id"])
+        if correlation_id is not None:
+            listed = [(await self._call("command.show", {"kind": "predict", "id": correlation_id}))[0]["job"]]
+        else:
+            listed = (await self._call("command.ls", {"kind": "predict", "limit": 100_000}))[0]["jobs"]
+        listed = [j for j in listed if model_id in (None, j["model_id"])]
+        # Without a client filter the listing's counts say how many rows there are, and
+        # n_max reads only the newest jobs it shows.
+        total = sum(len(j["results"]) if "results" in j else j["ok"] + j["error"] + j["pending"] for j in listed) if client_id is None else None
+        rows: list[dict[str, Any]] = []
+        for brief in reversed(listed):
+            job = brief if "results" in brief else (await self._call("command.show", {"kind": "predict", "id": brief["id"]}))[0]["job"]
+            rows[:0] = [
+                {
+                    "correlation_id": job["id"], "model_id": job["model_id"], "client": r["client"], "status": r["status"], "data": r["data"],
+                    "error": r["error"], "code": r["code"], "created": job["created"], "finished": r["finished"],
+                }
+                for r in job["results"]
+                if client_id in (None, r["client"])
+            ]
+            if total is not None and n_max is not None and len(rows) >= n_max:
+                break
+        shown = _listing(rows, n_max)
+        return {"count": len(rows) if total is None else total, "result": shown["result"]}
 
 
 def _write_model(blob: bytes, target: Path) -> None:
@@ -300,6 +527,24 @@ class Scaleout:
     def __enter__(self) -> Scaleout:
         return self
 
+    def wait_for_session(self, id: str, timeout: float | None = None, callback: RoundCallback | None = None) -> dict[str, Any]:
+        # AsyncScaleout's, with ``callback`` run in the calling thread rather than on the
+        # private loop: it may call this object (a download per round) and print to its cell.
+        if callback is None:
+            return self._run(self._async.wait_for_session(id, timeout))
+        rounds: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        future = asyncio.run_coroutine_threadsafe(self._async.wait_for_session(id, timeout, rounds.put), self._loop)
+        future.add_done_callback(lambda _: rounds.put(None))
+        while (row := rounds.get()) is not None:
+            try:
+                callback(row)
+            except BaseException:
+                future.cancel()
+                raise
+        return future.result()
+
+    wait_for_session.__doc__ = AsyncScaleout.wait_for_session.__doc__
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -316,7 +561,7 @@ def _blocking(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name, _method in list(vars(AsyncScaleout).items()):
-    if not _name.startswith("_") and _name != "close" and asyncio.iscoroutinefunction(_method):
+    if not _name.startswith("_") and _name not in vars(Scaleout) and asyncio.iscoroutinefunction(_method):
         setattr(Scaleout, _name, _blocking(_name, _method))
 
 

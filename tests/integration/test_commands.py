@@ -75,7 +75,7 @@ def test_commands_reach_every_client_and_each_failure_is_stored(fed: Federation)
 
     # Each way a callback can fail is stored with its code and a line saying why.
     expect = {
-        "nosuch": ("no_such_command", "no custom command 'nosuch' registered (registered: alist, big, boom, echo, exit, hang, hello, notjson, tele)"),
+        "nosuch": ("no_such_command", "no custom command 'nosuch' registered (registered: alist, attrs, big, boom, echo, exit, hang, hello, notjson, tele)"),
         "boom": ("raised", "command 'boom' failed: ValueError: boom (startup.py:"),
         "notjson": ("not_json", "the command 'notjson' result holds a set at result['x']: not JSON"),
         "alist": ("not_json", "the command callback must return a dict (a JSON object), got a list"),

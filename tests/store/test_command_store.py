@@ -57,3 +57,24 @@ def test_client_info_waits_for_the_registry_row_and_bounds_attributes(tmp_path: 
         store.client("zed")
     st.close()
     store.close()
+
+
+def test_the_attribute_trail_keeps_each_change_once(tmp_path: Path) -> None:
+    from scaleout.store.commands import attribute_trail
+
+    path = tmp_path / "state.db"
+    store = CommandStore(path)
+    st = State(path)
+    st.upsert_client("a", "online", combiner="c1")
+    store.client_info({"a": {"site": "x", "gpu": 0}}, {}, [])
+    store.client_info({"a": {"site": "x", "gpu": 0}}, {}, [])  # sent again on a reconnect: nothing new
+    store.client_info({"a": {"site": "x", "gpu": 1}}, {}, [])
+    store.client_info({"a": {"huge": "y" * (70 << 10)}}, {}, [])  # not stored: not in the trail either
+    rows, total = attribute_trail(st, "a")
+    assert [(r["key"], r["value"]) for r in rows] == [("site", "x"), ("gpu", 0), ("gpu", 1)] and total == 3
+    assert all(r["client"] == "a" and r["created"] > 0 for r in rows)
+    assert attribute_trail(st, "a", limit=1) == (rows[-1:], 3)
+    with pytest.raises(NotFoundError, match="no client 'zed'"):
+        attribute_trail(st, "zed")
+    st.close()
+    store.close()

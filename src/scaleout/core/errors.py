@@ -10,6 +10,7 @@
      ├── LimitExceeded          a metric, result or text is larger than a peer may send
      ├── RateLimited            too many at once (enrolments with one join token): retry later
      ├── AuthError              a token is missing, malformed, expired, or of the wrong role
+     │    └── PermissionDenied  a valid token whose role may not do this (a client token starting a session)
      ├── PackageError           a compute package is missing, broken or unsafe
      │    └── PackageCommandFailed  a dispatcher package's command failed, timed out or wrote bad output
      ├── NotFoundError          a session, model, package, ... does not exist
@@ -17,7 +18,11 @@
      ├── StorageError           the controller could not write or read its files (disk full, ...)
      │    └── CorruptModelError  a stored model file no longer matches its id
      ├── Superseded             another node took over this node's name
-     ├── RemoteError            a peer answered a request with an error
+     ├── RemoteError            a peer answered a request with an error (``remote_error`` makes it
+     │                          the class of its code too: a NotFoundError, a ConflictError...)
+     ├── ConnectionFailed       the controller cannot be reached, or its TLS certificate not
+     │                          trusted (also a ConnectionError)
+     ├── NotSupported           asked for what this release does not do yet (also a NotImplementedError)
      ├── TaskAborted            the running task was aborted (session stopped)
      └── CommandFailed          a custom command or prediction failed on a client (raised,
                                 timed out, returned no JSON, no such command, ...)
@@ -27,6 +32,8 @@ error replies, close codes or exit codes at the edge.
 """
 
 from __future__ import annotations
+
+import functools
 
 from scaleout.core.units import fmt_bytes
 
@@ -104,6 +111,12 @@ class RateLimited(ScaleoutError):
 
 class AuthError(ScaleoutError):
     code = "unauthorized"
+
+
+class PermissionDenied(AuthError):
+    """The token is valid, but its role may not do this (core/permissions.py)."""
+
+    code = "forbidden"
 
 
 class PackageError(ScaleoutError):
@@ -188,6 +201,18 @@ class RemoteError(ScaleoutError):
         super().__init__(message)
 
 
+class ConnectionFailed(ScaleoutError, ConnectionError):
+    """The controller could not be reached or trusted: the message says what to check."""
+
+    code = "connection_failed"
+
+
+class NotSupported(ScaleoutError, NotImplementedError):
+    """Something this release does not do yet; the message says when it comes."""
+
+    code = "not_supported"
+
+
 class TaskAborted(ScaleoutError):
     """Raised by EdgeClient.check_task_abort() when the session was stopped."""
 
@@ -203,3 +228,37 @@ class CommandFailed(ScaleoutError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
+
+
+
+def remote_error(code: str, message: str) -> ScaleoutError:
+    """A peer's refusal as the error class of its ``code`` (``not_found``: a NotFoundError)
+    that is a RemoteError too, with the peer's one-line message; a plain RemoteError for a
+    code no class has (``internal``)."""
+    cls = _remote_class(code)
+    if cls is None:
+        return RemoteError(code, message)
+    exc = cls.__new__(cls, message)
+    ScaleoutError.__init__(exc, message)  # the fields its own constructor takes are not on the wire
+    exc.code = code
+    return exc
+
+
+@functools.cache
+def _remote_class(code: str) -> type[RemoteError] | None:
+    base = {cls.code: cls for cls in _classes() if cls.code != "error"}.get(code)
+    if base is None:
+        return None
+    # The same name, so a traceback reads "NotFoundError: no session 's-1'".
+    return type(base.__name__, (base, RemoteError), {"__module__": __name__, "__qualname__": base.__qualname__})
+
+
+def _classes() -> list[type[ScaleoutError]]:
+    """Every class of the tree above (not the remote forms made of them)."""
+    out: list[type[ScaleoutError]] = []
+    todo: list[type[ScaleoutError]] = [ScaleoutError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(c for c in cls.__subclasses__() if c.__module__ == __name__ and not issubclass(c, RemoteError))
+    return out

@@ -60,6 +60,8 @@ REQUESTS: dict[str, frozenset[str]] = {
     "metric.ls": ADMIN,
     "telemetry.ls": ADMIN,
     "client.show": ADMIN,
+    "client.attributes": ADMIN,
+    "package.ls": ADMIN,
     "command.run": ADMIN,
     "command.ls": ADMIN,
     "command.show": ADMIN,

@@ -54,6 +54,7 @@ START_MODEL = "session.start: model must be a model id"
 COMMAND_WAIT = "command.wait: id must be a job id"
 METRIC_TEXT = "metric.ls: {} must be text of 1-256 characters"
 METRIC_NUMBER = "metric.ls: {} must be a whole number >= 0"
+TRAIL_LIMIT = "client.attributes: limit must be a whole number >= 0"
 
 
 def client_name(value: Any) -> str:
@@ -133,6 +134,22 @@ class AdminService:
     async def client_ls(self, caller: Caller) -> dict[str, Any]:
         await self.host.registry.flush()  # what was queued a moment ago is shown too
         return {"clients": await asyncio.to_thread(self.host.registry.read, "clients")}
+
+    async def client_attributes(
+        self, caller: Caller, *, name: Annotated[str, client_name], limit: Annotated[int, TRAIL_LIMIT] = 0,
+    ) -> dict[str, Any]:
+        """Client ``name``'s attribute trail: each change log_attributes made, one row per key
+        ({"client", "key", "value", "created"}), oldest first; the latest ``limit`` (0: all)."""
+        from scaleout.store.commands import attribute_trail
+
+        name = client_name(name)
+        if not _whole(limit) or limit < 0:
+            raise ProtocolError(TRAIL_LIMIT)
+        h = self.host
+        await h.registry.flush()
+        await h.commands.flush()  # what came in a moment ago is listed too
+        rows, total = await asyncio.to_thread(h.registry.query, lambda st: attribute_trail(st, name, limit))
+        return {"attributes": rows, "total": total}
 
     async def combiner_ls(self, caller: Caller) -> dict[str, Any]:
         await self.host.registry.flush()
@@ -278,6 +295,15 @@ class AdminService:
         h.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
         await h.commands.package_changed(digest, name)  # connected clients fetch it before their next task
         return {"id": digest, "name": name, "size": len(data)}
+
+    async def package_ls(self, caller: Caller) -> dict[str, Any]:
+        """Every package ever activated, oldest first; ``active`` marks the current one."""
+        h = self.host
+        active = h.state.get_meta("active_package")
+        rows = await asyncio.to_thread(
+            h.registry.query, lambda st: [dict(r) for r in st.db.execute("SELECT id, name, size, created FROM packages ORDER BY created, id")],
+        )
+        return {"packages": [{**row, "active": row["id"] == active} for row in rows]}
 
     async def package_get(self, caller: Caller) -> tuple[dict[str, Any], Hashed]:
         h = self.host

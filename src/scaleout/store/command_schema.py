@@ -13,6 +13,7 @@ CREATE INDEX IF NOT EXISTS commands_by_kind ON commands(kind, created);
 CREATE TABLE IF NOT EXISTS command_results (
   command_id TEXT NOT NULL, client TEXT NOT NULL, combiner TEXT, status TEXT NOT NULL, data TEXT, error TEXT,
   code TEXT, duration_s REAL, finished REAL, PRIMARY KEY (command_id, client));
+CREATE INDEX IF NOT EXISTS reports_attributes ON reports(client, id) WHERE kind = 'attributes';
 """
 CLIENT_COLUMNS = ("attributes", "package", "package_error")
 

@@ -8,7 +8,10 @@ Tables (created beside the others, never reshaping them):
   or ``error`` with a code (core/commands.py REASONS), the error line and the time taken;
 - ``clients`` gains ``attributes`` (what ``log_attributes`` sent, merged), ``package``
   (the package the client runs) and ``package_error`` (why it could not load one);
-- telemetry goes to ``reports`` as its own kind, ``telemetry``, beside the metrics.
+- telemetry goes to ``reports`` as its own kind, ``telemetry``, beside the metrics;
+- so does each change of a client's attributes (kind ``attributes``: the keys whose value
+  changed, with their new values), its attribute trail; sent again unchanged (a reconnect)
+  it adds nothing.
 
 Writes run in a worker thread on this store's own connection (WAL lets the controller's
 connection read meanwhile); callers batch them (roles/command_service.py).
@@ -158,17 +161,25 @@ class CommandStore:
         from scaleout.core.messages import to_json
 
         missing: set[str] = set()
+        now = time.time()
         with self.lock, self._state.transaction():
             for client, attrs in attributes.items():
                 row = self.db.execute("SELECT attributes FROM clients WHERE name=?", (client,)).fetchone()
                 if row is None:
                     missing.add(client)
                     continue
-                merged = {**(json.loads(row[0]) if row[0] else {}), **attrs}
+                old = json.loads(row[0]) if row[0] else {}
+                merged = {**old, **attrs}
                 if len(to_json(merged).encode()) > MAX_ATTRIBUTES_BYTES:  # new keys, call after call: bounded all the same
                     log.warning("client %s: its attributes would grow beyond %d bytes: this update is not stored", client, MAX_ATTRIBUTES_BYTES)
                     continue
                 self.db.execute("UPDATE clients SET attributes=? WHERE name=?", (to_json(merged), client))
+                changed = {k: v for k, v in attrs.items() if k not in old or old[k] != v}
+                if changed:
+                    self.db.execute(
+                        "INSERT INTO reports(kind, session_id, round_index, client, data, error, created) VALUES('attributes', NULL, NULL, ?, ?, NULL, ?)",
+                        (client, to_json(changed), now),
+                    )
             for client, (package, error) in status.items():
                 if self.db.execute("UPDATE clients SET package=?, package_error=? WHERE name=?", (package, error, client)).rowcount == 0:
                     missing.add(client)
@@ -216,3 +227,14 @@ class CommandStore:
             if len(out) < limit:
                 out.append({"client": row["client"], "session_id": row["session_id"], "key": data.get("key"), "payload": data.get("payload"), "created": row["created"]})
         return out[::-1], total
+
+
+def attribute_trail(st: State, client: str, limit: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Client ``client``'s attribute changes, one row per key and change, oldest first: (the
+    latest ``limit`` of them, or all with 0; how many there are). NotFoundError for a client
+    the registry does not know."""
+    if st.db.execute("SELECT 1 FROM clients WHERE name=?", (client,)).fetchone() is None:
+        raise NotFoundError("client", client, "list them with: scaleout client ls")
+    rows = st.db.execute("SELECT data, created FROM reports WHERE kind = 'attributes' AND client=? ORDER BY id", (client,)).fetchall()
+    trail = [{"client": client, "key": key, "value": value, "created": row["created"]} for row in rows for key, value in json.loads(row["data"]).items()]
+    return (trail[-limit:] if limit > 0 else trail), len(trail)
