@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from conftest import QUICKSTART, Federation, scaleout
 
 from scaleout.roles.httpapi import ROUTES
@@ -137,7 +139,7 @@ def test_a_session_driven_over_http(fed: Federation, tmp_path: Path) -> None:
 
 
 def test_errors_have_honest_statuses_and_the_openapi_document_validates(fed: Federation, tmp_path: Path) -> None:
-    fed.controller()
+    fed.controller("--max-payload-mb", "4")
     api = Http(fed, (fed.data / "admin.token").read_text().strip())
 
     # 401: no token, a bad one, a ticket-like garbage.
@@ -183,8 +185,12 @@ def test_errors_have_honest_statuses_and_the_openapi_document_validates(fed: Fed
     assert "no global model" in api.refused("POST", "/api/v1/sessions", 409, {"rounds": 1})
 
     # 413: a body over the bound is refused from its Content-Length, before it is sent.
-    status, answer = api.head_only("POST", "/api/v1/models", (4 << 30) + 1)  # --max-payload-mb's default: 4096
-    assert status == 413 and answer["error"]["code"] == "limit_exceeded", answer
+    status, answer = api.head_only("POST", "/api/v1/models", (4 << 20) + 1)
+    assert status == 413 and answer["error"]["code"] == "limit_exceeded" and "at most 4.0 MiB" in answer["error"]["message"], answer
+    bomb = tmp_path / "zeros.npz"
+    np.savez_compressed(bomb, np.zeros(1 << 20))  # 8 MiB of arrays in a few KiB
+    assert bomb.stat().st_size < 1 << 20
+    assert "unpacked, is 8.0 MiB" in api.refused("POST", "/api/v1/models", 413, body=bomb.read_bytes())
     status, answer = api.head_only("POST", "/api/v1/sessions", 2 << 20)  # a JSON body: 1 MiB
     assert status == 413 and "at most 1.0 MiB" in answer["error"]["message"], answer
 
@@ -235,3 +241,38 @@ def test_the_connection_rate_limit_covers_http(fed: Federation) -> None:
     refused = next(a for a in answers if a[0] == 429)
     assert int(refused[1]["Retry-After"]) >= 1
     assert json.loads(refused[2])["error"]["message"].startswith("too many connections from 127.0.0.1")
+
+
+def test_the_readme_curl_block_works_pasted(fed: Federation, tmp_path: Path) -> None:
+    """README "Over HTTP", run as one shell script from a repository where "Try it by hand"
+    built the package and the seed; only the data dir and the port are this test's own."""
+    import re
+
+    from conftest import ROOT
+
+    if not shutil.which("curl"):
+        pytest.skip("no curl here")
+    text = (ROOT / "README.md").read_text()
+    block = re.findall(r"^```\n(.*?)^```", re.search(r"^## Over HTTP\n(.*?)(?=^## )", text, re.M | re.S)[1], re.M | re.S)[0]  # type: ignore[index]
+    fed.controller()
+    fed.combiner("c1")
+    fed.client("k1", package=QUICKSTART)
+    fed.client("k2", package=QUICKSTART)
+    repo = tmp_path / "repo"
+    client = repo / "sample_projects" / "quickstart" / "client"
+    client.mkdir(parents=True)
+    r = scaleout("run", "build", "-p", str(QUICKSTART), "-o", str(client))
+    assert r.returncode == 0, r.stderr
+    from scaleout.package.archive import create_archive
+
+    create_archive(QUICKSTART, client.parent / "client.tgz")
+    fed.wait_clients(2)
+    port = fed.url.rsplit(":", 1)[1]
+    script = "set -e\n" + block.replace("/tmp/scaleout-ctl", str(fed.data)).replace("8190", port)
+    done = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sessions = fed.admin("session.ls")[0]["sessions"]
+    assert len(sessions) == 1 and sessions[0]["status"] == "finished"
+    assert '"session_id": "' + sessions[0]["id"] in done.stdout and '"round_index": 2' in done.stdout, done.stdout
+    final = (repo / "final.safetensors").read_bytes()
+    assert hashlib.sha256(final).hexdigest() == sessions[0]["end_model"]

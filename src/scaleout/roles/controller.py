@@ -28,6 +28,7 @@ from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
 from scaleout.roles.exporter import Observer
+from scaleout.roles.httpapi import Claimed, HttpDoor
 from scaleout.roles.membership import Membership
 from scaleout.roles.sessions import RunningSession, SessionService
 from scaleout.security import tls, tokens
@@ -180,8 +181,6 @@ class Controller:
             self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
             log.info("Prometheus metrics at %s", self.obs.url)
         public = {"/ca.pem": self.ca_pem.decode()} if self.ssl_context is not None else None
-        from scaleout.roles.httpapi import HttpDoor
-
         http = HttpDoor(self.door, self._authenticate, self._http_authorize, max_payload=s.max_payload, upload_dir=self.dir, call=self._http_call)
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
@@ -292,7 +291,7 @@ class Controller:
 
     def _http_authorize(self, claims: tokens.TokenClaims, op: str) -> None:
         """What a link's authorize checks beyond the roles table, for a request over HTTP."""
-        self.desk.check_join_link(_Claimed(claims), op)  # a join token only enrols
+        self.desk.check_join_link(Claimed(claims), op)  # type: ignore[arg-type]  # a join token only enrols: it reads link.claims alone
         if claims.role == "combiner":  # a combiner asks over its own link, once registered
             raise AuthError(f"a combiner token does {op} over its websocket link once registered, not over HTTP")
 
@@ -388,13 +387,6 @@ class Controller:
 
     async def model_bytes(self, model_id: str) -> bytes:
         return await self.admin.model_bytes(model_id)
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    """What the desk reads of a link, for a request over HTTP: its token's claims."""
-
-    claims: tokens.TokenClaims
 
 
 PAYLOAD_OPS = {"model.get": "model", "model.set_seed": "model", "package.get": "package", "package.set_active": "package"}  # op -> payload kind

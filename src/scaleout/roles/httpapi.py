@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 from urllib.parse import unquote
 
-from scaleout.core import errors
-from scaleout.core import permissions
+from scaleout.core import errors, permissions
 from scaleout.core.config import SessionConfig
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.common import audit_actor
 from scaleout.roles.door import Door, Operation, Reply
-from scaleout.transport.httpd import Request, Response, error_response, json_response
+from scaleout.transport.httpd import BodyTooLarge, Request, Response, error_response, json_response
 from scaleout.transport.link import Hashed
 
 log = logging.getLogger("scaleout.controller.http")
@@ -122,7 +121,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/models/{id}", "model.show", "One model and its tensors (id: a unique prefix, or active)"),
     Route("GET", "/models/{id}/download", "model.get", "A model's safetensors bytes (id: a unique prefix, or active)", download=True),
     Route("GET", "/sessions", "session.ls", "Every session, oldest first", listing="sessions"),
-    Route("GET", "/sessions/{id}", "session.show", "One session and its rounds (id: or latest)"),
+    Route("GET", "/sessions/{id}", "session.show", "One session and its rounds"),
     Route("GET", "/sessions/{id}/rounds", "session.show", "A session's rounds", view=_rounds),
     Route("GET", "/metrics", "metric.ls", "What clients logged with log_metric, oldest first"),
     Route("GET", "/validations", "session.show", "Each round's mean validation metrics (of every session, or of session_id)",
@@ -153,6 +152,8 @@ class HttpDoor:
         self.max_payload = max_payload
         self.upload_dir = upload_dir
         self._openapi: bytes | None = None
+        for stale in upload_dir.glob(".upload-*"):  # left by a controller killed during an upload (one holds the data dir)
+            shutil.rmtree(stale, ignore_errors=True)
 
     async def handle(self, request: Request) -> Response:
         what = f"{request.method} {request.path}"
@@ -187,7 +188,7 @@ class HttpDoor:
             return _unauthorized(str(exc))
         permissions.check_request(claims.role, route.op)  # before a body is read: the one table
         self.authorize(claims, route.op)
-        caller = Caller(claims.role, audit_actor(_Holder(claims)), request.peer)
+        caller = Caller(claims.role, audit_actor(Claimed(claims)), request.peer)
         operation = self.door.ops[route.op]
         args = _query_args(route, operation, request.query)
         for name, value in path_args.items():
@@ -223,30 +224,41 @@ class HttpDoor:
             path = tmp / "body"
             if not await request.save(path, self.max_payload):
                 raise errors.ProtocolError(f"{route.op} needs the file as the request body")
-            data = await asyncio.to_thread(_model_file if route.body == "model" else Path.read_bytes, path)
+            if route.body == "model":
+                data = await asyncio.to_thread(_model_file, path, self.max_payload)
+            else:
+                data = await asyncio.to_thread(path.read_bytes)
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
         result, _ = await self.call(caller, route.op, args, data)
         return json_response(200, result)
 
 
-class _Holder:
-    """What audit_actor reads of a link: its claims."""
+@dataclass(frozen=True)
+class Claimed:
+    """What audit_actor and the desk read of a link, for a request over HTTP: its token's claims."""
 
-    def __init__(self, claims: Any) -> None:
-        self.claims = claims
+    claims: Any
 
 
-def _model_file(path: Path) -> bytes:
-    """The safetensors bytes of an uploaded .npz or .safetensors file (told apart by their first bytes)."""
+def _model_file(path: Path, limit: int) -> bytes:
+    """The safetensors bytes of an uploaded .npz or .safetensors file (told apart by their
+    first bytes); an .npz whose arrays unpack to more than ``limit`` bytes is refused unread."""
+    import zipfile
+
     from scaleout.package.seed import read_model_file
 
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
     named = path.rename(path.with_suffix(".npz" if zipped else ".safetensors"))
     try:
+        if zipped:
+            with zipfile.ZipFile(named) as z:  # each member is read up to its declared size, no further
+                size = sum(i.file_size for i in z.infolist())
+            if size > limit:
+                raise BodyTooLarge(size, limit, "the model's arrays, unpacked,")
         return read_model_file(named)
-    except errors.PackageError as exc:
+    except (errors.PackageError, zipfile.BadZipFile) as exc:
         raise errors.PayloadError(f"the body is not a .npz or .safetensors model: {exc.__cause__ or exc}") from None
 
 
@@ -501,4 +513,4 @@ def _doc(service: type, operation: Operation) -> str | None:
     return " ".join(doc.split("\n\n")[0].split()) if doc else None
 
 
-__all__ = ["HttpDoor", "ROUTES", "Route", "openapi"]
+__all__ = ["ROUTES", "Claimed", "HttpDoor", "Route", "openapi"]

@@ -37,9 +37,9 @@ DISCARD_LIMIT = 1 << 20  # an unread body up to this size is read and dropped be
 class BodyTooLarge(LimitExceeded):
     """A request body over what its route takes (HTTP 413)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        self.what, self.size, self.limit = "the request body", size, limit
-        ScaleoutError.__init__(self, f"the request body is {fmt_bytes(size)}; this request takes at most {fmt_bytes(limit)}")
+    def __init__(self, size: int, limit: int, what: str = "the request body") -> None:
+        self.what, self.size, self.limit = what, size, limit
+        ScaleoutError.__init__(self, f"{what} is {fmt_bytes(size)}; this request takes at most {fmt_bytes(limit)}")
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Request:
     async def _chunk(self, n: int) -> bytes:
         try:
             piece = await asyncio.wait_for(self._reader.read(n), self._idle)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProtocolError(f"the request body stalled: nothing came for {self._idle:g} s") from None
         if not piece:
             raise ProtocolError(f"the request body ended after {self.length - self.unread} of {self.length} bytes")
@@ -197,7 +197,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dea
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), max(left, 0.001))
         except asyncio.LimitOverrunError:
             response = error_response(431, "too_large", f"the request line and headers are over {HEAD_LIMIT // 1024} KiB")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response = error_response(408, "timeout", "the request line and headers did not arrive in time")
         except (asyncio.IncompleteReadError, ConnectionError):
             return  # gone before it asked
@@ -213,7 +213,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dea
         await _respond(writer, response, send_timeout)
         if request is not None and 0 < request.unread <= DISCARD_LIMIT:
             await asyncio.wait_for(reader.readexactly(request.unread), idle_timeout)  # else closing resets the answer
-    except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
         log.debug("HTTP connection from %s: %s", peer, exc or type(exc).__name__)
     except Exception:  # the role edge: a bug must not take the server down
         log.exception("HTTP request from %s failed", peer)
@@ -221,7 +221,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dea
         writer.transport.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 2)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
+        except (TimeoutError, OSError):
             writer.transport.abort()
 
 
