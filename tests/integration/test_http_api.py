@@ -139,7 +139,8 @@ def test_a_session_driven_over_http(fed: Federation, tmp_path: Path) -> None:
 
 
 def test_errors_have_honest_statuses_and_the_openapi_document_validates(fed: Federation, tmp_path: Path) -> None:
-    fed.controller("--max-payload-mb", "4")
+    (fed.tmp / "controller.toml").write_text("handshake_timeout = 1\n")  # also the wait for a stalled request's next bytes
+    fed.controller("--max-payload-mb", "4", "--config", str(fed.tmp / "controller.toml"))
     api = Http(fed, (fed.data / "admin.token").read_text().strip())
 
     # 401: no token, a bad one, a ticket-like garbage.
@@ -210,6 +211,12 @@ def test_errors_have_honest_statuses_and_the_openapi_document_validates(fed: Fed
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nbad header line\r\n\r\n").startswith(b"HTTP/1.1 400 "), "malformed header"
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nContent-Length: lots\r\n\r\n").startswith(b"HTTP/1.1 400 ")
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 ")
+
+    # A request that stops halfway (the rest is never sent) is answered (408, 400) and closed, not waited for.
+    assert raw(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408 ")
+    token = api.token or ""
+    half = raw(b"POST /api/v1/sessions HTTP/1.1\r\nAuthorization: Bearer " + token.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"rou")
+    assert half.startswith(b"HTTP/1.1 400 ") and b"stalled: nothing came for 1 s" in half, half
 
     # The OpenAPI document: no token needed, valid, every route in it with its operation's types.
     from openapi_spec_validator import validate

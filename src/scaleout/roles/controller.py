@@ -1,5 +1,5 @@
 """The controller: its links, the registry of combiners, and the wiring of its services:
-admin operations (roles/admin.py, behind roles/door.py), sessions (roles/sessions.py),
+admin operations (roles/admin.py, behind roles/door.py and HTTP /api/v1, roles/httpapi.py), sessions (roles/sessions.py),
 membership (roles/membership.py), tokens and identities (roles/enrolment.py), commands."""
 
 from __future__ import annotations
