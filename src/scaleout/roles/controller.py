@@ -1,5 +1,5 @@
 """The controller: its links, the registry of combiners, and the wiring of its services:
-admin operations (roles/admin.py, behind roles/door.py), sessions (roles/sessions.py),
+admin operations (roles/admin.py, behind roles/door.py and HTTP /api/v1, roles/httpapi.py), sessions (roles/sessions.py),
 membership (roles/membership.py), tokens and identities (roles/enrolment.py), commands."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
 from scaleout.roles.exporter import Observer
+from scaleout.roles.httpapi import Claimed, HttpDoor
 from scaleout.roles.membership import Membership
 from scaleout.roles.sessions import RunningSession, SessionService
 from scaleout.security import tls, tokens
@@ -180,10 +181,11 @@ class Controller:
             self.obs = await asyncio.to_thread(exporter.start, s.metrics_host, s.metrics_port)
             log.info("Prometheus metrics at %s", self.obs.url)
         public = {"/ca.pem": self.ca_pem.decode()} if self.ssl_context is not None else None
+        http = HttpDoor(self.door, self._authenticate, self._http_authorize, max_payload=s.max_payload, upload_dir=self.dir, call=self._http_call)
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
-            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout,
+            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout, http=http.handle,
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
@@ -254,11 +256,7 @@ class Controller:
             finally:
                 if registering:
                     self._registering.discard(link)
-            kind = PAYLOAD_OPS.get(req.op)
-            if kind is not None:  # models and packages in and out, for --metrics-port
-                self.obs.moved("in", kind, len(blob or b""))
-                out = result[1]
-                self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
+            self._count_payloads(req.op, blob, result)
             return result
 
         link.authorize = authorize
@@ -281,6 +279,26 @@ class Controller:
             self.desk.gone(link)
             if role == "combiner":
                 self.combiner_gone(link)
+
+    def _count_payloads(self, op: str, blob: bytes | None, result: tuple[dict[str, Any], bytes | Hashed | None]) -> None:
+        kind = PAYLOAD_OPS.get(op)
+        if kind is not None:  # models and packages in and out, for --metrics-port
+            self.obs.moved("in", kind, len(blob or b""))
+            out = result[1]
+            self.obs.moved("out", kind, len(out.data) if isinstance(out, Hashed) else len(out or b""))
+
+    # -- HTTP /api/v1 (roles/httpapi.py): the same service, roles and tokens as a link ----------
+
+    def _http_authorize(self, claims: tokens.TokenClaims, op: str) -> None:
+        """What a link's authorize checks beyond the roles table, for a request over HTTP."""
+        self.desk.check_join_link(Claimed(claims), op)  # type: ignore[arg-type]  # a join token only enrols: it reads link.claims alone
+        if claims.role == "combiner":  # a combiner asks over its own link, once registered
+            raise AuthError(f"a combiner token does {op} over its websocket link once registered, not over HTTP")
+
+    async def _http_call(self, caller: Caller, op: str, args: Any, blob: bytes | None) -> tuple[dict[str, Any], bytes | Hashed | None]:
+        result = await self.door.call(caller, op, args, blob)
+        self._count_payloads(op, blob, result)
+        return result
 
     def _admin_message(self, link: Link) -> Callable[[Incoming], Awaitable[None]]:
         async def handle(inc: Incoming) -> None:

@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
-from scaleout.transport import tlsbuffers
+from scaleout.transport import httpd, tlsbuffers
 from scaleout.transport.link import MAX_FRAME_BYTES, SEND_TIMEOUT_S, Link
 
 log = logging.getLogger("scaleout.transport")
@@ -58,6 +58,8 @@ async def serve(
     connect_rate: tuple[float, float] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT_S,
+    http: httpd.Handler | None = None,
+    http_prefix: str = "/api/",
 ) -> tuple[Server, int]:
     """Start a websocket server; ``authenticate(token)`` returns claims or raises AuthError.
 
@@ -67,6 +69,8 @@ async def serve(
     websocket handshakes are not done within ``handshake_timeout`` seconds is dropped, and
     a peer that does not take what is sent to it within ``send_timeout`` seconds (Link).
     ``public`` maps paths to texts anyone may GET (the CA certificate, for join tokens).
+    ``http`` answers plain HTTP requests for paths under ``http_prefix`` on the same port and
+    TLS (transport/httpd.py), within the same connection rate and handshake timeout.
     Returns the server and the port actually bound (port 0 picks a free one).
     """
     from scaleout.core.ratelimit import RateLimiter
@@ -75,20 +79,26 @@ async def serve(
     loop = asyncio.get_running_loop()
     refused_at: dict[str, float] = {}  # address -> when we last logged a refusal (one line per second)
 
+    def too_fast(addr: str) -> float:
+        """Seconds until ``addr`` may open another connection (0: now)."""
+        if limiter is None:
+            return 0.0
+        now = loop.time()
+        wait = limiter.take(addr, now)
+        if wait > 0 and now - refused_at.get(addr, -1.0) >= 1.0:
+            refused_at[addr] = now
+            if len(refused_at) > 1000:
+                refused_at.clear()
+            log.warning("refusing connections from %s: more than %g per second", addr, limiter.rate)
+        return wait
+
     def process_request(connection: ServerConnection, request: Any) -> Any:
-        if limiter is not None:
-            addr = connection.remote_address[0] if connection.remote_address else "?"
-            now = loop.time()
-            wait = limiter.take(addr, now)
-            if wait > 0:
-                if now - refused_at.get(addr, -1.0) >= 1.0:
-                    refused_at[addr] = now
-                    if len(refused_at) > 1000:
-                        refused_at.clear()
-                    log.warning("refusing connections from %s: more than %g per second", addr, limiter.rate)
-                response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"too many connections from {addr}; retry in {wait:.1f} s\n")
-                response.headers["Retry-After"] = str(max(1, round(wait)))
-                return response
+        addr = connection.remote_address[0] if connection.remote_address else "?"
+        wait = too_fast(addr)
+        if wait > 0:
+            response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"too many connections from {addr}; retry in {wait:.1f} s\n")
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
         if public and request.path in public and "Upgrade" not in request.headers:
             return connection.respond(HTTPStatus.OK, public[request.path])
         try:
@@ -97,6 +107,29 @@ async def serve(
             log.warning("refused connection from %s: %s", _peer(connection), exc)
             return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
         return None
+
+    def admit_http(addr: str) -> httpd.Response | None:
+        wait = too_fast(addr)
+        if wait <= 0:
+            return None
+        text = f"too many connections from {addr}; retry in {wait:.1f} s"
+        return httpd.error_response(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited", text, {"Retry-After": str(max(1, round(wait)))})
+
+    def sniffing(protocol: Any, server: Server, **kwargs: Any) -> asyncio.Protocol:
+        """Each accepted connection: websockets' own, behind a Sniffer that serves /api/ itself."""
+        connection = ServerConnection(protocol, server, **kwargs)
+        if http is None:
+            return connection
+
+        def serve_http(transport: asyncio.Transport, data: bytes, deadline: float) -> None:
+            if server.close_task is not None:  # shutting down: websockets refuses its new connections with 503 too
+                transport.abort()
+                return
+            task = httpd.start(transport, data, deadline, http, admit_http, idle_timeout=handshake_timeout, send_timeout=send_timeout)
+            server.handler_tasks.add(task)  # closing the server waits for it, as for a websocket handler
+            task.add_done_callback(server.handler_tasks.discard)
+
+        return httpd.Sniffer(connection, http_prefix.encode(), serve_http, handshake_timeout)
 
     async def handler(connection: ServerConnection) -> None:
         link = Link(connection, _peer(connection), max_payload=max_payload, send_timeout=send_timeout)
@@ -117,6 +150,7 @@ async def serve(
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             logger=logging.getLogger("scaleout.transport.ws"),
+            create_connection=sniffing,  # type: ignore[arg-type]  # a factory of the connection's asyncio protocol
         )
     except OSError as exc:
         raise ConfigError("", _cannot_listen(host, port, exc)) from None
