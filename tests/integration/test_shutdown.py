@@ -8,6 +8,7 @@ line on a process's stdout (or a frame reaching a fake controller), never a slee
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,7 +21,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, QUICKSTART, START_TIMEOUT, Federation, Proc, wait_line, wait_stdout
+from websockets.asyncio.client import connect
 from websockets.sync.server import ServerConnection, serve
+
+from scaleout.commands.admin import call_async
+from scaleout.core import messages as m
+from scaleout.security.tls import client_context
 
 SLOW = FIXTURES / "slow_client"
 PROMPT_S = 5.0  # the client's abort grace is 2 s; anything near 5 s is a shutdown that waited
@@ -151,6 +157,32 @@ def test_sigterm_stops_a_combiner_in_the_middle_of_a_round(fed: Federation) -> N
     combiner = next(p for p in fed.procs if p.name == "c1")
     assert stop_promptly(combiner) == 0
     assert "SIGTERM received" in combiner.text()
+
+
+def test_sigterm_does_not_wait_for_a_client_that_never_answers_the_close(fed: Federation) -> None:
+    # The combiner closes its links and waits for each client's answer. A link it no longer
+    # reads (its receive queue full: a client logging metrics in a tight loop) shows neither
+    # the answer nor the client's exit, and websockets waits 10 s for it: `scaleout dev`
+    # killed such a combiner. Here the client stops reading, so the answer never comes.
+    fed.controller()
+    combiner = fed.combiner("c1")
+    assert combiner.url is not None
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('mute')}"}
+
+    async def go() -> int:
+        async with connect(combiner.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None) as ws:
+            await ws.send(json.dumps({"v": m.PROTOCOL_VERSION, "type": "hello", "id": "h1", "name": "mute"}))
+            assert fed.conn is not None
+            await call_async(fed.conn, "client.wait", {"count": 1, "timeout": START_TIMEOUT})
+            ws.transport.pause_reading()
+            code = await asyncio.to_thread(combiner.stop, 15)
+            ws.transport.resume_reading()  # this side's close sees the combiner gone at once
+            return code
+
+    assert asyncio.run(go()) == 0
+    log = combiner.text()
+    assert "SIGTERM received" in log, log
+    assert "did not close in time" not in log, log
 
 
 # -- dev -------------------------------------------------------------------------------------

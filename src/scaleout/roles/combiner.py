@@ -21,7 +21,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import announce, bracket, cert_names, close_now, dial_urls, failpoint, new_id, private_tempdir, raise_file_limit, url_host
+from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -264,14 +264,15 @@ class Combiner:
             stopping.cancel()
             if self.renewal is not None:
                 self.renewal.cancel()
-            server.close()
+            close_server(server)
+            self.controller.ws.close_timeout = STOP_GRACE_S
             await self.controller.ws.close()
             if current is not None:
                 current.cancel()
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
-                pass
+                log.warning("some connections did not close in time")
             if tmp is not None:
                 tmp.cleanup()
 
@@ -301,6 +302,10 @@ class Combiner:
 
         async def on_message(inc: Incoming) -> None:
             nonlocal name, gate
+            if self.stopping:
+                # Nothing a client says now can go anywhere: dropped, so what it queued (metrics
+                # logged in a tight loop) is read through at once, and its goodbye with it.
+                return
             msg = inc.msg
             permissions.check_message(link.claims.role, msg.type, "combiner")  # the one table, before any handler
             if name is None:
@@ -593,7 +598,7 @@ class Combiner:
                 job.tracker.on_refused(client, str(exc))
             await self._complete(job)
             return
-        if self.jobs.get(kind) is not job:  # stopped or replaced while the model was fetched
+        if self.jobs.get(kind) is not job or self.stopping:  # stopped or replaced while the model was fetched
             return
         self._arm(job)
         if kind == "train":

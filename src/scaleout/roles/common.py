@@ -249,6 +249,17 @@ async def unless_stopped(step: Awaitable[None], stop: asyncio.Event, grace: floa
     return True
 
 
+def close_server(server: Any) -> None:
+    """``server.close()`` for a role that is stopping: each open link is closed (1001) and its
+    peer gets STOP_GRACE_S, not websockets' 10 s, to answer before its connection is dropped.
+    A link whose receive queue is full (a peer sending faster than the role handles it, such
+    as a client logging metrics in a tight loop) is no longer read from, so its peer's answer,
+    even its exit, would go unseen until that timeout, and the role would exit only then."""
+    for connection in server.connections:
+        connection.close_timeout = STOP_GRACE_S
+    server.close()
+
+
 def bracket(host: str) -> str:
     """An IPv6 literal in a URL goes in brackets."""
     return f"[{host}]" if ":" in host else host

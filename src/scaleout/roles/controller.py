@@ -23,7 +23,7 @@ from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.roles.common import announce, audit_actor, bracket, cert_names, dial_urls, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, raise_file_limit, url_host
 from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
@@ -203,7 +203,7 @@ class Controller:
         finally:
             log.info("controller shutting down")
             await self.sessions.shutdown()  # a running session stays running in state.db: the next start resumes it
-            server.close()
+            close_server(server)
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
