@@ -21,7 +21,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, raise_file_limit, url_host
+from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -165,7 +165,7 @@ class Combiner:
             told = self.announced
             if told is not None and (told.session_id, told.round_index) in self.partials:
                 log.info("round %d: telling the controller again of the partial it had not taken", told.round_index)
-                await _quiet(self.controller.send(told))
+                await quietly(self.controller.send(told))
             return reader
 
         return await _with_backoff(again, stop, (ScaleoutError, OSError))
@@ -184,7 +184,7 @@ class Combiner:
         for job in list(self.jobs.values()):
             self._drop(job)
             for link in list(self.clients.values()):
-                await _quiet(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
+                await quietly(link.send(m.TaskAbort(session_id=job.session_id, reason="the combiner lost the controller")))
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
@@ -316,7 +316,7 @@ class Combiner:
                 if link.claims is None or link.claims.sub != msg.name:
                     # A name belongs to its identity: nobody else may connect (or upload) under it.
                     log.warning("refused %s: its credential is for client %r, not %r", link.peer, getattr(link.claims, "sub", None), msg.name)
-                    self._spawn(_quiet(link.ws.close(m.CLOSE_REVOKED, f"this credential is not client {msg.name}'s")))
+                    self._spawn(quietly(link.ws.close(m.CLOSE_REVOKED, f"this credential is not client {msg.name}'s")))
                     return
                 old = self.clients.get(msg.name)
                 if old is not None:
@@ -324,7 +324,7 @@ class Combiner:
                     # before a restart; a live twin is told why and stops. Closed in the
                     # background: a dead peer must not hold up this link for the close timeout.
                     log.warning("client %s connected again: closing its older connection", msg.name)
-                    self._spawn(_quiet(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}")))
+                    self._spawn(quietly(old.ws.close(m.CLOSE_SUPERSEDED, f"another client connected as {msg.name}")))
                 for current in self.jobs.values():  # a pull on the old connection will never finish
                     stale = current.pulling.pop(msg.name, None)
                     if stale is not None:
@@ -381,7 +381,7 @@ class Combiner:
             job.dropped[client] = job.dropped.get(client, 0) + 1
             if verdict.tell:
                 log.warning("client %s: %s", client, verdict.reason)
-                await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
+                await quietly(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
             return
         if verdict.dropped_before:
             log.warning("client %s: %d metric messages were dropped in that burst; forwarding them again", client, verdict.dropped_before)
@@ -410,7 +410,7 @@ class Combiner:
                 log.info("round %d: %s is back: sending its %s task again", job.round_index, name, job.kind)
                 self._spawn(self._resend(job, task_id, name))
         if working_on is not None and not wanted:
-            await _quiet(link.send(m.TaskAbort(session_id="", task_id=working_on)))
+            await quietly(link.send(m.TaskAbort(session_id="", task_id=working_on)))
 
     async def _resend(self, job: Job, task_id: str, name: str) -> None:
         try:
@@ -496,7 +496,7 @@ class Combiner:
                 self._drop(job)
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
             for name, link in list(self.clients.items()):  # in the background: a frozen client must not stall this link
-                self._spawn(_quiet(asyncio.wait_for(link.send(m.TaskAbort(session_id=msg.session_id)), ABORT_SEND_S), f"telling {name} the session stopped"))
+                self._spawn(quietly(asyncio.wait_for(link.send(m.TaskAbort(session_id=msg.session_id)), ABORT_SEND_S), f"telling {name} the session stopped"))
         elif isinstance(msg, (m.CommandStart, m.PackageChanged)):
             await self.relay.on_controller(inc)
         elif isinstance(msg, m.Event):
@@ -796,7 +796,7 @@ class Combiner:
             log.warning("round %d: %s from %s refused: %s", job.round_index, job.kind, client, exc)
             link = self.clients.get(client)
             if link is not None:
-                await _quiet(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
+                await quietly(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
             msg.data = {}
             if msg.ok:
                 msg.ok, msg.error = False, str(exc)
@@ -809,7 +809,7 @@ class Combiner:
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
-        await _quiet(self.controller.send(report))
+        await quietly(self.controller.send(report))
 
     def _abort_late(self, job: Job) -> None:
         """Tell clients still working on this job that nobody waits for their result, in the
@@ -821,7 +821,7 @@ class Combiner:
             link = self.clients.get(client)
             if client in late and link is not None:
                 abort = m.TaskAbort(session_id=job.session_id, task_id=task_id)
-                self._spawn(_quiet(asyncio.wait_for(link.send(abort), ABORT_SEND_S), f"telling {client} its task is aborted"))
+                self._spawn(quietly(asyncio.wait_for(link.send(abort), ABORT_SEND_S), f"telling {client} its task is aborted"))
 
     async def _complete(self, job: Job) -> None:
         """Tell the controller this combiner's share of the round is ready, once; a train
@@ -842,7 +842,7 @@ class Combiner:
                 await self._report(job.kind, job, client, {}, reason)
         if job.kind == "validate":
             log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
-            await _quiet(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
+            await quietly(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))
             return
         now = asyncio.get_running_loop().time()
         sent = job.sent if job.sent is not None else now
@@ -868,7 +868,7 @@ class Combiner:
         )
         log.info("round %d: %d updates aggregated; telling the controller (%s to pull)", job.round_index, count, fmt_bytes(size))
         self.announced = msg
-        await _quiet(self.controller.send(msg))
+        await quietly(self.controller.send(msg))
 
 
 async def _with_backoff(step: Callable[[], Awaitable[T]], stop: asyncio.Event, retryable: tuple[type[BaseException], ...]) -> T | None:
@@ -958,12 +958,3 @@ def _state_dir() -> Path:
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
-
-
-async def _quiet(coro: Any, what: str = "send") -> None:
-    try:
-        await coro
-    except TimeoutError:  # asyncio's, since 3.11 the builtin
-        log.warning("%s: gave up, the peer does not read", what)
-    except Exception as exc:  # the role edge: a closed peer is noticed by its reader
-        log.warning("%s failed: %s", what, exc)

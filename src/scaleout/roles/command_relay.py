@@ -21,6 +21,7 @@ from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.errors import LimitExceeded, PayloadError, ProtocolError, ScaleoutError
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, transfer_timeout
+from scaleout.roles.common import quietly
 from scaleout.transport.link import Incoming, Link
 
 log = logging.getLogger("scaleout.combiner")
@@ -65,7 +66,7 @@ class CommandRelay:
         elif isinstance(msg, m.PackageChanged):
             log.info("compute package %s is now active: telling %d clients", msg.package_id[:12], len(self.cb.clients))
             for link in list(self.cb.clients.values()):
-                await _quiet(link.send(m.PackageChanged(package_id=msg.package_id, name=msg.name)))
+                await quietly(link.send(m.PackageChanged(package_id=msg.package_id, name=msg.name)))
 
     async def _start(self, msg: m.CommandStart, clients: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -146,7 +147,7 @@ class CommandRelay:
         verdict = gate.offer(json_size(body), asyncio.get_running_loop().time())
         if not verdict.ok and verdict.tell:
             log.warning("client %s: %s", client, verdict.reason)
-            await _quiet(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
+            await quietly(link.send(m.Error(code=LimitExceeded.code, message=verdict.reason, re=msg.id)))
         return verdict.ok
 
     async def _on_result(self, client: str, link: Link, msg: m.CommandResult) -> None:
@@ -159,7 +160,7 @@ class CommandRelay:
             try:
                 check_size(data, MAX_RESULT_BYTES, f"the {job.msg.kind} result", "return a summary, not data")
             except LimitExceeded as exc:
-                await _quiet(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
+                await quietly(link.send(m.Error(code=exc.code, message=str(exc), re=msg.id)))
                 ok, data, error, code = False, {}, str(exc), cmd.TOO_LARGE
         else:
             data, error = {}, clip_text(error or "failed")
@@ -198,7 +199,7 @@ class CommandRelay:
     async def _up(self, msg: m.Message) -> None:
         link = self.cb.controller
         if link is not None:
-            await _quiet(link.send(msg))
+            await quietly(link.send(msg))
 
 
 def _names(blob: bytes | None, count: int, error: str | None) -> list[str]:
@@ -213,8 +214,3 @@ def _names(blob: bytes | None, count: int, error: str | None) -> list[str]:
     return names
 
 
-async def _quiet(coro: Any) -> None:
-    try:
-        await coro
-    except Exception as exc:  # the role edge: a closed peer is noticed by its reader
-        log.warning("send failed: %s", exc)

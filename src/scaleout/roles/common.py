@@ -372,3 +372,31 @@ async def failpoint(name: str) -> None:
     print(f"failpoint {name}", flush=True)
     log.warning("holding at failpoint %s (%s is set): for tests only", name, FAILPOINT_ENV)
     await asyncio.sleep(FAILPOINT_HOLD_S)  # the hold is the point: a test kills the process meanwhile
+
+
+QUIET_EVERY_S = 5.0  # one warning per kind of failed send in this long; the rest are counted
+_quiet_state: dict[str, tuple[float, int]] = {}  # what -> (when last logged, failures not logged since)
+
+
+async def quietly(coro: Awaitable[Any], what: str = "send", logger: logging.Logger = log) -> None:
+    """Await a send whose failure the link's reader notices anyway: log it as a warning, at
+    most once per ``QUIET_EVERY_S`` for each ``what`` (a client flooding metrics through a lost
+    controller link made 650 identical lines in a second), then say how many were not shown."""
+    try:
+        await coro
+    except TimeoutError:  # asyncio's, since 3.11 the builtin
+        _say_quietly(logger, what, f"{what}: gave up, the peer does not read")
+    except Exception as exc:  # the role edge: a closed peer is noticed by its reader
+        _say_quietly(logger, what, f"{what} failed: {exc}")
+
+
+def _say_quietly(logger: logging.Logger, what: str, text: str) -> None:
+    now = asyncio.get_running_loop().time()
+    last, hidden = _quiet_state.get(what, (-QUIET_EVERY_S, 0))
+    if now - last < QUIET_EVERY_S:
+        _quiet_state[what] = (last, hidden + 1)
+        return
+    if len(_quiet_state) > 1000:
+        _quiet_state.clear()
+    _quiet_state[what] = (now, 0)
+    logger.warning("%s%s", text, f" ({hidden} more like it not shown)" if hidden else "")
