@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +53,17 @@ class Param:
         return x
 
 
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's update, for a strategy that needs each on its own (``needs_updates``):
+    the controller spills them to disk as they arrive and hands them over memory-mapped."""
+
+    client: str
+    tensors: Mapping[str, np.ndarray]  # read-only, in the model's tensor order and dtypes
+    num_examples: int
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # what the client's train callback returned
+
+
 class Strategy:
     """Base of all strategies: validated hyperparameters and a server step.
 
@@ -76,6 +87,12 @@ class Strategy:
         """(next global model in the model's dtypes, server state to keep) from the current
         model, the float64 weighted mean of this round's updates and the state kept so far."""
         return {name: cast_mean(name, np.asarray(mean[name]), model[name].dtype.name) for name in model}, {}
+
+    def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        """A ``needs_updates`` strategy's server step: (next global model, server state) from
+        the current model, each client's update and the state kept so far. The others fold a
+        weighted sum on the combiners, and the controller calls ``step`` with its mean."""
+        raise NotImplementedError(f"{self.name} folds a weighted sum: its server step is step()")
 
 
 class FedAvgStrategy(Strategy):
