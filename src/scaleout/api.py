@@ -11,7 +11,17 @@ Method names and keyword arguments are Scaleout Edge's; results are plain dicts,
 over one TLS websocket link per object, reused. ``Scaleout`` runs that link on a private
 event loop in a daemon thread, so its calls work from plain code, from threads and inside a
 running event loop (a Jupyter kernel); ``AsyncScaleout`` offers the same methods as
-coroutines.
+coroutines. ``verify`` is True (the system's CAs, or ``SCALEOUT_CA``), a CA file, False
+(no check: local experiments only), or the CA fingerprint a join token carries,
+``"sha256:<64 hex>"``: the CA is then fetched from the controller without trusting it,
+kept only if its fingerprint is that one, and the controller's certificate checked against
+it, as ``scaleout join`` does with a join token.
+
+When the link drops (the controller restarted), the next call opens a new one. A call
+whose request had gone out when the link dropped is sent again only if it changes
+nothing (a read: get_*, wait_for_*...); any other (start_session, set_active_package...)
+may have been done, so it raises ConnectionFailed saying the outcome is unknown and what
+shows it (get_sessions()...), rather than risk doing it twice.
 
 Errors are the project's (scaleout.core.errors, exported here too), with the controller's
 one-line message: ``NotFoundError`` (an unknown id), ``PermissionDenied`` (a token whose
