@@ -35,7 +35,7 @@ def expected(seed: list[np.ndarray]) -> list[list[np.ndarray]]:
         strategy = make_strategy(name, kwargs)
         state: dict[str, Any] = {}
         for _ in range(ROUNDS):
-            ups = [[model[0] + np.float32(d), model[1] - 2 * d, model[2] + int(round(100 * d))] for d in deltas]
+            ups = [[model[0] + np.float32(d), model[1] - 2 * d, model[2] + round(100 * d)] for d in deltas]
             mean = {str(k): np.average(np.stack([u[k].astype(np.float64) for u in ups]), axis=0, weights=w) for k in range(3)}
             new, state = strategy.step({str(k): v for k, v in enumerate(model)}, mean, state)
             model = [new[str(k)] for k in range(3)]
