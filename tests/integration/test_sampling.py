@@ -7,6 +7,7 @@ reaches every selected client's train settings."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +98,36 @@ def test_fedprox_mu_reaches_every_train_settings(four: Federation) -> None:
     plain = four.run_session(rounds=1, validate=False, settings={"epochs": 3})
     shown = four.admin("session.show", {"id": plain["id"], "clients": True})[0]["session"]
     assert all(c["data"]["metadata"]["seen_settings"] == {"epochs": 3} for c in shown["rounds"][0]["clients"] if c["kind"] == "train")
+
+
+def test_a_restarted_controller_draws_the_same_clients_for_the_round_it_retries(tmp_path: Path) -> None:
+    import signal
+
+    from conftest import wait_stdout
+
+    recover = FIXTURES / "recover_client"
+    names = [f"r{i}" for i in range(4)]
+    with federation(tmp_path) as fed:
+        first = fed.controller()
+        fed.seed_from(recover)
+        fed.combiner("c1")
+        clients = dict(zip(names, (fed.client(n, package=recover) for n in names), strict=True))
+        fed.wait_clients(4)
+        gate = tmp_path / "gate"
+        drawn, _ = sample_clients({"c1": names}, 1, 5, 2, None)
+        (chosen,) = drawn.values()
+        config = {"rounds": 2, "round_timeout": 30, "validate": False, "clients_per_round": 2, "seed": 5, "settings": {"gate": str(gate)}}
+        session = fed.admin("session.start", config)[0]["session"]
+        wait_stdout(clients[chosen[0]], "recover_client: held")  # round 1 is in flight, its draw recorded
+        before = fed.admin("session.show", {"id": session["id"]})[0]["session"]["rounds"][0]["selection"]
+        assert before["selected"] == chosen
+        port = int(fed.url.rsplit(":", 1)[1])
+        first.popen.send_signal(signal.SIGKILL)
+        assert first.popen.wait(10) == -signal.SIGKILL
+        gate.touch()
+        fed.controller(name="controller-2", port=port)
+        done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+        assert done["status"] == "finished", done
+        retried = done["rounds"][0]
+        assert retried["attempt"] == 2 and retried["selection"] == before, retried
+        assert sorted(retried["participants"]) == chosen
