@@ -227,7 +227,8 @@ def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: l
             kind, error = rep["kind"], str(rep["error"])
             out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
     trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
-    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
+    left_out = (r.get("selection") or {}).get("not_selected") or {}  # not selected this round: not a failure
+    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained and c not in left_out]
     return sorted(out, key=lambda f: f["client"])
 
 
