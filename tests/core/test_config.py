@@ -20,6 +20,9 @@ DEFAULTS = {
     "name": None,
     "max_examples_per_client": 1_000_000,
     "max_update_norm": 10.0,
+    "clients_per_round": None,
+    "seed": None,
+    "clients": None,
 }
 
 
@@ -41,6 +44,9 @@ def test_from_mapping_and_to_dict_round_trip() -> None:
         "name": "exp-1",
         "max_examples_per_client": 500,
         "max_update_norm": 3.5,
+        "clients_per_round": 0.5,
+        "seed": 42,
+        "clients": ["a", "b", "c", "d"],
     }
     cfg = SessionConfig.from_mapping(data)
     assert cfg.to_dict() == data
@@ -82,7 +88,7 @@ def test_partial_mapping_keeps_other_defaults() -> None:
         ("aggregator", ""),
         ("aggregator", None),
         ("aggregator", 3),
-        ("aggregator", "fedprox"),
+        ("aggregator", "fedprocs"),
         ("aggregator_kwargs", ["lr", 1]),
         ("validate", "yes"),
         ("validate", 1),

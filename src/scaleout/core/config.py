@@ -38,6 +38,12 @@ class SessionConfig:
     # multiple of the model's norm is refused (0: off). See core/aggregators/bounds.py.
     max_examples_per_client: int = 1_000_000
     max_update_norm: float = 10.0
+    # Client sampling (core/selection.py): how many of the eligible connected clients train
+    # each round (a whole number, or a fraction in (0, 1]; None: all), the seed each round's
+    # draw derives from (with the round index), and a fixed set of client names (None: any).
+    clients_per_round: int | float | None = None
+    seed: int | None = None
+    clients: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
@@ -65,6 +71,10 @@ class SessionConfig:
 
         parse_examples_cap(self.max_examples_per_client)
         object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0
+        from scaleout.core.selection import check_sampling
+
+        clients = check_sampling(self.clients_per_round, self.seed, self.clients, self.min_clients)
+        object.__setattr__(self, "clients", clients)  # a tuple from a caller becomes a list, as JSON has it
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SessionConfig:
