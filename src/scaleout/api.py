@@ -355,6 +355,7 @@ class AsyncScaleout:
         self, *, name: str | None = None, aggregator: str = "fedavg", aggregator_kwargs: dict[str, Any] | None = None,
         model_id: str | None = None, round_timeout: float = 180, rounds: int = 5, validate: bool = True, min_clients: int = 1,
         requested_clients: int | None = None, server_functions: Any = None, settings: dict[str, Any] | None = None,
+        clients_per_round: int | float | None = None, seed: int | None = None, clients: list[str] | None = None,
     ) -> dict[str, Any]:
         """Start a session from the global model (or ``model_id``, any model of the trail):
         ``rounds`` rounds of ``aggregator`` (fedavg, fedopt, ... with ``aggregator_kwargs``),
@@ -362,9 +363,12 @@ class AsyncScaleout:
         ``settings`` reach the train callback; ``validate`` has clients validate each new
         model. Returns the session ({"id", "status", ...}); wait_for_session(id) follows it.
 
-        ``server_functions`` (Edge's ServerFunctions class) and ``requested_clients`` (client
-        sampling) come with issue 15: given now, they raise NotSupported rather than being
-        ignored."""
+        Client sampling: ``requested_clients`` (Edge's name) or ``clients_per_round`` (a count,
+        or a fraction of the connected clients such as 0.1) clients are drawn each round with
+        ``seed`` (drawn and recorded on the session when not given); ``clients`` fixes the set.
+
+        ``server_functions`` (Edge's ServerFunctions class) come with issue 15: given now, they
+        raise NotSupported rather than being ignored."""
         if server_functions is not None:
             import inspect
 
@@ -373,14 +377,12 @@ class AsyncScaleout:
                 f"start_session(server_functions={what}): server functions are not in this release yet (they come with issue 15); "
                 "start the session without them"
             )
-        if requested_clients is not None:
-            raise NotSupported(
-                f"start_session(requested_clients={requested_clients!r}): client sampling is not in this release yet (it comes with issue 15); "
-                "every connected client takes part"
-            )
+        if requested_clients is not None and clients_per_round is not None and requested_clients != clients_per_round:
+            raise ConfigError("clients_per_round", f"give requested_clients ({requested_clients}) or clients_per_round ({clients_per_round}), not both")
         config = {
             "name": name, "aggregator": aggregator, "aggregator_kwargs": aggregator_kwargs or {}, "round_timeout": round_timeout,
             "rounds": rounds, "validate": validate, "min_clients": min_clients, "settings": settings or {}, "model": model_id,
+            "clients_per_round": clients_per_round if clients_per_round is not None else requested_clients, "seed": seed, "clients": clients,
         }
         return dict((await self._call("session.start", config))[0]["session"])
 

@@ -70,6 +70,7 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
 
     tgz = create_archive(QUICKSTART, tmp_path / "client.tgz")  # as scaleout package create packs it
 
+    sampled: dict[str, Any] = {}
     with connect(fed) as client:
         assert client.wait_for_clients(2, timeout=30) == 2
         done = done_when(client, tgz, build / "seed.npz", tmp_path)
@@ -117,6 +118,12 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
         again = asyncio.run(inside_a_running_loop())
         assert again["id"] != session_id and client.get_sessions()["count"] == 2
 
+        # Client sampling with Edge's keyword: one of the two clients each round, drawn with the seed.
+        sampled = client.start_session(rounds=2, min_clients=1, round_timeout=60, requested_clients=1, seed=5)
+        sampled = client.wait_for_session(sampled["id"], timeout=120)
+        assert sampled["status"] == "finished" and sampled["config"]["seed"] == 5, sampled
+        assert [len(r["participants"]) for r in client.get_rounds(sampled["id"])["result"]] == [1, 1]
+
     async def coroutines() -> None:  # AsyncScaleout: the same methods, awaited
         port = int(fed.url.rsplit(":", 1)[1])
         aclient = AsyncScaleout("127.0.0.1", port=port, verify=fed.ca, token=(fed.data / "admin.token").read_text().strip())
@@ -129,7 +136,7 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
     asyncio.run(coroutines())
     local = Scaleout.from_data_dir(fed.data)
     try:
-        assert local.get_controller_status()["active_model"] == again["end_model"]
+        assert local.get_controller_status()["active_model"] == sampled["end_model"]
     finally:
         local.close()
 
