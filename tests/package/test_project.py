@@ -42,6 +42,9 @@ def test_python_env_optional(make_package: MakePackage) -> None:
         ("entry_points:\n  build: 3\n", "entry point 'build'"),
         ("entry_points:\n  train: {cmd: x}\n", "entry point 'train'"),
         ("entry_points:\n  build: build.py\npython_env: [a]\n", "'python_env'"),
+        # A re-attack: nesting raised RecursionError (a traceback at set-active); a 1 MiB flow list took 30 s.
+        ("entry_points: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("entry_points: [" + "1," * 20_000 + "1]\n", r"is 39.1 KiB; a project file may be at most 32.0 KiB"),
     ],
 )
 def test_bad_project_file(make_package: MakePackage, text: str, message: str) -> None:

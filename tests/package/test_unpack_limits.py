@@ -101,7 +101,18 @@ def test_limits_are_configurable() -> None:
         check_archive(data, UnpackLimits(max_files=10))
     with pytest.raises(PackageError, match="limit is 1"):
         check_archive(archive([("pkg/a/b.py", 1)]), UnpackLimits(max_depth=1))
-    check_archive(data, UnpackLimits(max_files=21))
+    check_archive(data, UnpackLimits(max_files=22))  # 21 files and the folder pkg they imply
+    with pytest.raises(PackageError, match="more than 21 files and directories"):
+        check_archive(data, UnpackLimits(max_files=21))
+
+
+def test_folders_an_archive_only_implies_count_towards_the_file_limit() -> None:
+    # A re-attack: 9,997 files, each 32 folders deep in a chain of its own, unpacked to 310,000
+    # folders (1.2 GiB of disk, 53 s) while the limit counted 10,000 entries.
+    data = archive([(f"pkg/{i}/" + "d/" * 29 + "f", 0) for i in range(400)])
+    with pytest.raises(PackageError, match="more than 10000 files and directories .*the folders it implies"):
+        check_archive(data)
+    check_archive(data, UnpackLimits(max_files=400 * 31 + 2))  # each chain's 30 folders and file, pkg, scaleout.yaml
 
 
 def test_unpacked_files_are_private(tmp_path: Path) -> None:

@@ -174,14 +174,16 @@ class _Budget:
         self.limits = limits
         self.max_total = limits.max_total(archive_size)
         self.archive_size = archive_size
-        self.files = 0
+        self.entries = 0
+        self.files = 0  # files and folders unpacking creates
         self.total = 0
+        self.dirs: set[PurePosixPath] = set()  # every folder unpacking creates, listed in the archive or not
 
     def member(self, member: Member) -> PurePosixPath | None:
         """Check one member's path and size; its safe relative path (None: the root)."""
         lim = self.limits
-        self.files += 1  # the archive's own root entries count too: 100,000 "./" are refused
-        if self.files > lim.max_files:
+        self.entries += 1  # every entry, the archive's own root ones too: 100,000 "./" are refused
+        if self.entries > lim.max_files:
             raise PackageError(f"package archive has more than {lim.max_files} files and directories (the limit)")
         if len(member.name) > lim.max_path:
             raise PackageError(f"package archive member {shown(member.name)} has a path longer than {lim.max_path} characters")
@@ -194,6 +196,14 @@ class _Budget:
             raise PackageError(
                 f"package archive member {shown(member.name)} is {len(rel.parts)} levels deep; the limit is {lim.max_depth}"
             )
+        # What unpacking creates counts too: each file, and each folder whether the archive
+        # lists it or only implies it (9,997 files each 32 folders deep made 310,000 folders).
+        if not member.is_dir:
+            self._made()
+        for path in ([rel] if member.is_dir else []) + [p for p in rel.parents if p.parts]:
+            if path not in self.dirs:
+                self.dirs.add(path)
+                self._made()
         if not member.is_dir:
             self.total += member.size
             if self.total > self.max_total:
@@ -204,6 +214,11 @@ class _Budget:
                     )
                 raise PackageError(f"package archive expands to more than {self.max_total} bytes ({fmt_bytes(self.max_total)}, the limit)")
         return rel
+
+    def _made(self) -> None:
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise PackageError(f"package archive has more than {self.limits.max_files} files and directories (the limit, the folders it implies included)")
 
 
 def _members(data: bytes, limits: UnpackLimits) -> Iterator[tuple[TarStream, Member, PurePosixPath]]:

@@ -24,12 +24,14 @@ from pathlib import Path
 from types import ModuleType
 
 from scaleout.core.errors import PackageError
+from scaleout.core.units import fmt_bytes
 from scaleout.runtime import missing_module_hint
 
 PROJECT_FILE = "scaleout.yaml"
 # FEDn's project file, read when a package has no scaleout.yaml (FEDn projects run unchanged).
 LEGACY_PROJECT_FILE = "fedn.yaml"
 PROJECT_FILES = (PROJECT_FILE, LEGACY_PROJECT_FILE)
+PROJECT_MAX_BYTES = 32 * 1024  # a project file is a few lines; PyYAML parses about 30 KB a second at worst
 # The entry points a dispatcher runs as commands with `IN OUT` arguments.
 TASK_ENTRIES = ("train", "validate", "predict")
 
@@ -112,10 +114,16 @@ def load_project(root: Path) -> Project:
     if found is None:
         raise PackageError(f"{root} has no {PROJECT_FILE} (nor FEDn's {LEGACY_PROJECT_FILE}); is it a compute package?")
     path = found
+    size = path.stat().st_size
+    if size > PROJECT_MAX_BYTES:
+        # PyYAML is pure Python: a 1 MiB flow list took 30 s and 395 MB to parse.
+        raise PackageError(f"{path} is {fmt_bytes(size)}; a project file may be at most {fmt_bytes(PROJECT_MAX_BYTES)}")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PackageError(f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise PackageError(f"{path} is nested too deeply to read") from None
     if not isinstance(doc, dict):
         raise PackageError(f"{path} must be a mapping with an 'entry_points' key")
     entry_points = doc.get("entry_points")
