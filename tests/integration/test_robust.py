@@ -1,15 +1,17 @@
 """Strategies that need each update on its own, over real processes: the combiners forward
 every update, the controller spills them to disk and aggregates them memory-mapped
-(fedmedian, krum, dpfedavg on 5 clients over 2 combiners), and the spill files are gone
-once the round is over (issue 15)."""
+(fedmedian, krum, dpfedavg on 5 clients over 2 combiners), the spill files are gone once
+the round is over, and a controller killed with updates spilled runs the round again (issue 15)."""
 
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 
 import numpy as np
-from conftest import FIXTURES, federation
+import pytest
+from conftest import FIXTURES, Federation, federation, wait_stdout
 
 from scaleout.core import payload
 
@@ -91,3 +93,39 @@ def test_fedmedian_krum_dpfedavg_over_two_combiners_and_no_spill_left(tmp_path: 
         # Every update went through a spill file, and none is left.
         assert controller.text().count("spilled to disk") == 3 * len(CLIENTS)
         assert [p for p in (fed.data / "spill").rglob("*") if p.is_file()] == []
+
+
+def test_a_controller_killed_with_updates_spilled_runs_the_round_again(fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEOUT_FAILPOINT", "collect")  # the first controller holds once an update is spilled
+    first = fed.controller()
+    monkeypatch.delenv("SCALEOUT_FAILPOINT")
+    seed_id = fed.seed_from(PACKAGE)
+    fed.combiner("c0")
+    fed.combiner("c1")
+    for name in CLIENTS:
+        fed.client(name, package=PACKAGE)
+    fed.wait_clients(len(CLIENTS))
+    config = {"rounds": 1, "round_timeout": 30, "min_clients": len(CLIENTS), "validate": False, "aggregator": "fedmedian"}
+    session = fed.admin("session.start", config)[0]["session"]
+    wait_stdout(first, "failpoint collect")
+    spilled = [p for p in (fed.data / "spill").rglob("*.safetensors")]
+    assert len(spilled) == 1, spilled  # on disk, not in memory
+    port = int(fed.url.rsplit(":", 1)[1])
+    first.popen.send_signal(signal.SIGKILL)
+    assert first.popen.wait(10) == -signal.SIGKILL
+    assert spilled[0].is_file()  # what the kill left
+    stray = fed.data / "spill" / "s-older" / "1-1" / "000000.safetensors"  # as an older kill would leave it
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(spilled[0].read_bytes())
+    fed.controller(name="controller-2", port=port)  # sweeps it, resumes the session
+
+    done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+    assert done["status"] == "finished", done
+    (row,) = done["rounds"]
+    assert row["attempt"] == 2 and row["retried"] == ["controller restarted"], row
+    data = fed.admin("model.get", {"id": row["model_id"]})[1]
+    assert data is not None
+    seed = payload.decode(fed.admin("model.get", {"id": seed_id})[1])  # type: ignore[arg-type]
+    for got, want in zip(payload.decode(data), client_updates(seed)["s2"], strict=True):  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got, want)
+    assert [p for p in (fed.data / "spill").rglob("*") if p.is_file()] == []

@@ -636,6 +636,7 @@ class SessionService:
                 try:
                     if await _unless_set(self._pull_update(name, msg, spill, len(global_bytes), tracker.deadline), s.stop_event) is None:
                         return finish("failed", "session stopped", participants=contributors)
+                    await failpoint("collect")  # an update spilled, the round not yet decided
                 except LinkClosed:
                     decision = tracker.on_combiner_lost(name)
                     continue
