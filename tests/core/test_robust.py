@@ -20,11 +20,11 @@ ROBUST = ["fedmedian", "trimmedmean", "krum", "multikrum", "bulyan", "dpfedavg"]
 SEED = {robust.SEED_KEY: np.array([12345, 678], np.uint32)}
 
 
-@pytest.fixture(params=[False, True], ids=["one-block", "many-blocks"])
+@pytest.fixture(params=[None, 16 * 8, 8000], ids=["one-block", "many-blocks", "blocks-by-n"])
 def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.param:  # blocks of 16 elements: every tensor is read in several
-        monkeypatch.setattr(robust, "STACK_BYTES", 16 * 8)
-        monkeypatch.setattr(robust, "MIN_BLOCK", 16)
+    if request.param is not None:  # 16 elements a block, or 8000 / n: every tensor is read in several
+        monkeypatch.setattr(robust, "STACK_BYTES", request.param)
+        monkeypatch.setattr(robust, "MIN_BLOCK", 16 if request.param == 16 * 8 else 1)
 
 
 def random_updates(n: int, seed: int = 0) -> list[ClientUpdate]:

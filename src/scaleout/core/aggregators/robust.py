@@ -45,7 +45,7 @@ from scaleout.core.aggregators.bounds import sum_squares
 from scaleout.core.aggregators.strategy import ClientUpdate, Param, Strategy, Tensors
 from scaleout.core.errors import ConfigError, UpdateRejected
 
-STACK_BYTES = 8 << 20  # a block of every update, in float64: at most this much at once
+STACK_BYTES = 4 << 20  # a block of every update, in float64: at most this much at once (temporaries: a few times it)
 MIN_BLOCK = 1024  # elements per block at least, however many updates
 
 
@@ -106,7 +106,7 @@ def _weighted_mean(model: Mapping[str, np.ndarray], updates: Sequence[ClientUpda
     w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     out = {name: np.empty_like(x) for name, x in model.items()}
     stacker = _Stacker(updates)
-    for name, start, stop in _blocks(model, len(rows)):
+    for name, start, stop in _blocks(model, len(updates)):
         out[name].reshape(-1)[start:stop] = cast_mean(name, w @ stacker.stack(name, start, stop, rows), model[name].dtype.name)
     return out
 
@@ -152,7 +152,7 @@ class FedMedian(Strategy):
 
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
         _check_updates(model, updates, 1, "a median needs at least one")
-        return _coordinatewise(model, updates, lambda s: np.median(s, axis=0)), {}
+        return _coordinatewise(model, updates, lambda s: np.median(s, axis=0, overwrite_input=True)), {}  # the stack is scratch
 
 
 class TrimmedMean(Strategy):
@@ -166,7 +166,12 @@ class TrimmedMean(Strategy):
         _check_updates(model, updates, 1, "a trimmed mean needs at least one")
         cut = int(self.kwargs["beta"] * len(updates))
         n = len(updates)
-        return _coordinatewise(model, updates, lambda s: np.sort(s, axis=0)[cut : n - cut].mean(axis=0)), {}
+
+        def trimmed(s: np.ndarray) -> np.ndarray:
+            s.sort(axis=0)  # in place: the stack is scratch
+            return s[cut : n - cut].mean(axis=0)
+
+        return _coordinatewise(model, updates, trimmed), {}
 
 
 class Krum(_Robust):
@@ -247,7 +252,7 @@ class Bulyan(_Robust):
 
         out = {name: np.empty_like(x) for name, x in model.items()}
         stacker = _Stacker(updates)
-        for name, start, stop in _blocks(model, len(chosen)):
+        for name, start, stop in _blocks(model, len(updates)):
             block = closest_to_median(stacker.stack(name, start, stop, chosen))
             out[name].reshape(-1)[start:stop] = cast_mean(name, block, model[name].dtype.name)
         return out, {}
