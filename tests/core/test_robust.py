@@ -121,7 +121,7 @@ def ref_dpfedavg(updates: list[ClientUpdate], kw: dict) -> dict[str, np.ndarray]
     for k, v in MODEL.items():
         if k in total:
             noise = rng.normal(0.0, z * clip, size=v.size).reshape(v.shape) if z > 0 else 0.0
-            out[k] = cast(MODEL[k] + (total[k] + noise) / len(updates), v)
+            out[k] = cast(v + (total[k] + noise) / len(updates), v)
         else:
             out[k] = cast(stack(updates, k).mean(axis=0), v)
     return out

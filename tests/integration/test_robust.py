@@ -33,7 +33,7 @@ def client_updates(seed: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
     out = {}
     for c in CLIENTS:
         d, _ = shift(c)  # type: ignore[operator]
-        out[c] = [seed[0] + d, seed[1] - 2 * d, seed[2] + int(round(100 * d))]
+        out[c] = [seed[0] + d, seed[1] - 2 * d, seed[2] + round(100 * d)]
     return out
 
 

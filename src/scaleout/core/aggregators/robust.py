@@ -160,7 +160,7 @@ class TrimmedMean(Strategy):
 
     name = "trimmedmean"
     needs_updates = True
-    params = {"beta": Param(0.2, 0.0, 0.5, high_open=True, help="fraction trimmed at each end")}
+    params: ClassVar[dict[str, Param]] = {"beta": Param(0.2, 0.0, 0.5, high_open=True, help="fraction trimmed at each end")}
 
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
         _check_updates(model, updates, 1, "a trimmed mean needs at least one")
@@ -178,7 +178,7 @@ class Krum(_Robust):
     """The update closest to its ``n - f - 2`` nearest others (Blanchard et al. 2017)."""
 
     name = "krum"
-    params = {"f": Param(0, 0.0, help="Byzantine clients assumed (a whole number); needs n > 2f + 2")}
+    params: ClassVar[dict[str, Param]] = {"f": Param(0, 0.0, help="Byzantine clients assumed (a whole number); needs n > 2f + 2")}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -200,7 +200,7 @@ class MultiKrum(Krum):
     """The example-weighted mean of the ``m`` updates with the best Krum scores."""
 
     name = "multikrum"
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "f": Param(0, 0.0, help="Byzantine clients assumed (a whole number); needs n > 2f + 2"),
         "m": Param(0, 0.0, help="updates averaged (a whole number); 0: n - f"),
     }
@@ -226,7 +226,7 @@ class Bulyan(_Robust):
     the ``n - 4f`` of those closest to their median (El Mhamdi et al. 2018)."""
 
     name = "bulyan"
-    params = {"f": Param(0, 0.0, help="Byzantine clients assumed (a whole number); needs n >= 4f + 3")}
+    params: ClassVar[dict[str, Param]] = {"f": Param(0, 0.0, help="Byzantine clients assumed (a whole number); needs n >= 4f + 3")}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -268,7 +268,7 @@ class DPFedAvg(Strategy):
     name = "dpfedavg"
     needs_updates = True
     needs_seed: ClassVar[bool] = True  # the controller puts SEED_KEY (random) in the first round's state
-    params = {
+    params: ClassVar[dict[str, Param]] = {
         "clip_norm": Param(1.0, 0.0, low_open=True, help="L2 bound on each update's change"),
         "noise_multiplier": Param(1.0, 0.0, help="noise std on the sum, in units of clip_norm"),
     }
