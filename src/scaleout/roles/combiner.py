@@ -98,6 +98,7 @@ class Job:
     attempt: int = 1  # the controller's try of this round (RoundStart.attempt), echoed in the partial
     forward: bool = False  # the strategy needs each update on its own: forwarded to the controller, not folded
     forwarded: dict[str, int] = field(default_factory=dict)  # client -> its weight, for updates the controller took
+    model_size: int = 0  # bytes of the round's model: a forwarded update of another size is re-encoded like it
 
 
 class Combiner:
@@ -608,6 +609,7 @@ class Combiner:
                 assert isinstance(msg, m.RoundStart)
                 job.max_examples = msg.max_examples
                 job.model = payload.views(model)
+                job.model_size = len(model)
                 job.norm_limit = await asyncio.to_thread(norm_limit, job.model, msg.max_update_norm)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
@@ -983,10 +985,11 @@ def _check_update(job: Job, blob: bytes) -> Any:
 
 def _forwarded_bytes(job: Job, blob: bytes, checked: Any) -> Hashed:
     """An update as it goes up to the controller: the client's bytes, or (when some tensor
-    came in another width, float64 for float32) re-encoded in the model's dtypes; hashed."""
+    came in another width, float64 for float32, or its header differs in size from the
+    model's) re-encoded in the model's dtypes, so the controller can expect the model's size; hashed."""
     import hashlib
 
-    if checked.converted:
+    if checked.converted or len(blob) != job.model_size:
         template = job.agg.template
         arrays = {name: np.asarray(a).astype(template[name].dtype) for name, a in checked.arrays.items()}
         blob = payload.encode_named(arrays, payload.layout_of(blob))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scaleout.core import payload
 from scaleout.core.aggregators.strategy import ClientUpdate
 from scaleout.core.errors import PayloadError, StorageError, UpdateRejected
@@ -79,7 +81,7 @@ class Spill:
                 with open(e.path, "rb") as fh:
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                 maps.append(mm)
-                out.append(ClientUpdate(e.client, payload.views(memoryview(mm)), e.num_examples, e.metadata))  # type: ignore[arg-type]
+                out.append(ClientUpdate(e.client, _Mapped(mm, payload.views(memoryview(mm))), e.num_examples, e.metadata))  # type: ignore[arg-type]
             yield out
         finally:
             out.clear()
@@ -89,6 +91,27 @@ class Spill:
 
     def remove(self) -> None:
         sweep(self.folder)
+
+
+class _Mapped(Mapping[str, np.ndarray]):
+    """An update's tensors, memory-mapped. Each lookup first drops the pages of the file this
+    process has mapped so far (MADV_DONTNEED: they are clean file pages, read again from the
+    page cache when touched), so what an aggregator read of earlier blocks does not stay in
+    the controller's RSS: it holds about one block of each update, not every update whole."""
+
+    def __init__(self, mm: mmap.mmap, views: dict[str, np.ndarray]) -> None:
+        self._mm = mm
+        self._views = views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._mm.madvise(mmap.MADV_DONTNEED)
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
 
 
 def sweep(folder: Path) -> None:
