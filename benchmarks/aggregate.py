@@ -149,12 +149,13 @@ def robust_one(name: str, folder: str, params: int, clients: int) -> dict[str, o
         state = {}
         new, _, _, _ = _aggregate_step(make_strategy(name, ROBUST[name]), spill, set(spill.entries), global_bytes, "dict", state)
     seconds = time.perf_counter() - t0
+    file_mib = _status("RssFile")
     heap = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(new) > params * 4
     return {
         "aggregator": name, "seconds": round(seconds, 3), "heap_peak_mib": round(heap / 2**20, 1),
-        "rss_base_mib": round(base_rss, 1), "rss_peak_mib": round(_status("VmHWM"), 1), "rss_anon_mib": round(_status("RssAnon"), 1),
+        "rss_base_mib": round(base_rss, 1), "rss_peak_mib": round(_status("VmHWM"), 1), "rss_anon_mib": round(_status("RssAnon"), 1), "rss_file_mib_after": round(file_mib, 1),
     }
 
 
