@@ -90,8 +90,16 @@ def test_fedmedian_krum_dpfedavg_over_two_combiners_and_no_spill_left(tmp_path: 
         np.testing.assert_array_equal(dp[2], np.rint(np.mean([updates[c][2] for c in CLIENTS], axis=0)).astype(np.int32))
         assert row["server_state"]  # the noise seed is kept with the session
 
+        # Settings that cannot work: refused at start, or (too few updates for f) the round fails saying why.
+        with pytest.raises(Exception, match=r"aggregator_kwargs.f: must be a whole number, got 1.5"):
+            fed.admin("session.start", {"rounds": 1, "aggregator": "krum", "aggregator_kwargs": {"f": 1.5}})
+        session = fed.run_session(rounds=1, min_clients=len(CLIENTS), validate=False, aggregator="bulyan", aggregator_kwargs={"f": 1}, model=seed_id)
+        (row,) = session["rounds"]
+        assert row["status"] == "failed" and row["model_id"] is None, row
+        assert row["reason"] == "5 updates are too few: bulyan with f=1 needs n >= 4f + 3, i.e. at least 7 updates", row
+
         # Every update went through a spill file, and none is left.
-        assert controller.text().count("spilled to disk") == 3 * len(CLIENTS)
+        assert controller.text().count("spilled to disk") == 4 * len(CLIENTS)
         assert [p for p in (fed.data / "spill").rglob("*") if p.is_file()] == []
 
 
