@@ -20,8 +20,9 @@ on the controller's own path: N updates of P float32 parameters written as spill
 (`_aggregate_step`: memory-mapped updates, `Strategy.aggregate`, the new model encoded).
 Per aggregator: seconds, and memory: ``heap_peak_mib`` (what Python and numpy allocate
 during the step, tracemalloc), ``rss_peak_mib`` (the process's peak RSS, VmHWM, including
-the pages of the memory-mapped spill files it touched) and ``rss_anon_mib`` (its private
-memory after the step, RssAnon). Baseline, same run: the two-stage FedAvg fold of the
+the pages of the memory-mapped spill files it touched), ``rss_growth_mib`` (that peak less
+the RSS before the step), ``rss_anon_mib`` (its private memory after the step, RssAnon).
+Both checked against 2 x the model + the fold budget (16 MiB). Baseline, same run: the two-stage FedAvg fold of the
 same N updates (FedAvg.add of each memory-mapped update, then the mean).
 
     .venv/bin/python benchmarks/aggregate.py --robust [--params 1000000] [--clients 100]
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import tracemalloc
@@ -102,10 +104,16 @@ def peak_bytes(fn: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-ROBUST = {
-    "fedavg-fold": {}, "fedmedian": {}, "trimmedmean": {"beta": 0.1}, "krum": {"f": 10}, "multikrum": {"f": 10, "m": 50},
-    "bulyan": {"f": 10}, "dpfedavg": {"clip_norm": 1.0, "noise_multiplier": 1.0},
-}
+def robust_kwargs(name: str, n: int) -> dict[str, float]:
+    """Each aggregator's settings for ``n`` clients: f = 10% of them (as many as Bulyan allows)."""
+    f = max(0, n // 10)
+    return {
+        "fedavg-fold": {}, "fedmedian": {}, "trimmedmean": {"beta": 0.1}, "krum": {"f": f}, "multikrum": {"f": f, "m": n // 2},
+        "bulyan": {"f": min(f, (n - 3) // 4)}, "dpfedavg": {"clip_norm": 1.0, "noise_multiplier": 1.0},
+    }[name]
+
+
+ROBUST = ("fedavg-fold", "fedmedian", "trimmedmean", "krum", "multikrum", "bulyan", "dpfedavg")
 
 
 def _status(key: str) -> float:
@@ -147,7 +155,7 @@ def robust_one(name: str, folder: str, params: int, clients: int) -> dict[str, o
         new = payload.encode_named(agg.result(), "dict")
     else:
         state = {}
-        new, _, _, _ = _aggregate_step(make_strategy(name, ROBUST[name]), spill, set(spill.entries), global_bytes, "dict", state)
+        new, _, _, _ = _aggregate_step(make_strategy(name, robust_kwargs(name, clients)), spill, set(spill.entries), global_bytes, "dict", state)
     seconds = time.perf_counter() - t0
     file_mib = _status("RssFile")
     heap = tracemalloc.get_traced_memory()[1]
@@ -181,15 +189,17 @@ def robust_main(params: int, clients: int) -> None:
             if done.returncode != 0:
                 raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
             out = done.stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append({**json.loads(out.strip().splitlines()[-1]), "kwargs": robust_kwargs(name, clients)})
     fold = next(r for r in rows if r["aggregator"] == "fedavg-fold")
     for r in rows:
         r["ratio_to_fold"] = round(r["seconds"] / fold["seconds"], 2)  # type: ignore[operator]
         r["heap_within_bound"] = r["heap_peak_mib"] <= 2 * model_mib + budget_mib  # type: ignore[operator]
+        r["rss_growth_mib"] = round(r["rss_peak_mib"] - r["rss_base_mib"], 1)  # type: ignore[operator]
+        r["rss_within_bound"] = r["rss_growth_mib"] <= 2 * model_mib + budget_mib
     print(json.dumps({
         "benchmark": "aggregate-robust", "params": params, "clients": clients, "model_mib": round(model_mib, 1),
         "bound_mib": round(2 * model_mib + budget_mib, 1), "baseline": "two-stage FedAvg fold of the same memory-mapped updates, same run",
-        "results": rows,
+        "load_average": round(os.getloadavg()[0], 1), "results": rows,
     }))
 
 
