@@ -82,9 +82,9 @@ class Spill:
                 with open(e.path, "rb") as fh:
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                 maps.append(mm)
-                views = payload.views(memoryview(mm))
+                views = payload.views(memoryview(mm))  # type: ignore[arg-type]  # read-only, no copy
                 mm.madvise(mmap.MADV_DONTNEED)  # the header's pages: read, not needed any more
-                out.append(ClientUpdate(e.client, _Mapped(mm, views, last), e.num_examples, e.metadata))  # type: ignore[arg-type]
+                out.append(ClientUpdate(e.client, _Mapped(mm, views, last), e.num_examples, e.metadata))
             yield out
         finally:
             out.clear()
