@@ -13,12 +13,26 @@ holds only two updates whatever N is; peak memory is what the fold allocates on 
 Prints one JSON object as its last line: medians, ratios to each baseline, peak memory.
 
     .venv/bin/python benchmarks/aggregate.py [--params 10000000 100000000] [--clients 10] [--repeat 3]
+
+``--robust`` measures instead the strategies that need each update on their own (issue 15)
+on the controller's own path: N updates of P float32 parameters written as spill files
+(roles/spill.py), then for each aggregator, in a fresh process, the controller's step
+(`_aggregate_step`: memory-mapped updates, `Strategy.aggregate`, the new model encoded).
+Per aggregator: seconds, and memory: ``heap_peak_mib`` (what Python and numpy allocate
+during the step, tracemalloc), ``rss_peak_mib`` (the process's peak RSS, VmHWM, including
+the pages of the memory-mapped spill files it touched), ``rss_growth_mib`` (that peak less
+the RSS before the step), ``rss_anon_mib`` (its private memory after the step, RssAnon).
+Both checked against 2 x the model + the fold budget (16 MiB). Baseline, same run: the two-stage FedAvg fold of the
+same N updates (FedAvg.add of each memory-mapped update, then the mean).
+
+    .venv/bin/python benchmarks/aggregate.py --robust [--params 1000000] [--clients 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import tracemalloc
@@ -90,13 +104,116 @@ def peak_bytes(fn: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
+def robust_kwargs(name: str, n: int) -> dict[str, float]:
+    """Each aggregator's settings for ``n`` clients: f = 10% of them (as many as Bulyan allows)."""
+    f = max(0, n // 10)
+    return {
+        "fedavg-fold": {}, "fedmedian": {}, "trimmedmean": {"beta": 0.1}, "krum": {"f": f}, "multikrum": {"f": f, "m": n // 2},
+        "bulyan": {"f": min(f, (n - 3) // 4)}, "dpfedavg": {"clip_norm": 1.0, "noise_multiplier": 1.0},
+    }[name]
+
+
+ROBUST = ("fedavg-fold", "fedmedian", "trimmedmean", "krum", "multikrum", "bulyan", "dpfedavg")
+
+
+def _status(key: str) -> float:
+    """A /proc/self/status figure in MiB (VmHWM, RssAnon...)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def robust_one(name: str, folder: str, params: int, clients: int) -> dict[str, object]:
+    """One aggregator's controller step over the spill files in ``folder`` (run in its own process)."""
+    import gc
+    from pathlib import Path
+
+    from scaleout.core import payload
+    from scaleout.core.aggregators import make_strategy
+    from scaleout.roles.sessions import _aggregate_step
+    from scaleout.roles.spill import Spill, Spilled
+
+    model = {"w": np.zeros(params, dtype=np.float32)}
+    global_bytes = payload.encode_named(model, "dict")
+    del model
+    template = payload.describe(global_bytes)
+    spill = Spill(Path(folder), template)
+    for i in range(clients):
+        spill.entries[f"c{i}"] = Spilled("c", f"c{i}", Path(folder) / f"{i:06d}.safetensors", 10 + i, {})
+    spill.remove = lambda: None  # type: ignore[method-assign]  # the files serve every aggregator
+    gc.collect()
+    base_rss = _status("VmRSS")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    if name == "fedavg-fold":
+        agg = get_aggregator("fedavg", template)
+        with spill.updates() as updates:
+            for u in updates:
+                agg.add(u.tensors, float(u.num_examples), u.client)
+        new = payload.encode_named(agg.result(), "dict")
+    else:
+        state = {}
+        new, _, _, _ = _aggregate_step(make_strategy(name, robust_kwargs(name, clients)), spill, set(spill.entries), global_bytes, "dict", state)
+    seconds = time.perf_counter() - t0
+    file_mib = _status("RssFile")
+    heap = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(new) > params * 4
+    return {
+        "aggregator": name, "seconds": round(seconds, 3), "heap_peak_mib": round(heap / 2**20, 1),
+        "rss_base_mib": round(base_rss, 1), "rss_peak_mib": round(_status("VmHWM"), 1), "rss_anon_mib": round(_status("RssAnon"), 1), "rss_file_mib_after": round(file_mib, 1),
+    }
+
+
+def robust_main(params: int, clients: int) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from scaleout.core import payload
+
+    model_mib = params * 4 / 2**20
+    budget_mib = 16.0  # the combiner's upload budget, UPLOAD_BUDGET_MIN: one update in flight on the controller at most
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scaleout-bench-spill-") as folder:
+        rng = np.random.default_rng(0)
+        for i in range(clients):  # written one at a time, as the controller spills them
+            data = payload.encode_named({"w": rng.standard_normal(params, dtype=np.float32) * 0.1}, "dict")
+            with open(f"{folder}/{i:06d}.safetensors", "wb") as fh:
+                fh.write(data)
+        for name in ROBUST:
+            code = f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import aggregate; print(json.dumps(aggregate.robust_one({name!r}, {folder!r}, {params}, {clients})))"
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+            out = done.stdout
+            rows.append({**json.loads(out.strip().splitlines()[-1]), "kwargs": robust_kwargs(name, clients)})
+    fold = next(r for r in rows if r["aggregator"] == "fedavg-fold")
+    for r in rows:
+        r["ratio_to_fold"] = round(r["seconds"] / fold["seconds"], 2)  # type: ignore[operator]
+        r["heap_within_bound"] = r["heap_peak_mib"] <= 2 * model_mib + budget_mib  # type: ignore[operator]
+        r["rss_growth_mib"] = round(r["rss_peak_mib"] - r["rss_base_mib"], 1)  # type: ignore[operator]
+        r["rss_within_bound"] = r["rss_growth_mib"] <= 2 * model_mib + budget_mib
+    print(json.dumps({
+        "benchmark": "aggregate-robust", "params": params, "clients": clients, "model_mib": round(model_mib, 1),
+        "bound_mib": round(2 * model_mib + budget_mib, 1), "baseline": "two-stage FedAvg fold of the same memory-mapped updates, same run",
+        "load_average": round(os.getloadavg()[0], 1), "results": rows,
+    }))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--robust", action="store_true", help="the needs_updates aggregators over spilled, memory-mapped updates")
     ap.add_argument("--params", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--memory-clients", type=int, nargs=2, default=[10, 50], metavar=("N1", "N2"))
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
+    if a.robust:
+        robust_main(a.params[0] if a.params != [10_000_000, 100_000_000] else 1_000_000, a.clients if a.clients != 10 else 100)
+        return
     rows = []
     for p in a.params:
         rng = np.random.default_rng(0)

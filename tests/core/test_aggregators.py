@@ -283,7 +283,7 @@ def test_registry() -> None:
     with pytest.raises(ConfigError) as info:
         get_aggregator("fedsgdx", TEMPLATE)
     assert info.value.key == "aggregator"
-    assert str(info.value).startswith("aggregator: unknown aggregator 'fedsgdx'; choose one of: fedadagrad, fedadam, fedavg, fedavgm, fedprox")
+    assert str(info.value).startswith("aggregator: unknown aggregator 'fedsgdx'; choose one of: bulyan, dpfedavg, fedadagrad, fedadam, fedavg, fedavgm, fedmedian, fedprox")
 
 
 def test_update_whose_weighting_overflows_is_refused_and_state_kept() -> None:

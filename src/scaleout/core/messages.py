@@ -177,6 +177,25 @@ class RoundPartial(Message):
 
 @message
 @dataclass(kw_only=True)
+class RoundUpdate(Message):
+    """Combiner -> controller, in a round whose strategy needs each update on its own
+    (``needs_updates``): ``client``'s update, checked as a fold would check it, is ready
+    (``size`` bytes, in the model's dtypes). The controller pulls it with an ``update.get``
+    request and spills it to disk; the combiner's RoundPartial (its count and weight, no
+    bytes) comes after its last update."""
+
+    type: ClassVar[str] = "round.update"
+    session_id: str
+    round_index: int
+    client: str
+    num_examples: int
+    size: int
+    metadata: JSON = field(default_factory=dict)  # what the client's train callback returned
+    attempt: int = 1
+
+
+@message
+@dataclass(kw_only=True)
 class RoundValidate(Message):
     """Controller -> combiner: have ``count`` clients (named in the payload, as for
     RoundStart) validate ``model_id``."""

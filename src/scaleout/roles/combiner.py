@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from scaleout.core import messages as m
 from scaleout.core import payload, permissions
 from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
@@ -45,6 +47,7 @@ STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one messa
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 TICKET_CONNECT_S = 300.0  # a client connects with a ticket issued at most this long ago (it gets one per assignment)
+FORWARD_GRACE_S = 10.0  # a forwarded update waits this long past the round's deadline for the controller to take it
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Job:
     sent: float | None = None
     last_result: float | None = None
     attempt: int = 1  # the controller's try of this round (RoundStart.attempt), echoed in the partial
+    forward: bool = False  # the strategy needs each update on its own: forwarded to the controller, not folded
+    forwarded: dict[str, int] = field(default_factory=dict)  # client -> its weight, for updates the controller took
+    model_size: int = 0  # bytes of the round's model: a forwarded update of another size is re-encoded like it
 
 
 class Combiner:
@@ -112,6 +118,8 @@ class Combiner:
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
+        # (session, round, client) -> an update the controller will pull (needs_updates), and a future set once it asked
+        self.forwards: dict[tuple[str, int, str], tuple[Hashed, asyncio.Future[None]]] = {}
         self.announced: m.RoundPartial | None = None  # the last partial told of: told again if the link dropped
         self.boot: str | None = None  # which run of the controller gave us our rounds
         self.run_id = new_id("r-")  # this process: the controller tells a blip (same run) from a restart
@@ -545,6 +553,15 @@ class Combiner:
                     await asyncio.sleep(next(delays))  # a backoff, not a synchronisation
 
     async def _on_controller_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
+        if req.op == "update.get":
+            key3 = (str(req.args.get("session_id")), req.args.get("round_index"), str(req.args.get("client")))
+            entry = self.forwards.get(key3)  # type: ignore[arg-type]
+            if entry is None:
+                raise ProtocolError(f"no update of client {key3[2]} for round {key3[1]} of session {key3[0]} (it was sent or dropped)")
+            data, taken = entry
+            if not taken.done():
+                taken.set_result(None)
+            return {}, data
         if req.op != "partial.get":
             raise ProtocolError(f"unknown operation {req.op!r}")
         key = (str(req.args.get("session_id")), req.args.get("round_index"))
@@ -575,7 +592,7 @@ class Combiner:
         return self.models[model_id]
 
     async def _start_job(self, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], timeout: float, settings: dict[str, Any]) -> None:
-        from scaleout.core.aggregators import get_aggregator
+        from scaleout.core.aggregators import get_aggregator, needs_updates
 
         loop = asyncio.get_running_loop()
         old = self.jobs.get(kind)
@@ -588,9 +605,11 @@ class Combiner:
             model = await self._model(msg.model_id)
             if kind == "train":
                 job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
+                job.forward = needs_updates(getattr(msg, "aggregator", "fedavg"))
                 assert isinstance(msg, m.RoundStart)
                 job.max_examples = msg.max_examples
                 job.model = payload.views(model)
+                job.model_size = len(model)
                 job.norm_limit = await asyncio.to_thread(norm_limit, job.model, msg.max_update_norm)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
@@ -734,18 +753,21 @@ class Combiner:
                 if self.jobs.get(job.kind) is not job or job.agg is None:
                     return  # the round closed while the update was on its way
                 checked = await asyncio.to_thread(_check_update, job, blob)
-                async with job.lock:
-                    if self.jobs.get(job.kind) is not job:
-                        raise UpdateRejected("the round closed while the update was being checked")
-                    fold = asyncio.ensure_future(asyncio.to_thread(job.agg.add, checked, float(weight), client))
-                    try:
-                        await asyncio.shield(fold)
-                    except asyncio.CancelledError:
-                        # A fold cannot stop half-way: the lock is held until it is whole, so
-                        # the round's partial is never encoded from half-added sums.
-                        await fold
-                        raise
-                    ready = job.tracker.on_update(client)
+                if job.forward:
+                    ready = await self._forward(job, client, msg, blob, checked, weight)
+                else:
+                    async with job.lock:
+                        if self.jobs.get(job.kind) is not job:
+                            raise UpdateRejected("the round closed while the update was being checked")
+                        fold = asyncio.ensure_future(asyncio.to_thread(job.agg.add, checked, float(weight), client))
+                        try:
+                            await asyncio.shield(fold)
+                        except asyncio.CancelledError:
+                            # A fold cannot stop half-way: the lock is held until it is whole, so
+                            # the round's partial is never encoded from half-added sums.
+                            await fold
+                            raise
+                        ready = job.tracker.on_update(client)
                 del checked, blob  # the views hold the bytes: both go now
         except LinkClosed:
             return  # the reconnect grace decides; a client back in time announces again
@@ -760,6 +782,36 @@ class Combiner:
         await self._report("train", job, client, msg.data, None)
         if ready:
             await self._complete(job)
+
+    async def _forward(self, job: Job, client: str, msg: m.TaskResult, blob: bytes, checked: Any, weight: int) -> bool:
+        """A ``needs_updates`` round: hand a checked update to the controller instead of
+        folding it. It is announced (RoundUpdate) and held, inside the upload budget, until
+        the controller pulls it with ``update.get``, so the combiner never holds more than
+        the budget however slowly the controller takes them. True when the round is complete."""
+        data = await asyncio.to_thread(_forwarded_bytes, job, blob, checked)
+        key = (job.session_id, job.round_index, client)
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.forwards[key] = (data, taken)
+        try:
+            if self.controller is None:
+                raise UpdateRejected("the combiner is not connected to the controller")
+            metadata = msg.data.get("metadata")
+            await self.controller.send(m.RoundUpdate(
+                session_id=job.session_id, round_index=job.round_index, client=client, num_examples=weight, size=len(data.data),
+                metadata=metadata if isinstance(metadata, dict) else {}, attempt=job.attempt,
+            ))
+            wait = job.tracker.deadline + FORWARD_GRACE_S - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(asyncio.shield(taken), max(0.0, wait))
+            except asyncio.TimeoutError:
+                raise UpdateRejected("the controller did not take this update by the round's deadline") from None
+        finally:
+            self.forwards.pop(key, None)
+        async with job.lock:
+            if self.jobs.get(job.kind) is not job:
+                raise UpdateRejected("the round closed while the update was forwarded")
+            job.forwarded[client] = weight
+            return job.tracker.on_update(client)
 
     async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> bytes | None:
         """Ask a client for its update and wait as long as bytes keep coming: a stalled client
@@ -853,6 +905,8 @@ class Combiner:
             "collect_s": round(max(0.0, now - max(last, sent)), 4),
         }
         size, count, weight = 0, 0, 0.0
+        if job.forward:  # the updates went up one by one: this says how many the controller should have
+            count, weight = len(job.forwarded), float(sum(job.forwarded.values()))
         async with job.lock:
             if job.agg is not None and job.agg.count > 0:
                 try:
@@ -927,6 +981,19 @@ def _check_update(job: Job, blob: bytes) -> Any:
     if checked.converted:
         log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))
     return checked
+
+
+def _forwarded_bytes(job: Job, blob: bytes, checked: Any) -> Hashed:
+    """An update as it goes up to the controller: the client's bytes, or (when some tensor
+    came in another width, float64 for float32, or its header differs in size from the
+    model's) re-encoded in the model's dtypes, so the controller can expect the model's size; hashed."""
+    import hashlib
+
+    if checked.converted or len(blob) != job.model_size:
+        template = job.agg.template
+        arrays = {name: np.asarray(a).astype(template[name].dtype) for name, a in checked.arrays.items()}
+        blob = payload.encode_named(arrays, payload.layout_of(blob))
+    return Hashed(blob, hashlib.sha256(blob).hexdigest())
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:

@@ -360,7 +360,7 @@ class Controller:
                 self.members.store_report(c, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
-            elif isinstance(msg, (m.RoundPartial, m.ValidateDone)):
+            elif isinstance(msg, (m.RoundPartial, m.RoundUpdate, m.ValidateDone)):
                 self.sessions.on_round_message(c.name, msg, link)
             else:
                 raise ProtocolError(f"a combiner may not send {msg.type}")

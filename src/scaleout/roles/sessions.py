@@ -48,6 +48,7 @@ from scaleout.core.selection import (
 )
 from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, Step, StepKind, ValidateRound, Wait
 from scaleout.roles.common import failpoint, new_id
+from scaleout.roles.spill import SPILL, Spill, sweep
 from scaleout.transport.link import Link, LinkClosed, RequestTimeout
 
 log = logging.getLogger("scaleout.controller")
@@ -60,6 +61,7 @@ PARTIAL_ENCODE_RATE = 100e6  # bytes/s a combiner encodes and hashes its partial
 PULL_STALL_S = 10.0  # a partial of which nothing arrives for this long is given up
 COMBINER_GRACE_S = 10.0  # a combiner whose link drops mid-round may register again and report within this
 SMALL_PAYLOAD = 1 << 20
+SPILL_SLACK = 1 << 20  # a forwarded update may have a larger header than the model's
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 RESTARTED = "controller restarted"
 
@@ -143,6 +145,7 @@ class SessionService:
         ``interrupted`` for ``session continue``. Sessions from before the state machine
         (no steps stored) cannot resume: they are marked stopped, as they always were."""
         st = self.host.state
+        sweep(self.host.blobs.root / SPILL)  # updates spilled by a round a kill cut short: that round runs again
         for row in st.sessions():
             if row["status"] != "running":
                 continue
@@ -385,7 +388,7 @@ class SessionService:
         if self.running is not None:
             self.running.events.put_nowait(("back", (name, link, same_run)))
 
-    def on_round_message(self, name: str, msg: m.RoundPartial | m.ValidateDone, link: Link) -> None:
+    def on_round_message(self, name: str, msg: m.RoundPartial | m.RoundUpdate | m.ValidateDone, link: Link) -> None:
         s = self.running
         if s is None or msg.session_id != s.id:  # stale rounds are dropped by _next_event
             log.info("ignoring a late %s from combiner %s", msg.type, name)
@@ -472,7 +475,10 @@ class SessionService:
                 if isinstance(action, ValidateRound):
                     row = await self._revalidate(s, action)
                 else:
-                    row = await self._run_round(s, action)
+                    try:
+                        row = await self._run_round(s, action)
+                    finally:  # committed or failed, the round's spilled updates go
+                        await asyncio.to_thread(sweep, self.host.blobs.root / SPILL / s.id)
                 await self.host.registry.flush()  # the round's reports are in state.db once it is over
                 await self._emit("round", {"session_id": s.id, **row})
                 if action.index == 1 and row["status"] != "succeeded" and not row.get("participants") and not s.stopped:
@@ -543,7 +549,7 @@ class SessionService:
                 kind, value = s.events.get_nowait() if not s.events.empty() else await asyncio.wait_for(s.events.get(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 return None
-            if kind in (m.RoundPartial.type, m.ValidateDone.type):
+            if kind in (m.RoundPartial.type, m.RoundUpdate.type, m.ValidateDone.type):
                 msg = value[1]
                 if msg.round_index != index or getattr(msg, "attempt", s.attempt) != s.attempt:
                     log.info("dropping a stale %s for round %d (try %d)", kind, msg.round_index, getattr(msg, "attempt", 0))
@@ -608,6 +614,8 @@ class SessionService:
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
         strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
         agg = get_aggregator(cfg.aggregator, template)
+        # A strategy that needs each update on its own gets them spilled to disk, not folded.
+        spill = Spill(host.blobs.root / SPILL / s.id / f"{index}-{attempt}", template) if strategy.needs_updates else None
         # Events name the link they came from: one from an earlier registration of a combiner
         # (lost and back since) says nothing about this round.
         links = {name: host.combiners[name].link for name in selected}
@@ -649,12 +657,42 @@ class SessionService:
                 elif name in tracker.away:  # restarted: what it held of this round is gone
                     log.warning("round %d: combiner %s restarted: its share of this round is lost", index, name)
                     decision = tracker.on_combiner_lost(name)
+            elif kind == m.RoundUpdate.type:
+                name, msg, link = value
+                if spill is None or links.get(name) is not link or name not in tracker.waiting_for:
+                    log.info("ignoring an update forwarded by combiner %s that this round does not wait for", name)
+                    continue
+                began = loop.time()
+                try:
+                    if await _unless_set(self._pull_update(name, msg, spill, len(global_bytes), tracker.deadline), s.stop_event) is None:
+                        return finish("failed", "session stopped", participants=contributors)
+                    await failpoint("collect")  # an update spilled, the round not yet decided
+                except LinkClosed:
+                    decision = tracker.on_combiner_lost(name)
+                    continue
+                except (PayloadError, UpdateRejected, ProtocolError, RemoteError, RequestTimeout) as exc:
+                    log.error("round %d: update of client %s forwarded by combiner %s refused: %s", index, msg.client, name, exc)
+                    continue
+                finally:
+                    reduce_s += loop.time() - began
             elif kind == m.RoundPartial.type:
                 name, msg, link = value
                 if links.get(name) is not link or name not in tracker.waiting_for:
                     log.info("ignoring a partial from combiner %s that this round does not wait for", name)
                     continue
                 timings[name] = msg.timing if isinstance(msg.timing, dict) else {}
+                if spill is not None:  # its updates came one by one: those spilled are its share
+                    who = spill.clients_of(name)
+                    if len(who) != msg.count:
+                        log.warning("round %d: combiner %s counts %d updates; %d were spilled", index, name, msg.count, len(who))
+                    if who:
+                        try:
+                            self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=len(who), at=time.time()))
+                        except StorageError as exc:
+                            log.warning("round %d: could not note the updates of combiner %s: %s", index, name, exc)
+                    contributors.extend(who)
+                    decision = tracker.on_partial(name, len(who))
+                    continue
                 if msg.count == 0:
                     decision = tracker.on_partial(name, 0)
                     continue
@@ -683,8 +721,12 @@ class SessionService:
         if decision.outcome is Outcome.FAILED:
             return finish("failed", decision.reason, participants=sorted(contributors))
         committing = loop.time()
+        record: dict[str, Any] = {}
         try:
-            new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
+            if spill is not None:
+                new_bytes, state_bytes, new_state, record = await asyncio.to_thread(_aggregate_step, strategy, spill, set(contributors), global_bytes, layout, s.server_state)
+            else:
+                new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
         except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
             log.error("round %d: aggregate not committed: %s", index, exc)
             return finish("failed", str(exc), participants=sorted(contributors))
@@ -721,7 +763,8 @@ class SessionService:
             timing["validate_s"] = round(loop.time() - validate_started, 4)
             if validation:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
-        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing)
+        extra = {"aggregation": record} if record else {}
+        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing, **extra)
 
     async def _revalidate(self, s: RunningSession, action: ValidateRound) -> dict[str, Any]:
         """A round committed before a restart, its validation not yet recorded: validate now."""
@@ -759,35 +802,34 @@ class SessionService:
             raise PayloadError(
                 f"partial aggregate of {msg.size} bytes announced; one of {msg.count} updates to this model has {least} to {min(most, host.max_payload)}"
             )
-        loop = asyncio.get_running_loop()
-        c.link.max_payload = msg.size
-        request = asyncio.ensure_future(
-            c.link.request("partial.get", {"session_id": msg.session_id, "round_index": msg.round_index}, timeout=transfer_timeout(msg.size))
-        )
-        until = max(deadline, loop.time() + PARTIAL_GRACE_S)
-        seen, since = c.link.received_bytes, loop.time()
-        try:
-            while True:
-                done, _ = await asyncio.wait({request}, timeout=min(1.0, max(0.0, until - loop.time())))
-                if done:
-                    _, blob = request.result()
-                    break
-                now = loop.time()
-                if c.link.received_bytes != seen:
-                    seen, since = c.link.received_bytes, now
-                elif now - since >= PULL_STALL_S:
-                    raise PayloadError(f"combiner sent nothing of its partial for {PULL_STALL_S:g} s")
-                if now >= until:
-                    raise PayloadError("its partial was still arriving at the round's deadline")
-        finally:
-            if not request.done():
-                request.cancel()
-            c.link.max_payload = SMALL_PAYLOAD
-        if blob is None or len(blob) != msg.size:
-            raise PayloadError(f"combiner announced a partial of {msg.size} bytes and sent {0 if blob is None else len(blob)}")
+        args = {"session_id": msg.session_id, "round_index": msg.round_index}
+        blob = await _watched_request(c.link, "partial.get", args, msg.size, deadline, "partial")
         host.obs.moved("in", "partial", len(blob))
         partial = await asyncio.to_thread(_fold_partial, agg, blob, msg.count, host.round_members.get(name, frozenset()))
         return partial.count, partial.contributors  # the partial's bytes go now, not at the round's end
+
+    async def _pull_update(self, name: str, msg: m.RoundUpdate, spill: Spill, model_size: int, deadline: float) -> bool:
+        """Fetch one update a combiner forwarded (one at a time: the controller holds one
+        update, whatever the number of clients) and spill it to disk in a thread. It must be
+        of a client that combiner was given this round, not seen before, and about the
+        model's size (it comes in the model's dtypes)."""
+        host = self.host
+        c = host.combiners.get(name)
+        if c is None:
+            raise LinkClosed(name, "combiner gone")
+        if msg.client not in host.round_members.get(name, frozenset()):
+            raise UpdateRejected(f"combiner {name} forwarded an update of {msg.client}, a client it was not given this round")
+        if msg.client in spill.entries:
+            raise UpdateRejected(f"a second update of {msg.client} in this round")
+        if not 0 < msg.num_examples or not 0 < msg.size <= min(model_size + SPILL_SLACK, host.max_payload):
+            raise PayloadError(f"an update of {msg.size} bytes and {msg.num_examples} examples announced; the model has {model_size} bytes")
+        args = {"session_id": msg.session_id, "round_index": msg.round_index, "client": msg.client}
+        blob = await _watched_request(c.link, "update.get", args, msg.size, deadline, "update")
+        host.obs.moved("in", "update", len(blob))
+        metadata = msg.metadata if isinstance(msg.metadata, dict) else {}
+        await asyncio.to_thread(spill.add, name, msg.client, msg.num_examples, metadata, blob)
+        log.info("round %d: update of %s spilled to disk (%d of this round)", msg.round_index, msg.client, len(spill.entries))
+        return True
 
     async def _validate(self, s: RunningSession, index: int, model_id: str, selected: dict[str, list[str]]) -> dict[str, float]:
         host = self.host
@@ -837,6 +879,59 @@ def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, stat
     model, new_state = strategy.step(payload.views(global_bytes), agg.mean(in_place=True), state)
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
     return payload.encode_named(model, layout), state_bytes, new_state
+
+
+def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any], dict[str, Any]]:
+    """A ``needs_updates`` strategy's step over the round's spilled updates, memory-mapped
+    (off the event loop): (model bytes, state bytes or None, state, what the strategy asks
+    to record on the round). Only ``contributors`` count: an update spilled from a combiner
+    lost before its share was complete is left out. The spill files go as soon as it is
+    done, committed or not."""
+    import secrets
+
+    import numpy as np
+
+    try:
+        if getattr(strategy, "needs_seed", False) and "dp/seed" not in state:
+            # Noise for differential privacy: 128 secret bits, kept with the session's state.
+            state = {**state, "dp/seed": np.frombuffer(secrets.token_bytes(16), dtype=np.uint32).copy()}
+        with spill.updates(contributors) as updates:
+            model, new_state = strategy.aggregate(payload.views(global_bytes), updates, state)
+    finally:
+        spill.remove()
+    state_bytes = payload.encode_named(new_state, "dict") if new_state else None
+    return payload.encode_named(model, layout), state_bytes, new_state, dict(getattr(strategy, "last_record", None) or {})
+
+
+async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int, deadline: float, what: str) -> bytes:
+    """Pull ``size`` announced bytes from a combiner with ``op``, as long as bytes keep
+    coming: ended by the round's ``deadline`` (PARTIAL_GRACE_S more for one announced at
+    the last moment) and given up when none arrives for PULL_STALL_S."""
+    loop = asyncio.get_running_loop()
+    link.max_payload = size
+    request = asyncio.ensure_future(link.request(op, args, timeout=transfer_timeout(size)))
+    until = max(deadline, loop.time() + PARTIAL_GRACE_S)
+    seen, since = link.received_bytes, loop.time()
+    try:
+        while True:
+            done, _ = await asyncio.wait({request}, timeout=min(1.0, max(0.0, until - loop.time())))
+            if done:
+                _, blob = request.result()
+                break
+            now = loop.time()
+            if link.received_bytes != seen:
+                seen, since = link.received_bytes, now
+            elif now - since >= PULL_STALL_S:
+                raise PayloadError(f"combiner sent nothing of its {what} for {PULL_STALL_S:g} s")
+            if now >= until:
+                raise PayloadError(f"its {what} was still arriving at the round's deadline")
+    finally:
+        if not request.done():
+            request.cancel()
+        link.max_payload = SMALL_PAYLOAD
+    if blob is None or len(blob) != size:
+        raise PayloadError(f"combiner announced a {what} of {size} bytes and sent {0 if blob is None else len(blob)}")
+    return blob
 
 
 def _fold_partial(agg: Any, blob: bytes, count: int, members: frozenset[str]) -> Any:

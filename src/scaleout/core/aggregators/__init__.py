@@ -16,6 +16,12 @@ _REDUCERS: dict[str, type[Aggregator]] = {"weighted_sum": FedAvg}
 AGGREGATORS: dict[str, type[Aggregator]] = {name: _REDUCERS[cls.reducer] for name, cls in STRATEGIES.items()}
 
 
+def needs_updates(name: str) -> bool:
+    """Whether strategy ``name`` needs each update on its own (forwarded, not folded)."""
+    cls = STRATEGIES.get(name)
+    return cls is not None and cls.needs_updates
+
+
 def get_aggregator(name: str, template: Mapping[str, TensorSpec]) -> Aggregator:
     """A fresh reducer for strategy `name`, for a model shaped like `template`."""
     cls = AGGREGATORS.get(name)
@@ -26,5 +32,5 @@ def get_aggregator(name: str, template: Mapping[str, TensorSpec]) -> Aggregator:
 
 __all__ = [
     "AGGREGATORS", "STRATEGIES", "Aggregator", "FedAdam", "FedAvg", "Partial", "Strategy",
-    "decode_partial", "encode_partial", "get_aggregator", "make_strategy",
+    "decode_partial", "encode_partial", "get_aggregator", "make_strategy", "needs_updates",
 ]  # fmt: skip

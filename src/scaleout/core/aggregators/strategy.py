@@ -296,3 +296,8 @@ def make_strategy(name: str, kwargs: Mapping[str, Any] | None = None) -> Strateg
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError("aggregator_kwargs", "must be a JSON object, e.g. '{\"learning_rate\": 0.01}'")
     return cls(**dict(kwargs or {}))
+
+# The strategies that see each update on its own (robust.py subclasses Strategy: imported last).
+from scaleout.core.aggregators.robust import ROBUST  # noqa: E402
+
+STRATEGIES.update({cls.name: cls for cls in ROBUST})
