@@ -255,6 +255,14 @@ def build_parser() -> ArgumentParser:
         "--max-update-norm", default="10", metavar="X",
         help="refuse an update whose change exceeds X times the model's norm (at least sqrt(parameters)); 0 or 'off': no bound (default: 10)",
     )
+    c.add_argument(
+        "--server-functions", type=Path, metavar="FILE.py",
+        help="a Python file defining class ServerFunctions(ServerFunctionsBase) (Scaleout Edge's server functions), run on the controller",
+    )
+    c.add_argument(
+        "--server-functions-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="how long one server-function call may take before the built-in behaviour is used for it (default: 60)",
+    )
     c.add_argument("--name", help="a name for the session")
     c.add_argument("--model", metavar="ID", help="start from this model of the trail instead of the global model (model ls lists them)")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")

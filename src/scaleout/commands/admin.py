@@ -254,7 +254,30 @@ def session_start(args: argparse.Namespace) -> int:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
     if args.model:
         req["model"] = args.model
+    req.update(_server_functions(args))
     return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'})")
+
+
+def _server_functions(args: argparse.Namespace) -> dict[str, Any]:
+    """--server-functions FILE.py: the file's source (the controller compiles it in its
+    server-functions worker, never here or in its own process)."""
+    path = getattr(args, "server_functions", None)
+    timeout = getattr(args, "server_functions_timeout", 60.0)
+    if path is None:
+        return {}
+    from scaleout.core.serverfunctions import MAX_SOURCE
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--server-functions {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCE:
+        raise UsageError(f"--server-functions {path}: {len(data):,} bytes; a server-functions file may have at most {MAX_SOURCE:,}")
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--server-functions {path}: not a Python file (not UTF-8 text)") from None
+    return {"server_functions": source, "server_functions_file": path.name, "server_functions_timeout": timeout}
 
 
 def session_continue(args: argparse.Namespace) -> int:
