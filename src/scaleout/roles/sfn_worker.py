@@ -51,6 +51,10 @@ class _Lines(io.TextIOBase):
             self.worker.send({"op": "print", "line": line[:4000]})
 
 
+class _Refused(ImportError):
+    """An import the guard refused (its message says which and what is allowed)."""
+
+
 class _Unpickler(pickle.Unpickler):
     """The class's saved attributes: plain data and numpy arrays only."""
 
@@ -96,13 +100,11 @@ class Worker:
     # -- the user's file --------------------------------------------------------------------
 
     def _import(self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        caller = sys._getframe(1)
         if level == 0 and sf.allowed(name):
             return builtins.__import__(name, globals, locals, fromlist, level)
-        where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         what = name if level == 0 else "." * level + name
-        raise ImportError(f"server functions may not import {what} ({where}); they may import: numpy, random, math, typing, collections, "
-                          "scaleoututil.serverfunctions.allowed_import and serverfunctionsbase (see the README)")
+        raise _Refused(f"server functions may not import {what}; they may import numpy, random, math, typing, collections, "
+                       "scaleoututil.serverfunctions.allowed_import and serverfunctionsbase (see the README)")
 
     def load(self, source: str, file: str, state: bytes | None) -> dict[str, Any]:
         self.file = file
@@ -206,7 +208,7 @@ class Worker:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 sys.stdout.flush()
-                text = exc.problem if isinstance(exc, ServerFunctionsError) else f"{type(exc).__name__}: {exc}"
+                text = exc.problem if isinstance(exc, ServerFunctionsError) else str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
                 self.send({"op": "error", "message": text[:2000], "where": self.where(exc)})
 
 
