@@ -58,7 +58,7 @@ def encode(message: Mapping[str, Any]) -> bytes:
 
     def walk(x: Any) -> Any:
         if isinstance(x, np.ndarray):
-            a = np.ascontiguousarray(x)
+            a = x if x.flags.c_contiguous else np.array(x, order="C")  # (ascontiguousarray makes a 0-d array 1-d)
             if a.dtype.kind not in _NUMERIC_KINDS:
                 raise ServerFunctionsError(f"an array of dtype {a.dtype} cannot be sent (numbers and bools only)")
             arrays.append(a)

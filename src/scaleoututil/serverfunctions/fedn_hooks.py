@@ -1,3 +1,4 @@
+# mypy: disable-error-code="empty-body"
 """FEDn's ``fedn.network.combiner.hooks.serverfunctionsbase``: the same class as Scaleout
 Edge's, but ``client_selection(client_ids)`` has no round type (FEDn calls it for training
 rounds only). The server-functions worker serves it under FEDn's module names."""

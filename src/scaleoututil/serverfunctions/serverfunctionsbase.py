@@ -1,3 +1,4 @@
+# mypy: disable-error-code="empty-body"
 """Scaleout Edge's base class of server functions, with its signatures unchanged.
 
 Override any of the methods in a class named ``ServerFunctions``; a method left out (or
