@@ -252,3 +252,32 @@ def test_incremental_aggregate_sees_one_update_at_a_time(runners: list[Runner]) 
     model, _ = f.wrap(FedAvgStrategy()).aggregate(MODEL, ups, {})
     np.testing.assert_allclose(model["b"], sum(u.tensors["b"] * u.num_examples for u in ups) / 60)
     assert not f.errors
+
+
+PREDICT_ONE = textwrap.dedent('''\
+    from scaleoututil.serverfunctions.allowed_import import ServerFunctionsBase
+    from scaleoututil.serverfunctions.serverfunctionsbase import RoundType
+
+
+    class ServerFunctions(ServerFunctionsBase):
+        def client_selection(self, client_ids, round_type):
+            return client_ids[:1] if round_type == RoundType.PREDICTION else client_ids
+''')
+
+
+def test_predictions_while_a_session_runs_are_narrowed_by_its_class(runners: list[Runner]) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from scaleout.roles.serverfunctions import prediction_selection
+
+    f, _ = start(runners, PREDICT_ONE)
+
+    class Registry:  # the controller's registry writer: nothing is queued here
+        async def flush(self) -> None:
+            return None
+
+    host = SimpleNamespace(registry=Registry())
+    chosen = {"b": "c1", "a": "c0", "c": "c1"}
+    assert asyncio.run(prediction_selection(SimpleNamespace(sfn=f), host, chosen)) == {"a": "c0"}
+    assert asyncio.run(prediction_selection(None, host, chosen)) == chosen  # no session: every client

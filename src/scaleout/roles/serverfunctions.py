@@ -450,6 +450,18 @@ async def client_selection(s: Any, host: Any, selected: dict[str, list[str]], ro
     return await asyncio.to_thread(f.select_sync, selected, round_type)
 
 
+async def prediction_selection(s: Any, host: Any, chosen: dict[str, str]) -> dict[str, str]:
+    """A prediction for every client (``chosen``: client -> combiner) while a session runs:
+    its class's ``client_selection`` with ``RoundType.PREDICTION`` narrows it."""
+    if s is None or s.sfn is None:
+        return chosen
+    grouped: dict[str, list[str]] = {}
+    for client, combiner in sorted(chosen.items()):
+        grouped.setdefault(combiner, []).append(client)
+    kept = await client_selection(s, host, grouped, "prediction")
+    return {c: chosen[c] for clients in kept.values() for c in clients}
+
+
 async def client_settings(s: Any, base: dict[str, Any], global_bytes: bytes) -> dict[str, Any]:
     """The round's train settings: --settings with the class's ``client_settings`` over them."""
     f: SessionFunctions | None = s.sfn
