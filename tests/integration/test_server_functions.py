@@ -135,3 +135,41 @@ def test_session_start_refuses_a_file_that_does_not_load(fed: Federation, tmp_pa
     r = scaleout("session", "start", "--server-functions", str(tmp_path / "model.bin"), *conn)
     assert r.returncode != 0 and "not a Python file" in r.stderr, r.stderr
     assert fed.admin("session.ls")[0]["sessions"] == []  # nothing was started
+
+
+BROKEN = '''\
+from scaleoututil.serverfunctions.allowed_import import List, ServerFunctionsBase, np
+
+
+class ServerFunctions(ServerFunctionsBase):
+    def client_selection(self, client_ids, round_type):
+        raise RuntimeError("selection is broken")
+
+    def client_settings(self, global_model: List[np.ndarray]) -> dict:
+        while True:
+            pass
+'''
+
+
+def test_a_raising_and_a_hanging_method_fall_back_and_the_round_goes_on(fed: Federation, tmp_path: Path) -> None:
+    file = tmp_path / "broken.py"
+    file.write_text(BROKEN)
+    _federation(fed)
+    sid = _start(fed, file, "--server-functions-timeout", "1", "--no-validate")
+    session = fed.admin("session.wait", {"id": sid})[0]["session"]
+    assert session["status"] == "finished", session
+    for r in session["rounds"]:
+        assert r["status"] == "succeeded" and r["participants"] == CLIENTS, r  # the built-in selection: everyone
+        errors = r["server_functions"]["errors"]
+        assert [(e["method"], e["where"]) for e in errors] == [("client_selection", "broken.py:6 in client_selection"), ("client_settings", "broken.py")]
+        assert errors[0]["error"] == "RuntimeError: selection is broken"
+        assert errors[1]["error"].startswith("client_settings did not return within 1 s (--server-functions-timeout)")
+    shown = fed.admin("session.show", {"id": sid, "clients": True})[0]["session"]
+    seen = [c["data"]["metadata"]["training_metadata"]["settings"] for r in shown["rounds"] for c in r["clients"] if c["kind"] == "train"]
+    assert len(seen) == 6 and all(s == {"learning_rate": 0.5, "epochs": 3} for s in seen)  # --settings alone
+    assert fed.conn is not None
+    r = scaleout("session", "show", sid, "--controller", fed.url, "--token", fed.conn.token, "--ca", fed.ca)
+    assert "server functions: client_selection failed at broken.py:6 in client_selection: RuntimeError: selection is broken (built-in used)" in r.stdout, r.stdout
+    assert '"server_functions": "broken.py (10 lines)"' in r.stdout
+    log = fed.procs[0].text()
+    assert f"server functions [session {sid} round 1]: client_selection failed at broken.py:6 in client_selection: RuntimeError: selection is broken" in log

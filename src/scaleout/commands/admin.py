@@ -471,10 +471,15 @@ def session_ls(args: argparse.Namespace) -> int:
 def _print_session(s: dict[str, Any]) -> None:
     print(f"session {s['id']}  {s['status']}" + (f"  ({s['reason']})" if s.get("reason") else ""))
     print(f"started {when(s['created'])}  finished {when(s['finished'])}")
-    print(f"config  {json.dumps(s['config'])}")
+    config = dict(s["config"])
+    if config.get("server_functions"):  # the file's source: its name and size, not its text
+        config["server_functions"] = f"{config.get('server_functions_file')} ({len(config['server_functions'].splitlines())} lines)"
+    print(f"config  {json.dumps(config)}")
     print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
     for r in s["rounds"]:
         print("  " + _round_line(r))
+        for e in (r.get("server_functions") or {}).get("errors", []):
+            print(f"      server functions: {e['method']} failed{' at ' + e['where'] if e.get('where') else ''}: {e['error']} (built-in used)")
         for c in r.get("clients", []):
             data = c["data"]
             if c["kind"] == "train":
