@@ -281,3 +281,18 @@ def test_predictions_while_a_session_runs_are_narrowed_by_its_class(runners: lis
     chosen = {"b": "c1", "a": "c0", "c": "c1"}
     assert asyncio.run(prediction_selection(SimpleNamespace(sfn=f), host, chosen)) == {"a": "c0"}
     assert asyncio.run(prediction_selection(None, host, chosen)) == chosen  # no session: every client
+
+
+def test_closing_stops_a_call_in_flight_at_once(runners: list[Runner]) -> None:
+    import threading
+
+    hang = "from scaleoututil.serverfunctions.allowed_import import ServerFunctionsBase\n\n\nclass ServerFunctions(ServerFunctionsBase):\n    def client_settings(self, global_model):\n        while True:\n            pass\n"
+    f, _ = start(runners, hang, timeout=600)
+    outcome: list[Any] = []
+    call = threading.Thread(target=lambda: outcome.append(f.settings_sync(payload.encode_named(MODEL, "dict"))))
+    call.start()
+    f.close()  # the controller stops: it must not wait for the call's 600 s
+    call.join(timeout=30)
+    assert not call.is_alive() and outcome == [{}]
+    assert f.runner.proc is None  # and none started again
+    assert any(w in f.errors[-1]["error"] for w in ("exited during client_settings", "not called"))  # killed mid-call, or closed before it

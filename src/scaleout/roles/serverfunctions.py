@@ -107,6 +107,12 @@ class Runner:
                     pass
 
     def close(self) -> None:
+        """Stop the worker now, even in the middle of a call (that call then fails: the
+        session is over or the controller stops), and start no other."""
+        self.broken = "the session's server functions were closed"
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         with self.lock:
             self._kill()
 
@@ -137,6 +143,8 @@ class Runner:
 
     def _restart(self) -> None:
         self._kill()
+        if self.broken is not None:
+            return
         try:
             self._spawn()
         except ServerFunctionsError as exc:
