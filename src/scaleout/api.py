@@ -11,7 +11,17 @@ Method names and keyword arguments are Scaleout Edge's; results are plain dicts,
 over one TLS websocket link per object, reused. ``Scaleout`` runs that link on a private
 event loop in a daemon thread, so its calls work from plain code, from threads and inside a
 running event loop (a Jupyter kernel); ``AsyncScaleout`` offers the same methods as
-coroutines.
+coroutines. ``verify`` is True (the system's CAs, or ``SCALEOUT_CA``), a CA file, False
+(no check: local experiments only), or the CA fingerprint a join token carries,
+``"sha256:<64 hex>"``: the CA is then fetched from the controller without trusting it,
+kept only if its fingerprint is that one, and the controller's certificate checked against
+it, as ``scaleout join`` does with a join token.
+
+When the link drops (the controller restarted), the next call opens a new one. A call
+whose request had gone out when the link dropped is sent again only if it changes
+nothing (a read: get_*, wait_for_*...); any other (start_session, set_active_package...)
+may have been done, so it raises ConnectionFailed saying the outcome is unknown and what
+shows it (get_sessions()...), rather than risk doing it twice.
 
 Errors are the project's (scaleout.core.errors, exported here too), with the controller's
 one-line message: ``NotFoundError`` (an unknown id), ``PermissionDenied`` (a token whose
@@ -28,6 +38,7 @@ import asyncio
 import functools
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -57,6 +68,12 @@ T = TypeVar("T")
 RoundCallback = Callable[[dict[str, Any]], object]
 DEFAULT_PORT = 8090
 FINISHED = ("finished", "failed", "stopped", "interrupted")  # a session in one of these is over
+# How to tell whether a write whose link dropped was done (see AsyncScaleout._call).
+CHECK = {
+    "session.start": "get_sessions()", "session.continue": "get_session(id)", "session.stop": "get_session(id)",
+    "package.set_active": "get_active_package()", "model.set_seed": "get_active_model()", "model.set_active": "get_active_model()",
+    "command.run": "get_predictions() or `scaleout command ls`",
+}
 
 
 def _listing(rows: list[Any], n_max: int | None = None) -> dict[str, Any]:
@@ -90,6 +107,12 @@ class AsyncScaleout:
         ca = os.environ.get("SCALEOUT_CA") if verify is True else None
         self._ca: str | None = str(verify) if isinstance(verify, (str, os.PathLike)) else ca
         self._verify = verify is not False
+        self._pin: str | None = None  # verify="sha256:HEX", as a join token pins the CA
+        self._ca_pem: bytes | None = None  # the CA fetched and found to be the pinned one
+        if isinstance(verify, str) and verify[:7].lower() == "sha256:":
+            self._pin, self._ca = "sha256:" + verify[7:].lower(), None
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", self._pin):
+                raise ConfigError("verify", f"verify={verify[:80]!r} is not a CA fingerprint: sha256: and 64 hex digits, as a join token carries")
         self._link: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -112,7 +135,15 @@ class AsyncScaleout:
 
     async def _call(self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None) -> tuple[dict[str, Any], bytes | None]:
         """One request on this object's link (opened, or opened again, as needed); a refusal
-        raises the error class of its code (see the module's docstring)."""
+        raises the error class of its code (see the module's docstring).
+
+        A link found closed before the request is sent is replaced first (the controller
+        restarted between calls): nothing was sent on it. One that drops after the request
+        went out is retried on a new link only for an operation that changes nothing
+        (core/permissions.py READS); for any other, whether the controller did it is
+        unknown, and ConnectionFailed says how to check rather than risk doing it twice
+        (a second session started)."""
+        from scaleout.core.permissions import READS
         from scaleout.transport.link import LinkClosed
 
         if self._lock is None:
@@ -122,9 +153,15 @@ class AsyncScaleout:
             try:
                 return await link.request(op, {k: v for k, v in (args or {}).items() if v is not None}, blob, timeout=None)
             except LinkClosed as exc:
-                self._link = None  # the controller restarted or the link dropped: once more on a new one
-                if attempt == 2:
-                    raise ConnectionFailed(f"the link to the controller at {self.url} closed during {op} ({exc.reason or 'no reason given'}); is it still running?") from None
+                self._link = None
+                why = exc.reason or "no reason given"
+                if op not in READS:
+                    raise ConnectionFailed(
+                        f"the link to the controller at {self.url} closed after {op} was sent ({why}): whether it was done is unknown; "
+                        f"check with {CHECK.get(op, 'get_controller_status()')} before repeating it"
+                    ) from None
+                if attempt == 2:  # a read: once more on a new link, then give up
+                    raise ConnectionFailed(f"the link to the controller at {self.url} closed during {op} ({why}); is it still running?") from None
             except RemoteError as exc:
                 # The token was accepted at the handshake: a role refusal ("a client token may
                 # not do session.start") is a permission, not an authentication, failure.
@@ -135,11 +172,20 @@ class AsyncScaleout:
     async def _connected(self) -> Any:
         assert self._lock is not None
         async with self._lock:
-            if self._link is None or self._link.ws.close_code is not None:
+            from websockets.protocol import State
+
+            if self._link is None or self._link.closed or self._link.ws.state is not State.OPEN:
                 from scaleout.security.tls import client_context
                 from scaleout.transport.net import ConnectError, TrustError, connect
 
-                ctx = (client_context(self._ca) if self._verify else client_context(insecure=True)) if self._secure else None
+                if self._pin is not None and self._secure:
+                    await self._fetch_pinned_ca()
+                if not self._secure:
+                    ctx = None
+                elif self._ca_pem is not None:
+                    ctx = client_context(ca_pem=self._ca_pem)
+                else:
+                    ctx = client_context(self._ca) if self._verify else client_context(insecure=True)
                 try:
                     self._link = await connect(self.url, self.token, ctx, max_payload=1 << 40)
                 except AuthError as exc:
@@ -153,6 +199,22 @@ class AsyncScaleout:
                     raise ConnectionFailed(f"{exc}; check that the controller is running and that host, port and secure= name it") from None
                 self._reader = asyncio.get_running_loop().create_task(self._link.run(on_message=self._on_message))
             return self._link
+
+    async def _fetch_pinned_ca(self) -> None:
+        """The controller's CA, fetched from its /ca.pem without trusting it and kept once its
+        fingerprint is the one ``verify=`` pins (as `scaleout join` does with a join token's)."""
+        from scaleout.transport.discovery import fetch_ca
+        from scaleout.transport.net import ConnectError, TrustError
+
+        if self._ca_pem is not None:
+            return
+        assert self._pin is not None
+        try:
+            self._ca_pem = await fetch_ca(self.url, self._pin, pinned_by="verify=")
+        except TrustError as exc:
+            raise ConnectionFailed(f"{exc}; check verify=: the fingerprint a join token of this controller carries") from None
+        except ConnectError as exc:
+            raise ConnectionFailed(f"{exc}; check that the controller is running and that host, port and secure= name it") from None
 
     async def _on_message(self, inc: Any) -> None:
         """Events the controller pushes on this link (a session's rounds, while waiting for it)."""
@@ -293,6 +355,7 @@ class AsyncScaleout:
         self, *, name: str | None = None, aggregator: str = "fedavg", aggregator_kwargs: dict[str, Any] | None = None,
         model_id: str | None = None, round_timeout: float = 180, rounds: int = 5, validate: bool = True, min_clients: int = 1,
         requested_clients: int | None = None, server_functions: Any = None, settings: dict[str, Any] | None = None,
+        clients_per_round: int | float | None = None, seed: int | None = None, clients: list[str] | None = None,
     ) -> dict[str, Any]:
         """Start a session from the global model (or ``model_id``, any model of the trail):
         ``rounds`` rounds of ``aggregator`` (fedavg, fedopt, ... with ``aggregator_kwargs``),
@@ -300,18 +363,18 @@ class AsyncScaleout:
         ``settings`` reach the train callback; ``validate`` has clients validate each new
         model. Returns the session ({"id", "status", ...}); wait_for_session(id) follows it.
 
+        Client sampling: ``requested_clients`` (Edge's name) or ``clients_per_round`` (a count,
+        or a fraction of the connected clients such as 0.1) clients are drawn each round with
+        ``seed`` (drawn and recorded on the session when not given); ``clients`` fixes the set.
+
         ``server_functions``: Edge's ServerFunctions class (its module's source is sent; in a
-        notebook, the class's own source), or the path of a file defining it.
-        ``requested_clients`` (client sampling) comes with issue 15: given now, it raises
-        NotSupported rather than being ignored."""
-        if requested_clients is not None:
-            raise NotSupported(
-                f"start_session(requested_clients={requested_clients!r}): client sampling is not in this release yet (it comes with issue 15); "
-                "every connected client takes part"
-            )
+        notebook, the class's own source), or the path of a file defining it."""
+        if requested_clients is not None and clients_per_round is not None and requested_clients != clients_per_round:
+            raise ConfigError("clients_per_round", f"give requested_clients ({requested_clients}) or clients_per_round ({clients_per_round}), not both")
         config = {
             "name": name, "aggregator": aggregator, "aggregator_kwargs": aggregator_kwargs or {}, "round_timeout": round_timeout,
             "rounds": rounds, "validate": validate, "min_clients": min_clients, "settings": settings or {}, "model": model_id,
+            "clients_per_round": clients_per_round if clients_per_round is not None else requested_clients, "seed": seed, "clients": clients,
         }
         if server_functions is not None:
             config.update(server_functions_source(server_functions))
@@ -389,24 +452,19 @@ class AsyncScaleout:
         """A session's rounds, in order: participants, model, validation, duration, reason."""
         return _listing(list((await self.get_session(session_id))["rounds"]))
 
-    async def get_validations(self, session_id: str | None = None, model_id: str | None = None) -> dict[str, Any]:
-        """Each validated round's model and its clients' mean validation metrics, oldest first:
-        {"session_id", "round_index", "model_id", **metrics} (the quickstart's
-        ``validation_accuracy``...). ``model_id`` (an id or a unique prefix): only that model's."""
-        if model_id is not None:
-            model = await self.get_model(model_id)  # NotFoundError for an unknown id
-            model_id = str(model["id"])
-            if session_id is None:
-                session_id = model.get("session_id")
-                if session_id is None:  # a seed: never validated in a round
-                    return _listing([])
-        sessions = [session_id] if session_id else [s["id"] for s in (await self.get_sessions())["result"]]
-        out = []
-        for sid in sessions:
-            for r in (await self.get_rounds(sid))["result"]:
-                if r.get("validation") and (model_id is None or r.get("model_id") == model_id):
-                    out.append({"session_id": sid, "round_index": r["idx"], "model_id": r.get("model_id"), **r["validation"]})
-        return _listing(out)
+    async def get_validations(
+        self, session_id: str | None = None, model_id: str | None = None, sender_name: str | None = None, n_max: int | None = None,
+    ) -> dict[str, Any]:
+        """Each client's validation of each round's model, as Scaleout Edge lists them, oldest
+        first: {"id", "model_id", "session_id", "round_index", "sender": {"name": CLIENT,
+        "role": "client"}, "data": {metric: value, ...} (the quickstart's
+        ``validation_accuracy``...), "created"} (unix seconds). Filtered by ``session_id``
+        ("latest" too), ``model_id`` (an id or a unique prefix) and ``sender_name`` (a
+        client); the latest ``n_max``. Each round's mean over its clients is its
+        ``validation`` in get_rounds(session_id)."""
+        args = {"session_id": session_id, "model_id": model_id, "sender_name": sender_name, "limit": n_max or 0}
+        info = (await self._call("validation.ls", args))[0]
+        return {"count": info["total"], "result": info["validations"]}
 
     async def get_metrics(self, session_id: str | None = None, key: str | None = None, n_max: int | None = None) -> dict[str, Any]:
         """What clients logged with log_metric, one row per value, oldest first:
@@ -418,14 +476,16 @@ class AsyncScaleout:
     # -- custom commands and inference ----------------------------------------------------------
 
     async def run_custom_command(
-        self, command_type: str, parameters: dict[str, Any] | None = None, client_ids: list[str] | None = None, timeout: float | None = None,
-        blocking: bool = True,
+        self, command_type: str, blocking: bool = False, timeout: float | None = None, client_ids: list[str] | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Run the custom callback ``command_type`` (Edge's ``Custom_`` prefix optional) on
         ``client_ids`` (default: every connected client) with ``parameters``; each client has
-        ``timeout`` seconds (default 60). Returns the job once every client answered, with
-        ``results``: one {"client", "status" ("ok" or "error"), "data", "error", "code"} each;
-        with ``blocking=False`` the job as it started (its ``id``), at once."""
+        ``timeout`` seconds (default 60). Returns the job as it started (its ``id``, for
+        ``scaleout command show``), at once; with ``blocking=True`` the job once every client
+        answered, with ``results``: one {"client", "status" ("ok" or "error"), "data",
+        "error", "code"} each. The keywords, their order and ``blocking=False`` are Scaleout
+        Edge's APIClient's."""
         job = (await self._call("command.run", {"kind": "command", "name": command_type, "params": parameters or {}, "clients": client_ids, "timeout": timeout}))[0]["job"]
         if not blocking:
             return dict(job)

@@ -243,7 +243,10 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--rounds", type=int, default=5, help="number of rounds (default: 5)")
     c.add_argument("--round-timeout", type=float, default=180.0, metavar="SECONDS", help="how long a round waits for updates, at most 7 days (default: 180)")
     c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout, 1 to 1,000,000 (default: 1)")
-    c.add_argument("--aggregator", default="fedavg", help="aggregation strategy: fedavg or fedadam (default: fedavg)")
+    c.add_argument(
+        "--aggregator", default="fedavg",
+        help="aggregation strategy: fedavg, fedadam, fedyogi, fedadagrad, fedavgm or fedprox (default: fedavg; README: Aggregators)",
+    )
     c.add_argument(
         "--aggregator-kwargs", default="{}", metavar="JSON",
         help="the strategy's hyperparameters, e.g. fedadam: '{\"learning_rate\": 0.01, \"beta1\": 0.9, \"beta2\": 0.99, \"tau\": 1e-4}'",
@@ -255,6 +258,12 @@ def build_parser() -> ArgumentParser:
         "--max-update-norm", default="10", metavar="X",
         help="refuse an update whose change exceeds X times the model's norm (at least sqrt(parameters)); 0 or 'off': no bound (default: 10)",
     )
+    c.add_argument(
+        "--clients-per-round", metavar="N|FRACTION",
+        help="clients drawn to train each round: a number (2), or a fraction of those connected (0.1, at least 1) (default: all)",
+    )
+    c.add_argument("--seed", type=int, metavar="S", help="seed of the per-round draws, recorded on the session (default: a fresh one, recorded)")
+    c.add_argument("--clients", metavar="A,B,C", help="only these clients take part (names, comma-separated; all must be known to the controller)")
     c.add_argument(
         "--server-functions", type=Path, metavar="FILE.py",
         help="a Python file defining class ServerFunctions(ServerFunctionsBase) (Scaleout Edge's server functions), run on the controller",

@@ -281,9 +281,9 @@ def test_registry() -> None:
     agg = get_aggregator("fedavg", TEMPLATE)
     assert isinstance(agg, FedAvg) and agg.name == "fedavg"
     with pytest.raises(ConfigError) as info:
-        get_aggregator("fedprox", TEMPLATE)
+        get_aggregator("fedsgdx", TEMPLATE)
     assert info.value.key == "aggregator"
-    assert str(info.value) == "aggregator: unknown aggregator 'fedprox'; choose one of: fedadam, fedavg"
+    assert str(info.value).startswith("aggregator: unknown aggregator 'fedsgdx'; choose one of: fedadagrad, fedadam, fedavg, fedavgm, fedprox")
 
 
 def test_update_whose_weighting_overflows_is_refused_and_state_kept() -> None:

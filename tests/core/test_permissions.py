@@ -67,3 +67,12 @@ def test_the_controllers_operations_are_all_in_the_table(tmp_path: object) -> No
     served = set(ctl._ops) | set(ctl.door.ops)  # the link's own operations and the admin service's
     assert served == set(p.REQUESTS), sorted(served ^ set(p.REQUESTS))
     assert all(callable(handler) for handler in ctl._ops.values())
+
+
+def test_the_reads_a_client_may_repeat_are_operations_that_change_nothing() -> None:
+    # READS decides which requests the Python client sends again after a dropped link: a
+    # name not in the table (a rename) or a write among them would repeat a write.
+    assert p.READS <= set(p.REQUESTS), sorted(p.READS - set(p.REQUESTS))
+    writes = {"session.start", "session.continue", "session.stop", "package.set_active", "model.set_seed", "model.set_active",
+              "command.run", "token.create", "token.revoke", "client.rm", "combiner.rm", "node.enrol"}
+    assert not p.READS & writes

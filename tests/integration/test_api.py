@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,7 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
 
     tgz = create_archive(QUICKSTART, tmp_path / "client.tgz")  # as scaleout package create packs it
 
+    sampled: dict[str, Any] = {}
     with connect(fed) as client:
         assert client.wait_for_clients(2, timeout=30) == 2
         done = done_when(client, tgz, build / "seed.npz", tmp_path)
@@ -79,14 +83,28 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
         client.download_model("active", tmp_path / "final.npz")
         assert len(np.load(tmp_path / "final.npz").files) == len(client.load_model(done["end_model"]))
 
-        # Validations: one row per validated round, by session or by the model validated.
+        # Validations as Edge lists them: one record per client and validated round, by
+        # session, by the model validated, by client; each round's mean stays in get_rounds.
         validations = client.get_validations(session_id)
-        assert validations["count"] == 2 and [v["round_index"] for v in validations["result"]] == [1, 2]
-        assert all(0 <= v["validation_accuracy"] <= 1 for v in validations["result"])
-        last = validations["result"][-1]
+        records = validations["result"]
+        rounds = client.get_rounds(session_id)["result"]
+        assert validations["count"] == len(records) == sum(len(r["participants"]) for r in rounds) >= 2, (records, rounds)
+        assert [v["round_index"] for v in records] == sorted(v["round_index"] for v in records) and {v["round_index"] for v in records} == {1, 2}
+        for v in records:
+            assert set(v) == {"id", "model_id", "session_id", "round_index", "sender", "data", "created"}, v
+            assert v["session_id"] == session_id and v["sender"]["role"] == "client" and v["sender"]["name"] in {"k1", "k2"}
+            assert v["model_id"] == rounds[v["round_index"] - 1]["model_id"] and 0 <= v["data"]["validation_accuracy"] <= 1
+        for r in rounds:  # the round's validation is the mean of its clients' records
+            mine = [v["data"]["validation_accuracy"] for v in records if v["round_index"] == r["idx"]]
+            assert r["validation"]["validation_accuracy"] == pytest.approx(sum(mine) / len(mine))
         by_model = client.get_validations(model_id=done["end_model"][:12])  # a unique prefix too
-        assert by_model["result"] == [last]
+        assert by_model["result"] == [v for v in records if v["model_id"] == done["end_model"]] != []
         assert client.get_validations(model_id=seed)["count"] == 0  # a seed is never validated in a round
+        k1 = client.get_validations(session_id=session_id, sender_name="k1")
+        assert k1["result"] == [v for v in records if v["sender"]["name"] == "k1"]
+        newest = client.get_validations(session_id=session_id, n_max=1)
+        assert newest == {"count": len(records), "result": records[-1:]}
+        assert client.get_validations(sender_name="nobody")["count"] == 0
         # Metrics: what log_metric sent (the quickstart logs train_loss once per epoch, 1 epoch).
         metrics = client.get_metrics(session_id=session_id, key="train_loss")
         trained = sum(len(r["participants"]) for r in client.get_rounds(session_id)["result"])
@@ -100,6 +118,12 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
         again = asyncio.run(inside_a_running_loop())
         assert again["id"] != session_id and client.get_sessions()["count"] == 2
 
+        # Client sampling with Edge's keyword: one of the two clients each round, drawn with the seed.
+        sampled = client.start_session(rounds=2, min_clients=1, round_timeout=60, requested_clients=1, seed=5)
+        sampled = client.wait_for_session(sampled["id"], timeout=120)
+        assert sampled["status"] == "finished" and sampled["config"]["seed"] == 5, sampled
+        assert [len(r["participants"]) for r in client.get_rounds(sampled["id"])["result"]] == [1, 1]
+
     async def coroutines() -> None:  # AsyncScaleout: the same methods, awaited
         port = int(fed.url.rsplit(":", 1)[1])
         aclient = AsyncScaleout("127.0.0.1", port=port, verify=fed.ca, token=(fed.data / "admin.token").read_text().strip())
@@ -112,7 +136,7 @@ def test_scaleout_drives_a_federation_from_python_also_inside_a_running_loop(fed
     asyncio.run(coroutines())
     local = Scaleout.from_data_dir(fed.data)
     try:
-        assert local.get_controller_status()["active_model"] == again["end_model"]
+        assert local.get_controller_status()["active_model"] == sampled["end_model"]
     finally:
         local.close()
 
@@ -137,16 +161,16 @@ def test_commands_inference_and_attribute_trail_from_python(fed: Federation) -> 
     with connect(fed) as client:
         client.wait_for_clients(2, timeout=30)
         # A custom command on every client, then on one (Edge's Custom_ prefix is optional).
-        job = client.run_custom_command("echo", parameters={"k": 1}, timeout=30)
+        job = client.run_custom_command("echo", parameters={"k": 1}, timeout=30, blocking=True)
         assert job["status"] == "finished" and {r["client"]: r["status"] for r in job["results"]} == {"k1": "ok", "k2": "ok"}
         assert all(r["data"]["params"] == {"k": 1} for r in job["results"])
-        job = client.run_custom_command("Custom_hello", client_ids=["k2"])
+        job = client.run_custom_command("Custom_hello", client_ids=["k2"], blocking=True)
         assert [(r["client"], r["data"]) for r in job["results"]] == [("k2", {"hello": "k2"})]
-        started = client.run_custom_command("echo", blocking=False)
-        assert started["id"].startswith("c-") and started["clients"] == 2
+        started = client.run_custom_command("echo")  # Edge's default: the job as it started, at once
+        assert started["id"].startswith("c-") and started["clients"] == 2 and "results" not in started
 
         # The attribute trail: what startup() logged, then each change (a command logs one).
-        job = client.run_custom_command("attrs", parameters={"fixture": "changed"}, client_ids=["k1"])
+        job = client.run_custom_command("attrs", blocking=True, client_ids=["k1"], parameters={"fixture": "changed"})
         assert job["results"][0]["data"] == {"logged": ["fixture"]}
         trail = poll(lambda: client.get_attribute_trail("k1"), lambda t: t["count"] >= 3)
         assert [(a["key"], a["value"]) for a in trail["result"]] == [("site", "k1"), ("fixture", "command_client"), ("fixture", "changed")]
@@ -243,3 +267,126 @@ def test_each_refusal_is_the_projects_error_with_the_controllers_line(fed: Feder
     with connect(fed) as client:
         with pytest.raises(api.ConnectionFailed, match=r"cannot reach wss://127\.0\.0\.1:\d+.*check that the controller is running"):
             client.get_clients()
+
+
+def test_verify_takes_the_ca_fingerprint_a_join_token_carries(fed: Federation, tmp_path: Path) -> None:
+    from scaleout import api
+    from scaleout.security import jointoken, tls
+
+    fed.controller()
+    pin = jointoken.parse((fed.data / "join-client.token").read_text().strip()).ca
+    assert pin is not None and pin == tls.fingerprint((fed.data / "ca.pem").read_bytes())
+    # The CA is fetched without trusting it, checked against the pin, then the controller's
+    # certificate is verified against it: no CA file needed.
+    with connect(fed, verify=pin) as client:
+        assert client.get_sessions()["count"] == 0 and client.get_controller_status()["session"] is None
+    with connect(fed, verify=pin.upper().replace("SHA256:", "sha256:")) as client:  # hex digits in either case
+        assert client.get_clients()["count"] == 0
+
+    other = tls.fingerprint(tls.create_ca()[0])  # another controller's CA
+    with connect(fed, verify=other) as client:
+        with pytest.raises(api.ConnectionFailed, match=rf"presented CA {pin[:23]}\.\.\. but verify= pins {other[:23]}\.\.\..*check verify=") as info:
+            client.get_clients()
+        assert "\n" not in str(info.value)
+    with pytest.raises(api.ConfigError, match="not a CA fingerprint: sha256: and 64 hex digits"):
+        connect(fed, verify="sha256:0123")
+
+
+class Relay:
+    """A TCP relay on loopback between a Python client and the controller (TLS passes through
+    untouched). ``cut_next()``: the next request the client sends is forwarded, then the
+    client's side of that connection is cut before any answer reaches it (the controller
+    has the request, the client never hears back); the controller's side stays open."""
+
+    MIN_REQUEST = 60  # bytes: a TLS record holding a request, not a websocket ping (about 32)
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.armed = threading.Event()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_next(self) -> None:
+        self.armed.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            cut = threading.Event()
+            threading.Thread(target=self._upstream, args=(down, up, cut), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(up, down, cut), daemon=True).start()
+
+    def _upstream(self, down: socket.socket, up: socket.socket, cut: threading.Event) -> None:
+        try:
+            while data := down.recv(1 << 16):
+                if self.armed.is_set() and len(data) >= self.MIN_REQUEST:
+                    self.armed.clear()
+                    cut.set()  # before the controller has it: no answer can slip through
+                    up.sendall(data)
+                    self.cuts += 1
+                    down.shutdown(socket.SHUT_RDWR)
+                    return
+                up.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not cut.is_set():
+                up.close()
+
+    def _downstream(self, up: socket.socket, down: socket.socket, cut: threading.Event) -> None:
+        try:
+            while data := up.recv(1 << 16):
+                if not cut.is_set():
+                    down.sendall(data)  # after a cut the answer is read and dropped
+        except OSError:
+            pass
+        finally:
+            down.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_reads_reconnect_and_a_write_whose_link_dropped_is_not_sent_again(fed: Federation, tmp_path: Path) -> None:
+    from scaleout import Scaleout, api
+
+    first = fed.controller()
+    port = int(fed.url.rsplit(":", 1)[1])
+    token = (fed.data / "admin.token").read_text().strip()
+    seed = tmp_path / "seed.npz"
+    np.savez(seed, np.zeros(3, dtype=np.float32))
+
+    # The controller is killed and started again (same data, same port) between two calls:
+    # the next call, a read, reconnects without the caller seeing anything.
+    with connect(fed) as direct:
+        assert direct.get_sessions()["count"] == 0
+        first.stop(sig=signal.SIGKILL)
+        fed.controller(name="controller-again", port=port)
+        assert direct.get_sessions()["count"] == 0
+        assert direct.set_active_model(seed)["id"]  # and then a write, on the new link
+
+    relay = Relay(port)
+    client = Scaleout("127.0.0.1", port=relay.port, verify=fed.ca, token=token)
+    try:
+        # A read whose link drops after it was sent is sent again, on a new link.
+        assert client.get_sessions()["count"] == 0
+        relay.cut_next()
+        assert client.get_sessions()["count"] == 0 and relay.cuts == 1
+        # A write is not: the controller started the session, the answer was lost, and the
+        # caller is told to check rather than have it started twice.
+        relay.cut_next()
+        with pytest.raises(api.ConnectionFailed, match=r"closed after session\.start was sent.*whether it was done is unknown; check with get_sessions\(\)") as info:
+            client.start_session(rounds=1, round_timeout=60)
+        assert relay.cuts == 2 and "\n" not in str(info.value)
+        sessions = poll(client.get_sessions, lambda s: s["count"] > 0)
+        assert sessions["count"] == 1, sessions  # started once, not twice
+        assert client.stop_session(sessions["result"][0]["id"])["status"] == "stopped"
+    finally:
+        client.close()
+        relay.close()

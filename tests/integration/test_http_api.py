@@ -102,9 +102,19 @@ def test_a_session_driven_over_http(fed: Federation, tmp_path: Path) -> None:
     session = api.ok("GET", f"/api/v1/sessions/{sid}")["session"]
     assert session["status"] == "finished" and session["end_model"] == done["end_model"]
     assert [r["idx"] for r in api.ok("GET", f"/api/v1/sessions/{sid}/rounds")["rounds"]] == [1, 2]
-    validations = api.ok("GET", f"/api/v1/validations?session_id={sid}")["validations"]
-    assert [v["round_index"] for v in validations] == [1, 2] and all(v["session_id"] == sid for v in validations)
-    assert api.ok("GET", "/api/v1/validations") == {"validations": validations}
+    # Each client's validation, as Edge's REST API lists them; each round's mean stays in its rounds.
+    listed = api.ok("GET", f"/api/v1/validations?session_id={sid}")
+    validations = listed["validations"]
+    assert listed["total"] == len(validations) == sum(len(r["participants"]) for r in session["rounds"]) >= 2
+    assert {v["round_index"] for v in validations} == {1, 2} and all(v["session_id"] == sid for v in validations)
+    assert {v["sender"]["name"] for v in validations} <= {"k1", "k2"} and all(v["sender"]["role"] == "client" for v in validations)
+    assert all(v["model_id"] == session["rounds"][v["round_index"] - 1]["model_id"] and "validation_accuracy" in v["data"] for v in validations)
+    assert api.ok("GET", "/api/v1/validations") == listed
+    assert api.ok("GET", f"/api/v1/validations?session_id={sid}&n_max=1") == {"validations": validations[-1:], "total": len(validations)}
+    k2 = api.ok("GET", f"/api/v1/validations?sender_name=k2&model_id={done['end_model'][:16]}")["validations"]
+    assert k2 == [v for v in validations if v["sender"]["name"] == "k2" and v["model_id"] == done["end_model"]]
+    assert "no session 's-nope'" in api.refused("GET", "/api/v1/validations?session_id=s-nope", 404)
+    assert "must be a whole number from 0 (all)" in api.refused("GET", "/api/v1/validations?n_max=-1", 400)
     models = api.ok("GET", f"/api/v1/models?session_id={sid}")["models"]
     assert len(models) == 2 and len(api.ok("GET", "/api/v1/models")["models"]) == 3
     end = done["end_model"]

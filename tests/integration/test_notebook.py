@@ -53,6 +53,8 @@ def test_the_quickstart_notebook_runs_headless_and_plots(tmp_path: Path, monkeyp
     plot = next(cell for cell in code if "plt.show()" in cell.source)
     images = [out for out in plot.outputs if out.output_type == "display_data" and "image/png" in out.data]
     assert len(images) == 1, plot.outputs
+    counted = "".join(out.get("text", "") for out in plot.outputs if out.output_type == "stream")
+    assert "4 validations from 2 clients" in counted, plot.outputs  # one record per client and round, 2 rounds
     session = next(cell for cell in code if "wait_for_session" in cell.source)
     printed = "".join(out.get("text", "") for out in session.outputs if out.output_type == "stream")
     assert "round 1: succeeded, 2 clients" in printed and "round 2: succeeded" in printed and "finished" in printed, printed

@@ -296,3 +296,11 @@ def test_closing_stops_a_call_in_flight_at_once(runners: list[Runner]) -> None:
     assert not call.is_alive() and outcome == [{}]
     assert f.runner.proc is None  # and none started again
     assert any(w in f.errors[-1]["error"] for w in ("exited during client_settings", "not called"))  # killed mid-call, or closed before it
+
+
+def test_the_wrapped_strategy_keeps_the_built_in_ones_train_settings(runners: list[Runner]) -> None:
+    from scaleout.core.aggregators.strategy import make_strategy
+
+    f, _ = start(runners, STATEFUL)
+    prox = make_strategy("fedprox", {"mu": 0.25})
+    assert f.wrap(prox).train_settings() == prox.train_settings() == {"mu": 0.25}

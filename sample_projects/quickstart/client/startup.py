@@ -58,7 +58,9 @@ def evaluate(params, x, y):
     return float(loss), float((probs.argmax(axis=1) == y).mean())
 
 
-def sgd_step(params, x, y, lr):
+def sgd_step(params, x, y, lr, anchor=None, mu=0.0):
+    """One SGD step on the cross-entropy; with ``anchor`` (the round's global model) and
+    ``mu`` > 0, on FedProx's local objective: loss + (mu / 2) ||params - anchor||^2."""
     w1, b1, w2, b2 = params
     hidden, probs = forward(params, x)
     grad_logits = probs
@@ -66,6 +68,8 @@ def sgd_step(params, x, y, lr):
     grad_logits /= len(y)
     grad_hidden = (grad_logits @ w2.T) * (1.0 - hidden**2)
     grads = [x.T @ grad_hidden, grad_hidden.sum(axis=0), hidden.T @ grad_logits, grad_logits.sum(axis=0)]
+    if anchor is not None and mu > 0:  # the proximal term's gradient pulls towards the global model
+        grads = [g + mu * (p - a) for g, p, a in zip(grads, params, anchor)]
     return [(p - lr * g).astype(p.dtype) for p, g in zip(params, grads)]
 
 
@@ -91,6 +95,9 @@ class QuickstartClient:
         epochs = int(settings.get("epochs", DEFAULTS["epochs"]))
         lr = float(settings.get("learning_rate", DEFAULTS["learning_rate"]))
         batch_size = int(settings.get("batch_size", DEFAULTS["batch_size"]))
+        # FedProx (--aggregator fedprox) hands every client its mu: keep near the global model.
+        mu = float(settings.get("mu", 0.0))
+        anchor = [p.copy() for p in params] if mu > 0 else None
         x, y = self.data[0], self.data[1]
         self._calls += 1
         rng = np.random.default_rng([zlib.crc32(self.client.name.encode()), self._calls])
@@ -98,11 +105,13 @@ class QuickstartClient:
             order = rng.permutation(len(y))
             for start in range(0, len(y), batch_size):
                 batch = order[start : start + batch_size]
-                params = sgd_step(params, x[batch], y[batch], lr)
+                params = sgd_step(params, x[batch], y[batch], lr, anchor, mu)
             loss, _ = evaluate(params, x, y)
             self.client.log_metric({"train_loss": loss}, step=epoch)
             self.client.check_task_abort()
         metadata = {"training_metadata": {"num_examples": len(y), "epochs": epochs, "batch_size": batch_size}}
+        if anchor is not None:
+            metadata["training_metadata"]["mu"] = mu
         return ScaleoutModel.from_model_params(params, helper), metadata
 
     def validate(self, model: ScaleoutModel):

@@ -227,7 +227,8 @@ def client_failures(r: dict[str, Any], reports: list[dict[str, Any]], clients: l
             kind, error = rep["kind"], str(rep["error"])
             out.append({"client": rep["client"], "reason": error if error.startswith(kind) else f"{kind}: {error}"})
     trained = {rep["client"] for rep in reports if rep["kind"] == "train"} | set(r["participants"])
-    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained]
+    left_out = (r.get("selection") or {}).get("not_selected") or {}  # not selected this round: not a failure
+    out += [{"client": c, "reason": "sent no update (timed out, disconnected or never asked)"} for c in clients if c not in trained and c not in left_out]
     return sorted(out, key=lambda f: f["client"])
 
 
@@ -247,6 +248,8 @@ def session_start(args: argparse.Namespace) -> int:
         rounds=args.rounds, round_timeout=args.round_timeout, min_clients=args.min_clients,
         aggregator=args.aggregator, aggregator_kwargs=aggregator_kwargs, validate=args.validate, settings=settings, name=args.name,
         max_examples_per_client=args.max_examples_per_client, max_update_norm=args.max_update_norm,
+        clients_per_round=_per_round(args.clients_per_round), seed=args.seed,
+        clients=None if args.clients is None else [c.strip() for c in args.clients.split(",")],
     ).to_dict()
     try:
         json.dumps(req, allow_nan=False)
@@ -255,7 +258,29 @@ def session_start(args: argparse.Namespace) -> int:
     if args.model:
         req["model"] = args.model
     req.update(_server_functions(args))
-    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'})")
+    return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'}{_sampling(s['config'])})")
+
+
+def _per_round(text: str | None) -> int | float | None:
+    """--clients-per-round: a whole number (a count) or a decimal (a fraction of those connected)."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise UsageError(f"--clients-per-round must be a number of clients (2) or a fraction of them (0.1), got {text!r}")
+
+
+def _sampling(cfg: dict[str, Any]) -> str:
+    """How a session draws its clients, as its start line says it (nothing when all take part)."""
+    per, fixed = cfg.get("clients_per_round"), cfg.get("clients")
+    if per is None and fixed is None:
+        return ""
+    pool = f"of {len(fixed)} named clients" if fixed else "of the connected clients"
+    many = "all" if per is None else f"{per * 100:g}%" if isinstance(per, float) else str(per)
+    return f", {many} {pool} a round, seed {cfg.get('seed')}"
 
 
 def _server_functions(args: argparse.Namespace) -> dict[str, Any]:
@@ -478,6 +503,8 @@ def _print_session(s: dict[str, Any]) -> None:
     print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
     for r in s["rounds"]:
         print("  " + _round_line(r))
+        for line in selection_lines(r.get("selection")):
+            print("      " + line)
         for e in (r.get("server_functions") or {}).get("errors", []):
             print(f"      server functions: {e['method']} failed{' at ' + e['where'] if e.get('where') else ''}: {e['error']} (built-in used)")
         for c in r.get("clients", []):
@@ -487,6 +514,28 @@ def _print_session(s: dict[str, Any]) -> None:
                 data = {**{k: v for k, v in meta.items() if not isinstance(v, dict)}, **(meta.get("training_metadata") or {})}
             shown = c["error"] or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items() if not isinstance(v, dict))
             print(f"      {c['client']:<16} {c['kind']:<9} {'refused: ' if c['error'] else ''}{shown}")
+
+
+SHOWN_NAMES = 8  # names on a line of `session show`; --json has them all
+
+
+def selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    """Who a round selected and why the others were not, a line for each reason (none when
+    every connected client took part)."""
+    if not selection or not selection.get("not_selected"):
+        return []
+
+    def names(items: list[str]) -> str:
+        more = f" and {len(items) - SHOWN_NAMES} more" if len(items) > SHOWN_NAMES else ""
+        return ", ".join(items[:SHOWN_NAMES]) + more
+
+    chosen = list(selection.get("selected") or [])
+    by_reason: dict[str, list[str]] = {}
+    for client, reason in sorted(selection["not_selected"].items()):
+        by_reason.setdefault(reason, []).append(client)
+    lines = [f"selected ({len(chosen)}): {names(chosen) or '-'}"]
+    lines += [f"{reason} ({len(items)}): {names(items)}" for reason, items in sorted(by_reason.items())]
+    return lines
 
 
 def session_show(args: argparse.Namespace) -> int:

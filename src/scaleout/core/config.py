@@ -38,6 +38,12 @@ class SessionConfig:
     # multiple of the model's norm is refused (0: off). See core/aggregators/bounds.py.
     max_examples_per_client: int = 1_000_000
     max_update_norm: float = 10.0
+    # Client sampling (core/selection.py): how many of the eligible connected clients train
+    # each round (a whole number, or a fraction in (0, 1]; None: all), the seed each round's
+    # draw derives from (with the round index), and a fixed set of client names (None: any).
+    clients_per_round: int | float | None = None
+    seed: int | None = None
+    clients: list[str] | None = None
     # Server functions (Scaleout Edge's ServerFunctions class): the file's source, its name
     # (tracebacks name it) and the time limit of each call. See roles/serverfunctions.py.
     server_functions: str | None = None
@@ -71,6 +77,10 @@ class SessionConfig:
         parse_examples_cap(self.max_examples_per_client)
         _check_server_functions(self)
         object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0
+        from scaleout.core.selection import check_sampling
+
+        clients = check_sampling(self.clients_per_round, self.seed, self.clients, self.min_clients)
+        object.__setattr__(self, "clients", clients)  # a tuple from a caller becomes a list, as JSON has it
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SessionConfig:

@@ -58,6 +58,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     # Watching: the event stream's snapshot, logged metrics; commands and predictions.
     "events.snapshot": ADMIN,
     "metric.ls": ADMIN,
+    "validation.ls": ADMIN,
     "telemetry.ls": ADMIN,
     "client.show": ADMIN,
     "client.attributes": ADMIN,
@@ -67,6 +68,15 @@ REQUESTS: dict[str, frozenset[str]] = {
     "command.show": ADMIN,
     "command.wait": ADMIN,
 }
+
+# Requests that change nothing a second one would change again: safe to send twice (the
+# Python client repeats one whose link dropped; any other may have been done already).
+# model.get is audited as a download, and a repeated one is audited twice.
+READS = frozenset({
+    "status", "model.ls", "model.show", "model.get", "session.ls", "session.show", "session.wait", "client.ls", "client.wait",
+    "combiner.ls", "audit.ls", "audit.verify", "token.ls", "events.snapshot", "metric.ls", "validation.ls", "telemetry.ls",
+    "client.show", "client.attributes", "package.ls", "package.get", "command.ls", "command.show", "command.wait",
+})
 
 # Messages (not requests) a link of each role may send, by receiver: a combiner's to the
 # controller, a client's to its combiner. Anything else is refused before it is looked at.

@@ -7,10 +7,21 @@ clients a round trains and validates.
 
 from __future__ import annotations
 
+import math
+import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from scaleout.core.errors import NotFoundError
+from scaleout.core.errors import ConfigError, NotFoundError, ProtocolError
+from scaleout.core.messages import check_name
+
+MAX_SEED = 2**63 - 1  # a seed is stored as JSON and in SQLite: a signed 64-bit integer
+MAX_CLIENTS_PER_ROUND = 1_000_000
+# Why a client was left out of a round (the round's ``selection.not_selected``).
+NOT_SAMPLED = "not sampled"
+NOT_CONNECTED = "not connected"
+NOT_LISTED = "not in --clients"
 
 
 class Assigner:
@@ -116,3 +127,100 @@ def choose_validators(selected: Mapping[str, Iterable[str]], contributors: Itera
     alive = set(contributors)
     chosen = {c: [x for x in clients if x in alive] for c, clients in selected.items()}
     return {c: v for c, v in chosen.items() if v}
+
+
+# -- client sampling (session start --clients-per-round, --seed, --clients) ------------------
+
+
+def check_sampling(per_round: Any, seed: Any, clients: Any, min_clients: int) -> list[str] | None:
+    """Validate a session's sampling settings; returns ``clients`` as a list (or None).
+    A round that can never have ``min_clients`` updates is refused here, not at its timeout."""
+    if per_round is not None:
+        if isinstance(per_round, bool) or not isinstance(per_round, (int, float)):
+            raise ConfigError("clients_per_round", f"must be a whole number >= 1 or a fraction in (0, 1], got {per_round!r:.40}")
+        if isinstance(per_round, int):
+            if not 1 <= per_round <= MAX_CLIENTS_PER_ROUND:
+                raise ConfigError("clients_per_round", f"must be a whole number from 1 to {MAX_CLIENTS_PER_ROUND:,} or a fraction in (0, 1], got {per_round}")
+            if per_round < min_clients:
+                raise ConfigError("clients_per_round", f"{per_round} is fewer than min_clients ({min_clients}): no round could have enough updates")
+        elif not (math.isfinite(per_round) and 0 < per_round <= 1):
+            raise ConfigError("clients_per_round", f"a fraction must lie in (0, 1] (a count is a whole number: 2, not 2.0), got {per_round!r:.40}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError("seed", f"must be a whole number from 0 to 2**63-1, got {seed!r:.40}")
+    if clients is None:
+        return None
+    if isinstance(clients, str) or not isinstance(clients, Sequence):
+        raise ConfigError("clients", f"must be a list of client names, got {clients!r:.60}")
+    if not clients:
+        raise ConfigError("clients", "must name at least one client")
+    if len(clients) > MAX_CLIENTS_PER_ROUND:
+        raise ConfigError("clients", f"at most {MAX_CLIENTS_PER_ROUND:,} names")
+    names: list[str] = []
+    for name in clients:
+        try:
+            names.append(check_name(name, "a client name"))
+        except ProtocolError as exc:
+            raise ConfigError("clients", str(exc)) from None
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
+        raise ConfigError("clients", f"names {', '.join(twice[:5])} more than once")
+    if len(names) < min_clients:
+        raise ConfigError("clients", f"names {len(names)} clients, fewer than min_clients ({min_clients}): no round could have enough updates")
+    return names
+
+
+def round_quota(per_round: int | float | None, eligible: int) -> int:
+    """How many of ``eligible`` connected clients a round draws: all (None), N (at most all),
+    or a fraction of them rounded down, at least 1."""
+    if per_round is None or eligible == 0:
+        return eligible
+    if isinstance(per_round, int):
+        return min(per_round, eligible)
+    return min(eligible, max(1, math.floor(per_round * eligible + 1e-9)))
+
+
+def clients_to_wait_for(per_round: int | float | None, fixed: Sequence[str] | None, min_clients: int) -> int:
+    """How many eligible clients a round waits for (up to its timeout) before it draws:
+    min_clients, or N of --clients-per-round N, or every name of --clients (N of them)."""
+    want = min_clients
+    if isinstance(per_round, int):
+        want = max(want, per_round if fixed is None else min(per_round, len(fixed)))
+    elif fixed is not None:
+        want = max(want, len(fixed))
+    return want
+
+
+def eligible_count(members: Mapping[str, Sequence[str]], fixed: Sequence[str] | None) -> int:
+    if fixed is None:
+        return sum(map(len, members.values()))
+    allowed = set(fixed)
+    return sum(1 for clients in members.values() for c in clients if c in allowed)
+
+
+def sample_clients(
+    members: Mapping[str, Sequence[str]], index: int, seed: int, per_round: int | float | None, fixed: Sequence[str] | None,
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """This round's participants per combiner and why each other client is left out
+    (``NOT_LISTED``, ``NOT_SAMPLED``; ``NOT_CONNECTED`` for a name of --clients that is not
+    connected). The draw depends only on ``seed``, the round ``index`` and the sorted
+    eligible names, so a restarted controller draws the same clients for the same round."""
+    allowed = None if fixed is None else set(fixed)
+    left_out: dict[str, str] = {}
+    eligible: list[str] = []
+    for clients in members.values():
+        for c in clients:
+            if allowed is not None and c not in allowed:
+                left_out[c] = NOT_LISTED
+            else:
+                eligible.append(c)
+    eligible.sort()
+    k = round_quota(per_round, len(eligible))
+    chosen = set(eligible) if k >= len(eligible) else set(random.Random(f"{seed}/{index}").sample(eligible, k))
+    for c in eligible:
+        if c not in chosen:
+            left_out[c] = NOT_SAMPLED
+    if allowed is not None:
+        for c in allowed - chosen - set(left_out):
+            left_out[c] = NOT_CONNECTED
+    selected = {name: sorted(c for c in clients if c in chosen) for name, clients in members.items()}
+    return {name: clients for name, clients in selected.items() if clients}, dict(sorted(left_out.items()))

@@ -55,6 +55,8 @@ COMMAND_WAIT = "command.wait: id must be a job id"
 METRIC_TEXT = "metric.ls: {} must be text of 1-256 characters"
 METRIC_NUMBER = "metric.ls: {} must be a whole number >= 0"
 TRAIL_LIMIT = "client.attributes: limit must be a whole number >= 0"
+VALIDATION_TEXT = "validation.ls: {} must be text of 1-256 characters"
+VALIDATION_LIMIT = "validation.ls: limit must be a whole number from 0 (all) to 1000000"
 
 
 def client_name(value: Any) -> str:
@@ -208,6 +210,37 @@ class AdminService:
             h.registry.query, lambda st: dropped_metrics(st, kind=kind, session_id=session_id, round_index=round_index, client=client),
         )
         return {"metrics": rows, "total": total, "dropped": dropped}
+
+    async def validation_ls(
+        self, caller: Caller, *, session_id: Annotated[str | None, VALIDATION_TEXT.format("session_id")] = None,
+        model_id: Annotated[str | None, VALIDATION_TEXT.format("model_id")] = None,
+        sender_name: Annotated[str | None, VALIDATION_TEXT.format("sender_name")] = None, limit: Annotated[int, VALIDATION_LIMIT] = 0,
+    ) -> dict[str, Any]:
+        """Each client's validation of each round's model, one record per client and round,
+        oldest first: the latest ``limit`` (0: all) of ``session_id`` ("latest" too), of
+        ``model_id`` (an id or a unique prefix) and of client ``sender_name``; with how many
+        match in all. A round's mean over its clients is its ``validation`` (session.show)."""
+        from scaleout.store.validations import client_validations
+
+        for name, value in (("session_id", session_id), ("model_id", model_id), ("sender_name", sender_name)):
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise ProtocolError(VALIDATION_TEXT.format(name))
+        if not _whole(limit) or not 0 <= limit <= 1_000_000:
+            raise ProtocolError(VALIDATION_LIMIT)
+        h = self.host
+        if session_id == "latest":
+            session_id = h.sessions.key({"id": None})
+        await h.registry.flush()  # what came in a moment ago is listed too
+
+        def read(st: State) -> tuple[list[dict[str, Any]], int]:
+            # An unknown session or model says so (NotFoundError), rather than list nothing.
+            if session_id is not None and st.db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,)).fetchone() is None:
+                raise NotFoundError("session", session_id)
+            model = None if model_id is None else str(st.model(model_id)["id"])  # a unique prefix too
+            return client_validations(st, session_id=session_id, model_id=model, client=sender_name, limit=limit)
+
+        rows, total = await asyncio.to_thread(h.registry.query, read)
+        return {"validations": rows, "total": total}
 
     async def events_snapshot(self, caller: Caller, *, session_id: Annotated[str | None, SNAPSHOT] = None) -> dict[str, Any]:
         from scaleout.roles.events import snapshot

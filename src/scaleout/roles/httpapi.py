@@ -101,18 +101,6 @@ async def _rounds(call: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]
     return {"session_id": session["id"], "rounds": session["rounds"]}
 
 
-async def _validations(call: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]], args: dict[str, Any]) -> dict[str, Any]:
-    """Each round's mean validation metrics, of one session or of every one."""
-    ids = [args["id"]] if args.get("id") else [s["id"] for s in (await call("session.ls", {}))["sessions"]]
-    rows = []
-    for sid in ids:
-        session = (await call("session.show", {"id": sid}))["session"]
-        for r in session["rounds"]:
-            if r.get("validation"):
-                rows.append({"session_id": session["id"], "round_index": r["idx"], "model_id": r.get("model_id"), **r["validation"]})
-    return {"validations": rows}
-
-
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "status", "The controller: its address, the global model, the active package, the running session"),
     Route("GET", "/clients", "client.ls", "The clients, online or not", listing="clients"),
@@ -124,8 +112,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/sessions/{id}", "session.show", "One session and its rounds"),
     Route("GET", "/sessions/{id}/rounds", "session.show", "A session's rounds", view=_rounds),
     Route("GET", "/metrics", "metric.ls", "What clients logged with log_metric, oldest first"),
-    Route("GET", "/validations", "session.show", "Each round's mean validation metrics (of every session, or of session_id)",
-          rename={"session_id": "id"}, hide=("clients",), view=_validations),
+    Route("GET", "/validations", "validation.ls", "Each client's validation of each round's model, oldest first (n_max: the latest N)",
+          rename={"n_max": "limit"}),
     Route("POST", "/sessions", "session.start", "Start a session (the body: its settings)", body="json", extra=SessionConfig),
     Route("POST", "/sessions/{id}/stop", "session.stop", "Stop a running session", body="json"),
     Route("POST", "/sessions/{id}/continue", "session.continue", "Run more rounds of a finished or stopped session", body="json"),

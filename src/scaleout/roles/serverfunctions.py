@@ -336,6 +336,9 @@ class ServerFunctionsStrategy(Strategy):
         new_model, new_state = self.inner.step(model, mean, _own(state))
         return new_model, self.functions.with_state(new_state)
 
+    def train_settings(self) -> dict[str, Any]:
+        return self.inner.train_settings()  # e.g. FedProx's mu
+
 
 class ServerFunctionsAggregate(ServerFunctionsStrategy):
     """The class's ``aggregate`` as a strategy that sees every update; when it fails, the
@@ -445,9 +448,15 @@ async def begin_round(s: Any, host: Any, index: int) -> None:
     s.sfn.begin_round(index)
 
 
-async def client_selection(s: Any, host: Any, selected: dict[str, list[str]], round_type: str) -> dict[str, list[str]]:
+LEFT_OUT = "left out by the server functions"  # why a client did not take part (session show)
+
+
+async def client_selection(
+    s: Any, host: Any, selected: dict[str, list[str]], round_type: str, left_out: dict[str, str] | None = None,
+) -> dict[str, list[str]]:
     """The built-in selection (``selected``: combiner -> clients) narrowed by the class's
-    ``client_selection``; unchanged without one, or when it fails."""
+    ``client_selection``; unchanged without one, or when it fails. Those it leaves out are
+    added to ``left_out`` (client -> why)."""
     f: SessionFunctions | None = s.sfn
     if f is None or "client_selection" not in f.methods or not selected:
         return selected
@@ -455,7 +464,11 @@ async def client_selection(s: Any, host: Any, selected: dict[str, list[str]], ro
     commands = getattr(host, "commands", None)
     if commands is not None:
         await commands.flush()  # attributes that came in a moment ago are answered too
-    return await asyncio.to_thread(f.select_sync, selected, round_type)
+    kept = await asyncio.to_thread(f.select_sync, selected, round_type)
+    if left_out is not None:
+        chosen = {c for clients in kept.values() for c in clients}
+        left_out.update({c: LEFT_OUT for clients in selected.values() for c in clients if c not in chosen})
+    return kept
 
 
 async def prediction_selection(s: Any, host: Any, chosen: dict[str, str]) -> dict[str, str]:

@@ -17,15 +17,17 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.core.config import SessionConfig
 from scaleout.core.errors import (
+    ConfigError,
     ConflictError,
     NotFoundError,
     PayloadError,
@@ -37,7 +39,13 @@ from scaleout.core.errors import (
 from scaleout.core.limits import transfer_timeout
 from scaleout.core.metrics import mean_metrics
 from scaleout.core.rounds import ControllerRound, Outcome
-from scaleout.core.selection import choose_validators, select_clients
+from scaleout.core.selection import (
+    choose_validators,
+    clients_to_wait_for,
+    eligible_count,
+    sample_clients,
+    select_clients,
+)
 from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, Step, StepKind, ValidateRound, Wait
 from scaleout.roles import serverfunctions as sfn
 from scaleout.roles.common import failpoint, new_id
@@ -200,6 +208,10 @@ class SessionService:
         cfg = SessionConfig.from_mapping(args)  # checks the aggregator and its kwargs too
         self._check_idle()
         st = self.host.state
+        if cfg.seed is None:  # drawn once and recorded with the session: its sampling can be replayed
+            cfg = replace(cfg, seed=secrets.randbelow(2**32))
+        if cfg.clients is not None:
+            await self._check_known(cfg.clients)
         if start_from is not None:
             if not isinstance(start_from, str) or not start_from:
                 raise ProtocolError("session.start: model must be a model id")
@@ -224,6 +236,17 @@ class SessionService:
         self.host.hub.publish(m.SessionStarted(session_id=sid, config=cfg.to_dict()))
         connected = sum(map(len, select_clients(self.host.assigner.members, self.host.assigner.ready).values()))
         return {"session": st.session(sid), "clients": connected}
+
+    async def _check_known(self, names: list[str]) -> None:
+        """--clients names only clients the controller knows (connected, or seen before)."""
+        host = self.host
+        await host.registry.flush()
+        rows = await asyncio.to_thread(host.registry.read, "clients")
+        known = {r["name"] for r in rows} | set(host.assigner.where)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ConfigError("clients", f"unknown client{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:5])}{more}: never seen by this controller (scaleout client ls lists the known ones)")
 
     async def continue_(self, args: dict[str, Any], audit: Any) -> dict[str, Any]:
         """Carry on a session that ended (finished, stopped, failed, interrupted) from its
@@ -503,12 +526,14 @@ class SessionService:
     async def _wait_for_clients(self, s: RunningSession, deadline: float) -> dict[str, list[str]]:
         loop = asyncio.get_running_loop()
         host = self.host
+        cfg = s.config
+        need = clients_to_wait_for(cfg.clients_per_round, cfg.clients, cfg.min_clients)  # a sample draws from this many
         while True:
             selected = select_clients(host.assigner.members, host.assigner.ready)  # each name once, where it is
-            n = sum(map(len, selected.values()))
-            if n >= s.config.min_clients or s.stopped or loop.time() >= deadline:
+            n = eligible_count(selected, cfg.clients)
+            if n >= need or s.stopped or loop.time() >= deadline:
                 return selected
-            log.info("waiting for clients: %d connected, %d needed", n, s.config.min_clients)
+            log.info("waiting for clients: %d connected, %d needed", n, need)
             changed = asyncio.ensure_future(host.registry_event().wait())
             stop = asyncio.ensure_future(s.stop_event.wait())
             await asyncio.wait({changed, stop}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
@@ -545,17 +570,21 @@ class SessionService:
         layout = payload.layout_of(global_bytes)
         selected = await self._wait_for_clients(s, started + cfg.round_timeout)
         selected = {name: clients for name, clients in selected.items() if name in host.combiners}
+        # Sampling: the same draw for the same seed, round and connected clients (a restart draws it again).
+        selected, left_out = sample_clients(selected, index, cfg.seed or 0, cfg.clients_per_round, cfg.clients)
         await sfn.begin_round(s, host, index)
-        selected = await sfn.client_selection(s, host, selected, "training")  # the server functions choose last
+        selected = await sfn.client_selection(s, host, selected, "training", left_out)  # the server functions choose last
         host.round_members = {name: frozenset(clients) for name, clients in selected.items()}
         participants = sorted(c for clients in selected.values() for c in clients)
+        selection = {"selected": participants, "not_selected": left_out}
         retried = s.machine.retries.get(index)
         self._persist(
             s, s.machine.start_round(action, started_at),
-            lambda: st.start_round(s.id, index, parent, participants, started=started_at, attempt=attempt, retried=retried),
+            lambda: st.start_round(s.id, index, parent, participants, started=started_at, attempt=attempt, retried=retried, selection=selection),
         )
         again = f" (try {attempt}: {retried[-1]})" if retried else ""
-        log.info("round %d of session %s: %d clients on %d combiners%s", index, s.id, len(participants), len(selected), again)
+        out = f", {len(left_out)} not selected" if left_out else ""
+        log.info("round %d of session %s: %d clients on %d combiners%s%s", index, s.id, len(participants), len(selected), out, again)
         host.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -571,7 +600,7 @@ class SessionService:
             except StorageError as exc:  # kept in memory; the session's end records it later
                 log.error("round %d: could not record its outcome: %s", index, exc)
                 s.storage_failure = s.storage_failure or exc
-                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "started": started_at, "validation": {}, **fields}
+                row = {"session_id": s.id, "idx": index, "parent": parent, "model_id": None, "participants": participants, "started": started_at, "validation": {}, "selection": selection, **fields}
             log.info("round %d %s in %.2fs%s", index, status, duration, f": {reason}" if reason else "")
             host.obs.round_finished(status, duration)
             host.hub.round_ended({**row, "session_id": s.id})
@@ -590,9 +619,10 @@ class SessionService:
         # Events name the link they came from: one from an earlier registration of a combiner
         # (lost and back since) says nothing about this round.
         links = {name: host.combiners[name].link for name in selected}
+        settings = {**cfg.settings, **strategy.train_settings()}  # e.g. FedProx's mu, over --settings
         self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
         await failpoint("distribute")  # the round is recorded, its orders not yet out
-        settings = await sfn.client_settings(s, cfg.settings, global_bytes)
+        settings = await sfn.client_settings(s, settings, global_bytes)  # the server functions over both
         for name, clients in selected.items():
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),

@@ -61,7 +61,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
-_JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes"}
+_JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -164,6 +164,8 @@ class State:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
         if "attempt" not in columns:
             self.db.execute("ALTER TABLE rounds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
+        if "selection" not in columns:  # who a round selected and why the others not (client sampling)
+            self.db.execute("ALTER TABLE rounds ADD COLUMN selection TEXT")
         if "signature" not in {row[1] for row in self.db.execute("PRAGMA table_info(packages)")}:
             self.db.execute("ALTER TABLE packages ADD COLUMN signature TEXT")  # the controller's, see security/packages.py
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
@@ -398,17 +400,18 @@ class State:
 
     def start_round(
         self, session_id: str, index: int, parent: str, participants: list[str], started: float | None = None,
-        attempt: int = 1, retried: list[str] | None = None,
+        attempt: int = 1, retried: list[str] | None = None, selection: dict[str, Any] | None = None,
     ) -> None:
         """Record a running round; ``started`` (wall clock, now if None) is when it began,
         which may be before this row is written (e.g. while it waited for clients). A round
         run again after a restart keeps its index: ``attempt`` counts the tries and
-        ``retried`` says why each earlier one was given up."""
+        ``retried`` says why each earlier one was given up. ``selection``: who the round
+        selected and why each other client was not (core/selection.py)."""
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started, attempt, retried) "
-            "VALUES(?, ?, 'running', ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO rounds(session_id, idx, status, parent, participants, started, attempt, retried, selection) "
+            "VALUES(?, ?, 'running', ?, ?, ?, ?, ?, ?)",
             (session_id, index, parent, json.dumps(participants), time.time() if started is None else started, attempt,
-             json.dumps(retried) if retried else None),
+             json.dumps(retried) if retried else None, json.dumps(selection) if selection is not None else None),
         )
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:

@@ -16,9 +16,10 @@ MAX_CA_BYTES = 64 << 10
 FETCH_TIMEOUT_S = 10.0
 
 
-async def fetch_ca(url: str, fingerprint: str, timeout: float = FETCH_TIMEOUT_S) -> bytes:
+async def fetch_ca(url: str, fingerprint: str, timeout: float = FETCH_TIMEOUT_S, pinned_by: str = "the join token") -> bytes:
     """The CA certificate (PEM) the controller at ``url`` serves, if its fingerprint is
-    ``fingerprint``; TrustError if it is another, ConnectError if it cannot be fetched."""
+    ``fingerprint`` (what ``pinned_by`` pins: a TrustError names it if it is another);
+    ConnectError if it cannot be fetched."""
     from scaleout.security.tls import fingerprint as fingerprint_of
 
     parts = urlsplit(url)
@@ -49,8 +50,9 @@ async def fetch_ca(url: str, fingerprint: str, timeout: float = FETCH_TIMEOUT_S)
         raise TrustError(f"{url} handed out something that is not a certificate as its CA") from None
     if got != fingerprint:
         raise TrustError(
-            f"the controller at {url} presented CA {got[:23]}... but the join token pins {fingerprint[:23]}...: "
-            "the token is for another controller, or someone is in between; refusing to connect"
+            f"the controller at {url} presented CA {got[:23]}... but {pinned_by} pins {fingerprint[:23]}...: "
+            + ("the token is for another controller" if pinned_by == "the join token" else f"{pinned_by} names another controller's CA")
+            + ", or someone is in between; refusing to connect"
         )
     return body
 

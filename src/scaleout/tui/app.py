@@ -146,7 +146,9 @@ class SessionForm(ModalScreen[dict[str, Any] | None]):
                     yield Input(value, id=f"f-{key}", type="number" if key != "round_timeout" else "text")
             with Horizontal(classes="row"):
                 yield Label("Aggregator")
-                yield Select([("fedavg", "fedavg"), ("fedadam", "fedadam")], value="fedavg", allow_blank=False, id="f-aggregator")
+                from scaleout.core.aggregators import STRATEGIES
+
+                yield Select([(name, name) for name in sorted(STRATEGIES)], value="fedavg", allow_blank=False, id="f-aggregator")
             with Horizontal(classes="row"):
                 yield Label("Aggregator kwargs")
                 yield Input("{}", id="f-aggregator_kwargs", placeholder='{"learning_rate": 0.01}')

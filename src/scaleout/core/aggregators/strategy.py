@@ -88,6 +88,11 @@ class Strategy:
         model, the float64 weighted mean of this round's updates and the state kept so far."""
         return {name: cast_mean(name, np.asarray(mean[name]), model[name].dtype.name) for name in model}, {}
 
+    def train_settings(self) -> dict[str, Any]:
+        """Settings this strategy adds to every client's train settings (over --settings),
+        e.g. FedProx's ``mu``; most add none."""
+        return {}
+
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
         """A ``needs_updates`` strategy's server step: (next global model, server state) from
         the current model, each client's update and the state kept so far. The others fold a
@@ -145,12 +150,129 @@ class FedAdam(Strategy):
         return new_model, new_state
 
 
-def _moment(state: Mapping[str, np.ndarray], key: str, x: np.ndarray) -> np.ndarray:
-    """The stored moment, or zeros on the first round; a shape that no longer fits the
-    model (a new seed mid-session cannot happen, but a corrupt state can) is refused."""
+class _AdaptiveOpt(Strategy):
+    """The adaptive server optimisers of Reddi et al. (2021), Algorithm 2: the round's mean
+    change ``delta`` is the pseudo-gradient, and the three differ only in how the second
+    moment ``v`` moves. Integer and bool tensors take the plain mean, as in FedAdam.
+
+        m = b1 m + (1 - b1) delta;  v = _second(v, delta);  x <- x + learning_rate * m / (sqrt(v) + tau)
+
+    ``v`` starts at tau^2 (the paper's v_-1 >= tau^2), ``m`` at zero."""
+
+    def _second(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, model: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        lr, b1, tau = (self.kwargs[k] for k in ("learning_rate", "beta1", "tau"))
+        new_model: Tensors = {}
+        new_state: Tensors = {}
+        for name, x in model.items():
+            if x.dtype.kind != "f":
+                new_model[name] = cast_mean(name, np.asarray(mean[name]), x.dtype.name)
+                continue
+            m_key, v_key = f"m/{name}", f"v/{name}"
+            m = _moment(state, m_key, x)
+            v = _moment(state, v_key, x, start=tau * tau)
+            with np.errstate(over="ignore", invalid="ignore"):
+                delta = np.asarray(mean[name], dtype=np.float64) - x
+                m = b1 * m + (1.0 - b1) * delta
+                v = self._second(v, np.square(delta))
+                new_x = (x + lr * m / (np.sqrt(v) + tau)).astype(x.dtype)
+            new_model[name] = _checked(name, new_x)
+            keep = np.result_type(x.dtype, np.float32)
+            new_state[m_key] = _checked(m_key, m.astype(keep))
+            new_state[v_key] = _checked(v_key, v.astype(keep))
+        return new_model, new_state
+
+
+class FedYogi(_AdaptiveOpt):
+    """FedYogi (Reddi et al., 2021): like FedAdam, but the second moment moves additively,
+    by at most (1 - b2) delta^2 a round, so it grows slower on a sudden large change:
+
+        v <- v - (1 - b2) delta^2 sign(v - delta^2)
+
+    Hyperparameter names and defaults follow Scaleout Edge's ``fedopt``."""
+
+    name = "fedyogi"
+    params = {
+        "learning_rate": Param(1e-3, 0.0, low_open=True, help="server learning rate"),
+        "beta1": Param(0.9, 0.0, 1.0, high_open=True, help="decay of the first moment"),
+        "beta2": Param(0.99, 0.0, 1.0, high_open=True, help="decay of the second moment"),
+        "tau": Param(1e-4, 0.0, low_open=True, help="adaptivity: added to sqrt(v); v starts at tau^2"),
+    }
+
+    def _second(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.kwargs["beta2"]) * delta2 * np.sign(v - delta2)
+
+
+class FedAdagrad(_AdaptiveOpt):
+    """FedAdaGrad (Reddi et al., 2021): the second moment sums every round's squared
+    change, so the step shrinks as rounds go by (no ``beta2``):
+
+        v <- v + delta^2
+
+    Hyperparameter names and defaults follow Scaleout Edge's ``fedopt``."""
+
+    name = "fedadagrad"
+    params = {
+        "learning_rate": Param(1e-3, 0.0, low_open=True, help="server learning rate"),
+        "beta1": Param(0.9, 0.0, 1.0, high_open=True, help="decay of the first moment"),
+        "tau": Param(1e-4, 0.0, low_open=True, help="adaptivity: added to sqrt(v); v starts at tau^2"),
+    }
+
+    def _second(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        return v + delta2
+
+
+class FedAvgM(Strategy):
+    """FedAvgM (Hsu et al., 2019): FedAvg with server momentum. The round's mean change
+    builds a velocity kept across rounds; integer and bool tensors take the plain mean.
+
+        u = momentum * u + (mean - x);  x <- x + server_learning_rate * u
+
+    With momentum 0 and server_learning_rate 1 it is FedAvg."""
+
+    name = "fedavgm"
+    params = {
+        "server_learning_rate": Param(1.0, 0.0, low_open=True, help="scales the step"),
+        "momentum": Param(0.9, 0.0, 1.0, high_open=True, help="share of last round's velocity kept"),
+    }
+
+    def step(self, model: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        lr, beta = self.kwargs["server_learning_rate"], self.kwargs["momentum"]
+        new_model: Tensors = {}
+        new_state: Tensors = {}
+        for name, x in model.items():
+            if x.dtype.kind != "f":
+                new_model[name] = cast_mean(name, np.asarray(mean[name]), x.dtype.name)
+                continue
+            u_key = f"u/{name}"
+            with np.errstate(over="ignore", invalid="ignore"):
+                u = beta * _moment(state, u_key, x) + (np.asarray(mean[name], dtype=np.float64) - x)
+                new_x = (x + lr * u).astype(x.dtype)
+            new_model[name] = _checked(name, new_x)
+            new_state[u_key] = _checked(u_key, u.astype(np.result_type(x.dtype, np.float32)))
+        return new_model, new_state
+
+
+class FedProx(Strategy):
+    """FedProx (Li et al., 2020): FedAvg on the server; each client adds the proximal term
+    (mu / 2) ||w - w_global||^2 to its local loss. ``mu`` reaches every client's train
+    settings as ``mu`` (over --settings); the train callback applies it (see the quickstart)."""
+
+    name = "fedprox"
+    params = {"mu": Param(0.01, 0.0, help="weight of the proximal term; 0 is FedAvg")}
+
+    def train_settings(self) -> dict[str, Any]:
+        return {"mu": self.kwargs["mu"]}
+
+
+def _moment(state: Mapping[str, np.ndarray], key: str, x: np.ndarray, start: float = 0.0) -> np.ndarray:
+    """The stored moment, or ``start`` everywhere on the first round; a shape that no longer
+    fits the model (a new seed mid-session cannot happen, but a corrupt state can) is refused."""
     value = state.get(key)
     if value is None:
-        return np.zeros(x.shape, dtype=np.float64)
+        return np.full(x.shape, start, dtype=np.float64)
     if value.shape != x.shape:
         raise UpdateRejected(f"server state {key!r} has shape {value.shape}, the model {x.shape}")
     return np.asarray(value, dtype=np.float64)
@@ -163,7 +285,7 @@ def _checked(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvgStrategy, FedAdam)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvgStrategy, FedAdam, FedYogi, FedAdagrad, FedAvgM, FedProx)}
 
 
 def make_strategy(name: str, kwargs: Mapping[str, Any] | None = None) -> Strategy:
