@@ -57,6 +57,7 @@ def test_edge_example_unchanged_leaves_out_the_client_not_charging_and_sets_the_
     for r in session["rounds"]:
         assert r["status"] == "succeeded" and r["participants"] == ["phone-a", "phone-b"], r
         assert not r.get("server_functions"), r  # no call failed
+        assert r["selection"]["not_selected"] == {"phone-off": "left out by the server functions"}, r  # session show says why
     shown = fed.admin("session.show", {"id": sid, "clients": True})[0]["session"]
     for r in shown["rounds"]:
         trained = {c["client"]: c["data"]["metadata"]["training_metadata"]["settings"] for c in r["clients"] if c["kind"] == "train"}
