@@ -367,16 +367,8 @@ class AsyncScaleout:
         or a fraction of the connected clients such as 0.1) clients are drawn each round with
         ``seed`` (drawn and recorded on the session when not given); ``clients`` fixes the set.
 
-        ``server_functions`` (Edge's ServerFunctions class) come with issue 15: given now, they
-        raise NotSupported rather than being ignored."""
-        if server_functions is not None:
-            import inspect
-
-            what = server_functions.__name__ if inspect.isclass(server_functions) else type(server_functions).__name__
-            raise NotSupported(
-                f"start_session(server_functions={what}): server functions are not in this release yet (they come with issue 15); "
-                "start the session without them"
-            )
+        ``server_functions``: Edge's ServerFunctions class (its module's source is sent; in a
+        notebook, the class's own source), or the path of a file defining it."""
         if requested_clients is not None and clients_per_round is not None and requested_clients != clients_per_round:
             raise ConfigError("clients_per_round", f"give requested_clients ({requested_clients}) or clients_per_round ({clients_per_round}), not both")
         config = {
@@ -384,6 +376,8 @@ class AsyncScaleout:
             "rounds": rounds, "validate": validate, "min_clients": min_clients, "settings": settings or {}, "model": model_id,
             "clients_per_round": clients_per_round if clients_per_round is not None else requested_clients, "seed": seed, "clients": clients,
         }
+        if server_functions is not None:
+            config.update(server_functions_source(server_functions))
         return dict((await self._call("session.start", config))[0]["session"])
 
     async def continue_session(self, session_id: str, rounds: int = 5, round_timeout: float = 180) -> dict[str, Any]:
@@ -627,3 +621,40 @@ for _name, _method in list(vars(AsyncScaleout).items()):
 
 
 APIClient = Scaleout  # FEDn's name for it
+
+
+def server_functions_source(server_functions: Any) -> dict[str, Any]:
+    """``start_session(server_functions=...)``'s part of the session config: the source of the
+    class's module (a notebook's class: the class's own source, with Edge's imports above it),
+    or of the file a path names. The controller compiles it in its server-functions worker."""
+    import inspect
+    from pathlib import Path
+
+    if isinstance(server_functions, (str, Path)):
+        path = Path(server_functions)
+        return {"server_functions": path.read_text(encoding="utf-8"), "server_functions_file": path.name}
+    cls = server_functions if inspect.isclass(server_functions) else type(server_functions)
+    module = inspect.getmodule(cls)
+    try:
+        source = inspect.getsource(module) if module is not None and module.__name__ != "__main__" else None
+    except (OSError, TypeError):
+        source = None
+    if source is None and module is not None and getattr(module, "__file__", None):
+        try:
+            source = inspect.getsource(module)  # a script run as __main__
+        except (OSError, TypeError):
+            source = None
+    name = Path(getattr(module, "__file__", None) or "server_functions.py").name
+    if source is None:  # a notebook cell: the class alone, with the imports Edge's example uses
+        try:
+            body = inspect.getsource(cls)
+        except (OSError, TypeError) as exc:
+            raise ValueError(f"start_session(server_functions={cls.__name__}): its source cannot be found ({exc}); pass the path of its file") from None
+        source = (
+            "from scaleoututil.serverfunctions.allowed_import import Dict, List, Optional, ServerFunctionsBase, Tuple, api_client, logger, np, random\n"
+            "from scaleoututil.serverfunctions.serverfunctionsbase import RoundType\n\n" + body
+        )
+        name = "server_functions.py"
+    if cls.__name__ != "ServerFunctions":
+        source += f"\n\nServerFunctions = {cls.__name__}\n"
+    return {"server_functions": source, "server_functions_file": name}

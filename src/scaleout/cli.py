@@ -264,6 +264,14 @@ def build_parser() -> ArgumentParser:
     )
     c.add_argument("--seed", type=int, metavar="S", help="seed of the per-round draws, recorded on the session (default: a fresh one, recorded)")
     c.add_argument("--clients", metavar="A,B,C", help="only these clients take part (names, comma-separated; all must be known to the controller)")
+    c.add_argument(
+        "--server-functions", type=Path, metavar="FILE.py",
+        help="a Python file defining class ServerFunctions(ServerFunctionsBase) (Scaleout Edge's server functions), run on the controller",
+    )
+    c.add_argument(
+        "--server-functions-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="how long one server-function call may take before the built-in behaviour is used for it (default: 60)",
+    )
     c.add_argument("--name", help="a name for the session")
     c.add_argument("--model", metavar="ID", help="start from this model of the trail instead of the global model (model ls lists them)")
     c.add_argument("--wait", action="store_true", help="follow the rounds until the session ends")

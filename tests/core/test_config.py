@@ -23,6 +23,9 @@ DEFAULTS = {
     "clients_per_round": None,
     "seed": None,
     "clients": None,
+    "server_functions": None,
+    "server_functions_file": "server_functions.py",
+    "server_functions_timeout": 60.0,
 }
 
 
@@ -47,6 +50,9 @@ def test_from_mapping_and_to_dict_round_trip() -> None:
         "clients_per_round": 0.5,
         "seed": 42,
         "clients": ["a", "b", "c", "d"],
+        "server_functions": "class ServerFunctions: pass\n",
+        "server_functions_file": "sf.py",
+        "server_functions_timeout": 5.0,
     }
     cfg = SessionConfig.from_mapping(data)
     assert cfg.to_dict() == data
@@ -228,3 +234,18 @@ def test_parse_sans_refuses_what_is_not_a_name(bad: Any) -> None:
     value = bad if bad == "ctl" else [bad]  # "ctl" alone: a string where a list is due
     with pytest.raises(ConfigError, match="san"):
         parse_sans(value, "controller")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("server_functions", "", "must be the Python source"),
+        ("server_functions", "x" * (256 << 10 | 1), "at most 262,144 are taken"),
+        ("server_functions_timeout", 0, "must be a number of seconds > 0"),
+        ("server_functions_timeout", float("nan"), "must be a number of seconds > 0"),
+        ("server_functions_file", "", "must be a file name"),
+    ],
+)
+def test_server_functions_settings_are_checked(field: str, value: Any, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        SessionConfig.from_mapping({field: value})

@@ -217,13 +217,18 @@ def test_each_refusal_is_the_projects_error_with_the_controllers_line(fed: Feder
         with pytest.raises(api.ConflictError, match="no clients are connected"):
             client.run_custom_command("echo")
 
-        class ServerFunctions:  # Edge's shape; issue 15 runs it
+        import numpy as np
+
+        from scaleout.core import payload
+
+        fed.admin("model.set_seed", {}, payload.encode_named({"0": np.zeros(2, np.float32)}, "list"))  # a session could start
+        class ServerFunctions:  # Edge's shape, in a module that imports what server functions may not
             def aggregate(self, previous_global: Any, client_updates: Any) -> Any:
                 return previous_global
 
-        with pytest.raises(api.NotSupported, match=r"server_functions=ServerFunctions.*issue 15") as info:
-            client.start_session(rounds=1, server_functions=ServerFunctions)
-        assert isinstance(info.value, NotImplementedError) and one_line(info)
+        with pytest.raises(api.ConfigError, match=r"^server_functions: server functions may not import \w+; .*\(test_api.py:\d+ in <module>\)$") as info:
+            client.start_session(rounds=1, server_functions=ServerFunctions)  # the module's source is sent: the controller's worker refuses it
+        assert one_line(info)
         assert client.get_sessions()["count"] == 0  # refused before anything was asked
 
     # A client token: valid, but its role may not (a write, and a read too).

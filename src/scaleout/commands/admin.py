@@ -257,6 +257,7 @@ def session_start(args: argparse.Namespace) -> int:
         raise ConfigError("settings", "numbers must be finite (no NaN or Infinity)") from None
     if args.model:
         req["model"] = args.model
+    req.update(_server_functions(args))
     return _run_session_op(args, "session.start", req, lambda s: f"started ({args.rounds} round{'' if args.rounds == 1 else 's'}{_sampling(s['config'])})")
 
 
@@ -280,6 +281,28 @@ def _sampling(cfg: dict[str, Any]) -> str:
     pool = f"of {len(fixed)} named clients" if fixed else "of the connected clients"
     many = "all" if per is None else f"{per * 100:g}%" if isinstance(per, float) else str(per)
     return f", {many} {pool} a round, seed {cfg.get('seed')}"
+
+
+def _server_functions(args: argparse.Namespace) -> dict[str, Any]:
+    """--server-functions FILE.py: the file's source (the controller compiles it in its
+    server-functions worker, never here or in its own process)."""
+    path = getattr(args, "server_functions", None)
+    timeout = getattr(args, "server_functions_timeout", 60.0)
+    if path is None:
+        return {}
+    from scaleout.core.serverfunctions import MAX_SOURCE
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--server-functions {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_SOURCE:
+        raise UsageError(f"--server-functions {path}: {len(data):,} bytes; a server-functions file may have at most {MAX_SOURCE:,}")
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--server-functions {path}: not a Python file (not UTF-8 text)") from None
+    return {"server_functions": source, "server_functions_file": path.name, "server_functions_timeout": timeout}
 
 
 def session_continue(args: argparse.Namespace) -> int:
@@ -473,12 +496,17 @@ def session_ls(args: argparse.Namespace) -> int:
 def _print_session(s: dict[str, Any]) -> None:
     print(f"session {s['id']}  {s['status']}" + (f"  ({s['reason']})" if s.get("reason") else ""))
     print(f"started {when(s['created'])}  finished {when(s['finished'])}")
-    print(f"config  {json.dumps(s['config'])}")
+    config = dict(s["config"])
+    if config.get("server_functions"):  # the file's source: its name and size, not its text
+        config["server_functions"] = f"{config.get('server_functions_file')} ({len(config['server_functions'].splitlines())} lines)"
+    print(f"config  {json.dumps(config)}")
     print(f"model   {s['start_model'] or '-'} -> {s['end_model'] or '-'}")
     for r in s["rounds"]:
         print("  " + _round_line(r))
         for line in selection_lines(r.get("selection")):
             print("      " + line)
+        for e in (r.get("server_functions") or {}).get("errors", []):
+            print(f"      server functions: {e['method']} failed{' at ' + e['where'] if e.get('where') else ''}: {e['error']} (built-in used)")
         for c in r.get("clients", []):
             data = c["data"]
             if c["kind"] == "train":

@@ -44,6 +44,11 @@ class SessionConfig:
     clients_per_round: int | float | None = None
     seed: int | None = None
     clients: list[str] | None = None
+    # Server functions (Scaleout Edge's ServerFunctions class): the file's source, its name
+    # (tracebacks name it) and the time limit of each call. See roles/serverfunctions.py.
+    server_functions: str | None = None
+    server_functions_file: str = "server_functions.py"
+    server_functions_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
@@ -70,6 +75,7 @@ class SessionConfig:
         )
 
         parse_examples_cap(self.max_examples_per_client)
+        _check_server_functions(self)
         object.__setattr__(self, "max_update_norm", parse_norm_bound(self.max_update_norm))  # "off" -> 0.0
         from scaleout.core.selection import check_sampling
 
@@ -82,6 +88,20 @@ class SessionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_server_functions(cfg: SessionConfig) -> None:
+    from scaleout.core.serverfunctions import MAX_SOURCE, MAX_TIMEOUT_S
+
+    source, file, timeout = cfg.server_functions, cfg.server_functions_file, cfg.server_functions_timeout
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise ConfigError("server_functions", "must be the Python source of a file defining class ServerFunctions")
+    if source is not None and len(source.encode("utf-8", "replace")) > MAX_SOURCE:
+        raise ConfigError("server_functions", f"the file is {len(source.encode('utf-8', 'replace')):,} bytes; at most {MAX_SOURCE:,} are taken")
+    if not isinstance(file, str) or not 0 < len(file) <= 200 or "\n" in file:
+        raise ConfigError("server_functions_file", "must be a file name")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ConfigError("server_functions_timeout", f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, got {timeout!r:.40}")
 
 
 def _build(cls: Any, data: Mapping[str, Any], what: str) -> Any:

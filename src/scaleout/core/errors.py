@@ -24,6 +24,8 @@
      │                          trusted (also a ConnectionError)
      ├── NotSupported           asked for what this release does not do yet (also a NotImplementedError)
      ├── TaskAborted            the running task was aborted (session stopped)
+     ├── ServerFunctionsError   a session's server function failed to load, raised, timed out or
+     │                          returned the wrong thing (the built-in behaviour is used instead)
      └── CommandFailed          a custom command or prediction failed on a client (raised,
                                 timed out, returned no JSON, no such command, ...)
 
@@ -217,6 +219,16 @@ class TaskAborted(ScaleoutError):
     """Raised by EdgeClient.check_task_abort() when the session was stopped."""
 
     code = "aborted"
+
+
+class ServerFunctionsError(ScaleoutError):
+    """A server function failed: ``where`` is the file and line in the user's class, when known."""
+
+    code = "server_functions"
+
+    def __init__(self, problem: str, where: str | None = None) -> None:
+        self.problem, self.where = problem, where
+        super().__init__(f"{problem} ({where})" if where else problem)
 
 
 class CommandFailed(ScaleoutError):

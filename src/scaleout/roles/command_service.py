@@ -124,6 +124,10 @@ class CommandService:
             chosen = dict(where)
             if not chosen:
                 raise ConflictError("no clients are connected (list them with: scaleout client ls)")
+            if kind == "predict":  # the running session's server functions choose who predicts
+                from scaleout.roles.serverfunctions import prediction_selection
+
+                chosen = await prediction_selection(ctl.session, ctl, chosen)
         else:
             names = list(dict.fromkeys(m.check_name(c, "client name") for c in wanted))
             if not names:

@@ -47,6 +47,7 @@ from scaleout.core.selection import (
     select_clients,
 )
 from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, Step, StepKind, ValidateRound, Wait
+from scaleout.roles import serverfunctions as sfn
 from scaleout.roles.common import failpoint, new_id
 from scaleout.roles.spill import SPILL, Spill, sweep
 from scaleout.transport.link import Link, LinkClosed, RequestTimeout
@@ -109,6 +110,7 @@ class RunningSession:
     server_state: dict[str, Any] = field(default_factory=dict)  # what the strategy keeps across rounds
     stop_reason: str | None = None  # why it was stopped ("stopped by an admin", "controller shut down")
     storage_failure: StorageError | None = None  # a write failed (a full disk): the session ends
+    sfn: Any = None  # roles/serverfunctions.SessionFunctions: the session's server functions, while it runs
 
 
 @dataclass
@@ -223,6 +225,7 @@ class SessionService:
         if model_id is None:
             raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
         sid = new_id("s-")
+        functions = await sfn.open_functions(sid, cfg, self.host) if cfg.server_functions else None  # a file that does not load is refused here
         first = Step(StepKind.SESSION_STARTED, model_id=model_id, rounds=cfg.rounds, at=time.time())
         with st.transaction():  # a full disk must not leave a session row nobody runs
             st.add_session(sid, cfg.to_dict(), model_id)
@@ -230,7 +233,7 @@ class SessionService:
             audit("session.start", id=sid, config=cfg.to_dict(), model=model_id)
         machine = SessionMachine(sid, validate=cfg.validate)
         machine.apply(first)
-        s = RunningSession(sid, cfg, machine)
+        s = RunningSession(sid, cfg, machine, sfn=functions)
         self._launch(s)
         log.info("session %s started: %d rounds, aggregator %s", sid, cfg.rounds, cfg.aggregator)
         self.host.hub.publish(m.SessionStarted(session_id=sid, config=cfg.to_dict()))
@@ -371,6 +374,8 @@ class SessionService:
             s.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # the role edge: it is being abandoned
                 await s.task
+        if s is not None:
+            await sfn.close(s)
         if self._record_retry is not None:
             self._record_retry.cancel()
         if self.record_ends() is not None:
@@ -509,6 +514,7 @@ class SessionService:
 
     async def _end(self, s: RunningSession, status: str, reason: str | None) -> None:
         self.running = None  # first: a failing write below must not block new sessions
+        await sfn.close(s)
         end_model = s.machine.model_id
         failure = s.storage_failure
         self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
@@ -572,6 +578,8 @@ class SessionService:
         selected = {name: clients for name, clients in selected.items() if name in host.combiners}
         # Sampling: the same draw for the same seed, round and connected clients (a restart draws it again).
         selected, left_out = sample_clients(selected, index, cfg.seed or 0, cfg.clients_per_round, cfg.clients)
+        await sfn.begin_round(s, host, index)
+        selected = await sfn.client_selection(s, host, selected, "training", left_out)  # the server functions choose last
         host.round_members = {name: frozenset(clients) for name, clients in selected.items()}
         participants = sorted(c for clients in selected.values() for c in clients)
         selection = {"selected": participants, "not_selected": left_out}
@@ -587,7 +595,7 @@ class SessionService:
 
         def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
-            fields = {"status": status, "reason": reason, "duration_s": duration, "finished": time.time(), **extra}
+            fields = {"status": status, "reason": reason, "duration_s": duration, "finished": time.time(), **extra, **sfn.record(s)}
             kind = StepKind.ROUND_VALIDATED if status == "succeeded" else StepKind.ROUND_FAILED
             try:
                 if kind is StepKind.ROUND_VALIDATED and not cfg.validate:  # committed already: only the row's last fields
@@ -612,7 +620,7 @@ class SessionService:
         # A combiner reports at its own deadline at the latest; then it encodes its partial: time that grows with the model.
         grace = PARTIAL_GRACE_S + len(global_bytes) / PARTIAL_ENCODE_RATE
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
-        strategy = make_strategy(cfg.aggregator, cfg.aggregator_kwargs)
+        strategy = sfn.wrap(s, make_strategy(cfg.aggregator, cfg.aggregator_kwargs))
         agg = get_aggregator(cfg.aggregator, template)
         # A strategy that needs each update on its own gets them spilled to disk, not folded.
         spill = Spill(host.blobs.root / SPILL / s.id / f"{index}-{attempt}", template) if strategy.needs_updates else None
@@ -622,6 +630,7 @@ class SessionService:
         settings = {**cfg.settings, **strategy.train_settings()}  # e.g. FedProx's mu, over --settings
         self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
         await failpoint("distribute")  # the round is recorded, its orders not yet out
+        settings = await sfn.client_settings(s, settings, global_bytes)  # the server functions over both
         for name, clients in selected.items():
             msg = m.RoundStart(
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
@@ -759,7 +768,8 @@ class SessionService:
         validation: dict[str, float] = {}
         if cfg.validate:
             validate_started = loop.time()
-            validation = await self._validate(s, index, model_id, choose_validators(selected, contributors))
+            validators = await sfn.client_selection(s, host, choose_validators(selected, contributors), "validation")
+            validation = await self._validate(s, index, model_id, validators)
             timing["validate_s"] = round(loop.time() - validate_started, 4)
             if validation:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS rounds (
   session_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, model_id TEXT,
   parent TEXT, participants TEXT NOT NULL DEFAULT '[]', started REAL NOT NULL, finished REAL,
   duration_s REAL, reason TEXT, validation TEXT NOT NULL DEFAULT '{}', server_state TEXT, timing TEXT, aggregation TEXT,
+  server_functions TEXT,
   PRIMARY KEY (session_id, idx));
 CREATE TABLE IF NOT EXISTS reports (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, session_id TEXT, round_index INTEGER,
@@ -60,7 +61,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
 
-_JSON_COLUMNS = {"retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection", "aggregation"}
+_JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection", "aggregation"}
 
 
 def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -158,7 +159,7 @@ class State:
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
-        for column in ("server_state", "timing", "retried", "aggregation"):
+        for column in ("server_state", "timing", "retried", "aggregation", "server_functions"):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE rounds ADD COLUMN {column} TEXT")
         if "attempt" not in columns:
@@ -415,7 +416,7 @@ class State:
 
     def finish_round(self, session_id: str, index: int, **fields: Any) -> None:
         fields.setdefault("finished", time.time())
-        for key in ("participants", "validation", "timing", "aggregation"):
+        for key in ("participants", "validation", "timing", "aggregation", "server_functions"):
             if key in fields:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)
