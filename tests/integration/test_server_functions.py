@@ -71,8 +71,6 @@ def test_edge_example_unchanged_leaves_out_the_client_not_charging_and_sets_the_
     assert f"server functions [session {sid} round 2]: 2 clients selected based on client attributes, out of 3 clients." in log
 
 
-@pytest.mark.xfail(strict=True, reason="the class's aggregate runs once combiners forward each update (the robust branch's pipeline); "
-                   "remove this mark when both are merged")
 def test_edge_example_aggregate_runs_on_the_controller(fed: Federation) -> None:
     _federation(fed)
     sid = _start(fed, EDGE)

@@ -155,6 +155,7 @@ class RoundStart(Message):
     max_update_norm: float = 10.0  # a change beyond this multiple of the model's norm is refused (0: off)
     blob: str | None = None
     attempt: int = 1  # a round run again after a controller restart keeps its index: its partial names the try
+    forward_updates: bool = False  # the round's strategy sees each update (server functions' aggregate, median...): forward, do not fold
 
 
 @message

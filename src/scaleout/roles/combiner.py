@@ -604,9 +604,9 @@ class Combiner:
         try:
             model = await self._model(msg.model_id)
             if kind == "train":
-                job.agg = get_aggregator(getattr(msg, "aggregator", "fedavg"), payload.describe(model))
-                job.forward = needs_updates(getattr(msg, "aggregator", "fedavg"))
                 assert isinstance(msg, m.RoundStart)
+                job.agg = get_aggregator(msg.aggregator, payload.describe(model))
+                job.forward = msg.forward_updates or needs_updates(msg.aggregator)
                 job.max_examples = msg.max_examples
                 job.model = payload.views(model)
                 job.model_size = len(model)

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -339,12 +339,27 @@ class ServerFunctionsStrategy(Strategy):
     def train_settings(self) -> dict[str, Any]:
         return self.inner.train_settings()  # e.g. FedProx's mu
 
+    @property
+    def needs_updates(self) -> bool:  # type: ignore[override]  # a robust inner strategy still sees each update
+        return self.inner.needs_updates
+
+    def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
+        new_model, new_state = self.inner.aggregate(model, updates, _own(state))
+        return new_model, self.functions.with_state(new_state)
+
+    def __getattr__(self, name: str) -> Any:  # what the roles ask of some strategies (needs_seed, last_record): the inner's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 class ServerFunctionsAggregate(ServerFunctionsStrategy):
     """The class's ``aggregate`` as a strategy that sees every update; when it fails, the
     built-in strategy aggregates this round's updates instead."""
 
-    needs_updates: ClassVar[bool] = True
+    @property
+    def needs_updates(self) -> bool:  # type: ignore[override]
+        return True
 
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], state: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
         try:

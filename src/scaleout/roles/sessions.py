@@ -514,11 +514,11 @@ class SessionService:
 
     async def _end(self, s: RunningSession, status: str, reason: str | None) -> None:
         self.running = None  # first: a failing write below must not block new sessions
-        await sfn.close(s)
         end_model = s.machine.model_id
         failure = s.storage_failure
         self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
-        self.record_ends()
+        self.record_ends()  # before any await: session.wait reads the end from state.db once running is None
+        await sfn.close(s)
         if s.machine.ended is None and s.id not in self._unrecorded:
             s.machine.apply(Step(StepKind.SESSION_ENDED, status=status, reason=reason))
         log.info("session %s %s%s", s.id, status, f" ({reason})" if reason else "")
@@ -636,6 +636,7 @@ class SessionService:
                 session_id=s.id, round_index=index, model_id=parent, count=len(clients),
                 timeout=cfg.round_timeout, settings=settings, aggregator=cfg.aggregator, attempt=attempt,
                 max_examples=cfg.max_examples_per_client, max_update_norm=cfg.max_update_norm,
+                forward_updates=strategy.needs_updates,
             )
             if not await quiet_send(links[name], msg, _names(clients)):  # its link dropped since it was selected
                 log.warning("round %d: combiner %s is gone: its %d clients are lost to this round", index, name, len(clients))
