@@ -245,7 +245,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--min-clients", type=int, default=1, help="fewest updates a round needs at its timeout, 1 to 1,000,000 (default: 1)")
     c.add_argument(
         "--aggregator", default="fedavg",
-        help="aggregation strategy: fedavg, fedadam, fedyogi, fedadagrad, fedavgm or fedprox (default: fedavg; README: Aggregators)",
+        help="aggregation strategy: fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, fedmedian, trimmedmean, krum, multikrum, bulyan or dpfedavg (default: fedavg; README: Aggregators)",
     )
     c.add_argument(
         "--aggregator-kwargs", default="{}", metavar="JSON",
