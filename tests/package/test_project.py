@@ -9,6 +9,10 @@ from scaleout.package.project import load_project
 
 from .conftest import IMPORTING_YAML, MakePackage
 
+# Nine levels of YAML aliases, each ten of the one before: 480 bytes whose repr is 10^9 items
+# (printing one in a message took minutes and gigabytes: this file's test would time out).
+LAUGHS = "l0: &l0 [x]\n" + "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n" for i in range(1, 10))
+
 
 def test_importing_and_dispatcher_entry_points(make_package: MakePackage) -> None:
     yaml_text = IMPORTING_YAML + '  train:\n    command: "python train.py"\n  validate: python validate.py\n'
@@ -45,6 +49,14 @@ def test_python_env_optional(make_package: MakePackage) -> None:
         # A re-attack: nesting raised RecursionError (a traceback at set-active); a 1 MiB flow list took 30 s.
         ("entry_points: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
         ("entry_points: [" + "1," * 20_000 + "1]\n", r"is 39.1 KiB; a project file may be at most 32.0 KiB"),
+        # A third attack: what PyYAML's constructors raise, and messages that printed a whole value.
+        ("x: 2001-13-40\nentry_points: {build: build.py}\n", r"not valid YAML: ValueError: month must be in 1\.\.12"),
+        ("x: " + "9" * 5000 + "\nentry_points: {build: build.py}\n", "not valid YAML: ValueError"),
+        ("x: !!timestamp abc\nentry_points: {build: build.py}\n", "not valid YAML"),
+        ("entry_points: {build: {command: x, timeout: 0x" + "f" * 20_000 + "}}\n", "got a very large number"),
+        (LAUGHS + "entry_points: {build: {command: x, timeout: *l9}}\n", "got a list"),
+        ("entry_points: {build: \"a\\0b.py\"}\n", "no NUL"),
+        ("entry_points: {build: " + "a" * 5000 + ".py}\n", "at most 1024 characters"),
     ],
 )
 def test_bad_project_file(make_package: MakePackage, text: str, message: str) -> None:

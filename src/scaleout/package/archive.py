@@ -177,7 +177,7 @@ class _Budget:
         self.entries = 0
         self.files = 0  # files and folders unpacking creates
         self.total = 0
-        self.dirs: set[PurePosixPath] = set()  # every folder unpacking creates, listed in the archive or not
+        self.dirs: set[str] = set()  # every folder unpacking creates, listed in the archive or not
 
     def member(self, member: Member) -> PurePosixPath | None:
         """Check one member's path and size; its safe relative path (None: the root)."""
@@ -200,10 +200,11 @@ class _Budget:
         # lists it or only implies it (9,997 files each 32 folders deep made 310,000 folders).
         if not member.is_dir:
             self._made()
-        for path in ([rel] if member.is_dir else []) + [p for p in rel.parents if p.parts]:
-            if path not in self.dirs:
-                self.dirs.add(path)
-                self._made()
+        folder = str(rel) if member.is_dir else str(rel.parent)
+        while folder not in ("", ".") and folder not in self.dirs:  # a known folder's parents are known too
+            self.dirs.add(folder)
+            self._made()
+            folder = folder.rpartition("/")[0]
         if not member.is_dir:
             self.total += member.size
             if self.total > self.max_total:

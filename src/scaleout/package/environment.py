@@ -59,21 +59,19 @@ class PythonEnv:
 
 
 def read_python_env(path: Path) -> PythonEnv:
-    import yaml
+    from scaleout.package.project import read_yaml, shown
 
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PackageError(f"cannot read {path}: {exc}") from None
+    doc = read_yaml(path)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise PackageError(f"{path} must be a mapping with 'dependencies' (a list of pip requirements)")
-    env = PythonEnv(file=path, name=str(doc.get("name") or ""))
+    name = doc.get("name")
+    env = PythonEnv(file=path, name=name[:200] if isinstance(name, str) else "")
     for key in ("build_dependencies", "dependencies"):
         value = doc.get(key) or []
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise PackageError(f"{path}: '{key}' must be a list of pip requirements such as 'numpy>=1.24', got {value!r:.80}")
+            raise PackageError(f"{path}: '{key}' must be a list of pip requirements such as 'numpy>=1.24', got {shown(value)}")
         setattr(env, key, [v.strip() for v in value])
     return env
 

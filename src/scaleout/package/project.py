@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeGuard
 
 from scaleout.core.errors import PackageError
 from scaleout.core.units import fmt_bytes
@@ -69,10 +70,14 @@ class Project:
         if not self.python_env:
             return None
         root = self.root.resolve()
-        path = (root / self.python_env).resolve()
+        try:
+            path = (root / self.python_env).resolve()
+            exists = path.is_file()
+        except OSError as exc:  # a name too long for the filesystem
+            raise PackageError(f"{root / self.file}: python_env {shown(self.python_env)}: {exc.strerror or exc}") from None
         if not path.is_relative_to(root):
             raise PackageError(f"{root / self.file}: python_env ({self.python_env}) points outside the package")
-        if not path.is_file():
+        if not exists:
             raise PackageError(f"{root / self.file} names python_env {self.python_env!r}, but {path} does not exist")
         return path
 
@@ -82,10 +87,14 @@ class Project:
         if not isinstance(value, str) or not value.strip().endswith(".py") or " " in value.strip():
             return None
         root = self.root.resolve()
-        path = (root / value.strip()).resolve()
+        try:
+            path = (root / value.strip()).resolve()
+            exists = path.is_file()
+        except OSError as exc:  # a name too long for the filesystem
+            raise PackageError(f"entry point {name!r}: {shown(value)}: {exc.strerror or exc}") from None
         if not path.is_relative_to(root):
             raise PackageError(f"entry point {name!r} ({value}) points outside the package {root}")
-        if not path.is_file():
+        if not exists:
             raise PackageError(f"entry point {name!r}: file {path} does not exist")
         return path
 
@@ -99,14 +108,65 @@ class Project:
         return None
 
 
+MAX_ENTRY_CHARS = 1024  # an entry point's file or command, python_env's file name
+
+
+def read_yaml(path: Path) -> Any:
+    """A package's YAML file (scaleout.yaml, fedn.yaml, python_env.yaml), bounded: at most
+    PROJECT_MAX_BYTES (PyYAML is pure Python: a 1 MiB flow list took 30 s and 395 MB), and
+    whatever PyYAML raises on it (a date of month 13, a 5000-digit number, nesting) is a
+    PackageError that names the file."""
+    import yaml
+
+    try:
+        size = path.stat().st_size
+        if size > PROJECT_MAX_BYTES:
+            raise PackageError(f"{path} is {fmt_bytes(size)}; a project file may be at most {fmt_bytes(PROJECT_MAX_BYTES)}")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PackageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PackageError(f"{path} is not UTF-8 text: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PackageError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PackageError(f"{path} is nested too deeply to read") from None
+    except Exception as exc:  # the package edge: PyYAML's constructors raise ValueError, AttributeError...
+        raise PackageError(f"{path} is not valid YAML: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def shown(value: Any) -> str:
+    """A value from a user's YAML in a message, bounded: never the repr of a whole structure
+    (an alias tree of 480 bytes has a repr of gigabytes) nor of a 20,000-digit number."""
+    if isinstance(value, str):
+        return repr(value[:60] + ("..." if len(value) > 60 else ""))
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() < 200 else "a very large number"
+    return f"a {type(value).__name__}"
+
+
+def _plain_text(value: Any, limit: int) -> TypeGuard[str]:
+    """Text a path or command can be made of: a str of at most ``limit`` characters,
+    without NUL, that encodes to UTF-8 (a lone surrogate does not)."""
+    if not isinstance(value, str) or len(value) > limit or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_project(root: Path) -> Project:
     """Read and check `root/scaleout.yaml` (or, when it has none, FEDn's `root/fedn.yaml`).
 
     The project keeps `root` absolute: its entry points run with the package as the
     working directory, where a relative `root` would point somewhere else.
     """
-    import yaml
-
     root = Path(root).resolve()
     if not root.is_dir():
         raise PackageError(f"package directory {root} does not exist")
@@ -114,16 +174,7 @@ def load_project(root: Path) -> Project:
     if found is None:
         raise PackageError(f"{root} has no {PROJECT_FILE} (nor FEDn's {LEGACY_PROJECT_FILE}); is it a compute package?")
     path = found
-    size = path.stat().st_size
-    if size > PROJECT_MAX_BYTES:
-        # PyYAML is pure Python: a 1 MiB flow list took 30 s and 395 MB to parse.
-        raise PackageError(f"{path} is {fmt_bytes(size)}; a project file may be at most {fmt_bytes(PROJECT_MAX_BYTES)}")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{path} is not valid YAML: {exc}") from exc
-    except RecursionError:
-        raise PackageError(f"{path} is nested too deeply to read") from None
+    doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise PackageError(f"{path} must be a mapping with an 'entry_points' key")
     entry_points = doc.get("entry_points")
@@ -133,16 +184,17 @@ def load_project(root: Path) -> Project:
         raise PackageError(f"{path}: 'entry_points' must be a mapping of name to file or command")
     for name, value in entry_points.items():
         command = value.get("command") if isinstance(value, dict) else value
-        if not isinstance(name, str) or not isinstance(command, str) or not command.strip():
+        if not _plain_text(name, 100) or not _plain_text(command, MAX_ENTRY_CHARS) or not command.strip():
             raise PackageError(
-                f"{path}: entry point {name!r} must be a file name, a command, or {{command: ...}}"
+                f"{path}: entry point {shown(name)} must be a file name, a command, or {{command: ...}} "
+                f"(text of at most {MAX_ENTRY_CHARS} characters, no NUL)"
             )
         timeout = value.get("timeout") if isinstance(value, dict) else None
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30 * 86400):
-            raise PackageError(f"{path}: entry point {name!r}: timeout must be a number of seconds above 0, got {timeout!r:.40}")
+            raise PackageError(f"{path}: entry point {name!r}: timeout must be a number of seconds above 0, got {shown(timeout)}")
     python_env = doc.get("python_env")
-    if python_env is not None and not isinstance(python_env, str):
-        raise PackageError(f"{path}: 'python_env' must be a file name")
+    if python_env is not None and not _plain_text(python_env, MAX_ENTRY_CHARS):
+        raise PackageError(f"{path}: 'python_env' must be a file name, got {shown(python_env)}")
     return Project(root=root, entry_points=dict(entry_points), python_env=python_env, file=path.name)
 
 

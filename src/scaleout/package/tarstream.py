@@ -133,8 +133,8 @@ class TarStream:
             return None
         stored = _number(block[148:156], "checksum")
         unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-        signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
-        if stored not in (unsigned, signed):
+        # The signed sum (old writers') only when the unsigned one fails: a byte loop per header cost 3 s for 10,000 members.
+        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
             raise PackageError("package archive is corrupt or unreadable: a tar header's checksum is wrong")
         return block
 
