@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
+import zipfile
 import shutil
 import ssl
 import subprocess
@@ -220,6 +222,16 @@ def test_errors_have_honest_statuses_and_the_openapi_document_validates(fed: Fed
     assert chunked.startswith(b"HTTP/1.1 411 "), chunked
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nbad header line\r\n\r\n").startswith(b"HTTP/1.1 400 "), "malformed header"
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nContent-Length: lots\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    # An attack's finds: digits isdigit() takes and int() does not were a traceback and no answer, with no token.
+    assert raw("GET /api/v1/status HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")).startswith(b"HTTP/1.1 400 ")
+    assert "n_max must be a whole number" in api.refused("GET", "/api/v1/models?n_max=%C2%B2", 400)
+    assert "n_max must be a whole number" in api.refused("GET", "/api/v1/models?n_max=" + "9" * 5000, 400)
+    lying = tmp_path / "lying.npz"  # an array header declaring 8 TiB over 16 bytes: numpy allocated it first
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (2**41,)})
+    with zipfile.ZipFile(lying, "w") as z:
+        z.writestr("arr_0.npy", head.getvalue() + bytes(16))
+    assert "declares 8796093022208 bytes" in api.refused("POST", "/api/v1/models", 400, body=lying.read_bytes())
     assert raw(b"GET /api/v1/status HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 ")
 
     # A request that stops halfway (the rest is never sent) is answered (408, 400) and closed, not waited for.

@@ -251,8 +251,20 @@ def _model_file(path: Path, limit: int) -> bytes:
 
 
 def _bearer(value: str) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; a join token as ``token create``
+    prints it (SCALEOUT-1.<...>) gives the credential inside it."""
     scheme, _, token = value.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    from scaleout.security import jointoken
+
+    if jointoken.is_join_token(token):
+        try:
+            return jointoken.parse(token).token
+        except errors.AuthError:
+            return token  # refused below, in the words of the token check
+    return token
 
 
 def _unauthorized(message: str) -> Response:
@@ -292,7 +304,7 @@ def _query_args(route: Route, operation: Operation, query: Mapping[str, list[str
     args: dict[str, Any] = {}
     for name, values in query.items():
         if route.listing and name == "n_max":
-            if len(values) != 1 or not values[0].isdigit():
+            if len(values) != 1 or not re.fullmatch(r"[0-9]{1,9}", values[0]):
                 raise errors.ProtocolError(f"n_max must be a whole number >= 0, got {values[-1][:40]!r}")
             args["n_max"] = int(values[0])
             continue
@@ -328,7 +340,7 @@ def _from_text(text: str, tp: Any) -> Any:
     kinds = _alternatives(tp)
     if bool in kinds and text.lower() in ("true", "false", "1", "0"):
         return text.lower() in ("true", "1")
-    if int in kinds and re.fullmatch(r"-?\d{1,18}", text):
+    if int in kinds and re.fullmatch(r"-?[0-9]{1,18}", text):
         return int(text)
     if float in kinds:
         try:

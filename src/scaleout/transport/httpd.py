@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -209,7 +210,11 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dea
                     response = parsed
                 else:
                     request = parsed
-                    response = await handle(request)
+                    try:
+                        response = await handle(request)
+                    except Exception:  # the role edge: a bug answers 500 and is logged, never a dropped connection
+                        log.exception("HTTP %s %s from %s failed", request.method, request.path[:200], peer)
+                        response = error_response(500, "internal", "internal error: the controller's log has the details")
         await _respond(writer, response, send_timeout)
         if request is not None and 0 < request.unread <= DISCARD_LIMIT:
             await asyncio.wait_for(reader.readexactly(request.unread), idle_timeout)  # else closing resets the answer
@@ -242,7 +247,7 @@ def _parse(head: bytes, peer: str, reader: asyncio.StreamReader, writer: asyncio
     if "transfer-encoding" in headers:
         return error_response(411, "length_required", "send the body with a Content-Length (chunked bodies are not taken)")
     text = headers.get("content-length", "0")
-    if not text.isdigit() or len(text) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", text):  # isdigit() takes "²", which int() does not
         return error_response(400, "bad_request", f"Content-Length must be a whole number of bytes, got {text[:40]!r}")
     return Request(words[0], words[1], headers, peer, int(text), reader, writer, idle_timeout)
 
