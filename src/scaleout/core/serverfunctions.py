@@ -166,7 +166,7 @@ def _decode(view: memoryview) -> dict[str, Any]:
 
     out = walk(header["m"])
     if not isinstance(out, dict):
-        raise ValueError("a frame that holds no message")
+        raise TypeError("a frame that holds no message")
     return out
 
 
