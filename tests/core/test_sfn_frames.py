@@ -60,3 +60,42 @@ def test_only_the_allowed_modules_are_allowed() -> None:
         assert sf.allowed(ok), ok
     for no in ("os", "subprocess", "socket", "scaleout", "scaleoututil.helpers", "fedn.utils", "importlib", "builtins"):
         assert not sf.allowed(no), no
+
+
+def test_a_ragged_result_and_settings_over_the_bound_are_refused() -> None:
+    template = {"w": np.zeros(3, np.float32), "n": np.zeros(2, np.int32)}
+    with pytest.raises(ServerFunctionsError, match="aggregate returned what is not an array at position 0"):
+        sf.check_model([[1, [2, 3]], [1, 2]], template, "aggregate")  # numpy raises ValueError on a ragged list
+    sf.check_settings({"blob": "x" * (sf.MAX_SETTINGS - 20)})
+    with pytest.raises(ServerFunctionsError, match=f"at most {sf.MAX_SETTINGS} bytes of settings"):
+        sf.check_settings({"blob": "x" * sf.MAX_SETTINGS})
+
+
+def test_a_malformed_frame_is_a_server_functions_error_and_an_oversized_one_is_refused_by_its_prefix() -> None:
+    good = sf.encode({"op": "result", "value": [np.arange(4, dtype=np.float64)]})
+    body = good[4:]
+    hlen = int.from_bytes(body[:4], "big")
+    header = body[4:4 + hlen]
+    bad = [
+        b"\x00\x00\x00\x05{bad}",  # JSON that does not parse
+        b"\x00\x00\x00\x02[]",  # no "a"
+        b"\x00\x00\x00\x0f" + b'{"m":1,"a":[]}X',  # a message that is not a dict (and a stray byte)
+        b"\x00\x00\xff\xff{}",  # a header longer than the frame
+        body[:-8],  # arrays past the frame's end
+        (hlen + 0).to_bytes(4, "big") + header.replace(b"[4]", b"[-4]"),  # a negative shape
+        (hlen + 2).to_bytes(4, "big") + header.replace(b"<f8", b"<xyz1") + body[4 + hlen:],  # no such dtype
+        b"\x00\x00\x00\x0c" + b'{"m":{"__nd__":"x"},"a":[]}'[:12],
+        b"\x00\x00\x00\x1b" + b'{"m":{"__nd__":"x"},"a":[]}',  # an array index that is not one
+        b"\x00\x00\x00\x1f" + b'{"m":{"__float__":"abc"},"a":[]}',
+        b"\x00\x00",  # no header length
+        b"\x00\x00\x00\x08" + b"[" * 4 + b"]" * 4 + b"\x00" * 0,
+        b"\x00\x01\x00\x00" + b"[" * 65536,  # nested deeper than the parser goes
+    ]
+    for frame in bad:
+        with pytest.raises(ServerFunctionsError):
+            sf.decode(frame)
+    assert sf.frame_size(good[:4], len(good) - 4) == len(good) - 4
+    with pytest.raises(ServerFunctionsError, match="a frame of 2147483647 bytes, more than the 1048576 this answer may take"):
+        sf.frame_size(b"\x7f\xff\xff\xff", sf.reply_limit("client_settings"))
+    template = {"w": np.zeros((10, 10), np.float32)}
+    assert sf.reply_limit("aggregate", sf.model_bytes(template)) == 800 + sf.MAX_REPLY

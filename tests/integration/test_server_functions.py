@@ -172,3 +172,48 @@ def test_a_raising_and_a_hanging_method_fall_back_and_the_round_goes_on(fed: Fed
     assert '"server_functions": "broken.py (10 lines)"' in r.stdout
     log = fed.procs[0].text()
     assert f"server functions [session {sid} round 1]: client_selection failed at broken.py:6 in client_selection: RuntimeError: selection is broken" in log
+
+
+SLOW_LOAD = '''\
+from scaleoututil.serverfunctions.allowed_import import ServerFunctionsBase
+
+
+class ServerFunctions(ServerFunctionsBase):
+    def __init__(self) -> None:
+        print("loading")
+        while True:  # until the test lets it go (its file appears)
+            try:
+                open(GO).close()
+                return
+            except OSError:
+                pass
+'''
+
+
+def test_a_second_start_while_the_first_loads_its_server_functions_is_refused(fed: Federation, tmp_path: Path) -> None:
+    import threading
+
+    from scaleout.core.errors import RemoteError
+
+    fed.controller()
+    fed.seed_from(PACKAGE)
+    with pytest.raises(RemoteError, match="server_functions"):  # a start that fails lets the next one in
+        fed.admin("session.start", {"rounds": 1, "server_functions": "x = 1\n"})
+    go = tmp_path / "go"
+    first: dict[str, object] = {}
+    start = threading.Thread(target=lambda: first.update(fed.admin("session.start", {"rounds": 1, "server_functions": SLOW_LOAD.replace("GO", repr(str(go)))})[0]))
+    start.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "round 0]: loading" not in fed.procs[0].text():  # the first start is in its load (polling its log, bounded)
+            assert time.monotonic() < deadline, fed.procs[0].text()
+            time.sleep(0.05)
+        with pytest.raises(RemoteError, match="another session is being started") as info:
+            fed.admin("session.start", {"rounds": 1})
+        assert info.value.code == "conflict", info.value.code
+    finally:
+        go.touch()
+        start.join(60)
+    sid = first["session"]["id"]  # type: ignore[index]
+    assert [s["id"] for s in fed.admin("session.ls")[0]["sessions"]] == [sid]  # one session, the first
+    fed.admin("session.stop", {"id": sid})

@@ -304,3 +304,93 @@ def test_the_wrapped_strategy_keeps_the_built_in_ones_train_settings(runners: li
     f, _ = start(runners, STATEFUL)
     prox = make_strategy("fedprox", {"mu": 0.25})
     assert f.wrap(prox).train_settings() == prox.train_settings() == {"mu": 0.25}
+
+
+HOSTILE = textwrap.dedent('''\
+    from scaleoututil.serverfunctions.allowed_import import ServerFunctionsBase, np
+
+
+    class ServerFunctions(ServerFunctionsBase):
+        def __init__(self):
+            self.calls = 0
+
+        def client_selection(self, client_ids, round_type):
+            self.calls += 1
+            worker = __builtins__["__import__"].__self__  # its raw pipe to the controller (a hostile admin's way)
+            if round_type.value == "training":
+                body = b"\\x00\\x00\\x00\\x05{bad}"  # a frame whose JSON does not parse
+                worker.out.write(len(body).to_bytes(4, "big") + body)
+            elif round_type.value == "validation":
+                worker.out.write(b"\\x7f\\xff\\xff\\xff" + b"\\x00" * 64)  # a frame said to be 2 GiB
+            worker.out.flush()
+            return client_ids[:1]
+
+        def client_settings(self, global_model):
+            for i in range(1000):
+                print(f"line {i} " + "y" * 3000)
+            if self.calls:
+                return {"blob": "x" * (2 << 20)}  # 2 MiB of settings
+            return {"ok": 1}
+
+        def aggregate(self, previous_global, client_updates):
+            if len(client_updates) == 1:
+                return [np.ones(1 << 21)] + previous_global[1:]  # 16 MiB, far more than the model
+            return [[1, [2, 3]]] + [p.tolist() for p in previous_global[1:]]  # ragged: numpy raises ValueError
+''')
+
+
+def test_ragged_oversized_and_forged_answers_fall_back_and_the_worker_serves_on(runners: list[Runner]) -> None:
+    f, lines = start(runners, HOSTILE, "hostile.py", timeout=10)
+    ups = updates(MODEL, {"a": (0.5, 10), "b": (-0.25, 30)})
+    strategy = f.wrap(FedAvgStrategy())
+    model, _ = strategy.aggregate(MODEL, ups, {})  # ragged: FedAvg, not a crash
+    assert f.errors[-1]["method"] == "aggregate" and "not an array at position 0" in f.errors[-1]["error"], f.errors
+    np.testing.assert_allclose(model["b"], (ups[0].tensors["b"] * 10 + ups[1].tensors["b"] * 30) / 40)
+    model, _ = strategy.aggregate(MODEL, ups[:1], {})  # 16 MiB for a model of 88 bytes: refused by the worker
+    assert "bytes; at most" in f.errors[-1]["error"] and "started again" not in f.errors[-1]["error"], f.errors[-1]
+    np.testing.assert_allclose(model["b"], ups[0].tensors["b"])
+
+    pid = f.runner.proc.pid if f.runner.proc else None
+    offered = {"c0": ["a", "b"]}
+    assert f.select_sync(offered, "training") == offered  # a forged frame: the built-in selection
+    assert "cannot be taken" in f.errors[-1]["error"] and "started again" in f.errors[-1]["error"], f.errors[-1]
+    assert f.runner.proc is not None and f.runner.proc.pid != pid
+    assert f.select_sync(offered, "validation") == offered  # 2 GiB announced: refused before its body is read
+    assert "a frame of 2147483647 bytes, more than the 1048576 this answer may take" in f.errors[-1]["error"], f.errors[-1]
+    assert f.select_sync(offered, "prediction") == {"c0": ["a"]}  # the restarted worker serves on
+
+    blob = payload.encode_named(MODEL, "dict")
+    lines.clear()
+    assert f.settings_sync(blob) == {}  # 2 MiB of settings: the built-in (none)
+    assert "bytes; at most 1048576 are taken" in f.errors[-1]["error"], f.errors[-1]
+    assert len(lines) == 101 and lines[-1] == "... 900 more lines not shown", lines[-1]  # a print flood: 100 lines logged
+    assert all(len(line) <= 300 for line in lines) and lines[0].startswith("line 0 yyy")
+
+
+def test_calls_never_use_the_loops_shared_thread_pool(runners: list[Runner]) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from scaleout.roles.serverfunctions import client_selection, client_settings, close
+
+    class Refusing(ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a server-functions call was given to the loop's shared pool")
+
+    f, _ = start(runners, PREDICT_ONE)
+
+    class Registry:
+        async def flush(self) -> None:
+            return None
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_default_executor(Refusing())
+        s = SimpleNamespace(sfn=f)
+        assert await client_selection(s, SimpleNamespace(registry=Registry()), {"c0": ["a", "b"]}, "prediction") == {"c0": ["a"]}
+        assert await client_settings(s, {"x": 1}, b"") == {"x": 1}  # no client_settings defined: --settings
+        await close(s)
+        assert s.sfn is None and f.runner.proc is None
+
+    asyncio.run(go())
+    assert not f.errors

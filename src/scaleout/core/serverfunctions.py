@@ -24,6 +24,8 @@ from scaleout.core.errors import ScaleoutError, ServerFunctionsError
 MAX_SOURCE = 256 << 10  # bytes of a server-functions file
 MAX_STATE = 16 << 20  # bytes of the class's pickled attributes kept with each round
 MAX_FRAME = 8 << 30
+MAX_REPLY = 1 << 20  # bytes of a worker's frame other than a model (a selection, settings, a printed line)
+MAX_SETTINGS = 1 << 20  # bytes of client_settings' answer, JSON-encoded
 DEFAULT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 3600.0
 MEMORY_LIMIT = 4 << 30  # the worker's address space (RLIMIT_AS)
@@ -92,18 +94,48 @@ def _key(k: Any) -> str:
     raise ServerFunctionsError(f"a dict key of type {type(k).__name__} cannot be sent")
 
 
-def frame_size(prefix: bytes) -> int:
-    """The size of the frame that follows its 4-byte length prefix."""
+def frame_size(prefix: bytes, limit: int = MAX_FRAME) -> int:
+    """The size of the frame that follows its 4-byte length prefix; refused (before the
+    frame is read) when it is more than ``limit``."""
     (size,) = struct.unpack(">I", prefix)
+    if size > limit:
+        raise ServerFunctionsError(f"a frame of {size} bytes, more than the {limit} this answer may take")
     if not 4 <= size <= MAX_FRAME:
         raise ServerFunctionsError(f"a frame of {size} bytes")
     return int(size)
 
 
+def reply_limit(method: str, model_bytes: int = 0) -> int:
+    """The largest frame the worker may answer ``method`` with: a model (as float64, the
+    widest dtype an aggregate is cast from) plus slack for aggregates, the class's kept
+    state for a snapshot, ``MAX_REPLY`` for anything else."""
+    if method in ("aggregate", "get_incremental_aggregate_model"):
+        return model_bytes + MAX_REPLY
+    if method == "state":
+        return MAX_STATE + MAX_REPLY
+    return MAX_REPLY
+
+
+def model_bytes(template: Mapping[str, np.ndarray]) -> int:
+    """The bytes of ``template`` as float64."""
+    return sum(int(a.size) * 8 for a in template.values())
+
+
 def decode(frame: bytes | memoryview) -> dict[str, Any]:
-    """A message from a frame (without its length prefix). Arrays are read-only views."""
-    view = memoryview(frame)
+    """A message from a frame (without its length prefix). Arrays are read-only views.
+    Whatever is malformed in it is a ServerFunctionsError."""
+    try:
+        return _decode(memoryview(frame))
+    except ServerFunctionsError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError, MemoryError, struct.error) as exc:
+        raise ServerFunctionsError(f"a malformed frame from the worker ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _decode(view: memoryview) -> dict[str, Any]:
     (hlen,) = struct.unpack(">I", view[:4])
+    if 4 + hlen > len(view):
+        raise ValueError(f"a header of {hlen} bytes in a frame of {len(view)}")
     header = json.loads(bytes(view[4:4 + hlen]))
     offset = 4 + hlen
     arrays: list[np.ndarray] = []
@@ -111,7 +143,11 @@ def decode(frame: bytes | memoryview) -> dict[str, Any]:
         dtype = np.dtype(dtype_str)
         if dtype.kind not in _NUMERIC_KINDS:
             raise ServerFunctionsError(f"an array of dtype {dtype} in a frame")
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape):
+            raise ValueError(f"an array of shape {str(shape)[:60]}")
+        n = math.prod(shape) * dtype.itemsize
+        if offset + n > len(view):
+            raise ValueError("arrays past the frame's end")
         arrays.append(np.frombuffer(view[offset:offset + n], dtype=dtype).reshape(shape))
         offset += n
 
@@ -129,7 +165,8 @@ def decode(frame: bytes | memoryview) -> dict[str, Any]:
         return x
 
     out = walk(header["m"])
-    assert isinstance(out, dict)
+    if not isinstance(out, dict):
+        raise TypeError("a frame that holds no message")
     return out
 
 
@@ -153,9 +190,11 @@ def check_settings(result: Any) -> dict[str, Any]:
     if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
         raise ServerFunctionsError(f"client_settings must return a dict with string keys, it returned {_what(result)}")
     try:
-        json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ServerFunctionsError(f"client_settings must return primitive values (numbers, strings, lists, dicts): {exc}") from None
+        size = len(json.dumps(result, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ServerFunctionsError(f"client_settings must return primitive values (numbers, strings, lists, dicts): {str(exc)[:200]}") from None
+    if size > MAX_SETTINGS:
+        raise ServerFunctionsError(f"client_settings must return at most {MAX_SETTINGS} bytes of settings (JSON), it returned {size}")
     return result
 
 
@@ -172,7 +211,10 @@ def check_model(result: Any, template: Mapping[str, np.ndarray], what: str) -> d
         raise ServerFunctionsError(f"{what} returned {len(result)} arrays; the model has {len(names)} tensors")
     out: dict[str, np.ndarray] = {}
     for i, (name, value) in enumerate(zip(names, result)):
-        a = np.asarray(value)
+        try:
+            a = np.asarray(value)
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:  # a ragged list, say
+            raise ServerFunctionsError(f"{what} returned what is not an array at position {i} ({type(exc).__name__}: {str(exc)[:120]})") from None
         want = template[name]
         if a.dtype.kind not in _NUMERIC_KINDS:
             raise ServerFunctionsError(f"{what} returned an array of dtype {a.dtype} at position {i}; tensor {name!r} is {want.dtype}")

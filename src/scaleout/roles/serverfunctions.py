@@ -15,7 +15,11 @@ API) run in a worker process of its own, one per session (roles/sfn_worker.py).
 The hooks are called from roles/sessions.py: ``select`` (training and validation rounds,
 after the built-in selection), ``settings`` (merged over --settings) and ``wrap`` (the
 round's strategy: the class's ``aggregate`` where it defines one, and its state kept).
-Everything that talks to the worker blocks, so it runs in a thread, off the event loop.
+Everything that talks to the worker blocks, so it runs off the event loop, in the session's
+own thread (``SessionFunctions.run``): a call that hangs never holds the shared thread pool.
+What the worker sends is bounded: a frame longer than the call's answer may be
+(``reply_limit``) is refused before it is read, and a call logs at most ``MAX_LINES`` lines
+(``MAX_LOG_BYTES`` bytes, each clipped to ``MAX_LINE`` characters) of what it prints.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +45,13 @@ from scaleout.core.errors import ConfigError, ServerFunctionsError
 
 log = logging.getLogger("scaleout.controller")
 Answer = Callable[[str, list[Any]], Any]
+MAX_LINES = 100  # lines of print one call may put in the controller's log
+MAX_LOG_BYTES = 64 << 10  # and their characters
+MAX_LINE = 300  # characters of one line
+
+
+class _BadFrame(Exception):
+    """What the worker sent is not a frame of this exchange: the worker is started again."""
 
 
 def worker_command() -> tuple[list[str], dict[str, str]]:
@@ -86,11 +98,16 @@ class Runner:
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
         try:
-            info = self._request({"op": "load", "source": self.source, "file": self.file, "state": self.saved}, "loading the class", max(self.timeout, 30.0), restart=False)
+            info = self._request({"op": "load", "source": self.source, "file": self.file, "state": self.saved}, "loading the class", max(self.timeout, 30.0), restart=False,
+                                 limit=sf.MAX_REPLY)
         except ServerFunctionsError:
             self._kill()
             raise
-        self.methods = frozenset(info["methods"])
+        methods = info.get("methods") if isinstance(info, dict) else None
+        if not isinstance(methods, list):
+            self._kill()
+            raise ServerFunctionsError(f"the worker answered the load with {str(info)[:60]}")
+        self.methods = frozenset(m for m in methods if m in sf.METHODS)
 
     def _kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -106,33 +123,42 @@ class Runner:
                 except OSError:
                     pass
 
-    def close(self) -> None:
-        """Stop the worker now, even in the middle of a call (that call then fails: the
-        session is over or the controller stops), and start no other."""
+    def stop(self) -> None:
+        """Kill the worker now, even in the middle of a call (that call then fails: the
+        session is over or the controller stops), and start no other. Does not block."""
         self.broken = "the session's server functions were closed"
         proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.kill()
+
+    def close(self) -> None:
+        """``stop``, then wait for the worker to be gone."""
+        self.stop()
         with self.lock:
             self._kill()
 
     # -- calls ------------------------------------------------------------------------------------
 
-    def call(self, method: str, *args: Any) -> Any:
-        """The method's result; ServerFunctionsError when it raised, timed out or the worker died."""
+    def call(self, method: str, *args: Any, limit: int | None = None) -> Any:
+        """The method's result; ServerFunctionsError when it raised, timed out, the worker
+        died or sent what cannot be read, or its answer is more than ``limit`` bytes
+        (default: ``reply_limit(method)``)."""
+        limit = sf.reply_limit(method) if limit is None else limit
         with self.lock:
             if self.broken is not None:
                 raise ServerFunctionsError(f"not called: {self.broken}")
             if self.proc is None:
                 self._restart()
-            return self._request({"op": "call", "method": method, "args": list(args)}, method, self.timeout)
+            return self._request({"op": "call", "method": method, "args": list(args), "limit": limit}, method, self.timeout, limit=limit)
 
     def snapshot(self) -> bytes | None:
         """The class's attributes, pickled; kept as the state a restarted worker resumes from."""
         with self.lock:
             if self.broken is not None or self.proc is None:
                 return self.saved
-            info = self._request({"op": "state"}, "saving its state", self.timeout)
+            info = self._request({"op": "state", "limit": sf.reply_limit("state")}, "saving its state", self.timeout, limit=sf.reply_limit("state"))
+        if not isinstance(info, dict) or not (info.get("state") is None or isinstance(info["state"], bytes)):
+            raise ServerFunctionsError(f"saving its state: the worker answered {str(info)[:60]}")
         if info.get("why"):
             log.warning("server functions: its state is not kept: %s", info["why"])
         elif info.get("dropped"):
@@ -151,23 +177,31 @@ class Runner:
             self.broken = f"the server-functions worker could not be started again: {exc}"
             log.error("%s; the built-in behaviour is used for the rest of the session", self.broken)
 
-    def _request(self, message: dict[str, Any], what: str, timeout: float, restart: bool = True) -> Any:
+    def _request(self, message: dict[str, Any], what: str, timeout: float, restart: bool = True, limit: int = sf.MAX_REPLY) -> Any:
         deadline = time.monotonic() + timeout
+        shown = shown_bytes = hidden = 0
         try:
             self._write(sf.encode(message), deadline)
             while True:
-                reply = self._read(deadline)
+                reply = self._read(deadline, limit)
                 op = reply.get("op")
                 if op == "print":
-                    self.on_line(str(reply.get("line", "")))
+                    line = str(reply.get("line", ""))[:MAX_LINE]
+                    if shown < MAX_LINES and shown_bytes + len(line) <= MAX_LOG_BYTES:
+                        shown, shown_bytes = shown + 1, shown_bytes + len(line)
+                        self.on_line(line)
+                    else:
+                        hidden += 1
                 elif op == "api":
-                    self._write(sf.encode(self._answer(str(reply.get("name")), reply.get("args") or [])), deadline)
+                    args = reply.get("args")
+                    self._write(sf.encode(self._answer(str(reply.get("name"))[:100], args if isinstance(args, list) else [])), deadline)
                 elif op == "result":
                     return reply.get("value")
                 elif op == "error":
-                    raise ServerFunctionsError(str(reply.get("message")), reply.get("where"))
+                    where = reply.get("where")
+                    raise ServerFunctionsError(str(reply.get("message"))[:2000], where[:300] if isinstance(where, str) else None)
                 else:
-                    raise ServerFunctionsError(f"the worker sent {op!r}")
+                    raise _BadFrame(f"a frame of op {str(op)[:40]!r}")
         except TimeoutError:
             problem = f"{what} did not return within {timeout:g} s (--server-functions-timeout)"
         except (EOFError, OSError) as exc:
@@ -176,6 +210,11 @@ class Runner:
             except subprocess.TimeoutExpired:
                 code = None
             problem = f"the server-functions worker exited during {what} (code {code}{': out of memory?' if code else ''}; {exc or 'its pipe closed'})"
+        except _BadFrame as exc:
+            problem = f"the server-functions worker sent what cannot be taken during {what}: {exc}"
+        finally:
+            if hidden:
+                self.on_line(f"... {hidden} more lines not shown")
         if restart:
             self._restart()
             problem += ": the worker was started again"
@@ -205,9 +244,19 @@ class Runner:
                     continue
                 view = view[n:]
 
-    def _read(self, deadline: float) -> dict[str, Any]:
+    def _read(self, deadline: float, limit: int) -> dict[str, Any]:
+        """The next frame; _BadFrame (nothing more read) when its declared size is over
+        ``limit``, or it does not decode."""
         prefix = self._exactly(4, deadline)
-        return sf.decode(self._exactly(sf.frame_size(prefix), deadline))
+        try:
+            size = sf.frame_size(prefix, limit)
+        except ServerFunctionsError as exc:
+            raise _BadFrame(exc.problem) from None
+        body = self._exactly(size, deadline)
+        try:
+            return sf.decode(body)
+        except ServerFunctionsError as exc:
+            raise _BadFrame(exc.problem) from None
 
     def _exactly(self, n: int, deadline: float) -> bytes:
         assert self.proc is not None and self.proc.stdout is not None
@@ -238,6 +287,20 @@ class SessionFunctions:
         self.runner = runner
         self.round_index = 0
         self.errors: list[dict[str, Any]] = []
+        # The session's own thread for its worker calls: one that hangs (up to the timeout)
+        # never holds a thread of the loop's shared pool; the runner's lock serialises them anyway.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sfn-{session_id}")
+        self.closed = False
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the session's thread (after ``close``: in a shared one, where a
+        call on the closed runner returns at once)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except RuntimeError:
+            if not self.closed:  # only "cannot schedule new futures after shutdown" is this case
+                raise
+            return await asyncio.to_thread(fn, *args)
 
     @property
     def methods(self) -> frozenset[str]:
@@ -260,6 +323,8 @@ class SessionFunctions:
 
     def close(self) -> None:
         self.runner.close()
+        self.closed = True
+        self.executor.shutdown(wait=False)
 
     # -- hooks (synchronous: in a thread) --------------------------------------------------------
 
@@ -269,7 +334,7 @@ class SessionFunctions:
             result = self.runner.call("client_selection", offered, round_type)
             if result is None:  # FEDn's form outside training: the built-in selection
                 return dict(selected)
-            chosen = set(sf.check_selection(result, offered))
+            chosen = set(checked(sf.check_selection, result, offered))
         except ServerFunctionsError as exc:
             self.failed("client_selection", exc)
             return dict(selected)
@@ -281,7 +346,7 @@ class SessionFunctions:
     def settings_sync(self, global_bytes: bytes) -> dict[str, Any]:
         try:
             model = list(payload.read(global_bytes)[0].values())
-            return sf.check_settings(self.runner.call("client_settings", model))
+            return checked(sf.check_settings, self.runner.call("client_settings", model))
         except ServerFunctionsError as exc:
             self.failed("client_settings", exc)
             return {}
@@ -290,6 +355,7 @@ class SessionFunctions:
         """The class's aggregate (incremental where it defines it); ServerFunctionsError when it fails."""
         names = list(model)
         previous = [model[n] for n in names]
+        limit = sf.reply_limit("aggregate", sf.model_bytes(model))
 
         def meta(u: ClientUpdate) -> dict[str, Any]:
             return {**dict(u.metadata), "num_examples": u.num_examples}
@@ -297,10 +363,10 @@ class SessionFunctions:
         if {"incremental_aggregate", "get_incremental_aggregate_model"} <= self.methods:
             for u in updates:  # one update at a time: the worker never holds them all
                 self.runner.call("incremental_aggregate", u.client, [u.tensors[n] for n in names], meta(u), previous)
-            result = self.runner.call("get_incremental_aggregate_model")
-            return sf.check_model(result, model, "get_incremental_aggregate_model")
-        result = self.runner.call("aggregate", previous, {u.client: ([u.tensors[n] for n in names], meta(u)) for u in updates})
-        return sf.check_model(result, model, "aggregate")
+            result = self.runner.call("get_incremental_aggregate_model", limit=limit)
+            return checked(sf.check_model, result, model, "get_incremental_aggregate_model")
+        result = self.runner.call("aggregate", previous, {u.client: ([u.tensors[n] for n in names], meta(u)) for u in updates}, limit=limit)
+        return checked(sf.check_model, result, model, "aggregate")
 
     def with_state(self, state: Mapping[str, np.ndarray]) -> Tensors:
         """The strategy's state plus the class's attributes (pickled by the worker)."""
@@ -321,6 +387,17 @@ class SessionFunctions:
         (or incremental aggregate) where the class defines one."""
         own = "aggregate" in self.methods or {"incremental_aggregate", "get_incremental_aggregate_model"} <= self.methods
         return (ServerFunctionsAggregate if own else ServerFunctionsStrategy)(inner, self)
+
+
+def checked(check: Callable[..., Any], result: Any, *args: Any) -> Any:
+    """``check(result, *args)``: whatever it raises on what the worker returned is the
+    call's failure (a ServerFunctionsError), never the session's."""
+    try:
+        return check(result, *args)
+    except ServerFunctionsError:
+        raise
+    except Exception as exc:  # the role edge: the user's result may trip any check
+        raise ServerFunctionsError(f"{check.__name__.removeprefix('check_')}: its result could not be checked ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 class ServerFunctionsStrategy(Strategy):
@@ -442,9 +519,14 @@ async def open_functions(session_id: str, cfg: Any, host: Any, server_state: Map
     holder.append(functions)
     saved = (server_state or {}).get(sf.STATE_KEY)
     try:
-        await asyncio.to_thread(runner.start, None if saved is None else np.asarray(saved, dtype=np.uint8).tobytes())
+        await functions.run(runner.start, None if saved is None else np.asarray(saved, dtype=np.uint8).tobytes())
     except ServerFunctionsError as exc:
+        functions.executor.shutdown(wait=False)
         raise ConfigError("server_functions", str(exc)) from None
+    except BaseException:  # cancelled (the start's request went away): no worker left behind
+        runner.stop()
+        functions.executor.shutdown(wait=False)
+        raise
     log.info("session %s: server functions from %s define %s", session_id, cfg.server_functions_file, ", ".join(sorted(runner.methods)) or "nothing")
     return functions
 
@@ -479,7 +561,7 @@ async def client_selection(
     commands = getattr(host, "commands", None)
     if commands is not None:
         await commands.flush()  # attributes that came in a moment ago are answered too
-    kept = await asyncio.to_thread(f.select_sync, selected, round_type)
+    kept = await f.run(f.select_sync, selected, round_type)
     if left_out is not None:
         chosen = {c for clients in kept.values() for c in clients}
         left_out.update({c: LEFT_OUT for clients in selected.values() for c in clients if c not in chosen})
@@ -503,7 +585,7 @@ async def client_settings(s: Any, base: dict[str, Any], global_bytes: bytes) -> 
     f: SessionFunctions | None = s.sfn
     if f is None or "client_settings" not in f.methods:
         return base
-    return {**base, **await asyncio.to_thread(f.settings_sync, global_bytes)}
+    return {**base, **await f.run(f.settings_sync, global_bytes)}
 
 
 def wrap(s: Any, strategy: Strategy) -> Strategy:
@@ -518,4 +600,5 @@ async def close(s: Any) -> None:
     f: SessionFunctions | None = s.sfn
     if f is not None:
         s.sfn = None
-        await asyncio.to_thread(f.close)
+        f.runner.stop()  # at once (a signal): a call in flight ends, the queued ones are not called
+        await f.run(f.close)

@@ -133,6 +133,7 @@ class SessionService:
     def __init__(self, host: SessionHost) -> None:
         self.host = host
         self.running: RunningSession | None = None
+        self.starting = False  # a start or continue is between its checks and its launch (it awaits)
         self.subscribers: set[Link] = set()  # session.wait followers
         self._emitting: dict[Link, asyncio.Future[bool]] = {}  # the event being sent to each follower
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
@@ -200,6 +201,8 @@ class SessionService:
     def _check_idle(self) -> None:
         if self.running is not None:
             raise ConflictError(f"session {self.running.id} is still running; stop it first (scaleout session stop {self.running.id})")
+        if self.starting:
+            raise ConflictError("another session is being started; wait for it to run, then stop it first (scaleout session ls)")
         failure = self.record_ends()
         if failure is not None:
             raise failure
@@ -210,6 +213,13 @@ class SessionService:
         start_from = args.pop("model", None)
         cfg = SessionConfig.from_mapping(args)  # checks the aggregator and its kwargs too
         self._check_idle()
+        self.starting = True  # before any await: a second start meanwhile is refused by _check_idle
+        try:
+            return await self._start(cfg, start_from, audit)
+        finally:
+            self.starting = False
+
+    async def _start(self, cfg: SessionConfig, start_from: Any, audit: Any) -> dict[str, Any]:
         st = self.host.state
         if cfg.seed is None:  # drawn once and recorded with the session: its sampling can be replayed
             cfg = replace(cfg, seed=secrets.randbelow(2**32))
@@ -227,10 +237,16 @@ class SessionService:
         sid = new_id("s-")
         functions = await sfn.open_functions(sid, cfg, self.host) if cfg.server_functions else None  # a file that does not load is refused here
         first = Step(StepKind.SESSION_STARTED, model_id=model_id, rounds=cfg.rounds, at=time.time())
-        with st.transaction():  # a full disk must not leave a session row nobody runs
-            st.add_session(sid, cfg.to_dict(), model_id)
-            st.add_step(sid, first.to_dict())
-            audit("session.start", id=sid, config=cfg.to_dict(), model=model_id)
+        try:
+            with st.transaction():  # a full disk must not leave a session row nobody runs
+                st.add_session(sid, cfg.to_dict(), model_id)
+                st.add_step(sid, first.to_dict())
+                audit("session.start", id=sid, config=cfg.to_dict(), model=model_id)
+        except BaseException:
+            if functions is not None:  # nor a worker nobody uses
+                functions.runner.stop()
+                functions.executor.shutdown(wait=False)
+            raise
         machine = SessionMachine(sid, validate=cfg.validate)
         machine.apply(first)
         s = RunningSession(sid, cfg, machine, sfn=functions)
@@ -256,6 +272,13 @@ class SessionService:
         last committed model and strategy state, with its settings; round indexes go on.
         ``rounds``: how many more (default: the rounds it had left, or as many as it had)."""
         self._check_idle()
+        self.starting = True  # before any await (see start)
+        try:
+            return await self._continue(args, audit)
+        finally:
+            self.starting = False
+
+    async def _continue(self, args: dict[str, Any], audit: Any) -> dict[str, Any]:
         st = self.host.state
         sid = self.key(args)
         row = st.session(sid)

@@ -202,6 +202,9 @@ class Worker:
                     reply = sf.encode({"op": "result", "value": value})
                 except ServerFunctionsError as exc:
                     raise ServerFunctionsError(f"{msg.get('method', op)} returned what cannot be used: {exc}") from None
+                limit = msg.get("limit")
+                if isinstance(limit, int) and len(reply) > limit:  # the controller would refuse it unread: say so, serve on
+                    raise ServerFunctionsError(f"{msg.get('method', op)} returned {len(reply)} bytes; at most {limit} are taken")
                 self.out.write(reply)
                 self.out.flush()
             except BaseException as exc:  # noqa: BLE001 - the user's code: everything is reported, nothing kills the worker
