@@ -358,7 +358,9 @@ class AsyncScaleout:
         clients_per_round: int | float | None = None, seed: int | None = None, clients: list[str] | None = None,
     ) -> dict[str, Any]:
         """Start a session from the global model (or ``model_id``, any model of the trail):
-        ``rounds`` rounds of ``aggregator`` (fedavg, fedopt, ... with ``aggregator_kwargs``),
+        ``rounds`` rounds of ``aggregator`` (fedavg, fedprox, fedadam, fedyogi, fedadagrad,
+        fedavgm, fedmedian, trimmedmean, krum, multikrum, bulyan, dpfedavg; Edge's ``fedopt``
+        with ``{"serveropt": "adam"|"yogi"|"adagrad"}`` too) with ``aggregator_kwargs``,
         each waiting up to ``round_timeout`` seconds for at least ``min_clients`` clients;
         ``settings`` reach the train callback; ``validate`` has clients validate each new
         model. Returns the session ({"id", "status", ...}); wait_for_session(id) follows it.

@@ -249,3 +249,15 @@ def test_parse_sans_refuses_what_is_not_a_name(bad: Any) -> None:
 def test_server_functions_settings_are_checked(field: str, value: Any, why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         SessionConfig.from_mapping({field: value})
+
+
+@pytest.mark.parametrize(("serveropt", "named"), [(None, "fedadam"), ("adam", "fedadam"), ("yogi", "fedyogi"), ("adagrad", "fedadagrad")])
+def test_edges_fedopt_is_the_server_optimiser_its_serveropt_names(serveropt: str | None, named: str) -> None:
+    kwargs: dict[str, Any] = {"learning_rate": 0.01} | ({"serveropt": serveropt} if serveropt else {})
+    cfg = SessionConfig(aggregator="fedopt", aggregator_kwargs=kwargs)
+    assert cfg.aggregator == named and cfg.aggregator_kwargs == {"learning_rate": 0.01}
+
+
+def test_fedopt_with_an_unknown_serveropt_is_refused() -> None:
+    with pytest.raises(ConfigError, match="serveropt is adam, yogi or adagrad, got 'sgd'"):
+        SessionConfig(aggregator="fedopt", aggregator_kwargs={"serveropt": "sgd"})

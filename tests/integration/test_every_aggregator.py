@@ -53,3 +53,9 @@ def test_a_round_of_each_aggregator_on_six_clients_over_two_combiners(six: Feder
 def test_two_clients_per_round(six: Federation) -> None:
     session = start(six, "--rounds", "2", "--clients-per-round", "2")
     assert session["status"] == "finished" and [len(r["participants"]) for r in session["rounds"]] == [2, 2], session
+
+
+def test_edges_fedopt_name_runs_the_optimiser_its_serveropt_names(six: Federation) -> None:
+    session = start(six, "--rounds", "1", "--aggregator", "fedopt", "--aggregator-kwargs", '{"serveropt": "yogi", "learning_rate": 0.01}')
+    assert session["status"] == "finished" and session["config"]["aggregator"] == "fedyogi", session
+    assert session["config"]["aggregator_kwargs"] == {"learning_rate": 0.01}

@@ -60,6 +60,15 @@ class SessionConfig:
             raise ConfigError("min_clients", f"must be a whole number from 1 to {MAX_MIN_CLIENTS:,}, got {self.min_clients!r:.40}")
         if not isinstance(self.aggregator, str) or not self.aggregator:
             raise ConfigError("aggregator", "must be a non-empty name")
+        if self.aggregator == "fedopt" and isinstance(self.aggregator_kwargs, dict):
+            # Scaleout Edge's name: fedopt with serveropt adam (its default), yogi or adagrad.
+            kwargs = dict(self.aggregator_kwargs)
+            serveropt = kwargs.pop("serveropt", "adam")
+            named = {"adam": "fedadam", "yogi": "fedyogi", "adagrad": "fedadagrad"}.get(serveropt) if isinstance(serveropt, str) else None
+            if named is None:
+                raise ConfigError("aggregator_kwargs.serveropt", f"fedopt's serveropt is adam, yogi or adagrad, got {str(serveropt)[:40]!r}")
+            object.__setattr__(self, "aggregator", named)
+            object.__setattr__(self, "aggregator_kwargs", kwargs)
         from scaleout.core.aggregators.strategy import make_strategy
 
         make_strategy(self.aggregator, self.aggregator_kwargs)  # unknown names and bad hyperparameters fail here
