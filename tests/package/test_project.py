@@ -57,6 +57,10 @@ def test_python_env_optional(make_package: MakePackage) -> None:
         (LAUGHS + "entry_points: {build: {command: x, timeout: *l9}}\n", "got a list"),
         ("entry_points: {build: \"a\\0b.py\"}\n", "no NUL"),
         ("entry_points: {build: " + "a" * 5000 + ".py}\n", "at most 1024 characters"),
+        # A fourth attack: merge keys copying a 2,500-key mapping 1,700 times in 32 KiB (8.5 s, 180 MB).
+        ("b: &b {" + ", ".join(f"k{i}: 0" for i in range(2500)) + "}\nm: [" + ", ".join(["{<<: *b}"] * 500) + "]\nentry_points: {build: build.py}\n",
+         "builds more than 100,000 entries"),
+        ("x: !" + "a" * 20_000 + " 1\nentry_points: {build: build.py}\n", r"not valid YAML: .{1,300}$"),  # PyYAML quotes the whole tag
     ],
 )
 def test_bad_project_file(make_package: MakePackage, text: str, message: str) -> None:
