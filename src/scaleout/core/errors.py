@@ -18,6 +18,7 @@
      ├── StorageError           the controller could not write or read its files (disk full, ...)
      │    └── CorruptModelError  a stored model file no longer matches its id
      ├── Superseded             another node took over this node's name
+     ├── Standby                this controller is a standby: the active one (named) does the work
      ├── RemoteError            a peer answered a request with an error (``remote_error`` makes it
      │                          the class of its code too: a NotFoundError, a ConflictError...)
      ├── ConnectionFailed       the controller cannot be reached, or its TLS certificate not
@@ -149,6 +150,25 @@ class Superseded(ScaleoutError):
     """Another node registered under this node's name; the newest one stays."""
 
     code = "superseded"
+
+
+class Standby(ScaleoutError):
+    """A standby controller's refusal: its message ends with the active controller's address
+    (``standby_active`` reads it back), so a node or the CLI goes there."""
+
+    code = "standby"
+
+    def __init__(self, active: str | None) -> None:
+        self.active = active
+        super().__init__(f"this controller is a standby, active is {active}" if active else "this controller is a standby and no controller is active yet")
+
+
+def standby_active(message: str) -> str | None:
+    """The active controller's address in a standby's refusal (Standby's message), if it names one."""
+    import re
+
+    found = re.search(r"active is (wss?://\S+)$", message)
+    return found.group(1) if found else None
 
 
 class NotFoundError(ScaleoutError):

@@ -1,0 +1,147 @@
+"""Which controller on a PostgreSQL store is active: the one holding a session-level
+advisory lock (pg_try_advisory_lock) on a connection of its own, never one from a pool.
+
+The lock lives as long as that connection's session. A controller SIGKILLed closes its
+socket and the server ends the session at once; a machine that vanishes is noticed by the
+server's TCP keepalives (a few seconds, set for this session below), so a standby's next
+poll takes the lock. The holder polls its connection too (a short statement timeout, the
+client's keepalives): when it cannot show it still holds the lock it must stop acting as
+active at once (the controller exits), so there are never two actives.
+
+The holder also records the address nodes should dial (``active``), which standbys read
+to name it. Blocking calls: run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from scaleout.core.errors import ConfigError, StorageError
+
+log = logging.getLogger("scaleout.lease")
+
+LOCK_KEY = 0x5CA1E0A7  # the advisory lock key of "the active controller" on a store
+POLL_S = 1.0  # how often a standby tries the lock and the holder checks it (SCALEOUT_LEASE_POLL_S)
+KEEPALIVE = {  # the client's keepalives: the holder notices a dead network within ~4 s
+    "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2, "connect_timeout": 5,
+}
+# The server's side of the same: it ends the session (and the lock) of a vanished holder.
+SESSION_OPTIONS = "-c statement_timeout=5000 -c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=2 -c tcp_user_timeout=5000"
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS scaleout_active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since DOUBLE PRECISION NOT NULL)"
+
+
+def is_postgres(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
+
+
+def connect(url: str, *, keepalive: bool = True) -> Any:
+    """A dedicated autocommit connection to the store (not from a pool); ConfigError when it
+    cannot be opened (the URL is shown without its password)."""
+    import psycopg
+
+    try:
+        return psycopg.connect(url, autocommit=True, application_name="scaleout-lease", options=SESSION_OPTIONS, **(KEEPALIVE if keepalive else {}))
+    except psycopg.Error as exc:
+        raise ConfigError("store", f"cannot connect to {redact(url)}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Lease:
+    """The advisory lock of one store, tried and held on a dedicated connection."""
+
+    def __init__(self, url: str, key: int = LOCK_KEY) -> None:
+        self.url = url
+        self.key = key
+        self.held = False
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.url)
+            self._conn.execute(SCHEMA)
+        return self._conn
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; True once held. A connection error is False (retry later)."""
+        import psycopg
+
+        if self.held:
+            return self.check()
+        try:
+            (got,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        except (psycopg.Error, ConfigError) as exc:
+            log.warning("cannot try the store's lock: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            self._drop()
+            return False
+        self.held = bool(got)
+        return self.held
+
+    def check(self) -> bool:
+        """Whether this holder still holds the lock (its session is alive and has it)."""
+        import psycopg
+
+        if not self.held or self._conn is None:
+            return False
+        try:
+            (n,) = self._conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted AND objid = %s",
+                (self.key & 0xFFFFFFFF,),
+            ).fetchone()
+        except psycopg.Error:
+            n = 0
+        if not n:
+            self.held = False
+            self._drop()
+        return bool(n)
+
+    def set_active(self, url: str) -> None:
+        """Record ``url`` as the active controller's address (the holder does)."""
+        import psycopg
+
+        try:
+            self._connection().execute(
+                "INSERT INTO scaleout_active (id, url, since) VALUES (1, %s, %s) ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, since = EXCLUDED.since",
+                (url, time.time()),
+            )
+        except psycopg.Error as exc:
+            raise StorageError(str(exc).strip() or type(exc).__name__, "record the active address in", redact(self.url)) from None
+
+    def active(self) -> str | None:
+        """The address the holder recorded, or None (none yet, or the store cannot be read)."""
+        import psycopg
+
+        try:
+            row = self._connection().execute("SELECT url FROM scaleout_active WHERE id = 1").fetchone()
+        except (psycopg.Error, ConfigError):
+            self._drop()
+            return None
+        return str(row[0]) if row else None
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001  # closing a broken connection: nothing to do about it
+                pass
+        self._conn = None
+
+    def close(self) -> None:
+        """Let the lock go (closing the session releases it)."""
+        self.held = False
+        self._drop()
+
+
+__all__ = ["LOCK_KEY", "POLL_S", "Lease", "connect", "is_postgres", "redact"]
