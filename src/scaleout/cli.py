@@ -119,6 +119,9 @@ def build_parser() -> ArgumentParser:
         "--max-enrol-rate", type=float, metavar="N",
         help="nodes one join token may enrol per minute (a minute's worth at once); more are refused and retry (default: 60; 0: no limit)",
     )
+    p.add_argument("--store", metavar="URL", help="postgresql://USER@HOST:PORT/DB: keep the state in PostgreSQL, shared by active and standby controllers (default: the data dir's state.db)")
+    p.add_argument("--key-file", type=Path, metavar="PATH", help="with a postgresql store: the key (mode 0600) that seals the CA and signing keys in it, the same for every controller (scaleout store keygen --out PATH)")
+    p.add_argument("--advertise", metavar="wss://HOST:PORT", help="the address nodes dial for this controller, named by standbys while it is active (default: its own url)")
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
     _config_flag(p)
     _common(p)
@@ -152,6 +155,13 @@ def build_parser() -> ArgumentParser:
     _package_limit_flags(p, "a downloaded package beyond these is refused")
     _config_flag(p)
     _common(p)
+
+    p = sub.add_parser("store", help="the controller's store: key files for a postgresql store")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    ssub.required = True
+    k = ssub.add_parser("keygen", help="write a new key file (mode 0600) for serve --key-file: give every controller on one store the same file")
+    k.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write it (an existing file is never replaced)")
+    _common(k)
 
     p = sub.add_parser("token", help="create, list and revoke access tokens")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -479,6 +489,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
         ("run", "build"): launch.run_build,
         ("run", "install"): launch.run_install,
         ("package", "create"): launch.package_create,
+        ("store", "keygen"): launch.store_keygen,
         ("dev", None): dev.main,
         ("simulate", None): simulate.main,
         ("simulate-clients", None): simulate.clients_main,

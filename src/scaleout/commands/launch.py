@@ -70,6 +70,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
             "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), "max_enrol_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
             "handshake_timeout": (int, float), "send_timeout": (int, float), "no_resume": bool,
+            "store": str, "key_file": PATH, "advertise": str,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
                      "handshake_timeout": (int, float), "send_timeout": (int, float)},
@@ -204,6 +205,7 @@ def serve(args: argparse.Namespace) -> int:
         resume=not s.get("no_resume"),
         send_timeout=_timeout(s, "send_timeout", ControllerSettings.send_timeout),
     )
+    _active_standby(settings, args, s)
     if s.get("combiner_cert_ttl"):
         from scaleout.security.tokens import parse_ttl
 
@@ -213,6 +215,44 @@ def serve(args: argparse.Namespace) -> int:
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
+
+
+def store_keygen(args: argparse.Namespace) -> int:
+    from scaleout.store.vault import keygen
+
+    keygen(Path(args.out))
+    print(f"wrote {args.out} (mode 0600): pass it to every controller on the store with --key-file {args.out}, and keep a copy somewhere safe")
+    return EXIT_OK
+
+
+def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) -> None:
+    """--store, --key-file and --advertise (flag, then SCALEOUT_STORE / _KEY_FILE / _ADVERTISE, then the TOML)."""
+    import os
+
+    from scaleout.store.lease import is_postgres
+
+    def pick(key: str) -> Any:
+        return getattr(args, key, None) or os.environ.get(f"SCALEOUT_{key.upper()}") or s.get(key)
+
+    settings.store = pick("store")
+    key_file = pick("key_file")
+    settings.key_file = Path(key_file).absolute() if key_file else None
+    advertise = pick("advertise")
+    if advertise is not None:
+        advertise = str(advertise)
+        if not advertise.startswith(("ws://", "wss://")) or "," in advertise:
+            raise UsageError(f"--advertise takes one address nodes dial, wss://HOST:PORT (ws:// with --insecure), got {advertise!r}")
+        settings.advertise = advertise.rstrip("/")
+    if settings.store and not is_postgres(settings.store):
+        raise UsageError(f"--store takes postgresql://USER@HOST:PORT/DB (without it, the data dir's state.db), got {settings.store!r}")
+    if is_postgres(settings.store) and settings.key_file is None:
+        raise UsageError("a postgresql store needs --key-file PATH, the same file for every controller on it (create one with: scaleout store keygen --out PATH)")
+    poll = os.environ.get("SCALEOUT_LEASE_POLL_S")  # hidden: tests poll faster
+    if poll:
+        try:
+            settings.lease_poll = max(0.05, float(poll))
+        except ValueError:
+            raise UsageError(f"SCALEOUT_LEASE_POLL_S must be a number of seconds, got {poll!r}") from None
 
 
 def _positional_token(args: argparse.Namespace) -> None:

@@ -95,6 +95,7 @@ class AdminHost(Protocol):
 
     dir: Path
     url: str
+    advertised: str  # the address nodes dial (--advertise, else url)
     state: Any  # store.state.State
     registry: Any  # store.registry.RegistryWriter
     blobs: Any  # store.blobs.BlobStore
@@ -125,6 +126,8 @@ class AdminService:
         h = self.host
         return {
             "url": h.url,
+            "role": "active",  # a standby answers status itself (roles/controller.py)
+            "active": h.advertised or h.url,
             "active_model": h.state.get_meta("active_model"),
             "active_package": h.state.get_meta("active_package"),
             "session": h.session.id if h.session else None,

@@ -17,7 +17,7 @@ from typing import Any
 
 from scaleout.core import messages as m
 from scaleout.core import permissions
-from scaleout.core.errors import AuthError, ProtocolError, ScaleoutError, StorageError
+from scaleout.core.errors import AuthError, ConfigError, ProtocolError, ScaleoutError, Standby, StorageError
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
@@ -35,6 +35,7 @@ from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
+from scaleout.store.lease import POLL_S, Lease, is_postgres
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
@@ -43,6 +44,7 @@ from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 log = logging.getLogger("scaleout.controller")
 
 ASSIGNMENT_TTL_S = 30.0
+EXIT_LEASE_LOST = 75  # the active controller lost the store's lock: it stops at once (a standby takes over)
 HELLO_TIMEOUT_S = 10.0  # a combiner-token link that has not registered by then is closed
 CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
@@ -69,6 +71,10 @@ class ControllerSettings:
     resume: bool = True  # a session running when the controller stopped resumes at the next start (serve --no-resume: off)
     send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
     max_enrol_rate: float = 60.0  # enrolments per minute per join token (0: no limit)
+    store: str | None = None  # postgresql://...: the shared store (None: the data dir's state.db)
+    key_file: Path | None = None  # seals the CA and signing keys in a postgresql store (store/vault.py)
+    advertise: str | None = None  # the address nodes dial, named by standbys (None: this controller's url)
+    lease_poll: float = POLL_S  # seconds between a standby's tries of the store's lock, and the holder's checks
 
 
 @dataclass
@@ -103,6 +109,14 @@ class Controller:
         self.door = Door(self.admin)  # requests on a link -> calls of it (roles/door.py)
         self.desk: Desk  # tokens and node identities (roles/enrolment.py), made by prepare()
         self.commands = CommandService(self)  # custom commands, predictions, clients' attributes and telemetry
+        # With a postgresql store, the holder of the store's lock is active; the others are
+        # standbys, which answer status (naming the active one) and refuse everything else.
+        self.lease: Lease | None = None
+        self.standby = False
+        self.advertised = ""  # the address nodes dial: --advertise, else self.url
+        self._standby_links: set[Link] = set()
+        self._last_active: str | None = None  # what a standby last read as the active address
+        self._keys_ready = False
         # The operations that are about the link itself. Who may call any operation is
         # core/permissions.py's to say (the one table), not this map's.
         self._ops: dict[str, Handler] = {
@@ -116,34 +130,34 @@ class Controller:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Create the data directory, TLS material, signing key, admin token and state."""
+    def prepare_keys(self) -> None:
+        """Create the data directory, TLS material and signing keys; with a postgresql store,
+        those every controller on it shares are unsealed from it (or sealed into it by the first)."""
         # Only this user reads what the controller writes: the data dir is 0700, and
         # state.db (with its -wal and -shm), models and packages 0600 (see secure_data_dir).
         os.umask(0o077)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         secure_data_dir(self.dir)
         self._lock = lock_data_dir(self.dir)
-        self.state = State(self.dir / "state.db")
+        s = self.settings
+        if is_postgres(s.store):
+            from scaleout.store import vault
+
+            if s.key_file is None:
+                raise ConfigError("key file", "a postgresql store needs --key-file PATH (the same for every controller on it; create one with: scaleout store keygen --out PATH)")
+            key = vault.load_key(Path(s.key_file))
+            unsealed, sealed = vault.sync(str(s.store), key, self.dir, self._load_keys)
+            log.info("secrets: %d unsealed from the store, %d sealed into it", unsealed, sealed)
+        else:
+            self._load_keys()
+        self._keys_ready = True
+
+    def _load_keys(self) -> None:
         from scaleout.store.audithead import HeadFile
 
         self.audit_head = HeadFile.load_or_create(self.dir)
-        why = self.state.anchor_audit(self.audit_head)
-        if why and self.state.get_meta(AUDIT_HEAD):
-            # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
-            log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
-            self.state.audit("controller", "audit.head_rewritten", reason=why)
-        self.registry = RegistryWriter(self.dir / "state.db")
-        self.blobs = BlobStore(self.dir)
-        # A kill between writing a model (or package, or strategy state) and committing the row
-        # that names it leaves a file nobody names: removed at the next start, and said.
-        for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():
-            log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
-                        len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
-        self.commands.prepare()
         self.signer = tokens.TokenSigner.load_or_create(self.dir / "token.key")
         self.verifier = tokens.TokenVerifier(self.signer.public_pem())
-        self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         self.package_signer = PackageSigner.load_or_create(self.dir / PACKAGE_KEY)
         self.ssl_context = None
         self.ca_fingerprint: str | None = None
@@ -159,6 +173,26 @@ class Controller:
             self.ssl_context = tls.server_context(cert, key)
             if cert == files.cert:
                 log.info("TLS certificate valid for %s (add names with --san)", ", ".join(tls.names_in(cert)))
+
+    def prepare(self) -> None:
+        """Create the data directory, TLS material, signing key, admin token and state."""
+        if not self._keys_ready:
+            self.prepare_keys()
+        self.state = State(self.dir / "state.db")
+        why = self.state.anchor_audit(self.audit_head)
+        if why and self.state.get_meta(AUDIT_HEAD):
+            # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
+            log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
+            self.state.audit("controller", "audit.head_rewritten", reason=why)
+        self.registry = RegistryWriter(self.dir / "state.db")
+        self.blobs = BlobStore(self.dir)
+        # A kill between writing a model (or package, or strategy state) and committing the row
+        # that names it leaves a file nobody names: removed at the next start, and said.
+        for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():
+            log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
+                        len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
+        self.commands.prepare()
+        self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():
             self.state.upsert_combiner(row["name"], "offline", clients=0)
@@ -173,8 +207,13 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
-        self.prepare()
         s = self.settings
+        if is_postgres(s.store):
+            await asyncio.to_thread(self.prepare_keys)
+            self.lease = Lease(str(s.store))
+            self.standby = not await asyncio.to_thread(self.lease.try_acquire)
+        if not self.standby:
+            self.prepare()
         if s.metrics_port is not None:
             from scaleout.roles import exporter
 
@@ -185,34 +224,137 @@ class Controller:
         server, port = await serve(
             self._on_link, self._authenticate, s.host, s.port, self.ssl_context, max_payload=s.max_payload, public=public,
             connect_rate=(s.max_connect_rate, s.max_connect_rate * BURST_FACTOR) if s.max_connect_rate > 0 else None,
-            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout, http=http.handle,
+            handshake_timeout=s.handshake_timeout, send_timeout=s.send_timeout, http=self._http(http),
         )
         scheme = "ws" if s.insecure else "wss"
         self.url = f"{scheme}://{url_host(s.host)}:{port}"
-        self.write_admin_token()
+        self.advertised = s.advertise or self.url
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
-        self.registry.start()
-        from scaleout.roles.welcome import show_join_commands
-
-        show_join_commands(self)  # its files are written before the ready line
-        announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
-        self.sessions.resume()
+        holding: asyncio.Task[None] | None = None
+        started = False
         try:
+            if self.standby:
+                announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
+                log.info("standby: another controller holds the store's lock (active is %s); taking over when it goes", await self._active())
+                if not await self._await_lease(stop):
+                    return
+                self.prepare()  # the state as the last active one left it: a session it ran resumes below
+            if self.lease is not None:
+                await asyncio.to_thread(self.lease.set_active, self.advertised)
+                holding = asyncio.create_task(self._hold_lease())
+                log.info("active: this controller holds the store's lock (nodes dial %s)", self.advertised)
+            self.standby = False
+            for link in list(self._standby_links):  # links of the standby's time: they dial again and find the active one
+                await link.close_now(1012, "this controller became active: connect again")
+            self.write_admin_token()
+            self.registry.start()
+            started = True
+            from scaleout.roles.welcome import show_join_commands
+
+            show_join_commands(self)  # its files are written before the ready line
+            if self.lease is None:
+                announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
+            self.sessions.resume()
             await stop.wait()
         finally:
             log.info("controller shutting down")
-            await self.sessions.shutdown()  # a running session stays running in state.db: the next start resumes it
+            if holding is not None:
+                holding.cancel()
+            if started:
+                await self.sessions.shutdown()  # a running session stays running in state.db: the next start resumes it
             close_server(server)
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
             await self.hub.close()
-            await self.registry.close()
-            await self.commands.close()
-            self.state.close()
+            if started:
+                await self.registry.close()
+                await self.commands.close()
+                self.state.close()
+            if self.lease is not None:
+                await asyncio.to_thread(self.lease.close)
             await asyncio.to_thread(self.obs.close)
+
+    # -- active and standby (a postgresql store: store/lease.py) -----------------------------
+
+    async def _await_lease(self, stop: asyncio.Event) -> bool:
+        """A standby's wait: try the store's lock every lease_poll seconds; True once held, False when stopped."""
+        assert self.lease is not None
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.lease_poll)  # the poll interval, or a stop
+            except asyncio.TimeoutError:
+                pass
+            if not stop.is_set() and await asyncio.to_thread(self.lease.try_acquire):
+                log.info("took over: this controller now holds the store's lock; loading the state")
+                return True
+        return False
+
+    async def _hold_lease(self) -> None:
+        """The active one's check that it still holds the lock; if not, it stops at once (exit
+        EXIT_LEASE_LOST), so two controllers never act as active."""
+        assert self.lease is not None
+        while True:
+            await asyncio.sleep(self.settings.lease_poll)  # the poll interval
+            if not await asyncio.to_thread(self.lease.check):
+                log.critical("lost the store's lock (its database session ended): this controller stops acting as active now; a standby takes over")
+                logging.shutdown()
+                os._exit(EXIT_LEASE_LOST)
+
+    async def _active(self) -> str | None:
+        """The active controller's address as its holder recorded it (this one's when active)."""
+        if not self.standby:
+            return self.advertised
+        return await asyncio.to_thread(self.lease.active) if self.lease is not None else None
+
+    def _http(self, http: HttpDoor) -> Callable[[Any], Awaitable[Any]]:
+        """HTTP: /api/v1/health for probes (no token), the rest to /api/v1 when active; a
+        standby refuses it with error code standby, naming the active one."""
+        from scaleout.roles.httpapi import PREFIX
+        from scaleout.transport.httpd import error_response, json_response
+
+        async def handle(request: Any) -> Any:
+            if request.path.rstrip("/") == f"{PREFIX}/health":
+                if request.method != "GET":
+                    return error_response(405, "method_not_allowed", f"{request.path} takes GET", {"Allow": "GET"})
+                active = await self._active()
+                return json_response(503 if self.standby else 200, {"role": "standby" if self.standby else "active", "active": active})
+            if self.standby:
+                exc = Standby(await self._active())
+                return error_response(503, exc.code, str(exc))
+            return await http.handle(request)
+
+        return handle
+
+    async def _standby_link(self, link: Link) -> None:
+        """A link to a standby: status (naming the active one) and nothing else."""
+        self._standby_links.add(link)
+        role = link.claims.role
+        link.max_payload = 0
+
+        def authorize(req: m.Request) -> None:
+            if req.op == "status":
+                permissions.check_request(role, req.op)
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], None]:
+            if req.op != "status":
+                raise Standby(self._last_active)
+            authorize(req)
+            active = await self._active()
+            self._last_active = active
+            return {"role": "standby", "active": active, "url": self.url}, None
+
+        async def on_message(inc: Incoming) -> None:
+            raise Standby(self._last_active)
+
+        link.authorize = authorize
+        self._last_active = await self._active()
+        try:
+            await link.run(on_message=on_message, on_request=on_request)
+        finally:
+            self._standby_links.discard(link)
 
     def _authenticate(self, token: str | None) -> tokens.TokenClaims:
         if not token:
@@ -225,6 +367,8 @@ class Controller:
     # -- links --------------------------------------------------------------------------
 
     async def _on_link(self, link: Link) -> None:
+        if self.standby:
+            return await self._standby_link(link)
         role = link.claims.role
         log.debug("%s connected with a %s token", link.peer, role)
         if role != "admin":
