@@ -95,13 +95,22 @@ class AsyncScaleout:
             raise ConfigError("host", "name the controller: Scaleout(host, port=..., token=...), or set SCALEOUT_CONTROLLER")
         if not token:
             raise ConfigError("token", "pass an admin token: Scaleout(..., token=...), or set SCALEOUT_TOKEN")
-        if "://" in host:  # a URL: wss://host:port
-            scheme, _, rest = host.partition("://")
-            secure = scheme == "wss" if secure is None else secure
-            url_host, _, url_port = rest.rstrip("/").rpartition(":")
-            host, port = (url_host, int(url_port)) if url_port.isdigit() else (rest.rstrip("/"), port)
+        from scaleout.transport.dialer import Controllers
+
+        urls = []
+        for one in host.split(","):  # several: the active controller and its standbys
+            one = one.strip()
+            if "://" in one:  # a URL: wss://host:port
+                scheme, _, rest = one.partition("://")
+                secure = scheme == "wss" if secure is None else secure
+                url_host, _, url_port = rest.rstrip("/").rpartition(":")
+                one, one_port = (url_host, int(url_port)) if url_port.isdigit() else (rest.rstrip("/"), port)
+            else:
+                one_port = port
+            urls.append(f"{'wss' if secure is not False else 'ws'}://{one}:{one_port or DEFAULT_PORT}")
         secure = True if secure is None else secure
-        self.url = f"{'wss' if secure else 'ws'}://{host}:{port or DEFAULT_PORT}"
+        self._controllers = Controllers(urls)
+        self.url = self._controllers.current
         self.token = token
         self._secure = secure
         ca = os.environ.get("SCALEOUT_CA") if verify is True else None
@@ -163,6 +172,14 @@ class AsyncScaleout:
                 if attempt == 2:  # a read: once more on a new link, then give up
                     raise ConnectionFailed(f"the link to the controller at {self.url} closed during {op} ({why}); is it still running?") from None
             except RemoteError as exc:
+                from scaleout.transport.dialer import refused_by_standby
+
+                standby, active = refused_by_standby(exc)
+                if standby and attempt == 1 and active in self._controllers.urls and active != self.url:
+                    # Nothing was done there: the same request at the active one it names.
+                    await self.close()
+                    self._link, self._controllers.current = None, active
+                    continue
                 # The token was accepted at the handshake: a role refusal ("a client token may
                 # not do session.start") is a permission, not an authentication, failure.
                 code = "forbidden" if exc.code == "unauthorized" else exc.code
@@ -187,7 +204,8 @@ class AsyncScaleout:
                 else:
                     ctx = client_context(self._ca) if self._verify else client_context(insecure=True)
                 try:
-                    self._link = await connect(self.url, self.token, ctx, max_payload=1 << 40)
+                    self._link = await self._controllers.dial(lambda url: connect(url, self.token, ctx, max_payload=1 << 40))
+                    self.url = self._controllers.current
                 except AuthError as exc:
                     raise AuthError(f"{exc}; check token= (or SCALEOUT_TOKEN): an admin token of this controller (DATA_DIR/admin.token)") from None
                 except TrustError as exc:

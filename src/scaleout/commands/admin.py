@@ -26,30 +26,36 @@ async def call_async(
     from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
     from scaleout.security.tls import client_context
+    from scaleout.transport.dialer import Controllers
     from scaleout.transport.link import Incoming
     from scaleout.transport.net import connect
 
     ctx = None if conn.insecure else client_context(conn.ca)
-    link = await connect(conn.url, conn.token, ctx, max_payload=1 << 40)
     show = progress is not None and not quiet
     sending = terminal_bar(f"sending {progress}") if show and blob is not None else None
     receiving = terminal_bar(f"receiving {progress}") if show else None
     silent = _silent if progress is not None else None  # told the progress instead of the link's log lines
-    link.receive_progress = receiving or silent  # this link's only payload is the reply's
 
     async def handle(inc: Incoming) -> None:
         if isinstance(inc.msg, m.Event) and on_event is not None:
             on_event(inc.msg.kind, inc.msg.data)
 
-    reader = asyncio.create_task(link.run(on_message=handle))
-    try:
-        return await link.request(op, args, blob, progress=sending or silent)
+    async def attempt(url: str) -> tuple[dict[str, Any], bytes | None]:
+        link = await connect(url, conn.token, ctx, max_payload=1 << 40)
+        link.receive_progress = receiving or silent  # this link's only payload is the reply's
+        reader = asyncio.create_task(link.run(on_message=handle))
+        try:
+            return await link.request(op, args, blob, progress=sending or silent)  # type: ignore[no-any-return]
+        finally:
+            await link.ws.close()
+            reader.cancel()
+
+    try:  # the active one of the addresses given (a standby names it): transport/dialer.py
+        return await Controllers(conn.url).dial(attempt)
     finally:
         for bar in (sending, receiving):
             if bar is not None:
                 bar.close()  # an interrupted bar's line ends before the error is printed
-        await link.ws.close()
-        reader.cancel()
 
 
 def call(
@@ -548,6 +554,9 @@ def status(args: argparse.Namespace) -> int:
     result = _wait_ready(args, args.wait) if getattr(args, "wait", None) is not None else call(args, "status")[0]
 
     def human() -> None:
+        if result.get("role") == "standby":
+            print(f"standby, active is {result.get('active') or '- (none yet)'}")
+            return
         print(f"controller      {result['url']}")
         print(f"active model    {result['active_model'] or '- (set one with: scaleout model set-seed FILE)'}")
         print(f"active package  {result['active_package'] or '- (set one with: scaleout package set-active FILE)'}")

@@ -16,7 +16,7 @@ DEFAULT_DATA_DIR = Path("scaleout-data")
 
 @dataclass
 class Connection:
-    url: str
+    url: str  # one controller address, or several joined by commas (active and standbys): transport/dialer.py dials them
     token: str
     ca: Path | None
     insecure: bool
@@ -81,10 +81,15 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
         raise UsageError("no controller given: pass --controller URL (or set SCALEOUT_CONTROLLER), or --data-dir DIR of a local controller")
     if not token:
         raise UsageError("no token given: pass --token (or set SCALEOUT_TOKEN); create one with: scaleout token create")
-    if not url.startswith(("ws://", "wss://")):
-        raise UsageError(f"controller address must start with wss:// (or ws:// with --insecure), got {url!r}")
-    if url.startswith("ws://") and not insecure:
-        raise UsageError(f"{url} is not TLS; pass --insecure to connect without it")
+    from scaleout.transport.dialer import controller_urls
+
+    urls = controller_urls(str(url))
+    for one in urls or (str(url),):
+        if not one.startswith(("ws://", "wss://")):
+            raise UsageError(f"controller address must start with wss:// (or ws:// with --insecure), got {one!r}")
+        if one.startswith("ws://") and not insecure:
+            raise UsageError(f"{one} is not TLS; pass --insecure to connect without it")
+    url = ",".join(urls)
     ca_path = Path(ca).absolute() if ca else None
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist (the controller writes it to its DATA_DIR/ca.pem)")
@@ -120,11 +125,13 @@ def _unwrap(text: str, url: Any, ca: Any, insecure: bool, state_dir: Any) -> tup
         join = parse(text)
     except AuthError as exc:
         raise UsageError(str(exc)) from None
+    from scaleout.transport.dialer import controller_urls
+
+    urls = controller_urls(url) if url else join.urls
     if ca or insecure or join.ca is None:
-        return join.token, url or join.urls[0], ca
-    urls = (url,) if url else join.urls
+        return join.token, ",".join(urls), ca
     chosen, ca_path = asyncio.run(pin_ca(tuple(urls), join.ca, Path(state_dir) if state_dir else default_state_dir()))
-    return join.token, chosen, ca_path
+    return join.token, ",".join([chosen, *(u for u in urls if u != chosen)]), ca_path
 
 
 def read_controller_info(data_dir: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread, new_id, private_tempdir, unless_stopped
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
+from scaleout.transport.dialer import Controllers
 from scaleout.transport.net import TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
@@ -94,10 +95,12 @@ class Client:
         from scaleout.roles.client_work import ClientWork
 
         self.work = ClientWork(self)  # commands, predictions, attributes, telemetry, package switches
+        self.controllers = Controllers(settings.controller)  # --controller's addresses, the active one first
 
-    async def _controller(self) -> Link:
+    async def _ask(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30) -> tuple[dict[str, Any], bytes | None]:
+        """One request to the active controller (of --controller's addresses: transport/dialer.py)."""
         s = self.settings
-        return await connect(s.controller, self.enrolled.token if self.enrolled else s.token, self.ctx, max_payload=s.max_payload)
+        return await self.controllers.ask(self.enrolled.token if self.enrolled else s.token, self.ctx, op, args, max_payload=s.max_payload, timeout=timeout)
 
     async def _enrol(self, stop: asyncio.Event) -> None:
         """Take this client's identity from its state dir, or enrol with the join token."""
@@ -158,13 +161,7 @@ class Client:
         from scaleout.package.archive import extract_archive
 
         s = self.settings
-        ctl = await self._controller()
-        reader = asyncio.create_task(ctl.run())
-        try:
-            info, data = await ctl.request("package.get", timeout=600)
-        finally:
-            await ctl.ws.close()
-            reader.cancel()
+        info, data = await self._ask("package.get", timeout=600)
         if data is None or (digest := await asyncio.to_thread(_sha256, data)) != info.get("id"):
             raise PackageError("the downloaded compute package does not match its sha256; refusing to run it")
         _verify_signature(info, digest, s.data_dir)
@@ -277,13 +274,7 @@ class Client:
 
     async def _session(self, stop: asyncio.Event) -> None:
         """One stay with a combiner: assign, connect, serve tasks until either side stops."""
-        ctl = await self._controller()
-        reader = asyncio.create_task(ctl.run())
-        try:
-            info, _ = await ctl.request("client.assign", {"name": self.name, "prefer": self.combiner, "package": self.package_label}, timeout=30)
-        finally:
-            await ctl.ws.close()
-            reader.cancel()
+        info, _ = await self._ask("client.assign", {"name": self.name, "prefer": self.combiner, "package": self.package_label})
         s = self.settings
         self.enrolled.renew(info.get("token"))
         ticket = info.get("ticket")

@@ -28,6 +28,7 @@ from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.dialer import Controllers
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -129,6 +130,7 @@ class Combiner:
         self._left: set[str] = set()
         self._status_timer: asyncio.TimerHandle | None = None
         self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
+        self.controllers = Controllers(settings.controller)  # --controller's addresses, the active one first
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
@@ -137,17 +139,22 @@ class Combiner:
             from scaleout.roles.joining import enrolled
 
             self.enrolled = await enrolled("combiner", self.name, s.controller, s.token, s.ca, ctx, s.state_dir or _state_dir())
-        link = await connect(s.controller, self.enrolled.token, ctx, max_payload=s.max_payload)
-        reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
         args: dict[str, Any] = {"name": self.name, "advertise": self.advertised, "run": self.run_id}
         if csr is not None:
             args["csr"] = csr
-        try:
-            result, _ = await link.request("combiner.register", args, timeout=30)
-        except BaseException:
-            await link.ws.close()
-            reader.cancel()
-            raise
+
+        async def attempt(url: str) -> tuple[Link, asyncio.Task[None], dict[str, Any]]:
+            link = await connect(url, self.enrolled.token, ctx, max_payload=s.max_payload)
+            reader = asyncio.create_task(link.run(on_message=self._on_controller, on_request=self._on_controller_request))
+            try:
+                result, _ = await link.request("combiner.register", args, timeout=30)
+            except BaseException:
+                await link.ws.close()
+                reader.cancel()
+                raise
+            return link, reader, result
+
+        link, reader, result = await self.controllers.dial(attempt)  # the active one of --controller's addresses
         self.controller = link
         self.enrolled.renew(result.get("token"))
         if self.verifier is not None:
@@ -169,7 +176,7 @@ class Combiner:
                 self.boot = result.get("boot")
             await self.controller.request("combiner.ready", {"url": url}, timeout=30)
             await self._send_all_clients()
-            log.info("reconnected to the controller at %s", self.settings.controller)
+            log.info("reconnected to the controller at %s", self.controllers)
             told = self.announced
             if told is not None and (told.session_id, told.round_index) in self.partials:
                 log.info("round %d: telling the controller again of the partial it had not taken", told.round_index)
@@ -252,7 +259,7 @@ class Combiner:
         await self.controller.request("combiner.ready", {"url": url}, timeout=30)
         await self._send_all_clients()
         announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
-        log.info("combiner %s registered with %s", self.name, s.controller)
+        log.info("combiner %s registered with %s", self.name, self.controllers)
         stopping = asyncio.ensure_future(stop.wait())
         current: asyncio.Task[None] | None = reader
         try:
@@ -265,7 +272,7 @@ class Combiner:
                     raise Superseded(f"another combiner registered as {self.name!r}: this one stops (give each combiner its own --name)")
                 if self.controller.ws.close_code == m.CLOSE_REVOKED:
                     raise AuthError(f"the controller closed this combiner's link: {self.controller.ws.close_reason or 'credential revoked'}")
-                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected, rounds go on)", s.controller)
+                log.warning("lost the connection to the controller at %s: reconnecting (clients stay connected, rounds go on)", self.controllers)
                 current = await self._reconnect(ctx, url, stop)
         finally:
             self.stopping = True

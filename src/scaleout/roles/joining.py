@@ -3,7 +3,6 @@ its join token once and keep the credential it gets back (0600)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from dataclasses import dataclass, replace
@@ -103,7 +102,7 @@ def remember_unnamed(role: str, name: str, state_dir: Path, key: str) -> None:
 async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, ctx: ssl.SSLContext | None, state_dir: Path) -> Enrolled:
     """This node's identity at the controller at ``url``: from the state dir, or enrolled
     now with ``token`` (a join token's credential). A refusal raises AuthError."""
-    from scaleout.transport.net import connect
+    from scaleout.transport.dialer import Controllers
 
     key = controller_key(url, ca)
     path = identity.path_for(state_dir, key, role, name)
@@ -133,17 +132,12 @@ async def enrolled(role: str, name: str, url: str, token: str, ca: Path | None, 
         from scaleout.security.tls import write_private
 
         write_private(started, (secret + "\n").encode())
-    link = await connect(url, token, ctx, max_payload=1 << 20)
-    reader = asyncio.create_task(link.run())
     try:
-        result, _ = await link.request("node.enrol", {"name": name, "key": secret}, timeout=30)
+        result, _ = await Controllers(url).ask(token, ctx, "node.enrol", {"name": name, "key": secret}, max_payload=1 << 20, timeout=30)
     except RemoteError as exc:
         if exc.code in ("unauthorized", "conflict", "bad_message"):
             raise AuthError(f"the controller refused to enrol this {role}: {exc}") from None
         raise
-    finally:
-        await link.ws.close()
-        reader.cancel()
     ident = identity.Identity(str(result["id"]), role, name, str(result["token"]), url, claims.ca if claims else None)
     identity.save(path, ident)
     started.unlink(missing_ok=True)

@@ -1,16 +1,18 @@
 """The one place that dials a list of controller addresses (``wss://a:8090,wss://b:8090``):
 each is tried in turn, the one that answered last first, and a standby's refusal (error code
-``standby``, naming the active controller) sends the caller to the active one at once.
+``standby``, naming the active controller) sends the caller to the active one next.
 Combiners, clients, the CLI, the TUI and the Python API all dial through ``Controllers``."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from scaleout.core.errors import ScaleoutError, Standby, standby_active
-from scaleout.transport.net import ConnectError
+from scaleout.transport.net import ConnectError, connect
 
 T = TypeVar("T")
 
@@ -23,10 +25,8 @@ def controller_urls(text: str | Sequence[str]) -> tuple[str, ...]:
 
 def refused_by_standby(exc: BaseException) -> tuple[bool, str | None]:
     """Whether ``exc`` is a standby's refusal, and the active address it names."""
-    if isinstance(exc, Standby):
-        return True, exc.active
-    if isinstance(exc, ScaleoutError) and exc.code == "standby":
-        return True, standby_active(exc.message)
+    if isinstance(exc, ScaleoutError) and exc.code == Standby.code:  # its remote form has the message only
+        return True, getattr(exc, "active", None) or standby_active(exc.message)
     return False, None
 
 
@@ -46,9 +46,10 @@ class Controllers:
         """``attempt(url)`` on each address until one succeeds; remembered as the current one.
 
         An unreachable address (ConnectError) or a standby moves on to the next address (a
-        standby's named active one first); any other error is raised at once (a refused
-        token, an untrusted certificate). None answering as active: ConnectError, so callers
-        retry with their backoff."""
+        standby's named active one first, if it is one of ours: an address nobody gave us is
+        only reported); any other error is raised at once (a refused token, an untrusted
+        certificate). None answering as active: ConnectError naming each refusal (and so the
+        active address a standby named), so callers retry with their backoff."""
         queue = deque([self.current, *(u for u in self.urls if u != self.current)])
         tried: set[str] = set()
         failures: list[str] = []
@@ -67,7 +68,7 @@ class Controllers:
                 if not standby:
                     raise
                 failures.append(f"{url}: {exc}")
-                if active and active not in tried:
+                if active and active in self.urls and active not in tried:  # only where we were told to go
                     queue.appendleft(active)
                 continue
             self.current = url
@@ -75,6 +76,23 @@ class Controllers:
         if len(failures) == 1:
             raise ConnectError(failures[0])
         raise ConnectError("no controller answered as the active one: " + "; ".join(failures))
+
+    async def ask(
+        self, token: str, ctx: ssl.SSLContext | None, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, *,
+        max_payload: int, timeout: float | None = 30, on_message: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """One request on a fresh link to the active controller (what a node or the CLI asks once)."""
+
+        async def attempt(url: str) -> tuple[dict[str, Any], bytes | None]:
+            link = await connect(url, token, ctx, max_payload=max_payload)
+            reader = asyncio.create_task(link.run(on_message=on_message))
+            try:
+                return await link.request(op, args, blob, timeout=timeout)  # type: ignore[no-any-return]
+            finally:
+                await link.ws.close()
+                reader.cancel()
+
+        return await self.dial(attempt)
 
 
 __all__ = ["Controllers", "controller_urls", "refused_by_standby"]

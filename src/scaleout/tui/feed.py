@@ -41,32 +41,45 @@ class Feed:
         self.resyncs = 0
 
     async def open(self) -> None:
+        """Open the feed at the active controller of the connection's addresses (transport/dialer.py)."""
+        from scaleout.transport.dialer import Controllers
+
+        await Controllers(self.conn.url).dial(self._open_at)
+
+    async def _open_at(self, url: str) -> None:
+        from scaleout.core.errors import Standby
         from scaleout.security.tls import client_context
         from scaleout.transport.link import Incoming
         from scaleout.transport.net import connect
 
         ctx = None if self.conn.insecure else client_context(self.conn.ca)
-        self.link = await connect(self.conn.url, self.conn.token, ctx, max_payload=1 << 40)
+        queue: asyncio.Queue[m.Event | BaseException] = asyncio.Queue()
+        self._queue = queue  # nothing of an address tried before
+        self.link = link = await connect(url, self.conn.token, ctx, max_payload=1 << 40)
 
         async def handle(inc: Incoming) -> None:
             if isinstance(inc.msg, m.Event):
-                self._queue.put_nowait(inc.msg)
+                queue.put_nowait(inc.msg)
 
         async def read() -> None:
             from scaleout.transport.link import LinkClosed
 
             try:
-                await self.link.run(on_message=handle)
+                await link.run(on_message=handle)
             finally:
-                self._queue.put_nowait(LinkClosed(self.link.peer, "the controller closed the link"))
+                queue.put_nowait(LinkClosed(link.peer, "the controller closed the link"))
 
         self._reader = asyncio.create_task(read())
         try:  # an admin operation first: a token of another role is refused here, in words
-            await self.request("status", timeout=30)
+            status, _ = await self.request("status", timeout=30)
         except RemoteError as exc:
+            await self.close()
             if exc.code == AuthError.code:
                 raise AuthError(str(exc)) from None
             raise
+        if status.get("role") == "standby":  # it would show nothing: the dialer goes to the active one
+            await self.close()
+            raise Standby(status.get("active"))
         await self.link.send(m.Subscribe(buffer=self.buffer))
 
     async def request(self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = 600) -> tuple[dict[str, Any], bytes | None]:
