@@ -9,7 +9,7 @@ import pytest
 
 from scaleout.core.errors import AuthError, RemoteError, Standby, remote_error
 from scaleout.transport.dialer import Controllers, controller_urls
-from scaleout.transport.net import ConnectError
+from scaleout.transport.net import ConnectError, TrustError
 
 
 def test_addresses_are_split_in_order_once_each() -> None:
@@ -62,3 +62,9 @@ def test_other_refusals_are_raised_at_once() -> None:
     ctl = Controllers("wss://a:1,wss://b:2")
     with pytest.raises(AuthError):
         _run(ctl, {"wss://a:1": AuthError("refused"), "wss://b:2": "B"})
+    with pytest.raises(TrustError):  # the wrong CA, or someone in between: not a reason to go elsewhere quietly
+        _run(ctl, {"wss://a:1": TrustError("untrusted"), "wss://b:2": "B"})
+    one = ConnectError("cannot reach wss://a:1")
+    with pytest.raises(ConnectError) as info:
+        _run(Controllers("wss://a:1"), {"wss://a:1": one})
+    assert info.value is one  # one address: its own error, as before there were several

@@ -232,9 +232,10 @@ class Controller:
         info = {"url": self.url, "ca": str((self.dir / "ca.pem").resolve()) if not s.insecure else None, "metrics_url": self.obs.url}
         tls.write_public(self.dir / "controller.json", (json.dumps(info) + "\n").encode())
         holding: asyncio.Task[None] | None = None
-        started = False
+        started = announced = False
         try:
             if self.standby:
+                announced = True
                 announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
                 log.info("standby: another controller holds the store's lock (active is %s); taking over when it goes", await self._active())
                 if not await self._await_lease(stop):
@@ -253,7 +254,7 @@ class Controller:
             from scaleout.roles.welcome import show_join_commands
 
             show_join_commands(self)  # its files are written before the ready line
-            if self.lease is None:
+            if not announced:
                 announce(f"{scheme}://{bracket(s.host)}:{port}", dial_urls(scheme, s.host, port))
             self.sessions.resume()
             await stop.wait()

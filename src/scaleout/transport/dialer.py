@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from scaleout.core.errors import ScaleoutError, Standby, standby_active
-from scaleout.transport.net import ConnectError, connect
+from scaleout.transport.net import ConnectError, TrustError, connect
 
 T = TypeVar("T")
 
@@ -53,6 +53,7 @@ class Controllers:
         queue = deque([self.current, *(u for u in self.urls if u != self.current)])
         tried: set[str] = set()
         failures: list[str] = []
+        errors: list[ScaleoutError] = []
         while queue:
             url = queue.popleft()
             if url in tried:
@@ -60,8 +61,11 @@ class Controllers:
             tried.add(url)
             try:
                 result = await attempt(url)
+            except TrustError:
+                raise  # an impostor or the wrong CA: not a reason to try elsewhere quietly
             except ConnectError as exc:
                 failures.append(str(exc))
+                errors.append(exc)
                 continue
             except ScaleoutError as exc:
                 standby, active = refused_by_standby(exc)
@@ -73,8 +77,8 @@ class Controllers:
                 continue
             self.current = url
             return result
-        if len(failures) == 1:
-            raise ConnectError(failures[0])
+        if len(errors) == 1 and len(failures) == 1:
+            raise errors[0]  # the one address given did not answer: its own error
         raise ConnectError("no controller answered as the active one: " + "; ".join(failures))
 
     async def ask(

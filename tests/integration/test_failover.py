@@ -1,0 +1,160 @@
+"""Active and standby controllers on one PostgreSQL store (issue 18): the holder of the store's
+lock is active, a standby answers status and health naming it and refuses the rest, and takes
+over (resuming the running session) when the active one is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import FIXTURES, Federation, Proc, scaleout, wait_line, wait_stdout
+
+from scaleout.commands.connection import Connection
+
+RECOVER = FIXTURES / "recover_client"
+POLL = "0.2"  # SCALEOUT_LEASE_POLL_S: how often a standby tries the lock
+
+
+@pytest.fixture(autouse=True)
+def fast_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEOUT_LEASE_POLL_S", POLL)
+
+
+def keygen(path: Path) -> Path:
+    r = scaleout("store", "keygen", "--out", str(path))
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def serve(fed: Federation, name: str, pg_url: str, key: Path) -> Proc:
+    p = Proc(name, ["serve", "--data-dir", str(fed.tmp / name), "--port", "0", "--store", pg_url, "--key-file", str(key)], fed.logs, True)
+    fed.procs.append(p)
+    return p
+
+
+def url_of(fed: Federation, name: str) -> str:
+    return str(json.loads((fed.tmp / name / "controller.json").read_text())["url"])
+
+
+def health(fed: Federation, name: str) -> tuple[int, dict[str, Any]]:
+    ctx = ssl.create_default_context(cafile=str(fed.tmp / name / "ca.pem"))
+    url = url_of(fed, name).replace("wss://", "https://") + "/api/v1/health"
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_active(fed: Federation, name: str, timeout: float = 30) -> None:
+    """Ask the controller's health probe until it says active (a readiness probe's poll)."""
+    deadline = time.monotonic() + timeout
+    while health(fed, name)[0] != 200:
+        assert time.monotonic() < deadline, f"{name} did not become active within {timeout}s:\n{fed.procs[-1].text()}"
+        time.sleep(0.05)  # polling a process that is taking over: nothing to wait on
+
+
+def cli(fed: Federation, token: str, ca: Path, controller: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return scaleout(*args, "--controller", controller, "--token", token, "--ca", str(ca))
+
+
+def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federation, pg_url: str) -> None:
+    key = keygen(fed.tmp / "store.key")
+    a = serve(fed, "ctl-a", pg_url, key)
+    serve(fed, "ctl-b", pg_url, key)
+    a_url, b_url = url_of(fed, "ctl-a"), url_of(fed, "ctl-b")
+    # One CA, sealed in the store by the first and unsealed by the second: any controller verifies every node.
+    assert (fed.tmp / "ctl-a" / "ca.pem").read_bytes() == (fed.tmp / "ctl-b" / "ca.pem").read_bytes()
+    ca = fed.tmp / "ctl-a" / "ca.pem"
+    token = (fed.tmp / "ctl-a" / "admin.token").read_text().strip()
+    assert not (fed.tmp / "ctl-b" / "admin.token").exists()  # a standby writes nothing of its own yet
+
+    assert health(fed, "ctl-a") == (200, {"role": "active", "active": a_url})
+    assert health(fed, "ctl-b") == (503, {"role": "standby", "active": a_url})
+
+    r = cli(fed, token, ca, b_url, "status")
+    assert r.returncode == 0 and r.stdout.strip() == f"standby, active is {a_url}", r.stdout + r.stderr
+    r = cli(fed, token, ca, b_url, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "standby", "active": a_url}
+    r = cli(fed, token, ca, a_url, "status", "--json")
+    assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": a_url}
+
+    # A write at the standby alone is refused, naming the active address; given both, it goes there.
+    r = cli(fed, token, ca, b_url, "token", "create", "--role", "client")
+    assert r.returncode != 0 and "standby" in r.stderr and a_url in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli(fed, token, ca, f"{b_url},{a_url}", "token", "create", "--role", "client", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["role"] == "client"
+
+    # The active one stops (its lock goes with its database session): the standby takes over.
+    assert a.stop() == 0
+    wait_active(fed, "ctl-b")
+    r = cli(fed, token, ca, f"{a_url},{b_url}", "status", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": b_url}
+    assert "took over" in fed.procs[1].text()
+
+
+def test_a_wrong_or_open_key_file_is_refused(fed: Federation, pg_url: str) -> None:
+    key = keygen(fed.tmp / "store.key")
+    serve(fed, "ctl-a", pg_url, key)
+    other = keygen(fed.tmp / "other.key")
+    r = scaleout("serve", "--data-dir", str(fed.tmp / "ctl-x"), "--port", "0", "--store", pg_url, "--key-file", str(other), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "does not open the secrets in the store" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    other.chmod(0o644)
+    r = scaleout("serve", "--data-dir", str(fed.tmp / "ctl-x"), "--port", "0", "--store", pg_url, "--key-file", str(other), timeout=60)
+    assert r.returncode == 2 and f"chmod 600 {other}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = scaleout("serve", "--data-dir", str(fed.tmp / "ctl-x"), "--port", "0", "--store", pg_url, timeout=60)
+    assert r.returncode == 2 and "needs --key-file" in r.stderr, r.stderr
+
+
+def test_sigkill_of_the_active_in_round_3_the_standby_finishes_the_session(fed: Federation, pg_url: str) -> None:
+    key = keygen(fed.tmp / "store.key")
+    a = serve(fed, "ctl-a", pg_url, key)
+    serve(fed, "ctl-b", pg_url, key)
+    both = f"{url_of(fed, 'ctl-a')},{url_of(fed, 'ctl-b')}"
+    fed.data = fed.tmp / "ctl-a"  # its CA (the same as ctl-b's) and admin token
+    fed.conn = Connection(both, (fed.data / "admin.token").read_text().strip(), fed.data / "ca.pem", False)
+    seed = fed.seed_from(RECOVER)
+    fed.combiner("c1")  # given both addresses (fed.url)
+    names = ["r1", "r2"]
+    clients = [fed.client(name, package=RECOVER) for name in names]
+    fed.wait_clients(2)
+    gate = fed.tmp / "gate"
+    config = {"rounds": 6, "round_timeout": 20, "min_clients": 2, "validate": False, "settings": {"gate": str(gate), "gate_from": 3}}
+    session = fed.admin("session.start", config)[0]["session"]
+    wait_stdout(clients[0], "recover_client: held")  # round 3's task is out
+
+    a.popen.send_signal(signal.SIGKILL)
+    killed = time.time()
+    assert a.popen.wait(10) == -signal.SIGKILL
+    gate.touch()  # the resumed round trains at once
+    # The first train call after the kill is the resumed round's task reaching the client.
+    assert clients[0].popen.stdout is not None
+    while True:
+        line = wait_line(clients[0].popen.stdout, "train ", 60, "client r1")
+        at = float(line.rsplit("train ", 1)[1].strip(" )\n"))
+        if at > killed:
+            break
+    failover = at - killed
+    print(f"\nfailover: SIGKILL of the active controller -> the standby's first task of the resumed round: {failover:.2f} s")
+
+    done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+    assert done["status"] == "finished", done
+    rounds = done["rounds"]
+    assert [r["idx"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert all(r["status"] == "succeeded" for r in rounds), rounds
+    parents = [r["parent"] for r in rounds]
+    assert parents == [seed] + [r["model_id"] for r in rounds[:-1]]  # the trail is linked
+    assert "took over" in fed.procs[1].text()
