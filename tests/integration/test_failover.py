@@ -103,6 +103,14 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
     assert r.returncode == 0, r.stderr
     assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": b_url}
     assert "took over" in fed.procs[1].text()
+    # A join token names every controller on the store, so a node
+    # joining with it finds whichever is active.
+    from scaleout.security.jointoken import parse
+
+    r = cli(fed, token, ca, b_url, "token", "create", "--role", "client", "--json")
+    assert r.returncode == 0, r.stderr
+    urls = parse(json.loads(r.stdout)["join_token"]).urls
+    assert a_url in urls and b_url in urls, urls
 
 
 def test_a_wrong_or_open_key_file_is_refused(fed: Federation, pg_url: str) -> None:

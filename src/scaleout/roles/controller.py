@@ -116,6 +116,8 @@ class Controller:
         self.advertised = ""  # the address nodes dial: --advertise, else self.url
         self._standby_links: set[Link] = set()
         self._last_active: str | None = None  # what a standby last read as the active address
+        self.peer_urls: list[str] = []  # the other controllers on the store, for join tokens (Desk.urls)
+        self._peers_at = 0.0
         self._keys_ready = False
         # The operations that are about the link itself. Who may call any operation is
         # core/permissions.py's to say (the one table), not this map's.
@@ -243,6 +245,7 @@ class Controller:
                 self.prepare()  # the state as the last active one left it: a session it ran resumes below
             if self.lease is not None:
                 await asyncio.to_thread(self.lease.set_active, self.advertised)
+                await self._see_peers(every_s=0)  # the join tokens shown below name the standbys too
                 holding = asyncio.create_task(self._hold_lease())
                 log.info("active: this controller holds the store's lock (nodes dial %s)", self.advertised)
             self.standby = False
@@ -288,6 +291,7 @@ class Controller:
                 await asyncio.wait_for(stop.wait(), self.settings.lease_poll)  # the poll interval, or a stop
             except asyncio.TimeoutError:
                 pass
+            await self._see_peers()
             if not stop.is_set() and await asyncio.to_thread(self.lease.try_acquire):
                 log.info("took over: this controller now holds the store's lock; loading the state")
                 return True
@@ -299,10 +303,18 @@ class Controller:
         assert self.lease is not None
         while True:
             await asyncio.sleep(self.settings.lease_poll)  # the poll interval
+            await self._see_peers()
             if not await asyncio.to_thread(self.lease.check):
                 log.critical("lost the store's lock (its database session ended): this controller stops acting as active now; a standby takes over")
                 logging.shutdown()
                 os._exit(EXIT_LEASE_LOST)
+
+    async def _see_peers(self, every_s: float = 5.0) -> None:
+        """Say this controller is up, and note the others on the store (at most every ``every_s``)."""
+        assert self.lease is not None
+        if time.monotonic() - self._peers_at >= every_s:
+            self._peers_at = time.monotonic()
+            self.peer_urls = await asyncio.to_thread(self.lease.peers, self.advertised)
 
     async def _active(self) -> str | None:
         """The active controller's address as its holder recorded it (this one's when active)."""

@@ -57,6 +57,8 @@ class DeskHost(Protocol):
     signer: tokens.TokenSigner
     verifier: tokens.TokenVerifier
     ca_fingerprint: str | None
+    advertised: str  # --advertise (or url)
+    peer_urls: list[str]  # the other controllers on a shared store (active or standby)
     ca_pem: bytes
     ca_key_pem: bytes
     ssl_context: Any
@@ -93,6 +95,9 @@ class Desk:
             hosts = [s.host, *s.san]
         hosts = [h for h in hosts if h not in LOOPBACK][: MAX_URLS_IN_TOKEN - 1]
         out = [f"{scheme}://{'[' + h + ']' if ':' in h else h}:{port}" for h in hosts]
+        if self.ctl.advertised and self.ctl.advertised != self.ctl.url:
+            out.insert(0, self.ctl.advertised)  # --advertise: where nodes dial it, first
+        out += self.ctl.peer_urls[: max(0, MAX_URLS_IN_TOKEN - 1 - len(out))]  # the standbys (or the active one)
         loop = urlsplit(self.ctl.url).netloc
         out.append(f"{scheme}://{loop}")
         return list(dict.fromkeys(out))

@@ -30,7 +30,11 @@ KEEPALIVE: dict[str, Any] = {  # the client's keepalives: the holder notices a d
 # The server's side of the same: it ends the session (and the lock) of a vanished holder.
 SESSION_OPTIONS = "-c statement_timeout=5000 -c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=2 -c tcp_user_timeout=5000"
 
-SCHEMA = "CREATE TABLE IF NOT EXISTS scaleout_active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since DOUBLE PRECISION NOT NULL)"
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS scaleout_active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since DOUBLE PRECISION NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS scaleout_controllers (url TEXT PRIMARY KEY, seen DOUBLE PRECISION NOT NULL)"
+)
+PEER_TTL_S = 60.0  # a controller not seen for this long is left out of new join tokens
 
 
 def is_postgres(url: str | None) -> bool:
@@ -129,6 +133,22 @@ class Lease:
             self._drop()
             return None
         return str(row[0]) if row else None
+
+    def peers(self, url: str) -> list[str]:
+        """Say that a controller at ``url`` is up, and return the others seen lately (the
+        addresses a join token names beside this one's). Empty when the store cannot be read."""
+        import psycopg
+
+        now = time.time()
+        try:
+            conn = self._connection()
+            conn.execute(
+                "INSERT INTO scaleout_controllers (url, seen) VALUES (%s, %s) ON CONFLICT (url) DO UPDATE SET seen = EXCLUDED.seen", (url, now),
+            )
+            rows = conn.execute("SELECT url FROM scaleout_controllers WHERE seen > %s AND url <> %s ORDER BY url", (now - PEER_TTL_S, url)).fetchall()
+        except (psycopg.Error, ConfigError):
+            return []
+        return [str(r[0]) for r in rows]
 
     def _drop(self) -> None:
         if self._conn is not None:
