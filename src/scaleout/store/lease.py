@@ -14,6 +14,7 @@ to name it. Blocking calls: run them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -151,11 +152,11 @@ class Lease:
         return [str(r[0]) for r in rows]
 
     def _drop(self) -> None:
+        import psycopg
+
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error, OSError):  # closing a broken connection: nothing to do about it
                 self._conn.close()
-            except Exception:  # noqa: BLE001  # closing a broken connection: nothing to do about it
-                pass
         self._conn = None
 
     def close(self) -> None:
