@@ -166,3 +166,21 @@ def test_sigkill_of_the_active_in_round_3_the_standby_finishes_the_session(fed: 
     parents = [r["parent"] for r in rounds]
     assert parents == [seed] + [r["model_id"] for r in rounds[:-1]]  # the trail is linked
     assert "took over" in fed.procs[1].text()
+
+
+def test_an_active_that_loses_its_lock_session_stops_at_once(fed: Federation, pg_url: str) -> None:
+    """Its database session ended (a network cut, an operator's pg_terminate_backend): it can no
+    longer show it holds the lock, so it exits rather than risk two actives; the standby takes over."""
+    import psycopg
+
+    key = keygen(fed.tmp / "store.key")
+    a = serve(fed, "ctl-a", pg_url, key)
+    serve(fed, "ctl-b", pg_url, key)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        (n,) = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s", (f"scaleout-lease-{a.popen.pid}",),
+        ).fetchone()
+    assert n == 1
+    assert a.popen.wait(30) == 75
+    assert "lost the store's lock" in a.text()
+    wait_active(fed, "ctl-b")

@@ -41,7 +41,7 @@ def test_the_lock_goes_with_its_session(pg_url: str) -> None:
     try:
         assert a.try_acquire()
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'scaleout-lease' AND pid <> pg_backend_pid()")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'scaleout-lease-' || %s AND pid <> pg_backend_pid()", (str(os.getpid()),))
         assert a.check() is False
         assert b.try_acquire() is True
     finally:

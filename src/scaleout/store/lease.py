@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -48,7 +49,7 @@ def connect(url: str, *, keepalive: bool = True) -> Any:
     import psycopg
 
     try:
-        return psycopg.connect(url, autocommit=True, application_name="scaleout-lease", options=SESSION_OPTIONS, **(KEEPALIVE if keepalive else {}))
+        return psycopg.connect(url, autocommit=True, application_name=f"scaleout-lease-{os.getpid()}", options=SESSION_OPTIONS, **(KEEPALIVE if keepalive else {}))
     except psycopg.Error as exc:
         raise ConfigError("store", f"cannot connect to {redact(url)}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
