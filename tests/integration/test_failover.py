@@ -4,6 +4,7 @@ over (resuming the running session) when the active one is SIGKILLed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import ssl
@@ -95,6 +96,28 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
     r = cli(fed, token, ca, f"{b_url},{a_url}", "token", "create", "--role", "client", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["role"] == "client"
+
+    # The Python API and the TUI's feed follow the standby to the active one as well.
+    from scaleout import api
+    from scaleout.core.errors import ScaleoutError
+    from scaleout.tui.feed import Feed
+
+    with api.Scaleout(f"{b_url},{a_url}", token=token, verify=str(ca)) as client:
+        assert client.get_sessions()["count"] == 0
+    with api.Scaleout(b_url, token=token, verify=str(ca)) as client:
+        with pytest.raises(ScaleoutError, match=f"standby, active is {a_url}$") as info:
+            client.get_sessions()
+        assert info.value.code == "standby"
+
+    async def feed_peer() -> str:
+        feed = Feed(Connection(f"{b_url},{a_url}", token, ca, False))
+        await feed.open()
+        try:
+            return str(feed.link.peer)
+        finally:
+            await feed.close()
+
+    assert asyncio.run(feed_peer()) == a_url
 
     # The active one stops (its lock goes with its database session): the standby takes over.
     assert a.stop() == 0
