@@ -580,3 +580,65 @@ def test_laptop_notes_commands_parse_with_the_real_cli(laptop):
     assert "create secret generic scaleout-tokens " in notes
     assert "--san scaleout-combiner-2.scaleout-combiner.fl.svc" in notes  # combiner.maxReplicas: 3 in the laptop values
     assert "scaleout-combiner-3." not in notes
+
+
+# -- the README's "Run on Kubernetes", as a user pastes it ------------------------------------
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^## Run on Kubernetes\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, "README has no section 'Run on Kubernetes'"
+    lines = [line for block in re.findall(r"^```\n(.*?)^```", match[1], re.M | re.S) for line in block.splitlines()]
+    return [line.split("  #", 1)[0].strip() for line in lines if line.strip()]
+
+
+def _scaleout_words(line: str) -> list[str] | None:
+    """The scaleout command line a README line runs, directly or in a pod, its redirection left out."""
+    line = line.split(" > ", 1)[0].split(" | ", 1)[0]
+    if line.startswith("scaleout "):
+        return shlex.split(line)[1:]
+    if " -- scaleout " in line:
+        return shlex.split(line.split(" -- scaleout ", 1)[1])
+    if " -- join " in line:  # kubectl run ... -- join TOKEN: the image's entrypoint is scaleout
+        return ["join", *shlex.split(line.split(" -- join ", 1)[1].replace('"$(cat client.token)"', "TOKEN"))]
+    return None
+
+
+def test_readme_scaleout_commands_parse_with_the_real_cli():
+    runs = [w for w in map(_scaleout_words, _readme_commands()) if w is not None]
+    assert len(runs) >= 8, runs
+    for words in runs:
+        _parse([], words)
+    made = [w for w in runs if w[:2] == ["token", "create"]]
+    assert sorted(w[w.index("--role") + 1] for w in made) == ["client", "combiner"]
+
+
+def test_readme_names_what_the_chart_and_the_makefile_make():
+    lines = _readme_commands()
+    version = _pyproject_version()
+    values, laptop = _values(), yaml.safe_load(LAPTOP.read_text())
+    assert "make image" in lines
+    for line in lines:
+        words = shlex.split(line.replace("$(", "(")) if line.startswith(("helm ", "kubectl ")) else []
+        if words[:1] == ["helm"]:
+            assert (ROOT / words[3]).resolve() == CHART, line
+            for i, word in enumerate(words):
+                if word == "-f":
+                    assert (ROOT / words[i + 1]).is_file(), line
+                if word == "--set":
+                    key = words[i + 1].split("=", 1)[0]
+                    assert _has_path(values, key.split(".")), f"{line}: values.yaml has no {key}"
+        if "create secret generic" in line:
+            name = words[words.index("generic") + 1]
+            assert name == f"{RELEASE}-tokens" and "--from-file=combiner.token" in words, line
+        if "--image" in words:
+            assert words[words.index("--image") + 1] == f"{laptop['image']['repository']}:{version}"
+    text = "\n".join(lines)
+    assert f"kind load docker-image scaleout:{version}" in text
+    # The combiner names the README's token allows: each laptop combiner's, up to maxReplicas,
+    # exactly as the StatefulSet's pods advertise them in the namespace the README installs into.
+    sans = re.findall(r"--san (\S+)", next(line for line in lines if "--role combiner" in line))
+    assert sans == [f"scaleout-combiner-{i}.scaleout-combiner.scaleout.svc" for i in range(laptop["combiner"]["maxReplicas"])]
+    assert "--advertise=$(POD_NAME).{{ $svc }}.{{ .Release.Namespace }}.svc:{{ .Values.combiner.port }}" in (TEMPLATES / "combiner-statefulset.yaml").read_text()
+    assert "--set combiner.replicas=3" in text and values["combiner"]["port"] == 8091
