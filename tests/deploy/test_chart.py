@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import re
 import shlex
 import shutil
@@ -527,7 +526,10 @@ def test_laptop_render_serve_args_parse_with_the_real_cli(laptop):
     pending = sorted({a.split("=", 1)[0] for a in args if ("serve", a.split("=", 1)[0]) in PENDING and not _knows(["serve"], a.split("=", 1)[0])})
     parsed = _parse([], [a for a in args if a.split("=", 1)[0] not in pending])
     assert (parsed.command, parsed.host, parsed.port, parsed.metrics_port, parsed.metrics_host) == ("serve", "0.0.0.0", 8090, 9090, "0.0.0.0")
-    assert str(parsed.data_dir) == "/data" and {m["mountPath"] for m in serve["volumeMounts"]} >= {"/data", "/tmp"}
+    # The data dir is a folder below the volume's mount point: serve makes its data dir 0700,
+    # which its user cannot do to the mount point itself (the kubelet's, owned by root).
+    mounts = {m["name"]: m["mountPath"] for m in serve["volumeMounts"]}
+    assert parsed.data_dir.parent == Path(mounts["data"]) and mounts["tmp"] == "/tmp"
     assert parsed.san[0] == "scaleout-controller.fl.svc", "join tokens name the Service first"
     assert "scaleout-controller.fl.svc.cluster.local" in parsed.san
     if "--advertise" not in pending:
@@ -563,7 +565,7 @@ def test_laptop_render_combiners_advertise_their_own_names_which_their_token_all
             # The controller signs only names the token allows, compared exactly (enrolment.canonical).
             assert canonical(host) in [canonical(s) for s in sans], f"the combiner token NOTES.txt suggests would refuse {host}"
     mounts = {m["name"]: m["mountPath"] for m in combine["volumeMounts"]}
-    assert mounts["tokens"] == "/etc/scaleout/tokens" and mounts["data"] == str(parsed.state_dir)
+    assert mounts["tokens"] == "/etc/scaleout/tokens" and parsed.state_dir.parent == Path(mounts["data"])
 
 
 def test_laptop_notes_commands_parse_with_the_real_cli(laptop):
@@ -642,3 +644,35 @@ def test_readme_names_what_the_chart_and_the_makefile_make():
     assert sans == [f"scaleout-combiner-{i}.scaleout-combiner.scaleout.svc" for i in range(laptop["combiner"]["maxReplicas"])]
     assert "--advertise=$(POD_NAME).{{ $svc }}.{{ .Release.Namespace }}.svc:{{ .Values.combiner.port }}" in (TEMPLATES / "combiner-statefulset.yaml").read_text()
     assert "--set combiner.replicas=3" in text and values["combiner"]["port"] == 8091
+    # What the README reads in the controller's pod is in the data dir the chart gives serve.
+    data_dir = re.search(r"- --data-dir=(\S+)", (TEMPLATES / "controller-deployment.yaml").read_text())[1]
+    read = re.findall(r"exec \$CTL -- (?:cat (\S+)|scaleout .*--data-dir (\S+))", text)
+    assert len(read) == 4, read
+    for cat, given in read:
+        assert (cat and cat.rsplit("/", 1)[0] == data_dir) or given == data_dir, (cat, given)
+
+
+def test_chart_options_render_what_they_say():
+    """Existing Secrets are used by name and none is made for them; a combiner token given in
+    values becomes the tokens Secret; combiner persistence gives each a claim of its own."""
+    docs, _ = _render([VALUES], {
+        "store": {"existingSecret": "my-store", "existingSecretKey": "dsn"},
+        "keyFile": {"existingSecret": "my-key"},
+        "tokens": {"combiner": "SCALEOUT-1.abc"},
+        "combiner": {"persistence": {"enabled": True}, "replicas": 3},
+        "metrics": {"enabled": False},
+    })
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert set(secrets) == {"scaleout-tokens"}
+    assert base64.b64decode(secrets["scaleout-tokens"]["data"]["combiner.token"]).decode() == "SCALEOUT-1.abc"
+    ctl = _find(docs, "Deployment", "scaleout-controller")
+    serve = _container(ctl, "controller")
+    assert [e["valueFrom"]["secretKeyRef"] for e in serve["env"] if e["name"] == "SCALEOUT_STORE"] == [{"name": "my-store", "key": "dsn"}]
+    key_volume = next(v for v in ctl["spec"]["template"]["spec"]["volumes"] if v["name"] == "key-secret")
+    assert key_volume["secret"]["secretName"] == "my-key"
+    assert "annotations" not in ctl["spec"]["template"]["metadata"] or not ctl["spec"]["template"]["metadata"]["annotations"]
+    assert not any(a.startswith("--metrics") for a in serve["args"]) and [p["name"] for p in serve["ports"]] == ["wss"]
+    sts = _find(docs, "StatefulSet", "scaleout-combiner")
+    assert sts["spec"]["replicas"] == 3
+    assert [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert "data" not in [v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]]
