@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test chaos lint bench bench-flower dist dist-check clean
+.PHONY: demo test chaos lint bench bench-flower dist dist-check clean image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,29 @@ dist: $(DIST_VENV)/.installed
 # dev federation with each, a session whose roles are different artefacts, a missing module.
 dist-check: dist
 	build/dist_check.sh $(DIST_VENV)/bin/python
+
+# Issue 18's container image (Dockerfile): one image for every role, run as uid 10001.
+# IMAGE=registry.example.org/scaleout:TAG to name it for a push; ENGINE=podman to pick one.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= scaleout:$(VERSION)
+ENGINE ?=
+
+image:
+	@engine="$(ENGINE)"; found=""; why=""; \
+	if [ -z "$$engine" ]; then \
+	  for e in docker podman; do \
+	    command -v $$e >/dev/null 2>&1 || continue; found="$$found $$e"; \
+	    if out=$$($$e info 2>&1 >/dev/null); then engine=$$e; break; fi; \
+	    why="$$why; $$e info: $$(printf '%s' "$$out" | grep -v '^ *$$' | tail -n 1)"; \
+	  done; \
+	fi; \
+	if [ -z "$$engine" ]; then \
+	  if [ -z "$$found" ]; then echo "make image: no container engine here: install docker or podman (or pass ENGINE=...)" >&2; \
+	  else echo "make image: no container engine runs here (found:$$found$$why): start the docker daemon or podman, then run make image again" >&2; fi; \
+	  exit 1; \
+	fi; \
+	echo "$$engine build -t $(IMAGE) ."; \
+	$$engine build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(DIST_VENV) .pytest_cache demo-report.json chaos-report.jsonl dist build/zipapp-out build/frozen-work
