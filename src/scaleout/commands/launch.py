@@ -231,13 +231,13 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
 
     from scaleout.store.lease import is_postgres
 
-    def pick(key: str) -> Any:
-        return getattr(args, key, None) or os.environ.get(f"SCALEOUT_{key.upper()}") or s.get(key)
+    def pick(key: str, env: str) -> Any:
+        return getattr(args, key, None) or os.environ.get(env) or s.get(key)
 
-    settings.store = pick("store")
-    key_file = pick("key_file")
+    settings.store = pick("store", "SCALEOUT_STORE")
+    key_file = pick("key_file", "SCALEOUT_KEY_FILE")
     settings.key_file = Path(key_file).absolute() if key_file else None
-    advertise = pick("advertise")
+    advertise = pick("advertise", "SCALEOUT_ADVERTISE")
     if advertise is not None:
         advertise = str(advertise)
         if not advertise.startswith(("ws://", "wss://")) or "," in advertise:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
 from scaleout.core import permissions
@@ -167,7 +168,8 @@ class Controller:
         if s.insecure:
             log.warning("TLS is OFF (--insecure): tokens and models travel in clear text")
         else:
-            files = tls.ensure_controller_tls(self.dir, cert_names(s.host, s.san))
+            advertised = [urlsplit(s.advertise).hostname or ""] if s.advertise else []  # nodes dial it: the certificate names it
+            files = tls.ensure_controller_tls(self.dir, cert_names(s.host, [*s.san, *filter(None, advertised)]))
             self.ca_pem = files.ca_cert.read_bytes()
             self.ca_key_pem = files.ca_key.read_bytes()
             self.ca_fingerprint = tls.fingerprint(self.ca_pem)
