@@ -27,7 +27,7 @@ log = logging.getLogger("scaleout.lease")
 LOCK_KEY = 0x5CA1E0A7  # the advisory lock key of "the active controller" on a store
 POLL_S = 1.0  # how often a standby tries the lock and the holder checks it (SCALEOUT_LEASE_POLL_S)
 KEEPALIVE: dict[str, Any] = {  # the client's keepalives: the holder notices a dead network within ~4 s
-    "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2, "connect_timeout": 5,
+    "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2, "tcp_user_timeout": 5000, "connect_timeout": 5,
 }
 # The server's side of the same: it ends the session (and the lock) of a vanished holder.
 SESSION_OPTIONS = "-c statement_timeout=5000 -c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=2 -c tcp_user_timeout=5000"
