@@ -94,6 +94,10 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("serve", help="run the controller")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where state, models, keys and tokens live (default: ./scaleout-data)")
+    p.add_argument(
+        "--store", metavar="URL",
+        help="keep the state and models in PostgreSQL: postgresql://USER[:PW]@HOST:PORT/DB (env SCALEOUT_STORE; default: state.db and files in the data dir)",
+    )
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: 8090)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for the generated certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")

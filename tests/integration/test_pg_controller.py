@@ -1,0 +1,55 @@
+"""The controller on PostgreSQL (issue 18): `scaleout serve --store postgresql://...` runs
+sessions with real combiners and clients over TLS, and resumes one after a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from conftest import FIXTURES, Federation, scaleout, wait_stdout
+
+RECOVER = FIXTURES / "recover_client"
+
+
+def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Federation, pg_url: str, tmp_path: Path) -> None:
+    first = fed.controller("--store", pg_url)
+    seed = fed.seed_from(RECOVER)
+    fed.combiner("c1")
+    clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
+    fed.wait_clients(2)
+    done = fed.run_session(rounds=2, validate=False)
+    assert done["status"] == "finished" and [r["status"] for r in done["rounds"]] == ["succeeded"] * 2, done
+
+    # The rows are in PostgreSQL, not in a state.db beside the data dir.
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        (n,) = conn.execute("SELECT COUNT(*) FROM rounds WHERE session_id=%s AND status='succeeded'", (done["id"],)).fetchone()  # type: ignore[misc]
+    assert n == 2
+    data = ["--data-dir", str(fed.data), "--json"]
+    models = json.loads(scaleout("model", "ls", *data).stdout)
+    assert {m["id"] for m in models} >= {seed, *(r["model_id"] for r in done["rounds"])}
+    sessions = json.loads(scaleout("session", "ls", *data).stdout)
+    assert [s["id"] for s in sessions] == [done["id"]]
+    verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout + verify.stderr
+
+    # SIGKILL in round 2 of a second session; restarted on the same store, it finishes.
+    gate = tmp_path / "gate"
+    config = {"rounds": 3, "round_timeout": 30, "validate": False, "settings": {"gate": str(gate), "gate_from": 4}}  # its 4th train call: round 2 here
+    session = fed.admin("session.start", config)[0]["session"]
+    wait_stdout(clients[0], "recover_client: held")  # round 2's tasks are out
+    port = int(fed.url.rsplit(":", 1)[1])
+    first.popen.send_signal(signal.SIGKILL)
+    assert first.popen.wait(10) == -signal.SIGKILL
+    gate.touch()
+    fed.controller("--store", pg_url, name="controller-2", port=port)
+    again = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+    assert again["status"] == "finished", again
+    assert [r["status"] for r in again["rounds"]] == ["succeeded"] * 3, again["rounds"]
+    assert again["rounds"][1]["attempt"] == 2 and again["rounds"][1]["retried"] == ["controller restarted"]
+    parents = [r["parent"] for r in again["rounds"]]
+    assert parents == [done["end_model"]] + [r["model_id"] for r in again["rounds"][:-1]]
+    verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
