@@ -26,7 +26,9 @@ def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Feder
 
     with psycopg.connect(pg_url) as conn:
         (n,) = conn.execute("SELECT COUNT(*) FROM rounds WHERE session_id=%s AND status='succeeded'", (done["id"],)).fetchone()  # type: ignore[misc]
-    assert n == 2
+        (blobs,) = conn.execute("SELECT COUNT(*) FROM blobs WHERE kind='models'").fetchone()  # type: ignore[misc]
+    assert n == 2 and blobs == 3  # the seed and two rounds' models, as large objects
+    assert not (fed.data / "state.db").stat().st_size and not any((fed.data / "models").glob("*"))
     data = ["--data-dir", str(fed.data), "--json"]
     models = json.loads(scaleout("model", "ls", *data).stdout)
     assert {m["id"] for m in models} >= {seed, *(r["model_id"] for r in done["rounds"])}

@@ -35,6 +35,7 @@ from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
+from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
@@ -136,7 +137,7 @@ class Controller:
             log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
             self.state.audit("controller", "audit.head_rewritten", reason=why)
         self.registry = RegistryWriter(self.store)
-        self.blobs = BlobStore(self.dir)
+        self.blobs = BlobStore(self.dir) if isinstance(self.store, Path) else PgBlobStore(self.store, self.dir)
         # A kill between writing a model (or package, or strategy state) and committing the row
         # that names it leaves a file nobody names: removed at the next start, and said.
         for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():

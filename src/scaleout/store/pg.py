@@ -53,6 +53,13 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit FOR EACH STATEMENT EXE
 """
 
 
+# What each BEGIN is here: IMMEDIATE (and EXCLUSIVE) serialises with every other such transaction
+# (SQLite's one writer); a plain BEGIN reads one snapshot (State's deferred transactions are
+# for consistent reads); DEFERRED is PostgreSQL's own READ COMMITTED, serialising nothing
+# (a large blob's write must not hold up the audit log).
+_BEGIN = {"BEGIN IMMEDIATE": "serial", "BEGIN EXCLUSIVE": "serial", "BEGIN": "snapshot", "BEGIN DEFERRED": "plain"}
+
+
 def is_url(target: object) -> bool:
     """Whether a store target names PostgreSQL (rather than a SQLite file)."""
     return isinstance(target, str) and target.startswith(SCHEMES)
@@ -205,11 +212,11 @@ class PgConnection:
     def in_transaction(self) -> bool:
         return getattr(self._local, "conn", None) is not None
 
-    def _begin(self, immediate: bool) -> None:
+    def _begin(self, mode: str) -> None:
         conn = self._getconn()
         try:
-            conn.execute("BEGIN" if immediate else "BEGIN ISOLATION LEVEL REPEATABLE READ")  # a deferred one reads one snapshot
-            if immediate:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if mode == "snapshot" else "BEGIN")
+            if mode == "serial":
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
         except Exception as exc:
             self._putconn(conn, broken=True)
@@ -265,7 +272,7 @@ class PgConnection:
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         word = sql.strip().upper()
         if word in ("BEGIN", "BEGIN IMMEDIATE", "BEGIN DEFERRED", "BEGIN EXCLUSIVE"):
-            self._begin(immediate=word != "BEGIN" and word != "BEGIN DEFERRED")
+            self._begin(_BEGIN[word])
             return Cursor([], -1)
         if word in ("COMMIT", "END", "ROLLBACK"):
             if self.in_transaction:
