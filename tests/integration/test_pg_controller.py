@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from conftest import FIXTURES, Federation, scaleout, wait_stdout
 
@@ -105,3 +109,114 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     st = State(pg_url)  # new rows after the copied ones (the reports' id sequence went on past them)
     st.add_report("train", "s-x", 1, "r1", {}, None)
     st.close()
+
+
+class Relay:
+    """A TCP relay between the controller and PostgreSQL that the test can cut (every
+    connection through it dropped, new ones refused) and restore, leaving the server and
+    the other tests' connections to it alone."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                self.conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: str, tmp_path: Path) -> None:
+    """The controller waits and goes on, or fails the round saying why; it never commits half
+    a model and never dies; once the link is back, the next session runs."""
+    parts = urlsplit(pg_url)
+    relay = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = f"postgresql://{parts.username}@127.0.0.1:{relay.port}{parts.path}"
+    try:
+        ctl = fed.controller("--store", url)
+        fed.seed_from(RECOVER)
+        fed.combiner("c1")
+        clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
+        fed.wait_clients(2)
+        gate = tmp_path / "gate"
+        config = {"rounds": 3, "round_timeout": 60, "validate": False, "settings": {"gate": str(gate), "gate_from": 2}}
+        session = fed.admin("session.start", config)[0]["session"]
+        wait_stdout(clients[0], "recover_client: held")  # round 2 in flight
+        relay.cut()
+        gate.touch()  # round 2's updates come in while the store is unreachable
+        cut_at = time.monotonic()
+        time.sleep(max(0.0, 10 - (time.monotonic() - cut_at)))  # the outage itself lasts 10 s (not a synchronisation)
+        relay.restore()
+        done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+        assert ctl.popen.poll() is None, "the controller died"
+        print("after the cut:", done["status"], [(r["status"], r["reason"]) for r in done["rounds"]])
+        rounds = done["rounds"]
+        if done["status"] == "finished":
+            assert [r["status"] for r in rounds] == ["succeeded"] * 3
+        else:
+            failed = [r for r in rounds if r["status"] == "failed"]
+            assert failed and "PostgreSQL" in (failed[0]["reason"] or "") + (done["reason"] or ""), done
+        # Every model in the trail is whole (its bytes verify against its id); each succeeded round names one.
+        models = fed.admin("model.ls", {})[0]["models"]
+        ids = {m["id"] for m in models}
+        for m in models:
+            assert fed.admin("model.get", {"id": m["id"]})[1] is not None
+        assert all(r["model_id"] in ids for r in rounds if r["status"] == "succeeded")
+        assert all(r["model_id"] is None for r in rounds if r["status"] == "failed")
+        again = fed.run_session(rounds=1, validate=False)
+        assert again["status"] == "finished", again
+        verify = scaleout("audit", "verify", "--data-dir", str(fed.data))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        fed.stop_all()
+        relay.close()

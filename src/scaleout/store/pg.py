@@ -249,8 +249,8 @@ class PgConnection:
 
         try:
             return self._pool.getconn()
-        except PoolTimeout as exc:
-            raise StorageError(f"no connection to PostgreSQL within {WAIT_S:g} s ({exc})", "using", self.path) from None
+        except PoolTimeout:
+            raise StorageError(f"no connection to PostgreSQL within {WAIT_S:g} s", "using", self.path) from None
 
     def _putconn(self, conn: Any, broken: bool = False) -> None:
         with contextlib.suppress(Exception):
