@@ -220,3 +220,20 @@ def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: s
     finally:
         fed.stop_all()
         relay.close()
+
+
+def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
+    import os
+
+    data = ["serve", "--data-dir", str(tmp_path / "d"), "--port", "0"]
+    r = scaleout(*data, "--store", "mysql://x")
+    assert r.returncode == 2 and "--store must be a postgresql://" in r.stderr, r.stderr
+    config = tmp_path / "c.toml"
+    config.write_text('[controller]\nstore = "postgresql://postgres@127.0.0.1:1/x"\n')
+    r = scaleout(*data, "--config", str(config))
+    assert r.returncode == 1 and "while connecting to the PostgreSQL store postgresql://postgres@127.0.0.1:1/x" in r.stderr, r.stderr
+    env = {**os.environ, "SCALEOUT_STORE": "postgresql://u:secret@127.0.0.1:1/x"}
+    r = scaleout(*data, env=env)
+    assert r.returncode == 1 and "postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr
+    r = scaleout(*data, "--config", str(config), env=env)  # the environment before the file, as for the other settings
+    assert "postgresql://u:***@" in r.stderr and "Traceback" not in r.stderr, r.stderr

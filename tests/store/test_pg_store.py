@@ -223,3 +223,21 @@ def test_an_unreachable_or_stopped_server_is_a_storage_error(postgres_server, pg
     st.add_session("s3", {}, "m")  # the pool connects again by itself
     assert [s["id"] for s in st.sessions()] == ["s1", "s3"]
     st.close()
+
+
+def test_the_readme_section_says_what_the_cli_takes() -> None:
+    """README's "PostgreSQL store": each scaleout command in it parses as written."""
+    import re
+    import shlex
+
+    from scaleout.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = re.search(r"^## PostgreSQL store\n(.*?)(?=^## )", readme, re.M | re.S)
+    assert text is not None
+    lines = [line for block in re.findall(r"^```\n(.*?)^```", text[1], re.M | re.S) for line in block.splitlines() if line.startswith("scaleout ")]
+    assert [shlex.split(line)[1] for line in lines] == ["serve", "store", "audit", "serve"]
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert (getattr(args, "store", None) or getattr(args, "to", None) or "").startswith("postgresql://"), line
+    assert "SCALEOUT_STORE" in text[1] and 'store = "postgresql://..."' in text[1]
