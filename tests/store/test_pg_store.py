@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import test_command_store
 import test_logged_metrics
+
 from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
 from scaleout.store.identities import Identities
-from scaleout.store.metrics import dropped_metrics, glob_regex, logged_metrics
+from scaleout.store.metrics import dropped_metrics, glob_regex
 from scaleout.store.pg import redact
 from scaleout.store.pgblobs import CHUNK, PgBlobStore
 from scaleout.store.state import AUDIT_HEAD, State
@@ -116,7 +116,7 @@ def test_the_audit_chain_is_append_only_and_verifies(st: State, pg_url: str) -> 
     for i in range(5):
         st.audit("admin:t1", "token.create", address="127.0.0.1", n=i)
     assert st.audit_verify() == (5, None)
-    assert [e["detail"]["n"] for e in st.audit_log(limit=0 or 100)] == [4, 3, 2, 1, 0]
+    assert [e["detail"]["n"] for e in st.audit_log(limit=100)] == [4, 3, 2, 1, 0]
     assert len(st.audit_log(-1)) == 5  # no limit
     head = st.get_meta(AUDIT_HEAD)
     assert head is not None and head.startswith("5 ")
@@ -127,7 +127,7 @@ def test_the_audit_chain_is_append_only_and_verifies(st: State, pg_url: str) -> 
         # Whoever drops the trigger first is caught by the chain.
         conn.execute("ALTER TABLE audit DISABLE TRIGGER audit_no_update")
         conn.execute("UPDATE audit SET actor='someone else' WHERE id=3")
-    checked, broken = st.audit_verify()
+    _, broken = st.audit_verify()
     assert broken is not None and broken.id == 3
 
 
@@ -215,9 +215,8 @@ def test_an_unreachable_or_stopped_server_is_a_storage_error(postgres_server, pg
     try:
         with pytest.raises(StorageError, match="PostgreSQL store"):
             st.add_session("s2", {}, "m")
-        with pytest.raises(StorageError):
-            with st.transaction():
-                st.add_step("s1", {"x": 1})
+        with pytest.raises(StorageError), st.transaction():
+            st.add_step("s1", {"x": 1})
     finally:
         postgres_server.start()
     st.add_session("s3", {}, "m")  # the pool connects again by itself
@@ -233,9 +232,9 @@ def test_the_readme_section_says_what_the_cli_takes() -> None:
     from scaleout.cli import build_parser
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    text = re.search(r"^## PostgreSQL store\n(.*?)(?=^## )", readme, re.M | re.S)
+    text = re.search(r"^## PostgreSQL store\n(.*?)(?=^## )", readme, re.MULTILINE | re.DOTALL)
     assert text is not None
-    lines = [line for block in re.findall(r"^```\n(.*?)^```", text[1], re.M | re.S) for line in block.splitlines() if line.startswith("scaleout ")]
+    lines = [line for block in re.findall(r"^```\n(.*?)^```", text[1], re.MULTILINE | re.DOTALL) for line in block.splitlines() if line.startswith("scaleout ")]
     assert [shlex.split(line)[1] for line in lines] == ["serve", "store", "audit", "serve"]
     for line in lines:
         args = build_parser().parse_args(shlex.split(line)[1:])

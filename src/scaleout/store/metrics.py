@@ -69,7 +69,7 @@ def logged_metrics(
     for column, value, op in (("r.session_id", session_id, "="), ("r.round_index", round_index, "="), ("r.client", client, "GLOB"), ("m.key", key, "GLOB")):
         if value is not None:
             where += f" AND {column} {'~' if pg and op == 'GLOB' else op} ?"
-            args.append(glob_regex(value) if pg and op == "GLOB" else value)
+            args.append(glob_regex(str(value)) if pg and op == "GLOB" else value)
     sql = (
         "SELECT r.session_id, r.round_index, r.client,"
         + (f" {_STEP_PG} AS step, m.key AS key, m.value::text AS value," if pg else
@@ -112,6 +112,6 @@ def dropped_metrics(
     for column, value, op in (("session_id", session_id, "="), ("round_index", round_index, "="), ("client", client, "GLOB")):
         if value is not None:
             sql += f" AND {column} {'~' if pg and op == 'GLOB' else op} ?"
-            args.append(glob_regex(value) if pg and op == "GLOB" else value)
+            args.append(glob_regex(str(value)) if pg and op == "GLOB" else value)
     sql += " GROUP BY session_id, round_index, client ORDER BY MIN(id)"
     return [dict(row) for row in st.db.execute(sql, args).fetchall()]
