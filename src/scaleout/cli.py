@@ -94,6 +94,10 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("serve", help="run the controller")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where state, models, keys and tokens live (default: ./scaleout-data)")
+    p.add_argument(
+        "--store", metavar="URL",
+        help="keep the state and models in PostgreSQL: postgresql://USER[:PW]@HOST:PORT/DB (env SCALEOUT_STORE; default: state.db and files in the data dir)",
+    )
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: 8090)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for the generated certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
@@ -369,9 +373,19 @@ def build_parser() -> ArgumentParser:
     _common(c)
     c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
     c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
+    c.add_argument("--store", metavar="URL", help="check the log in this PostgreSQL store instead of asking the controller; with --data-dir DIR, against the signed head in DIR")
     c.add_argument("--head", type=Path, metavar="FILE", help="also check against a copy of DATA_DIR/audit.head kept elsewhere: the log must still hold the entry it names")
     _connection(c)
     _json_flag(c)
+    _common(c)
+
+    p = sub.add_parser("store", help="the controller's store: move a data dir into PostgreSQL")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    ssub.required = True
+    c = ssub.add_parser("migrate", help="copy a stopped controller's state.db and models into an empty PostgreSQL database")
+    c.add_argument("--from", dest="source", type=Path, required=True, metavar="DIR", help="the controller's data dir (serve --data-dir)")
+    c.add_argument("--to", required=True, metavar="URL", help="postgresql://USER[:PW]@HOST:PORT/DB (an empty database)")
+    c.add_argument("--replace", action="store_true", help="drop the Scaleout store the target already holds first")
     _common(c)
 
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
@@ -470,7 +484,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, jobs, launch, simulate, tui
+    from scaleout.commands import admin, dev, jobs, launch, simulate, store, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
@@ -487,6 +501,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
     table.update(jobs.COMMANDS)
+    table.update(store.COMMANDS)
     return table
 
 

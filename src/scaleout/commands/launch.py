@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -65,7 +66,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
     package_limits = {"package_max_mb": int, "package_max_files": int, "package_max_depth": int}
     return {
         "controller": {
-            "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "data_dir": PATH, "store": str, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), "max_enrol_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
@@ -186,6 +187,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError("--san names the generated certificate; with --tls-cert, put the names in that certificate instead")
     settings = ControllerSettings(
         data_dir=Path(s.get("data_dir") or DEFAULT_DATA_DIR),
+        store=_store(getattr(args, "store", None) or os.environ.get("SCALEOUT_STORE") or s.get("store") or None),
         host=str(s.get("host") or "127.0.0.1"),
         port=parse_port(s.get("port", DEFAULT_PORT)),
         san=sans,
@@ -213,6 +215,15 @@ def serve(args: argparse.Namespace) -> int:
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise UsageError(f"--data-dir {settings.data_dir} is a file, not a directory")
     return _run(Controller(settings).run)
+
+
+def _store(url: str | None) -> str | None:
+    """serve --store: None (state.db in the data dir) or a postgresql:// URL."""
+    from scaleout.store.pg import is_url
+
+    if url is not None and not is_url(url):
+        raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL (or leave it out for state.db in the data dir), got {url.split('@')[-1]!r}")
+    return url
 
 
 def _positional_token(args: argparse.Namespace) -> None:
