@@ -10,6 +10,7 @@ Prints JSON: per-round durations, the medians and their ratio, the median time s
 
     .venv/bin/python benchmarks/round.py [--clients 4] [--params 1000000] [--rounds 3]
     .venv/bin/python benchmarks/round.py --scenario a|b|c|all
+    .venv/bin/python benchmarks/round.py --scenario b --store postgresql://USER@HOST:PORT/DB   # the controller on PostgreSQL
 
 Scenarios (issue 6): (a) 10 clients x 25M float32 params, 1 combiner; (b) 10 clients x 1M;
 (c) 1,000 simulated clients (`scaleout simulate`) x 10k params over 4 combiners. The last
@@ -261,7 +262,12 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=1_000_000, help="float32 parameters in the model")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--round-timeout", type=float, default=60.0, help="seconds before a round gives up")
+    ap.add_argument("--store", metavar="URL", help="run the controller on this PostgreSQL store (serve --store; an empty database is fairest)")
     a = ap.parse_args()
+    if a.store:
+        import os
+
+        os.environ["SCALEOUT_STORE"] = a.store  # the controller child reads it (serve's env for --store)
     if a.clients < 1 or a.params < 1 or a.rounds < 1 or a.round_timeout <= 0:
         ap.error("--clients, --params and --rounds must be at least 1, --round-timeout > 0")
     if a.scenario:

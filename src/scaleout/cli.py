@@ -94,6 +94,10 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("serve", help="run the controller")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where state, models, keys and tokens live (default: ./scaleout-data)")
+    p.add_argument(
+        "--store", metavar="URL",
+        help="keep the state and models in PostgreSQL: postgresql://USER[:PW]@HOST:PORT/DB (env SCALEOUT_STORE; default: state.db and files in the data dir)",
+    )
     p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: 8090)")
     p.add_argument("--san", action="append", metavar="NAME|IP", help="another name or address clients dial, for the generated certificate (repeatable); listening on 0.0.0.0 or :: already adds this machine's addresses")
@@ -119,7 +123,6 @@ def build_parser() -> ArgumentParser:
         "--max-enrol-rate", type=float, metavar="N",
         help="nodes one join token may enrol per minute (a minute's worth at once); more are refused and retry (default: 60; 0: no limit)",
     )
-    p.add_argument("--store", metavar="URL", help="postgresql://USER@HOST:PORT/DB: keep the state in PostgreSQL, shared by active and standby controllers (default: the data dir's state.db)")
     p.add_argument("--key-file", type=Path, metavar="PATH", help="with a postgresql store: the key (mode 0600) that seals the CA and signing keys in it, the same for every controller (scaleout store keygen --out PATH)")
     p.add_argument("--advertise", metavar="wss://HOST:PORT", help="the address nodes dial for this controller, named by standbys while it is active (default: its own url)")
     _package_limit_flags(p, "package set-active refuses a package beyond these, as clients would")
@@ -155,13 +158,6 @@ def build_parser() -> ArgumentParser:
     _package_limit_flags(p, "a downloaded package beyond these is refused")
     _config_flag(p)
     _common(p)
-
-    p = sub.add_parser("store", help="the controller's store: key files for a postgresql store")
-    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
-    ssub.required = True
-    k = ssub.add_parser("keygen", help="write a new key file (mode 0600) for serve --key-file: give every controller on one store the same file")
-    k.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write it (an existing file is never replaced)")
-    _common(k)
 
     p = sub.add_parser("token", help="create, list and revoke access tokens")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -379,10 +375,23 @@ def build_parser() -> ArgumentParser:
     _common(c)
     c = asub.add_parser("verify", help="check the audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry")
     c.add_argument("--state", type=Path, metavar="FILE", help="check this state.db (a stopped controller's, or a copy) instead of asking the controller")
+    c.add_argument("--store", metavar="URL", help="check the log in this PostgreSQL store instead of asking the controller; with --data-dir DIR, against the signed head in DIR")
     c.add_argument("--head", type=Path, metavar="FILE", help="also check against a copy of DATA_DIR/audit.head kept elsewhere: the log must still hold the entry it names")
     _connection(c)
     _json_flag(c)
     _common(c)
+
+    p = sub.add_parser("store", help="the controller's store: move a data dir into PostgreSQL; key files for serve --key-file")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    ssub.required = True
+    c = ssub.add_parser("migrate", help="copy a stopped controller's state.db and models into an empty PostgreSQL database")
+    c.add_argument("--from", dest="source", type=Path, required=True, metavar="DIR", help="the controller's data dir (serve --data-dir)")
+    c.add_argument("--to", required=True, metavar="URL", help="postgresql://USER[:PW]@HOST:PORT/DB (an empty database)")
+    c.add_argument("--replace", action="store_true", help="drop the Scaleout store the target already holds first")
+    _common(c)
+    k = ssub.add_parser("keygen", help="write a new key file (mode 0600) for serve --key-file: give every controller on one store the same file")
+    k.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write it (an existing file is never replaced)")
+    _common(k)
 
     p = sub.add_parser("dev", help="run a whole local federation on one machine (controller, combiners, clients)")
     p.add_argument("-p", "--path", type=Path, default=Path("client"), metavar="DIR", help="compute package folder (default: ./client)")
@@ -480,7 +489,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], int]]:
-    from scaleout.commands import admin, dev, jobs, launch, simulate, tui
+    from scaleout.commands import admin, dev, jobs, launch, simulate, store, tui
 
     table: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
         ("serve", None): launch.serve,
@@ -498,6 +507,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
     table.update(jobs.COMMANDS)
+    table.update(store.COMMANDS)
     return table
 
 

@@ -719,6 +719,8 @@ def audit_verify(args: argparse.Namespace) -> int:
     kept = _read_head(args.head) if args.head is not None else None
     if args.state is not None:
         result = _verify_file(args.state, kept, str(args.head))
+    elif getattr(args, "store", None):
+        result = _verify_store(args.store, args.data_dir, kept, str(args.head))
     else:
         result = call(args, "audit.verify", {"head": kept, "head_name": str(args.head)} if kept is not None else {})[0]
 
@@ -767,6 +769,27 @@ def _verify_file(path: Path, kept: str | None = None, kept_where: str = "--head"
     from scaleout.store.audithead import HeadFile, verify
 
     return verify(rows, str(head[0]) if head is not None else None, HeadFile.load(path.parent), kept, kept_where)
+
+
+def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept_where: str = "--head") -> dict[str, Any]:
+    """audit.verify on a PostgreSQL store (one snapshot, read only), against the signed head in
+    ``data_dir`` (a controller's on that store, or the data dir it was migrated from) and a kept copy."""
+    from scaleout.store.audithead import HeadFile, verify
+    from scaleout.store.pg import is_url
+    from scaleout.store.state import AUDIT_HEAD, State
+
+    if not is_url(url):
+        raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL, got {url.split('@')[-1]!r}")
+    st = State(url, migrate=False)
+    try:
+        with st.transaction(immediate=False):
+            if st.db.execute("SELECT to_regclass('audit')").fetchone()[0] is None:
+                raise UsageError(f"--store {url.split('@')[-1]} holds no Scaleout store (no audit table)")
+            rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
+            head = st.get_meta(AUDIT_HEAD)
+    finally:
+        st.close()
+    return verify(rows, head, HeadFile.load(data_dir) if data_dir is not None else None, kept, kept_where)
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -65,12 +66,12 @@ def _schemas() -> dict[str, dict[str, Any]]:
     package_limits = {"package_max_mb": int, "package_max_files": int, "package_max_depth": int}
     return {
         "controller": {
-            "data_dir": PATH, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
+            "data_dir": PATH, "store": str, "host": str, "port": int, "san": list, "tls_cert": PATH, "tls_key": PATH, "insecure": bool, "max_payload_mb": int,
             "combiner_cert_ttl": str,
             "metrics_port": int, "metrics_host": str,
             "max_connect_rate": (int, float), "max_enrol_rate": (int, float), **package_limits, "hello_timeout": (int, float), "idle_timeout": (int, float),
             "handshake_timeout": (int, float), "send_timeout": (int, float), "no_resume": bool,
-            "store": str, "key_file": PATH, "advertise": str,
+            "key_file": PATH, "advertise": str,
         },
         "combiner": {**connection, "host": str, "port": int, "name": str, "advertise": str, "san": list, "max_connect_rate": (int, float), "hello_timeout": (int, float),
                      "handshake_timeout": (int, float), "send_timeout": (int, float)},
@@ -187,6 +188,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError("--san names the generated certificate; with --tls-cert, put the names in that certificate instead")
     settings = ControllerSettings(
         data_dir=Path(s.get("data_dir") or DEFAULT_DATA_DIR),
+        store=_store(getattr(args, "store", None) or os.environ.get("SCALEOUT_STORE") or s.get("store") or None),
         host=str(s.get("host") or "127.0.0.1"),
         port=parse_port(s.get("port", DEFAULT_PORT)),
         san=sans,
@@ -226,7 +228,7 @@ def store_keygen(args: argparse.Namespace) -> int:
 
 
 def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) -> None:
-    """--store, --key-file and --advertise (flag, then SCALEOUT_STORE / _KEY_FILE / _ADVERTISE, then the TOML)."""
+    """--key-file and --advertise (flag, then SCALEOUT_KEY_FILE / SCALEOUT_ADVERTISE, then the TOML), and the key file a postgresql store needs."""
     import os
 
     from scaleout.store.lease import is_postgres
@@ -234,7 +236,6 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
     def pick(key: str, env: str) -> Any:
         return getattr(args, key, None) or os.environ.get(env) or s.get(key)
 
-    settings.store = pick("store", "SCALEOUT_STORE")
     key_file = pick("key_file", "SCALEOUT_KEY_FILE")
     settings.key_file = Path(key_file).absolute() if key_file else None
     advertise = pick("advertise", "SCALEOUT_ADVERTISE")
@@ -243,8 +244,6 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
         if not advertise.startswith(("ws://", "wss://")) or "," in advertise:
             raise UsageError(f"--advertise takes one address nodes dial, wss://HOST:PORT (ws:// with --insecure), got {advertise!r}")
         settings.advertise = advertise.rstrip("/")
-    if settings.store and not is_postgres(settings.store):
-        raise UsageError(f"--store takes postgresql://USER@HOST:PORT/DB (without it, the data dir's state.db), got {settings.store!r}")
     if is_postgres(settings.store) and settings.key_file is None:
         raise UsageError("a postgresql store needs --key-file PATH, the same file for every controller on it (create one with: scaleout store keygen --out PATH)")
     poll = os.environ.get("SCALEOUT_LEASE_POLL_S")  # hidden: tests poll faster
@@ -253,6 +252,15 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
             settings.lease_poll = max(0.05, float(poll))
         except ValueError:
             raise UsageError(f"SCALEOUT_LEASE_POLL_S must be a number of seconds, got {poll!r}") from None
+
+
+def _store(url: str | None) -> str | None:
+    """serve --store: None (state.db in the data dir) or a postgresql:// URL."""
+    from scaleout.store.pg import is_url
+
+    if url is not None and not is_url(url):
+        raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL (or leave it out for state.db in the data dir), got {url.split('@')[-1]!r}")
+    return url
 
 
 def _positional_token(args: argparse.Namespace) -> None:

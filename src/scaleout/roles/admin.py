@@ -94,6 +94,7 @@ class AdminHost(Protocol):
     """What the admin service needs of the controller that owns it."""
 
     dir: Path
+    store: Path | str  # state.db or a postgresql:// URL
     url: str
     advertised: str  # the address nodes dial (--advertise, else url)
     state: Any  # store.state.State
@@ -257,7 +258,7 @@ class AdminService:
             raise ProtocolError(SINCE)
         if not _whole(limit) or not 0 <= limit <= 1_000_000:
             raise ProtocolError(AUDIT_LIMIT)
-        rows = await asyncio.to_thread(read_state, self.host.dir / "state.db", lambda st: st.audit_log(limit or -1, since))
+        rows = await asyncio.to_thread(read_state, self.host.store, lambda st: st.audit_log(limit or -1, since))
         return {"entries": rows[::-1]}  # oldest first, as a log reads
 
     async def audit_verify(self, caller: Caller, *, head: Annotated[str | None, HEAD] = None, head_name: str | None = None) -> dict[str, Any]:
@@ -275,7 +276,7 @@ class AdminService:
                 stored = st.get_meta(AUDIT_HEAD)
             return verify(rows, stored, signed, head, str(head_name or "--head"))
 
-        return await asyncio.to_thread(read_state, self.host.dir / "state.db", check)
+        return await asyncio.to_thread(read_state, self.host.store, check)
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -487,7 +488,7 @@ class AdminService:
         return await self.host.commands.telemetry_ls(client=client, key=key, limit=limit)  # type: ignore[no-any-return]
 
 
-def read_state(path: Path, read: Callable[[State], T]) -> T:
+def read_state(path: Path | str, read: Callable[[State], T]) -> T:
     """Run ``read`` on a connection of its own (in a thread: a long audit log is not read on
     the event loop)."""
     st = State(path, migrate=False)

@@ -53,6 +53,7 @@ class CommandHost(Protocol):
     """What the command service needs of the controller that owns it."""
 
     dir: Path
+    store: Path | str  # state.db or a postgresql:// URL
     state: Any  # store.state.State
     registry: Any  # store.registry.RegistryWriter
     assigner: Any  # core.selection.Assigner
@@ -80,7 +81,7 @@ class CommandService:
     def prepare(self) -> None:
         from scaleout.store.commands import CommandStore
 
-        self.store = CommandStore(self.ctl.dir / "state.db")
+        self.store = CommandStore(self.ctl.store)
         n = self.store.interrupt_running("the controller stopped before this client answered")
         if n:
             log.info("%d commands or predictions were still running when the controller stopped: their missing results are marked lost", n)

@@ -37,6 +37,7 @@ from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
 from scaleout.store.lease import POLL_S, Lease, is_postgres
+from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
@@ -54,6 +55,7 @@ BURST_FACTOR = 10  # connections an address may open at once: this many seconds'
 @dataclass
 class ControllerSettings:
     data_dir: Path
+    store: str | None = None  # a postgresql:// URL (store/pg.py); None: state.db in data_dir
     host: str = "127.0.0.1"
     port: int = 8090
     san: list[str] = field(default_factory=list)  # more names for the generated certificate
@@ -72,7 +74,6 @@ class ControllerSettings:
     resume: bool = True  # a session running when the controller stopped resumes at the next start (serve --no-resume: off)
     send_timeout: float = SEND_TIMEOUT_S  # a peer that takes nothing we send for this long is dropped
     max_enrol_rate: float = 60.0  # enrolments per minute per join token (0: no limit)
-    store: str | None = None  # postgresql://...: the shared store (None: the data dir's state.db)
     key_file: Path | None = None  # seals the CA and signing keys in a postgresql store (store/vault.py)
     advertise: str | None = None  # the address nodes dial, named by standbys (None: this controller's url)
     lease_poll: float = POLL_S  # seconds between a standby's tries of the store's lock, and the holder's checks
@@ -93,6 +94,7 @@ class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
         self.dir = settings.data_dir
+        self.store: Path | str = settings.store or self.dir / "state.db"  # what State opens: state.db or a postgresql:// URL
         self.combiners: dict[str, CombinerConn] = {}
         self.hub = EventHub()  # the typed event stream to subscribed admin links
         self.sessions = SessionService(self)  # session.* and the runner of the running session (roles/sessions.py)
@@ -182,14 +184,14 @@ class Controller:
         """Create the data directory, TLS material, signing key, admin token and state."""
         if not self._keys_ready:
             self.prepare_keys()
-        self.state = State(self.dir / "state.db")
+        self.state = State(self.store)
         why = self.state.anchor_audit(self.audit_head)
         if why and self.state.get_meta(AUDIT_HEAD):
             # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
             log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
             self.state.audit("controller", "audit.head_rewritten", reason=why)
-        self.registry = RegistryWriter(self.dir / "state.db")
-        self.blobs = BlobStore(self.dir)
+        self.registry = RegistryWriter(self.store)
+        self.blobs = BlobStore(self.dir) if isinstance(self.store, Path) else PgBlobStore(self.store, self.dir)
         # A kill between writing a model (or package, or strategy state) and committing the row
         # that names it leaves a file nobody names: removed at the next start, and said.
         for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():

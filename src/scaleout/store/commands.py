@@ -52,7 +52,7 @@ def _result(row: sqlite3.Row) -> dict[str, Any]:
 class CommandStore:
     """Synchronous access on its own connection; call from a worker thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self._state = State(path)  # its connection turns a full disk into StorageError
         self.db = self._state.db
         self.lock = threading.Lock()
@@ -136,10 +136,9 @@ class CommandStore:
         """The latest ``limit`` jobs of ``kind``, oldest first, with counts by status."""
         with self.lock:
             rows = self.db.execute(
-                "SELECT c.*, "
-                "SUM(r.status='ok') AS ok, SUM(r.status='error') AS error, SUM(r.status='pending') AS pending "
-                "FROM (SELECT * FROM commands WHERE kind=? ORDER BY created DESC LIMIT ?) c "
-                "LEFT JOIN command_results r ON r.command_id = c.id GROUP BY c.id ORDER BY c.created",
+                "SELECT c.*, "  # counted per status in SQL both SQLite and PostgreSQL take
+                + ", ".join(f"(SELECT COUNT(*) FROM command_results r WHERE r.command_id = c.id AND r.status='{s}') AS {s}" for s in ("ok", "error", "pending"))
+                + " FROM (SELECT * FROM commands WHERE kind=? ORDER BY created DESC LIMIT ?) c ORDER BY c.created",
                 (kind, limit),
             ).fetchall()
         out = []

@@ -29,7 +29,7 @@ FLUSH_S = 0.2  # how long a change may wait before it is written
 
 
 class RegistryWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
         self._clients: dict[str, tuple[str, str, float]] = {}  # name -> (status, combiner, when)
         self._combiners: dict[str, tuple[str, int | None, float]] = {}  # name -> (status, clients, when)

@@ -1,4 +1,5 @@
-"""Controller state in SQLite (WAL): registry, packages, the model trail, sessions, rounds."""
+"""Controller state in SQLite (WAL), or PostgreSQL (store/pg.py): registry, packages, the model
+trail, sessions, rounds."""
 
 from __future__ import annotations
 
@@ -136,25 +137,41 @@ class State:
     A write that fails because the disk is full (or broken) raises StorageError and
     changes nothing; the connection stays usable once space is freed."""
 
-    def __init__(self, path: Path, migrate: bool = True) -> None:
-        try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
-        except sqlite3.DatabaseError as exc:
-            _raise_storage_error(exc, str(path))
-            raise
-        assert isinstance(db, _Connection)
-        db.path = str(path)
-        self.db = db
+    def __init__(self, path: Path | str, migrate: bool = True) -> None:
+        """``path``: state.db, or a ``postgresql://`` URL (store/pg.py: the same tables there)."""
+        from scaleout.store import pg
+
+        self.db: Any
+        if pg.is_url(path):
+            self.db = pg.PgConnection(str(path))
+        else:
+            try:
+                db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
+            except sqlite3.DatabaseError as exc:
+                _raise_storage_error(exc, str(path))
+                raise
+            assert isinstance(db, _Connection)
+            db.path = str(path)
+            self.db = db
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
         self._pending_head: tuple[int, str] | None = None
         self._audit_count = 0
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        if migrate:  # a second connection of the same process only reads
+        if migrate and self.postgres:  # one controller at a time reshapes the schema (its DDL is transactional)
+            with self.transaction():
+                self.db.executescript(SCHEMA)
+                self._migrate()
+                ensure_schema(self.db)
+        elif migrate:  # a second connection of the same process only reads
             self.db.executescript(SCHEMA)
             self._migrate()
             ensure_schema(self.db)  # commands, predictions, clients' attributes and package
+
+    @property
+    def postgres(self) -> bool:
+        return getattr(self.db, "dialect", "sqlite") == "postgresql"
 
     def _migrate(self) -> None:
         """Columns added since the first release, added to an older state.db in place."""
@@ -181,7 +198,12 @@ class State:
                     head = f"{row['id']} {prev}"
                 if head is not None:
                     self.set_meta(AUDIT_HEAD, head)
-        self.db.executescript(AUDIT_TRIGGERS)
+        if self.postgres:
+            from scaleout.store.pg import AUDIT_TRIGGERS as PG_AUDIT_TRIGGERS
+
+            self.db.script(PG_AUDIT_TRIGGERS)
+        else:
+            self.db.executescript(AUDIT_TRIGGERS)
 
     def close(self) -> None:
         self.db.close()
@@ -510,7 +532,7 @@ class State:
         """The newest ``limit`` entries (from ``since`` on, if given), newest first."""
         return self._all(
             "SELECT id, time, actor, action, address, detail, hash FROM audit WHERE time >= ? ORDER BY id DESC LIMIT ?",
-            since if since is not None else float("-inf"), limit,
+            since if since is not None else float("-inf"), limit if limit >= 0 else 1 << 62,  # SQLite's LIMIT -1, in SQL both take
         )
 
     def audit_verify(self, anchor: Any = None, exact: bool = True) -> tuple[int, Broken | None]:

@@ -1,0 +1,368 @@
+"""PostgreSQL behind State's sqlite3-shaped connection (``scaleout serve --store postgresql://...``).
+
+The driver is psycopg 3 with a bounded ``psycopg_pool.ConnectionPool``, not asyncpg: the
+store is synchronous (State, the registry writer, the command store) and is called from
+worker threads (``asyncio.to_thread``) and at start-up; asyncpg is asyncio-only and would
+need an event loop per thread. psycopg 3 connections are thread-safe and synchronous.
+
+``PgConnection`` offers what State and its neighbours use of ``sqlite3.Connection``:
+``execute``/``executemany``/``executescript`` returning a cursor whose rows are addressable
+by name and index, ``in_transaction``, ``rollback``, ``close``. A statement outside a
+transaction runs in autocommit on a pooled connection; ``BEGIN`` holds one connection for
+the calling thread until ``COMMIT``/``ROLLBACK``. ``BEGIN IMMEDIATE`` (SQLite's one writer at
+a time) becomes a transaction that first takes a transaction-scoped advisory lock, so the
+read-then-append of the audit chain (and every other read-then-write State groups) is
+serialised across connections and controllers as it is in SQLite.
+
+The SQL stays written once, in SQLite's dialect; ``translate`` turns it into PostgreSQL's
+here and only here (placeholders, INSERT OR IGNORE/REPLACE, two-argument MAX/MIN, the DDL's
+types, PRAGMA table_info). The schema is therefore the same tables, columns and ``meta`` rows
+(schema version included) on both; only the audit log's append-only triggers are written
+for PostgreSQL (plpgsql) in ``AUDIT_TRIGGERS``.
+
+A lost connection, a server that refuses or a full disk on the server raise StorageError
+naming the store (its password left out), never a driver traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from scaleout.core.errors import StorageError
+
+SCHEMES = ("postgresql://", "postgres://")
+POOL_MAX = 8  # connections per State (the controller holds three States: its own, the registry writer's, the command store's)
+CONNECT_TIMEOUT_S = 10
+# How long a statement waits for a connection (a server restarting, a network cut): a short
+# outage passes unnoticed; a longer one fails the write with StorageError (the round says why).
+WAIT_S = 5.0
+WRITE_LOCK = 0x5CA1E0  # the advisory lock BEGIN IMMEDIATE takes (transaction-scoped)
+
+AUDIT_TRIGGERS = """
+CREATE OR REPLACE FUNCTION scaleout_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+DROP TRIGGER IF EXISTS audit_no_update ON audit;
+CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit FOR EACH ROW EXECUTE FUNCTION scaleout_audit_append_only();
+DROP TRIGGER IF EXISTS audit_no_truncate ON audit;
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit FOR EACH STATEMENT EXECUTE FUNCTION scaleout_audit_append_only();
+"""
+
+
+# What each BEGIN is here: IMMEDIATE (and EXCLUSIVE) serialises with every other such transaction
+# (SQLite's one writer); a plain BEGIN reads one snapshot (State's deferred transactions are
+# for consistent reads); DEFERRED is PostgreSQL's own READ COMMITTED, serialising nothing
+# (a large blob's write must not hold up the audit log).
+_BEGIN = {"BEGIN IMMEDIATE": "serial", "BEGIN EXCLUSIVE": "serial", "BEGIN": "snapshot", "BEGIN DEFERRED": "plain"}
+
+
+def is_url(target: object) -> bool:
+    """Whether a store target names PostgreSQL (rather than a SQLite file)."""
+    return isinstance(target, str) and target.startswith(SCHEMES)
+
+
+def redact(url: str) -> str:
+    """The URL as a message may show it: without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# -- the dialect ----------------------------------------------------------------------------
+
+_TABLE_INFO = re.compile(r"^\s*PRAGMA\s+table_info\((\w+)\)\s*$", re.IGNORECASE)
+_PRAGMA = re.compile(r"^\s*PRAGMA\b", re.IGNORECASE)
+_OR_IGNORE = re.compile(r"\bINSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
+_OR_REPLACE = re.compile(r"\bINSERT\s+OR\s+REPLACE\s+INTO\s+(\w+)\s*\(([^)]*)\)", re.IGNORECASE)
+_UPSERT = re.compile(r"\bINSERT\s+INTO\s+(\w+)\b.*?\bDO\s+UPDATE\s+SET\b", re.IGNORECASE | re.DOTALL)
+_DDL = re.compile(r"^\s*(CREATE\s+TABLE|ALTER\s+TABLE)\b", re.IGNORECASE)
+
+
+def _scalar_minmax(sql: str) -> str:
+    """SQLite's two-argument MAX(a, b)/MIN(a, b) -> GREATEST/LEAST (the aggregates stay)."""
+    out: list[str] = []
+    i = 0
+    pattern = re.compile(r"\b(MAX|MIN)\(", re.IGNORECASE)
+    while True:
+        m = pattern.search(sql, i)
+        if m is None:
+            out.append(sql[i:])
+            return "".join(out)
+        depth, j, comma = 1, m.end(), False
+        while j < len(sql) and depth:
+            c = sql[j]
+            depth += c == "("
+            depth -= c == ")"
+            comma = comma or (c == "," and depth == 1)
+            j += 1
+        out.append(sql[i:m.start()])
+        out.append(("GREATEST(" if m.group(1).upper() == "MAX" else "LEAST(") if comma else sql[m.start():m.end()])
+        i = m.end()
+
+
+def translate(sql: str, params: bool) -> str:
+    """One statement of State's SQLite dialect in PostgreSQL's (``params``: it has placeholders)."""
+    if _DDL.match(sql):
+        sql = re.sub(r"\bINTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", sql, flags=re.IGNORECASE)
+        sql = re.sub(r"\bINTEGER\b", "BIGINT", sql, flags=re.IGNORECASE)
+        sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql, flags=re.IGNORECASE)
+    if _OR_IGNORE.search(sql):
+        sql = _OR_IGNORE.sub("INSERT INTO", sql) + " ON CONFLICT DO NOTHING"
+    sql = _scalar_minmax(sql)
+    upsert = _UPSERT.search(sql)
+    if upsert:  # the row there, bare in SQLite's DO UPDATE, is ambiguous in PostgreSQL's: named by its table
+        head, tail = sql[:upsert.end()], sql[upsert.end():]
+        sql = head + re.sub(r"COALESCE\(([^,()]+),\s*(\w+)\)", lambda x: f"COALESCE({x.group(1)}, {upsert.group(1)}.{x.group(2)})", tail)
+    if params:
+        sql = sql.replace("%", "%%").replace("?", "%s")
+    return sql
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A result row by index (``row[0]``, unpacking) and by name (``row["id"]``, ``dict(row)``)."""
+
+    _names: tuple[str, ...] = ()
+
+    def __new__(cls, values: Any, names: tuple[str, ...]) -> Row:  # noqa: PYI034
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._names.index(key))
+            except ValueError:
+                raise IndexError(f"no such column: {key}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _value(v: Any) -> Any:
+    # SUM and friends come back as numeric: the ints and floats SQLite gives.
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
+class Cursor:
+    """A statement's whole result, read at once (so its connection goes back to the pool)."""
+
+    def __init__(self, rows: list[Row], rowcount: int, lastrowid: int | None = None) -> None:
+        self._rows = rows
+        self._i = 0
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> Row | None:
+        if self._i >= len(self._rows):
+            return None
+        self._i += 1
+        return self._rows[self._i - 1]
+
+    def fetchall(self) -> list[Row]:
+        rest, self._i = self._rows[self._i:], len(self._rows)
+        return rest
+
+    def __iter__(self) -> Any:
+        return iter(self.fetchall())
+
+
+def _params(args: Any) -> Any:
+    # SQLite stores a bool as 0/1 in an INTEGER column; PostgreSQL would refuse a boolean there.
+    return [int(a) if isinstance(a, bool) else a for a in args]
+
+
+class PgConnection:
+    """The sqlite3.Connection surface State uses, on a bounded pool of PostgreSQL connections."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, max_size: int = POOL_MAX) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.path = f"the PostgreSQL store {redact(url)}"  # what StorageError names
+        try:  # one direct attempt first: its error says why (refused, no such database, auth)
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+        except psycopg.Error as exc:
+            raise StorageError(_reason(exc), "connecting to", self.path) from None
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=WAIT_S,
+            check=ConnectionPool.check_connection, name="scaleout-store",
+        )
+        self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        self._local = threading.local()
+        self._columns: dict[str, list[tuple[str, bool]]] = {}  # table -> (column, has a default), for INSERT OR REPLACE
+        self._keys: dict[str, list[str]] = {}
+
+    # -- transactions (per thread, as a sqlite3 connection's is per connection) --------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return getattr(self._local, "conn", None) is not None
+
+    def _begin(self, mode: str) -> None:
+        conn = self._getconn()
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if mode == "snapshot" else "BEGIN")
+            if mode == "serial":
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        except Exception as exc:
+            self._putconn(conn, broken=True)
+            self._raise(exc, "using")
+            raise
+        self._local.conn = conn
+
+    def _end(self, commit: bool) -> None:
+        conn = self._local.conn
+        self._local.conn = None
+        try:
+            if commit:
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")
+        except Exception as exc:
+            self._putconn(conn, broken=True)
+            if commit:
+                self._raise(exc, "writing to")
+                raise
+            return
+        self._putconn(conn)
+
+    def rollback(self) -> None:
+        if self.in_transaction:
+            self._end(commit=False)
+
+    def _getconn(self) -> Any:
+        from psycopg_pool import PoolTimeout
+
+        try:
+            return self._pool.getconn()
+        except PoolTimeout:
+            raise StorageError(f"no connection to PostgreSQL within {WAIT_S:g} s", "using", self.path) from None
+
+    def _putconn(self, conn: Any, broken: bool = False) -> None:
+        with contextlib.suppress(Exception):
+            if broken and not conn.closed and conn.info.transaction_status != 0:  # not idle: its state is unknown
+                conn.close()
+            self._pool.putconn(conn)
+
+    def _raise(self, exc: BaseException, action: str) -> None:
+        """StorageError for the server or the link (not a bug in the SQL, not a constraint)."""
+        import psycopg
+
+        if isinstance(exc, StorageError):
+            raise exc
+        if isinstance(exc, psycopg.OperationalError) or (isinstance(exc, psycopg.Error) and (getattr(exc, "sqlstate", None) or "")[:2] in ("08", "53", "57", "58", "XX")):
+            raise StorageError(_reason(exc), action, self.path) from None
+
+    # -- statements --------------------------------------------------------------------------
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
+        word = sql.strip().upper()
+        if word in ("BEGIN", "BEGIN IMMEDIATE", "BEGIN DEFERRED", "BEGIN EXCLUSIVE"):
+            self._begin(_BEGIN[word])
+            return Cursor([], -1)
+        if word in ("COMMIT", "END", "ROLLBACK"):
+            if self.in_transaction:
+                self._end(commit=word != "ROLLBACK")
+            return Cursor([], -1)
+        m = _TABLE_INFO.match(sql)
+        if m:
+            return self._run(
+                "SELECT ordinal_position - 1 AS cid, column_name AS name, data_type AS type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position", [m.group(1).lower()],
+            )
+        if _PRAGMA.match(sql):
+            return Cursor([], -1)  # journal_mode, synchronous: SQLite's own
+        replace = _OR_REPLACE.search(sql)
+        if replace:
+            sql = self._replace(sql, replace)
+        has = bool(parameters)
+        return self._run(translate(sql, has), _params(parameters) if has else None)
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> Cursor:
+        rows = [_params(p) for p in seq_of_parameters]
+        if not rows:
+            return Cursor([], 0)
+        replace = _OR_REPLACE.search(sql)
+        if replace:
+            sql = self._replace(sql, replace)
+        return self._run(translate(sql, True), rows, many=True)
+
+    def executescript(self, sql_script: str, /) -> Cursor:
+        for statement in sql_script.split(";"):
+            if statement.strip():
+                self.execute(statement)
+        return Cursor([], -1)
+
+    def script(self, text: str) -> None:
+        """Run PostgreSQL's own DDL as it is (plpgsql bodies hold semicolons)."""
+        self._run(text, None)
+
+    def _run(self, sql: str, params: Any, many: bool = False) -> Cursor:
+        own = not self.in_transaction
+        conn = self._getconn() if own else self._local.conn
+        try:
+            with conn.cursor() as cur:
+                if many:
+                    cur.executemany(sql, params)
+                else:
+                    cur.execute(sql, params)
+                rows: list[Row] = []
+                if cur.description is not None:
+                    names = tuple(d.name for d in cur.description)
+                    rows = [Row([_value(v) for v in r], names) for r in cur.fetchall()]
+                out = Cursor(rows, cur.rowcount)
+        except Exception as exc:
+            if own:
+                self._putconn(conn, broken=True)
+            self._raise(exc, "using")
+            raise
+        if own:
+            self._putconn(conn)
+        return out
+
+    def _replace(self, sql: str, m: re.Match[str]) -> str:
+        """SQLite's INSERT OR REPLACE (delete the old row, insert the new: columns not given take
+        their defaults) as INSERT ... ON CONFLICT (key) DO UPDATE."""
+        table = m.group(1).lower()
+        given = [c.strip().lower() for c in m.group(2).split(",")]
+        if table not in self._keys:
+            self._keys[table] = [r[0] for r in self._run(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)", [table],
+            ).fetchall()]
+            self._columns[table] = [(r[0], r[1] is not None) for r in self._run(
+                "SELECT column_name, column_default FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = %s ORDER BY ordinal_position", [table],
+            ).fetchall()]
+        keys = self._keys[table]
+        sets = [f"{c}=EXCLUDED.{c}" for c in given if c not in keys]
+        sets += [f"{c}=DEFAULT" if has_default else f"{c}=NULL" for c, has_default in self._columns[table] if c not in given and c not in keys]
+        sql = _OR_REPLACE.sub(lambda x: f"INSERT INTO {x.group(1)}({x.group(2)})", sql, count=1)
+        return f"{sql} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}"
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            self._putconn(conn, broken=True)
+        with contextlib.suppress(Exception):
+            self._pool.close(timeout=2)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,239 @@
+"""The controller on PostgreSQL (issue 18): `scaleout serve --store postgresql://...` runs
+sessions with real combiners and clients over TLS, and resumes one after a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from conftest import FIXTURES, Federation, scaleout, wait_stdout
+
+RECOVER = FIXTURES / "recover_client"
+
+
+def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Federation, pg_url: str, tmp_path: Path) -> None:
+    first = fed.controller("--store", pg_url)
+    seed = fed.seed_from(RECOVER)
+    fed.combiner("c1")
+    clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
+    fed.wait_clients(2)
+    done = fed.run_session(rounds=2, validate=False)
+    assert done["status"] == "finished" and [r["status"] for r in done["rounds"]] == ["succeeded"] * 2, done
+
+    # The rows are in PostgreSQL, not in a state.db beside the data dir.
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        (n,) = conn.execute("SELECT COUNT(*) FROM rounds WHERE session_id=%s AND status='succeeded'", (done["id"],)).fetchone()  # type: ignore[misc]
+        (blobs,) = conn.execute("SELECT COUNT(*) FROM blobs WHERE kind='models'").fetchone()  # type: ignore[misc]
+    assert n == 2 and blobs == 3  # the seed and two rounds' models, as large objects
+    assert not (fed.data / "state.db").stat().st_size and not any((fed.data / "models").glob("*"))
+    data = ["--data-dir", str(fed.data), "--json"]
+    models = json.loads(scaleout("model", "ls", *data).stdout)
+    assert {m["id"] for m in models} >= {seed, *(r["model_id"] for r in done["rounds"])}
+    sessions = json.loads(scaleout("session", "ls", *data).stdout)
+    assert [s["id"] for s in sessions] == [done["id"]]
+    verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout + verify.stderr
+
+    # SIGKILL in round 2 of a second session; restarted on the same store, it finishes.
+    gate = tmp_path / "gate"
+    config = {"rounds": 3, "round_timeout": 30, "validate": False, "settings": {"gate": str(gate), "gate_from": 4}}  # its 4th train call: round 2 here
+    session = fed.admin("session.start", config)[0]["session"]
+    wait_stdout(clients[0], "recover_client: held")  # round 2's tasks are out
+    port = int(fed.url.rsplit(":", 1)[1])
+    first.popen.send_signal(signal.SIGKILL)
+    assert first.popen.wait(10) == -signal.SIGKILL
+    gate.touch()
+    fed.controller("--store", pg_url, name="controller-2", port=port)
+    again = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+    assert again["status"] == "finished", again
+    assert [r["status"] for r in again["rounds"]] == ["succeeded"] * 3, again["rounds"]
+    assert again["rounds"][1]["attempt"] == 2 and again["rounds"][1]["retried"] == ["controller restarted"]
+    parents = [r["parent"] for r in again["rounds"]]
+    assert parents == [done["end_model"]] + [r["model_id"] for r in again["rounds"][:-1]]
+    verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed: Federation, pg_url: str) -> None:
+    ctl = fed.controller()  # SQLite: the default
+    fed.seed_from(RECOVER)
+    fed.combiner("c1")
+    fed.client("r1", package=RECOVER)
+    fed.wait_clients(1)
+    for rounds in (1, 2, 1):
+        assert fed.run_session(rounds=rounds, validate=False)["status"] == "finished"
+    fed.admin("token.create", {"role": "client", "ttl_s": 60})
+    data = ["--data-dir", str(fed.data), "--json"]
+    before = {what: json.loads(scaleout(what, "ls", *data).stdout) for what in ("model", "session")}
+    assert len(before["session"]) == 3 and len(before["model"]) == 5
+    log_before = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
+    fed.stop_all()
+    assert ctl.popen.returncode is not None
+
+    r = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "table audit: " in r.stderr and "blob 5/5: " in r.stderr  # progress, as it goes
+    assert f"migrated {fed.data} into {pg_url}: " in r.stdout and "5 blobs" in r.stdout
+    verify = scaleout("audit", "verify", "--store", pg_url, "--data-dir", str(fed.data), "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    result = json.loads(verify.stdout)
+    assert result["ok"] and result["entries"] == len(log_before) and result["anchored"], result
+    # Without the signed head (or a kept copy), a log that may have been cut does not pass.
+    bare = scaleout("audit", "verify", "--store", pg_url)
+    assert bare.returncode == 1 and "no signed audit head" in bare.stdout, bare.stdout + bare.stderr
+
+    # A second migrate into the same database is refused, unless told.
+    again = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)
+    assert again.returncode == 2 and "already holds a Scaleout store" in again.stderr and "--replace" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
+
+    # A controller on the migrated store lists the same models and sessions, and the same log.
+    fed.procs.clear()
+    fed.controller("--store", pg_url, name="controller-pg")
+    after = {what: json.loads(scaleout(what, "ls", *data).stdout) for what in ("model", "session")}
+    assert after == before
+    log_after = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
+    assert log_after[: len(log_before)] == log_before
+    verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert fed.admin("model.get", {"id": before["model"][-1]["id"]})[1] is not None  # its bytes came along
+    from scaleout.store.state import State
+
+    st = State(pg_url)  # new rows after the copied ones (the reports' id sequence went on past them)
+    st.add_report("train", "s-x", 1, "r1", {}, None)
+    st.close()
+
+
+class Relay:
+    """A TCP relay between the controller and PostgreSQL that the test can cut (every
+    connection through it dropped, new ones refused) and restore, leaving the server and
+    the other tests' connections to it alone."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                self.conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: str, tmp_path: Path) -> None:
+    """The controller waits and goes on, or fails the round saying why; it never commits half
+    a model and never dies; once the link is back, the next session runs."""
+    parts = urlsplit(pg_url)
+    relay = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = f"postgresql://{parts.username}@127.0.0.1:{relay.port}{parts.path}"
+    try:
+        ctl = fed.controller("--store", url)
+        fed.seed_from(RECOVER)
+        fed.combiner("c1")
+        clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
+        fed.wait_clients(2)
+        gate = tmp_path / "gate"
+        config = {"rounds": 3, "round_timeout": 60, "validate": False, "settings": {"gate": str(gate), "gate_from": 2}}
+        session = fed.admin("session.start", config)[0]["session"]
+        wait_stdout(clients[0], "recover_client: held")  # round 2 in flight
+        relay.cut()
+        gate.touch()  # round 2's updates come in while the store is unreachable
+        cut_at = time.monotonic()
+        time.sleep(max(0.0, 10 - (time.monotonic() - cut_at)))  # the outage itself lasts 10 s (not a synchronisation)
+        relay.restore()
+        done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+        assert ctl.popen.poll() is None, "the controller died"
+        print("after the cut:", done["status"], [(r["status"], r["reason"]) for r in done["rounds"]])
+        rounds = done["rounds"]
+        if done["status"] == "finished":
+            assert [r["status"] for r in rounds] == ["succeeded"] * 3
+        else:
+            failed = [r for r in rounds if r["status"] == "failed"]
+            assert failed and "PostgreSQL" in (failed[0]["reason"] or "") + (done["reason"] or ""), done
+        # Every model in the trail is whole (its bytes verify against its id); each succeeded round names one.
+        models = fed.admin("model.ls", {})[0]["models"]
+        ids = {m["id"] for m in models}
+        for m in models:
+            assert fed.admin("model.get", {"id": m["id"]})[1] is not None
+        assert all(r["model_id"] in ids for r in rounds if r["status"] == "succeeded")
+        assert all(r["model_id"] is None for r in rounds if r["status"] == "failed")
+        again = fed.run_session(rounds=1, validate=False)
+        assert again["status"] == "finished", again
+        verify = scaleout("audit", "verify", "--data-dir", str(fed.data))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        fed.stop_all()
+        relay.close()
+
+
+def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
+    import os
+
+    data = ["serve", "--data-dir", str(tmp_path / "d"), "--port", "0"]
+    r = scaleout(*data, "--store", "mysql://x")
+    assert r.returncode == 2 and "--store must be a postgresql://" in r.stderr, r.stderr
+    config = tmp_path / "c.toml"
+    config.write_text('[controller]\nstore = "postgresql://postgres@127.0.0.1:1/x"\n')
+    r = scaleout(*data, "--config", str(config))
+    assert r.returncode == 1 and "while connecting to the PostgreSQL store postgresql://postgres@127.0.0.1:1/x" in r.stderr, r.stderr
+    env = {**os.environ, "SCALEOUT_STORE": "postgresql://u:secret@127.0.0.1:1/x"}
+    r = scaleout(*data, env=env)
+    assert r.returncode == 1 and "postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr
+    r = scaleout(*data, "--config", str(config), env=env)  # the environment before the file, as for the other settings
+    assert "postgresql://u:***@" in r.stderr and "Traceback" not in r.stderr, r.stderr
