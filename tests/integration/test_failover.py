@@ -191,19 +191,44 @@ def test_sigkill_of_the_active_in_round_3_the_standby_finishes_the_session(fed: 
     assert "took over" in fed.procs[1].text()
 
 
-def test_an_active_that_loses_its_lock_session_stops_at_once(fed: Federation, pg_url: str) -> None:
-    """Its database session ended (a network cut, an operator's pg_terminate_backend): it can no
-    longer show it holds the lock, so it exits rather than risk two actives; the standby takes over."""
+def test_an_active_that_loses_its_lock_to_another_stops_at_once(fed: Federation, pg_url: str) -> None:
+    """Its database session ended (an operator's pg_terminate_backend) and another session took
+    the lock before it could take it again: it exits rather than be a second active; the
+    standby takes over once that other session lets go."""
     import psycopg
+
+    from scaleout.store.lease import LOCK_KEY
 
     key = keygen(fed.tmp / "store.key")
     a = serve(fed, "ctl-a", pg_url, key)
     serve(fed, "ctl-b", pg_url, key)
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        (n,) = admin.execute(
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        (n,) = other.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s", (f"scaleout-lease-{a.popen.pid}",),
         ).fetchone()
-    assert n == 1
-    assert a.popen.wait(30) == 75
-    assert "lost the store's lock" in a.text()
+        assert n == 1
+        other.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # waits for the ended session's lock, and holds it
+        assert a.popen.wait(30) == 75
+    assert "another controller holds the store's lock now" in a.text()
     wait_active(fed, "ctl-b")
+
+
+def test_an_active_whose_lock_session_ends_takes_it_again_when_nobody_else_has(fed: Federation, pg_url: str) -> None:
+    import psycopg
+
+    key = keygen(fed.tmp / "store.key")
+    a = serve(fed, "ctl-a", pg_url, key)
+    a_url = url_of(fed, "ctl-a")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"scaleout-lease-{a.popen.pid}",))
+    wait_stdout_log(a, "took the store's lock again")
+    assert health(fed, "ctl-a") == (200, {"role": "active", "active": a_url})
+    assert a.popen.poll() is None
+
+
+def wait_stdout_log(proc: Proc, text: str, timeout: float = 30) -> None:
+    """Wait for ``text`` in a process's log (a line it writes once: read as it grows)."""
+    deadline = time.monotonic() + timeout
+    while text not in proc.text():
+        assert time.monotonic() < deadline and proc.popen.poll() is None, f"{proc.name} did not log {text!r}:\n{proc.text()}"
+        time.sleep(0.05)  # the log file grows as the process writes: nothing to wait on

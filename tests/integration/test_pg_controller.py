@@ -11,9 +11,22 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from conftest import FIXTURES, Federation, scaleout, wait_stdout
 
 RECOVER = FIXTURES / "recover_client"
+
+
+@pytest.fixture(autouse=True)
+def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The key file a controller on a postgresql store needs (serve --key-file), for every serve here."""
+    from scaleout.store.vault import keygen
+
+    path = tmp_path / "store.key"
+    keygen(path)
+    monkeypatch.setenv("SCALEOUT_KEY_FILE", str(path))
+    return path
 
 
 def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Federation, pg_url: str, tmp_path: Path) -> None:

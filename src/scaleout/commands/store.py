@@ -29,7 +29,7 @@ def migrate(args: argparse.Namespace) -> int:
     if done.audit_head:
         print(f"audit head: {done.audit_head}")
     print(f"check it with: scaleout audit verify --store {redact(args.to)} --data-dir {src}")
-    print(f"then run the controller with: scaleout serve --store {redact(args.to)} --data-dir {src}")
+    print(f"then run the controller with: scaleout serve --store {redact(args.to)} --data-dir {src} --key-file KEY (make one with: scaleout store keygen --out KEY)")
     return EXIT_OK
 
 

@@ -302,16 +302,29 @@ class Controller:
         return False
 
     async def _hold_lease(self) -> None:
-        """The active one's check that it still holds the lock; if not, it stops at once (exit
-        EXIT_LEASE_LOST), so two controllers never act as active."""
+        """The active one's check that it still holds the lock. Lost (its database session
+        ended), it takes it again; if another controller has taken it meanwhile, this one stops
+        at once (exit EXIT_LEASE_LOST), so two controllers never act as active. While the store
+        cannot be reached at all, it goes on waiting for it (its writes fail meanwhile)."""
         assert self.lease is not None
         while True:
             await asyncio.sleep(self.settings.lease_poll)  # the poll interval
             await self._see_peers()
-            if not await asyncio.to_thread(self.lease.check):
-                log.critical("lost the store's lock (its database session ended): this controller stops acting as active now; a standby takes over")
+            if await asyncio.to_thread(self.lease.check):
+                continue
+            log.warning("lost the store's lock (its database session ended): taking it again unless another controller has")
+            said = False
+            while (outcome := await asyncio.to_thread(self.lease.retake)) == "unreachable":
+                if not said:
+                    log.warning("cannot reach the store to take its lock again: waiting for it (writes fail until it is back)")
+                    said = True
+                await asyncio.sleep(self.settings.lease_poll)  # the poll interval
+            if outcome == "held":
+                log.critical("another controller holds the store's lock now: this controller stops acting as active (exit %d)", EXIT_LEASE_LOST)
                 logging.shutdown()
                 os._exit(EXIT_LEASE_LOST)
+            log.warning("took the store's lock again: still the active controller")
+            await asyncio.to_thread(self.lease.set_active, self.advertised)
 
     async def _see_peers(self, every_s: float = 5.0) -> None:
         """Say this controller is up, and note the others on the store (at most every ``every_s``)."""

@@ -5,8 +5,10 @@ The lock lives as long as that connection's session. A controller SIGKILLed clos
 socket and the server ends the session at once; a machine that vanishes is noticed by the
 server's TCP keepalives (a few seconds, set for this session below), so a standby's next
 poll takes the lock. The holder polls its connection too (a short statement timeout, the
-client's keepalives): when it cannot show it still holds the lock it must stop acting as
-active at once (the controller exits), so there are never two actives.
+client's keepalives): when it has lost the lock it takes it again if it can, and stops acting
+as active at once (the controller exits) if another controller holds it, so there are never
+two actives for longer than a poll. A store cut off from everyone (a network outage) leaves
+the holder waiting for it, as a lone controller would.
 
 The holder also records the address nodes should dial (``active``), which standbys read
 to name it. Blocking calls: run them in a worker thread.
@@ -20,7 +22,9 @@ import os
 import time
 from typing import Any
 
-from scaleout.core.errors import ConfigError, StorageError
+from scaleout.core.errors import StorageError
+from scaleout.store.pg import is_url as is_postgres
+from scaleout.store.pg import redact
 
 log = logging.getLogger("scaleout.lease")
 
@@ -39,30 +43,16 @@ SCHEMA = (
 PEER_TTL_S = 60.0  # a controller not seen for this long is left out of new join tokens
 
 
-def is_postgres(url: str | None) -> bool:
-    return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
-
-
 def connect(url: str, *, keepalive: bool = True) -> Any:
-    """A dedicated autocommit connection to the store (not from a pool); ConfigError when it
-    cannot be opened (the URL is shown without its password)."""
+    """A dedicated autocommit connection to the store (not from a pool); StorageError, as the
+    store's own pool says it (store/pg.py), when it cannot be opened."""
     import psycopg
 
     try:
         return psycopg.connect(url, autocommit=True, application_name=f"scaleout-lease-{os.getpid()}", options=SESSION_OPTIONS, **(KEEPALIVE if keepalive else {}))
     except psycopg.Error as exc:
-        raise ConfigError("store", f"cannot connect to {redact(url)}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
-
-
-def redact(url: str) -> str:
-    """``url`` without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StorageError(reason, "connecting to", f"the PostgreSQL store {redact(url)}") from None
 
 
 class Lease:
@@ -88,7 +78,7 @@ class Lease:
             return self.check()
         try:
             (got,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
-        except (psycopg.Error, ConfigError) as exc:
+        except (psycopg.Error, StorageError) as exc:
             log.warning("cannot try the store's lock: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             self._drop()
             return False
@@ -113,6 +103,22 @@ class Lease:
             self._drop()
         return bool(n)
 
+    def retake(self) -> str:
+        """After losing the lock: take it again on a new connection. "taken"; "held" (another
+        controller has it: this one must stop acting as active); "unreachable" (the store
+        cannot be reached: nobody can be sure yet)."""
+        import psycopg
+
+        self.held = False
+        self._drop()
+        try:
+            (got,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        except (psycopg.Error, StorageError):
+            self._drop()
+            return "unreachable"
+        self.held = bool(got)
+        return "taken" if got else "held"
+
     def set_active(self, url: str) -> None:
         """Record ``url`` as the active controller's address (the holder does)."""
         import psycopg
@@ -123,7 +129,7 @@ class Lease:
                 (url, time.time()),
             )
         except psycopg.Error as exc:
-            raise StorageError(str(exc).strip() or type(exc).__name__, "record the active address in", redact(self.url)) from None
+            raise StorageError((str(exc).strip().splitlines() or [type(exc).__name__])[0][:300], "recording the active address in", redact(self.url)) from None
 
     def active(self) -> str | None:
         """The address the holder recorded, or None (none yet, or the store cannot be read)."""
@@ -131,7 +137,7 @@ class Lease:
 
         try:
             row = self._connection().execute("SELECT url FROM scaleout_active WHERE id = 1").fetchone()
-        except (psycopg.Error, ConfigError):
+        except (psycopg.Error, StorageError):
             self._drop()
             return None
         return str(row[0]) if row else None
@@ -148,7 +154,7 @@ class Lease:
                 "INSERT INTO scaleout_controllers (url, seen) VALUES (%s, %s) ON CONFLICT (url) DO UPDATE SET seen = EXCLUDED.seen", (url, now),
             )
             rows = conn.execute("SELECT url FROM scaleout_controllers WHERE seen > %s AND url <> %s ORDER BY url", (now - PEER_TTL_S, url)).fetchall()
-        except (psycopg.Error, ConfigError):
+        except (psycopg.Error, StorageError):
             return []
         return [str(r[0]) for r in rows]
 
@@ -166,4 +172,4 @@ class Lease:
         self._drop()
 
 
-__all__ = ["LOCK_KEY", "POLL_S", "Lease", "connect", "is_postgres", "redact"]
+__all__ = ["LOCK_KEY", "POLL_S", "Lease", "connect", "is_postgres"]
