@@ -41,6 +41,7 @@ CONNECT_TIMEOUT_S = 10
 # How long a statement waits for a connection (a server restarting, a network cut): a short
 # outage passes unnoticed; a longer one fails the write with StorageError (the round says why).
 WAIT_S = 5.0
+RETRY_MAX_S = 1.0  # a lost server is tried again at least this often
 WRITE_LOCK = 0x5CA1E0  # the advisory lock BEGIN IMMEDIATE takes (transaction-scoped)
 
 AUDIT_TRIGGERS = """
@@ -182,6 +183,30 @@ def _params(args: Any) -> Any:
     return [int(a) if isinstance(a, bool) else a for a in args]
 
 
+def _pool_class() -> Any:
+    """ConnectionPool, retrying a lost server at least every RETRY_MAX_S.
+
+    psycopg_pool's own retries back off without a cap (1, 2, 4, 8 s ...): after a 10 s outage
+    its next attempt could come 16 s later, and every write until then fails after WAIT_S.
+    Here the delay stops growing at RETRY_MAX_S. (Through its ``_add_connection`` hook; a
+    psycopg_pool without it keeps its own backoff.)"""
+    from psycopg_pool import ConnectionPool
+    from psycopg_pool.base import AttemptWithBackoff
+
+    class _Capped(AttemptWithBackoff):
+        def update_delay(self, now: float) -> None:
+            super().update_delay(now)
+            self.delay = min(self.delay, RETRY_MAX_S)
+
+    class Pool(ConnectionPool):  # type: ignore[misc]
+        def _add_connection(self, attempt: Any, growing: bool = False) -> None:
+            if attempt is None:
+                attempt = _Capped(timeout=self.reconnect_timeout)
+            super()._add_connection(attempt, growing=growing)
+
+    return Pool if hasattr(ConnectionPool, "_add_connection") else ConnectionPool
+
+
 class PgConnection:
     """The sqlite3.Connection surface State uses, on a bounded pool of PostgreSQL connections."""
 
@@ -189,17 +214,16 @@ class PgConnection:
 
     def __init__(self, url: str, max_size: int = POOL_MAX) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool
-
         self.url = url
         self.path = f"the PostgreSQL store {redact(url)}"  # what StorageError names
         try:  # one direct attempt first: its error says why (refused, no such database, auth)
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
         except psycopg.Error as exc:
             raise StorageError(_reason(exc), "connecting to", self.path) from None
-        self._pool = ConnectionPool(
+        pool = _pool_class()
+        self._pool = pool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=WAIT_S,
-            check=ConnectionPool.check_connection, name="scaleout-store",
+            check=pool.check_connection, name="scaleout-store",
         )
         self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
         self._local = threading.local()
