@@ -387,3 +387,22 @@ def test_a_result_too_large_for_a_frame_comes_as_the_payload() -> None:
             assert await link.request("small", timeout=30) == ({"small": True}, None)
 
     run(main())
+
+
+def test_binary_frames_written_as_views_match_websockets_own():
+    """A chunk frame written in pieces (header, tag, view of the chunk) is byte for byte the
+    frame websockets would serialize; a client's is masked with the key it carries."""
+    from websockets.frames import Frame, Opcode, apply_mask
+
+    from scaleout.transport.link import _binary_frame
+
+    tag = b"0123456789abcdef"
+    for size in (0, 1, 109, 110, 65519, 65520, 1 << 20):
+        chunk = memoryview(bytes(range(256)) * (size // 256 + 1))[:size]
+        plain = b"".join(_binary_frame((tag, chunk), masked=False))
+        assert plain == Frame(Opcode.BINARY, tag + bytes(chunk)).serialize(mask=False)
+        masked = b"".join(_binary_frame((tag, chunk), masked=True))
+        head = len(plain) - len(tag) - size
+        assert masked[0] == plain[0] and masked[1] == plain[1] | 0x80 and masked[2:head] == plain[2:head]
+        key = masked[head : head + 4]
+        assert apply_mask(masked[head + 4 :], key) == tag + bytes(chunk)
