@@ -16,7 +16,13 @@ client, ``--repeat`` rounds), against a bare `websockets` TLS link sending the s
 1 MiB messages (one hop, timed in the same run; two hops are twice that). Prints the median
 out and back times, MB/s over the two hops, the ratio to the bare link and peak RSS per role.
 
-    .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3]
+    .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3] [--clients 2]
+
+``--clients N`` relays the model to N simulated clients (one process) and their updates
+back. Each role's peak RSS (VmHWM) is printed in MiB (``peak_rss_mb``, as simulate names it) and as a ratio to the model's size
+(``peak_rss_ratio``; issue 17's target: controller and combiner within 1.25 GB for a
+1 GB model, i.e. about 1.25x); the clients' process holds each client's copy of the model
+and the synthetic update, so its figure grows with N.
 """
 
 from __future__ import annotations
@@ -293,7 +299,23 @@ def bare_websocket_seconds(mib: float, repeat: int, tls_dir: Path) -> list[float
         proc.join()
 
 
-def roles(mib: float, repeat: int) -> dict[str, Any]:
+def _clients_peak_mb(parent: int, seen: dict[int, float]) -> None:
+    """Note the peak RSS of each `scaleout simulate-clients` process under ``parent`` (polled:
+    simulate reports only the controller's and the combiners')."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if b"simulate-clients" in cmdline and int(fields.get("PPid", "0")) == parent and "VmHWM" in fields:
+            seen[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)  # MiB, as simulate reports
+
+
+def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
     """The model out and the update back through real roles, against the bare link."""
     params = max(1, int(mib * 2**20) // 4)
     with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
@@ -301,13 +323,21 @@ def roles(mib: float, repeat: int) -> dict[str, Any]:
         write_tls(tls_dir)
         bare = statistics.median(bare_websocket_seconds(params * 4 / 2**20, repeat, tls_dir))
         report = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", "1", "--combiners", "1", "--rounds", str(repeat),
+        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", str(clients), "--combiners", "1", "--rounds", str(repeat),
                "--model-size", str(params), "--report", str(report)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"simulate failed:\n{done.stdout}\n{done.stderr}")
+        sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client_peaks: dict[int, float] = {}
+        while sim.poll() is None:
+            _clients_peak_mb(sim.pid, client_peaks)
+            time.sleep(0.2)  # a sampling period, not a synchronisation
+        out_text, err_text = sim.communicate()
+        if sim.returncode != 0:
+            raise SystemExit(f"simulate failed:\n{out_text}\n{err_text}")
         data = json.loads(report.read_text())
     size_mb = params * 4 / 1e6
+    peaks = {"controller": data["peak_rss_mb"]["controller"], "combiner": max(data["peak_rss_mb"]["combiners"].values())}
+    if client_peaks:
+        peaks["clients_process"] = max(client_peaks.values())
     out = statistics.median(r["timing"]["distribute_s"] for r in data["rounds"])
     back = statistics.median(r["timing"]["collect_s"] + r["timing"]["reduce_s"] for r in data["rounds"])
     return {
@@ -317,7 +347,9 @@ def roles(mib: float, repeat: int) -> dict[str, Any]:
         "out_s": round(out, 3), "back_s": round(back, 3),
         "out_mb_per_s_per_hop": round(2 * size_mb / out, 1), "back_mb_per_s_per_hop": round(2 * size_mb / back, 1),
         "out_ratio": round(2 * bare / out, 3), "back_ratio": round(2 * bare / back, 3), "target_ratio": 0.8,
-        "peak_rss_mb": data["peak_rss_mb"],
+        "clients": clients, "peak_rss_mb": peaks,
+        "peak_rss_ratio": {role: round(mb * 2**20 / (params * 4), 3) for role, mb in peaks.items() if mb},  # peak (MiB) over the model
+        "target_peak_rss_ratio": 1.25 if size_mb >= 1000 else None,
     }
 
 
@@ -326,16 +358,17 @@ def main() -> None:
     ap.add_argument("--roles", action="store_true", help="through real roles (controller, combiner, client) instead of one link")
     ap.add_argument("--mib", type=float, default=64.0, help="payload size in MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=1, help="with --roles: simulated clients the model is relayed to (default 1)")
     ap.add_argument("--receive", choices=("link", "tls"), help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.receive:
         asyncio.run(receive(a.receive, a.tls_dir))
         return
-    if a.mib <= 0 or a.repeat < 1:
-        ap.error("--mib must be > 0 and --repeat >= 1")
+    if a.mib <= 0 or a.repeat < 1 or a.clients < 1:
+        ap.error("--mib must be > 0, --repeat and --clients >= 1")
     if a.roles:
-        print(json.dumps(roles(a.mib, a.repeat)))
+        print(json.dumps(roles(a.mib, a.repeat, a.clients)))
         return
 
     data = payload_of(a.mib)

@@ -406,3 +406,51 @@ def test_binary_frames_written_as_views_match_websockets_own():
         assert masked[0] == plain[0] and masked[1] == plain[1] | 0x80 and masked[2:head] == plain[2:head]
         key = masked[head : head + 4]
         assert apply_mask(masked[head + 4 :], key) == tag + bytes(chunk)
+
+
+def test_a_peer_that_stops_reading_holds_one_frame_of_a_shared_send_budget() -> None:
+    """One payload sent to two peers under one byte budget: the peer that reads gets all of
+    it, checked, while the one that stopped reading (nothing runs its link, so its socket
+    fills up) holds at most one frame of the budget; the budget bounds the bytes, not the peers."""
+    from scaleout.transport.budget import ByteBudget
+
+    data = _pattern(32 * MIB)  # more than loopback socket buffers and websockets' queue take
+
+    async def main() -> None:
+        servers: list[Link] = []
+        joined: asyncio.Queue[Link] = asyncio.Queue()
+
+        async def on_link(link: Link) -> None:
+            servers.append(link)
+            await joined.put(link)
+            await link.run()
+
+        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, None, max_payload=64 * MIB)
+        reader_link = await connect(f"ws://127.0.0.1:{port}", "token", None, max_payload=64 * MIB)
+        to_reader = await asyncio.wait_for(joined.get(), 10)
+        deaf = await connect(f"ws://127.0.0.1:{port}", "token", None, max_payload=64 * MIB)  # its run() never starts
+        to_deaf = await asyncio.wait_for(joined.get(), 10)
+        got: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(inc: Incoming) -> None:
+            got.set_result(inc.take_blob())
+
+        reading = asyncio.create_task(reader_link.run(on_message=on_message))
+        budget = ByteBudget(2 * CHUNK_BYTES)
+        stuck = asyncio.create_task(to_deaf.send_with_blob(carrier("t-deaf"), data, budget=budget))
+        await to_reader.send_with_blob(carrier("t-good"), data, budget=budget)
+        assert await asyncio.wait_for(got, 30) == data  # and its sha256 was checked on arrival
+        assert not stuck.done()
+        assert budget.used <= CHUNK_BYTES and to_deaf._queued <= CHUNK_BYTES + m.TRANSFER_ID_BYTES
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError, LinkClosed):
+            await stuck
+        assert budget.used == 0
+        for link in (reader_link, deaf):
+            link.ws.transport.abort()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        server.close()
+
+    run(main())

@@ -42,7 +42,8 @@ UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
-SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
+SENDS_AT_ONCE = 4  # command jobs' models being sent to clients at once (command_relay)
+SEND_BUDGET = 64 << 20  # bytes of a round's model frames being written to all clients at once
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
@@ -116,6 +117,7 @@ class Combiner:
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
+        self.send_budget = ByteBudget(SEND_BUDGET)  # a round's model goes to all its clients at once, within this
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         # (session, round, client) -> an update the controller will pull (needs_updates), and a future set once it asked
@@ -645,9 +647,10 @@ class Combiner:
             task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
             try:
                 # The model id is the sha256 of its bytes: no need to hash them again per client.
-                # A few sends at a time: each holds frames in flight, and that must not grow with clients.
-                async with self.sending:
-                    await link.send_with_blob(task, model, "model", sha256=job.model_id)
+                # Every client's frames are views of the one model; what is being written to all
+                # of them at once is bounded in bytes, so a client that stops reading holds one
+                # frame of the budget (until send_timeout drops it), never up the others.
+                await link.send_with_blob(task, model, "model", sha256=job.model_id, budget=self.send_budget)
                 return
             except LinkClosed:
                 return  # a dropped link: the reconnect grace and _resume take it from here

@@ -53,6 +53,7 @@ from websockets.protocol import CLIENT
 from scaleout.core import messages as m
 from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
 from scaleout.core.units import fmt_bytes
+from scaleout.transport.budget import ByteBudget
 
 log = logging.getLogger("scaleout.transport")
 
@@ -331,13 +332,18 @@ class Link:
         await self._send_frame(m.serialize(msg))
 
     async def send_blob(
-        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        budget: ByteBudget | None = None,
     ) -> str:
         """Stream ``data`` in chunks; returns the transfer id to name in a message.
 
         ``sha256`` is the hex digest of ``data`` when the caller knows it already (a model
         id is one), so sending the same model to many peers hashes it once, not per peer.
         ``progress`` is told the bytes sent so far; without it a large payload logs them.
+        ``budget``, shared by the sends of one payload to many peers, bounds the bytes of
+        frames being written to all of them at once: each frame holds its size from the
+        moment it is written until the peer's socket has taken it, so a peer that stops
+        reading holds one frame of it, never a slot the others wait for.
         """
         transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
         size = len(data)
@@ -355,7 +361,11 @@ class Link:
         # Each frame is the tag and a view of ``data``: nothing is copied before TLS encrypts it.
         for offset in range(0, size, CHUNK_BYTES):
             chunk = view[offset : offset + CHUNK_BYTES]
-            await self._send_frame((tag, chunk))
+            if budget is None:
+                await self._send_frame((tag, chunk))
+            else:
+                async with budget.hold(len(chunk)):
+                    await self._send_frame((tag, chunk))
             sent += len(chunk)
             if progress is not None:
                 progress(sent, size)
@@ -364,10 +374,11 @@ class Link:
         return transfer
 
     async def send_with_blob(
-        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         if data is not None:
-            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress))
+            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress, budget))
         await self.send(msg)
 
     async def request(
