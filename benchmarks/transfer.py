@@ -8,7 +8,10 @@ its own receiver process on 127.0.0.1 port 0, so its peak RSS growth can be repo
 Timing covers send to acknowledgement; connections are open before the clock starts.
 Prints JSON: median seconds, MiB/s, peak receiver RSS growth and the ratios ours/baseline.
 
-    .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5]
+    .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5] [--fanout 10]
+
+``--fanout N`` sends the payload over N connections of each kind at once (a combiner
+sending a model to N clients); times are for all N, both ways, in the same run.
 
 With ``--roles``, the model instead goes controller -> combiner -> client and the update back
 client -> combiner -> controller through real roles (`scaleout simulate`, one combiner, one
@@ -214,23 +217,30 @@ async def tls_sender(url: str, ctx: ssl.SSLContext) -> tuple[Send, Callable[[], 
     return send, close
 
 
-async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repeat: int) -> dict[str, dict[str, list[float]]]:
+async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repeat: int, fanout: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Send ``data`` ``repeat`` times each way; with ``fanout`` > 1, over that many connections
+    of each kind at once (the same bytes to each, as a combiner sends a model to its clients)."""
     ctx = client_context(ca)
     sha256 = hashlib.sha256(data).hexdigest()
-    senders = {"ours": await link_sender(urls["ours"], token, ctx), "baseline": await tls_sender(urls["baseline"], ctx)}
+    senders = {
+        "ours": [await link_sender(urls["ours"], token, ctx) for _ in range(fanout)],
+        "baseline": [await tls_sender(urls["baseline"], ctx) for _ in range(fanout)],
+    }
     figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": []} for k in senders}
     try:
         for _ in range(repeat):
-            for kind, (send, _) in senders.items():  # interleaved, so drift hits both alike
+            for kind, group in senders.items():  # interleaved, so drift hits both alike
                 t0 = time.perf_counter()
-                result = await send(data, sha256)
+                results = await asyncio.gather(*(send(data, sha256) for send, _ in group))
                 figures[kind]["times"].append(time.perf_counter() - t0)
-                if not result["ok"] or result["size"] != len(data):
-                    raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
-                figures[kind]["rss"].append(result["rss_growth"])
+                for result in results:
+                    if not result["ok"] or result["size"] != len(data):
+                        raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
+                figures[kind]["rss"].append(max(r["rss_growth"] for r in results))
     finally:
-        for _, close in senders.values():
-            await close()
+        for group in senders.values():
+            for _, close in group:
+                await close()
     return figures
 
 
@@ -358,6 +368,7 @@ def main() -> None:
     ap.add_argument("--roles", action="store_true", help="through real roles (controller, combiner, client) instead of one link")
     ap.add_argument("--mib", type=float, default=64.0, help="payload size in MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--fanout", type=int, default=1, help="send the payload over this many connections at once (each way)")
     ap.add_argument("--clients", type=int, default=1, help="with --roles: simulated clients the model is relayed to (default 1)")
     ap.add_argument("--receive", choices=("link", "tls"), help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
@@ -365,8 +376,8 @@ def main() -> None:
     if a.receive:
         asyncio.run(receive(a.receive, a.tls_dir))
         return
-    if a.mib <= 0 or a.repeat < 1 or a.clients < 1:
-        ap.error("--mib must be > 0, --repeat and --clients >= 1")
+    if a.mib <= 0 or a.repeat < 1 or a.clients < 1 or a.fanout < 1:
+        ap.error("--mib must be > 0, --repeat, --clients and --fanout >= 1")
     if a.roles:
         print(json.dumps(roles(a.mib, a.repeat, a.clients)))
         return
@@ -380,7 +391,7 @@ def main() -> None:
         try:
             receivers["ours"] = Receiver("link", tls_dir, token)
             receivers["baseline"] = Receiver("tls", tls_dir, token)
-            figures = asyncio.run(compare(data, {k: r.url for k, r in receivers.items()}, token, tls_dir / "ca.pem", a.repeat))
+            figures = asyncio.run(compare(data, {k: r.url for k, r in receivers.items()}, token, tls_dir / "ca.pem", a.repeat, a.fanout))
         finally:
             for r in receivers.values():
                 r.stop()
@@ -390,7 +401,7 @@ def main() -> None:
     m_ours, m_base = (max(figures[k]["rss"]) for k in ("ours", "baseline"))
     print(json.dumps({
         "benchmark": "link_blob_vs_plain_tls_stream",
-        "payload_mib": round(mib, 2), "repeat": a.repeat,
+        "payload_mib": round(mib, 2), "repeat": a.repeat, "connections": a.fanout,
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 3),
         "ours_mib_per_s": round(mib / t_ours, 1), "baseline_mib_per_s": round(mib / t_base, 1),
         "ours_receiver_peak_rss_growth_mib": round(m_ours / 2**20, 1),

@@ -454,3 +454,25 @@ def test_a_peer_that_stops_reading_holds_one_frame_of_a_shared_send_budget() -> 
         server.close()
 
     run(main())
+
+
+def test_a_payload_in_pieces_arrives_as_their_bytes_and_checked() -> None:
+    """Pieces (a header, then views of arrays, some larger than a chunk, one empty) are sent
+    without being joined and arrive as the joined bytes, their sha256 checked."""
+    import numpy as np
+
+    from scaleout.transport.link import Pieces
+
+    parts = [b"head" * 3, np.arange(3 * CHUNK_BYTES // 8 + 5, dtype=np.float64).data, b"", np.ones(17, np.float32).view(np.uint8).data]
+    data = Pieces(parts)
+    joined = b"".join(bytes(p) for p in parts)
+    assert len(data) == len(joined) and data.sha256() == hashlib.sha256(joined).hexdigest()
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        async with linked(await _server_with_inbox(inbox, max_in_flight=8)) as link:
+            await link.send_with_blob(carrier("pieces"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert got.blob_error is None and got.blob == joined
+
+    run(main())

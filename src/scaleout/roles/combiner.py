@@ -27,7 +27,7 @@ from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, c
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -881,7 +881,7 @@ class Combiner:
     async def _complete(self, job: Job) -> None:
         """Tell the controller this combiner's share of the round is ready, once; a train
         round's partial is encoded now and kept until the controller pulls it."""
-        from scaleout.core.aggregators import encode_partial
+        from scaleout.core.aggregators.base import encode_partial_pieces
 
         if self.jobs.get(job.kind) is not job:
             return
@@ -914,12 +914,13 @@ class Combiner:
             if job.agg is not None and job.agg.count > 0:
                 try:
                     p = job.agg.partial(copy=False)  # refused if not finite: never sent on
-                    data = await asyncio.to_thread(_encode_hashed, encode_partial, p)
+                    # Its header and views of the sums: streamed to the controller from the sums themselves.
+                    data = await asyncio.to_thread(_encode_hashed, encode_partial_pieces, p)
                     self.partials = {(job.session_id, job.round_index): data}  # one round's share at a time
                     size, count, weight = len(data.data), p.count, p.weight
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
-            job.agg = None  # the sums are encoded (or refused): free them
+            job.agg = None  # the partial's pieces hold the sums until the controller took them (or they were refused)
         msg = m.RoundPartial(
             session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing, attempt=job.attempt,
         )
@@ -956,11 +957,10 @@ def _check_own_task(job: Job, task_id: str, client: str) -> None:
 
 
 def _encode_hashed(encode: Any, partial: Any) -> Hashed:
-    """Encode a partial and hash it (in a thread, before the controller asks for it)."""
-    import hashlib
-
-    data = encode(partial)
-    return Hashed(data, hashlib.sha256(data).hexdigest())
+    """Encode a partial as pieces (never joined: no second copy of the sums) and hash them
+    (in a thread, before the controller asks for it)."""
+    data = Pieces(encode(partial))
+    return Hashed(data, data.sha256())
 
 
 def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]:

@@ -42,7 +42,7 @@ import re
 import secrets
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -116,12 +116,30 @@ class Incoming:
         return blob
 
 
+class Pieces:
+    """A payload as the buffers it is made of, in order (a header, then views of arrays),
+    sent as they are, never joined into one bytes object; ``len()`` is its size in bytes."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+        self.size = sum(v.nbytes for v in self.parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for part in self.parts:
+            digest.update(part)
+        return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Hashed:
     """A reply payload whose sha256 the handler already knows (a model's id is its hash),
     so the link does not hash it again for every peer that asks."""
 
-    data: bytes
+    data: bytes | Pieces
     sha256: str
 
 
@@ -207,8 +225,8 @@ def _absorb(view: memoryview, digest: Any, offset: int, chunks: list[memoryview]
         offset = end
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256(data: bytes | Pieces) -> str:
+    return data.sha256() if isinstance(data, Pieces) else hashlib.sha256(data).hexdigest()
 
 
 def _binary_frame(parts: tuple[bytes, memoryview], masked: bool) -> list[bytes | memoryview]:
@@ -228,6 +246,13 @@ def _binary_frame(parts: tuple[bytes, memoryview], masked: bool) -> list[bytes |
         return [head, *[p for p in parts if len(p)]]
     key = secrets.token_bytes(4)
     return [head + key, *[apply_mask(p, key) for p in parts if len(p)]]
+
+
+def _chunks(data: bytes | Pieces) -> Iterator[memoryview]:
+    """Views of ``data`` of at most CHUNK_BYTES each, in order (a frame never spans two pieces)."""
+    for part in data.parts if isinstance(data, Pieces) else [memoryview(data)]:
+        for offset in range(0, len(part), CHUNK_BYTES):
+            yield part[offset : offset + CHUNK_BYTES]
 
 
 class Link:
@@ -332,7 +357,7 @@ class Link:
         await self._send_frame(m.serialize(msg))
 
     async def send_blob(
-        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        self, data: bytes | Pieces, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
         budget: ByteBudget | None = None,
     ) -> str:
         """Stream ``data`` in chunks; returns the transfer id to name in a message.
@@ -355,12 +380,10 @@ class Link:
             sha256 = _sha256(data) if inline else await loop.run_in_executor(None, _sha256, data)
         await self.send(m.BlobStart(transfer=transfer, size=size, sha256=sha256))
         tag = transfer.encode("ascii")
-        view = memoryview(data)
         report = progress is None and size >= PROGRESS_MIN_BYTES
         sent = 0
         # Each frame is the tag and a view of ``data``: nothing is copied before TLS encrypts it.
-        for offset in range(0, size, CHUNK_BYTES):
-            chunk = view[offset : offset + CHUNK_BYTES]
+        for chunk in _chunks(data):
             if budget is None:
                 await self._send_frame((tag, chunk))
             else:
@@ -374,7 +397,7 @@ class Link:
         return transfer
 
     async def send_with_blob(
-        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        self, msg: m.Message, data: bytes | Pieces | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
         budget: ByteBudget | None = None,
     ) -> None:
         if data is not None:
