@@ -6,7 +6,8 @@ replies. Baseline: the same bytes through `asyncio.start_server` with the same s
 context (write + drain, readexactly), the same sha256 check and a one-line ack. Each side has
 its own receiver process on 127.0.0.1 port 0, so its peak RSS growth can be reported.
 Timing covers send to acknowledgement; connections are open before the clock starts.
-Prints JSON: median seconds, MiB/s, peak receiver RSS growth and the ratios ours/baseline.
+Prints JSON: median seconds, MiB/s, the sender's CPU seconds (all its threads: steadier than
+wall time on a busy machine), peak receiver RSS growth and the ratios ours/baseline.
 
     .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5] [--fanout 10]
 
@@ -226,13 +227,14 @@ async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repea
         "ours": [await link_sender(urls["ours"], token, ctx) for _ in range(fanout)],
         "baseline": [await tls_sender(urls["baseline"], ctx) for _ in range(fanout)],
     }
-    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": []} for k in senders}
+    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": [], "cpu": []} for k in senders}
     try:
         for _ in range(repeat):
             for kind, group in senders.items():  # interleaved, so drift hits both alike
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 results = await asyncio.gather(*(send(data, sha256) for send, _ in group))
                 figures[kind]["times"].append(time.perf_counter() - t0)
+                figures[kind]["cpu"].append(time.process_time() - c0)  # the sender's CPU (all its threads): less noisy than wall time
                 for result in results:
                     if not result["ok"] or result["size"] != len(data):
                         raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
@@ -334,7 +336,7 @@ def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
         bare = statistics.median(bare_websocket_seconds(params * 4 / 2**20, repeat, tls_dir))
         report = Path(tmp) / "r.json"
         cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", str(clients), "--combiners", "1", "--rounds", str(repeat),
-               "--model-size", str(params), "--report", str(report)]
+               "--model-size", str(params), "--round-timeout", str(max(300, round(mib * 3))), "--report", str(report)]
         sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client_peaks: dict[int, float] = {}
         while sim.poll() is None:
@@ -399,10 +401,12 @@ def main() -> None:
     mib = len(data) / 2**20
     t_ours, t_base = (statistics.median(figures[k]["times"]) for k in ("ours", "baseline"))
     m_ours, m_base = (max(figures[k]["rss"]) for k in ("ours", "baseline"))
+    c_ours, c_base = (statistics.median(figures[k]["cpu"]) for k in ("ours", "baseline"))
     print(json.dumps({
         "benchmark": "link_blob_vs_plain_tls_stream",
         "payload_mib": round(mib, 2), "repeat": a.repeat, "connections": a.fanout,
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 3),
+        "ours_sender_cpu_s": round(c_ours, 4), "baseline_sender_cpu_s": round(c_base, 4), "sender_cpu_ratio": round(c_ours / c_base, 3),
         "ours_mib_per_s": round(mib / t_ours, 1), "baseline_mib_per_s": round(mib / t_base, 1),
         "ours_receiver_peak_rss_growth_mib": round(m_ours / 2**20, 1),
         "baseline_receiver_peak_rss_growth_mib": round(m_base / 2**20, 1),

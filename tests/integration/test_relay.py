@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from conftest import FIXTURES, START_TIMEOUT, Federation
+from test_link_limits import combiner, config, ws_frame
 
 from scaleout.commands.admin import call_async
 from scaleout.core import messages as m
 from scaleout.core import payload
 from scaleout.security.tls import client_context
-from test_link_limits import combiner, config, ws_frame
 
 PACKAGE = FIXTURES / "shift_client"
 DEAF = 6  # more than a combiner used to send to at once (4): they must not take every turn

@@ -41,7 +41,7 @@ import logging
 import re
 import secrets
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -328,14 +328,14 @@ class Link:
         websockets' own ``send`` would join them and copy the frame twice more (a BytesIO and
         its value), 3 GB of copies on the loop for a 1 GB model sent to 10 clients. Its
         ``send_context`` still checks the state, writes and waits for the buffer to drain.
-        False when the connection is not a websockets asyncio one (the caller joins them)."""
+        False when the connection is not a websockets asyncio one, or (never, as the link
+        sends whole messages) a fragmented message is under way: the caller lets websockets
+        send them joined, which says what is wrong."""
         ws = self.ws
-        protocol = getattr(ws, "protocol", None)
-        if not hasattr(ws, "send_context") or not isinstance(getattr(protocol, "writes", None), list):
+        protocol: Any = getattr(ws, "protocol", None)
+        if not hasattr(ws, "send_context") or not isinstance(getattr(protocol, "writes", None), list) or protocol.expect_continuation_frame:
             return False
         async with ws.send_context():
-            if protocol.expect_continuation_frame:  # never, as the link sends whole messages: websockets' own check
-                raise ProtocolError("expected a continuation frame")
             protocol.writes.extend(_binary_frame(parts, masked=protocol.side is CLIENT))
         return True
 
