@@ -18,7 +18,9 @@ With ``--roles``, the model instead goes controller -> combiner -> client and th
 client -> combiner -> controller through real roles (`scaleout simulate`, one combiner, one
 client, ``--repeat`` rounds), against a bare `websockets` TLS link sending the same bytes in
 1 MiB messages (one hop, timed in the same run; two hops are twice that). Prints the median
-out and back times, MB/s over the two hops, the ratio to the bare link and peak RSS per role.
+out and back times, MB/s over the two hops, the ratio to the bare link, peak RSS per role and
+the CPU seconds each role used for the whole run (``cpu_s``: steadier than wall time when
+other work shares the machine).
 
     .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3] [--clients 2]
 
@@ -311,20 +313,30 @@ def bare_websocket_seconds(mib: float, repeat: int, tls_dir: Path) -> list[float
         proc.join()
 
 
-def _clients_peak_mb(parent: int, seen: dict[int, float]) -> None:
-    """Note the peak RSS of each `scaleout simulate-clients` process under ``parent`` (polled:
-    simulate reports only the controller's and the combiners')."""
+ROLE_COMMANDS = {b"simulate-clients": "clients_process", b"combine": "combiner", b"serve": "controller"}
+
+
+def _poll_roles(parent: int, peaks: dict[int, float], cpu: dict[str, float]) -> None:
+    """Note the peak RSS of each `scaleout simulate-clients` process under ``parent`` (simulate
+    reports only the controller's and the combiners') and the CPU seconds each role has used
+    so far (polled: the last reading before it exits; steadier than wall time on a busy box)."""
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if b"simulate-clients" in cmdline and int(fields.get("PPid", "0")) == parent and "VmHWM" in fields:
-            seen[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)  # MiB, as simulate reports
+        role = next((name for word, name in ROLE_COMMANDS.items() if word in cmdline[3:4]), None)
+        if role is None or int(fields.get("PPid", "0")) != parent:
+            continue
+        cpu[role] = round((int(stat[11]) + int(stat[12])) / tick, 2)  # utime + stime
+        if role == "clients_process" and "VmHWM" in fields:
+            peaks[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)  # MiB, as simulate reports
 
 
 def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
@@ -339,8 +351,9 @@ def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
                "--model-size", str(params), "--round-timeout", str(max(300, round(mib * 3))), "--report", str(report)]
         sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client_peaks: dict[int, float] = {}
+        cpu: dict[str, float] = {}
         while sim.poll() is None:
-            _clients_peak_mb(sim.pid, client_peaks)
+            _poll_roles(sim.pid, client_peaks, cpu)
             time.sleep(0.2)  # a sampling period, not a synchronisation
         out_text, err_text = sim.communicate()
         if sim.returncode != 0:
@@ -359,7 +372,7 @@ def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
         "out_s": round(out, 3), "back_s": round(back, 3),
         "out_mb_per_s_per_hop": round(2 * size_mb / out, 1), "back_mb_per_s_per_hop": round(2 * size_mb / back, 1),
         "out_ratio": round(2 * bare / out, 3), "back_ratio": round(2 * bare / back, 3), "target_ratio": 0.8,
-        "clients": clients, "peak_rss_mb": peaks,
+        "clients": clients, "cpu_s": cpu, "peak_rss_mb": peaks,
         "peak_rss_ratio": {role: round(mb * 2**20 / (params * 4), 3) for role, mb in peaks.items() if mb},  # peak (MiB) over the model
         "target_peak_rss_ratio": 1.25 if size_mb >= 1000 else None,
     }
