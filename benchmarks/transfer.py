@@ -6,17 +6,29 @@ replies. Baseline: the same bytes through `asyncio.start_server` with the same s
 context (write + drain, readexactly), the same sha256 check and a one-line ack. Each side has
 its own receiver process on 127.0.0.1 port 0, so its peak RSS growth can be reported.
 Timing covers send to acknowledgement; connections are open before the clock starts.
-Prints JSON: median seconds, MiB/s, peak receiver RSS growth and the ratios ours/baseline.
+Prints JSON: median seconds, MiB/s, the sender's CPU seconds (all its threads: steadier than
+wall time on a busy machine), peak receiver RSS growth and the ratios ours/baseline.
 
-    .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5]
+    .venv/bin/python benchmarks/transfer.py [--mib 64] [--repeat 5] [--fanout 10]
+
+``--fanout N`` sends the payload over N connections of each kind at once (a combiner
+sending a model to N clients); times are for all N, both ways, in the same run.
 
 With ``--roles``, the model instead goes controller -> combiner -> client and the update back
 client -> combiner -> controller through real roles (`scaleout simulate`, one combiner, one
 client, ``--repeat`` rounds), against a bare `websockets` TLS link sending the same bytes in
 1 MiB messages (one hop, timed in the same run; two hops are twice that). Prints the median
-out and back times, MB/s over the two hops, the ratio to the bare link and peak RSS per role.
+out and back times, MB/s over the two hops, the ratio to the bare link, peak RSS per role and
+the CPU seconds each role used for the whole run (``cpu_s``: steadier than wall time when
+other work shares the machine).
 
-    .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3]
+    .venv/bin/python benchmarks/transfer.py --roles [--mib 100] [--repeat 3] [--clients 2]
+
+``--clients N`` relays the model to N simulated clients (one process) and their updates
+back. Each role's peak RSS (VmHWM) is printed in MiB (``peak_rss_mb``, as simulate names it) and as a ratio to the model's size
+(``peak_rss_ratio``; issue 17's target: controller and combiner within 1.25 GB for a
+1 GB model, i.e. about 1.25x); the clients' process holds each client's copy of the model
+and the synthetic update, so its figure grows with N.
 """
 
 from __future__ import annotations
@@ -208,23 +220,31 @@ async def tls_sender(url: str, ctx: ssl.SSLContext) -> tuple[Send, Callable[[], 
     return send, close
 
 
-async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repeat: int) -> dict[str, dict[str, list[float]]]:
+async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repeat: int, fanout: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Send ``data`` ``repeat`` times each way; with ``fanout`` > 1, over that many connections
+    of each kind at once (the same bytes to each, as a combiner sends a model to its clients)."""
     ctx = client_context(ca)
     sha256 = hashlib.sha256(data).hexdigest()
-    senders = {"ours": await link_sender(urls["ours"], token, ctx), "baseline": await tls_sender(urls["baseline"], ctx)}
-    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": []} for k in senders}
+    senders = {
+        "ours": [await link_sender(urls["ours"], token, ctx) for _ in range(fanout)],
+        "baseline": [await tls_sender(urls["baseline"], ctx) for _ in range(fanout)],
+    }
+    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": [], "cpu": []} for k in senders}
     try:
         for _ in range(repeat):
-            for kind, (send, _) in senders.items():  # interleaved, so drift hits both alike
-                t0 = time.perf_counter()
-                result = await send(data, sha256)
+            for kind, group in senders.items():  # interleaved, so drift hits both alike
+                t0, c0 = time.perf_counter(), time.process_time()
+                results = await asyncio.gather(*(send(data, sha256) for send, _ in group))
                 figures[kind]["times"].append(time.perf_counter() - t0)
-                if not result["ok"] or result["size"] != len(data):
-                    raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
-                figures[kind]["rss"].append(result["rss_growth"])
+                figures[kind]["cpu"].append(time.process_time() - c0)  # the sender's CPU (all its threads): less noisy than wall time
+                for result in results:
+                    if not result["ok"] or result["size"] != len(data):
+                        raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
+                figures[kind]["rss"].append(max(r["rss_growth"] for r in results))
     finally:
-        for _, close in senders.values():
-            await close()
+        for group in senders.values():
+            for _, close in group:
+                await close()
     return figures
 
 
@@ -293,7 +313,33 @@ def bare_websocket_seconds(mib: float, repeat: int, tls_dir: Path) -> list[float
         proc.join()
 
 
-def roles(mib: float, repeat: int) -> dict[str, Any]:
+ROLE_COMMANDS = {b"simulate-clients": "clients_process", b"combine": "combiner", b"serve": "controller"}
+
+
+def _poll_roles(parent: int, peaks: dict[int, float], cpu: dict[str, float]) -> None:
+    """Note the peak RSS of each `scaleout simulate-clients` process under ``parent`` (simulate
+    reports only the controller's and the combiners') and the CPU seconds each role has used
+    so far (polled: the last reading before it exits; steadier than wall time on a busy box)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        role = next((name for word, name in ROLE_COMMANDS.items() if word in cmdline[3:4]), None)
+        if role is None or int(fields.get("PPid", "0")) != parent:
+            continue
+        cpu[role] = round((int(stat[11]) + int(stat[12])) / tick, 2)  # utime + stime
+        if role == "clients_process" and "VmHWM" in fields:
+            peaks[int(entry.name)] = round(int(fields["VmHWM"].split()[0]) / 1024, 1)  # MiB, as simulate reports
+
+
+def roles(mib: float, repeat: int, clients: int = 1) -> dict[str, Any]:
     """The model out and the update back through real roles, against the bare link."""
     params = max(1, int(mib * 2**20) // 4)
     with tempfile.TemporaryDirectory(prefix="scaleout-bench-") as tmp:
@@ -301,13 +347,22 @@ def roles(mib: float, repeat: int) -> dict[str, Any]:
         write_tls(tls_dir)
         bare = statistics.median(bare_websocket_seconds(params * 4 / 2**20, repeat, tls_dir))
         report = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", "1", "--combiners", "1", "--rounds", str(repeat),
-               "--model-size", str(params), "--report", str(report)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"simulate failed:\n{done.stdout}\n{done.stderr}")
+        cmd = [sys.executable, "-m", "scaleout", "simulate", "--clients", str(clients), "--combiners", "1", "--rounds", str(repeat),
+               "--model-size", str(params), "--round-timeout", str(max(300, round(mib * 3))), "--report", str(report)]
+        sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client_peaks: dict[int, float] = {}
+        cpu: dict[str, float] = {}
+        while sim.poll() is None:
+            _poll_roles(sim.pid, client_peaks, cpu)
+            time.sleep(0.2)  # a sampling period, not a synchronisation
+        out_text, err_text = sim.communicate()
+        if sim.returncode != 0:
+            raise SystemExit(f"simulate failed:\n{out_text}\n{err_text}")
         data = json.loads(report.read_text())
     size_mb = params * 4 / 1e6
+    peaks = {"controller": data["peak_rss_mb"]["controller"], "combiner": max(data["peak_rss_mb"]["combiners"].values())}
+    if client_peaks:
+        peaks["clients_process"] = max(client_peaks.values())
     out = statistics.median(r["timing"]["distribute_s"] for r in data["rounds"])
     back = statistics.median(r["timing"]["collect_s"] + r["timing"]["reduce_s"] for r in data["rounds"])
     return {
@@ -317,7 +372,9 @@ def roles(mib: float, repeat: int) -> dict[str, Any]:
         "out_s": round(out, 3), "back_s": round(back, 3),
         "out_mb_per_s_per_hop": round(2 * size_mb / out, 1), "back_mb_per_s_per_hop": round(2 * size_mb / back, 1),
         "out_ratio": round(2 * bare / out, 3), "back_ratio": round(2 * bare / back, 3), "target_ratio": 0.8,
-        "peak_rss_mb": data["peak_rss_mb"],
+        "clients": clients, "cpu_s": cpu, "peak_rss_mb": peaks,
+        "peak_rss_ratio": {role: round(mb * 2**20 / (params * 4), 3) for role, mb in peaks.items() if mb},  # peak (MiB) over the model
+        "target_peak_rss_ratio": 1.25 if size_mb >= 1000 else None,
     }
 
 
@@ -326,16 +383,18 @@ def main() -> None:
     ap.add_argument("--roles", action="store_true", help="through real roles (controller, combiner, client) instead of one link")
     ap.add_argument("--mib", type=float, default=64.0, help="payload size in MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--fanout", type=int, default=1, help="send the payload over this many connections at once (each way)")
+    ap.add_argument("--clients", type=int, default=1, help="with --roles: simulated clients the model is relayed to (default 1)")
     ap.add_argument("--receive", choices=("link", "tls"), help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.receive:
         asyncio.run(receive(a.receive, a.tls_dir))
         return
-    if a.mib <= 0 or a.repeat < 1:
-        ap.error("--mib must be > 0 and --repeat >= 1")
+    if a.mib <= 0 or a.repeat < 1 or a.clients < 1 or a.fanout < 1:
+        ap.error("--mib must be > 0, --repeat, --clients and --fanout >= 1")
     if a.roles:
-        print(json.dumps(roles(a.mib, a.repeat)))
+        print(json.dumps(roles(a.mib, a.repeat, a.clients)))
         return
 
     data = payload_of(a.mib)
@@ -347,7 +406,7 @@ def main() -> None:
         try:
             receivers["ours"] = Receiver("link", tls_dir, token)
             receivers["baseline"] = Receiver("tls", tls_dir, token)
-            figures = asyncio.run(compare(data, {k: r.url for k, r in receivers.items()}, token, tls_dir / "ca.pem", a.repeat))
+            figures = asyncio.run(compare(data, {k: r.url for k, r in receivers.items()}, token, tls_dir / "ca.pem", a.repeat, a.fanout))
         finally:
             for r in receivers.values():
                 r.stop()
@@ -355,10 +414,12 @@ def main() -> None:
     mib = len(data) / 2**20
     t_ours, t_base = (statistics.median(figures[k]["times"]) for k in ("ours", "baseline"))
     m_ours, m_base = (max(figures[k]["rss"]) for k in ("ours", "baseline"))
+    c_ours, c_base = (statistics.median(figures[k]["cpu"]) for k in ("ours", "baseline"))
     print(json.dumps({
         "benchmark": "link_blob_vs_plain_tls_stream",
-        "payload_mib": round(mib, 2), "repeat": a.repeat,
+        "payload_mib": round(mib, 2), "repeat": a.repeat, "connections": a.fanout,
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 3),
+        "ours_sender_cpu_s": round(c_ours, 4), "baseline_sender_cpu_s": round(c_base, 4), "sender_cpu_ratio": round(c_ours / c_base, 3),
         "ours_mib_per_s": round(mib / t_ours, 1), "baseline_mib_per_s": round(mib / t_base, 1),
         "ours_receiver_peak_rss_growth_mib": round(m_ours / 2**20, 1),
         "baseline_receiver_peak_rss_growth_mib": round(m_base / 2**20, 1),

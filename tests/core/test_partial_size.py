@@ -36,3 +36,18 @@ def test_the_range_is_tight_enough_to_refuse_an_inflated_announce() -> None:
     least, most = partial_size_range(template, 10)
     assert least == 8 + 4 * (1 << 18)
     assert most < 3 * (1 << 20)  # a 1 MiB model: never 4 GiB
+
+
+def test_partial_pieces_are_its_bytes_and_views_of_its_sums() -> None:
+    """encode_partial_pieces joined is encode_partial; its array pieces are the sums' own
+    memory (a combiner streams them to the controller without a second copy)."""
+    import numpy as np
+
+    from scaleout.core.aggregators.base import Partial, encode_partial, encode_partial_pieces
+
+    sums = {"a": np.arange(12, dtype=np.float64).reshape(3, 4), "b": np.linspace(0, 1, 5, dtype=np.float32)}
+    p = Partial(sums=sums, weight=3.0, count=2, contributors=["x", "y"])
+    pieces = encode_partial_pieces(p)
+    assert b"".join(pieces) == encode_partial(p)
+    arrays = [np.frombuffer(piece, dtype=np.uint8) for piece in pieces[2:]]
+    assert any(np.shares_memory(a, sums["a"]) for a in arrays) and any(np.shares_memory(a, sums["b"]) for a in arrays)

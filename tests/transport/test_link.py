@@ -387,3 +387,92 @@ def test_a_result_too_large_for_a_frame_comes_as_the_payload() -> None:
             assert await link.request("small", timeout=30) == ({"small": True}, None)
 
     run(main())
+
+
+def test_binary_frames_written_as_views_match_websockets_own():
+    """A chunk frame written in pieces (header, tag, view of the chunk) is byte for byte the
+    frame websockets would serialize; a client's is masked with the key it carries."""
+    from websockets.frames import Frame, Opcode, apply_mask
+
+    from scaleout.transport.link import _binary_frame
+
+    tag = b"0123456789abcdef"
+    for size in (0, 1, 109, 110, 65519, 65520, 1 << 20):
+        chunk = memoryview(bytes(range(256)) * (size // 256 + 1))[:size]
+        plain = b"".join(_binary_frame((tag, chunk), masked=False))
+        assert plain == Frame(Opcode.BINARY, tag + bytes(chunk)).serialize(mask=False)
+        masked = b"".join(_binary_frame((tag, chunk), masked=True))
+        head = len(plain) - len(tag) - size
+        assert masked[0] == plain[0] and masked[1] == plain[1] | 0x80 and masked[2:head] == plain[2:head]
+        key = masked[head : head + 4]
+        assert apply_mask(masked[head + 4 :], key) == tag + bytes(chunk)
+
+
+def test_a_peer_that_stops_reading_holds_one_frame_of_a_shared_send_budget() -> None:
+    """One payload sent to two peers under one byte budget: the peer that reads gets all of
+    it, checked, while the one that stopped reading (nothing runs its link, so its socket
+    fills up) holds at most one frame of the budget; the budget bounds the bytes, not the peers."""
+    from scaleout.transport.budget import ByteBudget
+
+    data = _pattern(32 * MIB)  # more than loopback socket buffers and websockets' queue take
+
+    async def main() -> None:
+        servers: list[Link] = []
+        joined: asyncio.Queue[Link] = asyncio.Queue()
+
+        async def on_link(link: Link) -> None:
+            servers.append(link)
+            await joined.put(link)
+            await link.run()
+
+        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, None, max_payload=64 * MIB)
+        reader_link = await connect(f"ws://127.0.0.1:{port}", "token", None, max_payload=64 * MIB)
+        to_reader = await asyncio.wait_for(joined.get(), 10)
+        deaf = await connect(f"ws://127.0.0.1:{port}", "token", None, max_payload=64 * MIB)  # its run() never starts
+        to_deaf = await asyncio.wait_for(joined.get(), 10)
+        got: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(inc: Incoming) -> None:
+            got.set_result(inc.take_blob())
+
+        reading = asyncio.create_task(reader_link.run(on_message=on_message))
+        budget = ByteBudget(2 * CHUNK_BYTES)
+        stuck = asyncio.create_task(to_deaf.send_with_blob(carrier("t-deaf"), data, budget=budget))
+        await to_reader.send_with_blob(carrier("t-good"), data, budget=budget)
+        assert await asyncio.wait_for(got, 30) == data  # and its sha256 was checked on arrival
+        assert not stuck.done()
+        assert budget.used <= CHUNK_BYTES and to_deaf._queued <= CHUNK_BYTES + m.TRANSFER_ID_BYTES
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError, LinkClosed):
+            await stuck
+        assert budget.used == 0
+        for link in (reader_link, deaf):
+            link.ws.transport.abort()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        server.close()
+
+    run(main())
+
+
+def test_a_payload_in_pieces_arrives_as_their_bytes_and_checked() -> None:
+    """Pieces (a header, then views of arrays, some larger than a chunk, one empty) are sent
+    without being joined and arrive as the joined bytes, their sha256 checked."""
+    import numpy as np
+
+    from scaleout.transport.link import Pieces
+
+    parts = [b"head" * 3, np.arange(3 * CHUNK_BYTES // 8 + 5, dtype=np.float64).data, b"", np.ones(17, np.float32).view(np.uint8).data]
+    data = Pieces(parts)
+    joined = b"".join(bytes(p) for p in parts)
+    assert len(data) == len(joined) and data.sha256() == hashlib.sha256(joined).hexdigest()
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        async with linked(await _server_with_inbox(inbox, max_in_flight=8)) as link:
+            await link.send_with_blob(carrier("pieces"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert got.blob_error is None and got.blob == joined
+
+    run(main())

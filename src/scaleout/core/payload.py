@@ -17,7 +17,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NewType
+from typing import Any, NewType
 
 import numpy as np
 import safetensors.numpy
@@ -106,6 +106,19 @@ def encode_named(named: dict[str, np.ndarray], layout: str, metadata: dict[str, 
 
 def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None) -> bytes:
     """Write arrays that went through `to_named`."""
+    # join copies each tensor once, straight into the result.
+    return b"".join(_pieces(named, layout, metadata))
+
+
+def encode_named_pieces(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None = None) -> list[Any]:
+    """`encode_named`'s bytes as pieces (the header, then a byte view of each array), never
+    joined: for a sender that streams them out without a second copy of the arrays. The
+    arrays must not change while the pieces are in use."""
+    checked, _ = to_named(dict(named))
+    return _pieces(checked, layout, metadata)
+
+
+def _pieces(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None) -> list[Any]:
     if not named:
         raise PayloadError("a model needs at least one tensor")
     if layout not in LAYOUTS:
@@ -140,8 +153,8 @@ def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, st
     if len(raw) > _MAX_HEADER:
         raise PayloadError(f"cannot serialize model: its header of {len(raw)} bytes exceeds {_MAX_HEADER}")
     little = (named[name].astype(named[name].dtype.newbyteorder("<"), copy=False) for name in placed)
-    # Byte views of the (contiguous) arrays: join copies each tensor once, straight into the result.
-    return b"".join([struct.pack("<Q", len(raw)), raw, *(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in little)])
+    # Byte views of the (contiguous) arrays.
+    return [struct.pack("<Q", len(raw)), raw, *(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in little)]
 
 
 def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:

@@ -27,7 +27,7 @@ from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, c
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces
 from scaleout.transport.dialer import Controllers
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
@@ -43,7 +43,8 @@ UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
-SENDS_AT_ONCE = 4  # models being sent to clients at once (enough to keep the link busy)
+SENDS_AT_ONCE = 4  # command jobs' models being sent to clients at once (command_relay)
+SEND_BUDGET = 64 << 20  # bytes of a round's model frames being written to all clients at once
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
@@ -117,6 +118,7 @@ class Combiner:
         self.stopping = False
         self.background: set[asyncio.Future[Any]] = set()
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
+        self.send_budget = ByteBudget(SEND_BUDGET)  # a round's model goes to all its clients at once, within this
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         # (session, round, client) -> an update the controller will pull (needs_updates), and a future set once it asked
@@ -652,9 +654,10 @@ class Combiner:
             task = m.Task(task_id=task_id, kind=job.kind, session_id=job.session_id, round_index=job.round_index, model_id=job.model_id, settings=settings)
             try:
                 # The model id is the sha256 of its bytes: no need to hash them again per client.
-                # A few sends at a time: each holds frames in flight, and that must not grow with clients.
-                async with self.sending:
-                    await link.send_with_blob(task, model, "model", sha256=job.model_id)
+                # Every client's frames are views of the one model; what is being written to all
+                # of them at once is bounded in bytes, so a client that stops reading holds one
+                # frame of the budget (until send_timeout drops it), never up the others.
+                await link.send_with_blob(task, model, "model", sha256=job.model_id, budget=self.send_budget)
                 return
             except LinkClosed:
                 return  # a dropped link: the reconnect grace and _resume take it from here
@@ -885,7 +888,7 @@ class Combiner:
     async def _complete(self, job: Job) -> None:
         """Tell the controller this combiner's share of the round is ready, once; a train
         round's partial is encoded now and kept until the controller pulls it."""
-        from scaleout.core.aggregators import encode_partial
+        from scaleout.core.aggregators.base import encode_partial_pieces
 
         if self.jobs.get(job.kind) is not job:
             return
@@ -918,12 +921,13 @@ class Combiner:
             if job.agg is not None and job.agg.count > 0:
                 try:
                     p = job.agg.partial(copy=False)  # refused if not finite: never sent on
-                    data = await asyncio.to_thread(_encode_hashed, encode_partial, p)
+                    # Its header and views of the sums: streamed to the controller from the sums themselves.
+                    data = await asyncio.to_thread(_encode_hashed, encode_partial_pieces, p)
                     self.partials = {(job.session_id, job.round_index): data}  # one round's share at a time
                     size, count, weight = len(data.data), p.count, p.weight
                 except ScaleoutError as exc:
                     log.error("round %d: aggregate of %d updates not sent: %s", job.round_index, job.agg.count, exc)
-            job.agg = None  # the sums are encoded (or refused): free them
+            job.agg = None  # the partial's pieces hold the sums until the controller took them (or they were refused)
         msg = m.RoundPartial(
             session_id=job.session_id, round_index=job.round_index, count=count, weight=weight, size=size, timing=timing, attempt=job.attempt,
         )
@@ -960,11 +964,10 @@ def _check_own_task(job: Job, task_id: str, client: str) -> None:
 
 
 def _encode_hashed(encode: Any, partial: Any) -> Hashed:
-    """Encode a partial and hash it (in a thread, before the controller asks for it)."""
-    import hashlib
-
-    data = encode(partial)
-    return Hashed(data, hashlib.sha256(data).hexdigest())
+    """Encode a partial as pieces (never joined: no second copy of the sums) and hash them
+    (in a thread, before the controller asks for it)."""
+    data = Pieces(encode(partial))
+    return Hashed(data, data.sha256())
 
 
 def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]:

@@ -25,9 +25,10 @@ seconds drops the connection (the caller gets LinkClosed, never an endless wait)
 
 Nothing here hashes or copies a whole payload on the event loop: received chunks are copied
 into place and hashed in the loop's default executor (one job at a time per transfer, so in
-order), and a payload to send is hashed (when its digest is not given) and cut into frames
-there too, a bounded number ahead. hashlib releases the GIL on large buffers and so does
-TLS, so both run side by side.
+order), and a payload to send is hashed there (when its digest is not given). Its frames are
+written as views of it (a header, the transfer tag, the chunk): the first copy of a chunk is
+the one TLS makes as it encrypts it. hashlib releases the GIL on large buffers, so hashing
+runs beside the loop.
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ import io
 import logging
 import re
 import secrets
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+import struct
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import apply_mask
+from websockets.protocol import CLIENT
 
 from scaleout.core import messages as m
 from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
 from scaleout.core.units import fmt_bytes
+from scaleout.transport.budget import ByteBudget
 
 log = logging.getLogger("scaleout.transport")
 
@@ -65,7 +70,6 @@ MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dr
 PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
 INLINE_BYTES = 256 << 10  # payloads up to this size are hashed on the loop: a thread hop costs more
 QUEUED_CHUNKS = 2  # chunks of one transfer waiting for its worker before the reader waits for it
-FRAMES_AHEAD = 2  # frames built by workers ahead of the one being sent
 MAX_REQUESTS = 256  # requests from the peer unanswered at once; one more closes the link
 MAX_QUEUED_BYTES = 64 << 20  # bytes waiting to be written to the peer; more closes the link
 SEND_TIMEOUT_S = 30.0  # a frame the peer has not taken by then drops the connection
@@ -112,12 +116,30 @@ class Incoming:
         return blob
 
 
+class Pieces:
+    """A payload as the buffers it is made of, in order (a header, then views of arrays),
+    sent as they are, never joined into one bytes object; ``len()`` is its size in bytes."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+        self.size = sum(v.nbytes for v in self.parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for part in self.parts:
+            digest.update(part)
+        return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Hashed:
     """A reply payload whose sha256 the handler already knows (a model's id is its hash),
     so the link does not hash it again for every peer that asks."""
 
-    data: bytes
+    data: bytes | Pieces
     sha256: str
 
 
@@ -203,21 +225,34 @@ def _absorb(view: memoryview, digest: Any, offset: int, chunks: list[memoryview]
         offset = end
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256(data: bytes | Pieces) -> str:
+    return data.sha256() if isinstance(data, Pieces) else hashlib.sha256(data).hexdigest()
 
 
-def _frame(tag: bytes, data: bytes, offset: int) -> bytes:
-    """The binary frame carrying the chunk of ``data`` at ``offset``: the transfer tag, then the chunk."""
-    return tag + memoryview(data)[offset : offset + CHUNK_BYTES]
+def _binary_frame(parts: tuple[bytes, memoryview], masked: bool) -> list[bytes | memoryview]:
+    """The pieces of one websocket binary frame carrying ``parts`` (a transfer tag, then a
+    chunk), written as they are: the chunk is a view of the payload, never copied here (a
+    client's frames are masked, which copies once; the tag's length is a multiple of 4, so
+    tag and chunk are masked with the same key apart)."""
+    length = sum(len(p) for p in parts)
+    bit = 0x80 if masked else 0
+    if length < 126:
+        head = struct.pack("!BB", 0x82, bit | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", 0x82, bit | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x82, bit | 127, length)
+    if not masked:
+        return [head, *[p for p in parts if len(p)]]
+    key = secrets.token_bytes(4)
+    return [head + key, *[apply_mask(p, key) for p in parts if len(p)]]
 
 
-def _discard(fut: asyncio.Future[Any]) -> None:
-    """Drop a worker's future we no longer need, so an error in it is not logged as unretrieved."""
-    if not fut.done():
-        fut.cancel()
-    elif not fut.cancelled():
-        fut.exception()
+def _chunks(data: bytes | Pieces) -> Iterator[memoryview]:
+    """Views of ``data`` of at most CHUNK_BYTES each, in order (a frame never spans two pieces)."""
+    for part in data.parts if isinstance(data, Pieces) else [memoryview(data)]:
+        for offset in range(0, len(part), CHUNK_BYTES):
+            yield part[offset : offset + CHUNK_BYTES]
 
 
 class Link:
@@ -263,19 +298,23 @@ class Link:
         self._counter += 1
         return f"{self._counter:x}"
 
-    async def _send_frame(self, frame: str | bytes) -> None:
+    async def _send_frame(self, frame: str | bytes | tuple[bytes, memoryview]) -> None:
         """Write one frame; a peer that does not take it within ``send_timeout``, or that lets
-        more than ``max_queued`` bytes pile up, is dropped (LinkClosed, for every sender)."""
+        more than ``max_queued`` bytes pile up, is dropped (LinkClosed, for every sender).
+        A (tag, chunk) pair goes out as one binary frame without being joined (_write_parts)."""
         if self.cut_reason:
             raise LinkClosed(self.peer, self.cut_reason)
-        size = len(frame)
+        size = sum(map(len, frame)) if isinstance(frame, tuple) else len(frame)
         self._queued += size
         try:
             if self._queued > self.max_queued:
                 self.cut(f"{fmt_bytes(self._queued)} waiting for a peer that does not read (limit {fmt_bytes(self.max_queued)})")
                 raise LinkClosed(self.peer, self.cut_reason)
             async with asyncio.timeout(self.send_timeout):
-                await self.ws.send(frame)
+                if not isinstance(frame, tuple):
+                    await self.ws.send(frame)
+                elif not await self._write_parts(frame):
+                    await self.ws.send(b"".join(frame))
         except TimeoutError:  # asyncio's, since 3.11 the builtin
             self.cut(f"the peer took nothing for {self.send_timeout:g} s")
             raise LinkClosed(self.peer, self.cut_reason) from None
@@ -283,6 +322,22 @@ class Link:
             raise LinkClosed(self.peer, self.cut_reason or str(exc)) from None
         finally:
             self._queued -= size
+
+    async def _write_parts(self, parts: tuple[bytes, memoryview]) -> bool:
+        """Write a binary frame straight to the transport, header then the parts as views:
+        websockets' own ``send`` would join them and copy the frame twice more (a BytesIO and
+        its value), 3 GB of copies on the loop for a 1 GB model sent to 10 clients. Its
+        ``send_context`` still checks the state, writes and waits for the buffer to drain.
+        False when the connection is not a websockets asyncio one, or (never, as the link
+        sends whole messages) a fragmented message is under way: the caller lets websockets
+        send them joined, which says what is wrong."""
+        ws = self.ws
+        protocol: Any = getattr(ws, "protocol", None)
+        if not hasattr(ws, "send_context") or not isinstance(getattr(protocol, "writes", None), list) or protocol.expect_continuation_frame:
+            return False
+        async with ws.send_context():
+            protocol.writes.extend(_binary_frame(parts, masked=protocol.side is CLIENT))
+        return True
 
     def cut(self, reason: str) -> None:
         """Drop the connection now, without a closing handshake (a peer that does not read
@@ -302,13 +357,18 @@ class Link:
         await self._send_frame(m.serialize(msg))
 
     async def send_blob(
-        self, data: bytes, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+        self, data: bytes | Pieces, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        budget: ByteBudget | None = None,
     ) -> str:
         """Stream ``data`` in chunks; returns the transfer id to name in a message.
 
         ``sha256`` is the hex digest of ``data`` when the caller knows it already (a model
         id is one), so sending the same model to many peers hashes it once, not per peer.
         ``progress`` is told the bytes sent so far; without it a large payload logs them.
+        ``budget``, shared by the sends of one payload to many peers, bounds the bytes of
+        frames being written to all of them at once: each frame holds its size from the
+        moment it is written until the peer's socket has taken it, so a peer that stops
+        reading holds one frame of it, never a slot the others wait for.
         """
         transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
         size = len(data)
@@ -320,47 +380,28 @@ class Link:
             sha256 = _sha256(data) if inline else await loop.run_in_executor(None, _sha256, data)
         await self.send(m.BlobStart(transfer=transfer, size=size, sha256=sha256))
         tag = transfer.encode("ascii")
-        if inline:
-            if size:
-                await self._send_frame(_frame(tag, data, 0))
-                if progress is not None:
-                    progress(size, size)
-            return transfer
-        # Frames are built by workers a few ahead of the one being sent: memory stays
-        # bounded, and the copying overlaps TLS on the loop (which releases the GIL).
-        offsets = iter(range(0, size, CHUNK_BYTES))
-        ahead: deque[asyncio.Future[bytes]] = deque()
-
-        def build_next() -> None:
-            for offset in offsets:  # the next one, if any is left
-                ahead.append(loop.run_in_executor(None, _frame, tag, data, offset))
-                return
-
         report = progress is None and size >= PROGRESS_MIN_BYTES
         sent = 0
-        try:
-            for _ in range(FRAMES_AHEAD):
-                build_next()
-            while ahead:
-                frame = await ahead.popleft()
-                build_next()
-                sent += len(frame) - len(tag)
-                await self._send_frame(frame)
-                del frame  # not held while the next one is awaited
-                if progress is not None:
-                    progress(sent, size)
-                elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
-                    log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
-        finally:
-            for fut in ahead:
-                _discard(fut)
+        # Each frame is the tag and a view of ``data``: nothing is copied before TLS encrypts it.
+        for chunk in _chunks(data):
+            if budget is None:
+                await self._send_frame((tag, chunk))
+            else:
+                async with budget.hold(len(chunk)):
+                    await self._send_frame((tag, chunk))
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, size)
+            elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
+                log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
         return transfer
 
     async def send_with_blob(
-        self, msg: m.Message, data: bytes | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None
+        self, msg: m.Message, data: bytes | Pieces | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         if data is not None:
-            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress))
+            setattr(msg, "blob", await self.send_blob(data, what, sha256, progress, budget))
         await self.send(msg)
 
     async def request(

@@ -19,7 +19,7 @@ import numpy as np
 from scaleout.core.errors import PayloadError, UpdateRejected
 from scaleout.core.payload import (
     TensorSpec,
-    encode_named,
+    encode_named_pieces,
     headroom,
     read_metadata,
     views,
@@ -118,13 +118,19 @@ def check_headroom(name: str, model: np.ndarray) -> None:
 def encode_partial(p: Partial, layout: str = "dict") -> bytes:
     """Serialize a partial as safetensors of its sums (float32 or float64, as accumulated)
     plus weight/count/contributors."""
+    return b"".join(encode_partial_pieces(p, layout))
+
+
+def encode_partial_pieces(p: Partial, layout: str = "dict") -> list[Any]:
+    """`encode_partial`'s bytes as pieces: its header, then byte views of the sums (no copy
+    of them; a combiner streams them to the controller as they are)."""
     sums = {name: np.asarray(s) for name, s in p.sums.items()}
     metadata = {
         WEIGHT_KEY: repr(float(p.weight)),
         COUNT_KEY: str(int(p.count)),
         CONTRIBUTORS_KEY: json.dumps(list(p.contributors)),
     }
-    return encode_named(sums, layout, metadata)
+    return encode_named_pieces(sums, layout, metadata)
 
 
 NAME_BYTES = 128  # a contributor is a node name: at most 128 ASCII characters (messages.check_name)
