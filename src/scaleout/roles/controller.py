@@ -23,7 +23,7 @@ from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
@@ -173,6 +173,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
+        fix_mmap_threshold()
         self.prepare()
         s = self.settings
         if s.metrics_port is not None:
