@@ -175,6 +175,7 @@ class Controller:
         raise_file_limit()
         fix_mmap_threshold()
         self.prepare()
+        self.state.schedule = asyncio.get_running_loop().call_later  # audit head: one file write per burst
         s = self.settings
         if s.metrics_port is not None:
             from scaleout.roles import exporter
