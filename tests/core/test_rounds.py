@@ -219,6 +219,36 @@ def test_controller_ignores_unknown_and_repeated_partials() -> None:
     assert r.on_combiner_lost("c2") == Decision(Outcome.SUCCEEDED, 1)
 
 
+def test_pending_follows_every_event_like_its_definition() -> None:
+    """pending is kept as events arrive (O(1) each, not a set difference over all clients per
+    event): after any mix of events it equals expected - reported - failed."""
+    import random
+
+    rng = random.Random(7)
+    names = [f"c{i:04d}" for i in range(300)]
+    r = CombinerRound.start(names, now=0.0, timeout=100.0, grace=5.0)
+    view = r.pending
+    now = 0.0
+    for _ in range(2000):
+        now += 0.04
+        client = rng.choice(names)
+        event = rng.randrange(5)
+        if event == 0:
+            r.on_update(client)
+        elif event == 1:
+            r.on_refused(client, "bad")
+        elif event == 2:
+            r.on_client_dropped(client, now)
+        elif event == 3:
+            r.on_client_back(client, still_working=rng.random() < 0.5)
+        else:
+            r.on_tick(now)
+        assert r.pending == r.expected - r.reported - set(r.failed)
+        assert r.pending is view  # one set, kept up to date: never rebuilt per event
+    r.on_tick(100.0)
+    assert r.done and not r.pending and r.reported | set(r.failed) == set(names)
+
+
 # -- CombinerRound: the reconnect grace ----------------------------------------------------
 
 

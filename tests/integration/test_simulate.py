@@ -35,7 +35,19 @@ def test_simulate_reports_rounds_time_split_and_memory(tmp_path: Path) -> None:
     assert len(models) == 2  # each round moved the model
     rss = data["peak_rss_mb"]
     assert rss["controller"] > 0 and sorted(rss["combiners"]) == ["combiner-1", "combiner-2", "combiner-3"]
+    assert list(rss["client_processes"]) == ["clients-1"] and rss["client_processes"]["clients-1"] > 0
     assert data["simulation"]["clients"] == 60 and data["simulation"]["client_processes"] == 1
+    # Connect time, how the clients spread and what the idle fleet costs each role.
+    connect = data["connect"]
+    assert connect["connect_s"] > 0 and sum(connect["clients_per_combiner"].values()) == 60
+    assert sorted(connect["clients_per_combiner"]) == ["combiner-1", "combiner-2", "combiner-3"]
+    assert all(v > 0 for v in connect["rss_mb"]["combiners"].values()) and connect["rss_mb"]["controller"] > 0
+    # Each round: every role's peak RSS as it ended, never above the run's peak.
+    for rnd in data["rounds"]:
+        per_round = rnd["peak_rss_mb"]
+        assert 0 < per_round["controller"] <= rss["controller"]
+        assert sorted(per_round["combiners"]) == ["combiner-1", "combiner-2", "combiner-3"]
+        assert all(0 < v <= rss["combiners"][k] for k, v in per_round["combiners"].items())
 
 
 def test_simulate_mistakes(tmp_path: Path) -> None:

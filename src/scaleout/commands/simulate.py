@@ -4,8 +4,10 @@ The controller and each combiner are real `scaleout` processes over TLS on 127.0
 N clients are asyncio tasks spread over a few `scaleout simulate-clients` processes, each
 client with its own websocket and name, returning a synthetic update after --train-time
 seconds. The report has the `scaleout dev` schema plus, per round, where the time went
-(distribute / train / collect / reduce / commit) and the peak RSS of the controller and of
-each combiner.
+(distribute / train / collect / reduce / commit) and each role's peak RSS as it ended;
+``connect``: how long all clients took to connect, how they spread over the combiners and
+each role's RSS with the fleet connected and idle; ``peak_rss_mb``: each role's peak over
+the run (controller, each combiner, each client process).
 """
 
 from __future__ import annotations
@@ -57,17 +59,26 @@ def seed_model(params: int) -> bytes:
     return payload.encode(arrays)
 
 
-def peak_rss_mb(pid: int | None) -> float | None:
-    """The peak resident set size of a live process (VmHWM), in MB."""
+def peak_rss_mb(pid: int | None, field: str = "VmHWM") -> float | None:
+    """The peak resident set size of a live process (VmHWM; VmRSS for the current one), in MB."""
     if pid is None:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
     return None
+
+
+def rss_by_role(controller: Child, combiners: list[Child], hosts: list[Child], field: str = "VmHWM") -> dict[str, Any]:
+    """``field`` (peak or current RSS, MB) of the controller, each combiner and each client process."""
+    return {
+        "controller": peak_rss_mb(controller.proc.pid, field),
+        "combiners": {c.name: peak_rss_mb(c.proc.pid, field) for c in combiners},
+        "client_processes": {c.name: peak_rss_mb(c.proc.pid, field) for c in hosts},
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,6 +114,7 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     assert main_task is not None
     interrupts = Interrupts(main_task, children)
     combiners: list[Child] = []
+    hosts: list[Child] = []
     try:
         ctl_dir = root / "controller"
         controller, _ = await start_child("controller", ["serve", "--data-dir", str(ctl_dir), "--host", "127.0.0.1", "--port", "0", "--max-enrol-rate", "0"], logs, True, level)
@@ -126,9 +138,17 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             argv = ["simulate-clients", *common, "--first", str(first), "--count", str(count), "--train-time", str(args.train_time)]
             child, _ = await start_child(f"clients-{i + 1}", argv, logs, False, level, env={"SCALEOUT_TOKEN": client_token})
             children.append(child)
+            hosts.append(child)
         await wait_for_clients(conn, children, args.clients, args.connect_timeout)
         connect_s = time.monotonic() - started
         say(f"{args.clients} clients connected to {args.combiners} combiner(s) in {connect_s:.1f}s")
+        # What the connected, idle fleet costs each role, before any round.
+        spread = {c["name"]: c["clients"] for c in (await call_async(conn, "combiner.ls"))[0]["combiners"]}
+        connected = {
+            "connect_s": round(connect_s, 2), "clients_per_combiner": dict(sorted(spread.items())),
+            "rss_mb": rss_by_role(controller, combiners, hosts, "VmRSS"), "peak_rss_mb": rss_by_role(controller, combiners, hosts),
+        }
+        round_rss: dict[int, dict[str, Any]] = {}
         cfg = {
             "rounds": args.rounds, "round_timeout": args.round_timeout, "min_clients": args.clients,
             "validate": args.validate, "name": "simulate",
@@ -140,20 +160,22 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             if kind == "round":
                 timing = data.get("timing") or {}
                 split = " ".join(f"{k.removesuffix('_s')}={v:.2f}s" for k, v in timing.items())
-                say(f"  {_round_line(data)}" + (f"  [{split}]" if split else ""))
+                # Each role's peak RSS so far, read as the round ends (peaks are not reset per round).
+                rss = round_rss[data["idx"]] = rss_by_role(controller, combiners, hosts)
+                most = max((v for v in rss["combiners"].values() if v is not None), default=None)
+                say(f"  {_round_line(data)}" + (f"  [{split}]" if split else "") + f"  peak RSS controller={rss['controller']}MB combiner={most}MB")
 
         session = (await call_async(conn, "session.wait", {"id": session["id"]}, on_event=on_event))[0]["session"]
         report = report_of(session)
         for r, row in zip(report["rounds"], session["rounds"], strict=True):
             r["timing"] = row.get("timing") or {}
+            r["peak_rss_mb"] = round_rss.get(r["index"], {})
         report["simulation"] = {
             "clients": args.clients, "combiners": args.combiners, "model_size": args.model_size,
             "train_time_s": args.train_time, "client_processes": len(hosts_for(args.clients)), "connect_s": round(connect_s, 2),
         }
-        report["peak_rss_mb"] = {
-            "controller": peak_rss_mb(controller.proc.pid),
-            "combiners": {c.name: peak_rss_mb(c.proc.pid) for c in combiners},
-        }
+        report["connect"] = connected
+        report["peak_rss_mb"] = rss_by_role(controller, combiners, hosts)
         say(f"session {session['id']} {session['status']}" + (f" ({session['reason']})" if session.get("reason") else ""))
         return report
     except DevError as exc:

@@ -686,7 +686,8 @@ def _request_id(text: str | bytes) -> str | None:
 
 
 def _parse(text: str | bytes) -> Message:
-    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    # A character is at most 4 bytes in UTF-8: most frames need no encoding to be measured.
+    size = len(text) if not isinstance(text, str) or 4 * len(text) <= MAX_TEXT_BYTES else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_TEXT_BYTES:
         raise ProtocolError(f"message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     body = loads(text, "message")
@@ -700,8 +701,10 @@ def _parse(text: str | bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
     hints = _hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(body) - set(known)
+    known = _FIELDS.get(cls)
+    if known is None:
+        known = _FIELDS[cls] = {f.name: f for f in fields(cls)}
+    unknown = body.keys() - known.keys()
     if unknown:
         raise ProtocolError(f"{kind}: unexpected field(s) {', '.join(sorted(unknown))}")
     values: JSON = {}
@@ -715,6 +718,7 @@ def _parse(text: str | bytes) -> Message:
 
 
 _HINTS: dict[type, dict[str, Any]] = {}  # a cache of a pure function of the (fixed) classes
+_FIELDS: dict[type, dict[str, Any]] = {}  # likewise: a message class's fields by name
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -730,6 +734,8 @@ def loads(text: str | bytes, what: str = "message") -> Any:
     integers within a signed 64-bit range, floats finite (no NaN, Infinity or 1e309).
     Raises ProtocolError in one line saying what is wrong."""
     try:
+        if isinstance(text, str):  # one decoder for all: json.loads would build one per call
+            return _DECODER.decode(text)
         return json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
     except _OutOfRange as exc:
         raise ProtocolError(f"{what} holds {exc}") from None
@@ -763,11 +769,30 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+
+
+_SHAPES: dict[Any, tuple[Any, tuple[Any, ...]]] = {}  # hint -> (origin, args): a cache of a pure function of the (fixed) hints
+_PLAIN = {type(None): lambda v: v is None, Any: lambda v: True, bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
+
+
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    shape = _SHAPES.get(hint)
+    if shape is None:
+        shape = _SHAPES[hint] = (typing.get_origin(hint), typing.get_args(hint))
+    return shape
+
+
 def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
     """Validate ``value`` against a (simple) type hint; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
+    origin, args = _shape(hint)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
+        for option in args:
+            plain = _PLAIN.get(option)
+            if plain is not None:  # answered without raising: every frame checks its optional fields
+                if plain(value):
+                    return value
+                continue
             try:
                 return _check(kind, name, value, option)
             except ProtocolError:
@@ -788,7 +813,7 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
         ok = isinstance(value, str)
     elif origin is list or hint is list:
         ok = isinstance(value, list)
-        (item,) = typing.get_args(hint) or (Any,)
+        (item,) = args or (Any,)
         if ok:
             value = [_check(kind, name, v, item) for v in value]
     elif origin is dict or hint is dict:

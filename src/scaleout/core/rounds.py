@@ -15,6 +15,7 @@ Two views of one round:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -56,6 +57,11 @@ class CombinerRound:
     failed: dict[str, str] = field(default_factory=dict)
     away: dict[str, float] = field(default_factory=dict)  # client -> end of its grace period
     done: bool = False
+    # Kept as events arrive, not recomputed: asked about on every event, it must cost O(1), not O(clients).
+    _pending: set[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._pending = set(self.expected) - self.reported - set(self.failed)
 
     @classmethod
     def start(cls, clients: Iterable[str], now: float, timeout: float, grace: float = 0.0) -> CombinerRound:
@@ -66,13 +72,13 @@ class CombinerRound:
         """When ``on_tick`` has something to decide next (None once the round is done)."""
         if self.done:
             return None
-        return min([self.deadline, *(self.away[c] for c in self.away if c in self.pending)])
+        return min([self.deadline, *(until for c, until in self.away.items() if c in self._pending)])
 
     def on_client_dropped(self, client: str, now: float, goodbye: bool = False) -> bool:
         """The client's link dropped. It said goodbye (a clean close): it is lost now. Else
         it has ``grace`` seconds (never past the deadline) to reconnect; True when the
         combiner should report now."""
-        if self.done or client not in self.pending:
+        if self.done or client not in self._pending:
             return False
         if goodbye or self.grace <= 0:
             return self.on_client_lost(client)
@@ -82,25 +88,32 @@ class CombinerRound:
     def on_client_back(self, client: str, still_working: bool) -> Resume:
         """The client reconnected; ``still_working`` when it says it is on this round's task."""
         self.away.pop(client, None)
-        if self.done or client not in self.pending:
+        if self.done or client not in self._pending:
             return Resume.NOTHING
         return Resume.KEEP if still_working else Resume.RESEND
 
     @property
-    def pending(self) -> set[str]:
-        return self.expected - self.reported - set(self.failed)
+    def pending(self) -> AbstractSet[str]:
+        """Clients expected that have neither reported nor failed: a live, read-only view
+        (copy it to keep it across events)."""
+        return self._pending
 
     def on_update(self, client: str) -> bool:
         """An accepted update arrived; True when the combiner should report now."""
-        if not self.done and client in self.pending:
+        if not self.done and client in self._pending:
             self.reported.add(client)
+            self._pending.discard(client)
         return self._ready()
 
     def on_refused(self, client: str, reason: str) -> bool:
         """The client's update was refused or its task failed; it will not contribute."""
-        if not self.done and client in self.pending:
-            self.failed[client] = reason
+        if not self.done and client in self._pending:
+            self._fail(client, reason)
         return self._ready()
+
+    def _fail(self, client: str, reason: str) -> None:
+        self.failed[client] = reason
+        self._pending.discard(client)
 
     def on_client_lost(self, client: str) -> bool:
         return self.on_refused(client, LOST)
@@ -110,19 +123,19 @@ class CombinerRound:
         if self.done:
             return False
         if now >= self.deadline:
-            for client in self.pending:
+            for client in sorted(self._pending):
                 if client not in self.away:
-                    self.failed[client] = TIMED_OUT
+                    self._fail(client, TIMED_OUT)
                 elif self.away[client] < self.deadline:  # its grace ended first
-                    self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace)
+                    self._fail(client, LOST_FOR_GOOD.format(grace=self.grace))
                 else:  # the round's deadline came before its grace was over: say that, not the grace
-                    self.failed[client] = LOST_AT_DEADLINE
+                    self._fail(client, LOST_AT_DEADLINE)
             self.done = True
             return True
         for client, until in list(self.away.items()):
-            if now >= until and client in self.pending:
+            if now >= until and client in self._pending:
                 del self.away[client]
-                self.failed[client] = LOST_FOR_GOOD.format(grace=self.grace)
+                self._fail(client, LOST_FOR_GOOD.format(grace=self.grace))
         return self._ready()
 
     def check(self) -> bool:
@@ -130,7 +143,7 @@ class CombinerRound:
         return self._ready()
 
     def _ready(self) -> bool:
-        if not self.done and not self.pending:
+        if not self.done and not self._pending:
             self.done = True
             return True
         return False

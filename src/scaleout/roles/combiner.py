@@ -23,7 +23,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, raise_file_limit, url_host
+from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
@@ -82,6 +82,7 @@ class Job:
     model_id: str
     tracker: CombinerRound
     tasks: dict[str, str] = field(default_factory=dict)  # task id -> client
+    task_of: dict[str, str] = field(default_factory=dict)  # client -> its task id: a client back finds it in O(1)
     agg: Any = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # agg.add and its tracker update vs. _complete
     timer: asyncio.TimerHandle | None = None
@@ -205,6 +206,7 @@ class Combiner:
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
+        fix_mmap_threshold()
         s = self.settings
         ctx = None if s.insecure else tls.client_context(s.ca)
         advertised_host, dial_port = split_host_port(s.advertise) if s.advertise else (None, None)
@@ -417,7 +419,7 @@ class Combiner:
         """A client is back: resend tasks it lost, and abort one nobody waits for any more."""
         wanted = False
         for job in list(self.jobs.values()):
-            task_id = next((t for t, c in job.tasks.items() if c == name), None)
+            task_id = job.task_of.get(name)
             action = job.tracker.on_client_back(name, still_working=task_id is not None and task_id == working_on)
             self._arm(job)
             if action is Resume.KEEP:
@@ -638,6 +640,7 @@ class Combiner:
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         sends = {new_id("t-"): client for client in clients}
         job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
+        job.task_of.update((client, task_id) for task_id, client in sends.items())
         if kind == "train":
             await failpoint("distribute")  # the round taken on, its tasks not yet sent
         await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))

@@ -24,7 +24,7 @@ from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
@@ -53,6 +53,23 @@ BURST_FACTOR = 10  # connections an address may open at once: this many seconds'
 
 
 @dataclass
+def _threadsafe_later() -> Any:
+    """``call_later`` on the running loop that any thread may call (the audit is appended
+    from worker threads too); None outside a loop: each head is then written at once."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+    def later(delay: float, fn: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(loop.call_later, delay, fn)
+        except RuntimeError:  # the loop has closed (stopping): write it now
+            fn()
+
+    return later
+
+
 class ControllerSettings:
     data_dir: Path
     store: str | None = None  # a postgresql:// URL (store/pg.py); None: state.db in data_dir
@@ -198,6 +215,7 @@ class Controller:
             log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
                         len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
         self.commands.prepare()
+        self.state.schedule = _threadsafe_later()  # audit head: one file write per burst
         self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():
@@ -213,6 +231,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         raise_file_limit()
+        fix_mmap_threshold()
         s = self.settings
         if is_postgres(s.store):
             await asyncio.to_thread(self.prepare_keys)

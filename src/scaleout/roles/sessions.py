@@ -558,10 +558,13 @@ class SessionService:
         cfg = s.config
         need = clients_to_wait_for(cfg.clients_per_round, cfg.clients, cfg.min_clients)  # a sample draws from this many
         while True:
-            selected = select_clients(host.assigner.members, host.assigner.ready)  # each name once, where it is
-            n = eligible_count(selected, cfg.clients)
-            if n >= need or s.stopped or loop.time() >= deadline:
-                return selected
+            # Counted in O(combiners) while clients keep joining; the sorted lists are built once, at the end.
+            n = host.assigner.connected() if cfg.clients is None else None
+            if n is None or n >= need or s.stopped or loop.time() >= deadline:
+                selected = select_clients(host.assigner.members, host.assigner.ready)  # each name once, where it is
+                n = eligible_count(selected, cfg.clients)
+                if n >= need or s.stopped or loop.time() >= deadline:
+                    return selected
             log.info("waiting for clients: %d connected, %d needed", n, need)
             changed = asyncio.ensure_future(host.registry_event().wait())
             stop = asyncio.ensure_future(s.stop_event.wait())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,15 @@ class SimHost:
         delays = backoff()
         holding: tuple[str, Hashed, m.TaskResult] | None = None
         identity: str | None = None
+        # Its own secret for the enrolment: a reply lost with the link, it finishes it again
+        # (without one, its name is taken by its own first try and it never gets in).
+        secret = secrets.token_hex(16)
         while not stop.is_set():
             try:
                 async with self.connecting:
                     ctl = await self._controller()
                     if identity is None:  # enrolled once, kept in memory: a simulated client has no state dir
-                        identity = str((await ctl.request("node.enrol", {"name": name}, timeout=60))[0]["token"])
+                        identity = str((await ctl.request("node.enrol", {"name": name, "key": secret}, timeout=60))[0]["token"])
                     info, _ = await ctl.request("client.assign", {"name": name, "identity": identity}, timeout=60)
                     link = await connect(str(info["url"]), str(info["ticket"]), self.ctx, max_payload=1 << 40, peer_role="combiner")
                 tasks: asyncio.Queue[Incoming] = asyncio.Queue()

@@ -47,9 +47,10 @@ class TlsFiles:
     key: Path
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Atomically write a secret readable only by its owner (mode 0600)."""
-    _write_atomic(path, data, 0o600)
+def write_private(path: Path, data: bytes, sync: bool = True) -> None:
+    """Atomically write a secret readable only by its owner (mode 0600); ``sync``: on disk
+    before it replaces the old file (fsync), not only in the page cache."""
+    _write_atomic(path, data, 0o600, sync)
 
 
 def write_public(path: Path, data: bytes) -> None:
@@ -57,7 +58,7 @@ def write_public(path: Path, data: bytes) -> None:
     _write_atomic(path, data, 0o644)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int, sync: bool = True) -> None:
     path = Path(path)
     # mkstemp creates the file with os.open(..., 0o600), so a secret is never world-readable.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -65,7 +66,8 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
