@@ -235,8 +235,12 @@ def test_the_readme_section_says_what_the_cli_takes() -> None:
     text = re.search(r"^## PostgreSQL store\n(.*?)(?=^## )", readme, re.MULTILINE | re.DOTALL)
     assert text is not None
     lines = [line for block in re.findall(r"^```\n(.*?)^```", text[1], re.MULTILINE | re.DOTALL) for line in block.splitlines() if line.startswith("scaleout ")]
-    assert [shlex.split(line)[1] for line in lines] == ["serve", "store", "audit", "serve"]
+    assert [shlex.split(line)[1] for line in lines] == ["store", "serve", "store", "audit", "serve"]
     for line in lines:
         args = build_parser().parse_args(shlex.split(line)[1:])
+        if getattr(args, "out", None):  # store keygen
+            continue
         assert (getattr(args, "store", None) or getattr(args, "to", None) or "").startswith("postgresql://"), line
+        if shlex.split(line)[1] == "serve":  # a postgresql store needs the key file: the README must say so
+            assert args.key_file, line
     assert "SCALEOUT_STORE" in text[1] and 'store = "postgresql://..."' in text[1]
