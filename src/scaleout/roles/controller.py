@@ -53,23 +53,6 @@ BURST_FACTOR = 10  # connections an address may open at once: this many seconds'
 
 
 @dataclass
-def _threadsafe_later() -> Any:
-    """``call_later`` on the running loop that any thread may call (the audit is appended
-    from worker threads too); None outside a loop: each head is then written at once."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-    def later(delay: float, fn: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(loop.call_later, delay, fn)
-        except RuntimeError:  # the loop has closed (stopping): write it now
-            fn()
-
-    return later
-
-
 class ControllerSettings:
     data_dir: Path
     store: str | None = None  # a postgresql:// URL (store/pg.py); None: state.db in data_dir
@@ -105,6 +88,23 @@ class CombinerConn:
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
+
+
+def _threadsafe_later() -> Any:
+    """``call_later`` on the running loop that any thread may call (the audit is appended
+    from worker threads too); None outside a loop: each head is then written at once."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+    def later(delay: float, fn: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(loop.call_later, delay, fn)
+        except RuntimeError:  # the loop has closed (stopping): write it now
+            fn()
+
+    return later
 
 
 class Controller:
