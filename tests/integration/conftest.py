@@ -147,6 +147,16 @@ class Federation:
         self.conn = Connection(info["url"], (self.data / "admin.token").read_text().strip(), self.data / "ca.pem", False)
         return p
 
+    def stored(self, kind: str) -> set[str]:
+        """The ids of the blobs of ``kind`` (models, packages, state) the controller stored:
+        files in the data dir, or large objects in PostgreSQL."""
+        if self.store is None:
+            return {p.name.split(".")[0] for p in (self.data / kind).glob("*.safetensors")} | {p.stem for p in (self.data / kind).glob("*.tgz")}
+        import psycopg
+
+        with psycopg.connect(self.store) as conn:
+            return {row[0] for row in conn.execute("SELECT id FROM blobs WHERE kind=%s", (kind,))}
+
     @property
     def url(self) -> str:
         assert self.conn is not None
@@ -293,9 +303,9 @@ def fill_disk(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def federation(tmp: Path) -> Iterator[Federation]:
+def federation(tmp: Path, store: str | None = None) -> Iterator[Federation]:
     """A Federation whose processes are stopped at the end, and whose logs hold no traceback."""
-    f = Federation(tmp)
+    f = Federation(tmp, store)
     try:
         yield f
     finally:
