@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import closing
-from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, Federation, scaleout
