@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 QUICKSTART = ROOT / "sample_projects" / "quickstart" / "client"
 START_TIMEOUT = 30.0
+# SCALEOUT_TEST_STORE=postgresql (`make test-postgresql`): every controller a Federation starts
+# keeps its state in a fresh database of the tests' PostgreSQL server (tests/conftest.py), not
+# in state.db; a test that checks SQLite's files skips itself with `sqlite_only`.
+TEST_STORE = os.environ.get("SCALEOUT_TEST_STORE", "sqlite")
+_postgres: Any = None  # the session's PostgresServer, set by `_test_store` when TEST_STORE is postgresql
 
 
 def scaleout(*args: str, timeout: float = 60, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -115,10 +120,15 @@ class Proc:
 
 
 class Federation:
-    """Start roles and talk to the controller as an admin."""
+    """Start roles and talk to the controller as an admin. ``store``: a postgresql:// URL every
+    controller of it is started with (``--store``); default: SQLite in the data dir, or a new
+    database of the test server under SCALEOUT_TEST_STORE=postgresql."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, store: str | None = None) -> None:
         self.tmp = tmp
+        if store is None and _postgres is not None:
+            store = _postgres.url(_postgres.create_database())
+        self.store = store
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.data = tmp / "controller"
@@ -129,11 +139,23 @@ class Federation:
     # -- roles -------------------------------------------------------------------------
 
     def controller(self, *extra: str, name: str = "controller", port: int = 0) -> Proc:
+        if self.store is not None and "--store" not in extra:
+            extra = ("--store", self.store, *extra)
         p = Proc(name, ["serve", "--data-dir", str(self.data), "--port", str(port), *extra], self.logs, True)
         self.procs.append(p)
         info = json.loads((self.data / "controller.json").read_text())
         self.conn = Connection(info["url"], (self.data / "admin.token").read_text().strip(), self.data / "ca.pem", False)
         return p
+
+    def stored(self, kind: str) -> set[str]:
+        """The ids of the blobs of ``kind`` (models, packages, state) the controller stored:
+        files in the data dir, or large objects in PostgreSQL."""
+        if self.store is None:
+            return {p.name.split(".")[0] for p in (self.data / kind).glob("*.safetensors")} | {p.stem for p in (self.data / kind).glob("*.tgz")}
+        import psycopg
+
+        with psycopg.connect(self.store) as conn:
+            return {row[0] for row in conn.execute("SELECT id FROM blobs WHERE kind=%s", (kind,))}
 
     @property
     def url(self) -> str:
@@ -281,9 +303,9 @@ def fill_disk(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def federation(tmp: Path) -> Iterator[Federation]:
+def federation(tmp: Path, store: str | None = None) -> Iterator[Federation]:
     """A Federation whose processes are stopped at the end, and whose logs hold no traceback."""
-    f = Federation(tmp)
+    f = Federation(tmp, store)
     try:
         yield f
     finally:
@@ -307,6 +329,23 @@ def without_package_tracebacks(log: str) -> str:
         elif not skipping:
             kept.append(line)
     return "\n".join(kept)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_store(request: pytest.FixtureRequest) -> None:
+    """Under SCALEOUT_TEST_STORE=postgresql, start the PostgreSQL server Federations use."""
+    global _postgres
+    if TEST_STORE == "postgresql":
+        _postgres = request.getfixturevalue("postgres_server")
+    elif TEST_STORE != "sqlite":
+        raise pytest.UsageError(f"SCALEOUT_TEST_STORE={TEST_STORE!r}: use sqlite or postgresql")
+
+
+def sqlite_only(why: str) -> None:
+    """Skip the calling test on PostgreSQL (SCALEOUT_TEST_STORE=postgresql): ``why`` it checks
+    something only SQLite has."""
+    if TEST_STORE == "postgresql":
+        pytest.skip(f"SQLite only: {why}")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import closing
-from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, Federation, scaleout
@@ -15,6 +14,14 @@ from conftest import QUICKSTART, Federation, scaleout
 def cli(fed: Federation, *args: str) -> tuple[int, str, str]:
     r = scaleout(*args, "--data-dir", str(fed.data), timeout=30)
     return r.returncode, r.stdout, r.stderr
+
+
+def offline(fed: Federation, *args: str) -> list[str]:
+    """`audit verify`'s arguments for the store with no controller running: state.db, or
+    the PostgreSQL store with the data dir whose signed head goes with it."""
+    if fed.store is None:
+        return ["audit", "verify", "--state", str(fed.data / "state.db"), *args]
+    return ["audit", "verify", "--store", fed.store, "--data-dir", str(fed.data), *args]
 
 
 def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federation) -> None:
@@ -70,15 +77,25 @@ def test_admin_actions_and_commits_are_listed_and_the_chain_verifies(fed: Federa
     newest = json.loads(cli(fed, "audit", "ls", "--json", "--limit", "1")[1])[0]
     assert verified["head"] == f"{newest['id']} {newest['hash']}" and head_line.startswith(f"head: {verified['head']}"), (verified, newest)
     fed.stop_all()
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    r = scaleout(*offline(fed))
     assert r.returncode == 0 and r.stdout == out, r.stdout + r.stderr
     r = scaleout("audit", "verify", "--state", str(fed.tmp / "nope.db"))
     assert r.returncode == 2 and "is not a file" in r.stderr, r.stderr
 
 
-def tamper(db_path: Path, *statements: str) -> None:
-    """Change state.db behind the controller's back, as someone with the file would."""
-    with closing(sqlite3.connect(db_path)) as db:
+def tamper(fed: Federation, *statements: str) -> None:
+    """Change the store behind the controller's back, as someone with the file (or the
+    database's owner) would."""
+    if fed.store is not None:
+        import psycopg
+
+        with psycopg.connect(fed.store) as conn:  # one transaction
+            conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
+            for sql in statements:
+                conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute("ALTER TABLE audit ENABLE TRIGGER USER")
+        return
+    with closing(sqlite3.connect(fed.data / "state.db")) as db:
         db.execute("DROP TRIGGER IF EXISTS audit_no_update")
         db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
         for sql in statements:
@@ -116,10 +133,16 @@ def test_verify_finds_the_first_tampered_entry(fed: Federation, statements: list
     fed.seed_from(QUICKSTART)  # ... and a model.set_seed: ids 1 to 4
     code, out, err = cli(fed, "audit", "verify")
     assert code == 0, out + err
-    # The log is append-only for SQLite too: changing it needs the triggers dropped first.
-    with closing(sqlite3.connect(fed.data / "state.db")) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM audit WHERE id=1")
-    tamper(fed.data / "state.db", *statements)
+    # The log is append-only for SQLite (and PostgreSQL) too: changing it needs the triggers dropped first.
+    if fed.store is None:
+        with closing(sqlite3.connect(fed.data / "state.db")) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM audit WHERE id=1")
+    else:
+        import psycopg
+
+        with psycopg.connect(fed.store) as conn, pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("DELETE FROM audit WHERE id=1")
+    tamper(fed, *statements)
     code, out, err = cli(fed, "audit", "verify", "--json")
     assert code == 1, out + err
     result = json.loads(out)
@@ -128,7 +151,7 @@ def test_verify_finds_the_first_tampered_entry(fed: Federation, statements: list
     assert code == 1 and out.startswith(f"audit log broken at entry {broken_id}: "), out
     # The same verdict from the file alone, with the controller stopped.
     fed.stop_all()
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--json")
+    r = scaleout(*offline(fed, "--json"))
     assert r.returncode == 1 and json.loads(r.stdout)["broken"]["id"] == broken_id, r.stdout + r.stderr
 
 
@@ -152,7 +175,7 @@ def test_a_cut_tail_with_a_rewritten_head_is_caught_by_the_signed_head(fed: Fede
     assert code == 1 and "is not signed by this controller" in out, out + err
 
     tamper(
-        fed.data / "state.db",
+        fed,
         "DELETE FROM audit WHERE id > 2",
         "UPDATE meta SET value=(SELECT id || ' ' || hash FROM audit WHERE id=2) WHERE key='audit_head'",
     )
@@ -161,17 +184,17 @@ def test_a_cut_tail_with_a_rewritten_head_is_caught_by_the_signed_head(fed: Fede
     code, out, err = cli(fed, "audit", "verify", "--json")
     assert code == 1 and json.loads(out)["ok"] is False, out + err
     fed.stop_all()
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    r = scaleout(*offline(fed))
     assert r.returncode == 1 and "entries after 2 were removed" in r.stdout, r.stdout + r.stderr
     # The operator's copy names entry 3, which is gone too.
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"), "--head", str(kept))
+    r = scaleout(*offline(fed, "--head", str(kept)))
     assert r.returncode == 1, r.stdout + r.stderr
 
-    tamper(fed.data / "state.db", "DELETE FROM audit", "DELETE FROM meta WHERE key='audit_head'")
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    tamper(fed, "DELETE FROM audit", "DELETE FROM meta WHERE key='audit_head'")
+    r = scaleout(*offline(fed))
     assert r.returncode == 1 and "the log is empty, but the signed head names entry 4 of 4" in r.stdout, r.stdout + r.stderr
     (fed.data / "audit.head").unlink()
-    r = scaleout("audit", "verify", "--state", str(fed.data / "state.db"))
+    r = scaleout(*offline(fed))
     assert r.returncode == 1 and "audit.head is missing" in r.stdout, r.stdout + r.stderr
 
 
@@ -186,21 +209,20 @@ def test_no_signed_head_beside_a_log_fails_verify_and_a_rewritten_head_stays_in_
     kept.write_bytes((fed.data / "audit.head").read_bytes())  # at entry 3
     fed.seed_from(QUICKSTART)  # entry 4
     fed.stop_all()
-    state = str(fed.data / "state.db")
     (fed.data / "audit.head").unlink()
     (fed.data / "audit.key").unlink()
-    r = scaleout("audit", "verify", "--state", state)
+    r = scaleout(*offline(fed))
     assert r.returncode == 1 and "no signed audit head" in r.stdout, r.stdout + r.stderr
-    r = scaleout("audit", "verify", "--state", state, "--head", str(kept))
+    r = scaleout(*offline(fed, "--head", str(kept)))
     assert r.returncode == 0 and f"matches the signed head {kept}" in r.stdout, r.stdout + r.stderr
     tamper(
-        fed.data / "state.db",
+        fed,
         "DELETE FROM audit WHERE id > 2",
         "UPDATE meta SET value=(SELECT id || ' ' || hash FROM audit WHERE id=2) WHERE key='audit_head'",
     )
-    r = scaleout("audit", "verify", "--state", state)
+    r = scaleout(*offline(fed))
     assert r.returncode == 1 and "no signed audit head" in r.stdout, r.stdout + r.stderr  # was: intact, rc 0
-    r = scaleout("audit", "verify", "--state", state, "--head", str(kept))
+    r = scaleout(*offline(fed, "--head", str(kept)))
     assert r.returncode == 1, r.stdout + r.stderr
     # A controller started on it writes a new head, and an entry that says so.
     fed.controller()

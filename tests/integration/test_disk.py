@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import FIXTURES, QUICKSTART, fill_disk, federation, scaleout, tmpfs, wait_stdout
+from conftest import FIXTURES, QUICKSTART, fill_disk, federation, scaleout, sqlite_only, tmpfs, wait_stdout
 
 GATE = FIXTURES / "gate_client"
 NO_SPACE = "no space left on device while writing"
@@ -33,6 +33,7 @@ def db_session(data: Path, session_id: str) -> tuple[dict[str, object], list[dic
 
 
 def test_full_models_dir_fails_the_session_with_the_reason_then_works_again(tmp_path: Path) -> None:
+    sqlite_only("it fills the disk under the data dir's models/; on PostgreSQL the models are in the server")
     data = tmp_path / "controller"
     models = data / "models"
     models.mkdir(parents=True)
@@ -87,6 +88,7 @@ def test_disk_full_mid_round_even_for_state_db(tmp_path: Path) -> None:
     """The whole data dir fills while a client trains: the model write fails, and so do the
     writes to state.db. The controller still reports the real outcome, never "running",
     and records it in state.db once space is back."""
+    sqlite_only("it fills the disk holding state.db and the models; on PostgreSQL they are in the server (a cut link to it: test_pg_controller.py)")
     from scaleout.package.archive import create_archive
 
     data = tmp_path / "controller"

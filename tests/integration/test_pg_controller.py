@@ -75,7 +75,8 @@ def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Feder
 
 
 def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed: Federation, pg_url: str) -> None:
-    ctl = fed.controller()  # SQLite: the default
+    fed.store = None  # SQLite, the default (under SCALEOUT_TEST_STORE=postgresql too): what migrate moves
+    ctl = fed.controller()
     fed.seed_from(RECOVER)
     fed.combiner("c1")
     fed.client("r1", package=RECOVER)

@@ -87,7 +87,7 @@ def run(tmp: Path, n_combiners: int) -> tuple[list[np.ndarray], list[list[np.nda
         assert all(r["server_state"] is None for r in runs[0]["rounds"])  # FedAvg keeps no state
         states = [r["server_state"] for r in runs[1]["rounds"]]
         assert all(states) and states[0] != states[1]
-        assert all((fed.data / "state" / f"{s}.safetensors").is_file() for s in states)
+        assert set(states) <= fed.stored("state")
         return model(seed_id), avg, adam, runs
 
 

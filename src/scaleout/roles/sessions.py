@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -139,6 +141,12 @@ class SessionService:
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
         self._resumable: list[RunningSession] = []
+        # The runner's writes (steps, rounds, ends) go to the store on this one thread, in
+        # order, off the event loop: on PostgreSQL each is a round trip, and an outage makes
+        # one wait seconds. One thread: they never interleave with each other (State's lock
+        # keeps them from interleaving with the loop's own writes on the shared connection).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaleout-store")
+        self._ends_lock = threading.Lock()  # one writer of _unrecorded's ends at a time (the loop or the store thread)
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -401,6 +409,7 @@ class SessionService:
             await sfn.close(s)
         if self._record_retry is not None:
             self._record_retry.cancel()
+        await asyncio.to_thread(self._writer.shutdown, True)  # a write under way ends before the store closes
         if self.record_ends() is not None:
             log.error("sessions %s end unrecorded: the next start resumes them", ", ".join(self._unrecorded))
 
@@ -428,29 +437,40 @@ class SessionService:
     def record_ends(self) -> StorageError | None:
         """Write the ends of sessions that state.db could not take (a full disk); return the
         error if it still cannot, after arranging a retry."""
-        for sid, end in list(self._unrecorded.items()):
-            try:
-                step = Step(StepKind.SESSION_ENDED, status=end.status, reason=end.reason, at=end.finished)
-                with self.host.state.transaction():
-                    self.host.state.add_step(sid, step.to_dict())
-                    self.host.state.end_session(sid, end.status, end.end_model, end.reason, end.finished, end.round_reason)
-            except StorageError as exc:
-                if not end.tried:
-                    log.error("could not record the end of session %s (%s); retrying: %s", sid, end.status, exc)
-                end.tried = True
-                if self._record_retry is None or self._record_retry.done():
-                    self._record_retry = asyncio.get_running_loop().create_task(self._retry_record_ends())
-                return exc
-            del self._unrecorded[sid]
-            if end.tried:
-                log.info("recorded the end of session %s (%s)", sid, end.status)
+        return self._retry_if(self._write_ends())
+
+    async def _record_ends(self) -> StorageError | None:
+        """record_ends, its writes on the store thread."""
+        return self._retry_if(await self._store(self._write_ends))
+
+    def _write_ends(self) -> StorageError | None:
+        with self._ends_lock:
+            for sid, end in list(self._unrecorded.items()):
+                try:
+                    step = Step(StepKind.SESSION_ENDED, status=end.status, reason=end.reason, at=end.finished)
+                    with self.host.state.transaction():
+                        self.host.state.add_step(sid, step.to_dict())
+                        self.host.state.end_session(sid, end.status, end.end_model, end.reason, end.finished, end.round_reason)
+                except StorageError as exc:
+                    if not end.tried:
+                        log.error("could not record the end of session %s (%s); retrying: %s", sid, end.status, exc)
+                    end.tried = True
+                    return exc
+                del self._unrecorded[sid]
+                if end.tried:
+                    log.info("recorded the end of session %s (%s)", sid, end.status)
         return None
+
+    def _retry_if(self, exc: StorageError | None) -> StorageError | None:
+        if exc is not None and (self._record_retry is None or self._record_retry.done()):
+            self._record_retry = asyncio.get_running_loop().create_task(self._retry_record_ends())
+        return exc
 
     async def _retry_record_ends(self) -> None:
         delay, longest = RECORD_RETRY_S
         while self._unrecorded:
             await asyncio.sleep(delay)  # a backoff, not a synchronisation: space may come back any time
-            if self.record_ends() is None:
+            if await self._record_ends() is None:
                 return
             delay = min(delay * 2, longest)
 
@@ -478,13 +498,22 @@ class SessionService:
 
     # -- the runner --------------------------------------------------------------------------
 
-    def _persist(self, s: RunningSession, step: Step, *writes: Any) -> None:
-        """Write a step and the rows it implies in one transaction, then fold it in."""
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread (after the writes queued before it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _persist(self, s: RunningSession, step: Step, *writes: Any) -> None:
+        """Write a step and the rows it implies in one transaction (on the store thread),
+        then fold it in: the step is committed before the controller acts on it."""
         st = self.host.state
-        with st.transaction():
-            st.add_step(s.id, step.to_dict())
-            for write in writes:
-                write()
+
+        def write() -> None:
+            with st.transaction():
+                st.add_step(s.id, step.to_dict())
+                for more in writes:
+                    more()
+
+        await self._store(write)
         s.machine.apply(step)
 
     async def _run_session(self, s: RunningSession) -> None:
@@ -540,7 +569,7 @@ class SessionService:
         end_model = s.machine.model_id
         failure = s.storage_failure
         self._unrecorded[s.id] = SessionEnd(status, reason, end_model, time.time(), str(failure) if failure else None)
-        self.record_ends()  # before any await: session.wait reads the end from state.db once running is None
+        await self._record_ends()  # session.wait shows the end from _unrecorded (with_end) until it is in the store
         await sfn.close(s)
         if s.machine.ended is None and s.id not in self._unrecorded:
             s.machine.apply(Step(StepKind.SESSION_ENDED, status=status, reason=reason))
@@ -610,7 +639,7 @@ class SessionService:
         participants = sorted(c for clients in selected.values() for c in clients)
         selection = {"selected": participants, "not_selected": left_out}
         retried = s.machine.retries.get(index)
-        self._persist(
+        await self._persist(
             s, s.machine.start_round(action, started_at),
             lambda: st.start_round(s.id, index, parent, participants, started=started_at, attempt=attempt, retried=retried, selection=selection),
         )
@@ -619,16 +648,19 @@ class SessionService:
         log.info("round %d of session %s: %d clients on %d combiners%s%s", index, s.id, len(participants), len(selected), out, again)
         host.hub.round_started(s.id, index, len(participants), cfg.round_timeout, started + cfg.round_timeout - loop.time(), len(global_bytes))
 
-        def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        def this_round() -> dict[str, Any]:
+            return next(r for r in st.rounds(s.id) if r["idx"] == index)
+
+        async def finish(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
             duration = round(loop.time() - started, 3)
             fields = {"status": status, "reason": reason, "duration_s": duration, "finished": time.time(), **extra, **sfn.record(s)}
             kind = StepKind.ROUND_VALIDATED if status == "succeeded" else StepKind.ROUND_FAILED
             try:
                 if kind is StepKind.ROUND_VALIDATED and not cfg.validate:  # committed already: only the row's last fields
-                    st.finish_round(s.id, index, **fields)
+                    await self._store(lambda: st.finish_round(s.id, index, **fields))
                 else:
-                    self._persist(s, Step(kind, index, attempt, reason=reason, at=time.time()), lambda: st.finish_round(s.id, index, **fields))
-                row = next(r for r in st.rounds(s.id) if r["idx"] == index)
+                    await self._persist(s, Step(kind, index, attempt, reason=reason, at=time.time()), lambda: st.finish_round(s.id, index, **fields))
+                row = await self._store(this_round)
             except StorageError as exc:  # kept in memory; the session's end records it later
                 log.error("round %d: could not record its outcome: %s", index, exc)
                 s.storage_failure = s.storage_failure or exc
@@ -640,9 +672,9 @@ class SessionService:
 
         # A round that fails before any task was sent had no participants: nobody trained.
         if s.stopped:
-            return finish("failed", "session stopped", participants=[])
+            return await finish("failed", "session stopped", participants=[])
         if len(participants) < cfg.min_clients:
-            return finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed", participants=[])
+            return await finish("failed", f"only {len(participants)} clients connected; at least {cfg.min_clients} needed", participants=[])
         # A combiner reports at its own deadline at the latest; then it encodes its partial: time that grows with the model.
         grace = PARTIAL_GRACE_S + len(global_bytes) / PARTIAL_ENCODE_RATE
         tracker = ControllerRound.start({k: len(v) for k, v in selected.items()}, cfg.min_clients, loop.time(), cfg.round_timeout + grace)
@@ -654,7 +686,7 @@ class SessionService:
         # (lost and back since) says nothing about this round.
         links = {name: host.combiners[name].link for name in selected}
         settings = {**cfg.settings, **strategy.train_settings()}  # e.g. FedProx's mu, over --settings
-        self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
+        await self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
         await failpoint("distribute")  # the round is recorded, its orders not yet out
         settings = await sfn.client_settings(s, settings, global_bytes)  # the server functions over both
         for name, clients in selected.items():
@@ -678,7 +710,7 @@ class SessionService:
                 continue
             kind, value = event
             if kind == "stop":
-                return finish("failed", "session stopped", participants=contributors)
+                return await finish("failed", "session stopped", participants=contributors)
             if kind == "lost":
                 name, link = value
                 if links.get(name) is link and name in tracker.waiting_for:
@@ -701,7 +733,7 @@ class SessionService:
                 began = loop.time()
                 try:
                     if await _unless_set(self._pull_update(name, msg, spill, len(global_bytes), tracker.deadline), s.stop_event) is None:
-                        return finish("failed", "session stopped", participants=contributors)
+                        return await finish("failed", "session stopped", participants=contributors)
                     await failpoint("collect")  # an update spilled, the round not yet decided
                 except LinkClosed:
                     decision = tracker.on_combiner_lost(name)
@@ -723,7 +755,7 @@ class SessionService:
                         log.warning("round %d: combiner %s counts %d updates; %d were spilled", index, name, msg.count, len(who))
                     if who:
                         try:
-                            self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=len(who), at=time.time()))
+                            await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=len(who), at=time.time()))
                         except StorageError as exc:
                             log.warning("round %d: could not note the updates of combiner %s: %s", index, name, exc)
                     contributors.extend(who)
@@ -736,7 +768,7 @@ class SessionService:
                 try:
                     pulled = await _unless_set(self._pull_partial(name, msg, agg, tracker.deadline), s.stop_event)
                     if pulled is None:  # stopped while the partial was on its way
-                        return finish("failed", "session stopped", participants=contributors)
+                        return await finish("failed", "session stopped", participants=contributors)
                     count, who = pulled
                 except LinkClosed:
                     decision = tracker.on_combiner_lost(name)
@@ -748,14 +780,14 @@ class SessionService:
                 finally:
                     reduce_s += loop.time() - began
                 try:  # progress, not a decision: a restart retries the round whole either way
-                    self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=count, at=time.time()))
+                    await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=count, at=time.time()))
                 except StorageError as exc:
                     log.warning("round %d: could not note the partial of combiner %s: %s", index, name, exc)
                 contributors.extend(who)
                 decision = tracker.on_partial(name, count)
                 await failpoint("collect")  # a partial folded in, the round not yet decided
         if decision.outcome is Outcome.FAILED:
-            return finish("failed", decision.reason, participants=sorted(contributors))
+            return await finish("failed", decision.reason, participants=sorted(contributors))
         committing = loop.time()
         record: dict[str, Any] = {}
         try:
@@ -765,7 +797,7 @@ class SessionService:
                 new_bytes, state_bytes, new_state = await asyncio.to_thread(_server_step, strategy, agg, global_bytes, layout, s.server_state)
         except (PayloadError, UpdateRejected) as exc:  # e.g. a mean beyond float32: never commit inf
             log.error("round %d: aggregate not committed: %s", index, exc)
-            return finish("failed", str(exc), participants=sorted(contributors))
+            return await finish("failed", str(exc), participants=sorted(contributors))
         try:
             # Files first, then the rows that name them: a kill between the two leaves a file
             # no row names, which the next start sweeps (store/blobs.py), never a row without its file.
@@ -773,7 +805,7 @@ class SessionService:
             state_id = await asyncio.to_thread(host.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
             await failpoint("commit")  # the files written, the rows that name them not yet
             # The model, its trail entry, the strategy's state, the round's outcome and its step land in one transaction.
-            self._persist(
+            await self._persist(
                 s, Step(StepKind.ROUND_COMMITTED, index, attempt, model_id=model_id, state_id=state_id, at=time.time()),
                 lambda: st.commit_round(
                     s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
@@ -783,7 +815,7 @@ class SessionService:
         except StorageError as exc:  # a full disk: the global model stays, the session ends
             log.error("round %d: could not commit the new global model: %s", index, exc)
             s.storage_failure = exc
-            return finish("failed", str(exc), participants=sorted(contributors))
+            return await finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
         host.keep_model(model_id, new_bytes)  # the next round's global model: no need to read it back
         host.hub.publish(m.ModelCommitted(
@@ -801,7 +833,7 @@ class SessionService:
             if validation:
                 log.info("round %d validation: %s", index, ", ".join(f"{k}={v:.4g}" for k, v in validation.items()))
         extra = {"aggregation": record} if record else {}
-        return finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing, **extra)
+        return await finish("succeeded", None, model_id=model_id, participants=sorted(contributors), validation=validation, timing=timing, **extra)
 
     async def _revalidate(self, s: RunningSession, action: ValidateRound) -> dict[str, Any]:
         """A round committed before a restart, its validation not yet recorded: validate now."""
@@ -811,8 +843,8 @@ class SessionService:
         host.round_members = {name: frozenset(clients) for name, clients in selected.items() if name in host.combiners}
         validation = await self._validate(s, action.index, action.model_id, {k: v for k, v in selected.items() if k in host.combiners})
         step = Step(StepKind.ROUND_VALIDATED, action.index, action.attempt, at=time.time())
-        self._persist(s, step, lambda: host.state.finish_round(s.id, action.index, validation=validation))
-        row = next(r for r in host.state.rounds(s.id) if r["idx"] == action.index)
+        await self._persist(s, step, lambda: host.state.finish_round(s.id, action.index, validation=validation))
+        row = await self._store(lambda: next(r for r in host.state.rounds(s.id) if r["idx"] == action.index))
         host.hub.round_ended({**row, "session_id": s.id})
         return {**row, "index": action.index}
 

@@ -98,27 +98,36 @@ _STORAGE_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANT
 
 
 class _Connection(sqlite3.Connection):
-    """A connection whose failed statements on a full or broken disk raise StorageError."""
+    """A connection whose failed statements on a full or broken disk raise StorageError.
+
+    Its statements take ``lock``, which State's transactions hold from BEGIN to COMMIT: the
+    connection is shared by threads (the event loop, the session runner's store thread),
+    and SQLite's transaction is the connection's, so another thread's statement must wait
+    for it to end rather than land in it."""
 
     path = ""
+    lock: Any = contextlib.nullcontext()
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
-            return super().execute(sql, parameters)
+            with self.lock:
+                return super().execute(sql, parameters)
         except sqlite3.DatabaseError as exc:
             _raise_storage_error(exc, self.path)
             raise
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> sqlite3.Cursor:
         try:
-            return super().executemany(sql, seq_of_parameters)
+            with self.lock:
+                return super().executemany(sql, seq_of_parameters)
         except sqlite3.DatabaseError as exc:
             _raise_storage_error(exc, self.path)
             raise
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
         try:
-            return super().executescript(sql_script)
+            with self.lock:
+                return super().executescript(sql_script)
         except sqlite3.DatabaseError as exc:
             _raise_storage_error(exc, self.path)
             raise
@@ -144,6 +153,10 @@ class State:
         from scaleout.store import pg
 
         self.db: Any
+        # Held by a transaction from BEGIN to COMMIT: one thread's transaction at a time, so
+        # another thread's writes never join it (SQLite's shared connection) and the audit
+        # head pending in this object is the committing transaction's own.
+        self._lock = threading.RLock()
         if pg.is_url(path):
             self.db = pg.PgConnection(str(path))
         else:
@@ -154,6 +167,7 @@ class State:
                 raise
             assert isinstance(db, _Connection)
             db.path = str(path)
+            db.lock = self._lock
             self.db = db
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
         self._pending_head: tuple[int, str] | None = None
@@ -225,21 +239,22 @@ class State:
         transaction that reads before it writes fails at once in WAL mode, "database is
         locked", when another connection (the registry writer, the command store) wrote in
         between."""
-        if self.db.in_transaction:
-            yield
-            return
-        self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            self._pending_head = None
+        with self._lock:
             if self.db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    self.db.rollback()
-            raise
-        if self._pending_head is not None:  # committed: the head outside state.db follows
-            self._write_head()
+                yield
+                return
+            self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._pending_head = None
+                if self.db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.rollback()
+                raise
+            if self._pending_head is not None:  # committed: the head outside state.db follows
+                self._write_head()
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
