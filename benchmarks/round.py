@@ -268,6 +268,12 @@ def main() -> None:
         import os
 
         os.environ["SCALEOUT_STORE"] = a.store  # the controller child reads it (serve's env for --store)
+        if not os.environ.get("SCALEOUT_KEY_FILE"):  # a postgresql store needs one (serve --key-file)
+            from scaleout.store.vault import keygen
+
+            key_file = Path(tempfile.mkdtemp(prefix="scaleout-bench-")) / "store.key"
+            keygen(key_file)
+            os.environ["SCALEOUT_KEY_FILE"] = str(key_file)
     if a.clients < 1 or a.params < 1 or a.rounds < 1 or a.round_timeout <= 0:
         ap.error("--clients, --params and --rounds must be at least 1, --round-timeout > 0")
     if a.scenario:
