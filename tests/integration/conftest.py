@@ -141,11 +141,22 @@ class Federation:
     def controller(self, *extra: str, name: str = "controller", port: int = 0) -> Proc:
         if self.store is not None and "--store" not in extra:
             extra = ("--store", self.store, *extra)
+        if self.store is not None and "--key-file" not in extra and not os.environ.get("SCALEOUT_KEY_FILE"):
+            extra = ("--key-file", str(self._key_file()), *extra)  # a postgresql store needs one
         p = Proc(name, ["serve", "--data-dir", str(self.data), "--port", str(port), *extra], self.logs, True)
         self.procs.append(p)
         info = json.loads((self.data / "controller.json").read_text())
         self.conn = Connection(info["url"], (self.data / "admin.token").read_text().strip(), self.data / "ca.pem", False)
         return p
+
+    def _key_file(self) -> Path:
+        """One key file for every controller of this federation (serve --key-file)."""
+        from scaleout.store.vault import keygen
+
+        path = self.tmp / "store.key"
+        if not path.exists():
+            keygen(path)
+        return path
 
     def stored(self, kind: str) -> set[str]:
         """The ids of the blobs of ``kind`` (models, packages, state) the controller stored:

@@ -26,27 +26,3 @@ def test_the_head_is_replaced_whole_without_a_disk_flush(tmp_path: Path, monkeyp
     assert head.read() == Anchor(3, f"{3:064x}", 3)
     assert stat.S_IMODE(head.path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-
-
-def test_a_burst_of_entries_rewrites_the_head_once_per_interval(tmp_path: Path) -> None:
-    from scaleout.store.audithead import HeadFile as Head
-    from scaleout.store.state import State
-
-    st = State(tmp_path / "state.db")
-    head = Head.load_or_create(tmp_path)
-    st.anchor_audit(head)
-    due: list[tuple[float, object]] = []
-    st.schedule = lambda delay, fn: due.append((delay, fn))
-    for i in range(50):
-        st.audit("client", "node.enrol", n=i)
-    # The first of a burst is written at once unless the last write was a moment ago (the
-    # one anchor_audit made at start); the others wait for a single write of the newest.
-    assert head.read().count in (0, 1) and len(due) == 1
-    delay, write = due.pop()
-    assert 0 <= delay <= 0.05
-    write()  # type: ignore[operator]
-    assert head.read().count == 50 and due == []
-    st.audit("admin", "last")
-    st.close()  # whatever waits is written before state.db closes
-    anchor = Head.load(tmp_path).read()  # type: ignore[union-attr]
-    assert anchor.count == 51

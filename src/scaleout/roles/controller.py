@@ -90,23 +90,6 @@ class CombinerConn:
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
 
 
-def _threadsafe_later() -> Any:
-    """``call_later`` on the running loop that any thread may call (the audit is appended
-    from worker threads too); None outside a loop: each head is then written at once."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-    def later(delay: float, fn: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(loop.call_later, delay, fn)
-        except RuntimeError:  # the loop has closed (stopping): write it now
-            fn()
-
-    return later
-
-
 class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
@@ -215,7 +198,6 @@ class Controller:
             log.warning("removed %d file(s) from %s that no committed row names (left by an interrupted write): %s",
                         len(removed), self.dir / kind, ", ".join(n[:16] for n in removed[:5]))
         self.commands.prepare()
-        self.state.schedule = _threadsafe_later()  # audit head: one file write per burst
         self.desk = Desk(self)  # after the verifier: it loads the revoked ids into it
         # Nobody is connected to a controller that is just starting.
         for row in self.state.combiners():

@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
-HEAD_EVERY_S = 0.05  # with a scheduler (State.schedule), the signed head file is rewritten at most this often
 
 _JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection", "aggregation"}
 
@@ -172,12 +171,6 @@ class State:
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
         self._pending_head: tuple[int, str] | None = None
         self._audit_count = 0
-        # The controller's loop.call_later: a burst of audited actions (10,000 clients enrolling)
-        # rewrites the head file at most once per HEAD_EVERY_S, not once per entry. None: at once.
-        self.schedule: Callable[[float, Callable[[], None]], Any] | None = None
-        self._head_lock = threading.RLock()  # flush_head may run inside _write_head (a closed loop)
-        self._head_due: Any = None  # the newest anchor, not yet written (a write is scheduled)
-        self._head_written = float("-inf")  # time.monotonic() of the last write
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -228,7 +221,6 @@ class State:
             self.db.executescript(AUDIT_TRIGGERS)
 
     def close(self) -> None:
-        self.flush_head()
         self.db.close()
 
     @contextlib.contextmanager
@@ -550,24 +542,7 @@ class State:
         if self._head_file is None or pending is None:
             return
         self._audit_count += 1
-        anchor = Anchor(pending[0], pending[1], self._audit_count)
-        with self._head_lock:  # appends come from worker threads too
-            wait = self._head_written + HEAD_EVERY_S - time.monotonic()
-            if self.schedule is None or (wait <= 0 and self._head_due is None):  # the first of a burst goes at once
-                self._head_file.write(anchor)
-                self._head_written = time.monotonic()
-                return
-            if self._head_due is None:
-                self.schedule(max(0.0, wait), self.flush_head)
-            self._head_due = anchor  # the newest wins
-
-    def flush_head(self) -> None:
-        """Write the head that waits (if any) now."""
-        with self._head_lock:
-            anchor, self._head_due = self._head_due, None
-            if anchor is not None and self._head_file is not None:
-                self._head_file.write(anchor)
-                self._head_written = time.monotonic()
+        self._head_file.write(Anchor(pending[0], pending[1], self._audit_count))  # replaced whole, no disk flush (see audithead.py)
 
     def audit_log(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` entries (from ``since`` on, if given), newest first."""
