@@ -52,7 +52,6 @@ CLIENT_IDLE_S = 60.0  # a client-token link that asks nothing for this long is c
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 
 
-@dataclass
 def _threadsafe_later() -> Any:
     """``call_later`` on the running loop that any thread may call (the audit is appended
     from worker threads too); None outside a loop: each head is then written at once."""
@@ -70,6 +69,7 @@ def _threadsafe_later() -> Any:
     return later
 
 
+@dataclass
 class ControllerSettings:
     data_dir: Path
     store: str | None = None  # a postgresql:// URL (store/pg.py); None: state.db in data_dir
