@@ -868,6 +868,8 @@ class Combiner:
         finally:
             if not request.done():
                 request.cancel()
+            elif not request.cancelled():
+                request.exception()  # failed (the link closed) as this pull was cancelled: not an error to log
 
     async def _bound_result(self, job: Job, client: str, msg: m.TaskResult) -> None:
         """Cut a result down to what may travel on: its error text truncated, oversized data
