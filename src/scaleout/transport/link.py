@@ -777,8 +777,7 @@ class _WriteWatch:
 
     _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteWatch]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:  # it holds no reference to its loop, the key of _by_loop
         self.links: dict[Link, tuple[Any, bool]] = {}  # link -> (its transport, watched all the time)
         self.timer: asyncio.TimerHandle | None = None
 
@@ -786,23 +785,25 @@ class _WriteWatch:
     def of(cls, loop: asyncio.AbstractEventLoop) -> "_WriteWatch":
         watch = cls._by_loop.get(loop)
         if watch is None:
-            watch = cls._by_loop[loop] = cls(loop)
+            watch = cls._by_loop[loop] = cls()
         return watch
 
     def add(self, link: Link, transport: Any, always: bool = False) -> None:
         if link in self.links:
             return
-        link._write_last, link._write_since = 0, self.loop.time()  # as the old per-link look saw it: empty until now
+        loop = asyncio.get_running_loop()  # a link's writes happen on its loop
+        link._write_last, link._write_since = 0, loop.time()  # as the old per-link look saw it: empty until now
         self.links[link] = (transport, always)
         if self.timer is None:
-            self.timer = self.loop.call_later(WRITE_CHECK_S, self._tick)
+            self.timer = loop.call_later(WRITE_CHECK_S, self._tick)
 
     def discard(self, link: Link) -> None:
         self.links.pop(link, None)
 
     def _tick(self) -> None:
         self.timer = None
-        now = self.loop.time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for link, (transport, always) in list(self.links.items()):
             try:
                 busy = link._check_writes(transport, now)
@@ -812,7 +813,7 @@ class _WriteWatch:
             if not (busy or (always and not link.cut_reason)):
                 del self.links[link]
         if self.links:
-            self.timer = self.loop.call_later(WRITE_CHECK_S, self._tick)
+            self.timer = loop.call_later(WRITE_CHECK_S, self._tick)
 
 
 def schedule_release() -> None:
