@@ -117,3 +117,58 @@ def test_a_combiner_lost_and_back_before_the_round_does_not_fail_it(fed: Federat
     done = fed.admin("session.wait", {"id": session["id"]})[0]["session"]
     (rnd,) = done["rounds"]
     assert rnd["status"] == "succeeded" and rnd["participants"] == ["k1", "k2"], rnd
+
+
+def test_a_combiner_asks_at_most_pulls_at_once_clients_and_the_others_wait_their_turn(fed: Federation) -> None:
+    # Thousands of small updates fit the upload budget together: asked all at once, clients
+    # on a busy host could not all answer within the stall limit (10,000 clients: 1,213 refused).
+    from scaleout.roles.combiner import PULLS_AT_ONCE
+
+    fed.controller()
+    fed.seed_from(QUICKSTART)
+    c1 = fed.combiner("c1")
+    fed.client("good-0", package=QUICKSTART)
+    assert c1.url is not None
+    names = [f"staller-{i}" for i in range(PULLS_AT_ONCE + 1)]
+    tickets = {name: fed.assigned_ticket(name) for name in names}
+
+    async def go() -> tuple[str, dict[str, Any]]:
+        socks = {}
+        for name in names:
+            headers = {"Authorization": f"Bearer {tickets[name]}"}
+            socks[name] = await connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
+            await socks[name].send(frame("hello", "h1", name=name))
+        try:
+            await admin(fed, "client.wait", {"count": len(names) + 1, "timeout": TIMEOUT})
+            config = {"rounds": 1, "min_clients": 1, "round_timeout": 60, "validate": False}
+            session = (await admin(fed, "session.start", config))["session"]
+            tasks = await asyncio.gather(*(next_text(ws, "task") for ws in socks.values()))
+            meta = {"metadata": {"training_metadata": {"num_examples": 5}}}
+            for ws, task in zip(socks.values(), tasks):  # all within the budget: 33 x 50 kB
+                await ws.send(frame("task.result", "r1", task_id=task["task_id"], ok=True, size=50_000, data=meta))
+            asked = {asyncio.ensure_future(next_text(ws, "request")): name for name, ws in socks.items()}
+            pending = set(asked)
+            while len(asked) - len(pending) < PULLS_AT_ONCE:  # none of those asked answers
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            assert len(pending) == 1, f"{len(asked) - len(pending)} clients asked for their update at once"
+            (last,) = pending
+            waiting = asked[last]
+            # A frame the combiner wrote before this pong has been read once the pong is back:
+            # the last one has not been asked, it waits for a slot.
+            await asyncio.wait_for(await socks[waiting].ping(), TIMEOUT)
+            await asyncio.wait({last}, timeout=1)
+            assert not last.done(), f"{waiting} was asked for its update beside {PULLS_AT_ONCE} others"
+            gone = next(name for name in names if name != waiting)
+            await socks.pop(gone).close()  # its pull ends: the slot goes to the one waiting
+            pull = await last
+            assert pull["op"] == "update.get", pull
+            return waiting, (await admin(fed, "session.wait", {"id": session["id"]}))["session"]
+        finally:
+            for ws in socks.values():
+                await ws.close()
+
+    waiting, session = asyncio.run(go())
+    (rnd,) = session["rounds"]
+    assert rnd["status"] == "succeeded" and rnd["participants"] == ["good-0"], rnd
+    (late,) = rows(fed, "SELECT * FROM reports WHERE session_id=? AND client=?", session["id"], waiting)
+    assert "sent nothing for 10 s when asked for its update" in late["error"], late  # its clock started when asked

@@ -476,3 +476,24 @@ def test_a_payload_in_pieces_arrives_as_their_bytes_and_checked() -> None:
             assert got.blob_error is None and got.blob == joined
 
     run(main())
+
+
+def test_idle_links_keep_no_task_or_timer_to_watch_their_writes() -> None:
+    # 10,000 clients: a 1 s sleep per link to look at its write buffer woke each combiner
+    # ~1,200 times a second with no round. The watch now runs only while bytes wait.
+    async def main() -> None:
+        async def on_link(server_link: Link) -> None:
+            await server_link.run(on_request=echo)
+
+        async with linked(on_link) as link:
+            reply, blob = await link.request("echo", blob=b"x" * 1000, timeout=10)
+            assert blob == b"x" * 1000
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            watching = [t for t in others if "_watch_writes" in t.get_coro().__qualname__]
+            assert not watching, watching
+            from scaleout.transport.link import _WriteWatch
+
+            watch = _WriteWatch.of(asyncio.get_running_loop())
+            assert not watch.links and watch.timer is None  # nothing waits to be written on loopback
+
+    run(main())

@@ -43,6 +43,7 @@ UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
+PULLS_AT_ONCE = 32  # updates being pulled from clients at once: the others wait their turn, unasked
 SENDS_AT_ONCE = 4  # command jobs' models being sent to clients at once (command_relay)
 SEND_BUDGET = 64 << 20  # bytes of a round's model frames being written to all clients at once
 STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one message
@@ -121,6 +122,10 @@ class Combiner:
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
         self.send_budget = ByteBudget(SEND_BUDGET)  # a round's model goes to all its clients at once, within this
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
+        # Within the budget, at most this many clients are asked at once: thousands of small
+        # updates fit the budget together, and clients on a busy host asked all at once could
+        # not all answer within PULL_STALL_S. A pull's stall clock starts when it is asked.
+        self.pull_slots = asyncio.Semaphore(PULLS_AT_ONCE)
         self.partials: dict[tuple[str, int], Hashed] = {}  # encoded partials the controller will pull
         # (session, round, client) -> an update the controller will pull (needs_updates), and a future set once it asked
         self.forwards: dict[tuple[str, int, str], tuple[Hashed, asyncio.Future[None]]] = {}
@@ -753,14 +758,15 @@ class Combiner:
         """
         try:
             async with self.uploads.hold(size):
-                link = self.clients.get(client)
-                if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
-                    return  # the round closed, or the client left (it announces again when back)
-                link.max_payload = size
-                try:
-                    blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
-                finally:
-                    link.max_payload = self._client_limit(client)
+                async with self.pull_slots:  # the transfer only: the check and fold free the slot
+                    link = self.clients.get(client)
+                    if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
+                        return  # the round closed, or the client left (it announces again when back)
+                    link.max_payload = size
+                    try:
+                        blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
+                    finally:
+                        link.max_payload = self._client_limit(client)
                 if blob is None or len(blob) != size:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
@@ -828,19 +834,33 @@ class Combiner:
 
     async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> bytes | None:
         """Ask a client for its update and wait as long as bytes keep coming: a stalled client
-        (nothing for PULL_STALL_S) or one still sending at the round's deadline is given up,
-        so it cannot hold the upload budget from the others; a slow but steady one is not."""
+        (nothing for PULL_STALL_S since it was asked, or since its last byte) or one still
+        sending at the round's deadline is given up, so it cannot hold the upload budget from
+        the others; a slow but steady one is not. It sleeps until the next moment one of
+        those limits could be reached, not every second."""
         loop = asyncio.get_running_loop()
-        request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}))
-        seen, since = link.received_bytes, loop.time()
+        asked: asyncio.Future[float] = loop.create_future()
+
+        def on_sent() -> None:  # the stall clock starts when the request is written, not queued
+            if not asked.done():
+                asked.set_result(loop.time())
+
+        request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}, on_sent=on_sent))
         try:
+            done, _ = await asyncio.wait({request, asked}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            if request in done:
+                return request.result()[1]
+            if not asked.done():
+                raise PayloadError("its update was still arriving at the round timeout")
+            seen, since = link.received_bytes, asked.result()
             while True:
-                done, _ = await asyncio.wait({request}, timeout=min(1.0, PULL_STALL_S))
+                wake = min(since + PULL_STALL_S, deadline)
+                done, _ = await asyncio.wait({request}, timeout=max(0.0, wake - loop.time()))
                 if done:
                     return request.result()[1]
                 now = loop.time()
                 if link.received_bytes != seen:
-                    seen, since = link.received_bytes, now
+                    seen, since = link.received_bytes, max(since, link.received_at)
                 elif now - since >= PULL_STALL_S:
                     raise PayloadError(f"sent nothing for {PULL_STALL_S:g} s when asked for its update")
                 if now >= deadline:
@@ -848,6 +868,8 @@ class Combiner:
         finally:
             if not request.done():
                 request.cancel()
+            elif not request.cancelled():
+                request.exception()  # failed (the link closed) as this pull was cancelled: not an error to log
 
     async def _bound_result(self, job: Job, client: str, msg: m.TaskResult) -> None:
         """Cut a result down to what may travel on: its error text truncated, oversized data

@@ -41,6 +41,7 @@ import logging
 import re
 import secrets
 import struct
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -281,6 +282,7 @@ class Link:
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
         self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
+        self.received_at = 0.0  # loop time payload bytes last arrived
         self.closed = False  # set when run() returns: no reply can arrive any more
         self._pending: dict[str, asyncio.Future[m.Reply]] = {}
         self._transfers: dict[str, _Transfer] = {}
@@ -291,6 +293,8 @@ class Link:
         self._counter = 0
         self.last_frame = 0.0  # loop time a frame last arrived: see watch()
         self._frame_bytes = 0  # binary frames read: memory to give back when the link closes
+        self._write_last = 0  # the write buffer's size at the last look (_check_writes)
+        self._write_since = 0.0  # loop time the peer last took bytes, or none waited
 
     # -- sending ---------------------------------------------------------------------
 
@@ -406,9 +410,10 @@ class Link:
 
     async def request(
         self, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, timeout: float | None = None,
-        progress: Progress | None = None,
+        progress: Progress | None = None, on_sent: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Send a request and wait for its reply; ``progress`` is told how much of ``blob`` is sent.
+        """Send a request and wait for its reply; ``progress`` is told how much of ``blob`` is sent,
+        ``on_sent`` is called once the request is written (it may first wait for the socket).
 
         Raises RemoteError when the peer refuses, LinkClosed when the connection closes
         first, RequestTimeout when no reply comes within ``timeout`` seconds.
@@ -420,6 +425,8 @@ class Link:
         self._pending[req.id] = fut
         try:
             await self.send_with_blob(req, blob, progress=progress)
+            if on_sent is not None:
+                on_sent()
             try:
                 reply = await asyncio.wait_for(fut, timeout)
             except TimeoutError:  # asyncio's, since 3.11 the builtin
@@ -455,7 +462,7 @@ class Link:
         """Read frames until the connection closes."""
         loop = asyncio.get_running_loop()
         self.last_frame = loop.time()
-        writes = asyncio.create_task(self._watch_writes())
+        stop_watch = self._watch_writes()
         try:
             async for frame in self.ws:
                 self.last_frame = loop.time()
@@ -473,7 +480,8 @@ class Link:
         except ConnectionClosed:
             pass
         finally:
-            writes.cancel()
+            if stop_watch is not None:
+                stop_watch()
             self.closed = True
             reason = self.cut_reason or _close_reason(self.ws)
             for fut in self._pending.values():
@@ -489,26 +497,53 @@ class Link:
             if held:
                 schedule_release()
 
-    async def _watch_writes(self) -> None:
+    def _watch_writes(self) -> Callable[[], None] | None:
         """websockets writes some frames itself (a PONG for each PING), past ``_send_frame``:
         a peer that pings and never reads would pile them up here without bound. Drop it when
         the transport's write buffer holds more than ``max_queued`` bytes, or holds bytes and
-        takes none for ``send_timeout`` while no send of ours waits (those have their own bound)."""
+        takes none for ``send_timeout`` while no send of ours waits (those have their own bound).
+
+        Every write of the connection goes through its ``send_data``: wrapped, it puts the link
+        on its loop's write watch (_WriteWatch) whenever bytes stay in the buffer, and the watch
+        looks at such links each WRITE_CHECK_S until their buffer is empty. An idle link costs
+        no timer. A connection without ``send_data`` is watched all the time it runs.
+        Returns what stops the watch, or None when the transport cannot tell its buffer."""
         transport = getattr(self.ws, "transport", None)
         if transport is None or not hasattr(transport, "get_write_buffer_size"):
-            return
-        loop = asyncio.get_running_loop()
-        last, since = 0, loop.time()
-        while not self.cut_reason:
-            await asyncio.sleep(WRITE_CHECK_S)
-            size, now = transport.get_write_buffer_size(), loop.time()
-            if size > self.max_queued:
-                self.cut(f"{fmt_bytes(size)} waiting for a peer that does not read (limit {fmt_bytes(self.max_queued)})")
-            elif size == 0 or size < last or self._queued:
-                since = now
-            elif now - since >= self.send_timeout:
-                self.cut(f"the peer took nothing for {self.send_timeout:g} s")
-            last = size
+            return None
+        watch = _WriteWatch.of(asyncio.get_running_loop())
+        original = getattr(self.ws, "send_data", None)
+        if not callable(original):
+            watch.add(self, transport, always=True)
+            return lambda: watch.discard(self)
+
+        def send_data() -> None:
+            original()
+            if not self.cut_reason and transport.get_write_buffer_size():
+                watch.add(self, transport)
+
+        self.ws.send_data = send_data
+        if transport.get_write_buffer_size():
+            watch.add(self, transport)
+
+        def stop() -> None:
+            watch.discard(self)
+            self.ws.__dict__.pop("send_data", None)
+
+        return stop
+
+    def _check_writes(self, transport: Any, now: float) -> bool:
+        """One look at the write buffer (see _watch_writes); False when there is nothing
+        more to watch: the buffer is empty or the link was dropped."""
+        size = transport.get_write_buffer_size()
+        if size > self.max_queued:
+            self.cut(f"{fmt_bytes(size)} waiting for a peer that does not read (limit {fmt_bytes(self.max_queued)})")
+        elif size == 0 or size < self._write_last or self._queued:
+            self._write_since = now
+        elif now - self._write_since >= self.send_timeout:
+            self.cut(f"the peer took nothing for {self.send_timeout:g} s")
+        self._write_last = size
+        return size > 0 and not self.cut_reason
 
     async def _complain(self, exc: ScaleoutError, re: str | None = None) -> None:
         self._bad_frames += 1
@@ -679,6 +714,7 @@ class Link:
             self._refuse(transfer, f"payload is larger than the announced {t.start.size} bytes")
         t.add(chunk)
         self.received_bytes += len(chunk)
+        self.received_at = self.last_frame
         size = t.start.size
         if self.receive_progress is not None:
             self.receive_progress(t.received, size)
@@ -733,6 +769,51 @@ class Link:
 
 _TRIM: list[Any] = []  # glibc's malloc_trim, once looked up ([None] where there is none)
 _RELEASE = {"running": False, "again": False}  # one release at a time; links closing meanwhile ask for one more
+
+
+class _WriteWatch:
+    """One timer per event loop for the write buffers of all its links (Link._watch_writes):
+    it runs only while some link has bytes waiting, and looks at those links alone."""
+
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteWatch]" = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:  # it holds no reference to its loop, the key of _by_loop
+        self.links: dict[Link, tuple[Any, bool]] = {}  # link -> (its transport, watched all the time)
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_WriteWatch":
+        watch = cls._by_loop.get(loop)
+        if watch is None:
+            watch = cls._by_loop[loop] = cls()
+        return watch
+
+    def add(self, link: Link, transport: Any, always: bool = False) -> None:
+        if link in self.links:
+            return
+        loop = asyncio.get_running_loop()  # a link's writes happen on its loop
+        link._write_last, link._write_since = 0, loop.time()  # as the old per-link look saw it: empty until now
+        self.links[link] = (transport, always)
+        if self.timer is None:
+            self.timer = loop.call_later(WRITE_CHECK_S, self._tick)
+
+    def discard(self, link: Link) -> None:
+        self.links.pop(link, None)
+
+    def _tick(self) -> None:
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for link, (transport, always) in list(self.links.items()):
+            try:
+                busy = link._check_writes(transport, now)
+            except Exception:  # the role edge: one link's transport must not stop the watch of the others
+                log.exception("could not look at the write buffer of %s", link.peer)
+                busy = False
+            if not (busy or (always and not link.cut_reason)):
+                del self.links[link]
+        if self.links:
+            self.timer = loop.call_later(WRITE_CHECK_S, self._tick)
 
 
 def schedule_release() -> None:
