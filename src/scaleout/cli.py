@@ -507,7 +507,8 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
     for key, fn in admin.COMMANDS.items():
         table[key] = fn
     table.update(jobs.COMMANDS)
-    table.update(store.COMMANDS)
+    for key, fn in store.COMMANDS.items():
+        table[key] = fn
     return table
 
 

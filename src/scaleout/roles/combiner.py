@@ -847,7 +847,8 @@ class Combiner:
 
         request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}, on_sent=on_sent))
         try:
-            done, _ = await asyncio.wait({request, asked}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            both: set[asyncio.Future[Any]] = {request, asked}
+            done, _ = await asyncio.wait(both, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
             if request in done:
                 return request.result()[1]
             if not asked.done():
@@ -855,8 +856,8 @@ class Combiner:
             seen, since = link.received_bytes, asked.result()
             while True:
                 wake = min(since + PULL_STALL_S, deadline)
-                done, _ = await asyncio.wait({request}, timeout=max(0.0, wake - loop.time()))
-                if done:
+                landed, _ = await asyncio.wait({request}, timeout=max(0.0, wake - loop.time()))
+                if landed:
                     return request.result()[1]
                 now = loop.time()
                 if link.received_bytes != seen:

@@ -199,7 +199,8 @@ class HttpDoor:
         if route.download:
             assert isinstance(blob, Hashed)
             headers = {"Content-Disposition": f'attachment; filename="{result["id"]}.safetensors"', "ETag": f'"{result["id"]}"'}
-            return Response(200, blob.data, "application/octet-stream", headers)
+            body = blob.data if isinstance(blob.data, bytes) else b"".join(blob.data.parts)  # a model from the store is bytes
+            return Response(200, body, "application/octet-stream", headers)
         if route.listing and n_max is not None:
             result = {**result, route.listing: result[route.listing][:n_max]}
         return json_response(200, result)
