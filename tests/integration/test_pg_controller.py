@@ -90,6 +90,10 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     log_before = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
     fed.stop_all()
     assert ctl.popen.returncode is not None
+    # Before it is moved, a postgresql store on this data dir is refused: its state.db (and
+    # the signed head that names its log) would be ignored (an attacker's finding).
+    r = scaleout("serve", "--data-dir", str(fed.data), "--store", pg_url, "--port", "0")
+    assert r.returncode == 2 and "holds a SQLite store (3 sessions, 5 models" in r.stderr and "store migrate --from" in r.stderr, r.stderr
 
     r = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -123,6 +127,13 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     st = State(pg_url)  # new rows after the copied ones (the reports' id sequence went on past them)
     st.add_report("train", "s-x", 1, "r1", {}, None)
     st.close()
+    # --replace does not drop a store a controller is active on.
+    other = fed.tmp / "other"
+    other.mkdir()
+    (other / "state.db").write_bytes((fed.data / "state.db").read_bytes())
+    r = scaleout("store", "migrate", "--from", str(other), "--to", pg_url, "--replace")
+    assert r.returncode == 2 and "a controller is active on" in r.stderr, r.stderr
+    assert json.loads(scaleout("session", "ls", *data).stdout) == before["session"]
 
 
 class Relay:

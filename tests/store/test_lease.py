@@ -120,3 +120,26 @@ def test_sealed_secrets_are_bound_to_their_name() -> None:
     assert vault.unseal(key, "ca.key", sealed) == b"secret"
     with pytest.raises(ConfigError):
         vault.unseal(key, "token.key", sealed)
+
+
+def test_a_controller_taken_over_writes_no_more_steps(pg_url: str) -> None:
+    # The attack that found it: the old active's pooled connections wrote one more session
+    # step after the new active had begun, and no controller could load the state after.
+    from scaleout.core.errors import StorageError
+    from scaleout.store.state import State
+
+    old, new = State(pg_url), State(pg_url)
+    try:
+        assert old.take_term() == 1
+        old.add_session("s1", {}, "m")
+        with old.transaction():
+            old.add_step("s1", {"kind": "round.started"})
+        assert new.take_term() == 2
+        with pytest.raises(StorageError, match="another controller took this store over"), old.transaction():
+            old.add_step("s1", {"kind": "partial.received"})
+        with new.transaction():
+            new.add_step("s1", {"kind": "round.retried"})
+        assert [s["kind"] for s in new.steps("s1")] == ["round.started", "round.retried"]
+    finally:
+        old.close()
+        new.close()

@@ -39,7 +39,7 @@ from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
 from scaleout.store.lease import POLL_S, Lease, is_postgres
 from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
-from scaleout.store.state import AUDIT_HEAD, State
+from scaleout.store.state import AUDIT_HEAD, TERM, State
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
@@ -88,6 +88,21 @@ class CombinerConn:
 
 
 Handler = Callable[[Link, dict[str, Any], bytes | None], Awaitable[tuple[dict[str, Any], bytes | Hashed | None]]]
+
+
+def _sqlite_held(path: Path) -> str:
+    """What a data dir's own state.db holds ("2 sessions, 5 models"), "" if nothing (or none)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return ""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            counts = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("sessions", "models", "audit")}
+    except sqlite3.Error:
+        return ""  # not one of ours, or no such tables yet: nothing to lose
+    return ", ".join(f"{n} {t if t != 'audit' else 'audit entries'}" for t, n in counts.items() if n)
 
 
 class Controller:
@@ -148,6 +163,11 @@ class Controller:
         if is_postgres(s.store):
             from scaleout.store import vault
 
+            from scaleout.store.migrate import MIGRATED
+
+            held = "" if (self.dir / MIGRATED).exists() else _sqlite_held(self.dir / "state.db")
+            if held:  # its state would be ignored, and its signed audit head rewritten for an empty log
+                raise ConfigError("data dir", f"{self.dir} holds a SQLite store ({held}) that a postgresql store would ignore: move it there first (scaleout store migrate --from {self.dir} --to URL), or use another --data-dir")
             if s.key_file is None:
                 raise ConfigError("key file", "a postgresql store needs --key-file PATH (the same for every controller on it; create one with: scaleout store keygen --out PATH)")
             key = vault.load_key(Path(s.key_file))
@@ -185,6 +205,8 @@ class Controller:
         if not self._keys_ready:
             self.prepare_keys()
         self.state = State(self.store)
+        if self.lease is not None:  # the active one on a shared store: fence out the one before
+            log.info("active term %d on this store", self.state.take_term())
         why = self.state.anchor_audit(self.audit_head)
         if why and self.state.get_meta(AUDIT_HEAD):
             # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
@@ -322,6 +344,10 @@ class Controller:
                 await asyncio.sleep(self.settings.lease_poll)  # the poll interval
             if outcome == "held":
                 log.critical("another controller holds the store's lock now: this controller stops acting as active (exit %d)", EXIT_LEASE_LOST)
+                logging.shutdown()
+                os._exit(EXIT_LEASE_LOST)
+            if await asyncio.to_thread(self.state.get_meta, TERM) != str(self.state.fence):
+                log.critical("another controller was active on the store while this one had lost its lock: this controller stops (exit %d)", EXIT_LEASE_LOST)
                 logging.shutdown()
                 os._exit(EXIT_LEASE_LOST)
             log.warning("took the store's lock again: still the active controller")

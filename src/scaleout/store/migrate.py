@@ -50,7 +50,7 @@ def drop(db: PgConnection) -> None:
     try:
         if db.execute("SELECT to_regclass('blobs')").fetchone()[0] is not None:  # type: ignore[index]
             db.execute("SELECT lo_unlink(oid) FROM blobs")
-        for t in (*_TABLES, "blobs"):
+        for t in (*_TABLES, "blobs", "scaleout_secrets", "scaleout_active", "scaleout_controllers"):  # the old store's CA and keys too
             db.execute(f'DROP TABLE IF EXISTS "{t}" CASCADE')
         db.execute("COMMIT")
     except BaseException:
@@ -74,6 +74,7 @@ def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[s
             what = ", ".join(f"{n} {t}" for t, n in sorted(there.items()))
             raise ConfigError("to", f"{redact(url)} already holds a Scaleout store ({what}); migrate into an empty database, or pass --replace to drop what it holds first")
         if there:
+            _refuse_if_active(url)
             progress(f"dropping what {redact(url)} holds ({sum(there.values())} rows)")
             drop(target_db)
     finally:
@@ -123,4 +124,24 @@ def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[s
         blobs.close()
         target.close()
         source.close()
+    # serve --store on this data dir then knows its state.db was moved, not left behind
+    (src / MIGRATED).write_text(f"{redact(url)}\n")
     return out
+
+
+MIGRATED = "state.db.migrated"  # beside a state.db that store migrate copied into PostgreSQL
+
+
+def _refuse_if_active(url: str) -> None:
+    """--replace must not drop a store a controller is running on: its lock says one is."""
+    from scaleout.store.lease import LOCK_KEY, connect
+
+    conn = connect(url, keepalive=False)
+    try:
+        (free,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        if not free:
+            row = conn.execute("SELECT to_regclass('scaleout_active')").fetchone()
+            active = conn.execute("SELECT url FROM scaleout_active WHERE id = 1").fetchone() if row and row[0] else None
+            raise ConfigError("replace", f"a controller is active on {redact(url)}{f' ({active[0]})' if active else ''}: stop every controller on it before --replace drops what it holds")
+    finally:
+        conn.close()

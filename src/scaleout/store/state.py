@@ -61,7 +61,8 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
-AUDIT_HEAD = "audit_head"  # meta key: "<id> <hash>" of the newest audit entry
+AUDIT_HEAD = "audit_head"
+TERM = "active_term"  # meta key: how many times a controller became active on this (shared) store  # meta key: "<id> <hash>" of the newest audit entry
 
 _JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection", "aggregation"}
 
@@ -171,6 +172,7 @@ class State:
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
         self._pending_head: tuple[int, str] | None = None
         self._audit_count = 0
+        self.fence: int | None = None  # the active controller's term on a shared store (take_term)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -237,6 +239,8 @@ class State:
                 return
             self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
+                if immediate and self.fence is not None:
+                    self._check_fence()
                 yield
                 self.db.execute("COMMIT")
             except BaseException:
@@ -247,6 +251,28 @@ class State:
                 raise
             if self._pending_head is not None:  # committed: the head outside state.db follows
                 self._write_head()
+
+    def take_term(self) -> int:
+        """Become the active controller's store: count one more term in ``meta`` and fence
+        every later write transaction of this State to it (see ``_check_fence``)."""
+        self.fence = None
+        with self.transaction():  # serialised with every other controller's write transactions
+            term = int(self.get_meta(TERM) or 0) + 1
+            self.set_meta(TERM, str(term))
+        self.fence = term
+        return term
+
+    def _check_fence(self) -> None:
+        """Refuse this write if another controller has taken the store over since this one
+        became active: a controller that lost its lock must not write one more step after the
+        new active one has begun (its transactions are serialised with this one, and the new
+        one counts its term before it loads the state)."""
+        term = self.get_meta(TERM)
+        if term != str(self.fence):
+            raise StorageError(
+                f"another controller took this store over (term {term}; this controller's was {self.fence}): nothing written",
+                "writing to", getattr(self.db, "path", "the store"),
+            )
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         return _row(self.db.execute(sql, args).fetchone())
