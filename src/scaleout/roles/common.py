@@ -64,7 +64,7 @@ def raise_file_limit() -> None:
         log.debug("cannot raise the open files limit: %s", exc)
 
 
-MMAP_THRESHOLD = 1 << 20  # allocations from this size on (a payload frame, a model) get their own pages, returned when freed
+MMAP_THRESHOLD = 8 << 20  # bytes: model-sized buffers (the 1 MiB frames stay in the heaps, reused: mapping each cost 20% of a 1M-param round)
 
 
 def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
@@ -73,8 +73,10 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     freed, so model-sized buffers (a received update, a partial) and 1 MiB frames then come
     from the heaps of the (worker) threads that made them, which keep them: a combiner's peak
     RSS grew with the number of clients a model went out to and came back from (5M params,
-    `scaleout simulate`: 40 clients 280 MB, 1.3-1.67x the peak of 10; with this 196 MB, 1.28x).
-    Setting it fixes it (glibc no longer raises it). True if set."""
+    `scaleout simulate`: 40 clients 280 MB; with this 194-196 MB). Setting it fixes it (glibc
+    no longer raises it). At 8 MiB, not 1 MiB: mapping and unmapping every 1 MiB frame made a
+    10 x 1M-param round 20% slower (collect 0.30 -> 0.48 s, benchmarks/round.py --scenario b),
+    and the frames' memory is reused from the heaps, not grown. True if set."""
     try:
         import ctypes
 
