@@ -27,6 +27,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+# tests/conftest.py (the PostgreSQL fixtures) was imported as "conftest" before this folder:
+# the name must find the integration suite's, as pytest itself re-imports each conftest.
+sys.modules.pop("conftest", None)
 
 from conftest import FIXTURES, Federation, Proc, fed, node_state_home, scaleout, wait_stdout  # noqa: E402
 
