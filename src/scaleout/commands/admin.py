@@ -410,23 +410,28 @@ async def follow(
                     ended.clear()
                     await catch_up()
             final = waiting.result()[0]["session"]
+            if final["status"] == "running":  # answered as the controller stopped: the session goes on after it
+                raise ConnectError("the controller answered before the session ended")
             try:
                 session = await catch_up()
             except ScaleoutError as exc:  # the controller ended as the session did: what it told us will do
-                if exc.code not in ("unreachable", "link_closed", "timeout"):
+                if exc.code not in LOST_CODES:
                     raise
                 for r in final["rounds"]:
                     if r["idx"] > done and _final(r) and on_round is not None:
                         on_round({"session_id": final["id"], **r, "failures": []})
                 session = final
         except ScaleoutError as exc:
-            if exc.code not in ("unreachable", "link_closed", "timeout"):
+            if exc.code not in LOST_CODES:
                 raise
             # The controller went away (shut down or restarted) while we followed it.
             raise ConnectError(f"lost the controller while following session {key} ({exc}); once it is back: scaleout session watch {key}") from None
         finally:
             waiting.cancel()
     return session
+
+
+LOST_CODES = ("unreachable", "link_closed", "timeout", "shutting_down")  # a follower lost its controller
 
 
 def _final(r: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@
      │    └── CorruptModelError  a stored model file no longer matches its id
      ├── Superseded             another node took over this node's name
      ├── Standby                this controller is a standby: the active one (named) does the work
+     ├── ShuttingDown           the controller is stopping: a session it runs goes on at its next start
      ├── RemoteError            a peer answered a request with an error (``remote_error`` makes it
      │                          the class of its code too: a NotFoundError, a ConflictError...)
      ├── ConnectionFailed       the controller cannot be reached, or its TLS certificate not
@@ -161,6 +162,13 @@ class Standby(ScaleoutError):
     def __init__(self, active: str | None) -> None:
         self.active = active
         super().__init__(f"this controller is a standby, active is {active}" if active else "this controller is a standby and no controller is active yet")
+
+
+class ShuttingDown(ScaleoutError):
+    """The controller is stopping: what was asked of it (following a session) cannot go on
+    here; the session stays running and the next start resumes it."""
+
+    code = "shutting_down"
 
 
 def standby_active(message: str) -> str | None:

@@ -35,6 +35,7 @@ from scaleout.core.errors import (
     PayloadError,
     ProtocolError,
     RemoteError,
+    ShuttingDown,
     StorageError,
     UpdateRejected,
 )
@@ -137,6 +138,7 @@ class SessionService:
         self.running: RunningSession | None = None
         self.starting = False  # a start or continue is between its checks and its launch (it awaits)
         self.subscribers: set[Link] = set()  # session.wait followers
+        self.closing = False  # shutdown() began: session.wait is refused
         self._emitting: dict[Link, asyncio.Future[bool]] = {}  # the event being sent to each follower
         self._unrecorded: dict[str, SessionEnd] = {}  # session id -> its end, not yet in state.db
         self._record_retry: asyncio.Task[None] | None = None
@@ -373,6 +375,8 @@ class SessionService:
     async def wait(self, link: Link, args: dict[str, Any]) -> dict[str, Any]:
         """Push round events to this link until the session ends, then return it."""
         key = self.key(args)
+        if self.closing:  # its runner is cancelled: it would never be told the session ended
+            raise ShuttingDown("the controller is shutting down; the session stays running and resumes when it starts again")
         s = self.running
         if s is not None and s.id == key:
             self.subscribers.add(link)
@@ -400,6 +404,7 @@ class SessionService:
     async def shutdown(self) -> None:
         """The controller stops: the running session is left ``running`` in state.db (its
         runner is cancelled), so the next start resumes it."""
+        self.closing = True
         s = self.running
         if s is not None and s.task is not None:
             s.task.cancel()
