@@ -56,6 +56,7 @@ from scaleout.core.errors import (
     ProtocolError,
     RemoteError,
     ScaleoutError,
+    Standby,
     remote_error,
 )
 
@@ -160,6 +161,10 @@ class AsyncScaleout:
         for attempt in (1, 2):
             link = await self._connected()
             try:
+                if blob is not None and len(self._controllers.urls) > 1:  # not the whole upload to a standby first
+                    from scaleout.transport.dialer import refuse_if_standby
+
+                    await refuse_if_standby(link)
                 return await link.request(op, {k: v for k, v in (args or {}).items() if v is not None}, blob, timeout=None)
             except LinkClosed as exc:
                 self._link = None
@@ -171,7 +176,7 @@ class AsyncScaleout:
                     ) from None
                 if attempt == 2:  # a read: once more on a new link, then give up
                     raise ConnectionFailed(f"the link to the controller at {self.url} closed during {op} ({why}); is it still running?") from None
-            except RemoteError as exc:
+            except (RemoteError, Standby) as exc:
                 from scaleout.transport.dialer import refused_by_standby
 
                 standby, active = refused_by_standby(exc)

@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from conftest import FIXTURES, Federation, Proc, scaleout, wait_line, wait_stdout
 
@@ -96,6 +98,16 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
     r = cli(fed, token, ca, f"{b_url},{a_url}", "token", "create", "--role", "client", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["role"] == "client"
+    # An upload too: the standby refuses the request as standby before its payload, not as a payload over its limit.
+    seed = fed.tmp / "seed.safetensors"
+    save_file({"w": np.arange(4, dtype=np.float32)}, str(seed))
+    r = cli(fed, token, ca, b_url, "model", "set-seed", str(seed))
+    assert r.returncode != 0 and f"standby, active is {a_url}" in r.stderr and "exceeds" not in r.stderr, r.stderr
+    assert "WARNING" not in r.stderr, r.stderr
+    r = cli(fed, token, ca, f"{b_url},{a_url}", "model", "set-seed", str(seed), "--json")
+    assert r.returncode == 0, r.stderr
+    r = cli(fed, token, ca, f"{b_url},{a_url}", "package", "set-active", str(RECOVER))
+    assert r.returncode == 0, r.stderr
 
     # The Python API and the TUI's feed follow the standby to the active one as well.
     from scaleout import api
@@ -104,6 +116,7 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
 
     with api.Scaleout(f"{b_url},{a_url}", token=token, verify=str(ca)) as client:
         assert client.get_sessions()["count"] == 0
+        assert client.set_active_model(seed)["tensors"] == 1
     with api.Scaleout(b_url, token=token, verify=str(ca)) as client:
         with pytest.raises(ScaleoutError, match=f"standby, active is {a_url}$") as info:
             client.get_sessions()

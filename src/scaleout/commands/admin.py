@@ -26,7 +26,7 @@ async def call_async(
     from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
     from scaleout.security.tls import client_context
-    from scaleout.transport.dialer import Controllers
+    from scaleout.transport.dialer import Controllers, refuse_if_standby
     from scaleout.transport.link import Incoming
     from scaleout.transport.net import connect
 
@@ -45,13 +45,16 @@ async def call_async(
         link.receive_progress = receiving or silent  # this link's only payload is the reply's
         reader = asyncio.create_task(link.run(on_message=handle))
         try:
+            if blob is not None and len(controllers.urls) > 1:  # not the whole upload to a standby first
+                await refuse_if_standby(link)
             return await link.request(op, args, blob, progress=sending or silent)  # type: ignore[no-any-return]
         finally:
             await link.ws.close()
             reader.cancel()
 
+    controllers = Controllers(conn.url)
     try:  # the active one of the addresses given (a standby names it): transport/dialer.py
-        return await Controllers(conn.url).dial(attempt)
+        return await controllers.dial(attempt)
     finally:
         for bar in (sending, receiving):
             if bar is not None:

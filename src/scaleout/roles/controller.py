@@ -390,14 +390,17 @@ class Controller:
         self._standby_links.add(link)
         role = link.claims.role
         link.max_payload = 0
+        link.drop_payloads = True
 
         def authorize(req: m.Request) -> None:
-            if req.op == "status":
-                permissions.check_request(role, req.op)
-
-        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], None]:
+            # By op, before the payload is looked at: an upload (a package, a seed model) is
+            # refused as standby, naming the active one, not as a payload over the limit of 0 B,
+            # so the caller's dialer goes on to the active controller.
             if req.op != "status":
                 raise Standby(self._last_active)
+            permissions.check_request(role, req.op)
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], None]:
             authorize(req)
             active = await self._active()
             self._last_active = active

@@ -30,6 +30,14 @@ def refused_by_standby(exc: BaseException) -> tuple[bool, str | None]:
     return False, None
 
 
+async def refuse_if_standby(link: Any) -> None:
+    """Raise the standby's refusal if ``link`` is to a standby: asked before an upload, so a
+    payload (a package, a model) is not sent in full to a controller that will refuse it."""
+    result, _ = await link.request("status", {}, timeout=30)
+    if result.get("role") == "standby":
+        raise Standby(result.get("active"))
+
+
 class Controllers:
     """A controller's addresses and which of them is active, as far as this caller knows."""
 
@@ -91,6 +99,8 @@ class Controllers:
             link = await connect(url, token, ctx, max_payload=max_payload)
             reader = asyncio.create_task(link.run(on_message=on_message))
             try:
+                if blob is not None and len(self.urls) > 1:
+                    await refuse_if_standby(link)
                 return await link.request(op, args, blob, timeout=timeout)  # type: ignore[no-any-return]
             finally:
                 await link.ws.close()
@@ -99,4 +109,4 @@ class Controllers:
         return await self.dial(attempt)
 
 
-__all__ = ["Controllers", "controller_urls", "refused_by_standby"]
+__all__ = ["Controllers", "controller_urls", "refused_by_standby", "refuse_if_standby"]

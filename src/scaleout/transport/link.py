@@ -278,6 +278,10 @@ class Link:
         self.claims: Any = None  # set by the server side after the token check
         # Raises (AuthError) for a request this peer may not make: checked before anything else.
         self.authorize: Callable[[m.Request], None] | None = None
+        # Set: every payload is dropped unread, without a word (a standby's link): the request
+        # that names it gets the answer, from authorize, and a refusal of the payload first
+        # would only be a confusing warning at the caller.
+        self.drop_payloads = False
         # Told the progress of every payload arriving on this link, instead of the log lines;
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
@@ -688,6 +692,10 @@ class Link:
             await self.close_now(CLOSE_POLICY, "too many refused requests")
 
     def _on_blob_start(self, start: m.BlobStart) -> None:
+        if self.drop_payloads:
+            self._failed[start.transfer] = "payload dropped unread"
+            self._trim()
+            return
         if start.size < 0:
             self._refuse(start.transfer, f"payload size {start.size} is invalid")
         if start.size > self.max_payload:
