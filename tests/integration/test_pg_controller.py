@@ -115,6 +115,8 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     # A controller on the migrated store lists the same models and sessions, and the same log.
     fed.procs.clear()
     fed.controller("--store", pg_url, name="controller-pg")
+    r = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)  # its controller runs
+    assert r.returncode == 2 and "in use by another running controller" in r.stderr and "--from must name a stopped" in r.stderr, r.stderr
     after = {what: json.loads(scaleout(what, "ls", *data).stdout) for what in ("model", "session")}
     assert after == before
     log_after = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
@@ -262,3 +264,14 @@ def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
     assert r.returncode == 1 and "postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr
     r = scaleout(*data, "--config", str(config), env=env)  # the environment before the file, as for the other settings
     assert "postgresql://u:***@" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # No database named (libpq would choose one after the user), and a key file with no store to seal into.
+    r = scaleout(*data, "--store", "postgresql://postgres@127.0.0.1:1")
+    assert r.returncode == 2 and "--store names no database" in r.stderr, r.stderr
+    r = scaleout(*data, "--key-file", str(tmp_path))
+    assert r.returncode == 2 and "--key-file seals the CA and keys in a postgresql store" in r.stderr, r.stderr
+    # A directory, or no file, as the key file: what to give instead (the keygen hint only where it helps).
+    unreachable = ["--store", "postgresql://postgres@127.0.0.1:1/x"]
+    r = scaleout(*data, *unreachable, "--key-file", str(tmp_path))
+    assert r.returncode == 2 and f"{tmp_path} is a directory: give the key file's path" in r.stderr and f"--out {tmp_path}" not in r.stderr, r.stderr
+    r = scaleout(*data, *unreachable, "--key-file", str(tmp_path / "none.key"))
+    assert r.returncode == 2 and "does not exist (create one with: scaleout store keygen --out" in r.stderr, r.stderr

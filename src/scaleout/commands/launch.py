@@ -244,6 +244,11 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
         if not advertise.startswith(("ws://", "wss://")) or "," in advertise:
             raise UsageError(f"--advertise takes one address nodes dial, wss://HOST:PORT (ws:// with --insecure), got {advertise!r}")
         settings.advertise = advertise.rstrip("/")
+    if settings.key_file is not None and not is_postgres(settings.store):
+        if getattr(args, "key_file", None):
+            raise UsageError("--key-file seals the CA and keys in a postgresql store: give --store postgresql://... too, or leave --key-file out")
+        log.warning("the key file %s is not used: it is for a postgresql store (--store), and this controller keeps state.db in its data dir", key_file)
+        settings.key_file = None
     if is_postgres(settings.store) and settings.key_file is None:
         raise UsageError("a postgresql store needs --key-file PATH, the same file for every controller on it (create one with: scaleout store keygen --out PATH)")
     poll = os.environ.get("SCALEOUT_LEASE_POLL_S")  # hidden: tests poll faster
@@ -256,10 +261,14 @@ def _active_standby(settings: Any, args: argparse.Namespace, s: dict[str, Any]) 
 
 def _store(url: str | None) -> str | None:
     """serve --store: None (state.db in the data dir) or a postgresql:// URL."""
+    from urllib.parse import urlsplit
+
     from scaleout.store.pg import is_url
 
     if url is not None and not is_url(url):
         raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL (or leave it out for state.db in the data dir), got {url.split('@')[-1]!r}")
+    if url is not None and not urlsplit(url).path.strip("/"):  # libpq would pick a database named after the user
+        raise UsageError(f"--store names no database: postgresql://USER[:PW]@HOST:PORT/DB, got {url.split('@')[-1]!r}")
     return url
 
 

@@ -19,7 +19,7 @@ def migrate(args: argparse.Namespace) -> int:
     src = args.source
     if not src.is_dir():
         raise UsageError(f"--from {src} is not a directory")
-    lock = lock_data_dir(src)  # a running controller there would go on writing what is being copied
+    lock = lock_data_dir(src, "stop it first: --from must name a stopped controller's data dir")  # a running controller there would go on writing what is being copied
     try:
         done = copy(src, args.to, replace=args.replace, progress=lambda line: print(line, file=sys.stderr, flush=True))
     finally:

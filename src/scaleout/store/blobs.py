@@ -124,9 +124,9 @@ def secure_data_dir(root: Path) -> None:
                     tighten(Path(entry.path), 0o600)
 
 
-def lock_data_dir(path: Path) -> Any:
+def lock_data_dir(path: Path, hint: str = "stop it or use another --data-dir") -> Any:
     """Hold an exclusive lock on the data dir for this process's life: two controllers on
-    one state.db would undo each other's sessions."""
+    one state.db would undo each other's sessions. ``hint``: what to do, in the refusal."""
     import fcntl
 
     fh = open(path / ".lock", "a+")
@@ -136,7 +136,7 @@ def lock_data_dir(path: Path) -> Any:
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); stop it or use another --data-dir") from None
+        raise ConfigError("data_dir", f"{path} is in use by another running controller (pid {holder}); {hint}") from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")

@@ -47,8 +47,12 @@ def load_key(path: Path) -> bytes:
     try:
         st = path.stat()
         text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("key file", f"{path} does not exist (create one with: scaleout store keygen --out {path}, or give the one the other controllers use)") from None
+    except IsADirectoryError:
+        raise ConfigError("key file", f"{path} is a directory: give the key file's path (as scaleout store keygen --out wrote it)") from None
     except OSError as exc:
-        raise ConfigError("key file", f"cannot read {path}: {exc.strerror} (create one with: scaleout store keygen --out {path})") from None
+        raise ConfigError("key file", f"cannot read {path}: {exc.strerror}") from None
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise ConfigError("key file", f"{path} may be read by others (mode {stat.S_IMODE(st.st_mode):04o}): run chmod 600 {path}")
     body = text.strip()
