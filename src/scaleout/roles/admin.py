@@ -125,12 +125,13 @@ class AdminService:
 
     async def status(self, caller: Caller) -> dict[str, Any]:
         h = self.host
+        model, package = await asyncio.to_thread(lambda: (h.state.get_meta("active_model"), h.state.get_meta("active_package")))
         return {
             "url": h.url,
             "role": "active",  # a standby answers status itself (roles/controller.py)
             "active": h.advertised or h.url,
-            "active_model": h.state.get_meta("active_model"),
-            "active_package": h.state.get_meta("active_package"),
+            "active_model": model,
+            "active_package": package,
             "session": h.session.id if h.session else None,
             "combiners": len(h.combiners),
             "clients": sum(len(c.clients) for c in h.combiners.values()),
@@ -203,8 +204,8 @@ class AdminService:
                 raise ProtocolError(METRIC_NUMBER.format(name))
         h = self.host
         if session_id is not None:
-            session_id = h.sessions.key({"id": None if session_id == "latest" else session_id})
-            h.state.session(session_id)  # no such session: say so, rather than list nothing
+            session_id = await asyncio.to_thread(h.sessions.key, {"id": None if session_id == "latest" else session_id})
+            await asyncio.to_thread(h.state.session, session_id)  # no such session: say so, rather than list nothing
         await h.registry.flush()  # what came in a moment ago is listed too
         rows, total = await asyncio.to_thread(
             h.registry.query,
@@ -233,7 +234,7 @@ class AdminService:
             raise ProtocolError(VALIDATION_LIMIT)
         h = self.host
         if session_id == "latest":
-            session_id = h.sessions.key({"id": None})
+            session_id = await asyncio.to_thread(h.sessions.key, {"id": None})
         await h.registry.flush()  # what came in a moment ago is listed too
 
         def read(st: State) -> tuple[list[dict[str, Any]], int]:
@@ -299,14 +300,18 @@ class AdminService:
         from scaleout.roles.enrolment import canonical
 
         h = self.host
-        result: dict[str, Any] = h.desk.issue(str(role), ttl_s, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=caller.actor)
-        h.state.audit(
-            caller.actor, "token.create", address=caller.address, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
-        )
-        return result
+
+        def issue() -> dict[str, Any]:
+            result: dict[str, Any] = h.desk.issue(str(role), ttl_s, name=name, uses=uses, sans=[canonical(x) for x in sans], creator=caller.actor)
+            h.state.audit(
+                caller.actor, "token.create", address=caller.address, role=role, jti=result["jti"], exp=result["expires"], name=name, uses=uses, sans=result["sans"],
+            )
+            return result
+
+        return await asyncio.to_thread(issue)
 
     async def token_ls(self, caller: Caller) -> dict[str, Any]:
-        return self.host.desk.token_ls()  # type: ignore[no-any-return]
+        return await asyncio.to_thread(self.host.desk.token_ls)  # type: ignore[no-any-return]
 
     async def token_revoke(self, caller: Caller, *, id: Annotated[str, REVOKE], with_nodes: bool = False) -> dict[str, Any]:
         if not isinstance(id, str) or not id:
@@ -324,10 +329,14 @@ class AdminService:
         await asyncio.to_thread(check_package, data, h.settings.package_limits)
         digest = await asyncio.to_thread(h.blobs.put, PACKAGE[0], data, PACKAGE[1])
         name = str(name or "package.tgz")
-        with h.state.transaction():
-            h.state.add_package(digest, name, len(data), signature=h.package_signer.sign(digest))
-            h.state.set_meta("active_package", digest)
-            h.state.audit(caller.actor, "package.set_active", address=caller.address, id=digest, name=name)
+
+        def commit() -> None:
+            with h.state.transaction():
+                h.state.add_package(digest, name, len(data), signature=h.package_signer.sign(digest))
+                h.state.set_meta("active_package", digest)
+                h.state.audit(caller.actor, "package.set_active", address=caller.address, id=digest, name=name)
+
+        await asyncio.to_thread(commit)
         log.info("compute package %s (%s) is now active", name, digest[:12])
         h.hub.publish(m.ActiveChanged(what="package", id=digest, name=name))
         await h.commands.package_changed(digest, name)  # connected clients fetch it before their next task
@@ -336,7 +345,7 @@ class AdminService:
     async def package_ls(self, caller: Caller) -> dict[str, Any]:
         """Every package ever activated, oldest first; ``active`` marks the current one."""
         h = self.host
-        active = h.state.get_meta("active_package")
+        active = await asyncio.to_thread(h.state.get_meta, "active_package")
         rows = await asyncio.to_thread(
             h.registry.query, lambda st: [dict(r) for r in st.db.execute("SELECT id, name, size, created FROM packages ORDER BY created, id")],
         )
@@ -344,17 +353,21 @@ class AdminService:
 
     async def package_get(self, caller: Caller) -> tuple[dict[str, Any], Hashed]:
         h = self.host
-        digest = h.state.get_meta("active_package")
-        if digest is None:
-            raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
-        row = h.state.package(digest)
+
+        def active() -> tuple[str, dict[str, Any]]:
+            digest = h.state.get_meta("active_package")
+            if digest is None:
+                raise NotFoundError("package", "active", text="no compute package is active yet; an admin must run: scaleout package set-active FILE")
+            return digest, h.state.package(digest)
+
+        digest, row = await asyncio.to_thread(active)
         # Every joining client fetches it: read and checked once (in a thread), then kept.
         if self._package_cache is None or self._package_cache[0] != digest:
             self._package_cache = (digest, await asyncio.to_thread(h.blobs.get, PACKAGE[0], digest, PACKAGE[1]))
         signature = row.get("signature")
         if not signature:  # activated before packages were signed: signed now, once
             signature = h.package_signer.sign(digest)
-            h.state.add_package(digest, row["name"], row["size"], signature=signature)
+            await asyncio.to_thread(h.state.add_package, digest, row["name"], row["size"], signature=signature)
         info = {"id": digest, "name": row["name"], "signature": signature, "signing_key": h.package_signer.public_pem().decode()}
         return info, Hashed(self._package_cache[1], digest)
 
@@ -369,9 +382,13 @@ class AdminService:
             raise ConflictError(f"session {h.session.id} is running; stop it before setting a new seed model")
         await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
         digest = await asyncio.to_thread(h.blobs.put, MODEL[0], data, MODEL[1])
-        with h.state.transaction():
-            h.state.commit_model(digest, len(data), aggregator="seed")
-            h.state.audit(caller.actor, "model.set_seed", address=caller.address, id=digest)
+
+        def commit() -> None:
+            with h.state.transaction():
+                h.state.commit_model(digest, len(data), aggregator="seed")
+                h.state.audit(caller.actor, "model.set_seed", address=caller.address, id=digest)
+
+        await asyncio.to_thread(commit)
         log.info("seed model %s set (%d tensors, %d bytes)", digest[:12], len(specs), len(data))
         h.hub.publish(m.ActiveChanged(what="model", id=digest, name="seed"))
         h.hub.publish(m.ModelCommitted(model_id=digest, aggregator="seed", size=len(data)))
@@ -384,12 +401,16 @@ class AdminService:
         h = self.host
         if h.session is not None:
             raise ConflictError(f"session {h.session.id} is running; stop it before changing the global model")
-        row = h.state.model(id)
+        row = await asyncio.to_thread(h.state.model, id)
         data = await self.model_bytes(row["id"])  # its file is there, intact
         await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
-        with h.state.transaction():
-            h.state.set_meta("active_model", row["id"])
-            h.state.audit(caller.actor, "model.set_active", address=caller.address, id=row["id"])
+
+        def commit() -> None:
+            with h.state.transaction():
+                h.state.set_meta("active_model", row["id"])
+                h.state.audit(caller.actor, "model.set_active", address=caller.address, id=row["id"])
+
+        await asyncio.to_thread(commit)
         log.info("model %s is now the global model (set by an admin)", row["id"][:12])
         h.hub.publish(m.ActiveChanged(what="model", id=row["id"], name=row.get("aggregator") or ""))
         return {"model": {**row, "active": True}}
@@ -397,8 +418,8 @@ class AdminService:
     async def model_ls(self, caller: Caller, *, session_id: Annotated[str | None, MODEL_LS] = None) -> dict[str, Any]:
         if session_id is not None and not isinstance(session_id, str):
             raise ProtocolError(MODEL_LS)
-        active = self.host.state.get_meta("active_model")
-        rows = self.host.state.models(session_id)
+        st = self.host.state
+        active, rows = await asyncio.to_thread(lambda: (st.get_meta("active_model"), st.models(session_id)))
         for row in rows:
             row["active"] = row["id"] == active
         return {"models": rows}
@@ -406,23 +427,30 @@ class AdminService:
     async def model_show(self, caller: Caller, *, id: str | None = None) -> dict[str, Any]:
         st = self.host.state
         key = str(id or "")
-        if key in ("", "active"):  # as model download takes it: the current global model
-            key = st.get_meta("active_model") or "active"
-        row = st.model(key)
+
+        def read() -> tuple[dict[str, Any], str | None]:
+            active = st.get_meta("active_model")
+            return st.model((active or "active") if key in ("", "active") else key), active  # "active": as model download takes it
+
+        row, active = await asyncio.to_thread(read)
         data = await self.model_bytes(row["id"])
-        row["active"] = row["id"] == st.get_meta("active_model")
+        row["active"] = row["id"] == active
         row["tensors"] = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in payload.describe(data).items()}
         return {"model": row}
 
     async def model_get(self, caller: Caller, *, id: str | None = None) -> tuple[dict[str, Any], Hashed]:
         st = self.host.state
-        key = id or st.get_meta("active_model")
-        if not key:
-            raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
-        row = st.model(str(key))
+
+        def read() -> dict[str, Any]:
+            key = id or st.get_meta("active_model")
+            if not key:
+                raise NotFoundError("model", "active", "set one with: scaleout model set-seed FILE")
+            return st.model(str(key))  # type: ignore[no-any-return]
+
+        row = await asyncio.to_thread(read)
         data = await self.model_bytes(row["id"])
         if caller.role == "admin":  # a model leaving the federation (combiners fetch one every round)
-            st.audit(caller.actor, "model.download", address=caller.address, id=row["id"])
+            await asyncio.to_thread(st.audit, caller.actor, "model.download", address=caller.address, id=row["id"])
         return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
 
     async def model_bytes(self, model_id: str) -> bytes:
@@ -456,7 +484,7 @@ class AdminService:
         return await self.host.sessions.continue_(args, caller.auditor(self.host.state))  # type: ignore[no-any-return]
 
     async def session_ls(self, caller: Caller) -> dict[str, Any]:
-        return self.host.sessions.ls()  # type: ignore[no-any-return]
+        return await self.host.sessions.ls()  # type: ignore[no-any-return]
 
     async def session_show(self, caller: Caller, *, id: str | None = None, clients: bool = False) -> dict[str, Any]:
         return await self.host.sessions.show({"id": id, "clients": clients})  # type: ignore[no-any-return]

@@ -112,12 +112,16 @@ class CommandService:
         model_id: str | None = None
         model_size = 0
         if kind == "predict":
-            key = model
-            if key in (None, "", "active"):
-                key = ctl.state.get_meta("active_model")
-                if key is None:
-                    raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
-            row = ctl.state.model(str(key))
+
+            def model_row() -> dict[str, Any]:
+                key = model
+                if key in (None, "", "active"):
+                    key = ctl.state.get_meta("active_model")
+                    if key is None:
+                        raise ConflictError("no global model yet: set a seed first (scaleout model set-seed FILE)")
+                return ctl.state.model(str(key))  # type: ignore[no-any-return]
+
+            row = await asyncio.to_thread(model_row)
             model_id, model_size = row["id"], int(row["size"])
         where = {c: comb for c, comb in ctl.assigner.where.items() if comb in ctl.combiners and ctl.combiners[comb].url}
         failed: dict[str, tuple[str, str]] = {}
@@ -146,7 +150,9 @@ class CommandService:
         record = {"id": job_id, "kind": kind, "name": name, "params": params, "model_id": model_id, "timeout": timeout, "created": now}
         assert self.store is not None
         await asyncio.to_thread(self.store.add_job, record, chosen, failed)
-        ctl.state.audit(caller.actor, f"{kind}.run", address=caller.address, id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed))
+        await asyncio.to_thread(
+            ctl.state.audit, caller.actor, f"{kind}.run", address=caller.address, id=job_id, name=name, model=model_id, clients=len(chosen) + len(failed),
+        )
         loop = asyncio.get_running_loop()
         travel = transfer_timeout(model_size) if kind == "predict" else 0.0
         wait_s = timeout + travel + cmd.RELAY_GRACE_S + cmd.CONTROLLER_GRACE_S

@@ -115,10 +115,13 @@ class Desk:
         self.links.add(link)
         claims = link.claims
         if claims is not None and claims.nid is None and claims.jti.startswith("t-"):
-            try:
-                self.db.touch_token(claims.jti, time.time())
-            except Exception as exc:  # the role edge: a full disk must not refuse the link
-                log.debug("could not note the use of token %s: %s", claims.jti, exc)
+            asyncio.get_running_loop().run_in_executor(None, self._touch, claims.jti, time.time())  # a store write: not on the loop
+
+    def _touch(self, jti: str, now: float) -> None:
+        try:
+            self.db.touch_token(jti, now)
+        except Exception as exc:  # the role edge: a full disk must not refuse the link
+            log.debug("could not note the use of token %s: %s", jti, exc)
 
     def gone(self, link: Link) -> None:
         self.links.discard(link)
@@ -168,8 +171,7 @@ class Desk:
         if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 256):
             raise ProtocolError("node.enrol: key must be text of 16-256 characters")
         key = hashlib.sha256(secret.encode()).hexdigest() if secret else None
-        row = self.db.token(claims.jti)
-        held = self.db.live(role, name)
+        row, held = await asyncio.to_thread(lambda: (self.db.token(claims.jti), self.db.live(role, name)))
         finishing = held is not None and key is not None and held["token_id"] == claims.jti and held.get("enrol_key") == key
         now = time.time()
         if self.enrol_rate is not None:  # finishing one again counts too: each issues a credential
@@ -178,14 +180,13 @@ class Desk:
                 log.warning("token %s: enrolment of %s %s refused: more than %g a minute", claims.jti, role, name, self.enrol_rate.rate * 60)
                 raise RateLimited(f"this join token enrols at most {self.enrol_rate.rate * 60:g} nodes a minute; try again in {wait:.0f} s")
         sans = list(row["sans"]) if row is not None else []
-        # On the loop, like the controller's other small writes: the State connection is not
-        # shared with a thread mid-transaction (a few rows per node, once per node).
-        nid = self.db.enrol(new_id("n-"), role, name, claims.jti, sans, now, key)
+        # In a thread, as every store call of the controller's (State serialises its transactions).
+        nid = await asyncio.to_thread(self.db.enrol, new_id("n-"), role, name, claims.jti, sans, now, key)
         token = self.ctl.signer.issue(role, IDENTITY_TTL_S, now, jti=new_id("i-"), sub=name, controller=self.ctl.url, ca=self.ctl.ca_fingerprint, nid=nid)
         if finishing:
             log.info("%s %s finished its enrolment (identity %s, token %s)", role, name, nid, claims.jti)
         else:
-            self.ctl.state.audit(_actor(link), "node.enrol", address=link.peer, role=role, name=name, identity=nid, token=claims.jti)
+            await asyncio.to_thread(self.ctl.state.audit, _actor(link), "node.enrol", address=link.peer, role=role, name=name, identity=nid, token=claims.jti)
             log.info("%s %s enrolled (identity %s, token %s)", role, name, nid, claims.jti)
         return {"id": nid, "name": name, "role": role, "token": token}, None
 
@@ -208,18 +209,29 @@ class Desk:
         return {"tokens": rows, "identities": nodes}
 
     async def token_revoke(self, caller: Caller, key: str, with_nodes: bool) -> dict[str, Any]:
+        state = self.ctl.state
         if key.startswith("n-"):  # a node identity (token ls lists them): that one credential
-            node = self.db.revoke_identity(key, time.time())
-            self.ctl.state.audit(caller.actor, "token.revoke", address=caller.address, id=key, nodes=[node["name"]])
+
+            def revoke_identity() -> dict[str, Any]:
+                node: dict[str, Any] = self.db.revoke_identity(key, time.time())
+                state.audit(caller.actor, "token.revoke", address=caller.address, id=key, nodes=[node["name"]])
+                return node
+
+            node = await asyncio.to_thread(revoke_identity)
             closed = await self.revoke([key], "its credential was revoked by an admin", keep=caller.origin)
             if node["role"] in ("client", "combiner"):
                 self._forget_soon(node["role"], node["name"])
             log.warning("identity %s (%s %s) revoked", key, node["role"], node["name"])
             return {"id": key, "role": node["role"], "nodes": [{"role": node["role"], "name": node["name"]}], "closed": closed}
-        row = self.db.find_token(key)
-        nodes = self.db.revoke_token(row["id"], with_nodes, time.time())
+
+        def revoke_token() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            row = self.db.find_token(key)
+            nodes = self.db.revoke_token(row["id"], with_nodes, time.time())
+            state.audit(caller.actor, "token.revoke", address=caller.address, id=row["id"], nodes=[n["name"] for n in nodes])
+            return row, nodes
+
+        row, nodes = await asyncio.to_thread(revoke_token)
         ids = [row["id"], *(n["id"] for n in nodes)]
-        self.ctl.state.audit(caller.actor, "token.revoke", address=caller.address, id=row["id"], nodes=[n["name"] for n in nodes])
         closed = await self.revoke(ids, "its token was revoked by an admin", keep=caller.origin)
         for n in nodes:  # gone from client ls / combiner ls, as after client rm
             self._forget_soon(n["role"], n["name"])
@@ -230,8 +242,13 @@ class Desk:
 
     async def node_rm(self, role: str, caller: Caller, name: str) -> dict[str, Any]:
         name = m.check_name(name, f"{role} name")
-        row = self.db.remove(role, name, time.time())
-        self.ctl.state.audit(caller.actor, f"{role}.rm", address=caller.address, name=name, identity=row["id"])
+
+        def remove() -> dict[str, Any]:
+            row: dict[str, Any] = self.db.remove(role, name, time.time())
+            self.ctl.state.audit(caller.actor, f"{role}.rm", address=caller.address, name=name, identity=row["id"])
+            return row
+
+        row = await asyncio.to_thread(remove)
         # A client's link is to its combiner, which closes it as the revocation reaches it: count it.
         at_combiner = role == "client" and name in self.ctl.assigner.where
         closed = await self.revoke([row["id"]], f"{role} {name} was removed by an admin") + int(at_combiner)
@@ -260,7 +277,7 @@ class Desk:
                 break
         try:
             await self.ctl.registry.flush()
-            self.ctl.state.db.execute(f"DELETE FROM {'clients' if role == 'client' else 'combiners'} WHERE name=?", (name,))
+            await asyncio.to_thread(self.ctl.state.db.execute, f"DELETE FROM {'clients' if role == 'client' else 'combiners'} WHERE name=?", (name,))
         except Exception as exc:  # the role edge: a full disk leaves the row, shown offline
             log.warning("could not drop %s %s from the registry: %s", role, name, exc)
 

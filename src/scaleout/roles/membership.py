@@ -162,7 +162,7 @@ class Membership:
         self.ctl.desk.check_ready_url(link, url)
         c.url = url
         self.ctl.assigner.combiner_ready(c.name)
-        self.ctl.state.upsert_combiner(c.name, "online", url=url)
+        await asyncio.to_thread(self.ctl.state.upsert_combiner, c.name, "online", url=url)
         log.info("combiner %s ready at %s", c.name, url)
         self.ctl.hub.publish(m.CombinerJoined(combiner=c.name, url=url))
         self.ctl.nodes_changed()
@@ -181,7 +181,8 @@ class Membership:
         # The client shows its combiner this ticket, never its own credential (enrolment.py).
         ticket = self.ctl.desk.ticket(claims, c.name)
         self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
-        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": self.ctl.state.get_meta("active_package"), "ticket": ticket}
+        package = await asyncio.to_thread(self.ctl.state.get_meta, "active_package")
+        reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": package, "ticket": ticket}
         renewed = self.ctl.desk.renewed(link)
         if renewed is not None:
             reply["token"] = renewed
@@ -195,7 +196,8 @@ class Membership:
         ctl.desk.node_identity(link, "combiner", name, args)
         csr = args.get("csr")
         advertise = args.get("advertise") if isinstance(args.get("advertise"), str) else None
-        cert = ctl.desk.sign(link, str(csr), advertise) if csr and ctl.ssl_context is not None else None  # refused before any takeover
+        # Refused before any takeover; signed in a thread (a store read and a signature).
+        cert = await asyncio.to_thread(ctl.desk.sign, link, str(csr), advertise) if csr and ctl.ssl_context is not None else None
         old = ctl.combiners.get(name)
         if old is not None and old.link is not link:
             # The newest registration wins: the old link is usually dead (a restart after a
@@ -219,6 +221,11 @@ class Membership:
         ctl.sessions.on_combiner_back(name, link, same_run=run is not None and run == self.runs[name])
         ctl.count_nodes()
         link.max_payload = SMALL_PAYLOAD  # raised to the size of a partial when a round starts
-        ctl.state.upsert_combiner(name, "registered")
-        ctl.state.audit(audit_actor(link), "combiner.register", address=link.peer, name=name)
+        actor = audit_actor(link)
+
+        def note() -> None:
+            ctl.state.upsert_combiner(name, "registered")
+            ctl.state.audit(actor, "combiner.register", address=link.peer, name=name)
+
+        await asyncio.to_thread(note)
         return result, None

@@ -341,11 +341,15 @@ class SessionService:
         steps.append(Step(StepKind.SESSION_ENDED, status=row["status"], reason=row.get("reason")))
         return steps
 
-    def ls(self) -> dict[str, Any]:
-        return {"sessions": [self.with_end(row) for row in self.host.state.sessions()]}
+    async def ls(self) -> dict[str, Any]:
+        return {"sessions": [self.with_end(row) for row in await asyncio.to_thread(self.host.state.sessions)]}
+
+    async def read(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The session ``args`` names (the latest without an id) as the admin should see it; read in a thread."""
+        return self.with_end(await asyncio.to_thread(lambda: self.host.state.session(self.key(args))))
 
     async def show(self, args: dict[str, Any]) -> dict[str, Any]:
-        session = self.with_end(self.host.state.session(self.key(args)))
+        session = await self.read(args)
         if args.get("clients"):
             await self.host.registry.flush()
             reports = await asyncio.to_thread(self.host.registry.reports, session["id"])
@@ -363,20 +367,20 @@ class SessionService:
         return str(key)
 
     async def stop_op(self, args: dict[str, Any], audit: Any) -> dict[str, Any]:
-        key = self.key(args)
+        key = await asyncio.to_thread(self.key, args)
         s = self.running
         if s is None or s.id != key:
-            row = self.with_end(self.host.state.session(key))
+            row = await self.read({"id": key})
             raise ConflictError(f"session {key} is not running (it is {row['status']})")
-        audit("session.stop", id=key)
+        await asyncio.to_thread(audit, "session.stop", id=key)
         await self.stop(s, "stopped by an admin")
-        return {"session": self.with_end(self.host.state.session(key))}
+        return {"session": await self.read({"id": key})}
 
     async def wait(self, link: Link, args: dict[str, Any]) -> dict[str, Any]:
         """Push round events to this link until the session ends, then return it."""
-        key = self.key(args)
         if self.closing:  # its runner is cancelled: it would never be told the session ended
             raise ShuttingDown("the controller is shutting down; the session stays running and resumes when it starts again")
+        key = await asyncio.to_thread(self.key, args)
         s = self.running
         if s is not None and s.id == key:
             self.subscribers.add(link)
@@ -384,7 +388,7 @@ class SessionService:
                 await s.done.wait()
             finally:
                 self.subscribers.discard(link)
-        return {"session": self.with_end(self.host.state.session(key))}
+        return {"session": await self.read({"id": key})}
 
     def gone(self, link: Link) -> None:
         self.subscribers.discard(link)
