@@ -463,7 +463,7 @@ async def follow(
                 session = await asyncio.wait_for(catch_up(), max(since + patience - loop.time(), 1.0))
                 attached = loop.time()
                 return session
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             except ScaleoutError as again:
                 if again.code not in LOST_CODES:
