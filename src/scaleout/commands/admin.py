@@ -7,24 +7,30 @@ import asyncio
 import datetime as dt
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleout.commands.exits import EXIT_FAILED, EXIT_OK, UsageError
 from scaleout.commands.connection import Connection, resolve
+
+if TYPE_CHECKING:
+    from scaleout.transport.dialer import Controllers
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 
 
 async def call_async(
     conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
-    progress: str | None = None, quiet: bool = False,
+    progress: str | None = None, quiet: bool = False, dialer: Controllers | None = None, active_only: bool = False,
 ) -> tuple[dict[str, Any], bytes | None]:
     """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on
-    a terminal. Not on a terminal, or ``quiet`` (--json), the transfer says nothing at all."""
+    a terminal. Not on a terminal, or ``quiet`` (--json), the transfer says nothing at all.
+    ``dialer``: the addresses to dial, kept across calls (which one answered last);
+    ``active_only``: a standby's answer (its status) counts as its refusal, so the active one is asked."""
     from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
+    from scaleout.core.errors import Standby
     from scaleout.security.tls import client_context
     from scaleout.transport.dialer import Controllers, refuse_if_standby
     from scaleout.transport.link import Incoming
@@ -47,12 +53,15 @@ async def call_async(
         try:
             if blob is not None and len(controllers.urls) > 1:  # not the whole upload to a standby first
                 await refuse_if_standby(link)
-            return await link.request(op, args, blob, progress=sending or silent)  # type: ignore[no-any-return]
+            reply: tuple[dict[str, Any], bytes | None] = await link.request(op, args, blob, progress=sending or silent)
         finally:
             await link.ws.close()
             reader.cancel()
+        if active_only and reply[0].get("role") == "standby":
+            raise Standby(reply[0].get("active"))  # the dialer goes on to the active one it names, if it is ours
+        return reply
 
-    controllers = Controllers(conn.url)
+    controllers = dialer or Controllers(conn.url)
     try:  # the active one of the addresses given (a standby names it): transport/dialer.py
         return await controllers.dial(attempt)
     finally:
@@ -371,13 +380,22 @@ async def follow(
 
     The controller's session.wait pushes an event as each round ends; each event (and the
     start and end) reads the session again, so rounds that ended before we attached come
-    first and none is missed or repeated, whenever we attached.
+    first and none is missed or repeated, whenever we attached. A controller lost on the way
+    (stopped, SIGKILLed, a standby taking over) is dialled again through the addresses given,
+    for a while (``reconnect_s``), and followed there from where we were.
     """
+    from scaleout.core.errors import ScaleoutError
+    from scaleout.transport.dialer import Controllers
+    from scaleout.transport.net import ConnectError, backoff
+
+    controllers = Controllers(conn.url)  # one for the whole follow: the address that answered last is dialled first
     done = 0  # rounds handed on so far; they are numbered from 1
+    lost: tuple[ScaleoutError, float, int, Iterator[float]] | None = None  # the loss, when, the rounds done by then, retry delays
+    attached = 0.0  # when reattach last found the session again
 
     async def catch_up() -> dict[str, Any]:
         nonlocal done
-        session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}))[0]["session"]
+        session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}, dialer=controllers))[0]["session"]
         for r in session["rounds"]:
             r["failures"] = client_failures(r, r.pop("clients", []), [])
         for r in session["rounds"]:
@@ -389,21 +407,15 @@ async def follow(
                 done = r["idx"]
         return session
 
-    session = await catch_up()
-    key = session["id"]
-    if session["status"] == "running":
-        if on_running is not None:
-            on_running(key)
+    async def until_end() -> dict[str, Any]:
+        """Follow the running session on one link to the controller until it ends."""
         ended = asyncio.Event()
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
             if kind == "round":
                 ended.set()
 
-        from scaleout.core.errors import ScaleoutError
-        from scaleout.transport.net import ConnectError
-
-        waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event))
+        waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event, dialer=controllers))
         try:
             while not waiting.done():
                 woken = asyncio.ensure_future(ended.wait())
@@ -416,22 +428,68 @@ async def follow(
             if final["status"] == "running":  # answered as the controller stopped: the session goes on after it
                 raise ConnectError("the controller answered before the session ended")
             try:
-                session = await catch_up()
+                return await catch_up()
             except ScaleoutError as exc:  # the controller ended as the session did: what it told us will do
                 if exc.code not in LOST_CODES:
                     raise
                 for r in final["rounds"]:
                     if r["idx"] > done and _final(r) and on_round is not None:
                         on_round({"session_id": final["id"], **r, "failures": []})
-                session = final
+                return final  # type: ignore[no-any-return]
+        finally:
+            waiting.cancel()
+
+    async def reattach(exc: ScaleoutError) -> dict[str, Any]:
+        """The session again, from whichever controller is active now, within ``reconnect_s``
+        of losing it (a loss soon after the last, with no round ended in between, is the same
+        one: a controller that answers and drops us again is not waited on for ever)."""
+        nonlocal lost, attached
+        loop = asyncio.get_running_loop()
+        patience = reconnect_s(controllers.urls)
+        retry = lost is not None and lost[2] == done and loop.time() - attached < patience
+        if not retry:
+            lost = (exc, loop.time(), done, backoff(0.1, 1.0))
+            print(f"lost the controller ({exc}); reconnecting to {','.join(controllers.urls)} for up to {patience:g}s", file=sys.stderr, flush=True)
+        assert lost is not None
+        first, since, _, delays = lost
+        while True:
+            if retry:
+                left = since + patience - loop.time()
+                if left <= 0:
+                    raise ConnectError(f"lost the controller while following session {key} ({first}); once it is back: scaleout session watch {key}")
+                await asyncio.sleep(min(next(delays), left))  # a controller starting or taking over: nothing to wait on
+            retry = True
+            try:  # within what is left: a controller that is stopping may take a link and never answer
+                session = await asyncio.wait_for(catch_up(), max(since + patience - loop.time(), 1.0))
+                attached = loop.time()
+                return session
+            except TimeoutError:
+                pass
+            except ScaleoutError as again:
+                if again.code not in LOST_CODES:
+                    raise
+
+    session = await catch_up()
+    key = session["id"]
+    if session["status"] == "running" and on_running is not None:
+        on_running(key)
+    while session["status"] == "running":
+        try:
+            session = await until_end()
         except ScaleoutError as exc:
             if exc.code not in LOST_CODES:
                 raise
-            # The controller went away (shut down or restarted) while we followed it.
-            raise ConnectError(f"lost the controller while following session {key} ({exc}); once it is back: scaleout session watch {key}") from None
-        finally:
-            waiting.cancel()
+            session = await reattach(exc)
     return session
+
+
+RECONNECT_S = 60.0  # how long a follower given several addresses waits for one to be active again
+RECONNECT_ONE_S = 5.0  # ... given one: its quick restart, not a minute's wait for one that has gone
+
+
+def reconnect_s(urls: tuple[str, ...]) -> float:
+    """How long a follower that lost its controller dials ``urls`` again before it gives up."""
+    return RECONNECT_S if len(urls) > 1 else RECONNECT_ONE_S
 
 
 LOST_CODES = ("unreachable", "link_closed", "timeout", "shutting_down")  # a follower lost its controller
@@ -578,8 +636,10 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _wait_ready(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
-    """``status --wait``: ask until the controller answers (its data dir written, its port
-    open), at most ``seconds``; a refused token or an untrusted certificate ends it at once."""
+    """``status --wait``: ask until the controller answers as the active one (its data dir
+    written, its port open; of several addresses, the active one, a standby's pointer followed
+    when it is one of them), at most ``seconds``; a refused token or an untrusted certificate
+    ends it at once."""
     import time
 
     from scaleout.core.errors import AuthError, ScaleoutError
@@ -590,7 +650,7 @@ def _wait_ready(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     said = False
     while True:
         try:
-            return call(args, "status")[0]
+            return asyncio.run(call_async(resolve(args), "status", active_only=True))[0]
         except (AuthError, TrustError):
             raise
         except (UsageError, ScaleoutError, OSError) as exc:
