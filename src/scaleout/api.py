@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import queue
 import re
@@ -56,9 +57,12 @@ from scaleout.core.errors import (
     ProtocolError,
     RemoteError,
     ScaleoutError,
+    ShuttingDown,
     Standby,
     remote_error,
 )
+
+log = logging.getLogger("scaleout")
 
 __all__ = [
     "APIClient", "AsyncScaleout", "AuthError", "ConfigError", "ConflictError", "ConnectionFailed", "LimitExceeded", "NotFoundError",
@@ -430,13 +434,39 @@ class AsyncScaleout:
         """Block until the session is over (or ``timeout`` seconds pass: TimeoutError); returns it.
         ``callback`` gets each of its rounds once it is over, in order, as get_rounds lists
         them plus "session_id" (rounds over before the call first); what it raises ends the wait."""
-        if callback is None:
-            return dict((await asyncio.wait_for(self._call("session.wait", {"id": id}), timeout))[0]["session"])
-        return await asyncio.wait_for(self._follow(id, callback), timeout)
+        return await asyncio.wait_for(self._follow(id, callback or (lambda r: None)), timeout)
 
     async def _follow(self, id: str, callback: RoundCallback) -> dict[str, Any]:
+        """Follow session ``id`` to its end; a controller lost on the way (stopped, SIGKILLed, a
+        standby taking over) is dialled again through the addresses given, for up to a minute
+        (5 s given one address), and the session followed on there, no round told twice."""
+        from scaleout.transport.dialer import reconnect_s
+        from scaleout.transport.net import backoff
+
+        loop = asyncio.get_running_loop()
+        delivered = [0]
+        lost_at: float | None = None
+        delays = backoff(0.1, 1.0)
+        while True:
+            try:
+                session = await self._follow_once(id, callback, delivered)
+                if session["status"] != "running":
+                    return session
+                raise ConnectionFailed(f"the controller at {self.url} stopped before session {id} ended")  # it answered as it shut down
+            except ScaleoutError as exc:
+                if not isinstance(exc, ConnectionFailed) and exc.code not in (ShuttingDown.code, Standby.code):
+                    raise
+                now = loop.time()
+                lost_at = now if lost_at is None else lost_at
+                if now - lost_at >= reconnect_s(self._controllers.urls):
+                    raise ConnectionFailed(f"lost the controller while following session {id} ({exc}); it is still running there") from None
+                log.warning("lost the controller while following session %s (%s); dialling %s again", id, exc, ",".join(self._controllers.urls))
+                await self.close()
+                await asyncio.sleep(next(delays))  # a controller restarting or a standby taking over: nothing to wait on
+
+    async def _follow_once(self, id: str, callback: RoundCallback, done: list[int]) -> dict[str, Any]:
         ended = asyncio.Event()
-        delivered = 0
+        delivered = done[0]
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
             if kind == "round" and data.get("session_id") == id:
@@ -448,10 +478,11 @@ class AsyncScaleout:
             nonlocal delivered
             for r in session.get("rounds") or []:
                 if r["idx"] > delivered and r["status"] != "running":
-                    delivered = r["idx"]
+                    delivered = done[0] = r["idx"]
                     callback({"session_id": id, **r})
 
         self._listeners.add(on_event)
+        catch_up(await self.get_session(id))  # rounds over before the call (or while we were away) first
         waiting = asyncio.ensure_future(self._call("session.wait", {"id": id}))
         try:
             while not waiting.done():

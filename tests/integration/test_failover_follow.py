@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def test_followers_given_both_addresses_go_on_with_the_standby_after_a_sigkill(f
     )
     session_id = wait_file(start_out, r"^session (s-\S+) started", starter).group(1)
     watcher, watch_out, watch_err = start(fed, "watch", "session", "watch", session_id, *conn)
+    # The Python API's wait_for_session, on a thread of this test, follows it across the failover too.
+    from scaleout import api
+
+    told: list[int] = []
+    ended: dict[str, object] = {}
+
+    def api_follow() -> None:
+        with api.Scaleout(both, token=token, verify=str(fed.data / "ca.pem")) as client:
+            try:
+                ended["session"] = client.wait_for_session(session_id, timeout=120, callback=lambda r: told.append(r["idx"]))
+            except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+                ended["error"] = exc
+
+    api_thread = threading.Thread(target=api_follow)
+    api_thread.start()
     wait_stdout(clients[0], "recover_client: held")  # round 3's task is out
     for proc, out in ((starter, start_out), (watcher, watch_out)):
         wait_file(out, r"^round 2 +succeeded", proc)  # both follow the session now
@@ -72,6 +88,9 @@ def test_followers_given_both_addresses_go_on_with_the_standby_after_a_sigkill(f
         rounds = re.findall(r"^round (\d+) +succeeded", stdout, re.MULTILINE)
         assert rounds == ["1", "2", "3", "4", "5", "6"], stdout
         assert stdout.rstrip().endswith(f"session {session_id} finished"), stdout
+    api_thread.join(120)
+    assert "error" not in ended, ended
+    assert told == [1, 2, 3, 4, 5, 6] and ended["session"]["status"] == "finished", (told, ended)  # type: ignore[index]
     assert "took over" in fed.procs[1].text()
 
 

@@ -385,7 +385,7 @@ async def follow(
     for a while (``reconnect_s``), and followed there from where we were.
     """
     from scaleout.core.errors import ScaleoutError
-    from scaleout.transport.dialer import Controllers
+    from scaleout.transport.dialer import Controllers, reconnect_s
     from scaleout.transport.net import ConnectError, backoff
 
     controllers = Controllers(conn.url)  # one for the whole follow: the address that answered last is dialled first
@@ -481,15 +481,6 @@ async def follow(
                 raise
             session = await reattach(exc)
     return session
-
-
-RECONNECT_S = 60.0  # how long a follower given several addresses waits for one to be active again
-RECONNECT_ONE_S = 5.0  # ... given one: its quick restart, not a minute's wait for one that has gone
-
-
-def reconnect_s(urls: tuple[str, ...]) -> float:
-    """How long a follower that lost its controller dials ``urls`` again before it gives up."""
-    return RECONNECT_S if len(urls) > 1 else RECONNECT_ONE_S
 
 
 LOST_CODES = ("unreachable", "link_closed", "timeout", "shutting_down")  # a follower lost its controller

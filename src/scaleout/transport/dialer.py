@@ -30,6 +30,15 @@ def refused_by_standby(exc: BaseException) -> tuple[bool, str | None]:
     return False, None
 
 
+RECONNECT_S = 60.0  # how long a follower given several addresses waits for one to be active again
+RECONNECT_ONE_S = 5.0  # ... given one: its quick restart, not a minute's wait for one that has gone
+
+
+def reconnect_s(urls: tuple[str, ...]) -> float:
+    """How long a follower of a session that lost its controller dials ``urls`` again before it gives up."""
+    return RECONNECT_S if len(urls) > 1 else RECONNECT_ONE_S
+
+
 async def refuse_if_standby(link: Any) -> None:
     """Raise the standby's refusal if ``link`` is to a standby: asked before an upload, so a
     payload (a package, a model) is not sent in full to a controller that will refuse it."""
@@ -109,4 +118,4 @@ class Controllers:
         return await self.dial(attempt)
 
 
-__all__ = ["Controllers", "controller_urls", "refused_by_standby", "refuse_if_standby"]
+__all__ = ["Controllers", "controller_urls", "refused_by_standby", "refuse_if_standby", "reconnect_s"]
