@@ -165,3 +165,32 @@ def test_a_removed_replaced_or_forged_head_or_an_altered_entry_fails_verify(tmp_
     code, out = verify(pg_url, "--data-dir", str(tmp_path / "ctl-a"))
     assert code == 1 and "audit log broken at entry 2: its content or position does not match its hash" in out, out
     assert parse_anchor(anchor_row(pg_url) or "", WHERE)[0].id == 3
+
+
+def test_appends_from_several_connections_and_threads_keep_the_head_at_the_end(tmp_path: Path, pg_url: str, key: Path) -> None:
+    import threading
+
+    head = controller_dir(tmp_path, "ctl-a", pg_url, key)
+    states = [State(pg_url) for _ in range(3)]
+    for s in states:
+        s.anchor_audit(head)
+    errors: list[BaseException] = []
+
+    def append(s: State) -> None:
+        try:
+            for i in range(15):
+                s.audit("controller", "x", i=i)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(s,)) for s in states for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    anchor = head.check(anchor_row(pg_url) or "", WHERE)
+    assert (anchor.id, anchor.count) == (90, 90)
+    assert states[0].audit_verify(anchor, exact=True) == (90, None)
+    for s in states:
+        s.close()
