@@ -2,8 +2,8 @@
 
 Rows keep their keys (the audit log its ids, hashes and head, so ``audit verify`` passes on
 the copy as on the original; the signed head beside state.db becomes the store's own, the meta
-row every controller on it shares, checked with the data dir's audit.key); blobs are streamed file by file into large objects, each
-checked against its name. The rows go in one transaction: a failed migrate leaves no rows.
+row every controller on it shares, checked with the data dir's audit.key); blobs are streamed
+file by file into large objects, each checked against its name. The rows go in one transaction: a failed migrate leaves no rows.
 """
 
 from __future__ import annotations
