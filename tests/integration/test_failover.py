@@ -202,6 +202,17 @@ def test_sigkill_of_the_active_in_round_3_the_standby_finishes_the_session(fed: 
     parents = [r["parent"] for r in rounds]
     assert parents == [seed] + [r["model_id"] for r in rounds[:-1]]  # the trail is linked
     assert "took over" in fed.procs[1].text()
+    # One signed audit head, in the store: the takeover rewrote nothing, and the log verifies
+    # with either controller's data dir (the killed one's too), or with the key file alone.
+    entries = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
+    assert "audit.head_rewritten" not in [e["action"] for e in entries] and "rewrote it" not in fed.procs[1].text()
+    assert [e["detail"]["round"] for e in entries if e["action"] == "model.commit"] == [1, 2, 3, 4, 5, 6]
+    for how in (["--data-dir", str(fed.tmp / "ctl-a")], ["--data-dir", str(fed.tmp / "ctl-b")], ["--key-file", str(key)]):
+        r = scaleout("audit", "verify", "--store", pg_url, *how, "--json")
+        assert r.returncode == 0, (how, r.stdout + r.stderr)
+        assert json.loads(r.stdout)["entries"] == len(entries) and json.loads(r.stdout)["anchored"] == ["in the store (meta audit_anchor)"]
+    result = fed.admin("audit.verify", {})[0]  # the active one (ctl-b) answers the same
+    assert result["ok"] and result["entries"] == len(entries), result
 
 
 def test_an_active_that_loses_its_lock_to_another_stops_at_once(fed: Federation, pg_url: str) -> None:

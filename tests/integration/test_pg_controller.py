@@ -74,7 +74,7 @@ def test_a_session_on_postgresql_end_to_end_then_resumed_after_a_kill(fed: Feder
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed: Federation, pg_url: str) -> None:
+def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed: Federation, pg_url: str, key_file: Path) -> None:
     fed.store = None  # SQLite, the default (under SCALEOUT_TEST_STORE=postgresql too): what migrate moves
     ctl = fed.controller()
     fed.seed_from(RECOVER)
@@ -102,10 +102,14 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     verify = scaleout("audit", "verify", "--store", pg_url, "--data-dir", str(fed.data), "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     result = json.loads(verify.stdout)
-    assert result["ok"] and result["entries"] == len(log_before) and result["anchored"], result
-    # Without the signed head (or a kept copy), a log that may have been cut does not pass.
+    # The data dir's signed head is the store's now (checked with that data dir's audit.key).
+    assert result["ok"] and result["entries"] == len(log_before) and result["anchored"] == ["in the store (meta audit_anchor)"], result
+    assert "signed audit head: " in r.stderr
+    # Without a key to check the signed head with (or a kept copy), a log that may have been cut does not pass.
     bare = scaleout("audit", "verify", "--store", pg_url)
-    assert bare.returncode == 1 and "no signed audit head" in bare.stdout, bare.stdout + bare.stderr
+    assert bare.returncode == 1 and "no key to check the store's signed audit head with" in bare.stdout, bare.stdout + bare.stderr
+    early = scaleout("audit", "verify", "--store", pg_url, "--key-file", str(key_file))  # no controller sealed the audit key there yet
+    assert early.returncode == 1 and "opens no audit.key in the store" in early.stdout, early.stdout + early.stderr
 
     # A second migrate into the same database is refused, unless told.
     again = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)
@@ -121,7 +125,10 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     assert after == before
     log_after = fed.admin("audit.ls", {"limit": 0})[0]["entries"]
     assert log_after[: len(log_before)] == log_before
+    assert "audit.head_rewritten" not in [e["action"] for e in log_after]  # the head came along, signed with the key it goes on with
     verify = scaleout("audit", "verify", *data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify = scaleout("audit", "verify", "--store", pg_url, "--key-file", str(key_file))  # its audit.key is sealed in the store now
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert fed.admin("model.get", {"id": before["model"][-1]["id"]})[1] is not None  # its bytes came along
     from scaleout.store.state import State

@@ -776,10 +776,12 @@ def _short(value: Any, key: str = "") -> str:
 
 def audit_verify(args: argparse.Namespace) -> int:
     kept = _read_head(args.head) if args.head is not None else None
+    if getattr(args, "key_file", None) is not None and not getattr(args, "store", None):
+        raise UsageError("--key-file goes with --store URL (it unseals the audit key that store's signed head is checked with)")
     if args.state is not None:
         result = _verify_file(args.state, kept, str(args.head))
     elif getattr(args, "store", None):
-        result = _verify_store(args.store, args.data_dir, kept, str(args.head))
+        result = _verify_store(args.store, args.data_dir, kept, str(args.head), getattr(args, "key_file", None))
     else:
         result = call(args, "audit.verify", {"head": kept, "head_name": str(args.head)} if kept is not None else {})[0]
 
@@ -830,15 +832,18 @@ def _verify_file(path: Path, kept: str | None = None, kept_where: str = "--head"
     return verify(rows, str(head[0]) if head is not None else None, HeadFile.load(path.parent), kept, kept_where)
 
 
-def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept_where: str = "--head") -> dict[str, Any]:
-    """audit.verify on a PostgreSQL store (one snapshot, read only), against the signed head in
-    ``data_dir`` (a controller's on that store, or the data dir it was migrated from) and a kept copy."""
+def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept_where: str = "--head", key_file: Path | None = None) -> dict[str, Any]:
+    """audit.verify on a PostgreSQL store (one snapshot, read only), against the signed head the
+    store keeps (checked with its audit key: unsealed with ``key_file``, else the one in
+    ``data_dir``, any controller's on that store or the data dir it was migrated from) and a kept copy."""
+    from scaleout.store import vault
     from scaleout.store.audithead import HeadFile, verify
     from scaleout.store.pg import is_url
-    from scaleout.store.state import AUDIT_HEAD, State
+    from scaleout.store.state import AUDIT_ANCHOR, AUDIT_HEAD, State
 
     if not is_url(url):
         raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL, got {url.split('@')[-1]!r}")
+    key = vault.load_key(key_file) if key_file is not None else None
     st = State(url, migrate=False)
     try:
         with st.transaction(immediate=False):
@@ -846,9 +851,18 @@ def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept
                 raise UsageError(f"--store {url.split('@')[-1]} holds no Scaleout store (no audit table)")
             rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
             head = st.get_meta(AUDIT_HEAD)
+            signed = st.get_meta(AUDIT_ANCHOR)
+            audit_key = vault.opened(st.db, key, "audit.key") if key is not None else None
     finally:
         st.close()
-    return verify(rows, head, HeadFile.load(data_dir) if data_dir is not None else None, kept, kept_where)
+    from_dir = HeadFile.load(data_dir) if data_dir is not None else None
+    checker = HeadFile(audit_key, Path()) if audit_key is not None else from_dir
+    if checker is None:
+        where = (f"the key file {key_file} opens no audit.key in the store (no controller has started on it yet)" if key_file is not None
+                 else f"no audit.key in {data_dir}" if data_dir is not None else "no key")
+        no_key = f"{where} to check the store's signed audit head with: pass --key-file KEY (the controllers' key file) or --data-dir DIR (a controller's on this store, or the one it was migrated from)"
+        return verify(rows, head, None, kept, kept_where, no_key=no_key)
+    return verify(rows, head, checker.in_store(signed), kept, kept_where)
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {

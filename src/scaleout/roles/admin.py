@@ -27,7 +27,7 @@ from scaleout.core import payload
 from scaleout.core.errors import ConflictError, CorruptModelError, IntegrityError, NotFoundError, ProtocolError
 from scaleout.package.limits import UnpackLimits
 from scaleout.security import tokens
-from scaleout.store.state import AUDIT_HEAD, State
+from scaleout.store.state import AUDIT_ANCHOR, AUDIT_HEAD, State
 from scaleout.transport.link import Hashed
 
 log = logging.getLogger("scaleout.controller")
@@ -275,7 +275,8 @@ class AdminService:
             with st.transaction(immediate=False):  # one snapshot: the rows and state.db's head agree
                 rows = st.db.execute("SELECT id, time, actor, action, address, detail, hash FROM audit ORDER BY id").fetchall()
                 stored = st.get_meta(AUDIT_HEAD)
-            return verify(rows, stored, signed, head, str(head_name or "--head"))
+                in_store = st.get_meta(AUDIT_ANCHOR) if st.postgres else None  # the head every controller on the store shares
+            return verify(rows, stored, signed.in_store(in_store) if st.postgres else signed, head, str(head_name or "--head"))
 
         return await asyncio.to_thread(read_state, self.host.store, check)
 

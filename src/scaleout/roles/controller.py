@@ -210,7 +210,7 @@ class Controller:
         why = self.state.anchor_audit(self.audit_head)
         if why and self.state.get_meta(AUDIT_HEAD):
             # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
-            log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.audit_head.path, why)
+            log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.state.audit_head_where, why)
             self.state.audit("controller", "audit.head_rewritten", reason=why)
         self.registry = RegistryWriter(self.store)
         self.blobs = BlobStore(self.dir) if isinstance(self.store, Path) else PgBlobStore(self.store, self.dir)

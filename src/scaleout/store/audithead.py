@@ -1,5 +1,6 @@
-"""The audit log's head kept outside state.db: DATA_DIR/audit.head, HMAC-signed with
-DATA_DIR/audit.key (see core/audit.py for why and how it is checked)."""
+"""The audit log's signed head: DATA_DIR/audit.head beside state.db, HMAC-signed with
+DATA_DIR/audit.key (see core/audit.py for why and how it is checked); on a PostgreSQL store,
+a row of the store itself (``StoreHead``), so every controller on it keeps the same one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from scaleout.core.errors import ConfigError
 from scaleout.security.tls import write_private
 
 KEY_FILE = "audit.key"
+# Where a PostgreSQL store keeps its signed head: a meta row (state.AUDIT_ANCHOR), written in
+# the transaction of the entry it names. Signed, not sealed: what it says (the newest entry's id
+# and hash, the count) is in the audit table beside it anyway; what matters is that nobody
+# without the audit key can write one, which the signature gives. A sealed row would not stop
+# an older one being put back either: only the log going on past it (exact) or a kept copy does.
+STORE_WHERE = "in the store (meta audit_anchor)"
 
 
 class HeadFile:
@@ -62,16 +69,55 @@ class HeadFile:
                 text = (path or self.path).read_text()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError("head", f"cannot read the audit head {where}: {exc}") from None
-        anchor, signature = parse_anchor(text, where)
+        return self.check(text, where)
+
+    def check(self, text: str, where: str) -> Anchor:
+        """The anchor in ``text``, refused unless signed with this key."""
+        subject = f"the signed head {where}" if where == STORE_WHERE else where
+        anchor, signature = parse_anchor(text, subject)
         if not hmac.compare_digest(signature, self.sign(anchor)):
-            raise ConfigError("head", f"{where} is not signed by this controller (its signature does not verify)")
+            raise ConfigError("head", f"{subject} is not signed by this controller (its signature does not verify)")
         return anchor
 
+    def signed(self, anchor: Anchor) -> str:
+        """The text of a head file (or of a store's head row) for ``anchor``."""
+        return anchor_text(anchor, self.sign(anchor))
 
-def verify(rows: Any, meta_head: str | None, head_file: HeadFile | None, kept: str | None = None, kept_where: str = "--head") -> dict[str, Any]:
+    def in_store(self, text: str | None) -> StoreHead:
+        """The head a PostgreSQL store holds (``text``, None when it has none), checked with this key."""
+        return StoreHead(self._key, text)
+
+
+class StoreHead(HeadFile):
+    """A PostgreSQL store's signed head, as read from it (``text``) with the rows it names,
+    to check with the store's audit key (any controller's data dir on it has that key, or the
+    key file that unseals it)."""
+
+    def __init__(self, key: bytes, text: str | None) -> None:
+        super().__init__(key, Path(STORE_WHERE))
+        self.text = text
+
+    def write(self, anchor: Anchor) -> None:  # pragma: no cover (State writes the row, in the entry's transaction)
+        raise TypeError("a store's signed head is written by State.audit, in the transaction of its entry")
+
+    def exists(self) -> bool:
+        return self.text is not None
+
+    def read(self, path: Path | None = None, text: str | None = None) -> Anchor:
+        if text is not None:  # a kept copy, checked with the store's key
+            return self.check(text, str(path or STORE_WHERE))
+        if self.text is None:
+            raise ConfigError("head", f"the signed head {STORE_WHERE} is missing (removed with the entries it named?)")
+        return self.check(self.text, STORE_WHERE)
+
+
+def verify(
+    rows: Any, meta_head: str | None, head_file: HeadFile | None, kept: str | None = None, kept_where: str = "--head", no_key: str | None = None,
+) -> dict[str, Any]:
     """`audit verify`'s result for a log (``rows`` in id order, ``meta_head`` state.db's
     "<id> <hash>"): the chain, then the signed head file beside state.db (exactly: when its
-    key can be read), then ``kept``, the text of a head file the operator kept (a prefix)."""
+    key can be read; a ``StoreHead`` on a PostgreSQL store), then ``kept``, the text of a head
+    file the operator kept (a prefix). ``no_key``: why there is no ``head_file``, when it is None."""
     from scaleout.core.audit import Broken, verify_chain, verify_log
 
     head: tuple[int, str] | None = None
@@ -87,7 +133,7 @@ def verify(rows: Any, meta_head: str | None, head_file: HeadFile | None, kept: s
         checks.append((str(head_file.path), True, None))
     elif broken is None and entries and kept is None:
         # Deleting audit.head and audit.key with the entries must not pass: a kept copy decides then.
-        broken = Broken(head[0] if head else None, f"no signed audit head ({HEAD_FILE} and {KEY_FILE}) beside state.db to check the log against: pass a copy you kept with --head FILE")
+        broken = Broken(head[0] if head else None, no_key or f"no signed audit head ({HEAD_FILE} and {KEY_FILE}) beside state.db to check the log against: pass a copy you kept with --head FILE")
     if kept is not None:
         checks.append((kept_where, False, kept))
     for where, exact, text in checks:

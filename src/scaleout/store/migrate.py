@@ -1,8 +1,9 @@
 """Copy a data dir's state.db and blob files into a PostgreSQL store (``scaleout store migrate``).
 
 Rows keep their keys (the audit log its ids, hashes and head, so ``audit verify`` passes on
-the copy as on the original); blobs are streamed file by file into large objects, each
-checked against its name. The rows go in one transaction: a failed migrate leaves no rows.
+the copy as on the original; the signed head beside state.db becomes the store's own, the meta
+row every controller on it shares, checked with the data dir's audit.key); blobs are streamed
+file by file into large objects, each checked against its name. The rows go in one transaction: a failed migrate leaves no rows.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scaleout.core.audit import HEAD_FILE, parse_anchor
 from scaleout.core.errors import ConfigError, IntegrityError
+from scaleout.store.audithead import KEY_FILE
 from scaleout.store.blobs import BLOB_DIRS, SUFFIXES
 from scaleout.store.pg import PgConnection, redact
 from scaleout.store.pgblobs import PgBlobStore
-from scaleout.store.state import AUDIT_HEAD, State
+from scaleout.store.state import AUDIT_ANCHOR, AUDIT_HEAD, State
 
 BATCH = 1000  # rows per INSERT batch
 
@@ -26,6 +29,7 @@ class Migrated:
     blobs: int = 0
     blob_bytes: int = 0
     audit_head: str | None = None
+    signed_head: bool = False  # the data dir's audit.head went into the store
 
 
 def held(db: PgConnection) -> dict[str, int]:
@@ -117,6 +121,13 @@ def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[s
                 seq = target.db.execute(f"SELECT pg_get_serial_sequence('{table}', 'id')").fetchone()[0] if "id" in cols and n else None
                 if seq is not None:  # an identity column goes on after the ids copied
                     target.db.execute(f"SELECT setval('{seq}', (SELECT MAX(id) FROM {table}))")
+            signed = _signed_head(src)
+            if signed is not None:  # with the rows it names, in their transaction
+                target.set_meta(AUDIT_ANCHOR, signed)
+                out.signed_head = True
+                progress(f"signed audit head: {src / HEAD_FILE} (checked with {src / KEY_FILE} or, once a controller runs on the store, the key file)")
+            else:
+                progress(f"signed audit head: none in {src} (a controller on the store writes one at start, and records that in the log)")
         out.audit_head = target.get_meta(AUDIT_HEAD)
         if out.audit_head != source.get_meta(AUDIT_HEAD):  # pragma: no cover (the copy is of the same rows)
             raise ConfigError("to", f"the copied audit head {out.audit_head} is not the source's {source.get_meta(AUDIT_HEAD)}")
@@ -127,6 +138,16 @@ def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[s
     # serve --store on this data dir then knows its state.db was moved, not left behind
     (src / MIGRATED).write_text(f"{redact(url)}\n")
     return out
+
+
+def _signed_head(src: Path) -> str | None:
+    """The text of the data dir's signed audit head, as it is (audit verify judges it), if it has one."""
+    try:
+        text = (src / HEAD_FILE).read_text()
+        parse_anchor(text, str(src / HEAD_FILE))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+    return text
 
 
 MIGRATED = "state.db.migrated"  # beside a state.db that store migrate copied into PostgreSQL

@@ -62,6 +62,9 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 AUDIT_HEAD = "audit_head"
+# meta key on a PostgreSQL store: the signed audit head (store/audithead.py), written in the
+# transaction of the entry it names, so every controller on the store shares it
+AUDIT_ANCHOR = "audit_anchor"
 TERM = "active_term"  # meta key: how many times a controller became active on this (shared) store  # meta key: "<id> <hash>" of the newest audit entry
 
 _JSON_COLUMNS = {"server_functions", "retried", "contributors", "config", "participants", "validation", "data", "detail", "timing", "attributes", "selection", "aggregation"}
@@ -170,6 +173,7 @@ class State:
             db.lock = self._lock
             self.db = db
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
+        self._head_in_store = False  # a PostgreSQL store's head is its AUDIT_ANCHOR row, not a file
         self._pending_head: tuple[int, str] | None = None
         self._audit_count = 0
         self.fence: int | None = None  # the active controller's term on a shared store (take_term)
@@ -533,7 +537,10 @@ class State:
                 (next_id, entry["time"], actor, action, address, entry["detail"], digest),
             )
             self.set_meta(AUDIT_HEAD, f"{next_id} {digest}")
-            self._pending_head = (next_id, digest)
+            if self._head_in_store:  # in this transaction: it commits (or not) with the entry it names
+                self._sign_in_store(next_id, digest, head)
+            else:
+                self._pending_head = (next_id, digest)
 
     def anchor_audit(self, head_file: Any) -> str | None:
         """Keep the audit head in ``head_file`` (store/audithead.py) too, rewritten after each
@@ -543,6 +550,8 @@ class State:
         from scaleout.core.errors import ConfigError
 
         self._head_file = head_file
+        if self.postgres:
+            return self._anchor_in_store()
         (self._audit_count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
         head = self.get_meta(AUDIT_HEAD)
         eid, _, digest = (head or "0 ").partition(" ")
@@ -560,6 +569,57 @@ class State:
         self._audit_count -= 1  # _write_head counts the pending entry
         self._write_head()
         return why
+
+    @property
+    def audit_head_where(self) -> str:
+        """Where the signed audit head is kept (for messages)."""
+        from scaleout.store.audithead import STORE_WHERE
+
+        return STORE_WHERE if self._head_in_store else str(getattr(self._head_file, "path", "-"))
+
+    def _anchor_in_store(self) -> str | None:
+        """``anchor_audit`` on a PostgreSQL store: its head is the AUDIT_ANCHOR row, shared by every
+        controller on it (a takeover finds it naming the log's end); written now, in one
+        transaction with what it is checked against, when missing, not signed with the store's
+        audit key or not naming the log's end (and why is returned, as for the file)."""
+        from scaleout.core.audit import Anchor
+        from scaleout.core.errors import ConfigError
+        from scaleout.store.audithead import STORE_WHERE
+
+        with self.transaction():  # serialised with every append, on every controller
+            head = self.get_meta(AUDIT_HEAD)
+            eid, _, digest = (head or "0 ").partition(" ")
+            (count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
+            end = Anchor(int(eid) if eid.isdigit() else 0, digest, count)
+            text = self.get_meta(AUDIT_ANCHOR)
+            if text is None:
+                why = "missing"
+            else:
+                try:
+                    why = "" if self._head_file.check(text, STORE_WHERE) == end else "not the log's end"
+                except ConfigError:
+                    why = "not signed with the store's audit.key"
+            if why:
+                self.set_meta(AUDIT_ANCHOR, self._head_file.signed(end))
+        self._head_in_store = True
+        return why or None
+
+    def _sign_in_store(self, eid: int, digest: str, before: str | None) -> None:
+        """Write the store's signed head for the entry just appended (``before``: the head it follows)."""
+        from scaleout.core.audit import Anchor
+        from scaleout.core.errors import ConfigError
+
+        count: int | None = None
+        text = self.get_meta(AUDIT_ANCHOR)
+        if text is not None and before:
+            try:  # the count goes on from the head before, which named the entry before this one
+                last = self._head_file.check(text, AUDIT_ANCHOR)
+                count = last.count + 1 if f"{last.id} {last.hash}" == before else None
+            except ConfigError:
+                count = None
+        if count is None:
+            (count,) = self.db.execute("SELECT COUNT(*) FROM audit").fetchone()
+        self.set_meta(AUDIT_ANCHOR, self._head_file.signed(Anchor(eid, digest, int(count))))
 
     def _write_head(self) -> None:
         from scaleout.core.audit import Anchor

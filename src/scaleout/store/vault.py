@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from scaleout.core.errors import ConfigError
 
@@ -116,4 +117,14 @@ def sync(url: str, key: bytes, data_dir: Path, load: Callable[[], None]) -> tupl
         conn.close()
 
 
-__all__ = ["keygen", "load_key", "seal", "sync", "unseal"]
+def opened(db: Any, key: bytes, name: str) -> bytes | None:
+    """The secret ``name`` unsealed from the store ``db`` (a State's connection: `audit verify
+    --store URL --key-file K` checks the store's signed audit head with its audit.key);
+    None when no controller has sealed one there yet."""
+    if db.execute("SELECT to_regclass('scaleout_secrets')").fetchone()[0] is None:
+        return None
+    row = db.execute("SELECT sealed FROM scaleout_secrets WHERE name=?", (name,)).fetchone()
+    return unseal(key, name, bytes(row[0])) if row is not None else None
+
+
+__all__ = ["keygen", "load_key", "opened", "seal", "sync", "unseal"]
