@@ -6,19 +6,21 @@ Where a SQLite test of the same store exists, it runs here again unchanged again
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import test_command_store
 import test_logged_metrics
 
-from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
+from scaleout.core.errors import IntegrityError, NotFoundError, StorageError, StoreUnreachable
 from scaleout.store.identities import Identities
 from scaleout.store.metrics import dropped_metrics, glob_regex
-from scaleout.store.pg import redact
+from scaleout.store.pg import _unreachable, redact
 from scaleout.store.pgblobs import CHUNK, PgBlobStore
 from scaleout.store.state import AUDIT_HEAD, State
 
@@ -203,7 +205,7 @@ def test_blobs_in_large_objects_round_trip_chunked_and_verified(pg_url: str, tmp
     blobs.close()
 
 
-def test_an_unreachable_or_stopped_server_is_a_storage_error(postgres_server, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_or_stopped_server_is_a_storage_error(postgres_server, pg_url: str, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(StorageError, match="connecting to the PostgreSQL store postgresql://postgres@127.0.0.1:1/x"):
         State("postgresql://postgres@127.0.0.1:1/x")
     with pytest.raises(StorageError, match="does not exist"):
@@ -211,17 +213,40 @@ def test_an_unreachable_or_stopped_server_is_a_storage_error(postgres_server, pg
     assert redact("postgresql://u:secret@h:5/d") == "postgresql://u:***@h:5/d"
     st = State(pg_url)
     st.add_session("s1", {}, "m")
+    caplog.set_level(logging.INFO)
     postgres_server.stop()
     try:
-        with pytest.raises(StorageError, match="PostgreSQL store"):
+        with pytest.raises(StoreUnreachable, match="PostgreSQL store"):  # one the session runner waits for
             st.add_session("s2", {}, "m")
-        with pytest.raises(StorageError), st.transaction():
+        with pytest.raises(StoreUnreachable), st.transaction():
             st.add_step("s1", {"x": 1})
     finally:
         postgres_server.start()
     st.add_session("s3", {}, "m")  # the pool connects again by itself
     assert [s["id"] for s in st.sessions()] == ["s1", "s3"]
     st.close()
+    # The outage in a few lines: lost (once), at most one a SAY_EVERY_S meanwhile, back (once);
+    # none of psycopg_pool's warning per attempt.
+    parts = urlsplit(pg_url)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(x.startswith(f"lost the PostgreSQL store at 127.0.0.1:{parts.port}{parts.path} (") for x in lines) == 1, lines
+    assert sum(x.startswith("PostgreSQL store back after ") for x in lines) == 1, lines
+    assert len(lines) <= 4 and not [r for r in caplog.records if r.name == "psycopg.pool" and r.levelno >= logging.WARNING], lines
+
+
+def test_a_lost_link_is_told_from_a_full_disk() -> None:
+    """What the session runner waits for (the link: lost, refused, the server shutting down)
+    and what it does not (the server's disk full, a constraint)."""
+    import psycopg
+    from psycopg import errors
+
+    assert _unreachable(psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"))
+    assert _unreachable(errors.AdminShutdown("terminating connection due to administrator command"))
+    assert _unreachable(errors.ConnectionFailure("connection failure"))
+    assert _unreachable(psycopg.InterfaceError("the connection is closed"))
+    assert not _unreachable(errors.DiskFull("could not extend file: No space left on device"))
+    assert not _unreachable(errors.UniqueViolation("duplicate key"))
+    assert not _unreachable(OSError(28, "No space left on device"))
 
 
 def test_the_readme_section_says_what_the_cli_takes() -> None:

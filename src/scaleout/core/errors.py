@@ -16,7 +16,8 @@
      ├── NotFoundError          a session, model, package, ... does not exist
      ├── ConflictError          the request conflicts with current state (session running, ...)
      ├── StorageError           the controller could not write or read its files (disk full, ...)
-     │    └── CorruptModelError  a stored model file no longer matches its id
+     │    ├── CorruptModelError  a stored model file no longer matches its id
+     │    └── StoreUnreachable  the store's server could not be reached (a lost or refused link): it may come back
      ├── Superseded             another node took over this node's name
      ├── Standby                this controller is a standby: the active one (named) does the work
      ├── ShuttingDown           the controller is stopping: a session it runs goes on at its next start
@@ -204,6 +205,11 @@ class StorageError(ScaleoutError):
         self.path = path
         self.errno = errno
         super().__init__(f"{problem[:1].lower()}{problem[1:]} while {action} {path}")
+
+
+class StoreUnreachable(StorageError):
+    """The store's database server could not be reached (a connection lost, refused, or none
+    free in time): unlike a full disk, waiting may cure it."""
 
 
 class CorruptModelError(StorageError):

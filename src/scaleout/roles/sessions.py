@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -37,6 +38,7 @@ from scaleout.core.errors import (
     RemoteError,
     ShuttingDown,
     StorageError,
+    StoreUnreachable,
     UpdateRejected,
 )
 from scaleout.core.limits import transfer_timeout
@@ -68,6 +70,18 @@ SMALL_PAYLOAD = 1 << 20
 SPILL_SLACK = 1 << 20  # a forwarded update may have a larger header than the model's
 RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a session's end
 RESTARTED = "controller restarted"
+STORE_RETRY_S = (0.5, 5.0)  # first and longest wait between tries of a write while the store is unreachable
+
+
+def store_wait_s() -> float | None:
+    """How long a session's write waits for an unreachable store before its round fails:
+    SCALEOUT_STORE_WAIT_S (hidden: tests shorten it), else None (the session's round_timeout)."""
+    raw = os.environ.get("SCALEOUT_STORE_WAIT_S")
+    try:
+        return max(0.0, float(raw)) if raw else None
+    except ValueError:
+        log.warning("SCALEOUT_STORE_WAIT_S must be a number of seconds, got %r: using the round timeout", raw)
+        return None
 
 
 class CombinerLink(Protocol):
@@ -149,6 +163,7 @@ class SessionService:
         # keeps them from interleaving with the loop's own writes on the shared connection).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaleout-store")
         self._ends_lock = threading.Lock()  # one writer of _unrecorded's ends at a time (the loop or the store thread)
+        self.store_wait = store_wait_s()  # None: a session's round_timeout
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -511,18 +526,58 @@ class SessionService:
         """``fn(*args)`` on the store thread (after the writes queued before it)."""
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
-    async def _persist(self, s: RunningSession, step: Step, *writes: Any) -> None:
+    async def _patient(self, s: RunningSession, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()``, tried again with backoff while the store is unreachable (a lost or
+        refused link: StoreUnreachable; a full disk is not waited for) for up to the session's
+        round_timeout (SCALEOUT_STORE_WAIT_S), then its StoreUnreachable is raised. A stop
+        ends the wait."""
+        loop = asyncio.get_running_loop()
+        bound = s.config.round_timeout if self.store_wait is None else self.store_wait
+        began, delay, longest = loop.time(), *STORE_RETRY_S
+        said = False
+        while True:
+            try:
+                out = await attempt()
+            except StoreUnreachable as exc:
+                waited = loop.time() - began
+                if waited >= bound or s.stopped:
+                    if said:
+                        log.error("round %d: the store is still unreachable after %.1f s: giving up (%s)", s.round_index, waited, exc)
+                    raise
+                if not said:
+                    log.warning("round %d: the store is unreachable: waiting up to %.0f s for it (%s)", s.round_index, bound, exc)
+                    said = True
+                await asyncio.sleep(min(delay, bound - waited))  # a backoff, not a synchronisation: the store may come back any time
+                delay = min(delay * 2, longest)
+                continue
+            if said:
+                log.warning("round %d: the store is back after %.1f s: going on", s.round_index, loop.time() - began)
+            return out
+
+    async def _persist(self, s: RunningSession, step: Step, *writes: Any, wait: bool = True) -> None:
         """Write a step and the rows it implies in one transaction (on the store thread),
-        then fold it in: the step is committed before the controller acts on it."""
+        then fold it in: the step is committed before the controller acts on it. While the
+        store is unreachable it is tried again (``wait``: see _patient); a try after one whose
+        COMMIT may have landed unanswered (the link lost meanwhile) first looks: a step is
+        never written twice."""
         st = self.host.state
+        record = json.loads(json.dumps(step.to_dict()))
+        tries = 0
 
         def write() -> None:
+            nonlocal tries
+            tries += 1
             with st.transaction():
+                if tries > 1 and st.steps(s.id)[-1:] == [record]:
+                    return  # the last try's COMMIT landed
                 st.add_step(s.id, step.to_dict())
                 for more in writes:
                     more()
 
-        await self._store(write)
+        if wait:
+            await self._patient(s, lambda: self._store(write))
+        else:
+            await self._store(write)
         s.machine.apply(step)
 
     async def _run_session(self, s: RunningSession) -> None:
@@ -666,10 +721,10 @@ class SessionService:
             kind = StepKind.ROUND_VALIDATED if status == "succeeded" else StepKind.ROUND_FAILED
             try:
                 if kind is StepKind.ROUND_VALIDATED and not cfg.validate:  # committed already: only the row's last fields
-                    await self._store(lambda: st.finish_round(s.id, index, **fields))
+                    await self._patient(s, lambda: self._store(lambda: st.finish_round(s.id, index, **fields)))
                 else:
                     await self._persist(s, Step(kind, index, attempt, reason=reason, at=time.time()), lambda: st.finish_round(s.id, index, **fields))
-                row = await self._store(this_round)
+                row = await self._patient(s, lambda: self._store(this_round))
             except StorageError as exc:  # kept in memory; the session's end records it later
                 log.error("round %d: could not record its outcome: %s", index, exc)
                 s.storage_failure = s.storage_failure or exc
@@ -695,7 +750,10 @@ class SessionService:
         # (lost and back since) says nothing about this round.
         links = {name: host.combiners[name].link for name in selected}
         settings = {**cfg.settings, **strategy.train_settings()}  # e.g. FedProx's mu, over --settings
-        await self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
+        try:
+            await self._persist(s, Step(StepKind.TASKS_SENT, index, attempt, at=time.time()))
+        except StoreUnreachable as exc:  # for longer than the wait: this round fails, not the session
+            return await finish("failed", str(exc), participants=[])
         await failpoint("distribute")  # the round is recorded, its orders not yet out
         settings = await sfn.client_settings(s, settings, global_bytes)  # the server functions over both
         for name, clients in selected.items():
@@ -764,7 +822,7 @@ class SessionService:
                         log.warning("round %d: combiner %s counts %d updates; %d were spilled", index, name, msg.count, len(who))
                     if who:
                         try:
-                            await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=len(who), at=time.time()))
+                            await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=len(who), at=time.time()), wait=False)
                         except StorageError as exc:
                             log.warning("round %d: could not note the updates of combiner %s: %s", index, name, exc)
                     contributors.extend(who)
@@ -788,8 +846,8 @@ class SessionService:
                     continue
                 finally:
                     reduce_s += loop.time() - began
-                try:  # progress, not a decision: a restart retries the round whole either way
-                    await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=count, at=time.time()))
+                try:  # progress, not a decision: a restart retries the round whole either way (not waited for)
+                    await self._persist(s, Step(StepKind.PARTIAL_RECEIVED, index, attempt, combiner=name, count=count, at=time.time()), wait=False)
                 except StorageError as exc:
                     log.warning("round %d: could not note the partial of combiner %s: %s", index, name, exc)
                 contributors.extend(who)
@@ -810,8 +868,9 @@ class SessionService:
         try:
             # Files first, then the rows that name them: a kill between the two leaves a file
             # no row names, which the next start sweeps (store/blobs.py), never a row without its file.
-            model_id = await asyncio.to_thread(host.blobs.put, MODEL[0], new_bytes, MODEL[1])
-            state_id = await asyncio.to_thread(host.blobs.put, STATE[0], state_bytes, STATE[1]) if state_bytes else None
+            # (Each blob is one transaction: stored whole or not at all; one stored already is kept.)
+            model_id = await self._patient(s, lambda: asyncio.to_thread(host.blobs.put, MODEL[0], new_bytes, MODEL[1]))
+            state_id = await self._patient(s, lambda: asyncio.to_thread(host.blobs.put, STATE[0], state_bytes, STATE[1])) if state_bytes else None
             await failpoint("commit")  # the files written, the rows that name them not yet
             # The model, its trail entry, the strategy's state, the round's outcome and its step land in one transaction.
             await self._persist(
@@ -821,6 +880,9 @@ class SessionService:
                     server_state=state_id,
                 ),
             )
+        except StoreUnreachable as exc:  # for longer than the wait: the global model stays, this round fails
+            log.error("round %d: could not commit the new global model: %s", index, exc)
+            return await finish("failed", str(exc), participants=sorted(contributors))
         except StorageError as exc:  # a full disk: the global model stays, the session ends
             log.error("round %d: could not commit the new global model: %s", index, exc)
             s.storage_failure = exc

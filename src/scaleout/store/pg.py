@@ -21,19 +21,25 @@ types, PRAGMA table_info). The schema is therefore the same tables, columns and 
 for PostgreSQL (plpgsql) in ``AUDIT_TRIGGERS``.
 
 A lost connection, a server that refuses or a full disk on the server raise StorageError
-naming the store (its password left out), never a driver traceback.
+naming the store (its password left out), never a driver traceback: StoreUnreachable for the
+link (lost, refused, no connection in time), which waiting may cure, as the session runner
+does. An outage is told in one line when the server is lost, at most one every SAY_EVERY_S
+while it stays away and one when it is back (``_Outage``), not in a warning per attempt of
+each pool (psycopg_pool's are silenced: ``_PoolNoise``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
+import time
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from scaleout.core.errors import StorageError
+from scaleout.core.errors import StorageError, StoreUnreachable
 
 SCHEMES = ("postgresql://", "postgres://")
 POOL_MAX = 8  # connections per State (the controller holds three States: its own, the registry writer's, the command store's)
@@ -43,6 +49,9 @@ CONNECT_TIMEOUT_S = 10
 WAIT_S = 5.0
 RETRY_MAX_S = 1.0  # a lost server is tried again at least this often
 WRITE_LOCK = 0x5CA1E0  # the advisory lock BEGIN IMMEDIATE takes (transaction-scoped)
+SAY_EVERY_S = 10.0  # while the server stays away, one line this often at most
+
+log = logging.getLogger("scaleout.store")
 
 AUDIT_TRIGGERS = """
 CREATE OR REPLACE FUNCTION scaleout_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -74,6 +83,81 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _where(url: str) -> str:
+    """HOST:PORT/DB, as the outage lines name the server (no user, no password)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+class _Outage:
+    """Whether the server at one address answers, as every pool of this process on it sees
+    it (each State and the blob store have their own): one line when it is lost, at most one
+    every SAY_EVERY_S while it stays away, one when it is back."""
+
+    def __init__(self, where: str, password: str | None) -> None:
+        self.where = where
+        self.password = password
+        self.lock = threading.Lock()
+        self.since: float | None = None  # monotonic time it was lost; None: it answers
+        self.said = 0.0
+
+    def lost(self, reason: str) -> None:
+        if self.password:
+            reason = reason.replace(self.password, "***")
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                self.since = self.said = now
+                log.warning("lost the PostgreSQL store at %s (%s); retrying", self.where, reason)
+            elif now - self.said >= SAY_EVERY_S:
+                self.said = now
+                log.warning("the PostgreSQL store at %s is still unreachable after %.0f s (%s); retrying", self.where, now - self.since, reason)
+
+    def back(self) -> None:
+        if self.since is None:  # read without the lock: the usual case costs nothing
+            return
+        with self.lock:
+            if self.since is not None:
+                log.warning("PostgreSQL store back after %.1f s", time.monotonic() - self.since)
+                self.since = None
+
+
+_outages: dict[str, _Outage] = {}  # one per server address: the pools on it share what they see
+_outages_lock = threading.Lock()
+
+
+def _outage(url: str) -> _Outage:
+    with _outages_lock:
+        return _outages.setdefault(_where(url), _Outage(_where(url), urlsplit(url).password))
+
+
+class _PoolNoise(logging.Filter):
+    """psycopg_pool's warnings for each failed (re)connection attempt and each dropped
+    connection (several a second, multi-line, per pool): _Outage says it once instead."""
+
+    NOISE = ("error connecting in", "discarding broken connection", "discarding closed connection", "reconnection attempt in pool", "task run ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith(self.NOISE))
+
+
+def _quiet_pool() -> None:
+    pool_log = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _PoolNoise) for f in pool_log.filters):
+        pool_log.addFilter(_PoolNoise())
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A failure of the link to the server (lost, refused, closed, shutting down), not of
+    what it was asked (a full disk there, a constraint, bad SQL)."""
+    import psycopg
+
+    if isinstance(exc, psycopg.InterfaceError):  # "the connection is closed"
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, psycopg.OperationalError) and (not state or state[:2] == "08" or state in ("57P01", "57P02", "57P03"))
 
 
 # -- the dialect ----------------------------------------------------------------------------
@@ -199,6 +283,19 @@ def _pool_class() -> Any:
             self.delay = min(self.delay, RETRY_MAX_S)
 
     class Pool(ConnectionPool):  # type: ignore[misc]
+        outage: _Outage | None = None
+
+        def _connect(self, timeout: float | None = None) -> Any:
+            try:
+                conn = super()._connect(timeout)
+            except Exception as exc:  # what the pool's own handling catches, told once (_Outage)
+                if self.outage is not None:
+                    self.outage.lost(_reason(exc))
+                raise
+            if self.outage is not None:
+                self.outage.back()
+            return conn
+
         def _add_connection(self, attempt: Any, growing: bool = False) -> None:
             if attempt is None:
                 attempt = _Capped(timeout=self.reconnect_timeout)
@@ -221,10 +318,13 @@ class PgConnection:
         except psycopg.Error as exc:
             raise StorageError(_reason(exc), "connecting to", self.path) from None
         pool = _pool_class()
+        self._outage = _outage(url)
+        _quiet_pool()
         self._pool = pool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=WAIT_S,
             check=pool.check_connection, name="scaleout-store",
         )
+        self._pool.outage = self._outage
         self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
         self._local = threading.local()
         self._columns: dict[str, list[tuple[str, bool]]] = {}  # table -> (column, has a default), for INSERT OR REPLACE
@@ -274,7 +374,8 @@ class PgConnection:
         try:
             return self._pool.getconn()
         except PoolTimeout:
-            raise StorageError(f"no connection to PostgreSQL within {WAIT_S:g} s", "using", self.path) from None
+            self._outage.lost(f"no connection within {WAIT_S:g} s")
+            raise StoreUnreachable(f"no connection to PostgreSQL within {WAIT_S:g} s", "using", self.path) from None
 
     def _putconn(self, conn: Any, broken: bool = False) -> None:
         with contextlib.suppress(Exception):
@@ -288,6 +389,9 @@ class PgConnection:
 
         if isinstance(exc, StorageError):
             raise exc
+        if _unreachable(exc):
+            self._outage.lost(_reason(exc))
+            raise StoreUnreachable(_reason(exc), action, self.path) from None
         if isinstance(exc, psycopg.OperationalError) or (isinstance(exc, psycopg.Error) and (getattr(exc, "sqlstate", None) or "")[:2] in ("08", "53", "57", "58", "XX")):
             raise StorageError(_reason(exc), action, self.path) from None
 
@@ -356,6 +460,7 @@ class PgConnection:
             raise
         if own:
             self._putconn(conn)
+        self._outage.back()
         return out
 
     def _replace(self, sql: str, m: re.Match[str]) -> str:
