@@ -3,6 +3,7 @@ sessions with real combiners and clients over TLS, and resumes one after a SIGKI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -358,3 +359,60 @@ def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
     assert r.returncode == 2 and f"{tmp_path} is a directory: give the key file's path" in r.stderr and f"--out {tmp_path}" not in r.stderr, r.stderr
     r = scaleout(*data, *unreachable, "--key-file", str(tmp_path / "none.key"))
     assert r.returncode == 2 and "does not exist (create one with: scaleout store keygen --out" in r.stderr, r.stderr
+
+
+def _fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last byte."""
+    with open(folder / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == 28, exc
+    with contextlib.suppress(OSError), open(folder / "filler2", "wb") as fh:  # the last partial block
+        while True:
+            fh.write(b"\0")
+            fh.flush()
+
+
+def test_the_data_dir_full_mid_round_on_postgresql_is_a_storage_error(fed: Federation, pg_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL the data dir holds what the controller keeps beside the store: the
+    updates a strategy that needs each one (fedmedian) spills. Full mid-round (it was "internal
+    error: [Errno 28]" once), the session fails saying so (no space left on device, spilling
+    where), no model is committed by that round, and the controller stays up and runs the
+    next session once there is room."""
+    import subprocess
+
+    fed.data.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fed.data)], capture_output=True, text=True, check=False)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the data dir (needs root): {mount.stderr.strip()}")
+    try:
+        ctl = fed.controller("--store", pg_url)
+        seed = fed.seed_from(RECOVER)
+        fed.combiner("c1")
+        clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
+        fed.wait_clients(2)
+        gate = tmp_path / "gate"
+        config = {"rounds": 2, "round_timeout": 60, "validate": False, "aggregator": "fedmedian", "settings": {"gate": str(gate), "gate_from": 2}}
+        session = fed.admin("session.start", config)[0]["session"]
+        wait_stdout(clients[0], "recover_client: held")  # round 2 in flight
+        _fill(fed.data)
+        gate.touch()
+        done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
+        assert ctl.popen.poll() is None, "the controller died"
+        rounds = done["rounds"]
+        assert [r["status"] for r in rounds] == ["succeeded", "failed"], done
+        assert done["status"] == "failed" and "no space left on device while spilling a client's update " in done["reason"], done
+        assert str(fed.data / "spill") in done["reason"], done
+        _trail_checks(fed, pg_url, seed, session["id"], rounds)
+        log = ctl.text()
+        assert "internal error" not in log and "Traceback" not in log, log
+        for filler in fed.data.glob("filler*"):
+            filler.unlink()
+        again = fed.run_session(rounds=1, validate=False)
+        assert again["status"] == "finished", again
+    finally:
+        fed.stop_all()
+        subprocess.run(["umount", "-l", str(fed.data)], capture_output=True, check=False)
