@@ -266,6 +266,9 @@ def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: s
         gate.touch()  # round 2's updates come in while the store is unreachable
         cut_at = time.monotonic()
         time.sleep(max(0.0, 10 - (time.monotonic() - cut_at)))  # the outage itself lasts 10 s (not a synchronisation)
+        # ... and until the round's commit found the store away (a first try waits 5 s for a
+        # connection: it began a few seconds into the outage, so it may end just after 10 s).
+        _wait_log(ctl, "round 2: the store is unreachable: waiting up to 60 s")
         relay.restore()
         done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
         assert ctl.popen.poll() is None, "the controller died"

@@ -17,7 +17,12 @@ import pytest
 import test_command_store
 import test_logged_metrics
 
-from scaleout.core.errors import IntegrityError, NotFoundError, StorageError, StoreUnreachable
+from scaleout.core.errors import (
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    StoreUnreachable,
+)
 from scaleout.store.identities import Identities
 from scaleout.store.metrics import dropped_metrics, glob_regex
 from scaleout.store.pg import _unreachable, redact
