@@ -3,7 +3,6 @@ sessions with real combiners and clients over TLS, and resumes one after a SIGKI
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -365,18 +364,14 @@ def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
 
 
 def _fill(folder: Path) -> None:
-    """Fill the file system of ``folder`` to the last byte."""
-    with open(folder / "filler", "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == 28, exc
-    with contextlib.suppress(OSError), open(folder / "filler2", "wb") as fh:  # the last partial block
-        while True:
-            fh.write(b"\0")
-            fh.flush()
+    """Fill the file system of ``folder`` to the last byte (unbuffered: nothing left to flush at close)."""
+    for name, block in (("filler", 65536), ("filler2", 1)):  # then the last partial block
+        with open(folder / name, "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * block)
+            except OSError as exc:
+                assert exc.errno == 28, exc
 
 
 def test_the_data_dir_full_mid_round_on_postgresql_is_a_storage_error(fed: Federation, pg_url: str, tmp_path: Path) -> None:
