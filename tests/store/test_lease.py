@@ -110,8 +110,10 @@ def test_key_file_checks(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(ConfigError, match="not a scaleout key file"):
         vault.load_key(path)
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="does not exist .create one with: scaleout store keygen"):
         vault.load_key(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="is a directory: give the key file's path"):
+        vault.load_key(tmp_path)
 
 
 def test_sealed_secrets_are_bound_to_their_name() -> None:

@@ -50,16 +50,11 @@ _TABLES = ("meta", "combiners", "clients", "packages", "models", "sessions", "ro
 
 def drop(db: PgConnection) -> None:
     """Remove a Scaleout store's tables (and the large objects its blobs name) from a database."""
-    db.execute("BEGIN DEFERRED")
-    try:
+    with db.transaction():
         if db.execute("SELECT to_regclass('blobs')").fetchone()[0] is not None:  # type: ignore[index]
             db.execute("SELECT lo_unlink(oid) FROM blobs")
         for t in (*_TABLES, "blobs", "scaleout_secrets", "scaleout_active", "scaleout_controllers"):  # the old store's CA and keys too
             db.execute(f'DROP TABLE IF EXISTS "{t}" CASCADE')
-        db.execute("COMMIT")
-    except BaseException:
-        db.rollback()
-        raise
 
 
 def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[str], None] = lambda line: None) -> Migrated:

@@ -35,6 +35,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -363,6 +364,17 @@ class PgConnection:
                 raise
             return
         self._putconn(conn)
+
+    @contextlib.contextmanager
+    def transaction(self, begin: str = "BEGIN DEFERRED") -> Iterator[PgConnection]:
+        """``begin`` (a key of _BEGIN: what it serialises with) to COMMIT, rolled back on any exception."""
+        self.execute(begin)
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.execute("COMMIT")
 
     def rollback(self) -> None:
         if self.in_transaction:

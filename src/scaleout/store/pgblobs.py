@@ -67,9 +67,7 @@ class PgBlobStore:
     def _write(self, kind: str, digest: str, size: int, chunks: Iterator[Any]) -> None:
         if self._intact(kind, digest, size):
             return  # already stored (a corrupt copy is replaced: putting it again repairs it)
-        db = self.db
-        db.execute("BEGIN DEFERRED")  # read committed, no write lock: a large blob holds up nobody
-        try:
+        with self.db.transaction("BEGIN DEFERRED") as db:  # read committed, no write lock: a large blob holds up nobody
             (oid,) = db.execute("SELECT lo_create(0)").fetchone()  # type: ignore[misc]
             offset = 0
             for block in chunks:
@@ -83,10 +81,6 @@ class PgBlobStore:
             )
             if old is not None:
                 db.execute("SELECT lo_unlink(?)", (old[0],))
-            db.execute("COMMIT")
-        except BaseException:
-            db.rollback()
-            raise
 
     def _intact(self, kind: str, digest: str, size: int) -> bool:
         row = self.db.execute("SELECT size FROM blobs WHERE kind=? AND id=?", (kind, digest)).fetchone()
@@ -105,9 +99,7 @@ class PgBlobStore:
         """The blob's bytes, CHUNK at a time, from one snapshot; IntegrityError at the end
         when they are not ``digest`` (nothing read before then is to be trusted)."""
         _check(kind, digest)
-        db = self.db
-        db.execute("BEGIN")  # repeatable read: a sweep or replacement meanwhile does not cut it
-        try:
+        with self.db.transaction("BEGIN") as db:  # repeatable read: a sweep or replacement meanwhile does not cut it
             row = db.execute("SELECT oid, size FROM blobs WHERE kind=? AND id=?", (kind, digest)).fetchone()
             if row is None:
                 raise NotFoundError(kind, digest)
@@ -124,10 +116,6 @@ class PgBlobStore:
                 yield block
                 if len(block) < CHUNK:
                     break
-        except BaseException:
-            db.rollback()
-            raise
-        db.execute("COMMIT")
         if h.hexdigest() != digest or offset != size:
             raise IntegrityError(digest, h.hexdigest(), what=f"stored {kind} large object {oid}")
 
@@ -170,16 +158,10 @@ class PgBlobStore:
         for digest, _ in self.ids(kind):
             if digest in keep:
                 continue
-            db = self.db
-            db.execute("BEGIN DEFERRED")
-            try:
+            with self.db.transaction() as db:
                 row = db.execute("DELETE FROM blobs WHERE kind=? AND id=? RETURNING oid", (kind, digest)).fetchone()
                 if row is not None:
                     db.execute("SELECT lo_unlink(?)", (row[0],))
-                db.execute("COMMIT")
-            except BaseException:
-                db.rollback()
-                raise
             removed.append(f"{digest}{suffix}")
         return removed
 
