@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -396,7 +397,7 @@ def _check_shape(name: str, shape: list[int]) -> None:
 
 def _parse_header(data: bytes) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """Validate the safetensors header and return (specs in header order, metadata)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, bytes | bytearray | memoryview | mmap.mmap):  # a mapped file is a model's bytes too
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     if len(data) < 8:
         raise PayloadError(f"payload is {len(data)} bytes, too short for a safetensors header")

@@ -53,7 +53,7 @@ from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, S
 from scaleout.roles import serverfunctions as sfn
 from scaleout.roles.common import failpoint, new_id
 from scaleout.roles.spill import SPILL, Spill, sweep
-from scaleout.transport.link import Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import Link, LinkClosed, Pieces, RequestTimeout
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
@@ -95,7 +95,7 @@ class SessionHost(Protocol):
 
     async def model_bytes(self, model_id: str) -> bytes: ...
 
-    def keep_model(self, model_id: str, data: bytes) -> None: ...
+    def keep_model(self, model_id: str, data: bytes | Pieces) -> None: ...
 
 
 @dataclass
@@ -822,10 +822,12 @@ class SessionService:
             s.storage_failure = exc
             return await finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
-        host.keep_model(model_id, new_bytes)  # the next round's global model: no need to read it back
+        host.keep_model(model_id, new_bytes)  # the next round's global model: no need to read it back (or hash it again)
+        new_size = len(new_bytes)
+        del new_bytes  # its pieces are views of the round's sums: they go now, not at the round's end
         host.hub.publish(m.ModelCommitted(
             model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
-            contributors=len(contributors), size=len(new_bytes),
+            contributors=len(contributors), size=new_size,
         ))
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
@@ -947,15 +949,17 @@ def _round_timing(combiners: dict[str, dict[str, Any]], reduce_s: float, commit_
     return out
 
 
-def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
+def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[Pieces, bytes | None, dict[str, Any]]:
     """The strategy's step from the round's mean to the next global model (off the event
-    loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
+    loop): (the model as pieces, state bytes or None when the strategy keeps none, state).
+    The pieces are its header and views of the arrays (the sums divided in place, for
+    FedAvg): written to the model's file as they are, never joined into a second copy."""
     model, new_state = strategy.step(payload.views(global_bytes), agg.mean(in_place=True), state)
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
-    return payload.encode_named(model, layout), state_bytes, new_state
+    return Pieces(payload.encode_named_pieces(model, layout)), state_bytes, new_state
 
 
-def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any], dict[str, Any]]:
+def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[Pieces, bytes | None, dict[str, Any], dict[str, Any]]:
     """A ``needs_updates`` strategy's step over the round's spilled updates, memory-mapped
     (off the event loop): (model bytes, state bytes or None, state, what the strategy asks
     to record on the round). Only ``contributors`` count: an update spilled from a combiner
@@ -974,7 +978,7 @@ def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_
     finally:
         spill.remove()
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
-    return payload.encode_named(model, layout), state_bytes, new_state, dict(getattr(strategy, "last_record", None) or {})
+    return Pieces(payload.encode_named_pieces(model, layout)), state_bytes, new_state, dict(getattr(strategy, "last_record", None) or {})
 
 
 async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int, deadline: float, what: str) -> bytes:
