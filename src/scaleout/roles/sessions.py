@@ -987,6 +987,7 @@ async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int,
     the last moment) and given up when none arrives for PULL_STALL_S."""
     loop = asyncio.get_running_loop()
     link.max_payload = size
+    link.writable_payloads = True  # a partial's buffer may become the round's sums (FedAvg.add_partial)
     request = asyncio.ensure_future(link.request(op, args, timeout=transfer_timeout(size)))
     until = max(deadline, loop.time() + PARTIAL_GRACE_S)
     seen, since = link.received_bytes, loop.time()
@@ -1007,6 +1008,7 @@ async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int,
         if not request.done():
             request.cancel()
         link.max_payload = SMALL_PAYLOAD
+        link.writable_payloads = False
     if blob is None or len(blob) != size:
         raise PayloadError(f"combiner announced a {what} of {size} bytes and sent {0 if blob is None else len(blob)}")
     return blob
