@@ -371,8 +371,6 @@ class AdminService:
         if h.session is not None:
             raise ConflictError(f"session {h.session.id} is running; stop it before setting a new seed model")
         await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
-        if isinstance(data, mmap.mmap):
-            release(data)  # read once to check it: not held in memory for it
         digest = await asyncio.to_thread(h.blobs.put, MODEL[0], data, MODEL[1])
         with h.state.transaction():
             h.state.commit_model(digest, len(data), aggregator="seed")
@@ -392,6 +390,8 @@ class AdminService:
         row = h.state.model(id)
         data = await self.model_bytes(row["id"])  # its file is there, intact
         await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
+        if isinstance(data, mmap.mmap):
+            release(data)  # read once to check it: not held in memory for it
         if isinstance(data, mmap.mmap):
             release(data)  # read once to check it: not held in memory for it
         with h.state.transaction():
