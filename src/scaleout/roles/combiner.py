@@ -18,7 +18,7 @@ import numpy as np
 
 from scaleout.core import messages as m
 from scaleout.core import payload, permissions
-from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
+from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, StorageError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_limit
@@ -1023,10 +1023,13 @@ def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]
 def _mapped_copy(data: bytes) -> mmap.mmap:
     """``data`` written to an unnamed temporary file (gone with its last mapping, even if this
     process is killed) and mapped read-only: bytes-like, in the page cache, not the heap."""
-    with tempfile.TemporaryFile(prefix="scaleout-model-") as fh:
-        fh.write(data)
-        fh.flush()
-        return mmap.mmap(fh.fileno(), len(data), access=mmap.ACCESS_READ)
+    try:
+        with tempfile.TemporaryFile(prefix="scaleout-model-") as fh:
+            fh.write(data)
+            fh.flush()
+            return mmap.mmap(fh.fileno(), len(data), access=mmap.ACCESS_READ)
+    except OSError as exc:  # a full temporary folder: the round is refused, the combiner goes on
+        raise StorageError(exc.strerror or str(exc), "keeping the round's model in", tempfile.gettempdir(), exc.errno) from None
 
 
 def _reader(mapped: mmap.mmap | None) -> Callable[[np.ndarray], None] | None:
