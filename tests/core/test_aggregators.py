@@ -482,3 +482,32 @@ def test_check_then_add_equals_add_and_check_touches_nothing() -> None:
     bad = dict(updates[0], w=np.full((3, 4), np.nan, np.float32))
     with pytest.raises(UpdateRejected, match="'w' contains NaN or inf"):
         staged.check(bad)
+
+
+def test_a_first_writable_partial_becomes_the_sums_and_gives_the_same_mean() -> None:
+    """The controller's reducer takes the first partial's buffer (a writable payload) as its
+    sums instead of folding it into zeros: the same result, one model-sized buffer fewer."""
+    updates, weights = make_updates(3)
+    combiners = [FedAvg(TEMPLATE), FedAvg(TEMPLATE)]
+    combiners[0].add(updates[0], weights[0], "c0")
+    combiners[0].add(updates[1], weights[1], "c1")
+    combiners[1].add(updates[2], weights[2], "c2")
+    blobs = [bytearray(encode_partial(c.partial())) for c in combiners]  # as a link hands them over when asked to
+    reducer = FedAvg(TEMPLATE)
+    first = decode_partial(blobs[0])
+    reducer.add_partial(first)
+    assert all(np.shares_memory(reducer._sums[name], first.sums[name]) for name in TEMPLATE)
+    reducer.add_partial(decode_partial(blobs[1]))
+    assert_matches(reducer.result(), reference_mean(updates, weights))
+    # Read-only arrays (a payload as bytes) are folded into the aggregator's own sums.
+    other = FedAvg(TEMPLATE)
+    readonly = decode_partial(bytes(encode_partial(combiners[0].partial())))
+    other.add_partial(readonly)
+    assert not any(np.shares_memory(other._sums[name], readonly.sums[name]) for name in TEMPLATE)
+    # A refused partial after an adopted one leaves the sums as they were.
+    again = FedAvg(TEMPLATE)
+    again.add_partial(decode_partial(bytearray(encode_partial(combiners[0].partial()))))
+    kept = {name: s.copy() for name, s in again._sums.items()}
+    with pytest.raises(UpdateRejected, match="duplicate"):
+        again.add_partial(decode_partial(bytearray(encode_partial(combiners[0].partial()))))
+    assert all(np.array_equal(again._sums[name], kept[name]) for name in TEMPLATE) and again.count == 2

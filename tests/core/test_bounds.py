@@ -100,3 +100,19 @@ def test_session_config_bounds_defaults_and_checks() -> None:
             SessionConfig.from_mapping({"max_examples_per_client": bad})
     with pytest.raises(ConfigError, match="max_update_norm"):
         SessionConfig.from_mapping({"max_update_norm": -3})
+
+
+def test_check_change_tells_each_stretch_of_the_model_it_read_and_measures_the_same() -> None:
+    from scaleout.core.aggregators.bounds import STRETCH
+
+    rng = np.random.default_rng(3)
+    model = {"w": rng.standard_normal(2 * STRETCH + 5).astype(np.float32), "i": np.arange(4), "b": rng.standard_normal((3, 7)).astype(np.float32)}
+    update = {k: (v + 0.5).astype(v.dtype) for k, v in model.items()}
+    seen: list[np.ndarray] = []
+    norm = check_change(model, update, 1e9, seen.append)
+    assert norm == pytest.approx(check_change(model, update, 1e9))
+    # Every float element of the model was told, each once, as views of it (no copies).
+    assert sum(s.size for s in seen) == model["w"].size + model["b"].size
+    assert all(np.shares_memory(s, model["w"]) or np.shares_memory(s, model["b"]) for s in seen)
+    with pytest.raises(UpdateRejected):
+        check_change(model, update, norm / 2, seen.append)

@@ -458,3 +458,13 @@ def test_check_dtypes_refuses_another_kind_and_names_another_width() -> None:
         with pytest.raises(ModelMismatchError, match=kinds) as info:
             check_dtypes(reference, {**same, name: bad})
         assert info.value.tensor == name
+
+
+def test_check_finite_finds_a_nan_or_inf_in_any_block_of_a_large_tensor() -> None:
+    big = np.zeros((3, (1 << 16) + 7), np.float32)  # blocks of 2**16 elements: the last one short
+    check_finite({"w": big})
+    for index in (0, (1 << 16) - 1, 1 << 16, big.size - 1):
+        bad = big.copy().reshape(-1)
+        bad[index] = np.inf if index % 2 else np.nan
+        with pytest.raises(UpdateRejected, match="'w'"):
+            check_finite({"w": bad.reshape(big.shape)})

@@ -102,7 +102,7 @@ def test_the_service_is_a_python_door(tmp_path: Path) -> None:
         listed = await admin.model_ls(me)
         assert [(r["id"], r["active"]) for r in listed["models"]] == [(made["id"], True)]
         info, data = await admin.model_get(me)  # the bytes leave, with their id
-        assert info == {"id": made["id"]} and data.data == seed and data.sha256 == made["id"]
+        assert info == {"id": made["id"]} and bytes(data.data) == seed and data.sha256 == made["id"]  # bytes-like: the file, mapped
         token = await admin.token_create(me, role="client", ttl_s=3600, name="lab-1", uses=2)
         assert (token["role"], token["name"], token["uses"]) == ("client", "lab-1", 2)
         with pytest.raises(ProtocolError, match="token.create: uses must be a whole number"):

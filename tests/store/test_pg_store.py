@@ -184,6 +184,14 @@ def test_blobs_in_large_objects_round_trip_chunked_and_verified(pg_url: str, tmp
     assert blobs.put("models", big, ".safetensors") == digest  # stored once
     assert blobs.get("models", digest, ".safetensors") == big
     assert [len(c) for c in blobs.chunks("models", digest, "")] == [CHUNK, CHUNK, 12345]
+    # A committed model comes as pieces (a header, views of arrays): stored as the bytes they make.
+    from scaleout.transport.link import Pieces
+
+    other = big[::-1]
+    pieces = Pieces([other[:10], memoryview(other)[10 : CHUNK + 3], b"", other[CHUNK + 3 :]])
+    assert blobs.put("state", pieces, ".safetensors") == hashlib.sha256(other).hexdigest()
+    assert blobs.get("state", hashlib.sha256(other).hexdigest(), ".safetensors") == other
+    assert blobs.sweep("state", ".safetensors", set()) == [f"{hashlib.sha256(other).hexdigest()}.safetensors"]
     small = blobs.put("packages", b"pkg", ".tgz")
     assert blobs.has("packages", small, ".tgz") and not blobs.has("models", small, ".safetensors")
     with pytest.raises(NotFoundError):

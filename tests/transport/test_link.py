@@ -497,3 +497,31 @@ def test_idle_links_keep_no_task_or_timer_to_watch_their_writes() -> None:
             assert not watch.links and watch.timer is None  # nothing waits to be written on loopback
 
     run(main())
+
+
+def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writable() -> None:
+    """A bytearray, checked like bytes, so its taker may work in it in place (the controller
+    takes a combiner's partial as the round's sums); bytes again once the flag is off."""
+    data = _pattern(3 * CHUNK_BYTES + 5)
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        links: list[Link] = []
+
+        async def on_link(link: Link) -> None:
+            links.append(link)
+            link.writable_payloads = True
+            await link.run(on_message=inbox.put)
+
+        async with linked(on_link) as link:
+            await link.send_with_blob(carrier("writable"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert type(got.blob) is bytearray and got.blob == data
+            await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
+            bad = await asyncio.wait_for(inbox.get(), 10)
+            assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
+            links[0].writable_payloads = False
+            await link.send_with_blob(carrier("bytes"), data)
+            assert type((await asyncio.wait_for(inbox.get(), 10)).blob) is bytes
+
+    run(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ from scaleout.core import payload
 from scaleout.core.errors import ConflictError, CorruptModelError, IntegrityError, NotFoundError, ProtocolError
 from scaleout.package.limits import UnpackLimits
 from scaleout.security import tokens
+from scaleout.store.blobs import release
 from scaleout.store.state import AUDIT_ANCHOR, AUDIT_HEAD, State
-from scaleout.transport.link import Hashed
+from scaleout.transport.link import Hashed, Pieces
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
@@ -118,7 +120,8 @@ class AdminHost(Protocol):
 class AdminService:
     def __init__(self, host: AdminHost) -> None:
         self.host = host
-        self._model_cache: tuple[str, bytes] | None = None  # the one model kept in memory
+        self._model_cache: tuple[str, bytes] | None = None  # the one model kept (mapped, for files)
+        self._trusted = ""  # a model this process wrote from bytes it hashed: mapped without hashing it again
         self._package_cache: tuple[str, bytes] | None = None  # the active package, as clients fetch it
 
     # -- status, registry, metrics -------------------------------------------------------------
@@ -405,6 +408,8 @@ class AdminService:
         row = await asyncio.to_thread(h.state.model, id)
         data = await self.model_bytes(row["id"])  # its file is there, intact
         await asyncio.to_thread(lambda: payload.check_finite(payload.views(data)))
+        if isinstance(data, mmap.mmap):
+            release(data)  # read once to check it: not held in memory for it
 
         def commit() -> None:
             with h.state.transaction():
@@ -452,23 +457,39 @@ class AdminService:
         data = await self.model_bytes(row["id"])
         if caller.role == "admin":  # a model leaving the federation (combiners fetch one every round)
             await asyncio.to_thread(st.audit, caller.actor, "model.download", address=caller.address, id=row["id"])
+        if isinstance(data, mmap.mmap):
+            # Sent from a mapping of its own (checked when first mapped): the pages the send
+            # touches are let go with it, so a model served to combiners does not stay in this
+            # process's memory through the round's fold (the kept mapping stays untouched).
+            data = await asyncio.to_thread(self.host.blobs.map, MODEL[0], row["id"], MODEL[1], check=False)
         return {"id": row["id"]}, Hashed(data, row["id"])  # its id is its sha256
 
     async def model_bytes(self, model_id: str) -> bytes:
         """A model's bytes, read and sha256-checked once (in a thread): every combiner fetches
-        the round's global model, and the round itself needs it, so keep the latest one in
+        the round's global model, and the round itself needs it, so keep the latest one. Files
+        are kept mapped (`BlobStore.map`: in the page cache, not the heap); other stores' in
         memory. A round's new model is put here as it is committed: never read back."""
         if self._model_cache is None or self._model_cache[0] != model_id:
             blobs = self.host.blobs
+            mapped = getattr(blobs, "map", None)
+            trusted = self._trusted == model_id  # written by this process from the bytes it hashed
             try:
-                data = await asyncio.to_thread(blobs.get, MODEL[0], model_id, MODEL[1])
+                if mapped is not None:
+                    data = await asyncio.to_thread(mapped, MODEL[0], model_id, MODEL[1], check=not trusted)
+                else:
+                    data = await asyncio.to_thread(blobs.get, MODEL[0], model_id, MODEL[1])
             except IntegrityError as exc:  # which model, where, and what to do: not an internal error
                 raise CorruptModelError(model_id, str(blobs.root / MODEL[0]), exc.actual) from None
             self._model_cache = (model_id, data)
         return self._model_cache[1]
 
-    def keep_model(self, model_id: str, data: bytes) -> None:
-        self._model_cache = (model_id, data)
+    def keep_model(self, model_id: str, data: bytes | Pieces) -> None:
+        """The model a round just committed (``data``: its bytes or pieces, already in the
+        store under ``model_id``): kept as `model_bytes` keeps one, without reading it back."""
+        if getattr(self.host.blobs, "map", None) is not None:
+            self._trusted, self._model_cache = model_id, None  # mapped when first asked for, unhashed
+        else:
+            self._model_cache = (model_id, data if isinstance(data, bytes) else b"".join(data.parts))
 
     # -- sessions (roles/sessions.py) -------------------------------------------------------------
 

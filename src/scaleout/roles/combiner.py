@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from scaleout.core import messages as m
 from scaleout.core import payload, permissions
-from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, Superseded, UpdateRejected
+from scaleout.core.errors import AuthError, LimitExceeded, PayloadError, ProtocolError, ScaleoutError, StorageError, Superseded, UpdateRejected
 from scaleout.core.limits import MAX_RESULT_BYTES, MetricGate, check_size, clip_text, json_size, metric_body
 from scaleout.core.rounds import CombinerRound, Resume
 from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_limit
@@ -25,6 +27,7 @@ from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
 from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.security import tls, tokens
+from scaleout.store.blobs import release
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces
@@ -103,6 +106,7 @@ class Job:
     forward: bool = False  # the strategy needs each update on its own: forwarded to the controller, not folded
     forwarded: dict[str, int] = field(default_factory=dict)  # client -> its weight, for updates the controller took
     model_size: int = 0  # bytes of the round's model: a forwarded update of another size is re-encoded like it
+    model_map: mmap.mmap | None = None  # the file mapping job.model points into (its pages let go after each read)
 
 
 class Combiner:
@@ -114,7 +118,7 @@ class Combiner:
         self.renewal: asyncio.Task[None] | None = None
         self.clients: dict[str, Link] = {}
         self.jobs: dict[str, Job] = {}  # by kind: at most one train and one validate job
-        self.models: dict[str, bytes] = {}
+        self.models: dict[str, bytes] = {}  # the current global model: its file mapped (_mapped_copy), read as bytes
         self.controller: Link | None = None
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
@@ -604,7 +608,11 @@ class Combiner:
             _, data = await self.controller.request("model.get", {"id": model_id}, timeout=300)
             if data is None or await asyncio.to_thread(payload.model_id, data) != model_id:
                 raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
-            self.models = {model_id: data}  # keep only the current global model
+            self.models = {}  # keep only the current global model
+            # Kept in a file, mapped: its pages are in memory while it is sent (and let go after,
+            # _let_go), not through the round's fold, where the sums and an update are.
+            self.models = {model_id: cast(bytes, await asyncio.to_thread(_mapped_copy, data))}  # bytes-like to every reader
+            del data
         return self.models[model_id]
 
     async def _start_job(self, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], timeout: float, settings: dict[str, Any]) -> None:
@@ -625,8 +633,10 @@ class Combiner:
                 job.forward = msg.forward_updates or needs_updates(msg.aggregator)
                 job.max_examples = msg.max_examples
                 job.model = payload.views(model)
+                job.model_map = model if isinstance(model, mmap.mmap) else None
                 job.model_size = len(model)
                 job.norm_limit = await asyncio.to_thread(norm_limit, job.model, msg.max_update_norm)
+                _let_go(model)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
             for client in clients:
@@ -649,6 +659,7 @@ class Combiner:
         if kind == "train":
             await failpoint("distribute")  # the round taken on, its tasks not yet sent
         await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
+        _let_go(model)
         job.sent = loop.time()
         if job.tracker.on_tick(loop.time()) or job.tracker.check():
             await self._complete(job)
@@ -1009,11 +1020,43 @@ def _client_list(blob: bytes | None, count: int, error: str | None) -> list[str]
     return names
 
 
+def _mapped_copy(data: bytes) -> mmap.mmap:
+    """``data`` written to an unnamed temporary file (gone with its last mapping, even if this
+    process is killed) and mapped read-only: bytes-like, in the page cache, not the heap."""
+    try:
+        with tempfile.TemporaryFile(prefix="scaleout-model-") as fh:
+            fh.write(data)
+            fh.flush()
+            return mmap.mmap(fh.fileno(), len(data), access=mmap.ACCESS_READ)
+    except OSError as exc:  # a full temporary folder: the round is refused, the combiner goes on
+        raise StorageError(exc.strerror or str(exc), "keeping the round's model in", tempfile.gettempdir(), exc.errno) from None
+
+
+def _reader(mapped: mmap.mmap | None) -> Callable[[np.ndarray], None] | None:
+    """For check_change over a mapped model: let go of each stretch once it is read, so an
+    update's check does not bring the whole model back into memory beside the sums."""
+    if mapped is None:
+        return None
+    base = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data
+
+    def read(stretch: np.ndarray) -> None:
+        release(mapped, stretch.ctypes.data - base, stretch.nbytes)
+
+    return read
+
+
+def _let_go(model: bytes | mmap.mmap) -> None:
+    """Let go of the pages of a mapped model this process touched (sending or reading it):
+    they are read back from its file when touched again."""
+    if isinstance(model, mmap.mmap):
+        release(model)
+
+
 def _check_update(job: Job, blob: bytes) -> Any:
     """Parse an update's header and check its values, dtypes and the size of its change
     against the round's model (off the loop)."""
     checked = job.agg.check(payload.views(blob))
-    check_change(job.model, checked.arrays, job.norm_limit)
+    check_change(job.model, checked.arrays, job.norm_limit, _reader(job.model_map))
     if checked.converted:
         log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))
     return checked

@@ -40,7 +40,7 @@ from scaleout.store.lease import POLL_S, Lease, is_postgres
 from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, TERM, State
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, Pieces
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
@@ -586,7 +586,7 @@ class Controller:
     def registry_event(self) -> asyncio.Event:
         return self.registry_changed
 
-    def keep_model(self, model_id: str, data: bytes) -> None:
+    def keep_model(self, model_id: str, data: bytes | Pieces) -> None:
         self.admin.keep_model(model_id, data)
 
     async def model_bytes(self, model_id: str) -> bytes:

@@ -35,7 +35,7 @@ from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.common import audit_actor
 from scaleout.roles.door import Door, Operation, Reply
 from scaleout.transport.httpd import BodyTooLarge, Request, Response, error_response, json_response
-from scaleout.transport.link import Hashed
+from scaleout.transport.link import Hashed, Pieces
 
 log = logging.getLogger("scaleout.controller.http")
 
@@ -199,7 +199,7 @@ class HttpDoor:
         if route.download:
             assert isinstance(blob, Hashed)
             headers = {"Content-Disposition": f'attachment; filename="{result["id"]}.safetensors"', "ETag": f'"{result["id"]}"'}
-            body = blob.data if isinstance(blob.data, bytes) else b"".join(blob.data.parts)  # a model from the store is bytes
+            body = b"".join(blob.data.parts) if isinstance(blob.data, Pieces) else blob.data  # a model from the store: bytes, or its file mapped
             return Response(200, body, "application/octet-stream", headers)
         if route.listing and n_max is not None:
             result = {**result, route.listing: result[route.listing][:n_max]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ from scaleout.core.sessions import Done, EndSession, RunRound, SessionMachine, S
 from scaleout.roles import serverfunctions as sfn
 from scaleout.roles.common import failpoint, new_id
 from scaleout.roles.spill import SPILL, Spill, sweep
-from scaleout.transport.link import Link, LinkClosed, RequestTimeout
+from scaleout.transport.link import Link, LinkClosed, Pieces, RequestTimeout
 
 log = logging.getLogger("scaleout.controller")
 T = TypeVar("T")
@@ -109,7 +110,7 @@ class SessionHost(Protocol):
 
     async def model_bytes(self, model_id: str) -> bytes: ...
 
-    def keep_model(self, model_id: str, data: bytes) -> None: ...
+    def keep_model(self, model_id: str, data: bytes | Pieces) -> None: ...
 
 
 @dataclass
@@ -869,14 +870,15 @@ class SessionService:
             # Files first, then the rows that name them: a kill between the two leaves a file
             # no row names, which the next start sweeps (store/blobs.py), never a row without its file.
             # (Each blob is one transaction: stored whole or not at all; one stored already is kept.)
-            model_id = await self._patient(s, lambda: asyncio.to_thread(host.blobs.put, MODEL[0], new_bytes, MODEL[1]))
+            new_size = len(new_bytes)
+            model_id = await self._patient(s, functools.partial(asyncio.to_thread, host.blobs.put, MODEL[0], new_bytes, MODEL[1]))
             state_id = await self._patient(s, lambda: asyncio.to_thread(host.blobs.put, STATE[0], state_bytes, STATE[1])) if state_bytes else None
             await failpoint("commit")  # the files written, the rows that name them not yet
             # The model, its trail entry, the strategy's state, the round's outcome and its step land in one transaction.
             await self._persist(
                 s, Step(StepKind.ROUND_COMMITTED, index, attempt, model_id=model_id, state_id=state_id, at=time.time()),
                 lambda: st.commit_round(
-                    s.id, index, model_id, len(new_bytes), parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
+                    s.id, index, model_id, new_size, parent=parent, aggregator=cfg.aggregator, contributors=sorted(contributors),
                     server_state=state_id,
                 ),
             )
@@ -888,10 +890,11 @@ class SessionService:
             s.storage_failure = exc
             return await finish("failed", str(exc), participants=sorted(contributors))
         s.server_state = new_state
-        host.keep_model(model_id, new_bytes)  # the next round's global model: no need to read it back
+        host.keep_model(model_id, new_bytes)  # the next round's global model: no need to read it back (or hash it again)
+        del new_bytes  # its pieces are views of the round's sums: they go now, not at the round's end
         host.hub.publish(m.ModelCommitted(
             model_id=model_id, parent=parent, session_id=s.id, round_index=index, aggregator=cfg.aggregator,
-            contributors=len(contributors), size=len(new_bytes),
+            contributors=len(contributors), size=new_size,
         ))
         log.info("round %d: %d updates aggregated into model %s", index, len(contributors), model_id[:12])
         timing = _round_timing(timings, reduce_s, loop.time() - committing)
@@ -1013,15 +1016,17 @@ def _round_timing(combiners: dict[str, dict[str, Any]], reduce_s: float, commit_
     return out
 
 
-def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any]]:
+def _server_step(strategy: Any, agg: Any, global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[Pieces, bytes | None, dict[str, Any]]:
     """The strategy's step from the round's mean to the next global model (off the event
-    loop): (model bytes, state bytes or None when the strategy keeps none, state)."""
+    loop): (the model as pieces, state bytes or None when the strategy keeps none, state).
+    The pieces are its header and views of the arrays (the sums divided in place, for
+    FedAvg): written to the model's file as they are, never joined into a second copy."""
     model, new_state = strategy.step(payload.views(global_bytes), agg.mean(in_place=True), state)
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
-    return payload.encode_named(model, layout), state_bytes, new_state
+    return Pieces(payload.encode_named_pieces(model, layout)), state_bytes, new_state
 
 
-def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[bytes, bytes | None, dict[str, Any], dict[str, Any]]:
+def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_bytes: bytes, layout: str, state: dict[str, Any]) -> tuple[Pieces, bytes | None, dict[str, Any], dict[str, Any]]:
     """A ``needs_updates`` strategy's step over the round's spilled updates, memory-mapped
     (off the event loop): (model bytes, state bytes or None, state, what the strategy asks
     to record on the round). Only ``contributors`` count: an update spilled from a combiner
@@ -1040,7 +1045,7 @@ def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_
     finally:
         spill.remove()
     state_bytes = payload.encode_named(new_state, "dict") if new_state else None
-    return payload.encode_named(model, layout), state_bytes, new_state, dict(getattr(strategy, "last_record", None) or {})
+    return Pieces(payload.encode_named_pieces(model, layout)), state_bytes, new_state, dict(getattr(strategy, "last_record", None) or {})
 
 
 async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int, deadline: float, what: str) -> bytes:
@@ -1049,6 +1054,7 @@ async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int,
     the last moment) and given up when none arrives for PULL_STALL_S."""
     loop = asyncio.get_running_loop()
     link.max_payload = size
+    link.writable_payloads = True  # a partial's buffer may become the round's sums (FedAvg.add_partial)
     request = asyncio.ensure_future(link.request(op, args, timeout=transfer_timeout(size)))
     until = max(deadline, loop.time() + PARTIAL_GRACE_S)
     seen, since = link.received_bytes, loop.time()
@@ -1069,6 +1075,7 @@ async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int,
         if not request.done():
             request.cancel()
         link.max_payload = SMALL_PAYLOAD
+        link.writable_payloads = False
     if blob is None or len(blob) != size:
         raise PayloadError(f"combiner announced a {what} of {size} bytes and sent {0 if blob is None else len(blob)}")
     return blob

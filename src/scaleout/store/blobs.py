@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import secrets
 from pathlib import Path
@@ -25,19 +26,24 @@ class BlobStore:
             raise NotFoundError(kind, digest)
         return self.root / kind / f"{digest}{suffix}"
 
-    def put(self, kind: str, data: bytes, suffix: str) -> str:
+    def put(self, kind: str, data: bytes | Any, suffix: str) -> str:
         """Store ``data`` and return its sha256; a failed write (a full disk) raises
-        StorageError and leaves no temporary file behind."""
-        digest = hashlib.sha256(data).hexdigest()
+        StorageError and leaves no temporary file behind. ``data`` may also be pieces (an
+        object with ``parts``, buffers in order: a header and views of arrays), written one
+        after the other and never joined, so a model is not copied on its way to its file."""
+        parts = buffers_of(data)
+        digest = _digest(parts)
+        size = sum(p.nbytes for p in parts)
         path = self._path(kind, digest, suffix)
         tmp: str | None = None
         try:
-            if path.exists() and path.stat().st_size == len(data) and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if path.exists() and path.stat().st_size == size and _file_digest(path) == digest:
                 return digest  # already stored, intact (a corrupt copy is replaced: putting it again repairs it)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:  # 0600 whatever the umask
-                fh.write(data)
+                for part in parts:
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -62,6 +68,30 @@ class BlobStore:
         if actual != digest:
             raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
         return data
+
+    def map(self, kind: str, digest: str, suffix: str, *, check: bool = True) -> mmap.mmap:
+        """The stored file mapped read-only: bytes-like, its pages read from the file as they
+        are touched and not part of the heap. With ``check`` its sha256 is verified first
+        (IntegrityError), and the pages that pass touched are let go again (``release``), so
+        a model kept this way costs memory only while something reads it. A file is never
+        rewritten in place (``put`` replaces it), so a mapping keeps the bytes it was opened on."""
+        path = self._path(kind, digest, suffix)
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    raise IntegrityError(digest, hashlib.sha256(b"").hexdigest(), what=f"stored {kind} file {path}")
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise NotFoundError(kind, digest) from None
+        except OSError as exc:
+            raise StorageError(exc.strerror or str(exc), f"reading {_noun(kind)}", str(path), exc.errno) from None
+        if check:
+            actual = hashlib.sha256(mapped).hexdigest()
+            release(mapped)
+            if actual != digest:
+                mapped.close()
+                raise IntegrityError(digest, actual, what=f"stored {kind} file {path}")
+        return mapped
 
     def sweep_unnamed(self, named: dict[str, set[str]]) -> dict[str, list[str]]:
         """``sweep`` each kind of ``named`` (kind -> the ids its rows name): the files removed, by kind."""
@@ -90,6 +120,41 @@ class BlobStore:
             return self._path(kind, digest, suffix).exists()
         except NotFoundError:
             return False
+
+
+def buffers_of(data: Any) -> list[memoryview]:
+    """``data`` (bytes-like, or pieces: an object whose ``parts`` are buffers) as byte views, in order."""
+    parts = getattr(data, "parts", None)
+    return [memoryview(p).cast("B") for p in (parts if parts is not None else [data])]
+
+
+def _digest(parts: list[memoryview]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def release(mapped: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Let go of the pages of ``mapped`` this process has touched (they stay in the page
+    cache, read back from the file if touched again): a mapping read once, to hash or send
+    it, otherwise counts the whole file in this process's resident memory for its life.
+    With ``start`` and ``length``, the pages of that stretch of bytes only."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or mapped.closed:
+        return
+    if length is None:
+        mapped.madvise(advice)
+        return
+    begin = start - start % mmap.PAGESIZE  # madvise takes whole pages
+    end = min(len(mapped), start + length)
+    if end > begin:
+        mapped.madvise(advice, begin, end - begin)
 
 
 def _noun(kind: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
-from scaleout.store.blobs import SUFFIXES
+from scaleout.store.blobs import SUFFIXES, buffers_of
 from scaleout.store.pg import PgConnection
 
 CHUNK = 1 << 20  # bytes per lo_put / lo_get
@@ -41,12 +41,16 @@ class PgBlobStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, kind: str, data: bytes, suffix: str) -> str:
-        """Store ``data`` and return its sha256 (one already there, intact, is kept)."""
-        digest = hashlib.sha256(data).hexdigest()
-        view = memoryview(data)
-        self._write(kind, digest, len(data), (view[i:i + CHUNK] for i in range(0, len(data), CHUNK)))
-        return digest
+    def put(self, kind: str, data: bytes | Any, suffix: str) -> str:
+        """Store ``data`` (bytes-like, or pieces as `BlobStore.put` takes them) and return its
+        sha256 (one already there, intact, is kept)."""
+        parts = buffers_of(data)
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        size = sum(p.nbytes for p in parts)
+        self._write(kind, digest.hexdigest(), size, (p[i:i + CHUNK] for p in parts for i in range(0, p.nbytes, CHUNK)))
+        return digest.hexdigest()
 
     def put_file(self, kind: str, path: Path, digest: str | None = None) -> str:
         """Store the file at ``path``, read CHUNK at a time (hashed first, so nothing is

@@ -162,10 +162,16 @@ class _Transfer:
     its buffer plus a few frames. A payload of at most ``INLINE_BYTES`` is absorbed at once.
     """
 
-    def __init__(self, start: m.BlobStart) -> None:
+    def __init__(self, start: m.BlobStart, writable: bool = False) -> None:
         self.start = start
-        self.buffer = io.BytesIO(bytes(start.size))
-        self.view = self.buffer.getbuffer()
+        # A writable payload is a bytearray handed over as it is: its taker may use it in place.
+        self.buffer: io.BytesIO | bytearray
+        if writable:
+            self.buffer = bytearray(start.size)
+            self.view = memoryview(self.buffer)
+        else:
+            self.buffer = io.BytesIO(bytes(start.size))
+            self.view = self.buffer.getbuffer()
         self.digest = hashlib.sha256()
         self.inline = start.size <= INLINE_BYTES
         self.received = 0  # bytes that arrived
@@ -212,6 +218,8 @@ class _Transfer:
 
     def value(self) -> bytes:
         self.view.release()
+        if isinstance(self.buffer, bytearray):
+            return self.buffer  # type: ignore[return-value]  # bytes-like to every taker; writable for one that asked
         data = self.buffer.getvalue()
         self.buffer.close()
         return data
@@ -285,6 +293,10 @@ class Link:
         # Told the progress of every payload arriving on this link, instead of the log lines;
         # meant for a link that makes one request at a time (the CLI's), where that is its reply.
         self.receive_progress: Progress | None = None
+        # Payloads that start arriving while this is set are handed over writable (a bytearray,
+        # not bytes): a taker that keeps one may then work in it in place instead of copying it
+        # (the controller folds a combiner's partial into the round's sums that way).
+        self.writable_payloads = False
         self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
         self.received_at = 0.0  # loop time payload bytes last arrived
         self.closed = False  # set when run() returns: no reply can arrive any more
@@ -702,7 +714,7 @@ class Link:
             self._refuse(start.transfer, f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}")
         if len(self._transfers) >= self.max_in_flight:
             self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
-        self._transfers[start.transfer] = _Transfer(start)
+        self._transfers[start.transfer] = _Transfer(start, self.writable_payloads)
         if self.receive_progress is not None:
             self.receive_progress(0, start.size)
         if start.size == 0:

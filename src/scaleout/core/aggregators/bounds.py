@@ -20,7 +20,7 @@ their means cast back with a range check (`cast_mean`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -60,15 +60,29 @@ def norm_limit(model: Mapping[str, np.ndarray], multiple: float) -> float | None
     return multiple * max(math.sqrt(squares), math.sqrt(elements))
 
 
-def check_change(model: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], limit: float | None) -> float:
+STRETCH = 64 * BLOCK  # elements of the model read before ``read`` is told (check_change)
+
+
+def check_change(
+    model: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], limit: float | None,
+    read: Callable[[np.ndarray], None] | None = None,
+) -> float:
     """Refuse an update that moves the model further than ``limit`` (L2 over the float
-    tensors); returns the change's norm (0.0 when not measured, the bound being off)."""
+    tensors); returns the change's norm (0.0 when not measured, the bound being off).
+    ``read``, when given, is told each stretch of the model once it has been read (a caller
+    whose model is a mapped file lets those pages go, so the check does not hold the model)."""
     if limit is None:
         return 0.0
     squares = 0.0
     for name, array in model.items():
         if array.dtype.kind == "f":
-            squares += sum_squares(np.asarray(update[name]), array)
+            if read is None:
+                squares += sum_squares(np.asarray(update[name]), array)
+                continue
+            flat, other = array.reshape(-1), np.asarray(update[name]).reshape(-1)
+            for start in range(0, flat.size, STRETCH):
+                squares += sum_squares(other[start : start + STRETCH], flat[start : start + STRETCH])
+                read(flat[start : start + STRETCH])
     change = math.sqrt(squares)
     if not change <= limit:
         raise UpdateRejected(f"its change to the model has norm {change:.4g}, more than the bound {limit:.4g} (max_update_norm)")

@@ -74,6 +74,8 @@ class FedAvg:
         self._contributors.append(contributor)
 
     def add_partial(self, p: Partial) -> None:
+        """Fold another aggregator's partial in, all or nothing. The partial's arrays are
+        handed over: the first one's, when writable, become the sums themselves (not copied)."""
         w = check_weight(p.weight, allow_zero=True)
         if p.count != len(p.contributors) or (w == 0) != (p.count == 0):
             raise UpdateRejected(
@@ -90,7 +92,13 @@ class FedAvg:
             if not math.isfinite(peak):
                 raise UpdateRejected(f"partial aggregate tensor {name!r} contains NaN or inf")
             ceilings[name] = self._ceiling[name] + peak
-        self._fold({name: np.asarray(p.sums[name]) for name in self._sums}, 1.0, ceilings, "adding this partial aggregate overflows the running sum of tensor {name!r}")
+        if self.count == 0 and self._adoptable(p.sums, ceilings):
+            # The first partial's own (writable) buffers become the sums: 0 + 1.0 * x is x, and
+            # a reducer holding a partial as large as the model does not hold a second one.
+            self._sums = {name: p.sums[name] for name in self._sums}
+            self._ceiling = ceilings
+        else:
+            self._fold({name: np.asarray(p.sums[name]) for name in self._sums}, 1.0, ceilings, "adding this partial aggregate overflows the running sum of tensor {name!r}")
         self._weight += w
         self._contributors.extend(p.contributors)
 
@@ -118,6 +126,18 @@ class FedAvg:
             else:
                 fold_into(total, arrays[name], w, self._scratch_for(total.dtype))
         self._ceiling = ceilings
+
+    def _adoptable(self, sums: Mapping[str, np.ndarray], ceilings: dict[str, float]) -> bool:
+        """Whether ``sums`` can be taken as this aggregator's own: writable arrays of each
+        sum's shape and dtype (as a partial's views into a writable payload are), whose
+        ceilings a fold in place would accept too."""
+        for name, total in self._sums.items():
+            s = sums[name]
+            if not (isinstance(s, np.ndarray) and s.flags.writeable and s.flags.c_contiguous and s.dtype == total.dtype and s.shape == total.shape):
+                return False
+            if not ceilings[name] < SAFE_SUM[total.dtype]:
+                return False
+        return True
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if dtype not in self._scratch:
