@@ -167,7 +167,13 @@ class Lease:
         self._conn = None
 
     def close(self) -> None:
-        """Let the lock go (closing the session releases it)."""
+        """Let the lock go: unlocked first, as closing the session releases it only once the
+        server has noticed (a standby's try right after could still find it held)."""
+        import psycopg
+
+        if self.held and self._conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):  # a broken session: closing it releases the lock
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
         self.held = False
         self._drop()
 
