@@ -136,6 +136,21 @@ def test_first_starts_at_once_on_an_empty_store_share_one_set_of_secrets(pg_url:
         assert len({(d / name).read_bytes() for d in dirs}) == 1
 
 
+def test_a_store_away_is_logged_once_not_at_every_poll(caplog: pytest.LogCaptureFixture) -> None:
+    """A standby tries the lock every second: a store that cannot be reached is one warning
+    (then one every 10 s), not one line a second for as long as it is away."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lease = Lease(f"postgresql://postgres@127.0.0.1:{port}/scaleout")
+    with caplog.at_level("WARNING", logger="scaleout.lease"):
+        assert [lease.try_acquire() for _ in range(5)] == [False] * 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "scaleout.lease"]
+    assert len(lines) == 1 and lines[0].startswith("cannot try the store's lock: "), lines
+
+
 def test_key_file_checks(tmp_path: Path) -> None:
     path = tmp_path / "k"
     vault.keygen(path)
