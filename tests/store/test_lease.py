@@ -98,6 +98,59 @@ def test_secrets_are_sealed_once_and_shared(pg_url: str, tmp_path: Path) -> None
         vault.sync(pg_url, vault.load_key(other), tmp_path, lambda: None)
 
 
+def test_first_starts_at_once_on_an_empty_store_share_one_set_of_secrets(pg_url: str, tmp_path: Path) -> None:
+    """Two or more controllers started together on an empty store (a Helm release's replicas):
+    none fails on the schema both create (a UniqueViolation traceback before), and every one
+    ends with the secrets the first sealed."""
+    import threading
+
+    key_file = tmp_path / "store.key"
+    vault.keygen(key_file)
+    key = vault.load_key(key_file)
+    dirs = [tmp_path / f"c{i}" for i in range(6)]
+    barrier = threading.Barrier(len(dirs))
+    results: dict[Path, object] = {}
+
+    def start(d: Path) -> None:
+        d.mkdir()
+
+        def make() -> None:
+            for name in vault.SHARED:
+                if not (d / name).exists():
+                    (d / name).write_bytes(os.urandom(16))
+
+        barrier.wait()
+        try:
+            results[d] = vault.sync(pg_url, key, d, make)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[d] = exc
+
+    threads = [threading.Thread(target=start, args=(d,)) for d in dirs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [r for r in results.values() if isinstance(r, Exception)], results
+    assert sorted(results.values()) == [(0, len(vault.SHARED))] + [(len(vault.SHARED), 0)] * (len(dirs) - 1)
+    for name in vault.SHARED:
+        assert len({(d / name).read_bytes() for d in dirs}) == 1
+
+
+def test_a_store_away_is_logged_once_not_at_every_poll(caplog: pytest.LogCaptureFixture) -> None:
+    """A standby tries the lock every second: a store that cannot be reached is one warning
+    (then one every 10 s), not one line a second for as long as it is away."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lease = Lease(f"postgresql://postgres@127.0.0.1:{port}/scaleout")
+    with caplog.at_level("WARNING", logger="scaleout.lease"):
+        assert [lease.try_acquire() for _ in range(5)] == [False] * 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "scaleout.lease"]
+    assert len(lines) == 1 and lines[0].startswith("cannot try the store's lock: "), lines
+
+
 def test_key_file_checks(tmp_path: Path) -> None:
     path = tmp_path / "k"
     vault.keygen(path)

@@ -16,6 +16,10 @@ def migrate(args: argparse.Namespace) -> int:
 
     if not is_url(args.to):
         raise UsageError(f"--to must be a postgresql://USER[:PW]@HOST:PORT/DB URL, got {args.to.split('@')[-1]!r}")
+    from urllib.parse import urlsplit
+
+    if not urlsplit(args.to).path.strip("/"):  # libpq would pick a database named after the user (serve refuses it too)
+        raise UsageError(f"--to names no database: postgresql://USER[:PW]@HOST:PORT/DB, got {args.to.split('@')[-1]!r}")
     src = args.source
     if not src.is_dir():
         raise UsageError(f"--from {src} is not a directory")

@@ -29,6 +29,7 @@ from scaleout.store.pg import redact
 log = logging.getLogger("scaleout.lease")
 
 LOCK_KEY = 0x5CA1E0A7  # the advisory lock key of "the active controller" on a store
+AWAY_LOG_S = 10.0  # while the store cannot be reached, how often a poller says so again
 POLL_S = 1.0  # how often a standby tries the lock and the holder checks it (SCALEOUT_LEASE_POLL_S)
 KEEPALIVE: dict[str, Any] = {  # the client's keepalives: the holder notices a dead network within ~4 s
     "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2, "tcp_user_timeout": 5000, "connect_timeout": 5,
@@ -63,6 +64,8 @@ class Lease:
         self.key = key
         self.held = False
         self._conn: Any = None
+        self._away_since: float | None = None  # when trying the lock began to fail (a standby logs that, not every poll)
+        self._away_logged = 0.0
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
@@ -79,9 +82,19 @@ class Lease:
         try:
             (got,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
         except (psycopg.Error, StorageError) as exc:
-            log.warning("cannot try the store's lock: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            now = time.monotonic()
+            if self._away_since is None:
+                self._away_since = self._away_logged = now
+                log.warning("cannot try the store's lock: %s", why)
+            elif now - self._away_logged >= AWAY_LOG_S:  # a standby polls every second: a line every 10 s, not each poll
+                self._away_logged = now
+                log.warning("still cannot try the store's lock after %.0f s: %s", now - self._away_since, why)
             self._drop()
             return False
+        if self._away_since is not None:
+            log.info("the store answers again after %.1f s: trying its lock", time.monotonic() - self._away_since)
+            self._away_since = None
         self.held = bool(got)
         return self.held
 
@@ -167,7 +180,13 @@ class Lease:
         self._conn = None
 
     def close(self) -> None:
-        """Let the lock go (closing the session releases it)."""
+        """Let the lock go: unlocked first, as closing the session releases it only once the
+        server has noticed (a standby's try right after could still find it held)."""
+        import psycopg
+
+        if self.held and self._conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):  # a broken session: closing it releases the lock
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
         self.held = False
         self._drop()
 

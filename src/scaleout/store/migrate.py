@@ -64,6 +64,8 @@ def migrate(src: Path, url: str, *, replace: bool = False, progress: Callable[[s
     path = src / "state.db"
     if not path.is_file():
         raise ConfigError("from", f"{src} holds no state.db: is it a controller's data dir (serve --data-dir)?")
+    if path.stat().st_size == 0:  # what a controller on a postgresql store leaves there: its state is in that store
+        raise ConfigError("from", f"{path} is empty: nothing to migrate (a controller on a PostgreSQL store keeps its state in that store, not in its data dir)")
     source = State(path)  # brings an older state.db's columns up to date, as a start would
     Identities(source)
     target_db = PgConnection(url)

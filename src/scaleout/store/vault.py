@@ -98,8 +98,8 @@ def sync(url: str, key: bytes, data_dir: Path, load: Callable[[], None]) -> tupl
 
     conn = connect(url, keepalive=False)
     try:
-        conn.execute(SCHEMA)
-        conn.execute("SELECT pg_advisory_lock(%s)", (VAULT_LOCK,))  # released with the session below
+        conn.execute("SELECT pg_advisory_lock(%s)", (VAULT_LOCK,))  # released with the session below; before the
+        conn.execute(SCHEMA)  # CREATE TABLE IF NOT EXISTS, which two first starts at once would race on (UniqueViolation)
         stored = {str(name): bytes(sealed) for name, sealed in conn.execute("SELECT name, sealed FROM scaleout_secrets").fetchall()}
         for name, sealed in stored.items():
             if name in SHARED:
