@@ -256,3 +256,21 @@ def wait_stdout_log(proc: Proc, text: str, timeout: float = 30) -> None:
     while text not in proc.text():
         assert time.monotonic() < deadline and proc.popen.poll() is None, f"{proc.name} did not log {text!r}:\n{proc.text()}"
         time.sleep(0.05)  # the log file grows as the process writes: nothing to wait on
+
+
+def test_a_frozen_active_is_replaced_and_stops_when_it_wakes(fed: Federation, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP (a hung process on a machine whose kernel still answers TCP): the lock's session
+    idles out on the server (SCALEOUT_LEASE_IDLE_S), the standby takes over, and the frozen one,
+    resumed, finds the lock taken and exits 75 rather than act as a second active."""
+    monkeypatch.setenv("SCALEOUT_LEASE_IDLE_S", "2")
+    key = keygen(fed.tmp / "store.key")
+    a = serve(fed, "ctl-a", pg_url, key)
+    serve(fed, "ctl-b", pg_url, key)
+    assert health(fed, "ctl-b")[0] == 503
+    a.popen.send_signal(signal.SIGSTOP)
+    try:
+        wait_active(fed, "ctl-b", timeout=60)
+    finally:
+        a.popen.send_signal(signal.SIGCONT)
+    assert a.popen.wait(60) == 75, a.text()
+    assert "another controller holds the store's lock now" in a.text()

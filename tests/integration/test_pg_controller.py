@@ -4,6 +4,7 @@ sessions with real combiners and clients over TLS, and resumes one after a SIGKI
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -111,6 +112,11 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     assert bare.returncode == 1 and "no key to check the store's signed audit head with" in bare.stdout, bare.stdout + bare.stderr
     early = scaleout("audit", "verify", "--store", pg_url, "--key-file", str(key_file))  # no controller sealed the audit key there yet
     assert early.returncode == 1 and "opens no audit.key in the store" in early.stdout, early.stdout + early.stderr
+
+    # The moved data dir is not served from its old state.db by mistake (a second history with the same keys).
+    env = {k: v for k, v in os.environ.items() if k not in ("SCALEOUT_STORE", "SCALEOUT_KEY_FILE")}
+    r = scaleout("serve", "--data-dir", str(fed.data), "--port", "0", env=env)
+    assert r.returncode == 2 and f"was moved into {pg_url}" in r.stderr and "state.db.migrated" in r.stderr, r.stderr
 
     # A second migrate into the same database is refused, unless told.
     again = scaleout("store", "migrate", "--from", str(fed.data), "--to", pg_url)

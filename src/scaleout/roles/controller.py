@@ -11,9 +11,10 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from scaleout.core import messages as m
@@ -36,7 +37,7 @@ from scaleout.security import tls, tokens
 from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
-from scaleout.store.lease import POLL_S, Lease, is_postgres
+from scaleout.store.lease import IDLE_S, POLL_S, Lease, is_postgres
 from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, TERM, State
@@ -44,6 +45,7 @@ from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed,
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, serve
 
 log = logging.getLogger("scaleout.controller")
+T = TypeVar("T")
 
 ASSIGNMENT_TTL_S = 30.0
 EXIT_LEASE_LOST = 75  # the active controller lost the store's lock: it stops at once (a standby takes over)
@@ -77,6 +79,7 @@ class ControllerSettings:
     key_file: Path | None = None  # seals the CA and signing keys in a postgresql store (store/vault.py)
     advertise: str | None = None  # the address nodes dial, named by standbys (None: this controller's url)
     lease_poll: float = POLL_S  # seconds between a standby's tries of the store's lock, and the holder's checks
+    lease_idle: float = IDLE_S  # a lock session idle this long (a frozen holder) is ended by the server
 
 
 @dataclass
@@ -137,6 +140,7 @@ class Controller:
         self.peer_urls: list[str] = []  # the other controllers on the store, for join tokens (Desk.urls)
         self._peers_at = 0.0
         self._keys_ready = False
+        self._lease_thread: ThreadPoolExecutor | None = None  # the lease's polls (_leased)
         # The operations that are about the link itself. Who may call any operation is
         # core/permissions.py's to say (the one table), not this map's.
         self._ops: dict[str, Handler] = {
@@ -174,6 +178,15 @@ class Controller:
             unsealed, sealed = vault.sync(str(s.store), key, self.dir, self._load_keys)
             log.info("secrets: %d unsealed from the store, %d sealed into it", unsealed, sealed)
         else:
+            from scaleout.store.migrate import MIGRATED
+
+            moved = self.dir / MIGRATED
+            if moved.exists():  # its old state.db would start a second history beside the store's, with the same keys
+                where = moved.read_text(errors="replace").strip() or "a postgresql store"
+                raise ConfigError(
+                    "data dir", f"{self.dir} was moved into {where} (scaleout store migrate): run serve with --store {where if where.startswith('postgres') else 'URL'} "
+                    f"--key-file KEY, or, to go back to its state.db as it was before the move, remove {moved}",
+                )
             self._load_keys()
         self._keys_ready = True
 
@@ -239,8 +252,8 @@ class Controller:
         s = self.settings
         if is_postgres(s.store):
             await asyncio.to_thread(self.prepare_keys)
-            self.lease = Lease(str(s.store))
-            self.standby = not await asyncio.to_thread(self.lease.try_acquire)
+            self.lease = Lease(str(s.store), idle_s=s.lease_idle)
+            self.standby = not await self._leased(self.lease.try_acquire)
         if not self.standby:
             self.prepare()
         if s.metrics_port is not None:
@@ -271,7 +284,7 @@ class Controller:
                     return
                 self.prepare()  # the state as the last active one left it: a session it ran resumes below
             if self.lease is not None:
-                await asyncio.to_thread(self.lease.set_active, self.advertised)
+                await self._leased(self.lease.set_active, self.advertised)
                 await self._see_peers(every_s=0)  # the join tokens shown below name the standbys too
                 holding = asyncio.create_task(self._hold_lease())
                 log.info("active: this controller holds the store's lock (nodes dial %s)", self.advertised)
@@ -305,7 +318,9 @@ class Controller:
                 await self.commands.close()
                 self.state.close()
             if self.lease is not None:
-                await asyncio.to_thread(self.lease.close)
+                await self._leased(self.lease.close)
+            if self._lease_thread is not None:
+                self._lease_thread.shutdown(wait=False)
             await asyncio.to_thread(self.obs.close)
 
     # -- active and standby (a postgresql store: store/lease.py) -----------------------------
@@ -319,7 +334,7 @@ class Controller:
             except asyncio.TimeoutError:
                 pass
             await self._see_peers()
-            if not stop.is_set() and await asyncio.to_thread(self.lease.try_acquire):
+            if not stop.is_set() and await self._leased(self.lease.try_acquire):
                 log.info("took over: this controller now holds the store's lock; loading the state")
                 return True
         return False
@@ -333,11 +348,11 @@ class Controller:
         while True:
             await asyncio.sleep(self.settings.lease_poll)  # the poll interval
             await self._see_peers()
-            if await asyncio.to_thread(self.lease.check):
+            if await self._leased(self.lease.check):
                 continue
             log.warning("lost the store's lock (its database session ended): taking it again unless another controller has")
             said = False
-            while (outcome := await asyncio.to_thread(self.lease.retake)) == "unreachable":
+            while (outcome := await self._leased(self.lease.retake)) == "unreachable":
                 if not said:
                     log.warning("cannot reach the store to take its lock again: waiting for it (writes fail until it is back)")
                     said = True
@@ -351,7 +366,14 @@ class Controller:
                 logging.shutdown()
                 os._exit(EXIT_LEASE_LOST)
             log.warning("took the store's lock again: still the active controller")
-            await asyncio.to_thread(self.lease.set_active, self.advertised)
+            await self._leased(self.lease.set_active, self.advertised)
+
+    async def _leased(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the lease's own thread: a poll never waits behind other work in the
+        shared worker threads (a late poll would let the lock's session idle out, IDLE_S)."""
+        if self._lease_thread is None:
+            self._lease_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaleout-lease")
+        return await asyncio.get_running_loop().run_in_executor(self._lease_thread, fn, *args)
 
     async def _see_peers(self, every_s: float = 5.0) -> None:
         """Say this controller is up, and note the others on the store (at most every ``every_s``)."""

@@ -31,6 +31,11 @@ log = logging.getLogger("scaleout.lease")
 LOCK_KEY = 0x5CA1E0A7  # the advisory lock key of "the active controller" on a store
 AWAY_LOG_S = 10.0  # while the store cannot be reached, how often a poller says so again
 POLL_S = 1.0  # how often a standby tries the lock and the holder checks it (SCALEOUT_LEASE_POLL_S)
+# A lock session idle this long is ended by the server, and the lock with it: the holder uses
+# it every poll, so only a frozen holder (SIGSTOP, a hung process on a machine whose kernel
+# still answers TCP keepalives) lets it idle; its standby then takes over, and the frozen one,
+# resumed, finds the lock taken and stops (fencing refuses what it would write meanwhile).
+IDLE_S = 15.0  # SCALEOUT_LEASE_IDLE_S
 KEEPALIVE: dict[str, Any] = {  # the client's keepalives: the holder notices a dead network within ~4 s
     "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2, "tcp_user_timeout": 5000, "connect_timeout": 5,
 }
@@ -44,13 +49,15 @@ SCHEMA = (
 PEER_TTL_S = 60.0  # a controller not seen for this long is left out of new join tokens
 
 
-def connect(url: str, *, keepalive: bool = True) -> Any:
+def connect(url: str, *, keepalive: bool = True, idle_s: float | None = None) -> Any:
     """A dedicated autocommit connection to the store (not from a pool); StorageError, as the
-    store's own pool says it (store/pg.py), when it cannot be opened."""
+    store's own pool says it (store/pg.py), when it cannot be opened. ``idle_s``: the server
+    ends the session after that long idle (None: never)."""
     import psycopg
 
+    options = SESSION_OPTIONS + (f" -c idle_session_timeout={max(1, int(idle_s * 1000))}" if idle_s else "")
     try:
-        return psycopg.connect(url, autocommit=True, application_name=f"scaleout-lease-{os.getpid()}", options=SESSION_OPTIONS, **(KEEPALIVE if keepalive else {}))
+        return psycopg.connect(url, autocommit=True, application_name=f"scaleout-lease-{os.getpid()}", options=options, **(KEEPALIVE if keepalive else {}))
     except psycopg.Error as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise StorageError(reason, "connecting to", f"the PostgreSQL store {redact(url)}") from None
@@ -59,9 +66,10 @@ def connect(url: str, *, keepalive: bool = True) -> Any:
 class Lease:
     """The advisory lock of one store, tried and held on a dedicated connection."""
 
-    def __init__(self, url: str, key: int = LOCK_KEY) -> None:
+    def __init__(self, url: str, key: int = LOCK_KEY, idle_s: float | None = IDLE_S) -> None:
         self.url = url
         self.key = key
+        self.idle_s = idle_s  # see IDLE_S: the poller must use the connection more often than this
         self.held = False
         self._conn: Any = None
         self._away_since: float | None = None  # when trying the lock began to fail (a standby logs that, not every poll)
@@ -69,7 +77,7 @@ class Lease:
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url)
+            self._conn = connect(self.url, idle_s=self.idle_s)
             self._conn.execute(SCHEMA)
         return self._conn
 
@@ -191,4 +199,4 @@ class Lease:
         self._drop()
 
 
-__all__ = ["LOCK_KEY", "POLL_S", "Lease", "connect", "is_postgres"]
+__all__ = ["IDLE_S", "LOCK_KEY", "POLL_S", "Lease", "connect", "is_postgres"]
