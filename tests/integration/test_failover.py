@@ -91,6 +91,8 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
     assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "standby", "active": a_url}
     r = cli(fed, token, ca, a_url, "status", "--json")
     assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": a_url}
+    r = cli(fed, token, ca, f"{b_url},{a_url}", "status", "--json")  # of several, the active one answers
+    assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": a_url}, r.stdout + r.stderr
 
     # A write at the standby alone is refused, naming the active address; given both, it goes there.
     r = cli(fed, token, ca, b_url, "token", "create", "--role", "client")

@@ -95,11 +95,13 @@ def test_the_head_is_written_with_its_entry_and_shared_by_every_controller(tmp_p
     code, out = verify(pg_url, "--key-file", str(key), "--json")
     assert code == 0 and json.loads(out)["anchored"] == [WHERE], out
 
-    # Nothing to check the head's signature with: not a pass, and it says what to give.
+    # Nothing to check the head's signature with: a usage error (exit 2) saying what to give, not a verdict on the log.
     code, out = verify(pg_url)
-    assert code == 1 and "no key to check the store's signed audit head with: pass --key-file KEY" in out, out
+    assert code == 2 and "no key to check the store's signed audit head with: pass --key-file KEY" in out and "broken" not in out, out
     code, out = verify(pg_url, "--data-dir", str(tmp_path / "nowhere"))
-    assert code == 1 and f"no audit.key in {tmp_path / 'nowhere'}" in out, out
+    assert code == 2 and f"no audit.key in {tmp_path / 'nowhere'}" in out, out
+    code, out = verify(pg_url.rsplit("/", 1)[0])
+    assert code == 2 and "--store names no database" in out, out
     wrong = tmp_path / "wrong.key"
     vault.keygen(wrong)
     code, out = verify(pg_url, "--key-file", str(wrong))

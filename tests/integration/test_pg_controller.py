@@ -109,9 +109,9 @@ def test_store_migrate_moves_a_data_dir_with_three_sessions_into_postgresql(fed:
     assert "signed audit head: " in r.stderr
     # Without a key to check the signed head with (or a kept copy), a log that may have been cut does not pass.
     bare = scaleout("audit", "verify", "--store", pg_url)
-    assert bare.returncode == 1 and "no key to check the store's signed audit head with" in bare.stdout, bare.stdout + bare.stderr
+    assert bare.returncode == 2 and "no key to check the store's signed audit head with" in bare.stderr, bare.stdout + bare.stderr
     early = scaleout("audit", "verify", "--store", pg_url, "--key-file", str(key_file))  # no controller sealed the audit key there yet
-    assert early.returncode == 1 and "opens no audit.key in the store" in early.stdout, early.stdout + early.stderr
+    assert early.returncode == 2 and "opens no audit.key in the store" in early.stderr, early.stdout + early.stderr
 
     # The moved data dir is not served from its old state.db by mistake (a second history with the same keys).
     env = {k: v for k, v in os.environ.items() if k not in ("SCALEOUT_STORE", "SCALEOUT_KEY_FILE")}

@@ -607,8 +607,23 @@ def session_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_now(args: argparse.Namespace) -> dict[str, Any]:
+    """The active controller's status; of several addresses a standby's answer only when none
+    of them is active (it names the active one, maybe an address not given)."""
+    from scaleout.transport.dialer import controller_urls
+    from scaleout.transport.net import ConnectError
+
+    conn = resolve(args)
+    if len(controller_urls(conn.url)) > 1:
+        try:
+            return asyncio.run(call_async(conn, "status", active_only=True, quiet=bool(getattr(args, "json", False))))[0]
+        except ConnectError:
+            pass  # none active (or none answered): what they say, as one address would
+    return call(args, "status")[0]
+
+
 def status(args: argparse.Namespace) -> int:
-    result = _wait_ready(args, args.wait) if getattr(args, "wait", None) is not None else call(args, "status")[0]
+    result = _wait_ready(args, args.wait) if getattr(args, "wait", None) is not None else _status_now(args)
 
     def human() -> None:
         if result.get("role") == "standby":
@@ -836,6 +851,8 @@ def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept
     """audit.verify on a PostgreSQL store (one snapshot, read only), against the signed head the
     store keeps (checked with its audit key: unsealed with ``key_file``, else the one in
     ``data_dir``, any controller's on that store or the data dir it was migrated from) and a kept copy."""
+    from urllib.parse import urlsplit
+
     from scaleout.store import vault
     from scaleout.store.audithead import HeadFile, verify
     from scaleout.store.pg import is_url
@@ -843,6 +860,8 @@ def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept
 
     if not is_url(url):
         raise UsageError(f"--store must be a postgresql://USER[:PW]@HOST:PORT/DB URL, got {url.split('@')[-1]!r}")
+    if not urlsplit(url).path.strip("/"):
+        raise UsageError(f"--store names no database: postgresql://USER[:PW]@HOST:PORT/DB, got {url.split('@')[-1]!r}")
     key = vault.load_key(key_file) if key_file is not None else None
     st = State(url, migrate=False)
     try:
@@ -861,6 +880,8 @@ def _verify_store(url: str, data_dir: Path | None, kept: str | None = None, kept
         where = (f"the key file {key_file} opens no audit.key in the store (no controller has started on it yet)" if key_file is not None
                  else f"no audit.key in {data_dir}" if data_dir is not None else "no key")
         no_key = f"{where} to check the store's signed audit head with: pass --key-file KEY (the controllers' key file) or --data-dir DIR (a controller's on this store, or the one it was migrated from)"
+        if kept is None:  # nothing to check the log against: a usage error, not a verdict on the log
+            raise UsageError(no_key)
         return verify(rows, head, None, kept, kept_where, no_key=no_key)
     return verify(rows, head, checker.in_store(signed), kept, kept_where)
 
