@@ -516,7 +516,7 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    from scaleout.core.errors import AuthError, ConfigError, PackageError, ScaleoutError
+    from scaleout.core.errors import AuthError, ConfigError, PackageError, ScaleoutError, StoreUnreachable
 
     command = _commands()[(args.command, getattr(args, "action", None))]
     try:
@@ -533,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scaleout.transport.net import ConnectError
 
         _fail(exc)
-        if isinstance(exc, ConnectError) or exc.code in (AuthError.code, "link_closed", "timeout"):
+        if isinstance(exc, ConnectError | StoreUnreachable) or exc.code in (AuthError.code, "link_closed", "timeout"):
             return EXIT_UNREACHABLE
         return EXIT_USAGE if exc.code in (ConfigError.code, PackageError.code) else EXIT_FAILED
     except BrokenPipeError:  # `scaleout model ls | head -1`: the reader has what it wanted

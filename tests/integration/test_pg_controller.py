@@ -350,10 +350,10 @@ def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[controller]\nstore = "postgresql://postgres@127.0.0.1:1/x"\n')
     r = scaleout(*data, "--config", str(config))
-    assert r.returncode == 1 and "while connecting to the PostgreSQL store postgresql://postgres@127.0.0.1:1/x" in r.stderr, r.stderr
+    assert r.returncode == 3 and "while connecting to the PostgreSQL store postgresql://postgres@127.0.0.1:1/x" in r.stderr, r.stderr  # cannot reach it
     env = {**os.environ, "SCALEOUT_STORE": "postgresql://u:secret@127.0.0.1:1/x"}
     r = scaleout(*data, env=env)
-    assert r.returncode == 1 and "postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr
+    assert r.returncode == 3 and "postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr
     r = scaleout(*data, "--config", str(config), env=env)  # the environment before the file, as for the other settings
     assert "postgresql://u:***@" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # No database named (libpq would choose one after the user), and a key file with no store to seal into.

@@ -27,3 +27,16 @@ def test_a_target_url_without_a_database_is_refused(tmp_path: Path, to: str) -> 
     r = subprocess.run([sys.executable, "-m", "scaleout", "store", "migrate", "--from", str(tmp_path), "--to", to], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r
     assert r.stderr.strip() == f"scaleout: error: --to names no database: postgresql://USER[:PW]@HOST:PORT/DB, got {to.split('@')[-1]!r}"
+
+
+def test_a_target_server_that_cannot_be_reached_is_exit_3(tmp_path: Path) -> None:
+    """Cannot reach the peer: exit 3, as everywhere else (it was 1, 'the operation failed')."""
+    from scaleout.store.state import State
+
+    State(tmp_path / "state.db").close()  # a data dir with a store to move
+    r = subprocess.run(
+        [sys.executable, "-m", "scaleout", "store", "migrate", "--from", str(tmp_path), "--to", "postgresql://u:secret@127.0.0.1:1/x"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 3, r
+    assert "while connecting to the PostgreSQL store postgresql://u:***@127.0.0.1:1/x" in r.stderr and "secret" not in r.stderr, r.stderr

@@ -25,7 +25,7 @@ from scaleout.core.errors import (
 )
 from scaleout.store.identities import Identities
 from scaleout.store.metrics import dropped_metrics, glob_regex
-from scaleout.store.pg import _unreachable, redact
+from scaleout.store.pg import link_failure, redact
 from scaleout.store.pgblobs import CHUNK, PgBlobStore
 from scaleout.store.state import AUDIT_HEAD, State
 
@@ -253,13 +253,13 @@ def test_a_lost_link_is_told_from_a_full_disk() -> None:
     import psycopg
     from psycopg import errors
 
-    assert _unreachable(psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"))
-    assert _unreachable(errors.AdminShutdown("terminating connection due to administrator command"))
-    assert _unreachable(errors.ConnectionFailure("connection failure"))
-    assert _unreachable(psycopg.InterfaceError("the connection is closed"))
-    assert not _unreachable(errors.DiskFull("could not extend file: No space left on device"))
-    assert not _unreachable(errors.UniqueViolation("duplicate key"))
-    assert not _unreachable(OSError(28, "No space left on device"))
+    assert link_failure(psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"))
+    assert link_failure(errors.AdminShutdown("terminating connection due to administrator command"))
+    assert link_failure(errors.ConnectionFailure("connection failure"))
+    assert link_failure(psycopg.InterfaceError("the connection is closed"))
+    assert not link_failure(errors.DiskFull("could not extend file: No space left on device"))
+    assert not link_failure(errors.UniqueViolation("duplicate key"))
+    assert not link_failure(OSError(28, "No space left on device"))
 
 
 def test_the_readme_section_says_what_the_cli_takes() -> None:

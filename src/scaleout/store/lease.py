@@ -22,9 +22,9 @@ import os
 import time
 from typing import Any
 
-from scaleout.core.errors import StorageError
+from scaleout.core.errors import StorageError, StoreUnreachable
 from scaleout.store.pg import is_url as is_postgres
-from scaleout.store.pg import redact
+from scaleout.store.pg import link_failure, redact
 
 log = logging.getLogger("scaleout.lease")
 
@@ -60,7 +60,7 @@ def connect(url: str, *, keepalive: bool = True, idle_s: float | None = None) ->
         return psycopg.connect(url, autocommit=True, application_name=f"scaleout-lease-{os.getpid()}", options=options, **(KEEPALIVE if keepalive else {}))
     except psycopg.Error as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise StorageError(reason, "connecting to", f"the PostgreSQL store {redact(url)}") from None
+        raise (StoreUnreachable if link_failure(exc) else StorageError)(reason, "connecting to", f"the PostgreSQL store {redact(url)}") from None
 
 
 class Lease:

@@ -150,7 +150,7 @@ def _quiet_pool() -> None:
         pool_log.addFilter(_PoolNoise())
 
 
-def _unreachable(exc: BaseException) -> bool:
+def link_failure(exc: BaseException) -> bool:
     """A failure of the link to the server (lost, refused, closed, shutting down), not of
     what it was asked (a full disk there, a constraint, bad SQL)."""
     import psycopg
@@ -317,7 +317,7 @@ class PgConnection:
         try:  # one direct attempt first: its error says why (refused, no such database, auth)
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
         except psycopg.Error as exc:
-            raise StorageError(_reason(exc), "connecting to", self.path) from None
+            raise (StoreUnreachable if link_failure(exc) else StorageError)(_reason(exc), "connecting to", self.path) from None
         pool = _pool_class()
         self._outage = _outage(url)
         _quiet_pool()
@@ -401,7 +401,7 @@ class PgConnection:
 
         if isinstance(exc, StorageError):
             raise exc
-        if _unreachable(exc):
+        if link_failure(exc):
             self._outage.lost(_reason(exc))
             raise StoreUnreachable(_reason(exc), action, self.path) from None
         if isinstance(exc, psycopg.OperationalError) or (isinstance(exc, psycopg.Error) and (getattr(exc, "sqlstate", None) or "")[:2] in ("08", "53", "57", "58", "XX")):
