@@ -446,6 +446,7 @@ class AsyncScaleout:
         loop = asyncio.get_running_loop()
         delivered = [0]
         lost_at: float | None = None
+        rounds_at_loss = 0
         delays = backoff(0.1, 1.0)
         while True:
             try:
@@ -457,10 +458,12 @@ class AsyncScaleout:
                 if not isinstance(exc, ConnectionFailed) and exc.code not in (ShuttingDown.code, Standby.code):
                     raise
                 now = loop.time()
-                lost_at = now if lost_at is None else lost_at
+                if lost_at is None or delivered[0] > rounds_at_loss:  # a new loss (rounds went on since the last)
+                    lost_at, rounds_at_loss = now, delivered[0]
                 if now - lost_at >= reconnect_s(self._controllers.urls):
                     raise ConnectionFailed(f"lost the controller while following session {id} ({exc}); it is still running there") from None
-                log.warning("lost the controller while following session %s (%s); dialling %s again", id, exc, ",".join(self._controllers.urls))
+                if now == lost_at:  # once a loss, not at every try
+                    log.warning("lost the controller while following session %s (%s); dialling %s again", id, exc, ",".join(self._controllers.urls))
                 await self.close()
                 await asyncio.sleep(next(delays))  # a controller restarting or a standby taking over: nothing to wait on
 

@@ -56,7 +56,7 @@ def resolve(args: argparse.Namespace, file_settings: dict[str, Any] | None = Non
             if token is None:
                 token_file = home / "admin.token"
                 if not token_file.exists():
-                    raise UsageError(f"no admin token in {home}")
+                    raise UsageError(f"no admin token in {home} (a standby controller writes its own when it becomes active: meanwhile give --token, or the active one's --data-dir)")
                 token = _read(token_file, "admin token").strip()
             if ca is None and info.get("ca"):
                 ca = home / "ca.pem"
