@@ -68,3 +68,26 @@ def test_other_refusals_are_raised_at_once() -> None:
     with pytest.raises(ConnectError) as info:
         _run(Controllers("wss://a:1"), {"wss://a:1": one})
     assert info.value is one  # one address: its own error, as before there were several
+
+
+def test_learned_addresses_come_after_the_given_ones_and_are_checked() -> None:
+    ctl = Controllers("wss://a:1,wss://b:2")
+    told = ["wss://b:2", "wss://c:3", "ws://d:4", "https://e:5", "wss://f:x", "wss://", 7, "wss://g:7,wss://h:8", "wss://i 9", "wss://" + "j" * 300, "wss://c:3"]
+    assert ctl.add(told) == ["wss://c:3"]  # the given ones first, a downgrade to ws:// or anything malformed left out
+    assert ctl.urls == ("wss://a:1", "wss://b:2", "wss://c:3") and ctl.learned == ["wss://c:3"]
+    assert ctl.add("wss://z:1") == [] and ctl.add(None) == []  # a list, or nothing
+    ctl.add([f"wss://n{i}:1" for i in range(40)])
+    assert len(ctl.learned) == 16  # bounded (MAX_LEARNED): a controller's list is a handful
+    assert Controllers("ws://a:1").add(["wss://b:2", "ws://c:3"]) == ["ws://c:3"]  # the scheme a node was given
+
+
+def test_a_learned_address_is_dialled_after_the_given_ones_and_one_that_fails_trust_is_passed_over() -> None:
+    ctl = Controllers("wss://a:1")
+    ctl.add(["wss://a:1", "wss://b:2", "wss://c:3"])
+    got, tried = _run(ctl, {"wss://a:1": ConnectError("down"), "wss://b:2": TrustError("a combiner's certificate"), "wss://c:3": "C"})
+    assert (got, tried, ctl.current) == ("C", ["wss://a:1", "wss://b:2", "wss://c:3"], "wss://c:3")
+    # A standby may name a learned address as the active one: it is one of ours now.
+    ctl = Controllers("wss://a:1")
+    ctl.add(["wss://c:3"])
+    got, tried = _run(ctl, {"wss://a:1": Standby("wss://c:3"), "wss://c:3": "C"})
+    assert (got, tried) == ("C", ["wss://a:1", "wss://c:3"])

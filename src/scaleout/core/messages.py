@@ -122,6 +122,17 @@ class Revoked(Message):
 
 @message
 @dataclass(kw_only=True)
+class ControllersChanged(Message):
+    """Controller -> combiners -> clients: the addresses of every controller on its store
+    (the active one first), sent when one appears: nodes add them to the addresses they dial,
+    so they follow a standby started after they did (transport/dialer.py Controllers.add)."""
+
+    type: ClassVar[str] = "controllers"
+    urls: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(kw_only=True)
 class ClientsChanged(Message):
     """Combiner -> controller: clients that connected (``joined``) and left since the last
     one. Deltas, so each costs O(1) per client; ``reset`` (after registering) starts a full

@@ -108,6 +108,10 @@ class Client:
 
         s = self.settings
         self.enrolled = await enrolled("client", self.name, s.controller, s.token, s.ca, self.ctx, self.state_dir)
+        from scaleout.roles.joining import learned_controllers
+
+        if kept := self.controllers.add(await asyncio.to_thread(learned_controllers, self.enrolled)):
+            log.info("also dialling the controller(s) learned before: %s", ", ".join(kept))
         if not s.name:
             remember_unnamed("client", self.name, self.state_dir, controller_key(s.controller, s.ca))
 
@@ -277,6 +281,7 @@ class Client:
         info, _ = await self._ask("client.assign", {"name": self.name, "prefer": self.combiner, "package": self.package_label})
         s = self.settings
         self.enrolled.renew(info.get("token"))
+        await self._learn_controllers(info.get("controllers"))
         ticket = info.get("ticket")
         if not isinstance(ticket, str):  # never its own credential: the combiner could act as this client with it
             raise ProtocolError("the controller gave no ticket for the combiner (it is older than this client): upgrade the controller")
@@ -316,6 +321,13 @@ class Client:
                 raise AuthError(f"the combiner closed this client's link: {link.ws.close_reason or 'credential revoked'}")
             raise ConnectionError(f"lost the combiner at {info['url']}: {reason}")
 
+    async def _learn_controllers(self, urls: object) -> None:
+        """Dial the controllers the active one told of too (a standby started after this client
+        enrolled): asked when the combiner goes, after those given with --controller."""
+        from scaleout.roles.joining import learn
+
+        await learn(self.controllers, urls, self.enrolled, log)
+
     async def _on_request(self, req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], Hashed]:
         """The combiner pulls the update we announced, when it has room to fold it."""
         if req.op != "update.get":
@@ -332,6 +344,12 @@ class Client:
             await self.tasks.put(inc)
         elif isinstance(msg, (m.CommandTask, m.PackageChanged)):
             self.work.on_message(inc)
+        elif isinstance(msg, m.ControllersChanged):
+            # Passed on by the combiner: with TLS a learned address must show a controller's
+            # certificate of this CA before this client's credential is sent (dialer.py), so a
+            # combiner cannot point it at itself; without TLS nothing would check that.
+            if self.ctx is not None:
+                await self._learn_controllers(msg.urls)
         elif isinstance(msg, m.TaskAbort):
             if msg.reason:
                 log.info("aborting the current task: %s", msg.reason)

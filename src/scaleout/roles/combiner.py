@@ -31,7 +31,7 @@ from scaleout.store.blobs import release
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
 from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces
-from scaleout.transport.dialer import Controllers
+from scaleout.transport.dialer import MAX_LEARNED, Controllers
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
 log = logging.getLogger("scaleout.combiner")
@@ -143,14 +143,17 @@ class Combiner:
         self._status_timer: asyncio.TimerHandle | None = None
         self.relay = CommandRelay(self)  # custom commands, predictions, client logs, package updates
         self.controllers = Controllers(settings.controller)  # --controller's addresses, the active one first
+        self.told_clients: set[str] = set()  # controller addresses passed on to the clients attached (ControllersChanged)
 
     async def _register(self, ctx: Any, csr: str | None) -> tuple[asyncio.Task[None], dict[str, Any]]:
         """Connect to the controller and register; returns the link's reader and the reply."""
         s = self.settings
         if self.enrolled is None:
-            from scaleout.roles.joining import enrolled
+            from scaleout.roles.joining import enrolled, learned_controllers
 
             self.enrolled = await enrolled("combiner", self.name, s.controller, s.token, s.ca, ctx, s.state_dir or _state_dir())
+            if kept := self.controllers.add(await asyncio.to_thread(learned_controllers, self.enrolled)):
+                log.info("also dialling the controller(s) learned before: %s", ", ".join(kept))
         args: dict[str, Any] = {"name": self.name, "advertise": self.advertised, "run": self.run_id}
         if csr is not None:
             args["csr"] = csr
@@ -171,7 +174,21 @@ class Combiner:
         self.enrolled.renew(result.get("token"))
         if self.verifier is not None:
             self.verifier.revoked.update(str(i) for i in result.get("revoked") or [])
+        await self._learn_controllers(result.get("controllers"))
         return reader, result
+
+    async def _learn_controllers(self, urls: object) -> None:
+        """Dial the controllers the active one told of too (a standby started after this
+        combiner), and tell the clients attached here, which ask a controller again when they lose us."""
+        from scaleout.roles.joining import learn
+
+        await learn(self.controllers, urls, self.enrolled, log)
+        told = [u for u in urls if isinstance(u, str)][: 2 * MAX_LEARNED] if isinstance(urls, list) else []
+        if set(told) <= self.told_clients:
+            return
+        self.told_clients.update(told)
+        for name, link in list(self.clients.items()):  # in the background: a frozen client must not stall this link
+            self._spawn(quietly(asyncio.wait_for(link.send(m.ControllersChanged(urls=told)), ABORT_SEND_S), f"telling {name} of the controllers"))
 
     async def _reconnect(self, ctx: Any, url: str, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """Register again after losing the controller, with backoff; None when stopped.
@@ -531,6 +548,8 @@ class Combiner:
             pass
         elif isinstance(msg, m.Revoked):
             self._revoke(msg)
+        elif isinstance(msg, m.ControllersChanged):
+            await self._learn_controllers(msg.urls)
         else:
             raise ProtocolError(f"the controller may not send {msg.type} to a combiner")
 

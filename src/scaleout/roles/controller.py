@@ -25,7 +25,7 @@ from scaleout.core.selection import Assigner
 from scaleout.package.limits import UnpackLimits
 from scaleout.roles.admin import AdminService, Caller
 from scaleout.roles.command_service import CommandService
-from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, fix_mmap_threshold, raise_file_limit, url_host
+from scaleout.roles.common import announce, audit_actor, bracket, cert_names, close_server, dial_urls, fix_mmap_threshold, quietly, raise_file_limit, url_host
 from scaleout.roles.door import Door
 from scaleout.roles.enrolment import Desk
 from scaleout.roles.events import EventHub
@@ -139,6 +139,7 @@ class Controller:
         self._last_active: str | None = None  # what a standby last read as the active address
         self.peer_urls: list[str] = []  # the other controllers on the store, for join tokens (Desk.urls)
         self._peers_at = 0.0
+        self._telling: set[asyncio.Future[None]] = set()  # sends of ControllersChanged under way
         self._keys_ready = False
         self._lease_thread: ThreadPoolExecutor | None = None  # the lease's polls (_leased)
         # The operations that are about the link itself. Who may call any operation is
@@ -380,7 +381,28 @@ class Controller:
         assert self.lease is not None
         if time.monotonic() - self._peers_at >= every_s:
             self._peers_at = time.monotonic()
+            before = set(self.peer_urls)
             self.peer_urls = await asyncio.to_thread(self.lease.peers, self.advertised)
+            if not self.standby and set(self.peer_urls) - before:
+                self._tell_controllers()
+
+    def controller_urls(self) -> list[str]:
+        """Every controller on the store as nodes dial them, this one first (empty without a
+        shared store): in the replies to combiner.register and client.assign, and pushed to
+        combiners when one appears, so nodes follow a standby started after they enrolled."""
+        if self.lease is None:
+            return []
+        return list(dict.fromkeys([self.advertised, *self.peer_urls]))
+
+    def _tell_controllers(self) -> None:
+        """Tell every registered combiner the controllers' addresses (it tells its clients), in
+        the background: a combiner slow to read must not hold up the lease's checks."""
+        urls = self.controller_urls()
+        log.info("controllers on the store: %s; telling %d combiner(s)", ", ".join(urls), len(self.combiners))
+        for c in list(self.combiners.values()):
+            task = asyncio.ensure_future(quietly(c.link.send(m.ControllersChanged(urls=urls)), "telling combiners of the controllers", log))
+            self._telling.add(task)
+            task.add_done_callback(self._telling.discard)
 
     async def _active(self) -> str | None:
         """The active controller's address as its holder recorded it (this one's when active)."""

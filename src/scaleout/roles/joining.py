@@ -3,14 +3,20 @@ its join token once and keep the credential it gets back (0600)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import ssl
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scaleout.core.errors import AuthError, ConfigError, RemoteError
 from scaleout.security import identity, tokens
 from scaleout.security.jointoken import fingerprint_key
+
+if TYPE_CHECKING:
+    from scaleout.transport.dialer import Controllers
 
 log = logging.getLogger("scaleout")
 
@@ -42,6 +48,42 @@ class Enrolled:
             self.ident = replace(self.ident, token=token)
             identity.save(self.path, self.ident)
             log.info("renewed this node's credential (%s)", self.path)
+
+
+def _learned_path(node: Enrolled) -> Path:
+    return node.path.with_name(node.path.name.removesuffix(".json") + ".controllers")  # beside its identity
+
+
+def learned_controllers(node: Enrolled) -> list[str]:
+    """The controller addresses this node was told of and kept (learn), so a node restarted
+    while the controller it was given is down still dials the others; none if none kept."""
+    try:
+        urls = json.loads(_learned_path(node).read_text())
+    except (OSError, ValueError):
+        return []
+    return [u for u in urls if isinstance(u, str)] if isinstance(urls, list) else []
+
+
+async def learn(controllers: Controllers, urls: object, node: Enrolled | None, logger: logging.Logger = log) -> list[str]:
+    """Add the controller addresses the active controller told of to those this node dials
+    (after the ones it was given: Controllers.add says why that is safe), say so, and keep
+    them beside its identity; returns the new ones."""
+    new = controllers.add(urls)
+    if new and node is not None:
+        try:
+            await asyncio.to_thread(_keep_learned, _learned_path(node), controllers.learned)
+        except OSError as exc:  # a read-only state dir: only a restart during an outage misses them
+            logger.warning("could not keep the learned controller addresses beside %s: %s", node.path, exc)
+    for url in new:
+        logger.info("learned controller %s (dialled after %s)", url, ", ".join(controllers.urls[: controllers.given]))
+    return new
+
+
+def _keep_learned(path: Path, urls: list[str]) -> None:
+    from scaleout.security.tls import write_private
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, (json.dumps(urls) + "\n").encode())
 
 
 def controller_key(url: str, ca: Path | None) -> str:

@@ -60,6 +60,8 @@ class MembershipHost(Protocol):
 
     def nodes_changed(self) -> None: ...
 
+    def controller_urls(self) -> list[str]: ...
+
 
 class Membership:
     def __init__(self, ctl: MembershipHost) -> None:
@@ -183,6 +185,8 @@ class Membership:
         self.tickets[name] = (tokens.peek(ticket).iat, tokens.peek(ticket).jti)
         package = await asyncio.to_thread(self.ctl.state.get_meta, "active_package")
         reply: dict[str, Any] = {"combiner": c.name, "url": c.url, "package": package, "ticket": ticket}
+        if urls := self.ctl.controller_urls():  # every controller on the store: the client dials them too when it asks again
+            reply["controllers"] = urls
         renewed = self.ctl.desk.renewed(link)
         if renewed is not None:
             reply["token"] = renewed
@@ -207,6 +211,8 @@ class Membership:
             await close_now(old.link, m.CLOSE_SUPERSEDED, f"another combiner registered as {name}")
         # "boot": which run of this controller (a combiner that sees it change drops its old rounds).
         result: dict[str, Any] = {"token_public_key": ctl.signer.public_pem().decode(), "revoked": sorted(ctl.verifier.revoked), "boot": ctl.boot}
+        if urls := ctl.controller_urls():  # every controller on the store: the combiner dials them too after losing this one
+            result["controllers"] = urls
         if csr:
             if ctl.ssl_context is None:
                 raise ConflictError("this controller runs without TLS (--insecure); start the combiner with --insecure too")

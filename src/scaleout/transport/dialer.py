@@ -10,6 +10,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from scaleout.core.errors import ScaleoutError, Standby, standby_active
 from scaleout.transport.net import ConnectError, TrustError, connect
@@ -21,6 +22,10 @@ def controller_urls(text: str | Sequence[str]) -> tuple[str, ...]:
     """The addresses in ``text`` ("wss://a:8090,wss://b:8090", or a list of them), in order, once each."""
     items = text.split(",") if isinstance(text, str) else [u for t in text for u in str(t).split(",")]
     return tuple(dict.fromkeys(u.strip() for u in items if u.strip()))
+
+
+MAX_LEARNED = 16  # controller addresses a node adds to those it was given (a store has a few controllers)
+MAX_URL_CHARS = 256
 
 
 def refused_by_standby(exc: BaseException) -> tuple[bool, str | None]:
@@ -52,6 +57,7 @@ class Controllers:
 
     def __init__(self, urls: str | Sequence[str]) -> None:
         self.urls = controller_urls(urls)
+        self.given = len(self.urls)  # the first ones: those the user gave, always tried before any learned
         if not self.urls:
             raise ConnectError("no controller address given")
         self.current = self.urls[0]
@@ -59,12 +65,46 @@ class Controllers:
     def __str__(self) -> str:
         return self.current
 
+    def add(self, urls: object) -> list[str]:
+        """Add controller addresses the active controller told of (every controller on its
+        store), after the ones given; returns those that are new. Never removed while running.
+
+        Safe to take from the controller (or, for a client, its combiner): a learned address
+        is dialled with the same CA and token checks as a given one (its certificate must be
+        a controller's of this CA before the token is sent: transport/net.py connect), so an
+        entry naming a machine that is not one of this CA's controllers only fails to
+        connect, and is passed over like an unreachable one (dial); it cannot make this node
+        trust anyone new. Only addresses of the scheme this node was given (no ws:// for a
+        wss:// node), and at most MAX_LEARNED of them."""
+        if not isinstance(urls, (list, tuple)):
+            return []
+        scheme = self.urls[0].split("://", 1)[0]
+        new: list[str] = []
+        for url in urls:
+            if not isinstance(url, str) or len(url) > MAX_URL_CHARS or url in self.urls or "," in url or not url.isprintable() or " " in url:
+                continue
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+            except ValueError:
+                continue
+            if parts.scheme != scheme or not parts.hostname or len(self.urls) - self.given >= MAX_LEARNED:
+                continue
+            self.urls = (*self.urls, url)
+            new.append(url)
+        return new
+
+    @property
+    def learned(self) -> list[str]:
+        """The addresses added to those given (Controllers.add), in the order learned."""
+        return list(self.urls[self.given :])
+
     async def dial(self, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``attempt(url)`` on each address until one succeeds; remembered as the current one.
 
         An unreachable address (ConnectError) or a standby moves on to the next address (a
-        standby's named active one first, if it is one of ours: an address nobody gave us is
-        only reported); any other error is raised at once (a refused token, an untrusted
+        standby's named active one first, if it is one of ours: an address nobody gave or told us
+        is only reported); any other error is raised at once (a refused token, an untrusted
         certificate). None answering as active: ConnectError naming each refusal (and so the
         active address a standby named), so callers retry with their backoff."""
         queue = deque([self.current, *(u for u in self.urls if u != self.current)])
@@ -78,8 +118,12 @@ class Controllers:
             tried.add(url)
             try:
                 result = await attempt(url)
-            except TrustError:
-                raise  # an impostor or the wrong CA: not a reason to try elsewhere quietly
+            except TrustError as exc:
+                if url in self.urls[: self.given]:
+                    raise  # an impostor or the wrong CA: not a reason to try elsewhere quietly
+                failures.append(str(exc))  # a learned address (say, a machine since put to other use): the others are tried
+                errors.append(exc)
+                continue
             except ConnectError as exc:
                 failures.append(str(exc))
                 errors.append(exc)
