@@ -1060,8 +1060,8 @@ def _let_go(model: bytes | mmap.mmap) -> None:
 def _check_update(job: Job, blob: bytes) -> Any:
     """Parse an update's header and check its values, dtypes and the size of its change
     against the round's model (off the loop)."""
-    read = _reader(job.model_map, blob)
-    checked = job.agg.check(payload.views(blob), _reader(blob))  # the fold lets go of the update's pages too
+    read = _reader(job.model_map, blob)  # kept by checked: the fold lets go of the update's pages too
+    checked = job.agg.check(payload.views(blob), read)
     check_change(job.model, checked.arrays, job.norm_limit, read)
     if checked.converted:
         log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))

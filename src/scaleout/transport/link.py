@@ -163,6 +163,8 @@ class _Transfer:
     per transfer, so the digest sees them in order. ``pending`` counts chunks not yet
     absorbed; the reader waits while more than ``QUEUED_CHUNKS`` are, so a transfer holds
     its buffer plus a few frames. A payload of at most ``INLINE_BYTES`` is absorbed at once.
+    With ``to_file``, a larger one goes to an unnamed temporary file instead (pwrite, in the
+    worker: only the page cache holds it) and is handed over as a read-only mapping of it.
     """
 
     def __init__(self, start: m.BlobStart, writable: bool = False, to_file: bool = False) -> None:
@@ -793,7 +795,11 @@ class Link:
         elif actual != t.start.sha256:
             self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
         else:
-            self._blobs[transfer] = t.value()
+            try:
+                self._blobs[transfer] = t.value()
+            except OSError as exc:  # its file could not be mapped: refused, and the link goes on
+                log.error("could not map a payload from %s: %s", self.peer, exc)
+                self._failed[transfer] = f"payload could not be stored: {exc.strerror or exc}"
         self._trim()
 
     def _trim(self) -> None:
