@@ -42,7 +42,8 @@ def _resident(mapped: mmap.mmap) -> int:
 @pytest.mark.parametrize("norm", [0.0, 1e6])
 def test_an_update_pulled_into_a_mapped_file_is_checked_and_folded_without_staying_in_memory(norm: float) -> None:
     """The check and the fold read a mapped update a stretch at a time and let each go: after
-    both, at most a stretch of it is resident, and the sums are those of the update itself."""
+    both, at most a stretch of it is resident, and of the model (its pages a send still held
+    are let go too, norm bound or not); the sums are those of the update itself."""
     import numpy as np
 
     from scaleout.core import payload
@@ -57,6 +58,7 @@ def test_an_update_pulled_into_a_mapped_file_is_checked_and_folded_without_stayi
     job = Job("train", "s", 1, "m", None)  # type: ignore[arg-type]  # the tracker is not used here
     job.agg, job.model, job.model_map = get_aggregator("fedavg", payload.describe(model)), payload.views(model), model
     job.norm_limit = norm_limit(job.model, norm)
+    assert np.frombuffer(model, dtype=np.uint8).max() > 0 and _resident(model) > 4 * STRETCH  # touched, as a send to a slow client does
     checked = _check_update(job, update)
     job.agg.add(checked, 2.0, "c")
     assert _resident(update) <= 4 * STRETCH and _resident(model) <= 4 * STRETCH

@@ -1060,6 +1060,9 @@ def _let_go(model: bytes | mmap.mmap) -> None:
 def _check_update(job: Job, blob: bytes) -> Any:
     """Parse an update's header and check its values, dtypes and the size of its change
     against the round's model (off the loop)."""
+    # The model's pages a send to a slower client still touches are let go here too: they are
+    # read back from its file as that send goes on, not held beside the sums this update fills.
+    _let_go(job.model_map)  # type: ignore[arg-type]  # None (no mapped model): nothing to let go
     read = _reader(job.model_map, blob)  # kept by checked: the fold lets go of the update's pages too
     checked = job.agg.check(payload.views(blob), read)
     check_change(job.model, checked.arrays, job.norm_limit, read)
