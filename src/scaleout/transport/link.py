@@ -176,7 +176,7 @@ class _Transfer:
         self.file: Any = None
         self.view: memoryview | int
         if to_file and not self.inline:
-            self.file = tempfile.TemporaryFile(prefix="scaleout-payload-")  # unnamed: gone with its last mapping
+            self.file = tempfile.TemporaryFile(prefix="scaleout-payload-")  # noqa: SIM115  # unnamed: gone with its last mapping; closed by value()
             self.view = self.file.fileno()
         elif writable:
             self.buffer = bytearray(start.size)
