@@ -102,7 +102,7 @@ def test_session_config_bounds_defaults_and_checks() -> None:
         SessionConfig.from_mapping({"max_update_norm": -3})
 
 
-def test_check_change_tells_each_stretch_of_the_model_it_read_and_measures_the_same() -> None:
+def test_check_change_tells_each_stretch_of_the_model_and_update_it_read_and_measures_the_same() -> None:
     from scaleout.core.aggregators.bounds import STRETCH
 
     rng = np.random.default_rng(3)
@@ -111,8 +111,10 @@ def test_check_change_tells_each_stretch_of_the_model_it_read_and_measures_the_s
     seen: list[np.ndarray] = []
     norm = check_change(model, update, 1e9, seen.append)
     assert norm == pytest.approx(check_change(model, update, 1e9))
-    # Every float element of the model was told, each once, as views of it (no copies).
-    assert sum(s.size for s in seen) == model["w"].size + model["b"].size
-    assert all(np.shares_memory(s, model["w"]) or np.shares_memory(s, model["b"]) for s in seen)
+    # Every float element of the model and of the update was told, each once, as views of them (no copies).
+    floats = [model["w"], model["b"], update["w"], update["b"]]
+    assert sum(s.size for s in seen) == sum(a.size for a in floats)
+    assert all(sum(np.shares_memory(s, a) for a in floats) == 1 for s in seen)
+    assert [sum(s.size for s in seen if np.shares_memory(s, a)) for a in floats] == [a.size for a in floats]
     with pytest.raises(UpdateRejected):
         check_change(model, update, norm / 2, seen.append)

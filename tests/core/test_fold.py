@@ -49,3 +49,28 @@ def test_amax() -> None:
     assert amax(np.array([0, 255], np.uint8)) == 255.0
     assert amax(np.array([False, True])) == 1.0 and amax(np.array([False])) == 0.0
     assert amax(np.full((4, 4), -1e300)) == 1e300
+
+
+@pytest.mark.parametrize("n", [1, BLOCK + 3, 2 * (64 * BLOCK) + 5])
+def test_amax_fold_and_fedavg_tell_each_stretch_of_the_update_once_per_pass(n: int) -> None:
+    """The read hook (a combiner lets a mapped update's pages go): amax and fold_into tell each
+    element of the update once, as views of it, in order; FedAvg.check then add tell it twice
+    (one check pass, one fold pass) and give the same sums as without the hook."""
+    from scaleout.core.aggregators.fedavg import FedAvg
+    from scaleout.core.aggregators.fold import STRETCH
+    from scaleout.core.payload import TensorSpec
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    for run in (lambda seen: amax(x, seen.append), lambda seen: fold_into(np.zeros(n, np.float32), x, 1.5, None, seen.append)):
+        seen: list[np.ndarray] = []
+        run(seen)
+        assert all(np.shares_memory(s, x) and s.size <= STRETCH for s in seen)
+        assert [s.ctypes.data for s in seen] == [x.ctypes.data + 4 * sum(t.size for t in seen[:i]) for i in range(len(seen))]
+        assert sum(s.size for s in seen) == n
+    template = {"w": TensorSpec("float32", (n,)), "i": TensorSpec("int32", (2,))}
+    update = {"w": x, "i": np.array([1, 2], np.int32)}
+    hooked, plain, told = FedAvg(template), FedAvg(template), []
+    hooked.add(hooked.check(update, told.append), 2.0, "a")
+    plain.add(plain.check(update), 2.0, "a")
+    assert sum(s.size for s in told if np.shares_memory(s, x)) == 2 * n  # the int tensor is told as it is folded
+    np.testing.assert_array_equal(hooked.partial().sums["w"], plain.partial().sums["w"])

@@ -26,3 +26,41 @@ def test_a_temporary_folder_that_cannot_take_the_model_is_a_storage_error(tmp_pa
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
     with pytest.raises(StorageError, match="keeping the round's model"):
         _mapped_copy(b"model")
+
+
+def _resident(mapped: mmap.mmap) -> int:
+    """Bytes of ``mapped`` resident in this process (its entry in /proc/self/smaps)."""
+    import numpy as np
+
+    start = f"{np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data:x}-"
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(start))
+    return next(int(line.split()[1]) * 1024 for line in lines[at + 1 :] if line.startswith("Rss:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+@pytest.mark.parametrize("norm", [0.0, 1e6])
+def test_an_update_pulled_into_a_mapped_file_is_checked_and_folded_without_staying_in_memory(norm: float) -> None:
+    """The check and the fold read a mapped update a stretch at a time and let each go: after
+    both, at most a stretch of it is resident, and of the model (its pages a send still held
+    are let go too, norm bound or not); the sums are those of the update itself."""
+    import numpy as np
+
+    from scaleout.core import payload
+    from scaleout.core.aggregators import get_aggregator
+    from scaleout.core.aggregators.bounds import norm_limit
+    from scaleout.core.aggregators.fold import STRETCH
+    from scaleout.roles.combiner import Job, _check_update
+
+    n = 6 * STRETCH + 7  # 96 MiB of float32
+    model = _mapped_copy(payload.encode({"w": np.zeros(n, np.float32), "b": np.ones(3, np.float32)}))
+    update = _mapped_copy(payload.encode({"w": np.full(n, 0.5, np.float32), "b": np.ones(3, np.float32)}))
+    job = Job("train", "s", 1, "m", None)  # type: ignore[arg-type]  # the tracker is not used here
+    job.agg, job.model, job.model_map = get_aggregator("fedavg", payload.describe(model)), payload.views(model), model
+    job.norm_limit = norm_limit(job.model, norm)
+    assert np.frombuffer(model, dtype=np.uint8).max() > 0 and _resident(model) > 4 * STRETCH  # touched, as a send to a slow client does
+    checked = _check_update(job, update)
+    job.agg.add(checked, 2.0, "c")
+    assert _resident(update) <= 4 * STRETCH and _resident(model) <= 4 * STRETCH
+    sums = job.agg.partial(copy=False).sums["w"]
+    assert sums.min() == sums.max() == 1.0

@@ -525,3 +525,67 @@ def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writab
             assert type((await asyncio.wait_for(inbox.get(), 10)).blob) is bytes
 
     run(main())
+
+
+def test_payloads_arriving_while_file_payloads_is_set_are_written_to_a_file_and_handed_over_mapped() -> None:
+    """A payload larger than INLINE_BYTES goes to an unnamed temporary file as it arrives and
+    is handed over as a read-only mapping of it, checked like bytes (a corrupt one refused);
+    a small one stays bytes; bytes again once the flag is off (a combiner's pulled update)."""
+    import mmap
+
+    from scaleout.transport.link import INLINE_BYTES
+
+    data = _pattern(3 * CHUNK_BYTES + 5)
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        links: list[Link] = []
+
+        async def on_link(link: Link) -> None:
+            links.append(link)
+            link.file_payloads = True
+            await link.run(on_message=inbox.put)
+
+        async with linked(on_link) as link:
+            await link.send_with_blob(carrier("mapped"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert type(got.blob) is mmap.mmap and got.blob[:] == data
+            with pytest.raises(TypeError):
+                got.blob[0] = 1  # type: ignore[index]  # read-only
+            await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
+            bad = await asyncio.wait_for(inbox.get(), 10)
+            assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
+            await link.send_with_blob(carrier("small"), data[:INLINE_BYTES])
+            assert type((await asyncio.wait_for(inbox.get(), 10)).blob) is bytes
+            links[0].file_payloads = False
+            await link.send_with_blob(carrier("bytes"), data)
+            assert type((await asyncio.wait_for(inbox.get(), 10)).blob) is bytes
+
+    run(main())
+
+
+def test_a_payload_that_finds_no_room_for_its_file_is_refused_and_the_link_goes_on(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No temporary folder (or a full one): that payload is refused, saying so, not the link."""
+    import tempfile
+
+    data = _pattern(3 * CHUNK_BYTES + 5)
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        links: list[Link] = []
+
+        async def on_link(link: Link) -> None:
+            links.append(link)
+            link.file_payloads = True
+            await link.run(on_message=inbox.put)
+
+        async with linked(on_link) as link:
+            monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+            await link.send_with_blob(carrier("nowhere"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert got.blob is None and got.blob_error is not None and "could not be stored" in got.blob_error
+            monkeypatch.undo()
+            await link.send_with_blob(carrier("again"), data)
+            assert (await asyncio.wait_for(inbox.get(), 10)).blob[:] == data
+
+    run(main())

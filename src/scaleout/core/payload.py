@@ -16,7 +16,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NewType
 
@@ -292,7 +292,9 @@ def headroom(dtype: str | np.dtype) -> float:
     return float(np.finfo(np.dtype(dtype)).max) / HEADROOM
 
 
-def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray]) -> dict[str, float]:
+def check_values(
+    reference: Mapping[str, TensorSpec], update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None,
+) -> dict[str, float]:
     """Refuse NaN, inf, values the model's dtype cannot hold (1e300 for float32, 2**40
     for int32) and float values beyond its `headroom` (3e38 for float32), naming the first
     offending tensor. Run after `check_compatible`.
@@ -300,7 +302,7 @@ def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.nd
     Returns a bound on each tensor's largest |value| (what a running sum needs to know it
     cannot overflow). Cheap on purpose (aggregation's hot path): one blocked pass over a
     float tensor, a min and a max over an integer one that may not fit, nothing for
-    integers that always do.
+    integers that always do. ``read`` is told each stretch of a float tensor once read (`amax`).
     """
     from scaleout.core.aggregators.fold import amax
 
@@ -315,7 +317,7 @@ def check_values(reference: Mapping[str, TensorSpec], update: Mapping[str, np.nd
         own_low, own_high = value_bounds(array.dtype)
         fits = low <= own_low and own_high <= high
         if array.dtype.kind == "f":
-            peak = amax(array)
+            peak = amax(array, read)
             if not math.isfinite(peak):
                 raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
             peaks[name] = peak

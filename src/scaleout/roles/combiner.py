@@ -792,11 +792,13 @@ class Combiner:
                     link = self.clients.get(client)
                     if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
                         return  # the round closed, or the client left (it announces again when back)
-                    link.max_payload = size
+                    # Written to a temporary file as it arrives and read back mapped, a stretch at a
+                    # time, by the check and the fold: the update is never all in memory beside the sums.
+                    link.max_payload, link.file_payloads = size, True
                     try:
                         blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
                     finally:
-                        link.max_payload = self._client_limit(client)
+                        link.max_payload, link.file_payloads = self._client_limit(client), False
                 if blob is None or len(blob) != size:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
@@ -1051,15 +1053,18 @@ def _mapped_copy(data: bytes) -> mmap.mmap:
         raise StorageError(exc.strerror or str(exc), "keeping the round's model in", tempfile.gettempdir(), exc.errno) from None
 
 
-def _reader(mapped: mmap.mmap | None) -> Callable[[np.ndarray], None] | None:
-    """For check_change over a mapped model: let go of each stretch once it is read, so an
-    update's check does not bring the whole model back into memory beside the sums."""
-    if mapped is None:
+def _reader(*maps: Any) -> Callable[[np.ndarray], None] | None:
+    """For the check and fold over a mapped model and update: let go of each stretch once it
+    is read, so neither is brought whole into memory beside the sums (other buffers: nothing)."""
+    spans = [(np.frombuffer(mp, dtype=np.uint8, count=1).ctypes.data, mp) for mp in maps if isinstance(mp, mmap.mmap) and len(mp)]
+    if not spans:
         return None
-    base = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data
 
     def read(stretch: np.ndarray) -> None:
-        release(mapped, stretch.ctypes.data - base, stretch.nbytes)
+        address = stretch.ctypes.data
+        for base, mapped in spans:
+            if base <= address < base + len(mapped):
+                release(mapped, address - base, stretch.nbytes)
 
     return read
 
@@ -1074,8 +1079,12 @@ def _let_go(model: bytes | mmap.mmap) -> None:
 def _check_update(job: Job, blob: bytes) -> Any:
     """Parse an update's header and check its values, dtypes and the size of its change
     against the round's model (off the loop)."""
-    checked = job.agg.check(payload.views(blob))
-    check_change(job.model, checked.arrays, job.norm_limit, _reader(job.model_map))
+    # The model's pages a send to a slower client still touches are let go here too: they are
+    # read back from its file as that send goes on, not held beside the sums this update fills.
+    _let_go(job.model_map)  # type: ignore[arg-type]  # None (no mapped model): nothing to let go
+    read = _reader(job.model_map, blob)  # kept by checked: the fold lets go of the update's pages too
+    checked = job.agg.check(payload.views(blob), read)
+    check_change(job.model, checked.arrays, job.norm_limit, read)
     if checked.converted:
         log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))
     return checked
@@ -1091,7 +1100,9 @@ def _forwarded_bytes(job: Job, blob: bytes, checked: Any) -> Hashed:
         template = job.agg.template
         arrays = {name: np.asarray(a).astype(template[name].dtype) for name, a in checked.arrays.items()}
         blob = payload.encode_named(arrays, payload.layout_of(blob))
-    return Hashed(blob, hashlib.sha256(blob).hexdigest())
+    digest = hashlib.sha256(blob).hexdigest()
+    _let_go(blob)  # a mapped update is read again from its file as the controller pulls it
+    return Hashed(blob, digest)
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:

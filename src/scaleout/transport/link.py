@@ -38,9 +38,12 @@ import json
 import hashlib
 import io
 import logging
+import mmap
+import os
 import re
 import secrets
 import struct
+import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -160,20 +163,28 @@ class _Transfer:
     per transfer, so the digest sees them in order. ``pending`` counts chunks not yet
     absorbed; the reader waits while more than ``QUEUED_CHUNKS`` are, so a transfer holds
     its buffer plus a few frames. A payload of at most ``INLINE_BYTES`` is absorbed at once.
+    With ``to_file``, a larger one goes to an unnamed temporary file instead (pwrite, in the
+    worker: only the page cache holds it) and is handed over as a read-only mapping of it.
     """
 
-    def __init__(self, start: m.BlobStart, writable: bool = False) -> None:
+    def __init__(self, start: m.BlobStart, writable: bool = False, to_file: bool = False) -> None:
         self.start = start
+        self.inline = start.size <= INLINE_BYTES
         # A writable payload is a bytearray handed over as it is: its taker may use it in place.
-        self.buffer: io.BytesIO | bytearray
-        if writable:
+        # One to a file is written there (pwrite, in the worker) and handed over mapped read-only.
+        self.buffer: io.BytesIO | bytearray | None = None
+        self.file: Any = None
+        self.view: memoryview | int
+        if to_file and not self.inline:
+            self.file = tempfile.TemporaryFile(prefix="scaleout-payload-")  # noqa: SIM115  # unnamed: gone with its last mapping; closed by value()
+            self.view = self.file.fileno()
+        elif writable:
             self.buffer = bytearray(start.size)
             self.view = memoryview(self.buffer)
         else:
             self.buffer = io.BytesIO(bytes(start.size))
             self.view = self.buffer.getbuffer()
         self.digest = hashlib.sha256()
-        self.inline = start.size <= INLINE_BYTES
         self.received = 0  # bytes that arrived
         self.handed = 0  # bytes given to a worker (or absorbed inline): the next chunk goes here
         self.queue: list[memoryview] = []
@@ -217,6 +228,10 @@ class _Transfer:
             await asyncio.wait({self.worker})
 
     def value(self) -> bytes:
+        if self.file is not None:  # every chunk written (settle(0)): no worker holds its descriptor
+            with self.file:
+                return mmap.mmap(self.file.fileno(), self.start.size, access=mmap.ACCESS_READ)  # type: ignore[return-value]  # bytes-like
+        assert isinstance(self.view, memoryview) and self.buffer is not None
         self.view.release()
         if isinstance(self.buffer, bytearray):
             return self.buffer  # type: ignore[return-value]  # bytes-like to every taker; writable for one that asked
@@ -225,11 +240,17 @@ class _Transfer:
         return data
 
 
-def _absorb(view: memoryview, digest: Any, offset: int, chunks: list[memoryview]) -> None:
-    """Copy ``chunks`` into ``view`` from ``offset`` on and hash them, in order (in a worker thread)."""
+def _absorb(view: memoryview | int, digest: Any, offset: int, chunks: list[memoryview]) -> None:
+    """Copy ``chunks`` into ``view`` (or write them to the file descriptor ``view``) from
+    ``offset`` on and hash them, in order (in a worker thread)."""
     for chunk in chunks:
         end = offset + len(chunk)
-        view[offset:end] = chunk
+        if isinstance(view, int):
+            done = 0
+            while done < len(chunk):  # a full disk raises OSError here: the payload is refused, not the process
+                done += os.pwrite(view, chunk[done:], offset + done)
+        else:
+            view[offset:end] = chunk
         digest.update(chunk)
         offset = end
 
@@ -297,6 +318,10 @@ class Link:
         # not bytes): a taker that keeps one may then work in it in place instead of copying it
         # (the controller folds a combiner's partial into the round's sums that way).
         self.writable_payloads = False
+        # Payloads larger than INLINE_BYTES that start arriving while this is set are written to
+        # an unnamed temporary file as they arrive and handed over as a read-only mapping of it
+        # (bytes-like), so this process holds frames, not the payload (a combiner's updates).
+        self.file_payloads = False
         self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
         self.received_at = 0.0  # loop time payload bytes last arrived
         self.closed = False  # set when run() returns: no reply can arrive any more
@@ -714,7 +739,13 @@ class Link:
             self._refuse(start.transfer, f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}")
         if len(self._transfers) >= self.max_in_flight:
             self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
-        self._transfers[start.transfer] = _Transfer(start, self.writable_payloads)
+        try:
+            self._transfers[start.transfer] = _Transfer(start, self.writable_payloads, self.file_payloads)
+        except OSError as exc:  # no room for a temporary file: not the peer's fault, and not fatal
+            log.error("could not keep a payload from %s in a temporary file: %s", self.peer, exc)
+            self._failed[start.transfer] = f"payload could not be stored: {exc.strerror or exc}"
+            self._trim()
+            return
         if self.receive_progress is not None:
             self.receive_progress(0, start.size)
         if start.size == 0:
@@ -764,7 +795,11 @@ class Link:
         elif actual != t.start.sha256:
             self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
         else:
-            self._blobs[transfer] = t.value()
+            try:
+                self._blobs[transfer] = t.value()
+            except OSError as exc:  # its file could not be mapped: refused, and the link goes on
+                log.error("could not map a payload from %s: %s", self.peer, exc)
+                self._failed[transfer] = f"payload could not be stored: {exc.strerror or exc}"
         self._trim()
 
     def _trim(self) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from scaleout.core.aggregators.fold import BLOCK
+from scaleout.core.aggregators.fold import BLOCK, STRETCH
 from scaleout.core.errors import ConfigError, UpdateRejected
 
 
@@ -60,17 +60,15 @@ def norm_limit(model: Mapping[str, np.ndarray], multiple: float) -> float | None
     return multiple * max(math.sqrt(squares), math.sqrt(elements))
 
 
-STRETCH = 64 * BLOCK  # elements of the model read before ``read`` is told (check_change)
-
-
 def check_change(
     model: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], limit: float | None,
     read: Callable[[np.ndarray], None] | None = None,
 ) -> float:
     """Refuse an update that moves the model further than ``limit`` (L2 over the float
     tensors); returns the change's norm (0.0 when not measured, the bound being off).
-    ``read``, when given, is told each stretch of the model once it has been read (a caller
-    whose model is a mapped file lets those pages go, so the check does not hold the model)."""
+    ``read``, when given, is told each stretch of the model and of the update once it has been
+    read (a caller whose model or update is a mapped file lets those pages go, so the check
+    holds neither)."""
     if limit is None:
         return 0.0
     squares = 0.0
@@ -83,6 +81,7 @@ def check_change(
             for start in range(0, flat.size, STRETCH):
                 squares += sum_squares(other[start : start + STRETCH], flat[start : start + STRETCH])
                 read(flat[start : start + STRETCH])
+                read(other[start : start + STRETCH])
     change = math.sqrt(squares)
     if not change <= limit:
         raise UpdateRejected(f"its change to the model has norm {change:.4g}, more than the bound {limit:.4g} (max_update_norm)")

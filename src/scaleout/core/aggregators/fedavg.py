@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ class Checked:
     arrays: dict[str, np.ndarray]
     peaks: dict[str, float]
     converted: tuple[str, ...] = ()  # tensors of another width than the model's (float64 for float32): cast by the fold
+    read: Callable[[np.ndarray], None] | None = None  # told each stretch of the arrays once read (check) and folded (add)
 
 
 # A sum whose exact value stays below these cannot overflow its accumulator, rounding
@@ -52,12 +53,15 @@ class FedAvg:
     def count(self) -> int:
         return len(self._contributors)
 
-    def check(self, update: Mapping[str, np.ndarray]) -> Checked:
+    def check(self, update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None) -> Checked:
         """Check an update against the model (names, shapes, values) without touching the
-        sums: safe to run for several updates at once, outside whatever serialises `add`."""
+        sums: safe to run for several updates at once, outside whatever serialises `add`.
+        ``read`` is told each stretch of the update once read, here and by `add` (a caller
+        whose update is a mapped file lets those pages go: it is never all in memory)."""
         check_compatible(self.template, update)
         converted = tuple(check_dtypes(self.template, update))  # another kind (int for float) is refused
-        return Checked({name: np.asarray(update[name]) for name in self.template}, check_values(self.template, update), converted)
+        arrays = {name: np.asarray(update[name]) for name in self.template}
+        return Checked(arrays, check_values(self.template, update, read), converted, read)
 
     def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:
         """Fold ``update`` (raw, or as returned by `check`) in with ``weight``."""
@@ -69,7 +73,7 @@ class FedAvg:
             raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
         with np.errstate(over="ignore"):
             ceilings = {name: self._ceiling[name] + w * peaks[name] for name in self._sums}
-        self._fold(update, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}")
+        self._fold(update, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}", checked.read)
         self._weight += w
         self._contributors.append(contributor)
 
@@ -102,7 +106,9 @@ class FedAvg:
         self._weight += w
         self._contributors.extend(p.contributors)
 
-    def _fold(self, arrays: dict[str, np.ndarray], w: float, ceilings: dict[str, float], overflow: str) -> None:
+    def _fold(
+        self, arrays: dict[str, np.ndarray], w: float, ceilings: dict[str, float], overflow: str, read: Callable[[np.ndarray], None] | None = None,
+    ) -> None:
         """sums += w * arrays, all or nothing. Sums whose ceiling stays safe are folded in
         place; a float32 sum that could outgrow float32 is promoted to float64 first (exact);
         a float64 sum that could overflow is computed afresh and kept only if finite."""
@@ -124,7 +130,7 @@ class FedAvg:
             if name in fresh:
                 self._sums[name] = fresh[name]
             else:
-                fold_into(total, arrays[name], w, self._scratch_for(total.dtype))
+                fold_into(total, arrays[name], w, self._scratch_for(total.dtype), read)
         self._ceiling = ceilings
 
     def _adoptable(self, sums: Mapping[str, np.ndarray], ceilings: dict[str, float]) -> bool:

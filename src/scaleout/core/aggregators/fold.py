@@ -15,10 +15,12 @@ apart after a round of SGD. Ints need float64 to stay exact up to 2**53.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 BLOCK = 1 << 16  # elements per block: 256-512 KiB of temporaries, inside L2 (measured best on this machine)
+STRETCH = 64 * BLOCK  # elements of an array read before a ``read`` hook is told (amax, fold_into, check_change)
 
 
 def acc_dtype(dtype: str | np.dtype) -> np.dtype:
@@ -27,10 +29,12 @@ def acc_dtype(dtype: str | np.dtype) -> np.dtype:
     return np.dtype(np.float32) if d.kind == "f" and d.itemsize <= 4 else np.dtype(np.float64)
 
 
-def amax(x: np.ndarray) -> float:
+def amax(x: np.ndarray, read: Callable[[np.ndarray], None] | None = None) -> float:
     """Largest |value| of ``x`` (0.0 when empty); NaN when ``x`` holds a NaN, inf for an inf.
 
     Bools and ints are exact in float64 up to 2**53, which is all a range check needs.
+    ``read``, when given, is told each stretch of a float ``x`` once it has been read (a
+    caller whose ``x`` is a mapped file lets those pages go).
     """
     flat = x.reshape(-1)
     if flat.size == 0:
@@ -41,29 +45,42 @@ def amax(x: np.ndarray) -> float:
         return float(max(abs(int(flat.min())), abs(int(flat.max()))))
     # max(max(x), -min(x)) in two reductions over the same block while it is in cache;
     # np.maximum.reduce propagates NaN, so a NaN anywhere makes the result NaN.
-    peak = 0.0
+    peak, told = 0.0, 0
     for start in range(0, flat.size, BLOCK):
         block = flat[start : start + BLOCK]
         hi, lo = float(block.max()), float(block.min())
         if math.isnan(hi) or math.isnan(lo):
             return math.nan
         peak = max(peak, hi, -lo)
+        told = _tell(read, flat, told, start + BLOCK)
     return peak
 
 
-def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | None = None) -> None:
+def _tell(read: Callable[[np.ndarray], None] | None, flat: np.ndarray, told: int, stop: int) -> int:
+    """Tell ``read`` of ``flat[told:stop]`` once it spans a STRETCH or reaches the end;
+    returns where the next stretch to tell begins."""
+    if read is None or (stop - told < STRETCH and stop < flat.size):
+        return told
+    read(flat[told:stop])
+    return stop
+
+
+def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | None = None, read: Callable[[np.ndarray], None] | None = None) -> None:
     """``acc += w * x`` in place, block by block, with no model-sized temporary.
 
     ``acc`` is a C-contiguous float32 or float64 array of x's shape; ``scratch`` (optional)
-    a buffer of at least BLOCK elements of acc's dtype, reused across calls.
+    a buffer of at least BLOCK elements of acc's dtype, reused across calls; ``read``
+    (optional) is told each stretch of ``x`` once it has been added (see `amax`).
     """
     a = acc.reshape(-1)
     v = x.reshape(-1)
     if scratch is None or scratch.size < BLOCK or scratch.dtype != acc.dtype:
         scratch = np.empty(BLOCK, dtype=acc.dtype)
     weight = acc.dtype.type(w)
+    told = 0
     for start in range(0, a.size, BLOCK):
         stop = min(start + BLOCK, a.size)
         tmp = scratch[: stop - start]
         np.multiply(v[start:stop], weight, out=tmp, casting="unsafe")
         np.add(a[start:stop], tmp, out=a[start:stop])
+        told = _tell(read, v, told, stop)
