@@ -486,6 +486,7 @@ class ScaleoutApp(App[int]):
         self.sort_reverse = False
         self.per_client = False
         self.metric: str | None = None
+        self._metric_auto = True  # the plotted metric is chosen for the user until they choose one
         self._shown: dict[str, tuple[Any, ...]] = {}  # client rows in the table -> the cells they show
         self._pending_clients: set[str] = set()
         self._dirty = Changes()
@@ -770,9 +771,11 @@ class ScaleoutApp(App[int]):
         if names != self._metric_names:
             self._metric_names = names
             select.set_options([(_metric_label(n), n) for n in names])
-            if self.metric not in names and names:
+            if names and (self.metric not in names or self._metric_auto):
+                # Until the user picks one: accuracy once it appears (a training metric, logged
+                # during round 1, comes before the first validation; it held the plot before).
                 preferred = [n for n in names if n == "validation:validation_accuracy"] or [n for n in names if "accuracy" in n]
-                self.metric = (preferred or names)[0]
+                self.metric = (preferred or ([self.metric] if self.metric in names else names))[0]
             if self.metric in names:
                 with self.prevent(Select.Changed):
                     select.value = self.metric
@@ -820,6 +823,8 @@ class ScaleoutApp(App[int]):
     @on(Select.Changed, "#metric")
     def _metric_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):
+            if event.value != self.metric:
+                self._metric_auto = False  # the user's choice: kept
             self.metric = event.value
             self._draw_metrics()
 
