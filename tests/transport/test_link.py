@@ -61,6 +61,22 @@ async def linked(on_link: Callable[[Link], Awaitable[None]], max_payload: int = 
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def flagged_link(flag: str) -> AsyncIterator[tuple[Link, asyncio.Queue[Incoming], list[Link]]]:
+    """``linked`` to a server whose link has ``flag`` (``writable_payloads``, ``file_payloads``)
+    set before it runs: the client link, the server's inbox, and the server's link (once it came)."""
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    links: list[Link] = []
+
+    async def on_link(link: Link) -> None:
+        links.append(link)
+        setattr(link, flag, True)
+        await link.run(on_message=inbox.put)
+
+    async with linked(on_link) as link:
+        yield link, inbox, links
+
+
 async def echo(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
     return {"op": req.op, "size": None if blob is None else len(blob)}, blob
 
@@ -505,15 +521,7 @@ def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writab
     data = _pattern(3 * CHUNK_BYTES + 5)
 
     async def main() -> None:
-        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        links: list[Link] = []
-
-        async def on_link(link: Link) -> None:
-            links.append(link)
-            link.writable_payloads = True
-            await link.run(on_message=inbox.put)
-
-        async with linked(on_link) as link:
+        async with flagged_link("writable_payloads") as (link, inbox, links):
             await link.send_with_blob(carrier("writable"), data)
             got = await asyncio.wait_for(inbox.get(), 10)
             assert type(got.blob) is bytearray and got.blob == data
@@ -538,15 +546,7 @@ def test_payloads_arriving_while_file_payloads_is_set_are_written_to_a_file_and_
     data = _pattern(3 * CHUNK_BYTES + 5)
 
     async def main() -> None:
-        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        links: list[Link] = []
-
-        async def on_link(link: Link) -> None:
-            links.append(link)
-            link.file_payloads = True
-            await link.run(on_message=inbox.put)
-
-        async with linked(on_link) as link:
+        async with flagged_link("file_payloads") as (link, inbox, links):
             await link.send_with_blob(carrier("mapped"), data)
             got = await asyncio.wait_for(inbox.get(), 10)
             assert type(got.blob) is mmap.mmap and got.blob[:] == data
@@ -571,15 +571,7 @@ def test_a_payload_that_finds_no_room_for_its_file_is_refused_and_the_link_goes_
     data = _pattern(3 * CHUNK_BYTES + 5)
 
     async def main() -> None:
-        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        links: list[Link] = []
-
-        async def on_link(link: Link) -> None:
-            links.append(link)
-            link.file_payloads = True
-            await link.run(on_message=inbox.put)
-
-        async with linked(on_link) as link:
+        async with flagged_link("file_payloads") as (link, inbox, _):
             monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
             await link.send_with_blob(carrier("nowhere"), data)
             got = await asyncio.wait_for(inbox.get(), 10)
