@@ -9,6 +9,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -249,26 +252,53 @@ def _trail_checks(fed: Federation, pg_url: str, seed: str, session_id: str, roun
     assert sum(c.count(f'"session": "{session_id}"') + c.count(f'"session":"{session_id}"') for c in commits) == len(committed), commits
 
 
-def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: str, tmp_path: Path) -> None:
-    """The controller waits for the store and goes on: the round in flight is delayed, not
-    failed, and the session finishes all its rounds, each from the model committed before it,
-    none committed twice. The outage is logged in a few lines, not a warning per attempt."""
+@dataclass
+class GatedFederation:
+    """A federation on a PostgreSQL store reached through a Relay, its session held in round 2."""
+
+    relay: Relay
+    ctl: Any
+    seed: str
+    clients: list[Any]
+    session: dict[str, Any]
+    gate: Path  # touched: round 2's updates come in
+    where: str  # host:port/database the controller names in its log
+
+
+@contextmanager
+def gated_federation_behind_relay(fed: Federation, pg_url: str, password: str | None = None) -> Iterator[GatedFederation]:
+    """The controller on ``pg_url`` behind a Relay (``password`` in its URL if given), the seed,
+    combiner c1 and clients r1/r2, and a 3-round session whose round 2 is in flight and held at
+    its gate. Stops the roles and closes the relay at the end."""
     parts = urlsplit(pg_url)
     relay = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
-    # A password (the test server trusts local connections and never asks for it): never logged.
-    url = f"postgresql://{parts.username}:s3cret-pw@127.0.0.1:{relay.port}{parts.path}"
+    user = f"{parts.username}:{password}" if password else f"{parts.username}"
+    url = f"postgresql://{user}@127.0.0.1:{relay.port}{parts.path}"
     try:
         ctl = fed.controller("--store", url)
         seed = fed.seed_from(RECOVER)
         fed.combiner("c1")
         clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
         fed.wait_clients(2)
-        gate = tmp_path / "gate"
+        gate = fed.tmp / "gate"
         config = {"rounds": 3, "round_timeout": 60, "validate": False, "settings": {"gate": str(gate), "gate_from": 2}}
         session = fed.admin("session.start", config)[0]["session"]
         wait_stdout(clients[0], "recover_client: held")  # round 2 in flight
+        yield GatedFederation(relay, ctl, seed, clients, session, gate, f"127.0.0.1:{relay.port}{parts.path}")
+    finally:
+        fed.stop_all()
+        relay.close()
+
+
+def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: str) -> None:
+    """The controller waits for the store and goes on: the round in flight is delayed, not
+    failed, and the session finishes all its rounds, each from the model committed before it,
+    none committed twice. The outage is logged in a few lines, not a warning per attempt."""
+    # A password (the test server trusts local connections and never asks for it): never logged.
+    with gated_federation_behind_relay(fed, pg_url, password="s3cret-pw") as g:
+        ctl, relay, session = g.ctl, g.relay, g.session
         relay.cut()
-        gate.touch()  # round 2's updates come in while the store is unreachable
+        g.gate.touch()  # round 2's updates come in while the store is unreachable
         cut_at = time.monotonic()
         time.sleep(max(0.0, 10 - (time.monotonic() - cut_at)))  # the outage itself lasts 10 s (not a synchronisation)
         # ... and until the round's commit found the store away (a first try waits 5 s for a
@@ -280,49 +310,34 @@ def test_the_link_to_postgresql_cut_for_10s_mid_round(fed: Federation, pg_url: s
         rounds = done["rounds"]
         assert done["status"] == "finished" and [r["status"] for r in rounds] == ["succeeded"] * 3, done
         assert rounds[1]["attempt"] == 1  # waited for, not retried
-        _trail_checks(fed, pg_url, seed, session["id"], rounds)
+        _trail_checks(fed, pg_url, g.seed, session["id"], rounds)
         again = fed.run_session(rounds=1, validate=False)
         assert again["status"] == "finished", again
         verify = scaleout("audit", "verify", "--data-dir", str(fed.data))
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
         log = ctl.text()
-        where = f"127.0.0.1:{relay.port}{parts.path}"
         assert "Traceback" not in log and "psycopg.pool" not in log and "s3cret-pw" not in log, log
-        assert log.count(f"lost the PostgreSQL store at {where} (") == 1, log
+        assert log.count(f"lost the PostgreSQL store at {g.where} (") == 1, log
         assert log.count("PostgreSQL store back after ") == 1, log
         assert log.count("is still unreachable after") <= 2, log
         assert log.count("round 2: the store is unreachable: waiting up to 60 s") == 1, log
         assert log.count("round 2: the store is back after") == 1, log
         outage = log[log.index("lost the PostgreSQL store"):log.index("PostgreSQL store back after")]
         assert outage.count("\n") <= 15, outage  # a few lines in all (the lock, the registry, the round), no flood
-    finally:
-        fed.stop_all()
-        relay.close()
 
 
 def test_an_outage_longer_than_the_wait_fails_that_round_and_the_session_goes_on(
-    fed: Federation, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    fed: Federation, pg_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The store away for longer than the runner waits for it (SCALEOUT_STORE_WAIT_S, short
     here): the round in flight fails saying why, commits nothing, and once the store is back
     the next round starts from the last committed model and the session runs to its end."""
     monkeypatch.setenv("SCALEOUT_STORE_WAIT_S", "2")
-    parts = urlsplit(pg_url)
-    relay = Relay(parts.hostname or "127.0.0.1", parts.port or 5432)
-    url = f"postgresql://{parts.username}@127.0.0.1:{relay.port}{parts.path}"
-    try:
-        ctl = fed.controller("--store", url)
-        seed = fed.seed_from(RECOVER)
-        fed.combiner("c1")
-        clients = [fed.client(name, package=RECOVER) for name in ("r1", "r2")]
-        fed.wait_clients(2)
-        gate = tmp_path / "gate"
-        config = {"rounds": 3, "round_timeout": 60, "validate": False, "settings": {"gate": str(gate), "gate_from": 2}}
-        session = fed.admin("session.start", config)[0]["session"]
-        wait_stdout(clients[0], "recover_client: held")  # round 2 in flight
+    with gated_federation_behind_relay(fed, pg_url) as g:
+        ctl, relay, session = g.ctl, g.relay, g.session
         relay.cut()
-        gate.touch()
+        g.gate.touch()
         _wait_log(ctl, "round 2: could not commit the new global model")  # the wait ran out with the store still away
         relay.restore()
         done = fed.admin("session.wait", {"id": session["id"]}, timeout=120)[0]["session"]
@@ -332,13 +347,10 @@ def test_an_outage_longer_than_the_wait_fails_that_round_and_the_session_goes_on
         assert [r["status"] for r in rounds] == ["succeeded", "failed", "succeeded"], done
         assert "no connection to PostgreSQL" in rounds[1]["reason"], rounds[1]
         assert done["status"] == "failed" and done["reason"] == f"round 2: {rounds[1]['reason']}", done
-        _trail_checks(fed, pg_url, seed, session["id"], rounds)
+        _trail_checks(fed, pg_url, g.seed, session["id"], rounds)
         assert "Traceback" not in ctl.text()
         verify = scaleout("audit", "verify", "--data-dir", str(fed.data))
         assert verify.returncode == 0, verify.stdout + verify.stderr
-    finally:
-        fed.stop_all()
-        relay.close()
 
 
 def test_store_settings_flag_config_and_environment(tmp_path: Path) -> None:
