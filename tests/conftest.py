@@ -14,9 +14,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +116,33 @@ def postgres_server() -> Iterator[PostgresServer]:
 def pg_url(postgres_server: PostgresServer) -> str:
     """postgresql://... of a new, empty database for this test alone."""
     return postgres_server.url(postgres_server.create_database())
+
+
+AppendConcurrently = Callable[[list[Any], int], list[BaseException]]
+
+
+def _append_concurrently(states: list[Any], n: int) -> list[BaseException]:
+    """One thread per item of ``states`` (a State may come twice: two threads on it) appending
+    ``n`` audit entries each, all at once; the errors they met."""
+    errors: list[BaseException] = []
+
+    def append(s: Any) -> None:
+        try:
+            for i in range(n):
+                s.audit("controller", "x", i=i)
+        except BaseException as exc:  # noqa: BLE001 (returned to the test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(s,)) for s in states]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.fixture
+def append_concurrently() -> AppendConcurrently:
+    """``append_concurrently(states, n)``: see ``_append_concurrently`` (a fixture, so a test in any
+    folder gets it without importing this conftest by name)."""
+    return _append_concurrently

@@ -5,7 +5,7 @@ controller's data dir, or with the key file alone, and finds it removed, replace
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -110,7 +110,7 @@ def test_the_head_is_written_with_its_entry_and_shared_by_every_controller(tmp_p
     assert r.returncode == 2 and "--key-file goes with --store" in r.stderr, r.stderr
 
 
-def test_a_removed_replaced_or_forged_head_or_an_altered_entry_fails_verify(tmp_path: Path, pg_url: str, key: Path, st: State) -> None:
+def test_a_replaced_head_or_an_altered_entry_fails_verify(tmp_path: Path, pg_url: str, key: Path, st: State) -> None:
     a = controller_dir(tmp_path, "ctl-a", pg_url, key)
     st.anchor_audit(a)
     for i in range(3):
@@ -128,28 +128,7 @@ def test_a_removed_replaced_or_forged_head_or_an_altered_entry_fails_verify(tmp_
     tamper(pg_url, (*put, (older,)))  # an older head put back while the log goes on
     code, out = verify(pg_url, *by_key)
     assert code == 1 and "audit log broken at entry 3: the log goes on past the signed head's entry 3 (5 entries, the head says 3)" in out, out
-
-    tamper(pg_url, ("DELETE FROM meta WHERE key='audit_anchor'", ()))
-    code, out = verify(pg_url, *by_key)
-    assert code == 1 and f"the signed head {WHERE} is missing (removed with the entries it named?)" in out, out
-    # A controller that starts on it signs the log as it is, and says why (audit.head_rewritten follows).
-    other = State(pg_url)
-    try:
-        assert other.anchor_audit(a) == "missing"
-    finally:
-        other.close()
-    assert anchor_row(pg_url) == newest
-
-    body = json.loads(newest)
-    tamper(pg_url, (*put, (json.dumps({**body, "count": 9}),)))  # not signed with the store's audit key
-    code, out = verify(pg_url, *by_key)
-    assert code == 1 and f"the signed head {WHERE} is not signed by this controller (its signature does not verify)" in out, out
-    other = State(pg_url)
-    try:
-        assert other.anchor_audit(a) == "not signed with the store's audit.key"
-    finally:
-        other.close()
-    assert anchor_row(pg_url) == newest
+    tamper(pg_url, (*put, (newest,)))  # the newest head back (a removed or forged one: the test after this one)
 
     # The tail cut and meta.audit_head pointed at entry 3: the signed head still names entry 5.
     cut = ("UPDATE meta SET value=(SELECT id || ' ' || hash FROM audit WHERE id=3) WHERE key='audit_head'", ())
@@ -169,28 +148,47 @@ def test_a_removed_replaced_or_forged_head_or_an_altered_entry_fails_verify(tmp_
     assert parse_anchor(anchor_row(pg_url) or "", WHERE)[0].id == 3
 
 
-def test_appends_from_several_connections_and_threads_keep_the_head_at_the_end(tmp_path: Path, pg_url: str, key: Path) -> None:
-    import threading
+@pytest.mark.parametrize(
+    ("forge", "says", "reason"),
+    [
+        (lambda newest: ("DELETE FROM meta WHERE key='audit_anchor'", ()),
+         f"the signed head {WHERE} is missing (removed with the entries it named?)", "missing"),
+        # not signed with the store's audit key
+        (lambda newest: ("UPDATE meta SET value=%s WHERE key='audit_anchor'", (json.dumps({**json.loads(newest), "count": 9}),)),
+         f"the signed head {WHERE} is not signed by this controller (its signature does not verify)", "not signed with the store's audit.key"),
+    ],
+    ids=["removed", "forged"],
+)
+def test_a_removed_or_forged_head_fails_verify_and_a_controller_on_it_signs_the_log_again(
+    tmp_path: Path, pg_url: str, key: Path, st: State,
+    forge: Callable[[str], tuple[str, tuple[object, ...]]], says: str, reason: str,
+) -> None:
+    a = controller_dir(tmp_path, "ctl-a", pg_url, key)
+    st.anchor_audit(a)
+    for i in range(5):
+        st.audit("admin:t1", "token.create", n=i)
+    newest = anchor_row(pg_url)
+    assert newest
+    tamper(pg_url, forge(newest))
+    code, out = verify(pg_url, "--key-file", str(key))
+    assert code == 1 and says in out, out
+    # A controller that starts on it signs the log as it is, and says why (audit.head_rewritten follows).
+    other = State(pg_url)
+    try:
+        assert other.anchor_audit(a) == reason
+    finally:
+        other.close()
+    assert anchor_row(pg_url) == newest
 
+
+def test_appends_from_several_connections_and_threads_keep_the_head_at_the_end(
+    tmp_path: Path, pg_url: str, key: Path, append_concurrently: Callable[[list[State], int], list[BaseException]],
+) -> None:
     head = controller_dir(tmp_path, "ctl-a", pg_url, key)
     states = [State(pg_url) for _ in range(3)]
     for s in states:
         s.anchor_audit(head)
-    errors: list[BaseException] = []
-
-    def append(s: State) -> None:
-        try:
-            for i in range(15):
-                s.audit("controller", "x", i=i)
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=append, args=(s,)) for s in states for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert append_concurrently(states * 2, 15) == []  # two threads on each connection
     anchor = head.check(anchor_row(pg_url) or "", WHERE)
     assert (anchor.id, anchor.count) == (90, 90)
     assert states[0].audit_verify(anchor, exact=True) == (90, None)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -138,23 +137,9 @@ def test_the_audit_chain_is_append_only_and_verifies(st: State, pg_url: str) -> 
     assert broken is not None and broken.id == 3
 
 
-def test_concurrent_audit_appends_from_several_connections_keep_one_chain(pg_url: str) -> None:
+def test_concurrent_audit_appends_from_several_connections_keep_one_chain(pg_url: str, append_concurrently: Callable[[list[State], int], list[BaseException]]) -> None:
     states = [State(pg_url) for _ in range(3)]
-    errors: list[BaseException] = []
-
-    def append(s: State) -> None:
-        try:
-            for i in range(15):
-                s.audit("controller", "x", i=i)
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=append, args=(s,)) for s in states]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert append_concurrently(states, 15) == []
     assert states[0].audit_verify() == (45, None)
     for s in states:
         s.close()
