@@ -8,23 +8,27 @@ never on sleep. At teardown every process gets SIGTERM and no log may hold a tra
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from scaleout.commands.admin import call_async
 from scaleout.commands.connection import Connection
+from scaleout.security.tls import client_context
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -58,6 +62,30 @@ def wait_line(stream: IO[bytes], text: str, timeout: float, what: str) -> str:
             if text in line:
                 return line
     raise AssertionError(f"{what} did not print {text!r} within {timeout}s")
+
+
+async def raw_websocket(url: str, ca: str, token: str, *, deaf: bool = False, timeout: float = START_TIMEOUT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket to ``url`` upgraded by hand over TLS (a peer that does not play by the rules:
+    it writes frames itself). ``deaf``: on a socket with a tiny receive buffer, for a peer that
+    never reads, so what the other side sends piles up on its side."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 0
+    if deaf:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(ca), server_hostname=host)
+    else:
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_context(ca), server_hostname=host)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    assert b" 101 " in head.split(b"\r\n")[0], head
+    return reader, writer
 
 
 def wait_stdout(proc: Proc, text: str, timeout: float = START_TIMEOUT) -> None:

@@ -5,7 +5,6 @@ when a link closes, a protocol breaker cut off at once, and a flood of hundreds 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import QUICKSTART, Federation, Proc
+from conftest import QUICKSTART, Federation, Proc, raw_websocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -101,25 +100,11 @@ def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     return bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def handshake(fed: Federation, url: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or 0
-    reader, writer = await asyncio.open_connection(host, port, ssl=client_context(fed.ca), server_hostname=host)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    return reader, writer
-
-
 def test_a_link_that_keeps_sending_garbage_is_cut_off_at_once(fed: Federation) -> None:
     fed.controller()
 
     async def go() -> float:
-        reader, writer = await handshake(fed, fed.url, (fed.data / "admin.token").read_text().strip())
+        reader, writer = await raw_websocket(fed.url, fed.ca, (fed.data / "admin.token").read_text().strip(), timeout=TIMEOUT)
         for i in range(25):
             writer.write(ws_frame(b"{not json %d" % i))
         await writer.drain()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 from conftest import FIXTURES, QUICKSTART, Federation, wait_stdout
@@ -18,16 +19,23 @@ from scaleout.security.tls import client_context
 SLOW = FIXTURES / "slow_client"
 
 
-def test_a_client_that_stalls_when_asked_is_left_out_and_the_round_goes_on(fed: Federation) -> None:
+def one_client_behind_c1(fed: Federation, package: Path = QUICKSTART) -> str:
+    """A controller with ``package``'s seed, combiner c1 and one client of it (good-0): c1's url,
+    for the raw clients a test adds beside good-0."""
     fed.controller()
-    fed.seed_from(QUICKSTART)
+    fed.seed_from(package)
     c1 = fed.combiner("c1")
-    fed.client("good-0", package=QUICKSTART)
+    fed.client("good-0", package=package)
     assert c1.url is not None
+    return c1.url
+
+
+def test_a_client_that_stalls_when_asked_is_left_out_and_the_round_goes_on(fed: Federation) -> None:
+    url = one_client_behind_c1(fed)
     headers = {"Authorization": f"Bearer {fed.assigned_ticket('staller')}"}
 
     async def go() -> dict[str, Any]:
-        async with connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None) as ws:
+        async with connect(url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None) as ws:
             await ws.send(frame("hello", "h1", name="staller"))
             await admin(fed, "client.wait", {"count": 2, "timeout": TIMEOUT})
             config = {"rounds": 1, "min_clients": 1, "round_timeout": 60, "validate": False}
@@ -66,16 +74,12 @@ def test_clients_that_leave_mid_round_are_named(fed: Federation) -> None:
 
 
 def test_metric_limits_hold_across_reconnects(fed: Federation) -> None:
-    fed.controller()
-    fed.seed_from(SLOW)
-    c1 = fed.combiner("c1")
-    fed.client("good-0", package=SLOW)
-    assert c1.url is not None
+    url = one_client_behind_c1(fed, SLOW)
     headers = {"Authorization": f"Bearer {fed.assigned_ticket('flooder')}"}
 
     async def go() -> str:
         async def dial() -> Any:
-            return await connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
+            return await connect(url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
 
         ws = await dial()
         await ws.send(frame("hello", "h0", name="flooder"))
@@ -124,11 +128,7 @@ def test_a_combiner_asks_at_most_pulls_at_once_clients_and_the_others_wait_their
     # on a busy host could not all answer within the stall limit (10,000 clients: 1,213 refused).
     from scaleout.roles.combiner import PULLS_AT_ONCE
 
-    fed.controller()
-    fed.seed_from(QUICKSTART)
-    c1 = fed.combiner("c1")
-    fed.client("good-0", package=QUICKSTART)
-    assert c1.url is not None
+    url = one_client_behind_c1(fed)
     names = [f"staller-{i}" for i in range(PULLS_AT_ONCE + 1)]
     tickets = {name: fed.assigned_ticket(name) for name in names}
 
@@ -136,7 +136,7 @@ def test_a_combiner_asks_at_most_pulls_at_once_clients_and_the_others_wait_their
         socks = {}
         for name in names:
             headers = {"Authorization": f"Bearer {tickets[name]}"}
-            socks[name] = await connect(c1.url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
+            socks[name] = await connect(url, ssl=client_context(fed.ca), additional_headers=headers, proxy=None, max_size=None)
             await socks[name].send(frame("hello", "h1", name=name))
         try:
             await admin(fed, "client.wait", {"count": len(names) + 1, "timeout": TIMEOUT})

@@ -6,20 +6,15 @@ bound and never the others' turn. Real roles, real TLS, on 127.0.0.1 port 0."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
-from urllib.parse import urlsplit
 
 import numpy as np
-from conftest import FIXTURES, START_TIMEOUT, Federation
+from conftest import FIXTURES, START_TIMEOUT, Federation, raw_websocket
 from test_link_limits import combiner, config, ws_frame
 
 from scaleout.commands.admin import call_async
 from scaleout.core import messages as m
 from scaleout.core import payload
-from scaleout.security.tls import client_context
 
 PACKAGE = FIXTURES / "shift_client"
 DEAF = 6  # more than a combiner used to send to at once (4): they must not take every turn
@@ -27,22 +22,9 @@ TIMEOUT = 30.0
 
 
 async def deaf_client(url: str, ca: str, ticket: str, name: str) -> asyncio.StreamWriter:
-    """A client that connects to its combiner, says hello and never reads again: a socket
-    with a tiny receive buffer, upgraded by hand, so what the combiner sends piles up."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or 0
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(ca), server_hostname=host)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {ticket}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    assert b" 101 " in head.split(b"\r\n")[0], head
+    """A client that connects to its combiner, says hello and never reads again, so what the
+    combiner sends piles up."""
+    _, writer = await raw_websocket(url, ca, ticket, deaf=True, timeout=TIMEOUT)
     writer.write(ws_frame(json.dumps({"v": m.PROTOCOL_VERSION, "type": "hello", "id": "h", "name": name}).encode()))
     await writer.drain()
     return writer

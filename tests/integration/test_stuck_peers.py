@@ -4,21 +4,16 @@ memory, and never hold up the rounds or another node's admin requests (issue 20 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
 import ssl
 import time
-from urllib.parse import urlsplit
 
 import numpy as np
-from conftest import Federation
+from conftest import Federation, raw_websocket
 
 from scaleout.commands.admin import call_async
 from scaleout.core import messages as m
 from scaleout.core.payload import encode_named
-from scaleout.security.tls import client_context
 from test_link_limits import config, rss_mb, ws_frame
 
 TIMEOUT = 10.0
@@ -26,23 +21,9 @@ CLOSED = (ConnectionResetError, BrokenPipeError, ssl.SSLError, asyncio.Incomplet
 
 
 async def deaf_link(fed: Federation, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A websocket to the controller, upgraded by hand on a socket with a tiny receive buffer:
-    its owner writes and never reads, so what the controller sends piles up on its side."""
-    parts = urlsplit(fed.url)
-    host, port = parts.hostname or "", parts.port or 0
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(fed.ca), server_hostname=host)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    return reader, writer
+    """A websocket to the controller whose owner writes and never reads, so what the
+    controller sends piles up on its side."""
+    return await raw_websocket(fed.url, fed.ca, token, deaf=True, timeout=TIMEOUT)
 
 
 def request(i: int, op: str, args: dict) -> bytes:
