@@ -38,6 +38,7 @@ from scaleout.security.packages import KEY_FILE as PACKAGE_KEY
 from scaleout.security.packages import PackageSigner
 from scaleout.store.blobs import BlobStore, lock_data_dir, secure_data_dir
 from scaleout.store.lease import IDLE_S, POLL_S, Lease, is_postgres
+from scaleout.store.pg import Outages
 from scaleout.store.pgblobs import PgBlobStore
 from scaleout.store.registry import RegistryWriter
 from scaleout.store.state import AUDIT_HEAD, TERM, State
@@ -80,6 +81,7 @@ class ControllerSettings:
     advertise: str | None = None  # the address nodes dial, named by standbys (None: this controller's url)
     lease_poll: float = POLL_S  # seconds between a standby's tries of the store's lock, and the holder's checks
     lease_idle: float = IDLE_S  # a lock session idle this long (a frozen holder) is ended by the server
+    store_wait: float | None = None  # how long a session's write waits for an unreachable store; None: its round_timeout
 
 
 @dataclass
@@ -115,7 +117,8 @@ class Controller:
         self.store: Path | str = settings.store or self.dir / "state.db"  # what State opens: state.db or a postgresql:// URL
         self.combiners: dict[str, CombinerConn] = {}
         self.hub = EventHub()  # the typed event stream to subscribed admin links
-        self.sessions = SessionService(self)  # session.* and the runner of the running session (roles/sessions.py)
+        self.outages = Outages()  # what its connections to a PostgreSQL store see of it, said once between them (store/pg.py)
+        self.sessions = SessionService(self, store_wait=settings.store_wait)  # session.* and the runner of the running session (roles/sessions.py)
         self.boot = secrets.token_hex(8)  # this run of the controller (combiners compare it when they register again)
         self.registry_changed = asyncio.Event()
         self.assigner = Assigner(ASSIGNMENT_TTL_S)  # who is where, and where a new client should go
@@ -218,7 +221,7 @@ class Controller:
         """Create the data directory, TLS material, signing key, admin token and state."""
         if not self._keys_ready:
             self.prepare_keys()
-        self.state = State(self.store)
+        self.state = State(self.store, outages=self.outages)
         if self.lease is not None:  # the active one on a shared store: fence out the one before
             log.info("active term %d on this store", self.state.take_term())
         why = self.state.anchor_audit(self.audit_head)
@@ -226,8 +229,8 @@ class Controller:
             # Nothing tells a first start with it from a removed or replaced one: the gap stays in the chain.
             log.warning("the signed audit head %s was %s: rewrote it for the log as it is, and recorded that in the log", self.state.audit_head_where, why)
             self.state.audit("controller", "audit.head_rewritten", reason=why)
-        self.registry = RegistryWriter(self.store)
-        self.blobs = BlobStore(self.dir) if isinstance(self.store, Path) else PgBlobStore(self.store, self.dir)
+        self.registry = RegistryWriter(self.store, outages=self.outages)
+        self.blobs = BlobStore(self.dir) if isinstance(self.store, Path) else PgBlobStore(self.store, self.dir, outages=self.outages)
         # A kill between writing a model (or package, or strategy state) and committing the row
         # that names it leaves a file nobody names: removed at the next start, and said.
         for kind, removed in self.blobs.sweep_unnamed(self.state.blob_ids()).items():

@@ -125,13 +125,18 @@ class _Outage:
                 self.since = None
 
 
-_outages: dict[str, _Outage] = {}  # one per server address: the pools on it share what they see
-_outages_lock = threading.Lock()
+class Outages:
+    """The outage records of one owner's pools (a controller's State, registry and blob store),
+    one per server address, so its pools on one server say an outage once between them. Made
+    by the owner and passed to each PgConnection; one made alone serves that connection alone."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_where: dict[str, _Outage] = {}
 
-def _outage(url: str) -> _Outage:
-    with _outages_lock:
-        return _outages.setdefault(_where(url), _Outage(_where(url), urlsplit(url).password))
+    def of(self, url: str) -> _Outage:
+        with self._lock:
+            return self._by_where.setdefault(_where(url), _Outage(_where(url), urlsplit(url).password))
 
 
 class _PoolNoise(logging.Filter):
@@ -310,7 +315,8 @@ class PgConnection:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, max_size: int = POOL_MAX) -> None:
+    def __init__(self, url: str, max_size: int = POOL_MAX, outages: Outages | None = None) -> None:
+        """``outages``: shared with the owner's other connections (see Outages)."""
         import psycopg
         self.url = url
         self.path = f"the PostgreSQL store {redact(url)}"  # what StorageError names
@@ -319,7 +325,7 @@ class PgConnection:
         except psycopg.Error as exc:
             raise (StoreUnreachable if link_failure(exc) else StorageError)(_reason(exc), "connecting to", self.path) from None
         pool = _pool_class()
-        self._outage = _outage(url)
+        self._outage = (outages or Outages()).of(url)
         _quiet_pool()
         self._pool = pool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=WAIT_S,

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from scaleout.core.errors import IntegrityError, NotFoundError, StorageError
 from scaleout.store.blobs import SUFFIXES, buffers_of
-from scaleout.store.pg import PgConnection
+from scaleout.store.pg import Outages, PgConnection
 
 CHUNK = 1 << 20  # bytes per lo_put / lo_get
 SCHEMA = "CREATE TABLE IF NOT EXISTS blobs (kind TEXT NOT NULL, id TEXT NOT NULL, oid OID NOT NULL, size BIGINT NOT NULL, created DOUBLE PRECISION NOT NULL, PRIMARY KEY (kind, id))"
@@ -31,9 +31,9 @@ def _check(kind: str, digest: str) -> None:
 class PgBlobStore:
     """Blobs in the PostgreSQL store at ``url``; ``root`` is the data dir (spill and uploads stay there)."""
 
-    def __init__(self, url: str, root: Path, db: PgConnection | None = None) -> None:
+    def __init__(self, url: str, root: Path, db: PgConnection | None = None, outages: Outages | None = None) -> None:
         self.root = root
-        self.db = db or PgConnection(url, max_size=4)
+        self.db = db or PgConnection(url, max_size=4, outages=outages)
         self.db.script(SCHEMA)
 
     def close(self) -> None:

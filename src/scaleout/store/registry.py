@@ -29,8 +29,9 @@ FLUSH_S = 0.2  # how long a change may wait before it is written
 
 
 class RegistryWriter:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, outages: Any = None) -> None:
         self.path = path
+        self.outages = outages  # a pg.Outages shared with its owner's other connections (store/pg.py)
         self._clients: dict[str, tuple[str, str, float]] = {}  # name -> (status, combiner, when)
         self._combiners: dict[str, tuple[str, int | None, float]] = {}  # name -> (status, clients, when)
         self._offline: dict[str, float] = {}  # combiner -> when all its clients went offline
@@ -134,7 +135,7 @@ class RegistryWriter:
         from scaleout.store.state import State
 
         if self._db is None:
-            self._db = State(self.path)
+            self._db = State(self.path, outages=self.outages)
         return self._db
 
     def _write(

@@ -151,8 +151,9 @@ class State:
     A write that fails because the disk is full (or broken) raises StorageError and
     changes nothing; the connection stays usable once space is freed."""
 
-    def __init__(self, path: Path | str, migrate: bool = True) -> None:
-        """``path``: state.db, or a ``postgresql://`` URL (store/pg.py: the same tables there)."""
+    def __init__(self, path: Path | str, migrate: bool = True, outages: Any = None) -> None:
+        """``path``: state.db, or a ``postgresql://`` URL (store/pg.py: the same tables there);
+        ``outages``: a pg.Outages its owner shares between its connections to that server."""
         from scaleout.store import pg
 
         self.db: Any
@@ -161,7 +162,7 @@ class State:
         # head pending in this object is the committing transaction's own.
         self._lock = threading.RLock()
         if pg.is_url(path):
-            self.db = pg.PgConnection(str(path))
+            self.db = pg.PgConnection(str(path), outages=outages)
         else:
             try:
                 db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
