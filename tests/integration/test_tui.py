@@ -190,6 +190,36 @@ def test_refused_updates_show_with_their_reasons(fed: Federation) -> None:
     asyncio.run(go())
 
 
+def test_the_plot_follows_validation_accuracy_once_it_appears_until_the_user_picks_a_metric(fed: Federation) -> None:
+    """A training metric logged in round 1 comes before the first validation: the plot moves to
+    validation accuracy when that appears, but a metric the user picked stays picked. The
+    events are handed to the app as its controller worker hands them (Happened), in the
+    order that made the plot stick to the training metric."""
+    from scaleout.core import messages as m
+    from scaleout.tui.app import Happened
+
+    fed.controller()
+    assert fed.conn is not None
+
+    async def go() -> None:
+        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.view.loaded, "the snapshot")
+            app.post_message(Happened(m.SessionStarted(session_id="s-plot", config={"rounds": 2})))
+            app.post_message(Happened(m.MetricLogged(session_id="s-plot", round_index=1, client="a", step=0, values={"train_loss": 2.0})))
+            await until(pilot, lambda: app.metric == "training:train_loss", "the training metric plotted (the only one)")
+            app.post_message(Happened(m.ClientReported(session_id="s-plot", round_index=1, client="a", task="validate", values={"validation_accuracy": 0.5})))
+            await until(pilot, lambda: app.metric == "validation:validation_accuracy", "the plot to move to validation accuracy", timeout=5)
+            app.query_one("#metric").value = "training:train_loss"  # the user's pick
+            await until(pilot, lambda: app.metric == "training:train_loss", "the user's pick plotted")
+            app.post_message(Happened(m.ClientReported(session_id="s-plot", round_index=2, client="a", task="validate", values={"validation_accuracy": 0.6, "validation_loss": 1.0})))
+            await until(pilot, lambda: "validation:validation_loss" in app._metric_names, "the new metric in the choices")
+            assert app.metric == "training:train_loss"  # kept
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
 def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
     fed.controller()
     assert fed.conn is not None
