@@ -165,11 +165,8 @@ class AsyncScaleout:
         for attempt in (1, 2):
             link = await self._connected()
             try:
-                if blob is not None and len(self._controllers.urls) > 1:  # not the whole upload to a standby first
-                    from scaleout.transport.dialer import refuse_if_standby
-
-                    await refuse_if_standby(link)
-                return await link.request(op, {k: v for k, v in (args or {}).items() if v is not None}, blob, timeout=None)
+                # With a payload: not the whole upload to a standby first (the dialer asks its status).
+                return await self._controllers.request(link, op, {k: v for k, v in (args or {}).items() if v is not None}, blob, timeout=None)
             except LinkClosed as exc:
                 self._link = None
                 why = exc.reason or "no reason given"

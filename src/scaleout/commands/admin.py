@@ -32,7 +32,7 @@ async def call_async(
     from scaleout.core import messages as m
     from scaleout.core.errors import Standby
     from scaleout.security.tls import client_context
-    from scaleout.transport.dialer import Controllers, refuse_if_standby
+    from scaleout.transport.dialer import Controllers
     from scaleout.transport.link import Incoming
     from scaleout.transport.net import connect
 
@@ -51,9 +51,8 @@ async def call_async(
         link.receive_progress = receiving or silent  # this link's only payload is the reply's
         reader = asyncio.create_task(link.run(on_message=handle))
         try:
-            if blob is not None and len(controllers.urls) > 1:  # not the whole upload to a standby first
-                await refuse_if_standby(link)
-            reply: tuple[dict[str, Any], bytes | None] = await link.request(op, args, blob, progress=sending or silent)
+            # With a payload: not the whole upload to a standby first (the dialer asks its status).
+            reply = await controllers.request(link, op, args, blob, progress=sending or silent)
         finally:
             await link.ws.close()
             reader.cancel()

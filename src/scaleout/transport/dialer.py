@@ -44,14 +44,6 @@ def reconnect_s(urls: tuple[str, ...]) -> float:
     return RECONNECT_S if len(urls) > 1 else RECONNECT_ONE_S
 
 
-async def refuse_if_standby(link: Any) -> None:
-    """Raise the standby's refusal if ``link`` is to a standby: asked before an upload, so a
-    payload (a package, a model) is not sent in full to a controller that will refuse it."""
-    result, _ = await link.request("status", {}, timeout=30)
-    if result.get("role") == "standby":
-        raise Standby(result.get("active"))
-
-
 class Controllers:
     """A controller's addresses and which of them is active, as far as this caller knows."""
 
@@ -142,6 +134,19 @@ class Controllers:
             raise errors[0]  # the one address given did not answer: its own error
         raise ConnectError("no controller answered as the active one: " + "; ".join(failures))
 
+    async def request(
+        self, link: Any, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, **kwargs: Any,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """``link.request(op, args, blob, **kwargs)`` on a link dialled through these addresses.
+        With a payload and several addresses, the controller is asked its status first, and a
+        standby's refusal (Standby, naming the active one) raised before the payload is sent,
+        so a package or a model is not sent in full to a controller that will refuse it."""
+        if blob is not None and len(self.urls) > 1:
+            status, _ = await link.request("status", {}, timeout=30)
+            if status.get("role") == "standby":
+                raise Standby(status.get("active"))
+        return await link.request(op, args, blob, **kwargs)  # type: ignore[no-any-return]
+
     async def ask(
         self, token: str, ctx: ssl.SSLContext | None, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, *,
         max_payload: int, timeout: float | None = 30, on_message: Callable[[Any], Awaitable[None]] | None = None,
@@ -152,9 +157,7 @@ class Controllers:
             link = await connect(url, token, ctx, max_payload=max_payload)
             reader = asyncio.create_task(link.run(on_message=on_message))
             try:
-                if blob is not None and len(self.urls) > 1:
-                    await refuse_if_standby(link)
-                return await link.request(op, args, blob, timeout=timeout)  # type: ignore[no-any-return]
+                return await self.request(link, op, args, blob, timeout=timeout)
             finally:
                 await link.ws.close()
                 reader.cancel()
@@ -162,4 +165,4 @@ class Controllers:
         return await self.dial(attempt)
 
 
-__all__ = ["Controllers", "controller_urls", "refused_by_standby", "refuse_if_standby", "reconnect_s"]
+__all__ = ["Controllers", "controller_urls", "refused_by_standby", "reconnect_s"]
