@@ -93,6 +93,16 @@ def test_a_standby_names_the_active_one_and_takes_over_when_it_stops(fed: Federa
     assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": a_url}
     r = cli(fed, token, ca, f"{b_url},{a_url}", "status", "--json")  # of several, the active one answers
     assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "active", "active": a_url}, r.stdout + r.stderr
+    # Of several with none active (the other address refuses connections), the standby's answer,
+    # kept from the one pass over them.
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        dead = f"wss://127.0.0.1:{closed.getsockname()[1]}"
+        r = cli(fed, token, ca, f"{b_url},{dead}", "status", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {k: json.loads(r.stdout)[k] for k in ("role", "active")} == {"role": "standby", "active": a_url}, r.stdout + r.stderr
 
     # A write at the standby alone is refused, naming the active address; given both, it goes there.
     r = cli(fed, token, ca, b_url, "token", "create", "--role", "client")

@@ -23,11 +23,13 @@ EventHandler = Callable[[str, dict[str, Any]], None]
 async def call_async(
     conn: Connection, op: str, args: dict[str, Any] | None = None, blob: bytes | None = None, on_event: EventHandler | None = None,
     progress: str | None = None, quiet: bool = False, dialer: Controllers | None = None, active_only: bool = False,
+    standbys: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """One request on a fresh link; ``progress`` names what moves ("model"), to show a bar on
     a terminal. Not on a terminal, or ``quiet`` (--json), the transfer says nothing at all.
     ``dialer``: the addresses to dial, kept across calls (which one answered last);
-    ``active_only``: a standby's answer (its status) counts as its refusal, so the active one is asked."""
+    ``active_only``: a standby's answer (its status) counts as its refusal, so the active one is
+    asked; ``standbys``: where those answers are kept, in the order they came."""
     from scaleout.commands.progress import terminal_bar
     from scaleout.core import messages as m
     from scaleout.core.errors import Standby
@@ -57,6 +59,8 @@ async def call_async(
             await link.ws.close()
             reader.cancel()
         if active_only and reply[0].get("role") == "standby":
+            if standbys is not None:
+                standbys.append(reply[0])
             raise Standby(reply[0].get("active"))  # the dialer goes on to the active one it names, if it is ours
         return reply
 
@@ -614,10 +618,13 @@ def _status_now(args: argparse.Namespace) -> dict[str, Any]:
 
     conn = resolve(args)
     if len(controller_urls(conn.url)) > 1:
+        standbys: list[dict[str, Any]] = []  # their answers, kept: one pass over the addresses
         try:
-            return asyncio.run(call_async(conn, "status", active_only=True, quiet=bool(getattr(args, "json", False))))[0]
+            return asyncio.run(call_async(conn, "status", active_only=True, quiet=bool(getattr(args, "json", False)), standbys=standbys))[0]
         except ConnectError:
-            pass  # none active (or none answered): what they say, as one address would
+            if not standbys:
+                raise  # none answered: why, for each address
+            return standbys[0]  # none active: what the first standby says, as one address would
     return call(args, "status")[0]
 
 
