@@ -434,71 +434,35 @@ class AsyncScaleout:
         return await asyncio.wait_for(self._follow(id, callback or (lambda r: None)), timeout)
 
     async def _follow(self, id: str, callback: RoundCallback) -> dict[str, Any]:
-        """Follow session ``id`` to its end; a controller lost on the way (stopped, SIGKILLed, a
-        standby taking over) is dialled again through the addresses given, for up to a minute
-        (5 s given one address), and the session followed on there, no round told twice."""
-        from scaleout.transport.dialer import reconnect_s
-        from scaleout.transport.net import backoff
+        """Follow session ``id`` to its end (transport/follow.py); a controller lost on the way
+        (stopped, SIGKILLed, a standby taking over) is dialled again through the addresses
+        given, for up to a minute (5 s given one address), and the session followed on there,
+        no round told twice."""
+        from scaleout.transport.follow import SessionFollower
+        from scaleout.transport.net import ConnectError
 
-        loop = asyncio.get_running_loop()
-        delivered = [0]
-        lost_at: float | None = None
-        rounds_at_loss = 0
-        delays = backoff(0.1, 1.0)
-        while True:
+        async def wait(key: str | None, wake: Callable[[], None]) -> dict[str, Any]:
+            def on_event(kind: str, data: dict[str, Any]) -> None:
+                if kind == "round" and data.get("session_id") == id:
+                    wake()
+
+            self._listeners.add(on_event)
             try:
-                session = await self._follow_once(id, callback, delivered)
-                if session["status"] != "running":
-                    return session
-                raise ConnectionFailed(f"the controller at {self.url} stopped before session {id} ended")  # it answered as it shut down
-            except ScaleoutError as exc:
-                if not isinstance(exc, ConnectionFailed) and exc.code not in (ShuttingDown.code, Standby.code):
-                    raise
-                now = loop.time()
-                if lost_at is None or delivered[0] > rounds_at_loss:  # a new loss (rounds went on since the last)
-                    lost_at, rounds_at_loss = now, delivered[0]
-                if now - lost_at >= reconnect_s(self._controllers.urls):
-                    raise ConnectionFailed(f"lost the controller while following session {id} ({exc}); it is still running there") from None
-                if now == lost_at:  # once a loss, not at every try
-                    log.warning("lost the controller while following session %s (%s); dialling %s again", id, exc, ",".join(self._controllers.urls))
-                await self.close()
-                await asyncio.sleep(next(delays))  # a controller restarting or a standby taking over: nothing to wait on
+                return dict((await self._call("session.wait", {"id": id}))[0]["session"])
+            finally:
+                self._listeners.discard(on_event)
 
-    async def _follow_once(self, id: str, callback: RoundCallback, done: list[int]) -> dict[str, Any]:
-        ended = asyncio.Event()
-        delivered = done[0]
+        def on_lost(exc: ScaleoutError, seconds: float) -> None:
+            log.warning("lost the controller while following session %s (%s); dialling %s again", id, exc, ",".join(self._controllers.urls))
 
-        def on_event(kind: str, data: dict[str, Any]) -> None:
-            if kind == "round" and data.get("session_id") == id:
-                ended.set()
+        def give_up(exc: ScaleoutError) -> ConnectionFailed:
+            return ConnectionFailed(f"lost the controller while following session {id} ({exc}); it is still running there")
 
-        def catch_up(session: dict[str, Any]) -> None:
-            # From the stored session, not the events: none is missed (one may come before
-            # the controller knows this link waits) and none is shown twice.
-            nonlocal delivered
-            for r in session.get("rounds") or []:
-                if r["idx"] > delivered and r["status"] != "running":
-                    delivered = done[0] = r["idx"]
-                    callback({"session_id": id, **r})
-
-        self._listeners.add(on_event)
-        catch_up(await self.get_session(id))  # rounds over before the call (or while we were away) first
-        waiting = asyncio.ensure_future(self._call("session.wait", {"id": id}))
-        try:
-            while not waiting.done():
-                woken = asyncio.ensure_future(ended.wait())
-                await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                if ended.is_set():
-                    ended.clear()
-                    catch_up(await self.get_session(id))
-            session = dict(waiting.result()[0]["session"])
-            catch_up(session)
-            return session
-        finally:
-            self._listeners.discard(on_event)
-            if not waiting.done():
-                waiting.cancel()
+        return await SessionFollower(
+            id, show=lambda key: self.get_session(id), wait=wait, on_round=callback, urls=lambda: self._controllers.urls,
+            is_loss=lambda exc: isinstance(exc, (ConnectionFailed, ConnectError)) or exc.code in (ShuttingDown.code, Standby.code),
+            on_lost=on_lost, give_up=give_up, reset=self.close,
+        ).follow(patient_start=True)
 
     async def stop_session(self, id: str) -> dict[str, Any]:
         """Stop a running session; returns it (ConflictError: it is not running)."""

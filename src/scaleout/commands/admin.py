@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -381,119 +381,52 @@ async def follow(
     ended, in order and with its clients' failures, until the session ends; return it.
     ``on_running(id)`` is called first if the session is still running.
 
-    The controller's session.wait pushes an event as each round ends; each event (and the
-    start and end) reads the session again, so rounds that ended before we attached come
-    first and none is missed or repeated, whenever we attached. A controller lost on the way
-    (stopped, SIGKILLed, a standby taking over) is dialled again through the addresses given,
-    for a while (``reconnect_s``), and followed there from where we were.
+    The follower (transport/follow.py) reads the session again at each round's end, so none
+    is missed or repeated, whenever we attached; a controller lost on the way (stopped,
+    SIGKILLed, a standby taking over) is dialled again through the addresses given, for a
+    while (``reconnect_s``), and followed there from where we were. Each call here is on a
+    fresh link (call_async).
     """
     from scaleout.core.errors import ScaleoutError
-    from scaleout.transport.dialer import Controllers, reconnect_s
-    from scaleout.transport.net import ConnectError, backoff
+    from scaleout.transport.dialer import Controllers
+    from scaleout.transport.follow import SessionFollower
+    from scaleout.transport.net import ConnectError
 
     controllers = Controllers(conn.url)  # one for the whole follow: the address that answered last is dialled first
-    done = 0  # rounds handed on so far; they are numbered from 1
-    lost: tuple[ScaleoutError, float, int, Iterator[float]] | None = None  # the loss, when, the rounds done by then, retry delays
-    attached = 0.0  # when reattach last found the session again
 
-    async def catch_up() -> dict[str, Any]:
-        nonlocal done
+    async def show(key: str | None) -> dict[str, Any]:
         session: dict[str, Any] = (await call_async(conn, "session.show", {"id": key, "clients": True}, dialer=controllers))[0]["session"]
         for r in session["rounds"]:
             r["failures"] = client_failures(r, r.pop("clients", []), [])
-        for r in session["rounds"]:
-            if not _final(r):
-                break
-            if r["idx"] > done:
-                if on_round is not None:
-                    on_round({"session_id": session["id"], **r})
-                done = r["idx"]
         return session
 
-    async def until_end() -> dict[str, Any]:
-        """Follow the running session on one link to the controller until it ends."""
-        ended = asyncio.Event()
-
+    async def wait(key: str | None, wake: Callable[[], None]) -> dict[str, Any]:
         def on_event(kind: str, data: dict[str, Any]) -> None:
             if kind == "round":
-                ended.set()
+                wake()
 
-        waiting = asyncio.ensure_future(call_async(conn, "session.wait", {"id": key}, on_event=on_event, dialer=controllers))
-        try:
-            while not waiting.done():
-                woken = asyncio.ensure_future(ended.wait())
-                await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                if ended.is_set():
-                    ended.clear()
-                    await catch_up()
-            final = waiting.result()[0]["session"]
-            if final["status"] == "running":  # answered as the controller stopped: the session goes on after it
-                raise ConnectError("the controller answered before the session ended")
-            try:
-                return await catch_up()
-            except ScaleoutError as exc:  # the controller ended as the session did: what it told us will do
-                if exc.code not in LOST_CODES:
-                    raise
-                for r in final["rounds"]:
-                    if r["idx"] > done and _final(r) and on_round is not None:
-                        on_round({"session_id": final["id"], **r, "failures": []})
-                return final  # type: ignore[no-any-return]
-        finally:
-            waiting.cancel()
+        session: dict[str, Any] = (await call_async(conn, "session.wait", {"id": key}, on_event=on_event, dialer=controllers))[0]["session"]
+        for r in session["rounds"]:
+            r.setdefault("failures", [])  # shown as it is when the session cannot be read again (the controller ended with it)
+        return session
 
-    async def reattach(exc: ScaleoutError) -> dict[str, Any]:
-        """The session again, from whichever controller is active now, within ``reconnect_s``
-        of losing it (a loss soon after the last, with no round ended in between, is the same
-        one: a controller that answers and drops us again is not waited on for ever)."""
-        nonlocal lost, attached
-        loop = asyncio.get_running_loop()
-        patience = reconnect_s(controllers.urls)
-        retry = lost is not None and lost[2] == done and loop.time() - attached < patience
-        if not retry:
-            lost = (exc, loop.time(), done, backoff(0.1, 1.0))
-            print(f"lost the controller ({exc}); reconnecting to {','.join(controllers.urls)} for up to {patience:g}s", file=sys.stderr, flush=True)
-        assert lost is not None
-        first, since, _, delays = lost
-        while True:
-            if retry:
-                left = since + patience - loop.time()
-                if left <= 0:
-                    raise ConnectError(f"lost the controller while following session {key} ({first}); once it is back: scaleout session watch {key}")
-                await asyncio.sleep(min(next(delays), left))  # a controller starting or taking over: nothing to wait on
-            retry = True
-            try:  # within what is left: a controller that is stopping may take a link and never answer
-                session = await asyncio.wait_for(catch_up(), max(since + patience - loop.time(), 1.0))
-                attached = loop.time()
-                return session
-            except TimeoutError:
-                pass
-            except ScaleoutError as again:
-                if again.code not in LOST_CODES:
-                    raise
+    def on_lost(exc: ScaleoutError, seconds: float) -> None:
+        print(f"lost the controller ({exc}); reconnecting to {','.join(controllers.urls)} for up to {seconds:g}s", file=sys.stderr, flush=True)
 
-    session = await catch_up()
-    key = session["id"]
+    def give_up(exc: ScaleoutError) -> ConnectError:
+        return ConnectError(f"lost the controller while following session {follower.key} ({exc}); once it is back: scaleout session watch {follower.key}")
+
+    follower = SessionFollower(
+        key, show=show, wait=wait, on_round=on_round or (lambda r: None), urls=lambda: controllers.urls,
+        is_loss=lambda exc: exc.code in LOST_CODES, on_lost=on_lost, give_up=give_up,
+    )
+    session = await follower.first()
     if session["status"] == "running" and on_running is not None:
-        on_running(key)
-    while session["status"] == "running":
-        try:
-            session = await until_end()
-        except ScaleoutError as exc:
-            if exc.code not in LOST_CODES:
-                raise
-            session = await reattach(exc)
-    return session
+        on_running(session["id"])
+    return await follower.follow(session)
 
 
 LOST_CODES = ("unreachable", "link_closed", "timeout", "shutting_down")  # a follower lost its controller
-
-
-def _final(r: dict[str, Any]) -> bool:
-    """Whether round ``r``'s record is complete: it has ended and its end was recorded (a
-    round's model is committed before its validation: until ``finished`` is set, its
-    duration, timing and validation are still to come)."""
-    return r["status"] != "running" and r.get("finished") is not None
 
 
 SHOWN_REASON_CHARS = 300  # a reason on a round's line; `session show --clients --json` has it whole
