@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,16 @@ async def until(pilot: Any, cond: Callable[[], bool], what: str, timeout: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await pilot.pause(0.05)
+
+
+@contextlib.asynccontextmanager
+async def loaded_app(fed: Federation) -> AsyncIterator[tuple[ScaleoutApp, Any]]:
+    """The app on ``fed``'s controller, run for a test: (app, pilot) once it has the snapshot."""
+    assert fed.conn is not None
+    app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.view.loaded, "the snapshot")
+        yield app, pilot
 
 
 async def click(pilot: Any, screen: Any, selector: str) -> None:
@@ -199,12 +209,9 @@ def test_the_plot_follows_validation_accuracy_once_it_appears_until_the_user_pic
     from scaleout.tui.app import Happened
 
     fed.controller()
-    assert fed.conn is not None
 
     async def go() -> None:
-        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.view.loaded, "the snapshot")
+        async with loaded_app(fed) as (app, pilot):
             app.post_message(Happened(m.SessionStarted(session_id="s-plot", config={"rounds": 2})))
             app.post_message(Happened(m.MetricLogged(session_id="s-plot", round_index=1, client="a", step=0, values={"train_loss": 2.0})))
             await until(pilot, lambda: app.metric == "training:train_loss", "the training metric plotted (the only one)")
@@ -222,12 +229,9 @@ def test_the_plot_follows_validation_accuracy_once_it_appears_until_the_user_pic
 
 def test_token_is_shown_once_and_copyable(fed: Federation) -> None:
     fed.controller()
-    assert fed.conn is not None
 
     async def go() -> str:
-        app = ScaleoutApp(fed.conn)  # type: ignore[arg-type]
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.view.loaded, "the snapshot")
+        async with loaded_app(fed) as (app, pilot):
             await pilot.press("t")
             await until(pilot, lambda: isinstance(app.screen, TokenDialog), "the token dialog")
             dialog = app.screen
