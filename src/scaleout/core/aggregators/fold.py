@@ -15,7 +15,7 @@ apart after a round of SGD. Ints need float64 to stay exact up to 2**53.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -65,6 +65,12 @@ def _tell(read: Callable[[np.ndarray], None] | None, flat: np.ndarray, told: int
     return stop
 
 
+def _weight(w: float, dtype: np.dtype) -> np.floating:
+    """``w`` in the accumulator's dtype, or in float64 when it is beyond that dtype's range
+    (a weight of 1e308 on an all-zero tensor: 0 * inf would put NaN in the sums)."""
+    return dtype.type(w) if abs(w) <= float(np.finfo(dtype).max) else np.float64(w)
+
+
 def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | None = None, read: Callable[[np.ndarray], None] | None = None) -> None:
     """``acc += w * x`` in place, block by block, with no model-sized temporary.
 
@@ -76,7 +82,7 @@ def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | No
     v = x.reshape(-1)
     if scratch is None or scratch.size < BLOCK or scratch.dtype != acc.dtype:
         scratch = np.empty(BLOCK, dtype=acc.dtype)
-    weight = acc.dtype.type(w)
+    weight = _weight(w, acc.dtype)
     told = 0
     for start in range(0, a.size, BLOCK):
         stop = min(start + BLOCK, a.size)
@@ -84,3 +90,33 @@ def fold_into(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | No
         np.multiply(v[start:stop], weight, out=tmp, casting="unsafe")
         np.add(a[start:stop], tmp, out=a[start:stop])
         told = _tell(read, v, told, stop)
+
+
+FOLD_BLOCK = 1 << 16  # elements per block of the sums in `fold_many_into` (its block, a product and an update's block stay in L2)
+
+
+def fold_many_into(
+    acc: np.ndarray, xs: Sequence[np.ndarray], ws: Sequence[float], scratch: np.ndarray | None = None,
+    reads: Sequence[Callable[[np.ndarray], None] | None] | None = None, block: int = FOLD_BLOCK,
+) -> None:
+    """``acc += w_0 * x_0``, then ``+= w_1 * x_1``... for each ``(x_i, w_i)``, in one pass
+    over ``acc``: each block of it is read once, gets every update added while it is in
+    cache, and is written once (an update costs its own read plus 1/k of the sums' read
+    and write, instead of all three). Each element sees the same operations in the same
+    order as `fold_into` of each update in turn, so the sums are bit for bit theirs.
+    ``scratch``, ``reads`` (one hook per update, as in `fold_into`) are optional."""
+    a = acc.reshape(-1)
+    vs = [x.reshape(-1) for x in xs]
+    if scratch is None or scratch.size < block or scratch.dtype != acc.dtype:
+        scratch = np.empty(block, dtype=acc.dtype)
+    weights = [_weight(w, acc.dtype) for w in ws]
+    hooks = list(reads) if reads is not None else [None] * len(vs)
+    told = [0] * len(vs)
+    for start in range(0, a.size, block):
+        stop = min(start + block, a.size)
+        tmp = scratch[: stop - start]
+        out = a[start:stop]
+        for i, v in enumerate(vs):
+            np.multiply(v[start:stop], weights[i], out=tmp, casting="unsafe")
+            np.add(out, tmp, out=out)
+            told[i] = _tell(hooks[i], v, told[i], stop)
