@@ -200,3 +200,47 @@ def test_add_many_folds_converted_updates_like_add() -> None:
         one.add(one.check(u), 1.0 + i / 3, f"c{i}")
     many.add_many([(many.check(u), 1.0 + i / 3, f"c{i}") for i, u in enumerate(updates)])
     _same(one, many)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [0.0, 1e-300, 1e-40, 1e-20, 1e-10, 1e-3, 1.0, 1e10, 1e18, 1e30])
+def test_peak_bound_is_never_below_the_largest_magnitude(dtype: str, scale: float) -> None:
+    from scaleout.core.aggregators.fold import BLOCK, amax, peak_bound
+
+    rng = np.random.default_rng(int(np.log10(scale + 1e-320) + 400))
+    with np.errstate(under="ignore", over="ignore"):
+        x = (rng.standard_normal(3 * BLOCK + 11) * scale).astype(dtype)
+    x[BLOCK + 5] = np.float64(scale * 7.5).astype(dtype)  # one clear maximum among the rest
+    bound, exact = peak_bound(x), amax(x)
+    assert bound >= exact or not np.isfinite(bound), (bound, exact)
+    if scale <= 1e10 or dtype == "float64":  # float32 squares of 1e18 overflow: inf, and amax decides
+        assert np.isfinite(bound) and bound <= 2 * np.sqrt(BLOCK) * exact
+    if scale < (1e-15 if dtype == "float32" else 1e-145):
+        assert bound == exact  # tiny values (squares lost to underflow): the exact peak
+
+
+def test_peak_bound_says_nan_and_inf_and_check_values_decides_as_with_the_exact_peak() -> None:
+    from scaleout.core.aggregators.fold import BLOCK, peak_bound
+    from scaleout.core.payload import check_values
+
+    x = np.ones(2 * BLOCK, np.float32)
+    x[BLOCK + 1] = np.nan
+    assert np.isnan(peak_bound(x))
+    x[BLOCK + 1] = -np.inf
+    assert peak_bound(x) == np.inf
+    spec = {"w": TensorSpec("float32", (2 * BLOCK,))}
+    # beyond float32's headroom (2.1e37) but whose bound is inf (squares overflow): decided exactly
+    for value, refused in [(2e37, False), (2.2e37, True), (1e20, False), (-3e38, True)]:
+        y = np.zeros(2 * BLOCK, np.float32)
+        y[7] = value
+        try:
+            peaks = check_values(spec, {"w": y})
+        except UpdateRejected:
+            assert refused, value
+        else:
+            assert not refused and peaks["w"] >= abs(float(y[7])), value
+    # a float64 update for a float32 model: beyond float32's range, refused; within, passes
+    spec64 = {"w": TensorSpec("float32", (3,))}
+    with pytest.raises(UpdateRejected, match="outside the model's float32 finite range"):
+        check_values(spec64, {"w": np.array([1.0, 1e39, 0.0])})
+    assert check_values(spec64, {"w": np.array([1.0, -2e37, 0.0])})["w"] >= 2e37
