@@ -3,11 +3,20 @@ and `FedAvg.add_many` give the sums of folding each in turn, bit for bit."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
 from scaleout.core.aggregators.fedavg import FedAvg
-from scaleout.core.aggregators.fold import FOLD_BLOCK, STRETCH, acc_dtype, fold_into, fold_many_into
+from scaleout.core.aggregators.fold import (
+    FOLD_BLOCK,
+    STRETCH,
+    acc_dtype,
+    fold_into,
+    fold_many_into,
+)
 from scaleout.core.errors import UpdateRejected
 from scaleout.core.payload import TensorSpec
 
@@ -55,7 +64,7 @@ def test_fold_many_into_tells_each_update_each_stretch_once_in_order() -> None:
     xs = [np.ones(n, np.float32), np.full(n, 2.0, np.float32)]
     told: list[list[tuple[int, int]]] = [[], []]
 
-    def hook(i: int):  # noqa: ANN202
+    def hook(i: int) -> Callable[[np.ndarray], None]:
         def read(stretch: np.ndarray) -> None:
             told[i].append(((stretch.ctypes.data - xs[i].ctypes.data) // 4, stretch.size))
         return read
@@ -64,7 +73,7 @@ def test_fold_many_into_tells_each_update_each_stretch_once_in_order() -> None:
     fold_many_into(acc, xs, [1.0, 1.0], reads=[hook(0), hook(1)])
     for spans in told:
         assert spans[0][0] == 0 and sum(size for _, size in spans) == n
-        assert all(a + s == b for (a, s), (b, _) in zip(spans, spans[1:], strict=False))
+        assert all(a + s == b for (a, s), (b, _) in itertools.pairwise(spans))
     assert (acc == 3.0).all()
 
 

@@ -56,11 +56,11 @@ def amax(x: np.ndarray, read: Callable[[np.ndarray], None] | None = None) -> flo
     return peak
 
 
+DOT_BLOCK = 1 << 20  # elements per dot product in `peak_bound`: no temporaries, so only its Python overhead and the bound's looseness (sqrt of it) count
 # Below these, a sum of squares may have lost some to underflow (squares under ~1e-38 in
 # float32, ~1e-308 in float64 are 0): the elements are all tiny, and `amax` says how tiny.
-DOT_BLOCK = 1 << 20  # elements per dot product in `peak_bound`: no temporaries, so only its Python overhead and the bound's looseness (sqrt of it) count
 _TINY = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-290}
-_SLACK = {dtype: 1 + 4 * DOT_BLOCK * float(np.finfo(dtype).eps) for dtype in _TINY}
+_SLACK = {np.dtype(np.float32): 1 + 4 * DOT_BLOCK * 2.0**-23, np.dtype(np.float64): 1 + 4 * DOT_BLOCK * 2.0**-52}  # 4 n eps
 
 
 def peak_bound(x: np.ndarray, read: Callable[[np.ndarray], None] | None = None) -> float:
