@@ -4,16 +4,20 @@ For P float32 parameters and N clients, each figure reduces N updates into the r
 throughput is GB/s of update bytes (N x 4P), and each is given as a ratio to numpy `x.sum()`
 over the same N updates in the same run (the read bandwidth of this machine: 1 stream).
 
-- `ours` (`ratio_to_sum`): a round's reduction as the combiner does it now (issue 17 #2) when
-  its N updates have all landed and wait together: each update checked by `FedAvg.check` (one
-  read of the update: NaN/inf/range and the bound on the sums, as `_check_update` runs it on
-  the landed, memory-mapped update), then folded by `FedAvg.add_many` in batches of up to
-  FOLD_BATCH (8) checked updates, one pass over the sums per batch. Checks and folds timed.
-- `fold_many`: the same batched folds alone (the updates checked beforehand, untimed).
+- `ours` (`ratio_to_sum`): a round's reduction as the combiner does it now (issue 17 #2), its
+  N updates arriving together: each update checked by `FedAvg.check` (one read of the update:
+  NaN/inf/range and the bound on the sums, as `_check_update` runs it on the landed,
+  memory-mapped update), then folded by `FedAvg.add_many` in batches of ``ours_batch``
+  checked updates, one pass over the sums per batch. ``ours_batch`` is as many as the
+  combiner's upload budget lets wait at once (max(UPLOAD_BUDGET_MIN, one update) of
+  updates, so 1 for updates over 8 MiB), at most FOLD_BATCH (8). Checks and folds timed.
+- `batched`: the same with batches of ``--batch`` (8): what a round costs when that many
+  checked updates wait for the fold (the combiner's budget does not let them yet above 8 MiB).
+- `fold_many`: those batched folds alone (the updates checked beforehand, untimed).
 - `landed`: what a check on receipt would cost: each update checked 1 MiB at a time right
   after that chunk was copied into a receive buffer (the copy, untimed, stands for the
-  socket: the chunk is in cache when checked), then the same batched folds. The combiner does
-  not do this yet (its link writes an update to a file and hands it over whole).
+  socket: the chunk is in cache when checked), then the folds of ``--batch``. The combiner
+  does not do this yet (its link writes an update to a file and hands it over whole).
 - `add_raw`: `FedAvg.add` of each raw update, one at a time (check pass + fold pass: the
   combiner before batched folds); `fold`: `add` of an update already checked, one at a time.
 - `naive`: `acc += w * x` with a float64 accumulator.
@@ -21,7 +25,7 @@ over the same N updates in the same run (the read bandwidth of this machine: 1 s
 The figures are interleaved, one of each per repeat, so a change in the machine's load (other
 processes on its cores) falls on each alike; medians of the repeats, with the load average.
 The updates are two arrays used in turn, so memory holds only two updates whatever N is;
-peak memory is what a round's reduction (`ours`, the mean read out) allocates on top
+peak memory is what a round's reduction (`batched`, the mean read out) allocates on top
 (tracemalloc), for N = 10 and 50, and must not grow with N.
 
 Prints one JSON object as its last line: medians, ratios to each baseline, peak memory.
@@ -56,6 +60,7 @@ import numpy as np
 
 from scaleout.core.aggregators import get_aggregator
 from scaleout.core.payload import TensorSpec, check_values
+from scaleout.roles.combiner import UPDATE_SLACK, UPLOAD_BUDGET_MIN
 from scaleout.roles.folding import FOLD_BATCH
 
 
@@ -279,10 +284,14 @@ def main() -> None:
         gb = a.clients * updates[0].nbytes / 1e9
         # Interleaved, one of each per repeat, so a change in the machine's load (other
         # processes on its 2 cores) falls on every figure alike, baselines included.
-        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "fold_many", "landed", "add_raw", "fold", "naive")}
+        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
+        # As the combiner's _pull: an update holds its bytes of the upload budget until it is folded.
+        budget = max(UPLOAD_BUDGET_MIN, updates[0].nbytes + UPDATE_SLACK)
+        ours_batch = max(1, min(FOLD_BATCH, budget // (updates[0].nbytes + 1024)))  # + its header
         for _ in range(a.repeat):
             runs["sum"].append(median_time(lambda: read_all(updates, a.clients), 1))
-            runs["ours"].append(fold_batched(updates, a.clients, a.batch))
+            runs["ours"].append(fold_batched(updates, a.clients, ours_batch))
+            runs["batched"].append(fold_batched(updates, a.clients, a.batch))
             runs["fold_many"].append(fold_batched(updates, a.clients, a.batch, checked_before=True))
             runs["landed"].append(fold_batched(updates, a.clients, a.batch, landed=True))
             runs["add_raw"].append(fold_raw(updates, a.clients))
@@ -294,11 +303,11 @@ def main() -> None:
         m1 = peak_bytes(lambda: fold(updates, n1, a.batch))
         m2 = peak_bytes(lambda: fold(updates, n2, a.batch))
         rows.append({
-            "params": p, "clients": a.clients, "batch": a.batch, "update_mb": round(updates[0].nbytes / 1e6, 1),
+            "params": p, "clients": a.clients, "ours_batch": ours_batch, "batch": a.batch, "update_mb": round(updates[0].nbytes / 1e6, 1),
             "ours_gb_s": round(gb / t_ours, 2), "numpy_sum_gb_s": round(gb / t_sum, 2), "naive_gb_s": round(gb / t_naive, 2),
             "ratio_to_sum": round(t_sum / t_ours, 3), "ratio_to_naive": round(t_naive / t_ours, 3),
-            **{f"{k}_gb_s": round(gb / t[k], 2) for k in ("fold_many", "landed", "add_raw", "fold")},
-            **{f"{k}_ratio_to_sum": round(t_sum / t[k], 3) for k in ("fold_many", "landed", "add_raw", "fold")},
+            **{f"{k}_gb_s": round(gb / t[k], 2) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
+            **{f"{k}_ratio_to_sum": round(t_sum / t[k], 3) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
             f"peak_mib_n{n1}": round(m1 / 2**20, 1), f"peak_mib_n{n2}": round(m2 / 2**20, 1),
             "memory_growth": round(m2 / m1, 3),
         })
@@ -306,7 +315,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "aggregate", "baseline": "numpy x.sum() read bandwidth and naive acc += w * x, same run",
         "target_ratio_to_sum": 0.7, "worst_ratio_to_sum": min(r["ratio_to_sum"] for r in rows),
-        **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in ("fold_many", "landed", "add_raw", "fold")},
+        **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
         "load_average": round(os.getloadavg()[0], 1), "results": rows,
     }))
 
