@@ -17,7 +17,7 @@ from typing import Any
 
 from scaleout.core.errors import UpdateRejected
 
-FOLD_BATCH = 8  # updates folded in one pass at most (measured: 8 leaves the sums' traffic at 1/8 of an update's)
+FOLD_BATCH = 8  # updates folded in one pass at most: the sums read and written once for 8 (5 bytes a float32 parameter each, not 12)
 
 
 @dataclass(eq=False)  # compared by identity: the line holds each entry once
