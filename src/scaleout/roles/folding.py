@@ -11,11 +11,14 @@ partial never sees half a batch, and each folded update is counted (``on_update`
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from scaleout.core.errors import UpdateRejected
+
+log = logging.getLogger(__name__)
 
 FOLD_BATCH = 8  # updates folded in one pass at most: the sums read and written once for 8 (5 bytes a float32 parameter each, not 12)
 
@@ -59,6 +62,8 @@ class FoldQueue:
             for entry in batch:
                 entry.outcome.set_exception(refused)
             return
+        if len(batch) > 1:
+            log.debug("folding %d checked updates in one pass", len(batch))
         fold = asyncio.ensure_future(asyncio.to_thread(self.add_many, [(e.checked, e.weight, e.client) for e in batch]))
         fold.add_done_callback(lambda done: self._settle(batch, done))  # each update counted as soon as it is in
         try:
