@@ -1,18 +1,36 @@
 """Fold throughput of the streaming FedAvg reducer against numpy baselines, in one run.
 
-For P float32 parameters and N clients, ours folds N updates into the running sums;
-throughput is GB/s of update bytes read. Two figures: `ours` is `FedAvg.add` of a raw update
-(the check pass, NaN/inf/range and the bound on the sums, then the fold pass), and `fold` is
-`add` of an update already checked (`FedAvg.check`), which is what a combiner serialises:
-it checks several arriving updates at once, in threads, and only folds one at a time. Baselines, on the same
-arrays in the same run: numpy `x.sum()` (the read bandwidth of this machine) and a naive
-`acc += w * x` (float64 accumulator). The updates are two arrays used in turn, so memory
-holds only two updates whatever N is; peak memory is what the fold allocates on top
+For P float32 parameters and N clients, each figure reduces N updates into the running sums;
+throughput is GB/s of update bytes (N x 4P), and each is given as a ratio to numpy `x.sum()`
+over the same N updates in the same run (the read bandwidth of this machine: 1 stream).
+
+- `ours` (`ratio_to_sum`): a round's reduction as the combiner does it now (issue 17 #2), its
+  N updates arriving together: each update checked by `FedAvg.check` (one read of the update:
+  NaN/inf/range and the bound on the sums, as `_check_update` runs it on the landed,
+  memory-mapped update), then folded by `FedAvg.add_many` in batches of ``ours_batch``
+  checked updates, one pass over the sums per batch. ``ours_batch`` is as many as the
+  combiner's upload budget lets wait at once (max(UPLOAD_BUDGET_MIN, one update) of
+  updates, so 1 for updates over 8 MiB), at most FOLD_BATCH (8). Checks and folds timed.
+- `batched`: the same with batches of ``--batch`` (8): what a round costs when that many
+  checked updates wait for the fold (the combiner's budget does not let them yet above 8 MiB).
+- `fold_many`: those batched folds alone (the updates checked beforehand, untimed).
+- `landed`: what a check on receipt would cost: each update checked 1 MiB at a time right
+  after that chunk was copied into a receive buffer (the copy, untimed, stands for the
+  socket: the chunk is in cache when checked), then the folds of ``--batch``. The combiner
+  does not do this yet (its link writes an update to a file and hands it over whole).
+- `add_raw`: `FedAvg.add` of each raw update, one at a time (check pass + fold pass: the
+  combiner before batched folds); `fold`: `add` of an update already checked, one at a time.
+- `naive`: `acc += w * x` with a float64 accumulator.
+
+The figures are interleaved, one of each per repeat, so a change in the machine's load (other
+processes on its cores) falls on each alike; medians of the repeats, with the load average.
+The updates are two arrays used in turn, so memory holds only two updates whatever N is;
+peak memory is what a round's reduction (`batched`, the mean read out) allocates on top
 (tracemalloc), for N = 10 and 50, and must not grow with N.
 
 Prints one JSON object as its last line: medians, ratios to each baseline, peak memory.
 
-    .venv/bin/python benchmarks/aggregate.py [--params 10000000 100000000] [--clients 10] [--repeat 3]
+    .venv/bin/python benchmarks/aggregate.py [--params 10000000 100000000] [--clients 10] [--repeat 3] [--batch 8]
 
 ``--robust`` measures instead the strategies that need each update on their own (issue 15)
 on the controller's own path: N updates of P float32 parameters written as spill files
@@ -41,7 +59,9 @@ from collections.abc import Callable
 import numpy as np
 
 from scaleout.core.aggregators import get_aggregator
-from scaleout.core.payload import TensorSpec
+from scaleout.core.payload import TensorSpec, check_values
+from scaleout.roles.combiner import UPDATE_SLACK, UPLOAD_BUDGET_MIN
+from scaleout.roles.folding import FOLD_BATCH
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -53,11 +73,11 @@ def median_time(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def fold(updates: list[np.ndarray], n: int) -> None:
-    """A whole round's reduction: a fresh reducer, N raw updates added, the mean read out."""
+def fold(updates: list[np.ndarray], n: int, batch: int = FOLD_BATCH) -> None:
+    """A whole round's reduction: a fresh reducer, N updates checked and folded ``batch`` at a time, the mean read out."""
     agg = get_aggregator("fedavg", {"w": TensorSpec("float32", updates[0].shape)})
-    for i in range(n):
-        agg.add({"w": updates[i % len(updates)]}, float(i + 1), f"c{i}")
+    for first in range(0, n, batch):
+        agg.add_many([(agg.check({"w": updates[i % len(updates)]}), float(i + 1), f"c{i}") for i in range(first, min(n, first + batch))])
     agg.result()
 
 
@@ -82,6 +102,48 @@ def fold_checked(updates: list[np.ndarray], n: int) -> float:
         agg.add(checked[i % len(checked)], float(i + 1), f"c{i}")
         spent += time.perf_counter() - t0
     return spent
+
+
+def fold_batched(updates: list[np.ndarray], n: int, batch: int, landed: bool = False, checked_before: bool = False) -> float:
+    """Seconds a round's reduction takes as the combiner does it: each update checked, then
+    batches of ``batch`` checked updates folded by `add_many`. ``landed``: each update checked
+    a chunk at a time right after the chunk's (untimed) copy; ``checked_before``: the checks
+    untimed (the folds alone)."""
+    from scaleout.core.aggregators.fedavg import Checked
+
+    agg = get_aggregator("fedavg", {"w": TensorSpec("float32", updates[0].shape)})
+    spent = 0.0
+    waiting: list[tuple[Checked, float, str]] = []
+    step = LANDING_CHUNK // 4
+    inbox = np.empty(min(step, updates[0].size), np.float32)
+    checks = [agg.check({"w": u}) for u in updates] if checked_before else []
+    for i in range(n):
+        src = updates[i % len(updates)]
+        if checked_before:
+            checked = checks[i % len(checks)]
+        elif landed:
+            peak = 0.0
+            for start in range(0, src.size, step):
+                chunk = inbox[: min(step, src.size - start)]
+                np.copyto(chunk, src[start : start + step])
+                t0 = time.perf_counter()
+                peak = max(peak, check_values({"w": TensorSpec("float32", chunk.shape)}, {"w": chunk})["w"])
+                spent += time.perf_counter() - t0
+            checked = Checked({"w": src}, {"w": peak})
+        else:
+            t0 = time.perf_counter()
+            checked = agg.check({"w": src})
+            spent += time.perf_counter() - t0
+        waiting.append((checked, float(i + 1), f"c{i}"))
+        if len(waiting) == batch or i == n - 1:
+            t0 = time.perf_counter()
+            assert agg.add_many(waiting) == [None] * len(waiting)
+            spent += time.perf_counter() - t0
+            waiting = []
+    return spent
+
+
+LANDING_CHUNK = 1 << 20  # bytes a chunk brings, as a link hands them on
 
 
 def naive(updates: list[np.ndarray], n: int) -> None:
@@ -210,6 +272,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--memory-clients", type=int, nargs=2, default=[10, 50], metavar=("N1", "N2"))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=FOLD_BATCH, help="checked updates folded in one pass (the combiner's FOLD_BATCH)")
     a = ap.parse_args()
     if a.robust:
         robust_main(a.params[0] if a.params != [10_000_000, 100_000_000] else 1_000_000, a.clients if a.clients != 10 else 100)
@@ -219,19 +282,32 @@ def main() -> None:
         rng = np.random.default_rng(0)
         updates = [rng.standard_normal(p, dtype=np.float32) for _ in range(2)]
         gb = a.clients * updates[0].nbytes / 1e9
-        t_ours = statistics.median(fold_raw(updates, a.clients) for _ in range(a.repeat))
-        t_fold = statistics.median(fold_checked(updates, a.clients) for _ in range(a.repeat))
-        t_sum = median_time(lambda: read_all(updates, a.clients), a.repeat)
-        t_naive = median_time(lambda: naive(updates, a.clients), a.repeat)
+        # Interleaved, one of each per repeat, so a change in the machine's load (other
+        # processes on its 2 cores) falls on every figure alike, baselines included.
+        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
+        # As the combiner's _pull: an update holds its bytes of the upload budget until it is folded.
+        budget = max(UPLOAD_BUDGET_MIN, updates[0].nbytes + UPDATE_SLACK)
+        ours_batch = max(1, min(FOLD_BATCH, budget // (updates[0].nbytes + 1024)))  # + its header
+        for _ in range(a.repeat):
+            runs["sum"].append(median_time(lambda: read_all(updates, a.clients), 1))
+            runs["ours"].append(fold_batched(updates, a.clients, ours_batch))
+            runs["batched"].append(fold_batched(updates, a.clients, a.batch))
+            runs["fold_many"].append(fold_batched(updates, a.clients, a.batch, checked_before=True))
+            runs["landed"].append(fold_batched(updates, a.clients, a.batch, landed=True))
+            runs["add_raw"].append(fold_raw(updates, a.clients))
+            runs["fold"].append(fold_checked(updates, a.clients))
+            runs["naive"].append(median_time(lambda: naive(updates, a.clients), 1))
+        t = {k: statistics.median(v) for k, v in runs.items()}
+        t_ours, t_sum, t_naive = t["ours"], t["sum"], t["naive"]
         n1, n2 = a.memory_clients
-        m1 = peak_bytes(lambda: fold(updates, n1))
-        m2 = peak_bytes(lambda: fold(updates, n2))
+        m1 = peak_bytes(lambda: fold(updates, n1, a.batch))
+        m2 = peak_bytes(lambda: fold(updates, n2, a.batch))
         rows.append({
-            "params": p, "clients": a.clients, "update_mb": round(updates[0].nbytes / 1e6, 1),
+            "params": p, "clients": a.clients, "ours_batch": ours_batch, "batch": a.batch, "update_mb": round(updates[0].nbytes / 1e6, 1),
             "ours_gb_s": round(gb / t_ours, 2), "numpy_sum_gb_s": round(gb / t_sum, 2), "naive_gb_s": round(gb / t_naive, 2),
-            "fold_gb_s": round(gb / t_fold, 2),
-            "ratio_to_sum": round(t_sum / t_ours, 3), "fold_ratio_to_sum": round(t_sum / t_fold, 3),
-            "ratio_to_naive": round(t_naive / t_ours, 3),
+            "ratio_to_sum": round(t_sum / t_ours, 3), "ratio_to_naive": round(t_naive / t_ours, 3),
+            **{f"{k}_gb_s": round(gb / t[k], 2) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
+            **{f"{k}_ratio_to_sum": round(t_sum / t[k], 3) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
             f"peak_mib_n{n1}": round(m1 / 2**20, 1), f"peak_mib_n{n2}": round(m2 / 2**20, 1),
             "memory_growth": round(m2 / m1, 3),
         })
@@ -239,9 +315,9 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "aggregate", "baseline": "numpy x.sum() read bandwidth and naive acc += w * x, same run",
         "target_ratio_to_sum": 0.7, "worst_ratio_to_sum": min(r["ratio_to_sum"] for r in rows),
-        "worst_fold_ratio_to_sum": min(r["fold_ratio_to_sum"] for r in rows), "results": rows,
+        **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
+        "load_average": round(os.getloadavg()[0], 1), "results": rows,
     }))
-
 
 if __name__ == "__main__":
     main()

@@ -301,10 +301,11 @@ def check_values(
 
     Returns a bound on each tensor's largest |value| (what a running sum needs to know it
     cannot overflow). Cheap on purpose (aggregation's hot path): one blocked pass over a
-    float tensor, a min and a max over an integer one that may not fit, nothing for
-    integers that always do. ``read`` is told each stretch of a float tensor once read (`amax`).
+    float tensor (`peak_bound`; the exact `amax` only when that bound is too high to pass),
+    a min and a max over an integer one that may not fit, nothing for integers that always
+    do. ``read`` is told each stretch of a float tensor once read (`amax`).
     """
-    from scaleout.core.aggregators.fold import amax
+    from scaleout.core.aggregators.fold import amax, peak_bound
 
     peaks: dict[str, float] = {}
     for name, value in update.items():
@@ -317,7 +318,9 @@ def check_values(
         own_low, own_high = value_bounds(array.dtype)
         fits = low <= own_low and own_high <= high
         if array.dtype.kind == "f":
-            peak = amax(array, read)
+            peak = peak_bound(array, read)  # a bound decides when it passes; else the exact peak (amax) does
+            if not (peak <= (high if fits else min(-low, high)) and (np.dtype(target).kind != "f" or peak <= headroom(target))):
+                peak = amax(array, read)
             if not math.isfinite(peak):
                 raise UpdateRejected(f"tensor {name!r} contains NaN or inf")
             peaks[name] = peak

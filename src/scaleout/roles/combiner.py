@@ -25,6 +25,7 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
+from scaleout.roles.folding import FoldQueue
 from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import release
@@ -107,6 +108,7 @@ class Job:
     forwarded: dict[str, int] = field(default_factory=dict)  # client -> its weight, for updates the controller took
     model_size: int = 0  # bytes of the round's model: a forwarded update of another size is re-encoded like it
     model_map: mmap.mmap | None = None  # the file mapping job.model points into (its pages let go after each read)
+    folds: Any = None  # its FoldQueue (train): checked updates wait there for the fold, under ``lock``
 
 
 class Combiner:
@@ -649,6 +651,7 @@ class Combiner:
             if kind == "train":
                 assert isinstance(msg, m.RoundStart)
                 job.agg = get_aggregator(msg.aggregator, payload.describe(model))
+                job.folds = FoldQueue(job.lock, job.agg.add_many, job.tracker.on_update, lambda: self.jobs.get(kind) is job)
                 job.forward = msg.forward_updates or needs_updates(msg.aggregator)
                 job.max_examples = msg.max_examples
                 job.model = payload.views(model)
@@ -784,7 +787,8 @@ class Combiner:
 
         The budget bounds the bytes of updates held at once, so memory does not grow with
         the number of clients that finish together; a waiting client holds its update. The
-        check runs in threads, several updates at once; only the fold is serialised.
+        check runs in threads, several updates at once; only the fold is serialised (what waits
+        for it is folded together, up to FOLD_BATCH in one pass).
         """
         try:
             async with self.uploads.hold(size):
@@ -806,19 +810,8 @@ class Combiner:
                 checked = await asyncio.to_thread(_check_update, job, blob)
                 if job.forward:
                     ready = await self._forward(job, client, msg, blob, checked, weight)
-                else:
-                    async with job.lock:
-                        if self.jobs.get(job.kind) is not job:
-                            raise UpdateRejected("the round closed while the update was being checked")
-                        fold = asyncio.ensure_future(asyncio.to_thread(job.agg.add, checked, float(weight), client))
-                        try:
-                            await asyncio.shield(fold)
-                        except asyncio.CancelledError:
-                            # A fold cannot stop half-way: the lock is held until it is whole, so
-                            # the round's partial is never encoded from half-added sums.
-                            await fold
-                            raise
-                        ready = job.tracker.on_update(client)
+                else:  # folded with the other checked updates waiting then, in one pass (roles/folding.py)
+                    ready = await job.folds.fold(checked, float(weight), client)
                 del checked, blob  # the views hold the bytes: both go now
         except LinkClosed:
             return  # the reconnect grace decides; a client back in time announces again

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from scaleout.core.aggregators.base import Partial, cast_mean, check_weight
-from scaleout.core.aggregators.fold import BLOCK, acc_dtype, amax, fold_into
+from scaleout.core.aggregators.fold import BLOCK, FOLD_BLOCK, acc_dtype, amax, fold_into, fold_many_into
 from scaleout.core.errors import UpdateRejected
 from scaleout.core.payload import TensorSpec, check_compatible, check_dtypes, check_values
 
@@ -76,6 +76,47 @@ class FedAvg:
         self._fold(update, w, ceilings, "weighting this update by {w:g} overflows the running sum of tensor {name!r}", checked.read)
         self._weight += w
         self._contributors.append(contributor)
+
+    def add_many(self, items: Sequence[tuple[Checked, float, str]]) -> list[UpdateRejected | None]:
+        """`add` each ``(checked, weight, contributor)`` in turn, each all or nothing; returns
+        what each `add` raised (None: folded in). The sums are bit for bit those of the `add`
+        calls in that order, folded in one pass over the sums (`fold_many_into`) unless one of
+        the batch could take a sum near its accumulator's limit (then one at a time, as `add`)."""
+        outcomes: list[UpdateRejected | None] = []
+        seen, weight, ceilings = set(self._contributors), self._weight, dict(self._ceiling)
+        taken: list[tuple[Checked, float, str]] = []
+        for checked, raw_weight, contributor in items:
+            try:  # the refusals of `add`, in its order, against the state the earlier items leave
+                w = check_weight(raw_weight)
+                self._check_new([contributor], seen)
+                if not math.isfinite(weight + w):
+                    seen.discard(contributor)
+                    raise UpdateRejected(f"weight {w!r} makes the total weight overflow")
+            except UpdateRejected as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(None)
+            weight += w
+            with np.errstate(over="ignore"):
+                ceilings = {name: ceilings[name] + w * checked.peaks[name] for name in self._sums}
+            taken.append((checked, w, contributor))
+        if not all(ceilings[name] < SAFE_SUM[total.dtype] for name, total in self._sums.items()):
+            return [self._try_add(*item) for item in items]  # a promotion or a fresh float64 sum on the way
+        for name, total in self._sums.items() if taken else ():
+            arrays = [checked.arrays[name] for checked, _, _ in taken]
+            fold_many_into(total, arrays, [w for _, w, _ in taken], self._scratch_for(total.dtype), [checked.read for checked, _, _ in taken])
+        for _, w, contributor in taken:
+            self._weight += w
+            self._contributors.append(contributor)
+        self._ceiling = ceilings
+        return outcomes
+
+    def _try_add(self, checked: Checked, weight: float, contributor: str) -> UpdateRejected | None:
+        try:
+            self.add(checked, weight, contributor)
+        except UpdateRejected as exc:
+            return exc
+        return None
 
     def add_partial(self, p: Partial) -> None:
         """Fold another aggregator's partial in, all or nothing. The partial's arrays are
@@ -147,7 +188,7 @@ class FedAvg:
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if dtype not in self._scratch:
-            self._scratch[dtype] = np.empty(BLOCK, dtype=dtype)
+            self._scratch[dtype] = np.empty(max(BLOCK, FOLD_BLOCK), dtype=dtype)
         return self._scratch[dtype]
 
     def partial(self, copy: bool = True) -> Partial:
@@ -178,8 +219,8 @@ class FedAvg:
         """The weighted mean in each tensor's dtype; refused if it does not fit that dtype."""
         return {name: cast_mean(name, mean, self.template[name].dtype) for name, mean in self.mean().items()}
 
-    def _check_new(self, contributors: list[str]) -> None:
-        seen = set(self._contributors)
+    def _check_new(self, contributors: list[str], seen: set[str] | None = None) -> None:
+        seen = set(self._contributors) if seen is None else seen  # a caller's own set: each one that passes is added
         for contributor in contributors:
             if not isinstance(contributor, str) or not contributor:
                 raise UpdateRejected(f"contributor must be a non-empty string, got {contributor!r}")
