@@ -4,14 +4,20 @@ asyncio's SSLProtocol allocates and zero-fills a 256 KiB read buffer per TLS con
 (``SSLProtocol.max_size``), so every connected client costs a combiner about 290 KB of
 resident memory before it sends a byte: 10,000 idle clients would hold 2.8 GB. A fixed
 smaller buffer slows bulk transfers down a lot (32 KiB reads measured at a quarter of the
-throughput). So the buffer starts at INITIAL bytes, doubles (up to ``max_size``) each time a
+throughput). So the buffer starts at INITIAL bytes, doubles (up to READ_MAX) each time a
 read fills it, and falls back to INITIAL after SHRINK_AFTER reads that needed only a little.
+READ_MAX and the read-ahead limit stay at 64 KiB because OpenSSL's incoming BIO, like the
+outgoing one, keeps the largest size it held: 256 KiB reads left ~0.6 MB on every link that
+once received an update.
 
 Writes: asyncio encrypts a whole queued message into the connection's outgoing memory BIO
 before handing it to the socket, and OpenSSL's memory BIO keeps its largest size: after a
 1 MiB frame each connection holds about 1 MiB for good (a combiner that sent the model to
 80 clients kept ~80 MB). Encrypting in WRITE_PIECE slices, each passed on at once, keeps
 that BIO small (measured: 80 clients, 1M params, 250 -> 165 MB resident after a round).
+Nothing is encrypted while the socket takes nothing (the connection is paused): the rest of
+a frame waits in the backlog as the caller's buffer (a view of the model), not as a second,
+encrypted copy per slow peer; it goes on when the socket resumes.
 
 `install()` patches SSLProtocol once per process (idempotent); every TLS link of the
 process, client or server side, then uses it. Only ``_ssl_buffer``/``_ssl_buffer_view``
