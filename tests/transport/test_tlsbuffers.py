@@ -4,6 +4,7 @@ and it shrinks back once the transfer is over."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from scaleout.core import messages as m
@@ -57,3 +58,61 @@ def test_idle_small_bulk_large_then_small_again(tmp_path: Path) -> None:
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_peer_that_does_not_read_holds_little_ciphertext_and_reads_stay_small(tmp_path: Path) -> None:
+    """Sending to a peer whose socket is full encrypts no further than a piece past it: the
+    rest of a 1 MiB frame waits as plaintext (a view of the payload, uncopied), so a model sent
+    to many slow clients holds a piece of ciphertext per client, not a frame. A link that
+    received a bulk payload reads at most READ_MAX at a time (OpenSSL keeps its incoming BIO
+    at the largest size it held, for the life of the connection)."""
+    files = tls.ensure_controller_tls(tmp_path, ["127.0.0.1"])
+
+    async def main() -> None:
+        server_side: asyncio.Queue[Link] = asyncio.Queue()
+        got: asyncio.Queue[Incoming] = asyncio.Queue()
+
+        async def on_link(link: Link) -> None:
+            await server_side.put(link)
+
+            async def on_message(inc: Incoming) -> None:
+                await got.put(inc)
+
+            await link.run(on_message=on_message)
+
+        ctx = tls.server_context(files.cert, files.key)
+        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, ctx, max_payload=64 << 20)
+        link = await connect(f"wss://127.0.0.1:{port}", "token", tls.client_context(files.ca_cert), max_payload=64 << 20)
+        reader = asyncio.create_task(link.run())
+        try:
+            await link.send(m.Hello(name="reader"))
+            await asyncio.wait_for(got.get(), 10)
+            far = await asyncio.wait_for(server_side.get(), 10)
+            # Bulk in: the receiving side's reads stay small.
+            await link.send_with_blob(m.Task(task_id="t", kind="train", session_id="s", round_index=1, model_id="m"), b"x" * (8 << 20))
+            inc = await asyncio.wait_for(got.get(), 30)
+            assert inc.blob is not None and len(inc.blob) == 8 << 20
+            assert buffer_size(far) <= tlsbuffers.READ_MAX  # was 256 KiB, kept by an idle link
+            # Bulk out to a client that stops reading: the server's socket fills up.
+            link.ws.transport._ssl_protocol._transport.pause_reading()
+            # Small kernel buffers, so the frame cannot hide in them (loopback's take megabytes).
+            far.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            link.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            sending = asyncio.create_task(far.send_blob(b"y" * (32 << 20)))
+            proto = far.ws.transport._ssl_protocol
+            for _ in range(1000):  # until its socket takes no more (a condition, not a delay)
+                if proto._ssl_writing_paused and not sending.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert proto._ssl_writing_paused and not sending.done()
+            ciphertext = proto._outgoing.pending + proto._transport.get_write_buffer_size()
+            assert ciphertext <= 4 * tlsbuffers.WRITE_PIECE, ciphertext  # was a whole 1 MiB frame and more
+            sending.cancel()
+        finally:
+            link.ws.transport.abort()
+            reader.cancel()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
