@@ -269,7 +269,7 @@ class Reports(Message):
     kind: str
     session_id: str
     round_index: int
-    entries: list[JSON] = field(default_factory=list)
+    entries: list[Any] = field(default_factory=list)  # objects, checked by the receiver
     done: int = 0
     failed: int = 0
 

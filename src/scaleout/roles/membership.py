@@ -168,6 +168,8 @@ class Membership:
         members = self.ctl.round_members.get(c.name, frozenset())
         rows: list[tuple[str, dict[str, Any], str | None]] = []
         for entry in msg.entries:  # all checked before any is stored
+            if not isinstance(entry, dict):
+                raise ProtocolError("reports: each entry is {client, data (an object), error (text or null)}")
             client, data, error = entry.get("client"), entry.get("data", {}), entry.get("error")
             m.check_name(client, "reports: client name")
             if client not in c.clients and client not in members:
