@@ -18,7 +18,7 @@ CLIENTS = 8
 def _messages(metrics_url: str) -> dict[str, float]:
     with urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
-    return {k: float(v) for k, v in re.findall(r'^scaleout_combiner_messages_total\{type="([^"]+)"\} (\S+)$', text, re.M)}
+    return {k: float(v) for k, v in re.findall(r'^scaleout_combiner_messages_total\{type="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
 
 
 def test_one_reports_message_per_combiner_per_round(fed: Federation) -> None:

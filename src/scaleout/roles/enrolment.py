@@ -93,7 +93,7 @@ class AuditBatch:
             error: BaseException | None = None
             try:
                 await asyncio.to_thread(self.write, [entry for entry, _ in batch])
-            except Exception as exc:  # each caller raises it (a full disk, a lost store)
+            except Exception as exc:  # noqa: BLE001 - not handled here: each caller of the batch raises it (a full disk, a lost store)
                 error = exc
             for _, done in batch:
                 if not done.done():
