@@ -100,6 +100,9 @@ def test_a_rogue_combiner_cannot_claim_clients_speak_for_them_or_take_their_cred
             # Forged reports, attributes and status for clients it does not serve.
             await rogue.link.send(m.Report(kind="metric", session_id="s-x", round_index=1, client="k1", data={"metrics": {"loss": -1.0}, "step": 1}))
             await rogue.link.send(m.Report(kind="train", session_id="s-x", round_index=1, client="k0", data={}, error="forged failure"))
+            # ... and in a round's Reports message (its own client k2 beside them does not carry them in).
+            forged = [{"client": "k2", "data": {}, "error": None}, {"client": "k0", "data": {}, "error": "forged batch failure"}]
+            await rogue.link.send(m.Reports(kind="train", session_id="s-x", round_index=1, entries=forged, failed=1))
             await rogue.link.send(m.ClientLog(kind="attributes", data={"site": "evil"}, client="k1"))
             await rogue.link.send(m.ClientStatus(package=None, error="forged: cannot load", client="k0"))
             await rogue.barrier()

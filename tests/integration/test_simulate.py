@@ -48,6 +48,11 @@ def test_simulate_reports_rounds_time_split_and_memory(tmp_path: Path) -> None:
         assert 0 < per_round["controller"] <= rss["controller"]
         assert sorted(per_round["combiners"]) == ["combiner-1", "combiner-2", "combiner-3"]
         assert all(0 < v <= rss["combiners"][k] for k, v in per_round["combiners"].items())
+        # And the CPU each role spent on it.
+        cpu = rnd["cpu_s"]
+        assert cpu["controller"] >= 0 and sorted(cpu["combiners"]) == ["combiner-1", "combiner-2", "combiner-3"]
+        assert list(cpu["client_processes"]) == ["clients-1"]
+    assert connect["cpu_s"]["controller"] > 0
 
 
 def test_simulate_mistakes(tmp_path: Path) -> None:

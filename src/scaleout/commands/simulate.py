@@ -6,7 +6,8 @@ client with its own websocket and name, returning a synthetic update after --tra
 seconds. The report has the `scaleout dev` schema plus, per round, where the time went
 (distribute / train / collect / reduce / commit) and each role's peak RSS as it ended;
 ``connect``: how long all clients took to connect, how they spread over the combiners and
-each role's RSS with the fleet connected and idle; ``peak_rss_mb``: each role's peak over
+each role's RSS with the fleet connected and idle and the CPU seconds each used so far
+(``cpu_s``; per round, ``cpu_s`` is what each used since the round before); ``peak_rss_mb``: each role's peak over
 the run (controller, each combiner, each client process).
 """
 
@@ -70,6 +71,32 @@ def peak_rss_mb(pid: int | None, field: str = "VmHWM") -> float | None:
     except OSError:
         return None
     return None
+
+
+def cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a live process has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role(controller: Child, combiners: list[Child], hosts: list[Child], since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """CPU seconds of the controller, each combiner and each client process (``since``: minus those)."""
+
+    def used(child: Child, before: float | None) -> float | None:
+        now = cpu_s(child.proc.pid)
+        return None if now is None else round(now - (before or 0.0), 2)
+
+    was = since or {"controller": None, "combiners": {}, "client_processes": {}}
+    return {
+        "controller": used(controller, was["controller"]),
+        "combiners": {c.name: used(c, was["combiners"].get(c.name)) for c in combiners},
+        "client_processes": {c.name: used(c, was["client_processes"].get(c.name)) for c in hosts},
+    }
 
 
 def rss_by_role(controller: Child, combiners: list[Child], hosts: list[Child], field: str = "VmHWM") -> dict[str, Any]:
@@ -144,11 +171,14 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         say(f"{args.clients} clients connected to {args.combiners} combiner(s) in {connect_s:.1f}s")
         # What the connected, idle fleet costs each role, before any round.
         spread = {c["name"]: c["clients"] for c in (await call_async(conn, "combiner.ls"))[0]["combiners"]}
+        cpu_at = cpu_by_role(controller, combiners, hosts)
         connected = {
             "connect_s": round(connect_s, 2), "clients_per_combiner": dict(sorted(spread.items())),
             "rss_mb": rss_by_role(controller, combiners, hosts, "VmRSS"), "peak_rss_mb": rss_by_role(controller, combiners, hosts),
+            "cpu_s": cpu_at,
         }
         round_rss: dict[int, dict[str, Any]] = {}
+        round_cpu: dict[int, dict[str, Any]] = {}
         cfg = {
             "rounds": args.rounds, "round_timeout": args.round_timeout, "min_clients": args.clients,
             "validate": args.validate, "name": "simulate",
@@ -162,14 +192,23 @@ async def _simulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 split = " ".join(f"{k.removesuffix('_s')}={v:.2f}s" for k, v in timing.items())
                 # Each role's peak RSS so far, read as the round ends (peaks are not reset per round).
                 rss = round_rss[data["idx"]] = rss_by_role(controller, combiners, hosts)
+                # The CPU each role spent since the last round ended (or the fleet connected).
+                nonlocal cpu_at
+                now = cpu_by_role(controller, combiners, hosts)
+                round_cpu[data["idx"]] = cpu_by_role(controller, combiners, hosts, since=cpu_at)
+                cpu_at = now
                 most = max((v for v in rss["combiners"].values() if v is not None), default=None)
-                say(f"  {_round_line(data)}" + (f"  [{split}]" if split else "") + f"  peak RSS controller={rss['controller']}MB combiner={most}MB")
+                cpu = round_cpu[data["idx"]]
+                spent = " ".join(f"{k}={sum(v for v in vs.values() if v is not None):.1f}s" for k, vs in (("combiners", cpu["combiners"]), ("clients", cpu["client_processes"])))
+                say(f"  {_round_line(data)}" + (f"  [{split}]" if split else "") + f"  peak RSS controller={rss['controller']}MB combiner={most}MB"
+                    + f"  CPU controller={cpu['controller']}s {spent}")
 
         session = (await call_async(conn, "session.wait", {"id": session["id"]}, on_event=on_event))[0]["session"]
         report = report_of(session)
         for r, row in zip(report["rounds"], session["rounds"], strict=True):
             r["timing"] = row.get("timing") or {}
             r["peak_rss_mb"] = round_rss.get(r["index"], {})
+            r["cpu_s"] = round_cpu.get(r["index"], {})
         report["simulation"] = {
             "clients": args.clients, "combiners": args.combiners, "model_size": args.model_size,
             "train_time_s": args.train_time, "client_processes": len(hosts_for(args.clients)), "connect_s": round(connect_s, 2),

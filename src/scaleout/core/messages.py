@@ -256,6 +256,24 @@ class Report(Message):
     error: str | None = None
 
 
+@message
+@dataclass(kw_only=True)
+class Reports(Message):
+    """Combiner -> controller: its clients' outcomes of one round (``kind`` train or
+    validate), sent once as its share of the round ends (in pages of at most MAX_NAMES
+    entries within a frame), so the messages a round brings the controller grow with the
+    combiners, not the clients. Each entry is ``{"client", "data", "error"}``, as in Report;
+    ``done`` and ``failed`` count the entries without and with an error, over all pages."""
+
+    type: ClassVar[str] = "reports"
+    kind: str
+    session_id: str
+    round_index: int
+    entries: list[Any] = field(default_factory=list)  # objects, checked by the receiver
+    done: int = 0
+    failed: int = 0
+
+
 # -- combiner <-> client ------------------------------------------------------------------
 
 

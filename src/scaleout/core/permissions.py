@@ -82,7 +82,7 @@ READS = frozenset({
 # controller, a client's to its combiner. Anything else is refused before it is looked at.
 # Commands' results, attributes, telemetry and package status travel client -> combiner -> controller.
 _RELAYED = (m.CommandResult, m.ClientLog, m.ClientStatus)
-_COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.RoundPartial, m.RoundUpdate, m.ValidateDone, *_RELAYED))
+_COMBINER_MESSAGES = frozenset(t.type for t in (m.ClientsChanged, m.Report, m.Reports, m.RoundPartial, m.RoundUpdate, m.ValidateDone, *_RELAYED))
 _CLIENT_MESSAGES = frozenset(t.type for t in (m.Hello, m.TaskResult, m.Metric, *_RELAYED))
 MESSAGES: dict[str, dict[str, frozenset[str]]] = {
     "controller": {"combiner": _COMBINER_MESSAGES},

@@ -54,6 +54,7 @@ STATUS_DELAY_S = 0.05  # joins and leaves within this window travel in one messa
 HELLO_TIMEOUT_S = 10.0  # a client link that has not said hello by then is closed
 BURST_FACTOR = 10  # connections an address may open at once: this many seconds' worth
 TICKET_CONNECT_S = 300.0  # a client connects with a ticket issued at most this long ago (it gets one per assignment)
+REPORTS_PAGE_BYTES = 768 << 10  # clients' outcomes per Reports message, well within a frame (MAX_TEXT_BYTES)
 FORWARD_GRACE_S = 10.0  # a forwarded update waits this long past the round's deadline for the controller to take it
 
 
@@ -99,6 +100,9 @@ class Job:
     pulling: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # client -> its pull, in progress
     told: set[str] = field(default_factory=set)  # clients whose outcome the controller has heard
     dropped: dict[str, int] = field(default_factory=dict)  # client -> metric messages dropped, not yet reported
+    # Clients' outcomes, told to the controller in one Reports message as the job completes
+    # (None once told: a later one goes on its own).
+    outcomes: list[dict[str, Any]] | None = field(default_factory=list)
     # When it started, all tasks were sent, the last result was announced (loop time).
     started: float = 0.0
     sent: float | None = None
@@ -541,6 +545,8 @@ class Combiner:
         elif isinstance(msg, m.SessionStop):
             for job in [j for j in self.jobs.values() if j.session_id == msg.session_id]:
                 self._drop(job)
+                taken, job.outcomes = job.outcomes, None  # those in so far are still recorded
+                self._spawn(self._send_outcomes(job, taken or []))
             self.partials = {k: v for k, v in self.partials.items() if k[0] != msg.session_id}
             for name, link in list(self.clients.items()):  # in the background: a frozen client must not stall this link
                 self._spawn(quietly(asyncio.wait_for(link.send(m.TaskAbort(session_id=msg.session_id)), ABORT_SEND_S), f"telling {name} the session stopped"))
@@ -918,11 +924,42 @@ class Combiner:
         assert self.controller is not None
         if kind == job.kind:  # the client's outcome; a metric it logged on the way is not one
             job.told.add(client)
-        await self._announced(client)
         # Data entered within its limit (_on_metric, _bound_result): the report fits the controller's frames.
         error = clip_text(error) if error is not None else None
+        if kind == job.kind and job.outcomes is not None:  # told with the others when the job completes
+            job.outcomes.append({"client": client, "data": data, "error": error})
+            return
+        await self._announced(client)
         report = m.Report(kind=kind, session_id=job.session_id, round_index=job.round_index, client=client, data=data, error=error)
         await quietly(self.controller.send(report))
+
+    async def _send_outcomes(self, job: Job, entries: list[dict[str, Any]] | None = None) -> None:
+        """The clients' outcomes of a completed job (or ``entries`` taken from it), in one
+        Reports message (pages of at most MAX_NAMES entries within a frame): one message per
+        round, not one per client."""
+        if entries is None:
+            entries, job.outcomes = job.outcomes or [], None
+        if not entries or self.controller is None:
+            return
+        if self._joined:  # the controller hears of clients that joined a moment ago before their outcomes
+            if self._status_timer is not None:
+                self._status_timer.cancel()
+            await self._flush_changes()
+        failed = sum(1 for e in entries if e["error"] is not None)
+        page: list[dict[str, Any]] = []
+        size = 0
+        for entry in entries:
+            more = json_size(entry) + 1
+            if page and (len(page) >= m.MAX_NAMES or size + more > REPORTS_PAGE_BYTES):
+                await quietly(self.controller.send(self._reports_page(job, page, len(entries) - failed, failed)))
+                page, size = [], 0
+            page.append(entry)
+            size += more
+        await quietly(self.controller.send(self._reports_page(job, page, len(entries) - failed, failed)))
+
+    @staticmethod
+    def _reports_page(job: Job, page: list[dict[str, Any]], done: int, failed: int) -> m.Reports:
+        return m.Reports(kind=job.kind, session_id=job.session_id, round_index=job.round_index, entries=page, done=done, failed=failed)
 
     def _abort_late(self, job: Job) -> None:
         """Tell clients still working on this job that nobody waits for their result, in the
@@ -953,6 +990,7 @@ class Combiner:
         for client, reason in sorted(job.tracker.failed.items()):
             if client not in job.told:
                 await self._report(job.kind, job, client, {}, reason)
+        await self._send_outcomes(job)
         if job.kind == "validate":
             log.info("round %d: %d validations in, %d missing", job.round_index, len(job.tracker.reported), len(job.tracker.failed))
             await quietly(self.controller.send(m.ValidateDone(session_id=job.session_id, round_index=job.round_index)))

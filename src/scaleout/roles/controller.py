@@ -605,10 +605,13 @@ class Controller:
             msg = inc.msg
             permissions.check_message(link.claims.role, msg.type, "controller")
             c = self.combiner_of(link)
+            self.obs.combiner_message(msg.type)
             if isinstance(msg, m.ClientsChanged):
                 self.members.clients_changed(c, msg)
             elif isinstance(msg, m.Report):
                 self.members.store_report(c, msg)
+            elif isinstance(msg, m.Reports):
+                self.members.store_reports(c, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.RoundUpdate, m.ValidateDone)):

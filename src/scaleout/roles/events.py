@@ -166,6 +166,22 @@ class EventHub:
             if self._progress_due is None:
                 self._progress_due = asyncio.get_running_loop().call_later(PROGRESS_S, self._flush_progress)
 
+    def reports(self, kind: str, session_id: str, round_index: int, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
+        """A combiner's clients' outcomes of a round (one Reports message): each client's
+        event as ``report`` would publish it, the round's progress counted once."""
+        for client, data, error in rows:
+            self.publish(m.ClientReported(
+                session_id=session_id, round_index=round_index, client=client, task=kind, error=error, values=m.numeric_values(data),
+            ))
+        r = self.round
+        if kind == "train" and rows and r is not None and r["session_id"] == session_id and r["round_index"] == round_index:
+            refused = sum(1 for _, _, error in rows if error)
+            r["refused"] += refused
+            r["received"] += len(rows) - refused
+            r["bytes_in"] += r["model_bytes"] * (len(rows) - refused)
+            if self._progress_due is None:
+                self._progress_due = asyncio.get_running_loop().call_later(PROGRESS_S, self._flush_progress)
+
     def _flush_progress(self) -> None:
         if self._progress_due is not None:
             self._progress_due.cancel()

@@ -51,6 +51,9 @@ class Observer:
     def update_reported(self, error: str | None) -> None:
         pass
 
+    def combiner_message(self, kind: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -84,6 +87,10 @@ class PrometheusObserver(Observer):
         self.refused = Counter(
             "updates_refused", "Client updates refused or missing from a round, by reason (see the README)", ["reason"],
             namespace=PREFIX, registry=reg,
+        )
+        self.messages = Counter(
+            "combiner_messages", "Messages combiners sent the controller (not requests), by type: a round brings a few per combiner",
+            ["type"], namespace=PREFIX, registry=reg,
         )
         # Every label value known in advance shows from the first scrape, at 0: rate() and
         # alerts work without waiting for the first event of each kind.
@@ -125,6 +132,9 @@ class PrometheusObserver(Observer):
             self.accepted.inc()
         else:
             self.refused.labels(refusal_reason(error)).inc()
+
+    def combiner_message(self, kind: str) -> None:
+        self.messages.labels(kind).inc()
 
     def close(self) -> None:
         """Stop serving (blocks up to the server's poll interval: call it off the event loop)."""

@@ -155,6 +155,46 @@ class Membership:
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
+    def store_reports(self, c: CombinerConn, msg: m.Reports) -> None:
+        """A combiner's clients' outcomes of a round, in one message (a page of them): each
+        stored as store_report would, within the same limits; the round's progress and the
+        failures are told once per message, not once per client. Any entry for a client not
+        the combiner's refuses the whole message before anything is stored."""
+        if msg.kind not in ("train", "validate"):
+            raise ProtocolError(f"reports: kind must be train or validate, got {msg.kind!r:.40}")
+        m.check_name(msg.session_id, "reports: session id")
+        if len(msg.entries) > m.MAX_NAMES:
+            raise ProtocolError(f"reports: at most {m.MAX_NAMES} entries per message")
+        members = self.ctl.round_members.get(c.name, frozenset())
+        rows: list[tuple[str, dict[str, Any], str | None]] = []
+        for entry in msg.entries:  # all checked before any is stored
+            if not isinstance(entry, dict):
+                raise ProtocolError("reports: each entry is {client, data (an object), error (text or null)}")
+            client, data, error = entry.get("client"), entry.get("data", {}), entry.get("error")
+            m.check_name(client, "reports: client name")
+            if client not in c.clients and client not in members:
+                raise AuthError(f"combiner {c.name} may not report for client {client!r}: not one of its clients")
+            if not isinstance(data, dict) or not (error is None or isinstance(error, str)):
+                raise ProtocolError("reports: each entry is {client, data (an object), error (text or null)}")
+            rows.append((client, data, clip_text(error) if error is not None else None))
+        failed: list[tuple[str, str]] = []
+        for i, (client, data, error) in enumerate(rows):
+            try:
+                check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
+            except LimitExceeded as exc:
+                log.warning("combiner %s: client %s: %s: stored without it", c.name, client, exc)
+                rows[i] = (client, {}, error)
+            self.ctl.registry.report(msg.kind, msg.session_id, msg.round_index, client, rows[i][1], error)
+            if msg.kind == "train":
+                self.ctl.obs.update_reported(error)
+            if error:
+                failed.append((client, error))
+        self.ctl.hub.reports(msg.kind, msg.session_id, msg.round_index, rows)
+        if failed:
+            shown = "; ".join(f"{client}: {error.removeprefix(f'{msg.kind} ')[:200]}" for client, error in failed[:3])
+            more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+            log.warning("round %d: %d of %d %s outcomes from combiner %s failed: %s%s", msg.round_index, len(failed), len(rows), msg.kind, c.name, shown, more)
+
     async def ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         c = self.ctl.combiner_of(link)
         url = args.get("url")

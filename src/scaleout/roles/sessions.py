@@ -1039,7 +1039,8 @@ def _aggregate_step(strategy: Any, spill: Spill, contributors: set[str], global_
 async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int, deadline: float, what: str) -> bytes:
     """Pull ``size`` announced bytes from a combiner with ``op``, as long as bytes keep
     coming: ended by the round's ``deadline`` (PARTIAL_GRACE_S more for one announced at
-    the last moment) and given up when none arrives for PULL_STALL_S."""
+    the last moment) and given up when none arrives for PULL_STALL_S. It sleeps until the
+    reply lands or the next moment one of those limits could be reached, not every second."""
     loop = asyncio.get_running_loop()
     link.max_payload = size
     link.writable_payloads = True  # a partial's buffer may become the round's sums (FedAvg.add_partial)
@@ -1048,13 +1049,14 @@ async def _watched_request(link: Link, op: str, args: dict[str, Any], size: int,
     seen, since = link.received_bytes, loop.time()
     try:
         while True:
-            done, _ = await asyncio.wait({request}, timeout=min(1.0, max(0.0, until - loop.time())))
+            wake = min(since + PULL_STALL_S, until)
+            done, _ = await asyncio.wait({request}, timeout=max(0.0, wake - loop.time()))
             if done:
                 _, blob = request.result()
                 break
             now = loop.time()
             if link.received_bytes != seen:
-                seen, since = link.received_bytes, now
+                seen, since = link.received_bytes, max(since, link.received_at)
             elif now - since >= PULL_STALL_S:
                 raise PayloadError(f"combiner sent nothing of its {what} for {PULL_STALL_S:g} s")
             if now >= until:

@@ -176,6 +176,7 @@ class State:
         self._head_file: Any = None  # store/audithead.HeadFile, once `anchor_audit` is called
         self._head_in_store = False  # a PostgreSQL store's head is its AUDIT_ANCHOR row, not a file
         self._pending_head: tuple[int, str] | None = None
+        self._pending_entries = 0  # audit entries the pending head adds to the count (several in one transaction)
         self._audit_count = 0
         self.fence: int | None = None  # the active controller's term on a shared store (take_term)
         self.db.row_factory = sqlite3.Row
@@ -250,6 +251,7 @@ class State:
                 self.db.execute("COMMIT")
             except BaseException:
                 self._pending_head = None
+                self._pending_entries = 0
                 if self.db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self.db.rollback()
@@ -542,6 +544,14 @@ class State:
                 self._sign_in_store(next_id, digest, head)
             else:
                 self._pending_head = (next_id, digest)
+                self._pending_entries += 1
+
+    def audit_many(self, entries: list[tuple[str, str, str | None, dict[str, Any]]]) -> None:
+        """Append several entries (actor, action, address, detail) in one transaction, the
+        head outside state.db rewritten once: a burst of enrolments costs one write, not one each."""
+        with self.transaction(immediate=True):
+            for actor, action, address, detail in entries:
+                self.audit(actor, action, address=address, **detail)
 
     def anchor_audit(self, head_file: Any) -> str | None:
         """Keep the audit head in ``head_file`` (store/audithead.py) too, rewritten after each
@@ -567,6 +577,7 @@ class State:
         if not why:
             return None
         self._pending_head = (int(eid) if eid.isdigit() else 0, digest) if head else (0, "")
+        self._pending_entries = 0
         self._audit_count -= 1  # _write_head counts the pending entry
         self._write_head()
         return why
@@ -628,7 +639,8 @@ class State:
         pending, self._pending_head = self._pending_head, None
         if self._head_file is None or pending is None:
             return
-        self._audit_count += 1
+        self._audit_count += self._pending_entries or 1
+        self._pending_entries = 0
         self._head_file.write(Anchor(pending[0], pending[1], self._audit_count))  # replaced whole, no disk flush (see audithead.py)
 
     def audit_log(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
