@@ -500,8 +500,11 @@ def test_idle_links_keep_no_task_or_timer_to_watch_their_writes() -> None:
 
 
 def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writable() -> None:
-    """A bytearray, checked like bytes, so its taker may work in it in place (the controller
+    """Writable (a bytearray; a larger one an anonymous mapping, not zero-filled on the
+    loop first), checked like bytes, so its taker may work in it in place (the controller
     takes a combiner's partial as the round's sums); bytes again once the flag is off."""
+    import mmap
+
     data = _pattern(3 * CHUNK_BYTES + 5)
 
     async def main() -> None:
@@ -516,7 +519,10 @@ def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writab
         async with linked(on_link) as link:
             await link.send_with_blob(carrier("writable"), data)
             got = await asyncio.wait_for(inbox.get(), 10)
-            assert type(got.blob) is bytearray and got.blob == data
+            assert type(got.blob) is mmap.mmap and not memoryview(got.blob).readonly and got.blob[:] == data
+            await link.send_with_blob(carrier("small"), data[:1000])
+            small = await asyncio.wait_for(inbox.get(), 10)
+            assert type(small.blob) is bytearray and small.blob == data[:1000]
             await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
             bad = await asyncio.wait_for(inbox.get(), 10)
             assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
