@@ -595,3 +595,32 @@ def test_a_payload_that_finds_no_room_for_its_file_is_refused_and_the_link_goes_
             assert (await asyncio.wait_for(inbox.get(), 10)).blob[:] == data
 
     run(main())
+
+
+def test_a_received_payload_comes_with_the_sha256_it_was_checked_against() -> None:
+    """Incoming.sha256 and request_checked's digest are the payload's, as checked on receipt,
+    so a taker comparing it with a model id need not hash it again; a refused one has none."""
+    data = _pattern(2 * CHUNK_BYTES + 3)
+    digest = hashlib.sha256(data).hexdigest()
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+            return {}, data
+
+        async def on_link(link: Link) -> None:
+            await link.run(on_message=inbox.put, on_request=on_request)
+
+        async with linked(on_link) as link:
+            await link.send_with_blob(carrier("good"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert got.blob == data and got.sha256 == digest
+            await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
+            bad = await asyncio.wait_for(inbox.get(), 10)
+            assert bad.blob is None and bad.sha256 is None and "corrupt" in (bad.blob_error or "")
+            result, blob, checked = await link.request_checked("get", timeout=10)
+            assert blob == data and checked == digest
+            assert await link.request("get", timeout=10) == ({}, data)
+
+    run(main())
