@@ -62,9 +62,9 @@ class FrameReader(StreamReader):
             yield
         if self.buffer:  # what the handshake's last read left: read as before, once
             self._flatten()
-            r = self.buffer[:n]
+            head = self.buffer[:n]
             del self.buffer[:n]
-            return r
+            return head
         parts = self._parts
         first = parts[0] if parts else b""
         offset = self._offset
@@ -128,4 +128,4 @@ def adopt(protocol: Any) -> None:
     if type(reader) is not StreamReader or reader.buffer or reader.eof:
         return
     reader.__class__ = FrameReader
-    reader._start()
+    reader._start()  # type: ignore[attr-defined]  # a FrameReader from the line above
