@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import os
 import resource
@@ -132,7 +133,8 @@ async def receive(kind: str, tls_dir: Path) -> None:
 
     def check(data: bytes, sha256: str) -> dict[str, Any]:
         ok = hashlib.sha256(data).hexdigest() == sha256
-        return {"ok": ok, "size": len(data), "rss_growth": rss_bytes()[1] - rss_at_ready}
+        # cpu_s: this process's CPU seconds so far (all threads); the sender takes differences.
+        return {"ok": ok, "size": len(data), "rss_growth": rss_bytes()[1] - rss_at_ready, "cpu_s": time.process_time()}
 
     if kind == "link":
         url, close = await link_receiver(ctx, os.environ[TOKEN_ENV], check)
@@ -185,10 +187,13 @@ Send = Callable[[bytes, str], Awaitable[dict[str, Any]]]
 async def link_sender(url: str, token: str, ctx: ssl.SSLContext) -> tuple[Send, Callable[[], Awaitable[None]]]:
     link = await connect(url, token, ctx, max_payload=DEFAULT_MAX_PAYLOAD)
     reader = asyncio.create_task(link.run())
+    # The digest is known (a role sending a model knows its id): the link need not hash again.
+    # (An older Link.request takes no digest: this script then measures it as it was.)
+    known = "sha256" in inspect.signature(link.request).parameters
 
     async def send(data: bytes, sha256: str) -> dict[str, Any]:
         # request() = send_blob(data) then a request whose `blob` names that transfer.
-        result, _ = await link.request("put", {"sha256": sha256}, blob=data)
+        result, _ = await link.request("put", {"sha256": sha256}, blob=data, **({"sha256": sha256} if known else {}))
         return result
 
     async def close() -> None:
@@ -229,7 +234,8 @@ async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repea
         "ours": [await link_sender(urls["ours"], token, ctx) for _ in range(fanout)],
         "baseline": [await tls_sender(urls["baseline"], ctx) for _ in range(fanout)],
     }
-    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": [], "cpu": []} for k in senders}
+    figures: dict[str, dict[str, list[float]]] = {k: {"times": [], "rss": [], "cpu": [], "rcpu": []} for k in senders}
+    last_rcpu: dict[str, float] = {}
     try:
         for _ in range(repeat):
             for kind, group in senders.items():  # interleaved, so drift hits both alike
@@ -241,6 +247,10 @@ async def compare(data: bytes, urls: dict[str, str], token: str, ca: Path, repea
                     if not result["ok"] or result["size"] != len(data):
                         raise SystemExit(f"{kind}: the receiver got different bytes: {result}")
                 figures[kind]["rss"].append(max(r["rss_growth"] for r in results))
+                rcpu = results[0]["cpu_s"]  # one receiver process per kind: its CPU for this send
+                if kind in last_rcpu:  # the first send's figure would include the receiver's start
+                    figures[kind]["rcpu"].append(rcpu - last_rcpu[kind])
+                last_rcpu[kind] = rcpu
     finally:
         for group in senders.values():
             for _, close in group:
@@ -316,14 +326,25 @@ def bare_websocket_seconds(mib: float, repeat: int, tls_dir: Path) -> list[float
 ROLE_COMMANDS = {b"simulate-clients": "clients_process", b"combine": "combiner", b"serve": "controller"}
 
 
+def _children(parent: int) -> list[Path]:
+    """The /proc entries of ``parent``'s child processes: read from its tasks' ``children``
+    lists, so a poll costs a few reads, not a walk of every process on the machine (that
+    walk, 5 times a second, took CPU from the roles being measured on a busy box)."""
+    pids: set[str] = set()
+    try:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            pids.update((task / "children").read_text().split())
+    except OSError:  # no such file (an old kernel) or the process is gone: look at every process
+        return [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    return [Path("/proc") / pid for pid in sorted(pids)]
+
+
 def _poll_roles(parent: int, peaks: dict[int, float], cpu: dict[str, float]) -> None:
     """Note the peak RSS of each `scaleout simulate-clients` process under ``parent`` (simulate
     reports only the controller's and the combiners') and the CPU seconds each role has used
     so far (polled: the last reading before it exits; steadier than wall time on a busy box)."""
     tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in _children(parent):
         try:
             status = (entry / "status").read_text()
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
@@ -415,11 +436,13 @@ def main() -> None:
     t_ours, t_base = (statistics.median(figures[k]["times"]) for k in ("ours", "baseline"))
     m_ours, m_base = (max(figures[k]["rss"]) for k in ("ours", "baseline"))
     c_ours, c_base = (statistics.median(figures[k]["cpu"]) for k in ("ours", "baseline"))
+    r_ours, r_base = (statistics.median(figures[k]["rcpu"]) if figures[k]["rcpu"] else float("nan") for k in ("ours", "baseline"))
     print(json.dumps({
         "benchmark": "link_blob_vs_plain_tls_stream",
         "payload_mib": round(mib, 2), "repeat": a.repeat, "connections": a.fanout,
         "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4), "time_ratio": round(t_ours / t_base, 3),
         "ours_sender_cpu_s": round(c_ours, 4), "baseline_sender_cpu_s": round(c_base, 4), "sender_cpu_ratio": round(c_ours / c_base, 3),
+        "ours_receiver_cpu_s": round(r_ours, 4), "baseline_receiver_cpu_s": round(r_base, 4), "receiver_cpu_ratio": round(r_ours / r_base, 3),
         "ours_mib_per_s": round(mib / t_ours, 1), "baseline_mib_per_s": round(mib / t_base, 1),
         "ours_receiver_peak_rss_growth_mib": round(m_ours / 2**20, 1),
         "baseline_receiver_peak_rss_growth_mib": round(m_base / 2**20, 1),

@@ -516,15 +516,21 @@ def test_idle_links_keep_no_task_or_timer_to_watch_their_writes() -> None:
 
 
 def test_payloads_arriving_while_writable_payloads_is_set_are_handed_over_writable() -> None:
-    """A bytearray, checked like bytes, so its taker may work in it in place (the controller
+    """Writable (a bytearray; a larger one an anonymous mapping, not zero-filled on the
+    loop first), checked like bytes, so its taker may work in it in place (the controller
     takes a combiner's partial as the round's sums); bytes again once the flag is off."""
+    import mmap
+
     data = _pattern(3 * CHUNK_BYTES + 5)
 
     async def main() -> None:
         async with flagged_link("writable_payloads") as (link, inbox, links):
             await link.send_with_blob(carrier("writable"), data)
             got = await asyncio.wait_for(inbox.get(), 10)
-            assert type(got.blob) is bytearray and got.blob == data
+            assert type(got.blob) is mmap.mmap and not memoryview(got.blob).readonly and got.blob[:] == data
+            await link.send_with_blob(carrier("small"), data[:1000])
+            small = await asyncio.wait_for(inbox.get(), 10)
+            assert type(small.blob) is bytearray and small.blob == data[:1000]
             await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
             bad = await asyncio.wait_for(inbox.get(), 10)
             assert bad.blob is None and bad.blob_error is not None and "corrupt" in bad.blob_error
@@ -579,5 +585,34 @@ def test_a_payload_that_finds_no_room_for_its_file_is_refused_and_the_link_goes_
             monkeypatch.undo()
             await link.send_with_blob(carrier("again"), data)
             assert (await asyncio.wait_for(inbox.get(), 10)).blob[:] == data
+
+    run(main())
+
+
+def test_a_received_payload_comes_with_the_sha256_it_was_checked_against() -> None:
+    """Incoming.sha256 and request_checked's digest are the payload's, as checked on receipt,
+    so a taker comparing it with a model id need not hash it again; a refused one has none."""
+    data = _pattern(2 * CHUNK_BYTES + 3)
+    digest = hashlib.sha256(data).hexdigest()
+
+    async def main() -> None:
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+
+        async def on_request(req: m.Request, blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+            return {}, data
+
+        async def on_link(link: Link) -> None:
+            await link.run(on_message=inbox.put, on_request=on_request)
+
+        async with linked(on_link) as link:
+            await link.send_with_blob(carrier("good"), data)
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert got.blob == data and got.sha256 == digest
+            await link.send_with_blob(carrier("bad"), data, sha256="0" * 64)
+            bad = await asyncio.wait_for(inbox.get(), 10)
+            assert bad.blob is None and bad.sha256 is None and "corrupt" in (bad.blob_error or "")
+            result, blob, checked = await link.request_checked("get", timeout=10)
+            assert blob == data and checked == digest
+            assert await link.request("get", timeout=10) == ({}, data)
 
     run(main())

@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from scaleout.core.errors import AuthError, ConfigError, ScaleoutError
-from scaleout.transport import httpd, tlsbuffers
+from scaleout.transport import framereader, httpd, tlsbuffers
 from scaleout.transport.link import MAX_FRAME_BYTES, SEND_TIMEOUT_S, Link
 
 log = logging.getLogger("scaleout.transport")
@@ -117,6 +117,7 @@ async def serve(
 
     def sniffing(protocol: Any, server: Server, **kwargs: Any) -> asyncio.Protocol:
         """Each accepted connection: websockets' own, behind a Sniffer that serves /api/ itself."""
+        framereader.adopt(protocol)  # a frame's bytes copied once as they are read (framereader)
         connection = ServerConnection(protocol, server, **kwargs)
         if http is None:
             return connection
@@ -192,7 +193,7 @@ async def connect(
             url,
             ssl=ssl_context if url.startswith("wss://") else None,
             additional_headers={"Authorization": f"Bearer {token}"},
-            create_connection=_role_checked(url, peer_role) if ssl_context is not None else None,
+            create_connection=_role_checked(url, peer_role) if ssl_context is not None else _Connection,
             max_size=MAX_FRAME_BYTES,
             max_queue=MAX_QUEUE,
             compression=None,
@@ -219,11 +220,19 @@ async def connect(
     return Link(ws, url, max_payload=max_payload)
 
 
+class _Connection(ClientConnection):
+    """A client connection whose frames are read with one copy (framereader)."""
+
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        framereader.adopt(protocol)
+        super().__init__(protocol, *args, **kwargs)
+
+
 def _role_checked(url: str, expected: str) -> Any:
     """A websocket connection class that checks the peer certificate's role before its
     opening handshake writes a header (the token): a wrong role raises TrustError there."""
 
-    class RoleChecked(ClientConnection):
+    class RoleChecked(_Connection):
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             from scaleout.security.tls import peer_role_problem
 

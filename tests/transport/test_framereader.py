@@ -1,0 +1,128 @@
+"""FrameReader: the frames websockets' own reader would parse, from the same bytes however
+they are cut, with a frame's payload copied once; our links use it on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from scaleout.transport.framereader import FrameReader, adopt
+from scaleout.transport.link import Link
+from scaleout.transport.net import connect, serve
+
+
+def _frames(rng: random.Random, mask: bool) -> tuple[bytes, list[tuple[Opcode, bytes]]]:
+    """Serialized frames of sizes around every length encoding, and what they carry."""
+    sent: list[tuple[Opcode, bytes]] = []
+    wire = b""
+    for size in [0, 1, 125, 126, 127, 65535, 65536, 70000, 300_000, 1 << 20, *[rng.randrange(0, 200_000) for _ in range(20)]]:
+        op = rng.choice([Opcode.BINARY, Opcode.TEXT]) if size < 1000 else Opcode.BINARY
+        data = os.urandom(size) if op is Opcode.BINARY else bytes(rng.choice(b"abc") for _ in range(size))
+        sent.append((op, data))
+        wire += Frame(op, data).serialize(mask=mask)
+    return wire, sent
+
+
+def _parse_all(reader: StreamReader, wire: bytes, cuts: list[int], mask: bool, count: int) -> list[tuple[Opcode, bytes]]:
+    """Feed ``wire`` to ``reader`` in pieces cut at ``cuts`` and parse ``count`` frames, as
+    websockets' protocol does (at_eof, then Frame.parse(read_exact))."""
+    got: list[tuple[Opcode, bytes]] = []
+
+    def parser() -> Generator[None, None, None]:
+        while len(got) < count:
+            assert not (yield from reader.at_eof())
+            frame = yield from Frame.parse(reader.read_exact, mask=mask, max_size=None, extensions=[])
+            got.append((frame.opcode, bytes(frame.data)))
+        while True:  # done: later feeds find nothing more to parse
+            yield
+
+    gen = parser()
+    next(gen)
+    start = 0
+    for end in [*cuts, len(wire)]:
+        reader.feed_data(wire[start:end])
+        start = end
+        next(gen)
+    return got
+
+
+def _adopted() -> FrameReader:
+    reader = StreamReader()
+    adopt(type("P", (), {"reader": reader})())
+    assert isinstance(reader, FrameReader)
+    return reader  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_frames_parse_as_with_websockets_own_reader_however_the_bytes_are_cut(mask: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    wire, sent = _frames(rng, mask)
+    cut_size = [1, 7, 16 << 10, 256 << 10, 1 << 20][seed % 5 if seed else 2]
+    cuts = sorted({rng.randrange(1, len(wire)) for _ in range(len(wire) // cut_size)} | set(range(cut_size, len(wire), cut_size)))
+    theirs = _parse_all(StreamReader(), wire, cuts, mask, len(sent))
+    ours = _parse_all(_adopted(), wire, cuts, mask, len(sent))
+    assert theirs == sent
+    assert ours == sent
+
+
+def test_the_handshake_reads_lines_from_one_buffer_then_frames_from_the_pieces() -> None:
+    """Bytes fed before the frames (the HTTP handshake, read by generators that began before
+    the reader was switched) stay where websockets' reader looks; the frame after them parses."""
+    reader = _adopted()
+    line = reader.read_line(100)
+    next(line)  # started, waiting for bytes, as a handshake's read is when adopt() runs
+    frame = Frame(Opcode.BINARY, b"x" * 5000).serialize(mask=False)
+    reader.feed_data(b"HTTP/1.1 101 OK\r\n" + frame[:10])
+    with pytest.raises(StopIteration) as done:
+        next(line)
+    assert done.value.value == b"HTTP/1.1 101 OK\r\n"
+    reader.feed_data(frame[10:3000])
+    reader.feed_data(frame[3000:])
+    assert _parse_all(reader, b"", [], False, 1) == [(Opcode.BINARY, b"x" * 5000)]
+    reader.feed_eof()
+    gen = reader.at_eof()
+    with pytest.raises(StopIteration) as eof:
+        next(gen)
+    assert eof.value.value is True
+
+
+def test_a_payload_that_is_exactly_one_piece_is_handed_over_without_a_copy() -> None:
+    reader = _adopted()
+    gen = reader.read_exact(6)
+    next(gen)
+    piece = b"abcdef"
+    reader.feed_data(piece)
+    with pytest.raises(StopIteration) as done:
+        next(gen)
+    assert done.value.value is piece
+
+
+def test_both_ends_of_a_link_read_frames_with_a_frame_reader() -> None:
+    async def main() -> None:
+        seen: list[Any] = []
+        arrived = asyncio.Event()
+
+        async def on_link(link: Link) -> None:
+            seen.append(type(link.ws.protocol.reader))
+            arrived.set()
+            await link.run()
+
+        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, None, max_payload=1 << 20)
+        link = await connect(f"ws://127.0.0.1:{port}", "token", None, max_payload=1 << 20)
+        try:
+            assert type(link.ws.protocol.reader) is FrameReader
+            await asyncio.wait_for(arrived.wait(), 10)
+            assert seen == [FrameReader]
+        finally:
+            await link.ws.close()
+            server.close()
+
+    asyncio.run(main())
