@@ -632,8 +632,10 @@ class Combiner:
     async def _model(self, model_id: str) -> bytes:
         if model_id not in self.models:
             assert self.controller is not None
-            _, data = await self.controller.request("model.get", {"id": model_id}, timeout=300)
-            if data is None or await asyncio.to_thread(payload.model_id, data) != model_id:
+            # The link checked the bytes against the digest they came with, as they arrived: the
+            # model id is that digest, so they are not hashed again here.
+            _, data, digest = await self.controller.request_checked("model.get", {"id": model_id}, timeout=300)
+            if data is None or (digest or await asyncio.to_thread(payload.model_id, data)) != model_id:
                 raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
             self.models = {}  # keep only the current global model
             # Kept in a file, mapped: its pages are in memory while it is sent (and let go after,
