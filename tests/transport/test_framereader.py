@@ -126,3 +126,13 @@ def test_both_ends_of_a_link_read_frames_with_a_frame_reader() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("op", [Opcode.PING, Opcode.PONG, Opcode.CLOSE, Opcode.BINARY])
+def test_a_frame_with_an_empty_payload_at_the_end_of_what_came_parses(mask: bool, op: Opcode) -> None:
+    """Its header the last bytes received: there is nothing to take (was IndexError, 'parser failed')."""
+    for cut in (1, 0):
+        wire = Frame(op, b"").serialize(mask=mask)
+        cuts = list(range(1, len(wire))) if cut else []
+        assert _parse_all(_adopted(), wire, cuts, mask, 1) == [(op, b"")]

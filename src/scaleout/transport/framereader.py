@@ -66,7 +66,9 @@ class FrameReader(StreamReader):
             del self.buffer[:n]
             return head
         parts = self._parts
-        first = parts[0] if parts else b""
+        if not parts:  # so n == 0: a frame with an empty payload (a ping, a close) ending what came
+            return b""
+        first = parts[0]
         offset = self._offset
         if len(first) - offset >= n:  # within one piece: itself, or a slice of it
             if offset == 0 and len(first) == n:
