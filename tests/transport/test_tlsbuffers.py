@@ -116,3 +116,35 @@ def test_a_peer_that_does_not_read_holds_little_ciphertext_and_reads_stay_small(
 
     asyncio.run(main())
 
+
+
+def test_what_was_written_before_close_reaches_the_peer(tmp_path: Path) -> None:
+    """asyncio's transport.close() flushes what was written: a writer that writes (or drains
+    to the low-water mark, as httpd does before it closes) and closes while the socket is
+    full must not lose the plaintext still waiting to be encrypted (the tail of a model
+    download): the peer reads every byte, then the TLS close."""
+    assert tlsbuffers.install()
+    files = tls.ensure_controller_tls(tmp_path, ["127.0.0.1"])
+    size = 16 << 20
+    payload = bytes(range(256)) * (size // 256)
+
+    async def main() -> int:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(payload)
+            writer.transport.close()  # "buffered data will be flushed asynchronously"
+
+        ctx = tls.server_context(files.cert, files.key)
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client_context(files.ca_cert), server_hostname="127.0.0.1")
+        got = 0
+        try:
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+                got += len(chunk)
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+        return got
+
+    assert asyncio.run(main()) == size
