@@ -22,6 +22,9 @@ from typing import Any
 from websockets.streams import StreamReader
 
 
+SMALL = 512  # bytes: pieces below this are kept joined, not one object each (feed_data)
+
+
 class FrameReader(StreamReader):
     """StreamReader with the same results, for pieces kept as fed once frames are read."""
 
@@ -49,8 +52,14 @@ class FrameReader(StreamReader):
         if self.eof:
             raise EOFError("stream ended")
         if data:
-            # bytes are immutable, kept as they are; anything else is copied once, as before
-            self._parts.append(data if type(data) is bytes else bytes(data))
+            parts = self._parts
+            if len(data) < SMALL and parts and len(parts[-1]) < SMALL:
+                # A peer sending a byte per record must not cost an object (and, joined, a
+                # view) per byte: small pieces are joined to the small one before (_offset
+                # into parts[0] stays valid: its head is unchanged).
+                parts[-1] = parts[-1] + data
+            else:  # bytes are immutable, kept as they are; anything else is copied once, as before
+                parts.append(data if type(data) is bytes else bytes(data))
             self._size += len(data)
 
     def read_exact(self, n: int) -> Generator[None, None, Any]:
@@ -88,7 +97,7 @@ class FrameReader(StreamReader):
         while need:
             piece = parts[0]
             take = min(len(piece) - offset, need)
-            views.append(memoryview(piece)[offset : offset + take])
+            views.append(piece if offset == 0 and take == len(piece) else memoryview(piece)[offset : offset + take])
             need -= take
             offset += take
             if offset == len(piece):
