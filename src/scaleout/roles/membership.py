@@ -167,6 +167,8 @@ class Membership:
             raise ProtocolError(f"reports: at most {m.MAX_NAMES} entries per message")
         members = self.ctl.round_members.get(c.name, frozenset())
         rows: list[tuple[str, dict[str, Any], str | None]] = []
+        named: set[str] = set()
+        repeated: list[str] = []
         for entry in msg.entries:  # all checked before any is stored
             if not isinstance(entry, dict):
                 raise ProtocolError("reports: each entry is {client, data (an object), error (text or null)}")
@@ -176,7 +178,13 @@ class Membership:
                 raise AuthError(f"combiner {c.name} may not report for client {client!r}: not one of its clients")
             if not isinstance(data, dict) or not (error is None or isinstance(error, str)):
                 raise ProtocolError("reports: each entry is {client, data (an object), error (text or null)}")
+            if client in named:  # one outcome per client: the first (a repeat is not counted or stored twice)
+                repeated.append(client)
+                continue
+            named.add(client)
             rows.append((client, data, clip_text(error) if error is not None else None))
+        if repeated:  # said once per message, however many
+            log.warning("combiner %s named client %s more than once in a %s reports message (%d repeats): the first kept", c.name, repeated[0], msg.kind, len(repeated))
         failed: list[tuple[str, str]] = []
         for i, (client, data, error) in enumerate(rows):
             try:

@@ -1,0 +1,50 @@
+"""A combiner's Reports message (its clients' outcomes of a round, roles/membership.py) that
+names one of its clients more than once: a client that sends its result twice at once can make
+a combiner do that (both pass the combiner's repeat check while the first is being bounded)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from conftest import QUICKSTART, Federation, sqlite_only
+from test_membership import Rogue
+
+from scaleout.core import messages as m
+
+
+def test_a_client_named_twice_in_one_reports_message_is_stored_once(fed: Federation, tmp_path: Path) -> None:
+    sqlite_only("it reads the reports in state.db")
+    ctl = fed.controller()
+    fed.seed_from(QUICKSTART)
+    evil = fed.identity("combiner", "evilcomb")
+    fed.token("client")
+
+    async def go() -> None:
+        rogue = Rogue(fed, tmp_path, evil)
+        await rogue.start()
+        try:
+            fed.client("k2", package=QUICKSTART)  # sent to the only combiner, the rogue
+            bearer = await asyncio.wait_for(rogue.bearers.get(), 60)
+            await rogue.link.send(m.ClientsChanged(joined=["k2"], proofs=[bearer]))
+            entries = [
+                {"client": "k2", "data": {"accuracy": 0.5}, "error": None},
+                {"client": "k2", "data": {}, "error": "validate failed again"},
+                {"client": "k2", "data": {"accuracy": 0.9}, "error": None},
+            ]
+            await rogue.link.send(m.Reports(kind="validate", session_id="s-dup", round_index=1, entries=entries, done=2, failed=1))
+            await rogue.barrier()
+        finally:
+            await rogue.stop()
+
+    asyncio.run(asyncio.wait_for(go(), 120))
+    rows: list[tuple[str, str, str | None]] = []
+    with sqlite3.connect(f"file:{fed.data / 'state.db'}?mode=ro", uri=True) as db:
+        for _ in range(500):  # until the registry writer's batch is in (a condition, not a delay)
+            rows = db.execute("SELECT client, data, error FROM reports WHERE session_id='s-dup'").fetchall()
+            if rows:
+                break
+            fed.admin("status")
+    assert rows == [("k2", '{"accuracy":0.5}', None)], rows
+    assert "named client k2 more than once" in ctl.text()
