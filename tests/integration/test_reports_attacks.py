@@ -1,6 +1,6 @@
 """A combiner's Reports message (its clients' outcomes of a round, roles/membership.py) that
-names one of its clients more than once: a client that sends its result twice at once can make
-a combiner do that (both pass the combiner's repeat check while the first is being bounded)."""
+names one of its own clients more than once (a rogue or buggy combiner): each entry was stored
+and counted in the round's progress; one outcome per client is kept, the first."""
 
 from __future__ import annotations
 
