@@ -48,3 +48,55 @@ def test_a_client_named_twice_in_one_reports_message_is_stored_once(fed: Federat
             fed.admin("status")
     assert rows == [("k2", '{"accuracy":0.5}', None)], rows
     assert "named client k2 more than once" in ctl.text()
+
+
+def test_malformed_reports_are_refused_and_nothing_of_them_is_stored(fed: Federation, tmp_path: Path) -> None:
+    sqlite_only("it reads the reports in state.db")
+    ctl = fed.controller()
+    fed.seed_from(QUICKSTART)
+    evil = fed.identity("combiner", "evilcomb")
+    fed.token("client")
+    ok = {"client": "k2", "data": {}, "error": None}
+
+    async def go() -> None:
+        rogue = Rogue(fed, tmp_path, evil)
+        await rogue.start()
+        try:
+            fed.client("k2", package=QUICKSTART)
+            bearer = await asyncio.wait_for(rogue.bearers.get(), 60)
+            await rogue.link.send(m.ClientsChanged(joined=["k2"], proofs=[bearer]))
+            bad: list[list[object]] = [
+                [ok, "k2"],  # an entry that is not an object
+                [ok, {"client": "k2", "data": [1, 2], "error": None}],
+                [ok, {"client": "k2", "data": {}, "error": 5}],
+                [ok, {"client": "../k2", "data": {}, "error": None}],
+                [ok, {"data": {}, "error": None}],
+                [ok, {"client": "ghost", "data": {}, "error": None}],  # not its client
+                [ok] * (m.MAX_NAMES + 1),
+            ]
+            for entries in bad:
+                await rogue.link.send(m.Reports(kind="train", session_id="s-bad", round_index=1, entries=entries))
+            await rogue.link.send(m.Reports(kind="bogus", session_id="s-bad", round_index=1, entries=[ok]))
+            await rogue.link.send(m.Reports(kind="train", session_id="../s", round_index=1, entries=[ok]))
+            await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n1", "kind": "train", "session_id": "s-bad", "round_index": 1, '
+                                     '"entries": [{"client": "k2", "data": {"loss": NaN}, "error": null}]}' % m.PROTOCOL_VERSION)
+            await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n2", "kind": "train", "session_id": "s-bad", "round_index": "1", '
+                                     '"entries": []}' % m.PROTOCOL_VERSION)
+            # then a good one: the link still works, and it is stored
+            await rogue.link.send(m.Reports(kind="train", session_id="s-good", round_index=1, entries=[ok]))
+            await rogue.barrier()
+        finally:
+            await rogue.stop()
+
+    asyncio.run(asyncio.wait_for(go(), 120))
+    rows: list[tuple[str, str]] = []
+    with sqlite3.connect(f"file:{fed.data / 'state.db'}?mode=ro", uri=True) as db:
+        for _ in range(500):  # until the registry writer's batch is in (a condition, not a delay)
+            rows = db.execute("SELECT session_id, client FROM reports").fetchall()
+            if rows:
+                break
+            fed.admin("status")
+    assert rows == [("s-good", "k2")], rows
+    log = ctl.text()
+    assert "may not report for client 'ghost'" in log, log
+    assert "at most 2000 entries" in log, log
