@@ -166,3 +166,60 @@ def test_a_frame_fed_a_byte_at_a_time_costs_about_what_websockets_own_reader_doe
     theirs = _peak_parsing_in_bytes(StreamReader(), wire)
     ours = _peak_parsing_in_bytes(_adopted(), wire)
     assert ours <= 2 * theirs, (ours, theirs)
+
+
+def _server_says(tmp_path: Any, wire: bytes, caplog: pytest.LogCaptureFixture) -> tuple[int | None, str]:
+    """Our client (net.connect, a FrameReader) against a hand-written TLS websocket server
+    that answers the upgrade and then sends ``wire``, a byte per write; the close our client sent."""
+    import base64
+    import hashlib
+    import logging
+
+    from scaleout.security import tls
+
+    files = tls.ensure_controller_tls(tmp_path, ["127.0.0.1"])
+
+    async def main() -> tuple[int | None, str]:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            try:
+                for i in range(len(wire)):
+                    writer.write(wire[i : i + 1])
+                    await writer.drain()
+                await reader.read(1 << 16)  # its answer (a close, a pong), then we hang up
+            except ConnectionError:
+                pass
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=tls.server_context(files.cert, files.key))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            link = await connect(f"wss://127.0.0.1:{port}", "token", tls.client_context(files.ca_cert), max_payload=1 << 20)
+            await asyncio.wait_for(link.run(), 20)
+            sent = link.ws.protocol.close_sent  # what our client said as it closed
+            return (sent.code, sent.reason) if sent is not None else (None, "")
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.DEBUG):
+        out = asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "wire", "code"),
+    [
+        ("a masked frame to a client", Frame(Opcode.TEXT, b"{}").serialize(mask=True), 1002),
+        ("an empty ping then a close", Frame(Opcode.PING, b"").serialize(mask=False) + Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(mask=False), 1000),
+        ("a close with no status", Frame(Opcode.CLOSE, b"").serialize(mask=False), 1005),
+        ("a length with the top bit set", b"\x82\x7f" + (1 << 63 | 5).to_bytes(8, "big"), 1009),
+        ("a reserved opcode", b"\x83\x00", 1002),
+    ],
+)
+def test_our_client_reading_a_bad_server_closes_with_websockets_reason(tmp_path: Any, caplog: pytest.LogCaptureFixture, name: str, wire: bytes, code: int) -> None:
+    got, _ = _server_says(tmp_path, wire, caplog)
+    assert got == code, name
