@@ -253,3 +253,46 @@ def test_peak_bound_says_nan_and_inf_and_check_values_decides_as_with_the_exact_
     with pytest.raises(UpdateRejected, match="outside the model's float32 finite range"):
         check_values(spec64, {"w": np.array([1.0, 1e39, 0.0])})
     assert check_values(spec64, {"w": np.array([1.0, -2e37, 0.0])})["w"] >= 2e37
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_add_many_with_extreme_weights_and_repeats_among_good_ones_is_add_in_turn(dtype: str) -> None:
+    """Batches mixing good updates with weights that overflow the total (1e308 twice), are not
+    numbers > 0 (-1, NaN, 10**400, 0), push a sum past float32 (a promotion on the way), and
+    contributors named twice, batch after batch on one aggregator: each outcome, the sums (bit
+    for bit, and their dtype), the weight, the contributors and the ceilings are those of
+    `add` one at a time; a refused update leaves no trace."""
+    import random
+    import warnings
+
+    rng = random.Random(dtype)
+    template = {"a": TensorSpec(shape=(300,), dtype=dtype), "b": TensorSpec(shape=(7, 3), dtype=dtype)}
+    for trial in range(25):
+        ours, theirs = FedAvg(template), FedAvg(template)
+        n = 0
+        for _ in range(4):
+            items = []
+            for _ in range(rng.randrange(0, 9)):
+                n += 1
+                scale = rng.choice([1, 1e3, 1e18, 1e30, 3e37, 1e300])
+                with warnings.catch_warnings(), np.errstate(over="ignore"):
+                    warnings.simplefilter("ignore")
+                    update = {k: (np.random.default_rng(trial * 100 + n).standard_normal(s.shape) * scale).astype(dtype) for k, s in template.items()}
+                try:
+                    checked = ours.check(update)
+                except UpdateRejected:  # inf after the cast, say: refused before any fold
+                    continue
+                weight = rng.choice([1, 3.5, 1e30, 1e300, 1e308, 1.7e308, -1, float("nan"), 10**400, 0, 2.0**-1074])
+                items.append((checked, weight, rng.choice([f"c{n}", "c1", f"c{n}"])))
+            got = [None if r is None else str(r) for r in ours.add_many(items)]
+            want: list[str | None] = []
+            for checked, weight, who in items:
+                try:
+                    theirs.add(checked, weight, who)
+                    want.append(None)
+                except UpdateRejected as exc:
+                    want.append(str(exc))
+            assert got == want
+            assert (ours._weight, ours._contributors, ours._ceiling) == (theirs._weight, theirs._contributors, theirs._ceiling)
+            for name in template:
+                assert ours._sums[name].dtype == theirs._sums[name].dtype and ours._sums[name].tobytes() == theirs._sums[name].tobytes(), name
