@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import QUICKSTART, Federation, sqlite_only
@@ -15,10 +17,9 @@ from test_membership import Rogue
 from scaleout.core import messages as m
 
 
-def test_a_client_named_twice_in_one_reports_message_is_stored_once(fed: Federation, tmp_path: Path) -> None:
-    sqlite_only("it reads the reports in state.db")
-    ctl = fed.controller()
-    fed.seed_from(QUICKSTART)
+def as_rogue(fed: Federation, tmp_path: Path, send: Callable[[Rogue], Awaitable[None]]) -> None:
+    """As a rogue combiner, evilcomb, with one real client of its own, k2: ``send(rogue)``,
+    then a barrier (the controller has handled what was sent)."""
     evil = fed.identity("combiner", "evilcomb")
     fed.token("client")
 
@@ -29,24 +30,42 @@ def test_a_client_named_twice_in_one_reports_message_is_stored_once(fed: Federat
             fed.client("k2", package=QUICKSTART)  # sent to the only combiner, the rogue
             bearer = await asyncio.wait_for(rogue.bearers.get(), 60)
             await rogue.link.send(m.ClientsChanged(joined=["k2"], proofs=[bearer]))
-            entries = [
-                {"client": "k2", "data": {"accuracy": 0.5}, "error": None},
-                {"client": "k2", "data": {}, "error": "validate failed again"},
-                {"client": "k2", "data": {"accuracy": 0.9}, "error": None},
-            ]
-            await rogue.link.send(m.Reports(kind="validate", session_id="s-dup", round_index=1, entries=entries, done=2, failed=1))
+            await send(rogue)
             await rogue.barrier()
         finally:
             await rogue.stop()
 
     asyncio.run(asyncio.wait_for(go(), 120))
-    rows: list[tuple[str, str, str | None]] = []
+
+
+def stored(fed: Federation, sql: str, tries: int = 500) -> list[Any]:
+    """The rows ``sql`` reads from state.db once the registry writer's batch is in (a
+    condition, not a delay: a status call between tries), or none after ``tries``."""
+    rows: list[Any] = []
     with sqlite3.connect(f"file:{fed.data / 'state.db'}?mode=ro", uri=True) as db:
-        for _ in range(500):  # until the registry writer's batch is in (a condition, not a delay)
-            rows = db.execute("SELECT client, data, error FROM reports WHERE session_id='s-dup'").fetchall()
+        for _ in range(tries):
+            rows = db.execute(sql).fetchall()
             if rows:
                 break
             fed.admin("status")
+    return rows
+
+
+def test_a_client_named_twice_in_one_reports_message_is_stored_once(fed: Federation, tmp_path: Path) -> None:
+    sqlite_only("it reads the reports in state.db")
+    ctl = fed.controller()
+    fed.seed_from(QUICKSTART)
+
+    async def send(rogue: Rogue) -> None:
+        entries = [
+            {"client": "k2", "data": {"accuracy": 0.5}, "error": None},
+            {"client": "k2", "data": {}, "error": "validate failed again"},
+            {"client": "k2", "data": {"accuracy": 0.9}, "error": None},
+        ]
+        await rogue.link.send(m.Reports(kind="validate", session_id="s-dup", round_index=1, entries=entries, done=2, failed=1))
+
+    as_rogue(fed, tmp_path, send)
+    rows = stored(fed, "SELECT client, data, error FROM reports WHERE session_id='s-dup'")
     assert rows == [("k2", '{"accuracy":0.5}', None)], rows
     assert "named client k2 more than once" in ctl.text()
 
@@ -55,48 +74,31 @@ def test_malformed_reports_are_refused_and_nothing_of_them_is_stored(fed: Federa
     sqlite_only("it reads the reports in state.db")
     ctl = fed.controller()
     fed.seed_from(QUICKSTART)
-    evil = fed.identity("combiner", "evilcomb")
-    fed.token("client")
     ok = {"client": "k2", "data": {}, "error": None}
 
-    async def go() -> None:
-        rogue = Rogue(fed, tmp_path, evil)
-        await rogue.start()
-        try:
-            fed.client("k2", package=QUICKSTART)
-            bearer = await asyncio.wait_for(rogue.bearers.get(), 60)
-            await rogue.link.send(m.ClientsChanged(joined=["k2"], proofs=[bearer]))
-            bad: list[list[object]] = [
-                [ok, "k2"],  # an entry that is not an object
-                [ok, {"client": "k2", "data": [1, 2], "error": None}],
-                [ok, {"client": "k2", "data": {}, "error": 5}],
-                [ok, {"client": "../k2", "data": {}, "error": None}],
-                [ok, {"data": {}, "error": None}],
-                [ok, {"client": "ghost", "data": {}, "error": None}],  # not its client
-                [ok] * (m.MAX_NAMES + 1),
-            ]
-            for entries in bad:
-                await rogue.link.send(m.Reports(kind="train", session_id="s-bad", round_index=1, entries=entries))
-            await rogue.link.send(m.Reports(kind="bogus", session_id="s-bad", round_index=1, entries=[ok]))
-            await rogue.link.send(m.Reports(kind="train", session_id="../s", round_index=1, entries=[ok]))
-            await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n1", "kind": "train", "session_id": "s-bad", "round_index": 1, '
-                                     '"entries": [{"client": "k2", "data": {"loss": NaN}, "error": null}]}' % m.PROTOCOL_VERSION)
-            await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n2", "kind": "train", "session_id": "s-bad", "round_index": "1", '
-                                     '"entries": []}' % m.PROTOCOL_VERSION)
-            # then a good one: the link still works, and it is stored
-            await rogue.link.send(m.Reports(kind="train", session_id="s-good", round_index=1, entries=[ok]))
-            await rogue.barrier()
-        finally:
-            await rogue.stop()
+    async def send(rogue: Rogue) -> None:
+        bad: list[list[object]] = [
+            [ok, "k2"],  # an entry that is not an object
+            [ok, {"client": "k2", "data": [1, 2], "error": None}],
+            [ok, {"client": "k2", "data": {}, "error": 5}],
+            [ok, {"client": "../k2", "data": {}, "error": None}],
+            [ok, {"data": {}, "error": None}],
+            [ok, {"client": "ghost", "data": {}, "error": None}],  # not its client
+            [ok] * (m.MAX_NAMES + 1),
+        ]
+        for entries in bad:
+            await rogue.link.send(m.Reports(kind="train", session_id="s-bad", round_index=1, entries=entries))
+        await rogue.link.send(m.Reports(kind="bogus", session_id="s-bad", round_index=1, entries=[ok]))
+        await rogue.link.send(m.Reports(kind="train", session_id="../s", round_index=1, entries=[ok]))
+        await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n1", "kind": "train", "session_id": "s-bad", "round_index": 1, '
+                                 '"entries": [{"client": "k2", "data": {"loss": NaN}, "error": null}]}' % m.PROTOCOL_VERSION)
+        await rogue.link.ws.send('{"v": %d, "type": "reports", "id": "n2", "kind": "train", "session_id": "s-bad", "round_index": "1", '
+                                 '"entries": []}' % m.PROTOCOL_VERSION)
+        # then a good one: the link still works, and it is stored
+        await rogue.link.send(m.Reports(kind="train", session_id="s-good", round_index=1, entries=[ok]))
 
-    asyncio.run(asyncio.wait_for(go(), 120))
-    rows: list[tuple[str, str]] = []
-    with sqlite3.connect(f"file:{fed.data / 'state.db'}?mode=ro", uri=True) as db:
-        for _ in range(500):  # until the registry writer's batch is in (a condition, not a delay)
-            rows = db.execute("SELECT session_id, client FROM reports").fetchall()
-            if rows:
-                break
-            fed.admin("status")
+    as_rogue(fed, tmp_path, send)
+    rows = stored(fed, "SELECT session_id, client FROM reports")
     assert rows == [("s-good", "k2")], rows
     log = ctl.text()
     assert "may not report for client 'ghost'" in log, log
@@ -109,31 +111,14 @@ def test_reports_for_a_session_that_never_existed_are_not_stored(fed: Federation
     sqlite_only("it reads the reports in state.db")
     fed.controller()
     fed.seed_from(QUICKSTART)
-    evil = fed.identity("combiner", "evilcomb")
-    fed.token("client")
 
-    async def go() -> None:
-        rogue = Rogue(fed, tmp_path, evil)
-        await rogue.start()
-        try:
-            fed.client("k2", package=QUICKSTART)
-            bearer = await asyncio.wait_for(rogue.bearers.get(), 60)
-            await rogue.link.send(m.ClientsChanged(joined=["k2"], proofs=[bearer]))
-            for i in range(20):
-                await rogue.link.send(m.Reports(kind="train", session_id=f"made-up-{i}", round_index=i, entries=[{"client": "k2", "data": {}, "error": "x"}]))
-            await rogue.link.send(m.Report(kind="train", session_id="made-up-one", round_index=1, client="k2", data={}, error="x"))
-            await rogue.barrier()
-        finally:
-            await rogue.stop()
+    async def send(rogue: Rogue) -> None:
+        for i in range(20):
+            await rogue.link.send(m.Reports(kind="train", session_id=f"made-up-{i}", round_index=i, entries=[{"client": "k2", "data": {}, "error": "x"}]))
+        await rogue.link.send(m.Report(kind="train", session_id="made-up-one", round_index=1, client="k2", data={}, error="x"))
 
-    asyncio.run(asyncio.wait_for(go(), 120))
-    with sqlite3.connect(f"file:{fed.data / 'state.db'}?mode=ro", uri=True) as db:
-        rows = []
-        for _ in range(100):  # until a batch is in, if any comes (a condition; once fixed, ~100 status calls)
-            rows = db.execute("SELECT session_id FROM reports").fetchall()
-            if rows:
-                break
-            fed.admin("status")
+    as_rogue(fed, tmp_path, send)
+    rows = stored(fed, "SELECT session_id FROM reports", tries=100)  # once fixed, ~100 status calls
     assert sessions_known(fed) == set() and rows == [], rows
 
 

@@ -4,7 +4,9 @@ and it shrinks back once the transfer is over."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from scaleout.core import messages as m
@@ -18,27 +20,40 @@ def buffer_size(link: Link) -> int:
     return len(link.ws.transport._ssl_protocol._ssl_buffer)
 
 
+@contextlib.asynccontextmanager
+async def linked(files: tls.TlsFiles) -> AsyncIterator[tuple[Link, asyncio.Queue[Link], asyncio.Queue[Incoming]]]:
+    """A client link to a server of ours over TLS on loopback: (the client's link, a queue of
+    the server's links, a queue of what the server received)."""
+    server_side: asyncio.Queue[Link] = asyncio.Queue()
+    got: asyncio.Queue[Incoming] = asyncio.Queue()
+
+    async def on_link(link: Link) -> None:
+        await server_side.put(link)
+
+        async def on_message(inc: Incoming) -> None:
+            await got.put(inc)
+
+        await link.run(on_message=on_message)
+
+    ctx = tls.server_context(files.cert, files.key)
+    server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, ctx, max_payload=64 << 20)
+    link = await connect(f"wss://127.0.0.1:{port}", "token", tls.client_context(files.ca_cert), max_payload=64 << 20)
+    reader = asyncio.create_task(link.run())
+    try:
+        yield link, server_side, got
+    finally:
+        link.ws.transport.abort()
+        reader.cancel()
+        server.close()
+        await server.wait_closed()
+
+
 def test_idle_small_bulk_large_then_small_again(tmp_path: Path) -> None:
     assert tlsbuffers.install()  # net.py installed it already: idempotent
     files = tls.ensure_controller_tls(tmp_path, ["127.0.0.1"])
 
     async def main() -> None:
-        server_side: asyncio.Queue[Link] = asyncio.Queue()
-        got: asyncio.Queue[Incoming] = asyncio.Queue()
-
-        async def on_link(link: Link) -> None:
-            await server_side.put(link)
-
-            async def on_message(inc: Incoming) -> None:
-                await got.put(inc)
-
-            await link.run(on_message=on_message)
-
-        ctx = tls.server_context(files.cert, files.key)
-        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, ctx, max_payload=64 << 20)
-        link = await connect(f"wss://127.0.0.1:{port}", "token", tls.client_context(files.ca_cert), max_payload=64 << 20)
-        reader = asyncio.create_task(link.run())
-        try:
+        async with linked(files) as (link, server_side, got):
             await link.send(m.Hello(name="idle"))
             await asyncio.wait_for(got.get(), 10)
             far = await asyncio.wait_for(server_side.get(), 10)
@@ -51,11 +66,6 @@ def test_idle_small_bulk_large_then_small_again(tmp_path: Path) -> None:
                 await link.send(m.Hello(name=f"small-{i}"))
                 await asyncio.wait_for(got.get(), 10)
             assert buffer_size(far) == tlsbuffers.INITIAL
-        finally:
-            await link.ws.close()
-            reader.cancel()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())
 
@@ -69,22 +79,7 @@ def test_a_peer_that_does_not_read_holds_little_ciphertext_and_reads_stay_small(
     files = tls.ensure_controller_tls(tmp_path, ["127.0.0.1"])
 
     async def main() -> None:
-        server_side: asyncio.Queue[Link] = asyncio.Queue()
-        got: asyncio.Queue[Incoming] = asyncio.Queue()
-
-        async def on_link(link: Link) -> None:
-            await server_side.put(link)
-
-            async def on_message(inc: Incoming) -> None:
-                await got.put(inc)
-
-            await link.run(on_message=on_message)
-
-        ctx = tls.server_context(files.cert, files.key)
-        server, port = await serve(on_link, lambda token: None, "127.0.0.1", 0, ctx, max_payload=64 << 20)
-        link = await connect(f"wss://127.0.0.1:{port}", "token", tls.client_context(files.ca_cert), max_payload=64 << 20)
-        reader = asyncio.create_task(link.run())
-        try:
+        async with linked(files) as (link, server_side, got):
             await link.send(m.Hello(name="reader"))
             await asyncio.wait_for(got.get(), 10)
             far = await asyncio.wait_for(server_side.get(), 10)
@@ -108,11 +103,6 @@ def test_a_peer_that_does_not_read_holds_little_ciphertext_and_reads_stay_small(
             ciphertext = proto._outgoing.pending + proto._transport.get_write_buffer_size()
             assert ciphertext <= 4 * tlsbuffers.WRITE_PIECE, ciphertext  # was a whole 1 MiB frame and more
             sending.cancel()
-        finally:
-            link.ws.transport.abort()
-            reader.cancel()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())
 
