@@ -68,6 +68,7 @@ class Membership:
         self.ctl = ctl
         # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
         self.tickets: dict[str, tuple[int, str]] = {}
+        self._unknown_told: set[str] = set()  # combiners told their reports of an unknown session are dropped
         self.runs: dict[str, str | None] = {}  # combiner -> the run (process) that registered last under its name
 
     def clients_changed(self, c: CombinerConn, msg: m.ClientsChanged) -> None:
@@ -142,6 +143,8 @@ class Membership:
         m.check_name(msg.client, "report: client name")
         if msg.client not in c.clients and msg.client not in self.ctl.round_members.get(c.name, ()):
             raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
+        if not self._session_ran(c, msg.session_id):
+            return
         data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
         try:
             check_size(data, REPORT_KINDS[msg.kind], f"{msg.kind} report data")
@@ -154,6 +157,16 @@ class Membership:
         self.ctl.hub.report(msg.kind, msg.session_id, msg.round_index, msg.client, data, error)
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
+
+    def _session_ran(self, c: CombinerConn, session_id: str) -> bool:
+        """Outcomes are stored only for a session this controller ran: a combiner reporting
+        under a session id it made up would fill the reports table (told once per combiner)."""
+        if self.ctl.sessions.ran(session_id):
+            return True
+        if c.name not in self._unknown_told:
+            self._unknown_told.add(c.name)
+            log.warning("combiner %s reported for session %r, which this controller did not run: dropped (and any more such)", c.name, session_id[:40])
+        return False
 
     def store_reports(self, c: CombinerConn, msg: m.Reports) -> None:
         """A combiner's clients' outcomes of a round, in one message (a page of them): each
@@ -183,6 +196,8 @@ class Membership:
                 continue
             named.add(client)
             rows.append((client, data, clip_text(error) if error is not None else None))
+        if not self._session_ran(c, msg.session_id):
+            return
         if repeated:  # said once per message, however many
             log.warning("combiner %s named client %s more than once in a %s reports message (%d repeats): the first kept", c.name, repeated[0], msg.kind, len(repeated))
         failed: list[tuple[str, str]] = []

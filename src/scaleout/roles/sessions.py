@@ -72,6 +72,8 @@ RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a
 RESTARTED = "controller restarted"
 STORE_RETRY_S = (0.5, 5.0)  # first and longest wait between tries of a write while the store is unreachable
 
+RAN_KEPT = 64  # session ids kept for ran(): reports of older sessions come no more
+
 
 class CombinerLink(Protocol):
     name: str
@@ -139,6 +141,7 @@ class SessionService:
     def __init__(self, host: SessionHost, store_wait: float | None = None) -> None:
         self.host = host
         self.running: RunningSession | None = None
+        self._ran: dict[str, None] = {}  # the sessions this process ran or resumed, newest last (ran())
         self.starting = False  # a start or continue is between its checks and its launch (it awaits)
         self.subscribers: set[Link] = set()  # session.wait followers
         self.closing = False  # shutdown() began: session.wait is refused
@@ -205,8 +208,17 @@ class SessionService:
             self._launch(s)
         self._resumable.clear()
 
+    def ran(self, session_id: str) -> bool:
+        """Whether this process ran (or resumed) session ``session_id``, among its last
+        RAN_KEPT: combiners report their clients' outcomes only for those (a late report of a
+        stopped session included); a made-up session id is not stored."""
+        return session_id in self._ran
+
     def _launch(self, s: RunningSession) -> None:
         self.running = s
+        self._ran[s.id] = None
+        while len(self._ran) > RAN_KEPT:
+            self._ran.pop(next(iter(self._ran)))
         self.host.obs.session_started()
         s.task = asyncio.get_running_loop().create_task(self._run_session(s))
 
