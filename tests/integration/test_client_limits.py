@@ -159,10 +159,14 @@ def test_a_loud_package_is_bounded_at_the_source(fed: Federation) -> None:
 
 def test_the_controller_bounds_what_a_combiner_reports(fed: Federation, tmp_path: Path) -> None:
     fed.controller()
+    fed.seed_from(QUICKSTART)
+    # Outcomes are stored only for a session the controller runs: one waiting for clients that never come.
+    start = {"rounds": 1, "min_clients": 50, "round_timeout": 600}
+    sid = fed.admin("session.start", start)[0]["session"]["id"]
     headers = {"Authorization": f"Bearer {fed.identity('combiner', 'rogue')}"}
 
     def report(rid: str, **fields: Any) -> str:
-        body = {"kind": "metric", "session_id": "s-rogue", "round_index": 1, "client": "someone", "data": {}, **fields}
+        body = {"kind": "metric", "session_id": sid, "round_index": 1, "client": "someone", "data": {}, **fields}
         return frame("report", rid, **body)
 
     async def go() -> list[dict[str, Any]]:
@@ -187,7 +191,7 @@ def test_the_controller_bounds_what_a_combiner_reports(fed: Federation, tmp_path
     fed.admin("client.ls")  # reports are written in batches: a listing flushes what is queued
     assert [c["code"] for c in complaints] == ["bad_message"] * 2, complaints
     assert "kind must be one of" in complaints[0]["message"] and "client name" in complaints[1]["message"], complaints
-    stored = rows(fed, "SELECT * FROM reports WHERE session_id='s-rogue' ORDER BY id")
+    stored = rows(fed, f"SELECT * FROM reports WHERE session_id='{sid}' ORDER BY id")
     assert [(r["kind"], r["client"]) for r in stored] == [("metric", "someone"), ("train", "someone"), ("metric", "someone")]
     big, err, fine = stored
     assert json.loads(big["data"]) == {}, big["data"][:100]
