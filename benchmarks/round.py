@@ -252,7 +252,7 @@ SCENARIOS = {
     "b": lambda rounds: measure(10, 1_000_000, rounds, 120.0),
     "c": lambda rounds: simulated(1000, 4, 10_000, rounds),
 }
-TARGETS_S = {"a": 6.0, "b": 0.3, "c": 20.0}
+TARGETS_S = {"a": 5.0, "b": 0.3, "c": 20.0}
 
 
 def main() -> None:
