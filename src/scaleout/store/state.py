@@ -468,6 +468,10 @@ class State:
         row["rounds"] = self.rounds(session_id)
         return row
 
+    def has_session(self, session_id: str) -> bool:
+        """Whether a session of this id was ever started on this store."""
+        return self._one("SELECT id FROM sessions WHERE id=?", session_id) is not None
+
     def sessions(self) -> list[dict[str, Any]]:
         """Every session, oldest first, with ``rounds_done``: how many of its rounds ended."""
         return self._all(
