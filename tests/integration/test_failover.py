@@ -286,3 +286,44 @@ def test_a_frozen_active_is_replaced_and_stops_when_it_wakes(fed: Federation, pg
         a.popen.send_signal(signal.SIGCONT)
     assert a.popen.wait(60) == 75, a.text()
     assert "another controller holds the store's lock now" in a.text()
+
+
+def test_status_given_several_addresses_dials_each_once(tmp_path: Path) -> None:
+    """status of several addresses makes one pass over them (it made a second, to ask any, when
+    none was active): seen at the listeners, which count the connections they accept (each
+    closed at once: nobody answers, so status fails naming each address)."""
+    import socket
+    import threading
+
+    from scaleout.security.tls import create_ca
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(create_ca()[0])
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    accepted = [0, 0]
+    done = threading.Event()
+
+    def serve(i: int) -> None:
+        listeners[i].settimeout(0.1)  # to see ``done``, not a synchronisation
+        while not done.is_set():
+            try:
+                conn, _ = listeners[i].accept()
+            except TimeoutError:
+                continue
+            accepted[i] += 1
+            conn.close()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        urls = ",".join(f"wss://127.0.0.1:{s.getsockname()[1]}" for s in listeners)
+        r = scaleout("status", "--json", "--controller", urls, "--token", "t", "--ca", str(ca))
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        for s in listeners:
+            s.close()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert accepted == [1, 1], (accepted, r.stderr)

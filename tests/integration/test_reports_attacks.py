@@ -128,3 +128,49 @@ def test_reports_for_a_session_that_never_existed_are_not_stored(fed: Federation
 
 def sessions_known(fed: Federation) -> set[str]:
     return {s["id"] for s in fed.admin("session.ls")[0]["sessions"]}
+
+
+def test_a_client_named_again_in_a_later_page_of_the_round_is_stored_once(fed: Federation, tmp_path: Path) -> None:
+    """A round's outcomes come in pages (Reports messages); a client named in two of them
+    (a rogue or buggy combiner) is stored once, the first, and said once for the round."""
+    sqlite_only("it reads the reports in state.db")
+    ctl = fed.controller()
+    fed.seed_from(QUICKSTART)
+
+    async def send(rogue: Rogue, sid: str) -> None:
+        for accuracy in (0.5, 0.9, 0.7):  # three pages of the same round, each naming k2 once
+            entry = {"client": "k2", "data": {"accuracy": accuracy}, "error": None}
+            await rogue.link.send(m.Reports(kind="validate", session_id=sid, round_index=1, entries=[entry], done=3))
+        await rogue.link.send(m.Reports(kind="validate", session_id=sid, round_index=2, entries=[entry], done=1))  # another round: its own
+
+    as_rogue(fed, tmp_path, send)
+    assert stored(fed, "SELECT 1 FROM reports WHERE round_index=2")  # the last sent: the rest are in before it
+    rows = stored(fed, "SELECT round_index, client, data FROM reports WHERE kind='validate' ORDER BY id")
+    assert rows == [(1, "k2", '{"accuracy":0.5}'), (2, "k2", '{"accuracy":0.7}')], rows
+    assert ctl.text().count("named client k2 more than once") == 1, ctl.text()
+
+
+def test_reports_for_a_session_that_ended_before_a_restart_are_stored_after_it(fed: Federation, tmp_path: Path) -> None:
+    """The store knows every session started on it: a combiner's late report of one that
+    ended before the controller restarted (and was not resumed) is stored, not dropped as
+    made up (which it was while only the sessions this process ran were known)."""
+    sqlite_only("it reads the reports in state.db")
+    first = fed.controller()
+    fed.seed_from(QUICKSTART)
+    old = fed.admin("session.start", {"rounds": 1, "min_clients": 1, "validate": False, "round_timeout": 30})[0]["session"]["id"]
+    assert fed.admin("session.stop", {"id": old})[0]["session"]["status"] == "stopped"
+    port = int(fed.url.rsplit(":", 1)[1])
+    assert first.stop() == 0
+    ctl = fed.controller(name="controller-2", port=port)
+
+    async def send(rogue: Rogue, sid: str) -> None:
+        assert sid != old
+        entry = {"client": "k2", "data": {"accuracy": 0.5}, "error": None}
+        await rogue.link.send(m.Reports(kind="validate", session_id=old, round_index=1, entries=[entry], done=1))
+        await rogue.link.send(m.Report(kind="validate", session_id=old, round_index=2, client="k2", data={}, error=None))
+
+    as_rogue(fed, tmp_path, send)
+    stored(fed, f"SELECT 1 FROM reports WHERE session_id='{old}' AND round_index=2", tries=100)  # the last sent, if kept
+    rows = stored(fed, f"SELECT round_index, client FROM reports WHERE session_id='{old}' ORDER BY id", tries=1)
+    assert rows == [(1, "k2"), (2, "k2")], rows
+    assert "which this controller did not run" not in ctl.text()

@@ -64,3 +64,37 @@ def test_an_update_pulled_into_a_mapped_file_is_checked_and_folded_without_stayi
     assert _resident(update) <= 4 * STRETCH and _resident(model) <= 4 * STRETCH
     sums = job.agg.partial(copy=False).sums["w"]
     assert sums.min() == sums.max() == 1.0
+
+
+def test_an_update_forwarded_as_it_came_is_not_hashed_again_and_a_re_encoded_one_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A needs_updates round forwards each update to the controller: the client's bytes go up
+    with the sha256 the link checked them against on receipt, not hashed a second time; an
+    update re-encoded in the model's dtypes (float64 for float32) is hashed, as it must be."""
+    import hashlib
+
+    import numpy as np
+
+    from scaleout.core import payload
+    from scaleout.core.aggregators import get_aggregator
+    from scaleout.roles.combiner import Job, _check_update, _forwarded_bytes
+
+    model = payload.encode({"w": np.zeros(1000, np.float32)})
+    job = Job("train", "s", 1, "m", None)  # type: ignore[arg-type]  # the tracker is not used here
+    job.agg, job.model, job.model_size = get_aggregator("fedavg", payload.describe(model)), payload.views(model), len(model)
+    same = payload.encode({"w": np.full(1000, 0.5, np.float32)})
+    wider = payload.encode({"w": np.full(1000, 0.5, np.float64)})
+    checked_same, checked_wider = _check_update(job, same), _check_update(job, wider)
+    received = hashlib.sha256(same).hexdigest()  # what the link checked on receipt
+
+    hashed: list[int] = []  # the bytes each sha256 made here was given: the real hash, counted
+    real = hashlib.sha256
+
+    def counted(data: bytes = b"", **kw: object) -> object:
+        hashed.append(len(data))
+        return real(data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hashlib, "sha256", counted)
+    up = _forwarded_bytes(job, same, checked_same, received)
+    assert up.sha256 == received and bytes(up.data) == same and hashed == []
+    up = _forwarded_bytes(job, wider, checked_wider, "the client's digest, of bytes that do not go up")
+    assert bytes(up.data) == same and up.sha256 == real(same).hexdigest() and hashed == [len(same)]

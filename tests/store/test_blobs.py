@@ -110,3 +110,39 @@ def test_pieces_are_stored_as_the_bytes_they_make_and_mapped_back_checked(tmp_pa
     assert store.map("models", digest, ".safetensors", check=False)[-1:] == b"X"
     with pytest.raises(NotFoundError):
         store.map("models", "0" * 64, ".safetensors")
+
+
+def test_a_new_model_is_hashed_as_it_is_written_not_in_a_pass_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """put() names the file by its sha256, taken of each stretch as it goes to the file: the
+    bytes of the model are read once. Seen from the hash (the real one, watched): each stretch
+    it is given comes after the ones before it are in the file, not before any is."""
+    import numpy as np
+
+    from scaleout.store import blobs
+    from scaleout.transport.link import Pieces
+
+    monkeypatch.setattr(blobs, "WRITE_STRETCH", 1 << 16)
+    array = np.arange(3 << 16, dtype=np.float32)  # 768 KiB: 12 stretches
+    pieces = Pieces([b"head", array, b"tail"])
+    joined = b"head" + array.tobytes() + b"tail"
+    written_before: list[int] = []  # bytes in the half-written file when the hash took each stretch
+    real = hashlib.sha256
+
+    class Watched:
+        def __init__(self, data: bytes = b"") -> None:
+            self.h = real(data)
+
+        def update(self, data: bytes) -> None:
+            written_before.append(sum(p.stat().st_size for p in (tmp_path / "models").glob(".*.tmp")))
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Watched)
+    digest = BlobStore(tmp_path).put("models", pieces, ".safetensors")
+    monkeypatch.undo()
+    assert digest == hashlib.sha256(joined).hexdigest()
+    assert (tmp_path / "models" / f"{digest}.safetensors").read_bytes() == joined
+    assert len(written_before) >= 12 and written_before == sorted(written_before)
+    assert written_before[-1] >= len(joined) - 4 - (1 << 16), written_before  # all but the last stretch were in the file

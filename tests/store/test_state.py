@@ -384,3 +384,48 @@ def test_an_older_audit_log_is_chained_in_place(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         st.db.execute("UPDATE audit SET actor='x' WHERE id=1")
     st.close()
+
+
+HOLD_S = 0.5  # how long the other connection keeps its write lock once this one's write began
+
+
+def _write_while_locked(path: Path, busy_wait: float | None) -> None:
+    """``set_meta`` on a State of ``path`` while another connection holds the write lock (as
+    the registry writer's or the command store's connection does), from the moment the write
+    began until HOLD_S after it."""
+    import threading
+
+    st = State(path) if busy_wait is None else State(path, busy_wait=busy_wait)
+    began = threading.Event()
+    st.db.set_trace_callback(lambda sql: began.set() if "meta" in sql else None)  # sqlite3's own hook
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, until the commit
+
+    def hold() -> None:
+        began.wait(10)
+        threading.Event().wait(HOLD_S)  # the lock is held this long into the write, not a synchronisation
+        holder.execute("COMMIT")
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        st.set_meta("k", "v")
+        assert st.get_meta("k") == "v"
+    finally:
+        other.join()
+        holder.close()
+        st.db.close()
+
+
+def test_a_write_waits_for_another_connections_lock_rather_than_failing(tmp_path: Path) -> None:
+    """A statement waits up to ``busy_wait`` (BUSY_WAIT_S, 30 s, by default: sqlite3's own
+    5 s was outwaited by a loaded box) for another connection's write to end; shorter than
+    the lock is held, it fails with 'database is locked', which is what the wait is for."""
+    path = tmp_path / "state.db"
+    State(path).db.close()
+    with closing(State(path).db) as db:
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == state_module.BUSY_WAIT_S * 1000 >= 30_000
+    _write_while_locked(path, None)  # the default waits it out
+    _write_while_locked(path, 2 * HOLD_S)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        _write_while_locked(path, HOLD_S / 10)

@@ -808,7 +808,7 @@ class Combiner:
                     # time, by the check and the fold: the update is never all in memory beside the sums.
                     link.max_payload, link.file_payloads = size, True
                     try:
-                        blob = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
+                        blob, digest = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
                     finally:
                         link.max_payload, link.file_payloads = self._client_limit(client), False
                 if blob is None or len(blob) != size:
@@ -817,7 +817,7 @@ class Combiner:
                     return  # the round closed while the update was on its way
                 checked = await asyncio.to_thread(_check_update, job, blob)
                 if job.forward:
-                    ready = await self._forward(job, client, msg, blob, checked, weight)
+                    ready = await self._forward(job, client, msg, blob, digest, checked, weight)
                 else:  # folded with the other checked updates waiting then, in one pass (roles/folding.py)
                     ready = await job.folds.fold(checked, float(weight), client)
                 del checked, blob  # the views hold the bytes: both go now
@@ -835,12 +835,13 @@ class Combiner:
         if ready:
             await self._complete(job)
 
-    async def _forward(self, job: Job, client: str, msg: m.TaskResult, blob: bytes, checked: Any, weight: int) -> bool:
+    async def _forward(self, job: Job, client: str, msg: m.TaskResult, blob: bytes, digest: str | None, checked: Any, weight: int) -> bool:
         """A ``needs_updates`` round: hand a checked update to the controller instead of
         folding it. It is announced (RoundUpdate) and held, inside the upload budget, until
         the controller pulls it with ``update.get``, so the combiner never holds more than
-        the budget however slowly the controller takes them. True when the round is complete."""
-        data = await asyncio.to_thread(_forwarded_bytes, job, blob, checked)
+        the budget however slowly the controller takes them. True when the round is complete.
+        ``digest``: the sha256 the link checked ``blob`` against as it arrived."""
+        data = await asyncio.to_thread(_forwarded_bytes, job, blob, checked, digest)
         key = (job.session_id, job.round_index, client)
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.forwards[key] = (data, taken)
@@ -865,8 +866,9 @@ class Combiner:
             job.forwarded[client] = weight
             return job.tracker.on_update(client)
 
-    async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> bytes | None:
-        """Ask a client for its update and wait as long as bytes keep coming: a stalled client
+    async def _watched_pull(self, link: Link, task_id: str, deadline: float) -> tuple[bytes | None, str | None]:
+        """Ask a client for its update (and the sha256 the link checked it against as it
+        arrived) and wait as long as bytes keep coming: a stalled client
         (nothing for PULL_STALL_S since it was asked, or since its last byte) or one still
         sending at the round's deadline is given up, so it cannot hold the upload budget from
         the others; a slow but steady one is not. It sleeps until the next moment one of
@@ -878,12 +880,12 @@ class Combiner:
             if not asked.done():
                 asked.set_result(loop.time())
 
-        request = asyncio.ensure_future(link.request("update.get", {"task_id": task_id}, on_sent=on_sent))
+        request = asyncio.ensure_future(link.request_checked("update.get", {"task_id": task_id}, on_sent=on_sent))
         try:
             both: set[asyncio.Future[Any]] = {request, asked}
             done, _ = await asyncio.wait(both, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
             if request in done:
-                return request.result()[1]
+                return request.result()[1:]
             if not asked.done():
                 raise PayloadError("its update was still arriving at the round timeout")
             seen, since = link.received_bytes, asked.result()
@@ -891,7 +893,7 @@ class Combiner:
                 wake = min(since + PULL_STALL_S, deadline)
                 landed, _ = await asyncio.wait({request}, timeout=max(0.0, wake - loop.time()))
                 if landed:
-                    return request.result()[1]
+                    return request.result()[1:]
                 now = loop.time()
                 if link.received_bytes != seen:
                     seen, since = link.received_bytes, max(since, link.received_at)
@@ -1123,17 +1125,20 @@ def _check_update(job: Job, blob: bytes) -> Any:
     return checked
 
 
-def _forwarded_bytes(job: Job, blob: bytes, checked: Any) -> Hashed:
-    """An update as it goes up to the controller: the client's bytes, or (when some tensor
+def _forwarded_bytes(job: Job, blob: bytes, checked: Any, digest: str | None) -> Hashed:
+    """An update as it goes up to the controller: the client's bytes with ``digest``, the
+    sha256 the link checked them against on receipt (not hashed again), or (when some tensor
     came in another width, float64 for float32, or its header differs in size from the
-    model's) re-encoded in the model's dtypes, so the controller can expect the model's size; hashed."""
+    model's) re-encoded in the model's dtypes, so the controller can expect the model's size, and hashed."""
     import hashlib
 
     if checked.converted or len(blob) != job.model_size:
         template = job.agg.template
         arrays = {name: np.asarray(a).astype(template[name].dtype) for name, a in checked.arrays.items()}
         blob = payload.encode_named(arrays, payload.layout_of(blob))
-    digest = hashlib.sha256(blob).hexdigest()
+        digest = None
+    if digest is None:
+        digest = hashlib.sha256(blob).hexdigest()
     _let_go(blob)  # a mapped update is read again from its file as the controller pulls it
     return Hashed(blob, digest)
 

@@ -609,9 +609,9 @@ class Controller:
             if isinstance(msg, m.ClientsChanged):
                 self.members.clients_changed(c, msg)
             elif isinstance(msg, m.Report):
-                self.members.store_report(c, msg)
+                await self.members.store_report(c, msg)
             elif isinstance(msg, m.Reports):
-                self.members.store_reports(c, msg)
+                await self.members.store_reports(c, msg)
             elif isinstance(msg, (m.CommandResult, m.ClientLog, m.ClientStatus)):
                 self.commands.on_message(c, msg)
             elif isinstance(msg, (m.RoundPartial, m.RoundUpdate, m.ValidateDone)):

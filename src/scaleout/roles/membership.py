@@ -23,6 +23,7 @@ from scaleout.transport.link import Link
 log = logging.getLogger("scaleout.controller")
 
 REPORT_KINDS = {"train": MAX_RESULT_BYTES, "validate": MAX_RESULT_BYTES, "metric": MAX_METRIC_BYTES}  # kind -> data limit
+ROUNDS_KEPT = 4  # the rounds (and kinds) whose reported clients are kept, to catch a repeat in a later page
 
 
 class CombinerConn(Protocol):
@@ -69,6 +70,10 @@ class Membership:
         # client -> (issued at, id) of its newest ticket: an older one proves nothing any more.
         self.tickets: dict[str, tuple[int, str]] = {}
         self._unknown_told: set[str] = set()  # combiners told their reports of an unknown session are dropped
+        # (session, round, kind) -> the clients whose outcome a Reports message stored: one
+        # outcome per client across all pages of a round; the rounds whose repeats were told.
+        self._reported: dict[tuple[str, int, str], set[str]] = {}
+        self._repeats_told: set[tuple[str, int, str]] = set()
         self.runs: dict[str, str | None] = {}  # combiner -> the run (process) that registered last under its name
 
     def clients_changed(self, c: CombinerConn, msg: m.ClientsChanged) -> None:
@@ -134,7 +139,7 @@ class Membership:
             log.info("combiner %s: client %s not counted as attached: %s", c.name, name, why)
         return out
 
-    def store_report(self, c: CombinerConn, msg: m.Report) -> None:
+    async def store_report(self, c: CombinerConn, msg: m.Report) -> None:
         """Store one client's report within the limits a combiner applies (core/limits.py):
         a report beyond them is cut down, never allowed to fill state.db."""
         if msg.kind not in REPORT_KINDS:
@@ -143,7 +148,7 @@ class Membership:
         m.check_name(msg.client, "report: client name")
         if msg.client not in c.clients and msg.client not in self.ctl.round_members.get(c.name, ()):
             raise AuthError(f"combiner {c.name} may not report for client {msg.client!r}: not one of its clients")
-        if not self._session_ran(c, msg.session_id):
+        if not await self._session_ran(c, msg.session_id):
             return
         data, error = msg.data, clip_text(msg.error) if msg.error is not None else None
         try:
@@ -158,17 +163,18 @@ class Membership:
         if error:
             log.warning("client %s: %s: %s", msg.client, msg.kind, error.removeprefix(f"{msg.kind} "))
 
-    def _session_ran(self, c: CombinerConn, session_id: str) -> bool:
-        """Outcomes are stored only for a session this controller ran: a combiner reporting
-        under a session id it made up would fill the reports table (told once per combiner)."""
-        if self.ctl.sessions.ran(session_id):
+    async def _session_ran(self, c: CombinerConn, session_id: str) -> bool:
+        """Outcomes are stored only for a session the store knows (this controller ran it, or
+        one before a restart): a combiner reporting under a session id it made up would fill
+        the reports table (told once per combiner)."""
+        if await self.ctl.sessions.known(session_id):
             return True
         if c.name not in self._unknown_told:
             self._unknown_told.add(c.name)
             log.warning("combiner %s reported for session %r, which this controller did not run: dropped (and any more such)", c.name, session_id[:40])
         return False
 
-    def store_reports(self, c: CombinerConn, msg: m.Reports) -> None:
+    async def store_reports(self, c: CombinerConn, msg: m.Reports) -> None:
         """A combiner's clients' outcomes of a round, in one message (a page of them): each
         stored as store_report would, within the same limits; the round's progress and the
         failures are told once per message, not once per client. Any entry for a client not
@@ -196,10 +202,16 @@ class Membership:
                 continue
             named.add(client)
             rows.append((client, data, clip_text(error) if error is not None else None))
-        if not self._session_ran(c, msg.session_id):
+        if not await self._session_ran(c, msg.session_id):
             return
-        if repeated:  # said once per message, however many
-            log.warning("combiner %s named client %s more than once in a %s reports message (%d repeats): the first kept", c.name, repeated[0], msg.kind, len(repeated))
+        key = (msg.session_id, msg.round_index, msg.kind)
+        stored = self._round_reported(key)
+        repeated += [client for client, _, _ in rows if client in stored]  # in an earlier page of the round
+        rows = [row for row in rows if row[0] not in stored]
+        stored.update(client for client, _, _ in rows)
+        if repeated and key not in self._repeats_told:  # said once per round, however many
+            self._repeats_told.add(key)
+            log.warning("combiner %s named client %s more than once in round %d's %s reports (%d repeats): the first kept", c.name, repeated[0], msg.round_index, msg.kind, len(repeated))
         failed: list[tuple[str, str]] = []
         for i, (client, data, error) in enumerate(rows):
             try:
@@ -217,6 +229,17 @@ class Membership:
             shown = "; ".join(f"{client}: {error.removeprefix(f'{msg.kind} ')[:200]}" for client, error in failed[:3])
             more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
             log.warning("round %d: %d of %d %s outcomes from combiner %s failed: %s%s", msg.round_index, len(failed), len(rows), msg.kind, c.name, shown, more)
+
+    def _round_reported(self, key: tuple[str, int, str]) -> set[str]:
+        """The clients whose outcome of round ``key`` (session, round, kind) a Reports message
+        stored, kept for the last ROUNDS_KEPT rounds reported."""
+        stored = self._reported.pop(key, set())
+        self._reported[key] = stored  # the newest
+        while len(self._reported) > ROUNDS_KEPT:
+            oldest = next(iter(self._reported))
+            del self._reported[oldest]
+            self._repeats_told.discard(oldest)
+        return stored
 
     async def ready(self, link: Link, args: dict[str, Any], blob: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         c = self.ctl.combiner_of(link)

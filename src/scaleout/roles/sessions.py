@@ -72,7 +72,7 @@ RECORD_RETRY_S = (1.0, 30.0)  # first and longest wait between tries to record a
 RESTARTED = "controller restarted"
 STORE_RETRY_S = (0.5, 5.0)  # first and longest wait between tries of a write while the store is unreachable
 
-RAN_KEPT = 64  # session ids kept for ran(): reports of older sessions come no more
+KNOWN_KEPT = 64  # session ids known() keeps the store's answer for, each way (the newest)
 
 
 class CombinerLink(Protocol):
@@ -141,7 +141,8 @@ class SessionService:
     def __init__(self, host: SessionHost, store_wait: float | None = None) -> None:
         self.host = host
         self.running: RunningSession | None = None
-        self._ran: dict[str, None] = {}  # the sessions this process ran or resumed, newest last (ran())
+        self._known: dict[str, None] = {}  # session ids the store has, newest last (known())
+        self._unknown: dict[str, None] = {}  # ids the store did not have, newest last (known())
         self.starting = False  # a start or continue is between its checks and its launch (it awaits)
         self.subscribers: set[Link] = set()  # session.wait followers
         self.closing = False  # shutdown() began: session.wait is refused
@@ -208,17 +209,30 @@ class SessionService:
             self._launch(s)
         self._resumable.clear()
 
-    def ran(self, session_id: str) -> bool:
-        """Whether this process ran (or resumed) session ``session_id``, among its last
-        RAN_KEPT: combiners report their clients' outcomes only for those (a late report of a
-        stopped session included); a made-up session id is not stored."""
-        return session_id in self._ran
+    async def known(self, session_id: str) -> bool:
+        """Whether session ``session_id`` was started on this store (by this controller, before
+        a restart, or by another on the same store): combiners report their clients' outcomes
+        only for those (a late report of a session that ended included); a made-up id is not
+        stored. The store is asked once per id, in a thread; its answers for the last
+        KNOWN_KEPT ids each way are kept, so ids made up faster than that cost a lookup each."""
+        for kept in (self._known, self._unknown):
+            if session_id in kept:
+                kept[session_id] = kept.pop(session_id)  # the newest again
+                return kept is self._known
+        found = await asyncio.to_thread(self.host.state.has_session, session_id)
+        self._remember(session_id, found)
+        return found
+
+    def _remember(self, session_id: str, found: bool) -> None:
+        kept = self._known if found else self._unknown
+        (self._unknown if found else self._known).pop(session_id, None)
+        kept[session_id] = None
+        while len(kept) > KNOWN_KEPT:
+            kept.pop(next(iter(kept)))
 
     def _launch(self, s: RunningSession) -> None:
         self.running = s
-        self._ran[s.id] = None
-        while len(self._ran) > RAN_KEPT:
-            self._ran.pop(next(iter(self._ran)))
+        self._remember(s.id, True)
         self.host.obs.session_started()
         s.task = asyncio.get_running_loop().create_task(self._run_session(s))
 

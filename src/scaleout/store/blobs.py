@@ -13,6 +13,7 @@ from typing import Any
 from scaleout.core.errors import ConfigError, IntegrityError, NotFoundError, StorageError
 
 SUFFIXES = {"models": ".safetensors", "packages": ".tgz", "state": ".safetensors"}  # kind -> its files' suffix
+WRITE_STRETCH = 4 << 20  # put() hashes and writes a blob this many bytes at a time
 
 
 class BlobStore:
@@ -30,25 +31,35 @@ class BlobStore:
         """Store ``data`` and return its sha256; a failed write (a full disk) raises
         StorageError and leaves no temporary file behind. ``data`` may also be pieces (an
         object with ``parts``, buffers in order: a header and views of arrays), written one
-        after the other and never joined, so a model is not copied on its way to its file."""
+        after the other and never joined, so a model is not copied on its way to its file.
+        Each stretch is hashed as it is written (one pass over the bytes, not a hash first and
+        a write after): the file is named by that digest once it is whole."""
         parts = buffers_of(data)
-        digest = _digest(parts)
         size = sum(p.nbytes for p in parts)
-        path = self._path(kind, digest, suffix)
+        folder = self.root / kind
+        path: Path | None = None
         tmp: str | None = None
         try:
-            if path.exists() and path.stat().st_size == size and _file_digest(path) == digest:
-                return digest  # already stored, intact (a corrupt copy is replaced: putting it again repairs it)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = str(folder / f".{os.getpid()}.{secrets.token_hex(8)}{suffix}.tmp")
+            h = hashlib.sha256()
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:  # 0600 whatever the umask
                 for part in parts:
-                    fh.write(part)
+                    for at in range(0, part.nbytes, WRITE_STRETCH):
+                        stretch = part[at : at + WRITE_STRETCH]
+                        h.update(stretch)  # hashed while it is in the cache, then written
+                        fh.write(stretch)
                 fh.flush()
                 os.fsync(fh.fileno())
+            digest = h.hexdigest()
+            path = self._path(kind, digest, suffix)
+            if path.exists() and path.stat().st_size == size and _file_digest(path) == digest:
+                return digest  # already stored, intact (a corrupt copy is replaced: putting it again repairs it)
             os.replace(tmp, path)
             tmp = None
         except OSError as exc:
+            if path is None:  # failed while written (a full disk): the error names the file it was to be
+                path = self._path(kind, _digest(parts), suffix)
             raise StorageError(exc.strerror or str(exc), f"writing {_noun(kind)}", str(path), exc.errno) from None
         finally:
             if tmp is not None:

@@ -157,9 +157,10 @@ class State:
     A write that fails because the disk is full (or broken) raises StorageError and
     changes nothing; the connection stays usable once space is freed."""
 
-    def __init__(self, path: Path | str, migrate: bool = True, outages: Any = None) -> None:
+    def __init__(self, path: Path | str, migrate: bool = True, outages: Any = None, busy_wait: float = BUSY_WAIT_S) -> None:
         """``path``: state.db, or a ``postgresql://`` URL (store/pg.py: the same tables there);
-        ``outages``: a pg.Outages its owner shares between its connections to that server."""
+        ``outages``: a pg.Outages its owner shares between its connections to that server;
+        ``busy_wait``: seconds a SQLite statement waits for another connection's write lock."""
         from scaleout.store import pg
 
         self.db: Any
@@ -171,7 +172,7 @@ class State:
             self.db = pg.PgConnection(str(path), outages=outages)
         else:
             try:
-                db = sqlite3.connect(path, timeout=BUSY_WAIT_S, isolation_level=None, check_same_thread=False, factory=_Connection)
+                db = sqlite3.connect(path, timeout=busy_wait, isolation_level=None, check_same_thread=False, factory=_Connection)
             except sqlite3.DatabaseError as exc:
                 _raise_storage_error(exc, str(path))
                 raise
@@ -467,6 +468,10 @@ class State:
             raise NotFoundError("session", session_id)
         row["rounds"] = self.rounds(session_id)
         return row
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether a session of this id was ever started on this store."""
+        return self._one("SELECT id FROM sessions WHERE id=?", session_id) is not None
 
     def sessions(self) -> list[dict[str, Any]]:
         """Every session, oldest first, with ``rounds_done``: how many of its rounds ended."""
