@@ -53,14 +53,20 @@ class FedAvg:
     def count(self) -> int:
         return len(self._contributors)
 
-    def check(self, update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None) -> Checked:
+    def check(
+        self, update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None, landed: dict[str, float] | None = None,
+    ) -> Checked:
         """Check an update against the model (names, shapes, values) without touching the
         sums: safe to run for several updates at once, outside whatever serialises `add`.
         ``read`` is told each stretch of the update once read, here and by `add` (a caller
-        whose update is a mapped file lets those pages go: it is never all in memory)."""
+        whose update is a mapped file lets those pages go: it is never all in memory).
+        ``landed``: the peaks a `LandingCheck` of this update's bytes passed them with (its
+        values were checked chunk by chunk as they arrived): they are not read again here."""
         check_compatible(self.template, update)
         converted = tuple(check_dtypes(self.template, update))  # another kind (int for float) is refused
         arrays = {name: np.asarray(update[name]) for name in self.template}
+        if landed is not None and landed.keys() == arrays.keys():
+            return Checked(arrays, dict(landed), converted, read)
         return Checked(arrays, check_values(self.template, update, read), converted, read)
 
     def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:
