@@ -30,17 +30,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from scaleout.core.aggregators.fold import amax, peak_bound
+from scaleout.core.aggregators.fold import _SLACK, _TINY, DOT_BLOCK, amax
 from scaleout.core.payload import _DTYPES, _MAX_HEADER, TensorSpec, headroom, value_bounds
 
 
 class _Span:
-    __slots__ = ("name", "dtype", "begin", "end", "tail", "peak", "least", "greatest", "seen")
+    __slots__ = ("name", "dtype", "begin", "end", "tail", "peak", "squares", "least", "greatest", "seen", "dotted")
 
     def __init__(self, name: str, dtype: np.dtype, begin: int, end: int) -> None:
         self.name, self.dtype, self.begin, self.end = name, dtype, begin, end
         self.tail = b""  # the start of an element a chunk's border cut
-        self.peak = 0.0  # floats: a bound on |values| so far (NaN once a NaN is seen)
+        self.peak = 0.0  # floats: a bound on |values| so far (NaN once a NaN is seen), besides...
+        self.squares = 0.0  # ...the largest sum of squares of a piece (float32/float64: its root, raised by _SLACK, bounds the piece)
+        self.dotted = self.dtype in _SLACK
         self.least: int | float = 0  # integers and bools: the exact extremes so far
         self.greatest: int | float = 0
         self.seen = False
@@ -62,12 +64,20 @@ class _Span:
             self.tail = bytes(piece[whole_bytes:])
 
     def _values(self, values: np.ndarray) -> None:
-        if self.dtype.kind == "f":
+        if values.size > DOT_BLOCK:  # the slack below holds for at most DOT_BLOCK elements a dot product
+            for start in range(0, values.size, DOT_BLOCK):
+                self._values(values[start : start + DOT_BLOCK])
+            return
+        if self.dotted:  # float32, float64: one dot product over bytes in cache, as `peak_bound`
+            squares = float(np.dot(values, values))
+            if _TINY[self.dtype] <= squares < math.inf:
+                if squares > self.squares:
+                    self.squares = squares
+                return
+        if self.dtype.kind == "f":  # float16; NaN, inf, squares beyond the dtype or lost to underflow: the exact peak
             if math.isnan(self.peak):
                 return
-            bound = peak_bound(values)  # one dot product over bytes in cache
-            if not bound < math.inf:  # NaN, inf, or squares beyond the dtype: the exact peak says which
-                bound = amax(values)
+            bound = amax(values)
             self.peak = bound if math.isnan(bound) else max(self.peak, bound)
         elif values.size:
             least, greatest = values.min().item(), values.max().item()
@@ -95,7 +105,8 @@ class LandingCheck:
         if self.lost:
             return
         try:
-            self._feed(offset, memoryview(chunk).cast("B"))
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                self._feed(offset, chunk if isinstance(chunk, bytes) else memoryview(chunk).cast("B"))
         except Exception:  # noqa: BLE001  # a verdict of None: the whole-update check decides and says why
             self.lost = True
 
@@ -111,6 +122,12 @@ class LandingCheck:
         start = self.fed - len(chunk)
         stop = self.fed
         spans = self.spans
+        if self._next < len(spans):  # the usual chunk: whole elements inside one tensor
+            span = spans[self._next]
+            size = span.dtype.itemsize
+            if span.begin <= start and stop < span.end and not span.tail and not (start - span.begin) % size and not len(chunk) % size:
+                span._values(np.frombuffer(chunk, dtype=span.dtype))
+                return
         while self._next < len(spans) and start < stop:
             span = spans[self._next]
             a, b = max(start, span.begin), min(stop, span.end)
@@ -175,7 +192,7 @@ class LandingCheck:
             if span.begin == span.end:
                 peaks[span.name] = 0.0
             elif span.dtype.kind == "f":
-                peak = span.peak
+                peak = span.peak if not span.squares else max(span.peak, math.sqrt(span.squares * _SLACK[span.dtype]))
                 if not (peak <= (high if fits else min(-low, high)) and (np.dtype(target).kind != "f" or peak <= headroom(target))):
                     return None  # NaN, inf, out of range, or a bound too loose to tell: the whole check decides
                 peaks[span.name] = peak
