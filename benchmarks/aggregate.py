@@ -19,6 +19,9 @@ over the same N updates in the same run (the read bandwidth of this machine: 1 s
   Not in `ours`: the change-norm bound (``max_update_norm``, on by default), one more read of
   each update and of the model (`norm`, below, and ``ours_with_norm``).
 - `norm`: `check_change` of each mapped update against a model of the same size.
+- `before`: the combiner's path before checks on landing, on the same landed files: each
+  mapped update checked whole by `FedAvg.check` (read again, from the page cache), folds of
+  as many as the upload budget then let wait (1 for updates over 8 MiB).
 - `batched`: each update checked whole by `FedAvg.check` (one more read of it from memory, as
   the combiner did before checks on landing), then folds of ``--batch`` (8).
 - `fold_many`: those batched folds alone (the updates checked beforehand, untimed).
@@ -70,12 +73,16 @@ from scaleout.roles.combiner import FOLD_WAIT_MAX, UPDATE_SLACK
 from scaleout.roles.folding import FOLD_BATCH
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = time.perf_counter  # --clock cpu: this thread's CPU seconds (a loaded box's waits for a core left out; set OPENBLAS_NUM_THREADS=1)
+
+
 def median_time(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -92,9 +99,9 @@ def fold_raw(updates: list[np.ndarray], n: int) -> float:
     agg = get_aggregator("fedavg", {"w": TensorSpec("float32", updates[0].shape)})
     spent = 0.0
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         agg.add({"w": updates[i % len(updates)]}, float(i + 1), f"c{i}")
-        spent += time.perf_counter() - t0
+        spent += clock() - t0
     return spent
 
 
@@ -104,9 +111,9 @@ def fold_checked(updates: list[np.ndarray], n: int) -> float:
     checked = [agg.check({"w": u}) for u in updates]
     spent = 0.0
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         agg.add(checked[i % len(checked)], float(i + 1), f"c{i}")
-        spent += time.perf_counter() - t0
+        spent += clock() - t0
     return spent
 
 
@@ -132,19 +139,19 @@ def fold_batched(updates: list[np.ndarray], n: int, batch: int, landed: bool = F
             for start in range(0, src.size, step):
                 chunk = inbox[: min(step, src.size - start)]
                 np.copyto(chunk, src[start : start + step])
-                t0 = time.perf_counter()
+                t0 = clock()
                 peak = max(peak, check_values({"w": TensorSpec("float32", chunk.shape)}, {"w": chunk})["w"])
-                spent += time.perf_counter() - t0
+                spent += clock() - t0
             checked = Checked({"w": src}, {"w": peak})
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             checked = agg.check({"w": src})
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
         waiting.append((checked, float(i + 1), f"c{i}"))
         if len(waiting) == batch or i == n - 1:
-            t0 = time.perf_counter()
+            t0 = clock()
             assert agg.add_many(waiting) == [None] * len(waiting)
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
             waiting = []
     return spent
 
@@ -159,14 +166,16 @@ class _Timed:
         self.inner, self.size, self.spent = inner, inner.size, 0.0  # type: ignore[attr-defined]
 
     def feed(self, offset: int, piece: memoryview) -> None:
-        t0 = time.perf_counter()
+        t0 = clock()
         self.inner.feed(offset, piece)  # type: ignore[attr-defined]
-        self.spent += time.perf_counter() - t0
+        self.spent += clock() - t0
 
 
-def fold_ours(updates: list[np.ndarray], n: int, batch: int, norm: bool = False) -> float:
+def fold_ours(updates: list[np.ndarray], n: int, batch: int, norm: bool = False, whole: bool = False) -> float:
     """Seconds of a round's reduction on the combiner's own path (see `ours` above); with
-    ``norm``, only the change-norm checks of the same landed updates (`check_change`)."""
+    ``norm``, only the change-norm checks of the same landed updates (`check_change`); with
+    ``whole``, the path before checks on landing (`before`: no LandingCheck, each mapped
+    update checked whole by `FedAvg.check`)."""
     import hashlib
     import mmap
     import tempfile
@@ -187,33 +196,35 @@ def fold_ours(updates: list[np.ndarray], n: int, batch: int, norm: bool = False)
         data = payload.encode_named({"w": updates[i % len(updates)]}, "dict")  # what the client sends
         with tempfile.TemporaryFile(prefix="scaleout-bench-") as fh:
             landing = _Timed(LandingCheck(template, len(data)))
+            if whole:
+                landing.inner.feed = lambda offset, piece: None  # type: ignore[method-assign]  # no check on landing
             digest, view = hashlib.sha256(), memoryview(data)
             for at in range(0, len(data), LANDING_CHUNK):  # as chunks arrive: written, hashed, checked
                 _absorb(fh.fileno(), digest, at, [view[at : at + LANDING_CHUNK]], landing)
             del view, data
             spent += 0.0 if norm else landing.spent
-            t0 = time.perf_counter()
+            t0 = clock()
             blob = mmap.mmap(fh.fileno(), landing.size, access=mmap.ACCESS_READ)
         read = _reader(blob)
         if norm:
             checked = agg.check(payload.views(blob), read, landing.inner.verdict())
-            t0 = time.perf_counter()
+            t0 = clock()
             check_change(model, checked.arrays, limit, read)
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
             continue
-        verdict = landing.inner.verdict()
-        assert verdict is not None
+        verdict = None if whole else landing.inner.verdict()
+        assert verdict is not None or whole
         waiting.append((agg.check(payload.views(blob), read, verdict), float(i + 1), f"c{i}"))
-        spent += time.perf_counter() - t0
+        spent += clock() - t0
         if len(waiting) == batch or i == n - 1:
-            t0 = time.perf_counter()
+            t0 = clock()
             assert agg.add_many(waiting) == [None] * len(waiting)
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
             waiting = []
     return spent
 
 
-FIGURES = ("ours_with_norm", "norm", "batched", "fold_many", "landed", "add_raw", "fold")
+FIGURES = ("ours_with_norm", "norm", "before", "batched", "fold_many", "landed", "add_raw", "fold")
 OURS_MEASURES = (
     "the combiner's path: each update's chunks checked as they land in the link's receive worker (LandingCheck.feed timed; "
     "the file write and hash are the transfer's, untimed), the file mapped and checked by header, folds of ours_batch by add_many; "
@@ -348,7 +359,10 @@ def main() -> None:
     ap.add_argument("--memory-clients", type=int, nargs=2, default=[10, 50], metavar=("N1", "N2"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=FOLD_BATCH, help="checked updates folded in one pass (the combiner's FOLD_BATCH)")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall seconds, or this thread's CPU seconds (for a loaded box)")
     a = ap.parse_args()
+    global clock
+    clock = CLOCK[a.clock]
     if a.robust:
         robust_main(a.params[0] if a.params != [10_000_000, 100_000_000] else 1_000_000, a.clients if a.clients != 10 else 100)
         return
@@ -359,16 +373,19 @@ def main() -> None:
         gb = a.clients * updates[0].nbytes / 1e9
         # Interleaved, one of each per repeat, so a change in the machine's load (other
         # processes on its 2 cores) falls on every figure alike, baselines included.
-        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "norm", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
+        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "norm", "before", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
         # As the combiner's _pull: a checked update in its file waits for the fold within fold_wait
         # (one folding + FOLD_BATCH waiting, at most FOLD_WAIT_MAX, never less than one update).
         size = updates[0].nbytes + 1024 + UPDATE_SLACK  # + its header; the combiner's budget unit is the model + UPDATE_SLACK
         fold_wait = max(min((FOLD_BATCH + 1) * size, FOLD_WAIT_MAX), size)
         ours_batch = max(1, min(FOLD_BATCH, fold_wait // size - 1))
+        # Before: an update held its upload budget (max(16 MiB, one model)) until folded, so this many could wait.
+        before_batch = max(1, min(FOLD_BATCH, max(16 << 20, updates[0].nbytes + 1024 + UPDATE_SLACK) // (updates[0].nbytes + 1024)))
         for _ in range(a.repeat):
             runs["sum"].append(median_time(lambda: read_all(updates, a.clients), 1))
             runs["ours"].append(fold_ours(updates, a.clients, ours_batch))
             runs["norm"].append(fold_ours(updates, a.clients, ours_batch, norm=True))
+            runs["before"].append(fold_ours(updates, a.clients, before_batch, whole=True))
             runs["batched"].append(fold_batched(updates, a.clients, a.batch))
             runs["fold_many"].append(fold_batched(updates, a.clients, a.batch, checked_before=True))
             runs["landed"].append(fold_batched(updates, a.clients, a.batch, landed=True))
@@ -401,7 +418,7 @@ def main() -> None:
         "target_ratio_to_sum": 0.7, "worst_ratio_to_sum": min(r["ratio_to_sum"] for r in rows),
         **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in FIGURES},
         "ours_measures": OURS_MEASURES,
-        "load_average": round(os.getloadavg()[0], 1), "results": rows,
+        "clock": a.clock, "load_average": round(os.getloadavg()[0], 1), "results": rows,
     }))
 
 if __name__ == "__main__":

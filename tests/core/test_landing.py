@@ -139,3 +139,17 @@ def test_tensors_stored_in_another_order_than_their_header_lists_them() -> None:
     assert 2.0 <= landed["z"] < 2.0 * math.sqrt(10) * 1.25 and 4.0 <= landed["m"] < 4.0 * math.sqrt(5) * 1.25
     assert landed["a"] == _whole(data, template)["a"] == 2.0**31  # the type's extent: an int32 always fits
     assert not math.isnan(sum(landed.values()))
+
+
+@pytest.mark.parametrize(("dtype", "target", "value", "said"), [("float64", "float32", 1e39, "1e+39"), ("float32", "float32", 3e37, "3e+37"), ("float64", "float64", -1.5e307, "1.5e+307")])
+def test_a_refusal_prints_the_exact_value_not_a_bound(dtype: str, target: str, value: float, said: str) -> None:
+    """The peaks that pass are bounds (the root of a sum of squares, up to sqrt(n) times the
+    largest value); a refusal is decided, and printed, from the exact values: the landed
+    check gives no verdict, and the whole check names the value itself."""
+    values = np.full(4096, value, dtype)
+    data = payload.encode_named({"w": values}, "dict")
+    template = {"w": TensorSpec(target, (4096,))}
+    assert _landed(data, template, 1 << 20) is None
+    with pytest.raises(UpdateRejected) as info:
+        check_values(template, payload.views(data))
+    assert said in str(info.value) and "'w'" in str(info.value), info.value

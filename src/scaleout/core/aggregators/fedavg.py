@@ -34,8 +34,9 @@ class FedAvg:
     Sums are kept in `acc_dtype` of each tensor (float32 for float16/float32 tensors, see
     `fold` for the error bound), promoted to float64 only if their magnitude requires it.
     Each update is read twice, block by block: once to check it (NaN, inf, values beyond the
-    model's dtype, and the largest magnitude, which bounds the sums), once to fold it in
-    place. Every check runs before the sums are touched, so a refused update leaves no
+    model's dtype, and a bound on the largest magnitude, which bounds the sums), once to fold
+    it in place; a combiner checks its chunks as they land instead (`check(landed=...)`,
+    core/aggregators/landing.py), so the fold is the only read of it from memory. Every check runs before the sums are touched, so a refused update leaves no
     trace. Sums are kept in template order, so the result keeps the model's tensor order.
     """
 
