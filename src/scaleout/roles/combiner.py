@@ -825,7 +825,8 @@ class Combiner:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
                     return  # the round closed while the update was on its way
-                landed = landing.verdict() if landing is not None else None  # None: the whole check decides
+                # Its verdict counts for these bytes only (not another payload the client sent meanwhile); None: the whole check decides.
+                landed = landing.verdict() if landing is not None and landing.payload is blob else None
                 checked = await asyncio.to_thread(_check_update, job, blob, landed)
                 if job.forward:
                     ready = await self._forward(job, client, msg, blob, checked, weight)

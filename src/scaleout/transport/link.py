@@ -833,6 +833,8 @@ class Link:
             try:
                 self._blobs[transfer] = t.value()
                 self._digests[transfer] = actual
+                if t.landing is not None:  # the verdict is of these bytes, and of no other payload
+                    t.landing.payload = self._blobs[transfer]
             except OSError as exc:  # its file could not be mapped: refused, and the link goes on
                 log.error("could not map a payload from %s: %s", self.peer, exc)
                 self._failed[transfer] = f"payload could not be stored: {exc.strerror or exc}"

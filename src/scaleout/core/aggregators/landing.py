@@ -97,6 +97,7 @@ class LandingCheck:
         self.head = bytearray()  # the 8-byte length and the JSON header, until parsed
         self.spans: list[_Span] | None = None  # in offset order, absolute offsets
         self.lost = False  # something it cannot judge (bad header, a gap): the whole check decides
+        self.payload: object = None  # set by its feeder once the bytes are whole and their digest matched: what it judged
         self._next = 0  # index of the first span not yet wholly seen
 
     def feed(self, offset: int, chunk: memoryview | bytes) -> None:
@@ -105,8 +106,9 @@ class LandingCheck:
         if self.lost:
             return
         try:
+            view = memoryview(chunk)
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-                self._feed(offset, chunk if isinstance(chunk, bytes) else memoryview(chunk).cast("B"))
+                self._feed(offset, view if view.format == "B" and view.ndim == 1 else view.cast("B"))
         except Exception:  # noqa: BLE001  # a verdict of None: the whole-update check decides and says why
             self.lost = True
 
