@@ -801,10 +801,12 @@ class Combiner:
     async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
         """Fetch a client's update when the upload budget has room, check it and fold it in.
 
-        The budget bounds the bytes of updates held at once, so memory does not grow with
-        the number of clients that finish together; a waiting client holds its update. The
-        check runs in threads, several updates at once; only the fold is serialised (what waits
-        for it is folded together, up to FOLD_BATCH in one pass).
+        The budget bounds the bytes of updates being pulled and checked at once, so memory
+        does not grow with the number of clients that finish together; a waiting client holds
+        its update. Its values are checked chunk by chunk as they land (the link's worker, right
+        after each chunk's hash); the header and the change's norm in a thread. A checked update
+        in its own file gives the budget back and waits for the fold within ``fold_wait``; the
+        fold is serialised (what waits for it is folded together, up to FOLD_BATCH in one pass).
         """
         try:
             async with self.uploads.hold(size) as give_back:
@@ -837,7 +839,7 @@ class Combiner:
                     ready = await job.folds.fold_out_of_budget(checked, float(weight), client, size, give_back, self.fold_wait)
                 else:  # folded with the other checked updates waiting then, in one pass (roles/folding.py)
                     ready = await job.folds.fold(checked, float(weight), client)
-                del checked, blob  # the views hold the bytes: both go now
+                del checked, blob, landing  # the views (and the landing check's mark) hold the bytes: they go now
         except LinkClosed:
             return  # the reconnect grace decides; a client back in time announces again
         except ScaleoutError as exc:
