@@ -4,28 +4,37 @@ For P float32 parameters and N clients, each figure reduces N updates into the r
 throughput is GB/s of update bytes (N x 4P), and each is given as a ratio to numpy `x.sum()`
 over the same N updates in the same run (the read bandwidth of this machine: 1 stream).
 
-- `ours` (`ratio_to_sum`): a round's reduction as the combiner does it now (issue 17 #2), its
-  N updates arriving together: each update checked by `FedAvg.check` (one read of the update:
-  NaN/inf/range and the bound on the sums, as `_check_update` runs it on the landed,
-  memory-mapped update), then folded by `FedAvg.add_many` in batches of ``ours_batch``
-  checked updates, one pass over the sums per batch. ``ours_batch`` is as many as the
-  combiner's upload budget lets wait at once (max(UPLOAD_BUDGET_MIN, one update) of
-  updates, so 1 for updates over 8 MiB), at most FOLD_BATCH (8). Checks and folds timed.
-- `batched`: the same with batches of ``--batch`` (8): what a round costs when that many
-  checked updates wait for the fold (the combiner's budget does not let them yet above 8 MiB).
+- `ours` (`ratio_to_sum`): a round's reduction exactly as the combiner does it (issue 17 #2),
+  its N updates arriving together. Each update lands as the combiner's link lands it: its
+  1 MiB chunks go through the link's own receive worker (`transport.link._absorb`: written
+  to an unnamed temporary file, hashed, and checked by a `LandingCheck` a 256 KiB piece at a
+  time while in cache); only the `LandingCheck.feed` calls are timed (the write and the hash
+  are the transfer's, done with or without a check). Then, timed: the file mapped read-only,
+  `FedAvg.check` with the landed verdict (the header only: no value is read again), and the
+  checked updates folded by `FedAvg.add_many` in batches of ``ours_batch``, one pass over the
+  sums per batch, letting each mapped stretch go as the combiner's `_reader` does.
+  ``ours_batch``: what the combiner's budgets let wait for one fold: a checked update in its
+  file gives its upload budget back and waits within `fold_wait` (one folding + FOLD_BATCH
+  waiting, at most FOLD_WAIT_MAX bytes), so FOLD_BATCH (8) unless updates are large.
+  Not in `ours`: the change-norm bound (``max_update_norm``, on by default), one more read of
+  each update and of the model (`norm`, below, and ``ours_with_norm``).
+- `norm`: `check_change` of each mapped update against a model of the same size.
+- `before`: the combiner's path before checks on landing, on the same landed files: each
+  mapped update checked whole by `FedAvg.check` (read again, from the page cache), folds of
+  as many as the upload budget then let wait (1 for updates over 8 MiB).
+- `batched`: each update checked whole by `FedAvg.check` (one more read of it from memory, as
+  the combiner did before checks on landing), then folds of ``--batch`` (8).
 - `fold_many`: those batched folds alone (the updates checked beforehand, untimed).
-- `landed`: what a check on receipt would cost: each update checked 1 MiB at a time right
-  after that chunk was copied into a receive buffer (the copy, untimed, stands for the
-  socket: the chunk is in cache when checked), then the folds of ``--batch``. The combiner
-  does not do this yet (its link writes an update to a file and hands it over whole).
+- `landed`: each update checked 1 MiB at a time by `check_values` right after that chunk was
+  copied into a buffer (untimed), then the folds of ``--batch`` (an earlier stand-in for `ours`).
 - `add_raw`: `FedAvg.add` of each raw update, one at a time (check pass + fold pass: the
   combiner before batched folds); `fold`: `add` of an update already checked, one at a time.
 - `naive`: `acc += w * x` with a float64 accumulator.
 
 The figures are interleaved, one of each per repeat, so a change in the machine's load (other
 processes on its cores) falls on each alike; medians of the repeats, with the load average.
-The updates are two arrays used in turn, so memory holds only two updates whatever N is;
-peak memory is what a round's reduction (`batched`, the mean read out) allocates on top
+The updates are ``--batch`` distinct arrays used in turn (a batch never reads one array twice,
+which would find it in cache), so memory holds that many updates whatever N is; peak memory is what a round's reduction (`batched`, the mean read out) allocates on top
 (tracemalloc), for N = 10 and 50, and must not grow with N.
 
 Prints one JSON object as its last line: medians, ratios to each baseline, peak memory.
@@ -60,16 +69,20 @@ import numpy as np
 
 from scaleout.core.aggregators import get_aggregator
 from scaleout.core.payload import TensorSpec, check_values
-from scaleout.roles.combiner import UPDATE_SLACK, UPLOAD_BUDGET_MIN
+from scaleout.roles.combiner import FOLD_WAIT_MAX, UPDATE_SLACK
 from scaleout.roles.folding import FOLD_BATCH
+
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = time.perf_counter  # --clock cpu: this thread's CPU seconds (a loaded box's waits for a core left out; set OPENBLAS_NUM_THREADS=1)
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -86,9 +99,9 @@ def fold_raw(updates: list[np.ndarray], n: int) -> float:
     agg = get_aggregator("fedavg", {"w": TensorSpec("float32", updates[0].shape)})
     spent = 0.0
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         agg.add({"w": updates[i % len(updates)]}, float(i + 1), f"c{i}")
-        spent += time.perf_counter() - t0
+        spent += clock() - t0
     return spent
 
 
@@ -98,9 +111,9 @@ def fold_checked(updates: list[np.ndarray], n: int) -> float:
     checked = [agg.check({"w": u}) for u in updates]
     spent = 0.0
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         agg.add(checked[i % len(checked)], float(i + 1), f"c{i}")
-        spent += time.perf_counter() - t0
+        spent += clock() - t0
     return spent
 
 
@@ -126,24 +139,97 @@ def fold_batched(updates: list[np.ndarray], n: int, batch: int, landed: bool = F
             for start in range(0, src.size, step):
                 chunk = inbox[: min(step, src.size - start)]
                 np.copyto(chunk, src[start : start + step])
-                t0 = time.perf_counter()
+                t0 = clock()
                 peak = max(peak, check_values({"w": TensorSpec("float32", chunk.shape)}, {"w": chunk})["w"])
-                spent += time.perf_counter() - t0
+                spent += clock() - t0
             checked = Checked({"w": src}, {"w": peak})
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             checked = agg.check({"w": src})
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
         waiting.append((checked, float(i + 1), f"c{i}"))
         if len(waiting) == batch or i == n - 1:
-            t0 = time.perf_counter()
+            t0 = clock()
             assert agg.add_many(waiting) == [None] * len(waiting)
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
             waiting = []
     return spent
 
 
 LANDING_CHUNK = 1 << 20  # bytes a chunk brings, as a link hands them on
+
+
+class _Timed:
+    """A `LandingCheck` whose feed calls are timed (what the check adds to the receive worker)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.size, self.spent = inner, inner.size, 0.0  # type: ignore[attr-defined]
+
+    def feed(self, offset: int, piece: memoryview) -> None:
+        t0 = clock()
+        self.inner.feed(offset, piece)  # type: ignore[attr-defined]
+        self.spent += clock() - t0
+
+
+def fold_ours(updates: list[np.ndarray], n: int, batch: int, norm: bool = False, whole: bool = False) -> float:
+    """Seconds of a round's reduction on the combiner's own path (see `ours` above); with
+    ``norm``, only the change-norm checks of the same landed updates (`check_change`); with
+    ``whole``, the path before checks on landing (`before`: no LandingCheck, each mapped
+    update checked whole by `FedAvg.check`)."""
+    import hashlib
+    import mmap
+    import tempfile
+
+    from scaleout.core import payload
+    from scaleout.core.aggregators.bounds import check_change, norm_limit
+    from scaleout.core.aggregators.landing import LandingCheck
+    from scaleout.roles.combiner import _reader
+    from scaleout.transport.link import _absorb
+
+    template = {"w": TensorSpec("float32", updates[0].shape)}
+    agg = get_aggregator("fedavg", template)
+    model = {"w": np.zeros(updates[0].shape, np.float32)}
+    limit = norm_limit(model, 1e9)
+    spent = 0.0
+    waiting: list[tuple[object, float, str]] = []
+    for i in range(n):
+        data = payload.encode_named({"w": updates[i % len(updates)]}, "dict")  # what the client sends
+        with tempfile.TemporaryFile(prefix="scaleout-bench-") as fh:
+            landing = _Timed(LandingCheck(template, len(data)))
+            if whole:
+                landing.inner.feed = lambda offset, piece: None  # type: ignore[method-assign]  # no check on landing
+            digest, view = hashlib.sha256(), memoryview(data)
+            for at in range(0, len(data), LANDING_CHUNK):  # as chunks arrive: written, hashed, checked
+                _absorb(fh.fileno(), digest, at, [view[at : at + LANDING_CHUNK]], landing)
+            del view, data
+            spent += 0.0 if norm else landing.spent
+            t0 = clock()
+            blob = mmap.mmap(fh.fileno(), landing.size, access=mmap.ACCESS_READ)
+        read = _reader(blob)
+        if norm:
+            checked = agg.check(payload.views(blob), read, landing.inner.verdict())
+            t0 = clock()
+            check_change(model, checked.arrays, limit, read)
+            spent += clock() - t0
+            continue
+        verdict = None if whole else landing.inner.verdict()
+        assert verdict is not None or whole
+        waiting.append((agg.check(payload.views(blob), read, verdict), float(i + 1), f"c{i}"))
+        spent += clock() - t0
+        if len(waiting) == batch or i == n - 1:
+            t0 = clock()
+            assert agg.add_many(waiting) == [None] * len(waiting)
+            spent += clock() - t0
+            waiting = []
+    return spent
+
+
+FIGURES = ("ours_with_norm", "norm", "before", "batched", "fold_many", "landed", "add_raw", "fold")
+OURS_MEASURES = (
+    "the combiner's path: each update's chunks checked as they land in the link's receive worker (LandingCheck.feed timed; "
+    "the file write and hash are the transfer's, untimed), the file mapped and checked by header, folds of ours_batch by add_many; "
+    "not the change-norm bound (max_update_norm): see ours_with_norm"
+)
 
 
 def naive(updates: list[np.ndarray], n: int) -> None:
@@ -273,24 +359,33 @@ def main() -> None:
     ap.add_argument("--memory-clients", type=int, nargs=2, default=[10, 50], metavar=("N1", "N2"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=FOLD_BATCH, help="checked updates folded in one pass (the combiner's FOLD_BATCH)")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall seconds, or this thread's CPU seconds (for a loaded box)")
     a = ap.parse_args()
+    global clock
+    clock = CLOCK[a.clock]
     if a.robust:
         robust_main(a.params[0] if a.params != [10_000_000, 100_000_000] else 1_000_000, a.clients if a.clients != 10 else 100)
         return
     rows = []
     for p in a.params:
         rng = np.random.default_rng(0)
-        updates = [rng.standard_normal(p, dtype=np.float32) for _ in range(2)]
+        updates = [rng.standard_normal(p, dtype=np.float32) for _ in range(max(2, a.batch))]
         gb = a.clients * updates[0].nbytes / 1e9
         # Interleaved, one of each per repeat, so a change in the machine's load (other
         # processes on its 2 cores) falls on every figure alike, baselines included.
-        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
-        # As the combiner's _pull: an update holds its bytes of the upload budget until it is folded.
-        budget = max(UPLOAD_BUDGET_MIN, updates[0].nbytes + UPDATE_SLACK)
-        ours_batch = max(1, min(FOLD_BATCH, budget // (updates[0].nbytes + 1024)))  # + its header
+        runs: dict[str, list[float]] = {k: [] for k in ("sum", "ours", "norm", "before", "batched", "fold_many", "landed", "add_raw", "fold", "naive")}
+        # As the combiner's _pull: a checked update in its file waits for the fold within fold_wait
+        # (one folding + FOLD_BATCH waiting, at most FOLD_WAIT_MAX, never less than one update).
+        size = updates[0].nbytes + 1024 + UPDATE_SLACK  # + its header; the combiner's budget unit is the model + UPDATE_SLACK
+        fold_wait = max(min((FOLD_BATCH + 1) * size, FOLD_WAIT_MAX), size)
+        ours_batch = max(1, min(FOLD_BATCH, fold_wait // size - 1))
+        # Before: an update held its upload budget (max(16 MiB, one model)) until folded, so this many could wait.
+        before_batch = max(1, min(FOLD_BATCH, max(16 << 20, updates[0].nbytes + 1024 + UPDATE_SLACK) // (updates[0].nbytes + 1024)))
         for _ in range(a.repeat):
             runs["sum"].append(median_time(lambda: read_all(updates, a.clients), 1))
-            runs["ours"].append(fold_batched(updates, a.clients, ours_batch))
+            runs["ours"].append(fold_ours(updates, a.clients, ours_batch))
+            runs["norm"].append(fold_ours(updates, a.clients, ours_batch, norm=True))
+            runs["before"].append(fold_ours(updates, a.clients, before_batch, whole=True))
             runs["batched"].append(fold_batched(updates, a.clients, a.batch))
             runs["fold_many"].append(fold_batched(updates, a.clients, a.batch, checked_before=True))
             runs["landed"].append(fold_batched(updates, a.clients, a.batch, landed=True))
@@ -299,6 +394,7 @@ def main() -> None:
             runs["naive"].append(median_time(lambda: naive(updates, a.clients), 1))
         t = {k: statistics.median(v) for k, v in runs.items()}
         t_ours, t_sum, t_naive = t["ours"], t["sum"], t["naive"]
+        t["ours_with_norm"] = t_ours + t["norm"]
         n1, n2 = a.memory_clients
         m1 = peak_bytes(lambda: fold(updates, n1, a.batch))
         m2 = peak_bytes(lambda: fold(updates, n2, a.batch))
@@ -306,17 +402,23 @@ def main() -> None:
             "params": p, "clients": a.clients, "ours_batch": ours_batch, "batch": a.batch, "update_mb": round(updates[0].nbytes / 1e6, 1),
             "ours_gb_s": round(gb / t_ours, 2), "numpy_sum_gb_s": round(gb / t_sum, 2), "naive_gb_s": round(gb / t_naive, 2),
             "ratio_to_sum": round(t_sum / t_ours, 3), "ratio_to_naive": round(t_naive / t_ours, 3),
-            **{f"{k}_gb_s": round(gb / t[k], 2) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
-            **{f"{k}_ratio_to_sum": round(t_sum / t[k], 3) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
+            **{f"{k}_gb_s": round(gb / t[k], 2) for k in FIGURES},
+            **{f"{k}_ratio_to_sum": round(t_sum / t[k], 3) for k in FIGURES},
             f"peak_mib_n{n1}": round(m1 / 2**20, 1), f"peak_mib_n{n2}": round(m2 / 2**20, 1),
             "memory_growth": round(m2 / m1, 3),
         })
-        updates.clear()  # free both before the next size
+        r = rows[-1]
+        print(f"params {p:,}, {a.clients} updates of {r['update_mb']} MB; numpy x.sum() {r['numpy_sum_gb_s']} GB/s (the baseline, same run)")
+        print(f"  ours: {r['ours_gb_s']} GB/s, {r['ratio_to_sum']}x x.sum() (batches of {ours_batch}): {OURS_MEASURES}")
+        for k in FIGURES:
+            print(f"  {k}: {r[f'{k}_gb_s']} GB/s, {r[f'{k}_ratio_to_sum']}x x.sum()")
+        updates.clear()  # free them before the next size
     print(json.dumps({
         "benchmark": "aggregate", "baseline": "numpy x.sum() read bandwidth and naive acc += w * x, same run",
         "target_ratio_to_sum": 0.7, "worst_ratio_to_sum": min(r["ratio_to_sum"] for r in rows),
-        **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in ("batched", "fold_many", "landed", "add_raw", "fold")},
-        "load_average": round(os.getloadavg()[0], 1), "results": rows,
+        **{f"worst_{k}_ratio_to_sum": min(r[f"{k}_ratio_to_sum"] for r in rows) for k in FIGURES},
+        "ours_measures": OURS_MEASURES,
+        "clock": a.clock, "load_average": round(os.getloadavg()[0], 1), "results": rows,
     }))
 
 if __name__ == "__main__":

@@ -141,3 +141,39 @@ def test_the_cap_bounds_each_batch(cap: int) -> None:
     asyncio.run(go())
     assert [len(b) for b in rec.batches] == ([1] * 7 if cap == 1 else [1, 3, 3])
     _same(rec.agg, _reference(list(range(7))))
+
+
+def test_checked_updates_give_their_upload_budget_back_so_large_ones_wait_and_fold_together() -> None:
+    """Each pull holds an upload budget that fits one update (the combiner's, for updates
+    over half of it). Checked updates in their own files give it back while they wait for
+    the fold (fold_out_of_budget, within a budget for waiting ones): with the first fold held,
+    the next 8 are pulled and checked meanwhile and fold as one batch; sums as 9 adds."""
+    rec = Recorder()
+    rec.hold.clear()
+    size = 1000
+
+    async def go() -> list[bool]:
+        from scaleout.transport.budget import ByteBudget
+
+        uploads, waiting = ByteBudget(size), ByteBudget((FOLD_BATCH + 1) * size)  # as the combiner's fold_wait
+        q = FoldQueue(asyncio.Lock(), rec.add_many, rec.on_update, lambda: True)
+        pulled: list[int] = []
+
+        async def pull(i: int) -> bool:
+            async with uploads.hold(size) as give_back:  # one update's worth: pulled one at a time
+                pulled.append(i)
+                checked = rec.agg.check(_update(i))
+                return await q.fold_out_of_budget(checked, 1.0 + i / 7, f"c{i}", size, give_back, waiting)
+
+        pulls = [asyncio.ensure_future(pull(i)) for i in range(9)]
+        for _ in range(1000):  # the loop runs the pulls that can go on: no clock involved
+            if len(q.waiting) == 8:
+                break
+            await asyncio.sleep(0)
+        assert pulled == list(range(9)) and len(q.waiting) == 8 and uploads.used == 0 and waiting.used == 9 * size
+        rec.hold.set()
+        return await asyncio.gather(*pulls)
+
+    asyncio.run(go())
+    assert [len(b) for b in rec.batches] == [1, 8]
+    _same(rec.agg, _reference(list(range(9))))

@@ -616,3 +616,56 @@ def test_a_received_payload_comes_with_the_sha256_it_was_checked_against() -> No
             assert await link.request("get", timeout=10) == ({}, data)
 
     run(main())
+
+
+def test_a_landing_check_is_fed_one_file_payloads_chunks_in_order_and_knows_which_payload_it_judged() -> None:
+    """``Link.landing`` goes to the next payload written to a file whose size it expects (then
+    is cleared): it is fed every byte, in order, in pieces of at most LANDING_BYTES, and learns
+    which payload it judged only once that payload's digest matched. A decoy of the same size
+    sent first takes it, so the payload after it is not the one judged (a combiner then checks
+    that one whole); a corrupt payload is never marked judged."""
+    import numpy as np
+
+    from scaleout.core import payload
+    from scaleout.core.aggregators.landing import LandingCheck
+    from scaleout.transport.link import LANDING_BYTES
+
+    good = payload.encode({"w": np.ones(800_000, np.float32)})  # 3.2 MB: four chunks
+    bad = np.ones(800_000, np.float32)
+    bad[-1] = np.nan
+    poisoned = payload.encode({"w": bad})
+    assert len(good) == len(poisoned)
+    template = payload.describe(good)
+
+    class Recorded(LandingCheck):
+        pieces: list[tuple[int, int]] = []
+
+        def feed(self, offset: int, chunk: Any) -> None:
+            self.pieces.append((offset, len(chunk)))
+            super().feed(offset, chunk)
+
+    async def main() -> None:
+        async with flagged_link("file_payloads") as (link, inbox, links):
+            server = links[0]
+            check = server.landing = Recorded(template, len(good))
+            await link.send_with_blob(carrier("first"), good)
+            first = await asyncio.wait_for(inbox.get(), 10)
+            assert server.landing is None and check.payload is first.blob and check.verdict() is not None
+            at = 0
+            for offset, size in check.pieces:
+                assert offset == at and 0 < size <= LANDING_BYTES
+                at += size
+            assert at == len(good)
+            # A decoy first: it takes the check; the poisoned payload after it is not what was judged.
+            decoy = server.landing = LandingCheck(template, len(good))
+            await link.send_with_blob(carrier("decoy"), good)
+            await link.send_with_blob(carrier("poisoned"), poisoned)
+            got = [await asyncio.wait_for(inbox.get(), 10) for _ in range(2)]
+            assert decoy.payload is got[0].blob and decoy.payload is not got[1].blob and decoy.verdict() is not None
+            # A corrupt payload: fed, never marked judged.
+            corrupt = server.landing = LandingCheck(template, len(good))
+            await link.send_with_blob(carrier("corrupt"), good, sha256="0" * 64)
+            refused = await asyncio.wait_for(inbox.get(), 10)
+            assert refused.blob is None and corrupt.payload is None
+
+    run(main())

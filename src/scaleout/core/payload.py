@@ -304,6 +304,8 @@ def check_values(
     float tensor (`peak_bound`; the exact `amax` only when that bound is too high to pass),
     a min and a max over an integer one that may not fit, nothing for integers that always
     do. ``read`` is told each stretch of a float tensor once read (`amax`).
+    The peaks are only for a running sum's overflow check: a bound, never printed. A refusal
+    is decided and printed from the exact value (`amax`, or the min and max).
     """
     from scaleout.core.aggregators.fold import amax, peak_bound
 

@@ -25,7 +25,8 @@ from scaleout.core.aggregators.bounds import check_change, clip_examples, norm_l
 from scaleout.core.updates import read_num_examples
 from scaleout.core.units import fmt_bytes
 from scaleout.roles.command_relay import CommandRelay
-from scaleout.roles.folding import FoldQueue
+from scaleout.core.aggregators.landing import LandingCheck
+from scaleout.roles.folding import FOLD_BATCH, FoldQueue
 from scaleout.roles.common import STOP_GRACE_S, announce, bracket, cert_names, close_now, close_server, dial_urls, failpoint, new_id, private_tempdir, quietly, fix_mmap_threshold, raise_file_limit, url_host
 from scaleout.security import tls, tokens
 from scaleout.store.blobs import release
@@ -44,6 +45,11 @@ CLIENT_IN_FLIGHT = 1
 CLIENT_IDLE_PAYLOAD = 1 << 20
 UPDATE_SLACK = 1 << 20
 UPLOAD_BUDGET_MIN = 16 << 20  # bytes of updates held at once: at least this, or one model-sized update
+# Bytes of checked, file-backed updates waiting for the fold (their upload budget given back):
+# one being folded and FOLD_BATCH waiting, at most FOLD_WAIT_MAX (but one update always). They are unnamed temporary
+# files, in the page cache or on disk, not in the process's memory: the fold maps each and lets
+# every stretch go once added. So disk use is at most the upload budget plus this.
+FOLD_WAIT_MAX = 1 << 30
 RECONNECT_GRACE_S = 10.0  # how long a round keeps waiting for a client whose link dropped
 ABORT_SEND_S = 2.0  # a late client's abort notice waits this long for its socket, in the background
 PULL_STALL_S = 10.0  # a client asked for its update that sends nothing for this long is left out
@@ -132,6 +138,7 @@ class Combiner:
         self.sending = asyncio.Semaphore(SENDS_AT_ONCE)
         self.send_budget = ByteBudget(SEND_BUDGET)  # a round's model goes to all its clients at once, within this
         self.uploads = ByteBudget(UPLOAD_BUDGET_MIN)  # raised to two updates when a round starts
+        self.fold_wait = ByteBudget(UPLOAD_BUDGET_MIN)  # checked updates in files waiting for the fold (FOLD_WAIT_MAX)
         # Within the budget, at most this many clients are asked at once: thousands of small
         # updates fit the budget together, and clients on a busy host asked all at once could
         # not all answer within PULL_STALL_S. A pull's stall clock starts when it is asked.
@@ -682,6 +689,7 @@ class Combiner:
             # One model-sized update held at a time (a float64 one for a float32 model is admitted
             # alone); small models get UPLOAD_BUDGET_MIN, i.e. many at once.
             self.uploads.limit = max(UPLOAD_BUDGET_MIN, len(model) + UPDATE_SLACK)
+            self.fold_wait.limit = max(min((FOLD_BATCH + 1) * (len(model) + UPDATE_SLACK), FOLD_WAIT_MAX), len(model) + UPDATE_SLACK)
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
         sends = {new_id("t-"): client for client in clients}
         job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
@@ -793,34 +801,45 @@ class Combiner:
     async def _pull(self, job: Job, client: str, msg: m.TaskResult, weight: int, size: int) -> None:
         """Fetch a client's update when the upload budget has room, check it and fold it in.
 
-        The budget bounds the bytes of updates held at once, so memory does not grow with
-        the number of clients that finish together; a waiting client holds its update. The
-        check runs in threads, several updates at once; only the fold is serialised (what waits
-        for it is folded together, up to FOLD_BATCH in one pass).
+        The budget bounds the bytes of updates being pulled and checked at once, so memory
+        does not grow with the number of clients that finish together; a waiting client holds
+        its update. Its values are checked chunk by chunk as they land (the link's worker, right
+        after each chunk's hash); the header and the change's norm in a thread. A checked update
+        in its own file gives the budget back and waits for the fold within ``fold_wait``; the
+        fold is serialised (what waits for it is folded together, up to FOLD_BATCH in one pass).
         """
         try:
-            async with self.uploads.hold(size):
+            async with self.uploads.hold(size) as give_back:
                 async with self.pull_slots:  # the transfer only: the check and fold free the slot
                     link = self.clients.get(client)
                     if self.jobs.get(job.kind) is not job or client not in job.tracker.pending or link is None:
                         return  # the round closed, or the client left (it announces again when back)
                     # Written to a temporary file as it arrives and read back mapped, a stretch at a
-                    # time, by the check and the fold: the update is never all in memory beside the sums.
-                    link.max_payload, link.file_payloads = size, True
+                    # time, by the fold: the update is never all in memory beside the sums. Its values
+                    # are checked chunk by chunk as they land, right after each is hashed (in cache).
+                    landing = LandingCheck(job.agg.template, size) if job.agg is not None else None
+                    link.max_payload, link.file_payloads, link.landing = size, True, landing
                     try:
                         blob, digest = await self._watched_pull(link, msg.task_id, job.tracker.deadline)
                     finally:
-                        link.max_payload, link.file_payloads = self._client_limit(client), False
+                        link.max_payload, link.file_payloads, link.landing = self._client_limit(client), False, None
                 if blob is None or len(blob) != size:
                     raise PayloadError(f"the client announced an update of {size} bytes and sent {0 if blob is None else len(blob)}")
                 if self.jobs.get(job.kind) is not job or job.agg is None:
                     return  # the round closed while the update was on its way
-                checked = await asyncio.to_thread(_check_update, job, blob)
+                # Its verdict counts for these bytes only (not another payload the client sent meanwhile); None: the whole check decides.
+                landed = landing.verdict() if landing is not None and landing.payload is blob else None
+                checked = await asyncio.to_thread(_check_update, job, blob, landed)
                 if job.forward:
                     ready = await self._forward(job, client, msg, blob, digest, checked, weight)
+                elif isinstance(blob, mmap.mmap):
+                    # Checked and in its own file: it waits for the fold out of the upload budget
+                    # (within fold_wait), so the next updates are pulled meanwhile and what waits
+                    # is folded together, up to FOLD_BATCH in one pass.
+                    ready = await job.folds.fold_out_of_budget(checked, float(weight), client, size, give_back, self.fold_wait)
                 else:  # folded with the other checked updates waiting then, in one pass (roles/folding.py)
                     ready = await job.folds.fold(checked, float(weight), client)
-                del checked, blob  # the views hold the bytes: both go now
+                del checked, blob, landing  # the views (and the landing check's mark) hold the bytes: they go now
         except LinkClosed:
             return  # the reconnect grace decides; a client back in time announces again
         except ScaleoutError as exc:
@@ -1111,14 +1130,16 @@ def _let_go(model: bytes | mmap.mmap) -> None:
         release(model)
 
 
-def _check_update(job: Job, blob: bytes) -> Any:
+def _check_update(job: Job, blob: bytes, landed: dict[str, float] | None = None) -> Any:
     """Parse an update's header and check its values, dtypes and the size of its change
-    against the round's model (off the loop)."""
+    against the round's model (off the loop). ``landed``: the peaks its values passed with
+    as they landed (`LandingCheck`): they are not read again (None: checked here)."""
     # The model's pages a send to a slower client still touches are let go here too: they are
     # read back from its file as that send goes on, not held beside the sums this update fills.
     _let_go(job.model_map)  # type: ignore[arg-type]  # None (no mapped model): nothing to let go
     read = _reader(job.model_map, blob)  # kept by checked: the fold lets go of the update's pages too
-    checked = job.agg.check(payload.views(blob), read)
+    checked = job.agg.check(payload.views(blob), read, landed)
+    log.debug("round %d: update values %s", job.round_index, "checked as they landed" if landed is not None else "checked whole")
     check_change(job.model, checked.arrays, job.norm_limit, read)
     if checked.converted:
         log.info("round %d: update tensors %s are not in the model's dtype: converted", job.round_index, ", ".join(map(repr, checked.converted[:5])))

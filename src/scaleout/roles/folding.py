@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scaleout.core.errors import UpdateRejected
+from scaleout.transport.budget import ByteBudget
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class FoldQueue:
             if entry in self.waiting:  # cancelled before a fold took it: it never reaches the sums
                 self.waiting.remove(entry)
         return await entry.outcome  # settled by the fold that took it
+
+    async def fold_out_of_budget(self, checked: Any, weight: float, client: str, size: int, give_back: Callable[[], None], waiting: ByteBudget) -> bool:
+        """``fold`` for an update checked in full and kept in its own file: once ``waiting``
+        (the bytes of such updates that may wait for the fold) has room for its ``size``, it
+        gives its upload budget back (``give_back``) and waits there, so the next updates are
+        pulled meanwhile and whatever waits when the fold is free is folded in one batch."""
+        async with waiting.hold(size):
+            give_back()
+            return await self.fold(checked, weight, client)
 
     async def _fold_batch(self) -> None:
         batch, self.waiting = self.waiting[: self.cap], self.waiting[self.cap :]

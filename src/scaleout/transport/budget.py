@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class ByteBudget:
@@ -24,14 +24,21 @@ class ByteBudget:
         return len(self._waiters)
 
     @contextlib.asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
+    async def hold(self, size: int) -> AsyncIterator[Callable[[], None]]:
         """Hold ``size`` bytes for the block. One request larger than the whole budget is
-        admitted alone (when nothing else is held), so it is slow, never stuck."""
+        admitted alone (when nothing else is held), so it is slow, never stuck. The block
+        gets a function that gives the bytes back before it ends (once; the end then does not)."""
         await self._acquire(size)
+        held = [size]
+
+        def give_back() -> None:
+            if held:
+                self._release(held.pop())
+
         try:
-            yield
+            yield give_back
         finally:
-            self._release(size)
+            give_back()
 
     def _fits(self, size: int) -> bool:
         return self.used == 0 or self.used + size <= self.limit

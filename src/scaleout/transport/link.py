@@ -73,6 +73,7 @@ MAX_IN_FLIGHT = 8
 MAX_FAILED = 8  # refused transfers remembered, so their remaining chunks are dropped quietly
 PROGRESS_MIN_BYTES = 16 << 20  # payloads this large log their progress
 INLINE_BYTES = 256 << 10  # payloads up to this size are hashed on the loop: a thread hop costs more
+LANDING_BYTES = 1 << 20  # a chunk written, hashed and checked this much at a time (Link.landing): in cache, with little Python per byte
 QUEUED_CHUNKS = 2  # chunks of one transfer waiting for its worker before the reader waits for it
 MAX_REQUESTS = 256  # requests from the peer unanswered at once; one more closes the link
 MAX_QUEUED_BYTES = 64 << 20  # bytes waiting to be written to the peer; more closes the link
@@ -198,6 +199,7 @@ class _Transfer:
         self.worker: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
         self.next_report = start.size // 4
+        self.landing: Any = None  # fed each chunk after it is hashed (Link.landing)
 
     def add(self, chunk: memoryview) -> None:
         self.received += len(chunk)
@@ -214,7 +216,7 @@ class _Transfer:
         batch, self.queue = self.queue, []
         offset, self.handed = self.handed, self.handed + sum(len(c) for c in batch)
         count = len(batch)
-        worker = asyncio.get_running_loop().run_in_executor(None, _absorb, self.view, self.digest, offset, batch)
+        worker = asyncio.get_running_loop().run_in_executor(None, _absorb, self.view, self.digest, offset, batch, self.landing)
         worker.add_done_callback(lambda fut: self._absorbed(fut, count))
         self.worker = worker
 
@@ -246,18 +248,25 @@ class _Transfer:
         return data
 
 
-def _absorb(view: memoryview | int, digest: Any, offset: int, chunks: list[memoryview]) -> None:
+def _absorb(view: memoryview | int, digest: Any, offset: int, chunks: list[memoryview], landing: Any = None) -> None:
     """Copy ``chunks`` into ``view`` (or write them to the file descriptor ``view``) from
-    ``offset`` on and hash them, in order (in a worker thread)."""
+    ``offset`` on and hash them, in order (in a worker thread); ``landing`` (a file's only)
+    is fed each piece of LANDING_BYTES right after it is written and hashed, while in cache."""
     for chunk in chunks:
         end = offset + len(chunk)
         if isinstance(view, int):
-            done = 0
-            while done < len(chunk):  # a full disk raises OSError here: the payload is refused, not the process
-                done += os.pwrite(view, chunk[done:], offset + done)
+            step = LANDING_BYTES if landing is not None else len(chunk) or 1
+            for at in range(0, len(chunk), step):
+                piece = chunk[at : at + step]
+                done = 0
+                while done < len(piece):  # a full disk raises OSError here: the payload is refused, not the process
+                    done += os.pwrite(view, piece[done:], offset + at + done)
+                digest.update(piece)
+                if landing is not None:
+                    landing.feed(offset + at, piece)
         else:
             view[offset:end] = chunk
-        digest.update(chunk)
+            digest.update(chunk)
         offset = end
 
 
@@ -328,6 +337,10 @@ class Link:
         # an unnamed temporary file as they arrive and handed over as a read-only mapping of it
         # (bytes-like), so this process holds frames, not the payload (a combiner's updates).
         self.file_payloads = False
+        # Given to the next payload written to a file whose size is this checker's ``size``
+        # (then cleared): it is fed each chunk in order right after the chunk is hashed, while
+        # it is in cache (a combiner checks an update's values as it lands: core/aggregators/landing.py).
+        self.landing: Any = None
         self.received_bytes = 0  # payload bytes that arrived on this link: a pull's sign of life
         self.received_at = 0.0  # loop time payload bytes last arrived
         self.closed = False  # set when run() returns: no reply can arrive any more
@@ -760,7 +773,9 @@ class Link:
         if len(self._transfers) >= self.max_in_flight:
             self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
         try:
-            self._transfers[start.transfer] = _Transfer(start, self.writable_payloads, self.file_payloads)
+            self._transfers[start.transfer] = t = _Transfer(start, self.writable_payloads, self.file_payloads)
+            if t.file is not None and self.landing is not None and self.landing.size == start.size:
+                t.landing, self.landing = self.landing, None
         except OSError as exc:  # no room for a temporary file: not the peer's fault, and not fatal
             log.error("could not keep a payload from %s in a temporary file: %s", self.peer, exc)
             self._failed[start.transfer] = f"payload could not be stored: {exc.strerror or exc}"
@@ -818,6 +833,8 @@ class Link:
             try:
                 self._blobs[transfer] = t.value()
                 self._digests[transfer] = actual
+                if t.landing is not None:  # the verdict is of these bytes, and of no other payload
+                    t.landing.payload = self._blobs[transfer]
             except OSError as exc:  # its file could not be mapped: refused, and the link goes on
                 log.error("could not map a payload from %s: %s", self.peer, exc)
                 self._failed[transfer] = f"payload could not be stored: {exc.strerror or exc}"

@@ -34,8 +34,9 @@ class FedAvg:
     Sums are kept in `acc_dtype` of each tensor (float32 for float16/float32 tensors, see
     `fold` for the error bound), promoted to float64 only if their magnitude requires it.
     Each update is read twice, block by block: once to check it (NaN, inf, values beyond the
-    model's dtype, and the largest magnitude, which bounds the sums), once to fold it in
-    place. Every check runs before the sums are touched, so a refused update leaves no
+    model's dtype, and a bound on the largest magnitude, which bounds the sums), once to fold
+    it in place; a combiner checks its chunks as they land instead (`check(landed=...)`,
+    core/aggregators/landing.py), so the fold is the only read of it from memory. Every check runs before the sums are touched, so a refused update leaves no
     trace. Sums are kept in template order, so the result keeps the model's tensor order.
     """
 
@@ -53,14 +54,20 @@ class FedAvg:
     def count(self) -> int:
         return len(self._contributors)
 
-    def check(self, update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None) -> Checked:
+    def check(
+        self, update: Mapping[str, np.ndarray], read: Callable[[np.ndarray], None] | None = None, landed: dict[str, float] | None = None,
+    ) -> Checked:
         """Check an update against the model (names, shapes, values) without touching the
         sums: safe to run for several updates at once, outside whatever serialises `add`.
         ``read`` is told each stretch of the update once read, here and by `add` (a caller
-        whose update is a mapped file lets those pages go: it is never all in memory)."""
+        whose update is a mapped file lets those pages go: it is never all in memory).
+        ``landed``: the peaks a `LandingCheck` of this update's bytes passed them with (its
+        values were checked chunk by chunk as they arrived): they are not read again here."""
         check_compatible(self.template, update)
         converted = tuple(check_dtypes(self.template, update))  # another kind (int for float) is refused
         arrays = {name: np.asarray(update[name]) for name in self.template}
+        if landed is not None and landed.keys() == arrays.keys():
+            return Checked(arrays, dict(landed), converted, read)
         return Checked(arrays, check_values(self.template, update, read), converted, read)
 
     def add(self, update: Mapping[str, np.ndarray] | Checked, weight: float, contributor: str) -> None:

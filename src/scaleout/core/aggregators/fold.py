@@ -87,10 +87,10 @@ def peak_bound(x: np.ndarray, read: Callable[[np.ndarray], None] | None = None) 
     return math.sqrt(worst * _SLACK[flat.dtype])
 
 
-def _tell(read: Callable[[np.ndarray], None] | None, flat: np.ndarray, told: int, stop: int) -> int:
-    """Tell ``read`` of ``flat[told:stop]`` once it spans a STRETCH or reaches the end;
+def _tell(read: Callable[[np.ndarray], None] | None, flat: np.ndarray, told: int, stop: int, stretch: int = STRETCH) -> int:
+    """Tell ``read`` of ``flat[told:stop]`` once it spans ``stretch`` or reaches the end;
     returns where the next stretch to tell begins."""
-    if read is None or (stop - told < STRETCH and stop < flat.size):
+    if read is None or (stop - told < stretch and stop < flat.size):
         return told
     read(flat[told:stop])
     return stop
@@ -143,6 +143,7 @@ def fold_many_into(
     weights = [_weight(w, acc.dtype) for w in ws]
     hooks = list(reads) if reads is not None else [None] * len(vs)
     told = [0] * len(vs)
+    stretch = max(block, STRETCH // max(1, len(vs)))  # k mapped updates together hold about one STRETCH of pages, not k
     for start in range(0, a.size, block):
         stop = min(start + block, a.size)
         tmp = scratch[: stop - start]
@@ -150,4 +151,4 @@ def fold_many_into(
         for i, v in enumerate(vs):
             np.multiply(v[start:stop], weights[i], out=tmp, casting="unsafe")
             np.add(out, tmp, out=out)
-            told[i] = _tell(hooks[i], v, told[i], stop)
+            told[i] = _tell(hooks[i], v, told[i], stop, stretch)
