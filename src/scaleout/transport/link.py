@@ -29,6 +29,11 @@ order), and a payload to send is hashed there (when its digest is not given). It
 written as views of it (a header, the transfer tag, the chunk): the first copy of a chunk is
 the one TLS makes as it encrypts it. hashlib releases the GIL on large buffers, so hashing
 runs beside the loop.
+
+A payload can be passed on while it still arrives (``Tap``: a combiner relays the round's
+model to its clients): sends read its file's mapping as it fills, and its last chunk only once
+it matched its digest; a sender that cannot finish a payload says so (``blob.abort``) and the
+receiver drops what it got.
 """
 
 from __future__ import annotations
