@@ -87,6 +87,18 @@ class BlobStart(Message):
 
 @message
 @dataclass(kw_only=True)
+class BlobAbort(Message):
+    """The sender of payload ``transfer`` will not finish it (a combiner relaying a model as it
+    arrives, whose download failed or did not match its digest): drop what arrived of it.
+    A peer that predates it answers with an error and drops the rest when its link closes."""
+
+    type: ClassVar[str] = "blob.abort"
+    transfer: str
+    reason: str = ""
+
+
+@message
+@dataclass(kw_only=True)
 class Error(Message):
     """A complaint about a message that could not be handled (no request to reply to)."""
 

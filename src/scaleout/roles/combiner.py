@@ -32,7 +32,7 @@ from scaleout.security import tls, tokens
 from scaleout.store.blobs import release
 from scaleout.transport.budget import ByteBudget
 from scaleout.core.ratelimit import DEFAULT_RATE
-from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces
+from scaleout.transport.link import CLOSE_POLICY, DEFAULT_MAX_PAYLOAD, SEND_TIMEOUT_S, Hashed, Incoming, Link, LinkClosed, Pieces, Tap
 from scaleout.transport.dialer import MAX_LEARNED, Controllers
 from scaleout.transport.net import HANDSHAKE_TIMEOUT, ConnectError, TrustError, backoff, bearer, connect, serve
 
@@ -636,24 +636,39 @@ class Combiner:
         if not task.cancelled() and task.exception() is not None:  # the role edge: log, never lose it
             log.error("background task failed", exc_info=task.exception())
 
-    async def _model(self, model_id: str) -> bytes:
+    async def _model(self, model_id: str, tap: Tap | None = None) -> bytes:
+        """The global model ``model_id``, fetched from the controller once. ``tap``: told its
+        bytes as they arrive (sends to clients read them from there) and how the fetch ended."""
         if model_id not in self.models:
             assert self.controller is not None
-            # The link checked the bytes against the digest they came with, as they arrived: the
-            # model id is that digest, so they are not hashed again here.
-            _, data, digest = await self.controller.request_checked("model.get", {"id": model_id}, timeout=300)
-            if data is None or (digest or await asyncio.to_thread(payload.model_id, data)) != model_id:
-                raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
-            self.models = {}  # keep only the current global model
-            # Kept in a file, mapped: its pages are in memory while it is sent (and let go after,
-            # _let_go), not through the round's fold, where the sums and an update are.
-            self.models = {model_id: cast(bytes, await asyncio.to_thread(_mapped_copy, data))}  # bytes-like to every reader
-            del data
+            link = self.controller
+            if tap is not None:
+                link.tap(tap)
+            try:
+                # The link checked the bytes against the digest they came with, as they arrived: the
+                # model id is that digest, so they are not hashed again here.
+                _, data, digest = await link.request_checked("model.get", {"id": model_id}, timeout=300)
+                if data is None or (digest or await asyncio.to_thread(payload.model_id, data)) != model_id:
+                    raise PayloadError(f"controller sent the wrong bytes for model {model_id[:12]}")
+                self.models = {}  # keep only the current global model
+                # Kept in a file, mapped: its pages are in memory while it is sent (and let go after,
+                # _let_go), not through the round's fold, where the sums and an update are. A tapped
+                # one was written to its file and mapped as it arrived.
+                model = data if isinstance(data, mmap.mmap) else await asyncio.to_thread(_mapped_copy, data)
+                self.models = {model_id: cast(bytes, model)}  # bytes-like to every reader
+                del data
+            except BaseException as exc:
+                if tap is not None:  # the clients' sends stop, and tell them to drop what they got
+                    tap.fail(f"the combiner could not fetch model {model_id[:12]}: {exc or type(exc).__name__}")
+                raise
+            finally:
+                if tap is not None:
+                    link.untap(tap)
+        if tap is not None:
+            tap.complete(self.models[model_id])  # when it was not tapped (small, or held already): all of it now
         return self.models[model_id]
 
     async def _start_job(self, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], timeout: float, settings: dict[str, Any]) -> None:
-        from scaleout.core.aggregators import get_aggregator, needs_updates
-
         loop = asyncio.get_running_loop()
         old = self.jobs.get(kind)
         if old is not None:
@@ -661,8 +676,31 @@ class Combiner:
         tracker = CombinerRound.start(clients, loop.time(), timeout, grace=RECONNECT_GRACE_S)
         job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time(), attempt=getattr(msg, "attempt", 1))
         self.jobs[kind] = job
+        sends = {new_id("t-"): client for client in clients}
+        # A model not held yet goes to the clients as it arrives from the controller: each send
+        # reads the one file it is written to (Tap). A client's task, which makes it use the
+        # model, follows only once the whole model matched its id and the job is set up
+        # (``ready`` says None), never before; otherwise (the reason) it drops what it got.
+        ready: asyncio.Future[str | None] = loop.create_future()
+        tap = Tap(msg.model_id) if msg.model_id not in self.models and self.controller is not None else None
+        relayed = asyncio.gather(*(self._send_task(job, t, c, tap, settings, ready) for t, c in sends.items())) if tap is not None else None
         try:
-            model = await self._model(msg.model_id)
+            await self._distribute(job, kind, msg, clients, sends, settings, tap, ready, relayed)
+        finally:
+            if not ready.done():  # failed, stopped or replaced before the tasks could go
+                ready.set_result(f"round {msg.round_index} was not started here")
+            if relayed is not None and not relayed.done():
+                await relayed  # each client told to drop what it got
+
+    async def _distribute(
+        self, job: Job, kind: str, msg: m.RoundStart | m.RoundValidate, clients: list[str], sends: dict[str, str], settings: dict[str, Any],
+        tap: Tap | None, ready: asyncio.Future[str | None], relayed: asyncio.Future[Any] | None,
+    ) -> None:
+        from scaleout.core.aggregators import get_aggregator, needs_updates
+
+        loop = asyncio.get_running_loop()
+        try:
+            model = await self._model(msg.model_id, tap)
             if kind == "train":
                 assert isinstance(msg, m.RoundStart)
                 job.agg = get_aggregator(msg.aggregator, payload.describe(model))
@@ -676,6 +714,7 @@ class Combiner:
                 _let_go(model)
         except ScaleoutError as exc:
             log.error("round %d: cannot start %s: %s", msg.round_index, kind, exc)
+            ready.set_result(f"round {msg.round_index}: {exc}")
             for client in clients:
                 job.tracker.on_refused(client, str(exc))
             await self._complete(job)
@@ -691,19 +730,25 @@ class Combiner:
             self.uploads.limit = max(UPLOAD_BUDGET_MIN, len(model) + UPDATE_SLACK)
             self.fold_wait.limit = max(min((FOLD_BATCH + 1) * (len(model) + UPDATE_SLACK), FOLD_WAIT_MAX), len(model) + UPDATE_SLACK)
         log.info("round %d: %s on %d clients", msg.round_index, kind, len(clients))
-        sends = {new_id("t-"): client for client in clients}
-        job.tasks.update(sends)  # before any send: a fast client may answer before the last send ends
+        job.tasks.update(sends)  # before any task is sent: a fast client may answer before the last send ends
         job.task_of.update((client, task_id) for task_id, client in sends.items())
         if kind == "train":
             await failpoint("distribute")  # the round taken on, its tasks not yet sent
-        await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
+        if relayed is None:
+            await asyncio.gather(*(self._send_task(job, task_id, client, model, settings) for task_id, client in sends.items()))
+        else:
+            ready.set_result(None)  # each client's task goes once it has all of the model
+            await relayed
         _let_go(model)
         job.sent = loop.time()
         if job.tracker.on_tick(loop.time()) or job.tracker.check():
             await self._complete(job)
 
-    async def _send_task(self, job: Job, task_id: str, client: str, model: bytes, settings: dict[str, Any]) -> None:
-        """Send one client its task with the model; one unreachable client must not stop the round."""
+    async def _send_task(
+        self, job: Job, task_id: str, client: str, model: bytes | Tap, settings: dict[str, Any], ready: asyncio.Future[str | None] | None = None,
+    ) -> None:
+        """Send one client its task with the model; one unreachable client must not stop the round.
+        With ``ready`` (a model relayed as it arrives, _start_job): the task goes once it says None."""
         link = self.clients.get(client)
         if link is None:
             reason = "not connected to this combiner"
@@ -714,12 +759,22 @@ class Combiner:
                 # Every client's frames are views of the one model; what is being written to all
                 # of them at once is bounded in bytes, so a client that stops reading holds one
                 # frame of the budget (until send_timeout drops it), never up the others.
-                await link.send_with_blob(task, model, "model", sha256=job.model_id, budget=self.send_budget)
+                task.blob = await link.send_blob(model, "model", sha256=job.model_id, budget=self.send_budget)
+                if ready is not None:
+                    await asyncio.wait((ready,))
+                    if (why := ready.result()) is not None:  # no task will name it: the client drops what it got
+                        await quietly(asyncio.wait_for(link.abort_blob(task.blob, why), ABORT_SEND_S), f"telling {client} to drop the model")
+                        return
+                await link.send(task)
                 return
             except LinkClosed:
                 return  # a dropped link: the reconnect grace and _resume take it from here
             except ScaleoutError as exc:
                 reason = str(exc)
+        if ready is not None:
+            await asyncio.wait((ready,))
+            if ready.result() is not None:
+                return  # the round did not start here: its clients were refused as one (a failed send told its client to drop the model)
         if job.tracker.on_refused(client, f"could not send the task: {reason}"):
             await self._complete(job)
 

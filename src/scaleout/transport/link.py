@@ -29,6 +29,11 @@ order), and a payload to send is hashed there (when its digest is not given). It
 written as views of it (a header, the transfer tag, the chunk): the first copy of a chunk is
 the one TLS makes as it encrypts it. hashlib releases the GIL on large buffers, so hashing
 runs beside the loop.
+
+A payload can be passed on while it still arrives (``Tap``: a combiner relays the round's
+model to its clients): sends read its file's mapping as it fills, and its last chunk only once
+it matched its digest; a sender that cannot finish a payload says so (``blob.abort``) and the
+receiver drops what it got.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import struct
 import tempfile
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -55,7 +60,8 @@ from websockets.frames import apply_mask
 from websockets.protocol import CLIENT
 
 from scaleout.core import messages as m
-from scaleout.core.errors import ProtocolError, RemoteError, ScaleoutError
+from scaleout.core.errors import PayloadError, ProtocolError, RemoteError, ScaleoutError
+from scaleout.core.limits import clip_text
 from scaleout.core.units import fmt_bytes
 from scaleout.transport.budget import ByteBudget
 
@@ -149,6 +155,77 @@ class Hashed:
     sha256: str
 
 
+class Tap:
+    """A payload passed on while it still arrives (a combiner relays the round's model to its
+    clients as it comes from the controller). ``Link.tap(tap)``: the next payload announced
+    with digest ``sha256`` (larger than INLINE_BYTES) is written to a file mapped as ``data``
+    from the start, and each stretch written is told here; ``chunks()`` yields views of it as
+    they land, one mapping for every reader (no copy per peer). The last chunk comes only once
+    the whole payload matched ``sha256``, so a peer it is relayed to never holds it whole
+    unchecked. ``fail()`` ends it (the request for it failed): every reader stops with
+    PayloadError. ``complete(data)`` hands over a payload that was not tapped (a small one)."""
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256
+        self.size = 0
+        self.data: Any = None  # the mapping of its file, once it started (or the payload, complete())
+        self.ready = 0  # bytes written to it
+        self.checked = False  # all of it arrived and matched sha256
+        self.error: str | None = None
+        self._change: asyncio.Future[None] | None = None  # set (and replaced) at each change
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _changed(self) -> None:
+        if self._change is not None and not self._change.done():
+            self._change.set_result(None)
+        self._change = None
+
+    def _open(self, size: int, data: Any) -> None:
+        self.size, self.data = size, data
+        self._changed()
+
+    def _arrived(self, ready: int) -> None:
+        self.ready = ready
+        self._changed()
+
+    def complete(self, data: Any) -> None:
+        """All of it checked: ``data`` is the payload (when nothing was tapped, all of it now)."""
+        if self.data is None:
+            self.size, self.data = len(data), data
+        if self.error is None:
+            self.ready, self.checked = self.size, True
+        self._changed()
+
+    def fail(self, reason: str) -> None:
+        if self.error is None and not self.checked:
+            self.error = reason
+        self._changed()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while True:
+            if self.error is not None:
+                raise PayloadError(self.error)
+            if ready():
+                return
+            if self._change is None:
+                self._change = asyncio.get_running_loop().create_future()
+            await asyncio.wait((self._change,))  # not awaited itself: a reader cancelled must not cancel the others' wait
+
+    async def opened(self) -> None:
+        """Wait until its size is known (it started arriving, or was completed)."""
+        await self._until(lambda: self.data is not None)
+
+    async def chunks(self) -> AsyncIterator[memoryview]:
+        await self.opened()
+        view = memoryview(self.data).cast("B")
+        for offset in range(0, self.size, CHUNK_BYTES):
+            end = min(offset + CHUNK_BYTES, self.size)
+            await self._until(lambda: self.ready >= end and (end < self.size or self.checked))
+            yield view[offset:end]
+
+
 RequestHandler = Callable[[m.Request, bytes | None], Awaitable[tuple[dict[str, Any], "bytes | Hashed | None"]]]
 MessageHandler = Callable[[Incoming], Awaitable[None]]
 
@@ -169,8 +246,9 @@ class _Transfer:
     worker: only the page cache holds it) and is handed over as a read-only mapping of it.
     """
 
-    def __init__(self, start: m.BlobStart, writable: bool = False, to_file: bool = False) -> None:
+    def __init__(self, start: m.BlobStart, writable: bool = False, to_file: bool = False, tap: Tap | None = None) -> None:
         self.start = start
+        self.tap = tap  # told each stretch written to the file (mapped from the start), and the verdict
         self.inline = start.size <= INLINE_BYTES
         # A writable payload is a bytearray (an anonymous mapping when large) handed over as it is: its taker may use it in place.
         # One to a file is written there (pwrite, in the worker) and handed over mapped read-only.
@@ -180,6 +258,9 @@ class _Transfer:
         if to_file and not self.inline:
             self.file = tempfile.TemporaryFile(prefix="scaleout-payload-")  # noqa: SIM115  # unnamed: gone with its last mapping; closed by value()
             self.view = self.file.fileno()
+            if tap is not None:  # mapped now, at its full size: readers see each stretch as it is written
+                os.ftruncate(self.file.fileno(), start.size)
+                tap._open(start.size, mmap.mmap(self.file.fileno(), start.size, access=mmap.ACCESS_READ))
         elif writable and not self.inline:
             # Anonymous pages, zero until written: ``bytearray(size)`` would zero-fill all of
             # it on the event loop first (~5% of the controller's CPU taking 100 MB partials).
@@ -227,7 +308,10 @@ class _Transfer:
         if self.error is not None:
             self.pending -= len(self.queue)
             self.queue.clear()
-        elif self.queue:
+            return
+        if self.tap is not None:  # every byte handed over before the queue is written now
+            self.tap._arrived(self.handed)
+        if self.queue:
             self._hand_over()
 
     async def settle(self, most: int) -> None:
@@ -238,6 +322,8 @@ class _Transfer:
     def value(self) -> bytes:
         if self.file is not None:  # every chunk written (settle(0)): no worker holds its descriptor
             with self.file:
+                if self.tap is not None:
+                    return self.tap.data  # type: ignore[no-any-return]  # the mapping its readers read
                 return mmap.mmap(self.file.fileno(), self.start.size, access=mmap.ACCESS_READ)  # type: ignore[return-value]  # bytes-like
         assert isinstance(self.view, memoryview) and self.buffer is not None
         self.view.release()
@@ -268,6 +354,16 @@ def _absorb(view: memoryview | int, digest: Any, offset: int, chunks: list[memor
             view[offset:end] = chunk
             digest.update(chunk)
         offset = end
+
+
+async def _chunks_of(data: bytes | Pieces | Tap) -> AsyncIterator[memoryview]:
+    """_chunks of ``data``; of a Tap, as they arrive."""
+    if isinstance(data, Tap):
+        async for chunk in data.chunks():
+            yield chunk
+    else:
+        for chunk in _chunks(data):
+            yield chunk
 
 
 def _sha256(data: bytes | Pieces) -> str:
@@ -349,6 +445,7 @@ class Link:
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._digests: dict[str, str] = {}  # transfer -> the sha256 its payload in _blobs was checked against
         self._failed: OrderedDict[str, str] = OrderedDict()
+        self._taps: dict[str, Tap] = {}  # sha256 -> a tap for the next payload announced with it
         self._tasks: set[asyncio.Task[None]] = set()
         self._bad_frames = 0
         self._counter = 0
@@ -422,7 +519,7 @@ class Link:
         await self._send_frame(m.serialize(msg))
 
     async def send_blob(
-        self, data: bytes | Pieces, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
+        self, data: bytes | Pieces | Tap, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
         budget: ByteBudget | None = None,
     ) -> str:
         """Stream ``data`` in chunks; returns the transfer id to name in a message.
@@ -434,32 +531,55 @@ class Link:
         frames being written to all of them at once: each frame holds its size from the
         moment it is written until the peer's socket has taken it, so a peer that stops
         reading holds one frame of it, never a slot the others wait for.
+
+        A ``Tap`` is sent as it arrives (its digest announced); if it fails on the way, the
+        peer is told to drop what it got (BlobAbort) and PayloadError is raised.
         """
         transfer = secrets.token_hex(m.TRANSFER_ID_BYTES // 2)
+        if isinstance(data, Tap):
+            await data.opened()
+            sha256 = data.sha256
         size = len(data)
         inline = size <= INLINE_BYTES
         loop = asyncio.get_running_loop()
         if progress is not None:
             progress(0, size)
         if sha256 is None:
+            assert not isinstance(data, Tap)
             sha256 = _sha256(data) if inline else await loop.run_in_executor(None, _sha256, data)
         await self.send(m.BlobStart(transfer=transfer, size=size, sha256=sha256))
         tag = transfer.encode("ascii")
         report = progress is None and size >= PROGRESS_MIN_BYTES
         sent = 0
         # Each frame is the tag and a view of ``data``: nothing is copied before TLS encrypts it.
-        for chunk in _chunks(data):
-            if budget is None:
-                await self._send_frame((tag, chunk))
-            else:
-                async with budget.hold(len(chunk)):
+        try:
+            async for chunk in _chunks_of(data):
+                if budget is None:
                     await self._send_frame((tag, chunk))
-            sent += len(chunk)
-            if progress is not None:
-                progress(sent, size)
-            elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
-                log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
+                else:
+                    async with budget.hold(len(chunk)):
+                        await self._send_frame((tag, chunk))
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+                elif report and sent % (64 * CHUNK_BYTES) == 0 and sent < size:
+                    log.info("sending %s to %s: %s of %s", what, self.peer, fmt_bytes(sent), fmt_bytes(size))
+        except PayloadError as exc:  # a tap that failed on the way: the peer drops what it got
+            await self.abort_blob(transfer, str(exc))
+            raise
         return transfer
+
+    async def abort_blob(self, transfer: str, reason: str) -> None:
+        """Tell the peer to drop payload ``transfer``, sent in part or whole, that no message will name."""
+        await self.send(m.BlobAbort(transfer=transfer, reason=clip_text(reason, 500)))
+
+    def tap(self, tap: Tap) -> None:
+        """Pass the next payload announced with ``tap.sha256`` to ``tap`` as it arrives (see Tap)."""
+        self._taps[tap.sha256] = tap
+
+    def untap(self, tap: Tap) -> None:
+        if self._taps.get(tap.sha256) is tap:
+            del self._taps[tap.sha256]
 
     async def send_with_blob(
         self, msg: m.Message, data: bytes | Pieces | None, what: str = "payload", sha256: str | None = None, progress: Progress | None = None,
@@ -686,6 +806,9 @@ class Link:
         if isinstance(msg, m.BlobStart):
             self._on_blob_start(msg)
             return
+        if isinstance(msg, m.BlobAbort):
+            self._on_blob_abort(msg)
+            return
         if isinstance(msg, m.Error):
             fut = self._pending.get(msg.re) if msg.re is not None else None
             if fut is not None and not fut.done():  # our request was refused before it could be read: fail it now
@@ -772,11 +895,14 @@ class Link:
             self._refuse(start.transfer, f"payload of {fmt_bytes(start.size)} exceeds the limit of {fmt_bytes(self.max_payload)}")
         if len(self._transfers) >= self.max_in_flight:
             self._refuse(start.transfer, f"too many payloads in flight (limit {self.max_in_flight})")
+        tap = self._taps.pop(start.sha256, None) if start.size > INLINE_BYTES else None
         try:
-            self._transfers[start.transfer] = t = _Transfer(start, self.writable_payloads, self.file_payloads)
+            self._transfers[start.transfer] = t = _Transfer(start, self.writable_payloads, self.file_payloads or tap is not None, tap)
             if t.file is not None and self.landing is not None and self.landing.size == start.size:
                 t.landing, self.landing = self.landing, None
         except OSError as exc:  # no room for a temporary file: not the peer's fault, and not fatal
+            if tap is not None:
+                tap.fail(f"payload could not be stored: {exc.strerror or exc}")
             log.error("could not keep a payload from %s in a temporary file: %s", self.peer, exc)
             self._failed[start.transfer] = f"payload could not be stored: {exc.strerror or exc}"
             self._trim()
@@ -815,6 +941,20 @@ class Link:
         if self._transfers.get(transfer) is t:  # not dropped meanwhile (a message claimed it early)
             self._finish(transfer)
 
+    def _on_blob_abort(self, msg: m.BlobAbort) -> None:
+        """The peer will not finish a payload (see BlobAbort): what arrived of it is let go."""
+        t = self._transfers.pop(msg.transfer, None)
+        whole = self._blobs.pop(msg.transfer, None)
+        if t is None and whole is None:
+            return  # refused, claimed or let go already: nothing of it is held
+        reason = " ".join(clip_text(msg.reason, 500).split())  # the peer's words, one line in our log
+        if t is not None and t.tap is not None:
+            t.tap.fail(f"{self.peer} stopped sending it: {reason}")
+        self._failed[msg.transfer] = f"{self.peer} stopped sending the payload: {reason}"
+        self._trim()
+        got = f"{fmt_bytes(t.received)} of {fmt_bytes(t.start.size)}" if t is not None else f"all {fmt_bytes(len(whole or b''))}"
+        log.warning("%s stopped sending a payload (%s arrived); dropped it: %s", self.peer, got, reason)
+
     def _refuse(self, transfer: str, reason: str) -> NoReturn:
         """Remember why, so its remaining chunks are dropped and a message naming it is told."""
         self._failed[transfer] = reason
@@ -838,6 +978,11 @@ class Link:
             except OSError as exc:  # its file could not be mapped: refused, and the link goes on
                 log.error("could not map a payload from %s: %s", self.peer, exc)
                 self._failed[transfer] = f"payload could not be stored: {exc.strerror or exc}"
+        if t.tap is not None:  # checked whole, its readers may take the last chunk; or they stop
+            if transfer in self._blobs:
+                t.tap.complete(self._blobs[transfer])
+            else:
+                t.tap.fail(self._failed.get(transfer, "payload was refused"))
         self._trim()
 
     def _trim(self) -> None:
