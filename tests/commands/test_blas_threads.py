@@ -50,3 +50,42 @@ def test_server_roles_use_one_blas_thread_clients_keep_the_default() -> None:
     assert blas_threads(["combine", "--controller", "wss://127.0.0.1:1", "--token", "t"]) == "1"
     assert blas_threads(["join", "--controller", "wss://127.0.0.1:1", "--token", "t"]) != "1"
     assert blas_threads(["serve"], OPENBLAS_NUM_THREADS="2") == "2"  # the user's choice stays
+
+
+# The server roles let malloc keep buffers under 4 MiB on its heap (mallopt): a 2 MiB buffer
+# is not mapped on its own (mallinfo2's hblkhd: bytes in mapped blocks), unless the user tuned malloc.
+MALLOC_PROBE = r"""
+import ctypes, sys
+from scaleout import cli
+from scaleout.commands import launch
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+def probe(args):
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = Info
+    before = mallinfo2().hblkhd
+    buffer = bytearray(2 << 20)
+    print(mallinfo2().hblkhd - before)
+    return 0
+
+launch.serve = launch.combine = probe
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def mapped_growth(args: list[str], **env: str) -> int:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", MALLOC_PROBE, *args], env={**environ, **env}, capture_output=True, text=True, timeout=60)
+    if "mallinfo2" in done.stderr:
+        pytest.skip("no glibc mallinfo2 here")
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_server_roles_keep_buffers_of_a_few_mib_on_the_heap() -> None:
+    assert mapped_growth(["serve"]) == 0
+    assert mapped_growth(["combine", "--controller", "wss://127.0.0.1:1", "--token", "t"]) == 0
+    assert mapped_growth(["serve"], MALLOC_ARENA_MAX="2") >= 2 << 20  # the user's own malloc settings: left alone
