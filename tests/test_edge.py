@@ -433,3 +433,19 @@ def test_bad_and_nan_fixtures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert all(np.isnan(t).all() for t in payload.decode(data))
     with pytest.raises(UpdateRejected, match="NaN"):
         payload.check_finite({str(i): t for i, t in enumerate(payload.decode(data))})
+
+
+def test_a_model_from_arrays_is_a_snapshot_and_gives_bytes() -> None:
+    w = np.arange(6, dtype=np.float32)
+    model = ScaleoutModel.from_model_params([w])
+    w += 100  # after the snapshot: the model keeps the values it was built from
+    expected = payload.encode([np.arange(6, dtype=np.float32)])
+    assert model == ScaleoutModel(expected) and model.model_id == hashlib.sha256(expected).hexdigest()
+    assert_array_equal(model.get_model_params()[0], np.arange(6, dtype=np.float32))
+    data = model.to_bytes()
+    assert type(data) is bytes and data == expected and len(model) == len(expected)
+    # run_train sends what the callback returned without joining it into bytes first
+    edge = EdgeClient()
+    edge.set_train_callback(lambda m, s: ([p + 1 for p in m.get_model_params()], {"training_metadata": {"num_examples": 1}}))
+    update, _ = edge.run_train(expected, {})
+    assert isinstance(update, memoryview) and bytes(update) == payload.encode([np.arange(6, dtype=np.float32) + 1])

@@ -515,6 +515,11 @@ def _commands() -> dict[tuple[str, str | None], Callable[[argparse.Namespace], i
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "combine"):  # before _commands() imports numpy
+        from scaleout.commands.launch import keep_freed_buffers, one_blas_thread
+
+        one_blas_thread()
+        keep_freed_buffers()
     _setup_logging(args.log_level)
     from scaleout.core.errors import AuthError, ConfigError, PackageError, ScaleoutError, StoreUnreachable
 

@@ -40,8 +40,15 @@ class ScaleoutModel:
     def __init__(self, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"ScaleoutModel needs bytes, got {type(data).__name__}")
-        self._data = bytes(data)
+        self._data: bytes | memoryview = bytes(data)
         self._id: str | None = None
+
+    @classmethod
+    def _owning(cls, data: memoryview) -> ScaleoutModel:
+        """Wrap a read-only buffer nothing else holds (payload.encode_buffer's), uncopied."""
+        model = cls.__new__(cls)
+        model._data, model._id = data, None
+        return model
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ScaleoutModel:
@@ -54,9 +61,9 @@ class ScaleoutModel:
         from scaleout.core import payload
 
         if isinstance(arrays, Mapping):
-            return cls(payload.encode(dict(arrays)))
+            return cls._owning(payload.encode_buffer(dict(arrays)))
         if isinstance(arrays, (list, tuple)):
-            return cls(payload.encode(list(arrays)))
+            return cls._owning(payload.encode_buffer(list(arrays)))
         raise TypeError(f"model params must be a list or dict of arrays, got {type(arrays).__name__}")
 
     from_training_model = from_model_params
@@ -70,6 +77,8 @@ class ScaleoutModel:
     get_training_model = get_model_params
 
     def to_bytes(self) -> bytes:
+        if not isinstance(self._data, bytes):  # built from arrays: made bytes once, when asked
+            self._data = bytes(self._data)
         return self._data
 
     @classmethod
@@ -140,7 +149,7 @@ def _as_safetensors(data: bytes) -> bytes:
     return payload.encode(params if isinstance(params, dict) else list(params))
 
 
-def _tensor_count(data: bytes) -> str:
+def _tensor_count(data: bytes | memoryview) -> str:
     from scaleout.core import payload
     from scaleout.core.errors import PayloadError
 
@@ -341,8 +350,10 @@ class EdgeClient:
         self._abort_reason = reason
         self._abort.set()
 
-    def run_train(self, model_bytes: bytes, settings: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-        """Run the train callback; return (model bytes, JSON-safe metadata)."""
+    def run_train(self, model_bytes: bytes, settings: dict[str, Any]) -> tuple[bytes | memoryview, dict[str, Any]]:
+        """Run the train callback; return (model bytes, JSON-safe metadata). The bytes may be
+        a read-only memoryview (payload.encode_buffer's): sent and hashed as they are, never
+        joined into a bytes object."""
         from scaleout.core import payload
         from scaleout.core.updates import read_num_examples
 
@@ -355,10 +366,11 @@ class EdgeClient:
                 f"train callback must return (model, metadata), got {_describe(result)}"
             )
         model, metadata = result
+        data: bytes | memoryview
         if isinstance(model, ScaleoutModel):
-            data = model.to_bytes()
+            data = model._data
         elif isinstance(model, (list, tuple, Mapping)):
-            data = payload.encode(dict(model) if isinstance(model, Mapping) else list(model))
+            data = payload.encode_buffer(dict(model) if isinstance(model, Mapping) else list(model))
         else:
             raise UpdateRejected(
                 f"train callback must return a ScaleoutModel or a list/dict of arrays as the model, got {_describe(model)}"

@@ -468,3 +468,25 @@ def test_check_finite_finds_a_nan_or_inf_in_any_block_of_a_large_tensor() -> Non
         bad[index] = np.inf if index % 2 else np.nan
         with pytest.raises(UpdateRejected, match="'w'"):
             check_finite({"w": bad.reshape(big.shape)})
+
+
+def test_encode_buffer_is_encode_in_a_read_only_buffer_and_read_hands_out_owned_arrays() -> None:
+    import mmap
+
+    from scaleout.core.payload import encode_buffer
+
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False]), "n": np.arange(3, dtype=np.int64)}
+    buffer = encode_buffer(arrays, {"k": "v"})
+    assert isinstance(buffer, memoryview) and buffer.readonly
+    assert bytes(buffer) == encode(arrays, {"k": "v"})
+    for data in (buffer, bytes(buffer)):
+        named, layout, metadata = read(data)
+        assert layout == "dict" and metadata == {"k": "v"} and list(named) == ["w", "b", "n"]
+        for name, array in named.items():
+            np.testing.assert_array_equal(array, arrays[name])
+            assert array.flags.writeable and array.flags.owndata  # a callback may change them in place
+    mapped = mmap.mmap(-1, len(buffer))
+    mapped[:] = buffer
+    named, _, _ = read(mapped)  # a mapped payload is read without a copy of it first
+    named["w"][0, 0] = 99
+    assert bytes(mapped) == bytes(buffer)  # ...and the arrays are not views of it

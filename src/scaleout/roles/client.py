@@ -31,7 +31,7 @@ from scaleout.package.limits import UnpackLimits
 from scaleout.package.project import describe_failure, user_location
 from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread, new_id, private_tempdir, unless_stopped
 from scaleout.security import tls
-from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link
+from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, Pieces
 from scaleout.transport.dialer import Controllers
 from scaleout.transport.net import TrustError, backoff, connect
 
@@ -391,7 +391,7 @@ class Client:
             self.current_task = task.task_id
             self.update = None  # a new task: the combiner no longer wants the last update
             result = m.TaskResult(task_id=task.task_id, ok=False)
-            update: bytes | None = None
+            update: bytes | memoryview | None = None  # a memoryview: payload.encode_buffer's, sent as it is
             try:
                 await self.work.before_task()  # a newly activated package first; none loadable: no work
                 if inc.blob is None:
@@ -436,7 +436,7 @@ class Client:
                 result.size = len(update)
                 # Hashed now, while the combiner may still be busy: its pull then streams at once.
                 digest = await asyncio.to_thread(_sha256, update)
-                self.update = (task.task_id, Hashed(update, digest), result)
+                self.update = (task.task_id, Hashed(Pieces([update]), digest), result)
             await self._send(result)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -463,7 +463,7 @@ class Client:
                 log.debug("dropping %s: %s", msg.type, exc)
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
