@@ -131,6 +131,7 @@ class Combiner:
         self.clients: dict[str, Link] = {}
         self.jobs: dict[str, Job] = {}  # by kind: at most one train and one validate job
         self.models: dict[str, bytes] = {}  # the current global model: its file mapped (_mapped_copy), read as bytes
+        self._fetching: dict[str, asyncio.Future[None]] = {}  # model id -> done when its fetch from the controller ends
         self.controller: Link | None = None
         self.verifier: tokens.TokenVerifier | None = None
         self.stopping = False
@@ -471,6 +472,8 @@ class Combiner:
             await quietly(link.send(m.TaskAbort(session_id="", task_id=working_on)))
 
     async def _resend(self, job: Job, task_id: str, name: str) -> None:
+        if self.jobs.get(job.kind) is not job:
+            return
         try:
             model = await self._model(job.model_id)
         except ScaleoutError as exc:
@@ -639,11 +642,16 @@ class Combiner:
     async def _model(self, model_id: str, tap: Tap | None = None) -> bytes:
         """The global model ``model_id``, fetched from the controller once. ``tap``: told its
         bytes as they arrive (sends to clients read them from there) and how the fetch ended."""
+        if model_id not in self.models and (fetching := self._fetching.get(model_id)) is not None:
+            # Being fetched (a client back mid-relay is sent its task again): that one download
+            # serves this too, not a second copy of the model (this link keeps payloads in memory).
+            await asyncio.wait((fetching,))
         if model_id not in self.models:
             assert self.controller is not None
             link = self.controller
             if tap is not None:
                 link.tap(tap)
+            self._fetching[model_id] = fetching = asyncio.get_running_loop().create_future()
             try:
                 # The link checked the bytes against the digest they came with, as they arrived: the
                 # model id is that digest, so they are not hashed again here.
@@ -664,6 +672,9 @@ class Combiner:
             finally:
                 if tap is not None:
                     link.untap(tap)
+                if self._fetching.get(model_id) is fetching:
+                    del self._fetching[model_id]
+                fetching.set_result(None)
         if tap is not None:
             tap.complete(self.models[model_id])  # when it was not tapped (small, or held already): all of it now
         return self.models[model_id]
@@ -677,6 +688,10 @@ class Combiner:
         job = Job(kind, msg.session_id, msg.round_index, msg.model_id, tracker, settings=settings, started=loop.time(), attempt=getattr(msg, "attempt", 1))
         self.jobs[kind] = job
         sends = {new_id("t-"): client for client in clients}
+        # Known before the model arrives: a client whose link blips while it is relayed to it is
+        # sent its task again when back (_resume), from the one download (_model).
+        job.tasks.update(sends)
+        job.task_of.update((client, task_id) for task_id, client in sends.items())
         # A model not held yet goes to the clients as it arrives from the controller: each send
         # reads the one file it is written to (Tap). A client's task, which makes it use the
         # model, follows only once the whole model matched its id and the job is set up

@@ -1,0 +1,71 @@
+"""Attacks on the combiner's streaming relay (issue 17 #1): what happens to the model's one
+download and one mapping when clients come and go while it still arrives. Real controller
+and combiner on 127.0.0.1 port 0 with TLS, the combiner behind the TCP relay of
+test_streaming_relay (the test holds the model's last bytes); the client is a raw websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from conftest import Federation, Proc
+from test_client_limits import TIMEOUT, admin, frame, next_text
+from test_streaming_relay import MIB, Relay, relay, seed  # noqa: F401  # relay: the fixture
+from websockets.asyncio.client import connect
+
+from scaleout.security.tls import client_context
+
+
+def combiner_behind(fed: Federation, relay: Relay) -> Proc:
+    args = ["combine", "--controller", f"wss://127.0.0.1:{relay.port}", "--token", fed.token("combiner"), "--ca", fed.ca, "--name", "c1", "--port", "0", "--state-dir", str(fed.tmp / "c1")]
+    c1 = Proc("c1", args, fed.logs, True)
+    fed.procs.append(c1)
+    return c1
+
+
+def test_a_client_back_mid_relay_gets_its_task_from_the_one_download(fed: Federation, relay: Relay) -> None:
+    # A client whose link blips while the model is relayed to it: its send ends with the old
+    # link, and the task ids were recorded only once the model was whole, so _resume found no
+    # task to send again: the client, connected, was never given its task (the round waited
+    # for it to time out). Sent again (_resend), the model must come from the download on its
+    # way, not from a second one (in memory: the controller link keeps its payloads there).
+    model_id = seed(fed)
+    c1 = combiner_behind(fed, relay)
+    url = c1.url
+    assert url is not None
+    headers = {"Authorization": f"Bearer {fed.assigned_ticket('r1')}"}
+    ctx = client_context(fed.ca)
+
+    async def go() -> dict[str, Any]:
+        ws = await connect(url, ssl=ctx, additional_headers=headers, proxy=None, max_size=None)
+        await ws.send(frame("hello", "h1", name="r1"))
+        await admin(fed, "client.wait", {"count": 1, "timeout": TIMEOUT})
+        relay.arm(10 * MIB)  # 10 of the model's 16 MiB reach the combiner; the rest waits
+        config = {"rounds": 1, "min_clients": 1, "round_timeout": 30, "validate": False}
+        session = (await admin(fed, "session.start", config))["session"]
+        start = await next_text(ws, "blob")  # the model, relayed as it arrives
+        assert start["sha256"] == model_id, start
+        assert await asyncio.to_thread(relay.held.wait, 30)
+        ws.transport.abort()  # gone mid-relay (a blip, no goodbye: the round waits for it) ...
+        ws = await connect(url, ssl=ctx, additional_headers=headers, proxy=None, max_size=None)
+        await ws.send(frame("hello", "h2", name="r1"))  # ... and back, its task not begun: sent again
+        await asyncio.to_thread(wait_count, c1, "client r1 connected", 2)  # back
+        relay.release()
+        task = await asyncio.wait_for(next_text(ws, "task"), 20)  # the relayed send to its old link ended with it: this one is sent again, whole
+        await ws.close()
+        return (await admin(fed, "session.wait", {"id": session["id"]}))["session"]
+
+    asyncio.run(go())
+    # A download logs its progress at each quarter it passes, three lines: more, a second download.
+    fetched = [line for line in c1.text().splitlines() if "receiving payload from" in line and "of 16.0 MiB" in line]
+    assert len(fetched) == 3, "the model was downloaded from the controller more than once:\n" + "\n".join(fetched)
+    assert c1.popen.poll() is None
+
+
+def wait_count(proc: Proc, text: str, count: int, timeout: float = 30) -> None:
+    """Wait until ``text`` is in ``count`` lines of a process's log (read as it grows, as wait_stdout_log)."""
+    deadline = time.monotonic() + timeout
+    while proc.text().count(text) < count:
+        assert time.monotonic() < deadline and proc.popen.poll() is None, f"{proc.name} did not log {text!r} {count} times:\n{proc.text()}"
+        time.sleep(0.05)  # the log file grows as the process writes: nothing to wait on
