@@ -9,9 +9,13 @@ import asyncio
 import time
 from typing import Any
 
-from conftest import Federation, Proc
+from pathlib import Path
+
+import pytest
+from conftest import Federation, Proc, tmpfs
 from test_client_limits import TIMEOUT, admin, frame, next_text
-from test_streaming_relay import MIB, Relay, relay, seed  # noqa: F401  # relay: the fixture
+from test_failover import wait_stdout_log
+from test_streaming_relay import CLIENTS, DROPPED, MIB, PACKAGE, Relay, relay, seed, start, wait  # noqa: F401  # relay: the fixture
 from websockets.asyncio.client import connect
 
 from scaleout.security.tls import client_context
@@ -69,3 +73,35 @@ def wait_count(proc: Proc, text: str, count: int, timeout: float = 30) -> None:
     while proc.text().count(text) < count:
         assert time.monotonic() < deadline and proc.popen.poll() is None, f"{proc.name} did not log {text!r} {count} times:\n{proc.text()}"
         time.sleep(0.05)  # the log file grows as the process writes: nothing to wait on
+
+
+def test_a_full_temporary_disk_mid_relay_fails_the_round_cleanly_and_the_next_one_runs(fed: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The relayed model is written to a temporary file as it arrives; the disk under it fills
+    # up halfway through (a real tmpfs: 8 MiB free for a 16 MiB model). The combiner must not
+    # die, its clients must drop what they got and say why, and with room again the next
+    # session runs on the same roles.
+    disk = tmp_path / "tmpdisk"
+    disk.mkdir()
+    with tmpfs(disk, "64m"):  # once freed: room for the model and the two clients' updates
+        filler = disk / "filler"
+        filler.write_bytes(bytes(55 << 20))  # 9 MiB left, some of it for the combiner's own files
+        fed.controller()
+        model_id = seed(fed)
+        monkeypatch.setenv("TMPDIR", str(disk))
+        c1 = fed.combiner("c1")
+        monkeypatch.delenv("TMPDIR")
+        clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
+        fed.wait_clients(len(CLIENTS))
+        done = wait(fed, start(fed, round_timeout=20))
+        assert done["status"] == "failed", done
+        for client in clients:
+            wait_stdout_log(client, DROPPED, timeout=20)
+            line = next(x for x in client.text().splitlines() if DROPPED in x)
+            assert "of 16.0 MiB arrived" in line and "payload could not be stored: No space left on device" in line, line  # not just "OSError"
+            assert "training on model" not in client.text()
+        assert "No space left on device" in c1.text(), c1.text()[-3000:]
+        filler.unlink()
+        done = wait(fed, start(fed))
+        assert done["status"] == "finished" and sorted(done["rounds"][0]["participants"]) == CLIENTS, done
+        for proc in [c1, *clients]:
+            assert proc.popen.poll() is None

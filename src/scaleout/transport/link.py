@@ -966,7 +966,9 @@ class Link:
         actual = t.digest.hexdigest()
         if t.error is not None:  # not a peer's fault: say so, and keep the cause in our log
             log.error("could not check a payload from %s: %r", self.peer, t.error)
-            self._failed[transfer] = f"payload could not be checked: {type(t.error).__name__}"
+            # A full disk says so (to a client a relayed model is dropped by, too); other causes stay in our log.
+            why = f"could not be stored: {t.error.strerror}" if isinstance(t.error, OSError) and t.error.strerror else f"could not be checked: {type(t.error).__name__}"
+            self._failed[transfer] = f"payload {why}"
         elif actual != t.start.sha256:
             self._failed[transfer] = f"payload is corrupt: sha256 {actual[:12]} does not match the announced {t.start.sha256[:12]}"
         else:
