@@ -105,3 +105,44 @@ def test_a_full_temporary_disk_mid_relay_fails_the_round_cleanly_and_the_next_on
         assert done["status"] == "finished" and sorted(done["rounds"][0]["participants"]) == CLIENTS, done
         for proc in [c1, *clients]:
             assert proc.popen.poll() is None
+
+
+def test_a_client_that_stops_reading_holds_up_neither_the_relay_nor_the_others(fed: Federation) -> None:
+    # Two raw clients take the model's first bytes and then never read again; the real client
+    # beside them gets the whole model and trains on it while they still stall (one frame of
+    # the send budget each, not the relay), the round goes on without them, and the combiner's
+    # peak memory stays below two copies of the model (one mapping for every reader).
+    fed.controller()
+    model_id = seed(fed)
+    c1 = fed.combiner("c1")
+    assert c1.url is not None
+    ctx = client_context(fed.ca)
+    stalls = ["r1", "r2"]
+    tickets = {name: fed.assigned_ticket(name) for name in stalls}
+
+    async def go() -> dict[str, Any]:
+        socks = []
+        for name in stalls:
+            ws = await connect(c1.url, ssl=ctx, additional_headers={"Authorization": f"Bearer {tickets[name]}"}, proxy=None, max_size=None, max_queue=1)
+            await ws.send(frame("hello", f"h-{name}", name=name))
+            socks.append(ws)
+        s1 = fed.client("s1", package=PACKAGE)
+        await admin(fed, "client.wait", {"count": 3, "timeout": TIMEOUT})
+        config = {"rounds": 1, "min_clients": 1, "round_timeout": 20, "validate": False}
+        session = (await admin(fed, "session.start", config))["session"]
+        for ws in socks:
+            await next_text(ws, "blob")  # the model started coming; from here on, nothing is read
+        await asyncio.to_thread(wait_stdout_log, s1, f"training on model {model_id[:12]}", 30)
+        assert "disconnected" not in c1.text(), c1.text()[-2000:]  # the stalled ones are still there, still owed bytes
+        done = (await admin(fed, "session.wait", {"id": session["id"]}))["session"]
+        for ws in socks:
+            ws.transport.abort()
+        return done
+
+    done = asyncio.run(go())
+    (rnd,) = done["rounds"]
+    assert rnd["status"] == "succeeded" and rnd["participants"] == ["s1"], rnd
+    status = Path(f"/proc/{c1.popen.pid}/status").read_text()
+    peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_kb < 250 * 1024, f"combiner peak RSS {peak_kb} kB"  # Python and its libraries ~120 MB, plus the model once (16 MiB) and frames
+    assert c1.popen.poll() is None
