@@ -646,6 +646,8 @@ class Combiner:
             # Being fetched (a client back mid-relay is sent its task again): that one download
             # serves this too, not a second copy of the model (this link keeps payloads in memory).
             await asyncio.wait((fetching,))
+            if model_id not in self.models:  # that fetch failed (its round with it), or a newer model came since
+                raise PayloadError(f"the combiner could not fetch model {model_id[:12]}")
         if model_id not in self.models:
             assert self.controller is not None
             link = self.controller
