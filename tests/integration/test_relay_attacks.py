@@ -6,6 +6,7 @@ test_streaming_relay (the test holds the model's last bytes); the client is a ra
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -146,3 +147,31 @@ def test_a_client_that_stops_reading_holds_up_neither_the_relay_nor_the_others(f
     peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
     assert peak_kb < 250 * 1024, f"combiner peak RSS {peak_kb} kB"  # Python and its libraries ~120 MB, plus the model once (16 MiB) and frames
     assert c1.popen.poll() is None
+
+
+def test_a_combiner_killed_mid_relay_leaves_clients_that_never_train_on_the_part_they_got(fed: Federation, relay: Relay) -> None:
+    # kill -9 of the combiner while its clients hold 10 of the model's 16 MiB: they must not
+    # train on it, must not die, and run the next session with the combiner back.
+    model_id = seed(fed)
+    c1 = combiner_behind(fed, relay)
+    clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
+    fed.wait_clients(len(CLIENTS))
+    relay.arm(10 * MIB)
+    first = start(fed, round_timeout=10)
+    assert relay.held.wait(30), c1.text()
+    for client in clients:
+        wait_stdout_log(client, f"of {16.0:.1f} MiB", timeout=20)  # part of the model is with each client
+    c1.popen.send_signal(signal.SIGKILL)
+    assert c1.popen.wait(10) == -signal.SIGKILL
+    relay.release()
+    wait(fed, first)  # failed: its combiner is gone
+    for client in clients:
+        assert "training on model" not in client.text()
+    back = combiner_behind(fed, relay)  # the same name and state dir
+    assert back.url is not None
+    fed.wait_clients(len(CLIENTS))
+    done = wait(fed, start(fed))
+    assert done["status"] == "finished" and sorted(done["rounds"][0]["participants"]) == CLIENTS, done
+    for client in clients:
+        assert client.text().count(f"training on model {model_id[:12]}") == 1  # the checked model, once
+        assert client.popen.poll() is None
