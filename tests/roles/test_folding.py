@@ -177,3 +177,41 @@ def test_checked_updates_give_their_upload_budget_back_so_large_ones_wait_and_fo
     asyncio.run(go())
     assert [len(b) for b in rec.batches] == [1, 8]
     _same(rec.agg, _reference(list(range(9))))
+
+
+def test_pulls_dropped_while_they_wait_for_the_fold_leave_the_sums_and_both_budgets_as_before() -> None:
+    """Attack (issue 17 #2): the round is dropped (its pulls cancelled) while checked updates
+    wait out of their upload budget for a fold that is held. The one being folded goes in
+    whole, those still waiting never touch the sums (bit for bit those of the one add), and
+    both budgets are all given back: the next round's pulls are not starved."""
+    rec = Recorder()
+    rec.hold.clear()
+    size = 1000
+
+    async def go() -> None:
+        from scaleout.transport.budget import ByteBudget
+
+        uploads, waiting = ByteBudget(size), ByteBudget((FOLD_BATCH + 1) * size)
+        q = FoldQueue(asyncio.Lock(), rec.add_many, rec.on_update, lambda: True)
+
+        async def pull(i: int) -> bool:
+            async with uploads.hold(size) as give_back:
+                return await q.fold_out_of_budget(rec.agg.check(_update(i)), 1.0 + i / 7, f"c{i}", size, give_back, waiting)
+
+        pulls = [asyncio.ensure_future(pull(i)) for i in range(9)]
+        for _ in range(1000):
+            if len(q.waiting) == 8:
+                break
+            await asyncio.sleep(0)
+        assert len(q.waiting) == 8 and waiting.used == 9 * size
+        for p in pulls:
+            p.cancel()
+        rec.hold.set()  # the fold under way completes (a fold never stops half-way)
+        await asyncio.gather(*pulls, return_exceptions=True)
+        assert uploads.used == 0 and waiting.used == 0 and not q.waiting
+        async with uploads.hold(size), waiting.hold(size):  # the next round's first pull goes at once
+            pass
+
+    asyncio.run(go())
+    assert rec.batches == [["c0"]]
+    _same(rec.agg, _reference([0]))
