@@ -175,3 +175,27 @@ def test_a_combiner_killed_mid_relay_leaves_clients_that_never_train_on_the_part
     for client in clients:
         assert client.text().count(f"training on model {model_id[:12]}") == 1  # the checked model, once
         assert client.popen.poll() is None
+
+
+def test_a_session_stopped_mid_relay_leaves_clients_that_dropped_the_model_and_the_next_session_runs(fed: Federation, relay: Relay) -> None:
+    model_id = seed(fed)
+    c1 = combiner_behind(fed, relay)
+    clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
+    fed.wait_clients(len(CLIENTS))
+    relay.arm(10 * MIB)
+    first = start(fed)
+    assert relay.held.wait(30), c1.text()
+    for client in clients:
+        wait_stdout_log(client, f"of {16.0:.1f} MiB", timeout=20)
+    fed.admin("session.stop", {"id": first})
+    wait(fed, first)
+    relay.release()  # (the controller gives up its send of the model to a stopped round: the link drops)
+    for client in clients:
+        wait_stdout_log(client, DROPPED, timeout=20)  # told to drop it: no task will name it
+        assert "training on model" not in client.text()
+    done = wait(fed, start(fed))
+    assert done["status"] == "finished" and sorted(done["rounds"][0]["participants"]) == CLIENTS, done
+    for client in clients:
+        assert client.text().count(f"training on model {model_id[:12]}") == 1
+    for proc in [c1, *clients]:
+        assert proc.popen.poll() is None
