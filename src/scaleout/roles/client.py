@@ -33,7 +33,7 @@ from scaleout.roles.common import CallbackExit, LoopFeed, in_daemon_thread, new_
 from scaleout.security import tls
 from scaleout.transport.link import DEFAULT_MAX_PAYLOAD, Hashed, Incoming, Link, Pieces
 from scaleout.transport.dialer import Controllers
-from scaleout.transport.net import TrustError, backoff, connect
+from scaleout.transport.net import RECONNECT_SPREAD_S, TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.client")
 ABORT_GRACE_S = 2.0
@@ -261,9 +261,10 @@ class Client:
                 told = _say_once(exc, told)
             if self.served:
                 # The link had been working: this is a fresh trouble, not the next failure
-                # of the same one, so start again from short waits (a blip is short).
+                # of the same one, so start again from short waits (a blip is short), the
+                # first spread out: the combiner's other clients lost it at the same moment.
                 self.served = False
-                delays = backoff()
+                delays = backoff(spread=RECONNECT_SPREAD_S)
             delay = next(delays)
             if answered:
                 # The controller is up and answered (no combiner for us yet, say while one

@@ -25,7 +25,7 @@ from scaleout.core.errors import AuthError, NotFoundError, ProtocolError, Scaleo
 from scaleout.roles.common import announce
 from scaleout.security import tls
 from scaleout.transport.link import Hashed, Incoming, Link
-from scaleout.transport.net import TrustError, backoff, connect
+from scaleout.transport.net import RECONNECT_SPREAD_S, TrustError, backoff, connect
 
 log = logging.getLogger("scaleout.simulate")
 
@@ -118,7 +118,7 @@ class SimHost:
                 await link.send(m.Hello(name=name, task_id=holding[0] if holding else None))
                 if holding is not None:
                     await link.send(holding[2])
-                delays = backoff()
+                delays = backoff(spread=RECONNECT_SPREAD_S)  # its link worked: its neighbours lose theirs with it
                 while not run.done():
                     getter = asyncio.ensure_future(tasks.get())
                     await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
