@@ -148,11 +148,19 @@ def fold_batched(updates: list[np.ndarray], n: int, batch: int, landed: bool = F
             checked = agg.check({"w": src})
             spent += clock() - t0
         waiting.append((checked, float(i + 1), f"c{i}"))
-        if len(waiting) == batch or i == n - 1:
-            t0 = clock()
-            assert agg.add_many(waiting) == [None] * len(waiting)
-            spent += clock() - t0
-            waiting = []
+        spent += fold_when_full(agg, waiting, batch, last=i == n - 1)
+    return spent
+
+
+def fold_when_full(agg: object, waiting: list, batch: int, last: bool) -> float:
+    """Seconds folding what waits, in one `add_many`, once ``batch`` wait (or at the last
+    update); ``waiting`` is emptied then."""
+    if len(waiting) < batch and not last:
+        return 0.0
+    t0 = clock()
+    assert agg.add_many(waiting) == [None] * len(waiting)  # type: ignore[attr-defined]
+    spent = clock() - t0
+    waiting.clear()
     return spent
 
 
@@ -216,11 +224,7 @@ def fold_ours(updates: list[np.ndarray], n: int, batch: int, norm: bool = False,
         assert verdict is not None or whole
         waiting.append((agg.check(payload.views(blob), read, verdict), float(i + 1), f"c{i}"))
         spent += clock() - t0
-        if len(waiting) == batch or i == n - 1:
-            t0 = clock()
-            assert agg.add_many(waiting) == [None] * len(waiting)
-            spent += clock() - t0
-            waiting = []
+        spent += fold_when_full(agg, waiting, batch, last=i == n - 1)
     return spent
 
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
 import pytest
+import test_streaming_relay
 from conftest import Federation, Proc, tmpfs
 from test_client_limits import TIMEOUT, admin, frame, next_text
 from test_failover import wait_stdout_log
-from test_streaming_relay import CLIENTS, DROPPED, MIB, PACKAGE, Relay, relay, seed, start, wait  # noqa: F401  # relay: the fixture
+from test_streaming_relay import CLIENTS, DROPPED, MIB, PACKAGE, Relay, seed, start, wait
 from websockets.asyncio.client import connect
 
 from scaleout.security.tls import client_context
+
+
+relay = test_streaming_relay.relay  # the fixture: the combiner's way to the controller, through a TCP relay the test holds or cuts
 
 
 def combiner_behind(fed: Federation, relay: Relay) -> Proc:
@@ -27,6 +30,22 @@ def combiner_behind(fed: Federation, relay: Relay) -> Proc:
     c1 = Proc("c1", args, fed.logs, True)
     fed.procs.append(c1)
     return c1
+
+
+def clients_mid_relay(fed: Federation, relay: Relay, **config: Any) -> tuple[str, Proc, list[Proc], str]:
+    """A session started with the combiner behind ``relay`` holding the model's last 6 of 16
+    MiB: returns the model's id, the combiner, its clients (each holding part of the model)
+    and the session's id."""
+    model_id = seed(fed)
+    c1 = combiner_behind(fed, relay)
+    clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
+    fed.wait_clients(len(CLIENTS))
+    relay.arm(10 * MIB)
+    session = start(fed, **config)
+    assert relay.held.wait(30), c1.text()
+    for client in clients:
+        wait_stdout_log(client, f"of {16.0:.1f} MiB", timeout=20)  # part of the model is with each client
+    return model_id, c1, clients, session
 
 
 def test_a_client_back_mid_relay_gets_its_task_from_the_one_download(fed: Federation, relay: Relay) -> None:
@@ -57,7 +76,7 @@ def test_a_client_back_mid_relay_gets_its_task_from_the_one_download(fed: Federa
         await ws.send(frame("hello", "h2", name="r1"))  # ... and back, its task not begun: sent again
         await asyncio.to_thread(wait_count, c1, "client r1 connected", 2)  # back
         relay.release()
-        task = await asyncio.wait_for(next_text(ws, "task"), 20)  # the relayed send to its old link ended with it: this one is sent again, whole
+        await asyncio.wait_for(next_text(ws, "task"), 20)  # the relayed send to its old link ended with it: this one is sent again, whole
         await ws.close()
         return (await admin(fed, "session.wait", {"id": session["id"]}))["session"]
 
@@ -87,7 +106,7 @@ def test_a_full_temporary_disk_mid_relay_fails_the_round_cleanly_and_the_next_on
         filler = disk / "filler"
         filler.write_bytes(bytes(55 << 20))  # 9 MiB left, some of it for the combiner's own files
         fed.controller()
-        model_id = seed(fed)
+        seed(fed)
         monkeypatch.setenv("TMPDIR", str(disk))
         c1 = fed.combiner("c1")
         monkeypatch.delenv("TMPDIR")
@@ -152,15 +171,7 @@ def test_a_client_that_stops_reading_holds_up_neither_the_relay_nor_the_others(f
 def test_a_combiner_killed_mid_relay_leaves_clients_that_never_train_on_the_part_they_got(fed: Federation, relay: Relay) -> None:
     # kill -9 of the combiner while its clients hold 10 of the model's 16 MiB: they must not
     # train on it, must not die, and run the next session with the combiner back.
-    model_id = seed(fed)
-    c1 = combiner_behind(fed, relay)
-    clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
-    fed.wait_clients(len(CLIENTS))
-    relay.arm(10 * MIB)
-    first = start(fed, round_timeout=10)
-    assert relay.held.wait(30), c1.text()
-    for client in clients:
-        wait_stdout_log(client, f"of {16.0:.1f} MiB", timeout=20)  # part of the model is with each client
+    model_id, c1, clients, first = clients_mid_relay(fed, relay, round_timeout=10)
     c1.popen.send_signal(signal.SIGKILL)
     assert c1.popen.wait(10) == -signal.SIGKILL
     relay.release()
@@ -178,15 +189,7 @@ def test_a_combiner_killed_mid_relay_leaves_clients_that_never_train_on_the_part
 
 
 def test_a_session_stopped_mid_relay_leaves_clients_that_dropped_the_model_and_the_next_session_runs(fed: Federation, relay: Relay) -> None:
-    model_id = seed(fed)
-    c1 = combiner_behind(fed, relay)
-    clients = [fed.client(name, package=PACKAGE) for name in CLIENTS]
-    fed.wait_clients(len(CLIENTS))
-    relay.arm(10 * MIB)
-    first = start(fed)
-    assert relay.held.wait(30), c1.text()
-    for client in clients:
-        wait_stdout_log(client, f"of {16.0:.1f} MiB", timeout=20)
+    model_id, c1, clients, first = clients_mid_relay(fed, relay)
     fed.admin("session.stop", {"id": first})
     wait(fed, first)
     relay.release()  # (the controller gives up its send of the model to a stopped round: the link drops)
