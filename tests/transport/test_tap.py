@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -80,7 +81,9 @@ def test_a_tapped_payload_that_does_not_match_is_dropped_where_it_was_relayed(ca
             await server.send(carrier("t"))
             assert (await asyncio.wait_for(back.get(), 10)).msg.task_id == "t"  # and both links serve on
             (line,) = [r.getMessage() for r in caplog.records if "stopped sending a payload" in r.getMessage()]
-            assert f"{SIZE // MIB - 1}.0 MiB of {SIZE // MIB}.0 MiB arrived" in line and "payload is corrupt" in line, line
+            arrived = float(re.search(r"\((\S+) MiB of", line).group(1))  # type: ignore[union-attr]
+            # How much was relayed before the digest failed depends on timing; the last chunk never is.
+            assert arrived <= SIZE // MIB - 1 and f"of {SIZE // MIB}.0 MiB arrived" in line and "payload is corrupt" in line, line
             assert not client._transfers and not client._blobs
 
     with caplog.at_level(logging.WARNING, logger="scaleout.transport"):
