@@ -17,7 +17,7 @@ import pytest
 from conftest import QUICKSTART, Federation
 
 INTERVAL_S = 1.0
-BUSY_S = 2.5  # longer than an interval and a one-interval timeout together: pings go unanswered
+BUSY_S = 2.0  # twice a one-interval timeout (pings go unanswered that long), a second short of three intervals
 
 
 def test_a_combiner_busy_longer_than_a_ping_interval_keeps_its_controller_link(fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
